@@ -1,0 +1,54 @@
+"""The audit record: one row of the append-only log, shared by every sink."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class AuditEvent(enum.StrEnum):
+    """What happened. Statement intent and outcome are separate records."""
+
+    CONNECT = "connect"  # a client connection was accepted (before authentication)
+    AUTH_OK = "auth_ok"
+    AUTH_FAIL = "auth_fail"
+    STATEMENT = "statement"  # intent: classified + decided, written before forwarding
+    OUTCOME = "outcome"  # what the database answered: status, SQLSTATE, rows, duration
+    CANCEL = "cancel"  # a CancelRequest was forwarded (or refused)
+    PROTOCOL_ERROR = "protocol_error"
+    UPSTREAM_LOST = "upstream_lost"
+    DISCONNECT = "disconnect"  # carries the session's statement count
+
+
+@dataclass(slots=True)
+class AuditRecord:
+    """One audit row. `seq` is assigned by the sink when the record is appended (gap-free).
+
+    Text fields hold what the client sent; sinks store them as data, never as markup, and
+    renderers escape control characters before showing them on a terminal.
+    """
+
+    event: AuditEvent
+    ts_ms: int  # UTC epoch milliseconds
+    session_id: str
+    identity: str = ""  # identity name ("" before authentication)
+    client_addr: str = ""
+    application_name: str = ""
+    target: str = ""  # listener name
+    database: str = ""
+    path: str = ""  # ProtocolPath value for statements
+    statement_id: int = 0  # per-session counter; links a STATEMENT to its OUTCOME
+    sql_text: str = ""  # capped at the configured length
+    sql_sha256: str = ""  # SHA-256 hex of the full statement text
+    kind: str = ""  # StatementKind value
+    command: str = ""
+    tables: tuple[str, ...] = ()
+    decision: str = ""  # Verdict value
+    reason: str = ""
+    rule: str = ""
+    status: str = ""  # outcome: "ok", "error", "not_executed", "cancelled", "unknown"
+    sqlstate: str = ""
+    rows: int | None = None
+    duration_ms: float | None = None
+    detail: str = ""  # free-form extra facts (e.g. statement count at disconnect)
+    seq: int = 0

@@ -1,0 +1,1 @@
+"""The dbward command line."""

@@ -1,0 +1,102 @@
+"""Immutable value types passed between the relay, the policy decision point and the audit log."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class StatementKind(enum.StrEnum):
+    """What a statement does, coarse enough for policy and audit."""
+
+    READ = "read"  # SELECT, SHOW, EXPLAIN (without ANALYZE of a write), VALUES, TABLE
+    WRITE = "write"  # INSERT/UPDATE/DELETE/MERGE, COPY FROM, SELECT INTO, data-modifying CTE
+    DDL = "ddl"  # CREATE/ALTER/DROP/TRUNCATE/COMMENT ...
+    DCL = "dcl"  # GRANT/REVOKE/CREATE ROLE/ALTER ROLE ...
+    ADMIN = "admin"  # VACUUM/ANALYZE/CHECKPOINT/LOAD/CLUSTER/REINDEX/ALTER SYSTEM ...
+    TRANSACTION = "transaction"  # BEGIN/COMMIT/ROLLBACK/SAVEPOINT/PREPARE TRANSACTION ...
+    SESSION = "session"  # SET/RESET/SHOW-less session state, LISTEN/NOTIFY, PREPARE, DISCARD ...
+    UNKNOWN = "unknown"  # could not be parsed or not recognised: denied by the built-in guards
+
+
+class ProtocolPath(enum.StrEnum):
+    """Which part of the wire protocol carried a statement."""
+
+    SIMPLE = "simple"
+    EXTENDED = "extended"
+    COPY = "copy"
+    FUNCTION_CALL = "function_call"
+
+
+class Verdict(enum.StrEnum):
+    """The closed vocabulary of decisions (hold and mask arrive with later policy work)."""
+
+    ALLOW = "allow"
+    DENY = "deny"
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who is connected: a person or an agent, as established by an authenticator."""
+
+    name: str
+    kind: str = "user"  # "user" (a person) or "agent"
+    groups: frozenset[str] = frozenset()
+    authenticator: str = "local"  # which authenticator vouched for it
+
+
+@dataclass(frozen=True, slots=True)
+class Statement:
+    """One classified SQL statement (one part of a multi-statement string).
+
+    Produced by the SQL layer from the real PostgreSQL grammar; read by the policy and audit.
+    """
+
+    text: str  # the statement's own source text (this part only)
+    kind: StatementKind
+    command: str  # command tag-like name: "SELECT", "UPDATE", "SET", "COPY", "CREATE TABLE" ...
+    tables: tuple[str, ...] = ()  # "schema.name" when qualified in the SQL, else "name"
+    functions: tuple[str, ...] = ()  # lower-cased, "schema.name" when qualified
+    # Flags such as "update_without_where", "delete_without_where", "data_modifying_cte",
+    # "explain_analyze_write", "select_into", "role_switch", "copy_program", "copy_file",
+    # "copy_from_stdin", "copy_to_stdout", "set_config_role", "parse_error", "function_call".
+    flags: frozenset[str] = frozenset()
+    error: str | None = None  # parser message when kind is UNKNOWN because parsing failed
+
+
+@dataclass(frozen=True, slots=True)
+class SessionContext:
+    """Facts about the connection a statement arrived on, as the policy sees them."""
+
+    session_id: str
+    identity: Identity
+    listener: str  # the listener's configured name (the "target")
+    database: str
+    client_addr: str
+    application_name: str
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyRequest:
+    """Everything the decision point may look at: nothing else influences a decision."""
+
+    session: SessionContext
+    statement: Statement
+    path: ProtocolPath
+    now: float  # UTC epoch seconds from the injected clock
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The policy's answer for one statement."""
+
+    verdict: Verdict
+    reason: str  # human-readable, shown to the client on denial and stored in the audit log
+    rule: str  # identifier of the rule or guard that decided, e.g. "guard.role_switch"
+    sqlstate: str = "42501"  # insufficient_privilege for denials
+    tags: frozenset[str] = field(default_factory=frozenset)
+
+    @property
+    def allowed(self) -> bool:
+        """True when the statement may be forwarded."""
+        return self.verdict is Verdict.ALLOW

@@ -1,0 +1,1 @@
+"""The self-contained demo: embedded PostgreSQL, sample data, local users."""

@@ -1,0 +1,1 @@
+"""Authenticators that turn client credentials into an Identity."""

@@ -1,0 +1,1 @@
+"""Per-protocol session engines: drive codecs, ask the policy, emit audit records."""

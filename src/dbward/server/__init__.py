@@ -1,0 +1,1 @@
+"""Listeners, TLS and upstream connections: the only code that touches sockets."""

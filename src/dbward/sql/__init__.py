@@ -1,0 +1,1 @@
+"""SQL statement model and per-dialect classifiers built on the real grammar."""

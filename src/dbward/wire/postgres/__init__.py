@@ -1,0 +1,1 @@
+"""PostgreSQL v3 frontend/backend protocol codec and SCRAM."""
