@@ -1,0 +1,5 @@
+"""`python -m dbward` runs the command line."""
+
+from dbward.cli.main import main
+
+main()

@@ -1,0 +1,103 @@
+"""The `dbward` command: serve, demo, users and audit subcommands."""
+
+from __future__ import annotations
+
+import getpass
+import sys
+from pathlib import Path
+
+import click
+
+from dbward import __version__
+from dbward.core.errors import ConfigError
+
+
+@click.group()
+@click.version_option(__version__, prog_name="dbward")
+def cli() -> None:
+    """dbward: identity-aware access proxy for databases."""
+
+
+@cli.command()
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    required=True,
+    help="Path to dbward.yaml.",
+)
+def serve(config_path: Path) -> None:
+    """Run the proxy until SIGINT/SIGTERM, then drain sessions and flush the audit log."""
+    from dbward.config import load_config
+    from dbward.runtime import configure_logging, run_until_stopped
+
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        click.echo(f"dbward: {exc.message}", err=True)
+        sys.exit(2)
+    configure_logging(config.log_level)
+    try:
+        code = run_until_stopped(config)
+    except ConfigError as exc:
+        click.echo(f"dbward: {exc.message}", err=True)
+        sys.exit(2)
+    except OSError as exc:
+        click.echo(f"dbward: cannot start: {exc}", err=True)
+        sys.exit(1)
+    sys.exit(code)
+
+
+@cli.command("check-config")
+@click.argument("config_path", type=click.Path(path_type=Path, dir_okay=False))
+def check_config(config_path: Path) -> None:
+    """Validate a configuration file and exit (2 when invalid)."""
+    from dbward.config import load_config
+
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        click.echo(f"dbward: {exc.message}", err=True)
+        sys.exit(2)
+    click.echo(f"ok: {len(config.listeners)} listener(s), {len(config.users)} user(s)")
+
+
+@cli.group()
+def users() -> None:
+    """Manage local users."""
+
+
+@users.command("hash-password")
+@click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
+@click.option("--iterations", default=4096, show_default=True, type=click.IntRange(4096, 1_000_000))
+def hash_password(password_stdin: bool, iterations: int) -> None:
+    """Print a SCRAM-SHA-256 verifier for `password_verifier:` (the password is not stored)."""
+    from dbward.wire.postgres.scram import make_verifier
+
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != password:
+            click.echo("dbward: the passwords differ", err=True)
+            sys.exit(2)
+    if not password:
+        click.echo("dbward: an empty password is not allowed", err=True)
+        sys.exit(2)
+    click.echo(make_verifier(password, iterations=iterations))
+
+
+def _attach_optional_commands() -> None:
+    from dbward.cli.audit import audit_group
+    from dbward.cli.demo import demo_command
+
+    cli.add_command(audit_group, "audit")
+    cli.add_command(demo_command, "demo")
+
+
+_attach_optional_commands()
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli()

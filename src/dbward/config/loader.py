@@ -1,0 +1,75 @@
+"""Read dbward.yaml into a Config, turning every problem into a ConfigError naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from dbward.config.model import Config
+from dbward.core.errors import ConfigError
+
+
+def _format_location(loc: tuple[int | str, ...]) -> str:
+    """Render a pydantic error location as a YAML-ish key path: listeners[0].upstream.port."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(top level)"
+
+
+def parse_config(data: Any, *, base_dir: Path) -> Config:
+    """Validate already-parsed YAML data; relative paths are resolved against base_dir."""
+    if not isinstance(data, dict):
+        raise ConfigError("the configuration must be a mapping at the top level")
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            message = err["msg"].removeprefix("Value error, ")
+            problems.append(f"{_format_location(err['loc'])}: {message}")
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems)) from None
+    return _resolve_paths(config, base_dir)
+
+
+def _resolve_paths(config: Config, base_dir: Path) -> Config:
+    """Make every file path absolute relative to the config file's directory."""
+
+    def fix(path: Path | None) -> Path | None:
+        if path is None or path.is_absolute():
+            return path
+        return (base_dir / path).resolve()
+
+    listeners = []
+    for listener in config.listeners:
+        tls = listener.tls.model_copy(
+            update={
+                "cert_file": fix(listener.tls.cert_file),
+                "key_file": fix(listener.tls.key_file),
+            }
+        )
+        up = listener.upstream
+        up_tls = up.tls.model_copy(update={"ca_file": fix(up.tls.ca_file)})
+        upstream = up.model_copy(update={"password_file": fix(up.password_file), "tls": up_tls})
+        listeners.append(listener.model_copy(update={"tls": tls, "upstream": upstream}))
+    audit = config.audit.model_copy(update={"path": fix(config.audit.path)})
+    return config.model_copy(update={"listeners": tuple(listeners), "audit": audit})
+
+
+def load_config(path: Path) -> Config:
+    """Load and validate a YAML configuration file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration file {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return parse_config(data, base_dir=path.resolve().parent)

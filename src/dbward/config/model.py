@@ -1,0 +1,173 @@
+"""Typed settings: the whole dbward.yaml as pydantic models with defaults and validation."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class _Strict(BaseModel):
+    """Base: unknown keys are errors, so a typo never silently disables a setting."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AuditSettings(_Strict):
+    """Where and how durably the audit log is written."""
+
+    path: Path = Path("dbward-audit.db")
+    # strict: statements that change anything wait until their intent record is fsync'd.
+    # batched: every record is committed within max_delay_ms; nothing waits.
+    durability: Literal["strict", "batched"] = "strict"
+    max_delay_ms: int = Field(default=50, ge=1, le=100)
+    sql_text_max: int = Field(default=4096, ge=64, le=1_048_576)
+
+
+class UserSettings(_Strict):
+    """A local identity with a stored SCRAM-SHA-256 verifier (never a clear password)."""
+
+    name: str = Field(min_length=1, max_length=63)
+    password_verifier: str
+    groups: tuple[str, ...] = ()
+    kind: Literal["user", "agent"] = "user"
+
+    @field_validator("password_verifier")
+    @classmethod
+    def _check_verifier(cls, value: str) -> str:
+        from dbward.wire.postgres.scram import parse_verifier
+
+        try:
+            parse_verifier(value)
+        except ValueError as exc:
+            raise ValueError(
+                f"expected a SCRAM-SHA-256 verifier as printed by "
+                f"'dbward users hash-password' ({exc})"
+            ) from None
+        return value
+
+
+class ClientTlsSettings(_Strict):
+    """TLS offered to clients connecting to a listener."""
+
+    mode: Literal["disabled", "optional", "required"] = "disabled"
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _files_when_enabled(self) -> ClientTlsSettings:
+        if self.mode != "disabled" and (self.cert_file is None or self.key_file is None):
+            raise ValueError(f"tls.mode '{self.mode}' needs tls.cert_file and tls.key_file")
+        return self
+
+
+class UpstreamTlsSettings(_Strict):
+    """TLS from dbward to the database, with libpq's sslmode meanings."""
+
+    mode: Literal["disable", "prefer", "require", "verify-full"] = "prefer"
+    ca_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _ca_for_verify(self) -> UpstreamTlsSettings:
+        if self.mode == "verify-full" and self.ca_file is None:
+            raise ValueError("tls.mode 'verify-full' needs tls.ca_file")
+        return self
+
+
+class UpstreamSettings(_Strict):
+    """The database behind a listener and the service credentials dbward uses for it."""
+
+    host: str = "127.0.0.1"  # a host name, an IP, or a unix-socket directory (starts with /)
+    port: int = Field(default=5432, ge=1, le=65535)
+    database: str = "postgres"
+    user: str = Field(min_length=1)
+    password_env: str | None = None
+    password_file: Path | None = None
+    tls: UpstreamTlsSettings = UpstreamTlsSettings()
+    connect_timeout_s: float = Field(default=10.0, gt=0, le=300)
+
+    @model_validator(mode="after")
+    def _one_password_source(self) -> UpstreamSettings:
+        if self.password_env is not None and self.password_file is not None:
+            raise ValueError("set only one of password_env and password_file")
+        return self
+
+    @property
+    def is_unix_socket(self) -> bool:
+        """True when host names a unix-socket directory, as in libpq."""
+        return self.host.startswith("/")
+
+    def read_password(self) -> str | None:
+        """The service password from its env var or file; None means no password (trust)."""
+        if self.password_env is not None:
+            value = os.environ.get(self.password_env)
+            if value is None:
+                raise LookupError(f"environment variable {self.password_env} is not set")
+            return value
+        if self.password_file is not None:
+            return self.password_file.read_text(encoding="utf-8").rstrip("\r\n")
+        return None
+
+
+class ListenerSettings(_Strict):
+    """One listening socket, the protocol it speaks and the upstream it fronts."""
+
+    name: str = Field(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9_.-]+$")
+    protocol: Literal["postgres"] = "postgres"
+    listen: str = "127.0.0.1:6432"
+    tls: ClientTlsSettings = ClientTlsSettings()
+    upstream: UpstreamSettings
+    max_message_bytes: int = Field(default=256 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024)
+    auth_timeout_s: float = Field(default=30.0, gt=0, le=600)
+    cancel_rate_per_s: float = Field(default=5.0, gt=0, le=10_000)
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("expected HOST:PORT, e.g. 127.0.0.1:6432 or [::1]:6432")
+        host = host.strip("[]")
+        if host not in ("", "localhost", "*"):
+            try:
+                ipaddress.ip_address(host)
+            except ValueError:
+                raise ValueError(f"'{host}' is not an IP address, 'localhost' or '*'") from None
+        return value
+
+    @property
+    def listen_host(self) -> str | None:
+        """Host part for asyncio (None binds every address)."""
+        host = self.listen.rpartition(":")[0].strip("[]")
+        return None if host in ("", "*") else host
+
+    @property
+    def listen_port(self) -> int:
+        """Port part of listen."""
+        return int(self.listen.rpartition(":")[2])
+
+
+class Config(_Strict):
+    """The whole configuration file."""
+
+    listeners: tuple[ListenerSettings, ...] = Field(min_length=1)
+    users: tuple[UserSettings, ...] = ()
+    audit: AuditSettings = AuditSettings()
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    shutdown_grace_s: float = Field(default=30.0, ge=0, le=3600)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Config:
+        for label, names in (
+            ("listeners", [listener.name for listener in self.listeners]),
+            ("users", [user.name for user in self.users]),
+        ):
+            seen: set[str] = set()
+            for name in names:
+                if name in seen:
+                    raise ValueError(f"{label}: the name '{name}' is used twice")
+                seen.add(name)
+        return self

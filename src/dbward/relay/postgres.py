@@ -1,0 +1,1048 @@
+"""The PostgreSQL session engine: one client connection, its upstream, policy and audit.
+
+Client bytes are framed, every statement is classified and decided before it is forwarded,
+and upstream bytes are scanned (not decoded) on their way back so outcomes can be audited.
+Denied statements are never forwarded: in their place the upstream receives a statement that
+fails to parse, so PostgreSQL itself produces the error and ReadyForQuery with the correct
+transaction state, and dbward swaps in its own ErrorResponse (SQLSTATE 42501).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import logging
+import secrets
+import time
+from collections import deque
+from typing import TYPE_CHECKING, cast
+
+from dbward.audit.records import AuditEvent, AuditRecord
+from dbward.core.errors import AuditUnavailable, AuthenticationFailed, DbwardError, ProtocolError
+from dbward.core.types import (
+    Decision,
+    Identity,
+    PolicyRequest,
+    ProtocolPath,
+    SessionContext,
+    Statement,
+    StatementKind,
+    Verdict,
+)
+from dbward.policy.engine import decide
+from dbward.relay.startup import StartupRefusedError, upstream_parameters
+from dbward.server.upstream import UpstreamConnection, UpstreamError, connect_upstream, send_cancel
+from dbward.sql.postgres import function_call_statement
+from dbward.wire.postgres import messages
+from dbward.wire.postgres.encodings import python_codec
+from dbward.wire.postgres.framing import BackendScanner, FrontendFramer
+from dbward.wire.postgres.messages import CancelRequest, GSSENCRequest, SSLRequest, StartupMessage
+
+if TYPE_CHECKING:
+    from dbward.relay.services import ListenerServices
+
+log = logging.getLogger("dbward.session")
+
+# A statement PostgreSQL rejects at parse time, sent in place of a denied one.
+_POISON_SQL = "DBWARD_POLICY_DENIED"
+_POISON_STATEMENT = "__dbward_denied__"  # named, so the client's unnamed statement survives
+
+# Kinds whose intent must be durable before forwarding when durability is "strict".
+_DURABLE_KINDS = frozenset(
+    {StatementKind.WRITE, StatementKind.DDL, StatementKind.DCL, StatementKind.ADMIN}
+)
+
+# Op codes for the queue of responses expected from the upstream, in send order.
+_OP_QUERY = 0  # simple Query or FunctionCall: ends with ReadyForQuery
+_OP_PARSE = 1
+_OP_BIND = 2
+_OP_DESCRIBE = 3
+_OP_EXECUTE = 4
+_OP_CLOSE = 5
+_OP_SYNC = 6
+_OP_POISON = 7  # a substituted Parse that will fail; its ErrorResponse is replaced
+
+_PHASE_STARTUP = 0
+_PHASE_READY = 1
+_PHASE_CLOSED = 2
+
+_Q, _P, _B, _D, _E, _C, _H, _S, _X, _F = (ord(c) for c in "QPBDECHSXF")
+_COPY_DATA, _COPY_DONE, _COPY_FAIL, _PASSWORD = (ord(c) for c in "dcfp")
+
+
+class _Tracked:
+    """A statement sent upstream whose outcome is still to be recorded."""
+
+    __slots__ = ("path", "rows", "sid", "started", "statement")
+
+    def __init__(self, sid: int, statement: Statement, path: ProtocolPath, started: float) -> None:
+        self.sid = sid
+        self.statement = statement
+        self.path = path
+        self.started = started
+        self.rows: int | None = None
+
+
+class _Op:
+    """One response the upstream owes us, with what to do when it arrives."""
+
+    __slots__ = ("code", "index", "replacement", "tracked")
+
+    def __init__(
+        self,
+        code: int,
+        tracked: list[_Tracked] | None = None,
+        replacement: bytes | None = None,
+    ) -> None:
+        self.code = code
+        self.tracked = tracked
+        self.index = 0  # next statement of a multi-statement Query
+        self.replacement = replacement  # our ErrorResponse for a poison statement
+
+
+def _denial_frame(decision: Decision) -> bytes:
+    return messages.error_response("ERROR", decision.sqlstate, decision.reason)
+
+
+def _audit_unavailable_decision() -> Decision:
+    return Decision(
+        verdict=Verdict.DENY,
+        reason="dbward: the audit log cannot be written; statements are refused until it recovers",
+        rule="guard.audit_unavailable",
+        sqlstate=AuditUnavailable.sqlstate,
+    )
+
+
+class PgSession(asyncio.Protocol):
+    """asyncio protocol for one client connection and the relay state of its session."""
+
+    def __init__(self, services: ListenerServices) -> None:
+        self.services = services
+        self.session_id = secrets.token_hex(8)
+        self.transport: asyncio.Transport | None = None
+        self.client_addr = ""
+        self._client_host = ""
+        self._phase = _PHASE_STARTUP
+        self._framer = FrontendFramer(services.settings.max_message_bytes)
+        self._startup_frames: deque[tuple[int, bytes, bytes]] = deque()
+        self._startup_wake: asyncio.Event | None = None
+        self._startup_task: asyncio.Task[None] | None = None
+        self._tls = False
+        self.identity: Identity | None = None
+        self._context: SessionContext | None = None
+        self._database = ""
+        self._application_name = ""
+        self._codec = "utf-8"
+        self._upstream: UpstreamConnection | None = None
+        self._scanner: BackendScanner | None = None
+        self._cancel_key: tuple[int, bytes] | None = None
+        # relay state
+        self._ops: deque[_Op] = deque()
+        self._inbox: deque[tuple[int, bytes, bytes]] = deque()
+        self._blocked = False  # waiting for a durable audit write before forwarding
+        self._discard_until_sync = False
+        self._in_copy_in = False
+        self._prepared: dict[str, tuple[Statement, ...]] = {}
+        self._portals: dict[str, tuple[Statement, ...]] = {}
+        self._statement_count = 0
+        self._next_sid = 0
+        self._closing = False
+        self._shutdown_requested = False
+        self._upstream_lost_reported = False
+        self._client_paused_for_upstream = False
+
+    # ------------------------------------------------------------------ asyncio callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        transport = self.transport
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and len(peer) >= 2:
+            self._client_host = str(peer[0])
+            self.client_addr = f"{peer[0]}:{peer[1]}"
+        else:
+            self._client_host = self.client_addr = "local"
+        if self.services.draining:
+            transport.write(
+                messages.error_response(
+                    "FATAL", "57P03", "dbward is shutting down and accepts no new connections"
+                )
+            )
+            transport.close()
+            self._phase = _PHASE_CLOSED
+            return
+        self.services.sessions.add(self)
+        self._startup_wake = asyncio.Event()
+        self._startup_task = asyncio.get_running_loop().create_task(self._run_startup())
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            frames = self._framer.feed(data)
+        except ProtocolError as exc:
+            self._protocol_error(exc)
+            return
+        if self._phase == _PHASE_READY:
+            if self._inbox or self._blocked:
+                self._inbox.extend(frames)
+                self._drain_inbox()
+            else:
+                self._process_frames(frames)
+        elif self._phase == _PHASE_STARTUP:
+            self._startup_frames.extend(frames)
+            if self._startup_wake is not None:
+                self._startup_wake.set()
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._phase == _PHASE_CLOSED and self not in self.services.sessions:
+            return  # refused while draining; nothing was opened
+        was_ready = self._phase == _PHASE_READY
+        self._phase = _PHASE_CLOSED
+        if self._startup_task is not None and not self._startup_task.done():
+            self._startup_task.cancel()
+        if self._startup_wake is not None:
+            self._startup_wake.set()
+        upstream = self._upstream
+        if upstream is not None:
+            if self._ops and was_ready:
+                # The client left mid-query: cancel it upstream so it does not run on alone.
+                self._finish_pending("cancelled", "57014")
+                asyncio.get_running_loop().create_task(
+                    send_cancel(
+                        self.services.settings.upstream, upstream.backend_pid, upstream.backend_key
+                    )
+                )
+            self._close_upstream()
+        self._release()
+        self._audit(AuditEvent.DISCONNECT, detail=f"statements={self._statement_count}")
+
+    def pause_writing(self) -> None:
+        # The client reads slower than the database sends: stop reading the upstream.
+        if self._upstream is not None:
+            self._upstream.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self._upstream is not None and not self._upstream.transport.is_closing():
+            self._upstream.transport.resume_reading()
+
+    # ------------------------------------------------------------------ startup phase
+
+    async def _next_startup_frame(self) -> tuple[int, bytes, bytes]:
+        assert self._startup_wake is not None
+        while not self._startup_frames:
+            if self._phase == _PHASE_CLOSED:
+                raise ConnectionResetError("client went away during startup")
+            self._startup_wake.clear()
+            await self._startup_wake.wait()
+        return self._startup_frames.popleft()
+
+    async def _run_startup(self) -> None:
+        settings = self.services.settings
+        try:
+            await asyncio.wait_for(self._startup(), timeout=settings.auth_timeout_s)
+        except TimeoutError:
+            self._fatal("08006", "dbward: authentication timed out")
+        except AuthenticationFailed as exc:
+            log.info("session %s: authentication failed: %s", self.session_id, exc.message)
+            self._fatal("28P01", "password authentication failed")
+        except StartupRefusedError as exc:
+            self._audit(AuditEvent.PROTOCOL_ERROR, reason=exc.message, sqlstate=exc.sqlstate)
+            self._fatal(exc.sqlstate, exc.message)
+        except UpstreamError as exc:
+            log.warning("session %s: upstream refused: %s", self.session_id, exc.message)
+            self._audit(AuditEvent.UPSTREAM_LOST, reason=exc.message, sqlstate=exc.sqlstate)
+            if exc.frame is not None and self.transport is not None:
+                self.transport.write(exc.frame)
+                self._close_client()
+            else:
+                self._fatal(exc.sqlstate, exc.message)
+        except ProtocolError as exc:
+            self._protocol_error(exc)
+        except (ConnectionError, OSError) as exc:
+            if self._phase != _PHASE_CLOSED:
+                log.warning("session %s: cannot reach the database: %s", self.session_id, exc)
+                self._audit(AuditEvent.UPSTREAM_LOST, reason=str(exc), sqlstate="08001")
+                self._fatal("08001", "dbward: could not connect to the database")
+        except asyncio.CancelledError:
+            pass
+        except DbwardError as exc:
+            self._fatal(exc.sqlstate, exc.message)
+
+    async def _startup(self) -> None:
+        services = self.services
+        while True:
+            _, payload, _ = await self._next_startup_frame()
+            packet = messages.parse_startup_packet(payload)
+            if isinstance(packet, SSLRequest):
+                await self._negotiate_tls()
+                continue
+            if isinstance(packet, GSSENCRequest):
+                assert self.transport is not None
+                self.transport.write(b"N")
+                continue
+            if isinstance(packet, CancelRequest):
+                await self._handle_cancel(packet)
+                return
+            assert isinstance(packet, StartupMessage)
+            break
+        self._framer.startup = False
+        if (
+            services.client_tls is not None
+            and services.settings.tls.mode == "required"
+            and not self._tls
+        ):
+            raise StartupRefusedError(
+                "dbward: this listener requires TLS; connect with sslmode=require or stronger"
+            )
+        params = packet.params
+        user = params.get("user", "")
+        self._application_name = params.get("application_name", "")
+        self._database = params.get("database") or services.settings.upstream.database
+        if not user:
+            raise StartupRefusedError("no user name specified in the startup message")
+        upstream_params = upstream_parameters(params, services.settings.upstream.database)
+        encoding = params.get("client_encoding")
+        if encoding is not None:
+            self._set_encoding(encoding)
+        self._audit(AuditEvent.CONNECT, identity=user)
+        identity = await self._authenticate(user)
+        self.identity = identity
+        self._context = SessionContext(
+            session_id=self.session_id,
+            identity=identity,
+            listener=services.settings.name,
+            database=self._database,
+            client_addr=self.client_addr,
+            application_name=self._application_name,
+        )
+        self._audit(AuditEvent.AUTH_OK)
+        try:
+            password = services.settings.upstream.read_password()
+        except (OSError, LookupError) as exc:
+            log.error(
+                "listener %s: cannot read the upstream password: %s", services.settings.name, exc
+            )
+            raise UpstreamError(
+                "dbward: the upstream credentials are unavailable", sqlstate="08001"
+            ) from None
+        upstream = await asyncio.wait_for(
+            connect_upstream(
+                services.settings.upstream, upstream_params, services.upstream_tls, password
+            ),
+            timeout=services.settings.upstream.connect_timeout_s,
+        )
+        if self._phase == _PHASE_CLOSED:
+            upstream.transport.close()
+            return
+        self._attach_upstream(upstream)
+
+    async def _negotiate_tls(self) -> None:
+        transport = self.transport
+        assert transport is not None
+        context = self.services.client_tls
+        if context is None or self._tls:
+            transport.write(b"N")
+            return
+        if self._startup_frames or self._framer.pending_bytes:
+            # Plaintext sent after SSLRequest would be treated as encrypted (CVE-2021-23214).
+            raise ProtocolError("unencrypted data after SSLRequest")
+        transport.pause_reading()
+        transport.write(b"S")
+        loop = asyncio.get_running_loop()
+        new_transport = await loop.start_tls(transport, self, context, server_side=True)
+        if new_transport is None:
+            raise ConnectionResetError("TLS handshake failed")
+        self.transport = new_transport
+        self._tls = True
+
+    async def _authenticate(self, user: str) -> Identity:
+        transport = self.transport
+        assert transport is not None
+        exchange = self.services.authenticator.begin(user, tls=self._tls)
+        transport.write(exchange.start())
+        try:
+            while True:
+                msg_type, payload, _ = await self._next_startup_frame()
+                if msg_type != _PASSWORD:
+                    raise AuthenticationFailed("expected an authentication message")
+                step = await exchange.step(payload)
+                if step.reply is not None:
+                    transport.write(step.reply)
+                if step.identity is not None:
+                    return step.identity
+        except AuthenticationFailed as exc:
+            self._audit(AuditEvent.AUTH_FAIL, identity=user, reason=exc.message, sqlstate="28P01")
+            raise
+        except ProtocolError as exc:
+            self._audit(AuditEvent.AUTH_FAIL, identity=user, reason=exc.message, sqlstate="28P01")
+            raise AuthenticationFailed(exc.message) from None
+
+    async def _handle_cancel(self, packet: CancelRequest) -> None:
+        services = self.services
+        if not services.cancels.allow_attempt(self._client_host):
+            log.warning("cancel requests from %s are rate-limited", self._client_host)
+        else:
+            target = services.cancels.lookup(packet.pid, packet.key)
+            if target is None or target._upstream is None:
+                self._audit(AuditEvent.CANCEL, status="refused", reason="unknown cancel key")
+            else:
+                self._audit(
+                    AuditEvent.CANCEL, status="forwarded", detail=f"session={target.session_id}"
+                )
+                await send_cancel(
+                    services.settings.upstream,
+                    target._upstream.backend_pid,
+                    target._upstream.backend_key,
+                )
+        self._close_client()
+
+    def _attach_upstream(self, upstream: UpstreamConnection) -> None:
+        transport = self.transport
+        assert transport is not None
+        self._upstream = upstream
+        self._scanner = BackendScanner()
+        protocol = upstream.protocol
+        protocol.on_data = self._on_upstream_data
+        protocol.on_lost = self._on_upstream_lost
+        protocol.on_pause = self._pause_client
+        protocol.on_resume = self._resume_client
+        server_encoding = upstream.server_params.get("client_encoding")
+        if server_encoding is not None:
+            self._set_encoding(server_encoding)
+        key = self.services.cancels.issue(upstream.backend_pid, self)
+        self._cancel_key = (upstream.backend_pid, key)
+        transport.write(
+            b"".join(
+                [
+                    messages.authentication_ok(),
+                    *upstream.startup_frames,
+                    messages.backend_key_data(upstream.backend_pid, key),
+                    upstream.ready_frame,
+                ]
+            )
+        )
+        self._phase = _PHASE_READY
+        leftover = protocol.take_buffered()
+        if leftover:
+            self._on_upstream_data(leftover)
+        if self._startup_frames:
+            self._inbox.extend(self._startup_frames)
+            self._startup_frames.clear()
+            self._drain_inbox()
+
+    def _set_encoding(self, name: str) -> None:
+        codec = python_codec(name)
+        # An encoding dbward cannot decode faithfully makes every statement unparseable, so
+        # they are denied rather than misread.
+        self._codec = codec if codec is not None else ""
+
+    # ------------------------------------------------------------------ client -> upstream
+
+    def _drain_inbox(self) -> None:
+        inbox = self._inbox
+        while inbox and not self._blocked and self._phase == _PHASE_READY:
+            frames = list(inbox)
+            inbox.clear()
+            self._process_frames(frames)
+
+    def _process_frames(self, frames: list[tuple[int, bytes, bytes]]) -> None:
+        """Handle client frames in order; forward what may go in one write."""
+        upstream = self._upstream
+        assert upstream is not None
+        out: list[bytes] = []
+        count = len(frames)
+        i = 0
+        while i < count:
+            msg_type, payload, raw = frames[i]
+            i += 1
+            if self._discard_until_sync:
+                if msg_type == _S:
+                    self._discard_until_sync = False
+                    self._ops.append(_Op(_OP_SYNC))
+                    out.append(raw)
+                elif msg_type == _X:
+                    self._terminate(out)
+                    return
+                continue
+            if msg_type in (_COPY_DATA, _COPY_DONE, _COPY_FAIL):
+                out.append(raw)
+                if msg_type != _COPY_DATA:
+                    self._in_copy_in = False
+                continue
+            try:
+                barrier = self._handle_message(msg_type, payload, raw, out)
+            except ProtocolError as exc:
+                if out:
+                    upstream.transport.write(b"".join(out))
+                self._protocol_error(exc)
+                return
+            if msg_type == _X:
+                self._terminate(out)
+                return
+            if barrier is not None:
+                future, held = barrier
+                if out:
+                    upstream.transport.write(b"".join(out))
+                    out = []
+                self._blocked = True
+                for rest in reversed(frames[i:]):
+                    self._inbox.appendleft(rest)
+                if self.transport is not None:
+                    self.transport.pause_reading()
+                future.add_done_callback(functools.partial(self._barrier_done, held=held))
+                return
+        if out:
+            upstream.transport.write(out[0] if len(out) == 1 else b"".join(out))
+
+    def _barrier_done(self, future: asyncio.Future[int], *, held: tuple[bytes, bytes]) -> None:
+        """The intent record is durable (or failed): forward the held message or refuse it."""
+        self._blocked = False
+        if self._phase != _PHASE_READY or self._upstream is None:
+            return
+        forward, refusal = held
+        if future.cancelled() or future.exception() is not None:
+            # Fail closed: the statement goes no further. The refusal poison was prepared with
+            # the statement, so the op queue already expects its error.
+            self._upstream.transport.write(refusal)
+            self._replace_last_ops_with_refusal()
+            if self._ops and self._ops[-1].code == _OP_EXECUTE:
+                self._discard_until_sync = True
+        else:
+            self._upstream.transport.write(forward)
+        if self.transport is not None and not self._client_paused_for_upstream:
+            self.transport.resume_reading()
+        self._drain_inbox()
+
+    def _replace_last_ops_with_refusal(self) -> None:
+        op = self._ops[-1] if self._ops else None
+        if op is not None:
+            op.replacement = messages.error_response(
+                "ERROR", AuditUnavailable.sqlstate, _audit_unavailable_decision().reason
+            )
+            if op.tracked:
+                for tracked in op.tracked:
+                    self._record_outcome(tracked, "not_executed", AuditUnavailable.sqlstate)
+                op.tracked = []
+
+    def _handle_message(
+        self, msg_type: int, payload: bytes, raw: bytes, out: list[bytes]
+    ) -> tuple[asyncio.Future[int], tuple[bytes, bytes]] | None:
+        """Decide one client message; append what to forward to `out`.
+
+        Returns a barrier (future, (bytes to forward, bytes if refused)) when forwarding must
+        wait for a durable audit write.
+        """
+        if msg_type == _Q:
+            text = self._decode_sql(payload)
+            statements = (
+                self.services.classifier.classify(text)
+                if text is not None
+                else (self._undecodable(),)
+            )
+            return self._handle_query(statements, raw, out)
+        if msg_type == _P:
+            parsed = messages.parse_parse(payload, self._codec or "utf-8")
+            if self._codec:
+                statements = self.services.classifier.classify(parsed.query)
+            else:
+                statements = (self._undecodable(),)
+            self._prepared[parsed.name] = statements
+            self._ops.append(_Op(_OP_PARSE))
+            out.append(raw)
+            return None
+        if msg_type == _B:
+            bind = messages.parse_bind(payload)
+            found = self._prepared.get(bind.statement)
+            # A statement dbward did not see prepared (SQL PREPARE, or forgotten after
+            # DEALLOCATE/DISCARD) cannot be inspected: it is denied at Execute.
+            self._portals[bind.portal] = (
+                found
+                if found is not None
+                else (
+                    Statement(
+                        text="",
+                        kind=StatementKind.UNKNOWN,
+                        command="EXECUTE",
+                        flags=frozenset({"uninspected_statement"}),
+                        error=f"prepared statement {bind.statement!r} was not seen by dbward",
+                    ),
+                )
+            )
+            self._ops.append(_Op(_OP_BIND))
+            out.append(raw)
+            return None
+        if msg_type == _E:
+            execute = messages.parse_execute(payload)
+            portal = self._portals.get(execute.portal)
+            statements = (
+                portal
+                if portal is not None
+                else (
+                    Statement(
+                        text="",
+                        kind=StatementKind.UNKNOWN,
+                        command="EXECUTE",
+                        flags=frozenset({"uninspected_portal"}),
+                        error=f"portal {execute.portal!r} was not seen by dbward",
+                    ),
+                )
+            )
+            return self._handle_execute(statements, raw, out)
+        if msg_type == _S:
+            self._ops.append(_Op(_OP_SYNC))
+            out.append(raw)
+            return None
+        if msg_type == _D:
+            messages.parse_describe(payload)
+            self._ops.append(_Op(_OP_DESCRIBE))
+            out.append(raw)
+            return None
+        if msg_type == _C:
+            close = messages.parse_close(payload)
+            (self._prepared if close.kind == "S" else self._portals).pop(close.name, None)
+            self._ops.append(_Op(_OP_CLOSE))
+            out.append(raw)
+            return None
+        if msg_type == _H:
+            out.append(raw)
+            return None
+        if msg_type == _X:
+            return None
+        if msg_type == _F:
+            oid = messages.parse_function_call(payload)
+            return self._handle_function_call(oid, raw, out)
+        raise ProtocolError(f"unexpected message type {chr(msg_type)!r} after startup")
+
+    def _decode_sql(self, payload: bytes) -> str | None:
+        if not payload or payload[-1] != 0:
+            raise ProtocolError("query string is not NUL-terminated")
+        if not self._codec:
+            return None
+        try:
+            return payload[:-1].decode(self._codec)
+        except UnicodeDecodeError:
+            return None
+
+    def _undecodable(self) -> Statement:
+        return Statement(
+            text="",
+            kind=StatementKind.UNKNOWN,
+            command="UNKNOWN",
+            flags=frozenset({"parse_error"}),
+            error="the statement is not valid in the session's client_encoding",
+        )
+
+    def _decide_all(
+        self, statements: tuple[Statement, ...], path: ProtocolPath
+    ) -> tuple[list[tuple[Statement, Decision, ProtocolPath]], Decision | None]:
+        """Ask the one decision point about each statement; the first denial denies the batch."""
+        context = self._context
+        assert context is not None
+        now = self.services.clock()
+        decided = []
+        denial: Decision | None = None
+        if not self.services.audit.healthy:
+            denial = _audit_unavailable_decision()
+        for statement in statements:
+            stmt_path = path
+            if "copy_from_stdin" in statement.flags or "copy_to_stdout" in statement.flags:
+                stmt_path = ProtocolPath.COPY
+            decision = decide(PolicyRequest(context, statement, stmt_path, now))
+            if denial is None and not decision.allowed:
+                denial = decision
+            decided.append((statement, decision, stmt_path))
+        return decided, denial
+
+    def _record_intents(
+        self,
+        decided: list[tuple[Statement, Decision, ProtocolPath]],
+        denial: Decision | None,
+    ) -> tuple[list[_Tracked], asyncio.Future[int] | None]:
+        """Write one intent record per statement; returns the trackers and a durability wait."""
+        audit = self.services.audit
+        strict = self.services.audit_settings.durability == "strict"
+        tracked: list[_Tracked] = []
+        durable: asyncio.Future[int] | None = None
+        started = time.perf_counter()
+        for statement, decision, path in decided:
+            self._next_sid += 1
+            sid = self._next_sid
+            self._statement_count += 1
+            record = self._statement_record(sid, statement, decision, path)
+            if denial is None and strict and statement.kind in _DURABLE_KINDS:
+                durable = audit.append_durable(record)
+            else:
+                audit.append(record)
+            tracked.append(_Tracked(sid, statement, path, started))
+        return tracked, durable
+
+    def _handle_query(
+        self, statements: tuple[Statement, ...], raw: bytes, out: list[bytes]
+    ) -> tuple[asyncio.Future[int], tuple[bytes, bytes]] | None:
+        if not statements:  # empty query string: PostgreSQL answers EmptyQueryResponse
+            self._ops.append(_Op(_OP_QUERY, []))
+            out.append(raw)
+            return None
+        decided, denial = self._decide_all(statements, ProtocolPath.SIMPLE)
+        try:
+            tracked, durable = self._record_intents(decided, denial)
+        except AuditUnavailable:
+            denial, tracked, durable = _audit_unavailable_decision(), [], None
+        self._forget_prepared_if_needed(statements)
+        poison = messages.query(_POISON_SQL)
+        if denial is not None:
+            for item in tracked:
+                self._record_outcome(item, "denied", denial.sqlstate)
+            self._ops.append(_Op(_OP_QUERY, [], _denial_frame(denial)))
+            out.append(poison)
+            return None
+        self._ops.append(_Op(_OP_QUERY, tracked))
+        if durable is not None:
+            return durable, (raw, poison)
+        out.append(raw)
+        return None
+
+    def _handle_execute(
+        self, statements: tuple[Statement, ...], raw: bytes, out: list[bytes]
+    ) -> tuple[asyncio.Future[int], tuple[bytes, bytes]] | None:
+        decided, denial = self._decide_all(statements, ProtocolPath.EXTENDED)
+        try:
+            tracked, durable = self._record_intents(decided, denial)
+        except AuditUnavailable:
+            denial, tracked, durable = _audit_unavailable_decision(), [], None
+        self._forget_prepared_if_needed(statements)
+        poison = messages.parse_message(_POISON_STATEMENT, _POISON_SQL)
+        if denial is not None:
+            for item in tracked:
+                self._record_outcome(item, "denied", denial.sqlstate)
+            self._ops.append(_Op(_OP_POISON, None, _denial_frame(denial)))
+            out.append(poison)
+            # PostgreSQL skips to Sync after an error; so do we, forwarding nothing more.
+            self._discard_until_sync = True
+            return None
+        self._ops.append(_Op(_OP_EXECUTE, tracked))
+        if durable is not None:
+            return durable, (raw, poison)
+        out.append(raw)
+        return None
+
+    def _handle_function_call(
+        self, oid: int, raw: bytes, out: list[bytes]
+    ) -> tuple[asyncio.Future[int], tuple[bytes, bytes]] | None:
+        statement = function_call_statement(oid)
+        decided, denial = self._decide_all((statement,), ProtocolPath.FUNCTION_CALL)
+        try:
+            tracked, _ = self._record_intents(decided, denial)
+        except AuditUnavailable:
+            denial, tracked = _audit_unavailable_decision(), []
+        if denial is not None:
+            for item in tracked:
+                self._record_outcome(item, "denied", denial.sqlstate)
+            self._ops.append(_Op(_OP_QUERY, [], _denial_frame(denial)))
+            out.append(messages.query(_POISON_SQL))
+            return None
+        self._ops.append(_Op(_OP_QUERY, tracked))
+        out.append(raw)
+        return None
+
+    def _forget_prepared_if_needed(self, statements: tuple[Statement, ...]) -> None:
+        # DEALLOCATE/DISCARD can drop protocol-level statements behind our back; forgetting
+        # them all makes a later Bind to a re-created name uninspectable, hence denied.
+        for statement in statements:
+            if statement.command in ("DEALLOCATE", "DISCARD"):
+                self._prepared.clear()
+                self._portals.clear()
+                return
+
+    def _terminate(self, out: list[bytes]) -> None:
+        upstream = self._upstream
+        if upstream is not None and out:
+            upstream.transport.write(b"".join(out))
+        self._close_client()
+
+    # ------------------------------------------------------------------ upstream -> client
+
+    def _on_upstream_data(self, data: bytes) -> None:
+        scanner = self._scanner
+        transport = self.transport
+        if scanner is None or transport is None or self._phase != _PHASE_READY:
+            return
+        try:
+            forward, events = scanner.feed(data)
+        except ProtocolError as exc:
+            log.error("session %s: upstream protocol error: %s", self.session_id, exc.message)
+            self._upstream_gone("the database sent an invalid message")
+            return
+        if not events:
+            if forward:
+                transport.write(forward)
+            return
+        pieces: list[bytes] | None = None
+        position = 0
+        for msg_type, start, end, payload in events:
+            replacement = self._on_backend_message(msg_type, payload)
+            if replacement is not None:
+                if pieces is None:
+                    pieces = []
+                pieces.append(forward[position:start])
+                pieces.append(replacement)
+                position = end
+        if pieces is None:
+            transport.write(forward)
+        else:
+            pieces.append(forward[position:])
+            transport.write(b"".join(pieces))
+        if self._shutdown_requested and not self._ops and not self._blocked:
+            self._send_shutdown()
+
+    def _on_backend_message(self, msg_type: int, payload: bytes | None) -> bytes | None:
+        """Track one upstream message; returns replacement bytes for it, if any."""
+        ops = self._ops
+        if msg_type == 0x43:  # 'C' CommandComplete
+            if ops:
+                op = ops[0]
+                rows = messages.parse_command_complete(payload)[1] if payload is not None else None
+                if op.code == _OP_QUERY:
+                    tracked = op.tracked
+                    if tracked and op.index < len(tracked):
+                        self._record_outcome(tracked[op.index], "ok", "", rows)
+                        op.index += 1
+                elif op.code == _OP_EXECUTE:
+                    ops.popleft()
+                    if op.tracked:
+                        for item in op.tracked:
+                            self._record_outcome(item, "ok", "", rows)
+            return None
+        if msg_type == 0x5A:  # 'Z' ReadyForQuery
+            while ops:
+                op = ops.popleft()
+                if op.code == _OP_QUERY:
+                    self._finish_op(op, "not_executed", "")
+                    break
+                if op.code == _OP_SYNC:
+                    break
+                self._finish_op(op, "not_executed", "")
+            return None
+        if msg_type == 0x45:  # 'E' ErrorResponse
+            return self._on_error(payload)
+        if msg_type in (0x31, 0x32, 0x33):  # ParseComplete, BindComplete, CloseComplete
+            if ops and ops[0].code in (_OP_PARSE, _OP_BIND, _OP_CLOSE):
+                ops.popleft()
+            return None
+        if msg_type in (0x54, 0x6E):  # RowDescription, NoData
+            if ops and ops[0].code == _OP_DESCRIBE:
+                ops.popleft()
+            return None
+        if msg_type in (0x49, 0x73):  # EmptyQueryResponse, PortalSuspended
+            if ops:
+                op = ops[0]
+                if op.code == _OP_EXECUTE:
+                    ops.popleft()
+                    status = "suspended" if msg_type == 0x73 else "empty"
+                    for item in op.tracked or ():
+                        self._record_outcome(item, status, "")
+            return None
+        if msg_type == 0x47:  # CopyInResponse
+            self._in_copy_in = True
+            # The server ignores Sync/Flush sent while it is in copy-in mode (libpq sends one
+            # with the Execute), so that queued Sync will never be answered.
+            if ops and ops[0].code == _OP_EXECUTE:
+                head = ops.popleft()
+                while ops and ops[0].code == _OP_SYNC:
+                    ops.popleft()
+                ops.appendleft(head)
+            return None
+        if msg_type == 0x53 and payload is not None:  # ParameterStatus
+            name, value = messages.parse_parameter_status(payload)
+            if name == "client_encoding":
+                self._set_encoding(value)
+            return None
+        return None
+
+    def _on_error(self, payload: bytes | None) -> bytes | None:
+        ops = self._ops
+        sqlstate = ""
+        if payload is not None:
+            fields = messages.parse_error_fields(payload)
+            sqlstate = fields.get("C", "")
+            if fields.get("S") in ("FATAL", "PANIC"):
+                self._finish_pending("error", sqlstate)
+                return None
+        if not ops:
+            return None
+        op = ops[0]
+        replacement = op.replacement
+        if op.code == _OP_QUERY:
+            tracked = op.tracked
+            if tracked and op.index < len(tracked):
+                self._record_outcome(tracked[op.index], "error", sqlstate)
+                op.index += 1
+            return replacement
+        if op.code == _OP_SYNC:
+            return None  # e.g. a deferred constraint failing at the implicit commit
+        # Extended protocol: this op failed and PostgreSQL skips everything up to Sync.
+        ops.popleft()
+        self._finish_op(op, "error", sqlstate)
+        while ops and ops[0].code != _OP_SYNC:
+            self._finish_op(ops.popleft(), "not_executed", "")
+        return replacement
+
+    def _finish_op(self, op: _Op, status: str, sqlstate: str) -> None:
+        tracked = op.tracked
+        if tracked:
+            first = op.index
+            for item in tracked[first:]:
+                self._record_outcome(item, status, sqlstate)
+                status, sqlstate = "not_executed", ""
+            op.tracked = []
+
+    def _finish_pending(self, status: str, sqlstate: str) -> None:
+        while self._ops:
+            self._finish_op(self._ops.popleft(), status, sqlstate)
+
+    def _on_upstream_lost(self, exc: Exception | None) -> None:
+        if self._phase == _PHASE_READY and not self._closing:
+            self._upstream_gone("dbward: lost the connection to the database")
+
+    def _upstream_gone(self, message: str) -> None:
+        if self._upstream_lost_reported:
+            return
+        self._upstream_lost_reported = True
+        self._finish_pending("unknown", "08006")
+        self._audit(AuditEvent.UPSTREAM_LOST, reason=message, sqlstate="08006")
+        self._fatal("08006", message)
+
+    def _pause_client(self) -> None:
+        self._client_paused_for_upstream = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def _resume_client(self) -> None:
+        self._client_paused_for_upstream = False
+        if self.transport is not None and not self._blocked:
+            self.transport.resume_reading()
+
+    # ------------------------------------------------------------------ shutdown and errors
+
+    def request_shutdown(self) -> None:
+        """Drain: end the session once its in-flight work is answered."""
+        self._shutdown_requested = True
+        if self._phase != _PHASE_READY:
+            self._fatal("57P01", "dbward is shutting down")
+        elif not self._ops and not self._blocked:
+            self._send_shutdown()
+
+    def force_close(self) -> None:
+        """Grace period over: close now."""
+        self._finish_pending("unknown", "57P01")
+        self._fatal("57P01", "dbward is shutting down")
+
+    def _send_shutdown(self) -> None:
+        self._fatal("57P01", "terminating connection because dbward is shutting down")
+
+    def _protocol_error(self, exc: ProtocolError) -> None:
+        log.info("session %s: protocol error from client: %s", self.session_id, exc.message)
+        self._audit(AuditEvent.PROTOCOL_ERROR, reason=exc.message, sqlstate=exc.sqlstate)
+        self._fatal(exc.sqlstate, f"dbward: invalid message from client: {exc.message}")
+
+    def _fatal(self, sqlstate: str, message: str) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(messages.error_response("FATAL", sqlstate, message))
+        self._close_client()
+
+    def _close_client(self) -> None:
+        self._closing = True
+        if self.transport is not None:
+            self.transport.close()
+        self._close_upstream()
+
+    def _close_upstream(self) -> None:
+        upstream = self._upstream
+        if upstream is not None and not upstream.transport.is_closing():
+            upstream.transport.write(messages.terminate())
+            upstream.transport.close()
+
+    def _release(self) -> None:
+        self.services.sessions.discard(self)
+        if self._cancel_key is not None:
+            self.services.cancels.revoke(*self._cancel_key)
+            self._cancel_key = None
+
+    # ------------------------------------------------------------------ audit helpers
+
+    def _base_fields(self) -> dict[str, str]:
+        return {
+            "session_id": self.session_id,
+            "identity": self.identity.name if self.identity is not None else "",
+            "client_addr": self.client_addr,
+            "application_name": self._application_name,
+            "target": self.services.settings.name,
+            "database": self._database,
+        }
+
+    def _audit(self, event: AuditEvent, **fields: object) -> None:
+        base: dict[str, object] = dict(self._base_fields())
+        base.update(fields)
+        record = AuditRecord(event=event, ts_ms=int(self.services.clock() * 1000), **base)  # type: ignore[arg-type]
+        try:
+            self.services.audit.append(record)
+        except AuditUnavailable:
+            log.error("session %s: audit unavailable, %s record lost", self.session_id, event)
+
+    def _statement_record(
+        self, sid: int, statement: Statement, decision: Decision, path: ProtocolPath
+    ) -> AuditRecord:
+        text = statement.text
+        cap = self.services.audit_settings.sql_text_max
+        encoded = text.encode("utf-8", "surrogatepass")
+        identity = self.identity
+        return AuditRecord(
+            event=AuditEvent.STATEMENT,
+            ts_ms=int(self.services.clock() * 1000),
+            session_id=self.session_id,
+            identity=identity.name if identity is not None else "",
+            client_addr=self.client_addr,
+            application_name=self._application_name,
+            target=self.services.settings.name,
+            database=self._database,
+            path=path.value,
+            statement_id=sid,
+            sql_text=text if len(text) <= cap else text[:cap],
+            sql_sha256=hashlib.sha256(encoded).hexdigest(),
+            kind=statement.kind.value,
+            command=statement.command,
+            tables=statement.tables,
+            decision=decision.verdict.value,
+            reason=decision.reason,
+            rule=decision.rule,
+            detail=statement.error or "",
+        )
+
+    def _record_outcome(
+        self, tracked: _Tracked, status: str, sqlstate: str, rows: int | None = None
+    ) -> None:
+        record = AuditRecord(
+            event=AuditEvent.OUTCOME,
+            ts_ms=int(self.services.clock() * 1000),
+            session_id=self.session_id,
+            identity=self.identity.name if self.identity is not None else "",
+            target=self.services.settings.name,
+            database=self._database,
+            path=tracked.path.value,
+            statement_id=tracked.sid,
+            kind=tracked.statement.kind.value,
+            command=tracked.statement.command,
+            status=status,
+            sqlstate=sqlstate,
+            rows=rows,
+            duration_ms=round((time.perf_counter() - tracked.started) * 1000, 3),
+        )
+        try:
+            self.services.audit.append(record)
+        except AuditUnavailable:
+            log.error("session %s: audit unavailable, outcome record lost", self.session_id)

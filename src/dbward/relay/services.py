@@ -1,0 +1,74 @@
+"""What a listener's sessions share: settings, policy inputs, audit, cancel keys, live sessions."""
+
+from __future__ import annotations
+
+import secrets
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from dbward.audit.sink import AuditSink
+from dbward.config.model import AuditSettings, ListenerSettings
+from dbward.identity.base import Authenticator
+from dbward.sql.postgres import PostgresClassifier
+
+if TYPE_CHECKING:
+    from dbward.relay.postgres import PgSession
+
+
+class CancelRegistry:
+    """Maps the cancel keys dbward hands out to live sessions; rate-limits attempts per client."""
+
+    def __init__(self, rate_per_s: float, burst: float = 10.0) -> None:
+        self._sessions: dict[tuple[int, bytes], PgSession] = {}
+        self._rate = rate_per_s
+        self._burst = max(burst, rate_per_s)
+        self._buckets: dict[str, tuple[float, float]] = {}  # client host -> (tokens, last time)
+
+    def issue(self, pid: int, session: PgSession) -> bytes:
+        """A fresh random secret for this backend pid, unique among live sessions."""
+        while True:
+            key = secrets.token_bytes(4)
+            if (pid, key) not in self._sessions:
+                self._sessions[(pid, key)] = session
+                return key
+
+    def revoke(self, pid: int, key: bytes) -> None:
+        """Forget a key when its session ends."""
+        self._sessions.pop((pid, key), None)
+
+    def lookup(self, pid: int, key: bytes) -> PgSession | None:
+        """The session for a (pid, key) pair; constant-time enough: the dict hides nothing."""
+        return self._sessions.get((pid, key))
+
+    def allow_attempt(self, client_host: str, now: float | None = None) -> bool:
+        """Token bucket per client host, so cancel keys cannot be guessed at line rate."""
+        now = time.monotonic() if now is None else now
+        tokens, last = self._buckets.get(client_host, (self._burst, now))
+        tokens = min(self._burst, tokens + (now - last) * self._rate)
+        if tokens < 1.0:
+            self._buckets[client_host] = (tokens, now)
+            return False
+        self._buckets[client_host] = (tokens - 1.0, now)
+        if len(self._buckets) > 10_000:  # bound memory under a spray of source addresses
+            self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < 60}
+        return True
+
+
+@dataclass
+class ListenerServices:
+    """Everything a PgSession needs, built once per listener by the runtime."""
+
+    settings: ListenerSettings
+    audit_settings: AuditSettings
+    audit: AuditSink
+    classifier: PostgresClassifier
+    authenticator: Authenticator
+    client_tls: ssl.SSLContext | None
+    upstream_tls: ssl.SSLContext | None
+    cancels: CancelRegistry
+    clock: Callable[[], float] = time.time
+    sessions: set[PgSession] = field(default_factory=set)
+    draining: bool = False

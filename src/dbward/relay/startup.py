@@ -1,0 +1,94 @@
+"""Validate a client's StartupMessage and choose what reaches the upstream."""
+
+from __future__ import annotations
+
+import re
+
+from dbward.core.errors import DbwardError
+
+# Parameters whose only purpose is to become someone else: never forwarded, refused outright.
+_REFUSED = {"role", "session_authorization"}
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
+_MAX_OPTIONS = 4096
+
+
+class StartupRefusedError(DbwardError):
+    """The StartupMessage asks for something dbward does not allow."""
+
+    sqlstate = "28000"  # invalid_authorization_specification
+
+
+def _guc_name(name: str) -> str:
+    return name.strip().lower().replace("-", "_")
+
+
+def _split_options(options: str) -> list[str]:
+    """Split the `options` value the way the server does: whitespace, backslash escapes."""
+    words: list[str] = []
+    current: list[str] = []
+    escaped = False
+    for ch in options:
+        if escaped:
+            current.append(ch)
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch.isspace():
+            if current:
+                words.append("".join(current))
+                current = []
+        else:
+            current.append(ch)
+    if current:
+        words.append("".join(current))
+    return words
+
+
+def _check_options(options: str) -> None:
+    """Refuse command-line style settings that change role or session authorization."""
+    if len(options) > _MAX_OPTIONS:
+        raise StartupRefusedError("the startup 'options' parameter is too long")
+    words = _split_options(options)
+    i = 0
+    while i < len(words):
+        word = words[i]
+        setting: str | None = None
+        if word == "-c":
+            i += 1
+            setting = words[i] if i < len(words) else ""
+        elif word.startswith("-c") or word.startswith("--"):
+            setting = word[2:]
+        else:
+            # Other postgres switches (-d, -e, -B ...) have no business in a client connection.
+            raise StartupRefusedError(f"startup option {word!r} is not allowed through dbward")
+        name = _guc_name(setting.partition("=")[0])
+        if name in _REFUSED:
+            raise StartupRefusedError(
+                f"dbward: setting '{name}' in the startup options is not allowed "
+                "(role switching is refused)"
+            )
+        i += 1
+
+
+def upstream_parameters(params: dict[str, str], default_database: str) -> dict[str, str]:
+    """Parameters to send upstream: the client's harmless ones and its database, never its user."""
+    if "replication" in params and params["replication"].lower() not in ("false", "off", "no", "0"):
+        raise StartupRefusedError("dbward: replication connections are not allowed")
+    out: dict[str, str] = {}
+    for name, value in params.items():
+        lowered = _guc_name(name)
+        if lowered in ("user", "replication", "database"):
+            continue
+        if lowered in _REFUSED:
+            raise StartupRefusedError(
+                f"dbward: startup parameter '{name}' is not allowed (role switching is refused)"
+            )
+        if name.startswith("_pq_."):
+            continue  # protocol extensions dbward does not negotiate
+        if not _NAME.match(name):
+            raise StartupRefusedError(f"invalid startup parameter name {name!r}")
+        if lowered == "options":
+            _check_options(value)
+        out[name] = value
+    out["database"] = params.get("database") or default_database
+    return out

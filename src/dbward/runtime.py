@@ -1,0 +1,111 @@
+"""Composition root: the one place that picks concrete backends and wires them together."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Callable
+
+from dbward.audit.sqlite import SqliteAuditSink
+from dbward.config.model import Config
+from dbward.identity.local import LocalAuthenticator
+from dbward.relay.services import CancelRegistry, ListenerServices
+from dbward.server.listener import PgListener
+from dbward.server.tls import server_context, upstream_context
+from dbward.sql.postgres import PostgresClassifier
+
+log = logging.getLogger("dbward")
+
+
+class Runtime:
+    """A running dbward: the audit sink and every listener."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.audit = SqliteAuditSink(config.audit.path, max_delay_ms=config.audit.max_delay_ms)
+        self.listeners: list[PgListener] = []
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> None:
+        """Open the audit log, then bind every listener (fail early on any error)."""
+        self.audit.start(asyncio.get_running_loop())
+        classifier = PostgresClassifier()
+        authenticator = LocalAuthenticator(self.config.users)
+        try:
+            for settings in self.config.listeners:
+                services = ListenerServices(
+                    settings=settings,
+                    audit_settings=self.config.audit,
+                    audit=self.audit,
+                    classifier=classifier,
+                    authenticator=authenticator,
+                    client_tls=server_context(settings.tls),
+                    upstream_tls=upstream_context(settings.upstream.tls),
+                    cancels=CancelRegistry(settings.cancel_rate_per_s),
+                )
+                listener = PgListener(services)
+                await listener.start()
+                self.listeners.append(listener)
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def stop(self) -> None:
+        """Drain every listener, then flush and close the audit log."""
+        await asyncio.gather(
+            *(listener.drain(self.config.shutdown_grace_s) for listener in self.listeners)
+        )
+        await self.audit.close()
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        """Block until stop() has completed."""
+        await self._stopped.wait()
+
+
+def configure_logging(level: str) -> None:
+    """Plain, single-line logs on stderr."""
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def install_event_loop_policy() -> None:
+    """Use uvloop where available: it halves the per-message cost of the relay."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a hard dependency on Linux
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def run_until_stopped(config: Config, *, ready: Callable[[], None] | None = None) -> int:
+    """Serve until SIGINT/SIGTERM, then drain and exit 0 (used by `serve` and `demo`)."""
+    install_event_loop_policy()
+
+    async def main() -> int:
+        runtime = Runtime(config)
+        await runtime.start()
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        for listener in runtime.listeners:
+            log.info(
+                "listening: %s -> %s",
+                ", ".join(listener.bound_addresses()),
+                listener.services.settings.upstream.host,
+            )
+        if ready is not None:
+            ready()
+        await stop.wait()
+        log.info("shutting down: draining sessions (grace %ss)", config.shutdown_grace_s)
+        await runtime.stop()
+        log.info("audit log flushed; bye")
+        return 0
+
+    return asyncio.run(main())

@@ -1,0 +1,62 @@
+"""Start listeners, drain them on shutdown: the socket-facing half of the runtime."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from dbward.relay.postgres import PgSession
+from dbward.relay.services import ListenerServices
+
+log = logging.getLogger("dbward.server")
+
+
+class PgListener:
+    """One listening socket serving PostgreSQL clients."""
+
+    def __init__(self, services: ListenerServices) -> None:
+        self.services = services
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        """Bind and start accepting connections."""
+        settings = self.services.settings
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: PgSession(self.services),
+            host=settings.listen_host,
+            port=settings.listen_port,
+            reuse_address=True,
+            backlog=1024,
+        )
+        log.info("listener %s: PostgreSQL on %s", settings.name, self.bound_addresses())
+
+    def bound_addresses(self) -> list[str]:
+        """Addresses actually bound (useful with port 0)."""
+        if self._server is None:
+            return []
+        out = []
+        for sock in self._server.sockets:
+            host, port = sock.getsockname()[:2]
+            out.append(f"{host}:{port}")
+        return out
+
+    @property
+    def port(self) -> int:
+        """The bound port."""
+        assert self._server is not None and self._server.sockets
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def drain(self, grace_s: float) -> None:
+        """Refuse new connections, let in-flight work finish, then end every session."""
+        self.services.draining = True
+        if self._server is not None:
+            self._server.close()
+        for session in list(self.services.sessions):
+            session.request_shutdown()
+        deadline = asyncio.get_running_loop().time() + grace_s
+        while self.services.sessions and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        for session in list(self.services.sessions):
+            session.force_close()
+        await asyncio.sleep(0)

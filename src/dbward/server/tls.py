@@ -1,0 +1,48 @@
+"""TLS contexts for the client side (dbward as server) and the upstream side (as client)."""
+
+from __future__ import annotations
+
+import ssl
+
+from dbward.config.model import ClientTlsSettings, UpstreamTlsSettings
+from dbward.core.errors import ConfigError
+
+
+def server_context(settings: ClientTlsSettings) -> ssl.SSLContext | None:
+    """The context offered to clients, or None when the listener has TLS disabled."""
+    if settings.mode == "disabled":
+        return None
+    assert settings.cert_file is not None and settings.key_file is not None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(str(settings.cert_file), str(settings.key_file))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"tls.cert_file/tls.key_file: cannot load {settings.cert_file}: {exc}"
+        ) from None
+    return context
+
+
+def upstream_context(settings: UpstreamTlsSettings) -> ssl.SSLContext | None:
+    """The context for connecting to the database, following libpq's sslmode semantics."""
+    if settings.mode == "disable":
+        return None
+    if settings.mode == "verify-full":
+        assert settings.ca_file is not None
+        try:
+            context = ssl.create_default_context(cafile=str(settings.ca_file))
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                f"upstream.tls.ca_file: cannot load {settings.ca_file}: {exc}"
+            ) from None
+        context.check_hostname = True
+        context.verify_mode = ssl.CERT_REQUIRED
+    else:
+        # prefer/require encrypt without verifying the server, exactly as libpq does; use
+        # verify-full to be protected against an active attacker.
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context

@@ -1,0 +1,273 @@
+"""Open an authenticated connection to the upstream PostgreSQL with the service credentials."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import cast
+
+from dbward.config.model import UpstreamSettings
+from dbward.core.errors import AuthenticationFailed, DbwardError, ProtocolError
+from dbward.wire.postgres import messages
+from dbward.wire.postgres.scram import ScramClient, md5_password
+
+_MAX_STARTUP_FRAME = 1024 * 1024
+
+
+class UpstreamError(DbwardError):
+    """The database refused the connection; carries its ErrorResponse to relay to the client."""
+
+    def __init__(self, message: str, *, sqlstate: str, frame: bytes | None = None) -> None:
+        super().__init__(message, sqlstate=sqlstate)
+        self.frame = frame  # the upstream's own ErrorResponse, relayed as-is when present
+
+
+class UpstreamProtocol(asyncio.Protocol):
+    """Socket callbacks for the upstream side; during startup it buffers, then it forwards."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+        self._waiter: asyncio.Future[None] | None = None
+        self._closed: Exception | None = None
+        # Set by the session once the connection is ready; hot-path callbacks.
+        self.on_data: Callable[[bytes], None] | None = None
+        self.on_lost: Callable[[Exception | None], None] | None = None
+        self.on_pause: Callable[[], None] | None = None
+        self.on_resume: Callable[[], None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        on_data = self.on_data
+        if on_data is not None:
+            on_data(data)
+            return
+        self._buffer += data
+        self._wake()
+
+    def eof_received(self) -> bool | None:
+        return None  # let the transport close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = exc or ConnectionResetError("upstream closed the connection")
+        self._wake()
+        if self.on_lost is not None:
+            self.on_lost(exc)
+
+    def pause_writing(self) -> None:
+        if self.on_pause is not None:
+            self.on_pause()
+
+    def resume_writing(self) -> None:
+        if self.on_resume is not None:
+            self.on_resume()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def _wait(self) -> None:
+        if self._closed is not None:
+            raise UpstreamError(
+                "the database closed the connection during startup", sqlstate="08006"
+            )
+        self._waiter = asyncio.get_running_loop().create_future()
+        await self._waiter
+        self._waiter = None
+
+    async def read_byte(self) -> int:
+        """One raw byte (the answer to SSLRequest)."""
+        while not self._buffer:
+            await self._wait()
+        value = self._buffer[0]
+        del self._buffer[0]
+        return value
+
+    async def read_message(self) -> tuple[int, bytes, bytes]:
+        """One backend message as (type, payload, raw frame) during startup."""
+        while True:
+            if len(self._buffer) >= 5:
+                length = int.from_bytes(self._buffer[1:5], "big")
+                if length < 4 or length > _MAX_STARTUP_FRAME:
+                    raise ProtocolError(f"upstream sent a frame with invalid length {length}")
+                if len(self._buffer) >= length + 1:
+                    raw = bytes(self._buffer[: length + 1])
+                    del self._buffer[: length + 1]
+                    return raw[0], raw[5:], raw
+            await self._wait()
+
+    def take_buffered(self) -> bytes:
+        """Bytes that arrived after ReadyForQuery, handed to the relay."""
+        data = bytes(self._buffer)
+        self._buffer.clear()
+        return data
+
+
+@dataclass
+class UpstreamConnection:
+    """A ready upstream session: its transport, what to relay, and its cancel key."""
+
+    transport: asyncio.Transport
+    protocol: UpstreamProtocol
+    startup_frames: list[bytes] = field(default_factory=list)  # ParameterStatus/Notice, raw
+    ready_frame: bytes = b""  # the ReadyForQuery that ended startup
+    backend_pid: int = 0
+    backend_key: bytes = b""
+    server_params: dict[str, str] = field(default_factory=dict)
+    tls: bool = False
+
+
+async def _open_socket(settings: UpstreamSettings) -> tuple[asyncio.Transport, UpstreamProtocol]:
+    loop = asyncio.get_running_loop()
+    if settings.is_unix_socket:
+        path = f"{settings.host.rstrip('/')}/.s.PGSQL.{settings.port}"
+        transport, protocol = await loop.create_unix_connection(UpstreamProtocol, path)
+    else:
+        transport, protocol = await loop.create_connection(
+            UpstreamProtocol, settings.host, settings.port
+        )
+    return transport, protocol
+
+
+async def _negotiate_tls(
+    transport: asyncio.Transport,
+    protocol: UpstreamProtocol,
+    settings: UpstreamSettings,
+    context: ssl.SSLContext | None,
+) -> tuple[asyncio.Transport, bool]:
+    if context is None or settings.is_unix_socket:
+        return transport, False
+    transport.write(messages.ssl_request())
+    answer = await protocol.read_byte()
+    if answer == ord("S"):
+        if protocol._buffer:
+            # Bytes after 'S' and before the handshake would be injected plaintext (CVE-2021-23222).
+            raise ProtocolError("upstream sent unencrypted data after accepting SSLRequest")
+        loop = asyncio.get_running_loop()
+        hostname = settings.host if settings.tls.mode == "verify-full" else None
+        new_transport = await loop.start_tls(transport, protocol, context, server_hostname=hostname)
+        protocol.transport = cast(asyncio.Transport, new_transport)
+        return protocol.transport, True
+    if answer == ord("N"):
+        if settings.tls.mode in ("require", "verify-full"):
+            raise UpstreamError(
+                f"the database does not accept TLS but upstream.tls.mode is {settings.tls.mode}",
+                sqlstate="08001",
+            )
+        return transport, False
+    raise ProtocolError(f"unexpected answer {answer!r} to SSLRequest from upstream")
+
+
+async def connect_upstream(
+    settings: UpstreamSettings,
+    params: dict[str, str],
+    context: ssl.SSLContext | None,
+    password: str | None,
+) -> UpstreamConnection:
+    """Connect, negotiate TLS, authenticate as the service user and wait for ReadyForQuery."""
+    transport, protocol = await _open_socket(settings)
+    try:
+        transport, tls = await _negotiate_tls(transport, protocol, settings, context)
+        startup = {"user": settings.user, **params}
+        transport.write(messages.startup_message(startup))
+        conn = UpstreamConnection(transport=transport, protocol=protocol, tls=tls)
+        scram: ScramClient | None = None
+        while True:
+            msg_type, payload, raw = await protocol.read_message()
+            if msg_type == ord("R"):
+                scram = _answer_auth(transport, payload, settings.user, password, scram)
+            elif msg_type == ord("S"):
+                name, value = messages.parse_parameter_status(payload)
+                conn.server_params[name] = value
+                conn.startup_frames.append(raw)
+            elif msg_type == ord("K"):
+                conn.backend_pid, conn.backend_key = messages.parse_backend_key_data(payload)
+            elif msg_type == ord("N"):
+                conn.startup_frames.append(raw)
+            elif msg_type == ord("Z"):
+                conn.ready_frame = raw
+                return conn
+            elif msg_type == ord("E"):
+                fields = messages.parse_error_fields(payload)
+                raise UpstreamError(
+                    f"the database refused the connection: {fields.get('M', '')}",
+                    sqlstate=fields.get("C", "08006"),
+                    frame=raw,
+                )
+            else:
+                raise ProtocolError(
+                    f"unexpected message {chr(msg_type)!r} from upstream at startup"
+                )
+    except BaseException:
+        transport.abort()
+        raise
+
+
+def _answer_auth(
+    transport: asyncio.Transport,
+    payload: bytes,
+    user: str,
+    password: str | None,
+    scram: ScramClient | None,
+) -> ScramClient | None:
+    code, data = messages.parse_authentication(payload)
+    if code == 0:  # AuthenticationOk
+        return scram
+    if password is None and code in (3, 5, 10):
+        raise UpstreamError(
+            "the database asks for a password but the upstream has no password_env/password_file",
+            sqlstate="28P01",
+        )
+    assert password is not None or code not in (3, 5, 10)
+    if code == 3:  # cleartext
+        assert password is not None
+        transport.write(messages.password_message(password))
+        return scram
+    if code == 5:  # md5
+        assert password is not None
+        transport.write(messages.password_message(md5_password(user, password, data[:4])))
+        return scram
+    if code == 10:  # SASL
+        assert password is not None
+        mechanisms = [m for m in data.split(b"\x00") if m]
+        if b"SCRAM-SHA-256" not in mechanisms:
+            raise UpstreamError(
+                f"the database offers no supported SASL mechanism ({mechanisms!r})",
+                sqlstate="28000",
+            )
+        scram = ScramClient(password)
+        transport.write(messages.sasl_initial_response("SCRAM-SHA-256", scram.client_first()))
+        return scram
+    if code == 11:  # SASL continue
+        if scram is None:
+            raise ProtocolError("SASLContinue without SASL")
+        transport.write(messages.sasl_response(scram.client_final(data)))
+        return scram
+    if code == 12:  # SASL final
+        if scram is None:
+            raise ProtocolError("SASLFinal without SASL")
+        try:
+            scram.verify_server_final(data)
+        except AuthenticationFailed as exc:
+            raise UpstreamError(
+                f"upstream SCRAM verification failed: {exc}", sqlstate="28000"
+            ) from None
+        return scram
+    raise UpstreamError(f"unsupported upstream authentication request {code}", sqlstate="28000")
+
+
+async def send_cancel(settings: UpstreamSettings, pid: int, key: bytes) -> None:
+    """Send a CancelRequest to the database on a fresh connection (best effort)."""
+    try:
+        transport, _protocol = await asyncio.wait_for(_open_socket(settings), timeout=5)
+    except (OSError, TimeoutError):
+        return
+    # PostgreSQL accepts a plaintext CancelRequest even where TLS is preferred.
+    transport.write(messages.cancel_request(pid, key))
+    await asyncio.sleep(0)
+    transport.close()
