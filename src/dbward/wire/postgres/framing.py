@@ -1,0 +1,289 @@
+"""Sans-IO framing of the PostgreSQL v3 byte streams: split into messages, scan without copying."""
+
+from __future__ import annotations
+
+import struct
+from typing import Final
+
+from dbward.core.errors import ProtocolError
+
+__all__ = [
+    "BACKEND_TYPES",
+    "CANCEL_REQUEST_CODE",
+    "FRONTEND_TYPES",
+    "GSSENC_REQUEST_CODE",
+    "MAX_STARTUP_PACKET_LENGTH",
+    "PROTOCOL_3_0",
+    "SSL_REQUEST_CODE",
+    "BackendFramer",
+    "BackendScanner",
+    "FrontendFramer",
+]
+
+SSL_REQUEST_CODE: Final = 80877103
+GSSENC_REQUEST_CODE: Final = 80877104
+CANCEL_REQUEST_CODE: Final = 80877102
+PROTOCOL_3_0: Final = 196608
+# PostgreSQL refuses longer startup packets (MAX_STARTUP_PACKET_LENGTH in pqcomm.h).
+MAX_STARTUP_PACKET_LENGTH: Final = 10000
+_CANCEL_REQUEST_LENGTH: Final = 16
+_SPECIAL_MAJOR: Final = 1234  # major half of the SSL/GSSENC/cancel request codes
+
+FRONTEND_TYPES: Final = frozenset(b"QPBEDCHSXdcfFp")
+BACKEND_TYPES: Final = frozenset(b"RKSZTDCENAGHWdc123ntIsVv")
+
+_DATA_ROW: Final = ord("D")
+_COPY_DATA: Final = ord("d")
+# Backend messages whose body the relay needs; others are reported without copying the body.
+_PAYLOAD_TYPES: Final = frozenset(b"CENZSKRAGHWv")
+
+_U32: Final = struct.Struct("!I")
+_TYPE_LENGTH: Final = struct.Struct("!BI")
+
+
+class FrontendFramer:
+    """Split the client-to-proxy byte stream into whole messages.
+
+    The plain attribute `startup` tells whether the next message is a startup-phase packet (no
+    type byte). The framer clears it itself after a StartupMessage (so the relay setting it to
+    False again is harmless) and leaves it set after SSLRequest/GSSENCRequest/CancelRequest.
+    Anything framed or buffered after an SSLRequest that the relay answers with 'S' is
+    plaintext injected before the TLS handshake (CVE-2021-23214) and must be refused.
+    """
+
+    __slots__ = ("_buf", "_need", "max_message_bytes", "startup")
+
+    def __init__(self, max_message_bytes: int = 256 * 1024 * 1024, *, startup: bool = True) -> None:
+        self.max_message_bytes = max_message_bytes
+        self.startup = startup
+        self._buf = bytearray()
+        # Bytes the buffer must hold before the head frame is complete (0: header not seen yet);
+        # lets a large message arrive in many small feeds without rescanning the buffer.
+        self._need = 0
+
+    @property
+    def pending_bytes(self) -> int:
+        """Size of the buffered incomplete tail."""
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> list[tuple[int, bytes, bytes]]:
+        """Add bytes; return every complete message as (type byte or 0, payload, raw frame)."""
+        buf = self._buf
+        buf += data
+        size = len(buf)
+        if size < self._need:
+            return []
+        self._need = 0
+        out: list[tuple[int, bytes, bytes]] = []
+        pos = 0
+        unpack = _U32.unpack_from
+        with memoryview(buf) as view:
+            while True:
+                if self.startup:
+                    if size - pos < 8:
+                        # The code word is needed to validate the packet, so wait for it.
+                        break
+                    length = unpack(buf, pos)[0]
+                    code = unpack(buf, pos + 4)[0]
+                    self._check_startup(length, code)
+                    end = pos + length
+                    if end > size:
+                        self._need = length
+                        break
+                    raw = view[pos:end].tobytes()
+                    out.append((0, raw[4:], raw))
+                    pos = end
+                    if code >> 16 != _SPECIAL_MAJOR:
+                        # After the StartupMessage every message carries a type byte; after an
+                        # SSL/GSSENC request refused with 'N' another startup packet follows.
+                        self.startup = False
+                    continue
+                if size - pos < 5:
+                    break
+                msg_type = buf[pos]
+                if msg_type not in FRONTEND_TYPES:
+                    raise ProtocolError(f"invalid frontend message type {_type_repr(msg_type)}")
+                length = unpack(buf, pos + 1)[0]
+                if length < 4:
+                    raise ProtocolError(f"invalid message length {length}")
+                if length - 3 > self.max_message_bytes:
+                    raise ProtocolError(
+                        f"message of {length - 3} bytes exceeds the limit "
+                        f"of {self.max_message_bytes}"
+                    )
+                end = pos + 1 + length
+                if end > size:
+                    self._need = end - pos
+                    break
+                raw = view[pos:end].tobytes()
+                out.append((msg_type, raw[5:], raw))
+                pos = end
+        if pos:
+            # One compaction per feed; bytearray deletes from the front without moving much.
+            del buf[:pos]
+        return out
+
+    def _check_startup(self, length: int, code: int) -> None:
+        if length < 8:
+            raise ProtocolError(f"invalid startup packet length {length}")
+        if length > MAX_STARTUP_PACKET_LENGTH:
+            raise ProtocolError(f"startup packet of {length} bytes is too long")
+        if code == CANCEL_REQUEST_CODE:
+            if length != _CANCEL_REQUEST_LENGTH:
+                raise ProtocolError(f"invalid cancel request length {length}")
+        elif code in (SSL_REQUEST_CODE, GSSENC_REQUEST_CODE):
+            if length != 8:
+                raise ProtocolError(f"invalid encryption request length {length}")
+        elif code >> 16 == _SPECIAL_MAJOR:
+            raise ProtocolError(f"unsupported startup request code {code}")
+        elif code >> 16 != 3:
+            raise ProtocolError(
+                f"unsupported frontend protocol {code >> 16}.{code & 0xFFFF}: server supports 3.0"
+            )
+        # A startup packet shorter than the protocol word plus a terminator cannot be valid.
+        elif length < 9:
+            raise ProtocolError("startup packet has no parameters terminator")
+
+
+class BackendFramer:
+    """Split the upstream-to-proxy byte stream into whole messages (authentication phase, tests).
+
+    The relay's hot path uses BackendScanner instead; this one copies every message.
+    """
+
+    __slots__ = ("_buf", "_need", "max_message_bytes")
+
+    def __init__(self, max_message_bytes: int = 1024 * 1024 * 1024) -> None:
+        self.max_message_bytes = max_message_bytes
+        self._buf = bytearray()
+        self._need = 0
+
+    @property
+    def pending_bytes(self) -> int:
+        """Size of the buffered incomplete tail."""
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> list[tuple[int, bytes, bytes]]:
+        """Add bytes; return every complete message as (type byte, payload, raw frame)."""
+        buf = self._buf
+        buf += data
+        size = len(buf)
+        if size < self._need:
+            return []
+        self._need = 0
+        out: list[tuple[int, bytes, bytes]] = []
+        pos = 0
+        unpack = _U32.unpack_from
+        with memoryview(buf) as view:
+            while size - pos >= 5:
+                msg_type = buf[pos]
+                if msg_type not in BACKEND_TYPES:
+                    raise ProtocolError(f"invalid backend message type {_type_repr(msg_type)}")
+                length = unpack(buf, pos + 1)[0]
+                if length < 4:
+                    raise ProtocolError(f"invalid message length {length}")
+                if length + 1 > self.max_message_bytes:
+                    raise ProtocolError(f"backend message of {length + 1} bytes is too large")
+                end = pos + 1 + length
+                if end > size:
+                    self._need = end - pos
+                    break
+                raw = view[pos:end].tobytes()
+                out.append((msg_type, raw[5:], raw))
+                pos = end
+        if pos:
+            del buf[:pos]
+        return out
+
+
+class BackendScanner:
+    """Watch the upstream-to-proxy stream: pass bytes through, report every non-row message.
+
+    DataRow and CopyData frames may be split across feeds and are forwarded as they arrive
+    (constant memory for huge results); any other frame is held back until it is complete so the
+    relay can replace it whole.
+    """
+
+    __slots__ = ("_hold", "_need", "_skip", "max_message_bytes")
+
+    def __init__(self, max_message_bytes: int = 1024 * 1024 * 1024) -> None:
+        self.max_message_bytes = max_message_bytes
+        self._hold = bytearray()  # incomplete header or incomplete non-data frame
+        self._need = 0  # size _hold must reach before the held frame is complete
+        self._skip = 0  # body bytes of a split DataRow/CopyData still to pass through
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes held back, waiting for the rest of their frame."""
+        return len(self._hold)
+
+    @property
+    def at_boundary(self) -> bool:
+        """True when everything forwarded so far ends on a message boundary."""
+        return not self._hold and not self._skip
+
+    def feed(self, data: bytes) -> tuple[bytes, list[tuple[int, int, int, bytes | None]]]:
+        """Add upstream bytes; return (bytes to forward now, events for complete messages)."""
+        events: list[tuple[int, int, int, bytes | None]] = []
+        n = len(data)
+        pos = 0
+        skip = self._skip
+        if skip:
+            if skip >= n:
+                self._skip = skip - n
+                return data, events
+            pos = skip
+            self._skip = 0
+        hold = self._hold
+        if hold:
+            if len(hold) + n < self._need:
+                hold += data
+                return b"", events
+            # The held bytes precede `data`, so offsets are relative to their concatenation.
+            hold += data
+            buf = bytes(hold)
+            hold.clear()
+            n = len(buf)
+        else:
+            buf = data
+        self._need = 0
+        unpack = _TYPE_LENGTH.unpack_from
+        payload_types = _PAYLOAD_TYPES
+        backend_types = BACKEND_TYPES
+        limit = self.max_message_bytes
+        last = n - 5  # a header fits only while pos <= last
+        while pos <= last:
+            msg_type, length = unpack(buf, pos)
+            end = pos + 1 + length
+            # Fast path (almost every frame of a large result): a whole DataRow/CopyData.
+            if (msg_type == 68 or msg_type == 100) and length >= 4 and end <= n:  # noqa: PLR1714
+                pos = end
+                continue
+            if length < 4:
+                raise ProtocolError(f"invalid message length {length}")
+            if msg_type == 68 or msg_type == 100:  # noqa: PLR1714
+                # A split row: forward what we have, pass the rest through on later feeds.
+                self._skip = end - n
+                return buf, events
+            if msg_type not in backend_types:
+                raise ProtocolError(f"invalid backend message type {_type_repr(msg_type)}")
+            if length + 1 > limit:
+                raise ProtocolError(f"backend message of {length + 1} bytes is too large")
+            if end > n:
+                self._need = length + 1
+                break
+            events.append(
+                (msg_type, pos, end, buf[pos + 5 : end] if msg_type in payload_types else None)
+            )
+            pos = end
+        if pos >= n:
+            return buf, events
+        # Hold back the incomplete tail: a partial header or a partial non-data frame.
+        hold += buf[pos:]
+        return buf[:pos], events
+
+
+def _type_repr(msg_type: int) -> str:
+    """Render a type byte for an error message without echoing control characters."""
+    ch = chr(msg_type)
+    return repr(ch) if ch.isprintable() and msg_type < 128 else f"0x{msg_type:02x}"

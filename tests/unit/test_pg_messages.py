@@ -1,0 +1,403 @@
+"""Message bodies: build -> frame -> parse round trips, and malformed bodies."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from dbward.core.errors import ProtocolError
+from dbward.wire.postgres import messages as m
+from dbward.wire.postgres.framing import BackendFramer, FrontendFramer
+
+NO_NUL = st.text(max_size=40).map(lambda s: s.replace("\x00", ""))
+NAME = st.text(max_size=12).map(lambda s: s.replace("\x00", ""))
+
+
+def frame_one_frontend(raw: bytes, *, chunk: int = 3) -> tuple[int, bytes]:
+    framer = FrontendFramer(startup=raw[:1] in (b"\x00",))
+    got = []
+    for i in range(0, len(raw), chunk):
+        got += framer.feed(raw[i : i + chunk])
+    assert len(got) == 1 and got[0][2] == raw and framer.pending_bytes == 0
+    return got[0][0], got[0][1]
+
+
+def frame_one_backend(raw: bytes) -> tuple[int, bytes]:
+    framer = BackendFramer()
+    got = framer.feed(raw)
+    assert len(got) == 1 and got[0][2] == raw
+    return got[0][0], got[0][1]
+
+
+# --------------------------------------------------------------------------------------------
+# Frontend round trips
+# --------------------------------------------------------------------------------------------
+
+
+@given(
+    st.dictionaries(
+        st.text(min_size=1, max_size=10).map(lambda s: s.replace("\x00", "x")), NO_NUL, max_size=64
+    )
+)
+def test_startup_round_trip(params: dict[str, str]) -> None:
+    raw = m.startup_message(params)
+    framer = FrontendFramer()
+    ((msg_type, payload, _),) = framer.feed(raw)
+    assert msg_type == 0
+    parsed = m.parse_startup_packet(payload)
+    assert parsed == m.StartupMessage(196608, params)
+
+
+def test_special_startup_packets() -> None:
+    assert m.parse_startup_packet(m.ssl_request()[4:]) == m.SSLRequest()
+    assert m.parse_startup_packet(m.gssenc_request()[4:]) == m.GSSENCRequest()
+    cancel = m.parse_startup_packet(m.cancel_request(1234, b"\xff\x00\x01\x02")[4:])
+    assert cancel == m.CancelRequest(1234, b"\xff\x00\x01\x02")
+
+
+@given(NO_NUL, st.sampled_from(["utf-8", "latin-1"]))
+def test_query_round_trip(text: str, encoding: str) -> None:
+    try:
+        raw = m.query(text, encoding)
+    except UnicodeEncodeError:
+        return
+    msg_type, payload = frame_one_frontend(raw)
+    assert msg_type == ord("Q")
+    assert m.parse_query(payload, encoding) == text
+
+
+@given(NAME, NO_NUL, st.lists(st.integers(0, 2**32 - 1), max_size=20))
+def test_parse_round_trip(name: str, text: str, oids: list[int]) -> None:
+    msg_type, payload = frame_one_frontend(m.parse_message(name, text, oids))
+    assert msg_type == ord("P")
+    assert m.parse_parse(payload) == m.ParseMsg(name, text, tuple(oids))
+
+
+@given(
+    NAME,
+    NAME,
+    st.lists(st.one_of(st.none(), st.binary(max_size=20)), max_size=10),
+    st.sampled_from(["none", "one", "each"]),
+    st.lists(st.integers(0, 1), max_size=3),
+)
+def test_bind_round_trip(
+    portal: str, stmt: str, params: list[bytes | None], mode: str, rf: list[int]
+) -> None:
+    pf = {"none": [], "one": [1], "each": [0] * len(params)}[mode]
+    raw = m.bind_message(portal, stmt, params, param_formats=pf, result_formats=rf)
+    msg_type, payload = frame_one_frontend(raw)
+    assert msg_type == ord("B")
+    assert m.parse_bind(payload) == m.BindMsg(portal, stmt)
+
+
+def test_bind_accepts_more_than_32767_params() -> None:
+    raw = m.bind_message("", "s", [None] * 40000)
+    assert m.parse_bind(raw[5:]) == m.BindMsg("", "s")
+
+
+@given(st.sampled_from(["S", "P"]), NAME)
+def test_describe_and_close_round_trip(kind: Any, name: str) -> None:
+    msg_type, payload = frame_one_frontend(m.describe_message(kind, name))
+    assert msg_type == ord("D")
+    assert m.parse_describe(payload) == m.DescribeMsg(kind, name)
+    msg_type, payload = frame_one_frontend(m.close_message(kind, name))
+    assert msg_type == ord("C")
+    assert m.parse_close(payload) == m.CloseMsg(kind, name)
+
+
+@given(NAME, st.integers(-(2**31), 2**31 - 1))
+def test_execute_round_trip(portal: str, max_rows: int) -> None:
+    msg_type, payload = frame_one_frontend(m.execute_message(portal, max_rows))
+    assert msg_type == ord("E")
+    assert m.parse_execute(payload) == m.ExecuteMsg(portal, max_rows)
+
+
+@given(st.integers(0, 2**32 - 1), st.lists(st.one_of(st.none(), st.binary(max_size=10))))
+def test_function_call_round_trip(oid: int, args: list[bytes | None]) -> None:
+    msg_type, payload = frame_one_frontend(m.function_call_message(oid, args))
+    assert msg_type == ord("F")
+    assert m.parse_function_call(payload) == oid
+
+
+@given(NAME, st.one_of(st.none(), st.binary(max_size=100)))
+def test_sasl_initial_response_round_trip(mech: str, data: bytes | None) -> None:
+    msg_type, payload = frame_one_frontend(m.sasl_initial_response(mech, data))
+    assert msg_type == ord("p")
+    assert m.parse_sasl_initial_response(payload) == (mech, data)
+
+
+@given(NO_NUL)
+def test_password_and_copy_fail_round_trip(text: str) -> None:
+    assert m.parse_password(frame_one_frontend(m.password_message(text))[1]) == text
+    assert m.parse_copy_fail(frame_one_frontend(m.copy_fail(text))[1]) == text
+
+
+def test_fixed_frontend_messages() -> None:
+    assert frame_one_frontend(m.sync()) == (ord("S"), b"")
+    assert frame_one_frontend(m.flush()) == (ord("H"), b"")
+    assert frame_one_frontend(m.terminate()) == (ord("X"), b"")
+    assert m.sasl_response(b"abc") == b"p\x00\x00\x00\x07abc"
+
+
+def test_builders_reject_embedded_nul() -> None:
+    with pytest.raises(ValueError):
+        m.query("select 1\x00; drop table x")
+    with pytest.raises(ValueError):
+        m.startup_message({"user": "a\x00b"})
+    with pytest.raises(ValueError):
+        m.startup_message({"": "x"})
+
+
+# --------------------------------------------------------------------------------------------
+# Backend round trips
+# --------------------------------------------------------------------------------------------
+
+
+def test_authentication_messages() -> None:
+    assert m.parse_authentication(frame_one_backend(m.authentication_ok())[1]) == (0, b"")
+    assert m.parse_authentication(m.authentication_cleartext()[5:]) == (3, b"")
+    assert m.parse_authentication(m.authentication_md5(b"salt")[5:]) == (5, b"salt")
+    code, data = m.parse_authentication(m.authentication_sasl(["SCRAM-SHA-256", "X"])[5:])
+    assert code == 10 and m.parse_sasl_mechanisms(data) == ["SCRAM-SHA-256", "X"]
+    assert m.parse_authentication(m.authentication_sasl_continue(b"r=a")[5:]) == (11, b"r=a")
+    assert m.parse_authentication(m.authentication_sasl_final(b"v=b")[5:]) == (12, b"v=b")
+
+
+def test_authentication_malformed() -> None:
+    for bad in (b"", b"\x00\x00", b"\x00\x00\x00\x05abc", b"\x00\x00\x00\x00x"):
+        with pytest.raises(ProtocolError):
+            m.parse_authentication(bad)
+    with pytest.raises(ProtocolError):
+        m.parse_authentication(b"\x00\x00\x00\x0aSCRAM-SHA-256\x00")  # no list terminator
+
+
+@given(NAME.filter(bool), NO_NUL)
+def test_parameter_status_round_trip(name: str, value: str) -> None:
+    msg_type, payload = frame_one_backend(m.parameter_status(name, value))
+    assert msg_type == ord("S")
+    assert m.parse_parameter_status(payload) == (name, value)
+
+
+@given(st.integers(-(2**31), 2**31 - 1), st.binary(min_size=4, max_size=256))
+def test_backend_key_data_round_trip(pid: int, key: bytes) -> None:
+    assert m.parse_backend_key_data(frame_one_backend(m.backend_key_data(pid, key))[1]) == (
+        pid,
+        key,
+    )
+
+
+@pytest.mark.parametrize("key", [b"", b"abc", b"x" * 257])
+def test_backend_key_data_bad_key(key: bytes) -> None:
+    with pytest.raises(ProtocolError):
+        m.parse_backend_key_data(struct.pack("!i", 1) + key)
+    with pytest.raises(ValueError):
+        m.backend_key_data(1, key)
+
+
+def test_ready_for_query() -> None:
+    for status in (b"I", b"T", b"E"):
+        assert m.parse_ready_for_query(frame_one_backend(m.ready_for_query(status))[1]) == status
+    for bad in (b"", b"X", b"II"):
+        with pytest.raises(ProtocolError):
+            m.parse_ready_for_query(bad)
+    with pytest.raises(ValueError):
+        m.ready_for_query(b"Q")
+
+
+@given(NO_NUL, st.one_of(st.none(), st.text(max_size=20)), st.one_of(st.none(), NO_NUL))
+def test_error_response_round_trip(message: str, detail: str | None, hint: str | None) -> None:
+    raw = m.error_response("ERROR", "42501", message, detail=detail, hint=hint)
+    msg_type, payload = frame_one_backend(raw)
+    assert msg_type == ord("E")
+    fields = m.parse_error_fields(payload)
+    assert fields["S"] == fields["V"] == "ERROR"
+    assert fields["C"] == "42501"
+    assert fields["M"] == message
+    if detail is not None:
+        # NUL cannot travel inside a field, so builders replace it.
+        assert fields["D"] == detail.replace("\x00", "\ufffd")
+    assert fields.get("H") == hint
+
+
+def test_error_response_fatal_and_notice() -> None:
+    fields = m.parse_error_fields(m.error_response("ERROR", "28P01", "x", fatal=True)[5:])
+    assert fields["S"] == "FATAL"
+    raw = m.notice_response("WARNING", "01000", "careful")
+    assert raw[:1] == b"N"
+    assert m.parse_error_fields(raw[5:])["S"] == "WARNING"
+    with pytest.raises(ValueError):
+        m.error_response("ERROR", "4250", "bad sqlstate")
+
+
+def test_error_fields_tolerant_decoding_and_unknown_codes() -> None:
+    payload = b"SERROR\x00Zfuture\x00M\xff\xfe bad\x00\x00"
+    fields = m.parse_error_fields(payload)
+    assert fields["Z"] == "future"
+    assert fields["M"].endswith(" bad") and "\ufffd" in fields["M"]
+    for bad in (b"", b"SERROR\x00", b"SERROR", b"SERROR\x00\x00x"):
+        with pytest.raises(ProtocolError):
+            m.parse_error_fields(bad)
+
+
+@pytest.mark.parametrize(
+    ("tag", "rows"),
+    [
+        ("SELECT 5", 5),
+        ("INSERT 0 3", 3),
+        ("UPDATE 2", 2),
+        ("DELETE 0", 0),
+        ("COPY 10", 10),
+        ("MERGE 1", 1),
+        ("FETCH 3", 3),
+        ("MOVE 1", 1),
+        ("CREATE TABLE", None),
+        ("BEGIN", None),
+        ("SELECT", None),
+        ("SELECT \uff15", None),
+        ("", None),
+    ],
+)
+def test_command_complete(tag: str, rows: int | None) -> None:
+    assert m.parse_command_complete(frame_one_backend(m.command_complete(tag))[1]) == (tag, rows)
+
+
+def test_command_complete_malformed() -> None:
+    for bad in (b"", b"SELECT 1", b"SELECT 1\x00x"):
+        with pytest.raises(ProtocolError):
+            m.parse_command_complete(bad)
+
+
+def test_negotiate_protocol_version() -> None:
+    raw = m.negotiate_protocol_version(0, ["_pq_.x"])
+    assert raw == b"v" + struct.pack("!Iii", 4 + 8 + 7, 0, 1) + b"_pq_.x\x00"
+
+
+# --------------------------------------------------------------------------------------------
+# Malformed frontend bodies
+# --------------------------------------------------------------------------------------------
+
+
+def startup_body(rest: bytes, protocol: int = 196608) -> bytes:
+    return struct.pack("!I", protocol) + rest
+
+
+@pytest.mark.parametrize(
+    ("payload", "match"),
+    [
+        (startup_body(b"user\x00a\x00"), "terminated"),  # no final terminator
+        (startup_body(b"user\x00a"), "terminated"),
+        (startup_body(b"user\x00a\x00user\x00b\x00\x00"), "duplicate"),
+        (startup_body(b"user\x00a\x00\x00x"), "trailing"),
+        (startup_body(b"user\x00\xff\x00\x00"), "utf-8"),
+        (startup_body(b"\x00", 3 << 16 | 2), r"3\.2"),
+        (startup_body(b"\x00", 2 << 16), r"2\.0"),
+        (startup_body(b""), "terminated"),
+        (b"\x00\x03", "truncated"),
+        (struct.pack("!II", 80877103, 1), "trailing"),
+        (struct.pack("!Ii", 80877102, 1) + b"abc", "cancel key"),
+    ],
+)
+def test_startup_malformed(payload: bytes, match: str) -> None:
+    with pytest.raises(ProtocolError, match=match):
+        m.parse_startup_packet(payload)
+
+
+def test_startup_empty_key_terminates_so_value_is_trailing() -> None:
+    # An empty key is the list terminator, so a value after it is trailing garbage.
+    with pytest.raises(ProtocolError):
+        m.parse_startup_packet(startup_body(b"\x00x\x00\x00"))
+
+
+def test_startup_too_many_params() -> None:
+    body = b"".join(b"k%d\x00v\x00" % i for i in range(65)) + b"\x00"
+    with pytest.raises(ProtocolError, match="more than 64"):
+        m.parse_startup_packet(startup_body(body))
+    body = b"".join(b"k%d\x00v\x00" % i for i in range(64)) + b"\x00"
+    startup = m.parse_startup_packet(startup_body(body))
+    assert isinstance(startup, m.StartupMessage) and len(startup.params) == 64
+
+
+@pytest.mark.parametrize(
+    ("parser", "payload"),
+    [
+        (m.parse_query, b"select 1"),
+        (m.parse_query, b"select 1\x00\x00"),
+        (m.parse_query, b"\xff\x00"),
+        (m.parse_parse, b"name\x00select 1"),
+        (m.parse_parse, b"name\x00select 1\x00"),
+        (m.parse_parse, b"name\x00select 1\x00\x00\x02\x00\x00\x00\x17"),
+        (m.parse_parse, b"name\x00select 1\x00\x00\x00extra"),
+        (m.parse_bind, b"p\x00"),
+        (m.parse_bind, b"p\x00s\x00"),
+        (m.parse_bind, b"p\x00s\x00\x00\x00\x00\x01"),
+        (m.parse_bind, b"p\x00s\x00\x00\x00\x00\x01\x00\x00\x00\x05ab\x00\x00"),
+        (m.parse_bind, b"p\x00s\x00\x00\x00\x00\x01\xff\xff\xff\xfe\x00\x00"),
+        (m.parse_bind, b"p\x00s\x00\x00\x02\x00\x00\x00\x00"),
+        (m.parse_bind, b"p\x00s\x00\x00\x02\x00\x00\x00\x00\x00\x00\x00\x00"),  # 2 fmts, 0 params
+        (m.parse_bind, b"p\x00s\x00\x00\x00\x00\x00\x00\x00x"),
+        (m.parse_describe, b"X\x00"),
+        (m.parse_describe, b"S"),
+        (m.parse_describe, b""),
+        (m.parse_close, b"Pname"),
+        (m.parse_execute, b"p\x00\x00\x00"),
+        (m.parse_execute, b"p\x00\x00\x00\x00\x00\x00"),
+        (m.parse_function_call, b"\x00\x00\x00"),
+        (m.parse_function_call, b"\x00\x00\x00\x01\x00\x00\x00\x00"),
+        (m.parse_sasl_initial_response, b"SCRAM-SHA-256\x00\x00\x00\x00\x05abc"),
+        (m.parse_sasl_initial_response, b"SCRAM-SHA-256\x00\xff\xff\xff\xfe"),
+        (m.parse_sasl_initial_response, b"SCRAM-SHA-256\x00\xff\xff\xff\xffx"),
+        (m.parse_sasl_initial_response, b"SCRAM-SHA-256"),
+        (m.parse_password, b"secret"),
+        (m.parse_copy_fail, b""),
+    ],
+)
+def test_frontend_malformed(parser: Callable[[bytes], object], payload: bytes) -> None:
+    with pytest.raises(ProtocolError):
+        parser(payload)
+
+
+ALL_PARSERS: list[Callable[[bytes], object]] = [
+    m.parse_startup_packet,
+    m.parse_query,
+    m.parse_parse,
+    m.parse_bind,
+    m.parse_describe,
+    m.parse_execute,
+    m.parse_close,
+    m.parse_function_call,
+    m.parse_sasl_initial_response,
+    m.parse_password,
+    m.parse_copy_fail,
+    m.parse_authentication,
+    m.parse_sasl_mechanisms,
+    m.parse_error_fields,
+    m.parse_command_complete,
+    m.parse_backend_key_data,
+    m.parse_ready_for_query,
+    m.parse_parameter_status,
+]
+
+
+@pytest.mark.parametrize("parser", ALL_PARSERS, ids=lambda p: p.__name__)
+@given(data=st.binary(max_size=200))
+def test_parsers_raise_only_protocol_error(parser: Callable[[bytes], object], data: bytes) -> None:
+    try:
+        parser(data)
+    except ProtocolError:
+        pass
+
+
+@pytest.mark.parametrize("parser", ALL_PARSERS, ids=lambda p: p.__name__)
+@given(data=st.binary(max_size=60), prefix=st.sampled_from([b"", b"\x00\x03\x00\x00", b"S", b"P"]))
+def test_parsers_structured_garbage(
+    parser: Callable[[bytes], object], data: bytes, prefix: bytes
+) -> None:
+    try:
+        parser(prefix + data)
+    except ProtocolError:
+        pass
