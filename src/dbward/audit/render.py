@@ -1,0 +1,102 @@
+"""Terminal-safe rendering of audit records: escaped text, rich tables and JSON lines."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from datetime import UTC, datetime
+
+from rich.table import Table
+from rich.text import Text
+
+from dbward.audit.records import AuditRecord
+
+__all__ = ["escape_text", "format_ts", "record_json", "records_table"]
+
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape_char(ch: str) -> str:
+    named = _NAMED.get(ch)
+    if named is not None:
+        return named
+    code = ord(ch)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    if code < 0x10000:
+        return f"\\u{code:04x}"
+    return f"\\U{code:08x}"
+
+
+def escape_text(value: str) -> str:
+    """Client text made safe for a terminal: one line, no control sequences.
+
+    Everything `str.isprintable` rejects is escaped: C0/C1 controls and ESC (\\xNN), newlines,
+    bidi overrides and zero-width characters (Cf), line separators, lone surrogates
+    (undecodable bytes) and unassigned code points. Backslashes are left alone, so the
+    result is for reading, not for parsing back.
+    """
+    if value.isprintable():
+        return value
+    return "".join(ch if ch.isprintable() else _escape_char(ch) for ch in value)
+
+
+def format_ts(ts_ms: int) -> str:
+    """UTC ISO 8601 with milliseconds, e.g. 2024-05-01T12:00:00.123Z."""
+    dt = datetime.fromtimestamp(ts_ms / 1000.0, tz=UTC)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ts_ms % 1000:03d}Z"
+
+
+def _truncate(value: str, width: int) -> str:
+    return value if len(value) <= width else value[: width - 1] + "…"
+
+
+def _status(rec: AuditRecord) -> str:
+    if rec.status and rec.sqlstate:
+        return f"{rec.status} {rec.sqlstate}"
+    return rec.status or rec.sqlstate
+
+
+def records_table(records: list[AuditRecord], *, sql_width: int = 80) -> Table:
+    """A rich Table of records. Cells are Text objects, so client text is never markup."""
+    table = Table(show_lines=False, highlight=False, pad_edge=False)
+    for name, justify in (
+        ("seq", "right"),
+        ("time (UTC)", "left"),
+        ("event", "left"),
+        ("identity", "left"),
+        ("session", "left"),
+        ("kind", "left"),
+        ("decision", "left"),
+        ("status", "left"),
+        ("rows", "right"),
+        ("ms", "right"),
+        ("sql", "left"),
+    ):
+        table.add_column(name, justify=justify, overflow="fold")  # type: ignore[arg-type]
+    for rec in records:
+        sql = escape_text(rec.sql_text) if rec.sql_text else escape_text(rec.detail)
+        cells = (
+            str(rec.seq),
+            format_ts(rec.ts_ms),
+            str(rec.event),
+            rec.identity,
+            rec.session_id[:8],
+            rec.kind,
+            rec.decision,
+            _status(rec),
+            "" if rec.rows is None else str(rec.rows),
+            "" if rec.duration_ms is None else f"{rec.duration_ms:.1f}",
+            _truncate(sql, sql_width),
+        )
+        table.add_row(*(Text(escape_text(c)) for c in cells))
+    return table
+
+
+def record_json(rec: AuditRecord) -> str:
+    """One JSON line with every field. ASCII-only, so control bytes arrive as \\u escapes."""
+    data = dataclasses.asdict(rec)
+    data["event"] = str(rec.event)
+    data["tables"] = list(rec.tables)
+    data["time"] = format_ts(rec.ts_ms)
+    return json.dumps(data, ensure_ascii=True, separators=(",", ":"))

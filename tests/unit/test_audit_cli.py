@@ -1,0 +1,171 @@
+"""The `dbward audit tail` and `dbward audit search` commands."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from dbward.audit.records import AuditEvent, AuditRecord
+from dbward.audit.sqlite import SqliteAuditSink
+from dbward.cli.audit import TimeParam, audit_group
+
+NOW = int(time.time() * 1000)
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    path = tmp_path / "audit.db"
+    records = [
+        AuditRecord(
+            event=AuditEvent.STATEMENT,
+            ts_ms=NOW - 3 * 3_600_000,  # 3 h ago
+            session_id="aaaaaaaa-1111",
+            identity="alice",
+            kind="read",
+            tables=("users",),
+            sql_text="SELECT * FROM users",
+            decision="allow",
+        ),
+        AuditRecord(
+            event=AuditEvent.STATEMENT,
+            ts_ms=NOW - 60_000,  # 1 min ago
+            session_id="bbbbbbbb-2222",
+            identity="bob",
+            kind="write",
+            tables=("orders",),
+            sql_text="DELETE FROM orders;\n\x1b[31m[red]pwned[/red]",
+            decision="deny",
+        ),
+        AuditRecord(
+            event=AuditEvent.OUTCOME,
+            ts_ms=NOW - 30_000,
+            session_id="bbbbbbbb-2222",
+            identity="bob",
+            status="error",
+            sqlstate="42501",
+            rows=0,
+            duration_ms=0.5,
+        ),
+    ]
+
+    async def main() -> None:
+        sink = SqliteAuditSink(path)
+        sink.start()
+        for r in records:
+            sink.append(r)
+        await sink.close()
+
+    asyncio.run(main())
+    return path
+
+
+def invoke(*args: str) -> tuple[int, str, str]:
+    runner = CliRunner()
+    result = runner.invoke(audit_group, list(args), env={"COLUMNS": "250"})
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_tail_table(db: Path) -> None:
+    code, out, _ = invoke("tail", "--audit-db", str(db))
+    assert code == 0, out
+    assert "SELECT * FROM users" in out
+    assert "DELETE FROM orders;\\n\\x1b[31m[red]pwned[/red]" in out
+    assert "\x1b" not in out
+    assert "error 42501" in out
+    assert "aaaaaaaa" in out
+    assert "aaaaaaaa-1111" not in out
+
+
+def test_tail_json(db: Path) -> None:
+    code, out, _ = invoke("tail", "-n", "2", "--json", "--audit-db", str(db))
+    assert code == 0
+    lines = out.splitlines()
+    assert len(lines) == 2
+    data = [json.loads(line) for line in lines]
+    assert [d["seq"] for d in data] == [2, 3]
+    assert data[0]["sql_text"].endswith("[red]pwned[/red]")
+    assert data[0]["tables"] == ["orders"]
+    assert "\x1b" not in out
+
+
+def test_audit_db_from_env(db: Path) -> None:
+    runner = CliRunner()
+    result = runner.invoke(audit_group, ["tail", "--json"], env={"DBWARD_AUDIT_DB": str(db)})
+    assert result.exit_code == 0
+    assert len(result.stdout.splitlines()) == 3
+
+
+def test_search_filters(db: Path) -> None:
+    def seqs(*args: str) -> list[int]:
+        code, out, err = invoke("search", "--json", "--audit-db", str(db), *args)
+        assert code == 0, err
+        return [json.loads(line)["seq"] for line in out.splitlines()]
+
+    assert seqs() == [1, 2, 3]
+    assert seqs("--identity", "bob") == [2, 3]
+    assert seqs("--session", "bbbbbbbb") == [2, 3]
+    assert seqs("--kind", "write") == [2]
+    assert seqs("--table", "users") == [1]
+    assert seqs("--event", "outcome") == [3]
+    assert seqs("--since", "2h") == [2, 3]
+    assert seqs("--until", "2h") == [1]
+    assert seqs("--since", "45s") == [3]
+    assert seqs("--limit", "1") == [3]
+    iso = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime((NOW - 7_200_000) / 1000))
+    assert seqs("--since", iso) == [2, 3]
+
+
+def test_search_table_output_and_no_match(db: Path) -> None:
+    code, out, _ = invoke("search", "--identity", "alice", "--audit-db", str(db))
+    assert code == 0
+    assert "SELECT * FROM users" in out
+    assert "DELETE" not in out
+    code, out, _ = invoke("search", "--identity", "zed", "--audit-db", str(db))
+    assert code == 0
+    assert "no matching audit records" in out
+
+
+def test_invalid_since_names_option(db: Path) -> None:
+    code, _, err = invoke("search", "--since", "yesterday-ish", "--audit-db", str(db))
+    assert code == 2
+    assert "--since" in err
+    assert "ISO 8601" in err
+
+
+def test_missing_db_exits_2(tmp_path: Path) -> None:
+    code, _, err = invoke("tail", "--audit-db", str(tmp_path / "missing.db"))
+    assert code == 2
+    assert "does not exist" in err
+
+
+def test_foreign_db_exits_2(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.db"
+    bad.write_text("not sqlite" * 100)
+    code, _, err = invoke("search", "--audit-db", str(bad))
+    assert code == 2
+    assert "not a dbward audit log" in err
+
+
+def test_db_source_required(tmp_path: Path) -> None:
+    code, _, err = invoke("tail")
+    assert code == 2
+    assert "--audit-db" in err
+    code, _, err = invoke("tail", "--audit-db", "x.db", "--config", "y.yaml")
+    assert code == 2
+
+
+def test_time_param() -> None:
+    param = TimeParam(now_ms=lambda: 10_000_000_000)
+    assert param.convert("15m", None, None) == 10_000_000_000 - 900_000
+    assert param.convert("1d", None, None) == 10_000_000_000 - 86_400_000
+    assert param.convert("1970-01-01T00:00:01Z", None, None) == 1000
+    assert param.convert("1970-01-01T01:00:00+01:00", None, None) == 0
+    assert param.convert("1970-01-01 00:00:02", None, None) == 2000  # naive means UTC
+    with pytest.raises(click.BadParameter):
+        param.convert("15 parsecs", None, None)
