@@ -1,0 +1,215 @@
+"""`dbward demo` end to end: embedded PostgreSQL, sample data, psql via the proxy, clean stop."""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from fixtures.ports import free_port
+
+DBWARD = Path(sys.executable).parent / "dbward"
+PSQL = shutil.which("psql")
+CONNECT_RE = re.compile(r'^connect: psql "(postgresql://[^"]+)"$')
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+class Demo:
+    """A `dbward demo` subprocess whose output is read on a thread."""
+
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [str(DBWARD), "demo", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            env=_env(),
+        )
+        self.lines: list[str] = []
+        self._q: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._q.put(line.rstrip("\n"))
+        self._q.put(None)
+
+    def wait_for(self, pattern: re.Pattern[str], timeout: float = 60) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self._q.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if line is None:
+                break
+            self.lines.append(line)
+            m = pattern.match(line)
+            if m:
+                return m
+        self.stop()
+        pytest.fail(f"no line matching {pattern.pattern!r}; output:\n{self.output()}")
+
+    def output(self) -> str:
+        while True:
+            try:
+                line = self._q.get_nowait()
+            except queue.Empty:
+                break
+            if line is not None:
+                self.lines.append(line)
+        return "\n".join(self.lines)
+
+    def interrupt(self, timeout: float = 60) -> int:
+        self.proc.send_signal(signal.SIGINT)
+        return self.proc.wait(timeout=timeout)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _postgres_pids_for(pgdata: Path) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if cmdline and cmdline[0].endswith(b"postgres") and str(pgdata).encode() in cmdline:
+            pids.append(int(entry.name))
+    return pids
+
+
+def _psql(url: str, sql: str) -> str:
+    assert PSQL is not None
+    proc = subprocess.run(
+        [PSQL, url, "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=30,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
+
+
+def _run_demo_once(state: Path, port: int) -> tuple[str, float]:
+    started = time.monotonic()
+    demo = Demo("--port", str(port), "--state-dir", str(state))
+    try:
+        url = demo.wait_for(CONNECT_RE).group(1)
+        elapsed = time.monotonic() - started
+        assert _psql(url, "select count(*) from customers") == "1000", demo.output()
+        assert sum(1 for line in demo.output().splitlines() if line.startswith("connect:")) == 1
+        assert f"audit log: {state / 'audit.db'}" in demo.output()
+        rc = demo.interrupt()
+    finally:
+        demo.stop()
+    assert rc == 0, demo.output()
+    assert _postgres_pids_for(state / "pgdata") == [], "embedded PostgreSQL still running"
+    return url, elapsed
+
+
+@pytest.mark.skipif(PSQL is None, reason="psql not installed")
+def test_demo_runs_and_reuses_state(tmp_path: Path) -> None:
+    state = tmp_path / "demo-state"
+    url1, first = _run_demo_once(state, free_port())
+    version = (state / "pgdata" / "PG_VERSION").stat()
+    url2, second = _run_demo_once(state, free_port())
+    # Same generated password and the same cluster (not re-initialised) on the second run.
+    assert url1.split("@")[0] == url2.split("@")[0]
+    assert (state / "pgdata" / "PG_VERSION").stat().st_ino == version.st_ino
+    assert second < 20, f"second start took {second:.1f}s (first {first:.1f}s)"
+    for name in ("upstream-password", "demo-passwords", "dbward.yaml"):
+        assert (state / name).stat().st_mode & 0o077 == 0, name
+    # The upstream password never appears in the config or the output.
+    secret = (state / "upstream-password").read_text().strip()
+    assert secret not in (state / "dbward.yaml").read_text()
+
+
+def test_demo_busy_port_exits_2(tmp_path: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        proc = subprocess.run(
+            [str(DBWARD), "demo", "--port", str(port), "--state-dir", str(tmp_path / "s")],
+            check=False,
+            capture_output=True,
+            text=True,
+            env=_env(),
+            timeout=60,
+        )
+    assert proc.returncode == 2
+    assert "already in use" in proc.stderr
+    assert not (tmp_path / "s" / "pgdata").exists()  # fails before touching anything
+
+
+@pytest.mark.skipif(PSQL is None, reason="psql not installed")
+def test_demo_prepare_only_provisions_upstream(tmp_path: Path) -> None:
+    """Everything up to the proxy start: the service role logs in over the unix socket."""
+    state = tmp_path / "st"
+    for _ in range(2):  # the second run reuses pgdata and data
+        port = str(free_port())
+        proc = subprocess.run(
+            [str(DBWARD), "demo", "--prepare-only", "--state-dir", str(state), "--port", port],
+            check=False,
+            capture_output=True,
+            text=True,
+            env=_env(),
+            timeout=90,
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert _postgres_pids_for(state / "pgdata") == []
+    import yaml
+
+    upstream = yaml.safe_load((state / "dbward.yaml").read_text())["listeners"][0]["upstream"]
+    password = Path(upstream["password_file"]).read_text()
+    assert password not in proc.stdout + proc.stderr
+    # Start it again directly to query it as the proxy would.
+    from dbward.demo.embedded import EmbeddedPostgres
+
+    pg = EmbeddedPostgres(state / "pgdata")
+    pg.start()
+    try:
+        conninfo = pg.conninfo("shop", upstream["user"], password)
+        assert _psql(conninfo, "select count(*) from customers") == "1000"
+        assert _psql(conninfo, "select count(*) from orders") == "5000"
+        assert _psql(conninfo, "select current_user") == "dbward_svc"
+        bad = subprocess.run(
+            [str(PSQL), pg.conninfo("shop", upstream["user"], "wrong"), "-X", "-c", "select 1"],
+            check=False,
+            capture_output=True,
+            text=True,
+            env=_env(),
+        )
+        assert bad.returncode != 0 and "password authentication failed" in bad.stderr
+    finally:
+        pg.stop()
+    assert _postgres_pids_for(state / "pgdata") == []
