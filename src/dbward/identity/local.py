@@ -17,11 +17,13 @@ _MECHANISM = "SCRAM-SHA-256"
 class _ScramExchange:
     """SCRAM-SHA-256 over the PostgreSQL SASL messages for one login attempt."""
 
-    def __init__(self, identity: Identity | None, verifier: ScramVerifier | None) -> None:
+    def __init__(
+        self, user: str, identity: Identity | None, verifier: ScramVerifier | None
+    ) -> None:
         self._identity = identity
-        # An unknown user still gets a full exchange against a fake verifier, so a client
-        # cannot tell "no such user" from "wrong password".
-        self._server = ScramServer(verifier)
+        # An unknown user still gets a full exchange against a fake verifier (with a salt
+        # stable per name), so a client cannot tell "no such user" from "wrong password".
+        self._server = ScramServer(verifier, username=user)
         self._step = 0
 
     def start(self) -> bytes:
@@ -58,5 +60,5 @@ class LocalAuthenticator:
     def begin(self, user: str, *, tls: bool) -> AuthExchange:
         found = self._users.get(user)
         if found is None:
-            return _ScramExchange(None, None)
-        return _ScramExchange(found[0], found[1])
+            return _ScramExchange(user, None, None)
+        return _ScramExchange(user, found[0], found[1])

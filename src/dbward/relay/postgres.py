@@ -151,6 +151,7 @@ class PgSession(asyncio.Protocol):
         self._shutdown_requested = False
         self._upstream_lost_reported = False
         self._client_paused_for_upstream = False
+        self._connect_audited = False
 
     # ------------------------------------------------------------------ asyncio callbacks
 
@@ -218,7 +219,8 @@ class PgSession(asyncio.Protocol):
                 )
             self._close_upstream()
         self._release()
-        self._audit(AuditEvent.DISCONNECT, detail=f"statements={self._statement_count}")
+        if self._connect_audited:  # a bare TCP probe (health check, port scan) leaves no trace
+            self._audit(AuditEvent.DISCONNECT, detail=f"statements={self._statement_count}")
 
     def pause_writing(self) -> None:
         # The client reads slower than the database sends: stop reading the upstream.
@@ -309,6 +311,7 @@ class PgSession(asyncio.Protocol):
         if encoding is not None:
             self._set_encoding(encoding)
         self._audit(AuditEvent.CONNECT, identity=user)
+        self._connect_audited = True
         identity = await self._authenticate(user)
         self.identity = identity
         self._context = SessionContext(

@@ -1,0 +1,81 @@
+"""psql through dbward: queries, multi-statement strings, \\copy both ways, audit records."""
+
+from __future__ import annotations
+
+from fixtures.proxy import Proxy
+
+from fixtures.clients import app_name, has_disconnect, outcome_of, run_psql, statements
+
+
+def test_psql_queries_are_relayed_and_audited(proxy: Proxy) -> None:
+    app = app_name("psql")
+    result = run_psql(
+        proxy.dsn(application_name=app),
+        "CREATE TABLE IF NOT EXISTS psql_t (id int primary key, name text)",
+        "TRUNCATE psql_t",
+        "INSERT INTO psql_t VALUES (1, 'a'), (2, 'b')",
+        "SELECT id, name FROM psql_t ORDER BY id",
+        "SELECT 1; SELECT 2",
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["1|a", "2|b", "1", "2"]
+    records = proxy.session_records(app, until=has_disconnect)
+    intents = statements(records)
+    assert [s.command for s in intents] == [
+        "CREATE TABLE",
+        "TRUNCATE",
+        "INSERT",
+        "SELECT",
+        "SELECT",
+        "SELECT",
+    ]
+    assert {s.identity for s in records} == {"alice"}
+    assert all(s.decision == "allow" and s.path == "simple" for s in intents)
+    assert [s.kind for s in intents[:4]] == ["ddl", "ddl", "write", "read"]
+    insert = intents[2]
+    assert insert.tables == ("psql_t",)
+    assert outcome_of(records, insert).rows == 2
+    assert outcome_of(records, insert).status == "ok"
+    assert outcome_of(records, intents[3]).rows == 2
+    # one psql run is one connection: connect, auth_ok, statements and outcomes, disconnect
+    events = [r.event for r in records]
+    assert events[:2] == ["connect", "auth_ok"] and events[-1] == "disconnect"
+    assert events.count("statement") == events.count("outcome") == 6
+    assert records[-1].detail == "statements=6"
+
+
+def test_psql_copy_both_ways(proxy: Proxy, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    app = app_name("psql-copy")
+    data = tmp_path / "in.csv"
+    data.write_text("".join(f"{i},name {i}\n" for i in range(1, 1001)))
+    out = tmp_path / "out.csv"
+    result = run_psql(
+        proxy.dsn(application_name=app),
+        "CREATE TABLE IF NOT EXISTS copy_t (id int, name text)",
+        "TRUNCATE copy_t",
+        f"\\copy copy_t FROM '{data}' WITH (FORMAT csv)",
+        f"\\copy (SELECT * FROM copy_t ORDER BY id) TO '{out}' WITH (FORMAT csv)",
+        "SELECT count(*), sum(id) FROM copy_t",
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[-1] == "1000|500500"
+    assert out.read_text() == data.read_text()
+    records = proxy.session_records(app, until=has_disconnect)
+    copies = [s for s in statements(records) if s.command == "COPY"]
+    assert [c.path for c in copies] == ["copy", "copy"]
+    assert [c.kind for c in copies] == ["write", "read"]
+    assert [outcome_of(records, c).rows for c in copies] == [1000, 1000]
+
+
+def test_psql_error_is_relayed_unchanged(proxy: Proxy) -> None:
+    app = app_name("psql-err")
+    result = run_psql(proxy.dsn(application_name=app), "SELECT * FROM no_such_table")
+    assert 'relation "no_such_table" does not exist' in result.stderr
+    direct = run_psql(proxy.pg.dsn(), "SELECT * FROM no_such_table")
+    assert result.stderr.replace(str(proxy.port), "") == direct.stderr.replace(
+        str(proxy.pg.port), ""
+    )
+    records = proxy.session_records(app, until=has_disconnect)
+    (intent,) = statements(records)
+    assert outcome_of(records, intent).sqlstate == "42P01"
+    assert outcome_of(records, intent).status == "error"
