@@ -87,18 +87,20 @@ class _Tracked:
 class _Op:
     """One response the upstream owes us, with what to do when it arrives."""
 
-    __slots__ = ("code", "index", "replacement", "tracked")
+    __slots__ = ("code", "index", "max_rows", "replacement", "tracked")
 
     def __init__(
         self,
         code: int,
         tracked: list[_Tracked] | None = None,
         replacement: bytes | None = None,
+        max_rows: int = 0,
     ) -> None:
         self.code = code
         self.tracked = tracked
         self.index = 0  # next statement of a multi-statement Query
         self.replacement = replacement  # our ErrorResponse for a poison statement
+        self.max_rows = max_rows  # Execute's row limit: PortalSuspended means exactly this many
 
 
 def _denial_frame(decision: Decision) -> bytes:
@@ -594,7 +596,7 @@ class PgSession(asyncio.Protocol):
                     ),
                 )
             )
-            return self._handle_execute(statements, raw, out)
+            return self._handle_execute(statements, execute.max_rows, raw, out)
         if msg_type == _S:
             self._ops.append(_Op(_OP_SYNC))
             out.append(raw)
@@ -710,7 +712,7 @@ class PgSession(asyncio.Protocol):
         return None
 
     def _handle_execute(
-        self, statements: tuple[Statement, ...], raw: bytes, out: list[bytes]
+        self, statements: tuple[Statement, ...], max_rows: int, raw: bytes, out: list[bytes]
     ) -> tuple[asyncio.Future[int], tuple[bytes, bytes]] | None:
         decided, denial = self._decide_all(statements, ProtocolPath.EXTENDED)
         try:
@@ -727,7 +729,7 @@ class PgSession(asyncio.Protocol):
             # PostgreSQL skips to Sync after an error; so do we, forwarding nothing more.
             self._discard_until_sync = True
             return None
-        self._ops.append(_Op(_OP_EXECUTE, tracked))
+        self._ops.append(_Op(_OP_EXECUTE, tracked, max_rows=max_rows))
         if durable is not None:
             return durable, (raw, poison)
         out.append(raw)
@@ -845,9 +847,10 @@ class PgSession(asyncio.Protocol):
                 op = ops[0]
                 if op.code == _OP_EXECUTE:
                     ops.popleft()
-                    status = "suspended" if msg_type == 0x73 else "empty"
+                    suspended = msg_type == 0x73
+                    rows = op.max_rows if suspended else 0
                     for item in op.tracked or ():
-                        self._record_outcome(item, status, "")
+                        self._record_outcome(item, "suspended" if suspended else "empty", "", rows)
             return None
         if msg_type == 0x47:  # CopyInResponse
             self._in_copy_in = True

@@ -1,0 +1,122 @@
+"""Built-in guards through real clients: each denial, hidden or prepared, keeps the session."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+
+from fixtures.clients import app_name, has_disconnect, outcome_of, run_psql, statements
+from fixtures.proxy import Proxy
+
+DENIED = [
+    ("SET ROLE postgres", "guard.role_switch"),
+    ("SET SESSION AUTHORIZATION postgres", "guard.role_switch"),
+    ("RESET ROLE", "guard.role_switch"),
+    ("SELECT set_config('role', 'postgres', false)", "guard.role_switch"),
+    ("COPY (SELECT 1) TO PROGRAM 'id'", "guard.copy_program"),
+    ("COPY pg_class FROM '/etc/passwd'", "guard.copy_file"),
+    ("COPY (SELECT 1) TO '/tmp/dbward-should-not-exist'", "guard.copy_file"),
+    ("SELEKT 1 FROM", "guard.unparseable"),
+]
+
+
+@pytest.mark.parametrize(("sql", "rule"), DENIED)
+def test_guard_denies_simple_query_and_session_continues(proxy: Proxy, sql: str, rule: str) -> None:
+    app = app_name("guard")
+    with psycopg.connect(**proxy.conninfo(application_name=app), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege) as info:
+            conn.execute(sql.encode(), prepare=False)  # bytes: psycopg sends it as simple Query
+        assert info.value.sqlstate == "42501"
+        assert str(info.value).startswith("dbward:")
+        assert conn.execute(b"SELECT current_user").fetchone() == (proxy.pg.service_user,)
+    records = proxy.session_records(app, until=has_disconnect)
+    denied = [s for s in statements(records) if s.decision == "deny"]
+    assert len(denied) == 1 and denied[0].rule == rule
+    assert outcome_of(records, denied[0]).status == "denied"
+
+
+def test_guard_hidden_in_multi_statement_string(proxy: Proxy) -> None:
+    app = app_name("guard-multi")
+    result = run_psql(
+        proxy.dsn(application_name=app),
+        "CREATE TEMP TABLE smuggle (x int); SELECT 1; SET ROLE postgres;"
+        " INSERT INTO smuggle VALUES (1)",
+        "SELECT count(*) FROM pg_tables WHERE tablename = 'smuggle'",
+        "SELECT current_user",
+    )
+    assert "guard" not in result.stderr  # the reason, not internals
+    assert "changing role or session authorization is not allowed" in result.stderr
+    # nothing of the denied string ran, and the session carried on
+    assert result.stdout.split() == ["0", proxy.pg.service_user]
+    records = proxy.session_records(app, until=has_disconnect)
+    first = statements(records)[:4]
+    assert [s.command for s in first] == ["CREATE TABLE", "SELECT", "SET", "INSERT"]
+    assert {outcome_of(records, s).status for s in first} == {"denied"}
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "/* ; */ SET ROLE postgres",
+        "select 1;set role postgres;--",
+        "SELECT pg_catalog.set_config('ROLE', 'postgres', true)",
+        "WITH x AS (SELECT set_config('role', 'postgres', false)) SELECT * FROM x",
+        "SeT SeSsIoN AuThOrIzAtIoN DEFAULT",
+    ],
+)
+def test_comment_and_case_tricks_are_denied(proxy: Proxy, sql: str) -> None:
+    with psycopg.connect(**proxy.conninfo(), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute(sql.encode(), prepare=False)
+        assert conn.execute(b"SELECT current_user").fetchone() == (proxy.pg.service_user,)
+
+
+def test_string_literals_that_look_dangerous_are_allowed(proxy: Proxy) -> None:
+    with psycopg.connect(**proxy.conninfo(), autocommit=True) as conn:
+        row = conn.execute(
+            b"SELECT $$;SET ROLE postgres$$, E'\\';SET ROLE x', current_setting('role')",
+            prepare=False,
+        ).fetchone()
+        assert row == (";SET ROLE postgres", "';SET ROLE x", "none")
+
+
+def test_guard_in_extended_protocol_with_parameters(proxy: Proxy) -> None:
+    app = app_name("guard-ext")
+    with psycopg.connect(**proxy.conninfo(application_name=app), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("SELECT set_config(%s, %s, false)", ("role", "postgres"))
+        # the named guard checks a constant GUC name; a computed one is also denied
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("SELECT set_config(lower(%s), 'postgres', false)", ("ROLE",))
+        assert conn.execute("SELECT %s::int + 1", (41,)).fetchone() == (42,)
+    records = proxy.session_records(app, until=has_disconnect)
+    denied = [s for s in statements(records) if s.decision == "deny"]
+    assert [s.path for s in denied] == ["extended", "extended"]
+
+
+def test_prepared_statement_is_rechecked_at_every_execute(proxy: Proxy) -> None:
+    """A server-side prepared statement is decided at each Execute, not once at Parse."""
+    app = app_name("guard-prep")
+    with psycopg.connect(
+        **proxy.conninfo(application_name=app), autocommit=True, prepare_threshold=0
+    ) as conn:
+        for _ in range(3):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute("SELECT set_config('role', %s, false)", ("postgres",))
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+    records = proxy.session_records(app, until=has_disconnect)
+    denied = [s for s in statements(records) if s.decision == "deny"]
+    assert len(denied) == 3
+
+
+def test_denial_inside_transaction_aborts_it_like_postgres(proxy: Proxy) -> None:
+    """The denied statement fails the transaction block exactly as a PostgreSQL error would."""
+    with psycopg.connect(**proxy.conninfo()) as conn:
+        conn.execute("CREATE TEMP TABLE tx (x int)")
+        conn.execute("INSERT INTO tx VALUES (1)")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute(b"SET ROLE postgres", prepare=False)
+        with pytest.raises(psycopg.errors.InFailedSqlTransaction):
+            conn.execute("SELECT 1")
+        conn.rollback()
+        assert conn.execute("SELECT 1").fetchone() == (1,)
