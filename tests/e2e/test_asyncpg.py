@@ -32,7 +32,8 @@ def test_prepared_statements_and_binary_codecs(proxy: Proxy) -> None:
         conn = await _connect(proxy, app)
         try:
             stmt = await conn.prepare(
-                "SELECT $1::int + 1, $2::text, $3::numeric, $4::uuid, $5::timestamptz, $6::jsonb, $7::int[]"
+                "SELECT $1::int + 1, $2::text, $3::numeric, $4::uuid,"
+                " $5::timestamptz, $6::jsonb, $7::int[]"
             )
             when = datetime.datetime(2026, 11, 26, 12, 0, tzinfo=datetime.UTC)
             ident = uuid.uuid4()

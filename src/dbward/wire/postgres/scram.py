@@ -40,7 +40,7 @@ _KEY_BYTES: Final = 32
 _GS2_NO_BINDING: Final = b"n,,"
 
 
-class InvalidVerifier(ValueError):  # noqa: N818 - name fixed by the callers
+class InvalidVerifier(ValueError):
     """A stored SCRAM verifier string is malformed (configuration error)."""
 
 
