@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from fixtures.proxy import Proxy
-
 from fixtures.clients import app_name, has_disconnect, outcome_of, run_psql, statements
+from fixtures.proxy import Proxy
 
 
 def test_psql_queries_are_relayed_and_audited(proxy: Proxy) -> None:

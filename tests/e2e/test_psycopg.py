@@ -7,6 +7,7 @@ import time
 
 import psycopg
 import pytest
+
 from fixtures.clients import app_name, has_disconnect, outcome_of, statements
 from fixtures.proxy import Proxy
 
