@@ -47,6 +47,8 @@ log = logging.getLogger("dbward.session")
 # A statement PostgreSQL rejects at parse time, sent in place of a denied one.
 _POISON_SQL = "DBWARD_POLICY_DENIED"
 _POISON_STATEMENT = "__dbward_denied__"  # named, so the client's unnamed statement survives
+_POISON_QUERY = messages.query(_POISON_SQL)
+_POISON_PARSE = messages.parse_message(_POISON_STATEMENT, _POISON_SQL)
 
 # Kinds whose intent must be durable before forwarding when durability is "strict".
 _DURABLE_KINDS = frozenset(
@@ -154,6 +156,7 @@ class PgSession(asyncio.Protocol):
         self._upstream_lost_reported = False
         self._client_paused_for_upstream = False
         self._connect_audited = False
+        self._claimed_user = ""
 
     # ------------------------------------------------------------------ asyncio callbacks
 
@@ -214,11 +217,7 @@ class PgSession(asyncio.Protocol):
             if self._ops and was_ready:
                 # The client left mid-query: cancel it upstream so it does not run on alone.
                 self._finish_pending("cancelled", "57014")
-                asyncio.get_running_loop().create_task(
-                    send_cancel(
-                        self.services.settings.upstream, upstream.backend_pid, upstream.backend_key
-                    )
-                )
+                self._cancel_upstream()
             self._close_upstream()
         self._release()
         if self._connect_audited:  # a bare TCP probe (health check, port scan) leaves no trace
@@ -254,7 +253,12 @@ class PgSession(asyncio.Protocol):
             log.info("session %s: authentication failed: %s", self.session_id, exc.message)
             self._fatal("28P01", "password authentication failed")
         except StartupRefusedError as exc:
-            self._audit(AuditEvent.PROTOCOL_ERROR, reason=exc.message, sqlstate=exc.sqlstate)
+            self._audit(
+                AuditEvent.PROTOCOL_ERROR,
+                identity=self._claimed_user,
+                reason=exc.message,
+                sqlstate=exc.sqlstate,
+            )
             self._fatal(exc.sqlstate, exc.message)
         except UpstreamError as exc:
             log.warning("session %s: upstream refused: %s", self.session_id, exc.message)
@@ -294,21 +298,26 @@ class PgSession(asyncio.Protocol):
             assert isinstance(packet, StartupMessage)
             break
         self._framer.startup = False
-        if (
-            services.client_tls is not None
-            and services.settings.tls.mode == "required"
-            and not self._tls
-        ):
+        params = packet.params
+        user = params.get("user", "")
+        # Known before any refusal, so every record of this connection says who claimed it.
+        self._claimed_user = user
+        self._application_name = params.get("application_name", "")
+        self._database = params.get("database") or services.settings.upstream.database
+        tls_required = services.settings.tls.mode == "required"
+        if services.client_tls is not None and tls_required and not self._tls:
             raise StartupRefusedError(
                 "dbward: this listener requires TLS; connect with sslmode=require or stronger"
             )
-        params = packet.params
-        user = params.get("user", "")
-        self._application_name = params.get("application_name", "")
-        self._database = params.get("database") or services.settings.upstream.database
         if not user:
             raise StartupRefusedError("no user name specified in the startup message")
         upstream_params = upstream_parameters(params, services.settings.upstream.database)
+        minor = packet.protocol & 0xFFFF
+        extensions = sorted(name for name in params if name.startswith("_pq_."))
+        if minor > 0 or extensions:
+            # Like PostgreSQL: answer with the version and options we speak, then carry on.
+            assert self.transport is not None
+            self.transport.write(messages.negotiate_protocol_version(0, extensions))
         encoding = params.get("client_encoding")
         if encoding is not None:
             self._set_encoding(encoding)
@@ -698,7 +707,7 @@ class PgSession(asyncio.Protocol):
         except AuditUnavailable:
             denial, tracked, durable = _audit_unavailable_decision(), [], None
         self._forget_prepared_if_needed(statements)
-        poison = messages.query(_POISON_SQL)
+        poison = _POISON_QUERY
         if denial is not None:
             for item in tracked:
                 self._record_outcome(item, "denied", denial.sqlstate)
@@ -720,7 +729,7 @@ class PgSession(asyncio.Protocol):
         except AuditUnavailable:
             denial, tracked, durable = _audit_unavailable_decision(), [], None
         self._forget_prepared_if_needed(statements)
-        poison = messages.parse_message(_POISON_STATEMENT, _POISON_SQL)
+        poison = _POISON_PARSE
         if denial is not None:
             for item in tracked:
                 self._record_outcome(item, "denied", denial.sqlstate)
@@ -748,7 +757,7 @@ class PgSession(asyncio.Protocol):
             for item in tracked:
                 self._record_outcome(item, "denied", denial.sqlstate)
             self._ops.append(_Op(_OP_QUERY, [], _denial_frame(denial)))
-            out.append(messages.query(_POISON_SQL))
+            out.append(_POISON_QUERY)
             return None
         self._ops.append(_Op(_OP_QUERY, tracked))
         out.append(raw)
@@ -942,10 +951,23 @@ class PgSession(asyncio.Protocol):
         elif not self._ops and not self._blocked:
             self._send_shutdown()
 
-    def force_close(self) -> None:
-        """Grace period over: close now."""
+    def force_close(self) -> asyncio.Task[None] | None:
+        """Grace period over: cancel in-flight work upstream and close now.
+
+        Returns the cancel task, which the caller awaits so it is sent before exiting.
+        """
+        cancel = self._cancel_upstream() if self._ops else None
         self._finish_pending("unknown", "57P01")
         self._fatal("57P01", "dbward is shutting down")
+        return cancel
+
+    def _cancel_upstream(self) -> asyncio.Task[None] | None:
+        upstream = self._upstream
+        if upstream is None:
+            return None
+        return asyncio.get_running_loop().create_task(
+            send_cancel(self.services.settings.upstream, upstream.backend_pid, upstream.backend_key)
+        )
 
     def _send_shutdown(self) -> None:
         self._fatal("57P01", "terminating connection because dbward is shutting down")
@@ -984,7 +1006,8 @@ class PgSession(asyncio.Protocol):
     def _base_fields(self) -> dict[str, str]:
         return {
             "session_id": self.session_id,
-            "identity": self.identity.name if self.identity is not None else "",
+            # Before authentication this is the claimed user name (connect, auth_fail, refusals).
+            "identity": self.identity.name if self.identity is not None else self._claimed_user,
             "client_addr": self.client_addr,
             "application_name": self._application_name,
             "target": self.services.settings.name,

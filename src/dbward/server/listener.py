@@ -57,6 +57,8 @@ class PgListener:
         deadline = asyncio.get_running_loop().time() + grace_s
         while self.services.sessions and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.05)
-        for session in list(self.services.sessions):
-            session.force_close()
+        cancels = [task for s in list(self.services.sessions) if (task := s.force_close())]
+        if cancels:
+            # Statements cut off by the deadline must not run on after dbward exits.
+            await asyncio.wait(cancels, timeout=5)
         await asyncio.sleep(0)

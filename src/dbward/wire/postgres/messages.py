@@ -265,7 +265,9 @@ def parse_startup_packet(
             raise reader.fail(f"invalid cancel key length {len(key)}")
         return CancelRequest(pid, key)
     major, minor = code >> 16, code & 0xFFFF
-    if (major, minor) != (3, 0):
+    if major != 3:
+        # A newer 3.x minor is accepted here and negotiated down to 3.0 by the server side
+        # (NegotiateProtocolVersion), as PostgreSQL does; another major version is refused.
         raise ProtocolError(
             f"unsupported frontend protocol {major}.{minor}: server supports 3.0 to 3.0"
         )

@@ -1,0 +1,643 @@
+"""Fault injection against a real `dbward serve`: malformed frames, cancels, lost peers, SIGTERM.
+
+Raw sockets are used only where a test must send bytes no real client would; logins over them
+use dbward's own SCRAM client and message builders.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import socket
+import struct
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import psycopg
+import pytest
+
+from dbward.audit.query import search
+from dbward.audit.records import AuditEvent, AuditRecord
+from dbward.wire.postgres import messages
+from dbward.wire.postgres.scram import ScramClient
+from fixtures.postgres import PgServer
+from fixtures.proxy import USERS, Proxy
+
+TIMEOUT = 5.0
+
+
+def _app(tag: str) -> str:
+    return f"faults-{tag}-{uuid.uuid4().hex[:8]}"
+
+
+# ------------------------------------------------------------------ raw wire helpers
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise ConnectionError(f"closed after {len(data)} of {n} bytes")
+        data += chunk
+    return data
+
+
+def _read_message(sock: socket.socket) -> tuple[bytes, bytes]:
+    head = _recv_exact(sock, 5)
+    (length,) = struct.unpack("!I", head[1:])
+    assert 4 <= length < 1_000_000, f"implausible backend frame length {length}"
+    return head[:1], _recv_exact(sock, length - 4)
+
+
+def _expect_fatal(sock: socket.socket) -> dict[str, str]:
+    """Skip to the next ErrorResponse: it must be FATAL, and the connection closes promptly."""
+    while True:
+        msg_type, payload = _read_message(sock)
+        if msg_type == b"E":
+            break
+        assert msg_type in (b"N", b"S"), (msg_type, payload)
+    fields = messages.parse_error_fields(payload)
+    assert fields["S"] == "FATAL", fields
+    try:
+        rest = sock.recv(1024)
+    except ConnectionResetError:
+        rest = b""
+    assert rest == b"", f"connection still open after FATAL; got {rest!r}"
+    return fields
+
+
+def _client_addr(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"{host}:{port}"
+
+
+class RawSession:
+    """A logged-in raw connection through the proxy."""
+
+    def __init__(self, proxy: Proxy, app: str, user: str = "alice") -> None:
+        self.app = app
+        self.sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=TIMEOUT)
+        self.sock.settimeout(TIMEOUT)
+        self.addr = _client_addr(self.sock)
+        sock = self.sock
+        sock.sendall(
+            messages.startup_message({"user": user, "database": "app", "application_name": app})
+        )
+        client = ScramClient(USERS[user][0])
+        msg_type, payload = _read_message(sock)
+        assert msg_type == b"R" and messages.parse_authentication(payload)[0] == 10
+        sock.sendall(messages.sasl_initial_response("SCRAM-SHA-256", client.client_first()))
+        msg_type, payload = _read_message(sock)
+        code, data = messages.parse_authentication(payload)
+        assert (msg_type, code) == (b"R", 11)
+        sock.sendall(messages.sasl_response(client.client_final(data)))
+        msg_type, payload = _read_message(sock)
+        code, data = messages.parse_authentication(payload)
+        assert (msg_type, code) == (b"R", 12)
+        client.verify_server_final(data)
+        self.pid = 0
+        self.key = b""
+        while True:
+            msg_type, payload = _read_message(sock)
+            if msg_type == b"K":
+                self.pid, self.key = messages.parse_backend_key_data(payload)
+            elif msg_type == b"Z":
+                break
+            else:
+                assert msg_type in (b"R", b"S", b"N"), (msg_type, payload)
+        assert self.pid > 0
+
+    def query(self, sql: str) -> list[tuple[bytes, bytes]]:
+        self.sock.sendall(messages.query(sql))
+        out = []
+        while True:
+            msg_type, payload = _read_message(self.sock)
+            out.append((msg_type, payload))
+            if msg_type == b"Z":
+                return out
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _send_cancel(proxy: Proxy, pid: int, key: bytes) -> str:
+    """A raw CancelRequest on its own connection; returns the client address used."""
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=TIMEOUT) as sock:
+        sock.settimeout(TIMEOUT)
+        addr = _client_addr(sock)
+        sock.sendall(messages.cancel_request(pid, key))
+        # The proxy answers a cancel with nothing and hangs up.
+        try:
+            assert sock.recv(16) == b""
+        except ConnectionResetError:
+            pass
+    return addr
+
+
+# ------------------------------------------------------------------ database-side observation
+
+
+def _active(pg: PgServer, app: str) -> list[str]:
+    """Queries the upstream is running right now for this application_name."""
+    out = pg.psql(
+        "SELECT state || ':' || query FROM pg_stat_activity "
+        f"WHERE application_name = '{app}' AND pid <> pg_backend_pid()"
+    )
+    return [line for line in out.splitlines() if line]
+
+
+def _backends(pg: PgServer, app: str) -> int:
+    return len(_active(pg, app))
+
+
+def _wait_for(predicate: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def _wait_running(pg: PgServer, app: str, needle: str = "pg_sleep") -> None:
+    _wait_for(
+        lambda: any(line.startswith("active:") and needle in line for line in _active(pg, app)),
+        what=f"{needle} to run upstream for {app}",
+    )
+
+
+# ------------------------------------------------------------------ audit helpers
+
+
+def _session(
+    proxy: Proxy, app: str, until: Callable[[list[AuditRecord]], bool]
+) -> list[AuditRecord]:
+    def mine(records: list[AuditRecord]) -> list[AuditRecord]:
+        sessions = {r.session_id for r in records if r.application_name == app}
+        return [r for r in records if r.session_id in sessions]
+
+    proxy.audit(until=lambda recs: until(mine(recs)))
+    return proxy.session_records(app)
+
+
+def _has(event: AuditEvent, **fields: Any) -> Callable[[list[AuditRecord]], bool]:
+    def check(records: list[AuditRecord]) -> bool:
+        return any(
+            r.event == event and all(getattr(r, k) == v for k, v in fields.items()) for r in records
+        )
+
+    return check
+
+
+def _by_addr(proxy: Proxy, addr: str, event: AuditEvent) -> list[AuditRecord]:
+    recs = proxy.audit(until=lambda rs: any(r.client_addr == addr and r.event == event for r in rs))
+    return [r for r in recs if r.client_addr == addr]
+
+
+# ------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture
+def bystander(proxy: Proxy) -> Iterator[psycopg.Connection[Any]]:
+    """A psycopg session that must keep working while other sessions misbehave."""
+    app = _app("bystander")
+    with psycopg.connect(**proxy.conninfo("bob", application_name=app), connect_timeout=10) as conn:
+        conn.autocommit = True
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+        yield conn
+        assert conn.execute("SELECT 'still here'").fetchone() == ("still here",)
+    records = _session(proxy, app, _has(AuditEvent.DISCONNECT))
+    assert not any(r.event == AuditEvent.PROTOCOL_ERROR for r in records)
+
+
+# ------------------------------------------------------------------ malformed frames
+
+
+@pytest.mark.parametrize(
+    ("frame", "needle"),
+    [
+        (b"Q\x00\x00\x00\x02", "invalid message length 2"),
+        (b"Z\x00\x00\x00\x04", "invalid frontend message type 'Z'"),
+        (b"Q" + struct.pack("!I", 2**31 - 1), "exceeds the limit"),
+        (b"Q\xff\xff\xff\xff", "exceeds the limit"),
+        (b"\x00\x00\x00\x00\x08", "invalid frontend message type 0x00"),
+    ],
+    ids=["length-2", "type-Z", "length-2^31-1", "length-2^32-1", "type-NUL"],
+)
+def test_malformed_frame_after_login(
+    proxy: Proxy,
+    pg_server: PgServer,
+    bystander: psycopg.Connection[Any],
+    frame: bytes,
+    needle: str,
+) -> None:
+    app = _app("malformed")
+    raw = RawSession(proxy, app)
+    try:
+        rows = raw.query("SELECT 1")
+        assert [t for t, _ in rows] == [b"T", b"D", b"C", b"Z"]
+        assert _backends(pg_server, app) == 1
+        started = time.monotonic()
+        raw.sock.sendall(frame)
+        fields = _expect_fatal(raw.sock)
+        assert time.monotonic() - started < 2.0
+    finally:
+        raw.close()
+    assert fields["C"] == "08P01"
+    assert needle in fields["M"], fields
+    # The bystander is unaffected, and the misbehaving session's upstream backend is gone.
+    assert bystander.execute("SELECT 2").fetchone() == (2,)
+    _wait_for(lambda: _backends(pg_server, app) == 0, 3.0, "the upstream backend to exit")
+    records = _session(proxy, app, _has(AuditEvent.DISCONNECT))
+    errors = [r for r in records if r.event == AuditEvent.PROTOCOL_ERROR]
+    assert len(errors) == 1, records
+    assert (errors[0].identity, errors[0].sqlstate) == ("alice", "08P01")
+    assert needle in errors[0].reason
+    assert [str(r.event) for r in records][-1] == "disconnect"
+
+
+def test_malformed_message_body_after_login(
+    proxy: Proxy, pg_server: PgServer, bystander: psycopg.Connection[Any]
+) -> None:
+    # Well framed, but the Query string lacks its NUL terminator.
+    app = _app("body")
+    raw = RawSession(proxy, app)
+    try:
+        raw.sock.sendall(b"Q\x00\x00\x00\x0cSELECT 1")
+        fields = _expect_fatal(raw.sock)
+    finally:
+        raw.close()
+    assert fields["C"] == "08P01"
+    assert bystander.execute("SELECT 3").fetchone() == (3,)
+    records = _session(proxy, app, _has(AuditEvent.PROTOCOL_ERROR))
+    assert any(r.event == AuditEvent.PROTOCOL_ERROR and r.identity == "alice" for r in records)
+    _wait_for(lambda: _backends(pg_server, app) == 0, 3.0, "the upstream backend to exit")
+
+
+def _garbage() -> list[bytes]:
+    rng = random.Random(20240607)
+    return [
+        b"GET / HTTP/1.1\r\nHost: db\r\n\r\n",
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"
+        + bytes(rng.randrange(256) for _ in range(64)),
+        struct.pack("!II", 8, 0),  # protocol 0.0
+        struct.pack("!II", 4, 196608),  # length shorter than its own header
+        struct.pack("!II", 16, 80877103) + b"\x00" * 8,  # SSLRequest with a wrong length
+        struct.pack("!II", 8, (1234 << 16) | 9999),  # an unknown special request code
+        b"\x00\x00\x00\x09\x00\x03\x00\x00\x01",  # parameters without a terminator
+        b"\x00\x00\x00" + bytes(rng.randrange(256) for _ in range(200)),
+    ]
+
+
+@pytest.mark.parametrize("index", range(len(_garbage())))
+def test_garbage_before_startup(
+    proxy: Proxy, bystander: psycopg.Connection[Any], index: int
+) -> None:
+    payload = _garbage()[index]
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=TIMEOUT) as sock:
+        sock.settimeout(TIMEOUT)
+        addr = _client_addr(sock)
+        sock.sendall(payload)
+        fields = _expect_fatal(sock)
+    assert fields["C"] in ("08P01", "0A000"), fields
+    records = _by_addr(proxy, addr, AuditEvent.PROTOCOL_ERROR)
+    assert [r.sqlstate for r in records if r.event == AuditEvent.PROTOCOL_ERROR] == [fields["C"]]
+    assert not any(r.event == AuditEvent.AUTH_OK for r in records)
+    assert bystander.execute("SELECT 4").fetchone() == (4,)
+
+
+def test_silent_client_times_out_or_leaves_cleanly(
+    proxy: Proxy, bystander: psycopg.Connection[Any]
+) -> None:
+    # A connection that sends half a header and hangs up must not disturb anything.
+    for partial in (b"", b"\x00\x00", b"\x00\x00\x00\x50\x00\x03\x00\x00user\x00"):
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=TIMEOUT) as sock:
+            sock.sendall(partial)
+    assert bystander.execute("SELECT 5").fetchone() == (5,)
+    assert proxy.process.poll() is None
+
+
+# ------------------------------------------------------------------ cancel
+
+
+def _run_async(
+    pool: ThreadPoolExecutor, conn: psycopg.Connection[Any], sql: str
+) -> Future[tuple[float, Any]]:
+    def run() -> tuple[float, Any]:
+        try:
+            return time.monotonic(), conn.execute(sql).fetchall()
+        except psycopg.Error as exc:
+            return time.monotonic(), exc
+
+    return pool.submit(run)
+
+
+@pytest.mark.parametrize("method", ["cancel", "cancel_safe"])
+def test_cancel_running_query(proxy: Proxy, pg_server: PgServer, method: str) -> None:
+    app = _app(method)
+    with (
+        psycopg.connect(
+            **proxy.conninfo(application_name=app), connect_timeout=10, autocommit=True
+        ) as conn,
+        ThreadPoolExecutor(1) as pool,
+    ):
+        running = _run_async(pool, conn, "SELECT pg_sleep(10)")
+        _wait_running(pg_server, app)
+        asked = time.monotonic()
+        getattr(conn, method)()
+        ended, result = running.result(timeout=5)
+        assert isinstance(result, psycopg.errors.QueryCanceled), result
+        assert result.sqlstate == "57014"
+        assert ended - asked < 2.0
+        # The session stays usable after the cancel.
+        assert conn.execute("SELECT 6").fetchone() == (6,)
+    records = _session(proxy, app, _has(AuditEvent.OUTCOME, sqlstate="57014"))
+    sleep_stmt = next(
+        r for r in records if r.event == AuditEvent.STATEMENT and "pg_sleep" in r.sql_text
+    )
+    outcome = next(
+        r
+        for r in records
+        if r.event == AuditEvent.OUTCOME and r.statement_id == sleep_stmt.statement_id
+    )
+    assert (outcome.status, outcome.sqlstate, outcome.identity) == ("error", "57014", "alice")
+    session_id = sleep_stmt.session_id
+    cancels = proxy.audit(
+        event="cancel", until=lambda rs: any(r.detail == f"session={session_id}" for r in rs)
+    )
+    mine = [r for r in cancels if r.detail == f"session={session_id}"]
+    assert [r.status for r in mine] == ["forwarded"]
+
+
+def test_cancel_with_wrong_key_does_nothing(proxy: Proxy, pg_server: PgServer) -> None:
+    app = _app("wrongkey")
+    with (
+        psycopg.connect(
+            **proxy.conninfo(application_name=app), connect_timeout=10, autocommit=True
+        ) as conn,
+        ThreadPoolExecutor(1) as pool,
+    ):
+        pid = conn.info.backend_pid
+        running = _run_async(pool, conn, "SELECT pg_sleep(10)")
+        _wait_running(pg_server, app)
+        addr = _send_cancel(proxy, pid, b"\x00\x00\x00\x00")
+        addr2 = _send_cancel(proxy, pid, b"\xde\xad\xbe\xef")
+        time.sleep(1.0)
+        assert not running.done(), running.result()
+        assert any(line.startswith("active:") for line in _active(pg_server, app))
+        conn.cancel()
+        _, result = running.result(timeout=5)
+        assert isinstance(result, psycopg.errors.QueryCanceled), result
+    for a in (addr, addr2):
+        refused = [r for r in _by_addr(proxy, a, AuditEvent.CANCEL) if r.event == AuditEvent.CANCEL]
+        assert [r.status for r in refused] == ["refused"]
+        assert refused[0].reason == "unknown cancel key"
+
+
+def test_cancel_flood_is_rate_limited(
+    proxy_factory: Callable[..., Proxy], pg_server: PgServer
+) -> None:
+    flooded = proxy_factory()
+    app = _app("flood")
+    with (
+        psycopg.connect(
+            **flooded.conninfo(application_name=app), connect_timeout=10, autocommit=True
+        ) as conn,
+        ThreadPoolExecutor(1) as pool,
+    ):
+        pid = conn.info.backend_pid
+        running = _run_async(pool, conn, "SELECT pg_sleep(10)")
+        _wait_running(pg_server, app)
+        started = time.monotonic()
+        for i in range(50):
+            _send_cancel(flooded, pid, struct.pack("!I", 0x10000 + i))
+        assert time.monotonic() - started < 10
+        assert not running.done(), running.result()
+        assert flooded.process.poll() is None
+        # A fresh login still works during the flood's aftermath.
+        with psycopg.connect(**flooded.conninfo("bob"), connect_timeout=10) as other:
+            assert other.execute("SELECT 7").fetchone() == (7,)
+        # Once the bucket refills, the rightful owner can still cancel.
+        time.sleep(0.6)
+        conn.cancel()
+        _, result = running.result(timeout=5)
+        assert isinstance(result, psycopg.errors.QueryCanceled), result
+    cancels = flooded.audit(
+        event="cancel", until=lambda rs: any(r.status == "forwarded" for r in rs)
+    )
+    refused = [r for r in cancels if r.status == "refused"]
+    forwarded = [r for r in cancels if r.status == "forwarded"]
+    assert 1 <= len(refused) < 50, len(refused)
+    assert len(forwarded) == 1
+
+
+# ------------------------------------------------------------------ peers going away
+
+
+def test_client_disconnect_mid_query_cancels_upstream(proxy: Proxy, pg_server: PgServer) -> None:
+    app = _app("dropped")
+    raw = RawSession(proxy, app)
+    raw.sock.sendall(messages.query("SELECT pg_sleep(30)"))
+    _wait_running(pg_server, app)
+    # Reset, not a polite Terminate: the client process died.
+    raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    raw.close()
+    _wait_for(
+        lambda: (
+            not any(
+                "pg_sleep" in line and line.startswith("active:")
+                for line in _active(pg_server, app)
+            )
+        ),
+        3.0,
+        "the orphaned pg_sleep to be cancelled upstream",
+    )
+    records = _session(proxy, app, _has(AuditEvent.DISCONNECT))
+    outcome = next(r for r in records if r.event == AuditEvent.OUTCOME)
+    assert (outcome.status, outcome.sqlstate) == ("cancelled", "57014")
+    assert [str(r.event) for r in records][-1] == "disconnect"
+    # and the backend itself is closed, not left idle
+    _wait_for(lambda: _backends(pg_server, app) == 0, 3.0, "the upstream backend to exit")
+
+
+def test_upstream_terminated_while_idle(proxy: Proxy, pg_server: PgServer) -> None:
+    app = _app("killed-idle")
+    conn = psycopg.connect(
+        **proxy.conninfo(application_name=app), connect_timeout=10, autocommit=True
+    )
+    try:
+        pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]  # type: ignore[index]
+        assert pid == conn.info.backend_pid
+        assert pg_server.psql(f"SELECT pg_terminate_backend({pid})") == "t"
+        _wait_for(lambda: _backends(pg_server, app) == 0, 3.0, "the backend to be terminated")
+        with pytest.raises(psycopg.OperationalError) as caught:
+            conn.execute("SELECT 1")
+        text = str(caught.value)
+        assert "administrator command" in text or "lost the connection" in text, text
+    finally:
+        conn.close()
+    records = _session(proxy, app, _has(AuditEvent.DISCONNECT))
+    events = [str(r.event) for r in records]
+    assert events[-1] == "disconnect", events
+    lost = [r for r in records if r.event == AuditEvent.UPSTREAM_LOST]
+    assert len(lost) <= 1
+    assert all(r.identity == "alice" for r in lost)
+    # The proxy serves new sessions afterwards.
+    with psycopg.connect(**proxy.conninfo(application_name=app + "-2"), connect_timeout=10) as c2:
+        assert c2.execute("SELECT 8").fetchone() == (8,)
+
+
+def test_upstream_terminated_mid_query(proxy: Proxy, pg_server: PgServer) -> None:
+    app = _app("killed-busy")
+    conn = psycopg.connect(
+        **proxy.conninfo(application_name=app), connect_timeout=10, autocommit=True
+    )
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            running = _run_async(pool, conn, "SELECT pg_sleep(10)")
+            _wait_running(pg_server, app)
+            killed = time.monotonic()
+            pg_server.psql(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                f"WHERE application_name = '{app}'"
+            )
+            ended, result = running.result(timeout=5)
+        assert isinstance(result, psycopg.OperationalError), result
+        assert ended - killed < 2.0
+        assert conn.closed or conn.broken
+    finally:
+        conn.close()
+    records = _session(proxy, app, _has(AuditEvent.DISCONNECT))
+    stmt = next(r for r in records if r.event == AuditEvent.STATEMENT and "pg_sleep" in r.sql_text)
+    outcomes = [
+        r for r in records if r.event == AuditEvent.OUTCOME and r.statement_id == stmt.statement_id
+    ]
+    # Exactly one outcome: the error PostgreSQL sent (57P01) or "unknown" when the link died.
+    assert len(outcomes) == 1, outcomes
+    assert (outcomes[0].status, outcomes[0].sqlstate) in (("error", "57P01"), ("unknown", "08006"))
+    assert [str(r.event) for r in records][-1] == "disconnect"
+
+
+# ------------------------------------------------------------------ SIGTERM drain
+
+
+def test_sigterm_drains_sessions(proxy_factory: Callable[..., Proxy], pg_server: PgServer) -> None:
+    drained = proxy_factory()
+    idle_app, busy_app, raw_app = _app("drain-idle"), _app("drain-busy"), _app("drain-raw")
+    idle = psycopg.connect(
+        **drained.conninfo(application_name=idle_app), connect_timeout=10, autocommit=True
+    )
+    busy = psycopg.connect(
+        **drained.conninfo("bob", application_name=busy_app), connect_timeout=10, autocommit=True
+    )
+    raw = RawSession(drained, raw_app)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            running = _run_async(pool, busy, "SELECT pg_sleep(1), 'finished'")
+            _wait_running(pg_server, busy_app)
+            signalled = time.monotonic()
+            drained.process.send_signal(signal.SIGTERM)
+            # An idle session is told at once, with admin_shutdown, and then closed.
+            fields = _expect_fatal(raw.sock)
+            assert (fields["C"], fields["S"]) == ("57P01", "FATAL")
+            assert "shutting down" in fields["M"]
+            _, result = running.result(timeout=10)
+        # In-flight work completes normally.
+        assert result == [("", "finished")], result
+        # Then both psycopg sessions are gone (libpq words an async FATAL its own way).
+        for conn in (idle, busy):
+            with pytest.raises(psycopg.OperationalError):
+                conn.execute("SELECT 1")
+        # New connections are refused.
+        with pytest.raises(psycopg.OperationalError):
+            psycopg.connect(**drained.conninfo(), connect_timeout=3)
+        assert drained.process.wait(timeout=10) == 0
+        assert time.monotonic() - signalled < 5.0  # well inside the grace period
+    finally:
+        idle.close()
+        busy.close()
+        raw.close()
+    # The audit log was flushed before exit: read it after the process is gone.
+    records = search(drained.audit_path, limit=100_000)
+    for app, who in ((idle_app, "alice"), (busy_app, "bob"), (raw_app, "alice")):
+        sessions = {r.session_id for r in records if r.application_name == app}
+        assert len(sessions) == 1
+        mine = [r for r in records if r.session_id in sessions]
+        assert [str(r.event) for r in mine][:2] == ["connect", "auth_ok"]
+        assert str(mine[-1].event) == "disconnect", [str(r.event) for r in mine]
+        assert mine[-1].identity == who
+    busy_outcomes = [r for r in records if r.event == AuditEvent.OUTCOME and r.identity == "bob"]
+    assert [(r.status, r.rows) for r in busy_outcomes][-1] == ("ok", 1)
+    _wait_for(lambda: _backends(pg_server, busy_app) + _backends(pg_server, idle_app) == 0, 3.0)
+
+
+def test_sigterm_force_closes_after_grace(
+    proxy_factory: Callable[..., Proxy], pg_server: PgServer
+) -> None:
+    # A query longer than shutdown_grace_s is cut off when the grace period ends.
+    drained = proxy_factory(extra={"shutdown_grace_s": 1})
+    app = _app("drain-long")
+    conn = psycopg.connect(
+        **drained.conninfo(application_name=app), connect_timeout=10, autocommit=True
+    )
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            running = _run_async(pool, conn, "SELECT pg_sleep(20)")
+            _wait_running(pg_server, app)
+            signalled = time.monotonic()
+            drained.process.send_signal(signal.SIGTERM)
+            ended, result = running.result(timeout=10)
+        assert isinstance(result, psycopg.OperationalError), result
+        assert 0.8 < ended - signalled < 4.0
+        assert drained.process.wait(timeout=10) == 0
+    finally:
+        conn.close()
+    records = search(drained.audit_path, limit=100_000)
+    sessions = {r.session_id for r in records if r.application_name == app}
+    mine = [r for r in records if r.session_id in sessions]
+    outcomes = [r for r in mine if r.event == AuditEvent.OUTCOME]
+    assert [(r.status, r.sqlstate) for r in outcomes] == [("unknown", "57P01")]
+    assert str(mine[-1].event) == "disconnect"
+    # The long query must not keep running upstream after dbward has gone.
+    _wait_for(
+        lambda: (
+            not any(
+                "pg_sleep" in line and line.startswith("active:")
+                for line in _active(pg_server, app)
+            )
+        ),
+        3.0,
+        "the cut-off query to stop upstream (dbward exited; pg_sleep(20) still active)",
+    )
+
+
+def test_protocol_error_mid_query_cancels_upstream(proxy: Proxy, pg_server: PgServer) -> None:
+    app = _app("garbage-busy")
+    raw = RawSession(proxy, app)
+    try:
+        raw.sock.sendall(messages.query("SELECT pg_sleep(30)"))
+        _wait_running(pg_server, app)
+        raw.sock.sendall(b"Z\x00\x00\x00\x04")
+        fields = _expect_fatal(raw.sock)
+    finally:
+        raw.close()
+    assert fields["C"] == "08P01"
+    # The session is over, so the statement it left running upstream must not run on alone.
+    _wait_for(
+        lambda: (
+            not any(
+                "pg_sleep" in line and line.startswith("active:")
+                for line in _active(pg_server, app)
+            )
+        ),
+        3.0,
+        "the orphaned pg_sleep to be cancelled upstream",
+    )
+    records = _session(proxy, app, _has(AuditEvent.DISCONNECT))
+    events = [str(r.event) for r in records]
+    assert "protocol_error" in events and events[-1] == "disconnect", events
+    outcomes = [r for r in records if r.event == AuditEvent.OUTCOME]
+    assert len(outcomes) == 1 and outcomes[0].status in ("cancelled", "unknown"), outcomes

@@ -1,0 +1,578 @@
+"""Startup and authentication through a real `dbward serve`: logins, refusals, odd packets, config.
+
+Every refusal must be a FATAL ErrorResponse with the right SQLSTATE, leave an audit record, and
+leave the proxy serving the next client.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import yaml
+
+from dbward.audit.records import AuditEvent, AuditRecord
+from dbward.wire.postgres import messages
+from dbward.wire.postgres.scram import ScramClient
+from fixtures.postgres import PgServer
+from fixtures.proxy import USERS, Proxy, write_config
+
+TIMEOUT = 5.0
+AUTH_FAILED = "password authentication failed"
+
+
+def _app(tag: str) -> str:
+    return f"startup-{tag}-{uuid.uuid4().hex[:8]}"
+
+
+# ------------------------------------------------------------------ raw wire helpers
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise ConnectionError(f"closed after {len(data)} of {n} bytes")
+        data += chunk
+    return data
+
+
+def _read_message(sock: socket.socket) -> tuple[bytes, bytes]:
+    head = _recv_exact(sock, 5)
+    (length,) = struct.unpack("!I", head[1:])
+    assert 4 <= length < 1_000_000, f"implausible backend frame length {length}"
+    return head[:1], _recv_exact(sock, length - 4)
+
+
+def _expect_fatal(sock: socket.socket) -> dict[str, str]:
+    """The next message is a FATAL ErrorResponse and then the proxy closes the connection."""
+    msg_type, payload = _read_message(sock)
+    assert msg_type == b"E", (msg_type, payload)
+    fields = messages.parse_error_fields(payload)
+    assert fields["S"] == "FATAL", fields
+    # Closed promptly: EOF (or a reset), never a hang (the socket has a timeout).
+    try:
+        rest = sock.recv(1024)
+    except ConnectionResetError:
+        rest = b""
+    assert rest == b"", f"connection still open after FATAL; got {rest!r}"
+    return fields
+
+
+def _connect_raw(proxy: Proxy) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=TIMEOUT)
+    sock.settimeout(TIMEOUT)
+    return sock
+
+
+def _client_addr(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"{host}:{port}"
+
+
+def _scram_login(sock: socket.socket, user: str, password: str, app: str) -> dict[str, Any]:
+    """Log in over an already-negotiated socket by hand; returns what the server announced."""
+    sock.sendall(
+        messages.startup_message({"user": user, "database": "app", "application_name": app})
+    )
+    msg_type, payload = _read_message(sock)
+    assert msg_type == b"R", (msg_type, payload)
+    code, data = messages.parse_authentication(payload)
+    assert code == 10 and b"SCRAM-SHA-256" in data
+    client = ScramClient(password)
+    sock.sendall(messages.sasl_initial_response("SCRAM-SHA-256", client.client_first()))
+    msg_type, payload = _read_message(sock)
+    assert msg_type == b"R", (msg_type, messages.parse_error_fields(payload))
+    code, data = messages.parse_authentication(payload)
+    assert code == 11
+    sock.sendall(messages.sasl_response(client.client_final(data)))
+    msg_type, payload = _read_message(sock)
+    if msg_type == b"E":
+        return {"error": messages.parse_error_fields(payload)}
+    code, data = messages.parse_authentication(payload)
+    assert code == 12
+    client.verify_server_final(data)
+    announced: dict[str, Any] = {"params": {}}
+    while True:
+        msg_type, payload = _read_message(sock)
+        if msg_type == b"R":
+            assert messages.parse_authentication(payload)[0] == 0
+        elif msg_type == b"S":
+            name, value = messages.parse_parameter_status(payload)
+            announced["params"][name] = value
+        elif msg_type == b"K":
+            announced["pid"], announced["key"] = messages.parse_backend_key_data(payload)
+        elif msg_type == b"Z":
+            return announced
+        else:
+            raise AssertionError((msg_type, payload))
+
+
+def _raw_query(sock: socket.socket, sql: str) -> list[tuple[bytes, bytes]]:
+    sock.sendall(messages.query(sql))
+    out = []
+    while True:
+        msg_type, payload = _read_message(sock)
+        out.append((msg_type, payload))
+        if msg_type == b"Z":
+            return out
+
+
+# ------------------------------------------------------------------ client helpers
+
+
+def _psql(
+    proxy: Proxy, app: str, sql: str, *, password: str | None = None, **conn: str
+) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env |= {
+        "PGPASSWORD": password or USERS["alice"][0],
+        "PGAPPNAME": app,
+        "PGCONNECT_TIMEOUT": "10",
+    }
+    params = {"host": "127.0.0.1", "port": str(proxy.port), "user": "alice", "dbname": "app"}
+    params |= {"sslmode": "disable"} | conn
+    conninfo = " ".join(f"{k}={v}" for k, v in params.items())
+    return subprocess.run(
+        ["psql", "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-d", conninfo, "-c", sql],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
+        check=False,
+    )
+
+
+def _assert_still_serving(proxy: Proxy) -> None:
+    """A fresh psql login and query works after whatever the test did."""
+    app = _app("alive")
+    proc = _psql(proxy, app, "SELECT 40 + 2")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "42"
+    assert proxy.process.poll() is None, proxy.log()
+
+
+def _session(
+    proxy: Proxy, app: str, until: Callable[[list[AuditRecord]], bool]
+) -> list[AuditRecord]:
+    """This app's session records, waiting until `until` holds for them."""
+    proxy.audit(until=lambda recs: until([r for r in recs if r.application_name == app]))
+    return proxy.session_records(app)
+
+
+def _has_event(event: AuditEvent) -> Callable[[list[AuditRecord]], bool]:
+    return lambda recs: any(r.event == event for r in recs)
+
+
+def _by_addr(proxy: Proxy, addr: str, event: AuditEvent) -> list[AuditRecord]:
+    """Records of a raw connection that never got as far as an application_name."""
+
+    def mine(recs: list[AuditRecord]) -> list[AuditRecord]:
+        return [r for r in recs if r.client_addr == addr]
+
+    recs = proxy.audit(until=lambda rs: any(r.event == event for r in mine(rs)))
+    return mine(recs)
+
+
+def _events(records: list[AuditRecord]) -> list[str]:
+    return [str(r.event) for r in records]
+
+
+# ------------------------------------------------------------------ successful logins
+
+
+def test_scram_login_with_psql(proxy: Proxy, pg_server: PgServer) -> None:
+    app = _app("psql")
+    proc = _psql(proxy, app, "SELECT current_user, current_database()")
+    assert proc.returncode == 0, proc.stderr
+    # dbward logs in upstream with its service account, never as the client's name.
+    assert proc.stdout.strip() == f"{pg_server.service_user}|app"
+    records = _session(proxy, app, _has_event(AuditEvent.DISCONNECT))
+    events = _events(records)
+    assert events[:2] == ["connect", "auth_ok"], events
+    assert events[-1] == "disconnect"
+    assert {r.identity for r in records if r.event != AuditEvent.CONNECT} == {"alice"}
+    statement = next(r for r in records if r.event == AuditEvent.STATEMENT)
+    assert statement.sql_text == "SELECT current_user, current_database()"
+    assert statement.decision == "allow"
+    outcome = next(r for r in records if r.event == AuditEvent.OUTCOME)
+    assert (outcome.status, outcome.rows) == ("ok", 1)
+
+
+def test_scram_login_with_psycopg(proxy: Proxy) -> None:
+    # libpq sends an empty SCRAM user name (n=,r=...): the startup packet's user is what counts.
+    app = _app("psycopg")
+    with psycopg.connect(**proxy.conninfo("bob", application_name=app), connect_timeout=10) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+        assert conn.info.backend_pid > 0
+    records = _session(proxy, app, _has_event(AuditEvent.DISCONNECT))
+    assert _events(records)[:2] == ["connect", "auth_ok"]
+    assert all(r.identity == "bob" for r in records)
+
+
+def test_scram_login_raw_with_username_in_client_first(proxy: Proxy) -> None:
+    # A client that repeats its name in client-first-message (allowed by RFC 5802) works too.
+    app = _app("rawname")
+    with _connect_raw(proxy) as sock:
+        sock.sendall(
+            messages.startup_message({"user": "alice", "database": "app", "application_name": app})
+        )
+        msg_type, _ = _read_message(sock)
+        assert msg_type == b"R"
+        client = ScramClient(USERS["alice"][0], username="alice")
+        sock.sendall(messages.sasl_initial_response("SCRAM-SHA-256", client.client_first()))
+        _, payload = _read_message(sock)
+        sock.sendall(
+            messages.sasl_response(client.client_final(messages.parse_authentication(payload)[1]))
+        )
+        msg_type, payload = _read_message(sock)
+        assert msg_type == b"R", messages.parse_error_fields(payload)
+        client.verify_server_final(messages.parse_authentication(payload)[1])
+        while _read_message(sock)[0] != b"Z":
+            pass
+        rows = _raw_query(sock, "SELECT 7")
+        assert [t for t, _ in rows] == [b"T", b"D", b"C", b"Z"]
+        sock.sendall(messages.terminate())
+    records = _session(proxy, app, _has_event(AuditEvent.DISCONNECT))
+    assert _events(records)[:2] == ["connect", "auth_ok"]
+
+
+# ------------------------------------------------------------------ failed logins
+
+
+def _failed_login(proxy: Proxy, user: str, password: str) -> tuple[str, dict[str, str], str]:
+    """Try psycopg and a raw SCRAM exchange; returns (psycopg message, raw error fields, app)."""
+    app = _app(f"fail-{user}")
+    info = {**proxy.conninfo(), "user": user, "password": password, "application_name": app}
+    with pytest.raises(psycopg.OperationalError) as caught:
+        psycopg.connect(**info, connect_timeout=10)
+    with _connect_raw(proxy) as sock:
+        answer = _scram_login(sock, user, password, app)
+        assert "error" in answer, answer
+        # after the error the proxy hangs up
+        try:
+            assert sock.recv(1024) == b""
+        except ConnectionResetError:
+            pass
+    return str(caught.value), answer["error"], app
+
+
+def test_wrong_password_is_refused_and_audited(proxy: Proxy) -> None:
+    text, fields, app = _failed_login(proxy, "alice", "not-the-password")
+    assert AUTH_FAILED in text
+    assert (fields["S"], fields["C"], fields["M"]) == ("FATAL", "28P01", AUTH_FAILED)
+    records = _session(proxy, app, lambda rs: sum(r.event == AuditEvent.AUTH_FAIL for r in rs) >= 2)
+    fails = [r for r in records if r.event == AuditEvent.AUTH_FAIL]
+    assert len(fails) == 2
+    assert {(r.identity, r.sqlstate) for r in fails} == {("alice", "28P01")}
+    assert not any(r.event == AuditEvent.AUTH_OK for r in records)
+    _assert_still_serving(proxy)
+
+
+def test_unknown_user_gets_the_same_error(proxy: Proxy) -> None:
+    known_text, known_fields, _ = _failed_login(proxy, "alice", "wrong-password-1")
+    text, fields, app = _failed_login(proxy, "mallory", "wrong-password-1")
+    # No user enumeration: the same message and code whether or not the user exists.
+    assert fields == known_fields
+    assert text == known_text
+    assert "mallory" not in text
+    records = _session(proxy, app, lambda rs: sum(r.event == AuditEvent.AUTH_FAIL for r in rs) >= 2)
+    fails = [r for r in records if r.event == AuditEvent.AUTH_FAIL]
+    assert {(r.identity, r.sqlstate) for r in fails} == {("mallory", "28P01")}
+    _assert_still_serving(proxy)
+
+
+# ------------------------------------------------------------------ refused startup parameters
+
+
+def _refused_via_psycopg(proxy: Proxy, app: str, **params: str) -> str:
+    info = {**proxy.conninfo(), "application_name": app, **params}
+    with pytest.raises(psycopg.OperationalError) as caught:
+        psycopg.connect(**info, connect_timeout=10)
+    return str(caught.value)
+
+
+def _refused_raw(proxy: Proxy, params: dict[str, str]) -> tuple[dict[str, str], str]:
+    with _connect_raw(proxy) as sock:
+        addr = _client_addr(sock)
+        sock.sendall(messages.startup_message(params))
+        return _expect_fatal(sock), addr
+
+
+def _assert_refusal_audited(proxy: Proxy, app: str, needle: str) -> None:
+    records = _session(proxy, app, _has_event(AuditEvent.PROTOCOL_ERROR))
+    refusals = [r for r in records if r.event == AuditEvent.PROTOCOL_ERROR]
+    assert refusals, records
+    assert refusals[0].sqlstate == "28000"
+    assert needle in refusals[0].reason
+    # Refused before authentication: nothing was authenticated, nothing reached the database.
+    assert not any(r.event in (AuditEvent.AUTH_OK, AuditEvent.STATEMENT) for r in records)
+
+
+def test_replication_connection_refused(proxy: Proxy) -> None:
+    app = _app("repl")
+    text = _refused_via_psycopg(proxy, app, replication="database")
+    assert "replication connections are not allowed" in text
+    _assert_refusal_audited(proxy, app, "replication")
+    fields, _ = _refused_raw(
+        proxy, {"user": "alice", "database": "app", "replication": "true", "application_name": app}
+    )
+    assert (fields["C"], fields["S"]) == ("28000", "FATAL")
+    assert "replication" in fields["M"]
+    _assert_still_serving(proxy)
+
+
+@pytest.mark.parametrize(
+    ("options", "needle"),
+    [
+        ("-c role=postgres", "'role'"),
+        ("-crole=postgres", "'role'"),
+        ("--session_authorization=x", "'session_authorization'"),
+        ("-c session-authorization=postgres", "'session_authorization'"),
+        ("-c ROLE=postgres", "'role'"),
+    ],
+)
+def test_role_switch_in_startup_options_refused(proxy: Proxy, options: str, needle: str) -> None:
+    app = _app("opts")
+    text = _refused_via_psycopg(proxy, app, options=options)
+    assert needle in text and "not allowed" in text, text
+    _assert_refusal_audited(proxy, app, needle)
+    fields, _ = _refused_raw(
+        proxy, {"user": "alice", "database": "app", "options": options, "application_name": app}
+    )
+    assert fields["C"] == "28000"
+    assert "role switching is refused" in fields["M"]
+    _assert_still_serving(proxy)
+
+
+@pytest.mark.parametrize("name", ["role", "session_authorization", "Role"])
+def test_role_startup_parameter_refused(proxy: Proxy, name: str) -> None:
+    app = _app("roleparam")
+    fields, _ = _refused_raw(
+        proxy, {"user": "alice", "database": "app", name: "postgres", "application_name": app}
+    )
+    assert (fields["S"], fields["C"]) == ("FATAL", "28000")
+    assert "not allowed" in fields["M"] and "role switching" in fields["M"]
+    _assert_refusal_audited(proxy, app, name)
+    _assert_still_serving(proxy)
+
+
+def test_harmless_options_pass_through(proxy: Proxy) -> None:
+    app = _app("okopts")
+    info = {**proxy.conninfo(), "application_name": app, "options": "-c statement_timeout=1234"}
+    with psycopg.connect(**info, connect_timeout=10) as conn:
+        assert conn.execute("SHOW statement_timeout").fetchone() == ("1234ms",)
+
+
+# ------------------------------------------------------------------ encryption requests
+
+
+def test_gssenc_request_answered_n_then_login(proxy: Proxy) -> None:
+    app = _app("gss")
+    with _connect_raw(proxy) as sock:
+        sock.sendall(messages.gssenc_request())
+        assert _recv_exact(sock, 1) == b"N"
+        # This listener has TLS disabled, so an SSLRequest is declined as well.
+        sock.sendall(messages.ssl_request())
+        assert _recv_exact(sock, 1) == b"N"
+        announced = _scram_login(sock, "alice", USERS["alice"][0], app)
+        assert "error" not in announced, announced
+        assert announced["pid"] > 0 and len(announced["key"]) == 4
+        assert announced["params"]["application_name"] == app
+        rows = _raw_query(sock, "SELECT 1")
+        assert [t for t, _ in rows] == [b"T", b"D", b"C", b"Z"]
+        sock.sendall(messages.terminate())
+    records = _session(proxy, app, _has_event(AuditEvent.DISCONNECT))
+    assert _events(records)[:2] == ["connect", "auth_ok"]
+
+    app2 = _app("gss-libpq")
+    info = {**proxy.conninfo(), "application_name": app2, "gssencmode": "prefer"}
+    with psycopg.connect(**info, connect_timeout=10) as conn:
+        assert conn.execute("SELECT 2").fetchone() == (2,)
+
+
+# ------------------------------------------------------------------ malformed startup packets
+
+
+@pytest.mark.parametrize(
+    ("version", "needle"),
+    [((2, 0), "2.0"), ((4, 0), "4.0")],
+)
+def test_unsupported_protocol_version(proxy: Proxy, version: tuple[int, int], needle: str) -> None:
+    major, minor = version
+    body = struct.pack("!I", (major << 16) | minor) + b"user\x00alice\x00database\x00app\x00\x00"
+    with _connect_raw(proxy) as sock:
+        addr = _client_addr(sock)
+        sock.sendall(struct.pack("!I", len(body) + 4) + body)
+        fields = _expect_fatal(sock)
+    assert fields["C"] in ("08P01", "0A000"), fields
+    assert needle in fields["M"], fields
+    records = _by_addr(proxy, addr, AuditEvent.PROTOCOL_ERROR)
+    assert [r.sqlstate for r in records if r.event == AuditEvent.PROTOCOL_ERROR] == [fields["C"]]
+    _assert_still_serving(proxy)
+
+
+def test_newer_minor_version_is_negotiated_down(proxy: Proxy) -> None:
+    """Protocol 3.2 and _pq_ options get NegotiateProtocolVersion(3.0), as from PostgreSQL."""
+    body = (
+        struct.pack("!I", (3 << 16) | 2)
+        + b"user\x00alice\x00database\x00app\x00_pq_.future\x00on\x00\x00"
+    )
+    with _connect_raw(proxy) as sock:
+        sock.sendall(struct.pack("!I", len(body) + 4) + body)
+        msg_type, payload = _read_message(sock)
+        assert msg_type == b"v"
+        minor, count = struct.unpack("!II", payload[:8])
+        assert (minor, count) == (0, 1)
+        assert payload[8:] == b"_pq_.future\x00"
+        msg_type, payload = _read_message(sock)
+        assert msg_type == b"R" and struct.unpack("!I", payload[:4])[0] == 10  # SASL
+        assert b"SCRAM-SHA-256" in payload
+
+
+def test_oversized_startup_packet(proxy: Proxy) -> None:
+    with _connect_raw(proxy) as sock:
+        addr = _client_addr(sock)
+        # Only the header: the proxy must refuse on the length alone, not wait for 20 kB.
+        sock.sendall(struct.pack("!II", 20000, 196608))
+        fields = _expect_fatal(sock)
+    assert fields["C"] == "08P01"
+    assert "20000" in fields["M"]
+    records = _by_addr(proxy, addr, AuditEvent.PROTOCOL_ERROR)
+    assert any(r.event == AuditEvent.PROTOCOL_ERROR and r.sqlstate == "08P01" for r in records)
+    _assert_still_serving(proxy)
+
+
+def test_startup_without_user_refused(proxy: Proxy) -> None:
+    app = _app("nouser")
+    fields, _ = _refused_raw(proxy, {"database": "app", "application_name": app})
+    assert (fields["S"], fields["C"]) == ("FATAL", "28000")
+    assert "no user name" in fields["M"]
+    _assert_still_serving(proxy)
+
+
+# ------------------------------------------------------------------ configuration errors
+
+
+def _dbward(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "dbward", *args],
+        capture_output=True,
+        text=True,
+        input=stdin,
+        timeout=30,
+        check=False,
+    )
+
+
+def _base_config(tmp_path: Path, pg_server: PgServer) -> dict[str, Any]:
+    path = tmp_path / "base.yaml"
+    write_config(path, pg_server, 6999)
+    data = yaml.safe_load(path.read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+def _break_unknown_key(config: dict[str, Any]) -> str:
+    config["listeners"][0]["upstream"]["pasword_file"] = "/tmp/typo"
+    return "listeners[0].upstream.pasword_file"
+
+
+def _break_port(config: dict[str, Any]) -> str:
+    config["listeners"][0]["upstream"]["port"] = 70000
+    return "listeners[0].upstream.port"
+
+
+def _break_tls(config: dict[str, Any]) -> str:
+    config["listeners"][0]["tls"] = {"mode": "required"}
+    return "listeners[0].tls"
+
+
+def _break_top_level(config: dict[str, Any]) -> str:
+    config["shutdown_grace"] = 3
+    return "shutdown_grace"
+
+
+@pytest.mark.parametrize("breaker", [_break_unknown_key, _break_port, _break_tls, _break_top_level])
+def test_invalid_config_exits_2_naming_the_key(
+    tmp_path: Path, pg_server: PgServer, breaker: Callable[[dict[str, Any]], str]
+) -> None:
+    config = _base_config(tmp_path, pg_server)
+    key = breaker(config)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(config))
+    for args in (["serve", "--config", str(bad)], ["check-config", str(bad)]):
+        proc = _dbward(*args)
+        assert proc.returncode == 2, (args, proc.stdout, proc.stderr)
+        assert key in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+    tls_message = "needs tls.cert_file and tls.key_file"
+    if breaker is _break_tls:
+        assert tls_message in proc.stderr
+
+
+def test_check_config_accepts_a_valid_file(tmp_path: Path, pg_server: PgServer) -> None:
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump(_base_config(tmp_path, pg_server)))
+    proc = _dbward("check-config", str(good))
+    assert proc.returncode == 0, proc.stderr
+    assert "ok: 1 listener(s), 2 user(s)" in proc.stdout
+
+
+def test_missing_and_unparseable_config(tmp_path: Path) -> None:
+    proc = _dbward("serve", "--config", str(tmp_path / "absent.yaml"))
+    assert proc.returncode == 2 and "cannot read configuration file" in proc.stderr
+    garbled = tmp_path / "garbled.yaml"
+    garbled.write_text("listeners: [\n")
+    proc = _dbward("check-config", str(garbled))
+    assert proc.returncode == 2 and "not valid YAML" in proc.stderr
+
+
+def test_hash_password_output_logs_in(proxy_factory: Callable[..., Proxy]) -> None:
+    password = "carol-S3cret-pass"
+    proc = _dbward("users", "hash-password", "--password-stdin", stdin=password + "\n")
+    assert proc.returncode == 0, proc.stderr
+    verifier = proc.stdout.strip()
+    assert verifier.startswith("SCRAM-SHA-256$4096:")
+    assert password not in proc.stdout
+    users = [{"name": "carol", "password_verifier": verifier, "groups": ["developers"]}]
+    carol_proxy = proxy_factory(extra={"users": users})
+    app = _app("carol")
+    info = {
+        **carol_proxy.conninfo(),
+        "user": "carol",
+        "password": password,
+        "application_name": app,
+    }
+    with psycopg.connect(**info, connect_timeout=10) as conn:
+        assert conn.execute("SELECT 5").fetchone() == (5,)
+    with pytest.raises(psycopg.OperationalError, match=AUTH_FAILED):
+        psycopg.connect(**{**info, "password": password + "x"}, connect_timeout=10)
+    records = _session(carol_proxy, app, _has_event(AuditEvent.DISCONNECT))
+    assert [r.identity for r in records if r.event == AuditEvent.AUTH_OK] == ["carol"]
+    empty = _dbward("users", "hash-password", "--password-stdin", stdin="\n")
+    assert empty.returncode == 2 and "empty password" in empty.stderr
+
+
+def test_refused_startup_audit_names_the_claimed_user(proxy: Proxy) -> None:
+    # "Who tried to become postgres?" must be answerable from the audit log alone, as it is
+    # for a failed password (auth_fail carries the claimed user).
+    app = _app("who")
+    fields, _ = _refused_raw(
+        proxy,
+        {"user": "bob", "database": "app", "options": "-c role=postgres", "application_name": app},
+    )
+    assert fields["C"] == "28000"
+    records = _session(proxy, app, _has_event(AuditEvent.PROTOCOL_ERROR))
+    refusal = next(r for r in records if r.event == AuditEvent.PROTOCOL_ERROR)
+    assert refusal.identity == "bob", refusal

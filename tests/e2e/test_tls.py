@@ -1,0 +1,374 @@
+"""TLS on both sides of dbward, and the upstream authentication methods, with real clients."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from dbward.audit.records import AuditEvent, AuditRecord
+from dbward.wire.postgres import messages
+from fixtures.postgres import PgServer
+from fixtures.proxy import USERS, Proxy, start_proxy, stop_proxy
+from fixtures.tls import TestCA, make_test_ca
+
+
+def _app(tag: str) -> str:
+    return f"tls-{tag}-{uuid.uuid4().hex[:8]}"
+
+
+def _session(proxy: Proxy, app: str, event: AuditEvent) -> list[AuditRecord]:
+    """This app's session records, once one of them is `event`."""
+    proxy.audit(until=lambda rs: any(r.application_name == app and r.event == event for r in rs))
+    return proxy.session_records(app)
+
+
+def _events(records: list[AuditRecord]) -> list[str]:
+    return [str(r.event) for r in records]
+
+
+def _connect(proxy: Proxy, app: str, **params: Any) -> psycopg.Connection[Any]:
+    info = {**proxy.conninfo(), "application_name": app, "connect_timeout": 10, **params}
+    return psycopg.connect(**info)
+
+
+def _upstream_ssl(conn: psycopg.Connection[Any]) -> tuple[str, bool]:
+    """The upstream role and whether the upstream backend's own connection uses TLS."""
+    row = conn.execute(
+        "SELECT current_user, coalesce("
+        "(SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()), false)"
+    ).fetchone()
+    assert row is not None
+    return row[0], row[1]
+
+
+def _client_tls(test_ca: TestCA, mode: str) -> dict[str, Any]:
+    return {
+        "mode": mode,
+        "cert_file": str(test_ca.server_cert),
+        "key_file": str(test_ca.server_key),
+    }
+
+
+def _require_pg_ssl(pg_server: PgServer) -> None:
+    if not pg_server.ssl_mode_available:
+        pytest.fail("the test PostgreSQL runs without SSL; upstream TLS cannot be tested")
+
+
+def _ssl_password_file(tmp_path: Path, pg_server: PgServer) -> str:
+    path = tmp_path / "ssl-user-password"
+    path.write_text(pg_server.ssl_password)
+    path.chmod(0o600)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tls_proxy(
+    pg_server: PgServer, test_ca: TestCA, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Proxy]:
+    """One dbward whose listener requires TLS, shared by the client-side TLS tests."""
+    running = start_proxy(
+        tmp_path_factory.mktemp("dbward-tls"), pg_server, tls=_client_tls(test_ca, "required")
+    )
+    yield running
+    stop_proxy(running)
+
+
+# ------------------------------------------------------------------ client side
+
+
+def test_client_tls_required_verify_full(tls_proxy: Proxy, test_ca: TestCA) -> None:
+    app = _app("req")
+    verify = {"host": "localhost", "sslmode": "verify-full", "sslrootcert": str(test_ca.ca_cert)}
+    with _connect(tls_proxy, app, **verify) as conn:
+        assert conn.info.pgconn.ssl_in_use
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    records = _session(tls_proxy, app, AuditEvent.DISCONNECT)
+    assert _events(records)[:2] == ["connect", "auth_ok"]
+    assert records[1].identity == "alice"
+
+    # psql too, verifying the proxy's certificate against the test CA.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env |= {"PGPASSWORD": USERS["alice"][0], "PGCONNECT_TIMEOUT": "10"}
+    conninfo = (
+        f"host=localhost port={tls_proxy.port} user=alice dbname=app sslmode=verify-full "
+        f"sslrootcert={test_ca.ca_cert} application_name={app}-psql"
+    )
+    proc = subprocess.run(
+        ["psql", "-X", "-A", "-t", "-d", conninfo, "-c", "SELECT 'over tls'"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "over tls"
+
+
+def test_client_tls_required_refuses_plaintext(tls_proxy: Proxy) -> None:
+    app = _app("plain")
+    since = int(time.time() * 1000)
+    with pytest.raises(psycopg.OperationalError) as caught:
+        _connect(tls_proxy, app, sslmode="disable")
+    message = str(caught.value)
+    assert "FATAL" in message and "requires TLS" in message, message
+    # The refusal comes before the startup parameters are read, so find it by time.
+    records = tls_proxy.audit(
+        since_ms=since, until=lambda rs: any(r.event == AuditEvent.PROTOCOL_ERROR for r in rs)
+    )
+    refusals = [r for r in records if r.event == AuditEvent.PROTOCOL_ERROR]
+    assert refusals, records
+    assert {r.sqlstate for r in refusals} == {"28000"}
+    assert all("requires TLS" in r.reason for r in refusals)
+    # The password was never asked for, so nothing was authenticated.
+    assert not any(r.event in (AuditEvent.AUTH_OK, AuditEvent.AUTH_FAIL) for r in records)
+    # The proxy still serves TLS clients.
+    with _connect(tls_proxy, _app("after"), sslmode="require") as conn:
+        assert conn.info.pgconn.ssl_in_use
+
+
+def test_client_tls_wrong_ca_fails_verification(
+    tls_proxy: Proxy, test_ca: TestCA, tmp_path: Path
+) -> None:
+    other = make_test_ca(tmp_path / "other-ca", common_name="some other CA")
+    with pytest.raises(psycopg.OperationalError, match="certificate verify failed"):
+        _connect(
+            tls_proxy,
+            _app("badca"),
+            host="localhost",
+            sslmode="verify-full",
+            sslrootcert=str(other.ca_cert),
+        )
+    assert tls_proxy.process.poll() is None
+    with _connect(tls_proxy, _app("ok"), sslmode="require") as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_client_tls_optional_accepts_both(
+    proxy_factory: Callable[..., Proxy], test_ca: TestCA
+) -> None:
+    tls_proxy = proxy_factory(tls=_client_tls(test_ca, "optional"))
+    app_tls, app_plain = _app("opt-tls"), _app("opt-plain")
+    with _connect(tls_proxy, app_tls, sslmode="require") as conn:
+        assert conn.info.pgconn.ssl_in_use
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    with _connect(tls_proxy, app_plain, sslmode="disable") as conn:
+        assert not conn.info.pgconn.ssl_in_use
+        assert conn.execute("SELECT 2").fetchone() == (2,)
+    for app in (app_tls, app_plain):
+        records = _session(tls_proxy, app, AuditEvent.DISCONNECT)
+        assert _events(records)[:2] == ["connect", "auth_ok"]
+
+
+def test_client_tls_disabled_declines_sslrequest(proxy: Proxy) -> None:
+    # The module proxy has TLS disabled: sslmode=require must fail rather than go plaintext.
+    with pytest.raises(psycopg.OperationalError, match="does not support SSL"):
+        _connect(proxy, _app("nossl"), sslmode="require")
+    with _connect(proxy, _app("prefer"), sslmode="prefer") as conn:
+        assert not conn.info.pgconn.ssl_in_use
+
+
+# ------------------------------------------------------------------ upstream side
+
+
+def test_upstream_tls_verify_full(
+    proxy_factory: Callable[..., Proxy], pg_server: PgServer, test_ca: TestCA, tmp_path: Path
+) -> None:
+    _require_pg_ssl(pg_server)
+    up = proxy_factory(
+        upstream={
+            "user": pg_server.ssl_user,
+            "password_file": _ssl_password_file(tmp_path, pg_server),
+            "tls": {"mode": "verify-full", "ca_file": str(test_ca.ca_cert)},
+            "host": "localhost",
+        }
+    )
+    app = _app("up-vf")
+    with _connect(up, app, sslmode="disable") as conn:
+        # The client leg is plaintext; the upstream leg is TLS (pg_hba rejects this role without).
+        assert not conn.info.pgconn.ssl_in_use
+        assert _upstream_ssl(conn) == (pg_server.ssl_user, True)
+    records = _session(up, app, AuditEvent.DISCONNECT)
+    assert _events(records)[:2] == ["connect", "auth_ok"]
+    assert not any(r.event == AuditEvent.UPSTREAM_LOST for r in records)
+
+
+def test_upstream_tls_disable_with_ssl_only_role_fails_cleanly(
+    proxy_factory: Callable[..., Proxy], pg_server: PgServer, tmp_path: Path
+) -> None:
+    _require_pg_ssl(pg_server)
+    up = proxy_factory(
+        upstream={
+            "user": pg_server.ssl_user,
+            "password_file": _ssl_password_file(tmp_path, pg_server),
+            "tls": {"mode": "disable"},
+        }
+    )
+    app = _app("up-dis")
+    with pytest.raises(psycopg.OperationalError) as caught:
+        _connect(up, app)
+    message = str(caught.value)
+    assert "FATAL" in message and "pg_hba.conf rejects connection" in message, message
+    records = _session(up, app, AuditEvent.UPSTREAM_LOST)
+    # The client authenticated to dbward; the database then refused dbward's service login.
+    assert _events(records)[:2] == ["connect", "auth_ok"]
+    lost = next(r for r in records if r.event == AuditEvent.UPSTREAM_LOST)
+    assert lost.identity == "alice" and lost.sqlstate == "28000"
+    assert up.process.poll() is None
+
+
+def test_upstream_tls_require(
+    proxy_factory: Callable[..., Proxy], pg_server: PgServer, tmp_path: Path
+) -> None:
+    _require_pg_ssl(pg_server)
+    up = proxy_factory(
+        upstream={
+            "user": pg_server.ssl_user,
+            "password_file": _ssl_password_file(tmp_path, pg_server),
+            "tls": {"mode": "require"},
+        }
+    )
+    app = _app("up-req")
+    with _connect(up, app) as conn:
+        assert _upstream_ssl(conn) == (pg_server.ssl_user, True)
+    assert _events(_session(up, app, AuditEvent.DISCONNECT))[:2] == ["connect", "auth_ok"]
+
+
+def test_upstream_tls_prefer_default_uses_tls(
+    proxy_factory: Callable[..., Proxy], pg_server: PgServer
+) -> None:
+    _require_pg_ssl(pg_server)
+    up = proxy_factory(upstream={"tls": {"mode": "prefer"}})
+    with _connect(up, _app("up-prefer")) as conn:
+        assert _upstream_ssl(conn) == (pg_server.service_user, True)
+
+
+def test_upstream_tls_verify_full_wrong_ca_fails_cleanly(
+    proxy_factory: Callable[..., Proxy], pg_server: PgServer, tmp_path: Path
+) -> None:
+    _require_pg_ssl(pg_server)
+    other = make_test_ca(tmp_path / "wrong-ca", common_name="not the database's CA")
+    up = proxy_factory(
+        upstream={
+            "tls": {"mode": "verify-full", "ca_file": str(other.ca_cert)},
+            "host": "localhost",
+        }
+    )
+    app = _app("up-badca")
+    with pytest.raises(psycopg.OperationalError) as caught:
+        _connect(up, app)
+    message = str(caught.value)
+    assert "FATAL" in message and "could not connect to the database" in message, message
+    records = _session(up, app, AuditEvent.UPSTREAM_LOST)
+    lost = next(r for r in records if r.event == AuditEvent.UPSTREAM_LOST)
+    assert lost.identity == "alice" and lost.sqlstate == "08001"
+    assert "certificate" in lost.reason.lower(), lost.reason
+    # The proxy keeps running and keeps refusing cleanly.
+    assert up.process.poll() is None
+    with pytest.raises(psycopg.OperationalError, match="could not connect to the database"):
+        _connect(up, _app("up-badca2"))
+
+
+# ------------------------------------------------------------------ upstream auth methods
+
+
+def test_upstream_md5(
+    proxy_factory: Callable[..., Proxy], pg_server: PgServer, tmp_path: Path
+) -> None:
+    password_file = tmp_path / "md5-password"
+    password_file.write_text(pg_server.md5_password + "\n")  # a trailing newline is tolerated
+    up = proxy_factory(upstream={"user": pg_server.md5_user, "password_file": str(password_file)})
+    app = _app("md5")
+    with _connect(up, app) as conn:
+        assert _upstream_ssl(conn)[0] == pg_server.md5_user
+    assert _events(_session(up, app, AuditEvent.DISCONNECT))[:2] == ["connect", "auth_ok"]
+
+
+def test_upstream_trust(proxy_factory: Callable[..., Proxy], pg_server: PgServer) -> None:
+    up = proxy_factory(upstream={"user": pg_server.trust_user, "password_file": None})
+    app = _app("trust")
+    with _connect(up, app) as conn:
+        assert _upstream_ssl(conn)[0] == pg_server.trust_user
+    records = _session(up, app, AuditEvent.DISCONNECT)
+    assert _events(records)[:2] == ["connect", "auth_ok"]
+    assert all(r.identity == "alice" for r in records if r.event != AuditEvent.CONNECT)
+
+
+def test_upstream_wrong_service_password(
+    proxy_factory: Callable[..., Proxy], tmp_path: Path
+) -> None:
+    password_file = tmp_path / "wrong-service-password"
+    password_file.write_text("definitely-not-it")
+    up = proxy_factory(upstream={"password_file": str(password_file)})
+    app = _app("badsvc")
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        _connect(up, app)
+    records = _session(up, app, AuditEvent.UPSTREAM_LOST)
+    lost = next(r for r in records if r.event == AuditEvent.UPSTREAM_LOST)
+    assert lost.sqlstate == "28P01"
+    assert up.process.poll() is None
+
+
+def test_plaintext_pipelined_after_sslrequest_refused(
+    proxy_factory: Callable[..., Proxy], test_ca: TestCA
+) -> None:
+    # CVE-2021-23214: bytes sent in the clear right behind SSLRequest must never be trusted.
+    tls_proxy = proxy_factory(tls=_client_tls(test_ca, "optional"))
+    startup = messages.startup_message({"user": "alice", "database": "app"})
+    with socket.create_connection(("127.0.0.1", tls_proxy.port), timeout=5) as sock:
+        sock.settimeout(5)
+        sock.sendall(messages.ssl_request() + startup)
+        received = b""
+        try:
+            while chunk := sock.recv(4096):
+                received += chunk
+        except ConnectionResetError:
+            pass
+    # Either refused outright (FATAL 08P01 in the clear) or the TLS handshake fails on the
+    # injected bytes; in no case does the proxy start authenticating the plaintext startup.
+    assert received[:1] in (b"E", b"S"), received
+    assert b"R\x00\x00\x00" not in received
+    if received[:1] == b"E":
+        fields = messages.parse_error_fields(received[5:])
+        assert (fields["S"], fields["C"]) == ("FATAL", "08P01")
+        records = tls_proxy.audit(
+            until=lambda rs: any(r.event == AuditEvent.PROTOCOL_ERROR for r in rs)
+        )
+        assert any(r.event == AuditEvent.PROTOCOL_ERROR for r in records)
+    assert tls_proxy.process.poll() is None
+
+
+def test_cancel_over_tls(tls_proxy: Proxy, test_ca: TestCA, pg_server: PgServer) -> None:
+    # libpq 17+ sends CancelRequest inside TLS when the connection used TLS.
+    app = _app("tls-cancel")
+    with (
+        _connect(tls_proxy, app, sslmode="require", autocommit=True) as conn,
+        ThreadPoolExecutor(1) as pool,
+    ):
+        running = pool.submit(conn.execute, "SELECT pg_sleep(10)")
+        deadline = time.monotonic() + 5
+        while "active" not in pg_server.psql(
+            f"SELECT state FROM pg_stat_activity WHERE application_name = '{app}'"
+        ):
+            assert time.monotonic() < deadline, "pg_sleep never started"
+            time.sleep(0.05)
+        started = time.monotonic()
+        conn.cancel_safe()
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            running.result(timeout=5)
+        assert time.monotonic() - started < 2.0
+    session_id = _session(tls_proxy, app, AuditEvent.DISCONNECT)[0].session_id
+    records = tls_proxy.audit(
+        event="cancel", until=lambda rs: any(r.detail == f"session={session_id}" for r in rs)
+    )
+    assert [r.status for r in records if r.detail == f"session={session_id}"] == ["forwarded"]
