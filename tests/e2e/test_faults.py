@@ -22,9 +22,10 @@ import pytest
 from dbward.audit.query import search
 from dbward.audit.records import AuditEvent, AuditRecord
 from dbward.wire.postgres import messages
-from dbward.wire.postgres.scram import ScramClient
 from fixtures.postgres import PgServer
-from fixtures.proxy import USERS, Proxy
+from fixtures.proxy import Proxy
+from fixtures.raw import RawSession
+from fixtures.raw import read_message as _read_message
 
 TIMEOUT = 5.0
 
@@ -34,23 +35,6 @@ def _app(tag: str) -> str:
 
 
 # ------------------------------------------------------------------ raw wire helpers
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            raise ConnectionError(f"closed after {len(data)} of {n} bytes")
-        data += chunk
-    return data
-
-
-def _read_message(sock: socket.socket) -> tuple[bytes, bytes]:
-    head = _recv_exact(sock, 5)
-    (length,) = struct.unpack("!I", head[1:])
-    assert 4 <= length < 1_000_000, f"implausible backend frame length {length}"
-    return head[:1], _recv_exact(sock, length - 4)
 
 
 def _expect_fatal(sock: socket.socket) -> dict[str, str]:
@@ -73,55 +57,6 @@ def _expect_fatal(sock: socket.socket) -> dict[str, str]:
 def _client_addr(sock: socket.socket) -> str:
     host, port = sock.getsockname()[:2]
     return f"{host}:{port}"
-
-
-class RawSession:
-    """A logged-in raw connection through the proxy."""
-
-    def __init__(self, proxy: Proxy, app: str, user: str = "alice") -> None:
-        self.app = app
-        self.sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=TIMEOUT)
-        self.sock.settimeout(TIMEOUT)
-        self.addr = _client_addr(self.sock)
-        sock = self.sock
-        sock.sendall(
-            messages.startup_message({"user": user, "database": "app", "application_name": app})
-        )
-        client = ScramClient(USERS[user][0])
-        msg_type, payload = _read_message(sock)
-        assert msg_type == b"R" and messages.parse_authentication(payload)[0] == 10
-        sock.sendall(messages.sasl_initial_response("SCRAM-SHA-256", client.client_first()))
-        msg_type, payload = _read_message(sock)
-        code, data = messages.parse_authentication(payload)
-        assert (msg_type, code) == (b"R", 11)
-        sock.sendall(messages.sasl_response(client.client_final(data)))
-        msg_type, payload = _read_message(sock)
-        code, data = messages.parse_authentication(payload)
-        assert (msg_type, code) == (b"R", 12)
-        client.verify_server_final(data)
-        self.pid = 0
-        self.key = b""
-        while True:
-            msg_type, payload = _read_message(sock)
-            if msg_type == b"K":
-                self.pid, self.key = messages.parse_backend_key_data(payload)
-            elif msg_type == b"Z":
-                break
-            else:
-                assert msg_type in (b"R", b"S", b"N"), (msg_type, payload)
-        assert self.pid > 0
-
-    def query(self, sql: str) -> list[tuple[bytes, bytes]]:
-        self.sock.sendall(messages.query(sql))
-        out = []
-        while True:
-            msg_type, payload = _read_message(self.sock)
-            out.append((msg_type, payload))
-            if msg_type == b"Z":
-                return out
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def _send_cancel(proxy: Proxy, pid: int, key: bytes) -> str:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import psycopg
 import pytest
 
+from dbward.wire.postgres import messages
 from fixtures.clients import app_name, has_disconnect, outcome_of, run_psql, statements
 from fixtures.proxy import Proxy
+from fixtures.raw import RawSession
 
 DENIED = [
     ("SET ROLE postgres", "guard.role_switch"),
@@ -120,3 +122,30 @@ def test_denial_inside_transaction_aborts_it_like_postgres(proxy: Proxy) -> None
             conn.execute("SELECT 1")
         conn.rollback()
         assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_function_call_message_is_refused(proxy: Proxy) -> None:
+    """The FunctionCall message calls a function by OID without SQL: refused, session kept."""
+    app = app_name("guard-fcall")
+    session = RawSession(proxy, app)
+    try:
+        # pg_terminate_backend's OID would do harm; any OID is refused before reaching PostgreSQL
+        oid = 2096  # pg_terminate_backend(int4)
+        replies = session.send(messages.function_call_message(oid, [b"1"]))
+        kinds = [kind for kind, _ in replies]
+        assert kinds == [b"E", b"Z"]
+        fields = messages.parse_error_fields(replies[0][1])
+        assert fields["C"] == "42501" and "FunctionCall" in fields["M"]
+        assert replies[1][1] == b"I"  # idle: nothing ran, no transaction opened
+        assert [k for k, _ in session.query("SELECT 1")] == [b"T", b"D", b"C", b"Z"]
+    finally:
+        session.close()
+    records = proxy.session_records(app, until=has_disconnect)
+    (denied, allowed) = statements(records)
+    assert (denied.path, denied.decision, denied.rule) == (
+        "function_call",
+        "deny",
+        "guard.function_call",
+    )
+    assert outcome_of(records, denied).status == "denied"
+    assert allowed.decision == "allow"
