@@ -294,7 +294,7 @@ def startup_body(rest: bytes, protocol: int = 196608) -> bytes:
         (startup_body(b"user\x00a\x00user\x00b\x00\x00"), "duplicate"),
         (startup_body(b"user\x00a\x00\x00x"), "trailing"),
         (startup_body(b"user\x00\xff\x00\x00"), "utf-8"),
-        (startup_body(b"\x00", 3 << 16 | 2), r"3\.2"),
+        (startup_body(b"\x00", 4 << 16), r"4\.0"),
         (startup_body(b"\x00", 2 << 16), r"2\.0"),
         (startup_body(b""), "terminated"),
         (b"\x00\x03", "truncated"),
@@ -305,6 +305,13 @@ def startup_body(rest: bytes, protocol: int = 196608) -> bytes:
 def test_startup_malformed(payload: bytes, match: str) -> None:
     with pytest.raises(ProtocolError, match=match):
         m.parse_startup_packet(payload)
+
+
+def test_startup_newer_minor_version_is_accepted_for_negotiation() -> None:
+    # 3.2 is parsed; the server side answers NegotiateProtocolVersion and speaks 3.0.
+    parsed = m.parse_startup_packet(startup_body(b"user\x00a\x00\x00", 3 << 16 | 2))
+    assert isinstance(parsed, m.StartupMessage)
+    assert parsed.protocol == 3 << 16 | 2 and parsed.params == {"user": "a"}
 
 
 def test_startup_empty_key_terminates_so_value_is_trailing() -> None:
