@@ -8,7 +8,7 @@ import signal
 import sys
 from collections.abc import Callable
 
-from dbward.audit.sqlite import SqliteAuditSink
+from dbward.audit.process import ProcessAuditSink
 from dbward.config.model import Config
 from dbward.identity.local import LocalAuthenticator
 from dbward.relay.services import CancelRegistry, ListenerServices
@@ -24,7 +24,7 @@ class Runtime:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.audit = SqliteAuditSink(config.audit.path, max_delay_ms=config.audit.max_delay_ms)
+        self.audit = ProcessAuditSink(config.audit.path, max_delay_ms=config.audit.max_delay_ms)
         self.listeners: list[PgListener] = []
         self._stopped = asyncio.Event()
 

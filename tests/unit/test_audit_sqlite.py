@@ -219,10 +219,29 @@ def test_schema_pragmas_and_permissions(tmp_path: Path) -> None:
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
     indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_schema WHERE type='index'")}
-    assert {f"audit_log_{c}" for c in ("identity", "session_id", "kind", "ts_ms", "event")} <= (
-        indexes
-    )
+    assert {f"audit_log_{c}" for c in ("identity", "session_id", "ts_ms")} <= indexes
+    assert not {"audit_log_kind", "audit_log_event"} & indexes  # low cardinality: not indexed
     conn.close()
+
+
+def test_log_with_kind_and_event_indexes_still_works(tmp_path: Path) -> None:
+    """Logs created before those two indexes were dropped open, append and search as before."""
+    db = tmp_path / "a.db"
+
+    async def session(i: int) -> int:
+        sink = SqliteAuditSink(db)
+        sink.start()
+        seq = await sink.append_durable(rec(i, kind="write"))
+        await sink.close()
+        return seq
+
+    assert run(lambda: session(1)) == 1
+    conn = sqlite3.connect(db)
+    conn.execute("CREATE INDEX audit_log_kind ON audit_log (kind)")
+    conn.execute("CREATE INDEX audit_log_event ON audit_log (event)")
+    conn.close()
+    assert run(lambda: session(2)) == 2
+    assert [r.seq for r in query.search(db, kind="write", event="statement")] == [1, 2]
 
 
 def test_existing_file_with_loose_mode_is_tightened(tmp_path: Path) -> None:
@@ -275,8 +294,8 @@ def test_all_fields_round_trip(tmp_path: Path) -> None:
 
     run(main)
     [back] = query.tail(db, 1)
-    assert back == original
-    assert back.seq == 1
+    assert back == original._replace(seq=1)  # the original is immutable: seq stays None
+    assert original.seq is None
 
 
 def test_hostile_text_is_stored(tmp_path: Path) -> None:
@@ -500,12 +519,13 @@ def test_memory_sink() -> None:
         with pytest.raises(AuditUnavailable):
             await sink.append_durable(rec(3))
         assert [r.seq for r in sink.records] == [1, 2]
+        assert sink.records[0] == rec(1)._replace(seq=1)
 
     run(main)
 
 
 def test_append_is_cheap(tmp_path: Path) -> None:
-    """The hot path stays a deque append: well under 5 us even on a slow CI machine."""
+    """The hot path stays a list append: well under 5 us even on a slow CI machine."""
 
     async def main() -> float:
         sink = SqliteAuditSink(tmp_path / "a.db")
@@ -529,3 +549,156 @@ def test_writer_thread_stopped_after_close(tmp_path: Path) -> None:
 
     run(main)
     assert not any(t.name == "dbward-audit-writer" for t in threading.enumerate())
+
+
+# -- records are immutable tuples; the store assigns seq -----------------------------------
+
+
+def test_record_is_an_immutable_tuple_in_insert_order() -> None:
+    r = rec(1, tables=("a", "b"))
+    assert r.seq is None
+    assert AuditRecord._fields[:3] == ("event", "ts_ms", "session_id")
+    assert AuditRecord._fields[-1] == "seq"
+    assert r == tuple(getattr(r, f) for f in AuditRecord._fields)
+    with pytest.raises(AttributeError):
+        r.seq = 3  # type: ignore[misc]
+    assert r._replace(seq=3).seq == 3
+
+
+def test_appended_records_are_not_modified(tmp_path: Path) -> None:
+    """The same (immutable) record may be appended twice; each copy gets its own seq."""
+    db = tmp_path / "a.db"
+    r = rec(1)
+
+    async def main() -> list[int]:
+        sink = SqliteAuditSink(db)
+        sink.start()
+        sink.append(r)
+        seqs = [await sink.append_durable(r), await sink.append_durable(r)]
+        await sink.close()
+        return seqs
+
+    assert run(main) == [2, 3]
+    assert r.seq is None
+    assert [b.seq for b in query.tail(db, 10)] == [1, 2, 3]
+    assert {b._replace(seq=None) for b in query.tail(db, 10)} == {r}
+
+
+def test_durable_seqs_exact_across_several_transactions(tmp_path: Path) -> None:
+    """Waiters spread over a backlog larger than MAX_BATCH each get their own record's seq."""
+    db = tmp_path / "a.db"
+
+    async def main() -> tuple[list[int], list[int]]:
+        sink = SqliteAuditSink(db, max_delay_ms=100)
+        sink.start()
+        want: list[int] = []
+        futs = []
+        for i in range(1, 50_001):
+            if i % 7_919 == 0:
+                futs.append(sink.append_durable(rec(i, sql_text="")))
+                want.append(i)
+            else:
+                sink.append(rec(i, sql_text=""))
+        await sink.flush()
+        got = [await f for f in futs]
+        await sink.close()
+        return want, got
+
+    want, got = run(main)
+    assert got == want
+    assert rows(db, "SELECT count(*), min(seq), max(seq) FROM audit_log") == [(50_000, 1, 50_000)]
+    # Each durable record is stored at the seq it was told.
+    for seq in want:
+        assert rows(db, f"SELECT ts_ms FROM audit_log WHERE seq = {seq}") == [
+            (1_700_000_000_000 + seq,)
+        ]
+
+
+def test_flush_with_nothing_pending_returns(tmp_path: Path) -> None:
+    async def main() -> None:
+        sink = SqliteAuditSink(tmp_path / "a.db")
+        sink.start()
+        await sink.flush()
+        await sink.flush()
+        assert sink.last_seq == 0
+        await sink.close()
+
+    run(main)
+
+
+def test_tables_stored_as_json(tmp_path: Path) -> None:
+    db = tmp_path / "a.db"
+
+    async def main() -> None:
+        sink = SqliteAuditSink(db)
+        sink.start()
+        for tables in [(), ("t",), ("public.t", "u"), ("t",), ('q"uo\\te', "é")]:
+            sink.append(rec(1, tables=tables))
+        await sink.close()
+
+    run(main)
+    assert [r[0] for r in rows(db, "SELECT tables FROM audit_log ORDER BY seq")] == [
+        "[]",
+        '["t"]',
+        '["public.t", "u"]',
+        '["t"]',
+        '["q\\"uo\\\\te", "é"]',
+    ]
+    assert [r.tables for r in query.tail(db, 10)][-1] == ('q"uo\\te', "é")
+    assert [r.event for r in query.tail(db, 10)] == [AuditEvent.STATEMENT] * 5
+
+
+def test_another_writer_fails_closed(tmp_path: Path) -> None:
+    """Rows written by another process make the seqs disagree: refuse, never renumber."""
+    db = tmp_path / "a.db"
+
+    async def main() -> None:
+        sink = SqliteAuditSink(db, retry_interval_s=0.05)
+        sink.start()
+        assert await sink.append_durable(rec(1)) == 1
+        other = sqlite3.connect(db, isolation_level=None)
+        other.execute(
+            "INSERT INTO audit_log (ts_ms, event, session_id, statement_id) "
+            "VALUES (1, 'connect', 'intruder', 0)"
+        )
+        other.close()
+        with pytest.raises(AuditUnavailable, match="another process"):
+            await sink.append_durable(rec(2))
+        assert not sink.healthy
+        await asyncio.sleep(0.2)  # retries reopen the log and still refuse
+        assert not sink.healthy
+        assert "another process" in sink.last_error
+        with pytest.raises(AuditUnavailable):
+            await sink.close()
+
+    run(main)
+    assert [r[0] for r in rows(db)] == [1, 2]  # our record 2 was never written
+
+
+def test_failed_commit_that_landed_is_not_written_twice(tmp_path: Path) -> None:
+    """A COMMIT reported as failed but durable: the retry sees it in the store and skips it."""
+    db = tmp_path / "a.db"
+
+    class LandedButFailed(SqliteAuditSink):
+        fail_once = True
+
+        def _write_batch(self, batch: list[AuditRecord], first_seq: int) -> None:
+            super()._write_batch(batch, first_seq)
+            if self.fail_once and len(batch) > 1:
+                self.fail_once = False
+                raise sqlite3.OperationalError("disk I/O error (simulated, after commit)")
+
+    async def main() -> None:
+        sink = LandedButFailed(db, retry_interval_s=0.05)
+        sink.start()
+        sink.append(rec(1))
+        with pytest.raises(AuditUnavailable, match="I/O"):
+            await sink.append_durable(rec(2))
+        assert not sink.healthy
+        sink.append(rec(3))
+        await wait_for(lambda: sink.healthy)
+        assert await sink.append_durable(rec(4)) == 4
+        await sink.close()
+
+    run(main)
+    assert rows(db) == [(i, f"SELECT {i}") for i in range(1, 5)]

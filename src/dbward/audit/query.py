@@ -9,12 +9,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from dbward.audit.records import AuditEvent, AuditRecord
-from dbward.audit.sqlite import COLUMNS, check_schema
+from dbward.audit.sqlite import check_schema
 from dbward.core.errors import AuditUnavailable
 
 __all__ = ["follow", "open_readonly", "search", "tail"]
 
-_SELECT = f"SELECT {', '.join(COLUMNS)} FROM audit_log"
+# Columns in AuditRecord field order (seq last), so a row becomes a record by position.
+_SELECT = f"SELECT {', '.join(AuditRecord._fields)} FROM audit_log"
+_EVENT = AuditRecord._fields.index("event")
+_TABLES = AuditRecord._fields.index("tables")
 
 
 def _decode(raw: bytes) -> str:
@@ -42,11 +45,11 @@ def open_readonly(path: Path | str) -> sqlite3.Connection:
 
 
 def _record(row: tuple[object, ...]) -> AuditRecord:
-    values = dict(zip(COLUMNS, row, strict=True))
-    event = str(values["event"])
-    values["event"] = AuditEvent(event) if event in AuditEvent._value2member_map_ else event
-    values["tables"] = tuple(json.loads(str(values["tables"] or "[]")))
-    return AuditRecord(**values)  # type: ignore[arg-type]
+    values = list(row)
+    event = str(values[_EVENT])
+    values[_EVENT] = AuditEvent(event) if event in AuditEvent._value2member_map_ else event
+    values[_TABLES] = tuple(json.loads(str(values[_TABLES] or "[]")))
+    return AuditRecord._make(values)
 
 
 def _run(path: Path | str, sql: str, params: list[object]) -> list[AuditRecord]:
@@ -137,7 +140,7 @@ def follow(
             ).fetchall()
             for row in rows:
                 rec = _record(row)
-                last = rec.seq
+                last = rec.seq or last
                 yield rec
             if not rows:
                 time.sleep(poll_interval_s)

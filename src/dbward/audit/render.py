@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from datetime import UTC, datetime
 
@@ -95,7 +94,7 @@ def records_table(records: list[AuditRecord], *, sql_width: int = 80) -> Table:
 
 def record_json(rec: AuditRecord) -> str:
     """One JSON line with every field. ASCII-only, so control bytes arrive as \\u escapes."""
-    data = dataclasses.asdict(rec)
+    data = rec._asdict()
     data["event"] = str(rec.event)
     data["tables"] = list(rec.tables)
     data["time"] = format_ts(rec.ts_ms)

@@ -7,7 +7,6 @@ import asyncio
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
@@ -55,14 +54,20 @@ class AuditSink(Protocol):
         ...
 
 
-class _Waiter:
-    """A durable append (record) or a flush marker (record None) with the future to resolve."""
+class _Pending:
+    """What the loop thread has appended since the writer last took it.
 
-    __slots__ = ("future", "record")
+    `waiters` holds (future, index): the future resolves once `records[index]` is committed
+    (with that record's seq). A flush marker's index is that of the last record appended
+    before it, -1 for "everything taken earlier". The writer swaps the whole object, so the
+    two lists always change hands together.
+    """
 
-    def __init__(self, record: AuditRecord | None, future: asyncio.Future[int]) -> None:
-        self.record = record
-        self.future = future
+    __slots__ = ("records", "waiters")
+
+    def __init__(self) -> None:
+        self.records: list[AuditRecord] = []
+        self.waiters: list[tuple[asyncio.Future[int], int]] = []
 
 
 def _resolve_all(results: list[tuple[asyncio.Future[int], int]]) -> None:
@@ -80,10 +85,19 @@ def _fail_all(futures: list[asyncio.Future[int]], message: str) -> None:
 class GroupCommitSink(abc.ABC):
     """Queues records on the loop thread; one writer thread commits them in batches.
 
-    The loop thread only appends to a deque (atomic under the GIL), so `append` costs about a
-    microsecond and never wakes the writer; the writer wakes every `max_delay_ms`, or at once
-    for a durable append. Seqs are assigned by the writer in queue order, so they are gap-free
-    and the log order is the append order. A failed batch keeps its seqs and is retried first.
+    `append` only appends to a plain list, so it costs a fraction of a microsecond and never
+    wakes the writer; the writer wakes every `max_delay_ms`, or at once for a durable append
+    or a flush, takes the list by swapping in an empty one and hands it to the store whole
+    (no Python work per record on the writer thread, which would hold the GIL and stall the
+    event loop). The store assigns seqs in list order: the record at position i of the
+    uncommitted backlog gets seq `last_seq + 1 + i`, so seqs are gap-free and the log order
+    is the append order. A failed batch stays at the head of the backlog and is retried
+    first.
+
+    Swapping without a lock relies on the GIL: `append` loads `self._pending` and calls
+    list.append with no call (hence no thread switch) in between, so the writer can never
+    take a list the loop thread is about to append to. `append_durable` and flush markers
+    need the list's length as well, which is a call, so they and the swap hold `_swap_lock`.
     """
 
     def __init__(
@@ -100,7 +114,8 @@ class GroupCommitSink(abc.ABC):
         self._max_delay_s = max_delay_ms / 1000.0
         self._max_pending = max_pending
         self._retry_interval_s = retry_interval_s
-        self._queue: deque[AuditRecord | _Waiter] = deque()
+        self._pending = _Pending()
+        self._swap_lock = threading.Lock()
         self._wake = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -109,9 +124,10 @@ class GroupCommitSink(abc.ABC):
         self._healthy = True
         self._last_error = ""
         # Writer-thread state (read, never written, by the loop thread).
-        self._retry: list[AuditRecord] = []  # failed batch, seqs assigned, retried first
+        self._retry: list[AuditRecord] = []  # taken, not yet committed; seqs follow last_seq
+        self._waiting: list[tuple[asyncio.Future[int], int]] = []  # (future, seq awaited)
+        self._failed_n = 0  # rows of the transaction that last failed (head of _retry)
         self._backlog = 0  # len(self._retry), readable without touching the list
-        self._next_seq = 1
         self._committed_seq = 0
         self._retry_at = 0.0
         self._store_open = False
@@ -123,12 +139,13 @@ class GroupCommitSink(abc.ABC):
         """Open (creating if needed) the store on the writer thread; return its max seq."""
 
     @abc.abstractmethod
-    def _write_batch(self, batch: list[AuditRecord]) -> None:
-        """Durably commit `batch` (seqs already assigned) in one transaction, or raise."""
+    def _write_batch(self, batch: list[AuditRecord], first_seq: int) -> None:
+        """Durably commit `batch` as seqs `first_seq`.. in one transaction, or raise."""
 
     @abc.abstractmethod
-    def _batch_is_stored(self, batch: list[AuditRecord]) -> bool:
-        """True if the store already holds `batch` (a COMMIT that reported failure but landed)."""
+    def _batch_is_stored(self, batch: list[AuditRecord], first_seq: int) -> bool:
+        """True if the store already holds `batch` at `first_seq`.. (a COMMIT that reported
+        failure but landed)."""
 
     @abc.abstractmethod
     def _close_store(self) -> None:
@@ -139,7 +156,7 @@ class GroupCommitSink(abc.ABC):
     @property
     def healthy(self) -> bool:
         """False after a failed write (until a retry succeeds) or when the backlog is full."""
-        return self._healthy and len(self._queue) + self._backlog < self._max_pending
+        return self._healthy and len(self._pending.records) + self._backlog < self._max_pending
 
     @property
     def last_error(self) -> str:
@@ -174,10 +191,10 @@ class GroupCommitSink(abc.ABC):
 
     def append(self, record: AuditRecord) -> None:
         """Queue `record`. Raises AuditUnavailable when closed or the backlog is full."""
-        queue = self._queue
-        if len(queue) + self._backlog >= self._max_pending or self._closed:
+        if self._closed or len(self._pending.records) + self._backlog >= self._max_pending:
             raise self._refusal()
-        queue.append(record)
+        # One statement, no call before list.append: see the class docstring.
+        self._pending.records.append(record)
 
     def append_durable(self, record: AuditRecord) -> asyncio.Future[int]:
         """Queue `record` and wake the writer; the future resolves with the record's seq."""
@@ -186,7 +203,7 @@ class GroupCommitSink(abc.ABC):
     async def flush(self) -> None:
         """Wait until everything appended so far is durably committed (or raise)."""
         if self._thread is None or not self._thread.is_alive():
-            if self._queue or self._backlog:
+            if self._pending.records or self._backlog:
                 raise AuditUnavailable("audit writer is not running; records are pending")
             return
         await self._enqueue_waiter(None, force=True)
@@ -204,7 +221,7 @@ class GroupCommitSink(abc.ABC):
             thread = self._thread
             if thread is not None:
                 await asyncio.get_running_loop().run_in_executor(None, thread.join)
-        lost = len(self._queue) + self._backlog
+        lost = len(self._pending.records) + self._backlog
         if lost:
             msg = f"audit log closed with {lost} records not written: {self._last_error}"
             log.error(msg)
@@ -217,11 +234,16 @@ class GroupCommitSink(abc.ABC):
         if loop is None:
             raise RuntimeError("audit sink not started")
         fut: asyncio.Future[int] = loop.create_future()
-        over = len(self._queue) + self._backlog >= self._max_pending
-        if self._closed or (over and not force):
-            fut.set_exception(self._refusal())
-            return fut
-        self._queue.append(_Waiter(record, fut))
+        with self._swap_lock:
+            pending = self._pending
+            records = pending.records
+            over = len(records) + self._backlog >= self._max_pending
+            if self._closed or (over and not force):
+                fut.set_exception(self._refusal())
+                return fut
+            if record is not None:
+                records.append(record)
+            pending.waiters.append((fut, len(records) - 1))
         self._wake.set()
         return fut
 
@@ -237,8 +259,7 @@ class GroupCommitSink(abc.ABC):
 
     def _run(self, ready: threading.Event, failure: list[BaseException]) -> None:
         try:
-            self._next_seq = self._committed_seq = self._open_store()
-            self._next_seq += 1
+            self._committed_seq = self._open_store()
             self._store_open = True
         except BaseException as exc:
             failure.append(exc)
@@ -267,101 +288,119 @@ class GroupCommitSink(abc.ABC):
             next_due = time.monotonic() + self._max_delay_s
             self._commit_pending()
             if stopping:
-                if self._queue or self._retry:
+                if self._pending.records or self._retry or self._waiting:
                     self._fail_queued(f"audit log closed before commit: {self._last_error}")
                 return
 
-    def _commit_pending(self) -> None:
-        """Commit the retry batch and everything queued, MAX_BATCH rows per transaction."""
-        queue = self._queue
-        while True:
-            batch = self._retry
-            n_retry = len(batch)
-            waiters: list[tuple[asyncio.Future[int], int]] = []
-            seq = self._next_seq
-            for k in range(min(len(queue), MAX_BATCH - len(batch))):
-                if k & 1023 == 1023:
-                    time.sleep(0)  # let the event loop take the GIL during a long drain
-                item = queue.popleft()
-                if isinstance(item, _Waiter):
-                    rec = item.record
-                    if rec is not None:
-                        rec.seq = seq
-                        seq += 1
-                        batch.append(rec)
-                    waiters.append((item.future, seq - 1))
-                else:
-                    item.seq = seq
-                    seq += 1
-                    batch.append(item)
-            self._next_seq = seq
-            self._backlog = len(batch)
-            if not batch and not waiters and self._store_open:
+    def _take(self) -> None:
+        """Move everything appended so far behind the backlog (C-level list operations only)."""
+        with self._swap_lock:
+            taken = self._pending
+            if not taken.records and not taken.waiters:
                 return
+            # Counted in the backlog before the swap, so `healthy` never undercounts.
+            self._backlog = len(self._retry) + len(taken.records)
+            self._pending = _Pending()
+        base = self._committed_seq + 1 + len(self._retry)  # seq of taken.records[0]
+        if self._retry:
+            self._retry.extend(taken.records)
+        else:
+            self._retry = taken.records
+        self._backlog = len(self._retry)
+        if taken.waiters:
+            self._waiting.extend([(fut, base + index) for fut, index in taken.waiters])
+
+    def _commit_pending(self) -> None:
+        """Commit the backlog and everything appended, MAX_BATCH rows per transaction."""
+        while True:
+            self._take()
+            if not self._retry and not self._waiting and self._store_open:
+                return
+            attempted = self._failed_n  # until a new write is tried, the old one may have landed
             try:
                 if not self._store_open:
-                    self._reopen(batch, n_retry)
-                if batch:
-                    self._write_batch(batch)
+                    self._reopen()
+                backlog = self._retry
+                chunk = backlog if len(backlog) <= MAX_BATCH else backlog[:MAX_BATCH]
+                if chunk:
+                    attempted = len(chunk)
+                    self._write_batch(chunk, self._committed_seq + 1)
             except Exception as exc:
-                self._on_failure(exc, batch, [fut for fut, _ in waiters])
+                self._on_failure(exc, attempted)
                 return
-            full = len(batch) >= MAX_BATCH
-            if batch:
-                self._committed_seq = batch[-1].seq
-            self._retry = []
-            self._backlog = 0
+            n = len(chunk)
+            self._committed_seq += n
+            if n == len(backlog):
+                self._retry = []
+            else:
+                del backlog[:n]
+            self._backlog = len(self._retry)
+            self._failed_n = 0
             if not self._healthy:
-                log.warning("audit log writable again; committed through seq %d", seq - 1)
+                log.warning(
+                    "audit log writable again; committed through seq %d", self._committed_seq
+                )
                 self._healthy = True
-            if waiters:
-                self._call_loop(_resolve_all, waiters)
-            if not full:
+            if self._waiting:
+                committed = self._committed_seq
+                waiting = self._waiting
+                if waiting[-1][1] <= committed:
+                    done, self._waiting = waiting, []
+                else:
+                    done = [w for w in waiting if w[1] <= committed]
+                    self._waiting = [w for w in waiting if w[1] > committed]
+                if done:
+                    self._call_loop(_resolve_all, done)
+            if n < MAX_BATCH:
                 return
 
-    def _reopen(self, batch: list[AuditRecord], n_retry: int) -> None:
-        """Open the store again after a failure; `batch[:n_retry]` is the failed batch."""
+    def _reopen(self) -> None:
+        """Open the store again after a failure; the head `_failed_n` rows may have landed."""
         store_max = self._open_store()
         self._store_open = True
-        self._committed_seq = max(self._committed_seq, store_max)
-        if n_retry and store_max >= batch[0].seq:
-            if not self._batch_is_stored(batch[:n_retry]):
-                raise AuditUnavailable(
-                    f"audit log already holds seq {batch[0].seq}: is another process writing it?"
-                )
-            del batch[:n_retry]  # the failed COMMIT did reach the disk: do not write it twice
-        if store_max >= self._next_seq:
-            raise AuditUnavailable(
-                f"audit log holds seq {store_max}, ahead of this writer: "
-                "is another process writing it?"
-            )
+        committed = self._committed_seq
+        if store_max <= committed:
+            return  # as expected, or a new file replaced a lost one (the store continues seq)
+        n_failed = self._failed_n
+        if (
+            n_failed
+            and store_max == committed + n_failed
+            and self._batch_is_stored(self._retry[:n_failed], committed + 1)
+        ):
+            # The failed COMMIT did reach the disk: do not write it twice.
+            del self._retry[:n_failed]
+            self._backlog = len(self._retry)
+            self._committed_seq = store_max
+            self._failed_n = 0
+            return
+        raise AuditUnavailable(
+            f"audit log holds seq {store_max}, ahead of this writer ({committed}): "
+            "is another process writing it?"
+        )
 
-    def _on_failure(
-        self, exc: Exception, batch: list[AuditRecord], futures: list[asyncio.Future[int]]
-    ) -> None:
+    def _on_failure(self, exc: Exception, n_failed: int) -> None:
         first = self._healthy
         self._healthy = False
         self._last_error = _describe(exc)
-        self._retry = batch
-        self._backlog = len(batch)
+        self._failed_n = n_failed
         self._retry_at = time.monotonic() + self._retry_interval_s
         if self._store_open:
             self._close_store()
             self._store_open = False
         if first:
             log.error("audit log write failed, refusing statements: %s", self._last_error)
-        if futures:
+        # Every waiter taken so far fails (fail closed); its record stays queued for retry.
+        waiting, self._waiting = self._waiting, []
+        if waiting:
+            futures = [fut for fut, _ in waiting]
             self._call_loop(_fail_all, futures, f"audit log unavailable: {self._last_error}")
 
     def _fail_queued(self, message: str) -> None:
-        items: list[AuditRecord | _Waiter] = []
-        for _ in range(10):
-            try:  # the loop thread may append concurrently (after a crash)
-                items = list(self._queue)
-                break
-            except RuntimeError:
-                continue
-        futures = [item.future for item in items if isinstance(item, _Waiter)]
+        with self._swap_lock:
+            futures = [fut for fut, _ in self._waiting]
+            futures += [fut for fut, _ in self._pending.waiters]
+            self._waiting = []
+            self._pending.waiters = []
         if futures:
             self._call_loop(_fail_all, futures, message)
 
@@ -399,11 +438,10 @@ class MemorySink:
         self._loop = loop if loop is not None else asyncio.get_running_loop()
 
     def append(self, record: AuditRecord) -> None:
-        """Store the record at once (seq assigned), or raise AuditUnavailable when failing."""
+        """Store a copy of the record with its seq, or raise AuditUnavailable when failing."""
         if self.fail:
             raise AuditUnavailable("audit log unavailable (simulated)")
-        record.seq = len(self.records) + 1
-        self.records.append(record)
+        self.records.append(record._replace(seq=len(self.records) + 1))
 
     def append_durable(self, record: AuditRecord) -> asyncio.Future[int]:
         """Store the record; the returned future is already resolved (or failed)."""
@@ -414,7 +452,7 @@ class MemorySink:
         except AuditUnavailable as exc:
             fut.set_exception(exc)
         else:
-            fut.set_result(record.seq)
+            fut.set_result(len(self.records))
         return fut
 
     async def flush(self) -> None:

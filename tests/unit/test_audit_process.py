@@ -1,0 +1,158 @@
+"""ProcessAuditSink: records reach SQLite through a real child writer process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from dbward.audit import query
+from dbward.audit.process import ProcessAuditSink
+from dbward.audit.records import AuditEvent, AuditRecord
+from dbward.core.errors import AuditUnavailable
+
+
+def _record(i: int, event: AuditEvent = AuditEvent.STATEMENT) -> AuditRecord:
+    return AuditRecord(
+        event=event,
+        ts_ms=1_700_000_000_000 + i,
+        session_id="s1",
+        identity="alice",
+        statement_id=i,
+        sql_text=f"SELECT {i}",
+        tables=("public.t",),
+        kind="read",
+    )
+
+
+def test_batched_and_durable_records_are_committed_in_order(tmp_path: Path) -> None:
+    db = tmp_path / "audit.db"
+
+    async def run() -> int:
+        sink = ProcessAuditSink(db, max_delay_ms=20)
+        sink.start()
+        for i in range(1, 101):
+            sink.append(_record(i))
+        seq = await sink.append_durable(_record(101, AuditEvent.OUTCOME))
+        # durable means committed: another connection sees it now
+        assert [r.seq for r in query.tail(db, 1)] == [seq]
+        sink.append(_record(102))
+        await sink.close()
+        return seq
+
+    seq = asyncio.run(run())
+    assert seq == 101
+    records = query.tail(db, 1000)
+    assert [r.seq for r in records] == list(range(1, 103))
+    assert [r.statement_id for r in records] == list(range(1, 103))
+    assert records[0].tables == ("public.t",) and records[0].identity == "alice"
+    assert oct(db.stat().st_mode & 0o777) == "0o600"
+
+
+def test_batched_records_arrive_within_max_delay(tmp_path: Path) -> None:
+    db = tmp_path / "audit.db"
+
+    async def run() -> None:
+        sink = ProcessAuditSink(db, max_delay_ms=50)
+        sink.start()
+        sink.append(_record(1))
+        deadline = time.monotonic() + 2
+        while not (db.exists() and query.tail(db, 1)) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert [r.statement_id for r in query.tail(db, 1)] == [1]
+        await sink.close()
+
+    asyncio.run(run())
+
+
+def test_seq_continues_across_restarts(tmp_path: Path) -> None:
+    db = tmp_path / "audit.db"
+
+    async def write(n: int) -> None:
+        sink = ProcessAuditSink(db)
+        sink.start()
+        for i in range(n):
+            sink.append(_record(i))
+        await sink.close()
+
+    asyncio.run(write(3))
+    asyncio.run(write(2))
+    assert [r.seq for r in query.tail(db, 10)] == [1, 2, 3, 4, 5]
+
+
+def test_not_an_audit_log_is_refused_at_start(tmp_path: Path) -> None:
+    bad = tmp_path / "other.db"
+    bad.write_bytes(b"this is not sqlite at all" * 100)
+
+    async def run() -> None:
+        ProcessAuditSink(bad).start()
+
+    with pytest.raises(AuditUnavailable, match="not a dbward audit log"):
+        asyncio.run(run())
+
+
+def test_killed_writer_fails_closed_then_recovers_without_losing_records(tmp_path: Path) -> None:
+    db = tmp_path / "audit.db"
+
+    async def run() -> None:
+        sink = ProcessAuditSink(db)
+        sink.start()
+        await sink.append_durable(_record(1))
+        assert sink._process is not None
+        os.kill(sink._process.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while sink.healthy and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert not sink.healthy  # statements are refused while the writer is down
+        sink.append(_record(2))  # kept, and sent to the restarted writer
+        while not sink.healthy and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert sink.healthy
+        await sink.append_durable(_record(3))
+        await sink.close()
+
+    asyncio.run(run())
+    assert [r.statement_id for r in query.tail(db, 10)] == [1, 2, 3]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tiny tmpfs needs root")
+def test_disk_full_refuses_then_recovers(tmp_path: Path) -> None:
+    """A real ENOSPC/SQLITE_FULL: a 320 KiB tmpfs filled with a ballast file."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if os.system(f"mount -t tmpfs -o size=320k tmpfs {mount}") != 0:
+        pytest.fail("cannot mount a tmpfs although running as root")
+    try:
+        db = mount / "audit.db"
+
+        async def run() -> None:
+            sink = ProcessAuditSink(db)
+            sink.start()
+            await sink.append_durable(_record(0))
+            ballast = mount / "ballast"
+            with ballast.open("wb") as f, pytest.raises(OSError):
+                f.write(b"x" * 1024 * 1024)  # fill the file system
+            failed = None
+            for i in range(1, 2000):
+                try:
+                    await sink.append_durable(
+                        _record(i, AuditEvent.STATEMENT)._replace(sql_text="y" * 2000)
+                    )
+                except AuditUnavailable as exc:
+                    failed = exc
+                    break
+            assert failed is not None and not sink.healthy
+            ballast.unlink()
+            deadline = time.monotonic() + 10
+            while not sink.healthy and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            assert sink.healthy
+            await sink.close()
+
+        asyncio.run(run())
+    finally:
+        os.system(f"umount {mount}")
