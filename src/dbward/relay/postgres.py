@@ -686,7 +686,9 @@ class PgSession(asyncio.Protocol):
             self._next_sid += 1
             sid = self._next_sid
             self._statement_count += 1
-            record = self._statement_record(sid, statement, decision, path)
+            # A refused batch is refused whole: an allowed part records the batch's denial.
+            effective = decision if denial is None or not decision.allowed else denial
+            record = self._statement_record(sid, statement, effective, path)
             if denial is None and strict and statement.kind in _DURABLE_KINDS:
                 durable = audit.append_durable(record)
             else:

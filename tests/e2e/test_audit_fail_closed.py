@@ -1,0 +1,75 @@
+"""Fail closed: when the audit log cannot be written, statements are refused (58030)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from dbward.audit import query
+from fixtures.proxy import Proxy
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A real 512 KiB file system, so SQLite gets a real SQLITE_FULL."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    mount = tmp_path / "small"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_full_disk_refuses_statements_then_recovers(
+    proxy_factory: Callable[..., Proxy], small_fs: Path
+) -> None:
+    audit_db = small_fs / "audit.db"
+    proxy = proxy_factory(extra={"audit": {"path": str(audit_db), "durability": "strict"}})
+    with psycopg.connect(**proxy.conninfo(), autocommit=True) as conn:
+        conn.execute("CREATE TEMP TABLE t (x text)")
+        ballast = small_fs / "ballast"
+        with ballast.open("wb") as f, pytest.raises(OSError):
+            f.write(b"\0" * 1024 * 1024)
+        refused = None
+        for _ in range(200):  # keep writing until the log cannot grow
+            try:
+                conn.execute("INSERT INTO t VALUES (%s)", ("z" * 3000,))
+            except psycopg.Error as exc:
+                refused = exc
+                break
+        assert refused is not None and refused.sqlstate == "58030", refused
+        # reads are refused too while the log is down: nothing runs unrecorded
+        with pytest.raises(psycopg.Error) as info:
+            conn.execute("SELECT 1")
+        assert info.value.sqlstate == "58030"
+        ballast.unlink()
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                assert conn.execute("SELECT 42").fetchone() == (42,)
+                break
+            except psycopg.Error:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+    proxy.audit_path = audit_db
+    records = proxy.audit(until=lambda rs: any(r.event == "disconnect" for r in rs))
+    intents = [r for r in records if r.event == "statement"]
+    # nothing is lost: the refused statements are in the log, marked as refused
+    outcomes = {r.statement_id: r for r in records if r.event == "outcome"}
+    failed_insert = [r for r in intents if outcomes[r.statement_id].status == "not_executed"]
+    assert [r.command for r in failed_insert] == ["INSERT"]  # its durable intent failed
+    assert outcomes[failed_insert[0].statement_id].sqlstate == "58030"
+    refused = [r for r in intents if r.rule == "guard.audit_unavailable"]
+    assert refused and all(r.decision == "deny" for r in refused)
+    assert all(outcomes[r.statement_id].sqlstate == "58030" for r in refused)
+    assert query.tail(audit_db, 1)[0].event == "disconnect"
