@@ -20,6 +20,10 @@ NOW = int(time.time() * 1000)
 
 @pytest.fixture
 def db(tmp_path: Path) -> Path:
+    # Relative times (--since 45s) are measured from now: stamp the records at test time,
+    # not at import time, or a long test session shifts them out of the window.
+    global NOW
+    NOW = int(time.time() * 1000)
     path = tmp_path / "audit.db"
     records = [
         AuditRecord(

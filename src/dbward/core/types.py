@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 
 class StatementKind(enum.StrEnum):
@@ -76,9 +77,12 @@ class SessionContext:
     application_name: str
 
 
-@dataclass(frozen=True, slots=True)
-class PolicyRequest:
-    """Everything the decision point may look at: nothing else influences a decision."""
+class PolicyRequest(NamedTuple):
+    """Everything the decision point may look at: nothing else influences a decision.
+
+    A NamedTuple because one is built per statement on the hot path (a third of the cost of
+    a frozen dataclass).
+    """
 
     session: SessionContext
     statement: Statement

@@ -50,6 +50,11 @@ _POISON_STATEMENT = "__dbward_denied__"  # named, so the client's unnamed statem
 _POISON_QUERY = messages.query(_POISON_SQL)
 _POISON_PARSE = messages.parse_message(_POISON_STATEMENT, _POISON_SQL)
 
+# Enum members as plain str for audit records (a dict lookup beats .value's descriptor).
+_TEXT: dict[object, str] = {
+    member: member.value for enum in (StatementKind, ProtocolPath, Verdict) for member in enum
+}
+
 # Kinds whose intent must be durable before forwarding when durability is "strict".
 _DURABLE_KINDS = frozenset(
     {StatementKind.WRITE, StatementKind.DDL, StatementKind.DCL, StatementKind.ADMIN}
@@ -569,11 +574,11 @@ class PgSession(asyncio.Protocol):
             out.append(raw)
             return None
         if msg_type == _B:
-            bind = messages.parse_bind(payload)
-            found = self._prepared.get(bind.statement)
+            portal_name, statement_name = messages.bind_names(payload)
+            found = self._prepared.get(statement_name)
             # A statement dbward did not see prepared (SQL PREPARE, or forgotten after
             # DEALLOCATE/DISCARD) cannot be inspected: it is denied at Execute.
-            self._portals[bind.portal] = (
+            self._portals[portal_name] = (
                 found
                 if found is not None
                 else (
@@ -582,7 +587,7 @@ class PgSession(asyncio.Protocol):
                         kind=StatementKind.UNKNOWN,
                         command="EXECUTE",
                         flags=frozenset({"uninspected_statement"}),
-                        error=f"prepared statement {bind.statement!r} was not seen by dbward",
+                        error=f"prepared statement {statement_name!r} was not seen by dbward",
                     ),
                 )
             )
@@ -821,7 +826,7 @@ class PgSession(asyncio.Protocol):
         if msg_type == 0x43:  # 'C' CommandComplete
             if ops:
                 op = ops[0]
-                rows = messages.parse_command_complete(payload)[1] if payload is not None else None
+                rows = messages.command_complete_rows(payload) if payload is not None else None
                 if op.code == _OP_QUERY:
                     tracked = op.tracked
                     if tracked and op.index < len(tracked):
@@ -1028,50 +1033,64 @@ class PgSession(asyncio.Protocol):
     def _statement_record(
         self, sid: int, statement: Statement, decision: Decision, path: ProtocolPath
     ) -> AuditRecord:
+        # Positional, in AuditRecord field order: this runs for every statement.
         text = statement.text
         cap = self.services.audit_settings.sql_text_max
-        encoded = text.encode("utf-8", "surrogatepass")
         identity = self.identity
         return AuditRecord(
-            event=AuditEvent.STATEMENT,
-            ts_ms=int(self.services.clock() * 1000),
-            session_id=self.session_id,
-            identity=identity.name if identity is not None else "",
-            client_addr=self.client_addr,
-            application_name=self._application_name,
-            target=self.services.settings.name,
-            database=self._database,
-            path=path.value,
-            statement_id=sid,
-            sql_text=text if len(text) <= cap else text[:cap],
-            sql_sha256=hashlib.sha256(encoded).hexdigest(),
-            kind=statement.kind.value,
-            command=statement.command,
-            tables=statement.tables,
-            decision=decision.verdict.value,
-            reason=decision.reason,
-            rule=decision.rule,
-            detail=statement.error or "",
+            AuditEvent.STATEMENT,
+            int(self.services.clock() * 1000),
+            self.session_id,
+            identity.name if identity is not None else self._claimed_user,
+            self.client_addr,
+            self._application_name,
+            self.services.settings.name,
+            self._database,
+            _TEXT[path],
+            sid,
+            text if len(text) <= cap else text[:cap],
+            hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest(),
+            _TEXT[statement.kind],
+            statement.command,
+            statement.tables,
+            _TEXT[decision.verdict],
+            decision.reason,
+            decision.rule,
+            "",  # status
+            "",  # sqlstate
+            None,  # rows
+            None,  # duration_ms
+            statement.error or "",  # detail
         )
 
     def _record_outcome(
         self, tracked: _Tracked, status: str, sqlstate: str, rows: int | None = None
     ) -> None:
+        identity = self.identity
+        statement = tracked.statement
         record = AuditRecord(
-            event=AuditEvent.OUTCOME,
-            ts_ms=int(self.services.clock() * 1000),
-            session_id=self.session_id,
-            identity=self.identity.name if self.identity is not None else "",
-            target=self.services.settings.name,
-            database=self._database,
-            path=tracked.path.value,
-            statement_id=tracked.sid,
-            kind=tracked.statement.kind.value,
-            command=tracked.statement.command,
-            status=status,
-            sqlstate=sqlstate,
-            rows=rows,
-            duration_ms=round((time.perf_counter() - tracked.started) * 1000, 3),
+            AuditEvent.OUTCOME,
+            int(self.services.clock() * 1000),
+            self.session_id,
+            identity.name if identity is not None else self._claimed_user,
+            "",  # client_addr: on the intent record
+            "",  # application_name: on the intent record
+            self.services.settings.name,
+            self._database,
+            _TEXT[tracked.path],
+            tracked.sid,
+            "",  # sql_text: on the intent record
+            "",  # sql_sha256
+            _TEXT[statement.kind],
+            statement.command,
+            (),  # tables: on the intent record
+            "",  # decision: on the intent record
+            "",  # reason
+            "",  # rule
+            status,
+            sqlstate,
+            rows,
+            round((time.perf_counter() - tracked.started) * 1000, 3),
         )
         try:
             self.services.audit.append(record)

@@ -321,6 +321,22 @@ def parse_bind(payload: bytes, encoding: str = "utf-8") -> BindMsg:
     return BindMsg(portal, statement)
 
 
+def bind_names(payload: bytes, encoding: str = "utf-8") -> tuple[str, str]:
+    """Bind's portal and statement names only: the relay's per-message fast path.
+
+    The parameters are left for PostgreSQL to validate (dbward never interprets them);
+    `parse_bind` checks the whole message.
+    """
+    first = payload.find(b"\x00")
+    second = payload.find(b"\x00", first + 1) if first >= 0 else -1
+    if second < 0:
+        raise ProtocolError("invalid Bind message: missing NUL terminator")
+    try:
+        return payload[:first].decode(encoding), payload[first + 1 : second].decode(encoding)
+    except UnicodeDecodeError:
+        raise ProtocolError(f"invalid Bind message: name is not valid {encoding}") from None
+
+
 def parse_describe(payload: bytes, encoding: str = "utf-8") -> DescribeMsg:
     """Describe ('D'): what to describe and its name."""
     reader = _Reader(payload, "Describe")
@@ -449,6 +465,22 @@ def parse_command_complete(payload: bytes) -> tuple[str, int | None]:
         if last.isdigit():
             rows = int(last)
     return tag, rows
+
+
+_ROW_COUNT_TAGS_BYTES = frozenset(tag.encode() for tag in _ROW_COUNT_TAGS)
+
+
+def command_complete_rows(payload: bytes) -> int | None:
+    """The row count of a CommandComplete body, or None: the per-statement fast path."""
+    end = payload.find(b"\x00")
+    tag = payload[:end] if end >= 0 else payload
+    space = tag.rfind(b" ")
+    if space < 0:
+        return None
+    last = tag[space + 1 :]
+    if last.isdigit() and tag[: tag.find(b" ")] in _ROW_COUNT_TAGS_BYTES:
+        return int(last)
+    return None
 
 
 def parse_backend_key_data(payload: bytes) -> tuple[int, bytes]:

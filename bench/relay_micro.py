@@ -1,0 +1,160 @@
+"""Micro-benchmark: Python cost of the relay per pgbench transaction, without sockets.
+
+Feeds a PgSession the exact bytes of pgbench select-only transactions (simple and prepared)
+and of PostgreSQL's replies, with transports that discard writes, so what is measured is the
+relay's own work (framing, classification, policy, audit records, op tracking, scanning).
+Run: .venv/bin/python bench/relay_micro.py [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import pstats
+import random
+import time
+from typing import Any
+
+from dbward.audit.records import AuditRecord
+from dbward.config.model import AuditSettings, ListenerSettings, UpstreamSettings
+from dbward.core.types import Identity, SessionContext
+from dbward.relay.postgres import _PHASE_READY, PgSession
+from dbward.relay.services import CancelRegistry, ListenerServices
+from dbward.server.upstream import UpstreamConnection, UpstreamProtocol
+from dbward.sql.postgres import PostgresClassifier
+from dbward.wire.postgres import messages as m
+from dbward.wire.postgres.framing import BackendScanner
+
+
+class NullSink:
+    healthy = True
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def start(self, loop: Any = None) -> None: ...
+
+    def append(self, record: AuditRecord) -> None:
+        self.count += 1
+
+    def append_durable(self, record: AuditRecord) -> Any:
+        raise NotImplementedError
+
+    async def flush(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class NullTransport:
+    def write(self, data: bytes) -> None: ...
+
+    def is_closing(self) -> bool:
+        return False
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("127.0.0.1", 5555)
+
+
+def make_session() -> tuple[PgSession, NullSink]:
+    sink = NullSink()
+    settings = ListenerSettings(
+        name="bench", upstream=UpstreamSettings(user="svc", tls={"mode": "disable"})
+    )
+    services = ListenerServices(
+        settings=settings,
+        audit_settings=AuditSettings(durability="batched"),
+        audit=sink,  # type: ignore[arg-type]
+        classifier=PostgresClassifier(),
+        authenticator=None,  # type: ignore[arg-type]
+        client_tls=None,
+        upstream_tls=None,
+        cancels=CancelRegistry(5),
+    )
+    session = PgSession(services)
+    session.transport = NullTransport()  # type: ignore[assignment]
+    identity = Identity("bench")
+    session.identity = identity
+    session._context = SessionContext("s", identity, "bench", "db", "127.0.0.1:1", "pgbench")
+    session._framer.startup = False
+    upstream = UpstreamConnection(transport=NullTransport(), protocol=UpstreamProtocol())  # type: ignore[arg-type]
+    session._upstream = upstream
+    session._scanner = BackendScanner()
+    session._phase = _PHASE_READY
+    return session, sink
+
+
+def select_reply(aid: int) -> bytes:
+    row_desc = m._frame(
+        b"T", b"\x00\x01abalance\x00" + b"\x00" * 6 + b"\x00\x17\x00\x04\xff\xff\xff\xff\x00\x00"
+    )
+    return row_desc + m.data_row([b"0"]) + m.command_complete("SELECT 1") + m.ready_for_query(b"I")
+
+
+def run(n: int, mode: str) -> float:
+    session, sink = make_session()
+    rng = random.Random(1)
+    reply = select_reply(1)
+    if mode == "prepared":
+        session.data_received(
+            m.parse_message("P0_1", "SELECT abalance FROM pgbench_accounts WHERE aid = $1;")
+            + m.sync()
+        )
+        session._on_upstream_data(m._frame(b"1", b"") + m.ready_for_query(b"I"))
+        reply_p = (
+            m._frame(b"2", b"")
+            + m.data_row([b"0"])
+            + m.command_complete("SELECT 1")
+            + m.ready_for_query(b"I")
+        )
+        requests = [
+            m.bind_message("", "P0_1", [str(rng.randint(1, 10**6)).encode()])
+            + m.execute_message("")
+            + m.sync()
+            for _ in range(n)
+        ]
+        reply = reply_p
+    else:
+        requests = [
+            m.query(f"SELECT abalance FROM pgbench_accounts WHERE aid = {rng.randint(1, 10**6)};")
+            for _ in range(n)
+        ]
+    start = time.perf_counter()
+    for request in requests:
+        session.data_received(request)
+        session._on_upstream_data(reply)
+    elapsed = time.perf_counter() - start
+    assert sink.count >= 2 * n, sink.count
+    return elapsed / n * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n", type=int, default=50_000)
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+
+    async def go() -> None:
+        for mode in ("simple", "prepared"):
+            run(2000, mode)  # warm caches
+            if args.profile:
+                prof = cProfile.Profile()
+                prof.enable()
+                run(args.n, mode)
+                prof.disable()
+                pstats.Stats(prof).sort_stats("tottime").print_stats(15)
+            else:
+                best = min(run(args.n, mode) for _ in range(3))
+                print(f"{mode:9s} {best:6.2f} us of relay Python per transaction")
+
+    asyncio.run(go())
+
+
+if __name__ == "__main__":
+    main()
