@@ -576,3 +576,16 @@ def test_refused_startup_audit_names_the_claimed_user(proxy: Proxy) -> None:
     records = _session(proxy, app, _has_event(AuditEvent.PROTOCOL_ERROR))
     refusal = next(r for r in records if r.event == AuditEvent.PROTOCOL_ERROR)
     assert refusal.identity == "bob", refusal
+
+
+def test_large_message_before_authentication_is_refused(proxy: Proxy) -> None:
+    """Before login only small messages are accepted: no buffering for anonymous clients."""
+    with _connect_raw(proxy) as sock:
+        sock.sendall(messages.startup_message({"user": "alice", "database": "app"}))
+        msg_type, _payload = _read_message(sock)
+        assert msg_type == b"R"  # AuthenticationSASL
+        # a SASLInitialResponse header claiming 1 MiB; the body never comes
+        sock.sendall(b"p" + struct.pack("!I", 1024 * 1024 + 4))
+        fields = _expect_fatal(sock)
+    assert fields["C"] == "08P01" and "exceeds the limit" in fields["M"]
+    _assert_still_serving(proxy)

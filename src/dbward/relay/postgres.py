@@ -70,6 +70,9 @@ _OP_CLOSE = 5
 _OP_SYNC = 6
 _OP_POISON = 7  # a substituted Parse that will fail; its ErrorResponse is replaced
 
+_PRE_AUTH_MAX_MESSAGE = 65536
+_PRE_AUTH_MAX_QUEUED = 16  # messages a client may send ahead before it is authenticated
+
 _PHASE_STARTUP = 0
 _PHASE_READY = 1
 _PHASE_CLOSED = 2
@@ -133,7 +136,9 @@ class PgSession(asyncio.Protocol):
         self.client_addr = ""
         self._client_host = ""
         self._phase = _PHASE_STARTUP
-        self._framer = FrontendFramer(services.settings.max_message_bytes)
+        # Before authentication only small messages are accepted (PostgreSQL caps auth tokens
+        # at 64 KiB too): an anonymous client must not make dbward buffer a large message.
+        self._framer = FrontendFramer(_PRE_AUTH_MAX_MESSAGE)
         self._startup_frames: deque[tuple[int, bytes, bytes]] = deque()
         self._startup_wake: asyncio.Event | None = None
         self._startup_task: asyncio.Task[None] | None = None
@@ -202,6 +207,9 @@ class PgSession(asyncio.Protocol):
                 self._process_frames(frames)
         elif self._phase == _PHASE_STARTUP:
             self._startup_frames.extend(frames)
+            if len(self._startup_frames) > _PRE_AUTH_MAX_QUEUED:
+                self._protocol_error(ProtocolError("too many messages before authentication"))
+                return
             if self._startup_wake is not None:
                 self._startup_wake.set()
 
@@ -445,6 +453,7 @@ class PgSession(asyncio.Protocol):
             )
         )
         self._phase = _PHASE_READY
+        self._framer.max_message_bytes = self.services.settings.max_message_bytes
         leftover = protocol.take_buffered()
         if leftover:
             self._on_upstream_data(leftover)
