@@ -24,8 +24,7 @@ from dbward.audit.records import AuditEvent, AuditRecord
 from dbward.wire.postgres import messages
 from fixtures.postgres import PgServer
 from fixtures.proxy import Proxy
-from fixtures.raw import RawSession
-from fixtures.raw import read_message as _read_message
+from fixtures.raw import RawSession, expect_fatal
 
 TIMEOUT = 5.0
 
@@ -38,20 +37,7 @@ def _app(tag: str) -> str:
 
 
 def _expect_fatal(sock: socket.socket) -> dict[str, str]:
-    """Skip to the next ErrorResponse: it must be FATAL, and the connection closes promptly."""
-    while True:
-        msg_type, payload = _read_message(sock)
-        if msg_type == b"E":
-            break
-        assert msg_type in (b"N", b"S"), (msg_type, payload)
-    fields = messages.parse_error_fields(payload)
-    assert fields["S"] == "FATAL", fields
-    try:
-        rest = sock.recv(1024)
-    except ConnectionResetError:
-        rest = b""
-    assert rest == b"", f"connection still open after FATAL; got {rest!r}"
-    return fields
+    return expect_fatal(sock, skip_notices=True)
 
 
 def _client_addr(sock: socket.socket) -> str:

@@ -25,6 +25,9 @@ from dbward.wire.postgres import messages
 from dbward.wire.postgres.scram import ScramClient
 from fixtures.postgres import PgServer
 from fixtures.proxy import USERS, Proxy, write_config
+from fixtures.raw import expect_fatal as _expect_fatal
+from fixtures.raw import read_message as _read_message
+from fixtures.raw import recv_exact as _recv_exact
 
 TIMEOUT = 5.0
 AUTH_FAILED = "password authentication failed"
@@ -35,38 +38,6 @@ def _app(tag: str) -> str:
 
 
 # ------------------------------------------------------------------ raw wire helpers
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            raise ConnectionError(f"closed after {len(data)} of {n} bytes")
-        data += chunk
-    return data
-
-
-def _read_message(sock: socket.socket) -> tuple[bytes, bytes]:
-    head = _recv_exact(sock, 5)
-    (length,) = struct.unpack("!I", head[1:])
-    assert 4 <= length < 1_000_000, f"implausible backend frame length {length}"
-    return head[:1], _recv_exact(sock, length - 4)
-
-
-def _expect_fatal(sock: socket.socket) -> dict[str, str]:
-    """The next message is a FATAL ErrorResponse and then the proxy closes the connection."""
-    msg_type, payload = _read_message(sock)
-    assert msg_type == b"E", (msg_type, payload)
-    fields = messages.parse_error_fields(payload)
-    assert fields["S"] == "FATAL", fields
-    # Closed promptly: EOF (or a reset), never a hang (the socket has a timeout).
-    try:
-        rest = sock.recv(1024)
-    except ConnectionResetError:
-        rest = b""
-    assert rest == b"", f"connection still open after FATAL; got {rest!r}"
-    return fields
 
 
 def _connect_raw(proxy: Proxy) -> socket.socket:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import cast
@@ -11,6 +12,7 @@ from typing import cast
 from dbward.config.model import UpstreamSettings
 from dbward.core.errors import AuthenticationFailed, DbwardError, ProtocolError
 from dbward.wire.postgres import messages
+from dbward.wire.postgres.framing import BackendFramer
 from dbward.wire.postgres.scram import ScramClient, md5_password
 
 _MAX_STARTUP_FRAME = 1024 * 1024
@@ -25,11 +27,13 @@ class UpstreamError(DbwardError):
 
 
 class UpstreamProtocol(asyncio.Protocol):
-    """Socket callbacks for the upstream side; during startup it buffers, then it forwards."""
+    """Socket callbacks for the upstream side; during startup it frames, then it forwards."""
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
-        self._buffer = bytearray()
+        self._raw = bytearray()  # before framing starts: the one-byte answer to SSLRequest
+        self._framer: BackendFramer | None = None
+        self._messages: deque[tuple[int, bytes, bytes]] = deque()
         self._waiter: asyncio.Future[None] | None = None
         self._closed: Exception | None = None
         # Set by the session once the connection is ready; hot-path callbacks.
@@ -47,7 +51,13 @@ class UpstreamProtocol(asyncio.Protocol):
         if on_data is not None:
             on_data(data)
             return
-        self._buffer += data
+        if self._framer is None:
+            self._raw += data
+        else:
+            try:
+                self._messages.extend(self._framer.feed(data))
+            except ProtocolError as exc:
+                self._closed = exc
         self._wake()
 
     def eof_received(self) -> bool | None:
@@ -72,6 +82,8 @@ class UpstreamProtocol(asyncio.Protocol):
             self._waiter.set_result(None)
 
     async def _wait(self) -> None:
+        if isinstance(self._closed, ProtocolError):
+            raise self._closed
         if self._closed is not None:
             raise UpstreamError(
                 "the database closed the connection during startup", sqlstate="08006"
@@ -81,31 +93,38 @@ class UpstreamProtocol(asyncio.Protocol):
         self._waiter = None
 
     async def read_byte(self) -> int:
-        """One raw byte (the answer to SSLRequest)."""
-        while not self._buffer:
+        """One raw byte (the answer to SSLRequest), before message framing starts."""
+        while not self._raw:
             await self._wait()
-        value = self._buffer[0]
-        del self._buffer[0]
+        value = self._raw[0]
+        del self._raw[0]
         return value
+
+    @property
+    def unread_raw(self) -> bool:
+        """True if bytes arrived that nobody has read yet (before framing starts)."""
+        return bool(self._raw)
 
     async def read_message(self) -> tuple[int, bytes, bytes]:
         """One backend message as (type, payload, raw frame) during startup."""
-        while True:
-            if len(self._buffer) >= 5:
-                length = int.from_bytes(self._buffer[1:5], "big")
-                if length < 4 or length > _MAX_STARTUP_FRAME:
-                    raise ProtocolError(f"upstream sent a frame with invalid length {length}")
-                if len(self._buffer) >= length + 1:
-                    raw = bytes(self._buffer[: length + 1])
-                    del self._buffer[: length + 1]
-                    return raw[0], raw[5:], raw
+        if self._framer is None:
+            self._framer = BackendFramer(_MAX_STARTUP_FRAME)
+            if self._raw:
+                self._messages.extend(self._framer.feed(bytes(self._raw)))
+                self._raw.clear()
+        while not self._messages:
             await self._wait()
+        return self._messages.popleft()
 
     def take_buffered(self) -> bytes:
         """Bytes that arrived after ReadyForQuery, handed to the relay."""
-        data = bytes(self._buffer)
-        self._buffer.clear()
-        return data
+        parts = [raw for _, _, raw in self._messages]
+        self._messages.clear()
+        if self._framer is not None:
+            parts.append(self._framer.take_pending())
+        parts.append(bytes(self._raw))
+        self._raw.clear()
+        return b"".join(parts)
 
 
 @dataclass
@@ -145,7 +164,7 @@ async def _negotiate_tls(
     transport.write(messages.ssl_request())
     answer = await protocol.read_byte()
     if answer == ord("S"):
-        if protocol._buffer:
+        if protocol.unread_raw:
             # Bytes after 'S' and before the handshake would be injected plaintext (CVE-2021-23222).
             raise ProtocolError("upstream sent unencrypted data after accepting SSLRequest")
         loop = asyncio.get_running_loop()

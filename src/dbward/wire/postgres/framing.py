@@ -163,6 +163,13 @@ class BackendFramer:
         """Size of the buffered incomplete tail."""
         return len(self._buf)
 
+    def take_pending(self) -> bytes:
+        """Remove and return the incomplete tail (to hand the stream to another reader)."""
+        data = bytes(self._buf)
+        self._buf.clear()
+        self._need = 0
+        return data
+
     def feed(self, data: bytes) -> list[tuple[int, bytes, bytes]]:
         """Add bytes; return every complete message as (type byte, payload, raw frame)."""
         buf = self._buf
