@@ -5,8 +5,10 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 import socket
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -249,6 +251,17 @@ def _run(
     return run_until_stopped(config, ready=ready)
 
 
+def _dbward_command() -> str:
+    """How to run dbward from this shell: the bare name only when that is what runs now."""
+    here = Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0] else None
+    on_path = shutil.which("dbward")
+    if on_path is not None and here is not None and Path(on_path).resolve() == here:
+        return "dbward"
+    if here is not None and here.name == "dbward" and here.exists():
+        return str(here)
+    return f"{sys.executable} -m dbward"
+
+
 def _banner(
     out: Console, state: DemoState, upstream: Upstream, passwords: dict[str, str], port: int
 ) -> None:
@@ -265,7 +278,7 @@ def _banner(
         f'connect: psql "{url}"',
         f'  as admin: psql "{admin_url}"',
         f"audit log: {state.audit_db}",
-        f"  follow it: dbward audit tail --audit-db {state.audit_db}",
+        f"  follow it: {_dbward_command()} audit tail --audit-db {state.audit_db}",
         f"state: {state.root} (Ctrl-C stops the proxy and PostgreSQL)",
     ):
         out.print(line, soft_wrap=True, markup=False)
