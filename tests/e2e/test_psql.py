@@ -78,3 +78,20 @@ def test_psql_error_is_relayed_unchanged(proxy: Proxy) -> None:
     (intent,) = statements(records)
     assert outcome_of(records, intent).sqlstate == "42P01"
     assert outcome_of(records, intent).status == "error"
+
+
+def test_password_in_sql_never_reaches_the_audit_log(proxy: Proxy) -> None:
+    app = app_name("psql-secret")
+    secret = "Sup3r-Secret-Literal"
+    result = run_psql(
+        proxy.dsn(application_name=app), f"CREATE ROLE should_not_exist PASSWORD '{secret}'"
+    )
+    assert "permission denied" in result.stderr  # the service role may not create roles
+    records = proxy.session_records(app, until=has_disconnect)
+    (intent,) = statements(records)
+    assert intent.command == "CREATE ROLE" and intent.kind == "dcl"
+    assert intent.sql_text == "CREATE ROLE (text withheld: it sets a password)"
+    assert intent.sql_sha256 == ""
+    assert secret.encode() not in proxy.audit_path.read_bytes()
+    wal = proxy.audit_path.with_name(proxy.audit_path.name + "-wal")
+    assert not wal.exists() or secret.encode() not in wal.read_bytes()

@@ -503,3 +503,26 @@ def test_fuzz_template_cache_matches_fresh_classification(
 ) -> None:
     text = shape.format(a, b) + tail
     assert SHARED.classify(text) == PostgresClassifier(cache_size=0).classify(text)
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "ALTER ROLE app PASSWORD 'Sup3r-secret'",
+        "CREATE ROLE x LOGIN PASSWORD 'pw'",
+        "CREATE USER u WITH ENCRYPTED PASSWORD 'pw'",
+        "CREATE USER MAPPING FOR app SERVER s OPTIONS (user 'u', password 'p')",
+        "ALTER SERVER s OPTIONS (ADD passfile '/x')",
+    ],
+)
+def test_statements_that_set_a_password_are_flagged(sql: str) -> None:
+    (statement,) = PostgresClassifier().classify(sql)
+    assert "sets_password" in statement.flags
+
+
+@pytest.mark.parametrize(
+    "sql", ["SELECT 'password'", "ALTER ROLE app SET search_path = a", "SELECT password FROM t"]
+)
+def test_password_lookalikes_are_not_flagged(sql: str) -> None:
+    (statement,) = PostgresClassifier().classify(sql)
+    assert "sets_password" not in statement.flags

@@ -1046,6 +1046,13 @@ class PgSession(asyncio.Protocol):
         text = statement.text
         cap = self.services.audit_settings.sql_text_max
         identity = self.identity
+        if "sets_password" in statement.flags:
+            # Neither the text nor an unsalted hash of it (a weak password could be guessed
+            # offline from the hash) may reach the log.
+            sql_text, sql_sha256 = f"{statement.command} (text withheld: it sets a password)", ""
+        else:
+            sql_text = text if len(text) <= cap else text[:cap]
+            sql_sha256 = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
         return AuditRecord(
             AuditEvent.STATEMENT,
             int(self.services.clock() * 1000),
@@ -1057,8 +1064,8 @@ class PgSession(asyncio.Protocol):
             self._database,
             _TEXT[path],
             sid,
-            text if len(text) <= cap else text[:cap],
-            hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest(),
+            sql_text,
+            sql_sha256,
             _TEXT[statement.kind],
             statement.command,
             statement.tables,

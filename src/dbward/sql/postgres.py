@@ -445,6 +445,10 @@ _KEY_CODES: Final[dict[str, int]] = {
 }
 
 
+# Option names whose value is a credential: such statements are never logged verbatim.
+_SECRET_OPTIONS = frozenset({"password", "passfile", "sslpassword", "sslkey"})
+
+
 class _Walk:
     """Everything the walk collects from one statement's tree."""
 
@@ -519,6 +523,9 @@ def _walk(root: dict[str, Any], has_ctes: bool = True) -> _Walk:
                     out.const_sensitive = True
                 elif code == _DEF_ELEM:
                     out.const_sensitive = True
+                    # CREATE/ALTER ROLE ... PASSWORD, USER MAPPING / SERVER OPTIONS (password ...)
+                    if value.get("defname") in _SECRET_OPTIONS:
+                        out.flags.add("sets_password")
                 elif code == _UPDATE:
                     if "whereClause" not in value:
                         out.flags.add("update_without_where")
