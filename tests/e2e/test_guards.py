@@ -149,3 +149,40 @@ def test_function_call_message_is_refused(proxy: Proxy) -> None:
     )
     assert outcome_of(records, denied).status == "denied"
     assert allowed.decision == "allow"
+
+
+def test_sql_prepare_and_execute_are_decided_as_what_they_run(proxy: Proxy) -> None:
+    """EXECUTE is resolved to the statement the session prepared: kind, tables and guards."""
+    app = app_name("guard-sqlprep")
+    with psycopg.connect(**proxy.conninfo(application_name=app), autocommit=True) as conn:
+        conn.execute(b"CREATE TEMP TABLE pt (id int)", prepare=False)
+        conn.execute(b"PREPARE ins (int) AS INSERT INTO pt VALUES ($1)", prepare=False)
+        conn.execute(b"EXECUTE ins(1); EXECUTE ins(2)", prepare=False)
+        assert conn.execute(b"SELECT count(*) FROM pt", prepare=False).fetchone() == (2,)
+        # the guard sees through PREPARE ...
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute(
+                b"PREPARE sw AS SELECT set_config('role', 'postgres', false)", prepare=False
+            )
+        # ... so there is nothing to EXECUTE, and an unknown name is not inspectable
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute(b"EXECUTE sw", prepare=False)
+        # after DEALLOCATE dbward forgets every name; a re-created one is seen afresh
+        conn.execute(b"DEALLOCATE ALL", prepare=False)
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute(b"EXECUTE ins(3)", prepare=False)
+        conn.execute(
+            b"PREPARE ins (int) AS INSERT INTO pt VALUES ($1); EXECUTE ins(4)", prepare=False
+        )
+        assert conn.execute(b"SELECT count(*) FROM pt", prepare=False).fetchone() == (3,)
+    records = proxy.session_records(app, until=has_disconnect)
+    executes = [s for s in statements(records) if s.command == "EXECUTE"]
+    assert [(s.kind, s.decision) for s in executes] == [
+        ("write", "allow"),
+        ("write", "allow"),
+        ("unknown", "deny"),
+        ("unknown", "deny"),
+        ("write", "allow"),
+    ]
+    assert executes[0].tables == ("pt",)
+    assert [outcome_of(records, s).rows for s in executes if s.decision == "allow"] == [1, 1, 1]

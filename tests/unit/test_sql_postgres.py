@@ -526,3 +526,29 @@ def test_statements_that_set_a_password_are_flagged(sql: str) -> None:
 def test_password_lookalikes_are_not_flagged(sql: str) -> None:
     (statement,) = PostgresClassifier().classify(sql)
     assert "sets_password" not in statement.flags
+
+
+def test_prepare_carries_the_statement_it_prepares() -> None:
+    (prepare,) = PostgresClassifier().classify("PREPARE d (int) AS DELETE FROM s.t WHERE id = $1")
+    assert (prepare.kind, prepare.command, prepare.prepared_name) == (
+        StatementKind.SESSION,
+        "PREPARE",
+        "d",
+    )
+    assert prepare.prepared is not None
+    assert (prepare.prepared.kind, prepare.prepared.command, prepare.prepared.tables) == (
+        StatementKind.WRITE,
+        "DELETE",
+        ("s.t",),
+    )
+
+
+@pytest.mark.parametrize("sql", ["EXECUTE d(1)", "EXPLAIN ANALYZE EXECUTE d(1)"])
+def test_execute_names_what_it_runs(sql: str) -> None:
+    (execute,) = PostgresClassifier().classify(sql)
+    assert execute.prepared_name == "d" and "executes_prepared" in execute.flags
+
+
+def test_plain_explain_execute_does_not_run_it() -> None:
+    (explain,) = PostgresClassifier().classify("EXPLAIN EXECUTE d(1)")
+    assert explain.kind == StatementKind.READ and "executes_prepared" not in explain.flags

@@ -63,6 +63,10 @@ class Statement:
     # "copy_from_stdin", "copy_to_stdout", "set_config_role", "parse_error", "function_call".
     flags: frozenset[str] = frozenset()
     error: str | None = None  # parser message when kind is UNKNOWN because parsing failed
+    # PREPARE / EXECUTE / DEALLOCATE name; EXECUTE (and EXPLAIN ANALYZE EXECUTE) carry the flag
+    # "executes_prepared" and are resolved by the relay against what the session prepared.
+    prepared_name: str | None = None
+    prepared: Statement | None = None  # for PREPARE: the statement it prepares
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,6 +16,7 @@ import logging
 import secrets
 import time
 from collections import deque
+from dataclasses import replace
 from typing import TYPE_CHECKING, cast
 
 from dbward.audit.records import AuditEvent, AuditRecord
@@ -79,6 +80,16 @@ _PHASE_CLOSED = 2
 
 _Q, _P, _B, _D, _E, _C, _H, _S, _X, _F = (ord(c) for c in "QPBDECHSXF")
 _COPY_DATA, _COPY_DONE, _COPY_FAIL, _PASSWORD = (ord(c) for c in "dcfp")
+
+
+class _PreparedChanges:
+    """What one batch prepares or deallocates at the SQL level (applied if it is forwarded)."""
+
+    __slots__ = ("added", "cleared")
+
+    def __init__(self) -> None:
+        self.added: dict[str, tuple[Statement, ...]] = {}
+        self.cleared = False
 
 
 class _Tracked:
@@ -665,9 +676,17 @@ class PgSession(asyncio.Protocol):
         )
 
     def _decide_all(
-        self, statements: tuple[Statement, ...], path: ProtocolPath
+        self,
+        statements: tuple[Statement, ...],
+        path: ProtocolPath,
+        changes: _PreparedChanges | None = None,
     ) -> tuple[list[tuple[Statement, Decision, ProtocolPath]], Decision | None]:
-        """Ask the one decision point about each statement; the first denial denies the batch."""
+        """Ask the one decision point about each statement; the first denial denies the batch.
+
+        SQL-level EXECUTE is resolved to what the session prepared under that name, so it is
+        decided (and made durable) as the statement it runs; `changes` collects what this
+        batch prepares or deallocates, applied only if the batch is forwarded.
+        """
         context = self._context
         assert context is not None
         now = self.services.clock()
@@ -675,7 +694,12 @@ class PgSession(asyncio.Protocol):
         denial: Decision | None = None
         if not self.services.audit.healthy:
             denial = _audit_unavailable_decision()
-        for statement in statements:
+        for classified in statements:
+            statement = classified
+            if classified.prepared_name is not None or classified.command.startswith(
+                ("DEALLOCATE", "DISCARD")
+            ):
+                statement = self._resolve_prepared(classified, changes)
             stmt_path = path
             if "copy_from_stdin" in statement.flags or "copy_to_stdout" in statement.flags:
                 stmt_path = ProtocolPath.COPY
@@ -717,12 +741,14 @@ class PgSession(asyncio.Protocol):
             self._ops.append(_Op(_OP_QUERY, []))
             out.append(raw)
             return None
-        decided, denial = self._decide_all(statements, ProtocolPath.SIMPLE)
+        changes = _PreparedChanges()
+        decided, denial = self._decide_all(statements, ProtocolPath.SIMPLE, changes)
         try:
             tracked, durable = self._record_intents(decided, denial)
         except AuditUnavailable:
             denial, tracked, durable = _audit_unavailable_decision(), [], None
-        self._forget_prepared_if_needed(statements)
+        if denial is None:
+            self._apply_prepared_changes(changes)
         poison = _POISON_QUERY
         if denial is not None:
             for item in tracked:
@@ -739,12 +765,14 @@ class PgSession(asyncio.Protocol):
     def _handle_execute(
         self, statements: tuple[Statement, ...], max_rows: int, raw: bytes, out: list[bytes]
     ) -> tuple[asyncio.Future[int], tuple[bytes, bytes]] | None:
-        decided, denial = self._decide_all(statements, ProtocolPath.EXTENDED)
+        changes = _PreparedChanges()
+        decided, denial = self._decide_all(statements, ProtocolPath.EXTENDED, changes)
         try:
             tracked, durable = self._record_intents(decided, denial)
         except AuditUnavailable:
             denial, tracked, durable = _audit_unavailable_decision(), [], None
-        self._forget_prepared_if_needed(statements)
+        if denial is None:
+            self._apply_prepared_changes(changes)
         poison = _POISON_PARSE
         if denial is not None:
             for item in tracked:
@@ -779,14 +807,46 @@ class PgSession(asyncio.Protocol):
         out.append(raw)
         return None
 
-    def _forget_prepared_if_needed(self, statements: tuple[Statement, ...]) -> None:
-        # DEALLOCATE/DISCARD can drop protocol-level statements behind our back; forgetting
-        # them all makes a later Bind to a re-created name uninspectable, hence denied.
-        for statement in statements:
-            if statement.command in ("DEALLOCATE", "DISCARD"):
-                self._prepared.clear()
-                self._portals.clear()
-                return
+    def _resolve_prepared(
+        self, statement: Statement, changes: _PreparedChanges | None
+    ) -> Statement:
+        """Record PREPARE/DEALLOCATE/DISCARD in `changes`; resolve EXECUTE to what it runs."""
+        if changes is None:
+            changes = _PreparedChanges()
+        name = statement.prepared_name
+        if statement.command == "PREPARE" and name is not None and statement.prepared:
+            changes.added[name] = (statement.prepared,)
+            return statement
+        if "executes_prepared" not in statement.flags:
+            # DEALLOCATE (one or ALL) or DISCARD: forget everything, conservatively, so a name
+            # re-created behind dbward's back cannot borrow an old classification.
+            changes.cleared = True
+            changes.added.clear()
+            return statement
+        found = changes.added.get(name or "")
+        if found is None and not changes.cleared:
+            found = self._prepared.get(name or "")
+        if found is None or len(found) != 1:
+            return replace(
+                statement,
+                kind=StatementKind.UNKNOWN,
+                error=f"prepared statement {name!r} was not prepared through dbward",
+            )
+        inner = found[0]
+        return replace(
+            statement,
+            kind=inner.kind,
+            tables=inner.tables,
+            functions=inner.functions,
+            flags=statement.flags | inner.flags,
+        )
+
+    def _apply_prepared_changes(self, changes: _PreparedChanges) -> None:
+        """The batch was forwarded: its PREPARE/DEALLOCATE now hold for the session."""
+        if changes.cleared:
+            self._prepared.clear()
+            self._portals.clear()
+        self._prepared.update(changes.added)
 
     def _terminate(self, out: list[bytes]) -> None:
         upstream = self._upstream

@@ -721,6 +721,9 @@ def _classify_node(
     _drop_targets(node_type, body, walked)
     kind, command, flags = _head(node_type, body, walked.dm_cte)
     flags |= walked.flags
+    prepared_name, prepared = _prepared_parts(node_type, body, part, has_ctes)
+    if prepared_name is not None and node_type not in ("PrepareStmt", "DeallocateStmt"):
+        flags.add("executes_prepared")
     statement = Statement(
         text=part,
         kind=kind,
@@ -728,9 +731,32 @@ def _classify_node(
         tables=_ordered(walked.tables),
         functions=_ordered(walked.functions),
         flags=frozenset(flags) if flags else _EMPTY,
+        prepared_name=prepared_name,
+        prepared=prepared,
     )
     shareable = node_type in _SHAREABLE and not flags and not walked.const_sensitive
     return statement, shareable
+
+
+def _prepared_parts(
+    node_type: str, body: dict[str, Any], part: str, has_ctes: bool
+) -> tuple[str | None, Statement | None]:
+    """For PREPARE, EXECUTE, EXPLAIN [ANALYZE] EXECUTE and DEALLOCATE: the name (and for
+    PREPARE the classified statement it prepares), so the relay can resolve EXECUTE."""
+    if node_type == "PrepareStmt":
+        inner = body.get("query", {})
+        inner_type = _node_type(inner)
+        prepared, _ = _classify_node(part, inner_type, inner, has_ctes)
+        return body.get("name"), prepared
+    if node_type == "ExecuteStmt":
+        return body.get("name"), None
+    if node_type == "ExplainStmt" and _explain_analyzes(body):
+        inner = body.get("query", {})
+        if _node_type(inner) == "ExecuteStmt":
+            return inner.get("ExecuteStmt", {}).get("name"), None
+    if node_type == "DeallocateStmt":
+        return body.get("name"), None
+    return None, None
 
 
 def _parse_error(text: str, message: str) -> Statement:
