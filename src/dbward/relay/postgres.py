@@ -734,6 +734,26 @@ class PgSession(asyncio.Protocol):
             tracked.append(_Tracked(sid, statement, path, started))
         return tracked, durable
 
+    def _admit(
+        self, statements: tuple[Statement, ...], path: ProtocolPath
+    ) -> tuple[list[_Tracked], asyncio.Future[int] | None, Decision | None]:
+        """Decide a batch and write its intent records; a denied batch gets denied outcomes.
+
+        Returns the trackers, a durability wait (strict mode) and the denial, if any.
+        """
+        changes = _PreparedChanges()
+        decided, denial = self._decide_all(statements, path, changes)
+        try:
+            tracked, durable = self._record_intents(decided, denial)
+        except AuditUnavailable:
+            denial, tracked, durable = _audit_unavailable_decision(), [], None
+        if denial is None:
+            self._apply_prepared_changes(changes)
+        else:
+            for item in tracked:
+                self._record_outcome(item, "denied", denial.sqlstate)
+        return tracked, durable, denial
+
     def _handle_query(
         self, statements: tuple[Statement, ...], raw: bytes, out: list[bytes]
     ) -> tuple[asyncio.Future[int], tuple[bytes, bytes]] | None:
@@ -741,50 +761,30 @@ class PgSession(asyncio.Protocol):
             self._ops.append(_Op(_OP_QUERY, []))
             out.append(raw)
             return None
-        changes = _PreparedChanges()
-        decided, denial = self._decide_all(statements, ProtocolPath.SIMPLE, changes)
-        try:
-            tracked, durable = self._record_intents(decided, denial)
-        except AuditUnavailable:
-            denial, tracked, durable = _audit_unavailable_decision(), [], None
-        if denial is None:
-            self._apply_prepared_changes(changes)
-        poison = _POISON_QUERY
+        tracked, durable, denial = self._admit(statements, ProtocolPath.SIMPLE)
         if denial is not None:
-            for item in tracked:
-                self._record_outcome(item, "denied", denial.sqlstate)
             self._ops.append(_Op(_OP_QUERY, [], _denial_frame(denial)))
-            out.append(poison)
+            out.append(_POISON_QUERY)
             return None
         self._ops.append(_Op(_OP_QUERY, tracked))
         if durable is not None:
-            return durable, (raw, poison)
+            return durable, (raw, _POISON_QUERY)
         out.append(raw)
         return None
 
     def _handle_execute(
         self, statements: tuple[Statement, ...], max_rows: int, raw: bytes, out: list[bytes]
     ) -> tuple[asyncio.Future[int], tuple[bytes, bytes]] | None:
-        changes = _PreparedChanges()
-        decided, denial = self._decide_all(statements, ProtocolPath.EXTENDED, changes)
-        try:
-            tracked, durable = self._record_intents(decided, denial)
-        except AuditUnavailable:
-            denial, tracked, durable = _audit_unavailable_decision(), [], None
-        if denial is None:
-            self._apply_prepared_changes(changes)
-        poison = _POISON_PARSE
+        tracked, durable, denial = self._admit(statements, ProtocolPath.EXTENDED)
         if denial is not None:
-            for item in tracked:
-                self._record_outcome(item, "denied", denial.sqlstate)
             self._ops.append(_Op(_OP_POISON, None, _denial_frame(denial)))
-            out.append(poison)
+            out.append(_POISON_PARSE)
             # PostgreSQL skips to Sync after an error; so do we, forwarding nothing more.
             self._discard_until_sync = True
             return None
         self._ops.append(_Op(_OP_EXECUTE, tracked, max_rows=max_rows))
         if durable is not None:
-            return durable, (raw, poison)
+            return durable, (raw, _POISON_PARSE)
         out.append(raw)
         return None
 
@@ -792,18 +792,14 @@ class PgSession(asyncio.Protocol):
         self, oid: int, raw: bytes, out: list[bytes]
     ) -> tuple[asyncio.Future[int], tuple[bytes, bytes]] | None:
         statement = function_call_statement(oid)
-        decided, denial = self._decide_all((statement,), ProtocolPath.FUNCTION_CALL)
-        try:
-            tracked, _ = self._record_intents(decided, denial)
-        except AuditUnavailable:
-            denial, tracked = _audit_unavailable_decision(), []
+        tracked, durable, denial = self._admit((statement,), ProtocolPath.FUNCTION_CALL)
         if denial is not None:
-            for item in tracked:
-                self._record_outcome(item, "denied", denial.sqlstate)
             self._ops.append(_Op(_OP_QUERY, [], _denial_frame(denial)))
             out.append(_POISON_QUERY)
             return None
         self._ops.append(_Op(_OP_QUERY, tracked))
+        if durable is not None:
+            return durable, (raw, _POISON_QUERY)
         out.append(raw)
         return None
 
