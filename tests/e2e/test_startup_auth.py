@@ -560,3 +560,17 @@ def test_large_message_before_authentication_is_refused(proxy: Proxy) -> None:
         fields = _expect_fatal(sock)
     assert fields["C"] == "08P01" and "exceeds the limit" in fields["M"]
     _assert_still_serving(proxy)
+
+
+def test_unusable_audit_log_refuses_to_start(tmp_path: Path, pg_server: PgServer) -> None:
+    """Fail closed at start: no audit log, no proxy (exit 2, the key named, no traceback)."""
+    config = _base_config(tmp_path, pg_server)
+    not_a_file = tmp_path / "a-directory"
+    not_a_file.mkdir()
+    config["audit"] = {"path": str(not_a_file)}
+    bad = tmp_path / "bad-audit.yaml"
+    bad.write_text(yaml.safe_dump(config))
+    proc = _dbward("serve", "--config", str(bad))
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert "audit.path" in proc.stderr and "is a directory" in proc.stderr
+    assert "Traceback" not in proc.stderr

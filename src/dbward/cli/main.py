@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from dbward import __version__
-from dbward.core.errors import ConfigError
+from dbward.core.errors import AuditUnavailable, ConfigError
 
 
 @click.group()
@@ -41,6 +41,10 @@ def serve(config_path: Path) -> None:
         code = run_until_stopped(config)
     except ConfigError as exc:
         click.echo(f"dbward: {exc.message}", err=True)
+        sys.exit(2)
+    except AuditUnavailable as exc:
+        # Without an audit log nothing may run (fail closed): refuse to start.
+        click.echo(f"dbward: audit.path: cannot open the audit log: {exc.message}", err=True)
         sys.exit(2)
     except OSError as exc:
         click.echo(f"dbward: cannot start: {exc}", err=True)
