@@ -95,3 +95,18 @@ def test_password_in_sql_never_reaches_the_audit_log(proxy: Proxy) -> None:
     assert secret.encode() not in proxy.audit_path.read_bytes()
     wal = proxy.audit_path.with_name(proxy.audit_path.name + "-wal")
     assert not wal.exists() or secret.encode() not in wal.read_bytes()
+
+
+def test_application_name_changed_mid_session_is_recorded(proxy: Proxy) -> None:
+    app = app_name("psql-appname")
+    renamed = app + "-renamed"
+    result = run_psql(
+        proxy.dsn(application_name=app), f"SET application_name = '{renamed}'", "SELECT 1"
+    )
+    assert result.returncode == 0, result.stderr
+    records = proxy.session_records(app, until=has_disconnect)
+    intents = statements(records)
+    assert [(s.command, s.application_name) for s in intents] == [
+        ("SET", app),
+        ("SELECT", renamed),
+    ]

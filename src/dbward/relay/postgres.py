@@ -947,6 +947,11 @@ class PgSession(asyncio.Protocol):
             name, value = messages.parse_parameter_status(payload)
             if name == "client_encoding":
                 self._set_encoding(value)
+            elif name == "application_name" and value != self._application_name:
+                # SET application_name mid-session: later records and decisions carry it.
+                self._application_name = value
+                if self._context is not None:
+                    self._context = replace(self._context, application_name=value)
             return None
         return None
 
