@@ -82,7 +82,6 @@ def test_allowed(sql: str) -> None:
         "SET SESSION AUTHORIZATION DEFAULT",
         "SET SESSION AUTHORIZATION admin",
         'SET "role" = admin',
-        "DISCARD ALL",
         "ALTER ROLE alice SET role = admin",
         "/* ; */ SET ROLE x",
         "-- x\nSET ROLE y",
@@ -222,3 +221,9 @@ def test_guards_are_pure_and_ordered() -> None:
     (statement,) = CLF.classify("SET ROLE admin")
     req = request(statement)
     assert decide(req) == decide(req)
+
+
+def test_discard_all_is_allowed_for_connection_pools() -> None:
+    (statement,) = PostgresClassifier().classify("DISCARD ALL")
+    assert "role_switch" not in statement.flags
+    assert decide(request(statement)).allowed

@@ -224,7 +224,6 @@ ROLE_SWITCHES = [
     "SET SESSION AUTHORIZATION DEFAULT",
     "RESET SESSION AUTHORIZATION",
     "SET session_authorization = admin",
-    "DISCARD ALL",  # runs SET SESSION AUTHORIZATION DEFAULT
     "ALTER ROLE me SET role = admin",  # applies at the next login through dbward
     "ALTER ROLE me IN DATABASE d SET role = admin",
     "ALTER DATABASE d SET role = admin",

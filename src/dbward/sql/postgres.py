@@ -274,9 +274,9 @@ def _head(
         elif node_type == "DiscardStmt":
             target = body.get("target", "")
             command = "DISCARD " + str(target).removeprefix("DISCARD_")
-            if target == "DISCARD_ALL":
-                # DISCARD ALL runs SET SESSION AUTHORIZATION DEFAULT.
-                flags.add("role_switch")
+            # DISCARD ALL also resets the session authorization, but only back to the
+            # service user dbward logged in as (role switching is refused, so it never left
+            # it); connection pools (Npgsql, pgpool) send it on every return: allowed.
         return kind, command, flags
     if node_type == "SelectStmt":
         if "intoClause" in body:
