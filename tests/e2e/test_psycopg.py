@@ -166,3 +166,40 @@ def test_prepared_statements_server_side(proxy: Proxy) -> None:
     intents = [s for s in statements(records) if s.command == "SELECT"]
     assert len(intents) == 5 and all(s.path == "extended" for s in intents)
     assert all(outcome_of(records, s).status == "ok" for s in intents)
+
+
+def test_copy_in_through_the_extended_protocol(proxy: Proxy) -> None:
+    """libpq-style extended COPY: Parse/Bind/Execute/Sync, data, CopyDone, Sync (raw socket)."""
+    from dbward.wire.postgres import messages as m
+    from fixtures.raw import RawSession, read_message
+
+    app = app_name("copy-ext")
+    session = RawSession(proxy, app)
+    try:
+        session.query("CREATE TEMP TABLE ce (x int)")
+        sock = session.sock
+        sock.sendall(
+            m.parse_message("", "COPY ce FROM STDIN")
+            + m.bind_message("", "", [])
+            + m.execute_message("")
+            + m.sync()
+        )
+        kinds = []
+        while not kinds or kinds[-1] != b"G":
+            kinds.append(read_message(sock)[0])
+        assert kinds == [b"1", b"2", b"G"]
+        sock.sendall(m.copy_data(b"1\n2\n3\n") + m.copy_done() + m.sync())
+        kinds = []
+        while not kinds or kinds[-1] != b"Z":
+            kinds.append(read_message(sock)[0])
+        assert kinds == [b"C", b"Z"]
+        replies = session.query("SELECT count(*) FROM ce")
+        assert [k for k, _ in replies] == [b"T", b"D", b"C", b"Z"]
+        assert replies[1][1].endswith(b"3")
+    finally:
+        session.close()
+    records = proxy.session_records(app, until=has_disconnect)
+    copy = next(s for s in statements(records) if s.command == "COPY")
+    assert (copy.path, copy.kind) == ("copy", "write")
+    assert outcome_of(records, copy).rows == 3
+    assert [outcome_of(records, s).status for s in statements(records)] == ["ok"] * 3

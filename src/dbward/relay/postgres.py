@@ -167,7 +167,6 @@ class PgSession(asyncio.Protocol):
         self._inbox: deque[tuple[int, bytes, bytes]] = deque()
         self._blocked = False  # waiting for a durable audit write before forwarding
         self._discard_until_sync = False
-        self._in_copy_in = False
         self._prepared: dict[str, tuple[Statement, ...]] = {}
         self._portals: dict[str, tuple[Statement, ...]] = {}
         self._statement_count = 0
@@ -508,9 +507,7 @@ class PgSession(asyncio.Protocol):
                     return
                 continue
             if msg_type in (_COPY_DATA, _COPY_DONE, _COPY_FAIL):
-                out.append(raw)
-                if msg_type != _COPY_DATA:
-                    self._in_copy_in = False
+                out.append(raw)  # COPY data flows through; the COPY statement was decided
                 continue
             try:
                 barrier = self._handle_message(msg_type, payload, raw, out)
@@ -934,7 +931,6 @@ class PgSession(asyncio.Protocol):
                         self._record_outcome(item, "suspended" if suspended else "empty", "", rows)
             return None
         if msg_type == 0x47:  # CopyInResponse
-            self._in_copy_in = True
             # The server ignores Sync/Flush sent while it is in copy-in mode (libpq sends one
             # with the Execute), so that queued Sync will never be answered.
             if ops and ops[0].code == _OP_EXECUTE:
