@@ -574,3 +574,26 @@ def test_unusable_audit_log_refuses_to_start(tmp_path: Path, pg_server: PgServer
     assert proc.returncode == 2, (proc.stdout, proc.stderr)
     assert "audit.path" in proc.stderr and "is a directory" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_max_connections_refuses_the_extra_client(proxy_factory: Callable[..., Proxy]) -> None:
+    small = proxy_factory(listener={"max_connections": 2})
+    first = psycopg.connect(**small.conninfo())
+    second = psycopg.connect(**small.conninfo())
+    with pytest.raises(psycopg.OperationalError, match="too many clients"):
+        psycopg.connect(**small.conninfo())
+    first.close()
+    deadline_ok = False
+    for _ in range(50):  # the slot frees when dbward sees the disconnect
+        try:
+            third = psycopg.connect(**small.conninfo())
+        except psycopg.OperationalError:
+            continue
+        assert third.execute("SELECT 1").fetchone() == (1,)
+        third.close()
+        deadline_ok = True
+        break
+    assert deadline_ok
+    second.close()
+    refused = small.audit(until=lambda rs: any(r.sqlstate == "53300" for r in rs))
+    assert any(r.event == "protocol_error" and r.sqlstate == "53300" for r in refused)

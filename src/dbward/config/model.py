@@ -123,6 +123,9 @@ class ListenerSettings(_Strict):
     max_message_bytes: int = Field(default=256 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024)
     auth_timeout_s: float = Field(default=30.0, gt=0, le=600)
     cancel_rate_per_s: float = Field(default=5.0, gt=0, le=10_000)
+    # Each client session holds one upstream connection: cap them before PostgreSQL's own
+    # max_connections is exhausted by one noisy client.
+    max_connections: int = Field(default=500, ge=1, le=100_000)
 
     @field_validator("listen")
     @classmethod

@@ -177,6 +177,7 @@ class PgSession(asyncio.Protocol):
         self._client_paused_for_upstream = False
         self._connect_audited = False
         self._claimed_user = ""
+        self._over_limit = False
 
     # ------------------------------------------------------------------ asyncio callbacks
 
@@ -199,7 +200,11 @@ class PgSession(asyncio.Protocol):
             transport.close()
             self._phase = _PHASE_CLOSED
             return
-        self.services.sessions.add(self)
+        # Over the limit: refused once the StartupMessage is read (as PostgreSQL does), so
+        # the client gets a readable error instead of a broken SSL exchange.
+        self._over_limit = len(self.services.sessions) >= self.services.settings.max_connections
+        if not self._over_limit:
+            self.services.sessions.add(self)
         self._startup_wake = asyncio.Event()
         self._startup_task = asyncio.get_running_loop().create_task(self._run_startup())
 
@@ -332,6 +337,14 @@ class PgSession(asyncio.Protocol):
             raise StartupRefusedError(
                 "dbward: this listener requires TLS; connect with sslmode=require or stronger"
             )
+        if self._over_limit:
+            log.warning(
+                "listener %s: refusing %s, max_connections (%d) reached",
+                services.settings.name,
+                self.client_addr,
+                services.settings.max_connections,
+            )
+            raise StartupRefusedError("sorry, too many clients already", sqlstate="53300")
         if not user:
             raise StartupRefusedError("no user name specified in the startup message")
         upstream_params = upstream_parameters(params, services.settings.upstream.database)
