@@ -186,3 +186,35 @@ def test_sql_prepare_and_execute_are_decided_as_what_they_run(proxy: Proxy) -> N
     ]
     assert executes[0].tables == ("pt",)
     assert [outcome_of(records, s).rows for s in executes if s.decision == "allow"] == [1, 1, 1]
+
+
+def test_undecodable_sql_is_denied_and_the_session_continues(proxy: Proxy) -> None:
+    """Bytes that are not valid in the client encoding: denied, never guessed at, no FATAL."""
+    import struct
+
+    app = app_name("guard-bytes")
+    session = RawSession(proxy, app)
+    try:
+        bad_query = b"SELECT '\xff\xfe'\x00"
+        replies = session.send(b"Q" + struct.pack("!I", 4 + len(bad_query)) + bad_query)
+        assert [k for k, _ in replies] == [b"E", b"Z"]
+        assert messages.parse_error_fields(replies[0][1])["C"] == "42501"
+        body = b"\x00" + bad_query + b"\x00\x00"  # Parse: unnamed, query, no parameter types
+        frame = b"P" + struct.pack("!I", 4 + len(body)) + body
+        replies = session.send(
+            frame
+            + messages.bind_message("", "", [])
+            + messages.execute_message("")
+            + messages.sync()
+        )
+        kinds = [k for k, _ in replies]
+        assert kinds == [b"E", b"Z"]
+        # PostgreSQL itself rejects the bytes at Parse (before dbward's refusal of the Execute
+        # would be reached): the statement never runs either way.
+        assert messages.parse_error_fields(replies[0][1])["C"] == "22021"
+        assert [k for k, _ in session.query("SELECT 1")] == [b"T", b"D", b"C", b"Z"]
+    finally:
+        session.close()
+    records = proxy.session_records(app, until=has_disconnect)
+    denied = [s for s in statements(records) if s.decision == "deny"]
+    assert [s.rule for s in denied] == ["guard.unparseable", "guard.unparseable"]

@@ -71,6 +71,9 @@ _OP_CLOSE = 5
 _OP_SYNC = 6
 _OP_POISON = 7  # a substituted Parse that will fail; its ErrorResponse is replaced
 
+# Statement and portal names are only compared with each other: decode them byte-for-byte.
+_NAME_CODEC = "latin-1"
+
 _PRE_AUTH_MAX_MESSAGE = 65536
 _PRE_AUTH_MAX_QUEUED = 16  # messages a client may send ahead before it is authenticated
 
@@ -594,17 +597,21 @@ class PgSession(asyncio.Protocol):
             )
             return self._handle_query(statements, raw, out)
         if msg_type == _P:
-            parsed = messages.parse_parse(payload, self._codec or "utf-8")
-            if self._codec:
-                statements = self.services.classifier.classify(parsed.query)
-            else:
-                statements = (self._undecodable(),)
+            # Split with a byte-preserving codec, then decode the SQL as the server will: bad
+            # bytes make the statement unparseable (denied), not the session unusable.
+            parsed = messages.parse_parse(payload, _NAME_CODEC)
+            text = self._decode_text(parsed.query.encode(_NAME_CODEC))
+            statements = (
+                self.services.classifier.classify(text)
+                if text is not None
+                else (self._undecodable(),)
+            )
             self._prepared[parsed.name] = statements
             self._ops.append(_Op(_OP_PARSE))
             out.append(raw)
             return None
         if msg_type == _B:
-            portal_name, statement_name = messages.bind_names(payload)
+            portal_name, statement_name = messages.bind_names(payload, _NAME_CODEC)
             found = self._prepared.get(statement_name)
             # A statement dbward did not see prepared (SQL PREPARE, or forgotten after
             # DEALLOCATE/DISCARD) cannot be inspected: it is denied at Execute.
@@ -625,7 +632,7 @@ class PgSession(asyncio.Protocol):
             out.append(raw)
             return None
         if msg_type == _E:
-            execute = messages.parse_execute(payload)
+            execute = messages.parse_execute(payload, _NAME_CODEC)
             portal = self._portals.get(execute.portal)
             statements = (
                 portal
@@ -646,12 +653,12 @@ class PgSession(asyncio.Protocol):
             out.append(raw)
             return None
         if msg_type == _D:
-            messages.parse_describe(payload)
+            messages.parse_describe(payload, _NAME_CODEC)
             self._ops.append(_Op(_OP_DESCRIBE))
             out.append(raw)
             return None
         if msg_type == _C:
-            close = messages.parse_close(payload)
+            close = messages.parse_close(payload, _NAME_CODEC)
             (self._prepared if close.kind == "S" else self._portals).pop(close.name, None)
             self._ops.append(_Op(_OP_CLOSE))
             out.append(raw)
@@ -669,10 +676,18 @@ class PgSession(asyncio.Protocol):
     def _decode_sql(self, payload: bytes) -> str | None:
         if not payload or payload[-1] != 0:
             raise ProtocolError("query string is not NUL-terminated")
-        if not self._codec:
-            return None
+        return self._decode_text(payload[:-1])
+
+    def _decode_text(self, raw: bytes) -> str | None:
+        """SQL bytes as the server will read them, or None if dbward cannot be sure how."""
+        codec = self._codec
+        if not codec:
+            # An encoding dbward cannot decode: pure ASCII still means the same in every
+            # client encoding PostgreSQL supports (multibyte lead bytes are >= 0x80), so e.g.
+            # `SET client_encoding = 'UTF8'` can still get the session back.
+            return raw.decode("ascii") if raw.isascii() else None
         try:
-            return payload[:-1].decode(self._codec)
+            return raw.decode(codec)
         except UnicodeDecodeError:
             return None
 
