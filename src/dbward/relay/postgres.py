@@ -670,7 +670,9 @@ class PgSession(asyncio.Protocol):
             return None
         if msg_type == _F:
             oid = messages.parse_function_call(payload)
-            return self._handle_function_call(oid, raw, out)
+            return self._handle_query(
+                (function_call_statement(oid),), raw, out, ProtocolPath.FUNCTION_CALL
+            )
         raise ProtocolError(f"unexpected message type {chr(msg_type)!r} after startup")
 
     def _decode_sql(self, payload: bytes) -> str | None:
@@ -780,13 +782,18 @@ class PgSession(asyncio.Protocol):
         return tracked, durable, denial
 
     def _handle_query(
-        self, statements: tuple[Statement, ...], raw: bytes, out: list[bytes]
+        self,
+        statements: tuple[Statement, ...],
+        raw: bytes,
+        out: list[bytes],
+        path: ProtocolPath = ProtocolPath.SIMPLE,
     ) -> tuple[asyncio.Future[int], tuple[bytes, bytes]] | None:
+        """A message answered up to ReadyForQuery: Query, or FunctionCall (path says which)."""
         if not statements:  # empty query string: PostgreSQL answers EmptyQueryResponse
             self._ops.append(_Op(_OP_QUERY, []))
             out.append(raw)
             return None
-        tracked, durable, denial = self._admit(statements, ProtocolPath.SIMPLE)
+        tracked, durable, denial = self._admit(statements, path)
         if denial is not None:
             self._ops.append(_Op(_OP_QUERY, [], _denial_frame(denial)))
             out.append(_POISON_QUERY)
@@ -810,21 +817,6 @@ class PgSession(asyncio.Protocol):
         self._ops.append(_Op(_OP_EXECUTE, tracked, max_rows=max_rows))
         if durable is not None:
             return durable, (raw, _POISON_PARSE)
-        out.append(raw)
-        return None
-
-    def _handle_function_call(
-        self, oid: int, raw: bytes, out: list[bytes]
-    ) -> tuple[asyncio.Future[int], tuple[bytes, bytes]] | None:
-        statement = function_call_statement(oid)
-        tracked, durable, denial = self._admit((statement,), ProtocolPath.FUNCTION_CALL)
-        if denial is not None:
-            self._ops.append(_Op(_OP_QUERY, [], _denial_frame(denial)))
-            out.append(_POISON_QUERY)
-            return None
-        self._ops.append(_Op(_OP_QUERY, tracked))
-        if durable is not None:
-            return durable, (raw, _POISON_QUERY)
         out.append(raw)
         return None
 
