@@ -265,9 +265,22 @@ log_disconnections = 0
     )
 
 
-def start_dbward(work: Path, pg: PgServer, password: str, durability: str) -> Target:
-    """`python -m dbward serve` with one local user, audit on, the given durability."""
-    directory = work / f"dbward-{durability}"
+def start_dbward(
+    work: Path,
+    pg: PgServer,
+    password: str,
+    durability: str,
+    *,
+    name: str = "",
+    extra_env: dict[str, str] | None = None,
+) -> Target:
+    """`python -m dbward serve` with one local user, audit on, the given durability.
+
+    `name` (default `dbward-<durability>`) names the target and its directory; `extra_env` is
+    added to the process environment (ablation.py uses it to load its variants).
+    """
+    name = name or f"dbward-{durability}"
+    directory = work / name
     directory.mkdir()
     port = free_port()
     secret = directory / "upstream-password"
@@ -304,10 +317,10 @@ def start_dbward(work: Path, pg: PgServer, password: str, durability: str) -> Ta
             [sys.executable, "-m", "dbward", "serve", "--config", str(config_path)],
             stdout=out,
             stderr=subprocess.STDOUT,
-            env={**_clean_env(), "PYTHONUNBUFFERED": "1"},
+            env={**_clean_env(), "PYTHONUNBUFFERED": "1", **(extra_env or {})},
         )
-    _wait_port(port, proc, log, f"dbward ({durability})")
-    return Target(f"dbward-{durability}", "127.0.0.1", port, CLIENT_USER, password, process=proc)
+    _wait_port(port, proc, log, name)
+    return Target(name, "127.0.0.1", port, CLIENT_USER, password, process=proc)
 
 
 def _version(cmd: list[str]) -> str:

@@ -435,6 +435,16 @@ def test_template_cache_shares_only_constant_independent_results() -> None:
     assert (b.kind, b.command, b.tables) == (a.kind, a.command, a.tables)
 
 
+def test_template_hits_do_not_fill_the_text_cache() -> None:
+    clf = PostgresClassifier()
+    clf.classify("SELECT abalance FROM pgbench_accounts WHERE aid = 1;")
+    for aid in range(2, 50):
+        hit = clf.classify(f"SELECT abalance FROM pgbench_accounts WHERE aid = {aid};")
+        assert hit[0].text == f"SELECT abalance FROM pgbench_accounts WHERE aid = {aid}"
+    assert list(clf._cache) == ["SELECT abalance FROM pgbench_accounts WHERE aid = 1;"]
+    assert len(clf._templates) == 1
+
+
 @pytest.mark.parametrize(
     ("safe", "dangerous"),
     [

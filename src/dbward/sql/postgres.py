@@ -631,7 +631,8 @@ class PostgresClassifier:
     libpg_query's normalized text (constants replaced by $n, everything else verbatim) lets
     pgbench-style traffic skip the parse and walk; it only ever holds single-statement DML and
     SELECTs whose classification does not depend on any constant (no flags, no set_config, no
-    SET), and the key is the full normalized string, never a hash.
+    SET), and the key is the full normalized string, never a hash. Texts answered from it are
+    not added to the exact-text cache.
     """
 
     def __init__(self, cache_size: int = 10_000) -> None:
@@ -663,9 +664,10 @@ class PostgresClassifier:
                 shared = self._templates.get(normalized)
                 if shared is not None:
                     self._templates.move_to_end(normalized)
-                    result = (shared.instantiate(text),)
-                    self._remember(cache, text, result)
-                    return result
+                    # Not remembered by text: such texts rarely repeat (their constants
+                    # change), and thousands of one-off entries cycling through the LRU cost
+                    # the relay more (allocation, GC traversal) than normalizing again.
+                    return (shared.instantiate(text),)
         template: _Template | None = None
         try:
             result, template = self._classify(text)

@@ -1,0 +1,220 @@
+"""Where dbward's select-only throughput goes: the same load with parts of the work removed.
+
+    python bench/ablation.py [--mode simple] [--reps 3] [--duration 8]
+
+Runs `pgbench -S` against direct PostgreSQL, pgbouncer, a bare uvloop byte relay (the floor
+for a Python proxy built like dbward) and dbward variants in which one part of the per-statement
+work is made (almost) free by patching the running proxy:
+
+- `dbward`: as shipped (audit durability `batched`);
+- `dbward-classify-free`: classification memoized by statement shape (digits ignored), so
+  normalizing, the template lookup and building the Statement are skipped;
+- `dbward-audit-free`: audit records dropped before the sink (the writer process idles);
+- `dbward-both-free`: both.
+
+The patched variants are measuring instruments, not modes of the product: they are loaded
+through a `sitecustomize` module on PYTHONPATH that only this script writes. For each target it
+prints the median TPS, the ratio to direct, the proxy's CPU per transaction (event loop
+user/system, audit writer process) and the idle CPU of the machine. See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import Target, bench_env, run_pgbench, start_dbward
+
+from fixtures.ports import free_port
+
+# Loaded by every Python process started with PYTHONPATH pointing at its directory.
+SITECUSTOMIZE = """
+import os
+_ablate = os.environ.get("DBWARD_ABLATE", "")
+if "classify" in _ablate:
+    from dbward.sql import postgres as _sql
+    _classify = _sql.PostgresClassifier.classify
+    _shapes = {}
+    _digits = str.maketrans("", "", "0123456789")
+    def _memoized(self, text):
+        key = text.translate(_digits)
+        found = _shapes.get(key)
+        if found is None:
+            found = _shapes[key] = _classify(self, text)
+        return found
+    _sql.PostgresClassifier.classify = _memoized
+if "audit" in _ablate:
+    from dbward.audit import process as _process
+    def _drop(self, record):
+        return None
+    def _drop_durable(self, record):
+        future = self._loop.create_future()
+        future.set_result(0)
+        return future
+    _process.ProcessAuditSink.append = _drop
+    _process.ProcessAuditSink.append_durable = _drop_durable
+"""
+
+VARIANTS = {
+    "dbward": "",
+    "dbward-classify-free": "classify",
+    "dbward-audit-free": "audit",
+    "dbward-both-free": "classify,audit",
+}
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def bare_relay(upstream_port: int, port: int) -> None:
+    """Forward bytes both ways, nothing else: asyncio Protocols on uvloop, like dbward."""
+    import uvloop
+
+    class Upstream(asyncio.Protocol):
+        def __init__(self, client: Client) -> None:
+            self.client = client
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = transport
+
+        def data_received(self, data: bytes) -> None:
+            self.client.transport.write(data)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self.client.transport.close()
+
+    class Client(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = transport
+            self.upstream: Upstream | None = None
+            self.early: list[bytes] | None = []
+            self.connecting = asyncio.ensure_future(self.connect())
+
+        async def connect(self) -> None:
+            loop = asyncio.get_running_loop()
+            _, self.upstream = await loop.create_connection(
+                lambda: Upstream(self), "127.0.0.1", upstream_port
+            )
+            for data in self.early or ():
+                self.upstream.transport.write(data)
+            self.early = None
+
+        def data_received(self, data: bytes) -> None:
+            if self.early is not None:
+                self.early.append(data)
+            else:
+                assert self.upstream is not None
+                self.upstream.transport.write(data)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self.upstream is not None:
+                self.upstream.transport.close()
+
+    async def main() -> None:
+        server = await asyncio.get_running_loop().create_server(Client, "127.0.0.1", port)
+        await server.serve_forever()
+
+    uvloop.run(main())
+
+
+def _cpu(pid: int) -> tuple[float, float]:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) / TICK, int(fields[12]) / TICK
+
+
+def _children(pid: int) -> list[int]:
+    found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, check=False)
+    return [int(x) for x in found.stdout.split()]
+
+
+def _idle() -> float:
+    values = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return (values[3] + values[4]) / TICK
+
+
+def measure(target: Target, mode: str, duration: float) -> dict[str, float]:
+    """One pgbench -S run; TPS plus CPU per transaction of the proxy and its writer child."""
+    pid = target.pid() if target.name != "direct" else None
+    processes = ([pid, *_children(pid)] if pid is not None else [])[:2]
+    before = [_cpu(p) for p in processes]
+    idle0, t0 = _idle(), time.monotonic()
+    result = run_pgbench(target, ["-S", "-M", mode], duration)
+    wall = time.monotonic() - t0
+    out = {"tps": result["tps"], "idle_cores": (_idle() - idle0) / wall}
+    transactions = result["tps"] * wall
+    for label, p, (user0, sys0) in zip(("loop", "writer"), processes, before, strict=False):
+        user1, sys1 = _cpu(p)
+        out[f"{label}_user_us"] = (user1 - user0) / transactions * 1e6
+        out[f"{label}_sys_us"] = (sys1 - sys0) / transactions * 1e6
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--mode", default="simple", choices=("simple", "extended", "prepared"))
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--duration", type=float, default=8)
+    parser.add_argument("--bare-relay", nargs=2, type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.bare_relay:
+        bare_relay(*args.bare_relay)
+        return 0
+    site = Path(tempfile.mkdtemp(prefix="dbward-ablation-"))
+    (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    with bench_env(durabilities=()) as env:
+        password = "ablation-pw-1"
+        for name, ablate in VARIANTS.items():
+            extra = {"PYTHONPATH": str(site), "DBWARD_ABLATE": ablate}
+            target = start_dbward(env.work, env.pg, password, "batched", name=name, extra_env=extra)
+            env.targets[name] = target
+        port = free_port()
+        relay = subprocess.Popen(
+            [sys.executable, __file__, "--bare-relay", str(env.direct.port), str(port)]
+        )
+        time.sleep(1.0)
+        direct = env.direct
+        env.targets["bare-relay"] = Target(
+            "bare-relay", "127.0.0.1", port, direct.user, direct.password, process=relay
+        )
+        order = ["direct", "pgbouncer", "bare-relay", *VARIANTS]
+        samples: dict[str, list[dict[str, float]]] = {name: [] for name in order}
+        for rep in range(args.reps):
+            rotation = order[rep % len(order) :] + order[: rep % len(order)]
+            for name in rotation:
+                sample = measure(env.targets[name], args.mode, args.duration)
+                samples[name].append(sample)
+                print(f"rep {rep + 1} {name}: {sample['tps']:,.0f} tps", file=sys.stderr)
+        print_table(samples, args)
+    return 0
+
+
+def print_table(samples: dict[str, list[dict[str, float]]], args: argparse.Namespace) -> None:
+    def median(name: str, key: str) -> float | None:
+        values = [s[key] for s in samples[name] if key in s]
+        return statistics.median(values) if values else None
+
+    direct = median("direct", "tps") or 1.0
+    print(f"\npgbench -S -M {args.mode}, -c 8 -j 2, {args.reps} x {args.duration:g} s, medians")
+    print(f"{'target':22} {'TPS':>8} {'/direct':>8} {'loop us/txn':>16} {'writer':>7} {'idle':>6}")
+    for name in samples:
+        tps = median(name, "tps") or 0.0
+        user, system = median(name, "loop_user_us"), median(name, "loop_sys_us")
+        writer_user, writer_sys = median(name, "writer_user_us"), median(name, "writer_sys_us")
+        loop = f"{user:.1f} u + {system:.1f} s" if user is not None and system is not None else "-"
+        writer = "-"
+        if writer_user is not None and writer_sys is not None:
+            writer = f"{writer_user + writer_sys:.1f}"
+        idle = median(name, "idle_cores") or 0.0
+        print(f"{name:22} {tps:8,.0f} {tps / direct:8.2f} {loop:>16} {writer:>7} {idle:6.2f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
