@@ -97,6 +97,41 @@ def test_password_in_sql_never_reaches_the_audit_log(proxy: Proxy) -> None:
     assert not wal.exists() or secret.encode() not in wal.read_bytes()
 
 
+def test_connection_strings_with_passwords_never_reach_the_audit_log(proxy: Proxy) -> None:
+    app = app_name("psql-conninfo")
+    secret = "Conn1nfo-Secret"
+    sql = [
+        f"SELECT dblink_connect('c1', 'host=h user=u password={secret} dbname=d')",
+        f"SELECT * FROM dblink('postgresql://u:{secret}@h/d', 'SELECT 1') AS t(a int)",
+        f"CREATE SUBSCRIPTION s CONNECTION 'host=h password={secret}' PUBLICATION p",
+        f"ALTER SYSTEM SET primary_conninfo = 'host=h password={secret}'",
+        f"ALTER ROLE app PASSWORD '{secret}",  # mistyped: unparseable, denied, still withheld
+        "SELECT dblink_connect('c2', 'host=h dbname=d')",  # no credential: logged as is
+    ]
+    result = run_psql(proxy.dsn(application_name=app), *sql)
+    (denial,) = [line for line in result.stderr.splitlines() if "dbward:" in line]
+    assert "statement could not be parsed" in denial and secret not in denial
+    records = proxy.session_records(app, until=has_disconnect)
+    assert [(r.command, r.sql_text, r.sql_sha256) for r in statements(records)[:5]] == [
+        ("SELECT", "SELECT (text withheld: it contains a credential)", ""),
+        ("SELECT", "SELECT (text withheld: it contains a credential)", ""),
+        (
+            "CREATE SUBSCRIPTION",
+            "CREATE SUBSCRIPTION (text withheld: it contains a credential)",
+            "",
+        ),
+        ("ALTER SYSTEM", "ALTER SYSTEM (text withheld: it contains a credential)", ""),
+        ("UNKNOWN", "UNKNOWN (text withheld: it contains a credential)", ""),
+    ]
+    denied = statements(records)[4]
+    assert denied.decision == "deny" and denied.rule == "guard.unparseable"
+    assert denied.detail.startswith("unterminated quoted string at or near <...>")
+    assert statements(records)[5].sql_text == sql[5]
+    assert secret.encode() not in proxy.audit_path.read_bytes()
+    wal = proxy.audit_path.with_name(proxy.audit_path.name + "-wal")
+    assert not wal.exists() or secret.encode() not in wal.read_bytes()
+
+
 def test_application_name_changed_mid_session_is_recorded(proxy: Proxy) -> None:
     app = app_name("psql-appname")
     renamed = app + "-renamed"

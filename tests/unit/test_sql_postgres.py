@@ -537,6 +537,51 @@ def test_password_lookalikes_are_not_flagged(sql: str) -> None:
     assert "sets_password" not in statement.flags
 
 
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT dblink_connect('c1', 'host=h user=u password=pw dbname=d')",
+        "SELECT dblink_connect_u('host=h PASSWORD=pw')",
+        "SELECT * FROM public.dblink('postgresql://u:pw@h/d', 'SELECT 1') AS t(a int)",
+        "SELECT dblink_exec('sslpassword=pw host=h', 'DELETE FROM t')",
+        "CREATE SUBSCRIPTION s CONNECTION 'host=h password=pw' PUBLICATION p",
+        "ALTER SUBSCRIPTION s CONNECTION 'postgres://rep:pw@h/d'",
+        "ALTER SYSTEM SET primary_conninfo = 'host=h password=pw'",
+        "PREPARE p AS SELECT dblink_connect('password=pw')",
+        "ALTER ROLE app PASSWORD 'unterminated",  # unparseable
+        "SELEC password",  # unparseable
+    ],
+)
+def test_statements_with_a_credential_in_a_connection_string_are_flagged(sql: str) -> None:
+    (statement,) = PostgresClassifier().classify(sql)
+    assert "carries_credential" in statement.flags
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT dblink_connect('c1', 'host=h dbname=d')",
+        "SELECT * FROM dblink('postgresql://h:5432/d', 'SELECT 1') AS t(a int)",
+        "SELECT * FROM dblink('c1', 'SELECT password FROM t') AS t(a text)",  # over-matches
+        "CREATE SUBSCRIPTION s CONNECTION 'host=h dbname=d' PUBLICATION p",
+        "ALTER SYSTEM SET work_mem = '1MB'",
+        "SELECT 'password=pw', 'postgresql://u:pw@h/d'",  # not a connection string argument
+        "SELEC 1",
+    ],
+)
+def test_connection_strings_without_a_credential(sql: str) -> None:
+    (statement,) = PostgresClassifier().classify(sql)
+    expected = "password FROM t" in sql
+    assert ("carries_credential" in statement.flags) is expected
+
+
+def test_connection_string_calls_are_never_shared_by_the_template_cache() -> None:
+    clf = PostgresClassifier()
+    clf.classify("SELECT dblink_connect('c1', 'host=h')")
+    (statement,) = clf.classify("SELECT dblink_connect('c1', 'password=x')")
+    assert "carries_credential" in statement.flags
+
+
 def test_prepare_carries_the_statement_it_prepares() -> None:
     (prepare,) = PostgresClassifier().classify("PREPARE d (int) AS DELETE FROM s.t WHERE id = $1")
     assert (prepare.kind, prepare.command, prepare.prepared_name) == (

@@ -60,7 +60,9 @@ class Statement:
     functions: tuple[str, ...] = ()  # lower-cased, "schema.name" when qualified
     # Flags such as "update_without_where", "delete_without_where", "data_modifying_cte",
     # "explain_analyze_write", "select_into", "role_switch", "copy_program", "copy_file",
-    # "copy_from_stdin", "copy_to_stdout", "set_config_role", "parse_error", "function_call".
+    # "copy_from_stdin", "copy_to_stdout", "set_config_role", "parse_error", "function_call",
+    # "sets_password" (role/user mapping/server password options), "carries_credential" (a
+    # connection string with a password: dblink, subscriptions, primary_conninfo).
     flags: frozenset[str] = frozenset()
     error: str | None = None  # parser message when kind is UNKNOWN because parsing failed
     # PREPARE / EXECUTE / DEALLOCATE name; EXECUTE (and EXPLAIN ANALYZE EXECUTE) carry the flag

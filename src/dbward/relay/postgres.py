@@ -31,7 +31,7 @@ from dbward.core.types import (
     StatementKind,
     Verdict,
 )
-from dbward.policy.engine import decide
+from dbward.policy.engine import decide, parser_error_snippet
 from dbward.relay.startup import StartupRefusedError, upstream_parameters
 from dbward.server.upstream import UpstreamConnection, UpstreamError, connect_upstream, send_cancel
 from dbward.sql.postgres import function_call_statement
@@ -60,6 +60,9 @@ _TEXT: dict[object, str] = {
 _DURABLE_KINDS = frozenset(
     {StatementKind.WRITE, StatementKind.DDL, StatementKind.DCL, StatementKind.ADMIN}
 )
+
+# Flags of statements whose text holds a password: it is withheld from the audit log.
+_CREDENTIAL_FLAGS = frozenset({"sets_password", "carries_credential"})
 
 # Op codes for the queue of responses expected from the upstream, in send order.
 _OP_QUERY = 0  # simple Query or FunctionCall: ends with ReadyForQuery
@@ -1123,13 +1126,18 @@ class PgSession(asyncio.Protocol):
         text = statement.text
         cap = self.services.audit_settings.sql_text_max
         identity = self.identity
-        if "sets_password" in statement.flags:
+        flags = statement.flags
+        if flags and not _CREDENTIAL_FLAGS.isdisjoint(flags):
             # Neither the text nor an unsalted hash of it (a weak password could be guessed
             # offline from the hash) may reach the log.
-            sql_text, sql_sha256 = f"{statement.command} (text withheld: it sets a password)", ""
+            why = "it sets a password" if "sets_password" in flags else "it contains a credential"
+            sql_text, sql_sha256 = f"{statement.command} (text withheld: {why})", ""
+            # A parser message quotes the text near the error: keep it without the quotes.
+            detail = parser_error_snippet(statement.error) if statement.error else ""
         else:
             sql_text = text if len(text) <= cap else text[:cap]
             sql_sha256 = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+            detail = statement.error or ""
         return AuditRecord(
             AuditEvent.STATEMENT,
             int(self.services.clock() * 1000),
@@ -1153,7 +1161,7 @@ class PgSession(asyncio.Protocol):
             "",  # sqlstate
             None,  # rows
             None,  # duration_ms
-            statement.error or "",  # detail
+            detail,
         )
 
     def _record_outcome(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import OrderedDict
 from typing import Any, Final
 
@@ -448,11 +449,22 @@ _KEY_CODES: Final[dict[str, int]] = {
 # Option names whose value is a credential: such statements are never logged verbatim.
 _SECRET_OPTIONS = frozenset({"password", "passfile", "sslpassword", "sslkey"})
 
+# Functions whose arguments may be a libpq connection string (dblink's), and statements that
+# carry one (logical replication subscriptions, a standby's primary_conninfo).
+_CONNINFO_FUNCTIONS: Final = frozenset(
+    {"dblink_connect", "dblink_connect_u", "dblink", "dblink_exec"}
+)
+_CONNINFO_STATEMENTS: Final = frozenset({"CreateSubscriptionStmt", "AlterSubscriptionStmt"})
+_CONNINFO_SETTINGS: Final = frozenset({"primary_conninfo"})
+# A password keyword (password=, sslpassword=, PGPASSWORD ...) or a URI with user:password@.
+# Checked on the statement's whole text: over-matching only withholds more of the text.
+_CREDENTIAL_TEXT: Final = re.compile(r"password|://[^\s/@']*:[^\s/@']*@", re.IGNORECASE)
+
 
 class _Walk:
     """Everything the walk collects from one statement's tree."""
 
-    __slots__ = ("const_sensitive", "dm_cte", "flags", "functions", "tables")
+    __slots__ = ("conninfo", "const_sensitive", "dm_cte", "flags", "functions", "tables")
 
     def __init__(self) -> None:
         self.tables: list[tuple[int, str]] = []
@@ -460,6 +472,7 @@ class _Walk:
         self.flags: set[str] = set()
         self.dm_cte = False
         self.const_sensitive = False
+        self.conninfo = False  # calls a function that takes a connection string
 
 
 def _walk(root: dict[str, Any], has_ctes: bool = True) -> _Walk:
@@ -565,7 +578,11 @@ def _func_call(call: dict[str, Any], out: _Walk) -> None:
     names = call.get("funcname", ())
     name = _strings(names).lower()
     out.functions.append((call.get("location", -1), name))
-    if name.rsplit(".", 1)[-1] == "set_config":
+    base = name.rsplit(".", 1)[-1]
+    if base in _CONNINFO_FUNCTIONS:
+        out.conninfo = True
+        out.const_sensitive = True  # whether the text holds a credential depends on constants
+    if base == "set_config":
         out.const_sensitive = True
         args = call.get("args") or ()
         first = _constant_text(args[0]) if args else None
@@ -723,6 +740,8 @@ def _classify_node(
     _drop_targets(node_type, body, walked)
     kind, command, flags = _head(node_type, body, walked.dm_cte)
     flags |= walked.flags
+    if _may_carry_conninfo(node_type, body, walked) and _CREDENTIAL_TEXT.search(part):
+        flags.add("carries_credential")
     prepared_name, prepared = _prepared_parts(node_type, body, part, has_ctes)
     if prepared_name is not None and node_type not in ("PrepareStmt", "DeallocateStmt"):
         flags.add("executes_prepared")
@@ -738,6 +757,16 @@ def _classify_node(
     )
     shareable = node_type in _SHAREABLE and not flags and not walked.const_sensitive
     return statement, shareable
+
+
+def _may_carry_conninfo(node_type: str, body: dict[str, Any], walked: _Walk) -> bool:
+    """Whether the statement may hold a libpq connection string (and so a password)."""
+    if walked.conninfo or node_type in _CONNINFO_STATEMENTS:
+        return True
+    if node_type == "AlterSystemStmt":
+        name = body.get("setstmt", {}).get("name")
+        return isinstance(name, str) and name.lower() in _CONNINFO_SETTINGS
+    return False
 
 
 def _prepared_parts(
@@ -761,13 +790,23 @@ def _prepared_parts(
     return None, None
 
 
+_PARSE_ERROR_FLAGS: Final = frozenset({"parse_error"})
+_PARSE_ERROR_CREDENTIAL_FLAGS: Final = frozenset({"parse_error", "carries_credential"})
+
+
 def _parse_error(text: str, message: str) -> Statement:
-    """The single UNKNOWN statement reported for text the parser rejects."""
+    """The single UNKNOWN statement reported for text the parser rejects.
+
+    Broken text that mentions a password (a mistyped ALTER ROLE ... PASSWORD) is flagged like a
+    parsed one: what it holds cannot be told apart from a credential.
+    """
     return Statement(
         text=text,
         kind=_UNKNOWN,
         command="UNKNOWN",
-        flags=frozenset({"parse_error"}),
+        flags=_PARSE_ERROR_CREDENTIAL_FLAGS
+        if _CREDENTIAL_TEXT.search(text)
+        else _PARSE_ERROR_FLAGS,
         error=message,
     )
 
