@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+from pathlib import Path
+
 import psycopg
 import pytest
 
 from dbward.wire.postgres import messages
 from fixtures.clients import app_name, has_disconnect, outcome_of, run_psql, statements
+from fixtures.postgres import PgServer
 from fixtures.proxy import Proxy
 from fixtures.raw import RawSession
 
@@ -218,3 +223,101 @@ def test_undecodable_sql_is_denied_and_the_session_continues(proxy: Proxy) -> No
     records = proxy.session_records(app, until=has_disconnect)
     denied = [s for s in statements(records) if s.decision == "deny"]
     assert [s.rule for s in denied] == ["guard.unparseable", "guard.unparseable"]
+
+
+@pytest.fixture
+def escalating_proxy(
+    pg_server: PgServer, proxy_factory: Callable[..., Proxy], tmp_path: Path
+) -> Proxy:
+    """A proxy whose service role may SET ROLE to a superuser role and to a plain one."""
+    password = "esc-Svc-pw-1"
+    pg_server.psql(
+        "DO $$ BEGIN"
+        " IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'dbward_esc_svc') THEN"
+        "  CREATE ROLE dbward_esc_admin SUPERUSER NOLOGIN;"
+        "  CREATE ROLE dbward_esc_plain NOLOGIN;"
+        f"  CREATE ROLE dbward_esc_svc LOGIN PASSWORD '{password}';"
+        "  GRANT dbward_esc_admin, dbward_esc_plain TO dbward_esc_svc;"
+        " END IF; END $$"
+    )
+    password_file = tmp_path / "esc-password"
+    password_file.write_text(password)
+    password_file.chmod(0o600)
+    return proxy_factory(upstream={"user": "dbward_esc_svc", "password_file": str(password_file)})
+
+
+def test_role_switch_to_a_superuser_inside_a_do_block_ends_the_session(
+    escalating_proxy: Proxy,
+) -> None:
+    # The guards read statement text; a DO block builds its SET ROLE at run time. PostgreSQL
+    # reports is_superuser when it changes, and dbward ends such a session (fail closed).
+    app = app_name("escalate")
+    with psycopg.connect(**escalating_proxy.conninfo(application_name=app)) as conn:
+        conn.autocommit = True
+        # A switch that gains no superuser power is not observable on the wire: it goes through.
+        conn.execute(b"DO $$ BEGIN EXECUTE 'SET ROLE dbward_esc_plain'; END $$")
+        assert conn.execute(b"SELECT current_user").fetchone() == ("dbward_esc_plain",)
+        with pytest.raises(psycopg.errors.InsufficientPrivilege) as info:
+            conn.execute(b"DO $$ BEGIN EXECUTE 'SET ROLE dbward_esc_admin'; END $$")
+        assert info.value.diag.severity_nonlocalized == "FATAL"
+        assert "gained privileges no statement was allowed to give it" in str(info.value)
+        with pytest.raises(psycopg.OperationalError):
+            conn.execute(b"SELECT current_user")
+    records = escalating_proxy.session_records(app, until=has_disconnect)
+    (event,) = [r for r in records if r.event == "privilege_escalation"]
+    assert event.reason == "the database session became a superuser"
+    assert event.sqlstate == "42501" and event.identity == "alice"
+    last = statements(records)[-1]
+    assert last.command == "DO"
+    # PostgreSQL reports the change after the DO's CommandComplete: the DO itself did run.
+    assert outcome_of(records, last).status == "ok"
+    assert records.index(event) > records.index(outcome_of(records, last))
+    # The escalated backend is gone with the session.
+    deadline = time.monotonic() + 5
+    while (
+        escalating_proxy.pg.psql(
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = 'dbward_esc_svc'"
+        )
+        != "0"
+    ):
+        assert time.monotonic() < deadline, "the escalated backend is still connected"
+        time.sleep(0.05)
+    # Other sessions are unaffected.
+    with psycopg.connect(**escalating_proxy.conninfo()) as conn:
+        assert conn.execute("SELECT current_user").fetchone() == ("dbward_esc_svc",)
+
+
+def test_superuser_service_role_is_warned_about(
+    pg_server: PgServer, proxy_factory: Callable[..., Proxy], tmp_path: Path
+) -> None:
+    password = "esc-Super-pw-1"
+    pg_server.psql(
+        "DO $$ BEGIN"
+        " IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'dbward_super_svc') THEN"
+        f"  CREATE ROLE dbward_super_svc SUPERUSER LOGIN PASSWORD '{password}';"
+        " END IF;"
+        " IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'dbward_super_target') THEN"
+        "  CREATE ROLE dbward_super_target NOLOGIN;"
+        " END IF; END $$"
+    )
+    password_file = tmp_path / "super-password"
+    password_file.write_text(password)
+    password_file.chmod(0o600)
+    up = proxy_factory(upstream={"user": "dbward_super_svc", "password_file": str(password_file)})
+    for _ in range(2):
+        with psycopg.connect(**up.conninfo()) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+    warnings = [line for line in up.log().splitlines() if "is a superuser" in line]
+    assert len(warnings) == 1  # once per listener, not per session
+    assert "dbward_super_svc" in warnings[0] and password not in up.log()
+    # A superuser has no is_superuser change to show, but a switch of session authorization
+    # is still reported by PostgreSQL and still ends the session.
+    app = app_name("escalate-auth")
+    with (
+        psycopg.connect(**up.conninfo(application_name=app), autocommit=True) as conn,
+        pytest.raises(psycopg.errors.InsufficientPrivilege),
+    ):
+        conn.execute(b"DO $$ BEGIN EXECUTE 'SET SESSION AUTHORIZATION dbward_super_target'; END $$")
+    records = up.session_records(app, until=has_disconnect)
+    (event,) = [r for r in records if r.event == "privilege_escalation"]
+    assert event.reason == "the database session's authorization changed to 'dbward_super_target'"

@@ -17,6 +17,9 @@ class AuditEvent(enum.StrEnum):
     CANCEL = "cancel"  # a CancelRequest was forwarded (or refused)
     PROTOCOL_ERROR = "protocol_error"
     UPSTREAM_LOST = "upstream_lost"
+    # The database session gained privileges no statement was allowed to give it (e.g. a role
+    # switch inside a DO block made it a superuser); the session is terminated.
+    PRIVILEGE_ESCALATION = "privilege_escalation"
     DISCONNECT = "disconnect"  # carries the session's statement count
 
 

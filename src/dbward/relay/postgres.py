@@ -184,6 +184,10 @@ class PgSession(asyncio.Protocol):
         self._connect_audited = False
         self._claimed_user = ""
         self._over_limit = False
+        # What the upstream reported at login; a later change is a privilege escalation.
+        self._superuser_at_login = False
+        self._authorization_at_login = ""
+        self._escalation: str | None = None
 
     # ------------------------------------------------------------------ asyncio callbacks
 
@@ -469,6 +473,7 @@ class PgSession(asyncio.Protocol):
         server_encoding = upstream.server_params.get("client_encoding")
         if server_encoding is not None:
             self._set_encoding(server_encoding)
+        self._note_login_privileges(upstream.server_params)
         key = self.services.cancels.issue(upstream.backend_pid, self)
         self._cancel_key = (upstream.backend_pid, key)
         transport.write(
@@ -490,6 +495,24 @@ class PgSession(asyncio.Protocol):
             self._inbox.extend(self._startup_frames)
             self._startup_frames.clear()
             self._drain_inbox()
+
+    def _note_login_privileges(self, params: dict[str, str]) -> None:
+        """Remember the service role's privileges at login (reported by the server)."""
+        self._superuser_at_login = params.get("is_superuser") == "on"
+        services = self.services
+        # PostgreSQL reports it at login; a server that does not is logged in as the service role.
+        self._authorization_at_login = params.get(
+            "session_authorization", services.settings.upstream.user
+        )
+        if self._superuser_at_login and not services.warned_superuser:
+            services.warned_superuser = True
+            log.warning(
+                "listener %s: the upstream service role %s is a superuser; code in DO blocks "
+                "and functions can switch roles unseen by the guards, and nothing is left to "
+                "escalate to, so such switches cannot be detected (see docs/operations.md)",
+                services.settings.name,
+                services.settings.upstream.user,
+            )
 
     def _set_encoding(self, name: str) -> None:
         codec = python_codec(name)
@@ -891,6 +914,13 @@ class PgSession(asyncio.Protocol):
         position = 0
         for msg_type, start, end, payload in events:
             replacement = self._on_backend_message(msg_type, payload)
+            if self._escalation is not None:
+                # Nothing from the escalated session reaches the client, this report included.
+                if pieces:
+                    transport.write(b"".join(pieces))
+                transport.write(forward[position:start])
+                self._terminate_escalated(self._escalation)
+                return
             if replacement is not None:
                 if pieces is None:
                     pieces = []
@@ -966,6 +996,10 @@ class PgSession(asyncio.Protocol):
             name, value = messages.parse_parameter_status(payload)
             if name == "client_encoding":
                 self._set_encoding(value)
+            elif name == "is_superuser" and value == "on" and not self._superuser_at_login:
+                self._escalation = "the database session became a superuser"
+            elif name == "session_authorization" and value != self._authorization_at_login:
+                self._escalation = f"the database session's authorization changed to {value!r}"
             elif name == "application_name" and value != self._application_name:
                 # SET application_name mid-session: later records and decisions carry it.
                 self._application_name = value
@@ -1026,6 +1060,19 @@ class PgSession(asyncio.Protocol):
         self._finish_pending("unknown", "08006")
         self._audit(AuditEvent.UPSTREAM_LOST, reason=message, sqlstate="08006")
         self._fatal("08006", message)
+
+    def _terminate_escalated(self, what: str) -> None:
+        """Fail closed: a statement gave the session privileges no guard let through (a role
+        switch inside a DO block or function). Audit it and end both connections, which also
+        ends the escalated database session."""
+        log.error("session %s: %s; terminating the session", self.session_id, what)
+        self._finish_pending("unknown", "42501")
+        self._audit(AuditEvent.PRIVILEGE_ESCALATION, reason=what, sqlstate="42501")
+        self._fatal(
+            "42501",
+            "dbward: the database session gained privileges no statement was allowed to give "
+            "it (a role switch inside code dbward cannot inspect); the session is terminated",
+        )
 
     def _pause_client(self) -> None:
         self._client_paused_for_upstream = True

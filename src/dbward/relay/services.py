@@ -72,3 +72,4 @@ class ListenerServices:
     clock: Callable[[], float] = time.time
     sessions: set[PgSession] = field(default_factory=set)
     draining: bool = False
+    warned_superuser: bool = False  # the service role is a superuser: warned once per listener
