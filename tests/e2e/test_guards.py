@@ -24,6 +24,11 @@ DENIED = [
     ("COPY pg_class FROM '/etc/passwd'", "guard.copy_file"),
     ("COPY (SELECT 1) TO '/tmp/dbward-should-not-exist'", "guard.copy_file"),
     ("SELEKT 1 FROM", "guard.unparseable"),
+    ("SELECT pg_read_file('/etc/passwd')", "guard.server_file"),
+    (
+        "SELECT lo_export(lo_import('/etc/passwd'), '/tmp/dbward-should-not-exist')",
+        "guard.server_file",
+    ),
 ]
 
 

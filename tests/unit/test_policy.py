@@ -121,6 +121,40 @@ def test_copy_guards(sql: str, rule: str) -> None:
 
 
 @pytest.mark.parametrize(
+    ("sql", "named"),
+    [
+        ("SELECT pg_read_file('/etc/passwd')", "pg_read_file"),
+        ("SELECT pg_catalog.pg_read_binary_file('/etc/shadow', 0, 10)", "pg_read_binary_file"),
+        ("SELECT * FROM pg_ls_dir('/')", "pg_ls_dir"),
+        ("WITH s AS (SELECT pg_stat_file('pg_hba.conf')) SELECT * FROM s", "pg_stat_file"),
+        ("SELECT lo_import('/etc/passwd')", "lo_import"),
+        ("SELECT lo_export(16384, '/tmp/x'), lo_import('/y')", "lo_export, lo_import"),
+        ("CREATE VIEW v AS SELECT PG_READ_FILE('x')", "pg_read_file"),
+        ("SELECT pg_file_write('/tmp/x', 'data', false)", "pg_file_write"),
+        ("PREPARE p AS SELECT pg_read_file($1)", "pg_read_file"),
+    ],
+)
+def test_server_file_functions_are_denied(sql: str, named: str) -> None:
+    (decision,) = decisions(sql)
+    assert (decision.verdict, decision.rule) == (Verdict.DENY, "guard.server_file")
+    assert decision.reason.endswith(f"not allowed ({named})")
+    assert "/" not in decision.reason  # never echo the arguments
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT pg_ls_waldir()",
+        "SELECT lo_creat(-1)",
+        "SELECT read_file FROM t",
+        "SELECT 'pg_read_file'",
+    ],
+)
+def test_server_file_lookalikes_are_allowed(sql: str) -> None:
+    assert decisions(sql) == [ALLOW]
+
+
+@pytest.mark.parametrize(
     ("sql", "rules"),
     [
         ("SELECT 1; SET ROLE admin", ["guard.role_switch"]),
@@ -217,6 +251,7 @@ def test_guards_are_pure_and_ordered() -> None:
         "guard_role_switch",
         "guard_copy_program",
         "guard_copy_file",
+        "guard_server_file_function",
     ]
     (statement,) = CLF.classify("SET ROLE admin")
     req = request(statement)

@@ -13,6 +13,7 @@ from dbward.core.types import (
     StatementKind,
     Verdict,
 )
+from dbward.sql.postgres import SERVER_FILE_FUNCTIONS
 
 __all__ = ["ALLOW", "GUARDS", "RULES", "Guard", "decide"]
 
@@ -112,6 +113,21 @@ def guard_copy_file(request: PolicyRequest) -> Decision | None:
     return _DENY_COPY_FILE if "copy_file" in request.statement.flags else None
 
 
+def guard_server_file_function(request: PolicyRequest) -> Decision | None:
+    """pg_read_file, lo_import/lo_export ... reach the database host's filesystem like COPY."""
+    statement = request.statement
+    if "server_file_function" not in statement.flags:
+        return None
+    names = sorted(
+        {f.rsplit(".", 1)[-1] for f in statement.functions} & SERVER_FILE_FUNCTIONS
+    )  # from a closed set: safe to show
+    return _deny(
+        "guard.server_file",
+        "dbward: functions that read or write files on the database server are not allowed"
+        f" ({', '.join(names) or 'server file function'})",
+    )
+
+
 _ROLE_DENIALS: dict[str, Decision] = {}
 
 
@@ -129,6 +145,7 @@ GUARDS: Final[tuple[Guard, ...]] = (
     guard_role_switch,
     guard_copy_program,
     guard_copy_file,
+    guard_server_file_function,
 )
 
 # Extension point: configured rules (the future rule language compiles to Guard callables here),
@@ -137,7 +154,14 @@ RULES: tuple[Guard, ...] = ()
 
 # Flags that can make some guard fire; a statement with none of them skips the guard loop.
 _GUARD_FLAGS: Final = frozenset(
-    {"function_call", "parse_error", "copy_program", "copy_file", *_ROLE_FLAGS}
+    {
+        "function_call",
+        "parse_error",
+        "copy_program",
+        "copy_file",
+        "server_file_function",
+        *_ROLE_FLAGS,
+    }
 )
 _UNKNOWN: Final = StatementKind.UNKNOWN
 _FUNCTION_CALL: Final = ProtocolPath.FUNCTION_CALL

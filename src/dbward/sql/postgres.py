@@ -455,6 +455,23 @@ _CONNINFO_FUNCTIONS: Final = frozenset(
     {"dblink_connect", "dblink_connect_u", "dblink", "dblink_exec"}
 )
 _CONNINFO_STATEMENTS: Final = frozenset({"CreateSubscriptionStmt", "AlterSubscriptionStmt"})
+# Functions that read, write or list files on the database server by path: the function-call
+# counterparts of server-side file COPY (core, large objects, adminpack).
+SERVER_FILE_FUNCTIONS: Final = frozenset(
+    {
+        "pg_read_file",
+        "pg_read_binary_file",
+        "pg_stat_file",
+        "pg_ls_dir",
+        "lo_import",
+        "lo_export",
+        "pg_file_write",
+        "pg_file_sync",
+        "pg_file_rename",
+        "pg_file_unlink",
+        "pg_logdir_ls",
+    }
+)
 _CONNINFO_SETTINGS: Final = frozenset({"primary_conninfo"})
 # A password keyword (password=, sslpassword=, PGPASSWORD ...) or a URI with user:password@.
 # Checked on the statement's whole text: over-matching only withholds more of the text.
@@ -579,6 +596,8 @@ def _func_call(call: dict[str, Any], out: _Walk) -> None:
     name = _strings(names).lower()
     out.functions.append((call.get("location", -1), name))
     base = name.rsplit(".", 1)[-1]
+    if base in SERVER_FILE_FUNCTIONS:
+        out.flags.add("server_file_function")
     if base in _CONNINFO_FUNCTIONS:
         out.conninfo = True
         out.const_sensitive = True  # whether the text holds a credential depends on constants
