@@ -273,11 +273,13 @@ def start_dbward(
     *,
     name: str = "",
     extra_env: dict[str, str] | None = None,
+    python: str = "",
 ) -> Target:
     """`python -m dbward serve` with one local user, audit on, the given durability.
 
     `name` (default `dbward-<durability>`) names the target and its directory; `extra_env` is
-    added to the process environment (ablation.py uses it to load its variants).
+    added to the process environment (ablation.py uses it to load its variants); `python` is
+    the interpreter to run it with (default: this one).
     """
     name = name or f"dbward-{durability}"
     directory = work / name
@@ -314,7 +316,7 @@ def start_dbward(
     log = directory / "dbward.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "dbward", "serve", "--config", str(config_path)],
+            [python or sys.executable, "-m", "dbward", "serve", "--config", str(config_path)],
             stdout=out,
             stderr=subprocess.STDOUT,
             env={**_clean_env(), "PYTHONUNBUFFERED": "1", **(extra_env or {})},
