@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import psycopg
+
+from dbward.audit.query import search
 from fixtures.clients import app_name, has_disconnect, outcome_of, run_psql, statements
 from fixtures.proxy import Proxy
 
@@ -145,3 +148,30 @@ def test_application_name_changed_mid_session_is_recorded(proxy: Proxy) -> None:
         ("SET", app),
         ("SELECT", renamed),
     ]
+
+
+def test_select_with_side_effects_is_audited_as_write_and_made_durable_first(
+    proxy: Proxy,
+) -> None:
+    app = app_name("psql-nextval")
+    with psycopg.connect(**proxy.conninfo(application_name=app), autocommit=True) as conn:
+        conn.execute("CREATE SEQUENCE IF NOT EXISTS dbward_side_effect_seq")
+        value = conn.execute(b"SELECT nextval('dbward_side_effect_seq')").fetchone()
+        assert value is not None and value[0] >= 1
+        # strict durability: a write's intent is committed before the statement is forwarded,
+        # so it is in the log now, without waiting for a batch.
+        committed = [
+            r
+            for r in search(proxy.audit_path, limit=1_000_000)
+            if r.application_name == app and r.sql_text.startswith("SELECT nextval")
+        ]
+        assert [(r.event, r.kind) for r in committed] == [("statement", "write")]
+        assert conn.execute(b"SELECT pg_cancel_backend(0)").fetchone() == (False,)
+    records = proxy.session_records(app, until=has_disconnect)
+    intents = statements(records)
+    assert [(s.command, s.kind) for s in intents] == [
+        ("CREATE SEQUENCE", "ddl"),
+        ("SELECT", "write"),
+        ("SELECT", "admin"),
+    ]
+    assert [outcome_of(records, s).status for s in intents] == ["ok", "ok", "ok"]

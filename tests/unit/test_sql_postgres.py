@@ -575,6 +575,49 @@ def test_connection_strings_without_a_credential(sql: str) -> None:
     assert ("carries_credential" in statement.flags) is expected
 
 
+@pytest.mark.parametrize(
+    ("sql", "kind"),
+    [
+        ("SELECT nextval('orders_id_seq')", StatementKind.WRITE),
+        ("SELECT pg_catalog.setval('s', 42)", StatementKind.WRITE),
+        ("SELECT lo_unlink(16384)", StatementKind.WRITE),
+        ("SELECT * FROM dblink('c', 'DELETE FROM t') AS x(a int)", StatementKind.WRITE),
+        ("SELECT pg_terminate_backend(pid) FROM pg_stat_activity", StatementKind.ADMIN),
+        ("SELECT nextval('s'), pg_cancel_backend(1)", StatementKind.ADMIN),  # admin wins
+        ("WITH r AS (SELECT pg_reload_conf()) SELECT * FROM r", StatementKind.ADMIN),
+        ("SELECT 1 WHERE EXISTS (SELECT pg_switch_wal())", StatementKind.ADMIN),
+        ("EXPLAIN ANALYZE SELECT nextval('s')", StatementKind.WRITE),
+        ("DECLARE c CURSOR FOR SELECT nextval('s')", StatementKind.WRITE),
+        ("INSERT INTO t VALUES (nextval('s'))", StatementKind.WRITE),  # already a write
+    ],
+)
+def test_reads_calling_side_effect_functions_are_not_reads(sql: str, kind: StatementKind) -> None:
+    (statement,) = PostgresClassifier().classify(sql)
+    assert statement.kind is kind
+    assert "side_effect_function" in statement.flags
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT currval('s'), lo_get(16384)",
+        "EXPLAIN SELECT pg_terminate_backend(1)",  # plain EXPLAIN runs nothing
+        "SELECT 'nextval(1)'",
+        "SELECT nextval FROM t",
+    ],
+)
+def test_side_effect_lookalikes_stay_reads(sql: str) -> None:
+    (statement,) = PostgresClassifier().classify(sql)
+    assert statement.kind is StatementKind.READ
+    assert "side_effect_function" not in statement.flags
+
+
+def test_prepared_side_effect_select_executes_as_a_write() -> None:
+    (statement,) = PostgresClassifier().classify("PREPARE p AS SELECT setval('s', 1)")
+    assert statement.prepared is not None
+    assert statement.prepared.kind is StatementKind.WRITE
+
+
 def test_connection_string_calls_are_never_shared_by_the_template_cache() -> None:
     clf = PostgresClassifier()
     clf.classify("SELECT dblink_connect('c1', 'host=h')")

@@ -455,6 +455,62 @@ _CONNINFO_FUNCTIONS: Final = frozenset(
     {"dblink_connect", "dblink_connect_u", "dblink", "dblink_exec"}
 )
 _CONNINFO_STATEMENTS: Final = frozenset({"CreateSubscriptionStmt", "AlterSubscriptionStmt"})
+# Built-in functions whose call changes something: a SELECT calling one is not a read. Calls to
+# user-defined functions cannot be judged without the catalog (see docs/policy.md).
+_ADMIN_FUNCTIONS: Final = frozenset(
+    {
+        "pg_terminate_backend",
+        "pg_cancel_backend",
+        "pg_reload_conf",
+        "pg_rotate_logfile",
+        "pg_promote",
+        "pg_switch_wal",
+        "pg_create_restore_point",
+        "pg_log_backend_memory_contexts",
+        "pg_backup_start",
+        "pg_backup_stop",
+        "pg_start_backup",
+        "pg_stop_backup",
+        "pg_wal_replay_pause",
+        "pg_wal_replay_resume",
+        "pg_create_physical_replication_slot",
+        "pg_create_logical_replication_slot",
+        "pg_copy_physical_replication_slot",
+        "pg_copy_logical_replication_slot",
+        "pg_drop_replication_slot",
+        "pg_replication_slot_advance",
+        "pg_replication_origin_create",
+        "pg_replication_origin_drop",
+        "pg_stat_reset",
+        "pg_stat_reset_shared",
+        "pg_stat_reset_single_table_counters",
+        "pg_stat_reset_single_function_counters",
+        "pg_stat_reset_slru",
+        "pg_stat_reset_replication_slot",
+        "pg_stat_reset_subscription_stats",
+        "pg_import_system_collations",
+    }
+)
+_WRITE_FUNCTIONS: Final = frozenset(
+    {
+        "nextval",
+        "setval",
+        "lo_create",
+        "lo_creat",
+        "lo_from_bytea",
+        "lo_put",
+        "lo_unlink",
+        "lo_truncate",
+        "lo_truncate64",
+        "lowrite",
+        # dblink runs arbitrary SQL on another connection, out of dbward's sight.
+        "dblink",
+        "dblink_exec",
+        "dblink_send_query",
+        "dblink_open",
+    }
+)
+
 # Functions that read, write or list files on the database server by path: the function-call
 # counterparts of server-side file COPY (core, large objects, adminpack).
 SERVER_FILE_FUNCTIONS: Final = frozenset(
@@ -481,7 +537,15 @@ _CREDENTIAL_TEXT: Final = re.compile(r"password|://[^\s/@']*:[^\s/@']*@", re.IGN
 class _Walk:
     """Everything the walk collects from one statement's tree."""
 
-    __slots__ = ("conninfo", "const_sensitive", "dm_cte", "flags", "functions", "tables")
+    __slots__ = (
+        "conninfo",
+        "const_sensitive",
+        "dm_cte",
+        "flags",
+        "functions",
+        "side_effect",
+        "tables",
+    )
 
     def __init__(self) -> None:
         self.tables: list[tuple[int, str]] = []
@@ -490,6 +554,7 @@ class _Walk:
         self.dm_cte = False
         self.const_sensitive = False
         self.conninfo = False  # calls a function that takes a connection string
+        self.side_effect: StatementKind | None = None  # ADMIN or WRITE: what its calls do
 
 
 def _walk(root: dict[str, Any], has_ctes: bool = True) -> _Walk:
@@ -596,6 +661,10 @@ def _func_call(call: dict[str, Any], out: _Walk) -> None:
     name = _strings(names).lower()
     out.functions.append((call.get("location", -1), name))
     base = name.rsplit(".", 1)[-1]
+    if base in _ADMIN_FUNCTIONS:
+        out.side_effect = _ADMIN
+    elif base in _WRITE_FUNCTIONS and out.side_effect is None:
+        out.side_effect = _WRITE
     if base in SERVER_FILE_FUNCTIONS:
         out.flags.add("server_file_function")
     if base in _CONNINFO_FUNCTIONS:
@@ -759,6 +828,12 @@ def _classify_node(
     _drop_targets(node_type, body, walked)
     kind, command, flags = _head(node_type, body, walked.dm_cte)
     flags |= walked.flags
+    if walked.side_effect is not None and (
+        node_type != "ExplainStmt" or _explain_analyzes(body)  # plain EXPLAIN runs nothing
+    ):
+        flags.add("side_effect_function")
+        if kind is _READ:
+            kind = walked.side_effect
     if _may_carry_conninfo(node_type, body, walked) and _CREDENTIAL_TEXT.search(part):
         flags.add("carries_credential")
     prepared_name, prepared = _prepared_parts(node_type, body, part, has_ctes)
