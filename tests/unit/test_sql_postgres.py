@@ -649,3 +649,14 @@ def test_execute_names_what_it_runs(sql: str) -> None:
 def test_plain_explain_execute_does_not_run_it() -> None:
     (explain,) = PostgresClassifier().classify("EXPLAIN EXECUTE d(1)")
     assert explain.kind == StatementKind.READ and "executes_prepared" not in explain.flags
+
+
+@pytest.mark.timeout(10)
+def test_credential_check_is_linear_on_hostile_text() -> None:
+    # A backtracking user:password@ pattern takes hours on this; a linear one milliseconds.
+    hostile = "SELEC '://" + "a:" * 200_000
+    (statement,) = PostgresClassifier().classify(hostile)
+    assert "parse_error" in statement.flags
+    assert "carries_credential" not in statement.flags
+    (dblink,) = PostgresClassifier().classify(f"SELECT dblink('c', '://{'a:' * 200_000}')")
+    assert "carries_credential" not in dblink.flags

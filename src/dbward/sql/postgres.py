@@ -531,7 +531,9 @@ SERVER_FILE_FUNCTIONS: Final = frozenset(
 _CONNINFO_SETTINGS: Final = frozenset({"primary_conninfo"})
 # A password keyword (password=, sslpassword=, PGPASSWORD ...) or a URI with user:password@.
 # Checked on the statement's whole text: over-matching only withholds more of the text.
-_CREDENTIAL_TEXT: Final = re.compile(r"password|://[^\s/@']*:[^\s/@']*@", re.IGNORECASE)
+# The user part excludes ":" and both parts are possessive, so the search stays linear on
+# hostile text (a backtracking "[^/@]*:[^/@]*@" is quadratic on "://a:a:a:...").
+_CREDENTIAL_TEXT: Final = re.compile(r"password|://[^\s/@':]*+:[^\s/@']*+@", re.IGNORECASE)
 
 
 class _Walk:
