@@ -660,3 +660,22 @@ def test_credential_check_is_linear_on_hostile_text() -> None:
     assert "carries_credential" not in statement.flags
     (dblink,) = PostgresClassifier().classify(f"SELECT dblink('c', '://{'a:' * 200_000}')")
     assert "carries_credential" not in dblink.flags
+
+
+def test_large_statements_pause_the_gc_only_while_parsing() -> None:
+    import gc
+
+    bulk = "INSERT INTO t (a, b) VALUES " + ",".join(f"({i}, now())" for i in range(2_000))
+    broken = "SELEC " + "x, " * 2_000
+    assert gc.isenabled()
+    (insert,) = PostgresClassifier(cache_size=0).classify(bulk)
+    assert (insert.kind, insert.tables, insert.functions) == (StatementKind.WRITE, ("t",), ("now",))
+    (error,) = PostgresClassifier(cache_size=0).classify(broken)
+    assert error.kind is StatementKind.UNKNOWN
+    assert gc.isenabled()  # re-enabled on every path
+    gc.disable()
+    try:
+        PostgresClassifier(cache_size=0).classify(bulk)
+        assert not gc.isenabled()  # a caller's choice is left alone
+    finally:
+        gc.enable()
