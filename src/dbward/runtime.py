@@ -14,6 +14,7 @@ from dbward.identity.local import LocalAuthenticator
 from dbward.relay.services import CancelRegistry, ListenerServices
 from dbward.server.listener import PgListener
 from dbward.server.tls import server_context, upstream_context
+from dbward.sql.offload import ClassifierPool
 from dbward.sql.postgres import PostgresClassifier
 
 log = logging.getLogger("dbward")
@@ -26,12 +27,14 @@ class Runtime:
         self.config = config
         self.audit = ProcessAuditSink(config.audit.path, max_delay_ms=config.audit.max_delay_ms)
         self.listeners: list[PgListener] = []
+        self.offload = ClassifierPool()
         self._stopped = asyncio.Event()
 
     async def start(self) -> None:
         """Open the audit log, then bind every listener (fail early on any error)."""
         self.audit.start(asyncio.get_running_loop())
         classifier = PostgresClassifier()
+        offload = self.offload
         authenticator = LocalAuthenticator(self.config.users)
         try:
             for settings in self.config.listeners:
@@ -40,6 +43,7 @@ class Runtime:
                     audit_settings=self.config.audit,
                     audit=self.audit,
                     classifier=classifier,
+                    offload=offload,
                     authenticator=authenticator,
                     client_tls=server_context(settings.tls),
                     upstream_tls=upstream_context(settings.upstream.tls),
@@ -57,6 +61,7 @@ class Runtime:
         await asyncio.gather(
             *(listener.drain(self.config.shutdown_grace_s) for listener in self.listeners)
         )
+        self.offload.close()
         await self.audit.close()
         self._stopped.set()
 

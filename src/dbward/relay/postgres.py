@@ -34,6 +34,7 @@ from dbward.core.types import (
 from dbward.policy.engine import decide, parser_error_snippet
 from dbward.relay.startup import StartupRefusedError, upstream_parameters
 from dbward.server.upstream import UpstreamConnection, UpstreamError, connect_upstream, send_cancel
+from dbward.sql.offload import OFFLOAD_MIN_BYTES
 from dbward.sql.postgres import function_call_statement
 from dbward.wire.postgres import messages
 from dbward.wire.postgres.encodings import python_codec
@@ -188,6 +189,9 @@ class PgSession(asyncio.Protocol):
         self._superuser_at_login = False
         self._authorization_at_login = ""
         self._escalation: str | None = None
+        # A large statement classified by the offload pool, consumed when its frame is handled.
+        self._preclassified: tuple[str, tuple[Statement, ...]] | None = None
+        self._offload_task: asyncio.Task[tuple[Statement, ...]] | None = None
 
     # ------------------------------------------------------------------ asyncio callbacks
 
@@ -552,6 +556,11 @@ class PgSession(asyncio.Protocol):
                 out.append(raw)  # COPY data flows through; the COPY statement was decided
                 continue
             try:
+                if len(payload) >= OFFLOAD_MIN_BYTES and msg_type in (_Q, _P):
+                    text = self._offload_text(msg_type, payload)
+                    if text is not None:
+                        self._hold_for_classification(text, frames, i - 1, out)
+                        return
                 barrier = self._handle_message(msg_type, payload, raw, out)
             except ProtocolError as exc:
                 if out:
@@ -575,6 +584,62 @@ class PgSession(asyncio.Protocol):
                 return
         if out:
             upstream.transport.write(out[0] if len(out) == 1 else b"".join(out))
+
+    def _offload_text(self, msg_type: int, payload: bytes) -> str | None:
+        """The SQL of a large Query/Parse to classify off the loop (None: classify inline)."""
+        offload = self.services.offload
+        if offload is None:
+            return None
+        text = self._statement_text(msg_type, payload)
+        if text is None:
+            return None  # undecodable: denied at once, nothing to parse
+        pre = self._preclassified
+        if pre is not None and pre[0] == text:
+            return None  # classified already; handle the frame now
+        return text
+
+    def _hold_for_classification(
+        self, text: str, frames: list[tuple[int, bytes, bytes]], index: int, out: list[bytes]
+    ) -> None:
+        """Park this frame and the ones after it until the pool has classified `text`."""
+        offload = self.services.offload
+        assert offload is not None and self._upstream is not None
+        if out:
+            self._upstream.transport.write(b"".join(out))
+        self._blocked = True
+        for rest in reversed(frames[index:]):
+            self._inbox.appendleft(rest)
+        if self.transport is not None:
+            self.transport.pause_reading()
+        task = asyncio.get_running_loop().create_task(offload.classify(text))
+        task.add_done_callback(functools.partial(self._classified, text=text))
+        self._offload_task = task
+
+    def _classified(self, task: asyncio.Task[tuple[Statement, ...]], *, text: str) -> None:
+        """The pool answered: handle the parked frames with the result."""
+        self._offload_task = None
+        self._blocked = False
+        if task.cancelled() or self._phase != _PHASE_READY or self._upstream is None:
+            return
+        self._preclassified = (text, task.result())
+        if self.transport is not None and not self._client_paused_for_upstream:
+            self.transport.resume_reading()
+        self._drain_inbox()
+
+    def _classify(self, text: str) -> tuple[Statement, ...]:
+        pre = self._preclassified
+        if pre is not None:
+            self._preclassified = None
+            if pre[0] == text:
+                return pre[1]
+        return self.services.classifier.classify(text)
+
+    def _statement_text(self, msg_type: int, payload: bytes) -> str | None:
+        """The SQL text of a Query or Parse as the server will read it (None: undecodable)."""
+        if msg_type == _Q:
+            return self._decode_sql(payload)
+        parsed = messages.parse_parse(payload, _NAME_CODEC)
+        return self._decode_text(parsed.query.encode(_NAME_CODEC))
 
     def _barrier_done(self, future: asyncio.Future[int], *, held: tuple[bytes, bytes]) -> None:
         """The intent record is durable (or failed): forward the held message or refuse it."""
@@ -616,22 +681,14 @@ class PgSession(asyncio.Protocol):
         """
         if msg_type == _Q:
             text = self._decode_sql(payload)
-            statements = (
-                self.services.classifier.classify(text)
-                if text is not None
-                else (self._undecodable(),)
-            )
+            statements = self._classify(text) if text is not None else (self._undecodable(),)
             return self._handle_query(statements, raw, out)
         if msg_type == _P:
             # Split with a byte-preserving codec, then decode the SQL as the server will: bad
             # bytes make the statement unparseable (denied), not the session unusable.
             parsed = messages.parse_parse(payload, _NAME_CODEC)
             text = self._decode_text(parsed.query.encode(_NAME_CODEC))
-            statements = (
-                self.services.classifier.classify(text)
-                if text is not None
-                else (self._undecodable(),)
-            )
+            statements = self._classify(text) if text is not None else (self._undecodable(),)
             self._prepared[parsed.name] = statements
             self._ops.append(_Op(_OP_PARSE))
             out.append(raw)

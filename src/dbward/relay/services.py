@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from dbward.audit.sink import AuditSink
 from dbward.config.model import AuditSettings, ListenerSettings
 from dbward.identity.base import Authenticator
+from dbward.sql.offload import ClassifierPool
 from dbward.sql.postgres import PostgresClassifier
 
 if TYPE_CHECKING:
@@ -73,3 +74,5 @@ class ListenerServices:
     sessions: set[PgSession] = field(default_factory=set)
     draining: bool = False
     warned_superuser: bool = False  # the service role is a superuser: warned once per listener
+    # Classifies very large statements off the event loop (None: everything inline).
+    offload: ClassifierPool | None = None
