@@ -90,6 +90,17 @@ def _wait_running(pg: PgServer, app: str, needle: str = "pg_sleep") -> None:
     )
 
 
+def _wait_sleep_cancelled(pg: PgServer, app: str) -> None:
+    """The pg_sleep a vanished client left running upstream gets cancelled promptly."""
+    _wait_for(
+        lambda: (
+            not any(line.startswith("active:") and "pg_sleep" in line for line in _active(pg, app))
+        ),
+        3.0,
+        "the orphaned pg_sleep to be cancelled upstream",
+    )
+
+
 # ------------------------------------------------------------------ audit helpers
 
 
@@ -366,16 +377,7 @@ def test_client_disconnect_mid_query_cancels_upstream(proxy: Proxy, pg_server: P
     # Reset, not a polite Terminate: the client process died.
     raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     raw.close()
-    _wait_for(
-        lambda: (
-            not any(
-                "pg_sleep" in line and line.startswith("active:")
-                for line in _active(pg_server, app)
-            )
-        ),
-        3.0,
-        "the orphaned pg_sleep to be cancelled upstream",
-    )
+    _wait_sleep_cancelled(pg_server, app)
     records = _session(proxy, app, _has(AuditEvent.DISCONNECT))
     outcome = next(r for r in records if r.event == AuditEvent.OUTCOME)
     assert (outcome.status, outcome.sqlstate) == ("cancelled", "57014")
@@ -547,16 +549,7 @@ def test_protocol_error_mid_query_cancels_upstream(proxy: Proxy, pg_server: PgSe
         raw.close()
     assert fields["C"] == "08P01"
     # The session is over, so the statement it left running upstream must not run on alone.
-    _wait_for(
-        lambda: (
-            not any(
-                "pg_sleep" in line and line.startswith("active:")
-                for line in _active(pg_server, app)
-            )
-        ),
-        3.0,
-        "the orphaned pg_sleep to be cancelled upstream",
-    )
+    _wait_sleep_cancelled(pg_server, app)
     records = _session(proxy, app, _has(AuditEvent.DISCONNECT))
     events = [str(r.event) for r in records]
     assert "protocol_error" in events and events[-1] == "disconnect", events
