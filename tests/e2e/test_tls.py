@@ -64,11 +64,14 @@ def _require_pg_ssl(pg_server: PgServer) -> None:
         pytest.fail("the test PostgreSQL runs without SSL; upstream TLS cannot be tested")
 
 
-def _ssl_password_file(tmp_path: Path, pg_server: PgServer) -> str:
+def _ssl_role_upstream(
+    tmp_path: Path, pg_server: PgServer, tls: dict[str, str], **extra: str
+) -> dict[str, object]:
+    """Upstream settings for the role pg_hba only admits over TLS."""
     path = tmp_path / "ssl-user-password"
     path.write_text(pg_server.ssl_password)
     path.chmod(0o600)
-    return str(path)
+    return {"user": pg_server.ssl_user, "password_file": str(path), "tls": tls, **extra}
 
 
 @pytest.fixture(scope="module")
@@ -186,12 +189,12 @@ def test_upstream_tls_verify_full(
 ) -> None:
     _require_pg_ssl(pg_server)
     up = proxy_factory(
-        upstream={
-            "user": pg_server.ssl_user,
-            "password_file": _ssl_password_file(tmp_path, pg_server),
-            "tls": {"mode": "verify-full", "ca_file": str(test_ca.ca_cert)},
-            "host": "localhost",
-        }
+        upstream=_ssl_role_upstream(
+            tmp_path,
+            pg_server,
+            {"mode": "verify-full", "ca_file": str(test_ca.ca_cert)},
+            host="localhost",
+        )
     )
     app = _app("up-vf")
     with _connect(up, app, sslmode="disable") as conn:
@@ -207,13 +210,7 @@ def test_upstream_tls_disable_with_ssl_only_role_fails_cleanly(
     proxy_factory: Callable[..., Proxy], pg_server: PgServer, tmp_path: Path
 ) -> None:
     _require_pg_ssl(pg_server)
-    up = proxy_factory(
-        upstream={
-            "user": pg_server.ssl_user,
-            "password_file": _ssl_password_file(tmp_path, pg_server),
-            "tls": {"mode": "disable"},
-        }
-    )
+    up = proxy_factory(upstream=_ssl_role_upstream(tmp_path, pg_server, {"mode": "disable"}))
     app = _app("up-dis")
     with pytest.raises(psycopg.OperationalError) as caught:
         _connect(up, app)
@@ -231,13 +228,7 @@ def test_upstream_tls_require(
     proxy_factory: Callable[..., Proxy], pg_server: PgServer, tmp_path: Path
 ) -> None:
     _require_pg_ssl(pg_server)
-    up = proxy_factory(
-        upstream={
-            "user": pg_server.ssl_user,
-            "password_file": _ssl_password_file(tmp_path, pg_server),
-            "tls": {"mode": "require"},
-        }
-    )
+    up = proxy_factory(upstream=_ssl_role_upstream(tmp_path, pg_server, {"mode": "require"}))
     app = _app("up-req")
     with _connect(up, app) as conn:
         assert _upstream_ssl(conn) == (pg_server.ssl_user, True)
