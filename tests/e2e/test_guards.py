@@ -230,6 +230,16 @@ def test_undecodable_sql_is_denied_and_the_session_continues(proxy: Proxy) -> No
     assert [s.rule for s in denied] == ["guard.unparseable", "guard.unparseable"]
 
 
+def _proxy_as(
+    proxy_factory: Callable[..., Proxy], tmp_path: Path, role: str, password: str
+) -> Proxy:
+    """A proxy logging in to PostgreSQL as `role` instead of the usual service role."""
+    password_file = tmp_path / f"{role}-password"
+    password_file.write_text(password)
+    password_file.chmod(0o600)
+    return proxy_factory(upstream={"user": role, "password_file": str(password_file)})
+
+
 @pytest.fixture
 def escalating_proxy(
     pg_server: PgServer, proxy_factory: Callable[..., Proxy], tmp_path: Path
@@ -245,10 +255,7 @@ def escalating_proxy(
         "  GRANT dbward_esc_admin, dbward_esc_plain TO dbward_esc_svc;"
         " END IF; END $$"
     )
-    password_file = tmp_path / "esc-password"
-    password_file.write_text(password)
-    password_file.chmod(0o600)
-    return proxy_factory(upstream={"user": "dbward_esc_svc", "password_file": str(password_file)})
+    return _proxy_as(proxy_factory, tmp_path, "dbward_esc_svc", password)
 
 
 def test_role_switch_to_a_superuser_inside_a_do_block_ends_the_session(
@@ -305,10 +312,7 @@ def test_superuser_service_role_is_warned_about(
         "  CREATE ROLE dbward_super_target NOLOGIN;"
         " END IF; END $$"
     )
-    password_file = tmp_path / "super-password"
-    password_file.write_text(password)
-    password_file.chmod(0o600)
-    up = proxy_factory(upstream={"user": "dbward_super_svc", "password_file": str(password_file)})
+    up = _proxy_as(proxy_factory, tmp_path, "dbward_super_svc", password)
     for _ in range(2):
         with psycopg.connect(**up.conninfo()) as conn:
             assert conn.execute("SELECT 1").fetchone() == (1,)
