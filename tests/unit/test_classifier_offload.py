@@ -30,3 +30,12 @@ def test_timeout_classifies_as_unparseable() -> None:
     assert statement.kind is StatementKind.UNKNOWN
     assert "parse_error" in statement.flags
     assert statement.error == "classifier failure: timed out"
+
+
+def test_a_failed_classification_still_withholds_a_password() -> None:
+    pool = ClassifierPool(timeout_s=0.000_001)
+    try:
+        (statement,) = asyncio.run(pool.classify(BIG + "; ALTER ROLE app PASSWORD 'pw'"))
+    finally:
+        pool.close()
+    assert {"parse_error", "carries_credential"} <= statement.flags

@@ -14,8 +14,8 @@ import logging
 import multiprocessing
 from typing import Final
 
-from dbward.core.types import Statement, StatementKind
-from dbward.sql.postgres import PostgresClassifier
+from dbward.core.types import Statement
+from dbward.sql.postgres import PostgresClassifier, unparseable_statement
 
 __all__ = ["OFFLOAD_MIN_BYTES", "ClassifierPool"]
 
@@ -34,15 +34,8 @@ def _classify_in_worker(text: str) -> tuple[Statement, ...]:
 
 
 def _failure(text: str, why: str) -> tuple[Statement, ...]:
-    return (
-        Statement(
-            text=text,
-            kind=StatementKind.UNKNOWN,
-            command="UNKNOWN",
-            flags=frozenset({"parse_error"}),
-            error=f"classifier failure: {why}",
-        ),
-    )
+    # The same answer as text the parser rejects (a password in it is withheld from the log too).
+    return (unparseable_statement(text, f"classifier failure: {why}"),)
 
 
 class ClassifierPool:

@@ -12,7 +12,7 @@ from pglast import parser as _pg_parser
 
 from dbward.core.types import Statement, StatementKind
 
-__all__ = ["PostgresClassifier", "function_call_statement"]
+__all__ = ["PostgresClassifier", "function_call_statement", "unparseable_statement"]
 
 _READ: Final = StatementKind.READ
 _WRITE: Final = StatementKind.WRITE
@@ -762,7 +762,7 @@ class PostgresClassifier:
         result: tuple[Statement, ...]
         if "\x00" in text:
             # libpg_query reads C strings: it would silently ignore everything after a NUL.
-            result = (_parse_error(text, "NUL character in statement text"),)
+            result = (unparseable_statement(text, "NUL character in statement text"),)
             if cacheable:
                 self._remember(cache, text, result)
             return result
@@ -783,7 +783,7 @@ class PostgresClassifier:
         try:
             result, template = self._classify(text)
         except Exception as exc:  # last line of defence: classification must never raise
-            result = (_parse_error(text, f"classifier failure: {type(exc).__name__}"),)
+            result = (unparseable_statement(text, f"classifier failure: {type(exc).__name__}"),)
         if cacheable:
             self._remember(cache, text, result)
             if normalized is not None and template is not None:
@@ -811,7 +811,7 @@ class PostgresClassifier:
         try:
             raw_stmts, has_ctes = _parse_tree(text)
         except _ParseError as exc:
-            return (_parse_error(text, exc.message),), None
+            return (unparseable_statement(text, exc.message),), None
         if not raw_stmts:
             return (), None
         ascii_text = text.isascii()
@@ -906,7 +906,7 @@ _PARSE_ERROR_FLAGS: Final = frozenset({"parse_error"})
 _PARSE_ERROR_CREDENTIAL_FLAGS: Final = frozenset({"parse_error", "carries_credential"})
 
 
-def _parse_error(text: str, message: str) -> Statement:
+def unparseable_statement(text: str, message: str) -> Statement:
     """The single UNKNOWN statement reported for text the parser rejects.
 
     Broken text that mentions a password (a mistyped ALTER ROLE ... PASSWORD) is flagged like a
