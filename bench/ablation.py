@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import Target, bench_env, run_pgbench, start_dbward
+from harness import Target, bench_env, cpu_times, run_pgbench, start_dbward
 
 from fixtures.ports import free_port
 
@@ -125,11 +125,6 @@ def bare_relay(upstream_port: int, port: int) -> None:
     uvloop.run(main())
 
 
-def _cpu(pid: int) -> tuple[float, float]:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) / TICK, int(fields[12]) / TICK
-
-
 def _children(pid: int) -> list[int]:
     found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, check=False)
     return [int(x) for x in found.stdout.split()]
@@ -144,14 +139,14 @@ def measure(target: Target, mode: str, duration: float) -> dict[str, float]:
     """One pgbench -S run; TPS plus CPU per transaction of the proxy and its writer child."""
     pid = target.pid() if target.name != "direct" else None
     processes = ([pid, *_children(pid)] if pid is not None else [])[:2]
-    before = [_cpu(p) for p in processes]
+    before = [cpu_times(p) or (0.0, 0.0) for p in processes]
     idle0, t0 = _idle(), time.monotonic()
     result = run_pgbench(target, ["-S", "-M", mode], duration)
     wall = time.monotonic() - t0
     out = {"tps": result["tps"], "idle_cores": (_idle() - idle0) / wall}
     transactions = result["tps"] * wall
     for label, p, (user0, sys0) in zip(("loop", "writer"), processes, before, strict=False):
-        user1, sys1 = _cpu(p)
+        user1, sys1 = cpu_times(p) or (user0, sys0)
         out[f"{label}_user_us"] = (user1 - user0) / transactions * 1e6
         out[f"{label}_sys_us"] = (sys1 - sys0) / transactions * 1e6
     return out

@@ -90,15 +90,22 @@ class Target:
         return self.process.pid if self.process is not None else None
 
 
-def cpu_seconds(pid: int | None) -> float | None:
-    """utime + stime of a process, from /proc (None when unknown)."""
+def cpu_times(pid: int | None) -> tuple[float, float] | None:
+    """(user, system) CPU seconds of a process, from /proc (None when unknown)."""
     if pid is None:
         return None
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def cpu_seconds(pid: int | None) -> float | None:
+    """utime + stime of a process, from /proc (None when unknown)."""
+    times = cpu_times(pid)
+    return None if times is None else times[0] + times[1]
 
 
 def _wait_port(port: int, proc: subprocess.Popen[bytes], log: Path, what: str) -> None:
