@@ -572,18 +572,28 @@ class PgSession(asyncio.Protocol):
                 return
             if barrier is not None:
                 future, held = barrier
-                if out:
-                    upstream.transport.write(b"".join(out))
-                    out = []
-                self._blocked = True
-                for rest in reversed(frames[i:]):
-                    self._inbox.appendleft(rest)
-                if self.transport is not None:
-                    self.transport.pause_reading()
+                self._park(frames[i:], out)
                 future.add_done_callback(functools.partial(self._barrier_done, held=held))
                 return
         if out:
             upstream.transport.write(out[0] if len(out) == 1 else b"".join(out))
+
+    def _park(self, pending: list[tuple[int, bytes, bytes]], out: list[bytes]) -> None:
+        """Stop handling client frames: forward what is decided, keep `pending` in order."""
+        if out:
+            assert self._upstream is not None
+            self._upstream.transport.write(b"".join(out))
+        self._blocked = True
+        for rest in reversed(pending):
+            self._inbox.appendleft(rest)
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def _unpark(self) -> None:
+        """Handle the parked frames (the caller has cleared `_blocked`) and read again."""
+        if self.transport is not None and not self._client_paused_for_upstream:
+            self.transport.resume_reading()
+        self._drain_inbox()
 
     def _offload_text(self, msg_type: int, payload: bytes) -> str | None:
         """The SQL of a large Query/Parse to classify off the loop (None: classify inline)."""
@@ -603,17 +613,11 @@ class PgSession(asyncio.Protocol):
     ) -> None:
         """Park this frame and the ones after it until the pool has classified `text`."""
         offload = self.services.offload
-        assert offload is not None and self._upstream is not None
-        if out:
-            self._upstream.transport.write(b"".join(out))
-        self._blocked = True
-        for rest in reversed(frames[index:]):
-            self._inbox.appendleft(rest)
-        if self.transport is not None:
-            self.transport.pause_reading()
+        assert offload is not None
+        self._park(frames[index:], out)
         task = asyncio.get_running_loop().create_task(offload.classify(text))
         task.add_done_callback(functools.partial(self._classified, text=text))
-        self._offload_task = task
+        self._offload_task = task  # the loop only holds tasks weakly
 
     def _classified(self, task: asyncio.Task[tuple[Statement, ...]], *, text: str) -> None:
         """The pool answered: handle the parked frames with the result."""
@@ -622,9 +626,7 @@ class PgSession(asyncio.Protocol):
         if task.cancelled() or self._phase != _PHASE_READY or self._upstream is None:
             return
         self._preclassified = (text, task.result())
-        if self.transport is not None and not self._client_paused_for_upstream:
-            self.transport.resume_reading()
-        self._drain_inbox()
+        self._unpark()
 
     def _classify(self, text: str) -> tuple[Statement, ...]:
         pre = self._preclassified
@@ -656,9 +658,7 @@ class PgSession(asyncio.Protocol):
                 self._discard_until_sync = True
         else:
             self._upstream.transport.write(forward)
-        if self.transport is not None and not self._client_paused_for_upstream:
-            self.transport.resume_reading()
-        self._drain_inbox()
+        self._unpark()
 
     def _replace_last_ops_with_refusal(self) -> None:
         op = self._ops[-1] if self._ops else None
