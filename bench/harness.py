@@ -393,21 +393,21 @@ def bench_env(
         env.close()
 
 
+_PGBENCH_FIGURES = {
+    "tps": r"^tps = ([0-9.]+)",
+    "latency_ms": r"^latency average = ([0-9.]+) ms",
+    "failed": r"^number of failed transactions: ([0-9]+)",
+    "connect_ms": r"^average connection time = ([0-9.]+) ms",
+}
+
+
 def parse_pgbench(output: str) -> dict[str, float]:
     """tps, average latency and failure count from pgbench's summary."""
     result: dict[str, float] = {}
-    m = re.search(r"^tps = ([0-9.]+)", output, re.M)
-    if m:
-        result["tps"] = float(m.group(1))
-    m = re.search(r"^latency average = ([0-9.]+) ms", output, re.M)
-    if m:
-        result["latency_ms"] = float(m.group(1))
-    m = re.search(r"^number of failed transactions: ([0-9]+)", output, re.M)
-    if m:
-        result["failed"] = float(m.group(1))
-    m = re.search(r"^average connection time = ([0-9.]+) ms", output, re.M)
-    if m:
-        result["connect_ms"] = float(m.group(1))
+    for key, pattern in _PGBENCH_FIGURES.items():
+        m = re.search(pattern, output, re.M)
+        if m:
+            result[key] = float(m.group(1))
     return result
 
 

@@ -131,6 +131,13 @@ class _Op:
         self.max_rows = max_rows  # Execute's row limit: PortalSuspended means exactly this many
 
 
+def _uninspected(command: str, flag: str, error: str) -> Statement:
+    """A statement dbward could not inspect (no text to show): kind UNKNOWN, so it is denied."""
+    return Statement(
+        text="", kind=StatementKind.UNKNOWN, command=command, flags=frozenset({flag}), error=error
+    )
+
+
 def _denial_frame(decision: Decision) -> bytes:
     return messages.error_response("ERROR", decision.sqlstate, decision.reason)
 
@@ -702,12 +709,10 @@ class PgSession(asyncio.Protocol):
                 found
                 if found is not None
                 else (
-                    Statement(
-                        text="",
-                        kind=StatementKind.UNKNOWN,
-                        command="EXECUTE",
-                        flags=frozenset({"uninspected_statement"}),
-                        error=f"prepared statement {statement_name!r} was not seen by dbward",
+                    _uninspected(
+                        "EXECUTE",
+                        "uninspected_statement",
+                        f"prepared statement {statement_name!r} was not seen by dbward",
                     ),
                 )
             )
@@ -721,12 +726,10 @@ class PgSession(asyncio.Protocol):
                 portal
                 if portal is not None
                 else (
-                    Statement(
-                        text="",
-                        kind=StatementKind.UNKNOWN,
-                        command="EXECUTE",
-                        flags=frozenset({"uninspected_portal"}),
-                        error=f"portal {execute.portal!r} was not seen by dbward",
+                    _uninspected(
+                        "EXECUTE",
+                        "uninspected_portal",
+                        f"portal {execute.portal!r} was not seen by dbward",
                     ),
                 )
             )
@@ -777,12 +780,8 @@ class PgSession(asyncio.Protocol):
             return None
 
     def _undecodable(self) -> Statement:
-        return Statement(
-            text="",
-            kind=StatementKind.UNKNOWN,
-            command="UNKNOWN",
-            flags=frozenset({"parse_error"}),
-            error="the statement is not valid in the session's client_encoding",
+        return _uninspected(
+            "UNKNOWN", "parse_error", "the statement is not valid in the session's client_encoding"
         )
 
     def _decide_all(
