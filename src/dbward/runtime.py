@@ -27,13 +27,13 @@ class Runtime:
         self.config = config
         self.audit = ProcessAuditSink(config.audit.path, max_delay_ms=config.audit.max_delay_ms)
         self.listeners: list[PgListener] = []
-        self.offload = ClassifierPool()
+        self.offload = ClassifierPool(max_statements=config.max_statements_per_query)
         self._stopped = asyncio.Event()
 
     async def start(self) -> None:
         """Open the audit log, then bind every listener (fail early on any error)."""
         self.audit.start(asyncio.get_running_loop())
-        classifier = PostgresClassifier()
+        classifier = PostgresClassifier(max_statements=self.config.max_statements_per_query)
         offload = self.offload
         authenticator = LocalAuthenticator(self.config.users)
         try:

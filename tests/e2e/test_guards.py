@@ -330,3 +330,55 @@ def test_superuser_service_role_is_warned_about(
     records = up.session_records(app, until=has_disconnect)
     (event,) = [r for r in records if r.event == "privilege_escalation"]
     assert event.reason == "the database session's authorization changed to 'dbward_super_target'"
+
+
+def test_query_strings_over_the_statement_limit_are_refused_whole(
+    proxy_factory: Callable[..., Proxy],
+) -> None:
+    limited = proxy_factory(extra={"max_statements_per_query": 5})
+    app = app_name("statement-limit")
+    at_limit = "CREATE TEMP TABLE counted (x int);" + " INSERT INTO counted VALUES (1);" * 4
+    result = run_psql(
+        limited.dsn(application_name=app),
+        at_limit,
+        at_limit.replace("CREATE TEMP TABLE counted (x int);", "SELECT 1;") + " SET ROLE postgres",
+        "SELECT count(*) FROM counted",
+    )
+    # Nothing of the refused string ran (its 4 INSERTs neither), and the session carried on.
+    assert result.stdout.split() == ["4"]
+    assert (
+        "the query string holds 6 statements; the limit is 5 per message "
+        "(max_statements_per_query)" in result.stderr
+    )
+    records = limited.session_records(app, until=has_disconnect)
+    intents = statements(records)
+    assert [s.command for s in intents] == ["CREATE TABLE", *["INSERT"] * 4, "MULTIPLE", "SELECT"]
+    refused = intents[5]
+    assert (refused.kind, refused.decision, refused.rule) == (
+        "unknown",
+        "deny",
+        "guard.statement_limit",
+    )
+    assert refused.sql_text.endswith("SET ROLE postgres")
+    assert outcome_of(records, refused).status == "denied"
+
+
+def test_a_statement_flood_is_refused_at_once_and_other_sessions_keep_working(proxy: Proxy) -> None:
+    # 1.2 million statements (10.8 MB) in one string: before the limit they stalled every
+    # session for seconds and filled the audit backlog, refusing everyone's statements.
+    app = app_name("statement-flood")
+    flood = "SELECT 1;" * 1_200_000
+    with (
+        psycopg.connect(**proxy.conninfo(application_name=app), autocommit=True) as conn,
+        psycopg.connect(**proxy.conninfo(), autocommit=True) as other,
+    ):
+        started = time.monotonic()
+        with pytest.raises(psycopg.errors.ProgramLimitExceeded) as info:
+            conn.execute(flood.encode())
+        assert "holds more than 10000 statements" in str(info.value)
+        assert time.monotonic() - started < 10
+        assert conn.execute(b"SELECT 2").fetchone() == (2,)
+        assert other.execute(b"SELECT 3").fetchone() == (3,)
+    records = proxy.session_records(app, until=has_disconnect)
+    assert [s.command for s in statements(records)] == ["MULTIPLE", "SELECT"]
+    assert len(records) < 10  # one intent for the flood, not a million

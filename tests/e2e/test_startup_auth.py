@@ -474,7 +474,15 @@ def _break_top_level(config: dict[str, Any]) -> str:
     return "shutdown_grace"
 
 
-@pytest.mark.parametrize("breaker", [_break_unknown_key, _break_port, _break_tls, _break_top_level])
+def _break_statement_limit(config: dict[str, Any]) -> str:
+    config["max_statements_per_query"] = 0
+    return "max_statements_per_query"
+
+
+@pytest.mark.parametrize(
+    "breaker",
+    [_break_unknown_key, _break_port, _break_tls, _break_top_level, _break_statement_limit],
+)
 def test_invalid_config_exits_2_naming_the_key(
     tmp_path: Path, pg_server: PgServer, breaker: Callable[[dict[str, Any]], str]
 ) -> None:

@@ -198,6 +198,17 @@ def test_unparseable_reason_is_sanitized_and_short() -> None:
     assert len(decision.reason) < 200
 
 
+def test_statement_limit_denied_with_program_limit_exceeded() -> None:
+    (statement,) = PostgresClassifier(max_statements=2).classify("SELECT 1; SELECT 2; SELECT 3")
+    decision = decide(request(statement))
+    assert decision.rule == "guard.statement_limit"
+    assert decision.sqlstate == "54000"
+    assert decision.reason == (
+        "dbward: the query string holds 3 statements; the limit is 2 per message "
+        "(max_statements_per_query); send smaller batches"
+    )
+
+
 def test_unrecognised_statement_kind_denied() -> None:
     statement = Statement(text="x", kind=StatementKind.UNKNOWN, command="NEWTHING")
     assert decide(request(statement)).rule == "guard.unparseable"
@@ -247,6 +258,7 @@ def test_extension_point_rules_run_after_guards(monkeypatch: pytest.MonkeyPatch)
 def test_guards_are_pure_and_ordered() -> None:
     assert [g.__name__ for g in GUARDS] == [
         "guard_function_call",
+        "guard_statement_limit",
         "guard_unparseable",
         "guard_role_switch",
         "guard_copy_program",

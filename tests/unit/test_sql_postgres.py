@@ -679,3 +679,39 @@ def test_large_statements_pause_the_gc_only_while_parsing() -> None:
         assert not gc.isenabled()  # a caller's choice is left alone
     finally:
         gc.enable()
+
+
+def test_statement_limit_refuses_the_whole_string_as_one_statement() -> None:
+    clf = PostgresClassifier(max_statements=3)
+    assert [s.command for s in clf.classify("SELECT 1; SELECT 2; SELECT 3;")] == ["SELECT"] * 3
+    (over,) = clf.classify("SELECT 1; SELECT 2; SELECT 3; SET ROLE admin")
+    assert over.kind is StatementKind.UNKNOWN
+    assert over.command == "MULTIPLE"
+    assert over.flags == frozenset({"statement_limit"})
+    assert over.error == "the query string holds 4 statements; the limit is 3 per message"
+    assert over.text.endswith("SET ROLE admin")  # audited in full (capped by the log)
+
+
+def test_statement_limit_counts_statements_not_semicolons() -> None:
+    clf = PostgresClassifier(max_statements=2)
+    # Semicolons inside literals, dollar quotes and comments do not end a statement; the scan of
+    # the prefix up to the third ";" fails inside the literal and the whole text is counted.
+    sql = "SELECT 'a;b;c'; SELECT $$;;$$ /* ; */"
+    assert [s.command for s in clf.classify(sql)] == ["SELECT", "SELECT"]
+    assert [s.command for s in clf.classify(";;;;; SELECT 1;;;")] == ["SELECT"]
+
+
+def test_statement_flood_is_refused_after_scanning_only_the_limit() -> None:
+    clf = PostgresClassifier(max_statements=100)
+    (over,) = clf.classify("SELECT 1;" * 200_000)
+    assert over.flags == frozenset({"statement_limit"})
+    assert (
+        over.error
+        == "the query string holds more than 100 statements; the limit is 100 per message"
+    )
+
+
+def test_statement_limit_withholds_credentials_like_any_statement() -> None:
+    clf = PostgresClassifier(max_statements=1)
+    (over,) = clf.classify("SELECT 1; ALTER ROLE bob PASSWORD 'hunter2'")
+    assert over.flags == frozenset({"statement_limit", "carries_credential"})

@@ -9,6 +9,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from dbward.core.types import DEFAULT_MAX_STATEMENTS
+
 
 class _Strict(BaseModel):
     """Base: unknown keys are errors, so a typo never silently disables a setting."""
@@ -161,6 +163,9 @@ class Config(_Strict):
     audit: AuditSettings = AuditSettings()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     shutdown_grace_s: float = Field(default=30.0, ge=0, le=3600)
+    # Statements accepted in one query string (each costs the shared event loop two audit
+    # records); a larger string is refused whole with SQLSTATE 54000.
+    max_statements_per_query: int = Field(default=DEFAULT_MAX_STATEMENTS, ge=1, le=1_000_000)
 
     @model_validator(mode="after")
     def _unique_names(self) -> Config:

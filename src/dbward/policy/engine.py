@@ -21,6 +21,7 @@ __all__ = ["ALLOW", "GUARDS", "RULES", "Guard", "decide"]
 Guard = Callable[[PolicyRequest], Decision | None]
 
 INSUFFICIENT_PRIVILEGE: Final = "42501"
+PROGRAM_LIMIT_EXCEEDED: Final = "54000"
 
 # The allow path returns this one object: no allocation per statement.
 ALLOW: Final = Decision(Verdict.ALLOW, reason="allowed", rule="default.allow")
@@ -67,6 +68,20 @@ def guard_function_call(request: PolicyRequest) -> Decision | None:
     if request.path is ProtocolPath.FUNCTION_CALL or "function_call" in request.statement.flags:
         return _DENY_FUNCTION_CALL
     return None
+
+
+def guard_statement_limit(request: PolicyRequest) -> Decision | None:
+    """A query string with more statements than max_statements_per_query is refused whole."""
+    statement = request.statement
+    if "statement_limit" not in statement.flags:
+        return None
+    # The classifier wrote this message from two numbers: nothing from the client is echoed.
+    return Decision(
+        Verdict.DENY,
+        reason=f"dbward: {statement.error} (max_statements_per_query); send smaller batches",
+        rule="guard.statement_limit",
+        sqlstate=PROGRAM_LIMIT_EXCEEDED,
+    )
 
 
 def guard_unparseable(request: PolicyRequest) -> Decision | None:
@@ -141,6 +156,7 @@ def _command_label(command: str) -> str:
 # Built-in guards: always on, evaluated in order, first denial wins. They cannot be configured off.
 GUARDS: Final[tuple[Guard, ...]] = (
     guard_function_call,
+    guard_statement_limit,
     guard_unparseable,
     guard_role_switch,
     guard_copy_program,
@@ -156,6 +172,7 @@ RULES: tuple[Guard, ...] = ()
 _GUARD_FLAGS: Final = frozenset(
     {
         "function_call",
+        "statement_limit",
         "parse_error",
         "copy_program",
         "copy_file",

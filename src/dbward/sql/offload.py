@@ -14,7 +14,7 @@ import logging
 import multiprocessing
 from typing import Final
 
-from dbward.core.types import Statement
+from dbward.core.types import DEFAULT_MAX_STATEMENTS, Statement
 from dbward.sql.postgres import PostgresClassifier, unparseable_statement
 
 __all__ = ["OFFLOAD_MIN_BYTES", "ClassifierPool"]
@@ -29,7 +29,8 @@ OFFLOAD_MIN_BYTES: Final = 64 * 1024
 _worker_classifier = PostgresClassifier(cache_size=0)
 
 
-def _classify_in_worker(text: str) -> tuple[Statement, ...]:
+def _classify_in_worker(text: str, max_statements: int) -> tuple[Statement, ...]:
+    _worker_classifier.max_statements = max_statements
     return _worker_classifier.classify(text)
 
 
@@ -41,8 +42,15 @@ def _failure(text: str, why: str) -> tuple[Statement, ...]:
 class ClassifierPool:
     """A small process pool for classifying large statements; started on first use."""
 
-    def __init__(self, *, workers: int = 1, timeout_s: float = 60.0) -> None:
+    def __init__(
+        self,
+        *,
+        workers: int = 1,
+        timeout_s: float = 60.0,
+        max_statements: int = DEFAULT_MAX_STATEMENTS,
+    ) -> None:
         self._workers = workers
+        self._max_statements = max_statements
         self._timeout_s = timeout_s
         self._executor: concurrent.futures.ProcessPoolExecutor | None = None
 
@@ -59,7 +67,9 @@ class ClassifierPool:
         """Classify `text` in a worker; never raises (failures classify as unparseable)."""
         loop = asyncio.get_running_loop()
         try:
-            pending = loop.run_in_executor(self._pool(), _classify_in_worker, text)
+            pending = loop.run_in_executor(
+                self._pool(), _classify_in_worker, text, self._max_statements
+            )
             return await asyncio.wait_for(pending, self._timeout_s)
         except TimeoutError:
             log.warning("classifying a %d-character statement timed out", len(text))

@@ -10,7 +10,7 @@ from typing import Any, Final
 
 from pglast import parser as _pg_parser
 
-from dbward.core.types import Statement, StatementKind
+from dbward.core.types import DEFAULT_MAX_STATEMENTS, Statement, StatementKind
 
 __all__ = ["PostgresClassifier", "function_call_statement", "unparseable_statement"]
 
@@ -746,8 +746,11 @@ class PostgresClassifier:
     not added to the exact-text cache.
     """
 
-    def __init__(self, cache_size: int = 10_000) -> None:
+    def __init__(
+        self, cache_size: int = 10_000, *, max_statements: int = DEFAULT_MAX_STATEMENTS
+    ) -> None:
         self._cache_size = max(0, cache_size)
+        self.max_statements = max(1, max_statements)
         self._cache: OrderedDict[str, tuple[Statement, ...]] = OrderedDict()
         self._templates: OrderedDict[str, _Template] = OrderedDict()
 
@@ -796,6 +799,11 @@ class PostgresClassifier:
             cache.popitem(last=False)
 
     def _classify(self, text: str) -> tuple[tuple[Statement, ...], _Template | None]:
+        limit = self.max_statements
+        if text.count(";") >= limit:  # fewer semicolons than the limit: within it, no scan
+            count = _over_statement_limit(text, limit)
+            if count is not None:
+                return (_too_many_statements(text, count, limit),), None
         if len(text) < _GC_PAUSE_MIN_TEXT or not gc.isenabled():
             return self._classify_parsed(text)
         # A large statement's parse tree is millions of short-lived, acyclic dicts and lists;
@@ -904,6 +912,8 @@ def _prepared_parts(
 
 _PARSE_ERROR_FLAGS: Final = frozenset({"parse_error"})
 _PARSE_ERROR_CREDENTIAL_FLAGS: Final = frozenset({"parse_error", "carries_credential"})
+_LIMIT_FLAGS: Final = frozenset({"statement_limit"})
+_LIMIT_CREDENTIAL_FLAGS: Final = frozenset({"statement_limit", "carries_credential"})
 
 
 def unparseable_statement(text: str, message: str) -> Statement:
@@ -920,6 +930,45 @@ def unparseable_statement(text: str, message: str) -> Statement:
         if _CREDENTIAL_TEXT.search(text)
         else _PARSE_ERROR_FLAGS,
         error=message,
+    )
+
+
+def _over_statement_limit(text: str, limit: int) -> str | None:
+    """How many statements ``text`` holds, in words, if the SQL scanner finds more than ``limit``.
+
+    Only the prefix up to the (limit + 1)-th semicolon is scanned first, so a flood of millions
+    of statements is refused after scanning ``limit`` of them. The scanner splits at every
+    top-level semicolon, also inside SQL-standard function bodies (BEGIN ATOMIC ... END), so it
+    can over-count those (the refusal names the setting to raise).
+    """
+    cut = -1
+    for _ in range(limit + 1):
+        cut = text.find(";", cut + 1)
+        if cut < 0:
+            break
+    if 0 <= cut < len(text) - 1:
+        try:
+            # A cut inside a literal or comment makes the scanner fail: count the whole text.
+            prefix = _pg_parser.split(text[: cut + 1], with_parser=False, only_slices=True)
+        except Exception:
+            prefix = ()
+        if len(prefix) > limit:  # the prefix's statements are the text's first ones
+            return f"more than {limit}"
+    try:
+        count = len(_pg_parser.split(text, with_parser=False, only_slices=True))
+    except Exception:  # the parser will report what is wrong with the text
+        return None
+    return str(count) if count > limit else None
+
+
+def _too_many_statements(text: str, count: str, limit: int) -> Statement:
+    """The single statement reported for a query string over the statement limit (denied)."""
+    return Statement(
+        text=text,
+        kind=_UNKNOWN,
+        command="MULTIPLE",
+        flags=_LIMIT_CREDENTIAL_FLAGS if _CREDENTIAL_TEXT.search(text) else _LIMIT_FLAGS,
+        error=f"the query string holds {count} statements; the limit is {limit} per message",
     )
 
 
