@@ -382,3 +382,45 @@ def test_a_statement_flood_is_refused_at_once_and_other_sessions_keep_working(pr
     records = proxy.session_records(app, until=has_disconnect)
     assert [s.command for s in statements(records)] == ["MULTIPLE", "SELECT"]
     assert len(records) < 10  # one intent for the flood, not a million
+
+
+def test_statements_over_max_statement_bytes_are_refused_unparsed(
+    proxy_factory: Callable[..., Proxy],
+) -> None:
+    limited = proxy_factory(listener={"max_statement_bytes": 65_536})
+    app = app_name("statement-bytes")
+    long_select = "SELECT length('" + "x" * 70_000 + "')"
+    with psycopg.connect(**limited.conninfo(application_name=app), autocommit=True) as conn:
+        for attempt in (
+            lambda: conn.execute(long_select.encode()),  # simple Query
+            lambda: conn.execute(long_select + " + %s", (1,)),  # Parse/Bind/Execute
+        ):
+            with pytest.raises(psycopg.errors.ProgramLimitExceeded) as info:
+                attempt()
+            assert "the limit is 65536 (max_statement_bytes)" in str(info.value)
+            assert conn.execute(b"SELECT length('" + b"y" * 60_000 + b"')").fetchone() == (60_000,)
+    records = limited.session_records(app, until=has_disconnect)
+    refused = [s for s in statements(records) if s.decision == "deny"]
+    assert [(s.rule, s.sql_text, s.path) for s in refused] == [
+        ("guard.statement_limit", "", "simple"),
+        ("guard.statement_limit", "", "extended"),
+    ]
+    assert refused[0].detail == (
+        f"the statement text is {len(long_select)} bytes; the limit is 65536 (max_statement_bytes)"
+    )
+
+
+def test_default_statement_size_limit_refuses_a_memory_bomb_at_once(proxy: Proxy) -> None:
+    # Parsing takes ~100x the text in memory: 17 MB of SQL would cost the classifier ~1.7 GB.
+    app = app_name("statement-bomb")
+    bomb = "SELECT length('" + "x" * (17 * 1024 * 1024) + "')"
+    with psycopg.connect(**proxy.conninfo(application_name=app), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.ProgramLimitExceeded) as info:
+            conn.execute(bomb.encode())
+        assert "the limit is 16777216 (max_statement_bytes)" in str(info.value)
+        assert conn.execute(b"SELECT 1").fetchone() == (1,)
+    records = proxy.session_records(app, until=has_disconnect)
+    assert [(s.command, s.decision) for s in statements(records)] == [
+        ("UNKNOWN", "deny"),
+        ("SELECT", "allow"),
+    ]

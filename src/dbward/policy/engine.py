@@ -71,14 +71,14 @@ def guard_function_call(request: PolicyRequest) -> Decision | None:
 
 
 def guard_statement_limit(request: PolicyRequest) -> Decision | None:
-    """A query string with more statements than max_statements_per_query is refused whole."""
+    """SQL over a size limit (statements per string, bytes per statement) is refused unread."""
     statement = request.statement
     if "statement_limit" not in statement.flags:
         return None
-    # The classifier wrote this message from two numbers: nothing from the client is echoed.
+    # dbward wrote this message from numbers and a setting name: nothing from the client.
     return Decision(
         Verdict.DENY,
-        reason=f"dbward: {statement.error} (max_statements_per_query); send smaller batches",
+        reason=f"dbward: {statement.error}",
         rule="guard.statement_limit",
         sqlstate=PROGRAM_LIMIT_EXCEEDED,
     )

@@ -138,6 +138,17 @@ def _uninspected(command: str, flag: str, error: str) -> Statement:
     )
 
 
+def _too_large(size: int, limit: int) -> Statement:
+    """SQL text too long to parse safely: refused unread (the guard answers SQLSTATE 54000)."""
+    return Statement(
+        text="",
+        kind=StatementKind.UNKNOWN,
+        command="UNKNOWN",
+        flags=frozenset({"statement_limit"}),
+        error=f"the statement text is {size} bytes; the limit is {limit} (max_statement_bytes)",
+    )
+
+
 def _denial_frame(decision: Decision) -> bytes:
     return messages.error_response("ERROR", decision.sqlstate, decision.reason)
 
@@ -198,6 +209,7 @@ class PgSession(asyncio.Protocol):
         self._escalation: str | None = None
         # A large statement classified by the offload pool, consumed when its frame is handled.
         self._preclassified: tuple[str, tuple[Statement, ...]] | None = None
+        self._max_statement_bytes = services.settings.max_statement_bytes
         self._offload_task: asyncio.Task[tuple[Statement, ...]] | None = None
 
     # ------------------------------------------------------------------ asyncio callbacks
@@ -605,8 +617,8 @@ class PgSession(asyncio.Protocol):
     def _offload_text(self, msg_type: int, payload: bytes) -> str | None:
         """The SQL of a large Query/Parse to classify off the loop (None: classify inline)."""
         offload = self.services.offload
-        if offload is None:
-            return None
+        if offload is None or len(payload) > self._max_statement_bytes:
+            return None  # too large: refused unread, at once
         text = self._statement_text(msg_type, payload)
         if text is None:
             return None  # undecodable: denied at once, nothing to parse
@@ -687,6 +699,9 @@ class PgSession(asyncio.Protocol):
         wait for a durable audit write.
         """
         if msg_type == _Q:
+            if len(payload) > self._max_statement_bytes:
+                too_large = _too_large(len(payload) - 1, self._max_statement_bytes)
+                return self._handle_query((too_large,), raw, out)
             text = self._decode_sql(payload)
             statements = self._classify(text) if text is not None else (self._undecodable(),)
             return self._handle_query(statements, raw, out)
@@ -694,8 +709,11 @@ class PgSession(asyncio.Protocol):
             # Split with a byte-preserving codec, then decode the SQL as the server will: bad
             # bytes make the statement unparseable (denied), not the session unusable.
             parsed = messages.parse_parse(payload, _NAME_CODEC)
-            text = self._decode_text(parsed.query.encode(_NAME_CODEC))
-            statements = self._classify(text) if text is not None else (self._undecodable(),)
+            if len(parsed.query) > self._max_statement_bytes:
+                statements = (_too_large(len(parsed.query), self._max_statement_bytes),)
+            else:
+                text = self._decode_text(parsed.query.encode(_NAME_CODEC))
+                statements = self._classify(text) if text is not None else (self._undecodable(),)
             self._prepared[parsed.name] = statements
             self._ops.append(_Op(_OP_PARSE))
             out.append(raw)

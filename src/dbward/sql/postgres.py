@@ -968,7 +968,8 @@ def _too_many_statements(text: str, count: str, limit: int) -> Statement:
         kind=_UNKNOWN,
         command="MULTIPLE",
         flags=_LIMIT_CREDENTIAL_FLAGS if _CREDENTIAL_TEXT.search(text) else _LIMIT_FLAGS,
-        error=f"the query string holds {count} statements; the limit is {limit} per message",
+        error=f"the query string holds {count} statements; the limit is {limit} per message "
+        "(max_statements_per_query); send smaller batches",
     )
 
 
