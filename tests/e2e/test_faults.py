@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any
 
 import psycopg
@@ -267,9 +268,11 @@ def _run_async(
     return pool.submit(run)
 
 
-@pytest.mark.parametrize("method", ["cancel", "cancel_safe"])
-def test_cancel_running_query(proxy: Proxy, pg_server: PgServer, method: str) -> None:
-    app = _app(method)
+@contextmanager
+def _sleeping_session(
+    proxy: Proxy, pg_server: PgServer, app: str
+) -> Iterator[tuple[psycopg.Connection[Any], Future[tuple[float, Any]]]]:
+    """A session through `proxy` whose `SELECT pg_sleep(10)` is running upstream."""
     with (
         psycopg.connect(
             **proxy.conninfo(application_name=app), connect_timeout=10, autocommit=True
@@ -278,6 +281,13 @@ def test_cancel_running_query(proxy: Proxy, pg_server: PgServer, method: str) ->
     ):
         running = _run_async(pool, conn, "SELECT pg_sleep(10)")
         _wait_running(pg_server, app)
+        yield conn, running
+
+
+@pytest.mark.parametrize("method", ["cancel", "cancel_safe"])
+def test_cancel_running_query(proxy: Proxy, pg_server: PgServer, method: str) -> None:
+    app = _app(method)
+    with _sleeping_session(proxy, pg_server, app) as (conn, running):
         asked = time.monotonic()
         getattr(conn, method)()
         ended, result = running.result(timeout=5)
@@ -306,15 +316,8 @@ def test_cancel_running_query(proxy: Proxy, pg_server: PgServer, method: str) ->
 
 def test_cancel_with_wrong_key_does_nothing(proxy: Proxy, pg_server: PgServer) -> None:
     app = _app("wrongkey")
-    with (
-        psycopg.connect(
-            **proxy.conninfo(application_name=app), connect_timeout=10, autocommit=True
-        ) as conn,
-        ThreadPoolExecutor(1) as pool,
-    ):
+    with _sleeping_session(proxy, pg_server, app) as (conn, running):
         pid = conn.info.backend_pid
-        running = _run_async(pool, conn, "SELECT pg_sleep(10)")
-        _wait_running(pg_server, app)
         addr = _send_cancel(proxy, pid, b"\x00\x00\x00\x00")
         addr2 = _send_cancel(proxy, pid, b"\xde\xad\xbe\xef")
         time.sleep(1.0)
@@ -334,15 +337,8 @@ def test_cancel_flood_is_rate_limited(
 ) -> None:
     flooded = proxy_factory()
     app = _app("flood")
-    with (
-        psycopg.connect(
-            **flooded.conninfo(application_name=app), connect_timeout=10, autocommit=True
-        ) as conn,
-        ThreadPoolExecutor(1) as pool,
-    ):
+    with _sleeping_session(flooded, pg_server, app) as (conn, running):
         pid = conn.info.backend_pid
-        running = _run_async(pool, conn, "SELECT pg_sleep(10)")
-        _wait_running(pg_server, app)
         started = time.monotonic()
         for i in range(50):
             _send_cancel(flooded, pid, struct.pack("!I", 0x10000 + i))
