@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 from dbward.audit.records import AuditRecord
+from dbward.audit.sink import HeldRecord
 from dbward.config.model import AuditSettings, ListenerSettings, UpstreamSettings
 from dbward.core.types import Identity, SessionContext
 from dbward.relay.postgres import _PHASE_READY, PgSession
@@ -40,6 +41,14 @@ class NullSink:
 
     def append_durable(self, record: AuditRecord) -> Any:
         raise NotImplementedError
+
+    def hold(self, record: AuditRecord) -> HeldRecord:
+        # Never sent on: every outcome is merged into its intent, as when replies are quick.
+        self.count += 1
+        return HeldRecord(record)
+
+    def release(self, held: HeldRecord) -> None:
+        held.take_back()
 
     async def flush(self) -> None: ...
 

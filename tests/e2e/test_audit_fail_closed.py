@@ -12,6 +12,7 @@ import psycopg
 import pytest
 
 from dbward.audit import query
+from fixtures.clients import outcomes as outcomes_of
 from fixtures.proxy import Proxy
 
 
@@ -65,7 +66,7 @@ def test_full_disk_refuses_statements_then_recovers(
     records = proxy.audit(until=lambda rs: any(r.event == "disconnect" for r in rs))
     intents = [r for r in records if r.event == "statement"]
     # nothing is lost: the refused statements are in the log, marked as refused
-    outcomes = {r.statement_id: r for r in records if r.event == "outcome"}
+    outcomes = {sid: r for (_, sid), r in outcomes_of(records).items()}
     failed_insert = [r for r in intents if outcomes[r.statement_id].status == "not_executed"]
     assert [r.command for r in failed_insert] == ["INSERT"]  # its durable intent failed
     assert outcomes[failed_insert[0].statement_id].sqlstate == "58030"

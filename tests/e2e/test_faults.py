@@ -23,6 +23,7 @@ import pytest
 from dbward.audit.query import search
 from dbward.audit.records import AuditEvent, AuditRecord
 from dbward.wire.postgres import messages
+from fixtures.clients import is_outcome
 from fixtures.postgres import PgServer
 from fixtures.proxy import Proxy
 from fixtures.raw import RawSession, expect_fatal
@@ -296,14 +297,14 @@ def test_cancel_running_query(proxy: Proxy, pg_server: PgServer, method: str) ->
         assert ended - asked < 2.0
         # The session stays usable after the cancel.
         assert conn.execute("SELECT 6").fetchone() == (6,)
-    records = _session(proxy, app, _has(AuditEvent.OUTCOME, sqlstate="57014"))
+    records = _session(
+        proxy, app, lambda rs: any(is_outcome(r) and r.sqlstate == "57014" for r in rs)
+    )
     sleep_stmt = next(
         r for r in records if r.event == AuditEvent.STATEMENT and "pg_sleep" in r.sql_text
     )
     outcome = next(
-        r
-        for r in records
-        if r.event == AuditEvent.OUTCOME and r.statement_id == sleep_stmt.statement_id
+        r for r in records if is_outcome(r) and r.statement_id == sleep_stmt.statement_id
     )
     assert (outcome.status, outcome.sqlstate, outcome.identity) == ("error", "57014", "alice")
     session_id = sleep_stmt.session_id
@@ -375,7 +376,7 @@ def test_client_disconnect_mid_query_cancels_upstream(proxy: Proxy, pg_server: P
     raw.close()
     _wait_sleep_cancelled(pg_server, app)
     records = _session(proxy, app, _has(AuditEvent.DISCONNECT))
-    outcome = next(r for r in records if r.event == AuditEvent.OUTCOME)
+    outcome = next(r for r in records if is_outcome(r))
     assert (outcome.status, outcome.sqlstate) == ("cancelled", "57014")
     assert [str(r.event) for r in records][-1] == "disconnect"
     # and the backend itself is closed, not left idle
@@ -431,9 +432,7 @@ def test_upstream_terminated_mid_query(proxy: Proxy, pg_server: PgServer) -> Non
         conn.close()
     records = _session(proxy, app, _has(AuditEvent.DISCONNECT))
     stmt = next(r for r in records if r.event == AuditEvent.STATEMENT and "pg_sleep" in r.sql_text)
-    outcomes = [
-        r for r in records if r.event == AuditEvent.OUTCOME and r.statement_id == stmt.statement_id
-    ]
+    outcomes = [r for r in records if is_outcome(r) and r.statement_id == stmt.statement_id]
     # Exactly one outcome: the error PostgreSQL sent (57P01) or "unknown" when the link died.
     assert len(outcomes) == 1, outcomes
     assert (outcomes[0].status, outcomes[0].sqlstate) in (("error", "57P01"), ("unknown", "08006"))
@@ -488,7 +487,7 @@ def test_sigterm_drains_sessions(proxy_factory: Callable[..., Proxy], pg_server:
         assert [str(r.event) for r in mine][:2] == ["connect", "auth_ok"]
         assert str(mine[-1].event) == "disconnect", [str(r.event) for r in mine]
         assert mine[-1].identity == who
-    busy_outcomes = [r for r in records if r.event == AuditEvent.OUTCOME and r.identity == "bob"]
+    busy_outcomes = [r for r in records if is_outcome(r) and r.identity == "bob"]
     assert [(r.status, r.rows) for r in busy_outcomes][-1] == ("ok", 1)
     _wait_for(lambda: _backends(pg_server, busy_app) + _backends(pg_server, idle_app) == 0, 3.0)
 
@@ -517,7 +516,7 @@ def test_sigterm_force_closes_after_grace(
     records = search(drained.audit_path, limit=100_000)
     sessions = {r.session_id for r in records if r.application_name == app}
     mine = [r for r in records if r.session_id in sessions]
-    outcomes = [r for r in mine if r.event == AuditEvent.OUTCOME]
+    outcomes = [r for r in mine if is_outcome(r)]
     assert [(r.status, r.sqlstate) for r in outcomes] == [("unknown", "57P01")]
     assert str(mine[-1].event) == "disconnect"
     # The long query must not keep running upstream after dbward has gone.
@@ -549,5 +548,5 @@ def test_protocol_error_mid_query_cancels_upstream(proxy: Proxy, pg_server: PgSe
     records = _session(proxy, app, _has(AuditEvent.DISCONNECT))
     events = [str(r.event) for r in records]
     assert "protocol_error" in events and events[-1] == "disconnect", events
-    outcomes = [r for r in records if r.event == AuditEvent.OUTCOME]
+    outcomes = [r for r in records if is_outcome(r)]
     assert len(outcomes) == 1 and outcomes[0].status in ("cancelled", "unknown"), outcomes

@@ -5,7 +5,14 @@ from __future__ import annotations
 import psycopg
 
 from dbward.audit.query import search
-from fixtures.clients import app_name, has_disconnect, outcome_of, run_psql, statements
+from fixtures.clients import (
+    app_name,
+    has_disconnect,
+    outcome_of,
+    outcomes,
+    run_psql,
+    statements,
+)
 from fixtures.proxy import Proxy
 
 
@@ -42,7 +49,15 @@ def test_psql_queries_are_relayed_and_audited(proxy: Proxy) -> None:
     # one psql run is one connection: connect, auth_ok, statements and outcomes, disconnect
     events = [r.event for r in records]
     assert events[:2] == ["connect", "auth_ok"] and events[-1] == "disconnect"
-    assert events.count("statement") == events.count("outcome") == 6
+    assert events.count("statement") == 6 and len(outcomes(records)) == 6
+    # Strict durability: the DDL and the INSERT were forwarded only once their intent was
+    # fsync'd, so their outcomes are separate records; the quick reads' outcomes arrived
+    # before their intents were written and share their record.
+    separate = {r.statement_id for r in records if r.event == "outcome"}
+    assert separate == {s.statement_id for s in intents[:3]}
+    assert all(s.status == "ok" and s.duration_ms is not None for s in intents[3:])
+    assert all(s.status == "" and s.rows is None for s in intents[:3])
+    assert [r.statement_id for r in records if r.statement_id] == [1, 1, 2, 2, 3, 3, 4, 5, 6]
     assert records[-1].detail == "statements=6"
 
 

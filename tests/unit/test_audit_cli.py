@@ -117,6 +117,8 @@ def test_search_filters(db: Path) -> None:
     assert seqs("--kind", "write") == [2]
     assert seqs("--table", "users") == [1]
     assert seqs("--event", "outcome") == [3]
+    assert seqs("--status", "error") == [3]
+    assert seqs("--status", "ok") == []
     assert seqs("--since", "2h") == [2, 3]
     assert seqs("--until", "2h") == [1]
     assert seqs("--since", "45s") == [3]

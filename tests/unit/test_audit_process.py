@@ -69,6 +69,77 @@ def test_batched_records_arrive_within_max_delay(tmp_path: Path) -> None:
     asyncio.run(run())
 
 
+def test_held_record_taken_back_is_never_written(tmp_path: Path) -> None:
+    db = tmp_path / "audit.db"
+
+    async def run() -> None:
+        sink = ProcessAuditSink(db, max_delay_ms=50)
+        sink.start()
+        held = sink.hold(_record(1))
+        intent = held.take_back()
+        assert intent is not None and intent.statement_id == 1
+        assert held.take_back() is None  # only once
+        sink.append(intent._replace(status="ok", rows=1))
+        await sink.close()
+
+    asyncio.run(run())
+    assert [(r.statement_id, r.event, r.status, r.rows) for r in query.tail(db, 10)] == [
+        (1, "statement", "ok", 1)
+    ]
+
+
+def test_held_record_is_written_within_max_delay(tmp_path: Path) -> None:
+    # Holding never delays a record past the batch delay: an outcome that comes later finds
+    # it sent and must be written as a record of its own.
+    db = tmp_path / "audit.db"
+
+    async def run() -> None:
+        sink = ProcessAuditSink(db, max_delay_ms=30)
+        sink.start()
+        held = sink.hold(_record(1))
+        deadline = time.monotonic() + 2
+        while not (db.exists() and query.tail(db, 1)) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert [r.statement_id for r in query.tail(db, 1)] == [1]
+        assert held.take_back() is None
+        await sink.close()
+
+    asyncio.run(run())
+
+
+def test_released_record_keeps_its_place_before_later_records(tmp_path: Path) -> None:
+    db = tmp_path / "audit.db"
+
+    async def run() -> None:
+        sink = ProcessAuditSink(db, max_delay_ms=100)
+        sink.start()
+        first, second = sink.hold(_record(1)), sink.hold(_record(2))
+        sink.release(first)
+        sink.release(first)  # a second release is a no-op
+        seq = await sink.append_durable(_record(3))
+        assert seq == 2
+        # Every batch sends what is held, after the records queued before it.
+        assert first.take_back() is None and second.take_back() is None
+        await sink.close()
+
+    asyncio.run(run())
+    assert [r.statement_id for r in query.tail(db, 10)] == [1, 3, 2]
+
+
+def test_held_records_are_flushed_on_close(tmp_path: Path) -> None:
+    db = tmp_path / "audit.db"
+
+    async def run() -> None:
+        sink = ProcessAuditSink(db, max_delay_ms=100)
+        sink.start()
+        sink.hold(_record(1))
+        sink.append(_record(2))
+        await sink.close()
+
+    asyncio.run(run())
+    assert [r.statement_id for r in query.tail(db, 10)] == [2, 1]
+
+
 def test_seq_continues_across_restarts(tmp_path: Path) -> None:
     db = tmp_path / "audit.db"
 

@@ -85,6 +85,22 @@ def test_search_by_identity_session_kind_event(db: Path) -> None:
     assert query.search(db, identity="nobody") == []
 
 
+def test_search_by_status_finds_both_record_shapes(tmp_path: Path) -> None:
+    path = tmp_path / "audit.db"
+    write(
+        path,
+        [
+            r(1),  # intent; its outcome follows as a record of its own
+            r(2, status="error", sqlstate="42P01"),  # intent with its outcome merged in
+            r(3, event=AuditEvent.OUTCOME, status="error", sqlstate="57014"),
+            r(4, status="ok", rows=1),
+        ],
+    )
+    assert sqls(query.search(path, status="error")) == ["q2", "q3"]
+    assert sqls(query.search(path, status="error", event="statement")) == ["q2"]
+    assert sqls(query.search(path, status="ok")) == ["q4"]
+
+
 def test_search_table_matches_elements_exactly(db: Path) -> None:
     assert sqls(query.search(db, table="users")) == ["q3"]
     assert sqls(query.search(db, table="public.users")) == ["q1"]

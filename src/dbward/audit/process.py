@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from dbward.audit.records import AuditRecord
+from dbward.audit.sink import HeldRecord
 from dbward.audit.writer_process import FrameReader, encode_frame
 from dbward.core.errors import AuditUnavailable
 
@@ -76,6 +77,8 @@ class ProcessAuditSink:
         self._process: subprocess.Popen[bytes] | None = None
         self._stdin: asyncio.WriteTransport | None = None
         self._records: list[tuple[Any, ...]] = []
+        # Held records go out with the next batch, after the records appended before it.
+        self._held: list[HeldRecord] = []
         self._waiters: list[tuple[asyncio.Future[int], int]] = []
         self._timer: asyncio.TimerHandle | None = None
         self._flush_soon: asyncio.Handle | None = None
@@ -159,7 +162,7 @@ class ProcessAuditSink:
         # Resend what a previous child did not acknowledge (after a restart), then go on.
         for _, batch in self._unacked:
             self._stdin.write(batch.payload)
-        if self._records or self._waiters:
+        if self._records or self._held or self._waiters:
             self._flush()
 
     async def flush(self) -> None:
@@ -218,6 +221,24 @@ class ProcessAuditSink:
             assert loop is not None
             self._timer = loop.call_later(self._max_delay_s, self._flush)
 
+    def hold(self, record: AuditRecord) -> HeldRecord:
+        """Queue a record its writer may take back until the next batch is sent."""
+        if self._closed or self._unacked_records + len(self._records) >= self._max_pending:
+            raise self._refusal()
+        held = HeldRecord(record)
+        self._held.append(held)
+        if self._timer is None and self._flush_soon is None:
+            loop = self._loop
+            assert loop is not None
+            self._timer = loop.call_later(self._max_delay_s, self._flush)
+        return held
+
+    def release(self, held: HeldRecord) -> None:
+        """Queue a held record now, so it keeps its place before what is appended next."""
+        record = held.take_back()
+        if record is not None:
+            self._records.append(tuple(record))
+
     def append_durable(self, record: AuditRecord) -> asyncio.Future[int]:
         """Queue a record; the future resolves with its seq once it is fsync'd."""
         loop = self._loop
@@ -241,6 +262,13 @@ class ProcessAuditSink:
         stdin = self._stdin
         if stdin is None or not self._child_alive:
             return  # sent once the child is (back) up
+        if self._held:
+            held, self._held = self._held, []
+            queue = self._records
+            for item in held:
+                record = item.take_back()
+                if record is not None:
+                    queue.append(tuple(record))
         records, self._records = self._records, []
         waiters, self._waiters = self._waiters, []
         batch_no = self._next_batch

@@ -78,6 +78,7 @@ def search(
     kind: str | None = None,
     table: str | None = None,
     event: str | None = None,
+    status: str | None = None,
     since_ms: int | None = None,
     until_ms: int | None = None,
     after_seq: int | None = None,
@@ -85,9 +86,10 @@ def search(
 ) -> list[AuditRecord]:
     """The most recent `limit` records matching every given filter, in ascending seq order.
 
-    `table` matches one element of the record's tables exactly; `session` matches a session id
-    exactly or by prefix (the short form the table view shows); `since_ms` is inclusive and
-    `until_ms` exclusive.
+    `status` matches a statement's outcome wherever it was written: in an `outcome` record or
+    in the `statement` record it was merged into. `table` matches one element of the record's
+    tables exactly; `session` matches a session id exactly or by prefix (the short form the
+    table view shows); `since_ms` is inclusive and `until_ms` exclusive.
     """
     where: list[str] = []
     params: list[object] = []
@@ -104,6 +106,9 @@ def search(
     if event is not None:
         where.append("event = ?")
         params.append(event)
+    if status is not None:
+        where.append("status = ?")
+        params.append(status)
     if table is not None:
         where.append("EXISTS (SELECT 1 FROM json_each(audit_log.tables) WHERE value = ?)")
         params.append(table)

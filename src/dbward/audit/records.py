@@ -7,12 +7,13 @@ from typing import NamedTuple
 
 
 class AuditEvent(enum.StrEnum):
-    """What happened. Statement intent and outcome are separate records."""
+    """What happened. A statement's outcome is written into its intent record when it arrives
+    before that record is sent to storage, else as an OUTCOME record of its own."""
 
     CONNECT = "connect"  # a client connection was accepted (before authentication)
     AUTH_OK = "auth_ok"
     AUTH_FAIL = "auth_fail"
-    STATEMENT = "statement"  # intent: classified + decided, written before forwarding
+    STATEMENT = "statement"  # intent: classified + decided, queued before forwarding
     OUTCOME = "outcome"  # what the database answered: status, SQLSTATE, rows, duration
     CANCEL = "cancel"  # a CancelRequest was forwarded (or refused)
     PROTOCOL_ERROR = "protocol_error"

@@ -13,7 +13,7 @@ from typing import Protocol, runtime_checkable
 from dbward.audit.records import AuditRecord
 from dbward.core.errors import AuditUnavailable
 
-__all__ = ["AuditSink", "GroupCommitSink", "MemorySink"]
+__all__ = ["AuditSink", "GroupCommitSink", "HeldRecord", "MemorySink"]
 
 log = logging.getLogger("dbward.audit")
 
@@ -22,6 +22,28 @@ DEFAULT_MAX_PENDING = 1_000_000
 RETRY_INTERVAL_S = 1.0
 # Rows per transaction: bounds one executemany's memory and the latency of a backlog drain.
 MAX_BATCH = 20_000
+
+
+class HeldRecord:
+    """A record queued by `AuditSink.hold`: `record` is None once the sink has sent it on.
+
+    While it is still held, its writer may take it back (to write one record that says more,
+    e.g. a statement's intent together with its outcome) instead of writing it as is.
+    """
+
+    __slots__ = ("record",)
+
+    def __init__(self, record: AuditRecord | None) -> None:
+        self.record = record
+
+    def take_back(self) -> AuditRecord | None:
+        """Withdraw the record if the sink has not sent it yet; None if it has."""
+        record = self.record
+        self.record = None
+        return record
+
+
+SENT: HeldRecord = HeldRecord(None)  # what sinks that never hold return from `hold`
 
 
 @runtime_checkable
@@ -43,6 +65,18 @@ class AuditSink(Protocol):
 
     def append_durable(self, record: AuditRecord) -> asyncio.Future[int]:
         """Queue a record; the future resolves with its seq once it is durably committed."""
+        ...
+
+    def hold(self, record: AuditRecord) -> HeldRecord:
+        """Queue a record that can be taken back until the sink sends it on.
+
+        The sink sends held records with its next batch, so they are committed within the
+        batch delay like `append`ed ones; a sink may also send them at once.
+        """
+        ...
+
+    def release(self, held: HeldRecord) -> None:
+        """Send a held record on now (after everything queued so far), if it is still held."""
         ...
 
     async def flush(self) -> None:
@@ -199,6 +233,18 @@ class GroupCommitSink(abc.ABC):
     def append_durable(self, record: AuditRecord) -> asyncio.Future[int]:
         """Queue `record` and wake the writer; the future resolves with the record's seq."""
         return self._enqueue_waiter(record)
+
+    def hold(self, record: AuditRecord) -> HeldRecord:
+        """Queue `record` as `append` does: the writer thread takes the queue without a hook
+        for held records, so nothing is held."""
+        self.append(record)
+        return SENT
+
+    def release(self, held: HeldRecord) -> None:
+        """Queue a record held elsewhere (this sink itself never holds one)."""
+        record = held.take_back()
+        if record is not None:
+            self.append(record)
 
     async def flush(self) -> None:
         """Wait until everything appended so far is durably committed (or raise)."""
@@ -454,6 +500,17 @@ class MemorySink:
         else:
             fut.set_result(len(self.records))
         return fut
+
+    def hold(self, record: AuditRecord) -> HeldRecord:
+        """Store the record at once (so tests see it); nothing is held."""
+        self.append(record)
+        return SENT
+
+    def release(self, held: HeldRecord) -> None:
+        """Store a record held elsewhere (this sink itself never holds one)."""
+        record = held.take_back()
+        if record is not None:
+            self.append(record)
 
     async def flush(self) -> None:
         """Nothing is buffered."""

@@ -141,6 +141,9 @@ def tail_cmd(n: int, as_json: bool, audit_db: Path | None, config_path: Path | N
 @click.option("--kind", help="Statement kind: read, write, ddl, dcl, admin, ...")
 @click.option("--table", help="A table the statement touches (exact, as recorded).")
 @click.option("--event", help="Event: connect, statement, outcome, ...")
+@click.option(
+    "--status", help="Statement outcome: ok, error, denied, not_executed, cancelled, unknown, ..."
+)
 @click.option("--since", type=TimeParam(), help="From this time: ISO 8601 or 15m/2h/1d ago.")
 @click.option("--until", type=TimeParam(), help="Before this time: ISO 8601 or 15m/2h/1d ago.")
 @click.option("--limit", type=click.IntRange(min=1), default=1000, show_default=True)
@@ -151,6 +154,7 @@ def search_cmd(  # noqa: PLR0917 (click passes each option positionally by name)
     kind: str | None,
     table: str | None,
     event: str | None,
+    status: str | None,
     since: int | None,
     until: int | None,
     limit: int,
@@ -168,6 +172,7 @@ def search_cmd(  # noqa: PLR0917 (click passes each option positionally by name)
             kind=kind,
             table=table,
             event=event,
+            status=status,
             since_ms=since,
             until_ms=until,
             limit=limit,

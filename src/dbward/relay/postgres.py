@@ -16,10 +16,12 @@ import logging
 import secrets
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, cast
 
 from dbward.audit.records import AuditEvent, AuditRecord
+from dbward.audit.sink import HeldRecord
 from dbward.core.errors import AuditUnavailable, AuthenticationFailed, DbwardError, ProtocolError
 from dbward.core.types import (
     Decision,
@@ -64,6 +66,8 @@ _DURABLE_KINDS = frozenset(
 
 # Flags of statements whose text holds a password: it is withheld from the audit log.
 _CREDENTIAL_FLAGS = frozenset({"sets_password", "carries_credential"})
+# status, sqlstate, rows and duration_ms follow this many intent fields in an AuditRecord.
+_OUTCOME_FIELDS = AuditRecord._fields.index("status")
 
 # Op codes for the queue of responses expected from the upstream, in send order.
 _OP_QUERY = 0  # simple Query or FunctionCall: ends with ReadyForQuery
@@ -102,14 +106,23 @@ class _PreparedChanges:
 class _Tracked:
     """A statement sent upstream whose outcome is still to be recorded."""
 
-    __slots__ = ("path", "rows", "sid", "started", "statement")
+    __slots__ = ("held", "path", "sid", "started", "statement")
 
-    def __init__(self, sid: int, statement: Statement, path: ProtocolPath, started: float) -> None:
+    def __init__(
+        self,
+        sid: int,
+        statement: Statement,
+        path: ProtocolPath,
+        started: float,
+        held: HeldRecord | None,
+    ) -> None:
         self.sid = sid
         self.statement = statement
         self.path = path
         self.started = started
-        self.rows: int | None = None
+        # The intent record while the sink still holds it: an outcome that arrives before
+        # the sink's next batch is written into the same record instead of a second one.
+        self.held = held
 
 
 class _Op:
@@ -854,12 +867,29 @@ class PgSession(asyncio.Protocol):
             # A refused batch is refused whole: an allowed part records the batch's denial.
             effective = decision if denial is None or not decision.allowed else denial
             record = self._statement_record(sid, statement, effective, path)
+            held: HeldRecord | None = None
             if denial is None and strict and statement.kind in _DURABLE_KINDS:
+                self._release_held(tracked)
                 durable = audit.append_durable(record)
             else:
-                audit.append(record)
-            tracked.append(_Tracked(sid, statement, path, started))
+                held = audit.hold(record)
+            tracked.append(_Tracked(sid, statement, path, started, held))
         return tracked, durable
+
+    def _release_held(self, batch: Sequence[_Tracked] = ()) -> None:
+        """Send this session's held intent records on now, so the log keeps statement order.
+
+        Called before a record that must not overtake them (a durable intent, a session
+        event); `batch` holds statements of the current message not yet queued as ops.
+        """
+        release = self.services.audit.release
+        for op in self._ops:
+            for item in op.tracked or ():
+                if item.held is not None:
+                    release(item.held)
+        for item in batch:
+            if item.held is not None:
+                release(item.held)
 
     def _admit(
         self, statements: tuple[Statement, ...], path: ProtocolPath
@@ -1232,6 +1262,7 @@ class PgSession(asyncio.Protocol):
         }
 
     def _audit(self, event: AuditEvent, **fields: object) -> None:
+        self._release_held()
         base: dict[str, object] = dict(self._base_fields())
         base.update(fields)
         record = AuditRecord(event=event, ts_ms=int(self.services.clock() * 1000), **base)  # type: ignore[arg-type]
@@ -1288,6 +1319,17 @@ class PgSession(asyncio.Protocol):
     def _record_outcome(
         self, tracked: _Tracked, status: str, sqlstate: str, rows: int | None = None
     ) -> None:
+        duration_ms = round((time.perf_counter() - tracked.started) * 1000, 3)
+        held = tracked.held
+        if held is not None:
+            tracked.held = None
+            intent = held.take_back()
+            if intent is not None:
+                # The intent was not sent yet: one record says both (same commit deadline).
+                fields = (status, sqlstate, rows, duration_ms)
+                after = intent[_OUTCOME_FIELDS + len(fields) :]
+                self._append(AuditRecord._make((*intent[:_OUTCOME_FIELDS], *fields, *after)))
+                return
         identity = self.identity
         statement = tracked.statement
         record = AuditRecord(
@@ -1312,8 +1354,11 @@ class PgSession(asyncio.Protocol):
             status,
             sqlstate,
             rows,
-            round((time.perf_counter() - tracked.started) * 1000, 3),
+            duration_ms,
         )
+        self._append(record)
+
+    def _append(self, record: AuditRecord) -> None:
         try:
             self.services.audit.append(record)
         except AuditUnavailable:

@@ -1,0 +1,80 @@
+"""How statements become audit records: one record for a quick statement, two for a long one."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import psycopg
+
+from dbward.audit.records import AuditRecord
+from fixtures.clients import app_name, has_disconnect, is_outcome, outcomes, statements
+from fixtures.proxy import Proxy
+
+
+def _intent(records: list[AuditRecord], needle: str) -> AuditRecord | None:
+    return next((r for r in statements(records) if needle in r.sql_text), None)
+
+
+def test_long_read_intent_is_written_while_it_runs(proxy: Proxy) -> None:
+    # A read's intent is not waited for, but holding it back to share a record with its
+    # outcome must never keep it out of the log past the batch delay (50 ms here).
+    app = app_name("longread")
+    with (
+        psycopg.connect(**proxy.conninfo(application_name=app), autocommit=True) as conn,
+        ThreadPoolExecutor(1) as pool,
+    ):
+        started = time.monotonic()
+        running = pool.submit(lambda: conn.execute("SELECT pg_sleep(2)").fetchone())
+        records = proxy.session_records(
+            app, until=lambda rs: _intent(rs, "pg_sleep") is not None, timeout=1.5
+        )
+        seen_after = time.monotonic() - started
+        intent = _intent(records, "pg_sleep")
+        assert intent is not None, "the intent of a running read is not in the log"
+        assert not running.done() and seen_after < 1.5
+        assert (intent.status, intent.rows, intent.duration_ms) == ("", None, None)
+        running.result(timeout=10)
+    records = proxy.session_records(app, until=has_disconnect)
+    outcome = outcomes(records)[(intent.session_id, intent.statement_id)]
+    assert outcome.event == "outcome"
+    assert (outcome.status, outcome.rows) == ("ok", 1)
+    assert outcome.duration_ms is not None and outcome.duration_ms >= 2000
+
+
+def test_quick_statements_get_one_record_each(proxy: Proxy) -> None:
+    app = app_name("quick")
+    with psycopg.connect(**proxy.conninfo(application_name=app), autocommit=True) as conn:
+        for i in range(20):
+            assert conn.execute("SELECT %s::int", (i,)).fetchone() == (i,)
+    records = proxy.session_records(app, until=has_disconnect)
+    intents = statements(records)
+    assert len(intents) == 20
+    # A statement whose outcome arrived before the next batch was written (within 50 ms)
+    # is one record carrying intent and outcome; allow a few that straddled a batch.
+    merged = [r for r in intents if r.status]
+    assert len(merged) >= 15, [(r.statement_id, r.status) for r in intents]
+    assert all((r.status, r.rows, r.decision) == ("ok", 1, "allow") for r in merged)
+    assert all(r.duration_ms is not None and r.ts_ms > 0 for r in merged)
+    assert len(outcomes(records)) == 20
+    assert sum(1 for r in records if is_outcome(r)) == 20  # never both kinds for one statement
+
+
+def test_multi_statement_string_keeps_statement_order_in_strict_mode(proxy: Proxy) -> None:
+    # The read's intent is held; the INSERT after it waits for a durable intent, which must
+    # not overtake the read's in the log.
+    app = app_name("order")
+    with psycopg.connect(**proxy.conninfo(application_name=app), autocommit=True) as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS order_t (id int)")
+        conn.execute("SELECT 1; INSERT INTO order_t VALUES (1); SELECT 2")
+    records = proxy.session_records(app, until=has_disconnect)
+    intents = statements(records)
+    assert [r.command for r in intents] == ["CREATE TABLE", "SELECT", "INSERT", "SELECT"]
+    ids = [r.statement_id for r in intents]
+    assert ids == sorted(ids)
+    select_1, insert = intents[1], intents[2]
+    # the first SELECT was sent on ahead of the durable INSERT intent, so neither could merge
+    assert select_1.status == "" and insert.status == ""
+    by_id = outcomes(records)
+    assert [by_id[(r.session_id, r.statement_id)].status for r in intents] == ["ok"] * 4
+    assert by_id[(insert.session_id, insert.statement_id)].rows == 1
