@@ -169,7 +169,12 @@ def _denial_frame(decision: Decision) -> bytes:
 def _audit_unavailable_decision() -> Decision:
     return Decision(
         verdict=Verdict.DENY,
-        reason="dbward: the audit log cannot be written; statements are refused until it recovers",
+        # Also a full backlog (writes too slow to keep up): the client cannot tell the two
+        # apart and need not; the proxy's log says which.
+        reason=(
+            "dbward: the audit log cannot record statements (write failure or backlog full); "
+            "statements are refused until it recovers"
+        ),
         rule="guard.audit_unavailable",
         sqlstate=AuditUnavailable.sqlstate,
     )
