@@ -46,6 +46,30 @@ class HeldRecord:
 SENT: HeldRecord = HeldRecord(None)  # what sinks that never hold return from `hold`
 
 
+class NeverHolds:
+    """`hold` and `release` for a sink that sends every record on at once.
+
+    The threaded SQLite writer takes its queue without a hook for held records, and the
+    memory sink's readers (tests) want to see records at once; neither saves anything by
+    holding.
+    """
+
+    def append(self, record: AuditRecord) -> None:
+        """Provided by the sink."""
+        raise NotImplementedError
+
+    def hold(self, record: AuditRecord) -> HeldRecord:
+        """Queue `record` as `append` does; nothing is held."""
+        self.append(record)
+        return SENT
+
+    def release(self, held: HeldRecord) -> None:
+        """Queue a record held elsewhere (this sink itself never holds one)."""
+        record = held.take_back()
+        if record is not None:
+            self.append(record)
+
+
 @runtime_checkable
 class AuditSink(Protocol):
     """Where audit records go. All methods are called on the event loop thread."""
@@ -116,7 +140,7 @@ def _fail_all(futures: list[asyncio.Future[int]], message: str) -> None:
             fut.set_exception(AuditUnavailable(message))
 
 
-class GroupCommitSink(abc.ABC):
+class GroupCommitSink(NeverHolds, abc.ABC):
     """Queues records on the loop thread; one writer thread commits them in batches.
 
     `append` only appends to a plain list, so it costs a fraction of a microsecond and never
@@ -233,18 +257,6 @@ class GroupCommitSink(abc.ABC):
     def append_durable(self, record: AuditRecord) -> asyncio.Future[int]:
         """Queue `record` and wake the writer; the future resolves with the record's seq."""
         return self._enqueue_waiter(record)
-
-    def hold(self, record: AuditRecord) -> HeldRecord:
-        """Queue `record` as `append` does: the writer thread takes the queue without a hook
-        for held records, so nothing is held."""
-        self.append(record)
-        return SENT
-
-    def release(self, held: HeldRecord) -> None:
-        """Queue a record held elsewhere (this sink itself never holds one)."""
-        record = held.take_back()
-        if record is not None:
-            self.append(record)
 
     async def flush(self) -> None:
         """Wait until everything appended so far is durably committed (or raise)."""
@@ -466,7 +478,7 @@ def _describe(exc: BaseException) -> str:
     return f"{text} ({name})" if name else text
 
 
-class MemorySink:
+class MemorySink(NeverHolds):
     """An in-memory AuditSink for tests of other layers; `fail = True` simulates a dead disk."""
 
     def __init__(self) -> None:
@@ -500,17 +512,6 @@ class MemorySink:
         else:
             fut.set_result(len(self.records))
         return fut
-
-    def hold(self, record: AuditRecord) -> HeldRecord:
-        """Store the record at once (so tests see it); nothing is held."""
-        self.append(record)
-        return SENT
-
-    def release(self, held: HeldRecord) -> None:
-        """Store a record held elsewhere (this sink itself never holds one)."""
-        record = held.take_back()
-        if record is not None:
-            self.append(record)
 
     async def flush(self) -> None:
         """Nothing is buffered."""
