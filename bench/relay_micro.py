@@ -1,6 +1,6 @@
 """Micro-benchmark: Python cost of the relay per pgbench transaction, without sockets.
 
-Feeds a PgSession the exact bytes of pgbench select-only transactions (simple and prepared)
+Feeds a PgSession the exact bytes of pgbench select-only transactions (simple, extended, prepared)
 and of PostgreSQL's replies, with transports that discard writes, so what is measured is the
 relay's own work (framing, classification, policy, audit records, op tracking, scanning).
 Run: .venv/bin/python bench/relay_micro.py [--profile]
@@ -129,6 +129,18 @@ def run(n: int, mode: str) -> float:
             for _ in range(n)
         ]
         reply = reply_p
+    elif mode == "extended":
+        # libpq's PQexecParams, as pgbench -M extended sends it: unnamed statement and portal.
+        text = "SELECT abalance FROM pgbench_accounts WHERE aid = $1;"
+        requests = [
+            m.parse_message("", text)
+            + m.bind_message("", "", [str(rng.randint(1, 10**6)).encode()])
+            + m.describe_message("P", "")
+            + m.execute_message("")
+            + m.sync()
+            for _ in range(n)
+        ]
+        reply = m._frame(b"1", b"") + m._frame(b"2", b"") + select_reply(1)
     else:
         requests = [
             m.query(f"SELECT abalance FROM pgbench_accounts WHERE aid = {rng.randint(1, 10**6)};")
@@ -150,7 +162,7 @@ def main() -> None:
     args = parser.parse_args()
 
     async def go() -> None:
-        for mode in ("simple", "prepared"):
+        for mode in ("simple", "extended", "prepared"):
             run(2000, mode)  # warm caches
             if args.profile:
                 prof = cProfile.Profile()

@@ -387,6 +387,10 @@ ALL_PARSERS: list[Callable[[bytes], object]] = [
     m.parse_backend_key_data,
     m.parse_ready_for_query,
     m.parse_parameter_status,
+    m.parse_parts,
+    m.execute_parts,
+    m.check_describe,
+    m.bind_names,
 ]
 
 
@@ -408,3 +412,77 @@ def test_parsers_structured_garbage(
         parser(prefix + data)
     except ProtocolError:
         pass
+
+
+# The relay's fast paths must accept exactly what the full parsers accept, and agree on what
+# they read (names in latin-1: byte for byte).
+
+
+def _outcome(parser: Callable[[bytes], Any], payload: bytes) -> tuple[str, Any]:
+    try:
+        return "ok", parser(payload)
+    except ProtocolError:
+        return "error", None
+
+
+def _full_parse(payload: bytes) -> Any:
+    parsed = m.parse_parse(payload, "latin-1")
+    return parsed.name, parsed.query.encode("latin-1")
+
+
+def _full_execute(payload: bytes) -> Any:
+    parsed = m.parse_execute(payload, "latin-1")
+    return parsed.portal, parsed.max_rows
+
+
+def _full_describe(payload: bytes) -> None:
+    m.parse_describe(payload, "latin-1")
+
+
+FAST_AND_FULL = [
+    (m.parse_parts, _full_parse),
+    (m.execute_parts, _full_execute),
+    (m.check_describe, _full_describe),
+]
+
+_NAME_BYTES = st.binary(max_size=8).map(lambda b: b.replace(b"\x00", b""))
+WELL_FORMED = st.one_of(
+    st.builds(
+        lambda n, t, o: m.parse_message(n, t, o)[5:],
+        NAME,
+        NO_NUL,
+        st.lists(st.integers(0, 2**32 - 1), max_size=4),
+    ),
+    st.builds(lambda p, r: m.execute_message(p, r)[5:], NAME, st.integers(-(2**31), 2**31 - 1)),
+    st.builds(lambda k, n: m.describe_message(k, n)[5:], st.sampled_from(["S", "P"]), NAME),
+    # Near misses: right layout, any kind byte, parameter count or tail.
+    st.builds(
+        lambda n, t, count, tail: n + b"\x00" + t + b"\x00" + count.to_bytes(2, "big") + tail,
+        _NAME_BYTES,
+        _NAME_BYTES,
+        st.integers(0, 3),
+        st.binary(max_size=14),
+    ),
+    st.builds(lambda n, tail: n + b"\x00" + tail, _NAME_BYTES, st.binary(max_size=6)),
+    st.builds(lambda k, n: bytes([k]) + n + b"\x00", st.integers(0, 255), _NAME_BYTES),
+)
+
+
+@pytest.mark.parametrize(("fast", "full"), FAST_AND_FULL, ids=lambda f: f.__name__)
+@given(
+    base=st.one_of(st.binary(max_size=80), WELL_FORMED),
+    cut=st.integers(0, 8),
+    extra=st.binary(max_size=6),
+)
+def test_fast_paths_accept_exactly_what_full_parsers_accept(
+    fast: Callable[[bytes], Any], full: Callable[[bytes], Any], base: bytes, cut: int, extra: bytes
+) -> None:
+    for payload in (base, base[: max(0, len(base) - cut)], base + extra):
+        assert _outcome(fast, payload) == _outcome(full, payload), payload
+
+
+@pytest.mark.parametrize("name", [b"", b"p1", b"\xff\xfe"])
+def test_check_describe_agrees_for_every_kind_byte(name: bytes) -> None:
+    for kind in range(256):
+        for payload in (bytes([kind]) + name + b"\x00", bytes([kind]) + name):
+            assert _outcome(m.check_describe, payload) == _outcome(_full_describe, payload)

@@ -677,8 +677,7 @@ class PgSession(asyncio.Protocol):
         """The SQL text of a Query or Parse as the server will read it (None: undecodable)."""
         if msg_type == _Q:
             return self._decode_sql(payload)
-        parsed = messages.parse_parse(payload, _NAME_CODEC)
-        return self._decode_text(parsed.query.encode(_NAME_CODEC))
+        return self._decode_text(messages.parse_parts(payload)[1])
 
     def _barrier_done(self, future: asyncio.Future[int], *, held: tuple[bytes, bytes]) -> None:
         """The intent record is durable (or failed): forward the held message or refuse it."""
@@ -726,13 +725,13 @@ class PgSession(asyncio.Protocol):
         if msg_type == _P:
             # Split with a byte-preserving codec, then decode the SQL as the server will: bad
             # bytes make the statement unparseable (denied), not the session unusable.
-            parsed = messages.parse_parse(payload, _NAME_CODEC)
-            if len(parsed.query) > self._max_statement_bytes:
-                statements = (_too_large(len(parsed.query), self._max_statement_bytes),)
+            name, query = messages.parse_parts(payload)
+            if len(query) > self._max_statement_bytes:
+                statements = (_too_large(len(query), self._max_statement_bytes),)
             else:
-                text = self._decode_text(parsed.query.encode(_NAME_CODEC))
+                text = self._decode_text(query)
                 statements = self._classify(text) if text is not None else (self._undecodable(),)
-            self._prepared[parsed.name] = statements
+            self._prepared[name] = statements
             self._ops.append(_Op(_OP_PARSE))
             out.append(raw)
             return None
@@ -756,8 +755,8 @@ class PgSession(asyncio.Protocol):
             out.append(raw)
             return None
         if msg_type == _E:
-            execute = messages.parse_execute(payload, _NAME_CODEC)
-            portal = self._portals.get(execute.portal)
+            portal_name, max_rows = messages.execute_parts(payload)
+            portal = self._portals.get(portal_name)
             statements = (
                 portal
                 if portal is not None
@@ -765,17 +764,17 @@ class PgSession(asyncio.Protocol):
                     _uninspected(
                         "EXECUTE",
                         "uninspected_portal",
-                        f"portal {execute.portal!r} was not seen by dbward",
+                        f"portal {portal_name!r} was not seen by dbward",
                     ),
                 )
             )
-            return self._handle_execute(statements, execute.max_rows, raw, out)
+            return self._handle_execute(statements, max_rows, raw, out)
         if msg_type == _S:
             self._ops.append(_Op(_OP_SYNC))
             out.append(raw)
             return None
         if msg_type == _D:
-            messages.parse_describe(payload, _NAME_CODEC)
+            messages.check_describe(payload)
             self._ops.append(_Op(_OP_DESCRIBE))
             out.append(raw)
             return None

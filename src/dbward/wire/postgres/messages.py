@@ -307,6 +307,25 @@ def parse_parse(payload: bytes, encoding: str = "utf-8") -> ParseMsg:
     return ParseMsg(name, query_text, oids)
 
 
+def parse_parts(payload: bytes) -> tuple[str, bytes]:
+    """Parse's statement name (latin-1, so byte for byte) and raw SQL bytes: the relay's fast path.
+
+    Accepts exactly what `parse_parse` accepts (two NUL-terminated strings, then a parameter
+    type list that matches its count) without building the message or decoding the SQL twice.
+    """
+    first = payload.find(b"\x00")
+    second = payload.find(b"\x00", first + 1) if first >= 0 else -1
+    if second < 0:
+        raise ProtocolError("invalid Parse message: string is not NUL-terminated")
+    rest = len(payload) - second - 1
+    if rest < 2:
+        raise ProtocolError("invalid Parse message: truncated")
+    count = payload[second + 1] << 8 | payload[second + 2]
+    if rest - 2 != 4 * count:
+        raise ProtocolError("invalid Parse message: parameter type list does not match its count")
+    return payload[:first].decode("latin-1"), payload[first + 1 : second]
+
+
 def parse_bind(payload: bytes, encoding: str = "utf-8") -> BindMsg:
     """Bind ('B'): portal and statement names; the rest is only checked for well-formedness."""
     reader = _Reader(payload, "Bind")
@@ -337,6 +356,16 @@ def bind_names(payload: bytes, encoding: str = "utf-8") -> tuple[str, str]:
         raise ProtocolError(f"invalid Bind message: name is not valid {encoding}") from None
 
 
+def check_describe(payload: bytes) -> None:
+    """Describe's shape only (the relay forwards it untouched): what `parse_describe` accepts."""
+    if (
+        len(payload) < 2
+        or payload[0] not in (0x53, 0x50)
+        or payload.find(b"\x00") != len(payload) - 1
+    ):
+        parse_describe(payload, "latin-1")  # raises with the precise reason
+
+
 def parse_describe(payload: bytes, encoding: str = "utf-8") -> DescribeMsg:
     """Describe ('D'): what to describe and its name."""
     reader = _Reader(payload, "Describe")
@@ -353,6 +382,18 @@ def parse_execute(payload: bytes, encoding: str = "utf-8") -> ExecuteMsg:
     max_rows = reader.int32()
     reader.end()
     return ExecuteMsg(portal, max_rows)
+
+
+def execute_parts(payload: bytes) -> tuple[str, int]:
+    """Execute's portal name (latin-1) and row limit: the relay's fast path.
+
+    Accepts exactly what `parse_execute` accepts.
+    """
+    end = payload.find(b"\x00")
+    if end < 0 or len(payload) - end != 5:
+        message = parse_execute(payload, "latin-1")  # raises with the precise reason
+        return message.portal, message.max_rows
+    return payload[:end].decode("latin-1"), _I32.unpack_from(payload, end + 1)[0]
 
 
 def parse_close(payload: bytes, encoding: str = "utf-8") -> CloseMsg:
