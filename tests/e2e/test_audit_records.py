@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -58,6 +59,9 @@ def test_quick_statements_get_one_record_each(proxy: Proxy) -> None:
     assert all(r.duration_ms is not None and r.ts_ms > 0 for r in merged)
     assert len(outcomes(records)) == 20
     assert sum(1 for r in records if is_outcome(r)) == 20  # never both kinds for one statement
+    # The same text executed again is hashed once per session; the hash must still be its own.
+    assert {r.sql_text for r in intents} == {"SELECT $1::int"}
+    assert {r.sql_sha256 for r in intents} == {hashlib.sha256(b"SELECT $1::int").hexdigest()}
 
 
 def test_multi_statement_string_keeps_statement_order_in_strict_mode(proxy: Proxy) -> None:

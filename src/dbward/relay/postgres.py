@@ -214,6 +214,10 @@ class PgSession(asyncio.Protocol):
         self._portals: dict[str, tuple[Statement, ...]] = {}
         self._statement_count = 0
         self._next_sid = 0
+        # The last statement text hashed, and its SHA-256: a prepared statement executed again
+        # is the same str object, so it is hashed once, not per Execute.
+        self._hashed_text = ""
+        self._hashed_sha256 = hashlib.sha256(b"").hexdigest()
         self._closing = False
         self._shutdown_requested = False
         self._upstream_lost_reported = False
@@ -1292,7 +1296,11 @@ class PgSession(asyncio.Protocol):
             detail = parser_error_snippet(statement.error) if statement.error else ""
         else:
             sql_text = text if len(text) <= cap else text[:cap]
-            sql_sha256 = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+            if text is self._hashed_text:
+                sql_sha256 = self._hashed_sha256
+            else:
+                sql_sha256 = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+                self._hashed_text, self._hashed_sha256 = text, sql_sha256
             detail = statement.error or ""
         return AuditRecord(
             AuditEvent.STATEMENT,
