@@ -1,4 +1,4 @@
-"""asyncpg through dbward: prepared statements, binary codecs, a 100k-row fetch."""
+"""asyncpg through dbward: prepared statements, binary codecs, cursors, a 100k-row fetch."""
 
 from __future__ import annotations
 
@@ -91,3 +91,39 @@ def test_100k_row_fetch(proxy: Proxy) -> None:
     big = next(s for s in statements(records) if "generate_series" in s.sql_text)
     assert outcome_of(records, big).rows == 100_000
     assert outcome_of(records, big).status == "ok"
+
+
+def test_cursors_abandoned_and_finished_in_transactions(proxy: Proxy) -> None:
+    # asyncpg cursors are named portals; one left before its end is never closed by the
+    # client, only dropped by PostgreSQL when the transaction ends. dbward forgets it then
+    # too, and must not forget one that is still open.
+    app = app_name("asyncpg-cursor")
+    query = "SELECT g FROM generate_series(1, 1000) g"
+
+    async def run() -> None:
+        conn = await _connect(proxy, app)
+        try:
+            for _ in range(20):
+                async with conn.transaction():
+                    cursor = await conn.cursor(query)
+                    assert [r[0] for r in await cursor.fetch(5)] == [1, 2, 3, 4, 5]
+            async with conn.transaction():
+                first = await conn.cursor(query)
+                second = await conn.cursor(query)
+                await first.fetch(3)
+                await conn.execute("SELECT 1")  # a whole round trip while both stay open
+                assert [r[0] for r in await second.fetch(2)] == [1, 2]
+                assert [r[0] for r in await first.fetch(2)] == [4, 5]
+                values = [r[0] async for r in conn.cursor(query, prefetch=64)]
+                assert values == list(range(1, 1001))
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+    records = proxy.session_records(app, until=has_disconnect)
+    assert [r for r in records if r.decision == "deny"] == []
+    fetches = [s for s in statements(records) if s.sql_text == query]
+    # one Execute per fetch: 20 abandoned cursors, 2 + 1 for the pair, 16 for the iteration
+    # (1000 rows in batches of 64)
+    assert len(fetches) == 20 + 3 + 16
+    assert all(outcome_of(records, s).status in ("suspended", "ok") for s in fetches)

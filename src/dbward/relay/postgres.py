@@ -1074,6 +1074,12 @@ class PgSession(asyncio.Protocol):
                 if op.code == _OP_SYNC:
                     break
                 self._finish_op(op, "not_executed", "")
+            if not ops and self._portals and payload is not None and payload[:1] == b"I":
+                # No transaction is open and nothing else is in flight, so PostgreSQL has
+                # dropped every portal bound so far; forget them too. Otherwise a client that
+                # abandons named portals (an asyncpg cursor left before its end) grows this
+                # map for as long as its connection lives.
+                self._portals.clear()
             return None
         if msg_type == 0x45:  # 'E' ErrorResponse
             return self._on_error(payload)
