@@ -913,7 +913,8 @@ class PgSession(asyncio.Protocol):
         except AuditUnavailable:
             denial, tracked, durable = _audit_unavailable_decision(), [], None
         if denial is None:
-            self._apply_prepared_changes(changes)
+            if changes.cleared or changes.added:
+                self._apply_prepared_changes(changes)
         else:
             for item in tracked:
                 self._record_outcome(item, "denied", denial.sqlstate)
@@ -1069,7 +1070,8 @@ class PgSession(asyncio.Protocol):
             while ops:
                 op = ops.popleft()
                 if op.code == _OP_QUERY:
-                    self._finish_op(op, "not_executed", "")
+                    if op.tracked and op.index < len(op.tracked):  # statements left unanswered
+                        self._finish_op(op, "not_executed", "")
                     break
                 if op.code == _OP_SYNC:
                     break
