@@ -13,19 +13,18 @@ import asyncio
 import cProfile
 import pstats
 import random
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from dbward.audit.records import AuditRecord
 from dbward.audit.sink import HeldRecord
-from dbward.config.model import AuditSettings, ListenerSettings, UpstreamSettings
-from dbward.core.types import Identity, SessionContext
-from dbward.relay.postgres import _PHASE_READY, PgSession
-from dbward.relay.services import CancelRegistry, ListenerServices
-from dbward.server.upstream import UpstreamConnection, UpstreamProtocol
-from dbward.sql.postgres import PostgresClassifier
+from dbward.relay.postgres import PgSession
 from dbward.wire.postgres import messages as m
-from dbward.wire.postgres.framing import BackendScanner
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from fixtures.detached import detached_session
 
 
 class NullSink:
@@ -55,47 +54,9 @@ class NullSink:
     async def close(self) -> None: ...
 
 
-class NullTransport:
-    def write(self, data: bytes) -> None: ...
-
-    def is_closing(self) -> bool:
-        return False
-
-    def pause_reading(self) -> None: ...
-
-    def resume_reading(self) -> None: ...
-
-    def close(self) -> None: ...
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return ("127.0.0.1", 5555)
-
-
 def make_session() -> tuple[PgSession, NullSink]:
     sink = NullSink()
-    settings = ListenerSettings(
-        name="bench", upstream=UpstreamSettings(user="svc", tls={"mode": "disable"})
-    )
-    services = ListenerServices(
-        settings=settings,
-        audit_settings=AuditSettings(durability="batched"),
-        audit=sink,  # type: ignore[arg-type]
-        classifier=PostgresClassifier(),
-        authenticator=None,  # type: ignore[arg-type]
-        client_tls=None,
-        upstream_tls=None,
-        cancels=CancelRegistry(5),
-    )
-    session = PgSession(services)
-    session.transport = NullTransport()  # type: ignore[assignment]
-    identity = Identity("bench")
-    session.identity = identity
-    session._context = SessionContext("s", identity, "bench", "db", "127.0.0.1:1", "pgbench")
-    session._framer.startup = False
-    upstream = UpstreamConnection(transport=NullTransport(), protocol=UpstreamProtocol())  # type: ignore[arg-type]
-    session._upstream = upstream
-    session._scanner = BackendScanner()
-    session._phase = _PHASE_READY
+    session, _, _ = detached_session(sink, identity="bench", keep=False)  # type: ignore[arg-type]
     return session, sink
 
 

@@ -2,71 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from dbward.audit.sink import MemorySink
-from dbward.config.model import AuditSettings, ListenerSettings, UpstreamSettings
-from dbward.core.types import Identity, SessionContext
-from dbward.relay.postgres import _PHASE_READY, PgSession
-from dbward.relay.services import CancelRegistry, ListenerServices
-from dbward.server.upstream import UpstreamConnection, UpstreamProtocol
-from dbward.sql.postgres import PostgresClassifier
+from dbward.relay.postgres import PgSession
 from dbward.wire.postgres import messages as m
-from dbward.wire.postgres.framing import BackendScanner
+from fixtures.detached import RecordingTransport, detached_session
 
 SQL = "SELECT g FROM generate_series(1, 100) g"
 
 
-class RecordingTransport:
-    """Collects what the session writes."""
-
-    def __init__(self) -> None:
-        self.written = bytearray()
-
-    def write(self, data: bytes) -> None:
-        self.written += data
-
-    def is_closing(self) -> bool:
-        return False
-
-    def pause_reading(self) -> None: ...
-
-    def resume_reading(self) -> None: ...
-
-    def close(self) -> None: ...
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return ("127.0.0.1", 5555)
-
-
 def _session() -> tuple[PgSession, RecordingTransport, MemorySink]:
     sink = MemorySink()
-    services = ListenerServices(
-        settings=ListenerSettings(
-            name="t", upstream=UpstreamSettings(user="svc", tls={"mode": "disable"})
-        ),
-        audit_settings=AuditSettings(durability="batched"),
-        audit=sink,
-        classifier=PostgresClassifier(),
-        authenticator=None,  # type: ignore[arg-type]
-        client_tls=None,
-        upstream_tls=None,
-        cancels=CancelRegistry(5),
-    )
-    session = PgSession(services)
-    session.transport = RecordingTransport()  # type: ignore[assignment]
-    identity = Identity("alice")
-    session.identity = identity
-    session._context = SessionContext("s", identity, "t", "db", "127.0.0.1:1", "test")
-    session._framer.startup = False
-    upstream_transport = RecordingTransport()
-    session._upstream = UpstreamConnection(
-        transport=upstream_transport,  # type: ignore[arg-type]
-        protocol=UpstreamProtocol(),
-    )
-    session._scanner = BackendScanner()
-    session._phase = _PHASE_READY
-    return session, upstream_transport, sink
+    session, _, upstream = detached_session(sink)
+    return session, upstream, sink
 
 
 def _bind_execute(portal: str, rows: int = 10) -> bytes:

@@ -37,7 +37,7 @@ from dbward.policy.engine import decide, parser_error_snippet
 from dbward.relay.startup import StartupRefusedError, upstream_parameters
 from dbward.server.upstream import UpstreamConnection, UpstreamError, connect_upstream, send_cancel
 from dbward.sql.offload import OFFLOAD_MIN_BYTES
-from dbward.sql.postgres import function_call_statement
+from dbward.sql.postgres import function_call_statement, oversized_statement
 from dbward.wire.postgres import messages
 from dbward.wire.postgres.encodings import python_codec
 from dbward.wire.postgres.framing import BackendScanner, FrontendFramer
@@ -148,17 +148,6 @@ def _uninspected(command: str, flag: str, error: str) -> Statement:
     """A statement dbward could not inspect (no text to show): kind UNKNOWN, so it is denied."""
     return Statement(
         text="", kind=StatementKind.UNKNOWN, command=command, flags=frozenset({flag}), error=error
-    )
-
-
-def _too_large(size: int, limit: int) -> Statement:
-    """SQL text too long to parse safely: refused unread (the guard answers SQLSTATE 54000)."""
-    return Statement(
-        text="",
-        kind=StatementKind.UNKNOWN,
-        command="UNKNOWN",
-        flags=frozenset({"statement_limit"}),
-        error=f"the statement text is {size} bytes; the limit is {limit} (max_statement_bytes)",
     )
 
 
@@ -721,7 +710,7 @@ class PgSession(asyncio.Protocol):
         """
         if msg_type == _Q:
             if len(payload) > self._max_statement_bytes:
-                too_large = _too_large(len(payload) - 1, self._max_statement_bytes)
+                too_large = oversized_statement(len(payload) - 1, self._max_statement_bytes)
                 return self._handle_query((too_large,), raw, out)
             text = self._decode_sql(payload)
             statements = self._classify(text) if text is not None else (self._undecodable(),)
@@ -731,7 +720,7 @@ class PgSession(asyncio.Protocol):
             # bytes make the statement unparseable (denied), not the session unusable.
             name, query = messages.parse_parts(payload)
             if len(query) > self._max_statement_bytes:
-                statements = (_too_large(len(query), self._max_statement_bytes),)
+                statements = (oversized_statement(len(query), self._max_statement_bytes),)
             else:
                 text = self._decode_text(query)
                 statements = self._classify(text) if text is not None else (self._undecodable(),)

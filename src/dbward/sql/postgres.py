@@ -12,7 +12,12 @@ from pglast import parser as _pg_parser
 
 from dbward.core.types import DEFAULT_MAX_STATEMENTS, Statement, StatementKind
 
-__all__ = ["PostgresClassifier", "function_call_statement", "unparseable_statement"]
+__all__ = [
+    "PostgresClassifier",
+    "function_call_statement",
+    "oversized_statement",
+    "unparseable_statement",
+]
 
 _READ: Final = StatementKind.READ
 _WRITE: Final = StatementKind.WRITE
@@ -970,6 +975,17 @@ def _too_many_statements(text: str, count: str, limit: int) -> Statement:
         flags=_LIMIT_CREDENTIAL_FLAGS if _CREDENTIAL_TEXT.search(text) else _LIMIT_FLAGS,
         error=f"the query string holds {count} statements; the limit is {limit} per message "
         "(max_statements_per_query); send smaller batches",
+    )
+
+
+def oversized_statement(size: int, limit: int) -> Statement:
+    """The statement reported for SQL text over `max_statement_bytes`: refused unread (denied)."""
+    return Statement(
+        text="",
+        kind=_UNKNOWN,
+        command="UNKNOWN",
+        flags=_LIMIT_FLAGS,
+        error=f"the statement text is {size} bytes; the limit is {limit} (max_statement_bytes)",
     )
 
 
