@@ -106,8 +106,8 @@ def test_guard_in_extended_protocol_with_parameters(proxy: Proxy) -> None:
     assert [s.path for s in denied] == ["extended", "extended"]
 
 
-def test_prepared_statement_is_rechecked_at_every_execute(proxy: Proxy) -> None:
-    """A server-side prepared statement is decided at each Execute, not once at Parse."""
+def test_denied_prepared_statement_is_refused_at_every_attempt(proxy: Proxy) -> None:
+    """A denied server-side prepared statement is refused at every attempt to prepare it."""
     app = app_name("guard-prep")
     with psycopg.connect(
         **proxy.conninfo(application_name=app), autocommit=True, prepare_threshold=0
@@ -219,9 +219,8 @@ def test_undecodable_sql_is_denied_and_the_session_continues(proxy: Proxy) -> No
         )
         kinds = [k for k, _ in replies]
         assert kinds == [b"E", b"Z"]
-        # PostgreSQL itself rejects the bytes at Parse (before dbward's refusal of the Execute
-        # would be reached): the statement never runs either way.
-        assert messages.parse_error_fields(replies[0][1])["C"] == "22021"
+        # Refused at Parse by dbward: the bytes never reach PostgreSQL.
+        assert messages.parse_error_fields(replies[0][1])["C"] == "42501"
         assert [k for k, _ in session.query("SELECT 1")] == [b"T", b"D", b"C", b"Z"]
     finally:
         session.close()
@@ -424,3 +423,41 @@ def test_default_statement_size_limit_refuses_a_memory_bomb_at_once(proxy: Proxy
         ("UNKNOWN", "deny"),
         ("SELECT", "allow"),
     ]
+
+
+def test_denied_statement_is_refused_at_parse_before_postgres_sees_it(proxy: Proxy) -> None:
+    """Parse + Describe of a denied statement get dbward's denial, never the table's shape."""
+    app = app_name("guard-parse")
+    session = RawSession(proxy, app)
+    try:
+        session.query("CREATE TEMP TABLE secret_paths (path text, owner text)")
+        for table in ("secret_paths", "no_such_table"):  # existing or not: the same answer
+            replies = session.send(
+                messages.parse_message("s1", f"SELECT pg_read_file(path) FROM {table}")
+                + messages.describe_message("S", "s1")
+                + messages.sync()
+            )
+            assert [kind for kind, _ in replies] == [b"E", b"Z"]
+            fields = messages.parse_error_fields(replies[0][1])
+            assert fields["C"] == "42501" and "table" not in fields["M"], fields
+        count = session.query("SELECT count(*) FROM pg_prepared_statements")
+        assert [p for kind, p in count if kind == b"D"] == [messages.data_row([b"0"])[5:]]
+        # As after PostgreSQL's own parse error, the unnamed statement is gone.
+        session.send(messages.parse_message("", "SELECT 1") + messages.sync())
+        session.send(messages.parse_message("", "SET ROLE postgres") + messages.sync())
+        replies = session.send(
+            messages.bind_message("", "", []) + messages.execute_message("") + messages.sync()
+        )
+        assert [kind for kind, _ in replies] == [b"E", b"Z"]
+        assert messages.parse_error_fields(replies[0][1])["C"] == "26000"  # from PostgreSQL
+        assert [kind for kind, _ in session.query("SELECT 1")] == [b"T", b"D", b"C", b"Z"]
+    finally:
+        session.close()
+    records = proxy.session_records(app, until=has_disconnect)
+    denied = [s for s in statements(records) if s.decision == "deny"]
+    assert [(s.path, s.rule) for s in denied[:3]] == [
+        ("extended", "guard.server_file"),
+        ("extended", "guard.server_file"),
+        ("extended", "guard.role_switch"),
+    ]
+    assert all(outcome_of(records, s).status == "denied" for s in denied)

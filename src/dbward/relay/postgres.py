@@ -53,6 +53,7 @@ _POISON_SQL = "DBWARD_POLICY_DENIED"
 _POISON_STATEMENT = "__dbward_denied__"  # named, so the client's unnamed statement survives
 _POISON_QUERY = messages.query(_POISON_SQL)
 _POISON_PARSE = messages.parse_message(_POISON_STATEMENT, _POISON_SQL)
+_POISON_PARSE_UNNAMED = messages.parse_message("", _POISON_SQL)
 
 # Enum members as plain str for audit records (a dict lookup beats .value's descriptor).
 _TEXT: dict[object, str] = {
@@ -724,6 +725,13 @@ class PgSession(asyncio.Protocol):
             else:
                 text = self._decode_text(query)
                 statements = self._classify(text) if text is not None else (self._undecodable(),)
+            # Decided here as well as at every Execute: a statement that would be denied never
+            # reaches PostgreSQL, so a Parse/Describe of it cannot tell the client whether its
+            # tables exist or what their columns are.
+            decided, denial = self._decide_all(statements, ProtocolPath.EXTENDED)
+            if denial is not None:
+                self._refuse_parse(name, decided, denial, out)
+                return None
             self._prepared[name] = statements
             self._ops.append(_Op(_OP_PARSE))
             out.append(raw)
@@ -897,17 +905,46 @@ class PgSession(asyncio.Protocol):
         """
         changes = _PreparedChanges()
         decided, denial = self._decide_all(statements, path, changes)
+        if denial is not None:
+            self._record_denied(decided, denial)
+            return [], None, denial
         try:
-            tracked, durable = self._record_intents(decided, denial)
+            tracked, durable = self._record_intents(decided, None)
         except AuditUnavailable:
-            denial, tracked, durable = _audit_unavailable_decision(), [], None
-        if denial is None:
-            if changes.cleared or changes.added:
-                self._apply_prepared_changes(changes)
+            return [], None, _audit_unavailable_decision()
+        if changes.cleared or changes.added:
+            self._apply_prepared_changes(changes)
+        return tracked, durable, None
+
+    def _record_denied(
+        self, decided: list[tuple[Statement, Decision, ProtocolPath]], denial: Decision
+    ) -> None:
+        """Audit a refused batch: an intent carrying the denial, then a `denied` outcome."""
+        try:
+            tracked, _ = self._record_intents(decided, denial)
+        except AuditUnavailable:
+            return  # refused all the same; the log says why it lost the record
+        for item in tracked:
+            self._record_outcome(item, "denied", denial.sqlstate)
+
+    def _refuse_parse(
+        self,
+        name: str,
+        decided: list[tuple[Statement, Decision, ProtocolPath]],
+        denial: Decision,
+        out: list[bytes],
+    ) -> None:
+        """Send PostgreSQL an unparseable Parse in place of a denied one; skip to Sync."""
+        self._record_denied(decided, denial)
+        if name:
+            out.append(_POISON_PARSE)
         else:
-            for item in tracked:
-                self._record_outcome(item, "denied", denial.sqlstate)
-        return tracked, durable, denial
+            # PostgreSQL drops the unnamed statement at every Parse of that name, even one that
+            # fails: an unnamed poison does the same upstream, and dbward forgets it too.
+            out.append(_POISON_PARSE_UNNAMED)
+            self._prepared.pop("", None)
+        self._ops.append(_Op(_OP_POISON, None, _denial_frame(denial)))
+        self._discard_until_sync = True
 
     def _handle_query(
         self,
