@@ -53,6 +53,66 @@ def test_batched_and_durable_records_are_committed_in_order(tmp_path: Path) -> N
     assert oct(db.stat().st_mode & 0o777) == "0o600"
 
 
+def test_acknowledgements_follow_batch_order_even_for_an_empty_batch(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A flush with nothing new to send must not be acknowledged before the batches in flight.
+
+    The child used to acknowledge an empty batch at once, so its acknowledgement was paired
+    with the oldest unacknowledged batch: durable waiters were told "committed" early.
+    """
+    db = tmp_path / "audit.db"
+
+    async def run() -> None:
+        sink = ProcessAuditSink(db, max_delay_ms=20)
+        sink.start()
+        await sink.flush()  # the child is up: from now on every batch is sent at once
+        for i in range(1, 30_000):  # a batch big enough that its commit takes a while
+            sink.append(_record(i))
+        durable = sink.append_durable(_record(30_000, AuditEvent.OUTCOME))
+        await asyncio.sleep(0)  # that batch goes to the child
+        seen_when_durable: list[int] = []
+        durable.add_done_callback(
+            lambda _: seen_when_durable.extend(r.seq or 0 for r in query.tail(db, 1))
+        )
+        await sink.flush()  # an empty batch: its acknowledgement must come after the first
+        assert durable.result() == 30_000
+        assert seen_when_durable == [30_000]  # committed when it was reported so
+        await sink.close()
+
+    with caplog.at_level("ERROR", logger="dbward.audit"):
+        asyncio.run(run())
+    assert [r.message for r in caplog.records if "acknowledged" in r.message] == []
+
+
+def test_an_out_of_order_acknowledgement_fails_closed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An answer for the wrong batch proves nothing: waiters are refused, the writer restarts."""
+    db = tmp_path / "audit.db"
+
+    async def run() -> None:
+        sink = ProcessAuditSink(db)
+        sink.start()
+        await sink.flush()
+        durable = sink.append_durable(_record(1))
+        sink._flush()  # sent; its real answer cannot arrive before we yield
+        sink._on_message(("ack", 10_000, 99))
+        with pytest.raises(AuditUnavailable):
+            await durable
+        deadline = time.monotonic() + 5
+        while not sink.healthy and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert await sink.append_durable(_record(2)) > 0  # back, with the batch resent
+        await sink.close()
+
+    with caplog.at_level("ERROR", logger="dbward.audit"):
+        asyncio.run(run())
+    assert any("acknowledged batch 10000" in r.getMessage() for r in caplog.records)
+    assert [r.statement_id for r in query.tail(db, 10)][-1] == 2
+    assert 1 in [r.statement_id for r in query.tail(db, 10)]
+
+
 def test_batched_records_arrive_within_max_delay(tmp_path: Path) -> None:
     db = tmp_path / "audit.db"
 

@@ -295,9 +295,20 @@ class ProcessAuditSink:
         if kind not in ("ack", "fail") or not self._unacked:
             log.error("unexpected message from the audit writer: %r", kind)
             return
-        batch_no, batch = self._unacked.popleft()
+        batch_no, batch = self._unacked[0]
         if batch_no != message[1]:
-            log.error("audit writer acknowledged batch %s, expected %s", message[1], batch_no)
+            # An answer means "this batch and every one before it is committed": out of order
+            # it proves nothing, so no waiter is told anything. Fail closed: end the writer;
+            # its restart refuses the waiters and resends what was not acknowledged.
+            log.error(
+                "audit writer acknowledged batch %s, expected %s; restarting it",
+                message[1],
+                batch_no,
+            )
+            if self._process is not None:
+                self._process.kill()
+            return
+        self._unacked.popleft()
         self._unacked_records -= batch.count
         if kind == "ack":
             last = int(message[2])

@@ -23,6 +23,7 @@ import pickle
 import signal
 import struct
 import sys
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -92,31 +93,56 @@ class _Child:
         self.out = out
         self.stdin_closed = asyncio.Event()
         self._healthy = True
+        # Batches not answered yet, oldest first: (batch_no, commit future, refusal message).
+        self._answers: deque[tuple[int, asyncio.Future[int] | None, str | None]] = deque()
 
     def send(self, message: object) -> None:
         self.out.write(encode_frame(message))
 
     def submit(self, batch_no: int, rows: list[tuple[Any, ...]]) -> None:
-        if not rows:
-            self.send(("ack", batch_no, self.sink.last_seq))
-            return
-        try:
-            for row in rows[:-1]:
-                self.sink.append(AuditRecord._make(row))
-            future = self.sink.append_durable(AuditRecord._make(rows[-1]))
-        except AuditUnavailable as exc:
-            self.send(("fail", batch_no, exc.message))
+        future: asyncio.Future[int] | None = None
+        refusal: str | None = None
+        if rows:
+            try:
+                for row in rows[:-1]:
+                    self.sink.append(AuditRecord._make(row))
+                future = self.sink.append_durable(AuditRecord._make(rows[-1]))
+            except AuditUnavailable as exc:
+                refusal = exc.message
+        self._answers.append((batch_no, future, refusal))
+        if future is not None:
+            future.add_done_callback(self._answer_ready)
+        self._send_answers()
+        if refusal is not None:
             self.report_health()
-            return
-        future.add_done_callback(lambda fut: self._acked(batch_no, fut))
 
-    def _acked(self, batch_no: int, future: asyncio.Future[int]) -> None:
-        exc = future.exception()
-        if exc is None:
-            self.send(("ack", batch_no, future.result()))
-        else:
-            self.send(("fail", batch_no, str(exc)))
+    def _answer_ready(self, _future: asyncio.Future[int]) -> None:
+        self._send_answers()
         self.report_health()
+
+    def _send_answers(self) -> None:
+        """Answer every batch whose fate is known, strictly in the order they came.
+
+        The parent pairs each answer with its oldest unanswered batch, and an answer means
+        "this batch and all before it are committed": an empty batch (a flush) or a refused
+        one must wait for the commits of the batches ahead of it.
+        """
+        answers = self._answers
+        while answers:
+            batch_no, future, refusal = answers[0]
+            if future is not None and not future.done():
+                return
+            answers.popleft()
+            if refusal is not None:
+                self.send(("fail", batch_no, refusal))
+            elif future is None:
+                self.send(("ack", batch_no, self.sink.last_seq))
+            elif future.cancelled():
+                self.send(("fail", batch_no, "the commit was cancelled"))
+            elif (exc := future.exception()) is not None:
+                self.send(("fail", batch_no, str(exc)))
+            else:
+                self.send(("ack", batch_no, future.result()))
 
     def report_health(self) -> None:
         healthy = self.sink.healthy
