@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -23,7 +24,7 @@ import pytest
 from dbward.audit.query import search
 from dbward.audit.records import AuditEvent, AuditRecord
 from dbward.wire.postgres import messages
-from fixtures.clients import is_outcome
+from fixtures.clients import app_name, is_outcome
 from fixtures.postgres import PgServer
 from fixtures.proxy import Proxy
 from fixtures.raw import RawSession, expect_fatal
@@ -550,3 +551,53 @@ def test_protocol_error_mid_query_cancels_upstream(proxy: Proxy, pg_server: PgSe
     assert "protocol_error" in events and events[-1] == "disconnect", events
     outcomes = [r for r in records if is_outcome(r)]
     assert len(outcomes) == 1 and outcomes[0].status in ("cancelled", "unknown"), outcomes
+
+
+def _rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_pipelining_client_that_never_reads_is_paused(proxy: Proxy) -> None:
+    """Statements pipelined without reading a reply: dbward stops reading at its in-flight limit.
+
+    Without the limit this client made dbward hold ~230 MB (every statement sent was tracked
+    until answered, and kernel buffers let ~270k through); now it holds at most
+    MAX_REPLIES_IN_FLIGHT owed replies. Other sessions are served meanwhile.
+    """
+    flood = RawSession(proxy, app_name("flood"))
+    rss_before = _rss_bytes(proxy.process.pid)
+    unit = (
+        messages.parse_message("", "SELECT 1")
+        + messages.bind_message("", "", [])
+        + messages.execute_message("")
+        + messages.sync()
+    )
+    chunk = memoryview(unit * 5000)
+    pending = chunk
+    sent = 0
+    flood.sock.setblocking(False)
+    stalled_since: float | None = None
+    deadline = time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline:
+            try:
+                n = flood.sock.send(pending)
+            except BlockingIOError:
+                stalled_since = stalled_since or time.monotonic()
+                if time.monotonic() - stalled_since > 1.5:
+                    break  # the proxy has stopped reading us
+                time.sleep(0.02)
+                continue
+            stalled_since = None
+            sent += n
+            pending = pending[n:] or chunk
+        assert stalled_since is not None, "the client was never paused"
+        grown = _rss_bytes(proxy.process.pid) - rss_before
+        assert grown < 100_000_000, f"proxy grew {grown / 1e6:.0f} MB for {sent // len(unit)} units"
+        with psycopg.connect(**proxy.conninfo(), autocommit=True, connect_timeout=5) as other:
+            assert other.execute("SELECT 41 + 1").fetchone() == (42,)
+    finally:
+        flood.close()

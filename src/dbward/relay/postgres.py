@@ -84,6 +84,11 @@ _OP_POISON = 7  # a substituted Parse that will fail; its ErrorResponse is repla
 _NAME_CODEC = "latin-1"
 
 _PRE_AUTH_MAX_MESSAGE = 65536
+# Replies a session may owe before dbward stops reading its client (each costs dbward ~100-250
+# bytes until answered, kernel socket buffers let a client that never reads queue ~1 million);
+# reading resumes below the low mark. Clients that pipeline read as they go and never get near.
+MAX_REPLIES_IN_FLIGHT = 100_000
+_REPLIES_LOW_MARK = MAX_REPLIES_IN_FLIGHT // 2
 _PRE_AUTH_MAX_QUEUED = 16  # messages a client may send ahead before it is authenticated
 
 _PHASE_STARTUP = 0
@@ -143,6 +148,14 @@ class _Op:
         self.index = 0  # next statement of a multi-statement Query
         self.replacement = replacement  # our ErrorResponse for a poison statement
         self.max_rows = max_rows  # Execute's row limit: PortalSuspended means exactly this many
+
+
+# Replies that carry no statement: one shared, never-mutated op each (no allocation per message).
+_PARSE_OP = _Op(_OP_PARSE)
+_BIND_OP = _Op(_OP_BIND)
+_DESCRIBE_OP = _Op(_OP_DESCRIBE)
+_CLOSE_OP = _Op(_OP_CLOSE)
+_SYNC_OP = _Op(_OP_SYNC)
 
 
 def _uninspected(command: str, flag: str, error: str) -> Statement:
@@ -212,6 +225,7 @@ class PgSession(asyncio.Protocol):
         self._shutdown_requested = False
         self._upstream_lost_reported = False
         self._client_paused_for_upstream = False
+        self._client_paused_for_replies = False  # MAX_REPLIES_IN_FLIGHT reached
         self._connect_audited = False
         self._claimed_user = ""
         self._over_limit = False
@@ -265,6 +279,9 @@ class PgSession(asyncio.Protocol):
                 self._drain_inbox()
             else:
                 self._process_frames(frames)
+            if len(self._ops) > MAX_REPLIES_IN_FLIGHT and self.transport is not None:
+                self._client_paused_for_replies = True
+                self.transport.pause_reading()
         elif self._phase == _PHASE_STARTUP:
             self._startup_frames.extend(frames)
             if len(self._startup_frames) > _PRE_AUTH_MAX_QUEUED:
@@ -577,7 +594,7 @@ class PgSession(asyncio.Protocol):
             if self._discard_until_sync:
                 if msg_type == _S:
                     self._discard_until_sync = False
-                    self._ops.append(_Op(_OP_SYNC))
+                    self._ops.append(_SYNC_OP)
                     out.append(raw)
                 elif msg_type == _X:
                     self._terminate(out)
@@ -622,7 +639,11 @@ class PgSession(asyncio.Protocol):
 
     def _unpark(self) -> None:
         """Handle the parked frames (the caller has cleared `_blocked`) and read again."""
-        if self.transport is not None and not self._client_paused_for_upstream:
+        if (
+            self.transport is not None
+            and not self._client_paused_for_upstream
+            and not self._client_paused_for_replies
+        ):
             self.transport.resume_reading()
         self._drain_inbox()
 
@@ -692,7 +713,8 @@ class PgSession(asyncio.Protocol):
 
     def _replace_last_ops_with_refusal(self) -> None:
         op = self._ops[-1] if self._ops else None
-        if op is not None:
+        # Only the Query/Execute op the durable barrier was raised for (never a shared op).
+        if op is not None and op.code in (_OP_QUERY, _OP_EXECUTE):
             op.replacement = messages.error_response(
                 "ERROR", AuditUnavailable.sqlstate, _audit_unavailable_decision().reason
             )
@@ -733,7 +755,7 @@ class PgSession(asyncio.Protocol):
                 self._refuse_parse(name, decided, denial, out)
                 return None
             self._prepared[name] = statements
-            self._ops.append(_Op(_OP_PARSE))
+            self._ops.append(_PARSE_OP)
             out.append(raw)
             return None
         if msg_type == _B:
@@ -752,7 +774,7 @@ class PgSession(asyncio.Protocol):
                     ),
                 )
             )
-            self._ops.append(_Op(_OP_BIND))
+            self._ops.append(_BIND_OP)
             out.append(raw)
             return None
         if msg_type == _E:
@@ -771,18 +793,18 @@ class PgSession(asyncio.Protocol):
             )
             return self._handle_execute(statements, max_rows, raw, out)
         if msg_type == _S:
-            self._ops.append(_Op(_OP_SYNC))
+            self._ops.append(_SYNC_OP)
             out.append(raw)
             return None
         if msg_type == _D:
             messages.check_describe(payload)
-            self._ops.append(_Op(_OP_DESCRIBE))
+            self._ops.append(_DESCRIBE_OP)
             out.append(raw)
             return None
         if msg_type == _C:
             close = messages.parse_close(payload, _NAME_CODEC)
             (self._prepared if close.kind == "S" else self._portals).pop(close.name, None)
-            self._ops.append(_Op(_OP_CLOSE))
+            self._ops.append(_CLOSE_OP)
             out.append(raw)
             return None
         if msg_type == _H:
@@ -1071,6 +1093,8 @@ class PgSession(asyncio.Protocol):
         else:
             pieces.append(forward[position:])
             transport.write(b"".join(pieces))
+        if self._client_paused_for_replies and len(self._ops) <= _REPLIES_LOW_MARK:
+            self._replies_drained()
         if self._shutdown_requested and not self._ops and not self._blocked:
             self._send_shutdown()
 
@@ -1227,7 +1251,17 @@ class PgSession(asyncio.Protocol):
 
     def _resume_client(self) -> None:
         self._client_paused_for_upstream = False
-        if self.transport is not None and not self._blocked:
+        if self.transport is not None and not self._blocked and not self._client_paused_for_replies:
+            self.transport.resume_reading()
+
+    def _replies_drained(self) -> None:
+        """Enough owed replies have arrived: read the client again (unless paused otherwise)."""
+        self._client_paused_for_replies = False
+        if (
+            self.transport is not None
+            and not self._blocked
+            and not self._client_paused_for_upstream
+        ):
             self.transport.resume_reading()
 
     # ------------------------------------------------------------------ shutdown and errors

@@ -1,0 +1,45 @@
+"""A client that pipelines without reading is paused, so one session's memory stays bounded."""
+
+from __future__ import annotations
+
+from dbward.audit.sink import MemorySink
+from dbward.relay import postgres as relay
+from dbward.wire.postgres import messages as m
+from fixtures.detached import detached_session
+
+UNIT = m.parse_message("", "SELECT 1") + m.bind_message("", "", []) + m.execute_message("")
+UNIT += m.sync()  # four replies owed per unit
+REPLIES = m._frame(b"1", b"") + m._frame(b"2", b"") + m.command_complete("SELECT 1")
+REPLIES += m.ready_for_query(b"I")
+
+
+def test_reading_stops_at_the_in_flight_limit_and_resumes_below_the_low_mark() -> None:
+    session, client, _ = detached_session(MemorySink(), keep=False)
+    units_to_limit = relay.MAX_REPLIES_IN_FLIGHT // 4
+    sent = 0
+    while client.reading:
+        session.data_received(UNIT * 1000)  # one read's worth of pipelined statements
+        sent += 1000
+        assert sent <= units_to_limit + 1000, "never paused"
+    assert relay.MAX_REPLIES_IN_FLIGHT < len(session._ops) <= relay.MAX_REPLIES_IN_FLIGHT + 4000
+    # Answers arrive; reading resumes only once half of what is owed has been answered.
+    answered = 0
+    while not client.reading:
+        session._on_upstream_data(REPLIES * 1000)
+        answered += 1000
+        assert answered <= sent
+    assert len(session._ops) <= relay.MAX_REPLIES_IN_FLIGHT // 2
+    assert len(session._ops) > relay.MAX_REPLIES_IN_FLIGHT // 2 - 4000
+    session._on_upstream_data(REPLIES * (sent - answered))
+    assert len(session._ops) == 0 and client.reading
+
+
+def test_an_audit_wait_does_not_resume_reading_while_replies_are_owed() -> None:
+    session, client, _ = detached_session(MemorySink(), keep=False)
+    while client.reading:
+        session.data_received(UNIT * 1000)
+    session._resume_client()  # the upstream drained its write buffer: still too much owed
+    assert not client.reading
+    session._client_paused_for_upstream = True
+    session._replies_drained()  # and the reverse: the upstream is still backed up
+    assert not client.reading
