@@ -29,6 +29,12 @@ DENIED = [
         "SELECT lo_export(lo_import('/etc/passwd'), '/tmp/dbward-should-not-exist')",
         "guard.server_file",
     ),
+    (
+        "SELECT query_to_xml('SELECT set_config(''role'', ''postgres'', false)', true, false, '')",
+        "guard.role_switch",
+    ),
+    ("SELECT ts_stat('SELECT to_tsvector(pg_read_file(''/etc/passwd''))')", "guard.server_file"),
+    ("SELECT query_to_xml('SELECT ' || '1', true, false, '')", "guard.dynamic_sql"),
 ]
 
 
@@ -461,3 +467,21 @@ def test_denied_statement_is_refused_at_parse_before_postgres_sees_it(proxy: Pro
         ("extended", "guard.role_switch"),
     ]
     assert all(outcome_of(records, s).status == "denied" for s in denied)
+
+
+def test_constant_sql_run_by_a_function_is_allowed_and_audited_with_its_tables(
+    proxy: Proxy,
+) -> None:
+    app = app_name("guard-sqltext")
+    with psycopg.connect(**proxy.conninfo(application_name=app), autocommit=True) as conn:
+        conn.execute("CREATE TEMP TABLE notes (body text)")
+        conn.execute("INSERT INTO notes VALUES ('hello world')")
+        (xml,) = conn.execute(
+            "SELECT query_to_xml('SELECT body FROM notes', true, false, '')"
+        ).fetchone()
+        assert "<body>hello world</body>" in xml
+        assert conn.execute("SELECT current_user").fetchone() == (proxy.pg.service_user,)
+    records = proxy.session_records(app, until=has_disconnect)
+    (call,) = [s for s in statements(records) if "query_to_xml" in s.sql_text]
+    assert (call.decision, call.kind, call.tables) == ("allow", "read", ("notes",))
+    assert outcome_of(records, call).status == "ok"

@@ -142,6 +142,58 @@ def test_server_file_functions_are_denied(sql: str, named: str) -> None:
 
 
 @pytest.mark.parametrize(
+    ("sql", "rule"),
+    [
+        # Verified on PostgreSQL 15: this switches the session's role (SPI runs it read-only,
+        # and set_config inside a SELECT counts as a read).
+        (
+            "SELECT query_to_xml('SELECT set_config(''role'', ''postgres'', false)', true, "
+            "false, '')",
+            "guard.role_switch",
+        ),
+        (
+            "SELECT ts_stat('SELECT to_tsvector(pg_read_file(''/etc/passwd''))')",
+            "guard.server_file",
+        ),
+        (
+            "SELECT * FROM crosstab('SELECT 1, 2, pg_read_file(''x'')') AS t(a int, b text)",
+            "guard.server_file",
+        ),
+        (
+            "SELECT query_to_xml('SELECT query_to_xml(''SET ROLE x'', true, false, '''''''')', "
+            "true, false, '')",
+            "guard.role_switch",
+        ),
+        ("SELECT query_to_xml($1, true, false, '')", "guard.dynamic_sql"),
+        (
+            "SELECT query_to_xml('SELECT ' || 'set_config(...)', true, false, '')",
+            "guard.dynamic_sql",
+        ),
+        ("SELECT ts_rewrite('a'::tsquery, $1)", "guard.dynamic_sql"),
+        ("SELECT query_to_xml('SELEKT', true, false, '')", "guard.dynamic_sql"),
+        ("SELECT * FROM connectby('t', 'id', 'pid', '1', 0) AS x(id int)", "guard.dynamic_sql"),
+    ],
+)
+def test_sql_run_by_functions_is_checked_like_the_statement(sql: str, rule: str) -> None:
+    (decision,) = decisions(sql)
+    assert (decision.verdict, decision.rule) == (Verdict.DENY, rule)
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT query_to_xml('SELECT * FROM accounts', true, false, '')",
+        "SELECT ts_stat('SELECT body_tsv FROM docs')",
+        "SELECT ts_rewrite('a & b'::tsquery, 'SELECT t, s FROM aliases')",
+        "SELECT ts_rewrite('a'::tsquery, 'a'::tsquery, $1)",  # three arguments: no SQL
+        "SELECT * FROM crosstab('SELECT r, c, v FROM ct', 2) AS x(r text, a int)",
+    ],
+)
+def test_constant_sql_run_by_functions_is_allowed(sql: str) -> None:
+    assert decisions(sql) == [ALLOW]
+
+
+@pytest.mark.parametrize(
     "sql",
     [
         "SELECT pg_ls_waldir()",
@@ -264,6 +316,7 @@ def test_guards_are_pure_and_ordered() -> None:
         "guard_copy_program",
         "guard_copy_file",
         "guard_server_file_function",
+        "guard_dynamic_sql",
     ]
     (statement,) = CLF.classify("SET ROLE admin")
     req = request(statement)

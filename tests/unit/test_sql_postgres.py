@@ -716,3 +716,27 @@ def test_statement_limit_withholds_credentials_like_any_statement() -> None:
     clf = PostgresClassifier(max_statements=1)
     (over,) = clf.classify("SELECT 1; ALTER ROLE bob PASSWORD 'hunter2'")
     assert over.flags == frozenset({"statement_limit", "carries_credential"})
+
+
+def test_sql_run_by_functions_is_classified_into_the_statement(clf: PostgresClassifier) -> None:
+    """query_to_xml & co. run their SQL argument: its tables, functions and kind count."""
+    read = one(clf, "SELECT query_to_xml('SELECT ssn FROM customers c', true, false, '')")
+    assert (read.kind, read.tables) == (StatementKind.READ, ("customers",))
+    assert "query_to_xml" in read.functions
+    write = one(clf, "SELECT ts_stat('SELECT to_tsvector(x) FROM t WHERE nextval(''s'') > 0')")
+    assert write.kind is StatementKind.WRITE and "nextval" in write.functions
+    inner = "SELECT query_to_xml('DELETE FROM t', true, false, '')"
+    nested = one(clf, "SELECT query_to_xml('" + inner.replace("'", "''") + "', true, false, '')")
+    assert nested.kind is StatementKind.WRITE and "delete_without_where" in nested.flags
+    too_deep = "SELECT 1"
+    for _ in range(6):
+        too_deep = "SELECT query_to_xml('" + too_deep.replace("'", "''") + "', true, false, '')"
+    assert "dynamic_sql" in one(clf, too_deep).flags
+
+
+def test_sql_text_functions_are_never_shared_by_the_template_cache() -> None:
+    clf = PostgresClassifier()
+    safe = "SELECT query_to_xml('SELECT 1', true, false, '')"
+    dangerous = "SELECT query_to_xml('SELECT set_config(''role'', ''x'', false)', true, false, '')"
+    assert clf.classify(safe)[0].flags == frozenset()
+    assert "set_config_role" in clf.classify(dangerous)[0].flags

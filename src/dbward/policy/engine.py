@@ -143,6 +143,18 @@ def guard_server_file_function(request: PolicyRequest) -> Decision | None:
     )
 
 
+_DENY_DYNAMIC_SQL: Final = _deny(
+    "guard.dynamic_sql",
+    "dbward: SQL passed as text to a function that runs it (query_to_xml, ts_stat, crosstab, "
+    "...) must be a constant so it can be checked; this one is computed at run time",
+)
+
+
+def guard_dynamic_sql(request: PolicyRequest) -> Decision | None:
+    """SQL run by a function from text that is not a constant cannot be checked: fail closed."""
+    return _DENY_DYNAMIC_SQL if "dynamic_sql" in request.statement.flags else None
+
+
 _ROLE_DENIALS: dict[str, Decision] = {}
 
 
@@ -162,6 +174,7 @@ GUARDS: Final[tuple[Guard, ...]] = (
     guard_copy_program,
     guard_copy_file,
     guard_server_file_function,
+    guard_dynamic_sql,
 )
 
 # Extension point: configured rules (the future rule language compiles to Guard callables here),
@@ -177,6 +190,7 @@ _GUARD_FLAGS: Final = frozenset(
         "copy_program",
         "copy_file",
         "server_file_function",
+        "dynamic_sql",
         *_ROLE_FLAGS,
     }
 )

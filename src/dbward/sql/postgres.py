@@ -537,6 +537,26 @@ SERVER_FILE_FUNCTIONS: Final = frozenset(
         "pg_logdir_ls",
     }
 )
+# Functions that run SQL given to them as text, in this session and with its privileges:
+# the positions of their arguments that hold SQL. That SQL is classified like the statement
+# itself (its tables, functions, flags and guards count); SQL that is not a constant cannot
+# be checked, so the call is flagged `dynamic_sql` and denied. Core: the XML export functions
+# and full-text search's ts_stat / two-argument ts_rewrite; tablefunc: crosstab.
+_SQL_TEXT_FUNCTIONS: Final[dict[str, tuple[int, ...]]] = {
+    "query_to_xml": (0,),
+    "query_to_xmlschema": (0,),
+    "query_to_xml_and_xmlschema": (0,),
+    "ts_stat": (0,),
+    "crosstab": (0, 1),
+    "crosstab2": (0,),
+    "crosstab3": (0,),
+    "crosstab4": (0,),
+}
+# tablefunc's connectby() splices its table and column name arguments into the SQL it runs,
+# unquoted: what it runs cannot be known from the call, so it is always `dynamic_sql`.
+_SQL_FRAGMENT_FUNCTIONS: Final = frozenset({"connectby"})
+# SQL given as text inside SQL given as text ...: deeper than this is refused, not followed.
+_MAX_SQL_TEXT_DEPTH: Final = 4
 _CONNINFO_SETTINGS: Final = frozenset({"primary_conninfo"})
 # A password keyword (password=, sslpassword=, PGPASSWORD ...) or a URI with user:password@.
 # Checked on the statement's whole text: over-matching only withholds more of the text.
@@ -554,7 +574,9 @@ class _Walk:
         "dm_cte",
         "flags",
         "functions",
+        "inner_kind",
         "side_effect",
+        "sql_texts",
         "tables",
     )
 
@@ -566,6 +588,8 @@ class _Walk:
         self.const_sensitive = False
         self.conninfo = False  # calls a function that takes a connection string
         self.side_effect: StatementKind | None = None  # ADMIN or WRITE: what its calls do
+        self.sql_texts: list[str] = []  # constant SQL run by the functions it calls
+        self.inner_kind: StatementKind | None = None  # of that SQL, when not a plain read
 
 
 def _walk(root: dict[str, Any], has_ctes: bool = True) -> _Walk:
@@ -681,6 +705,11 @@ def _func_call(call: dict[str, Any], out: _Walk) -> None:
     if base in _CONNINFO_FUNCTIONS:
         out.conninfo = True
         out.const_sensitive = True  # whether the text holds a credential depends on constants
+    sql_args = _SQL_TEXT_FUNCTIONS.get(base)
+    if base == "ts_rewrite" and len(call.get("args") or ()) == 2:
+        sql_args = (1,)  # ts_rewrite(query tsquery, select text): runs the SELECT
+    if sql_args is not None or base in _SQL_FRAGMENT_FUNCTIONS:
+        _sql_text_arguments(base, call.get("args") or (), sql_args or (), out)
     if base == "set_config":
         out.const_sensitive = True
         args = call.get("args") or ()
@@ -688,6 +717,35 @@ def _func_call(call: dict[str, Any], out: _Walk) -> None:
         # A computed GUC name cannot be checked: treat it as role switching.
         if first is None or first.lower() in _ROLE_GUCS:
             out.flags.add("set_config_role")
+
+
+def _sql_text_arguments(
+    base: str, args: list[dict[str, Any]] | tuple[()], positions: tuple[int, ...], out: _Walk
+) -> None:
+    """Collect the constant SQL a SQL-running function is given; flag what cannot be read."""
+    out.const_sensitive = True  # the classification depends on the constants
+    if base in _SQL_FRAGMENT_FUNCTIONS:
+        out.flags.add("dynamic_sql")
+        return
+    for position in positions:
+        if position >= len(args):
+            continue
+        arg = args[position]
+        text = _constant_text(arg)
+        if text is not None:
+            out.sql_texts.append(text)
+        elif not (base == "crosstab" and position == 1 and _is_integer_constant(arg)):
+            # crosstab(text, integer) is the old two-argument form; anything else computed
+            # (a parameter, a concatenation, a column) is SQL nobody can check beforehand.
+            out.flags.add("dynamic_sql")
+
+
+def _is_integer_constant(node: dict[str, Any]) -> bool:
+    """Whether ``node`` is an integer constant (possibly cast)."""
+    while "TypeCast" in node:
+        node = node["TypeCast"].get("arg", {})
+    const = node.get("A_Const")
+    return const is not None and "ival" in const
 
 
 def _ordered(found: list[tuple[int, str]]) -> tuple[str, ...]:
@@ -851,12 +909,14 @@ class PostgresClassifier:
 
 
 def _classify_node(
-    part: str, node_type: str, node: dict[str, Any], has_ctes: bool = True
+    part: str, node_type: str, node: dict[str, Any], has_ctes: bool = True, depth: int = 0
 ) -> tuple[Statement, bool]:
     """Classify one parsed statement; also say whether it may go in the constants-blind cache."""
     body = node.get(node_type, {})
     walked = _walk(node, has_ctes)
     _drop_targets(node_type, body, walked)
+    if walked.sql_texts:
+        _merge_sql_texts(walked, depth)
     kind, command, flags = _head(node_type, body, walked.dm_cte)
     flags |= walked.flags
     if walked.side_effect is not None and (
@@ -865,6 +925,8 @@ def _classify_node(
         flags.add("side_effect_function")
         if kind is _READ:
             kind = walked.side_effect
+    if walked.inner_kind is not None and kind is _READ:
+        kind = walked.inner_kind  # SQL run through a function is what makes this a write
     if _may_carry_conninfo(node_type, body, walked) and _CREDENTIAL_TEXT.search(part):
         flags.add("carries_credential")
     prepared_name, prepared = _prepared_parts(node_type, body, part, has_ctes)
@@ -882,6 +944,39 @@ def _classify_node(
     )
     shareable = node_type in _SHAREABLE and not flags and not walked.const_sensitive
     return statement, shareable
+
+
+def _merge_sql_texts(walked: _Walk, depth: int) -> None:
+    """Classify the SQL that called functions run, and count it as part of the statement."""
+    for text in walked.sql_texts:
+        if depth >= _MAX_SQL_TEXT_DEPTH:
+            walked.flags.add("dynamic_sql")
+            return
+        try:
+            raw_stmts, has_ctes = _parse_tree(text)
+        except _ParseError:
+            walked.flags.add("dynamic_sql")  # the server would refuse it too; nothing to check
+            continue
+        encoded = text.encode("utf-8")
+        for raw in raw_stmts:
+            start = raw.get("stmt_location", 0)
+            length = raw.get("stmt_len", 0)
+            chunk = encoded[start : start + length] if length else encoded[start:]
+            inner_node = raw["stmt"]
+            inner, _ = _classify_node(
+                chunk.decode("utf-8", errors="replace"),
+                _node_type(inner_node),
+                inner_node,
+                has_ctes,
+                depth + 1,
+            )
+            walked.tables.extend((-1, name) for name in inner.tables)
+            walked.functions.extend((-1, name) for name in inner.functions)
+            walked.flags.update(inner.flags)
+            if inner.kind is _UNKNOWN:
+                walked.flags.add("dynamic_sql")
+            elif inner.kind is not _READ and walked.inner_kind is None:
+                walked.inner_kind = inner.kind
 
 
 def _may_carry_conninfo(node_type: str, body: dict[str, Any], walked: _Walk) -> bool:
