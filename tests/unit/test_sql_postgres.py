@@ -32,6 +32,12 @@ KINDS = [
     ("TABLE t", R, "SELECT"),
     ("SHOW search_path", R, "SHOW"),
     ("EXPLAIN SELECT * FROM t", R, "EXPLAIN"),
+    # Row locks: refused by PostgreSQL in a read-only transaction, so not reads.
+    ("SELECT * FROM t FOR UPDATE", StatementKind.WRITE, "SELECT"),
+    ("SELECT * FROM (SELECT * FROM t FOR KEY SHARE SKIP LOCKED) s", StatementKind.WRITE, "SELECT"),
+    ("DECLARE c CURSOR FOR SELECT * FROM t FOR SHARE", StatementKind.WRITE, "DECLARE CURSOR"),
+    ("EXPLAIN SELECT * FROM t FOR UPDATE", R, "EXPLAIN"),  # plans, locks nothing
+    ("EXPLAIN ANALYZE SELECT * FROM t FOR UPDATE", StatementKind.WRITE, "EXPLAIN"),
     ("EXPLAIN ANALYZE SELECT * FROM t", R, "EXPLAIN"),
     ("EXPLAIN DELETE FROM t", R, "EXPLAIN"),
     ("EXPLAIN (ANALYZE off) DELETE FROM t", R, "EXPLAIN"),
@@ -181,6 +187,7 @@ FLAGGED = [
     ("WITH d AS (DELETE FROM t RETURNING *) SELECT * FROM d", {"data_modifying_cte"}),
     ("EXPLAIN ANALYZE DELETE FROM t WHERE a", {"explain_analyze_write"}),
     ("SELECT * INTO new_t FROM t", {"select_into"}),
+    ("SELECT * FROM t FOR NO KEY UPDATE NOWAIT", {"locking_read"}),
     ("CREATE TABLE x AS SELECT 1", {"select_into"}),
     ("COPY t TO PROGRAM 'id'", {"copy_program"}),
     ("COPY t FROM PROGRAM 'id'", {"copy_program"}),

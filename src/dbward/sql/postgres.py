@@ -625,6 +625,10 @@ def _walk(root: dict[str, Any], has_ctes: bool = True) -> _Walk:
         for key, value in node.items():
             kind = type(value)
             if kind is list:
+                if key == "lockingClause":
+                    # FOR UPDATE / SHARE: row locks that block writers; PostgreSQL refuses it in
+                    # a read-only transaction and requires UPDATE privilege, so not a read.
+                    out.flags.add("locking_read")
                 push(value)
                 if scope:
                     scopes[id(value)] = scope
@@ -919,14 +923,15 @@ def _classify_node(
         _merge_sql_texts(walked, depth)
     kind, command, flags = _head(node_type, body, walked.dm_cte)
     flags |= walked.flags
-    if walked.side_effect is not None and (
-        node_type != "ExplainStmt" or _explain_analyzes(body)  # plain EXPLAIN runs nothing
-    ):
+    runs = node_type != "ExplainStmt" or _explain_analyzes(body)  # plain EXPLAIN runs nothing
+    if walked.side_effect is not None and runs:
         flags.add("side_effect_function")
         if kind is _READ:
             kind = walked.side_effect
     if walked.inner_kind is not None and kind is _READ:
         kind = walked.inner_kind  # SQL run through a function is what makes this a write
+    if "locking_read" in flags and kind is _READ and runs:
+        kind = _WRITE
     if _may_carry_conninfo(node_type, body, walked) and _CREDENTIAL_TEXT.search(part):
         flags.add("carries_credential")
     prepared_name, prepared = _prepared_parts(node_type, body, part, has_ctes)
