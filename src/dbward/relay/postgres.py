@@ -18,7 +18,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Final, cast
 
 from dbward.audit.records import AuditEvent, AuditRecord
 from dbward.audit.sink import HeldRecord
@@ -91,6 +91,11 @@ MAX_REPLIES_IN_FLIGHT = 100_000
 _REPLIES_LOW_MARK = MAX_REPLIES_IN_FLIGHT // 2
 _PRE_AUTH_MAX_QUEUED = 16  # messages a client may send ahead before it is authenticated
 
+# Where the client stands in a COPY FROM STDIN, as far as its Syncs go.
+_COPY_NONE = 0  # not copying: a Sync is answered
+_COPY_PENDING = 1  # sent a COPY FROM STDIN; the server may or may not be copying yet
+_COPY_ACTIVE = 2  # the server is copying (CopyInResponse seen): it ignores Syncs
+
 _PHASE_STARTUP = 0
 _PHASE_READY = 1
 _PHASE_CLOSED = 2
@@ -112,7 +117,7 @@ class _PreparedChanges:
 class _Tracked:
     """A statement sent upstream whose outcome is still to be recorded."""
 
-    __slots__ = ("held", "path", "sid", "started", "statement")
+    __slots__ = ("held", "path", "previous", "sid", "started", "statement", "sync_mark")
 
     def __init__(
         self,
@@ -129,12 +134,25 @@ class _Tracked:
         # The intent record while the sink still holds it: an outcome that arrives before
         # the sink's next batch is written into the same record instead of a second one.
         self.held = held
+        # A SQL-level PREPARE: what its name meant before, restored if it fails.
+        self.previous: tuple[Statement, ...] | None = None
+        self.sync_mark = -1  # not a PREPARE (see PgSession._pending_statements)
 
 
 class _Op:
     """One response the upstream owes us, with what to do when it arrives."""
 
-    __slots__ = ("code", "index", "max_rows", "replacement", "tracked")
+    __slots__ = (
+        "code",
+        "index",
+        "max_rows",
+        "name",
+        "previous",
+        "replacement",
+        "statements",
+        "sync_mark",
+        "tracked",
+    )
 
     def __init__(
         self,
@@ -148,12 +166,26 @@ class _Op:
         self.index = 0  # next statement of a multi-statement Query
         self.replacement = replacement  # our ErrorResponse for a poison statement
         self.max_rows = max_rows  # Execute's row limit: PortalSuspended means exactly this many
+        # Parse/Bind: the statement or portal name it (re)defines, what the name meant before
+        # (restored if PostgreSQL refuses or skips the message) and its sync group.
+        self.name: str | None = None
+        self.statements: tuple[Statement, ...] | None = None
+        self.previous: tuple[Statement, ...] | None = None
+        self.sync_mark = 0
+
+
+class _AwaitQuiet:
+    """Returned by a message handler: park this message until nothing is in flight."""
+
+
+_AWAIT_QUIET: Final = _AwaitQuiet()
 
 
 # Replies that carry no statement: one shared, never-mutated op each (no allocation per message).
-_PARSE_OP = _Op(_OP_PARSE)
-_BIND_OP = _Op(_OP_BIND)
 _DESCRIBE_OP = _Op(_OP_DESCRIBE)
+# A Sync sent after a COPY FROM STDIN the server has not yet started: ignored by the server if
+# the COPY starts (removed from the queue at CopyInResponse), answered if the COPY fails first.
+_COPY_SYNC_OP = _Op(_OP_SYNC)
 _CLOSE_OP = _Op(_OP_CLOSE)
 _SYNC_OP = _Op(_OP_SYNC)
 
@@ -215,6 +247,19 @@ class PgSession(asyncio.Protocol):
         self._discard_until_sync = False
         self._prepared: dict[str, tuple[Statement, ...]] = {}
         self._portals: dict[str, tuple[Statement, ...]] = {}
+        # dbward's maps say what PostgreSQL will hold once every message in flight succeeds;
+        # a name (re)defined by a Parse, Bind or SQL PREPARE PostgreSQL has not answered yet
+        # is pending, with the sync group it was sent in. Within its group a later message may
+        # rely on it (if it fails, PostgreSQL skips the rest of the group); a message of a
+        # later group waits until it is settled, since PostgreSQL would then run the old one.
+        self._pending_statements: dict[str, _Op | _Tracked] = {}
+        self._pending_portals: dict[str, _Op] = {}
+        self._syncs = 0  # Sync and Query messages forwarded: the current sync group
+        self._await_quiet = False  # a parked message waits for every reply to arrive
+        self._copy_state = _COPY_NONE
+        # standard_conforming_strings as PostgreSQL reports it: when off, backslashes in
+        # string literals mean what dbward's parser (which assumes on) would not see.
+        self._conforming_strings = True
         self._statement_count = 0
         self._next_sid = 0
         # The last statement text hashed, and its SHA-256: a prepared statement executed again
@@ -551,6 +596,7 @@ class PgSession(asyncio.Protocol):
     def _note_login_privileges(self, params: dict[str, str]) -> None:
         """Remember the service role's privileges at login (reported by the server)."""
         self._superuser_at_login = params.get("is_superuser") == "on"
+        self._conforming_strings = params.get("standard_conforming_strings", "on") == "on"
         services = self.services
         # PostgreSQL reports it at login; a server that does not is logged in as the service role.
         self._authorization_at_login = params.get(
@@ -595,6 +641,7 @@ class PgSession(asyncio.Protocol):
                 if msg_type == _S:
                     self._discard_until_sync = False
                     self._ops.append(_SYNC_OP)
+                    self._syncs += 1
                     out.append(raw)
                 elif msg_type == _X:
                     self._terminate(out)
@@ -602,6 +649,8 @@ class PgSession(asyncio.Protocol):
                 continue
             if msg_type in (_COPY_DATA, _COPY_DONE, _COPY_FAIL):
                 out.append(raw)  # COPY data flows through; the COPY statement was decided
+                if msg_type != _COPY_DATA:
+                    self._copy_state = _COPY_NONE  # the server's copy mode ends here
                 continue
             try:
                 if len(payload) >= OFFLOAD_MIN_BYTES and msg_type in (_Q, _P):
@@ -618,7 +667,12 @@ class PgSession(asyncio.Protocol):
             if msg_type == _X:
                 self._terminate(out)
                 return
+            if barrier is _AWAIT_QUIET:
+                self._park(frames[i - 1 :], out)  # this message too: it is handled again
+                self._await_quiet = True
+                return
             if barrier is not None:
+                assert not isinstance(barrier, _AwaitQuiet)
                 future, held = barrier
                 self._park(frames[i:], out)
                 future.add_done_callback(functools.partial(self._barrier_done, held=held))
@@ -725,24 +779,40 @@ class PgSession(asyncio.Protocol):
 
     def _handle_message(
         self, msg_type: int, payload: bytes, raw: bytes, out: list[bytes]
-    ) -> tuple[asyncio.Future[int], tuple[bytes, bytes]] | None:
+    ) -> tuple[asyncio.Future[int], tuple[bytes, bytes]] | _AwaitQuiet | None:
         """Decide one client message; append what to forward to `out`.
 
         Returns a barrier (future, (bytes to forward, bytes if refused)) when forwarding must
-        wait for a durable audit write.
+        wait for a durable audit write, or _AWAIT_QUIET when the message must wait, unhandled,
+        until PostgreSQL has answered everything in flight (see `_pending_statements`).
         """
         if msg_type == _Q:
             if len(payload) > self._max_statement_bytes:
                 too_large = oversized_statement(len(payload) - 1, self._max_statement_bytes)
                 return self._handle_query((too_large,), raw, out)
-            text = self._decode_sql(payload)
-            statements = self._classify(text) if text is not None else (self._undecodable(),)
+            unsettled = self._unsettled_text(payload)
+            if isinstance(unsettled, _AwaitQuiet):
+                return unsettled
+            if unsettled is not None:
+                statements: tuple[Statement, ...] = (unsettled,)
+            else:
+                text = self._decode_sql(payload)
+                statements = self._classify(text) if text is not None else (self._undecodable(),)
+                if self._pending_statements and self._names_unsettled(statements):
+                    if text is not None:
+                        self._preclassified = (text, statements)  # handled again when quiet
+                    return _AWAIT_QUIET
             return self._handle_query(statements, raw, out)
         if msg_type == _P:
             # Split with a byte-preserving codec, then decode the SQL as the server will: bad
             # bytes make the statement unparseable (denied), not the session unusable.
             name, query = messages.parse_parts(payload)
-            if len(query) > self._max_statement_bytes:
+            unsettled = self._unsettled_text(query)
+            if isinstance(unsettled, _AwaitQuiet):
+                return unsettled
+            if unsettled is not None:
+                statements = (unsettled,)
+            elif len(query) > self._max_statement_bytes:
                 statements = (oversized_statement(len(query), self._max_statement_bytes),)
             else:
                 text = self._decode_text(query)
@@ -754,31 +824,33 @@ class PgSession(asyncio.Protocol):
             if denial is not None:
                 self._refuse_parse(name, decided, denial, out)
                 return None
-            self._prepared[name] = statements
-            self._ops.append(_PARSE_OP)
+            self._ops.append(self._define(_OP_PARSE, name, statements))
             out.append(raw)
             return None
         if msg_type == _B:
             portal_name, statement_name = messages.bind_names(payload, _NAME_CODEC)
+            if self._unsettled_name(self._pending_statements, statement_name):
+                # Prepared in an earlier sync group that PostgreSQL has not answered: if that
+                # Parse fails, this Bind would use whatever the name meant before it.
+                return _AWAIT_QUIET
             found = self._prepared.get(statement_name)
             # A statement dbward did not see prepared (SQL PREPARE, or forgotten after
             # DEALLOCATE/DISCARD) cannot be inspected: it is denied at Execute.
-            self._portals[portal_name] = (
-                found
-                if found is not None
-                else (
+            if found is None:
+                found = (
                     _uninspected(
                         "EXECUTE",
                         "uninspected_statement",
                         f"prepared statement {statement_name!r} was not seen by dbward",
                     ),
                 )
-            )
-            self._ops.append(_BIND_OP)
+            self._ops.append(self._define(_OP_BIND, portal_name, found))
             out.append(raw)
             return None
         if msg_type == _E:
             portal_name, max_rows = messages.execute_parts(payload)
+            if self._unsettled_name(self._pending_portals, portal_name):
+                return _AWAIT_QUIET
             portal = self._portals.get(portal_name)
             statements = (
                 portal
@@ -791,9 +863,17 @@ class PgSession(asyncio.Protocol):
                     ),
                 )
             )
+            if self._pending_statements and self._names_unsettled(statements):
+                return _AWAIT_QUIET  # a SQL EXECUTE of a name a PREPARE in flight redefines
             return self._handle_execute(statements, max_rows, raw, out)
         if msg_type == _S:
-            self._ops.append(_SYNC_OP)
+            copy_state = self._copy_state
+            if copy_state == _COPY_NONE:
+                self._ops.append(_SYNC_OP)
+            elif copy_state == _COPY_PENDING:
+                self._ops.append(_COPY_SYNC_OP)
+            # _COPY_ACTIVE: the server ignores it (libpq sends one with the COPY's Execute)
+            self._syncs += 1
             out.append(raw)
             return None
         if msg_type == _D:
@@ -818,6 +898,72 @@ class PgSession(asyncio.Protocol):
                 (function_call_statement(oid),), raw, out, ProtocolPath.FUNCTION_CALL
             )
         raise ProtocolError(f"unexpected message type {chr(msg_type)!r} after startup")
+
+    def _define(self, code: int, name: str, statements: tuple[Statement, ...]) -> _Op:
+        """Record what a forwarded Parse/Bind makes `name` mean; its op can undo it."""
+        if code == _OP_PARSE:
+            table: dict[str, tuple[Statement, ...]] = self._prepared
+            pending: dict[str, _Op] | dict[str, _Op | _Tracked] = self._pending_statements
+        else:
+            table, pending = self._portals, self._pending_portals
+        op = _Op(code)
+        op.name = name
+        op.previous = table.get(name)
+        op.statements = statements
+        op.sync_mark = self._syncs
+        table[name] = statements
+        pending[name] = op
+        return op
+
+    def _unsettled_name(
+        self, pending: dict[str, _Op] | dict[str, _Op | _Tracked], name: str
+    ) -> bool:
+        """Whether `name` was (re)defined by a message of an earlier sync group still in flight."""
+        if not pending:
+            return False
+        entry = pending.get(name)
+        return entry is not None and entry.sync_mark != self._syncs
+
+    def _names_unsettled(self, statements: tuple[Statement, ...]) -> bool:
+        """Whether SQL EXECUTE/PREPARE/DEALLOCATE/DISCARD here depend on an unsettled name."""
+        pending = self._pending_statements
+        for statement in statements:
+            name = statement.prepared_name
+            if name is not None and self._unsettled_name(pending, name):
+                return True
+            if (
+                name is None
+                and statement.command.startswith(("DEALLOCATE", "DISCARD"))
+                and any(entry.sync_mark != self._syncs for entry in pending.values())
+            ):
+                return True
+        return False
+
+    def _unsettled_text(self, sql: bytes) -> Statement | _AwaitQuiet | None:
+        """Whether SQL bytes can be read now; None: yes.
+
+        Their meaning depends on client_encoding when they are not ASCII, and on
+        standard_conforming_strings when they hold a backslash. Statements still in flight may
+        change either (SET, set_config, any function), and PostgreSQL reports the change only
+        at its next ReadyForQuery: such text waits until everything is answered, or is refused
+        when no Sync is in flight to bring that answer (a pipeline that has not synced yet).
+        """
+        if not self._ops or (sql.isascii() and b"\\" not in sql):
+            if not self._conforming_strings and b"\\" in sql:
+                return _uninspected(
+                    "UNKNOWN",
+                    "parse_error",
+                    "standard_conforming_strings is off: backslashes in string literals"
+                    " cannot be checked, set it to on",
+                )
+            return None
+        if self._ops[-1].code in (_OP_QUERY, _OP_SYNC):
+            return _AWAIT_QUIET
+        return _uninspected(
+            "UNKNOWN",
+            "parse_error",
+            "non-ASCII or backslash SQL pipelined before a Sync: send Sync first",
+        )
 
     def _decode_sql(self, payload: bytes) -> str | None:
         if not payload or payload[-1] != 0:
@@ -935,7 +1081,10 @@ class PgSession(asyncio.Protocol):
         except AuditUnavailable:
             return [], None, _audit_unavailable_decision()
         if changes.cleared or changes.added:
-            self._apply_prepared_changes(changes)
+            self._apply_prepared_changes(changes, tracked)
+        for item in tracked:
+            if "copy_from_stdin" in item.statement.flags:
+                self._copy_state = _COPY_PENDING
         return tracked, durable, None
 
     def _record_denied(
@@ -976,6 +1125,18 @@ class PgSession(asyncio.Protocol):
         path: ProtocolPath = ProtocolPath.SIMPLE,
     ) -> tuple[asyncio.Future[int], tuple[bytes, bytes]] | None:
         """A message answered up to ReadyForQuery: Query, or FunctionCall (path says which)."""
+        try:
+            return self._forward_query(statements, raw, out, path)
+        finally:
+            self._syncs += 1  # like a Sync, it ends a sync group (after its own PREPAREs)
+
+    def _forward_query(
+        self,
+        statements: tuple[Statement, ...],
+        raw: bytes,
+        out: list[bytes],
+        path: ProtocolPath,
+    ) -> tuple[asyncio.Future[int], tuple[bytes, bytes]] | None:
         if not statements:  # empty query string: PostgreSQL answers EmptyQueryResponse
             self._ops.append(_Op(_OP_QUERY, []))
             out.append(raw)
@@ -1041,12 +1202,23 @@ class PgSession(asyncio.Protocol):
             flags=statement.flags | inner.flags,
         )
 
-    def _apply_prepared_changes(self, changes: _PreparedChanges) -> None:
-        """The batch was forwarded: its PREPARE/DEALLOCATE now hold for the session."""
+    def _apply_prepared_changes(self, changes: _PreparedChanges, tracked: list[_Tracked]) -> None:
+        """The batch was forwarded: its PREPARE/DEALLOCATE now hold for the session.
+
+        A PREPARE stays pending until its outcome: if PostgreSQL refuses it (the name is
+        taken, an error earlier in the string), what the name meant before is restored.
+        """
         if changes.cleared:
             self._prepared.clear()
             self._portals.clear()
-        self._prepared.update(changes.added)
+        for item in tracked:
+            statement = item.statement
+            name = statement.prepared_name
+            if statement.command == "PREPARE" and name is not None and name in changes.added:
+                item.previous = self._prepared.get(name)
+                item.sync_mark = self._syncs
+                self._pending_statements[name] = item
+                self._prepared[name] = changes.added[name]
 
     def _terminate(self, out: list[bytes]) -> None:
         upstream = self._upstream
@@ -1095,6 +1267,10 @@ class PgSession(asyncio.Protocol):
             transport.write(b"".join(pieces))
         if self._client_paused_for_replies and len(self._ops) <= _REPLIES_LOW_MARK:
             self._replies_drained()
+        if self._await_quiet and not self._ops:
+            self._await_quiet = False
+            self._blocked = False
+            self._unpark()
         if self._shutdown_requested and not self._ops and not self._blocked:
             self._send_shutdown()
 
@@ -1117,6 +1293,7 @@ class PgSession(asyncio.Protocol):
                             self._record_outcome(item, "ok", "", rows)
             return None
         if msg_type == 0x5A:  # 'Z' ReadyForQuery
+            unanswered: list[_Op] = []
             while ops:
                 op = ops.popleft()
                 if op.code == _OP_QUERY:
@@ -1126,6 +1303,10 @@ class PgSession(asyncio.Protocol):
                 if op.code == _OP_SYNC:
                     break
                 self._finish_op(op, "not_executed", "")
+                unanswered.append(op)
+            for op in reversed(unanswered):
+                if op.name is not None:
+                    self._settle(op, "skipped")
             if not ops and self._portals and payload is not None and payload[:1] == b"I":
                 # No transaction is open and nothing else is in flight, so PostgreSQL has
                 # dropped every portal bound so far; forget them too. Otherwise a client that
@@ -1137,7 +1318,9 @@ class PgSession(asyncio.Protocol):
             return self._on_error(payload)
         if msg_type in (0x31, 0x32, 0x33):  # ParseComplete, BindComplete, CloseComplete
             if ops and ops[0].code in (_OP_PARSE, _OP_BIND, _OP_CLOSE):
-                ops.popleft()
+                op = ops.popleft()
+                if op.name is not None:
+                    self._settle(op, None)
             return None
         if msg_type in (0x54, 0x6E):  # RowDescription, NoData
             if ops and ops[0].code == _OP_DESCRIBE:
@@ -1154,13 +1337,15 @@ class PgSession(asyncio.Protocol):
                         self._record_outcome(item, "suspended" if suspended else "empty", "", rows)
             return None
         if msg_type == 0x47:  # CopyInResponse
-            # The server ignores Sync/Flush sent while it is in copy-in mode (libpq sends one
-            # with the Execute), so that queued Sync will never be answered.
-            if ops and ops[0].code == _OP_EXECUTE:
+            # The server ignores the Syncs the client sent after the COPY and before its
+            # CopyDone/CopyFail: they will never be answered.
+            if ops and ops[0].code in (_OP_EXECUTE, _OP_QUERY):
                 head = ops.popleft()
-                while ops and ops[0].code == _OP_SYNC:
+                while ops and ops[0] is _COPY_SYNC_OP:
                     ops.popleft()
                 ops.appendleft(head)
+            if self._copy_state == _COPY_PENDING:
+                self._copy_state = _COPY_ACTIVE
             return None
         if msg_type == 0x53 and payload is not None:  # ParameterStatus
             name, value = messages.parse_parameter_status(payload)
@@ -1170,6 +1355,8 @@ class PgSession(asyncio.Protocol):
                 self._escalation = "the database session became a superuser"
             elif name == "session_authorization" and value != self._authorization_at_login:
                 self._escalation = f"the database session's authorization changed to {value!r}"
+            elif name == "standard_conforming_strings":
+                self._conforming_strings = value == "on"
             elif name == "application_name" and value != self._application_name:
                 # SET application_name mid-session: later records and decisions carry it.
                 self._application_name = value
@@ -1180,6 +1367,8 @@ class PgSession(asyncio.Protocol):
 
     def _on_error(self, payload: bytes | None) -> bytes | None:
         ops = self._ops
+        # A COPY FROM STDIN that fails (or never starts) ends copy mode: Syncs count again.
+        self._copy_state = _COPY_NONE
         sqlstate = ""
         if payload is not None:
             fields = messages.parse_error_fields(payload)
@@ -1202,8 +1391,16 @@ class PgSession(asyncio.Protocol):
         # Extended protocol: this op failed and PostgreSQL skips everything up to Sync.
         ops.popleft()
         self._finish_op(op, "error", sqlstate)
+        skipped: list[_Op] = []
         while ops and ops[0].code != _OP_SYNC:
-            self._finish_op(ops.popleft(), "not_executed", "")
+            skipped.append(ops.popleft())
+            self._finish_op(skipped[-1], "not_executed", "")
+        # Undo what the failed and skipped Parse/Bind messages defined, latest first.
+        for item in reversed(skipped):
+            if item.name is not None:
+                self._settle(item, "skipped")
+        if op.name is not None:
+            self._settle(op, "failed")
         return replacement
 
     def _finish_op(self, op: _Op, status: str, sqlstate: str) -> None:
@@ -1214,6 +1411,49 @@ class PgSession(asyncio.Protocol):
                 self._record_outcome(item, status, sqlstate)
                 status, sqlstate = "not_executed", ""
             op.tracked = []
+
+    def _settle(self, op: _Op, failure: str | None) -> None:
+        """PostgreSQL answered a Parse/Bind (failure None), refused it or skipped it."""
+        name = op.name
+        assert name is not None
+        if op.code == _OP_PARSE:
+            table: dict[str, tuple[Statement, ...]] = self._prepared
+            if self._pending_statements.get(name) is op:
+                del self._pending_statements[name]
+        else:
+            table = self._portals
+            if self._pending_portals.get(name) is op:
+                del self._pending_portals[name]
+        if failure is None:
+            return
+        # What the name means in PostgreSQL now: a failing unnamed Parse/Bind drops the old
+        # one before it fails; otherwise the old one stays.
+        meaning = None if failure == "failed" and not name else op.previous
+        if table.get(name) is not op.statements:
+            # A later message (another sync group) redefined the name: it now replaces
+            # `meaning`, not this op's statements, if it fails in turn.
+            for later in self._ops:
+                if later.code == op.code and later.name == name and later.previous is op.statements:
+                    later.previous = meaning
+            return
+        if meaning is None:
+            table.pop(name, None)
+        else:
+            table[name] = meaning
+
+    def _settle_prepare(self, tracked: _Tracked, succeeded: bool) -> None:
+        """A SQL PREPARE's outcome arrived: keep its definition, or restore the old one."""
+        tracked.sync_mark = -1
+        name = tracked.statement.prepared_name
+        assert name is not None
+        if self._pending_statements.get(name) is tracked:
+            del self._pending_statements[name]
+        if succeeded:
+            return
+        if tracked.previous is None:
+            self._prepared.pop(name, None)
+        else:
+            self._prepared[name] = tracked.previous
 
     def _finish_pending(self, status: str, sqlstate: str) -> None:
         while self._ops:
@@ -1400,6 +1640,8 @@ class PgSession(asyncio.Protocol):
         self, tracked: _Tracked, status: str, sqlstate: str, rows: int | None = None
     ) -> None:
         duration_ms = round((time.perf_counter() - tracked.started) * 1000, 3)
+        if tracked.sync_mark >= 0:
+            self._settle_prepare(tracked, status == "ok")
         held = tracked.held
         if held is not None:
             tracked.held = None

@@ -1,0 +1,212 @@
+"""Session state PostgreSQL reads statements with, followed by dbward, so nothing is smuggled.
+
+The string syntax (standard_conforming_strings), the client encoding and the prepared statements
+a session holds all change how PostgreSQL reads what comes next; dbward must read it the same way
+or refuse it. Each test smuggles a role switch (or hides a write) the way a reviewer did.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+
+from dbward.wire.postgres import messages as m
+from fixtures.clients import app_name, has_disconnect, outcome_of, statements
+from fixtures.postgres import PgServer
+from fixtures.proxy import Proxy
+from fixtures.raw import RawSession, read_message
+
+
+@pytest.fixture
+def switch_role(pg_server: PgServer) -> Iterator[str]:
+    """A role the service user may SET ROLE to: what the smuggled statements try."""
+    role = "dbward_target_" + uuid.uuid4().hex[:8]
+    pg_server.psql(f"CREATE ROLE {role}; GRANT {role} TO {pg_server.service_user}")
+    yield role
+    pg_server.psql(f"DROP OWNED BY {role}; DROP ROLE {role}")
+
+
+def _until_ready(session: RawSession) -> list[tuple[bytes, bytes]]:
+    out = []
+    while True:
+        kind, payload = read_message(session.sock)
+        out.append((kind, payload))
+        if kind == b"Z":
+            return out
+
+
+def _current_user(session: RawSession) -> bytes:
+    rows = [p for kind, p in session.query("SELECT current_user") if kind == b"D"]
+    return rows[0]
+
+
+@pytest.mark.parametrize("how", ["SET", "startup options"])
+def test_backslash_escapes_cannot_hide_statements_when_strings_are_not_conforming(
+    proxy: Proxy, switch_role: str, how: str
+) -> None:
+    # With standard_conforming_strings off PostgreSQL reads \' as a quote inside '...': this is
+    # one string constant to a parser that assumes on, and three statements to the server.
+    smuggled = f"SELECT 'x\\'' ; SET ROLE {switch_role}; SELECT current_user; -- '"
+    app = app_name("scs")
+    params = {"options": "-c standard_conforming_strings=off"} if how != "SET" else {}
+    with psycopg.connect(**proxy.conninfo(application_name=app, **params), autocommit=True) as conn:
+        if how == "SET":
+            conn.execute(b"SET standard_conforming_strings = off", prepare=False)
+        with pytest.raises(psycopg.errors.InsufficientPrivilege) as info:
+            conn.execute(smuggled.encode(), prepare=False)
+        assert "standard_conforming_strings is off" in str(info.value)
+        assert conn.execute(b"SELECT current_user", prepare=False).fetchone() == (
+            proxy.pg.service_user,
+        )
+        # Without backslashes both syntaxes agree: the session is usable.
+        assert conn.execute(b"SELECT 'it''s'", prepare=False).fetchone() == ("it's",)
+        conn.execute(b"SET standard_conforming_strings = on", prepare=False)
+        assert conn.execute(b"SELECT 'a\\b'", prepare=False).fetchone() == ("a\\b",)
+    denied = [s for s in statements(proxy.session_records(app, until=has_disconnect))]
+    denied = [s for s in denied if s.decision == "deny"]
+    assert [s.rule for s in denied] == ["guard.unparseable"]
+
+
+def test_a_pipelined_encoding_switch_cannot_hide_statements(proxy: Proxy, switch_role: str) -> None:
+    # In UTF-8 this is one E'' string ending in an escaped quote; in GBK the byte 0xAD takes
+    # the backslash into a character, the quote ends the string and SET ROLE runs.
+    smuggled = (
+        b"SELECT E'\xe4\xb8\xad\\' ; SET ROLE "
+        + switch_role.encode()
+        + b"; SELECT current_user; --'\x00"
+    )
+    session = RawSession(proxy, app_name("enc-race"))
+    try:
+        session.sock.sendall(m.query("SET client_encoding = 'GBK'") + m._frame(b"Q", smuggled))
+        _until_ready(session)  # the SET
+        replies = _until_ready(session)  # read by dbward as GBK, as PostgreSQL reads it
+        kinds = [kind for kind, _ in replies]
+        assert kinds == [b"E", b"Z"]
+        assert m.parse_error_fields(replies[0][1])["C"] == "42501"
+        session.query("SET client_encoding = 'UTF8'")
+        assert _current_user(session).endswith(proxy.pg.service_user.encode())
+    finally:
+        session.close()
+
+
+def test_non_ascii_sql_in_a_pipeline_without_sync_is_refused_clearly(proxy: Proxy) -> None:
+    session = RawSession(proxy, app_name("enc-unsynced"))
+    try:
+        replies = session.send(
+            m.parse_message("", "SELECT 1")
+            + m.bind_message("", "", [])
+            + m.execute_message("")
+            + m.parse_message("", "SELECT 'é'")
+            + m.bind_message("", "", [])
+            + m.execute_message("")
+            + m.sync()
+        )
+        assert [kind for kind, _ in replies] == [b"1", b"2", b"D", b"C", b"E", b"Z"]
+        assert "send Sync first" in m.parse_error_fields(replies[4][1])["M"]
+        # With a Sync in between the same text runs (it waits for the first group's answer).
+        replies = session.send(
+            m.parse_message("", "SELECT 1")
+            + m.bind_message("", "", [])
+            + m.execute_message("")
+            + m.sync()
+            + m.parse_message("", "SELECT 'é'")
+            + m.bind_message("", "", [])
+            + m.execute_message("")
+            + m.sync()
+        )
+        assert [kind for kind, _ in replies] == [b"1", b"2", b"D", b"C", b"Z"]
+        replies = _until_ready(session)
+        assert [kind for kind, _ in replies] == [b"1", b"2", b"D", b"C", b"Z"]
+        assert replies[2][1].endswith("é".encode())
+    finally:
+        session.close()
+
+
+def test_a_refused_parse_does_not_change_what_a_name_means(proxy: Proxy) -> None:
+    app = app_name("stale-named")
+    session = RawSession(proxy, app)
+    try:
+        session.query("CREATE TEMP TABLE victim (x int); INSERT INTO victim VALUES (1), (2)")
+        session.send(m.parse_message("s1", "DELETE FROM victim") + m.sync())
+        replies = session.send(m.parse_message("s1", "SELECT 1") + m.sync())
+        assert m.parse_error_fields(replies[0][1])["C"] == "42P05"  # PostgreSQL kept the DELETE
+        session.send(m.bind_message("", "s1", []) + m.execute_message("") + m.sync())
+    finally:
+        session.close()
+    records = proxy.session_records(app, until=has_disconnect)
+    executed = [s for s in statements(records) if s.path == "extended"][-1]
+    assert (executed.sql_text, executed.kind) == ("DELETE FROM victim", "write")
+    assert outcome_of(records, executed).rows == 2
+
+
+def test_a_refused_sql_prepare_does_not_change_what_execute_runs(proxy: Proxy) -> None:
+    app = app_name("stale-sql")
+    session = RawSession(proxy, app)
+    try:
+        session.query("CREATE TEMP TABLE victim3 (x int); INSERT INTO victim3 VALUES (1), (2)")
+        session.query("PREPARE d AS DELETE FROM victim3")
+        replies = session.query("PREPARE d AS SELECT 1")
+        assert m.parse_error_fields(replies[0][1])["C"] == "42P05"
+        session.query("EXECUTE d")
+    finally:
+        session.close()
+    records = proxy.session_records(app, until=has_disconnect)
+    (execute,) = [s for s in statements(records) if s.sql_text == "EXECUTE d"]
+    assert execute.kind == "write" and execute.tables == ("victim3",)
+    assert outcome_of(records, execute).rows == 2
+
+
+def test_syncs_sent_during_copy_in_do_not_shift_later_outcomes(proxy: Proxy) -> None:
+    """PostgreSQL ignores Sync during COPY FROM STDIN; dbward must not wait for an answer."""
+    app = app_name("copy-sync")
+    session = RawSession(proxy, app)
+    try:
+        session.query(
+            "CREATE TEMP TABLE c2 (x int); CREATE TEMP TABLE v2 (x int);"
+            " INSERT INTO v2 VALUES (1), (2), (3)"
+        )
+        session.sock.sendall(m.query("COPY c2 FROM STDIN"))
+        while read_message(session.sock)[0] != b"G":
+            pass
+        replies = session.send(m.copy_data(b"7\n") + m.sync() + m.copy_done())
+        assert [kind for kind, _ in replies] == [b"C", b"Z"]
+        session.query("DELETE FROM v2")
+    finally:
+        session.close()
+    records = proxy.session_records(app, until=has_disconnect)
+    (delete,) = [s for s in statements(records) if s.sql_text == "DELETE FROM v2"]
+    assert (outcome_of(records, delete).status, outcome_of(records, delete).rows) == ("ok", 3)
+
+
+def test_an_eager_extended_copy_keeps_the_sync_after_copy_done(proxy: Proxy) -> None:
+    """Execute(COPY), Sync, data, CopyDone, Sync, then more, all sent before any answer."""
+    app = app_name("copy-eager")
+    session = RawSession(proxy, app)
+    try:
+        session.query(
+            "CREATE TEMP TABLE c1 (x int); CREATE TEMP TABLE v1 (x int);"
+            " INSERT INTO v1 VALUES (1), (2), (3)"
+        )
+        session.sock.sendall(
+            m.parse_message("", "COPY c1 FROM STDIN")
+            + m.bind_message("", "", [])
+            + m.execute_message("")
+            + m.sync()  # ignored by PostgreSQL: it is copying by then
+            + m.copy_data(b"7\n")
+            + m.copy_done()
+            + m.sync()
+            + m.parse_message("", "DELETE FROM v1")
+            + m.bind_message("", "", [])
+            + m.execute_message("")
+            + m.sync()
+        )
+        _until_ready(session)
+        assert [kind for kind, _ in _until_ready(session)] == [b"1", b"2", b"C", b"Z"]
+    finally:
+        session.close()
+    records = proxy.session_records(app, until=has_disconnect)
+    (delete,) = [s for s in statements(records) if s.sql_text == "DELETE FROM v1"]
+    assert (outcome_of(records, delete).status, outcome_of(records, delete).rows) == ("ok", 3)

@@ -1,0 +1,197 @@
+"""dbward's maps of prepared statements and portals follow what PostgreSQL really holds.
+
+Bytes in, bytes out, no network: the upstream replies are written by hand, as PostgreSQL sends
+them (checked end to end in tests/e2e/test_session_state.py).
+"""
+
+from __future__ import annotations
+
+from dbward.audit.sink import MemorySink
+from dbward.relay.postgres import PgSession
+from dbward.wire.postgres import messages as m
+from fixtures.detached import RecordingTransport, detached_session
+
+PARSED, BOUND = m._frame(b"1", b""), m._frame(b"2", b"")
+ABORTED = m.error_response("ERROR", "25P02", "current transaction is aborted")
+DUPLICATE = m.error_response("ERROR", "42P05", 'prepared statement "s1" already exists')
+
+
+def _session() -> tuple[PgSession, RecordingTransport, RecordingTransport, MemorySink]:
+    sink = MemorySink()
+    session, client, upstream = detached_session(sink)
+    return session, client, upstream, sink
+
+
+def _kinds(data: bytes | bytearray) -> list[bytes]:
+    out, pos = [], 0
+    while pos < len(data):
+        out.append(bytes(data[pos : pos + 1]))
+        pos += 1 + int.from_bytes(data[pos + 1 : pos + 5], "big")
+    return out
+
+
+def _in_failed_transaction(session: PgSession) -> None:
+    session.data_received(m.query("BEGIN"))
+    session._on_upstream_data(m.command_complete("BEGIN") + m.ready_for_query(b"T"))
+    session.data_received(m.query("SELECT 1/0"))
+    session._on_upstream_data(m.error_response("ERROR", "22012", "x") + m.ready_for_query(b"E"))
+
+
+def test_parse_and_bind_refused_by_postgres_leave_nothing_behind() -> None:
+    session, _, _, _ = _session()
+    _in_failed_transaction(session)
+    for i in range(200):
+        session.data_received(m.parse_message(f"s{i}", "SELECT 1") + m.sync())
+        session._on_upstream_data(ABORTED + m.ready_for_query(b"E"))
+        session.data_received(m.bind_message(f"p{i}", "", []) + m.sync())
+        session._on_upstream_data(ABORTED + m.ready_for_query(b"E"))
+    assert session._prepared == {} and session._portals == {}
+    assert session._pending_statements == {} and session._pending_portals == {}
+
+
+def test_a_refused_redefinition_keeps_what_postgres_kept() -> None:
+    session, _, _, sink = _session()
+    session.data_received(m.parse_message("s1", "DELETE FROM victim WHERE x > 0") + m.sync())
+    session._on_upstream_data(PARSED + m.ready_for_query(b"I"))
+    session.data_received(m.parse_message("s1", "SELECT 1") + m.sync())
+    session._on_upstream_data(DUPLICATE + m.ready_for_query(b"I"))
+    session.data_received(m.bind_message("", "s1", []) + m.execute_message("") + m.sync())
+    (executed,) = [r for r in sink.records if r.event == "statement"]
+    assert (executed.kind, executed.sql_text) == ("write", "DELETE FROM victim WHERE x > 0")
+
+
+def test_a_skipped_unnamed_parse_keeps_the_old_unnamed_statement() -> None:
+    session, _, _, sink = _session()
+    session.data_received(m.parse_message("", "DELETE FROM victim WHERE x > 0") + m.sync())
+    session._on_upstream_data(PARSED + m.ready_for_query(b"I"))
+    # An Execute fails; PostgreSQL skips the unnamed Parse after it, up to the Sync.
+    session.data_received(
+        m.bind_message("e", "", [])
+        + m.execute_message("e")
+        + m.parse_message("", "SELECT 1")
+        + m.sync()
+    )
+    session._on_upstream_data(
+        BOUND + m.error_response("ERROR", "22012", "x") + m.ready_for_query(b"I")
+    )
+    session.data_received(m.bind_message("", "", []) + m.execute_message("") + m.sync())
+    kinds = [r.kind for r in sink.records if r.event == "statement"]
+    assert kinds == ["write", "write"]  # the failed Execute, then the DELETE it really is
+
+
+def test_a_failed_unnamed_parse_drops_the_old_unnamed_statement() -> None:
+    session, _, _, _ = _session()
+    session.data_received(m.parse_message("", "SELECT 1") + m.sync())
+    session._on_upstream_data(PARSED + m.ready_for_query(b"I"))
+    session.data_received(m.parse_message("", "SELECT * FROM missing") + m.sync())
+    session._on_upstream_data(m.error_response("ERROR", "42P01", "x") + m.ready_for_query(b"I"))
+    assert "" not in session._prepared
+
+
+def test_a_redefinition_in_a_later_group_survives_the_earlier_failure() -> None:
+    session, _, _, _ = _session()
+    session.data_received(
+        m.parse_message("", "SELECT * FROM missing")
+        + m.sync()
+        + m.parse_message("", "SELECT 2")
+        + m.bind_message("", "", [])
+        + m.execute_message("")
+        + m.sync()
+    )
+    session._on_upstream_data(m.error_response("ERROR", "42P01", "x") + m.ready_for_query(b"I"))
+    assert session._prepared[""][0].text == "SELECT 2"
+    session._on_upstream_data(
+        PARSED + BOUND + m.command_complete("SELECT 1") + m.ready_for_query(b"I")
+    )
+    assert session._prepared[""][0].text == "SELECT 2"
+
+
+def test_pipelined_groups_that_parse_their_own_statement_never_wait() -> None:
+    session, _, upstream, _ = _session()
+    unit = (
+        m.parse_message("", "SELECT 1")
+        + m.bind_message("", "", [])
+        + m.execute_message("")
+        + m.sync()
+    )
+    session.data_received(unit * 50)
+    assert upstream.written == unit * 50  # all forwarded at once
+
+
+def test_a_bind_of_a_statement_still_being_prepared_in_an_earlier_group_waits() -> None:
+    """If that Parse fails, PostgreSQL binds whatever the name meant before: wait and see."""
+    session, client, upstream, sink = _session()
+    session.data_received(m.parse_message("s1", "SELECT 1") + m.sync())
+    session.data_received(m.bind_message("", "s1", []) + m.execute_message("") + m.sync())
+    assert upstream.written == m.parse_message("s1", "SELECT 1") + m.sync()
+    assert not client.reading
+    session._on_upstream_data(PARSED + m.ready_for_query(b"I"))
+    assert upstream.written.endswith(
+        m.bind_message("", "s1", []) + m.execute_message("") + m.sync()
+    )
+    assert client.reading
+    assert [r.sql_text for r in sink.records if r.event == "statement"] == ["SELECT 1"]
+
+
+def test_sql_prepare_refused_by_postgres_is_undone() -> None:
+    session, _, _, sink = _session()
+    session.data_received(m.query("PREPARE d AS DELETE FROM victim WHERE x > 0"))
+    session._on_upstream_data(m.command_complete("PREPARE") + m.ready_for_query(b"I"))
+    session.data_received(m.query("PREPARE d AS SELECT 1"))
+    session._on_upstream_data(DUPLICATE + m.ready_for_query(b"I"))
+    session.data_received(m.query("EXECUTE d"))
+    execute = [r for r in sink.records if r.event == "statement"][-1]
+    assert (execute.command, execute.kind) == ("EXECUTE", "write")
+
+
+def test_sql_execute_pipelined_behind_its_prepare_waits_for_it() -> None:
+    session, _, upstream, sink = _session()
+    session.data_received(m.query("PREPARE d AS SELECT 1") + m.query("EXECUTE d"))
+    assert upstream.written == m.query("PREPARE d AS SELECT 1")
+    session._on_upstream_data(DUPLICATE + m.ready_for_query(b"I"))  # refused: d unknown
+    assert upstream.written.endswith(m.query("DBWARD_POLICY_DENIED"))
+    execute = [r for r in sink.records if r.event == "statement"][-1]
+    assert (execute.command, execute.decision) == ("EXECUTE", "deny")
+
+
+def test_non_ascii_sql_behind_a_pending_sync_waits_for_the_encoding() -> None:
+    session, _, upstream, _ = _session()
+    session.data_received(
+        m.query("SET client_encoding = 'LATIN1'") + m.query("SELECT 'é'", "latin-1")
+    )
+    assert upstream.written == m.query("SET client_encoding = 'LATIN1'")
+    session._on_upstream_data(
+        m.command_complete("SET")
+        + m.parameter_status("client_encoding", "LATIN1")
+        + m.ready_for_query(b"I")
+    )
+    assert upstream.written.endswith(m.query("SELECT 'é'", "latin-1"))  # forwarded as is
+
+
+def test_non_ascii_sql_in_an_unsynced_pipeline_is_refused() -> None:
+    session, _, upstream, sink = _session()
+    session.data_received(
+        m.parse_message("", "SELECT 1")
+        + m.bind_message("", "", [])
+        + m.execute_message("")
+        + m.parse_message("", "SELECT 'é'")
+        + m.bind_message("", "", [])
+        + m.execute_message("")
+        + m.sync()
+    )
+    assert _kinds(upstream.written) == [b"P", b"B", b"E", b"P", b"S"]  # poison, then Sync
+    denied = [r for r in sink.records if r.decision == "deny"]
+    assert [r.rule for r in denied] == ["guard.unparseable"]
+    assert "send Sync first" in denied[0].reason
+
+
+def test_backslashes_are_refused_while_standard_conforming_strings_is_off() -> None:
+    session, _, upstream, sink = _session()
+    session._on_upstream_data(m.parameter_status("standard_conforming_strings", "off"))
+    session.data_received(m.query("SELECT 'x\\'' ; SET ROLE r; -- '"))
+    assert upstream.written == m.query("DBWARD_POLICY_DENIED")
+    session._on_upstream_data(m.error_response("ERROR", "42601", "x") + m.ready_for_query(b"I"))
+    session.data_received(m.query("SELECT 1"))  # no backslash: same in both syntaxes
+    assert upstream.written.endswith(m.query("SELECT 1"))
+    denied = [r for r in sink.records if r.decision == "deny"]
+    assert "standard_conforming_strings is off" in denied[0].reason
