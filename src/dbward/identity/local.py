@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 
 from dbward.config.model import UserSettings
@@ -9,7 +10,13 @@ from dbward.core.errors import AuthenticationFailed
 from dbward.core.types import Identity
 from dbward.identity.base import AuthExchange, AuthStep
 from dbward.wire.postgres import messages
-from dbward.wire.postgres.scram import ScramServer, ScramVerifier, parse_verifier
+from dbward.wire.postgres.scram import (
+    DEFAULT_ITERATIONS,
+    ScramServer,
+    ScramVerifier,
+    mock_secret_for,
+    parse_verifier,
+)
 
 _MECHANISM = "SCRAM-SHA-256"
 
@@ -18,12 +25,19 @@ class _ScramExchange:
     """SCRAM-SHA-256 over the PostgreSQL SASL messages for one login attempt."""
 
     def __init__(
-        self, user: str, identity: Identity | None, verifier: ScramVerifier | None
+        self,
+        user: str,
+        identity: Identity | None,
+        verifier: ScramVerifier | None,
+        mock: tuple[bytes, int],
     ) -> None:
         self._identity = identity
         # An unknown user still gets a full exchange against a fake verifier (with a salt
-        # stable per name), so a client cannot tell "no such user" from "wrong password".
-        self._server = ScramServer(verifier, username=user)
+        # stable per name, across restarts too), so a client cannot tell "no such user" from
+        # "wrong password".
+        self._server = ScramServer(
+            verifier, username=user, mock_secret=mock[0], mock_iterations=mock[1]
+        )
         self._step = 0
 
     def start(self) -> bytes:
@@ -56,9 +70,15 @@ class LocalAuthenticator:
                 name=user.name, kind=user.kind, groups=frozenset(user.groups), authenticator="local"
             )
             self._users[user.name] = (identity, parse_verifier(user.password_verifier))
+        verifiers = [verifier for _, verifier in self._users.values()]
+        # Unknown users get the iteration count most real users have: a different one would
+        # give them away.
+        counts = Counter(verifier.iterations for verifier in verifiers)
+        iterations = counts.most_common(1)[0][0] if counts else DEFAULT_ITERATIONS
+        self._mock = (mock_secret_for(verifiers), iterations)
 
     def begin(self, user: str, *, tls: bool) -> AuthExchange:
         found = self._users.get(user)
         if found is None:
-            return _ScramExchange(user, None, None)
-        return _ScramExchange(user, found[0], found[1])
+            return _ScramExchange(user, None, None, self._mock)
+        return _ScramExchange(user, found[0], found[1], self._mock)

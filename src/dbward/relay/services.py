@@ -19,6 +19,10 @@ if TYPE_CHECKING:
     from dbward.relay.postgres import PgSession
 
 
+# Client hosts whose cancel rate is tracked; the least recently seen is forgotten first.
+_MAX_CANCEL_BUCKETS = 10_000
+
+
 class CancelRegistry:
     """Maps the cancel keys dbward hands out to live sessions; rate-limits attempts per client."""
 
@@ -47,15 +51,16 @@ class CancelRegistry:
     def allow_attempt(self, client_host: str, now: float | None = None) -> bool:
         """Token bucket per client host, so cancel keys cannot be guessed at line rate."""
         now = time.monotonic() if now is None else now
-        tokens, last = self._buckets.get(client_host, (self._burst, now))
+        buckets = self._buckets
+        tokens, last = buckets.pop(client_host, (self._burst, now))
         tokens = min(self._burst, tokens + (now - last) * self._rate)
-        if tokens < 1.0:
-            self._buckets[client_host] = (tokens, now)
-            return False
-        self._buckets[client_host] = (tokens - 1.0, now)
-        if len(self._buckets) > 10_000:  # bound memory under a spray of source addresses
-            self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < 60}
-        return True
+        allowed = tokens >= 1.0
+        # Re-inserted last: the dict's order is least recently used first, and the bound on
+        # its size evicts one entry per request (O(1)) under a spray of source addresses.
+        buckets[client_host] = (tokens - 1.0 if allowed else tokens, now)
+        if len(buckets) > _MAX_CANCEL_BUCKETS:
+            del buckets[next(iter(buckets))]
+        return allowed
 
 
 @dataclass

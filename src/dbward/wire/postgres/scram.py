@@ -9,6 +9,7 @@ import hmac
 import secrets
 import stringprep
 import unicodedata
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
 
@@ -23,6 +24,7 @@ __all__ = [
     "ScramVerifier",
     "make_verifier",
     "md5_password",
+    "mock_secret_for",
     "parse_verifier",
     "saslprep",
 ]
@@ -242,16 +244,32 @@ def _escape_username(name: str) -> bytes:
     return name.replace("=", "=3D").replace(",", "=2C").encode("utf-8")
 
 
+# Only for servers built without a mock secret (tests, tools): the salts it gives unknown users
+# change at every start, which a prober can tell from real users' salts (see mock_secret_for).
 _MOCK_SECRET: Final = secrets.token_bytes(32)
 
 
-def _mock_verifier(username: str, secret: bytes) -> ScramVerifier:
+def mock_secret_for(verifiers: Iterable[ScramVerifier]) -> bytes:
+    """A secret for the fake salts of unknown users that survives restarts.
+
+    Derived from the configured verifiers' server keys (secret, never sent to clients): the fake
+    salt of an unknown name stays the same from one start to the next, as a real user's does,
+    so comparing salts across a restart (or between replicas with the same users) does not
+    reveal which names exist. It changes only when the configured users or passwords change.
+    """
+    digest = hashlib.sha256(b"dbward scram mock secret\x00")
+    for server_key in sorted(verifier.server_key for verifier in verifiers):
+        digest.update(server_key)
+    return digest.digest()
+
+
+def _mock_verifier(username: str, secret: bytes, iterations: int) -> ScramVerifier:
     """A stable fake verifier per user name, so probing never shows a user is missing."""
     salt = _hmac(secret, b"salt:" + username.encode("utf-8", "surrogateescape"))[
         :DEFAULT_SALT_BYTES
     ]
     keys = _hmac(secret, b"keys:" + username.encode("utf-8", "surrogateescape"))
-    return ScramVerifier(DEFAULT_ITERATIONS, salt, _h(keys), _hmac(keys, b"Server Key"))
+    return ScramVerifier(iterations, salt, _h(keys), _hmac(keys, b"Server Key"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -286,12 +304,15 @@ class ScramServer:
         nonce: bytes | None = None,
         username: str = "",
         mock_secret: bytes | None = None,
+        mock_iterations: int = DEFAULT_ITERATIONS,
     ) -> None:
         self._real = verifier is not None
         self._verifier = (
             verifier
             if verifier is not None
-            else _mock_verifier(username, _MOCK_SECRET if mock_secret is None else mock_secret)
+            else _mock_verifier(
+                username, _MOCK_SECRET if mock_secret is None else mock_secret, mock_iterations
+            )
         )
         self._nonce = _make_nonce(nonce)
         self._state = 0

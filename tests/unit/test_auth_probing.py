@@ -1,0 +1,75 @@
+"""Probing logins must not tell which user names exist, nor stall the proxy (no network)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+from dbward.config.model import UserSettings
+from dbward.relay.services import CancelRegistry
+from dbward.wire.postgres.scram import make_verifier
+
+USERS = [
+    UserSettings(name="alice", password_verifier=make_verifier("a-pass", iterations=8192)),
+    UserSettings(name="bob", password_verifier=make_verifier("b-pass", iterations=8192)),
+    UserSettings(name="carol", password_verifier=make_verifier("c-pass")),
+]
+
+
+def _salts_in_a_new_process(verifiers: dict[str, str]) -> dict[str, str]:
+    """Start a fresh interpreter (a restarted proxy) and collect the salts it hands out."""
+    script = f"""
+import asyncio, json
+from dbward.config.model import UserSettings
+from dbward.identity.local import LocalAuthenticator
+from dbward.wire.postgres import messages
+from dbward.wire.postgres.scram import ScramClient
+
+users = [UserSettings(name=n, password_verifier=v) for n, v in {verifiers!r}.items()]
+auth = LocalAuthenticator(users)
+
+async def first(name):
+    client = ScramClient("whatever")
+    frame = messages.sasl_initial_response("SCRAM-SHA-256", client.client_first())
+    reply = (await auth.begin(name, tls=False).step(frame[5:])).reply
+    return reply[reply.index(b",s="):].decode()
+
+names = ["alice", "bob", "mallory", "root"]
+print(json.dumps({{n: asyncio.run(first(n)) for n in names}}))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
+    )
+    result: dict[str, str] = json.loads(done.stdout)
+    return result
+
+
+def test_unknown_user_salts_survive_a_restart_like_real_ones() -> None:
+    """Comparing salts across a restart must not single out the names that do not exist."""
+    verifiers = {user.name: user.password_verifier for user in USERS}
+    first, second = _salts_in_a_new_process(verifiers), _salts_in_a_new_process(verifiers)
+    assert first == second
+    assert len({first["mallory"], first["root"], first["alice"]}) == 3
+    # Unknown names get the iteration count most configured users have.
+    assert first["mallory"].endswith(",i=8192") and first["alice"].endswith(",i=8192")
+
+
+def test_a_spray_of_cancel_sources_keeps_the_rate_table_bounded_and_cheap() -> None:
+    registry = CancelRegistry(rate_per_s=1.0, burst=2.0)
+    now = 1000.0
+    started = time.perf_counter()
+    for i in range(60_000):
+        registry.allow_attempt(f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}", now)
+    elapsed = time.perf_counter() - started
+    assert len(registry._buckets) <= 10_000
+    # A host that keeps trying is still limited, spray or not.
+    assert [registry.allow_attempt("192.0.2.1", now) for _ in range(4)] == [
+        True,
+        True,
+        False,
+        False,
+    ]
+    # Linear, not quadratic: 60,000 attempts took ~5 min when every one rebuilt the table.
+    assert elapsed < 5.0, elapsed
