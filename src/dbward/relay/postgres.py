@@ -790,7 +790,10 @@ class PgSession(asyncio.Protocol):
             if len(payload) > self._max_statement_bytes:
                 too_large = oversized_statement(len(payload) - 1, self._max_statement_bytes)
                 return self._handle_query((too_large,), raw, out)
-            unsettled = self._unsettled_text(payload)
+            # Nothing in flight and conforming strings (almost always): the text reads as is.
+            unsettled = (
+                self._unsettled_text(payload) if self._ops or not self._conforming_strings else None
+            )
             if isinstance(unsettled, _AwaitQuiet):
                 return unsettled
             if unsettled is not None:
@@ -807,7 +810,9 @@ class PgSession(asyncio.Protocol):
             # Split with a byte-preserving codec, then decode the SQL as the server will: bad
             # bytes make the statement unparseable (denied), not the session unusable.
             name, query = messages.parse_parts(payload)
-            unsettled = self._unsettled_text(query)
+            unsettled = (
+                self._unsettled_text(query) if self._ops or not self._conforming_strings else None
+            )
             if isinstance(unsettled, _AwaitQuiet):
                 return unsettled
             if unsettled is not None:
@@ -829,7 +834,8 @@ class PgSession(asyncio.Protocol):
             return None
         if msg_type == _B:
             portal_name, statement_name = messages.bind_names(payload, _NAME_CODEC)
-            if self._unsettled_name(self._pending_statements, statement_name):
+            pending = self._pending_statements.get(statement_name)
+            if pending is not None and pending.sync_mark != self._syncs:
                 # Prepared in an earlier sync group that PostgreSQL has not answered: if that
                 # Parse fails, this Bind would use whatever the name meant before it.
                 return _AWAIT_QUIET
@@ -849,8 +855,9 @@ class PgSession(asyncio.Protocol):
             return None
         if msg_type == _E:
             portal_name, max_rows = messages.execute_parts(payload)
-            if self._unsettled_name(self._pending_portals, portal_name):
-                return _AWAIT_QUIET
+            bound = self._pending_portals.get(portal_name)
+            if bound is not None and bound.sync_mark != self._syncs:
+                return _AWAIT_QUIET  # bound in an earlier sync group not answered yet
             portal = self._portals.get(portal_name)
             statements = (
                 portal
@@ -929,12 +936,11 @@ class PgSession(asyncio.Protocol):
         pending = self._pending_statements
         for statement in statements:
             name = statement.prepared_name
-            if name is not None and self._unsettled_name(pending, name):
-                return True
-            if (
-                name is None
-                and statement.command.startswith(("DEALLOCATE", "DISCARD"))
-                and any(entry.sync_mark != self._syncs for entry in pending.values())
+            if name is not None:
+                if self._unsettled_name(pending, name):
+                    return True
+            elif statement.command.startswith(("DEALLOCATE", "DISCARD")) and any(
+                entry.sync_mark != self._syncs for entry in pending.values()
             ):
                 return True
         return False
@@ -1319,8 +1325,13 @@ class PgSession(asyncio.Protocol):
         if msg_type in (0x31, 0x32, 0x33):  # ParseComplete, BindComplete, CloseComplete
             if ops and ops[0].code in (_OP_PARSE, _OP_BIND, _OP_CLOSE):
                 op = ops.popleft()
-                if op.name is not None:
-                    self._settle(op, None)
+                name = op.name
+                if name is not None:  # the Parse/Bind succeeded: its definition is settled
+                    pending = (
+                        self._pending_statements if op.code == _OP_PARSE else self._pending_portals
+                    )
+                    if pending.get(name) is op:
+                        del pending[name]
             return None
         if msg_type in (0x54, 0x6E):  # RowDescription, NoData
             if ops and ops[0].code == _OP_DESCRIBE:
