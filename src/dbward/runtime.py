@@ -13,7 +13,7 @@ from dbward.config.model import Config
 from dbward.identity.local import LocalAuthenticator
 from dbward.relay.services import CancelRegistry, ListenerServices
 from dbward.server.listener import PgListener
-from dbward.server.tls import server_context, upstream_context
+from dbward.server.tls import listener_contexts
 from dbward.sql.offload import ClassifierPool
 from dbward.sql.postgres import PostgresClassifier
 
@@ -37,7 +37,8 @@ class Runtime:
         offload = self.offload
         authenticator = LocalAuthenticator(self.config.users)
         try:
-            for settings in self.config.listeners:
+            for index, settings in enumerate(self.config.listeners):
+                client_tls, upstream_tls = listener_contexts(settings, index)
                 services = ListenerServices(
                     settings=settings,
                     audit_settings=self.config.audit,
@@ -45,8 +46,8 @@ class Runtime:
                     classifier=classifier,
                     offload=offload,
                     authenticator=authenticator,
-                    client_tls=server_context(settings.tls),
-                    upstream_tls=upstream_context(settings.upstream.tls),
+                    client_tls=client_tls,
+                    upstream_tls=upstream_tls,
                     cancels=CancelRegistry(settings.cancel_rate_per_s),
                 )
                 listener = PgListener(services)

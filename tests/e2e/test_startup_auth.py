@@ -470,6 +470,18 @@ def _break_tls(config: dict[str, Any]) -> str:
     return "listeners[0].tls"
 
 
+def _break_cert_file(config: dict[str, Any]) -> str:
+    # Valid as configuration, but the file is not a certificate: found only when loaded.
+    cert = Path(config["audit"]["path"]).parent / "not-a-cert.pem"
+    cert.write_text("this is not a certificate\n")
+    config["listeners"][0]["tls"] = {
+        "mode": "required",
+        "cert_file": str(cert),
+        "key_file": str(cert),
+    }
+    return "listeners[0].tls.cert_file"
+
+
 def _break_top_level(config: dict[str, Any]) -> str:
     config["shutdown_grace"] = 3
     return "shutdown_grace"
@@ -482,7 +494,14 @@ def _break_statement_limit(config: dict[str, Any]) -> str:
 
 @pytest.mark.parametrize(
     "breaker",
-    [_break_unknown_key, _break_port, _break_tls, _break_top_level, _break_statement_limit],
+    [
+        _break_unknown_key,
+        _break_port,
+        _break_tls,
+        _break_cert_file,
+        _break_top_level,
+        _break_statement_limit,
+    ],
 )
 def test_invalid_config_exits_2_naming_the_key(
     tmp_path: Path, pg_server: PgServer, breaker: Callable[[dict[str, Any]], str]

@@ -4,8 +4,22 @@ from __future__ import annotations
 
 import ssl
 
-from dbward.config.model import ClientTlsSettings, UpstreamTlsSettings
+from dbward.config.model import ClientTlsSettings, ListenerSettings, UpstreamTlsSettings
 from dbward.core.errors import ConfigError
+
+
+def listener_contexts(
+    listener: ListenerSettings, index: int
+) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None]:
+    """Both TLS contexts of `listeners[index]` (client side, upstream side), files loaded now.
+
+    Used by `serve` and by `check-config`, so a certificate that cannot be loaded is reported
+    by both, with the key in the same form as other configuration errors.
+    """
+    try:
+        return server_context(listener.tls), upstream_context(listener.upstream.tls)
+    except ConfigError as exc:
+        raise ConfigError(f"listeners[{index}].{exc.message}") from None
 
 
 def server_context(settings: ClientTlsSettings) -> ssl.SSLContext | None:
