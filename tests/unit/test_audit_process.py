@@ -287,3 +287,24 @@ def test_disk_full_refuses_then_recovers(tmp_path: Path) -> None:
         asyncio.run(run())
     finally:
         os.system(f"umount {mount}")
+
+
+def test_records_appended_while_close_flushes_are_written(tmp_path: Path) -> None:
+    """close() used to send only what was queued when it began, dropping later records."""
+    db = tmp_path / "audit.db"
+
+    async def run() -> None:
+        sink = ProcessAuditSink(db, max_delay_ms=50)
+        sink.start()
+        await sink.flush()
+        sink.append(_record(1))
+        closing = asyncio.create_task(sink.close())
+        await asyncio.sleep(0)  # close() is now waiting for its flush
+        sink.append(_record(2))  # e.g. a session's disconnect record
+        sink.hold(_record(3))
+        await closing
+        with pytest.raises(AuditUnavailable, match="closed"):
+            sink.append(_record(4))
+
+    asyncio.run(run())
+    assert [r.statement_id for r in query.tail(db, 10)] == [1, 2, 3]

@@ -184,6 +184,10 @@ class ProcessAuditSink:
         problem: str | None = None
         try:
             await self.flush()
+            # Sessions ending meanwhile append (disconnect records): send those too. Nothing
+            # can be appended between the last check and `_closed` below (no await).
+            while self._records or self._held:
+                await self.flush()
         except AuditUnavailable as exc:
             problem = exc.message
         self._closing = True
