@@ -6,13 +6,17 @@ import asyncio
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from dbward.audit import query
 from dbward.audit.process import ProcessAuditSink
 from dbward.audit.records import AuditEvent, AuditRecord
+from dbward.audit.sqlite import SqliteAuditSink
+from dbward.audit.writer_process import FrameReader, _Child
 from dbward.core.errors import AuditUnavailable
 
 
@@ -308,3 +312,102 @@ def test_records_appended_while_close_flushes_are_written(tmp_path: Path) -> Non
 
     asyncio.run(run())
     assert [r.statement_id for r in query.tail(db, 10)] == [1, 2, 3]
+
+
+async def _wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Poll `condition` on the loop until it holds (or the timeout passes)."""
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+
+
+def _make_unwritable(db: Path) -> None:
+    """Replace the log by a directory: writes and reopening fail until it is removed."""
+    for p in db.parent.iterdir():
+        p.unlink()
+    db.mkdir()
+
+
+def test_a_failed_batch_is_resent_to_a_restarted_writer(tmp_path: Path) -> None:
+    """The child keeps a batch it answered "fail"; the proxy must too, in case the child dies."""
+    db = tmp_path / "audit.db"
+
+    async def run() -> None:
+        sink = ProcessAuditSink(db)
+        sink.start()
+        await sink.append_durable(_record(1))
+        _make_unwritable(db)
+        sink.append(_record(2))
+        with pytest.raises(AuditUnavailable):
+            await sink.append_durable(_record(3))
+        assert sink._unacked_records == 2  # still the proxy's to resend
+        assert sink._process is not None
+        old = sink._process
+        os.kill(old.pid, signal.SIGKILL)  # the writer dies before the log is writable again
+        db.rmdir()
+        await _wait_for(lambda: sink._process is not old and sink.healthy)
+        await sink.append_durable(_record(4))
+        await sink.close()
+
+    asyncio.run(run())
+    # Record 1 went with the removed file; 2 and 3 were resent to the new writer.
+    assert [r.statement_id for r in query.tail(db, 10)] == [2, 3, 4]
+
+
+def test_failed_batches_count_toward_max_pending(tmp_path: Path) -> None:
+    """Failed batches stay in the child's backlog: the proxy must not accept more than it has
+    room for, or the child's backlog (2 x max_pending) overflows and drops whole batches."""
+    db = tmp_path / "audit.db"
+    accepted: list[int] = []
+
+    async def run() -> None:
+        sink = ProcessAuditSink(db, max_pending=2)  # the child's limit: 4
+        sink.start()
+        _make_unwritable(db)
+        for cycle in range(3):
+            for i in (2 * cycle + 1, 2 * cycle + 2):
+                try:
+                    sink.append(_record(i))
+                except AuditUnavailable:
+                    continue
+                accepted.append(i)
+            with pytest.raises(AuditUnavailable):
+                await sink.flush()  # the batch fails; the child keeps it
+        db.rmdir()  # the child's retry (every second) creates the log again
+        await _wait_for(lambda: sink.healthy)
+        await sink.close()
+
+    asyncio.run(run())
+    assert [r.statement_id for r in query.tail(db, 10)] == accepted
+    assert accepted == [1, 2]  # then the backlog was full
+
+
+def test_writer_stops_on_a_batch_it_cannot_keep_whole(tmp_path: Path) -> None:
+    """Answering "fail" would claim the records are kept; part of a batch must not be."""
+    db = tmp_path / "audit.db"
+
+    async def run() -> None:
+        sink = SqliteAuditSink(db, max_pending=2)
+        sink.start()
+        out = _Answers()
+        child = _Child(sink, out)  # type: ignore[arg-type]
+        child.submit(1, [tuple(_record(1)), tuple(_record(2)), tuple(_record(3))])
+        child.submit(2, [tuple(_record(4))])  # nothing after it is taken or answered
+        await asyncio.sleep(0.1)
+        assert out.messages == []
+        assert child.stdin_closed.is_set()  # it stops, and exits non-zero: the parent resends
+        await sink.close()
+
+    asyncio.run(run())
+    assert query.tail(db, 10) == []
+
+
+class _Answers:
+    """Stands in for the child's stdout: decodes what it writes."""
+
+    def __init__(self) -> None:
+        self.reader = FrameReader()
+        self.messages: list[tuple[Any, ...]] = []
+
+    def write(self, data: bytes) -> None:
+        self.messages += self.reader.feed(data)

@@ -84,7 +84,10 @@ class ProcessAuditSink:
         self._flush_soon: asyncio.Handle | None = None
         self._next_batch = 1
         self._unacked: deque[tuple[int, _Batch]] = deque()
-        self._unacked_records = 0
+        # Batches the child answered "fail": it keeps them and retries, so they stay counted
+        # (and are resent to a restarted child) until an ack of a later batch covers them.
+        self._failed: deque[tuple[int, _Batch]] = deque()
+        self._unacked_records = 0  # records of _failed and _unacked
         self._healthy = True
         self._child_alive = False
         self._closing = False
@@ -295,6 +298,10 @@ class ProcessAuditSink:
                 log.error("audit log write failed, refusing statements: %s", error)
             self._healthy = healthy
             self.last_error = error
+            if healthy and self._failed:
+                # The child is writing again: an ack of an empty batch says when the failed
+                # batches are committed, so they stop counting toward max_pending.
+                self._flush()
             return
         if kind not in ("ack", "fail") or not self._unacked:
             log.error("unexpected message from the audit writer: %r", kind)
@@ -313,8 +320,10 @@ class ProcessAuditSink:
                 self._process.kill()
             return
         self._unacked.popleft()
-        self._unacked_records -= batch.count
         if kind == "ack":
+            self._unacked_records -= batch.count
+            if self._failed:
+                self._forget_failed()
             last = int(message[2])
             self.last_seq = max(self.last_seq, last)
             first = last - batch.count + 1
@@ -331,6 +340,14 @@ class ProcessAuditSink:
                     future.set_exception(
                         AuditUnavailable(f"audit log unavailable: {self.last_error}")
                     )
+            batch.waiters = []
+            self._failed.append((batch_no, batch))
+
+    def _forget_failed(self) -> None:
+        """Drop the failed batches: an ack means they were committed on a retry."""
+        failed = self._failed
+        while failed:
+            self._unacked_records -= failed.popleft()[1].count
 
     def _on_child_gone(self) -> None:
         if not self._child_alive:
@@ -341,6 +358,9 @@ class ProcessAuditSink:
             return
         self.last_error = "the audit writer process exited"
         log.error("%s; refusing statements and restarting it", self.last_error)
+        # The next child answers every batch the dead one had not acknowledged, failed ones too.
+        self._unacked.extendleft(reversed(self._failed))
+        self._failed.clear()
         for _, batch in self._unacked:
             for future, _index in batch.waiters:
                 if not future.done():
