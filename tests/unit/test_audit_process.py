@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from dbward.audit import query
-from dbward.audit.process import ProcessAuditSink
+from dbward.audit.process import ProcessAuditSink, _Batch
 from dbward.audit.records import AuditEvent, AuditRecord
 from dbward.audit.sqlite import SqliteAuditSink
 from dbward.audit.writer_process import FrameReader, _Child
@@ -411,3 +411,48 @@ class _Answers:
 
     def write(self, data: bytes) -> None:
         self.messages += self.reader.feed(data)
+
+
+def _block_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Wait without running the event loop (it is busy, say unpickling a big batch)."""
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert condition()
+
+
+def test_proxy_hears_recovery_after_a_transient_write_failure(tmp_path: Path) -> None:
+    """A "fail" makes the proxy refuse statements; the child must then report its recovery,
+    even if its writer recovered before the child's loop got to answer the failed batch."""
+    db = tmp_path / "audit.db"
+
+    async def run() -> None:
+        sink = SqliteAuditSink(db, max_delay_ms=20)
+        sink.start()
+        out = _Answers()
+        child = _Child(sink, out)  # type: ignore[arg-type]
+        child.submit(1, [tuple(_record(1))])
+        await _wait_for(lambda: len(out.messages) == 1)
+        for p in tmp_path.iterdir():
+            p.unlink()  # the next write fails; a retry creates the log again
+        child.submit(2, [tuple(_record(2))])
+        _block_until(lambda: not sink.healthy)  # the writer failed batch 2
+        child.submit(3, [tuple(_record(3))])  # wakes the writer: its retry succeeds
+        _block_until(lambda: sink.healthy and sink.last_seq == 3)
+        await asyncio.sleep(0.1)  # now the loop answers
+        assert [m[:2] for m in out.messages if m[0] != "health"] == [
+            ("ack", 1),
+            ("fail", 2),
+            ("ack", 3),
+        ]
+
+        parent = ProcessAuditSink(db)
+        parent._child_alive = True
+        for n in (1, 2, 3):
+            parent._unacked.append((n, _Batch(b"", 1, [])))
+        for message in out.messages:
+            parent._on_message(message)
+        assert parent.healthy  # not refusing statements forever
+        await sink.close()
+
+    asyncio.run(run())

@@ -7,7 +7,8 @@ proxy's event-loop process. Protocol, both directions: 4-byte big-endian length 
   parent -> child: (batch_no, [record tuples in AuditRecord field order])
   child -> parent: ("ready", last_seq) | ("error", message)            once, at start
                    ("ack", batch_no, last_seq) | ("fail", batch_no, message)  per batch, in order
-                   ("health", healthy, message)                         when health changes
+                   ("health", healthy, message)     when health changes; after a "fail",
+                                                        as soon as the log is writable
 
 "ack" means this batch and every one before it are committed; "fail" means the commit failed
 and the child keeps the records to retry them. A batch the child cannot keep whole (its backlog
@@ -157,12 +158,19 @@ class _Child:
                 return
             answers.popleft()
             if future.cancelled():
-                self.send(("fail", batch_no, "the commit was cancelled"))
+                self.fail(batch_no, "the commit was cancelled")
             elif (exc := future.exception()) is not None:
-                self.send(("fail", batch_no, str(exc)))
+                self.fail(batch_no, str(exc))
             else:
                 seq = future.result()
                 self.send(("ack", batch_no, self.sink.last_seq if seq is None else seq))
+
+    def fail(self, batch_no: int, message: str) -> None:
+        """Answer "fail": the parent then refuses statements until it hears health again."""
+        self.send(("fail", batch_no, message))
+        # The sink may have recovered already (a retry woken by a later batch), so its health
+        # did not change; report it anyway, or the parent would refuse statements for good.
+        self._healthy = False
 
     def report_health(self) -> None:
         healthy = self.sink.healthy
