@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import struct
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -12,11 +13,11 @@ from typing import Any
 
 import pytest
 
-from dbward.audit import query
+from dbward.audit import process, query
 from dbward.audit.process import ProcessAuditSink, _Batch
 from dbward.audit.records import AuditEvent, AuditRecord
 from dbward.audit.sqlite import SqliteAuditSink
-from dbward.audit.writer_process import FrameReader, _Child
+from dbward.audit.writer_process import MAX_FRAME, FrameReader, _Child
 from dbward.core.errors import AuditUnavailable
 
 
@@ -456,3 +457,64 @@ def test_proxy_hears_recovery_after_a_transient_write_failure(tmp_path: Path) ->
         await sink.close()
 
     asyncio.run(run())
+
+
+def test_a_backlog_from_an_outage_goes_out_in_bounded_frames(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Records queued while the writer was down used to go out as one frame; past the child's
+    MAX_FRAME (512 MiB) the restarted child could read nothing more. Scaled down: 64 KiB."""
+    db = tmp_path / "audit.db"
+    limit = 64 * 1024
+    frames: list[int] = []
+    monkeypatch.setattr(process, "BATCH_BYTES", limit, raising=False)
+
+    class Sent(_Batch):
+        def __init__(self, payload: bytes, *args: Any) -> None:
+            frames.append(len(payload))
+            super().__init__(payload, *args)
+
+    monkeypatch.setattr(process, "_Batch", Sent)
+    text = "x" * 4000  # numbered below: pickle would share one string object
+
+    async def run() -> int:
+        sink = ProcessAuditSink(db)
+        sink.start()
+        await sink.flush()
+        assert sink._process is not None
+        old = sink._process
+        os.kill(old.pid, signal.SIGKILL)
+        await _wait_for(lambda: not sink.healthy)
+        for i in range(1, 101):  # queued while the writer is down
+            sink.append(_record(i)._replace(sql_text=f"{i} {text}"))
+        await _wait_for(lambda: sink._process is not old and sink.healthy)
+        for i in range(101, 200):
+            sink.append(_record(i)._replace(sql_text=f"{i} {text}"))
+        seq = await sink.append_durable(_record(200))  # in the last of several batches
+        await sink.close()
+        return seq
+
+    assert asyncio.run(run()) == 200
+    assert [r.statement_id for r in query.tail(db, 1000)] == list(range(1, 201))
+    assert max(frames) <= limit and len(frames) > 10
+
+
+def test_writer_exits_on_an_unreadable_frame(tmp_path: Path) -> None:
+    """A frame the child cannot read wedged it while both sides reported healthy."""
+    db = tmp_path / "audit.db"
+
+    async def run() -> None:
+        sink = ProcessAuditSink(db)
+        sink.start()
+        await sink.flush()
+        assert sink._process is not None and sink._stdin is not None
+        old = sink._process
+        sink._stdin.write(struct.pack("!I", MAX_FRAME + 1))  # a header past the limit
+        await _wait_for(lambda: sink._process is not old and sink.healthy)
+        assert old.poll() == 1  # the child stopped, and said so
+        assert sink._process is not old
+        await sink.append_durable(_record(1))
+        await sink.close()
+
+    asyncio.run(run())
+    assert [r.statement_id for r in query.tail(db, 10)] == [1]

@@ -27,6 +27,9 @@ from dbward.core.errors import AuditUnavailable
 log = logging.getLogger("dbward.audit")
 
 START_TIMEOUT_S = 30.0
+# Bound of one batch frame, far below the child's MAX_FRAME: a backlog queued while the writer
+# was down (up to max_pending records of up to sql_text_max each) goes out in several batches.
+BATCH_BYTES = 64 * 1024 * 1024
 
 
 class _Batch:
@@ -278,9 +281,28 @@ class ProcessAuditSink:
                     queue.append(tuple(record))
         records, self._records = self._records, []
         waiters, self._waiters = self._waiters, []
+        self._send(stdin, records, waiters)
+
+    def _send(
+        self,
+        stdin: asyncio.WriteTransport,
+        records: list[tuple[Any, ...]],
+        waiters: list[tuple[asyncio.Future[int], int]],
+    ) -> None:
+        """Send records as one batch, or as several if its frame would be too big."""
         batch_no = self._next_batch
-        self._next_batch += 1
         payload = encode_frame((batch_no, records))
+        if len(payload) > BATCH_BYTES and len(records) > 1:
+            half = len(records) // 2
+            # A flush marker (index -1) waits for the last part.
+            self._send(stdin, records[:half], [w for w in waiters if 0 <= w[1] < half])
+            self._send(
+                stdin,
+                records[half:],
+                [(f, i - half if i >= 0 else i) for f, i in waiters if i < 0 or i >= half],
+            )
+            return
+        self._next_batch += 1
         batch = _Batch(payload, len(records), waiters)
         self._unacked.append((batch_no, batch))
         self._unacked_records += len(records)

@@ -84,8 +84,18 @@ class _ChildProtocol(asyncio.Protocol):
         self._reader = FrameReader()
 
     def data_received(self, data: bytes) -> None:
-        for batch_no, rows in self._reader.feed(data):
-            self._child.submit(batch_no, rows)
+        child = self._child
+        if child.broken is not None:
+            return
+        try:
+            batches = self._reader.feed(data)
+        except Exception as exc:
+            # The stream cannot be framed past a bad frame: stop and exit non-zero, so the
+            # parent sees the writer gone (and refuses, restarts, resends) instead of waiting.
+            child.abort(f"unreadable batch frame: {exc}")
+            return
+        for batch_no, rows in batches:
+            child.submit(batch_no, rows)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._child.stdin_closed.set()
