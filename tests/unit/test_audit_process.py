@@ -518,3 +518,36 @@ def test_writer_exits_on_an_unreadable_frame(tmp_path: Path) -> None:
 
     asyncio.run(run())
     assert [r.statement_id for r in query.tail(db, 10)] == [1]
+
+
+@pytest.mark.parametrize("call", ["flush", "append_durable", "close"])
+def test_a_writer_that_cannot_be_restarted_fails_callers_instead_of_hanging(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, call: str
+) -> None:
+    db = tmp_path / "audit.db"
+    monkeypatch.setattr(process, "CLOSE_TIMEOUT_S", 1.0, raising=False)
+
+    async def run() -> None:
+        sink = ProcessAuditSink(db)
+        sink.start()
+        await sink.append_durable(_record(1))
+        assert sink._process is not None
+        _make_unwritable(db)  # no new writer can open it
+        os.kill(sink._process.pid, signal.SIGKILL)
+        await _wait_for(lambda: not sink.healthy)
+        sink.append(_record(2))  # kept for a writer that never comes
+        if call == "flush":
+            with pytest.raises(AuditUnavailable, match="audit writer process exited"):
+                await sink.flush()
+        elif call == "append_durable":
+            with pytest.raises(AuditUnavailable, match="audit writer process exited"):
+                await sink.append_durable(_record(3))
+        with pytest.raises(AuditUnavailable, match=r"with \d records not written") as info:
+            await sink.close()  # gives up after CLOSE_TIMEOUT_S
+        # Record 1 was committed (to the file since removed); 2 (and 3) never were.
+        assert f"{1 + (call == 'append_durable')} records" in info.value.message
+
+    async def bounded() -> None:
+        await asyncio.wait_for(run(), 5)
+
+    asyncio.run(bounded())

@@ -30,6 +30,10 @@ START_TIMEOUT_S = 30.0
 # Bound of one batch frame, far below the child's MAX_FRAME: a backlog queued while the writer
 # was down (up to max_pending records of up to sql_text_max each) goes out in several batches.
 BATCH_BYTES = 64 * 1024 * 1024
+# How long close() waits for the writer to commit everything (it may be restarting, or the
+# disk recovering) and then to exit, before it gives up and reports what was not written.
+CLOSE_TIMEOUT_S = 5.0
+CLOSE_RETRY_S = 0.25
 
 
 class _Batch:
@@ -179,35 +183,70 @@ class ProcessAuditSink:
         future: asyncio.Future[int] = loop.create_future()
         if self._closed:
             raise AuditUnavailable("audit log is closed")
+        if not self._child_alive:
+            raise self._writer_down()  # fail closed now; it may never come back
         self._waiters.append((future, -1))
         self._flush()
         await future
 
     async def close(self) -> None:
-        """Flush, then let the child commit and exit; raises if records could not be written."""
+        """Flush, then let the child commit and exit.
+
+        Raises AuditUnavailable, naming how many records were not written, if that has not
+        succeeded within CLOSE_TIMEOUT_S (the writer down for good, or the disk failing).
+        """
         if self._closed:
             return
-        problem: str | None = None
-        try:
-            await self.flush()
-            # Sessions ending meanwhile append (disconnect records): send those too. Nothing
-            # can be appended between the last check and `_closed` below (no await).
-            while self._records or self._held:
-                await self.flush()
-        except AuditUnavailable as exc:
-            problem = exc.message
+        loop = asyncio.get_running_loop()
+        problem = await self._drain(loop.time() + CLOSE_TIMEOUT_S)
         self._closing = True
         self._closed = True
+        lost = len(self._records) + sum(1 for held in self._held if held.record is not None)
         if self._stdin is not None:
             self._stdin.close()
+        code = await self._wait_exit() if self._process is not None else 0
+        if code != 0:
+            # The child commits what it holds before it exits 0; otherwise nothing it was sent
+            # and did not acknowledge is known to be written.
+            lost += self._unacked_records
+            problem = problem or f"the audit writer process exited with status {code}"
+        if lost:
+            message = f"audit log closed with {lost} records not written: {problem}"
+            log.error("%s", message)
+            raise AuditUnavailable(message)
+
+    async def _drain(self, deadline: float) -> str | None:
+        """Flush until nothing is queued: None once done, else why not by the deadline."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                await asyncio.wait_for(self.flush(), deadline - loop.time())
+            except AuditUnavailable as exc:
+                problem = exc.message
+            except TimeoutError:
+                return f"not committed within {CLOSE_TIMEOUT_S:g} s ({self.last_error})"
+            else:
+                # Sessions ending meanwhile append (disconnect records): send those too.
+                # Nothing can be appended between this check and close() setting `_closed`.
+                if not (self._records or self._held):
+                    return None
+                continue
+            if loop.time() + CLOSE_RETRY_S >= deadline:
+                return problem
+            # The writer may be restarting, or its retry (every second) may yet succeed.
+            await asyncio.sleep(CLOSE_RETRY_S)
+
+    async def _wait_exit(self) -> int:
+        """Wait for the child to exit (killing it after CLOSE_TIMEOUT_S); its status."""
         process = self._process
-        if process is not None:
-            loop = asyncio.get_running_loop()
-            code = await loop.run_in_executor(None, process.wait)
-            if code != 0:
-                problem = problem or f"the audit writer process exited with status {code}"
-        if problem is not None:
-            raise AuditUnavailable(problem)
+        assert process is not None
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(None, process.wait, CLOSE_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            log.error("the audit writer process did not exit; killing it")
+            process.kill()
+            return await loop.run_in_executor(None, process.wait)
 
     # -- hot path ----------------------------------------------------------------------------
 
@@ -258,6 +297,11 @@ class ProcessAuditSink:
             future.set_exception(self._refusal())
             return future
         self._records.append(tuple(record))
+        if not self._child_alive:
+            # Fail closed now: the record is sent when a writer is back, but nobody can say
+            # when (or whether) that will be.
+            future.set_exception(self._writer_down())
+            return future
         self._waiters.append((future, len(self._records) - 1))
         if self._flush_soon is None:
             # Everything made durable in this loop iteration shares one batch and one fsync.
@@ -388,6 +432,11 @@ class ProcessAuditSink:
                 if not future.done():
                     future.set_exception(AuditUnavailable(self.last_error))
             batch.waiters = []
+        # Waiters whose records were not sent yet, too: their records stay queued.
+        waiters, self._waiters = self._waiters, []
+        for future, _index in waiters:
+            if not future.done():
+                future.set_exception(AuditUnavailable(self.last_error))
         loop = self._loop
         if loop is not None:
             loop.call_later(1.0, self._restart)
@@ -401,7 +450,8 @@ class ProcessAuditSink:
         try:
             self._spawn_blocking()
         except (AuditUnavailable, OSError) as exc:
-            log.error("cannot restart the audit writer: %s", exc)
+            self.last_error = f"cannot restart the audit writer: {exc}"
+            log.error("%s", self.last_error)
             loop = self._loop
             if loop is not None:
                 loop.call_later(1.0, self._restart)
@@ -410,6 +460,9 @@ class ProcessAuditSink:
         log.warning(
             "audit writer restarted; resending %d unacknowledged records", self._unacked_records
         )
+
+    def _writer_down(self) -> AuditUnavailable:
+        return AuditUnavailable(f"audit log unavailable: {self.last_error}")
 
     def _refusal(self) -> AuditUnavailable:
         if self._closed:
