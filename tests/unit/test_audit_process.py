@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
+import sqlite3
 import struct
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -551,3 +554,67 @@ def test_a_writer_that_cannot_be_restarted_fails_callers_instead_of_hanging(
         await asyncio.wait_for(run(), 5)
 
     asyncio.run(bounded())
+
+
+def test_restarting_the_writer_does_not_block_the_event_loop(tmp_path: Path) -> None:
+    """The restart waited for the new child's "ready" on the event loop: with the log locked
+    (an admin's sqlite3 shell) the whole proxy stalled for the child's busy timeout (5 s)."""
+    db = tmp_path / "audit.db"
+
+    async def run() -> float:
+        sink = ProcessAuditSink(db)
+        sink.start()
+        await sink.append_durable(_record(1))
+        assert sink._process is not None
+        old = sink._process
+        os.kill(old.pid, signal.SIGKILL)
+        old.wait()
+        lock = sqlite3.connect(db, isolation_level=None)
+        lock.execute("PRAGMA locking_mode=EXCLUSIVE")
+        lock.execute("BEGIN EXCLUSIVE")
+        ticks = [time.monotonic()]
+        while time.monotonic() - ticks[0] < 2.5:  # the restart begins after 1 s
+            await asyncio.sleep(0.01)
+            ticks.append(time.monotonic())
+        assert not sink.healthy  # still starting: it cannot open the log yet
+        lock.execute("ROLLBACK")
+        lock.close()
+        await _wait_for(lambda: sink._process is not old and sink.healthy)
+        assert await sink.append_durable(_record(2)) == 2
+        await sink.close()
+        return max(b - a for a, b in itertools.pairwise(ticks))
+
+    assert asyncio.run(run()) < 0.5
+    assert [r.statement_id for r in query.tail(db, 10)] == [1, 2]
+
+
+def test_close_ends_a_writer_still_starting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """close() gives up on a restart that cannot open the log, and leaves no writer behind."""
+    db = tmp_path / "audit.db"
+    monkeypatch.setattr(process, "CLOSE_TIMEOUT_S", 0.5, raising=False)
+
+    async def run() -> None:
+        sink = ProcessAuditSink(db)
+        sink.start()
+        await sink.flush()
+        assert sink._process is not None
+        os.kill(sink._process.pid, signal.SIGKILL)
+        sink._process.wait()
+        lock = sqlite3.connect(db, isolation_level=None)
+        lock.execute("PRAGMA locking_mode=EXCLUSIVE")
+        lock.execute("BEGIN EXCLUSIVE")
+        sink.append(_record(1))
+        await asyncio.sleep(1.5)  # a new writer is starting, waiting for the lock
+        t0 = time.monotonic()
+        with pytest.raises(AuditUnavailable, match="1 records not written"):
+            await sink.close()
+        assert time.monotonic() - t0 < 1.5
+        lock.close()
+
+    asyncio.run(asyncio.wait_for(run(), 6))
+    writers = subprocess.run(
+        ["pgrep", "-P", str(os.getpid()), "-f", "dbward.audit.writer_process"], check=False
+    )
+    assert writers.returncode == 1  # none left

@@ -99,6 +99,9 @@ class ProcessAuditSink:
         self._child_alive = False
         self._closing = False
         self._closed = False
+        # A restart runs in a thread (it waits for the new child to open the log).
+        self._relaunch: asyncio.Future[tuple[subprocess.Popen[bytes], int]] | None = None
+        self._launching: subprocess.Popen[bytes] | None = None
         self.last_error = ""
         self.last_seq = 0
 
@@ -107,9 +110,10 @@ class ProcessAuditSink:
     def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         """Start the writer process and wait until it has opened the log (or raise)."""
         self._loop = loop if loop is not None else asyncio.get_running_loop()
-        self._spawn_blocking()
+        self._attach(*self._launch())
 
-    def _spawn_blocking(self) -> None:
+    def _launch(self) -> tuple[subprocess.Popen[bytes], int]:
+        """Start a writer process and wait until it has opened the log (blocks; or raise)."""
         process = subprocess.Popen(
             [
                 sys.executable,
@@ -126,16 +130,29 @@ class ProcessAuditSink:
             stdout=subprocess.PIPE,
             close_fds=True,
         )
+        self._launching = process
+        if self._closing:
+            process.kill()  # close() began while this ran in a thread: do not wait for it
+        try:
+            first = self._read_first_message(process)
+            if first[0] != "ready":
+                raise AuditUnavailable(str(first[1]))
+        except BaseException:
+            process.kill()
+            with process:  # closes its pipes and reaps it (a restart tries every second)
+                pass
+            raise
+        finally:
+            self._launching = None
+        return process, int(first[1])
+
+    def _attach(self, process: subprocess.Popen[bytes], last_seq: int) -> None:
+        """Wire a started writer's pipes into the event loop; these complete without blocking."""
         assert process.stdout is not None and process.stdin is not None
-        first = self._read_first_message(process)
-        if first[0] != "ready":
-            process.wait(timeout=10)
-            raise AuditUnavailable(str(first[1]))
-        self.last_seq = int(first[1])
+        self.last_seq = last_seq
         self._process = process
         loop = self._loop
         assert loop is not None
-        # Wire the pipes into the event loop; these complete without blocking.
         read_task = loop.create_task(
             loop.connect_read_pipe(lambda: _AckProtocol(self), process.stdout)
         )
@@ -201,6 +218,7 @@ class ProcessAuditSink:
         problem = await self._drain(loop.time() + CLOSE_TIMEOUT_S)
         self._closing = True
         self._closed = True
+        await self._end_relaunch()
         lost = len(self._records) + sum(1 for held in self._held if held.record is not None)
         if self._stdin is not None:
             self._stdin.close()
@@ -235,6 +253,17 @@ class ProcessAuditSink:
                 return problem
             # The writer may be restarting, or its retry (every second) may yet succeed.
             await asyncio.sleep(CLOSE_RETRY_S)
+
+    async def _end_relaunch(self) -> None:
+        """Stop a writer still starting (close gave up on it) and wait for its thread."""
+        relaunch = self._relaunch
+        if relaunch is None:
+            return
+        launching = self._launching
+        if launching is not None:
+            launching.kill()
+        with contextlib.suppress(Exception):
+            await relaunch
 
     async def _wait_exit(self) -> int:
         """Wait for the child to exit (killing it after CLOSE_TIMEOUT_S); its status."""
@@ -442,24 +471,46 @@ class ProcessAuditSink:
             loop.call_later(1.0, self._restart)
 
     def _restart(self) -> None:
-        if self._closing:
+        """Start a new writer in a thread: it may take seconds to open the log (locked)."""
+        loop = self._loop
+        if self._closing or loop is None:
             return
-        if self._process is not None:
+        self._relaunch = loop.run_in_executor(None, self._relaunch_blocking, self._process)
+        self._relaunch.add_done_callback(self._on_relaunched)
+
+    def _relaunch_blocking(
+        self, old: subprocess.Popen[bytes] | None
+    ) -> tuple[subprocess.Popen[bytes], int]:
+        """Reap the dead writer, then start a new one (runs in a thread)."""
+        if old is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
-                self._process.wait(timeout=1)
-        try:
-            self._spawn_blocking()
-        except (AuditUnavailable, OSError) as exc:
-            self.last_error = f"cannot restart the audit writer: {exc}"
-            log.error("%s", self.last_error)
-            loop = self._loop
-            if loop is not None:
-                loop.call_later(1.0, self._restart)
+                old.wait(timeout=1)
+        return self._launch()
+
+    def _on_relaunched(self, future: asyncio.Future[tuple[subprocess.Popen[bytes], int]]) -> None:
+        """Attach the new writer (the sink stays unhealthy until now), or try again later."""
+        self._relaunch = None
+        if future.cancelled():
             return
-        self._healthy = True  # a fresh child that opened the log
-        log.warning(
-            "audit writer restarted; resending %d unacknowledged records", self._unacked_records
-        )
+        exc = future.exception()
+        if exc is None:
+            process, last_seq = future.result()
+            if self._closing:
+                process.kill()
+                process.communicate()  # reap it and close its pipes
+                return
+            self._attach(process, last_seq)
+            self._healthy = True  # a fresh child that opened the log
+            log.warning(
+                "audit writer restarted; resending %d unacknowledged records",
+                self._unacked_records,
+            )
+            return
+        self.last_error = f"cannot restart the audit writer: {exc}"
+        log.error("%s", self.last_error)
+        loop = self._loop
+        if loop is not None and not self._closing:
+            loop.call_later(1.0, self._restart)
 
     def _writer_down(self) -> AuditUnavailable:
         return AuditUnavailable(f"audit log unavailable: {self.last_error}")
