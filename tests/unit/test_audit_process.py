@@ -618,3 +618,21 @@ def test_close_ends_a_writer_still_starting(
         ["pgrep", "-P", str(os.getpid()), "-f", "dbward.audit.writer_process"], check=False
     )
     assert writers.returncode == 1  # none left
+
+
+def test_close_with_nothing_pending_does_not_wait_for_a_dead_writer(tmp_path: Path) -> None:
+    db = tmp_path / "audit.db"
+
+    async def run() -> None:
+        sink = ProcessAuditSink(db)
+        sink.start()
+        await sink.append_durable(_record(1))
+        assert sink._process is not None
+        _make_unwritable(db)
+        os.kill(sink._process.pid, signal.SIGKILL)
+        await _wait_for(lambda: not sink.healthy)
+        t0 = time.monotonic()
+        await sink.close()  # nothing lost, nothing to wait for
+        assert time.monotonic() - t0 < 1
+
+    asyncio.run(asyncio.wait_for(run(), 5))

@@ -201,7 +201,9 @@ class ProcessAuditSink:
         if self._closed:
             raise AuditUnavailable("audit log is closed")
         if not self._child_alive:
-            raise self._writer_down()  # fail closed now; it may never come back
+            if self._records or self._held or self._unacked_records:
+                raise self._writer_down()  # fail closed now; it may never come back
+            return
         self._waiters.append((future, -1))
         self._flush()
         await future
