@@ -158,8 +158,8 @@ class _Child:
         """Answer every batch whose fate is known, strictly in the order they came.
 
         The parent pairs each answer with its oldest unanswered batch, and an answer means
-        "this batch and all before it are committed": an empty batch (a flush) or a refused
-        one must wait for the commits of the batches ahead of it.
+        "this batch and all before it are committed": an empty batch (a flush) must wait for
+        the commits of the batches ahead of it.
         """
         answers = self._answers
         while answers:
