@@ -27,6 +27,13 @@ from dbward.core.errors import AuditUnavailable
 log = logging.getLogger("dbward.audit")
 
 START_TIMEOUT_S = 30.0
+# Bound of one batch frame, far below the child's MAX_FRAME: a backlog queued while the writer
+# was down (up to max_pending records of up to sql_text_max each) goes out in several batches.
+BATCH_BYTES = 64 * 1024 * 1024
+# How long close() waits for the writer to commit everything (it may be restarting, or the
+# disk recovering) and then to exit, before it gives up and reports what was not written.
+CLOSE_TIMEOUT_S = 5.0
+CLOSE_RETRY_S = 0.25
 
 
 class _Batch:
@@ -84,11 +91,17 @@ class ProcessAuditSink:
         self._flush_soon: asyncio.Handle | None = None
         self._next_batch = 1
         self._unacked: deque[tuple[int, _Batch]] = deque()
-        self._unacked_records = 0
+        # Batches the child answered "fail": it keeps them and retries, so they stay counted
+        # (and are resent to a restarted child) until an ack of a later batch covers them.
+        self._failed: deque[tuple[int, _Batch]] = deque()
+        self._unacked_records = 0  # records of _failed and _unacked
         self._healthy = True
         self._child_alive = False
         self._closing = False
         self._closed = False
+        # A restart runs in a thread (it waits for the new child to open the log).
+        self._relaunch: asyncio.Future[tuple[subprocess.Popen[bytes], int]] | None = None
+        self._launching: subprocess.Popen[bytes] | None = None
         self.last_error = ""
         self.last_seq = 0
 
@@ -97,9 +110,10 @@ class ProcessAuditSink:
     def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         """Start the writer process and wait until it has opened the log (or raise)."""
         self._loop = loop if loop is not None else asyncio.get_running_loop()
-        self._spawn_blocking()
+        self._attach(*self._launch())
 
-    def _spawn_blocking(self) -> None:
+    def _launch(self) -> tuple[subprocess.Popen[bytes], int]:
+        """Start a writer process and wait until it has opened the log (blocks; or raise)."""
         process = subprocess.Popen(
             [
                 sys.executable,
@@ -116,16 +130,29 @@ class ProcessAuditSink:
             stdout=subprocess.PIPE,
             close_fds=True,
         )
+        self._launching = process
+        if self._closing:
+            process.kill()  # close() began while this ran in a thread: do not wait for it
+        try:
+            first = self._read_first_message(process)
+            if first[0] != "ready":
+                raise AuditUnavailable(str(first[1]))
+        except BaseException:
+            process.kill()
+            with process:  # closes its pipes and reaps it (a restart tries every second)
+                pass
+            raise
+        finally:
+            self._launching = None
+        return process, int(first[1])
+
+    def _attach(self, process: subprocess.Popen[bytes], last_seq: int) -> None:
+        """Wire a started writer's pipes into the event loop; these complete without blocking."""
         assert process.stdout is not None and process.stdin is not None
-        first = self._read_first_message(process)
-        if first[0] != "ready":
-            process.wait(timeout=10)
-            raise AuditUnavailable(str(first[1]))
-        self.last_seq = int(first[1])
+        self.last_seq = last_seq
         self._process = process
         loop = self._loop
         assert loop is not None
-        # Wire the pipes into the event loop; these complete without blocking.
         read_task = loop.create_task(
             loop.connect_read_pipe(lambda: _AckProtocol(self), process.stdout)
         )
@@ -173,31 +200,84 @@ class ProcessAuditSink:
         future: asyncio.Future[int] = loop.create_future()
         if self._closed:
             raise AuditUnavailable("audit log is closed")
+        if not self._child_alive:
+            if self._records or self._held or self._unacked_records:
+                raise self._writer_down()  # fail closed now; it may never come back
+            return
         self._waiters.append((future, -1))
         self._flush()
         await future
 
     async def close(self) -> None:
-        """Flush, then let the child commit and exit; raises if records could not be written."""
+        """Flush, then let the child commit and exit.
+
+        Raises AuditUnavailable, naming how many records were not written, if that has not
+        succeeded within CLOSE_TIMEOUT_S (the writer down for good, or the disk failing).
+        """
         if self._closed:
             return
-        problem: str | None = None
-        try:
-            await self.flush()
-        except AuditUnavailable as exc:
-            problem = exc.message
+        loop = asyncio.get_running_loop()
+        problem = await self._drain(loop.time() + CLOSE_TIMEOUT_S)
         self._closing = True
         self._closed = True
+        await self._end_relaunch()
+        lost = len(self._records) + sum(1 for held in self._held if held.record is not None)
         if self._stdin is not None:
             self._stdin.close()
+        code = await self._wait_exit() if self._process is not None else 0
+        if code != 0:
+            # The child commits what it holds before it exits 0; otherwise nothing it was sent
+            # and did not acknowledge is known to be written.
+            lost += self._unacked_records
+            problem = problem or f"the audit writer process exited with status {code}"
+        if lost:
+            message = f"audit log closed with {lost} records not written: {problem}"
+            log.error("%s", message)
+            raise AuditUnavailable(message)
+
+    async def _drain(self, deadline: float) -> str | None:
+        """Flush until nothing is queued: None once done, else why not by the deadline."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                await asyncio.wait_for(self.flush(), deadline - loop.time())
+            except AuditUnavailable as exc:
+                problem = exc.message
+            except TimeoutError:
+                return f"not committed within {CLOSE_TIMEOUT_S:g} s ({self.last_error})"
+            else:
+                # Sessions ending meanwhile append (disconnect records): send those too.
+                # Nothing can be appended between this check and close() setting `_closed`.
+                if not (self._records or self._held):
+                    return None
+                continue
+            if loop.time() + CLOSE_RETRY_S >= deadline:
+                return problem
+            # The writer may be restarting, or its retry (every second) may yet succeed.
+            await asyncio.sleep(CLOSE_RETRY_S)
+
+    async def _end_relaunch(self) -> None:
+        """Stop a writer still starting (close gave up on it) and wait for its thread."""
+        relaunch = self._relaunch
+        if relaunch is None:
+            return
+        launching = self._launching
+        if launching is not None:
+            launching.kill()
+        with contextlib.suppress(Exception):
+            await relaunch
+
+    async def _wait_exit(self) -> int:
+        """Wait for the child to exit (killing it after CLOSE_TIMEOUT_S); its status."""
         process = self._process
-        if process is not None:
-            loop = asyncio.get_running_loop()
-            code = await loop.run_in_executor(None, process.wait)
-            if code != 0:
-                problem = problem or f"the audit writer process exited with status {code}"
-        if problem is not None:
-            raise AuditUnavailable(problem)
+        assert process is not None
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(None, process.wait, CLOSE_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            log.error("the audit writer process did not exit; killing it")
+            process.kill()
+            return await loop.run_in_executor(None, process.wait)
 
     # -- hot path ----------------------------------------------------------------------------
 
@@ -248,6 +328,11 @@ class ProcessAuditSink:
             future.set_exception(self._refusal())
             return future
         self._records.append(tuple(record))
+        if not self._child_alive:
+            # Fail closed now: the record is sent when a writer is back, but nobody can say
+            # when (or whether) that will be.
+            future.set_exception(self._writer_down())
+            return future
         self._waiters.append((future, len(self._records) - 1))
         if self._flush_soon is None:
             # Everything made durable in this loop iteration shares one batch and one fsync.
@@ -271,9 +356,28 @@ class ProcessAuditSink:
                     queue.append(tuple(record))
         records, self._records = self._records, []
         waiters, self._waiters = self._waiters, []
+        self._send(stdin, records, waiters)
+
+    def _send(
+        self,
+        stdin: asyncio.WriteTransport,
+        records: list[tuple[Any, ...]],
+        waiters: list[tuple[asyncio.Future[int], int]],
+    ) -> None:
+        """Send records as one batch, or as several if its frame would be too big."""
         batch_no = self._next_batch
-        self._next_batch += 1
         payload = encode_frame((batch_no, records))
+        if len(payload) > BATCH_BYTES and len(records) > 1:
+            half = len(records) // 2
+            # A flush marker (index -1) waits for the last part.
+            self._send(stdin, records[:half], [w for w in waiters if 0 <= w[1] < half])
+            self._send(
+                stdin,
+                records[half:],
+                [(f, i - half if i >= 0 else i) for f, i in waiters if i < 0 or i >= half],
+            )
+            return
+        self._next_batch += 1
         batch = _Batch(payload, len(records), waiters)
         self._unacked.append((batch_no, batch))
         self._unacked_records += len(records)
@@ -291,6 +395,10 @@ class ProcessAuditSink:
                 log.error("audit log write failed, refusing statements: %s", error)
             self._healthy = healthy
             self.last_error = error
+            if healthy and self._failed:
+                # The child is writing again: an ack of an empty batch says when the failed
+                # batches are committed, so they stop counting toward max_pending.
+                self._flush()
             return
         if kind not in ("ack", "fail") or not self._unacked:
             log.error("unexpected message from the audit writer: %r", kind)
@@ -309,8 +417,10 @@ class ProcessAuditSink:
                 self._process.kill()
             return
         self._unacked.popleft()
-        self._unacked_records -= batch.count
         if kind == "ack":
+            self._unacked_records -= batch.count
+            if self._failed:
+                self._forget_failed()
             last = int(message[2])
             self.last_seq = max(self.last_seq, last)
             first = last - batch.count + 1
@@ -327,6 +437,14 @@ class ProcessAuditSink:
                     future.set_exception(
                         AuditUnavailable(f"audit log unavailable: {self.last_error}")
                     )
+            batch.waiters = []
+            self._failed.append((batch_no, batch))
+
+    def _forget_failed(self) -> None:
+        """Drop the failed batches: an ack means they were committed on a retry."""
+        failed = self._failed
+        while failed:
+            self._unacked_records -= failed.popleft()[1].count
 
     def _on_child_gone(self) -> None:
         if not self._child_alive:
@@ -337,33 +455,67 @@ class ProcessAuditSink:
             return
         self.last_error = "the audit writer process exited"
         log.error("%s; refusing statements and restarting it", self.last_error)
+        # The next child answers every batch the dead one had not acknowledged, failed ones too.
+        self._unacked.extendleft(reversed(self._failed))
+        self._failed.clear()
         for _, batch in self._unacked:
             for future, _index in batch.waiters:
                 if not future.done():
                     future.set_exception(AuditUnavailable(self.last_error))
             batch.waiters = []
+        # Waiters whose records were not sent yet, too: their records stay queued.
+        waiters, self._waiters = self._waiters, []
+        for future, _index in waiters:
+            if not future.done():
+                future.set_exception(AuditUnavailable(self.last_error))
         loop = self._loop
         if loop is not None:
             loop.call_later(1.0, self._restart)
 
     def _restart(self) -> None:
-        if self._closing:
+        """Start a new writer in a thread: it may take seconds to open the log (locked)."""
+        loop = self._loop
+        if self._closing or loop is None:
             return
-        if self._process is not None:
+        self._relaunch = loop.run_in_executor(None, self._relaunch_blocking, self._process)
+        self._relaunch.add_done_callback(self._on_relaunched)
+
+    def _relaunch_blocking(
+        self, old: subprocess.Popen[bytes] | None
+    ) -> tuple[subprocess.Popen[bytes], int]:
+        """Reap the dead writer, then start a new one (runs in a thread)."""
+        if old is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
-                self._process.wait(timeout=1)
-        try:
-            self._spawn_blocking()
-        except (AuditUnavailable, OSError) as exc:
-            log.error("cannot restart the audit writer: %s", exc)
-            loop = self._loop
-            if loop is not None:
-                loop.call_later(1.0, self._restart)
+                old.wait(timeout=1)
+        return self._launch()
+
+    def _on_relaunched(self, future: asyncio.Future[tuple[subprocess.Popen[bytes], int]]) -> None:
+        """Attach the new writer (the sink stays unhealthy until now), or try again later."""
+        self._relaunch = None
+        if future.cancelled():
             return
-        self._healthy = True  # a fresh child that opened the log
-        log.warning(
-            "audit writer restarted; resending %d unacknowledged records", self._unacked_records
-        )
+        exc = future.exception()
+        if exc is None:
+            process, last_seq = future.result()
+            if self._closing:
+                process.kill()
+                process.communicate()  # reap it and close its pipes
+                return
+            self._attach(process, last_seq)
+            self._healthy = True  # a fresh child that opened the log
+            log.warning(
+                "audit writer restarted; resending %d unacknowledged records",
+                self._unacked_records,
+            )
+            return
+        self.last_error = f"cannot restart the audit writer: {exc}"
+        log.error("%s", self.last_error)
+        loop = self._loop
+        if loop is not None and not self._closing:
+            loop.call_later(1.0, self._restart)
+
+    def _writer_down(self) -> AuditUnavailable:
+        return AuditUnavailable(f"audit log unavailable: {self.last_error}")
 
     def _refusal(self) -> AuditUnavailable:
         if self._closed:

@@ -217,6 +217,11 @@ class GroupCommitSink(NeverHolds, abc.ABC):
         return self._healthy and len(self._pending.records) + self._backlog < self._max_pending
 
     @property
+    def room(self) -> int:
+        """How many more records `append` accepts now (the writer can only make it grow)."""
+        return self._max_pending - len(self._pending.records) - self._backlog
+
+    @property
     def last_error(self) -> str:
         """Why the last write failed ("" if none has)."""
         return self._last_error

@@ -7,10 +7,16 @@ proxy's event-loop process. Protocol, both directions: 4-byte big-endian length 
   parent -> child: (batch_no, [record tuples in AuditRecord field order])
   child -> parent: ("ready", last_seq) | ("error", message)            once, at start
                    ("ack", batch_no, last_seq) | ("fail", batch_no, message)  per batch, in order
-                   ("health", healthy, message)                         when health changes
+                   ("health", healthy, message)     when health changes; after a "fail",
+                                                        as soon as the log is writable
+
+"ack" means this batch and every one before it are committed; "fail" means the commit failed
+and the child keeps the records to retry them. A batch the child cannot keep whole (its backlog
+is full) is never answered: the child stops reading and exits, the parent resends.
 
 The child ignores SIGINT/SIGTERM: the parent decides when it ends, by closing stdin; the child
-then commits what it has and exits (status 0, or 1 if records could not be written).
+then commits what it has and exits (status 0, or 1 if records could not be written or it
+stopped on a batch it could not take).
 """
 
 from __future__ import annotations
@@ -78,8 +84,18 @@ class _ChildProtocol(asyncio.Protocol):
         self._reader = FrameReader()
 
     def data_received(self, data: bytes) -> None:
-        for batch_no, rows in self._reader.feed(data):
-            self._child.submit(batch_no, rows)
+        child = self._child
+        if child.broken is not None:
+            return
+        try:
+            batches = self._reader.feed(data)
+        except Exception as exc:
+            # The stream cannot be framed past a bad frame: stop and exit non-zero, so the
+            # parent sees the writer gone (and refuses, restarts, resends) instead of waiting.
+            child.abort(f"unreadable batch frame: {exc}")
+            return
+        for batch_no, rows in batches:
+            child.submit(batch_no, rows)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._child.stdin_closed.set()
@@ -91,32 +107,50 @@ class _Child:
     def __init__(self, sink: SqliteAuditSink, out: asyncio.WriteTransport) -> None:
         self.sink = sink
         self.out = out
+        self.stdin: asyncio.BaseTransport | None = None
         self.stdin_closed = asyncio.Event()
+        self.broken: str | None = None  # why it stopped taking batches
         self._healthy = True
-        # Batches not answered yet, oldest first: (batch_no, commit future, refusal message).
-        self._answers: deque[tuple[int, asyncio.Future[int] | None, str | None]] = deque()
+        # Batches not answered yet, oldest first: (batch_no, future of its commit). A flush's
+        # future resolves to None, a batch's to the seq of its last record.
+        self._answers: deque[tuple[int, asyncio.Future[Any]]] = deque()
 
     def send(self, message: object) -> None:
         self.out.write(encode_frame(message))
 
     def submit(self, batch_no: int, rows: list[tuple[Any, ...]]) -> None:
-        future: asyncio.Future[int] | None = None
-        refusal: str | None = None
+        """Queue a batch for commit; it is answered once it and every batch before it are."""
+        if self.broken is not None:
+            return  # nothing after a batch it could not take is answered: the parent resends
+        # Whole or not at all: "fail" tells the parent the records are kept for a retry.
+        if len(rows) > self.sink.room:
+            self.abort(f"batch {batch_no} of {len(rows)} records does not fit in the backlog")
+            return
+        future: asyncio.Future[Any]
         if rows:
             try:
                 for row in rows[:-1]:
                     self.sink.append(AuditRecord._make(row))
                 future = self.sink.append_durable(AuditRecord._make(rows[-1]))
             except AuditUnavailable as exc:
-                refusal = exc.message
-        self._answers.append((batch_no, future, refusal))
-        if future is not None:
-            future.add_done_callback(self._answer_ready)
-        self._send_answers()
-        if refusal is not None:
-            self.report_health()
+                self.abort(f"batch {batch_no} refused: {exc.message}")
+                return
+        else:
+            # A flush: answered once every record taken before it is committed, not at once
+            # (its ack also covers failed batches the sink is still retrying).
+            future = asyncio.ensure_future(self.sink.flush())
+        self._answers.append((batch_no, future))
+        future.add_done_callback(self._answer_ready)
 
-    def _answer_ready(self, _future: asyncio.Future[int]) -> None:
+    def abort(self, reason: str) -> None:
+        """Stop taking batches and exit non-zero, so the parent restarts a writer and resends."""
+        log.error("audit writer stopping: %s", reason)
+        self.broken = reason
+        if self.stdin is not None:
+            self.stdin.close()
+        self.stdin_closed.set()
+
+    def _answer_ready(self, _future: asyncio.Future[Any]) -> None:
         self._send_answers()
         self.report_health()
 
@@ -124,25 +158,29 @@ class _Child:
         """Answer every batch whose fate is known, strictly in the order they came.
 
         The parent pairs each answer with its oldest unanswered batch, and an answer means
-        "this batch and all before it are committed": an empty batch (a flush) or a refused
-        one must wait for the commits of the batches ahead of it.
+        "this batch and all before it are committed": an empty batch (a flush) must wait for
+        the commits of the batches ahead of it.
         """
         answers = self._answers
         while answers:
-            batch_no, future, refusal = answers[0]
-            if future is not None and not future.done():
+            batch_no, future = answers[0]
+            if not future.done():
                 return
             answers.popleft()
-            if refusal is not None:
-                self.send(("fail", batch_no, refusal))
-            elif future is None:
-                self.send(("ack", batch_no, self.sink.last_seq))
-            elif future.cancelled():
-                self.send(("fail", batch_no, "the commit was cancelled"))
+            if future.cancelled():
+                self.fail(batch_no, "the commit was cancelled")
             elif (exc := future.exception()) is not None:
-                self.send(("fail", batch_no, str(exc)))
+                self.fail(batch_no, str(exc))
             else:
-                self.send(("ack", batch_no, future.result()))
+                seq = future.result()
+                self.send(("ack", batch_no, self.sink.last_seq if seq is None else seq))
+
+    def fail(self, batch_no: int, message: str) -> None:
+        """Answer "fail": the parent then refuses statements until it hears health again."""
+        self.send(("fail", batch_no, message))
+        # The sink may have recovered already (a retry woken by a later batch), so its health
+        # did not change; report it anyway, or the parent would refuse statements for good.
+        self._healthy = False
 
     def report_health(self) -> None:
         healthy = self.sink.healthy
@@ -170,7 +208,7 @@ async def _run(path: Path, max_delay_ms: int, max_pending: int) -> int:
         return 2
     child = _Child(sink, out_transport)
     child.send(("ready", sink.last_seq))
-    await loop.connect_read_pipe(lambda: _ChildProtocol(child), sys.stdin.buffer)
+    child.stdin, _ = await loop.connect_read_pipe(lambda: _ChildProtocol(child), sys.stdin.buffer)
     await child.watch_health()
     try:
         await sink.close()
@@ -179,7 +217,7 @@ async def _run(path: Path, max_delay_ms: int, max_pending: int) -> int:
         return 1
     finally:
         out_transport.close()
-    return 0
+    return 0 if child.broken is None else 1
 
 
 def main(argv: list[str] | None = None) -> int:
