@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from dbward.audit.process import ProcessAuditSink
 from dbward.config.model import Config
+from dbward.core.errors import AuditUnavailable
 from dbward.identity.local import LocalAuthenticator
 from dbward.relay.services import CancelRegistry, ListenerServices
 from dbward.server.listener import PgListener
@@ -110,7 +111,12 @@ def run_until_stopped(config: Config, *, ready: Callable[[], None] | None = None
             ready()
         await stop.wait()
         log.info("shutting down: draining sessions (grace %ss)", config.shutdown_grace_s)
-        await runtime.stop()
+        try:
+            await runtime.stop()
+        except AuditUnavailable as exc:
+            # Not a start-up failure (exit 2 says the configuration is wrong): records were lost.
+            log.error("shutting down: %s", exc.message)
+            return 1
         log.info("audit log flushed; bye")
         return 0
 
