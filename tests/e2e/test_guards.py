@@ -35,6 +35,16 @@ DENIED = [
     ),
     ("SELECT ts_stat('SELECT to_tsvector(pg_read_file(''/etc/passwd''))')", "guard.server_file"),
     ("SELECT query_to_xml('SELECT ' || '1', true, false, '')", "guard.dynamic_sql"),
+    (
+        "CREATE AGGREGATE pg_temp.rsw(text, boolean)"
+        " (sfunc = set_config, stype = text, initcond = 'role')",
+        "guard.role_switch",
+    ),
+    (
+        "CREATE FUNCTION pg_temp.sw() RETURNS text LANGUAGE sql"
+        " AS $$ SELECT set_config('role', 'postgres', false) $$",
+        "guard.role_switch",
+    ),
 ]
 
 

@@ -194,6 +194,67 @@ def test_constant_sql_run_by_functions_is_allowed(sql: str) -> None:
 
 
 @pytest.mark.parametrize(
+    ("sql", "rule"),
+    [
+        # Verified on PostgreSQL 15 as a non-superuser: calling the aggregate switched the role.
+        (
+            "CREATE AGGREGATE pg_temp.rsw(text, boolean) "
+            "(sfunc = set_config, stype = text, initcond = 'role')",
+            "guard.role_switch",
+        ),
+        (
+            "CREATE OPERATOR pg_temp.### (RIGHTARG = text, FUNCTION = pg_read_file)",
+            "guard.server_file",
+        ),
+        (
+            "CREATE OPERATOR pg_temp.>>> (LEFTARG = oid, RIGHTARG = text, "
+            "PROCEDURE = pg_catalog.lo_export)",
+            "guard.server_file",
+        ),
+        (
+            "CREATE AGGREGATE pg_temp.tr(text) "
+            "(sfunc = ts_rewrite, stype = tsquery, initcond = 'a')",
+            "guard.dynamic_sql",
+        ),
+        ("CREATE CAST (text AS int) WITH FUNCTION pg_read_file(text)", "guard.server_file"),
+        (
+            "CREATE FOREIGN TABLE ft (l text) SERVER files OPTIONS (program 'id')",
+            "guard.copy_program",
+        ),
+        (
+            "CREATE FOREIGN TABLE ft (l text) SERVER files OPTIONS (filename '/x')",
+            "guard.copy_file",
+        ),
+        ("ALTER FOREIGN TABLE ft OPTIONS (SET program 'id')", "guard.copy_program"),
+        (
+            "CREATE FUNCTION f() RETURNS text LANGUAGE sql "
+            "AS $$ SELECT set_config('role', 'x', false) $$",
+            "guard.role_switch",
+        ),
+        ("CREATE OR REPLACE PROCEDURE p() LANGUAGE sql AS 'SET ROLE x'", "guard.role_switch"),
+    ],
+)
+def test_ddl_that_makes_a_guarded_function_callable_is_denied(sql: str, rule: str) -> None:
+    """An aggregate, operator or cast runs its function where no call names it: deny the DDL."""
+    (decision,) = decisions(sql)
+    assert (decision.verdict, decision.rule) == (Verdict.DENY, rule)
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "CREATE AGGREGATE mysum(int) (sfunc = int4pl, stype = int)",
+        "CREATE OPERATOR === (LEFTARG = int, RIGHTARG = int, FUNCTION = int4eq)",
+        "CREATE FUNCTION f() RETURNS bigint LANGUAGE sql AS 'SELECT count(*) FROM accounts'",
+        "CREATE FUNCTION g() RETURNS int LANGUAGE plpgsql AS 'BEGIN RETURN 1; END'",
+        "CREATE FOREIGN TABLE ft (l text) SERVER pg OPTIONS (schema_name 'public')",
+    ],
+)
+def test_ordinary_ddl_naming_functions_is_allowed(sql: str) -> None:
+    assert decisions(sql) == [ALLOW]
+
+
+@pytest.mark.parametrize(
     "sql",
     [
         "SELECT pg_ls_waldir()",

@@ -747,3 +747,21 @@ def test_sql_text_functions_are_never_shared_by_the_template_cache() -> None:
     dangerous = "SELECT query_to_xml('SELECT set_config(''role'', ''x'', false)', true, false, '')"
     assert clf.classify(safe)[0].flags == frozenset()
     assert "set_config_role" in clf.classify(dangerous)[0].flags
+
+
+def test_sql_function_bodies_are_classified_into_the_create(clf: PostgresClassifier) -> None:
+    created = one(
+        clf, "CREATE FUNCTION f() RETURNS bigint LANGUAGE sql AS 'SELECT count(*) FROM t'"
+    )
+    assert (created.kind, created.tables) == (StatementKind.DDL, ("t",))
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT pg_logical_slot_get_changes('s', NULL, NULL)",
+        "SELECT brin_summarize_new_values('i')",
+    ],
+)
+def test_maintenance_and_replication_functions_are_admin(clf: PostgresClassifier, sql: str) -> None:
+    assert one(clf, sql).kind is StatementKind.ADMIN

@@ -417,7 +417,19 @@ def _constant_text(node: dict[str, Any]) -> str | None:
 _NO_SCOPE: Final[frozenset[str]] = frozenset()
 
 # Dispatch codes for the keys the walk reacts to; every other key is just descended into.
-_RANGE_VAR, _RELATION_FIELD, _FUNC_CALL, _VAR_SET, _UPDATE, _DELETE, _SKIP, _DEF_ELEM = range(8)
+(
+    _RANGE_VAR,
+    _RELATION_FIELD,
+    _FUNC_CALL,
+    _VAR_SET,
+    _UPDATE,
+    _DELETE,
+    _SKIP,
+    _DEF_ELEM,
+    _FUNC_REF,
+    _OPCLASS_ITEM,
+    _CREATE_FUNCTION,
+) = range(11)
 _KEY_CODES: Final[dict[str, int]] = {
     "RangeVar": _RANGE_VAR,
     # Fields typed RangeVar* are emitted bare (not wrapped) by libpg_query.
@@ -446,6 +458,11 @@ _KEY_CODES: Final[dict[str, int]] = {
     # libpg_query's normalize() locates DefElem arguments by scanning the text for a quote or
     # "$", not from the tree: never share a classification through it when one is present.
     "DefElem": _DEF_ELEM,
+    # DDL that names a function without calling it, making it callable under another name:
+    # CREATE CAST ... WITH FUNCTION, CREATE TRANSFORM, operator class support functions.
+    **dict.fromkeys(("func", "fromsql", "tosql"), _FUNC_REF),
+    "CreateOpClassItem": _OPCLASS_ITEM,
+    "CreateFunctionStmt": _CREATE_FUNCTION,
     # Leaves that can hold no relation, function or statement: not worth visiting.
     **dict.fromkeys(
         ("A_Const", "ColumnRef", "String", "Integer", "Float", "Boolean", "BitString", "A_Star"),
@@ -454,6 +471,40 @@ _KEY_CODES: Final[dict[str, int]] = {
     "ParamRef": _SKIP,
 }
 
+
+# DefElem options (CREATE AGGREGATE / OPERATOR / TYPE / ...) whose value names a function that
+# a later, innocent-looking call runs: `CREATE AGGREGATE a(...) (sfunc = set_config, ...)`.
+_FUNCTION_OPTIONS: Final = frozenset(
+    {
+        "sfunc",
+        "finalfunc",
+        "combinefunc",
+        "serialfunc",
+        "deserialfunc",
+        "msfunc",
+        "minvfunc",
+        "mfinalfunc",
+        "function",
+        "procedure",
+        "restrict",
+        "join",
+        "subtype_diff",
+        "canonical",
+        "input",
+        "output",
+        "receive",
+        "send",
+        "typmod_in",
+        "typmod_out",
+        "analyze",
+        "subscript",
+        "handler",
+        "validator",
+        "inline",
+    }
+)
+# Foreign-table options of file_fdw that read a server file or run a server program.
+_FILE_FDW_OPTIONS: Final = {"program": "copy_program", "filename": "copy_file"}
 
 # Option names whose value is a credential: such statements are never logged verbatim.
 _SECRET_OPTIONS = frozenset({"password", "passfile", "sslpassword", "sslkey"})
@@ -498,6 +549,17 @@ _ADMIN_FUNCTIONS: Final = frozenset(
         "pg_stat_reset_replication_slot",
         "pg_stat_reset_subscription_stats",
         "pg_import_system_collations",
+        # Consume a logical replication slot for good, or move replication origins.
+        "pg_logical_slot_get_changes",
+        "pg_logical_slot_get_binary_changes",
+        "pg_logical_emit_message",
+        "pg_replication_origin_advance",
+        "pg_replication_origin_session_setup",
+        # Index maintenance, like VACUUM.
+        "brin_summarize_new_values",
+        "brin_summarize_range",
+        "brin_desummarize_range",
+        "gin_clean_pending_list",
     }
 )
 _WRITE_FUNCTIONS: Final = frozenset(
@@ -657,9 +719,23 @@ def _walk(root: dict[str, Any], has_ctes: bool = True) -> _Walk:
                     out.const_sensitive = True
                 elif code == _DEF_ELEM:
                     out.const_sensitive = True
+                    defname = value.get("defname")
                     # CREATE/ALTER ROLE ... PASSWORD, USER MAPPING / SERVER OPTIONS (password ...)
-                    if value.get("defname") in _SECRET_OPTIONS:
+                    if defname in _SECRET_OPTIONS:
                         out.flags.add("sets_password")
+                    elif defname in _FUNCTION_OPTIONS:
+                        _function_reference(_named_function(value.get("arg")), out)
+                    elif defname in _FILE_FDW_OPTIONS:
+                        out.flags.add(_FILE_FDW_OPTIONS[defname])
+                elif code == _FUNC_REF:
+                    _function_reference(_named_function(value), out)
+                elif code == _OPCLASS_ITEM:
+                    if value.get("itemtype") == 2:  # OPCLASS_ITEM_FUNCTION
+                        _function_reference(_named_function(value.get("name")), out)
+                elif code == _CREATE_FUNCTION:
+                    body = _sql_function_body(value)
+                    if body is not None:
+                        out.sql_texts.append(body)
                 elif code == _UPDATE:
                     if "whereClause" not in value:
                         out.flags.add("update_without_where")
@@ -721,6 +797,63 @@ def _func_call(call: dict[str, Any], out: _Walk) -> None:
         # A computed GUC name cannot be checked: treat it as role switching.
         if first is None or first.lower() in _ROLE_GUCS:
             out.flags.add("set_config_role")
+
+
+def _named_function(node: object) -> str:
+    """The function a DDL option or reference names: TypeName, String list or ObjectWithArgs."""
+    if not isinstance(node, dict):
+        return ""
+    found: dict[str, Any] = node
+    for key in ("TypeName", "ObjectWithArgs", "List"):
+        if key in found:
+            found = found[key]
+            break
+    items = found.get("names") or found.get("objname") or found.get("items")
+    if isinstance(items, list):
+        return _strings(items).lower()
+    if "String" in found:
+        return str(found["String"].get("sval", "")).lower()
+    return ""
+
+
+def _function_reference(name: str, out: _Walk) -> None:
+    """A function DDL makes callable under another name: what calling it would flag, now.
+
+    The later call (an aggregate, an operator, a cast) does not show the function at all, so a
+    guarded function must be refused where it is named.
+    """
+    if not name:
+        return
+    out.functions.append((-1, name))
+    base = name.rsplit(".", 1)[-1]
+    if base == "set_config":
+        out.flags.add("set_config_role")  # its arguments are unknown here: it may set a role
+    if base in SERVER_FILE_FUNCTIONS:
+        out.flags.add("server_file_function")
+    if base in _SQL_TEXT_FUNCTIONS or base in _SQL_FRAGMENT_FUNCTIONS or base == "ts_rewrite":
+        out.flags.add("dynamic_sql")
+
+
+def _sql_function_body(create: dict[str, Any]) -> str | None:
+    """The body of a LANGUAGE sql function or procedure given as a string, else None.
+
+    Such a body is SQL that runs whenever the function is called, where no guard would see
+    it: it is classified as part of the CREATE. (BEGIN ATOMIC bodies are in the tree already;
+    bodies in other languages cannot be read.)
+    """
+    language = ""
+    body: str | None = None
+    for option in create.get("options") or ():
+        elem = option.get("DefElem", {})
+        name = elem.get("defname")
+        arg = elem.get("arg", {})
+        if name == "language":
+            language = str(arg.get("String", {}).get("sval", "")).lower()
+        elif name == "as":
+            items = arg.get("List", {}).get("items", [])
+            if len(items) == 1:
+                body = str(items[0].get("String", {}).get("sval", ""))
+    return body if language == "sql" else None
 
 
 def _sql_text_arguments(
