@@ -7,11 +7,14 @@ or refuse it. Each test smuggles a role switch (or hides a write) the way a revi
 
 from __future__ import annotations
 
+import select
+import time
 import uuid
 from collections.abc import Iterator
 
 import psycopg
 import pytest
+from psycopg import pq
 
 from dbward.wire.postgres import messages as m
 from fixtures.clients import app_name, has_disconnect, outcome_of, statements
@@ -210,3 +213,77 @@ def test_an_eager_extended_copy_keeps_the_sync_after_copy_done(proxy: Proxy) -> 
     records = proxy.session_records(app, until=has_disconnect)
     (delete,) = [s for s in statements(records) if s.sql_text == "DELETE FROM v1"]
     assert (outcome_of(records, delete).status, outcome_of(records, delete).rows) == ("ok", 3)
+
+
+def _libpq_pipeline(dsn: str, timeout: float = 10.0) -> list[str]:
+    """Real libpq in pipeline mode: prepare, sync, then reuse it after another query."""
+    conn = pq.PGconn.connect(dsn.encode())
+    assert conn.status == pq.ConnStatus.OK, conn.error_message
+    try:
+        conn.enter_pipeline_mode()
+        conn.send_prepare(b"s1", b"SELECT 1")
+        conn.pipeline_sync()
+        conn.send_query_params(b"SELECT 2", None)
+        conn.send_query_prepared(b"s1", None)
+        conn.pipeline_sync()
+        while conn.flush():
+            pass
+        results: list[str] = []
+        deadline = time.monotonic() + timeout
+        while results.count("PIPELINE_SYNC") < 2:
+            assert time.monotonic() < deadline, f"pipeline stalled after {results}"
+            select.select([conn.socket], [], [], 0.2)
+            conn.consume_input()
+            while not conn.is_busy():
+                result = conn.get_result()
+                if result is None:
+                    if results.count("PIPELINE_SYNC") == 2:
+                        break
+                    continue
+                results.append(pq.ExecStatus(result.status).name)
+                if results.count("PIPELINE_SYNC") == 2:
+                    break
+        return results
+    finally:
+        conn.finish()
+
+
+def test_libpq_pipeline_reusing_a_statement_prepared_in_an_earlier_group(
+    proxy: Proxy, pg_server: PgServer
+) -> None:
+    """The Bind waits for its Parse's answer, not for replies only its own Sync releases."""
+    direct = _libpq_pipeline(pg_server.dsn())
+    through = _libpq_pipeline(proxy.dsn(application_name=app_name("libpq-pipeline")))
+    assert (
+        through
+        == direct
+        == [
+            "COMMAND_OK",
+            "PIPELINE_SYNC",
+            "TUPLES_OK",
+            "TUPLES_OK",
+            "PIPELINE_SYNC",
+        ]
+    )
+
+
+def test_execute_of_a_sql_cursor_is_decided_as_its_query(proxy: Proxy) -> None:
+    """DECLARE creates a portal the extended protocol can Execute: it is the cursor's query."""
+    app = app_name("cursor")
+    session = RawSession(proxy, app)
+    try:
+        session.query(
+            "CREATE TEMP TABLE secret_notes (v text); INSERT INTO secret_notes VALUES ('x')"
+        )
+        session.query("BEGIN")
+        session.send(m.parse_message("s", "SELECT 1") + m.bind_message("p", "s", []) + m.sync())
+        session.query("CLOSE p; DECLARE p CURSOR FOR SELECT v FROM secret_notes")
+        replies = session.send(m.execute_message("p") + m.sync())
+        assert [kind for kind, _ in replies] == [b"D", b"C", b"Z"]
+        session.query("COMMIT")
+    finally:
+        session.close()
+    extended = [s for s in statements(proxy.session_records(app, until=has_disconnect))]
+    executed = [s for s in extended if s.path == "extended"][-1]
+    assert executed.tables == ("secret_notes",)
+    assert executed.sql_text == "DECLARE p CURSOR FOR SELECT v FROM secret_notes"

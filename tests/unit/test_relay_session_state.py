@@ -195,3 +195,105 @@ def test_backslashes_are_refused_while_standard_conforming_strings_is_off() -> N
     assert upstream.written.endswith(m.query("SELECT 1"))
     denied = [r for r in sink.records if r.decision == "deny"]
     assert "standard_conforming_strings is off" in denied[0].reason
+
+
+# Found in review: identity of cached classification tuples, Close, SQL PREPARE and protocol
+# Parse sharing one namespace, COPY state, and the reply limit after an error.
+CLOSED = m._frame(b"3", b"")
+DIV0 = m.error_response("ERROR", "22012", "division by zero")
+DELETE = "DELETE FROM victim WHERE x > 0"
+
+
+def _executed(sink: MemorySink) -> list[tuple[str, str]]:
+    return [(r.kind, r.sql_text) for r in sink.records if r.event == "statement"]
+
+
+def test_a_skipped_parse_then_the_same_text_parsed_again_keeps_the_second() -> None:
+    """The same text gives the same cached tuple: settling must not compare meanings."""
+    session, _, _, sink = _session()
+    session.data_received(m.parse_message("", "SELECT 1") + m.sync())
+    session._on_upstream_data(PARSED + m.ready_for_query(b"I"))
+    session.data_received(
+        m.parse_message("z", "SELECT 1/0")
+        + m.bind_message("e", "z", [])
+        + m.execute_message("e")
+        + m.parse_message("", DELETE)  # skipped by PostgreSQL after the error
+        + m.sync()
+        + m.parse_message("", DELETE)  # accepted
+        + m.sync()
+    )
+    session._on_upstream_data(
+        PARSED + BOUND + DIV0 + m.ready_for_query(b"I") + PARSED + m.ready_for_query(b"I")
+    )
+    session.data_received(m.bind_message("", "", []) + m.execute_message("") + m.sync())
+    assert _executed(sink)[-1] == ("write", DELETE)
+
+
+def test_a_refused_parse_then_close_and_parse_again_keeps_the_new_one() -> None:
+    session, _, _, sink = _session()
+    session.data_received(m.parse_message("s1", "SELECT 1") + m.sync())
+    session._on_upstream_data(PARSED + m.ready_for_query(b"I"))
+    session.data_received(
+        m.parse_message("s1", DELETE)  # refused: s1 exists
+        + m.sync()
+        + m.close_message("S", "s1")
+        + m.parse_message("s1", DELETE)
+        + m.sync()
+    )
+    session._on_upstream_data(
+        DUPLICATE + m.ready_for_query(b"I") + CLOSED + PARSED + m.ready_for_query(b"I")
+    )
+    session.data_received(m.bind_message("", "s1", []) + m.execute_message("") + m.sync())
+    assert _executed(sink)[-1] == ("write", DELETE)
+
+
+def test_a_refused_sql_prepare_does_not_undo_a_later_protocol_definition() -> None:
+    session, _, _, sink = _session()
+    session.data_received(m.parse_message("s1", "SELECT 1") + m.sync())
+    session._on_upstream_data(PARSED + m.ready_for_query(b"I"))
+    session.data_received(
+        m.query("PREPARE s1 AS SELECT 2")  # refused: s1 exists
+        + m.close_message("S", "s1")
+        + m.parse_message("s1", DELETE)
+        + m.sync()
+    )
+    session._on_upstream_data(
+        DUPLICATE + m.ready_for_query(b"I") + CLOSED + PARSED + m.ready_for_query(b"I")
+    )
+    session.data_received(m.bind_message("", "s1", []) + m.execute_message("") + m.sync())
+    assert _executed(sink)[-1] == ("write", DELETE)
+
+
+def test_an_unrelated_error_before_a_copy_starts_keeps_the_copy_syncs_in_step() -> None:
+    session, _, _, _ = _session()
+    session.data_received(m.query("SELECT 1/0"))
+    session.data_received(
+        m.parse_message("", "COPY t FROM STDIN")
+        + m.bind_message("", "", [])
+        + m.execute_message("")
+    )
+    session._on_upstream_data(DIV0 + m.ready_for_query(b"I"))  # the Query's error
+    session.data_received(m.sync())  # PostgreSQL ignores it: it is copying by then
+    session._on_upstream_data(PARSED + BOUND + m._frame(b"G", b"\x00\x00\x00"))
+    session.data_received(m.copy_data(b"1\n") + m.copy_done() + m.sync())
+    session._on_upstream_data(m.command_complete("COPY 1") + m.ready_for_query(b"I"))
+    assert len(session._ops) == 0
+
+
+def test_the_reply_limit_keeps_reading_while_postgres_discards_until_sync() -> None:
+    """After an error PostgreSQL answers nothing until the client's Sync: it must be read."""
+    session, client, _ = detached_session(MemorySink(), keep=False)
+    session.data_received(
+        m.parse_message("", "SELECT 1/0")
+        + m.bind_message("", "", [])
+        + m.execute_message("")
+        + m.flush()
+    )
+    session._on_upstream_data(PARSED + BOUND + DIV0)
+    chunk = (m.bind_message("", "", []) + m.execute_message("")) * 1000
+    for _ in range(60):  # 120,000 messages PostgreSQL discards
+        session.data_received(chunk)
+    assert client.reading
+    session.data_received(m.sync())
+    session._on_upstream_data(m.ready_for_query(b"I"))
+    assert len(session._ops) == 0

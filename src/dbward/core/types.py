@@ -75,6 +75,9 @@ class Statement:
     # "executes_prepared" and are resolved by the relay against what the session prepared.
     prepared_name: str | None = None
     prepared: Statement | None = None  # for PREPARE: the statement it prepares
+    # DECLARE / CLOSE: the cursor (a portal, which the extended protocol can Execute by name);
+    # CLOSE ALL carries the flag "closes_all_cursors" instead.
+    cursor_name: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -117,7 +117,7 @@ class _PreparedChanges:
 class _Tracked:
     """A statement sent upstream whose outcome is still to be recorded."""
 
-    __slots__ = ("held", "path", "previous", "sid", "started", "statement", "sync_mark")
+    __slots__ = ("definition", "held", "path", "sid", "started", "statement")
 
     def __init__(
         self,
@@ -134,9 +134,8 @@ class _Tracked:
         # The intent record while the sink still holds it: an outcome that arrives before
         # the sink's next batch is written into the same record instead of a second one.
         self.held = held
-        # A SQL-level PREPARE: what its name meant before, restored if it fails.
-        self.previous: tuple[Statement, ...] | None = None
-        self.sync_mark = -1  # not a PREPARE (see PgSession._pending_statements)
+        # A SQL PREPARE / DECLARE / CLOSE: the name it (re)defines, settled by its outcome.
+        self.definition: _Definition | None = None
 
 
 class _Op:
@@ -144,13 +143,10 @@ class _Op:
 
     __slots__ = (
         "code",
+        "definition",
         "index",
         "max_rows",
-        "name",
-        "previous",
         "replacement",
-        "statements",
-        "sync_mark",
         "tracked",
     )
 
@@ -166,19 +162,69 @@ class _Op:
         self.index = 0  # next statement of a multi-statement Query
         self.replacement = replacement  # our ErrorResponse for a poison statement
         self.max_rows = max_rows  # Execute's row limit: PortalSuspended means exactly this many
-        # Parse/Bind: the statement or portal name it (re)defines, what the name meant before
-        # (restored if PostgreSQL refuses or skips the message) and its sync group.
-        self.name: str | None = None
-        self.statements: tuple[Statement, ...] | None = None
-        self.previous: tuple[Statement, ...] | None = None
-        self.sync_mark = 0
+        # Parse/Bind/Close (and an unnamed poison Parse): the name it (re)defines.
+        self.definition: _Definition | None = None
 
 
-class _AwaitQuiet:
-    """Returned by a message handler: park this message until nothing is in flight."""
+class _Definition:
+    """A statement or portal name (re)defined by a message PostgreSQL has not answered yet.
+
+    dbward's maps say what PostgreSQL will hold once every message in flight succeeds. When
+    PostgreSQL refuses or skips the message, the name means again what it meant before (or
+    nothing: a failing unnamed Parse/Bind drops the old one first) — unless a later message in
+    flight redefines it, which then replaces that instead.
+    """
+
+    __slots__ = (
+        "drops_on_failure",
+        "meaning",
+        "name",
+        "portal",
+        "previous",
+        "settled",
+        "successor",
+        "sync_mark",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        meaning: tuple[Statement, ...] | None,
+        previous: tuple[Statement, ...] | None,
+        *,
+        portal: bool,
+        sync_mark: int,
+        drops_on_failure: bool,
+    ) -> None:
+        self.name = name
+        self.meaning = meaning  # None: the message removes the name (Close, CLOSE, poison)
+        self.previous = previous
+        self.portal = portal
+        self.sync_mark = sync_mark  # the sync group it was sent in
+        self.drops_on_failure = drops_on_failure
+        self.successor: _Definition | None = None  # the next definition of the name in flight
+        self.settled = False
 
 
-_AWAIT_QUIET: Final = _AwaitQuiet()
+class _Await:
+    """Returned by a message handler: park this message, unhandled, until it may be read.
+
+    `quiet`: until nothing is in flight (a setting that changes how SQL reads may be changing);
+    `definitions`: until PostgreSQL has answered these (the message depends on them).
+    """
+
+    __slots__ = ("definitions", "quiet")
+
+    def __init__(self, *, quiet: bool = False, definitions: tuple[_Definition, ...] = ()) -> None:
+        self.quiet = quiet
+        self.definitions = definitions
+
+    def ready(self, ops: deque[_Op]) -> bool:
+        """Whether the parked message may be handled now."""
+        return (not self.quiet or not ops) and all(d.settled for d in self.definitions)
+
+
+_AWAIT_QUIET: Final = _Await(quiet=True)
 
 
 # Replies that carry no statement: one shared, never-mutated op each (no allocation per message).
@@ -252,10 +298,11 @@ class PgSession(asyncio.Protocol):
         # is pending, with the sync group it was sent in. Within its group a later message may
         # rely on it (if it fails, PostgreSQL skips the rest of the group); a message of a
         # later group waits until it is settled, since PostgreSQL would then run the old one.
-        self._pending_statements: dict[str, _Op | _Tracked] = {}
-        self._pending_portals: dict[str, _Op] = {}
+        self._pending_statements: dict[str, _Definition] = {}
+        self._pending_portals: dict[str, _Definition] = {}
         self._syncs = 0  # Sync and Query messages forwarded: the current sync group
-        self._await_quiet = False  # a parked message waits for every reply to arrive
+        self._z_owed = 0  # ReadyForQuery messages PostgreSQL owes (Syncs and Queries in flight)
+        self._awaiting: _Await | None = None  # why the parked message waits
         self._copy_state = _COPY_NONE
         # standard_conforming_strings as PostgreSQL reports it: when off, backslashes in
         # string literals mean what dbward's parser (which assumes on) would not see.
@@ -324,7 +371,9 @@ class PgSession(asyncio.Protocol):
                 self._drain_inbox()
             else:
                 self._process_frames(frames)
-            if len(self._ops) > MAX_REPLIES_IN_FLIGHT and self.transport is not None:
+            # Only while a ReadyForQuery is owed: after an error PostgreSQL answers nothing
+            # until the client's next Sync, which must still be read.
+            if len(self._ops) > MAX_REPLIES_IN_FLIGHT and self._z_owed and self.transport:
                 self._client_paused_for_replies = True
                 self.transport.pause_reading()
         elif self._phase == _PHASE_STARTUP:
@@ -642,6 +691,7 @@ class PgSession(asyncio.Protocol):
                     self._discard_until_sync = False
                     self._ops.append(_SYNC_OP)
                     self._syncs += 1
+                    self._z_owed += 1
                     out.append(raw)
                 elif msg_type == _X:
                     self._terminate(out)
@@ -667,12 +717,11 @@ class PgSession(asyncio.Protocol):
             if msg_type == _X:
                 self._terminate(out)
                 return
-            if barrier is _AWAIT_QUIET:
+            if isinstance(barrier, _Await):
                 self._park(frames[i - 1 :], out)  # this message too: it is handled again
-                self._await_quiet = True
+                self._awaiting = barrier
                 return
             if barrier is not None:
-                assert not isinstance(barrier, _AwaitQuiet)
                 future, held = barrier
                 self._park(frames[i:], out)
                 future.add_done_callback(functools.partial(self._barrier_done, held=held))
@@ -779,12 +828,12 @@ class PgSession(asyncio.Protocol):
 
     def _handle_message(
         self, msg_type: int, payload: bytes, raw: bytes, out: list[bytes]
-    ) -> tuple[asyncio.Future[int], tuple[bytes, bytes]] | _AwaitQuiet | None:
+    ) -> tuple[asyncio.Future[int], tuple[bytes, bytes]] | _Await | None:
         """Decide one client message; append what to forward to `out`.
 
         Returns a barrier (future, (bytes to forward, bytes if refused)) when forwarding must
-        wait for a durable audit write, or _AWAIT_QUIET when the message must wait, unhandled,
-        until PostgreSQL has answered everything in flight (see `_pending_statements`).
+        wait for a durable audit write, or an _Await when the message must wait, unhandled,
+        for answers it depends on (see `_Definition`).
         """
         if msg_type == _Q:
             if len(payload) > self._max_statement_bytes:
@@ -794,17 +843,18 @@ class PgSession(asyncio.Protocol):
             unsettled = (
                 self._unsettled_text(payload) if self._ops or not self._conforming_strings else None
             )
-            if isinstance(unsettled, _AwaitQuiet):
+            if isinstance(unsettled, _Await):
                 return unsettled
             if unsettled is not None:
                 statements: tuple[Statement, ...] = (unsettled,)
             else:
                 text = self._decode_sql(payload)
                 statements = self._classify(text) if text is not None else (self._undecodable(),)
-                if self._pending_statements and self._names_unsettled(statements):
+                waits = self._unsettled_names(statements) if self._pending_statements else None
+                if waits is not None:
                     if text is not None:
-                        self._preclassified = (text, statements)  # handled again when quiet
-                    return _AWAIT_QUIET
+                        self._preclassified = (text, statements)  # handled again when ready
+                    return waits
             return self._handle_query(statements, raw, out)
         if msg_type == _P:
             # Split with a byte-preserving codec, then decode the SQL as the server will: bad
@@ -813,7 +863,7 @@ class PgSession(asyncio.Protocol):
             unsettled = (
                 self._unsettled_text(query) if self._ops or not self._conforming_strings else None
             )
-            if isinstance(unsettled, _AwaitQuiet):
+            if isinstance(unsettled, _Await):
                 return unsettled
             if unsettled is not None:
                 statements = (unsettled,)
@@ -829,7 +879,9 @@ class PgSession(asyncio.Protocol):
             if denial is not None:
                 self._refuse_parse(name, decided, denial, out)
                 return None
-            self._ops.append(self._define(_OP_PARSE, name, statements))
+            op = _Op(_OP_PARSE)
+            op.definition = self._define(name, statements, portal=False, drops_on_failure=not name)
+            self._ops.append(op)
             out.append(raw)
             return None
         if msg_type == _B:
@@ -838,7 +890,7 @@ class PgSession(asyncio.Protocol):
             if pending is not None and pending.sync_mark != self._syncs:
                 # Prepared in an earlier sync group that PostgreSQL has not answered: if that
                 # Parse fails, this Bind would use whatever the name meant before it.
-                return _AWAIT_QUIET
+                return _Await(definitions=(pending,))
             found = self._prepared.get(statement_name)
             # A statement dbward did not see prepared (SQL PREPARE, or forgotten after
             # DEALLOCATE/DISCARD) cannot be inspected: it is denied at Execute.
@@ -850,14 +902,18 @@ class PgSession(asyncio.Protocol):
                         f"prepared statement {statement_name!r} was not seen by dbward",
                     ),
                 )
-            self._ops.append(self._define(_OP_BIND, portal_name, found))
+            op = _Op(_OP_BIND)
+            op.definition = self._define(
+                portal_name, found, portal=True, drops_on_failure=not portal_name
+            )
+            self._ops.append(op)
             out.append(raw)
             return None
         if msg_type == _E:
             portal_name, max_rows = messages.execute_parts(payload)
             bound = self._pending_portals.get(portal_name)
             if bound is not None and bound.sync_mark != self._syncs:
-                return _AWAIT_QUIET  # bound in an earlier sync group not answered yet
+                return _Await(definitions=(bound,))  # bound in an earlier, unanswered group
             portal = self._portals.get(portal_name)
             statements = (
                 portal
@@ -870,15 +926,18 @@ class PgSession(asyncio.Protocol):
                     ),
                 )
             )
-            if self._pending_statements and self._names_unsettled(statements):
-                return _AWAIT_QUIET  # a SQL EXECUTE of a name a PREPARE in flight redefines
+            waits = self._unsettled_names(statements) if self._pending_statements else None
+            if waits is not None:
+                return waits  # a SQL EXECUTE of a name a PREPARE in flight redefines
             return self._handle_execute(statements, max_rows, raw, out)
         if msg_type == _S:
             copy_state = self._copy_state
             if copy_state == _COPY_NONE:
                 self._ops.append(_SYNC_OP)
+                self._z_owed += 1
             elif copy_state == _COPY_PENDING:
                 self._ops.append(_COPY_SYNC_OP)
+                self._z_owed += 1
             # _COPY_ACTIVE: the server ignores it (libpq sends one with the COPY's Execute)
             self._syncs += 1
             out.append(raw)
@@ -890,8 +949,12 @@ class PgSession(asyncio.Protocol):
             return None
         if msg_type == _C:
             close = messages.parse_close(payload, _NAME_CODEC)
-            (self._prepared if close.kind == "S" else self._portals).pop(close.name, None)
-            self._ops.append(_CLOSE_OP)
+            op = _Op(_OP_CLOSE)
+            # Undone if PostgreSQL skips it (an error earlier in its sync group).
+            op.definition = self._define(
+                close.name, None, portal=close.kind != "S", drops_on_failure=False
+            )
+            self._ops.append(op)
             out.append(raw)
             return None
         if msg_type == _H:
@@ -906,46 +969,54 @@ class PgSession(asyncio.Protocol):
             )
         raise ProtocolError(f"unexpected message type {chr(msg_type)!r} after startup")
 
-    def _define(self, code: int, name: str, statements: tuple[Statement, ...]) -> _Op:
-        """Record what a forwarded Parse/Bind makes `name` mean; its op can undo it."""
-        if code == _OP_PARSE:
-            table: dict[str, tuple[Statement, ...]] = self._prepared
-            pending: dict[str, _Op] | dict[str, _Op | _Tracked] = self._pending_statements
+    def _define(
+        self,
+        name: str,
+        meaning: tuple[Statement, ...] | None,
+        *,
+        portal: bool,
+        drops_on_failure: bool,
+    ) -> _Definition:
+        """Record what a forwarded message makes `name` mean (None: removes it), undoably."""
+        table = self._portals if portal else self._prepared
+        pending = self._pending_portals if portal else self._pending_statements
+        definition = _Definition(
+            name,
+            meaning,
+            table.get(name),
+            portal=portal,
+            sync_mark=self._syncs,
+            drops_on_failure=drops_on_failure,
+        )
+        earlier = pending.get(name)
+        if earlier is not None:
+            earlier.successor = definition
+        pending[name] = definition
+        if meaning is None:
+            table.pop(name, None)
         else:
-            table, pending = self._portals, self._pending_portals
-        op = _Op(code)
-        op.name = name
-        op.previous = table.get(name)
-        op.statements = statements
-        op.sync_mark = self._syncs
-        table[name] = statements
-        pending[name] = op
-        return op
+            table[name] = meaning
+        return definition
 
-    def _unsettled_name(
-        self, pending: dict[str, _Op] | dict[str, _Op | _Tracked], name: str
-    ) -> bool:
-        """Whether `name` was (re)defined by a message of an earlier sync group still in flight."""
-        if not pending:
-            return False
-        entry = pending.get(name)
-        return entry is not None and entry.sync_mark != self._syncs
+    def _unsettled_names(self, statements: tuple[Statement, ...]) -> _Await | None:
+        """What SQL EXECUTE/PREPARE/DEALLOCATE/DISCARD here must wait for, if anything.
 
-    def _names_unsettled(self, statements: tuple[Statement, ...]) -> bool:
-        """Whether SQL EXECUTE/PREPARE/DEALLOCATE/DISCARD here depend on an unsettled name."""
+        A name (re)defined in an earlier sync group that PostgreSQL has not answered yet may end
+        up meaning either definition; DEALLOCATE/DISCARD wait for every such name.
+        """
         pending = self._pending_statements
+        waits: list[_Definition] = []
         for statement in statements:
             name = statement.prepared_name
             if name is not None:
-                if self._unsettled_name(pending, name):
-                    return True
-            elif statement.command.startswith(("DEALLOCATE", "DISCARD")) and any(
-                entry.sync_mark != self._syncs for entry in pending.values()
-            ):
-                return True
-        return False
+                entry = pending.get(name)
+                if entry is not None and entry.sync_mark != self._syncs:
+                    waits.append(entry)
+            elif statement.command.startswith(("DEALLOCATE", "DISCARD")):
+                waits.extend(d for d in pending.values() if d.sync_mark != self._syncs)
+        return _Await(definitions=tuple(waits)) if waits else None
 
-    def _unsettled_text(self, sql: bytes) -> Statement | _AwaitQuiet | None:
+    def _unsettled_text(self, sql: bytes) -> Statement | _Await | None:
         """Whether SQL bytes can be read now; None: yes.
 
         Their meaning depends on client_encoding when they are not ASCII, and on
@@ -1089,9 +1160,27 @@ class PgSession(asyncio.Protocol):
         if changes.cleared or changes.added:
             self._apply_prepared_changes(changes, tracked)
         for item in tracked:
-            if "copy_from_stdin" in item.statement.flags:
-                self._copy_state = _COPY_PENDING
+            statement = item.statement
+            if statement.cursor_name is not None or statement.flags:
+                self._note_session_effects(item)
         return tracked, durable, None
+
+    def _note_session_effects(self, item: _Tracked) -> None:
+        """A forwarded statement that starts COPY FROM STDIN or declares or closes cursors."""
+        statement = item.statement
+        if "copy_from_stdin" in statement.flags:
+            self._copy_state = _COPY_PENDING
+        if "closes_all_cursors" in statement.flags:
+            self._portals.clear()  # if it fails, dbward forgot too much: refused, not wrong
+        elif statement.cursor_name is not None:
+            # A cursor is a portal: Execute by that name runs the DECLARE's query (and, after
+            # CLOSE, nothing dbward has seen). Undone if the statement fails.
+            item.definition = self._define(
+                statement.cursor_name,
+                (statement,) if statement.command == "DECLARE CURSOR" else None,
+                portal=True,
+                drops_on_failure=False,
+            )
 
     def _record_denied(
         self, decided: list[tuple[Statement, Decision, ProtocolPath]], denial: Decision
@@ -1113,14 +1202,14 @@ class PgSession(asyncio.Protocol):
     ) -> None:
         """Send PostgreSQL an unparseable Parse in place of a denied one; skip to Sync."""
         self._record_denied(decided, denial)
-        if name:
-            out.append(_POISON_PARSE)
-        else:
+        out.append(_POISON_PARSE if name else _POISON_PARSE_UNNAMED)
+        poison = _Op(_OP_POISON, None, _denial_frame(denial))
+        if not name:
             # PostgreSQL drops the unnamed statement at every Parse of that name, even one that
-            # fails: an unnamed poison does the same upstream, and dbward forgets it too.
-            out.append(_POISON_PARSE_UNNAMED)
-            self._prepared.pop("", None)
-        self._ops.append(_Op(_OP_POISON, None, _denial_frame(denial)))
+            # fails: an unnamed poison does the same upstream (unless it is skipped), and
+            # dbward forgets it too.
+            poison.definition = self._define("", None, portal=False, drops_on_failure=True)
+        self._ops.append(poison)
         self._discard_until_sync = True
 
     def _handle_query(
@@ -1135,6 +1224,7 @@ class PgSession(asyncio.Protocol):
             return self._forward_query(statements, raw, out, path)
         finally:
             self._syncs += 1  # like a Sync, it ends a sync group (after its own PREPAREs)
+            self._z_owed += 1
 
     def _forward_query(
         self,
@@ -1221,10 +1311,9 @@ class PgSession(asyncio.Protocol):
             statement = item.statement
             name = statement.prepared_name
             if statement.command == "PREPARE" and name is not None and name in changes.added:
-                item.previous = self._prepared.get(name)
-                item.sync_mark = self._syncs
-                self._pending_statements[name] = item
-                self._prepared[name] = changes.added[name]
+                item.definition = self._define(
+                    name, changes.added[name], portal=False, drops_on_failure=False
+                )
 
     def _terminate(self, out: list[bytes]) -> None:
         upstream = self._upstream
@@ -1271,10 +1360,13 @@ class PgSession(asyncio.Protocol):
         else:
             pieces.append(forward[position:])
             transport.write(b"".join(pieces))
-        if self._client_paused_for_replies and len(self._ops) <= _REPLIES_LOW_MARK:
+        if self._client_paused_for_replies and (
+            len(self._ops) <= _REPLIES_LOW_MARK or not self._z_owed
+        ):
             self._replies_drained()
-        if self._await_quiet and not self._ops:
-            self._await_quiet = False
+        awaiting = self._awaiting
+        if awaiting is not None and awaiting.ready(self._ops):
+            self._awaiting = None
             self._blocked = False
             self._unpark()
         if self._shutdown_requested and not self._ops and not self._blocked:
@@ -1299,6 +1391,8 @@ class PgSession(asyncio.Protocol):
                             self._record_outcome(item, "ok", "", rows)
             return None
         if msg_type == 0x5A:  # 'Z' ReadyForQuery
+            if self._z_owed > 0:
+                self._z_owed -= 1
             unanswered: list[_Op] = []
             while ops:
                 op = ops.popleft()
@@ -1311,8 +1405,8 @@ class PgSession(asyncio.Protocol):
                 self._finish_op(op, "not_executed", "")
                 unanswered.append(op)
             for op in reversed(unanswered):
-                if op.name is not None:
-                    self._settle(op, "skipped")
+                if op.definition is not None:
+                    self._settle(op.definition, "skipped")
             if not ops and self._portals and payload is not None and payload[:1] == b"I":
                 # No transaction is open and nothing else is in flight, so PostgreSQL has
                 # dropped every portal bound so far; forget them too. Otherwise a client that
@@ -1325,13 +1419,8 @@ class PgSession(asyncio.Protocol):
         if msg_type in (0x31, 0x32, 0x33):  # ParseComplete, BindComplete, CloseComplete
             if ops and ops[0].code in (_OP_PARSE, _OP_BIND, _OP_CLOSE):
                 op = ops.popleft()
-                name = op.name
-                if name is not None:  # the Parse/Bind succeeded: its definition is settled
-                    pending = (
-                        self._pending_statements if op.code == _OP_PARSE else self._pending_portals
-                    )
-                    if pending.get(name) is op:
-                        del pending[name]
+                if op.definition is not None:  # it succeeded: its definition holds
+                    self._settle(op.definition, None)
             return None
         if msg_type in (0x54, 0x6E):  # RowDescription, NoData
             if ops and ops[0].code == _OP_DESCRIBE:
@@ -1354,6 +1443,7 @@ class PgSession(asyncio.Protocol):
                 head = ops.popleft()
                 while ops and ops[0] is _COPY_SYNC_OP:
                     ops.popleft()
+                    self._z_owed -= 1
                 ops.appendleft(head)
             if self._copy_state == _COPY_PENDING:
                 self._copy_state = _COPY_ACTIVE
@@ -1378,8 +1468,11 @@ class PgSession(asyncio.Protocol):
 
     def _on_error(self, payload: bytes | None) -> bytes | None:
         ops = self._ops
-        # A COPY FROM STDIN that fails (or never starts) ends copy mode: Syncs count again.
-        self._copy_state = _COPY_NONE
+        if self._copy_state == _COPY_ACTIVE:
+            # The copy failed (bad data, CopyFail): the server left copy mode, Syncs count
+            # again. An error before a COPY starts leaves it pending: its Syncs stay
+            # _COPY_SYNC_OP, answered like any Sync unless the COPY does start.
+            self._copy_state = _COPY_NONE
         sqlstate = ""
         if payload is not None:
             fields = messages.parse_error_fields(payload)
@@ -1408,10 +1501,10 @@ class PgSession(asyncio.Protocol):
             self._finish_op(skipped[-1], "not_executed", "")
         # Undo what the failed and skipped Parse/Bind messages defined, latest first.
         for item in reversed(skipped):
-            if item.name is not None:
-                self._settle(item, "skipped")
-        if op.name is not None:
-            self._settle(op, "failed")
+            if item.definition is not None:
+                self._settle(item.definition, "skipped")
+        if op.definition is not None:
+            self._settle(op.definition, "failed")
         return replacement
 
     def _finish_op(self, op: _Op, status: str, sqlstate: str) -> None:
@@ -1423,48 +1516,28 @@ class PgSession(asyncio.Protocol):
                 status, sqlstate = "not_executed", ""
             op.tracked = []
 
-    def _settle(self, op: _Op, failure: str | None) -> None:
-        """PostgreSQL answered a Parse/Bind (failure None), refused it or skipped it."""
-        name = op.name
-        assert name is not None
-        if op.code == _OP_PARSE:
-            table: dict[str, tuple[Statement, ...]] = self._prepared
-            if self._pending_statements.get(name) is op:
-                del self._pending_statements[name]
-        else:
-            table = self._portals
-            if self._pending_portals.get(name) is op:
-                del self._pending_portals[name]
+    def _settle(self, definition: _Definition, failure: str | None) -> None:
+        """PostgreSQL answered the defining message (failure None), refused or skipped it."""
+        definition.settled = True
+        name = definition.name
+        pending = self._pending_portals if definition.portal else self._pending_statements
+        if pending.get(name) is definition:
+            del pending[name]
         if failure is None:
             return
-        # What the name means in PostgreSQL now: a failing unnamed Parse/Bind drops the old
-        # one before it fails; otherwise the old one stays.
-        meaning = None if failure == "failed" and not name else op.previous
-        if table.get(name) is not op.statements:
-            # A later message (another sync group) redefined the name: it now replaces
-            # `meaning`, not this op's statements, if it fails in turn.
-            for later in self._ops:
-                if later.code == op.code and later.name == name and later.previous is op.statements:
-                    later.previous = meaning
+        # What the name means in PostgreSQL without this message.
+        meaning = (
+            None if failure == "failed" and definition.drops_on_failure else definition.previous
+        )
+        successor = definition.successor
+        if successor is not None and not successor.settled:
+            successor.previous = meaning  # a later message in flight replaces that instead
             return
+        table = self._portals if definition.portal else self._prepared
         if meaning is None:
             table.pop(name, None)
         else:
             table[name] = meaning
-
-    def _settle_prepare(self, tracked: _Tracked, succeeded: bool) -> None:
-        """A SQL PREPARE's outcome arrived: keep its definition, or restore the old one."""
-        tracked.sync_mark = -1
-        name = tracked.statement.prepared_name
-        assert name is not None
-        if self._pending_statements.get(name) is tracked:
-            del self._pending_statements[name]
-        if succeeded:
-            return
-        if tracked.previous is None:
-            self._prepared.pop(name, None)
-        else:
-            self._prepared[name] = tracked.previous
 
     def _finish_pending(self, status: str, sqlstate: str) -> None:
         while self._ops:
@@ -1651,8 +1724,9 @@ class PgSession(asyncio.Protocol):
         self, tracked: _Tracked, status: str, sqlstate: str, rows: int | None = None
     ) -> None:
         duration_ms = round((time.perf_counter() - tracked.started) * 1000, 3)
-        if tracked.sync_mark >= 0:
-            self._settle_prepare(tracked, status == "ok")
+        if tracked.definition is not None:
+            definition, tracked.definition = tracked.definition, None
+            self._settle(definition, None if status == "ok" else "skipped")
         held = tracked.held
         if held is not None:
             tracked.held = None

@@ -1070,6 +1070,11 @@ def _classify_node(
     prepared_name, prepared = _prepared_parts(node_type, body, part, has_ctes)
     if prepared_name is not None and node_type not in ("PrepareStmt", "DeallocateStmt"):
         flags.add("executes_prepared")
+    cursor_name: str | None = None
+    if node_type in ("DeclareCursorStmt", "ClosePortalStmt"):
+        cursor_name = body.get("portalname")
+        if cursor_name is None:
+            flags.add("closes_all_cursors")
     statement = Statement(
         text=part,
         kind=kind,
@@ -1079,6 +1084,7 @@ def _classify_node(
         flags=frozenset(flags) if flags else _EMPTY,
         prepared_name=prepared_name,
         prepared=prepared,
+        cursor_name=cursor_name,
     )
     shareable = node_type in _SHAREABLE and not flags and not walked.const_sensitive
     return statement, shareable
