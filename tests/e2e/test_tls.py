@@ -285,6 +285,23 @@ def test_upstream_md5(
     assert _events(_session(up, app, AuditEvent.DISCONNECT))[:2] == ["connect", "auth_ok"]
 
 
+def test_upstream_cleartext_password_is_sent_only_over_tls(
+    proxy_factory: Callable[..., Proxy], pg_server: PgServer, tmp_path: Path
+) -> None:
+    """A server asking for the password in clear text gets it only on an encrypted connection."""
+    password_file = tmp_path / "plain-password"
+    password_file.write_text(pg_server.plain_password)
+    upstream = {"user": pg_server.plain_user, "password_file": str(password_file)}
+    plain = proxy_factory(upstream={**upstream, "tls": {"mode": "disable"}})
+    with pytest.raises(psycopg.OperationalError, match="in clear text on a connection without TLS"):
+        _connect(plain, _app("plain-notls"))
+    _require_pg_ssl(pg_server)
+    encrypted = proxy_factory(upstream={**upstream, "tls": {"mode": "require"}})
+    app = _app("plain-tls")
+    with _connect(encrypted, app) as conn:
+        assert _upstream_ssl(conn) == (pg_server.plain_user, True)
+
+
 def test_upstream_trust(proxy_factory: Callable[..., Proxy], pg_server: PgServer) -> None:
     up = proxy_factory(upstream={"user": pg_server.trust_user, "password_file": None})
     app = _app("trust")

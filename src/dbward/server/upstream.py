@@ -199,7 +199,12 @@ async def connect_upstream(
         while True:
             msg_type, payload, raw = await protocol.read_message()
             if msg_type == ord("R"):
-                scram = _answer_auth(transport, payload, settings.user, password, scram)
+                # Over TCP without TLS a cleartext password request is not answered: anyone on
+                # the path could have asked (a unix socket never leaves the host).
+                private = tls or settings.is_unix_socket
+                scram = _answer_auth(
+                    transport, payload, settings.user, password, scram, private=private
+                )
             elif msg_type == ord("S"):
                 name, value = messages.parse_parameter_status(payload)
                 conn.server_params[name] = value
@@ -233,9 +238,18 @@ def _answer_auth(
     user: str,
     password: str | None,
     scram: ScramClient | None,
+    *,
+    private: bool,
 ) -> ScramClient | None:
     code, data = messages.parse_authentication(payload)
     if code == 0:  # AuthenticationOk
+        if scram is not None and not scram.verified:
+            # A server that knows the password proves it in SASLFinal; one that skips the proof
+            # may be an impostor that let us in to see what we send.
+            raise UpstreamError(
+                "the database ended SCRAM authentication without proving it knows the password",
+                sqlstate="28000",
+            )
         return scram
     if password is None and code in (3, 5, 10):
         raise UpstreamError(
@@ -245,6 +259,12 @@ def _answer_auth(
     assert password is not None or code not in (3, 5, 10)
     if code == 3:  # cleartext
         assert password is not None
+        if not private:
+            raise UpstreamError(
+                "the database asks for the service password in clear text on a connection "
+                "without TLS: refused (use upstream tls mode require/verify-full, or SCRAM)",
+                sqlstate="28000",
+            )
         transport.write(messages.password_message(password))
         return scram
     if code == 5:  # md5

@@ -408,7 +408,14 @@ class ScramServer:
 class ScramClient:
     """One client-side SCRAM-SHA-256 exchange with the upstream (no channel binding)."""
 
-    __slots__ = ("_client_first_bare", "_nonce", "_password", "_server_signature", "_state")
+    __slots__ = (
+        "_client_first_bare",
+        "_nonce",
+        "_password",
+        "_server_signature",
+        "_state",
+        "_verified",
+    )
 
     def __init__(self, password: str, *, nonce: bytes | None = None, username: str = "") -> None:
         self._password = password
@@ -417,6 +424,7 @@ class ScramClient:
         self._client_first_bare = b"n=" + _escape_username(username) + b",r=" + self._nonce
         self._server_signature = b""
         self._state = 0
+        self._verified = False
 
     def client_first(self) -> bytes:
         """The client-first-message (gs2 header 'n,,': no channel binding)."""
@@ -483,3 +491,9 @@ class ScramClient:
             raise AuthenticationFailed("malformed SCRAM server-final-message: bad base64") from None
         if not hmac.compare_digest(signature, self._server_signature):
             raise AuthenticationFailed("SCRAM server signature does not match")
+        self._verified = True
+
+    @property
+    def verified(self) -> bool:
+        """Whether the server has proved it knows the password (server-final checked)."""
+        return self._verified
