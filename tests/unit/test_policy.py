@@ -255,6 +255,75 @@ def test_ordinary_ddl_naming_functions_is_allowed(sql: str) -> None:
 
 
 @pytest.mark.parametrize(
+    ("sql", "rule"),
+    [
+        # Found in review, each verified on PostgreSQL 15 as a non-superuser.
+        (
+            "CREATE AGGREGATE a(text, boolean) (sfunc1 = set_config, stype1 = text, "
+            "initcond1 = 'role')",
+            "guard.role_switch",
+        ),
+        ("CREATE AGGREGATE tr(text) (sfunc1 = ts_rewrite, stype1 = tsquery)", "guard.dynamic_sql"),
+        ("SELECT ('/etc/hostname'::text).pg_read_file", "guard.server_file"),
+        ("SELECT ('/etc/passwd'::text).lo_import", "guard.server_file"),
+        ("SELECT t.ts_stat FROM unnest(ARRAY['SELECT 1']) t", "guard.dynamic_sql"),
+        ("SELECT set_config('(abcd)'::k::text, 'x', false)", "guard.role_switch"),
+        ("SELECT set_config('role'::text, 'x', false)", "guard.role_switch"),
+        ("SELECT query_to_xml('SELECT 1'::k::text, true, false, '')", "guard.dynamic_sql"),
+        ("SET standard_conforming_strings = off", "guard.string_syntax"),
+        ("SET backslash_quote = on", "guard.string_syntax"),
+        (
+            "SELECT set_config('standard_conforming_strings', 'off', false)",
+            "guard.string_syntax",
+        ),
+        (
+            "CREATE FUNCTION f() RETURNS int LANGUAGE sql SET standard_conforming_strings = off "
+            "AS 'SELECT 1'",
+            "guard.string_syntax",
+        ),
+        ("ALTER ROLE svc SET standard_conforming_strings TO false", "guard.string_syntax"),
+        ("CREATE SCHEMA s AUTHORIZATION other CREATE VIEW v AS SELECT 1", "guard.role_switch"),
+        (
+            "SELECT * FROM xpath_table('x', 'x', 't', '/a', 'true') AS t(k text, v text)",
+            "guard.dynamic_sql",
+        ),
+    ],
+)
+def test_reviewed_bypasses_are_denied(sql: str, rule: str) -> None:
+    (decision,) = decisions(sql)
+    assert (decision.verdict, decision.rule) == (Verdict.DENY, rule)
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "CREATE FUNCTION app_set(k text, v text) RETURNS text LANGUAGE sql "
+        "AS $$ SELECT set_config('app.' || k, v, true) $$",
+        "SELECT set_config('app.tenant', '42', true)",
+        "SELECT set_config('role'::pg_catalog.text, 'x', false) IS NULL",
+        "SET standard_conforming_strings = on",
+        "RESET standard_conforming_strings",
+        "SELECT t.name, t.total FROM t",
+        "ALTER FOREIGN TABLE ft OPTIONS (DROP filename)",
+        "CREATE SCHEMA s AUTHORIZATION other",
+    ],
+)
+def test_reviewed_false_positives_are_allowed(sql: str) -> None:
+    decided = decisions(sql)
+    if "set_config('role'" in sql:  # a qualified cast still reads as the constant 'role'
+        assert [d.rule for d in decided] == ["guard.role_switch"]
+    else:
+        assert decided == [ALLOW]
+
+
+def test_field_notation_side_effects_set_the_kind() -> None:
+    (statement,) = CLF.classify("SELECT ('s'::regclass).nextval")
+    assert statement.kind is StatementKind.WRITE
+    (explained,) = CLF.classify("EXPLAIN (ANALYZE false) SELECT 1")
+    assert "false" not in explained.functions
+
+
+@pytest.mark.parametrize(
     "sql",
     [
         "SELECT pg_ls_waldir()",
@@ -378,6 +447,7 @@ def test_guards_are_pure_and_ordered() -> None:
         "guard_copy_file",
         "guard_server_file_function",
         "guard_dynamic_sql",
+        "guard_string_syntax",
     ]
     (statement,) = CLF.classify("SET ROLE admin")
     req = request(statement)

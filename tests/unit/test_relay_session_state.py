@@ -6,6 +6,8 @@ them (checked end to end in tests/e2e/test_session_state.py).
 
 from __future__ import annotations
 
+import pytest
+
 from dbward.audit.sink import MemorySink
 from dbward.relay.postgres import PgSession
 from dbward.wire.postgres import messages as m
@@ -185,16 +187,30 @@ def test_non_ascii_sql_in_an_unsynced_pipeline_is_refused() -> None:
     assert "send Sync first" in denied[0].reason
 
 
-def test_backslashes_are_refused_while_standard_conforming_strings_is_off() -> None:
+def test_everything_but_turning_it_on_is_refused_while_strings_are_not_conforming() -> None:
+    """A function body or SQL text is read with the setting in force when it runs: so nothing
+    can be checked while standard_conforming_strings is off, backslash or not."""
     session, _, upstream, sink = _session()
     session._on_upstream_data(m.parameter_status("standard_conforming_strings", "off"))
-    session.data_received(m.query("SELECT 'x\\'' ; SET ROLE r; -- '"))
-    assert upstream.written == m.query("DBWARD_POLICY_DENIED")
-    session._on_upstream_data(m.error_response("ERROR", "42601", "x") + m.ready_for_query(b"I"))
-    session.data_received(m.query("SELECT 1"))  # no backslash: same in both syntaxes
-    assert upstream.written.endswith(m.query("SELECT 1"))
+    for sql in ("SELECT 'x\\'' ; SET ROLE r; -- '", "SELECT my_function()"):
+        upstream.written.clear()
+        session.data_received(m.query(sql))
+        assert upstream.written == m.query("DBWARD_POLICY_DENIED")
+        session._on_upstream_data(m.error_response("ERROR", "42601", "x") + m.ready_for_query(b"I"))
+    upstream.written.clear()
+    session.data_received(m.query("SET standard_conforming_strings = on"))
+    assert upstream.written == m.query("SET standard_conforming_strings = on")
+    session._on_upstream_data(
+        m.command_complete("SET")
+        + m.parameter_status("standard_conforming_strings", "on")
+        + m.ready_for_query(b"I")
+    )
+    upstream.written.clear()
+    session.data_received(m.query("SELECT 'a\\b'"))
+    assert upstream.written == m.query("SELECT 'a\\b'")
     denied = [r for r in sink.records if r.decision == "deny"]
-    assert "standard_conforming_strings is off" in denied[0].reason
+    assert len(denied) == 2
+    assert all("standard_conforming_strings is off" in r.reason for r in denied)
 
 
 # Found in review: identity of cached classification tuples, Close, SQL PREPARE and protocol
@@ -297,3 +313,84 @@ def test_the_reply_limit_keeps_reading_while_postgres_discards_until_sync() -> N
     session.data_received(m.sync())
     session._on_upstream_data(m.ready_for_query(b"I"))
     assert len(session._ops) == 0
+
+
+# Third review: chains settled out of order, changes reported only at ReadyForQuery, Syncs in a
+# failed COPY, Queries skipped in a failed group, WITH HOLD cursors and FETCH.
+
+
+def test_a_refused_parse_and_a_skipped_close_do_not_undo_a_later_group() -> None:
+    session, _, _, sink = _session()
+    session.data_received(m.parse_message("s", "SELECT 1") + m.sync())
+    session._on_upstream_data(PARSED + m.ready_for_query(b"I"))
+    session.data_received(
+        m.parse_message("s", "SELECT 2")  # refused: s exists
+        + m.close_message("S", "s")  # skipped
+        + m.sync()
+        + m.close_message("S", "s")
+        + m.parse_message("s", DELETE)
+        + m.sync()
+    )
+    session._on_upstream_data(
+        DUPLICATE + m.ready_for_query(b"I") + CLOSED + PARSED + m.ready_for_query(b"I")
+    )
+    session.data_received(m.bind_message("", "s", []) + m.execute_message("") + m.sync())
+    assert _executed(sink)[-1] == ("write", DELETE)
+
+
+def test_text_after_an_execute_answered_on_flush_waits_for_the_settings_report() -> None:
+    """PostgreSQL reports a changed client_encoding only at ReadyForQuery, not on Flush."""
+    session, _, upstream, sink = _session()
+    session.data_received(
+        m.parse_message("", "SET client_encoding = 'GBK'")
+        + m.bind_message("", "", [])
+        + m.execute_message("")
+        + m.flush()
+    )
+    session._on_upstream_data(PARSED + BOUND + m.command_complete("SET"))
+    assert not session._ops  # everything answered, nothing reported yet
+    upstream.written.clear()
+    session.data_received(m._frame(b"Q", b"SELECT E'\xe4\xb8\xad\\' ; SET ROLE r; --'\x00"))
+    assert upstream.written == m.query("DBWARD_POLICY_DENIED")  # no Sync owed: refused
+    denied = [r for r in sink.records if r.decision == "deny"]
+    assert "send Sync first" in denied[-1].reason
+
+
+@pytest.mark.parametrize("message", [m.sync(), m.parse_message("", "SELECT 1")])
+def test_other_messages_during_an_active_copy_end_the_session(message: bytes) -> None:
+    """PostgreSQL ignores a Sync while copying but answers it once a bad row ended the copy:
+    nothing tells which, so no guess is made (no driver sends one)."""
+    session, client, _, _ = _session()
+    session.data_received(m.query("COPY t FROM STDIN"))
+    session._on_upstream_data(m._frame(b"G", b"\x00\x00\x00"))
+    session.data_received(m.copy_data(b"1\n") + message)
+    written = bytes(client.written)
+    error = written[written.rindex(b"E\x00") :]  # the last message: dbward's FATAL
+    fields = m.parse_error_fields(error[5:])
+    assert fields["S"] == "FATAL" and "during COPY FROM STDIN" in fields["M"]
+
+
+def test_a_query_skipped_in_a_failed_group_owes_no_ready_for_query() -> None:
+    session, _, _, _ = _session()
+    session.data_received(
+        m.parse_message("", "SELECT 1/0")
+        + m.bind_message("", "", [])
+        + m.execute_message("")
+        + m.query("SELECT 1")  # PostgreSQL ignores it while it skips to Sync
+        + m.sync()
+    )
+    session._on_upstream_data(PARSED + BOUND + DIV0 + m.ready_for_query(b"I"))
+    assert len(session._ops) == 0 and session._z_owed == 0
+
+
+def test_a_with_hold_cursor_outlives_its_transaction_and_fetch_is_its_query() -> None:
+    session, _, _, sink = _session()
+    session.data_received(m.query("DECLARE c CURSOR WITH HOLD FOR SELECT x FROM secret_notes"))
+    session._on_upstream_data(m.command_complete("DECLARE CURSOR") + m.ready_for_query(b"I"))
+    assert "c" in session._portals
+    session.data_received(m.query("FETCH 5 FROM c"))
+    fetch = [r for r in sink.records if r.event == "statement"][-1]
+    assert (fetch.command, fetch.tables) == ("FETCH", ("secret_notes",))
+    session.data_received(m.execute_message("c") + m.sync())  # and Execute by name, too
+    execute = [r for r in sink.records if r.event == "statement"][-1]
+    assert execute.tables == ("secret_notes",)

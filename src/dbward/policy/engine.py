@@ -155,6 +155,18 @@ def guard_dynamic_sql(request: PolicyRequest) -> Decision | None:
     return _DENY_DYNAMIC_SQL if "dynamic_sql" in request.statement.flags else None
 
 
+_DENY_STRING_SYNTAX: Final = _deny(
+    "guard.string_syntax",
+    "dbward: standard_conforming_strings and backslash_quote cannot be changed from their "
+    "defaults: statements would then read differently from how dbward checks them",
+)
+
+
+def guard_string_syntax(request: PolicyRequest) -> Decision | None:
+    """Turning standard_conforming_strings off would make SQL read past the parser."""
+    return _DENY_STRING_SYNTAX if "string_syntax" in request.statement.flags else None
+
+
 _ROLE_DENIALS: dict[str, Decision] = {}
 
 
@@ -175,6 +187,7 @@ GUARDS: Final[tuple[Guard, ...]] = (
     guard_copy_file,
     guard_server_file_function,
     guard_dynamic_sql,
+    guard_string_syntax,
 )
 
 # Extension point: configured rules (the future rule language compiles to Guard callables here),
@@ -191,6 +204,7 @@ _GUARD_FLAGS: Final = frozenset(
         "copy_file",
         "server_file_function",
         "dynamic_sql",
+        "string_syntax",
         *_ROLE_FLAGS,
     }
 )

@@ -13,6 +13,7 @@ import asyncio
 import functools
 import hashlib
 import logging
+import re
 import secrets
 import time
 from collections import deque
@@ -101,6 +102,13 @@ _PHASE_READY = 1
 _PHASE_CLOSED = 2
 
 _Q, _P, _B, _D, _E, _C, _H, _S, _X, _F = (ord(c) for c in "QPBDECHSXF")
+
+# The only statements accepted while standard_conforming_strings is off: those that turn it on.
+_TURNS_ON_CONFORMING: Final = re.compile(
+    rb"\s*(?:SET\s+(?:SESSION\s+)?standard_conforming_strings\s*(?:=|TO)\s*'?(?:on|true)'?"
+    rb"|RESET\s+(?:standard_conforming_strings|ALL))\s*;?\s*\x00?\Z",
+    re.IGNORECASE,
+)
 _COPY_DATA, _COPY_DONE, _COPY_FAIL, _PASSWORD = (ord(c) for c in "dcfp")
 
 
@@ -219,9 +227,9 @@ class _Await:
         self.quiet = quiet
         self.definitions = definitions
 
-    def ready(self, ops: deque[_Op]) -> bool:
-        """Whether the parked message may be handled now."""
-        return (not self.quiet or not ops) and all(d.settled for d in self.definitions)
+    def ready(self, quiet: bool) -> bool:
+        """Whether the parked message may be handled now (`quiet`: nothing in flight)."""
+        return (quiet or not self.quiet) and all(d.settled for d in self.definitions)
 
 
 _AWAIT_QUIET: Final = _Await(quiet=True)
@@ -302,6 +310,9 @@ class PgSession(asyncio.Protocol):
         self._pending_portals: dict[str, _Definition] = {}
         self._syncs = 0  # Sync and Query messages forwarded: the current sync group
         self._z_owed = 0  # ReadyForQuery messages PostgreSQL owes (Syncs and Queries in flight)
+        # A Bind, Execute, Query or FunctionCall was forwarded since the last ReadyForQuery that
+        # ended with nothing in flight: settings may have changed without being reported yet.
+        self._ran_since_ready = False
         self._awaiting: _Await | None = None  # why the parked message waits
         self._copy_state = _COPY_NONE
         # standard_conforming_strings as PostgreSQL reports it: when off, backslashes in
@@ -702,6 +713,20 @@ class PgSession(asyncio.Protocol):
                 if msg_type != _COPY_DATA:
                     self._copy_state = _COPY_NONE  # the server's copy mode ends here
                 continue
+            # Only copy messages (and a Flush, which owes no reply) belong in a copy. PostgreSQL
+            # ignores a Sync while it is copying but answers it once a bad row has ended the
+            # copy, and nothing here can tell which: rather than guess (and let replies drift
+            # from requests), such a client is told plainly. No driver sends one (libpq's Sync
+            # goes after CopyDone).
+            if self._copy_state == _COPY_ACTIVE and msg_type != _H:
+                if out:
+                    upstream.transport.write(b"".join(out))
+                self._protocol_error(
+                    ProtocolError(
+                        f"unexpected message type {chr(msg_type)!r} during COPY FROM STDIN"
+                    )
+                )
+                return
             try:
                 if len(payload) >= OFFLOAD_MIN_BYTES and msg_type in (_Q, _P):
                     text = self._offload_text(msg_type, payload)
@@ -840,9 +865,7 @@ class PgSession(asyncio.Protocol):
                 too_large = oversized_statement(len(payload) - 1, self._max_statement_bytes)
                 return self._handle_query((too_large,), raw, out)
             # Nothing in flight and conforming strings (almost always): the text reads as is.
-            unsettled = (
-                self._unsettled_text(payload) if self._ops or not self._conforming_strings else None
-            )
+            unsettled = self._unsettled_text(payload) if self._may_be_unsettled() else None
             if isinstance(unsettled, _Await):
                 return unsettled
             if unsettled is not None:
@@ -850,7 +873,11 @@ class PgSession(asyncio.Protocol):
             else:
                 text = self._decode_sql(payload)
                 statements = self._classify(text) if text is not None else (self._undecodable(),)
-                waits = self._unsettled_names(statements) if self._pending_statements else None
+                waits = (
+                    self._unsettled_names(statements)
+                    if self._pending_statements or self._pending_portals
+                    else None
+                )
                 if waits is not None:
                     if text is not None:
                         self._preclassified = (text, statements)  # handled again when ready
@@ -860,9 +887,7 @@ class PgSession(asyncio.Protocol):
             # Split with a byte-preserving codec, then decode the SQL as the server will: bad
             # bytes make the statement unparseable (denied), not the session unusable.
             name, query = messages.parse_parts(payload)
-            unsettled = (
-                self._unsettled_text(query) if self._ops or not self._conforming_strings else None
-            )
+            unsettled = self._unsettled_text(query) if self._may_be_unsettled() else None
             if isinstance(unsettled, _Await):
                 return unsettled
             if unsettled is not None:
@@ -902,6 +927,7 @@ class PgSession(asyncio.Protocol):
                         f"prepared statement {statement_name!r} was not seen by dbward",
                     ),
                 )
+            self._ran_since_ready = True  # planning may run (immutable) functions
             op = _Op(_OP_BIND)
             op.definition = self._define(
                 portal_name, found, portal=True, drops_on_failure=not portal_name
@@ -926,7 +952,11 @@ class PgSession(asyncio.Protocol):
                     ),
                 )
             )
-            waits = self._unsettled_names(statements) if self._pending_statements else None
+            waits = (
+                self._unsettled_names(statements)
+                if self._pending_statements or self._pending_portals
+                else None
+            )
             if waits is not None:
                 return waits  # a SQL EXECUTE of a name a PREPARE in flight redefines
             return self._handle_execute(statements, max_rows, raw, out)
@@ -1014,7 +1044,15 @@ class PgSession(asyncio.Protocol):
                     waits.append(entry)
             elif statement.command.startswith(("DEALLOCATE", "DISCARD")):
                 waits.extend(d for d in pending.values() if d.sync_mark != self._syncs)
+            if statement.cursor_name is not None:
+                cursor = self._pending_portals.get(statement.cursor_name)
+                if cursor is not None and cursor.sync_mark != self._syncs:
+                    waits.append(cursor)
         return _Await(definitions=tuple(waits)) if waits else None
+
+    def _may_be_unsettled(self) -> bool:
+        """Cheap test before `_unsettled_text`: false when the settings are surely reported."""
+        return bool(self._ops) or self._ran_since_ready or not self._conforming_strings
 
     def _unsettled_text(self, sql: bytes) -> Statement | _Await | None:
         """Whether SQL bytes can be read now; None: yes.
@@ -1022,19 +1060,21 @@ class PgSession(asyncio.Protocol):
         Their meaning depends on client_encoding when they are not ASCII, and on
         standard_conforming_strings when they hold a backslash. Statements still in flight may
         change either (SET, set_config, any function), and PostgreSQL reports the change only
-        at its next ReadyForQuery: such text waits until everything is answered, or is refused
-        when no Sync is in flight to bring that answer (a pipeline that has not synced yet).
+        at its next ReadyForQuery — not when an Execute is answered after a Flush: such text waits
+        until everything is answered and reported, or is refused when no Sync is in flight to
+        bring that report (a pipeline that has not synced yet).
         """
-        if not self._ops or (sql.isascii() and b"\\" not in sql):
-            if not self._conforming_strings and b"\\" in sql:
+        if (not self._ops and not self._ran_since_ready) or (sql.isascii() and b"\\" not in sql):
+            if not self._conforming_strings and not _TURNS_ON_CONFORMING.match(sql):
+                # Every statement, not only those with a backslash: a function body or a SQL
+                # text run later is read by PostgreSQL with the setting in force then.
                 return _uninspected(
                     "UNKNOWN",
                     "parse_error",
-                    "standard_conforming_strings is off: backslashes in string literals"
-                    " cannot be checked, set it to on",
+                    "standard_conforming_strings is off: nothing can be checked until it is on",
                 )
             return None
-        if self._ops[-1].code in (_OP_QUERY, _OP_SYNC):
+        if self._ops and self._ops[-1].code in (_OP_QUERY, _OP_SYNC):
             return _AWAIT_QUIET
         return _uninspected(
             "UNKNOWN",
@@ -1090,6 +1130,8 @@ class PgSession(asyncio.Protocol):
                 ("DEALLOCATE", "DISCARD")
             ):
                 statement = self._resolve_prepared(classified, changes)
+            elif classified.cursor_name is not None and "fetches_cursor" in classified.flags:
+                statement = self._resolve_cursor(classified)
             stmt_path = path
             if "copy_from_stdin" in statement.flags or "copy_to_stdout" in statement.flags:
                 stmt_path = ProtocolPath.COPY
@@ -1220,6 +1262,7 @@ class PgSession(asyncio.Protocol):
         path: ProtocolPath = ProtocolPath.SIMPLE,
     ) -> tuple[asyncio.Future[int], tuple[bytes, bytes]] | None:
         """A message answered up to ReadyForQuery: Query, or FunctionCall (path says which)."""
+        self._ran_since_ready = True
         try:
             return self._forward_query(statements, raw, out, path)
         finally:
@@ -1251,6 +1294,7 @@ class PgSession(asyncio.Protocol):
     def _handle_execute(
         self, statements: tuple[Statement, ...], max_rows: int, raw: bytes, out: list[bytes]
     ) -> tuple[asyncio.Future[int], tuple[bytes, bytes]] | None:
+        self._ran_since_ready = True
         tracked, durable, denial = self._admit(statements, ProtocolPath.EXTENDED)
         if denial is not None:
             self._ops.append(_Op(_OP_POISON, None, _denial_frame(denial)))
@@ -1296,6 +1340,24 @@ class PgSession(asyncio.Protocol):
             tables=inner.tables,
             functions=inner.functions,
             flags=statement.flags | inner.flags,
+        )
+
+    def _resolve_cursor(self, statement: Statement) -> Statement:
+        """FETCH/MOVE runs the cursor's query: decide it as the DECLARE dbward saw.
+
+        A cursor dbward did not see declared (opened inside a function and returned as a
+        refcursor) stays what the FETCH text shows: the function is where that query lives.
+        """
+        found = self._portals.get(statement.cursor_name or "")
+        if found is None or len(found) != 1:
+            return statement
+        inner = found[0]
+        return replace(
+            statement,
+            kind=inner.kind,
+            tables=inner.tables,
+            functions=inner.functions,
+            flags=statement.flags | (inner.flags - {"holdable_cursor"}),
         )
 
     def _apply_prepared_changes(self, changes: _PreparedChanges, tracked: list[_Tracked]) -> None:
@@ -1365,7 +1427,7 @@ class PgSession(asyncio.Protocol):
         ):
             self._replies_drained()
         awaiting = self._awaiting
-        if awaiting is not None and awaiting.ready(self._ops):
+        if awaiting is not None and awaiting.ready(not self._ops and not self._ran_since_ready):
             self._awaiting = None
             self._blocked = False
             self._unpark()
@@ -1404,15 +1466,21 @@ class PgSession(asyncio.Protocol):
                     break
                 self._finish_op(op, "not_executed", "")
                 unanswered.append(op)
-            for op in reversed(unanswered):
+            for op in unanswered:
                 if op.definition is not None:
                     self._settle(op.definition, "skipped")
+            if not ops:
+                self._ran_since_ready = False  # every change so far has been reported
             if not ops and self._portals and payload is not None and payload[:1] == b"I":
                 # No transaction is open and nothing else is in flight, so PostgreSQL has
-                # dropped every portal bound so far; forget them too. Otherwise a client that
-                # abandons named portals (an asyncpg cursor left before its end) grows this
-                # map for as long as its connection lives.
-                self._portals.clear()
+                # dropped every portal bound so far (but WITH HOLD cursors); forget them too.
+                # Otherwise a client that abandons named portals (an asyncpg cursor left before
+                # its end) grows this map for as long as its connection lives.
+                self._portals = {
+                    name: portal
+                    for name, portal in self._portals.items()
+                    if "holdable_cursor" in portal[0].flags
+                }
             return None
         if msg_type == 0x45:  # 'E' ErrorResponse
             return self._on_error(payload)
@@ -1500,11 +1568,14 @@ class PgSession(asyncio.Protocol):
             skipped.append(ops.popleft())
             self._finish_op(skipped[-1], "not_executed", "")
         # Undo what the failed and skipped Parse/Bind messages defined, latest first.
-        for item in reversed(skipped):
-            if item.definition is not None:
-                self._settle(item.definition, "skipped")
+        # Undo what the failed and skipped messages defined, in the order they were sent.
         if op.definition is not None:
             self._settle(op.definition, "failed")
+        for item in skipped:
+            if item.definition is not None:
+                self._settle(item.definition, "skipped")
+            if item.code == _OP_QUERY and self._z_owed > 0:
+                self._z_owed -= 1  # PostgreSQL ignores a Query while it skips to Sync
         return replacement
 
     def _finish_op(self, op: _Op, status: str, sqlstate: str) -> None:
@@ -1530,7 +1601,9 @@ class PgSession(asyncio.Protocol):
             None if failure == "failed" and definition.drops_on_failure else definition.previous
         )
         successor = definition.successor
-        if successor is not None and not successor.settled:
+        while successor is not None and successor.settled:
+            successor = successor.successor  # removed before this one: skip it
+        if successor is not None:
             successor.previous = meaning  # a later message in flight replaces that instead
             return
         table = self._portals if definition.portal else self._prepared

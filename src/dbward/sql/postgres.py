@@ -401,12 +401,24 @@ def _strings(items: list[dict[str, Any]]) -> str:
     return ".".join(str(item.get("String", {}).get("sval", "")) for item in items)
 
 
+# Casts a constant may carry and still be read as written: only the built-in string types,
+# named with their schema (a bare `text` may resolve to another type through search_path, and
+# a cast to a user-defined type runs a user-defined function that can return anything).
+_PLAIN_STRING_TYPES: Final = frozenset({"text", "varchar", "bpchar", "name"})
+
+
 def _constant_text(node: dict[str, Any]) -> str | None:
-    """The string value of a (possibly cast) string constant, else None."""
+    """The string value of a string constant (cast at most to pg_catalog's string types)."""
     while True:
         cast = node.get("TypeCast")
         if cast is None:
             break
+        names = [
+            str(n.get("String", {}).get("sval", ""))
+            for n in cast.get("typeName", {}).get("names", ())
+        ]
+        if len(names) != 2 or names[0] != "pg_catalog" or names[1] not in _PLAIN_STRING_TYPES:
+            return None
         node = cast.get("arg", {})
     const = node.get("A_Const")
     if const is None or "sval" not in const:
@@ -429,7 +441,8 @@ _NO_SCOPE: Final[frozenset[str]] = frozenset()
     _FUNC_REF,
     _OPCLASS_ITEM,
     _CREATE_FUNCTION,
-) = range(11)
+    _FIELD_SELECTION,
+) = range(12)
 _KEY_CODES: Final[dict[str, int]] = {
     "RangeVar": _RANGE_VAR,
     # Fields typed RangeVar* are emitted bare (not wrapped) by libpg_query.
@@ -463,9 +476,11 @@ _KEY_CODES: Final[dict[str, int]] = {
     **dict.fromkeys(("func", "fromsql", "tosql"), _FUNC_REF),
     "CreateOpClassItem": _OPCLASS_ITEM,
     "CreateFunctionStmt": _CREATE_FUNCTION,
+    # `t.f` and `(x).f` call f(t) / f(x) when f is not a column: a call with no FuncCall node.
+    **dict.fromkeys(("ColumnRef", "A_Indirection"), _FIELD_SELECTION),
     # Leaves that can hold no relation, function or statement: not worth visiting.
     **dict.fromkeys(
-        ("A_Const", "ColumnRef", "String", "Integer", "Float", "Boolean", "BitString", "A_Star"),
+        ("A_Const", "String", "Integer", "Float", "Boolean", "BitString", "A_Star"),
         _SKIP,
     ),
     "ParamRef": _SKIP,
@@ -614,9 +629,9 @@ _SQL_TEXT_FUNCTIONS: Final[dict[str, tuple[int, ...]]] = {
     "crosstab3": (0,),
     "crosstab4": (0,),
 }
-# tablefunc's connectby() splices its table and column name arguments into the SQL it runs,
-# unquoted: what it runs cannot be known from the call, so it is always `dynamic_sql`.
-_SQL_FRAGMENT_FUNCTIONS: Final = frozenset({"connectby"})
+# tablefunc's connectby() and xml2's xpath_table() splice their name and criteria arguments
+# into the SQL they run, unquoted: what runs cannot be known from the call (`dynamic_sql`).
+_SQL_FRAGMENT_FUNCTIONS: Final = frozenset({"connectby", "xpath_table"})
 # SQL given as text inside SQL given as text ...: deeper than this is refused, not followed.
 _MAX_SQL_TEXT_DEPTH: Final = 4
 _CONNINFO_SETTINGS: Final = frozenset({"primary_conninfo"})
@@ -716,6 +731,12 @@ def _walk(root: dict[str, Any], has_ctes: bool = True) -> _Walk:
                     name = value.get("name")
                     if name is not None and name.lower() in _ROLE_GUCS:
                         out.flags.add("role_switch")
+                    elif (
+                        name is not None
+                        and name.lower() in _STRING_SYNTAX_GUCS
+                        and _sets_nonconforming(name.lower(), value)
+                    ):
+                        out.flags.add("string_syntax")
                     out.const_sensitive = True
                 elif code == _DEF_ELEM:
                     out.const_sensitive = True
@@ -723,10 +744,21 @@ def _walk(root: dict[str, Any], has_ctes: bool = True) -> _Walk:
                     # CREATE/ALTER ROLE ... PASSWORD, USER MAPPING / SERVER OPTIONS (password ...)
                     if defname in _SECRET_OPTIONS:
                         out.flags.add("sets_password")
-                    elif defname in _FUNCTION_OPTIONS:
-                        _function_reference(_named_function(value.get("arg")), out)
                     elif defname in _FILE_FDW_OPTIONS:
-                        out.flags.add(_FILE_FDW_OPTIONS[defname])
+                        if value.get("defaction") != "DEFELEM_DROP":
+                            out.flags.add(_FILE_FDW_OPTIONS[defname])
+                    else:
+                        # Any option may name a function (`sfunc`, the old `sfunc1`, ...): a
+                        # guarded one is refused whatever the option is called.
+                        arg = value.get("arg")
+                        _function_reference(
+                            _named_function(arg),
+                            out,
+                            # A bare word (EXPLAIN's `analyze false`) is not a function's name.
+                            record=defname in _FUNCTION_OPTIONS
+                            and isinstance(arg, dict)
+                            and "String" not in arg,
+                        )
                 elif code == _FUNC_REF:
                     _function_reference(_named_function(value), out)
                 elif code == _OPCLASS_ITEM:
@@ -736,6 +768,8 @@ def _walk(root: dict[str, Any], has_ctes: bool = True) -> _Walk:
                     body = _sql_function_body(value)
                     if body is not None:
                         out.sql_texts.append(body)
+                elif code == _FIELD_SELECTION:
+                    _field_selection(value, key, out)
                 elif code == _UPDATE:
                     if "whereClause" not in value:
                         out.flags.add("update_without_where")
@@ -792,11 +826,21 @@ def _func_call(call: dict[str, Any], out: _Walk) -> None:
         _sql_text_arguments(base, call.get("args") or (), sql_args or (), out)
     if base == "set_config":
         out.const_sensitive = True
-        args = call.get("args") or ()
+        args: list[dict[str, Any]] = call.get("args") or []
         first = _constant_text(args[0]) if args else None
+        if first is None and args:
+            # 'app.' || k: a name that starts with a constant holding a dot is a custom
+            # setting (role, session_authorization and the string syntax GUCs have no dot).
+            prefix = _leading_constant(args[0])
+            if prefix is not None and "." in prefix:
+                first = prefix
         # A computed GUC name cannot be checked: treat it as role switching.
         if first is None or first.lower() in _ROLE_GUCS:
             out.flags.add("set_config_role")
+        elif first.lower() in _STRING_SYNTAX_GUCS:
+            value = _constant_text(args[1]) if len(args) > 1 else None
+            if value is None or _nonconforming(first.lower(), value):
+                out.flags.add("string_syntax")
 
 
 def _named_function(node: object) -> str:
@@ -816,22 +860,56 @@ def _named_function(node: object) -> str:
     return ""
 
 
-def _function_reference(name: str, out: _Walk) -> None:
+def _function_reference(name: str, out: _Walk, *, record: bool = True) -> None:
     """A function DDL makes callable under another name: what calling it would flag, now.
 
     The later call (an aggregate, an operator, a cast) does not show the function at all, so a
-    guarded function must be refused where it is named.
+    guarded function must be refused where it is named. `record`: list it among the
+    statement's functions even when it is not guarded (the option is known to name one).
     """
     if not name:
         return
-    out.functions.append((-1, name))
     base = name.rsplit(".", 1)[-1]
+    guarded = _flag_uncheckable_call(base, out)
+    if record or guarded:
+        out.functions.append((-1, name))
+
+
+def _flag_uncheckable_call(base: str, out: _Walk) -> bool:
+    """Flag a guarded function called where its arguments cannot be read; True if guarded."""
     if base == "set_config":
         out.flags.add("set_config_role")  # its arguments are unknown here: it may set a role
-    if base in SERVER_FILE_FUNCTIONS:
+    elif base in SERVER_FILE_FUNCTIONS:
         out.flags.add("server_file_function")
-    if base in _SQL_TEXT_FUNCTIONS or base in _SQL_FRAGMENT_FUNCTIONS or base == "ts_rewrite":
+    elif base in _SQL_TEXT_FUNCTIONS or base in _SQL_FRAGMENT_FUNCTIONS or base == "ts_rewrite":
         out.flags.add("dynamic_sql")
+    else:
+        return False
+    return True
+
+
+def _field_selection(node: dict[str, Any], key: str, out: _Walk) -> None:
+    """`t.f` / `(x).f`: PostgreSQL calls f(t) when f is not a column; check f like a call."""
+    if key == "ColumnRef":
+        fields = node.get("fields") or ()
+        names = fields[1:] if len(fields) > 1 else ()  # a bare name is a column
+    else:
+        names = node.get("indirection") or ()
+    for item in names:
+        if "String" not in item:
+            continue
+        name = str(item["String"].get("sval", "")).lower()
+        guarded = _flag_uncheckable_call(name, out)
+        side_effect = name in _ADMIN_FUNCTIONS or name in _WRITE_FUNCTIONS
+        if name in _ADMIN_FUNCTIONS:
+            out.side_effect = _ADMIN
+        elif name in _WRITE_FUNCTIONS and out.side_effect is None:
+            out.side_effect = _WRITE
+        if name in _CONNINFO_FUNCTIONS:
+            out.conninfo = True
+            out.const_sensitive = True
+        if guarded or side_effect:
+            out.functions.append((-1, name))
 
 
 def _sql_function_body(create: dict[str, Any]) -> str | None:
@@ -878,11 +956,57 @@ def _sql_text_arguments(
 
 
 def _is_integer_constant(node: dict[str, Any]) -> bool:
-    """Whether ``node`` is an integer constant (possibly cast)."""
-    while "TypeCast" in node:
-        node = node["TypeCast"].get("arg", {})
+    """Whether ``node`` is a bare integer constant (a cast could turn it into anything)."""
     const = node.get("A_Const")
     return const is not None and "ival" in const
+
+
+def _leading_constant(node: dict[str, Any]) -> str | None:
+    """The constant string at the far left of a `||` chain, if any."""
+    while True:
+        expr = node.get("A_Expr")
+        if expr is None:
+            return _constant_text(node)
+        if _strings(expr.get("name", ())) != "||":
+            return None
+        node = expr.get("lexpr", {})
+
+
+# Settings that change how PostgreSQL reads string literals: dbward parses as PostgreSQL does
+# with standard_conforming_strings on (and backslash_quote's default), so neither may change.
+_STRING_SYNTAX_GUCS: Final = frozenset({"standard_conforming_strings", "backslash_quote"})
+_CONFORMING_VALUES: Final = {
+    "standard_conforming_strings": frozenset({"on", "true", "yes", "1"}),
+    "backslash_quote": frozenset({"safe_encoding", "off", "false", "no", "0"}),
+}
+
+
+def _nonconforming(name: str, value: str) -> bool:
+    """Whether setting `name` to `value` changes how string literals read."""
+    return value.strip().lower() not in _CONFORMING_VALUES[name]
+
+
+def _sets_nonconforming(name: str, node: dict[str, Any]) -> bool:
+    """SET / ALTER ... SET / a function's SET clause of a string syntax setting: True unless
+    it sets the conforming value (RESET and SET ... TO DEFAULT restore the server default)."""
+    kind = node.get("kind", "")
+    if kind in ("VAR_RESET", "VAR_SET_DEFAULT", "VAR_RESET_ALL"):
+        return False
+    args: list[dict[str, Any]] = node.get("args") or []
+    if len(args) != 1:
+        return True  # FROM CURRENT, or several values: cannot tell
+    arg = args[0]
+    const = arg.get("A_Const", {})
+    if "boolval" in const:
+        value = "on" if const["boolval"].get("boolval") else "off"
+    elif "ival" in const:
+        value = str(const["ival"].get("ival", 0))
+    else:
+        text = _constant_text(arg)
+        if text is None:
+            return True
+        value = text
+    return _nonconforming(name, value)
 
 
 def _ordered(found: list[tuple[int, str]]) -> tuple[str, ...]:
@@ -1071,10 +1195,17 @@ def _classify_node(
     if prepared_name is not None and node_type not in ("PrepareStmt", "DeallocateStmt"):
         flags.add("executes_prepared")
     cursor_name: str | None = None
-    if node_type in ("DeclareCursorStmt", "ClosePortalStmt"):
+    if node_type in ("DeclareCursorStmt", "ClosePortalStmt", "FetchStmt"):
         cursor_name = body.get("portalname")
         if cursor_name is None:
             flags.add("closes_all_cursors")
+        elif node_type == "FetchStmt":
+            flags.add("fetches_cursor")  # runs the cursor's query: decided as its DECLARE
+        elif node_type == "DeclareCursorStmt" and body.get("options", 0) & _CURSOR_OPT_HOLD:
+            flags.add("holdable_cursor")
+    if node_type == "CreateSchemaStmt" and body.get("authrole") and body.get("schemaElts"):
+        # The schema's objects are created by its owner, as if after SET ROLE.
+        flags.add("role_switch")
     statement = Statement(
         text=part,
         kind=kind,
@@ -1154,6 +1285,7 @@ def _prepared_parts(
     return None, None
 
 
+_CURSOR_OPT_HOLD: Final = 0x0020  # CURSOR_OPT_HOLD in PostgreSQL's parsenodes.h
 _PARSE_ERROR_FLAGS: Final = frozenset({"parse_error"})
 _PARSE_ERROR_CREDENTIAL_FLAGS: Final = frozenset({"parse_error", "carries_credential"})
 _LIMIT_FLAGS: Final = frozenset({"statement_limit"})
