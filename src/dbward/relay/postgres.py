@@ -315,6 +315,7 @@ class PgSession(asyncio.Protocol):
         self._ran_since_ready = False
         self._awaiting: _Await | None = None  # why the parked message waits
         self._copy_state = _COPY_NONE
+        self._holdable_cursors = False  # a DECLARE ... WITH HOLD was forwarded once
         # standard_conforming_strings as PostgreSQL reports it: when off, backslashes in
         # string literals mean what dbward's parser (which assumes on) would not see.
         self._conforming_strings = True
@@ -1215,6 +1216,8 @@ class PgSession(asyncio.Protocol):
         if "closes_all_cursors" in statement.flags:
             self._portals.clear()  # if it fails, dbward forgot too much: refused, not wrong
         elif statement.cursor_name is not None:
+            if "holdable_cursor" in statement.flags:
+                self._holdable_cursors = True
             # A cursor is a portal: Execute by that name runs the DECLARE's query (and, after
             # CLOSE, nothing dbward has seen). Undone if the statement fails.
             item.definition = self._define(
@@ -1455,7 +1458,7 @@ class PgSession(asyncio.Protocol):
         if msg_type == 0x5A:  # 'Z' ReadyForQuery
             if self._z_owed > 0:
                 self._z_owed -= 1
-            unanswered: list[_Op] = []
+            unanswered: list[_Op] | None = None
             while ops:
                 op = ops.popleft()
                 if op.code == _OP_QUERY:
@@ -1465,30 +1468,30 @@ class PgSession(asyncio.Protocol):
                 if op.code == _OP_SYNC:
                     break
                 self._finish_op(op, "not_executed", "")
-                unanswered.append(op)
-            for op in unanswered:
                 if op.definition is not None:
-                    self._settle(op.definition, "skipped")
+                    if unanswered is None:
+                        unanswered = []
+                    unanswered.append(op)
+            for op in unanswered or ():
+                assert op.definition is not None
+                self._settle(op.definition, "skipped")
             if not ops:
                 self._ran_since_ready = False  # every change so far has been reported
-            if not ops and self._portals and payload is not None and payload[:1] == b"I":
-                # No transaction is open and nothing else is in flight, so PostgreSQL has
-                # dropped every portal bound so far (but WITH HOLD cursors); forget them too.
-                # Otherwise a client that abandons named portals (an asyncpg cursor left before
-                # its end) grows this map for as long as its connection lives.
-                self._portals = {
-                    name: portal
-                    for name, portal in self._portals.items()
-                    if "holdable_cursor" in portal[0].flags
-                }
+                if self._portals and payload is not None and payload[:1] == b"I":
+                    self._forget_transaction_portals()
             return None
         if msg_type == 0x45:  # 'E' ErrorResponse
             return self._on_error(payload)
         if msg_type in (0x31, 0x32, 0x33):  # ParseComplete, BindComplete, CloseComplete
             if ops and ops[0].code in (_OP_PARSE, _OP_BIND, _OP_CLOSE):
-                op = ops.popleft()
-                if op.definition is not None:  # it succeeded: its definition holds
-                    self._settle(op.definition, None)
+                definition = ops.popleft().definition
+                if definition is not None:  # it succeeded: its definition holds
+                    definition.settled = True
+                    pending = (
+                        self._pending_portals if definition.portal else self._pending_statements
+                    )
+                    if pending.get(definition.name) is definition:
+                        del pending[definition.name]
             return None
         if msg_type in (0x54, 0x6E):  # RowDescription, NoData
             if ops and ops[0].code == _OP_DESCRIBE:
@@ -1586,6 +1589,20 @@ class PgSession(asyncio.Protocol):
                 self._record_outcome(item, status, sqlstate)
                 status, sqlstate = "not_executed", ""
             op.tracked = []
+
+    def _forget_transaction_portals(self) -> None:
+        """No transaction is open and nothing is in flight: PostgreSQL has dropped every portal
+        bound so far (but WITH HOLD cursors); forget them too. Otherwise a client that abandons
+        named portals (an asyncpg cursor left before its end) grows the map for as long as its
+        connection lives."""
+        if not self._holdable_cursors:
+            self._portals.clear()
+            return
+        self._portals = {
+            name: portal
+            for name, portal in self._portals.items()
+            if "holdable_cursor" in portal[0].flags
+        }
 
     def _settle(self, definition: _Definition, failure: str | None) -> None:
         """PostgreSQL answered the defining message (failure None), refused or skipped it."""
