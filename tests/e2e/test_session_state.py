@@ -74,24 +74,45 @@ def test_standard_conforming_strings_cannot_be_turned_off(proxy: Proxy, switch_r
     assert rules.count("guard.string_syntax") == 3
 
 
-def test_a_session_that_starts_with_strings_not_conforming_must_turn_them_on(
-    proxy: Proxy, switch_role: str
+def test_strings_cannot_start_nonconforming_and_reset_cannot_bring_it_back(
+    proxy: Proxy, pg_server: PgServer
 ) -> None:
-    """Set at login (options, or ALTER ROLE by a DBA): nothing runs until it is turned on."""
-    app = app_name("scs-login")
-    options = "-c standard_conforming_strings=off"
-    with psycopg.connect(
-        **proxy.conninfo(application_name=app, options=options), autocommit=True
-    ) as conn:
-        for sql in (SMUGGLE.format(role=switch_role), "SELECT current_user"):
-            with pytest.raises(psycopg.errors.InsufficientPrivilege) as info:
-                conn.execute(sql.encode(), prepare=False)
-            assert "standard_conforming_strings is off" in str(info.value)
-        conn.execute(b"SET standard_conforming_strings = on", prepare=False)
-        assert conn.execute(b"SELECT current_user", prepare=False).fetchone() == (
-            proxy.pg.service_user,
+    """RESET, SET ... TO DEFAULT, RESET ALL and DISCARD ALL return to the login value: dbward
+    pins it in the upstream options, over a role's or database's own default."""
+    with pytest.raises(psycopg.OperationalError, match="is fixed to 'on'"):
+        psycopg.connect(**proxy.conninfo(options="-c standard_conforming_strings=off"))
+    user = pg_server.service_user
+    pg_server.psql(f"ALTER ROLE {user} SET standard_conforming_strings = off", dbname="postgres")
+    try:
+        with psycopg.connect(**proxy.conninfo(), autocommit=True) as conn:
+            for reset in (
+                b"RESET standard_conforming_strings",
+                b"SET standard_conforming_strings TO DEFAULT",
+                b"RESET ALL",
+                b"DISCARD ALL",
+            ):
+                conn.execute(reset, prepare=False)
+                show = conn.execute(b"SHOW standard_conforming_strings", prepare=False)
+                assert show.fetchone() == ("on",), reset
+    finally:
+        pg_server.psql(f"ALTER ROLE {user} RESET standard_conforming_strings", dbname="postgres")
+
+
+def test_updating_pg_settings_cannot_change_the_string_syntax(proxy: Proxy) -> None:
+    """pg_settings' rule runs set_config for each row updated (any user may)."""
+    with psycopg.connect(**proxy.conninfo(), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="cannot be changed"):
+            conn.execute(
+                b"UPDATE pg_settings SET setting = 'off'"
+                b" WHERE name = 'standard_conforming_strings'",
+                prepare=False,
+            )
+        conn.execute(
+            b"UPDATE pg_settings SET setting = '8MB' WHERE name = 'work_mem'", prepare=False
         )
-        assert conn.execute(b"SELECT 'a\\b'", prepare=False).fetchone() == ("a\\b",)
+        assert conn.execute(b"SHOW work_mem", prepare=False).fetchone() == ("8MB",)
+        show = conn.execute(b"SHOW standard_conforming_strings", prepare=False)
+        assert show.fetchone() == ("on",)
 
 
 def test_a_pipelined_encoding_switch_cannot_hide_statements(proxy: Proxy, switch_role: str) -> None:

@@ -8,6 +8,11 @@ from dbward.core.errors import DbwardError
 
 # Parameters whose only purpose is to become someone else: never forwarded, refused outright.
 _REFUSED = {"role", "session_authorization"}
+# Settings that change how PostgreSQL reads string literals, with the only value dbward accepts
+# (the one its parser assumes). dbward also pins them in the upstream `options`, so RESET,
+# DISCARD ALL and a role's or database's own default can never bring another value back.
+_STRING_SYNTAX = {"standard_conforming_strings": "on", "backslash_quote": "safe_encoding"}
+PINNED_OPTIONS = "-c standard_conforming_strings=on -c backslash_quote=safe_encoding"
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
 _MAX_OPTIONS = 4096
 
@@ -61,13 +66,25 @@ def _check_options(options: str) -> None:
         else:
             # Other postgres switches (-d, -e, -B ...) have no business in a client connection.
             raise StartupRefusedError(f"startup option {word!r} is not allowed through dbward")
-        name = _guc_name(setting.partition("=")[0])
+        name, _, value = setting.partition("=")
+        name = _guc_name(name)
         if name in _REFUSED:
             raise StartupRefusedError(
                 f"dbward: setting '{name}' in the startup options is not allowed "
                 "(role switching is refused)"
             )
+        _check_string_syntax(name, value)
         i += 1
+
+
+def _check_string_syntax(name: str, value: str) -> None:
+    """Refuse a login that asks for a string syntax dbward's parser does not read."""
+    allowed = _STRING_SYNTAX.get(name)
+    if allowed is not None and value.strip().lower() != allowed:
+        raise StartupRefusedError(
+            f"dbward: '{name}' is fixed to '{allowed}' (SQL must read the same to dbward "
+            "and to PostgreSQL)"
+        )
 
 
 def upstream_parameters(params: dict[str, str], default_database: str) -> dict[str, str]:
@@ -89,6 +106,9 @@ def upstream_parameters(params: dict[str, str], default_database: str) -> dict[s
             raise StartupRefusedError(f"invalid startup parameter name {name!r}")
         if lowered == "options":
             _check_options(value)
+        _check_string_syntax(lowered, value)
         out[name] = value
+    options = out.pop("options", "").strip()
+    out["options"] = f"{options} {PINNED_OPTIONS}" if options else PINNED_OPTIONS
     out["database"] = params.get("database") or default_database
     return out

@@ -773,6 +773,9 @@ def _walk(root: dict[str, Any], has_ctes: bool = True) -> _Walk:
                 elif code == _UPDATE:
                     if "whereClause" not in value:
                         out.flags.add("update_without_where")
+                    if _updates_settings(value):
+                        # pg_settings' rule calls set_config(name, setting, false) per row.
+                        out.flags.add("string_syntax")
                 elif "whereClause" not in value:  # _DELETE
                     out.flags.add("delete_without_where")
             push(value)
@@ -959,6 +962,25 @@ def _is_integer_constant(node: dict[str, Any]) -> bool:
     """Whether ``node`` is a bare integer constant (a cast could turn it into anything)."""
     const = node.get("A_Const")
     return const is not None and "ival" in const
+
+
+def _updates_settings(update: dict[str, Any]) -> bool:
+    """UPDATE pg_settings (anyone may: it sets each matching setting) unless its WHERE names
+    one setting, as a constant, that does not change how SQL reads."""
+    relation = update.get("relation", {})
+    if relation.get("relname") != "pg_settings" or relation.get("schemaname") not in (
+        None,
+        "pg_catalog",
+    ):
+        return False
+    where = update.get("whereClause", {}).get("A_Expr", {})
+    if _strings(where.get("name", ())) != "=":
+        return True
+    column = where.get("lexpr", {}).get("ColumnRef", {}).get("fields", ())
+    name = _constant_text(where.get("rexpr", {}))
+    if _strings(column).rsplit(".", 1)[-1] != "name" or name is None:
+        return True
+    return name.lower() in _STRING_SYNTAX_GUCS
 
 
 def _leading_constant(node: dict[str, Any]) -> str | None:
