@@ -486,3 +486,14 @@ def test_check_describe_agrees_for_every_kind_byte(name: bytes) -> None:
     for kind in range(256):
         for payload in (bytes([kind]) + name + b"\x00", bytes([kind]) + name):
             assert _outcome(m.check_describe, payload) == _outcome(_full_describe, payload)
+
+
+def test_every_client_encoding_dbward_decodes_reads_ascii_as_ascii() -> None:
+    """Quotes, backslashes and escapes are ASCII: a codec that reads 0x5C as anything but a
+    backslash (Python's shift_jis_2004 reads "¥") would let text mean one thing to dbward and
+    another to PostgreSQL."""
+    from dbward.wire.postgres.encodings import _CODECS
+
+    ascii_bytes = bytes(range(128))
+    for name, codec in _CODECS.items():
+        assert ascii_bytes.decode(codec) == ascii_bytes.decode("ascii"), name

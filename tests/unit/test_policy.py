@@ -283,6 +283,14 @@ def test_ordinary_ddl_naming_functions_is_allowed(sql: str) -> None:
         ),
         ("ALTER ROLE svc SET standard_conforming_strings TO false", "guard.string_syntax"),
         ("CREATE SCHEMA s AUTHORIZATION other CREATE VIEW v AS SELECT 1", "guard.role_switch"),
+        # Fifth round: an updatable view over pg_settings, and SQL read later holding \'.
+        ("CREATE TEMP VIEW v AS SELECT * FROM pg_settings", "guard.string_syntax"),
+        (
+            "CREATE FUNCTION f() RETURNS text LANGUAGE sql "
+            "AS $b$SELECT 'a\\', ' ; SET ROLE r; --'$b$",
+            "guard.string_syntax",
+        ),
+        ("SELECT set_config(E'rol\\x65', 'r', false)", "guard.role_switch"),
         (
             "SELECT * FROM xpath_table('x', 'x', 't', '/a', 'true') AS t(k text, v text)",
             "guard.dynamic_sql",

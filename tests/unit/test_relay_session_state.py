@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from dbward.audit.sink import MemorySink
+from dbward.audit.sink import HeldRecord, MemorySink
+from dbward.core.errors import AuditUnavailable
 from dbward.relay.postgres import PgSession
 from dbward.wire.postgres import messages as m
 from fixtures.detached import RecordingTransport, detached_session
@@ -433,3 +434,62 @@ def _bind_execute_sync() -> bytes:
         + m.execute_message("")
         + m.sync()
     )
+
+
+# Fifth review: a merged record lost to a full backlog, FETCH of a cursor declared in the same
+# string, and the first intents of a batch refused half-way.
+
+
+class _FullAfterHold(MemorySink):
+    """Holds records like the process sink; `append` refuses (the backlog filled up)."""
+
+    def __init__(self, refuse_holds_after: int | None = None) -> None:
+        super().__init__()
+        self.released: list[Any] = []
+        self.holds = 0
+        self.refuse_holds_after = refuse_holds_after
+
+    def hold(self, record: Any) -> HeldRecord:
+        self.holds += 1
+        if self.refuse_holds_after is not None and self.holds > self.refuse_holds_after:
+            raise AuditUnavailable("backlog full")
+        return HeldRecord(record)
+
+    def append(self, record: Any) -> None:
+        raise AuditUnavailable("backlog full")
+
+    def release(self, held: HeldRecord) -> None:
+        record = held.take_back()
+        if record is not None:
+            self.released.append(record)
+
+
+def test_a_statements_merged_record_is_not_lost_when_the_backlog_fills_up() -> None:
+    sink = _FullAfterHold()
+    session, _, _ = detached_session(sink)
+    session.data_received(m.query("DELETE FROM victim WHERE x > 0"))
+    session._on_upstream_data(m.command_complete("DELETE 3") + m.ready_for_query(b"I"))
+    (record,) = sink.released
+    assert (record.command, record.status, record.rows) == ("DELETE", "ok", 3)
+
+
+def test_a_batch_refused_half_way_logs_none_of_its_statements_as_allowed() -> None:
+    sink = _FullAfterHold(refuse_holds_after=1)
+    session, _, upstream = detached_session(sink)
+    session.data_received(m.query("SELECT 1; SELECT 2"))
+    assert upstream.written == m.query("DBWARD_POLICY_DENIED")
+    session._on_upstream_data(m.error_response("ERROR", "42601", "x") + m.ready_for_query(b"I"))
+    session._release_held()
+    assert sink.released == []  # the first statement's intent was taken back
+    assert session._held_intents == {}
+
+
+def test_fetch_of_a_cursor_declared_earlier_in_the_same_string_is_its_query() -> None:
+    session, _, _, sink = _session()
+    session.data_received(m.query("DECLARE c CURSOR WITH HOLD FOR SELECT 1"))
+    session._on_upstream_data(m.command_complete("DECLARE CURSOR") + m.ready_for_query(b"I"))
+    session.data_received(
+        m.query("CLOSE c; DECLARE c CURSOR WITH HOLD FOR SELECT * FROM secret_notes; FETCH ALL c")
+    )
+    fetch = [r for r in sink.records if r.event == "statement"][-1]
+    assert (fetch.command, fetch.tables) == ("FETCH", ("secret_notes",))

@@ -1130,6 +1130,8 @@ class PgSession(asyncio.Protocol):
         denial: Decision | None = None
         if not self.services.audit.healthy:
             denial = _audit_unavailable_decision()
+        # Cursors this batch declares or closes, for a FETCH later in the same string.
+        cursors: dict[str, tuple[Statement, ...] | None] | None = None
         for classified in statements:
             statement = classified
             if classified.prepared_name is not None or classified.command.startswith(
@@ -1137,7 +1139,16 @@ class PgSession(asyncio.Protocol):
             ):
                 statement = self._resolve_prepared(classified, changes)
             elif classified.cursor_name is not None and "fetches_cursor" in classified.flags:
-                statement = self._resolve_cursor(classified)
+                statement = self._resolve_cursor(classified, cursors)
+            elif classified.cursor_name is not None or "closes_all_cursors" in classified.flags:
+                if cursors is None:
+                    cursors = {}
+                if classified.cursor_name is None:
+                    cursors = {name: None for name in (*self._portals, *cursors)}
+                elif classified.command == "DECLARE CURSOR":
+                    cursors[classified.cursor_name] = (classified,)
+                else:
+                    cursors[classified.cursor_name] = None
             stmt_path = path
             if "copy_from_stdin" in statement.flags or "copy_to_stdout" in statement.flags:
                 stmt_path = ProtocolPath.COPY
@@ -1158,21 +1169,29 @@ class PgSession(asyncio.Protocol):
         tracked: list[_Tracked] = []
         durable: asyncio.Future[int] | None = None
         started = time.perf_counter()
-        for statement, decision, path in decided:
-            self._next_sid += 1
-            sid = self._next_sid
-            self._statement_count += 1
-            # A refused batch is refused whole: an allowed part records the batch's denial.
-            effective = decision if denial is None or not decision.allowed else denial
-            record = self._statement_record(sid, statement, effective, path)
-            if denial is None and strict and statement.kind in _DURABLE_KINDS:
-                self._release_held()
-                durable = audit.append_durable(record)
-                tracked.append(_Tracked(sid, statement, path, started, None))
-            else:
-                item = _Tracked(sid, statement, path, started, audit.hold(record))
-                self._held_intents[sid] = item
-                tracked.append(item)
+        try:
+            for statement, decision, path in decided:
+                self._next_sid += 1
+                sid = self._next_sid
+                self._statement_count += 1
+                # A refused batch is refused whole: an allowed part records the batch's denial.
+                effective = decision if denial is None or not decision.allowed else denial
+                record = self._statement_record(sid, statement, effective, path)
+                if denial is None and strict and statement.kind in _DURABLE_KINDS:
+                    self._release_held()
+                    durable = audit.append_durable(record)
+                    tracked.append(_Tracked(sid, statement, path, started, None))
+                else:
+                    item = _Tracked(sid, statement, path, started, audit.hold(record))
+                    self._held_intents[sid] = item
+                    tracked.append(item)
+        except AuditUnavailable:
+            # The batch is refused: its first statements must not be logged as allowed.
+            for item in tracked:
+                if item.held is not None:
+                    item.held.take_back()
+                    self._held_intents.pop(item.sid, None)
+            raise
         return tracked, durable
 
     def _release_held(self) -> None:
@@ -1350,13 +1369,17 @@ class PgSession(asyncio.Protocol):
             flags=statement.flags | inner.flags,
         )
 
-    def _resolve_cursor(self, statement: Statement) -> Statement:
+    def _resolve_cursor(
+        self, statement: Statement, batch: dict[str, tuple[Statement, ...] | None] | None
+    ) -> Statement:
         """FETCH/MOVE runs the cursor's query: decide it as the DECLARE dbward saw.
 
-        A cursor dbward did not see declared (opened inside a function and returned as a
-        refcursor) stays what the FETCH text shows: the function is where that query lives.
+        `batch`: cursors declared or closed earlier in the same string. A cursor dbward did
+        not see declared (opened inside a function and returned as a refcursor) stays what the
+        FETCH text shows: the function is where that query lives.
         """
-        found = self._portals.get(statement.cursor_name or "")
+        name = statement.cursor_name or ""
+        found = batch[name] if batch is not None and name in batch else self._portals.get(name)
         if found is None or len(found) != 1:
             return statement
         inner = found[0]
@@ -1829,12 +1852,15 @@ class PgSession(asyncio.Protocol):
         if held is not None:
             tracked.held = None
             self._held_intents.pop(tracked.sid, None)
-            intent = held.take_back()
+            intent = held.record
             if intent is not None:
                 # The intent was not sent yet: one record says both (same commit deadline).
+                # It goes out as the held record it replaces, which the sink accepted already:
+                # a backlog that filled up meanwhile cannot lose it (nor the statement's trace).
                 fields = (status, sqlstate, rows, duration_ms)
                 after = intent[_OUTCOME_FIELDS + len(fields) :]
-                self._append(AuditRecord._make((*intent[:_OUTCOME_FIELDS], *fields, *after)))
+                held.record = AuditRecord._make((*intent[:_OUTCOME_FIELDS], *fields, *after))
+                self.services.audit.release(held)
                 return
         identity = self.identity
         statement = tracked.statement

@@ -964,6 +964,9 @@ def _is_integer_constant(node: dict[str, Any]) -> bool:
     return const is not None and "ival" in const
 
 
+_SETTINGS_VIEWS: Final = frozenset({"pg_settings", "pg_catalog.pg_settings"})
+
+
 def _updates_settings(update: dict[str, Any]) -> bool:
     """UPDATE pg_settings (anyone may: it sets each matching setting) unless its WHERE names
     one setting, as a constant, that does not change how SQL reads."""
@@ -1225,6 +1228,11 @@ def _classify_node(
             flags.add("fetches_cursor")  # runs the cursor's query: decided as its DECLARE
         elif node_type == "DeclareCursorStmt" and body.get("options", 0) & _CURSOR_OPT_HOLD:
             flags.add("holdable_cursor")
+    if node_type == "ViewStmt" and not _SETTINGS_VIEWS.isdisjoint(
+        name for _, name in walked.tables
+    ):
+        # UPDATE on such a view runs pg_settings' rule: set_config for every row.
+        flags.add("string_syntax")
     if node_type == "CreateSchemaStmt" and body.get("authrole") and body.get("schemaElts"):
         # The schema's objects are created by its owner, as if after SET ROLE.
         flags.add("role_switch")
@@ -1246,6 +1254,11 @@ def _classify_node(
 def _merge_sql_texts(walked: _Walk, depth: int) -> None:
     """Classify the SQL that called functions run, and count it as part of the statement."""
     for text in walked.sql_texts:
+        if "\\'" in text:
+            # PostgreSQL reads this SQL when it runs, with the settings in force then: a
+            # statement earlier in the same string (UPDATE on a view over pg_settings) may
+            # have turned standard_conforming_strings off, which makes \' end no literal.
+            walked.flags.add("string_syntax")
         if depth >= _MAX_SQL_TEXT_DEPTH:
             walked.flags.add("dynamic_sql")
             return

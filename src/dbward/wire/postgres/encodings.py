@@ -39,7 +39,10 @@ _CODECS = {
     "EUC_KR": "euc_kr",
     "EUC_CN": "gb2312",
     "SJIS": "shift_jis",
-    "SHIFT_JIS_2004": "shift_jis_2004",
+    # Not SHIFT_JIS_2004: Python's codec reads 0x5C as "¥" and 0x7E as "‾" where PostgreSQL
+    # reads "\\" and "~", so E'rol\\x65' would be 'role' to the server and something else to
+    # dbward. Unlisted, it gets the ASCII-only treatment. Every codec here must decode
+    # 0x00-0x7F as ASCII (tests/unit/test_pg_messages.py checks).
     "BIG5": "big5",
     "GBK": "gbk",
     "GB18030": "gb18030",
