@@ -291,6 +291,19 @@ def test_ordinary_ddl_naming_functions_is_allowed(sql: str) -> None:
             "guard.string_syntax",
         ),
         ("SELECT set_config(E'rol\\x65', 'r', false)", "guard.role_switch"),
+        # Sixth round: || shadowed through search_path, ownership given away, rules over
+        # pg_settings, any UPDATE of pg_settings, adminpack's other name for pg_read_file.
+        ("SELECT set_config('app.' || 'x', 'r', false)", "guard.role_switch"),
+        ("ALTER FUNCTION f() OWNER TO target", "guard.role_switch"),
+        ("ALTER TABLE t OWNER TO target", "guard.role_switch"),
+        ("REASSIGN OWNED BY me TO target", "guard.role_switch"),
+        (
+            'CREATE RULE "_RETURN" AS ON SELECT TO t DO INSTEAD '
+            "SELECT name, setting FROM pg_catalog.pg_settings",
+            "guard.string_syntax",
+        ),
+        ("UPDATE pg_settings SET setting = '1MB' WHERE name = 'work_mem'", "guard.string_syntax"),
+        ("SELECT pg_read_file_old('/etc/passwd', 0, 100)", "guard.server_file"),
         (
             "SELECT * FROM xpath_table('x', 'x', 't', '/a', 'true') AS t(k text, v text)",
             "guard.dynamic_sql",
@@ -306,7 +319,8 @@ def test_reviewed_bypasses_are_denied(sql: str, rule: str) -> None:
     "sql",
     [
         "CREATE FUNCTION app_set(k text, v text) RETURNS text LANGUAGE sql "
-        "AS $$ SELECT set_config('app.' || k, v, true) $$",
+        "AS $$ SELECT set_config('app.' OPERATOR(pg_catalog.||) k, v, true) $$",
+        "ALTER TABLE t OWNER TO CURRENT_USER",
         "SELECT set_config('app.tenant', '42', true)",
         "SELECT set_config('role'::pg_catalog.text, 'x', false) IS NULL",
         "SET standard_conforming_strings = on",

@@ -6,11 +6,13 @@ them (checked end to end in tests/e2e/test_session_state.py).
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
 
 from dbward.audit.sink import HeldRecord, MemorySink
+from dbward.config.model import AuditSettings
 from dbward.core.errors import AuditUnavailable
 from dbward.relay.postgres import PgSession
 from dbward.wire.postgres import messages as m
@@ -493,3 +495,69 @@ def test_fetch_of_a_cursor_declared_earlier_in_the_same_string_is_its_query() ->
     )
     fetch = [r for r in sink.records if r.event == "statement"][-1]
     assert (fetch.command, fetch.tables) == ("FETCH", ("secret_notes",))
+
+
+# Sixth review: a second COPY in one Query, FATAL mid-pipeline, a client gone while its
+# statement waits for a durable intent.
+
+
+def test_a_second_copy_in_one_query_is_a_copy_too() -> None:
+    session, client, _, _ = _session()
+    session.data_received(m.query("COPY a FROM STDIN; COPY b FROM STDIN"))
+    session._on_upstream_data(m._frame(b"G", b"\x00\x00\x00"))
+    session.data_received(m.copy_data(b"1\n") + m.copy_done())
+    session._on_upstream_data(m.command_complete("COPY 1") + m._frame(b"G", b"\x00\x00\x00"))
+    session.data_received(m.copy_data(b"2\n") + m.sync())  # copying again: refused plainly
+    written = bytes(client.written)
+    fields = m.parse_error_fields(written[written.rindex(b"E\x00") :][5:])
+    assert fields["S"] == "FATAL" and "during COPY FROM STDIN" in fields["M"]
+
+
+def test_a_fatal_mid_pipeline_fails_the_running_statement_and_skips_the_rest() -> None:
+    session, _, _, sink = _session()
+    unit = m.bind_message("", "s", []) + m.execute_message("")
+    session.data_received(m.parse_message("s", DELETE) + unit + unit + unit + m.sync())
+    session._on_upstream_data(PARSED + BOUND)
+    session._on_upstream_data(m.error_response("FATAL", "57P01", "terminating connection"))
+    statuses = {r.statement_id: (r.status, r.sqlstate) for r in sink.records if r.status}
+    assert statuses == {1: ("error", "57P01"), 2: ("not_executed", ""), 3: ("not_executed", "")}
+
+
+def test_a_statement_still_waiting_for_its_durable_intent_was_never_executed() -> None:
+    class _SlowDurable(MemorySink):
+        def append_durable(self, record: Any) -> Any:
+            self.append(record)
+            return asyncio.get_event_loop_policy().get_event_loop().create_future()
+
+    async def run() -> tuple[list[Any], list[bytes]]:
+        sink = _SlowDurable()
+        session, _, upstream = detached_session(sink)
+        session.services.audit_settings = AuditSettings(durability="strict")
+        session.data_received(m.query(DELETE))
+        assert upstream.written == b""  # held until the intent is durable
+        cancels: list[bytes] = []
+        session._cancel_upstream = lambda: cancels.append(b"cancel")  # type: ignore[method-assign, assignment, return-value]
+        session.connection_lost(None)
+        return sink.records, cancels
+
+    records, cancels = asyncio.run(run())
+    (outcome,) = [r for r in records if r.status]
+    assert outcome.status == "not_executed" and cancels == []
+
+
+def test_the_sync_sent_with_a_copys_execute_read_after_copy_in_response_is_ignored() -> None:
+    """libpq sends Sync right after the COPY's Execute; it may be read after CopyInResponse.
+    Before any data the server ignores it, and so does dbward (forwarded, no reply owed)."""
+    session, _, upstream, _ = _session()
+    session.data_received(
+        m.parse_message("", "COPY t FROM STDIN")
+        + m.bind_message("", "", [])
+        + m.execute_message("")
+    )
+    session._on_upstream_data(PARSED + BOUND + m._frame(b"G", b"\x00\x00\x00"))
+    ops_before = len(session._ops)
+    session.data_received(m.sync() + m.copy_data(b"1\n") + m.copy_done() + m.sync())
+    assert upstream.written.endswith(m.sync() + m.copy_data(b"1\n") + m.copy_done() + m.sync())
+    assert len(session._ops) == ops_before + 1  # only the Sync after CopyDone is answered
+    session._on_upstream_data(m.command_complete("COPY 1") + m.ready_for_query(b"I"))
+    assert len(session._ops) == 0

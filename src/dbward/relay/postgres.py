@@ -314,9 +314,12 @@ class PgSession(asyncio.Protocol):
         self._ran_since_ready = False
         self._awaiting: _Await | None = None  # why the parked message waits
         self._copy_state = _COPY_NONE
+        self._copy_data_sent = False  # CopyData forwarded since the last CopyInResponse
         self._holdable_cursors = False  # a DECLARE ... WITH HOLD was forwarded once
         # Statements whose intent record the sink still holds, by statement id.
         self._held_intents: dict[int, _Tracked] = {}
+        self._terminated = False  # the client sent Terminate (it did not just vanish)
+        self._barrier_op: _Op | None = None  # queued, but held until its intent is durable
         # Portal names defined since the last idle ReadyForQuery: what it may have to forget.
         self._portal_names: set[str] = set()
         # standard_conforming_strings as PostgreSQL reports it: when off, backslashes in
@@ -413,10 +416,18 @@ class PgSession(asyncio.Protocol):
             self._startup_wake.set()
         upstream = self._upstream
         if upstream is not None:
+            held_back = self._barrier_op
+            if held_back is not None and self._ops and self._ops[-1] is held_back:
+                # Waiting for its durable intent: it never reached PostgreSQL.
+                self._ops.pop()
+                self._finish_op(held_back, "not_executed", "")
             if self._ops and was_ready:
-                # The client left mid-query: cancel it upstream so it does not run on alone.
-                self._finish_pending("cancelled", "57014")
-                self._cancel_upstream()
+                if not self._terminated:
+                    # The client left mid-query: cancel upstream so it does not run on alone.
+                    self._cancel_upstream()
+                # Whether each statement finished, was cancelled or never started, nobody
+                # will hear now: say so rather than guess.
+                self._finish_pending("unknown", "", all_of_them=True)
             self._close_upstream()
         self._release()
         if self._connect_audited:  # a bare TCP probe (health check, port scan) leaves no trace
@@ -716,12 +727,19 @@ class PgSession(asyncio.Protocol):
                 out.append(raw)  # COPY data flows through; the COPY statement was decided
                 if msg_type != _COPY_DATA:
                     self._copy_state = _COPY_NONE  # the server's copy mode ends here
+                else:
+                    self._copy_data_sent = True
                 continue
             # Only copy messages (and a Flush, which owes no reply) belong in a copy. PostgreSQL
             # ignores a Sync while it is copying but answers it once a bad row has ended the
             # copy, and nothing here can tell which: rather than guess (and let replies drift
             # from requests), such a client is told plainly. No driver sends one (libpq's Sync
             # goes after CopyDone).
+            if self._copy_state == _COPY_ACTIVE and msg_type == _S and not self._copy_data_sent:
+                # libpq's Sync sent with the COPY's Execute, read here after CopyInResponse:
+                # before any data no row can have failed, so the server ignores it.
+                out.append(raw)
+                continue
             if self._copy_state == _COPY_ACTIVE and msg_type != _H:
                 if out:
                     upstream.transport.write(b"".join(out))
@@ -752,6 +770,7 @@ class PgSession(asyncio.Protocol):
                 return
             if barrier is not None:
                 future, held = barrier
+                self._barrier_op = self._ops[-1] if self._ops else None
                 self._park(frames[i:], out)
                 future.add_done_callback(functools.partial(self._barrier_done, held=held))
                 return
@@ -829,6 +848,7 @@ class PgSession(asyncio.Protocol):
     def _barrier_done(self, future: asyncio.Future[int], *, held: tuple[bytes, bytes]) -> None:
         """The intent record is durable (or failed): forward the held message or refuse it."""
         self._blocked = False
+        self._barrier_op = None
         if self._phase != _PHASE_READY or self._upstream is None:
             return
         forward, refusal = held
@@ -1409,8 +1429,12 @@ class PgSession(asyncio.Protocol):
                 )
 
     def _terminate(self, out: list[bytes]) -> None:
+        """Terminate: forwarded after what came before it, as PostgreSQL would read it — the
+        statements already sent run to their end (not cancelled, as on a lost connection)."""
         upstream = self._upstream
-        if upstream is not None and out:
+        self._terminated = True
+        if upstream is not None:
+            out.append(messages.terminate())
             upstream.transport.write(b"".join(out))
         self._close_client()
 
@@ -1505,6 +1529,8 @@ class PgSession(asyncio.Protocol):
                 self._settle(op.definition, "skipped")
             if not ops:
                 self._ran_since_ready = False  # every change so far has been reported
+                if self._copy_state == _COPY_PENDING:
+                    self._copy_state = _COPY_NONE  # nothing in flight: no COPY will start
                 if self._portals and payload is not None and payload[:1] == b"I":
                     self._forget_transaction_portals()
             return None
@@ -1544,8 +1570,10 @@ class PgSession(asyncio.Protocol):
                     ops.popleft()
                     self._z_owed -= 1
                 ops.appendleft(head)
-            if self._copy_state == _COPY_PENDING:
-                self._copy_state = _COPY_ACTIVE
+            # Whatever the client last did: a Query may hold several COPY FROM STDIN, and each
+            # CopyInResponse starts one (a CopyDone ended the previous).
+            self._copy_state = _COPY_ACTIVE
+            self._copy_data_sent = False
             return None
         if msg_type == 0x53 and payload is not None:  # ParameterStatus
             name, value = messages.parse_parameter_status(payload)
@@ -1660,9 +1688,16 @@ class PgSession(asyncio.Protocol):
         else:
             table[name] = meaning
 
-    def _finish_pending(self, status: str, sqlstate: str) -> None:
+    def _finish_pending(self, status: str, sqlstate: str, *, all_of_them: bool = False) -> None:
+        """No more replies will come: the first statement in flight gets `status`, the ones
+        after it were never reached (`not_executed`) — unless `all_of_them` (any may have run:
+        a client that left, whose statements were cancelled or not)."""
         while self._ops:
-            self._finish_op(self._ops.popleft(), status, sqlstate)
+            op = self._ops.popleft()
+            had_statements = bool(op.tracked) and len(op.tracked or ()) > op.index
+            self._finish_op(op, status, sqlstate)
+            if had_statements and not all_of_them:
+                status, sqlstate = "not_executed", ""
 
     def _on_upstream_lost(self, exc: Exception | None) -> None:
         if self._phase == _PHASE_READY and not self._closing:

@@ -602,6 +602,7 @@ _WRITE_FUNCTIONS: Final = frozenset(
 SERVER_FILE_FUNCTIONS: Final = frozenset(
     {
         "pg_read_file",
+        "pg_read_file_old",  # adminpack 1.0's name for the same C function
         "pg_read_binary_file",
         "pg_stat_file",
         "pg_ls_dir",
@@ -832,8 +833,8 @@ def _func_call(call: dict[str, Any], out: _Walk) -> None:
         args: list[dict[str, Any]] = call.get("args") or []
         first = _constant_text(args[0]) if args else None
         if first is None and args:
-            # 'app.' || k: a name that starts with a constant holding a dot is a custom
-            # setting (role, session_authorization and the string syntax GUCs have no dot).
+            # 'app.' OPERATOR(pg_catalog.||) k: a name that starts with a constant holding a dot
+            # is a custom setting (role, session_authorization, the string syntax GUCs have none).
             prefix = _leading_constant(args[0])
             if prefix is not None and "." in prefix:
                 first = prefix
@@ -965,25 +966,40 @@ def _is_integer_constant(node: dict[str, Any]) -> bool:
 
 
 _SETTINGS_VIEWS: Final = frozenset({"pg_settings", "pg_catalog.pg_settings"})
+# OWNER TO these is no change of role.
+_SELF_ROLESPECS: Final = frozenset(
+    {"ROLESPEC_CURRENT_USER", "ROLESPEC_SESSION_USER", "ROLESPEC_CURRENT_ROLE"}
+)
+
+
+def _gives_away_ownership(node_type: str, body: dict[str, Any]) -> bool:
+    """ALTER ... OWNER TO / REASSIGN OWNED BY ... TO a role named explicitly."""
+    if node_type == "AlterOwnerStmt":
+        owners = [body.get("newowner", {})]
+    elif node_type == "ReassignOwnedStmt":
+        owners = [body.get("newrole", {})]
+    elif node_type == "AlterTableStmt":
+        owners = [
+            cmd.get("AlterTableCmd", {}).get("newowner", {})
+            for cmd in body.get("cmds", ())
+            if cmd.get("AlterTableCmd", {}).get("subtype") == "AT_ChangeOwner"
+        ]
+    else:
+        return False
+    return any(owner.get("roletype") not in _SELF_ROLESPECS for owner in owners)
 
 
 def _updates_settings(update: dict[str, Any]) -> bool:
-    """UPDATE pg_settings (anyone may: it sets each matching setting) unless its WHERE names
-    one setting, as a constant, that does not change how SQL reads."""
+    """UPDATE pg_settings: anyone may, and its rule calls set_config for each matching row.
+
+    Refused whatever its WHERE says: which rows match cannot be read from the text (a CASE, a
+    FROM, an `=` shadowed through search_path all fooled such a reading). SET does the same.
+    """
     relation = update.get("relation", {})
-    if relation.get("relname") != "pg_settings" or relation.get("schemaname") not in (
+    return relation.get("relname") == "pg_settings" and relation.get("schemaname") in (
         None,
         "pg_catalog",
-    ):
-        return False
-    where = update.get("whereClause", {}).get("A_Expr", {})
-    if _strings(where.get("name", ())) != "=":
-        return True
-    column = where.get("lexpr", {}).get("ColumnRef", {}).get("fields", ())
-    name = _constant_text(where.get("rexpr", {}))
-    if _strings(column).rsplit(".", 1)[-1] != "name" or name is None:
-        return True
-    return name.lower() in _STRING_SYNTAX_GUCS
+    )
 
 
 def _leading_constant(node: dict[str, Any]) -> str | None:
@@ -992,7 +1008,9 @@ def _leading_constant(node: dict[str, Any]) -> str | None:
         expr = node.get("A_Expr")
         if expr is None:
             return _constant_text(node)
-        if _strings(expr.get("name", ())) != "||":
+        # Only OPERATOR(pg_catalog.||): a bare || is whatever search_path finds first, and a
+        # user-defined one can return 'role' from anything.
+        if _strings(expr.get("name", ())) != "pg_catalog.||":
             return None
         node = expr.get("lexpr", {})
 
@@ -1228,13 +1246,17 @@ def _classify_node(
             flags.add("fetches_cursor")  # runs the cursor's query: decided as its DECLARE
         elif node_type == "DeclareCursorStmt" and body.get("options", 0) & _CURSOR_OPT_HOLD:
             flags.add("holdable_cursor")
-    if node_type == "ViewStmt" and not _SETTINGS_VIEWS.isdisjoint(
+    if node_type in ("ViewStmt", "RuleStmt") and not _SETTINGS_VIEWS.isdisjoint(
         name for _, name in walked.tables
     ):
         # UPDATE on such a view runs pg_settings' rule: set_config for every row.
         flags.add("string_syntax")
     if node_type == "CreateSchemaStmt" and body.get("authrole") and body.get("schemaElts"):
         # The schema's objects are created by its owner, as if after SET ROLE.
+        flags.add("role_switch")
+    if _gives_away_ownership(node_type, body):
+        # An object owned by another role acts as that role: a view reads with its owner's
+        # privileges, a SECURITY DEFINER function runs as its owner.
         flags.add("role_switch")
     statement = Statement(
         text=part,
