@@ -304,6 +304,8 @@ def test_ordinary_ddl_naming_functions_is_allowed(sql: str) -> None:
         ),
         ("UPDATE pg_settings SET setting = '1MB' WHERE name = 'work_mem'", "guard.string_syntax"),
         ("SELECT pg_read_file_old('/etc/passwd', 0, 100)", "guard.server_file"),
+        # Seventh round: a view over pg_settings as an element of CREATE SCHEMA.
+        ("CREATE SCHEMA s1 CREATE VIEW v AS SELECT * FROM pg_settings", "guard.string_syntax"),
         (
             "SELECT * FROM xpath_table('x', 'x', 't', '/a', 'true') AS t(k text, v text)",
             "guard.dynamic_sql",

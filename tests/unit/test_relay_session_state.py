@@ -545,19 +545,18 @@ def test_a_statement_still_waiting_for_its_durable_intent_was_never_executed() -
     assert outcome.status == "not_executed" and cancels == []
 
 
-def test_the_sync_sent_with_a_copys_execute_read_after_copy_in_response_is_ignored() -> None:
-    """libpq sends Sync right after the COPY's Execute; it may be read after CopyInResponse.
-    Before any data the server ignores it, and so does dbward (forwarded, no reply owed)."""
-    session, _, upstream, _ = _session()
-    session.data_received(
-        m.parse_message("", "COPY t FROM STDIN")
-        + m.bind_message("", "", [])
-        + m.execute_message("")
+def test_an_eager_copy_ended_before_its_copy_in_response_is_over() -> None:
+    """Query(COPY) + data + CopyDone in one write: the late CopyInResponse starts nothing the
+    client is still in, so its next Query is an ordinary one (seventh review)."""
+    session, client, upstream, sink = _session()
+    session.data_received(m.query("COPY c FROM STDIN") + m.copy_data(b"1\n") + m.copy_done())
+    session._on_upstream_data(
+        m._frame(b"G", b"\x00\x00\x00") + m.command_complete("COPY 1") + m.ready_for_query(b"I")
     )
-    session._on_upstream_data(PARSED + BOUND + m._frame(b"G", b"\x00\x00\x00"))
-    ops_before = len(session._ops)
-    session.data_received(m.sync() + m.copy_data(b"1\n") + m.copy_done() + m.sync())
-    assert upstream.written.endswith(m.sync() + m.copy_data(b"1\n") + m.copy_done() + m.sync())
-    assert len(session._ops) == ops_before + 1  # only the Sync after CopyDone is answered
-    session._on_upstream_data(m.command_complete("COPY 1") + m.ready_for_query(b"I"))
-    assert len(session._ops) == 0
+    upstream.written.clear()
+    session.data_received(m.query(DELETE))
+    assert upstream.written == m.query(DELETE)
+    session._on_upstream_data(m.command_complete("DELETE 3") + m.ready_for_query(b"I"))
+    delete = [r for r in sink.records if r.command == "DELETE"][-1]
+    assert (delete.status, delete.rows) == ("ok", 3)
+    assert b"FATAL" not in bytes(client.written)

@@ -314,7 +314,7 @@ class PgSession(asyncio.Protocol):
         self._ran_since_ready = False
         self._awaiting: _Await | None = None  # why the parked message waits
         self._copy_state = _COPY_NONE
-        self._copy_data_sent = False  # CopyData forwarded since the last CopyInResponse
+        self._copies_open = 0  # COPY FROM STDIN sent, not yet ended by CopyDone/CopyFail
         self._holdable_cursors = False  # a DECLARE ... WITH HOLD was forwarded once
         # Statements whose intent record the sink still holds, by statement id.
         self._held_intents: dict[int, _Tracked] = {}
@@ -727,19 +727,14 @@ class PgSession(asyncio.Protocol):
                 out.append(raw)  # COPY data flows through; the COPY statement was decided
                 if msg_type != _COPY_DATA:
                     self._copy_state = _COPY_NONE  # the server's copy mode ends here
-                else:
-                    self._copy_data_sent = True
+                    if self._copies_open > 0:
+                        self._copies_open -= 1
                 continue
             # Only copy messages (and a Flush, which owes no reply) belong in a copy. PostgreSQL
             # ignores a Sync while it is copying but answers it once a bad row has ended the
             # copy, and nothing here can tell which: rather than guess (and let replies drift
             # from requests), such a client is told plainly. No driver sends one (libpq's Sync
             # goes after CopyDone).
-            if self._copy_state == _COPY_ACTIVE and msg_type == _S and not self._copy_data_sent:
-                # libpq's Sync sent with the COPY's Execute, read here after CopyInResponse:
-                # before any data no row can have failed, so the server ignores it.
-                out.append(raw)
-                continue
             if self._copy_state == _COPY_ACTIVE and msg_type != _H:
                 if out:
                     upstream.transport.write(b"".join(out))
@@ -1257,6 +1252,7 @@ class PgSession(asyncio.Protocol):
         statement = item.statement
         if "copy_from_stdin" in statement.flags:
             self._copy_state = _COPY_PENDING
+            self._copies_open += 1
         if "closes_all_cursors" in statement.flags:
             self._portals.clear()  # if it fails, dbward forgot too much: refused, not wrong
         elif statement.cursor_name is not None:
@@ -1531,6 +1527,7 @@ class PgSession(asyncio.Protocol):
                 self._ran_since_ready = False  # every change so far has been reported
                 if self._copy_state == _COPY_PENDING:
                     self._copy_state = _COPY_NONE  # nothing in flight: no COPY will start
+                self._copies_open = 0
                 if self._portals and payload is not None and payload[:1] == b"I":
                     self._forget_transaction_portals()
             return None
@@ -1570,10 +1567,11 @@ class PgSession(asyncio.Protocol):
                     ops.popleft()
                     self._z_owed -= 1
                 ops.appendleft(head)
-            # Whatever the client last did: a Query may hold several COPY FROM STDIN, and each
-            # CopyInResponse starts one (a CopyDone ended the previous).
-            self._copy_state = _COPY_ACTIVE
-            self._copy_data_sent = False
+            # A copy the client has not ended yet starts now (a Query may hold several COPY
+            # FROM STDIN). One it ended already (data and CopyDone sent eagerly) is over from
+            # the client's side: what it sends next is not copy data.
+            if self._copies_open > 0:
+                self._copy_state = _COPY_ACTIVE
             return None
         if msg_type == 0x53 and payload is not None:  # ParameterStatus
             name, value = messages.parse_parameter_status(payload)

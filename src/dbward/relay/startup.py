@@ -12,6 +12,10 @@ _REFUSED = {"role", "session_authorization"}
 # (the one its parser assumes). dbward also pins them in the upstream `options`, so RESET,
 # DISCARD ALL and a role's or database's own default can never bring another value back.
 _STRING_SYNTAX = {"standard_conforming_strings": "on", "backslash_quote": "safe_encoding"}
+_ACCEPTED = {
+    "standard_conforming_strings": frozenset({"on", "true", "yes", "1"}),
+    "backslash_quote": frozenset({"safe_encoding"}),
+}
 PINNED_OPTIONS = "-c standard_conforming_strings=on -c backslash_quote=safe_encoding"
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
 _MAX_OPTIONS = 4096
@@ -80,7 +84,7 @@ def _check_options(options: str) -> None:
 def _check_string_syntax(name: str, value: str) -> None:
     """Refuse a login that asks for a string syntax dbward's parser does not read."""
     allowed = _STRING_SYNTAX.get(name)
-    if allowed is not None and value.strip().lower() != allowed:
+    if allowed is not None and value.strip().lower() not in _ACCEPTED[name]:
         raise StartupRefusedError(
             f"dbward: '{name}' is fixed to '{allowed}' (SQL must read the same to dbward "
             "and to PostgreSQL)"

@@ -972,6 +972,18 @@ _SELF_ROLESPECS: Final = frozenset(
 )
 
 
+def _defines_view_or_rule(node_type: str, body: dict[str, Any]) -> bool:
+    """A view or rule, also as an element of CREATE SCHEMA ... CREATE VIEW."""
+    if node_type in ("ViewStmt", "RuleStmt"):
+        return True
+    if node_type == "CreateSchemaStmt":
+        return any(
+            _node_type(element) in ("ViewStmt", "RuleStmt")
+            for element in body.get("schemaElts") or ()
+        )
+    return False
+
+
 def _gives_away_ownership(node_type: str, body: dict[str, Any]) -> bool:
     """ALTER ... OWNER TO / REASSIGN OWNED BY ... TO a role named explicitly."""
     if node_type == "AlterOwnerStmt":
@@ -1246,7 +1258,7 @@ def _classify_node(
             flags.add("fetches_cursor")  # runs the cursor's query: decided as its DECLARE
         elif node_type == "DeclareCursorStmt" and body.get("options", 0) & _CURSOR_OPT_HOLD:
             flags.add("holdable_cursor")
-    if node_type in ("ViewStmt", "RuleStmt") and not _SETTINGS_VIEWS.isdisjoint(
+    if _defines_view_or_rule(node_type, body) and not _SETTINGS_VIEWS.isdisjoint(
         name for _, name in walked.tables
     ):
         # UPDATE on such a view runs pg_settings' rule: set_config for every row.
