@@ -326,3 +326,51 @@ def test_execute_of_a_sql_cursor_is_decided_as_its_query(proxy: Proxy) -> None:
     executed = [s for s in extended if s.path == "extended"][-1]
     assert executed.tables == ("secret_notes",)
     assert executed.sql_text == "DECLARE p CURSOR FOR SELECT v FROM secret_notes"
+
+
+def _libpq_copy(dsn: str, sql: bytes, data: bytes) -> list[str]:
+    """Real libpq: COPY sent with PQsendQueryParams (Parse/Bind/Execute + Sync), then data."""
+    conn = pq.PGconn.connect(dsn.encode())
+    assert conn.status == pq.ConnStatus.OK, conn.error_message
+    try:
+        conn.send_query_params(sql, None)
+        statuses = []
+        deadline = time.monotonic() + 10
+        while True:
+            assert time.monotonic() < deadline, f"stalled after {statuses}"
+            conn.consume_input()
+            if conn.is_busy():
+                select.select([conn.socket], [], [], 0.2)
+                continue
+            result = conn.get_result()
+            if result is None:
+                return statuses
+            statuses.append(pq.ExecStatus(result.status).name)
+            if result.status == pq.ExecStatus.COPY_IN:
+                conn.put_copy_data(data)
+                conn.put_copy_end()
+                while conn.flush():
+                    pass
+    finally:
+        conn.finish()
+
+
+def test_libpq_extended_protocol_copy_works_and_a_failing_one_does_not_hang(
+    proxy: Proxy, pg_server: PgServer
+) -> None:
+    """libpq sends its Sync with the COPY's Execute; PostgreSQL ignores it while copying but
+    answers it if the COPY fails first. dbward holds it back until it knows which."""
+    table = f"copy_{uuid.uuid4().hex[:8]}"
+    pg_server.psql(
+        f"CREATE TABLE {table} (x int); GRANT ALL ON {table} TO {pg_server.service_user}",
+        dbname="app",
+    )
+    dsn = proxy.dsn(application_name=app_name("libpq-copy"))
+    ok = _libpq_copy(dsn, f"COPY {table} FROM STDIN".encode(), b"1\n2\n")
+    assert ok == _libpq_copy(pg_server.dsn(), f"COPY {table} FROM STDIN".encode(), b"3\n")
+    assert ok == ["COPY_IN", "COMMAND_OK"]
+    assert pg_server.psql(f"SELECT count(*) FROM {table}", dbname="app") == "3"
+    missing = _libpq_copy(dsn, b"COPY no_such_table FROM STDIN", b"1\n")
+    assert missing == ["FATAL_ERROR"]  # answered, not hung waiting for the held Sync
+    with psycopg.connect(**proxy.conninfo(), autocommit=True) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)

@@ -236,9 +236,6 @@ _AWAIT_QUIET: Final = _Await(quiet=True)
 
 # Replies that carry no statement: one shared, never-mutated op each (no allocation per message).
 _DESCRIBE_OP = _Op(_OP_DESCRIBE)
-# A Sync sent after a COPY FROM STDIN the server has not yet started: ignored by the server if
-# the COPY starts (removed from the queue at CopyInResponse), answered if the COPY fails first.
-_COPY_SYNC_OP = _Op(_OP_SYNC)
 _CLOSE_OP = _Op(_OP_CLOSE)
 _SYNC_OP = _Op(_OP_SYNC)
 
@@ -315,6 +312,10 @@ class PgSession(asyncio.Protocol):
         self._awaiting: _Await | None = None  # why the parked message waits
         self._copy_state = _COPY_NONE
         self._copies_open = 0  # COPY FROM STDIN sent, not yet ended by CopyDone/CopyFail
+        self._copy_data_sent = False  # CopyData sent since the last COPY FROM STDIN
+        # A Sync sent after a COPY FROM STDIN before its data (libpq sends one with the
+        # COPY's Execute), held back with the sync group it was sent in: see _hold_copy_sync.
+        self._held_sync: tuple[bytes, int] | None = None
         self._holdable_cursors = False  # a DECLARE ... WITH HOLD was forwarded once
         # Statements whose intent record the sink still holds, by statement id.
         self._held_intents: dict[int, _Tracked] = {}
@@ -729,6 +730,21 @@ class PgSession(asyncio.Protocol):
                     self._copy_state = _COPY_NONE  # the server's copy mode ends here
                     if self._copies_open > 0:
                         self._copies_open -= 1
+                    # libpq follows CopyDone with its own Sync: the held one is not needed.
+                    self._held_sync = None
+                    self._copy_data_sent = False  # the next COPY of the Query starts afresh
+                else:
+                    self._copy_data_sent = True
+                continue
+            if msg_type == _S and self._copies_open > 0:
+                if self._copy_data_sent or self._held_sync is not None:
+                    if out:
+                        upstream.transport.write(b"".join(out))
+                    self._protocol_error(
+                        ProtocolError("unexpected Sync during COPY FROM STDIN, after its data")
+                    )
+                    return
+                self._held_sync = (raw, self._syncs)
                 continue
             # Only copy messages (and a Flush, which owes no reply) belong in a copy. PostgreSQL
             # ignores a Sync while it is copying but answers it once a bad row has ended the
@@ -980,14 +996,8 @@ class PgSession(asyncio.Protocol):
                 return waits  # a SQL EXECUTE of a name a PREPARE in flight redefines
             return self._handle_execute(statements, max_rows, raw, out)
         if msg_type == _S:
-            copy_state = self._copy_state
-            if copy_state == _COPY_NONE:
-                self._ops.append(_SYNC_OP)
-                self._z_owed += 1
-            elif copy_state == _COPY_PENDING:
-                self._ops.append(_COPY_SYNC_OP)
-                self._z_owed += 1
-            # _COPY_ACTIVE: the server ignores it (libpq sends one with the COPY's Execute)
+            self._ops.append(_SYNC_OP)
+            self._z_owed += 1
             self._syncs += 1
             out.append(raw)
             return None
@@ -1253,6 +1263,7 @@ class PgSession(asyncio.Protocol):
         if "copy_from_stdin" in statement.flags:
             self._copy_state = _COPY_PENDING
             self._copies_open += 1
+            self._copy_data_sent = False
         if "closes_all_cursors" in statement.flags:
             self._portals.clear()  # if it fails, dbward forgot too much: refused, not wrong
         elif statement.cursor_name is not None:
@@ -1528,6 +1539,7 @@ class PgSession(asyncio.Protocol):
                 if self._copy_state == _COPY_PENDING:
                     self._copy_state = _COPY_NONE  # nothing in flight: no COPY will start
                 self._copies_open = 0
+                self._held_sync = None
                 if self._portals and payload is not None and payload[:1] == b"I":
                     self._forget_transaction_portals()
             return None
@@ -1561,12 +1573,6 @@ class PgSession(asyncio.Protocol):
         if msg_type == 0x47:  # CopyInResponse
             # The server ignores the Syncs the client sent after the COPY and before its
             # CopyDone/CopyFail: they will never be answered.
-            if ops and ops[0].code in (_OP_EXECUTE, _OP_QUERY):
-                head = ops.popleft()
-                while ops and ops[0] is _COPY_SYNC_OP:
-                    ops.popleft()
-                    self._z_owed -= 1
-                ops.appendleft(head)
             # A copy the client has not ended yet starts now (a Query may hold several COPY
             # FROM STDIN). One it ended already (data and CopyDone sent eagerly) is over from
             # the client's side: what it sends next is not copy data.
@@ -1593,10 +1599,18 @@ class PgSession(asyncio.Protocol):
 
     def _on_error(self, payload: bytes | None) -> bytes | None:
         ops = self._ops
+        held = self._held_sync
+        if held is not None and self._copy_state != _COPY_ACTIVE:
+            # The COPY failed before it started: PostgreSQL now skips to a Sync, and the one
+            # held back is it, unless the client has sent another since.
+            self._held_sync = None
+            if held[1] == self._syncs and self._upstream is not None:
+                self._upstream.transport.write(held[0])
+                ops.append(_SYNC_OP)
+                self._z_owed += 1
+                self._syncs += 1
         if self._copy_state == _COPY_ACTIVE:
-            # The copy failed (bad data, CopyFail): the server left copy mode, Syncs count
-            # again. An error before a COPY starts leaves it pending: its Syncs stay
-            # _COPY_SYNC_OP, answered like any Sync unless the COPY does start.
+            # The copy failed (bad data, CopyFail, a trigger): the server left copy mode.
             self._copy_state = _COPY_NONE
         sqlstate = ""
         if payload is not None:
