@@ -560,3 +560,38 @@ def test_an_eager_copy_ended_before_its_copy_in_response_is_over() -> None:
     delete = [r for r in sink.records if r.command == "DELETE"][-1]
     assert (delete.status, delete.rows) == ("ok", 3)
     assert b"FATAL" not in bytes(client.written)
+
+
+def test_an_earlier_querys_error_does_not_release_a_copys_held_sync() -> None:
+    """Only a failure of the COPY's own group makes PostgreSQL want the Sync held back."""
+    session, _, upstream, _ = _session()
+    session.data_received(
+        m.query("SELECT 1/0")
+        + m.parse_message("", "COPY t FROM STDIN")
+        + m.bind_message("", "", [])
+        + m.execute_message("")
+        + m.sync()  # held: PostgreSQL will be copying when it reads it
+    )
+    upstream.written.clear()
+    session._on_upstream_data(DIV0 + m.ready_for_query(b"I"))  # the Query's own error
+    assert upstream.written == b""  # nothing released
+    session._on_upstream_data(PARSED + BOUND + m._frame(b"G", b"\x00\x00\x00"))
+    session.data_received(m.copy_data(b"1\n") + m.copy_done() + m.sync())
+    session._on_upstream_data(m.command_complete("COPY 1") + m.ready_for_query(b"I"))
+    assert len(session._ops) == 0 and session._z_owed == 0
+
+
+def test_a_copy_failing_before_it_starts_gets_its_held_sync() -> None:
+    session, _, upstream, _ = _session()
+    session.data_received(
+        m.parse_message("", "COPY missing FROM STDIN")
+        + m.bind_message("", "", [])
+        + m.execute_message("")
+        + m.sync()
+    )
+    assert not upstream.written.endswith(m.sync())  # held back
+    upstream.written.clear()
+    session._on_upstream_data(m.error_response("ERROR", "42P01", "no such table"))
+    assert upstream.written == m.sync()  # PostgreSQL skips to it
+    session._on_upstream_data(m.ready_for_query(b"I"))
+    assert len(session._ops) == 0 and session._z_owed == 0

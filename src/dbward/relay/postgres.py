@@ -1600,9 +1600,15 @@ class PgSession(asyncio.Protocol):
     def _on_error(self, payload: bytes | None) -> bytes | None:
         ops = self._ops
         held = self._held_sync
-        if held is not None and self._copy_state != _COPY_ACTIVE:
-            # The COPY failed before it started: PostgreSQL now skips to a Sync, and the one
-            # held back is it, unless the client has sent another since.
+        if (
+            held is not None
+            and self._copy_state != _COPY_ACTIVE
+            and all(op.code not in (_OP_QUERY, _OP_SYNC) for op in ops)
+        ):
+            # The COPY's own group failed before the copy started (an error of an earlier
+            # Query or group would leave a ReadyForQuery-ending op in the queue): PostgreSQL
+            # now skips to a Sync, and the one held back is it, unless the client has sent
+            # another since.
             self._held_sync = None
             if held[1] == self._syncs and self._upstream is not None:
                 self._upstream.transport.write(held[0])
