@@ -91,11 +91,6 @@ MAX_REPLIES_IN_FLIGHT = 100_000
 _REPLIES_LOW_MARK = MAX_REPLIES_IN_FLIGHT // 2
 _PRE_AUTH_MAX_QUEUED = 16  # messages a client may send ahead before it is authenticated
 
-# Where the client stands in a COPY FROM STDIN, as far as its Syncs go.
-_COPY_NONE = 0  # not copying: a Sync is answered
-_COPY_PENDING = 1  # sent a COPY FROM STDIN; the server may or may not be copying yet
-_COPY_ACTIVE = 2  # the server is copying (CopyInResponse seen): it ignores Syncs
-
 _PHASE_STARTUP = 0
 _PHASE_READY = 1
 _PHASE_CLOSED = 2
@@ -240,6 +235,19 @@ _CLOSE_OP = _Op(_OP_CLOSE)
 _SYNC_OP = _Op(_OP_SYNC)
 
 
+def _as_running(
+    statement: Statement, inner: Statement, drop_flags: frozenset[str] = frozenset()
+) -> Statement:
+    """An EXECUTE/FETCH decided and audited as the statement it runs (kind, tables, flags)."""
+    return replace(
+        statement,
+        kind=inner.kind,
+        tables=inner.tables,
+        functions=inner.functions,
+        flags=statement.flags | (inner.flags - drop_flags),
+    )
+
+
 def _uninspected(command: str, flag: str, error: str) -> Statement:
     """A statement dbward could not inspect (no text to show): kind UNKNOWN, so it is denied."""
     return Statement(
@@ -310,7 +318,7 @@ class PgSession(asyncio.Protocol):
         # ended with nothing in flight: settings may have changed without being reported yet.
         self._ran_since_ready = False
         self._awaiting: _Await | None = None  # why the parked message waits
-        self._copy_state = _COPY_NONE
+        self._copying = False  # the server is in a COPY FROM STDIN (CopyInResponse seen)
         self._copies_open = 0  # COPY FROM STDIN sent, not yet ended by CopyDone/CopyFail
         self._copy_data_sent = False  # CopyData sent since the last COPY FROM STDIN
         # A Sync sent after a COPY FROM STDIN before its data (libpq sends one with the
@@ -727,7 +735,7 @@ class PgSession(asyncio.Protocol):
             if msg_type in (_COPY_DATA, _COPY_DONE, _COPY_FAIL):
                 out.append(raw)  # COPY data flows through; the COPY statement was decided
                 if msg_type != _COPY_DATA:
-                    self._copy_state = _COPY_NONE  # the server's copy mode ends here
+                    self._copying = False  # the server's copy mode ends here
                     if self._copies_open > 0:
                         self._copies_open -= 1
                     # libpq follows CopyDone with its own Sync: the held one is not needed.
@@ -751,7 +759,7 @@ class PgSession(asyncio.Protocol):
             # copy, and nothing here can tell which: rather than guess (and let replies drift
             # from requests), such a client is told plainly. No driver sends one (libpq's Sync
             # goes after CopyDone).
-            if self._copy_state == _COPY_ACTIVE and msg_type != _H:
+            if self._copying and msg_type != _H:
                 if out:
                     upstream.transport.write(b"".join(out))
                 self._protocol_error(
@@ -1261,7 +1269,6 @@ class PgSession(asyncio.Protocol):
         """A forwarded statement that starts COPY FROM STDIN or declares or closes cursors."""
         statement = item.statement
         if "copy_from_stdin" in statement.flags:
-            self._copy_state = _COPY_PENDING
             self._copies_open += 1
             self._copy_data_sent = False
         if "closes_all_cursors" in statement.flags:
@@ -1387,14 +1394,7 @@ class PgSession(asyncio.Protocol):
                 kind=StatementKind.UNKNOWN,
                 error=f"prepared statement {name!r} was not prepared through dbward",
             )
-        inner = found[0]
-        return replace(
-            statement,
-            kind=inner.kind,
-            tables=inner.tables,
-            functions=inner.functions,
-            flags=statement.flags | inner.flags,
-        )
+        return _as_running(statement, found[0])
 
     def _resolve_cursor(
         self, statement: Statement, batch: dict[str, tuple[Statement, ...] | None] | None
@@ -1409,14 +1409,7 @@ class PgSession(asyncio.Protocol):
         found = batch[name] if batch is not None and name in batch else self._portals.get(name)
         if found is None or len(found) != 1:
             return statement
-        inner = found[0]
-        return replace(
-            statement,
-            kind=inner.kind,
-            tables=inner.tables,
-            functions=inner.functions,
-            flags=statement.flags | (inner.flags - {"holdable_cursor"}),
-        )
+        return _as_running(statement, found[0], drop_flags=frozenset({"holdable_cursor"}))
 
     def _apply_prepared_changes(self, changes: _PreparedChanges, tracked: list[_Tracked]) -> None:
         """The batch was forwarded: its PREPARE/DEALLOCATE now hold for the session.
@@ -1536,9 +1529,7 @@ class PgSession(asyncio.Protocol):
                 self._settle(op.definition, "skipped")
             if not ops:
                 self._ran_since_ready = False  # every change so far has been reported
-                if self._copy_state == _COPY_PENDING:
-                    self._copy_state = _COPY_NONE  # nothing in flight: no COPY will start
-                self._copies_open = 0
+                self._copies_open = 0  # nothing in flight: no COPY will start
                 self._held_sync = None
                 if self._portals and payload is not None and payload[:1] == b"I":
                     self._forget_transaction_portals()
@@ -1577,7 +1568,7 @@ class PgSession(asyncio.Protocol):
             # FROM STDIN). One it ended already (data and CopyDone sent eagerly) is over from
             # the client's side: what it sends next is not copy data.
             if self._copies_open > 0:
-                self._copy_state = _COPY_ACTIVE
+                self._copying = True
             return None
         if msg_type == 0x53 and payload is not None:  # ParameterStatus
             name, value = messages.parse_parameter_status(payload)
@@ -1602,7 +1593,7 @@ class PgSession(asyncio.Protocol):
         held = self._held_sync
         if (
             held is not None
-            and self._copy_state != _COPY_ACTIVE
+            and not self._copying
             and all(op.code not in (_OP_QUERY, _OP_SYNC) for op in ops)
         ):
             # The COPY's own group failed before the copy started (an error of an earlier
@@ -1615,9 +1606,9 @@ class PgSession(asyncio.Protocol):
                 ops.append(_SYNC_OP)
                 self._z_owed += 1
                 self._syncs += 1
-        if self._copy_state == _COPY_ACTIVE:
+        if self._copying:
             # The copy failed (bad data, CopyFail, a trigger): the server left copy mode.
-            self._copy_state = _COPY_NONE
+            self._copying = False
         sqlstate = ""
         if payload is not None:
             fields = messages.parse_error_fields(payload)
@@ -1712,7 +1703,7 @@ class PgSession(asyncio.Protocol):
         a client that left, whose statements were cancelled or not)."""
         while self._ops:
             op = self._ops.popleft()
-            had_statements = bool(op.tracked) and len(op.tracked or ()) > op.index
+            had_statements = op.tracked is not None and len(op.tracked) > op.index
             self._finish_op(op, status, sqlstate)
             if had_statements and not all_of_them:
                 status, sqlstate = "not_executed", ""

@@ -814,15 +814,9 @@ def _func_call(call: dict[str, Any], out: _Walk) -> None:
     name = _strings(names).lower()
     out.functions.append((call.get("location", -1), name))
     base = name.rsplit(".", 1)[-1]
-    if base in _ADMIN_FUNCTIONS:
-        out.side_effect = _ADMIN
-    elif base in _WRITE_FUNCTIONS and out.side_effect is None:
-        out.side_effect = _WRITE
+    _note_side_effects(base, out)
     if base in SERVER_FILE_FUNCTIONS:
         out.flags.add("server_file_function")
-    if base in _CONNINFO_FUNCTIONS:
-        out.conninfo = True
-        out.const_sensitive = True  # whether the text holds a credential depends on constants
     sql_args = _SQL_TEXT_FUNCTIONS.get(base)
     if base == "ts_rewrite" and len(call.get("args") or ()) == 2:
         sql_args = (1,)  # ts_rewrite(query tsquery, select text): runs the SELECT
@@ -892,6 +886,22 @@ def _flag_uncheckable_call(base: str, out: _Walk) -> bool:
     return True
 
 
+def _note_side_effects(base: str, out: _Walk) -> bool:
+    """What calling `base` changes (admin, write) or carries (a connection string); True if
+    it is one of those functions."""
+    if base in _ADMIN_FUNCTIONS:
+        out.side_effect = _ADMIN
+    elif base in _WRITE_FUNCTIONS:
+        if out.side_effect is None:
+            out.side_effect = _WRITE
+    elif base not in _CONNINFO_FUNCTIONS:
+        return False
+    if base in _CONNINFO_FUNCTIONS:
+        out.conninfo = True
+        out.const_sensitive = True  # whether the text holds a credential depends on constants
+    return True
+
+
 def _field_selection(node: dict[str, Any], key: str, out: _Walk) -> None:
     """`t.f` / `(x).f`: PostgreSQL calls f(t) when f is not a column; check f like a call."""
     if key == "ColumnRef":
@@ -904,15 +914,8 @@ def _field_selection(node: dict[str, Any], key: str, out: _Walk) -> None:
             continue
         name = str(item["String"].get("sval", "")).lower()
         guarded = _flag_uncheckable_call(name, out)
-        side_effect = name in _ADMIN_FUNCTIONS or name in _WRITE_FUNCTIONS
-        if name in _ADMIN_FUNCTIONS:
-            out.side_effect = _ADMIN
-        elif name in _WRITE_FUNCTIONS and out.side_effect is None:
-            out.side_effect = _WRITE
-        if name in _CONNINFO_FUNCTIONS:
-            out.conninfo = True
-            out.const_sensitive = True
-        if guarded or side_effect:
+        side_effect = _note_side_effects(name, out)
+        if guarded or side_effect:  # a plain column name is not listed as a function
             out.functions.append((-1, name))
 
 
