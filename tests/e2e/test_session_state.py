@@ -32,15 +32,6 @@ def switch_role(pg_server: PgServer) -> Iterator[str]:
     pg_server.psql(f"DROP OWNED BY {role}; DROP ROLE {role}")
 
 
-def _until_ready(session: RawSession) -> list[tuple[bytes, bytes]]:
-    out = []
-    while True:
-        kind, payload = read_message(session.sock)
-        out.append((kind, payload))
-        if kind == b"Z":
-            return out
-
-
 def _current_user(session: RawSession) -> bytes:
     rows = [p for kind, p in session.query("SELECT current_user") if kind == b"D"]
     return rows[0]
@@ -127,8 +118,8 @@ def test_a_pipelined_encoding_switch_cannot_hide_statements(proxy: Proxy, switch
     session = RawSession(proxy, app_name("enc-race"))
     try:
         session.sock.sendall(m.query("SET client_encoding = 'GBK'") + m._frame(b"Q", smuggled))
-        _until_ready(session)  # the SET
-        replies = _until_ready(session)  # read by dbward as GBK, as PostgreSQL reads it
+        session.read_until_ready()  # the SET
+        replies = session.read_until_ready()  # read by dbward as GBK, as PostgreSQL reads it
         kinds = [kind for kind, _ in replies]
         assert kinds == [b"E", b"Z"]
         assert m.parse_error_fields(replies[0][1])["C"] == "42501"
@@ -164,7 +155,7 @@ def test_non_ascii_sql_in_a_pipeline_without_sync_is_refused_clearly(proxy: Prox
             + m.sync()
         )
         assert [kind for kind, _ in replies] == [b"1", b"2", b"D", b"C", b"Z"]
-        replies = _until_ready(session)
+        replies = session.read_until_ready()
         assert [kind for kind, _ in replies] == [b"1", b"2", b"D", b"C", b"Z"]
         assert replies[2][1].endswith("é".encode())
     finally:
@@ -245,8 +236,8 @@ def test_an_eager_extended_copy_keeps_the_sync_after_copy_done(proxy: Proxy) -> 
             + m.execute_message("")
             + m.sync()
         )
-        _until_ready(session)
-        assert [kind for kind, _ in _until_ready(session)] == [b"1", b"2", b"C", b"Z"]
+        session.read_until_ready()
+        assert [kind for kind, _ in session.read_until_ready()] == [b"1", b"2", b"C", b"Z"]
     finally:
         session.close()
     records = proxy.session_records(app, until=has_disconnect)

@@ -16,7 +16,7 @@ from dbward.config.model import AuditSettings
 from dbward.core.errors import AuditUnavailable
 from dbward.relay.postgres import PgSession
 from dbward.wire.postgres import messages as m
-from fixtures.detached import RecordingTransport, detached_session
+from fixtures.detached import RecordingTransport, detached_session, frames
 
 PARSED, BOUND = m._frame(b"1", b""), m._frame(b"2", b"")
 ABORTED = m.error_response("ERROR", "25P02", "current transaction is aborted")
@@ -29,12 +29,10 @@ def _session() -> tuple[PgSession, RecordingTransport, RecordingTransport, Memor
     return session, client, upstream, sink
 
 
-def _kinds(data: bytes | bytearray) -> list[bytes]:
-    out, pos = [], 0
-    while pos < len(data):
-        out.append(bytes(data[pos : pos + 1]))
-        pos += 1 + int.from_bytes(data[pos + 1 : pos + 5], "big")
-    return out
+def _prepared(session: PgSession, name: str, sql: str) -> None:
+    """Parse + Sync, answered by PostgreSQL: `name` is prepared on both sides."""
+    session.data_received(m.parse_message(name, sql) + m.sync())
+    session._on_upstream_data(PARSED + m.ready_for_query(b"I"))
 
 
 def _in_failed_transaction(session: PgSession) -> None:
@@ -58,8 +56,7 @@ def test_parse_and_bind_refused_by_postgres_leave_nothing_behind() -> None:
 
 def test_a_refused_redefinition_keeps_what_postgres_kept() -> None:
     session, _, _, sink = _session()
-    session.data_received(m.parse_message("s1", "DELETE FROM victim WHERE x > 0") + m.sync())
-    session._on_upstream_data(PARSED + m.ready_for_query(b"I"))
+    _prepared(session, "s1", "DELETE FROM victim WHERE x > 0")
     session.data_received(m.parse_message("s1", "SELECT 1") + m.sync())
     session._on_upstream_data(DUPLICATE + m.ready_for_query(b"I"))
     session.data_received(m.bind_message("", "s1", []) + m.execute_message("") + m.sync())
@@ -69,8 +66,7 @@ def test_a_refused_redefinition_keeps_what_postgres_kept() -> None:
 
 def test_a_skipped_unnamed_parse_keeps_the_old_unnamed_statement() -> None:
     session, _, _, sink = _session()
-    session.data_received(m.parse_message("", "DELETE FROM victim WHERE x > 0") + m.sync())
-    session._on_upstream_data(PARSED + m.ready_for_query(b"I"))
+    _prepared(session, "", "DELETE FROM victim WHERE x > 0")
     # An Execute fails; PostgreSQL skips the unnamed Parse after it, up to the Sync.
     session.data_received(
         m.bind_message("e", "", [])
@@ -88,8 +84,7 @@ def test_a_skipped_unnamed_parse_keeps_the_old_unnamed_statement() -> None:
 
 def test_a_failed_unnamed_parse_drops_the_old_unnamed_statement() -> None:
     session, _, _, _ = _session()
-    session.data_received(m.parse_message("", "SELECT 1") + m.sync())
-    session._on_upstream_data(PARSED + m.ready_for_query(b"I"))
+    _prepared(session, "", "SELECT 1")
     session.data_received(m.parse_message("", "SELECT * FROM missing") + m.sync())
     session._on_upstream_data(m.error_response("ERROR", "42P01", "x") + m.ready_for_query(b"I"))
     assert "" not in session._prepared
@@ -186,7 +181,13 @@ def test_non_ascii_sql_in_an_unsynced_pipeline_is_refused() -> None:
         + m.execute_message("")
         + m.sync()
     )
-    assert _kinds(upstream.written) == [b"P", b"B", b"E", b"P", b"S"]  # poison, then Sync
+    assert [kind for kind, _ in frames(upstream.written)] == [
+        b"P",
+        b"B",
+        b"E",
+        b"P",
+        b"S",
+    ]  # poison, then Sync
     denied = [r for r in sink.records if r.decision == "deny"]
     assert [r.rule for r in denied] == ["guard.unparseable"]
     assert "send Sync first" in denied[0].reason
@@ -232,8 +233,7 @@ def _executed(sink: MemorySink) -> list[tuple[str, str]]:
 def test_a_skipped_parse_then_the_same_text_parsed_again_keeps_the_second() -> None:
     """The same text gives the same cached tuple: settling must not compare meanings."""
     session, _, _, sink = _session()
-    session.data_received(m.parse_message("", "SELECT 1") + m.sync())
-    session._on_upstream_data(PARSED + m.ready_for_query(b"I"))
+    _prepared(session, "", "SELECT 1")
     session.data_received(
         m.parse_message("z", "SELECT 1/0")
         + m.bind_message("e", "z", [])
@@ -252,8 +252,7 @@ def test_a_skipped_parse_then_the_same_text_parsed_again_keeps_the_second() -> N
 
 def test_a_refused_parse_then_close_and_parse_again_keeps_the_new_one() -> None:
     session, _, _, sink = _session()
-    session.data_received(m.parse_message("s1", "SELECT 1") + m.sync())
-    session._on_upstream_data(PARSED + m.ready_for_query(b"I"))
+    _prepared(session, "s1", "SELECT 1")
     session.data_received(
         m.parse_message("s1", DELETE)  # refused: s1 exists
         + m.sync()
@@ -270,8 +269,7 @@ def test_a_refused_parse_then_close_and_parse_again_keeps_the_new_one() -> None:
 
 def test_a_refused_sql_prepare_does_not_undo_a_later_protocol_definition() -> None:
     session, _, _, sink = _session()
-    session.data_received(m.parse_message("s1", "SELECT 1") + m.sync())
-    session._on_upstream_data(PARSED + m.ready_for_query(b"I"))
+    _prepared(session, "s1", "SELECT 1")
     session.data_received(
         m.query("PREPARE s1 AS SELECT 2")  # refused: s1 exists
         + m.close_message("S", "s1")
@@ -326,8 +324,7 @@ def test_the_reply_limit_keeps_reading_while_postgres_discards_until_sync() -> N
 
 def test_a_refused_parse_and_a_skipped_close_do_not_undo_a_later_group() -> None:
     session, _, _, sink = _session()
-    session.data_received(m.parse_message("s", "SELECT 1") + m.sync())
-    session._on_upstream_data(PARSED + m.ready_for_query(b"I"))
+    _prepared(session, "s", "SELECT 1")
     session.data_received(
         m.parse_message("s", "SELECT 2")  # refused: s exists
         + m.close_message("S", "s")  # skipped
@@ -369,9 +366,9 @@ def test_other_messages_during_an_active_copy_end_the_session(message: bytes) ->
     session.data_received(m.query("COPY t FROM STDIN"))
     session._on_upstream_data(m._frame(b"G", b"\x00\x00\x00"))
     session.data_received(m.copy_data(b"1\n") + message)
-    written = bytes(client.written)
-    error = written[written.rindex(b"E\x00") :]  # the last message: dbward's FATAL
-    fields = m.parse_error_fields(error[5:])
+    kind, payload = frames(client.written)[-1]  # the last message: dbward's FATAL
+    assert kind == b"E"
+    fields = m.parse_error_fields(payload)
     assert fields["S"] == "FATAL" and "during COPY FROM STDIN" in fields["M"]
 
 
@@ -508,8 +505,9 @@ def test_a_second_copy_in_one_query_is_a_copy_too() -> None:
     session.data_received(m.copy_data(b"1\n") + m.copy_done())
     session._on_upstream_data(m.command_complete("COPY 1") + m._frame(b"G", b"\x00\x00\x00"))
     session.data_received(m.copy_data(b"2\n") + m.sync())  # copying again: refused plainly
-    written = bytes(client.written)
-    fields = m.parse_error_fields(written[written.rindex(b"E\x00") :][5:])
+    kind, payload = frames(client.written)[-1]
+    assert kind == b"E"
+    fields = m.parse_error_fields(payload)
     assert fields["S"] == "FATAL" and "during COPY FROM STDIN" in fields["M"]
 
 
