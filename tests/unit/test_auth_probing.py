@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 
 from dbward.config.model import UserSettings
 from dbward.relay.services import CancelRegistry
@@ -59,11 +58,13 @@ def test_unknown_user_salts_survive_a_restart_like_real_ones() -> None:
 def test_a_spray_of_cancel_sources_keeps_the_rate_table_bounded_and_cheap() -> None:
     registry = CancelRegistry(rate_per_s=1.0, burst=2.0)
     now = 1000.0
-    started = time.perf_counter()
-    for i in range(60_000):
+    table = registry._buckets
+    for i in range(12_000):
         registry.allow_attempt(f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}", now)
-    elapsed = time.perf_counter() - started
     assert len(registry._buckets) <= 10_000
+    # Bounded in place, one eviction per attempt: the table was rebuilt on every attempt past
+    # 10,000 addresses before (7 ms each at 60,000, on the loop every session shares).
+    assert registry._buckets is table
     # A host that keeps trying is still limited, spray or not.
     assert [registry.allow_attempt("192.0.2.1", now) for _ in range(4)] == [
         True,
@@ -71,5 +72,3 @@ def test_a_spray_of_cancel_sources_keeps_the_rate_table_bounded_and_cheap() -> N
         False,
         False,
     ]
-    # Linear, not quadratic: 60,000 attempts took ~5 min when every one rebuilt the table.
-    assert elapsed < 5.0, elapsed
