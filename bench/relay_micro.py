@@ -112,7 +112,7 @@ def run(n: int, mode: str) -> float:
         session.data_received(request)
         session._on_upstream_data(reply)
     elapsed = time.perf_counter() - start
-    assert sink.count >= 2 * n, sink.count
+    assert sink.count >= n, sink.count  # at least one record per statement
     return elapsed / n * 1e6
 
 
