@@ -593,3 +593,21 @@ def test_a_copy_failing_before_it_starts_gets_its_held_sync() -> None:
     assert upstream.written == m.sync()  # PostgreSQL skips to it
     session._on_upstream_data(m.ready_for_query(b"I"))
     assert len(session._ops) == 0 and session._z_owed == 0
+
+
+def test_sql_that_must_wait_behind_a_copy_before_its_data_ends_the_session() -> None:
+    """Waiting for quiet would never end: the COPY waits for data queued behind the SQL. Such a
+    client is told plainly rather than left hanging (no driver sends SQL before the data)."""
+    session, client, upstream, _ = _session()
+    session.data_received(
+        m.query("COPY t FROM STDIN")
+        + m.query("SELECT 'é'")  # non-ASCII behind a Query in flight: must wait for quiet
+        + m.copy_data(b"1\n")
+        + m.copy_done()
+    )
+    kind, payload = frames(client.written)[-1]
+    assert kind == b"E"
+    fields = m.parse_error_fields(payload)
+    assert fields["S"] == "FATAL" and "before the data of COPY FROM STDIN" in fields["M"]
+    assert upstream.written.startswith(m.query("COPY t FROM STDIN"))
+    assert m.query("SELECT 'é'") not in upstream.written

@@ -784,6 +784,19 @@ class PgSession(asyncio.Protocol):
                 self._terminate(out)
                 return
             if isinstance(barrier, _Await):
+                if barrier.quiet and self._copies_open > 0:
+                    # Quiet would never come: the COPY in flight waits for its data, which the
+                    # client queued behind this message. PostgreSQL would reject the message
+                    # mid-copy anyway; say so rather than hang.
+                    if out:
+                        upstream.transport.write(b"".join(out))
+                    self._protocol_error(
+                        ProtocolError(
+                            f"message type {chr(msg_type)!r} sent before the data of COPY FROM "
+                            "STDIN"
+                        )
+                    )
+                    return
                 self._park(frames[i - 1 :], out)  # this message too: it is handled again
                 self._awaiting = barrier
                 return
