@@ -259,7 +259,8 @@ def _proxy_as(
 def escalating_proxy(
     pg_server: PgServer, proxy_factory: Callable[..., Proxy], tmp_path: Path
 ) -> Proxy:
-    """A proxy whose service role may SET ROLE to a superuser role and to a plain one."""
+    """A proxy whose service role may SET ROLE to a superuser role and to a plain one, with a
+    function the database's owner created (not through dbward) that switches role."""
     password = "esc-Svc-pw-1"
     pg_server.psql(
         "DO $$ BEGIN"
@@ -270,22 +271,35 @@ def escalating_proxy(
         "  GRANT dbward_esc_admin, dbward_esc_plain TO dbward_esc_svc;"
         " END IF; END $$"
     )
+    pg_server.psql(_SWITCHING_FUNCTION)
     return _proxy_as(proxy_factory, tmp_path, "dbward_esc_svc", password)
 
 
-def test_role_switch_to_a_superuser_inside_a_do_block_ends_the_session(
+# Code already in the database runs what it contains: dbward reads the code created through
+# it (see tests/e2e/test_procedural_code.py), not what the database's owners put there.
+_SWITCHING_FUNCTION = (
+    "CREATE OR REPLACE FUNCTION public.dbward_switch(what text, who text) RETURNS void"
+    " LANGUAGE plpgsql AS $$ BEGIN EXECUTE what || ' ' || quote_ident(who); END $$;"
+    " GRANT EXECUTE ON FUNCTION public.dbward_switch(text, text) TO PUBLIC"
+)
+
+
+def test_role_switch_to_a_superuser_inside_a_function_ends_the_session(
     escalating_proxy: Proxy,
 ) -> None:
-    # The guards read statement text; a DO block builds its SET ROLE at run time. PostgreSQL
-    # reports is_superuser when it changes, and dbward ends such a session (fail closed).
+    # The guards read statement text, and the function's code was never sent through dbward.
+    # PostgreSQL reports is_superuser when it changes, and dbward ends such a session.
     app = app_name("escalate")
     with psycopg.connect(**escalating_proxy.conninfo(application_name=app)) as conn:
         conn.autocommit = True
+        # Through dbward, the same switch in a DO block is read and refused.
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="changing role"):
+            conn.execute(b"DO $$ BEGIN EXECUTE 'SET ROLE dbward_esc_admin'; END $$")
         # A switch that gains no superuser power is not observable on the wire: it goes through.
-        conn.execute(b"DO $$ BEGIN EXECUTE 'SET ROLE dbward_esc_plain'; END $$")
+        conn.execute(b"SELECT public.dbward_switch('SET ROLE', 'dbward_esc_plain')")
         assert conn.execute(b"SELECT current_user").fetchone() == ("dbward_esc_plain",)
         with pytest.raises(psycopg.errors.InsufficientPrivilege) as info:
-            conn.execute(b"DO $$ BEGIN EXECUTE 'SET ROLE dbward_esc_admin'; END $$")
+            conn.execute(b"SELECT public.dbward_switch('SET ROLE', 'dbward_esc_admin')")
         assert info.value.diag.severity_nonlocalized == "FATAL"
         assert "gained privileges no statement was allowed to give it" in str(info.value)
         with pytest.raises(psycopg.OperationalError):
@@ -295,8 +309,8 @@ def test_role_switch_to_a_superuser_inside_a_do_block_ends_the_session(
     assert event.reason == "the database session became a superuser"
     assert event.sqlstate == "42501" and event.identity == "alice"
     last = statements(records)[-1]
-    assert last.command == "DO"
-    # PostgreSQL reports the change after the DO's CommandComplete: the DO itself did run.
+    assert last.command == "SELECT" and "dbward_switch" in last.sql_text
+    # PostgreSQL reports the change after the CommandComplete: the statement itself did run.
     assert outcome_of(records, last).status == "ok"
     assert records.index(event) > records.index(outcome_of(records, last))
     # The escalated backend is gone with the session.
@@ -327,6 +341,7 @@ def test_superuser_service_role_is_warned_about(
         "  CREATE ROLE dbward_super_target NOLOGIN;"
         " END IF; END $$"
     )
+    pg_server.psql(_SWITCHING_FUNCTION)
     up = _proxy_as(proxy_factory, tmp_path, "dbward_super_svc", password)
     for _ in range(2):
         with psycopg.connect(**up.conninfo()) as conn:
@@ -341,7 +356,9 @@ def test_superuser_service_role_is_warned_about(
         psycopg.connect(**up.conninfo(application_name=app), autocommit=True) as conn,
         pytest.raises(psycopg.errors.InsufficientPrivilege),
     ):
-        conn.execute(b"DO $$ BEGIN EXECUTE 'SET SESSION AUTHORIZATION dbward_super_target'; END $$")
+        conn.execute(
+            b"SELECT public.dbward_switch('SET SESSION AUTHORIZATION', 'dbward_super_target')"
+        )
     records = up.session_records(app, until=has_disconnect)
     (event,) = [r for r in records if r.event == "privilege_escalation"]
     assert event.reason == "the database session's authorization changed to 'dbward_super_target'"

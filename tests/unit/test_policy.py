@@ -247,6 +247,13 @@ def test_ddl_that_makes_a_guarded_function_callable_is_denied(sql: str, rule: st
         "CREATE OPERATOR === (LEFTARG = int, RIGHTARG = int, FUNCTION = int4eq)",
         "CREATE FUNCTION f() RETURNS bigint LANGUAGE sql AS 'SELECT count(*) FROM accounts'",
         "CREATE FUNCTION g() RETURNS int LANGUAGE plpgsql AS 'BEGIN RETURN 1; END'",
+        "CREATE FUNCTION touch() RETURNS trigger LANGUAGE plpgsql "
+        "AS $$ BEGIN NEW.updated_at := now(); RETURN NEW; END $$",
+        "DO $$ DECLARE n int; BEGIN SELECT count(*) INTO n FROM accounts; "
+        "RAISE NOTICE '%', n; END $$",
+        "DO $$ BEGIN EXECUTE 'CREATE TEMP TABLE scratch (x int)'; END $$",
+        "CREATE FUNCTION f() RETURNS int BEGIN ATOMIC SELECT 1; END",
+        "ALTER FUNCTION touch() RENAME TO touch_row",
         "CREATE FOREIGN TABLE ft (l text) SERVER pg OPTIONS (schema_name 'public')",
     ],
 )
@@ -310,6 +317,67 @@ def test_ordinary_ddl_naming_functions_is_allowed(sql: str) -> None:
             "SELECT * FROM xpath_table('x', 'x', 't', '/a', 'true') AS t(k text, v text)",
             "guard.dynamic_sql",
         ),
+        # Eighth round: PL/pgSQL bodies (DO and functions) were never read; code in C or
+        # `internal` aliases any built-in; a renamed built-in; adminpack 1.0's names.
+        ("DO $$ BEGIN RAISE NOTICE '%', pg_read_file('/etc/passwd'); END $$", "guard.server_file"),
+        (
+            "CREATE FUNCTION n(p text) RETURNS text LANGUAGE plpgsql "
+            "AS $$ BEGIN RETURN pg_read_file(p); END $$",
+            "guard.server_file",
+        ),
+        ("DO $$ BEGIN COPY t FROM PROGRAM 'id'; END $$", "guard.copy_program"),
+        ("DO $$ BEGIN COPY (SELECT 1) TO '/tmp/x'; END $$", "guard.copy_file"),
+        (
+            "DO $$ BEGIN SET LOCAL ROLE admin; EXECUTE format('COPY t TO PROGRAM %L', 'x'); END $$",
+            "guard.role_switch",
+        ),
+        ("DO $$ BEGIN EXECUTE 'SET ROLE ' || 'admin'; END $$", "guard.dynamic_sql"),
+        ("DO $$ BEGIN EXECUTE 'SET ROLE admin'; END $$", "guard.role_switch"),
+        (
+            "DO $$ DECLARE r record; BEGIN FOR r IN EXECUTE 'SELECT pg_read_file(''/x'')' "
+            "LOOP END LOOP; END $$",
+            "guard.server_file",
+        ),
+        (
+            "CREATE FUNCTION q(s text) RETURNS SETOF int LANGUAGE plpgsql "
+            "AS $$ BEGIN RETURN QUERY EXECUTE s; END $$",
+            "guard.dynamic_sql",
+        ),
+        (
+            "DO $$ DECLARE c refcursor; BEGIN OPEN c FOR EXECUTE 'SELECT ' || 1; END $$",
+            "guard.dynamic_sql",
+        ),
+        (
+            "DO $$ DECLARE x text := set_config('role', 'admin', false); BEGIN END $$",
+            "guard.role_switch",
+        ),
+        (
+            "DO $$ DECLARE a text[]; BEGIN a[length(pg_read_file('/x'))] := 'y'; END $$",
+            "guard.server_file",
+        ),
+        (
+            "DO $$ BEGIN PERFORM set_config('standard_conforming_strings', 'off', false); END $$",
+            "guard.string_syntax",
+        ),
+        ("DO $$ BEGIN DO $i$ BEGIN SET ROLE admin; END $i$; END $$", "guard.role_switch"),
+        ("DO $$ BEGIN undeclared := 1; END $$", "guard.uninspectable_code"),
+        (
+            "CREATE FUNCTION rf(text) RETURNS text LANGUAGE internal STRICT AS 'pg_read_file_all'",
+            "guard.uninspectable_code",
+        ),
+        (
+            "CREATE FUNCTION sc(text, text, boolean) RETURNS text LANGUAGE internal "
+            "AS 'set_config_by_name'",
+            "guard.uninspectable_code",
+        ),
+        ("CREATE FUNCTION c(int) RETURNS int LANGUAGE c AS 'l', 's'", "guard.uninspectable_code"),
+        ("CREATE FUNCTION p() RETURNS int LANGUAGE plperl AS 'ret'", "guard.uninspectable_code"),
+        ("DO LANGUAGE plpython3u $$ import os $$", "guard.uninspectable_code"),
+        ("ALTER FUNCTION pg_catalog.pg_read_file(text) RENAME TO harmless", "guard.server_file"),
+        ("ALTER ROUTINE pg_read_file SET SCHEMA public", "guard.server_file"),
+        ("ALTER FUNCTION set_config(text, text, bool) RENAME TO sc", "guard.role_switch"),
+        ("SELECT pg_catalog.pg_file_read('/etc/passwd', 0, 100)", "guard.server_file"),
+        ("SELECT pg_file_length('/etc/passwd')", "guard.server_file"),
     ],
 )
 def test_reviewed_bypasses_are_denied(sql: str, rule: str) -> None:
@@ -471,6 +539,7 @@ def test_guards_are_pure_and_ordered() -> None:
         "guard_copy_file",
         "guard_server_file_function",
         "guard_dynamic_sql",
+        "guard_uninspectable_code",
         "guard_string_syntax",
     ]
     (statement,) = CLF.classify("SET ROLE admin")

@@ -756,6 +756,39 @@ def test_sql_function_bodies_are_classified_into_the_create(clf: PostgresClassif
     assert (created.kind, created.tables) == (StatementKind.DDL, ("t",))
 
 
+def test_plpgsql_bodies_are_classified_into_the_statement(clf: PostgresClassifier) -> None:
+    created = one(
+        clf,
+        "CREATE FUNCTION f(k int) RETURNS int LANGUAGE plpgsql AS $$ DECLARE n int; BEGIN "
+        "SELECT count(*) INTO n FROM accounts WHERE id = k; "
+        "IF n > 0 THEN DELETE FROM audit_queue WHERE id = k; END IF; "
+        "EXECUTE 'UPDATE counters SET n = n + 1'; RETURN n; END $$",
+    )
+    assert created.kind is StatementKind.DDL and created.command == "CREATE FUNCTION"
+    assert created.tables == ("accounts", "audit_queue", "counters")
+    assert created.flags == {"update_without_where"}
+    done = one(clf, "DO $$ BEGIN DELETE FROM jobs; END $$")
+    assert done.tables == ("jobs",) and "delete_without_where" in done.flags
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "CREATE FUNCTION f() RETURNS void LANGUAGE sql AS 'COPY t FROM STDIN'",
+        "SELECT query_to_xml('FETCH ALL FROM c', true, false, '')",
+        "CREATE FUNCTION f() RETURNS void LANGUAGE sql AS 'CLOSE ALL'",
+        "DO $$ BEGIN EXECUTE 'COPY t TO STDOUT'; END $$",
+    ],
+)
+def test_sql_run_inside_the_server_lends_no_protocol_flags(
+    clf: PostgresClassifier, sql: str
+) -> None:
+    """The relay starts a COPY or forgets cursors for what the client's statement does, never
+    for what a function body does inside the server (a held Sync would never be answered)."""
+    flags = one(clf, sql).flags
+    assert not flags & {"copy_from_stdin", "copy_to_stdout", "fetches_cursor", "closes_all_cursors"}
+
+
 @pytest.mark.parametrize(
     "sql",
     [

@@ -145,14 +145,27 @@ def guard_server_file_function(request: PolicyRequest) -> Decision | None:
 
 _DENY_DYNAMIC_SQL: Final = _deny(
     "guard.dynamic_sql",
-    "dbward: SQL passed as text to a function that runs it (query_to_xml, ts_stat, crosstab, "
-    "...) must be a constant so it can be checked; this one is computed at run time",
+    "dbward: SQL run from text (PL/pgSQL EXECUTE, query_to_xml, ts_stat, crosstab, ...) must "
+    "be a constant so it can be checked; this one is computed at run time",
 )
 
 
 def guard_dynamic_sql(request: PolicyRequest) -> Decision | None:
     """SQL run by a function from text that is not a constant cannot be checked: fail closed."""
     return _DENY_DYNAMIC_SQL if "dynamic_sql" in request.statement.flags else None
+
+
+_DENY_UNINSPECTABLE_CODE: Final = _deny(
+    "guard.uninspectable_code",
+    "dbward: functions and DO blocks are allowed in SQL and PL/pgSQL only, with a body dbward "
+    "can read (this one is in another language, such as C, internal or PL/Python, or its "
+    "PL/pgSQL does not compile)",
+)
+
+
+def guard_uninspectable_code(request: PolicyRequest) -> Decision | None:
+    """Code dbward cannot read could do anything the guards refuse: fail closed."""
+    return _DENY_UNINSPECTABLE_CODE if "uninspectable_code" in request.statement.flags else None
 
 
 _DENY_STRING_SYNTAX: Final = _deny(
@@ -187,6 +200,7 @@ GUARDS: Final[tuple[Guard, ...]] = (
     guard_copy_file,
     guard_server_file_function,
     guard_dynamic_sql,
+    guard_uninspectable_code,
     guard_string_syntax,
 )
 
@@ -204,6 +218,7 @@ _GUARD_FLAGS: Final = frozenset(
         "copy_file",
         "server_file_function",
         "dynamic_sql",
+        "uninspectable_code",
         "string_syntax",
         *_ROLE_FLAGS,
     }

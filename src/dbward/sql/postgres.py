@@ -11,6 +11,7 @@ from typing import Any, Final
 from pglast import parser as _pg_parser
 
 from dbward.core.types import DEFAULT_MAX_STATEMENTS, Statement, StatementKind
+from dbward.sql.plpgsql import read_plpgsql
 
 __all__ = [
     "PostgresClassifier",
@@ -538,6 +539,7 @@ _ADMIN_FUNCTIONS: Final = frozenset(
         "pg_cancel_backend",
         "pg_reload_conf",
         "pg_rotate_logfile",
+        "pg_logfile_rotate",  # adminpack 1.0
         "pg_promote",
         "pg_switch_wal",
         "pg_create_restore_point",
@@ -608,6 +610,8 @@ SERVER_FILE_FUNCTIONS: Final = frozenset(
         "pg_ls_dir",
         "lo_import",
         "lo_export",
+        "pg_file_read",  # adminpack 1.0
+        "pg_file_length",  # adminpack 1.0
         "pg_file_write",
         "pg_file_sync",
         "pg_file_rename",
@@ -924,21 +928,99 @@ def _sql_function_body(create: dict[str, Any]) -> str | None:
 
     Such a body is SQL that runs whenever the function is called, where no guard would see
     it: it is classified as part of the CREATE. (BEGIN ATOMIC bodies are in the tree already;
-    bodies in other languages cannot be read.)
+    PL/pgSQL bodies are read by `_procedural_code`.)
     """
-    language = ""
+    language, body = _code_options(create.get("options") or (), "")
+    return body if language == "sql" else None
+
+
+def _code_options(
+    options: list[dict[str, Any]] | tuple[()], default: str
+) -> tuple[str, str | None]:
+    """The language (lower case; `default` if not given) and single-string body of a CREATE
+    FUNCTION or DO. A C function's two-part `AS 'file', 'symbol'` has no body here."""
+    language = default
     body: str | None = None
-    for option in create.get("options") or ():
+    for option in options:
         elem = option.get("DefElem", {})
         name = elem.get("defname")
         arg = elem.get("arg", {})
         if name == "language":
             language = str(arg.get("String", {}).get("sval", "")).lower()
         elif name == "as":
-            items = arg.get("List", {}).get("items", [])
-            if len(items) == 1:
-                body = str(items[0].get("String", {}).get("sval", ""))
-    return body if language == "sql" else None
+            if "String" in arg:  # DO's body
+                body = str(arg["String"].get("sval", ""))
+            else:
+                items = arg.get("List", {}).get("items", [])
+                if len(items) == 1:
+                    body = str(items[0].get("String", {}).get("sval", ""))
+    return language, body
+
+
+_ROUTINE_OBJECTS: Final = frozenset(
+    {"OBJECT_FUNCTION", "OBJECT_PROCEDURE", "OBJECT_ROUTINE", "OBJECT_AGGREGATE"}
+)
+
+
+def _moves_routine(node_type: str, body: dict[str, Any]) -> bool:
+    """ALTER FUNCTION / PROCEDURE / ROUTINE / AGGREGATE ... RENAME TO / SET SCHEMA."""
+    if node_type == "RenameStmt":
+        return body.get("renameType") in _ROUTINE_OBJECTS
+    if node_type == "AlterObjectSchemaStmt":
+        return body.get("objectType") in _ROUTINE_OBJECTS
+    return False
+
+
+def _procedural_code(part: str, node_type: str, body: dict[str, Any], out: _Walk) -> None:
+    """DO blocks and functions in a procedural language: the SQL their code runs.
+
+    That code runs later (or, for DO, at once) where no guard sees its statements: PL/pgSQL is
+    read with PostgreSQL's own PL/pgSQL parser and every statement and expression in it is
+    classified as part of this one; EXECUTE of a computed string is `dynamic_sql`. Code in any
+    other language (C, internal, PL/Perl, PL/Python ...) cannot be read: `uninspectable_code`.
+    """
+    if node_type == "DoStmt":
+        language, _ = _code_options(body.get("args") or (), "plpgsql")
+    elif "sql_body" in body:
+        return  # BEGIN ATOMIC / RETURN: SQL in the tree, walked already
+    else:
+        language, _ = _code_options(body.get("options") or (), "")
+        if language in ("sql", ""):
+            return  # SQL bodies: `_sql_function_body`; no language: PostgreSQL refuses it
+    out.const_sensitive = True
+    if language != "plpgsql":
+        out.flags.add("uninspectable_code")
+        return
+    found = read_plpgsql(part)
+    if found.error is not None:
+        out.flags.add("uninspectable_code")
+        return
+    out.sql_texts.extend(found.texts)
+    for expression in found.executed:
+        sql = _constant_select(expression)
+        if sql is None:
+            out.flags.add("dynamic_sql")
+        else:
+            out.sql_texts.append(sql)
+
+
+_BARE_SELECT_KEYS: Final = frozenset({"targetList", "limitOption", "op"})
+
+
+def _constant_select(select: str) -> str | None:
+    """The string constant that `SELECT <expr>` selects, if that is all it is."""
+    try:
+        raw_stmts, _ = _parse_tree(select)
+    except _ParseError:
+        return None
+    if len(raw_stmts) != 1:
+        return None
+    query: dict[str, Any] = raw_stmts[0].get("stmt", {}).get("SelectStmt", {})
+    targets: list[dict[str, Any]] = query.get("targetList") or []
+    if len(targets) != 1 or not _BARE_SELECT_KEYS.issuperset(query):  # no FROM, WHERE ...
+        return None
+    value = targets[0].get("ResTarget", {}).get("val", {})
+    return _constant_text(value)
 
 
 def _sql_text_arguments(
@@ -1234,6 +1316,12 @@ def _classify_node(
     body = node.get(node_type, {})
     walked = _walk(node, has_ctes)
     _drop_targets(node_type, body, walked)
+    if node_type in ("DoStmt", "CreateFunctionStmt"):
+        _procedural_code(part, node_type, body, walked)
+    elif _moves_routine(node_type, body):
+        # A guarded function renamed or moved is the same function under a name no guard
+        # knows: refused like a call to it.
+        _function_reference(_named_function(body.get("object")), walked)
     if walked.sql_texts:
         _merge_sql_texts(walked, depth)
     kind, command, flags = _head(node_type, body, walked.dm_cte)
@@ -1288,6 +1376,19 @@ def _classify_node(
     return statement, shareable
 
 
+# Flags the relay acts on for the statement a client sent: never taken from SQL it runs inside.
+_SESSION_PROTOCOL_FLAGS: Final = frozenset(
+    {
+        "copy_from_stdin",
+        "copy_to_stdout",
+        "fetches_cursor",
+        "closes_all_cursors",
+        "holdable_cursor",
+        "executes_prepared",
+    }
+)
+
+
 def _merge_sql_texts(walked: _Walk, depth: int) -> None:
     """Classify the SQL that called functions run, and count it as part of the statement."""
     for text in walked.sql_texts:
@@ -1319,7 +1420,9 @@ def _merge_sql_texts(walked: _Walk, depth: int) -> None:
             )
             walked.tables.extend((-1, name) for name in inner.tables)
             walked.functions.extend((-1, name) for name in inner.functions)
-            walked.flags.update(inner.flags)
+            # Not what the relay acts on (a COPY starting, cursors, prepared statements): the
+            # SQL runs inside the server, the client's session sees none of it.
+            walked.flags.update(inner.flags - _SESSION_PROTOCOL_FLAGS)
             if inner.kind is _UNKNOWN:
                 walked.flags.add("dynamic_sql")
             elif inner.kind is not _READ and walked.inner_kind is None:

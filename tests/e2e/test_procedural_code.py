@@ -1,0 +1,147 @@
+"""DO blocks and functions through dbward: their code is read, and guarded code is refused.
+
+The service role here may read and write server files and run server programs (the powers the
+guards fence off), so a guarded statement that slipped through would show on the server. Found
+by the eighth review: PL/pgSQL bodies were never read.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from fixtures.clients import app_name, has_disconnect, outcome_of, statements
+from fixtures.postgres import PgServer
+from fixtures.proxy import Proxy
+
+SECRET = "procedural-code-secret-42"
+PASSWORD = "Files-Svc-pw-1"
+
+
+@pytest.fixture
+def server_dir() -> Iterator[Path]:
+    """A directory the PostgreSQL OS user can read and write, holding a secret file."""
+    path = Path(tempfile.mkdtemp(prefix="dbward-proc-"))
+    path.chmod(0o777)
+    secret = path / "secret.txt"
+    secret.write_text(SECRET + "\n")
+    secret.chmod(0o644)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def files_proxy(pg_server: PgServer, proxy_factory: Callable[..., Proxy], tmp_path: Path) -> Proxy:
+    """A proxy whose service role holds pg_read/write_server_files and pg_execute_server_program."""
+    pg_server.psql(
+        "DO $$ BEGIN"
+        " IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'dbward_files_svc') THEN"
+        f"  CREATE ROLE dbward_files_svc LOGIN PASSWORD '{PASSWORD}'"
+        "   IN ROLE pg_read_server_files, pg_write_server_files, pg_execute_server_program;"
+        "  GRANT EXECUTE ON FUNCTION pg_read_file(text) TO dbward_files_svc;"
+        "  GRANT CREATE ON SCHEMA public TO dbward_files_svc;"
+        " END IF; END $$"
+    )
+    password_file = tmp_path / "files-svc-password"
+    password_file.write_text(PASSWORD)
+    password_file.chmod(0o600)
+    return proxy_factory(upstream={"user": "dbward_files_svc", "password_file": str(password_file)})
+
+
+def _refused(conn: psycopg.Connection, sql: str, rule_reason: str) -> None:
+    with pytest.raises(psycopg.errors.InsufficientPrivilege) as info:
+        conn.execute(sql.encode())
+    assert str(info.value).startswith("dbward:") and rule_reason in str(info.value)
+
+
+def test_guarded_code_inside_plpgsql_is_refused(files_proxy: Proxy, server_dir: Path) -> None:
+    secret = server_dir / "secret.txt"
+    ran = server_dir / "program-ran"
+    written = server_dir / "written"
+    app = app_name("plpgsql-guards")
+    with psycopg.connect(**files_proxy.conninfo(application_name=app), autocommit=True) as conn:
+        # The role really has the power: reading the file directly in PostgreSQL works.
+        assert SECRET in files_proxy.pg.psql(
+            f"SET ROLE dbward_files_svc; SELECT pg_read_file('{secret}')"
+        )
+        _refused(
+            conn,
+            f"DO $$ BEGIN RAISE NOTICE '%', pg_read_file('{secret}'); END $$",
+            "files on the database server",
+        )
+        _refused(
+            conn,
+            "CREATE FUNCTION public.leak(p text) RETURNS text LANGUAGE plpgsql"
+            " AS $$ BEGIN RETURN pg_read_file(p); END $$",
+            "files on the database server",
+        )
+        conn.execute(b"CREATE TEMP TABLE sink (line text)")
+        _refused(
+            conn,
+            f"DO $$ BEGIN COPY sink FROM PROGRAM 'id > {ran}'; END $$",
+            "server-side program",
+        )
+        _refused(
+            conn,
+            f"DO $$ BEGIN COPY (SELECT 'x') TO '{written}'; END $$",
+            "server-side file",
+        )
+        _refused(
+            conn,
+            "DO $$ BEGIN EXECUTE format('COPY sink FROM PROGRAM %L', 'id'); END $$",
+            "computed at run time",
+        )
+        # The session carries on; nothing of the refused code ran.
+        assert conn.execute(b"SELECT count(*) FROM sink").fetchone() == (0,)
+        exists = conn.execute(b"SELECT to_regprocedure('public.leak(text)') IS NOT NULL")
+        assert exists.fetchone() == (False,)
+    assert not ran.exists() and not written.exists()
+    records = files_proxy.session_records(app, until=has_disconnect)
+    refused = [r for r in statements(records) if r.command in ("DO", "CREATE FUNCTION")]
+    assert len(refused) == 5 and all(r.decision == "deny" for r in refused)
+    assert {r.rule for r in refused} == {
+        "guard.server_file",
+        "guard.copy_program",
+        "guard.copy_file",
+        "guard.dynamic_sql",
+    }
+
+
+def test_code_in_other_languages_is_refused_and_plain_plpgsql_runs(files_proxy: Proxy) -> None:
+    app = app_name("plpgsql-ok")
+    notices: list[str] = []
+    with psycopg.connect(**files_proxy.conninfo(application_name=app), autocommit=True) as conn:
+        conn.add_notice_handler(lambda diag: notices.append(diag.message_primary or ""))
+        _refused(
+            conn,
+            "CREATE FUNCTION pg_temp.rf(text) RETURNS text LANGUAGE internal STRICT"
+            " AS 'pg_read_file_all'",
+            "SQL and PL/pgSQL only",
+        )
+        # Everyday PL/pgSQL: a trigger function, a counter, a DO block with constant EXECUTE.
+        conn.execute(b"CREATE TEMP TABLE items (id int, touched timestamptz)")
+        conn.execute(
+            b"CREATE FUNCTION pg_temp.touch() RETURNS trigger LANGUAGE plpgsql"
+            b" AS $$ BEGIN NEW.touched := now(); RETURN NEW; END $$"
+        )
+        conn.execute(
+            b"CREATE TRIGGER items_touch BEFORE INSERT ON items"
+            b" FOR EACH ROW EXECUTE FUNCTION pg_temp.touch()"
+        )
+        conn.execute(
+            b"DO $$ DECLARE n int; BEGIN EXECUTE 'INSERT INTO items (id) VALUES (1), (2)';"
+            b" SELECT count(*) INTO n FROM items WHERE touched IS NOT NULL;"
+            b" RAISE NOTICE 'touched %', n; END $$"
+        )
+    assert notices == ["touched 2"]
+    records = files_proxy.session_records(app, until=has_disconnect)
+    (do,) = [r for r in statements(records) if r.command == "DO"]
+    assert (do.decision, do.tables) == ("allow", ("items",))
+    assert outcome_of(records, do).status == "ok"
+    (internal,) = [r for r in statements(records) if r.decision == "deny"]
+    assert internal.rule == "guard.uninspectable_code"
