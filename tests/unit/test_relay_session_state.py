@@ -611,3 +611,83 @@ def test_sql_that_must_wait_behind_a_copy_before_its_data_ends_the_session() -> 
     assert fields["S"] == "FATAL" and "before the data of COPY FROM STDIN" in fields["M"]
     assert upstream.written.startswith(m.query("COPY t FROM STDIN"))
     assert m.query("SELECT 'é'") not in upstream.written
+
+
+def _flush_error_then_ignored_query(session: PgSession) -> None:
+    """An error answered on a Flush; then a Query PostgreSQL skips (it skips to Sync)."""
+    session.data_received(
+        m.parse_message("", "SELECT 1/(random()*0)::int")
+        + m.bind_message("", "", [])
+        + m.execute_message("")
+        + m.flush()
+    )
+    session._on_upstream_data(PARSED + BOUND + DIV0)  # answered on the Flush
+    session.data_received(m.query("SELECT 2") + m.sync())  # PostgreSQL ignores the Query
+    session._on_upstream_data(m.ready_for_query(b"I"))  # and answers only the Sync
+
+
+def test_a_query_postgres_skips_after_a_flush_answered_error_owes_nothing() -> None:
+    session, _, upstream, sink = _session()
+    _flush_error_then_ignored_query(session)
+    assert (len(session._ops), session._z_owed) == (0, 0)
+    assert m.query("SELECT 2") not in upstream.written  # dropped, as PostgreSQL would
+    assert not [r for r in sink.records if r.sql_text == "SELECT 2"]
+
+
+def test_the_reply_limit_reads_on_while_postgres_skips_to_the_sync() -> None:
+    session, client, _ = detached_session(MemorySink(), keep=False)
+    _flush_error_then_ignored_query(session)
+    session.data_received(
+        m.parse_message("", "SELECT 1/(random()*0)::int")
+        + m.bind_message("", "", [])
+        + m.execute_message("")
+        + m.flush()
+    )
+    session._on_upstream_data(PARSED + BOUND + DIV0)
+    chunk = (m.bind_message("", "", []) + m.execute_message("")) * 1000
+    for _ in range(60):  # 120,000 messages PostgreSQL discards until the client's Sync
+        session.data_received(chunk)
+    assert client.reading  # PostgreSQL owes nothing until the Sync, so it must be read
+
+
+def test_messages_after_a_held_copy_sync_wait_until_the_copy_is_decided() -> None:
+    session, _, upstream, _ = _session()
+    session.data_received(
+        m.parse_message("", "COPY missing FROM STDIN")
+        + m.bind_message("", "", [])
+        + m.execute_message("")
+        + m.sync()
+        + m.query("SELECT 1")
+    )
+    assert m.query("SELECT 1") not in upstream.written  # parked behind the held Sync
+    upstream.written.clear()
+    session._on_upstream_data(PARSED + BOUND + m.error_response("ERROR", "42P01", "no table"))
+    assert upstream.written == m.sync() + m.query("SELECT 1")  # in the client's order
+    session._on_upstream_data(m.ready_for_query(b"I"))
+    session._on_upstream_data(m.command_complete("SELECT 1") + m.ready_for_query(b"I"))
+    assert len(session._ops) == 0 and session._z_owed == 0
+
+
+def test_a_failing_simple_query_copy_gets_its_held_sync_answered() -> None:
+    session, client, upstream, _ = _session()
+    session.data_received(m.query("COPY missing FROM STDIN") + m.sync())
+    upstream.written.clear()
+    session._on_upstream_data(m.error_response("ERROR", "42P01", "no table"))
+    assert upstream.written == m.sync()
+    session._on_upstream_data(m.ready_for_query(b"I") + m.ready_for_query(b"I"))
+    assert [kind for kind, _ in frames(client.written)][-3:] == [b"E", b"Z", b"Z"]
+    assert len(session._ops) == 0 and session._z_owed == 0
+
+
+def test_fetch_leaves_the_cursor_defined() -> None:
+    session, _, _, sink = _session()
+    session.data_received(m.query("BEGIN; DECLARE c CURSOR FOR SELECT x FROM notes"))
+    session._on_upstream_data(
+        m.command_complete("BEGIN") + m.command_complete("DECLARE CURSOR") + m.ready_for_query(b"T")
+    )
+    for _ in range(2):
+        session.data_received(m.query("FETCH 1 FROM c"))
+        session._on_upstream_data(m.command_complete("FETCH 1") + m.ready_for_query(b"T"))
+    fetches = [r for r in sink.records if r.command == "FETCH" and r.event == "statement"]
+    assert [f.tables for f in fetches] == [("notes",), ("notes",)]
+    assert "c" in session._portals

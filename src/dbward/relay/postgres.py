@@ -212,21 +212,30 @@ class _Await:
     """Returned by a message handler: park this message, unhandled, until it may be read.
 
     `quiet`: until nothing is in flight (a setting that changes how SQL reads may be changing);
-    `definitions`: until PostgreSQL has answered these (the message depends on them).
+    `definitions`: until PostgreSQL has answered these (the message depends on them);
+    `copy`: until PostgreSQL has started the COPY FROM STDIN sent before it, or refused it.
     """
 
-    __slots__ = ("definitions", "quiet")
+    __slots__ = ("copy", "definitions", "quiet")
 
-    def __init__(self, *, quiet: bool = False, definitions: tuple[_Definition, ...] = ()) -> None:
+    def __init__(
+        self, *, quiet: bool = False, definitions: tuple[_Definition, ...] = (), copy: bool = False
+    ) -> None:
         self.quiet = quiet
         self.definitions = definitions
+        self.copy = copy
 
-    def ready(self, quiet: bool) -> bool:
+    def ready(self, quiet: bool, copy_decided: bool) -> bool:
         """Whether the parked message may be handled now (`quiet`: nothing in flight)."""
-        return (quiet or not self.quiet) and all(d.settled for d in self.definitions)
+        return (
+            (quiet or not self.quiet)
+            and (copy_decided or not self.copy)
+            and all(d.settled for d in self.definitions)
+        )
 
 
 _AWAIT_QUIET: Final = _Await(quiet=True)
+_AWAIT_COPY: Final = _Await(copy=True)
 
 
 # Replies that carry no statement: one shared, never-mutated op each (no allocation per message).
@@ -322,8 +331,9 @@ class PgSession(asyncio.Protocol):
         self._copies_open = 0  # COPY FROM STDIN sent, not yet ended by CopyDone/CopyFail
         self._copy_data_sent = False  # CopyData sent since the last COPY FROM STDIN
         # A Sync sent after a COPY FROM STDIN before its data (libpq sends one with the
-        # COPY's Execute), held back with the sync group it was sent in: see _hold_copy_sync.
-        self._held_sync: tuple[bytes, int] | None = None
+        # COPY's Execute), held back with the sync group it was sent in and the op of the COPY
+        # it follows; what the client sends after it waits until the copy starts or fails.
+        self._held_sync: tuple[bytes, int, _Op | None] | None = None
         self._holdable_cursors = False  # a DECLARE ... WITH HOLD was forwarded once
         # Statements whose intent record the sink still holds, by statement id.
         self._held_intents: dict[int, _Tracked] = {}
@@ -752,8 +762,15 @@ class PgSession(asyncio.Protocol):
                         ProtocolError("unexpected Sync during COPY FROM STDIN, after its data")
                     )
                     return
-                self._held_sync = (raw, self._syncs)
+                self._held_sync = (raw, self._syncs, self._last_copy_op())
                 continue
+            if self._held_sync is not None and not self._copying and msg_type != _H:
+                # Whether PostgreSQL will answer the held Sync decides where this one's replies
+                # go: wait until the COPY has started (then this is not copy data: refused
+                # below) or failed (the held Sync goes first).
+                self._park(frames[i - 1 :], out)
+                self._awaiting = _AWAIT_COPY
+                return
             # Only copy messages (and a Flush, which owes no reply) belong in a copy. PostgreSQL
             # ignores a Sync while it is copying but answers it once a bad row has ended the
             # copy, and nothing here can tell which: rather than guess (and let replies drift
@@ -1286,7 +1303,8 @@ class PgSession(asyncio.Protocol):
             self._copy_data_sent = False
         if "closes_all_cursors" in statement.flags:
             self._portals.clear()  # if it fails, dbward forgot too much: refused, not wrong
-        elif statement.cursor_name is not None:
+        elif statement.cursor_name is not None and "fetches_cursor" not in statement.flags:
+            # DECLARE defines the name, CLOSE removes it; FETCH/MOVE leave it as it is.
             if "holdable_cursor" in statement.flags:
                 self._holdable_cursors = True
             # A cursor is a portal: Execute by that name runs the DECLARE's query (and, after
@@ -1495,7 +1513,10 @@ class PgSession(asyncio.Protocol):
         ):
             self._replies_drained()
         awaiting = self._awaiting
-        if awaiting is not None and awaiting.ready(not self._ops and not self._ran_since_ready):
+        if awaiting is not None and awaiting.ready(
+            not self._ops and not self._ran_since_ready,
+            self._held_sync is None or self._copying,
+        ):
             self._awaiting = None
             self._blocked = False
             self._unpark()
@@ -1601,18 +1622,33 @@ class PgSession(asyncio.Protocol):
             return None
         return None
 
+    def _last_copy_op(self) -> _Op | None:
+        """The op of the latest COPY FROM STDIN sent (a Query's or an Execute's)."""
+        for op in reversed(self._ops):
+            if op.code in (_OP_QUERY, _OP_EXECUTE):
+                if op.tracked and any("copy_from_stdin" in t.statement.flags for t in op.tracked):
+                    return op
+                if op.code == _OP_QUERY:
+                    return None
+        return None
+
+    def _copy_group_failed(self, copy_op: _Op | None) -> bool:
+        """Whether an error now belongs to the COPY's own statement or sync group: no op that
+        ends a ReadyForQuery group (an earlier Query, a Sync) is queued before the COPY's op."""
+        for op in self._ops:
+            if op is copy_op:
+                return True
+            if op.code in (_OP_QUERY, _OP_SYNC):
+                return False
+        return False
+
     def _on_error(self, payload: bytes | None) -> bytes | None:
         ops = self._ops
         held = self._held_sync
-        if (
-            held is not None
-            and not self._copying
-            and all(op.code not in (_OP_QUERY, _OP_SYNC) for op in ops)
-        ):
-            # The COPY's own group failed before the copy started (an error of an earlier
-            # Query or group would leave a ReadyForQuery-ending op in the queue): PostgreSQL
-            # now skips to a Sync, and the one held back is it, unless the client has sent
-            # another since.
+        if held is not None and not self._copying and self._copy_group_failed(held[2]):
+            # The COPY failed before the copy started (its Query, or a message of its sync
+            # group): PostgreSQL answers the Sync held back after it — for an Execute it is the
+            # Sync PostgreSQL now skips to — unless the client has sent another since.
             self._held_sync = None
             if held[1] == self._syncs and self._upstream is not None:
                 self._upstream.transport.write(held[0])
@@ -1648,7 +1684,10 @@ class PgSession(asyncio.Protocol):
         while ops and ops[0].code != _OP_SYNC:
             skipped.append(ops.popleft())
             self._finish_op(skipped[-1], "not_executed", "")
-        # Undo what the failed and skipped Parse/Bind messages defined, latest first.
+        if not ops:
+            # No Sync sent yet (the error was answered on a Flush): PostgreSQL skips whatever
+            # comes until the client's next Sync, answering none of it; so does dbward.
+            self._discard_until_sync = True
         # Undo what the failed and skipped messages defined, in the order they were sent.
         if op.definition is not None:
             self._settle(op.definition, "failed")
