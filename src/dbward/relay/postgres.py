@@ -36,7 +36,7 @@ from dbward.core.types import (
 from dbward.policy.engine import decide, parser_error_snippet
 from dbward.relay.startup import StartupRefusedError, upstream_parameters
 from dbward.server.upstream import UpstreamConnection, UpstreamError, connect_upstream, send_cancel
-from dbward.sql.offload import OFFLOAD_MIN_BYTES
+from dbward.sql.offload import OFFLOAD_CODE_MIN_BYTES, should_offload
 from dbward.sql.postgres import function_call_statement, oversized_statement
 from dbward.wire.postgres import messages
 from dbward.wire.postgres.encodings import python_codec
@@ -786,7 +786,11 @@ class PgSession(asyncio.Protocol):
                 )
                 return
             try:
-                if len(payload) >= OFFLOAD_MIN_BYTES and msg_type in (_Q, _P):
+                if (
+                    len(payload) >= OFFLOAD_CODE_MIN_BYTES
+                    and msg_type in (_Q, _P)
+                    and should_offload(payload)
+                ):
                     text = self._offload_text(msg_type, payload)
                     if text is not None:
                         self._hold_for_classification(text, frames, i - 1, out)

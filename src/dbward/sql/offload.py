@@ -12,18 +12,33 @@ import asyncio
 import concurrent.futures
 import logging
 import multiprocessing
+import re
 from typing import Final
 
 from dbward.core.types import DEFAULT_MAX_STATEMENTS, Statement
 from dbward.sql.postgres import PostgresClassifier, unparseable_statement
 
-__all__ = ["OFFLOAD_MIN_BYTES", "ClassifierPool"]
+__all__ = ["OFFLOAD_MIN_BYTES", "ClassifierPool", "should_offload"]
 
 log = logging.getLogger("dbward.classifier")
 
 # Statements at least this long (in bytes on the wire) are classified off the event loop.
 # Below it parsing takes a few milliseconds at most; above, the worker round trip is noise.
 OFFLOAD_MIN_BYTES: Final = 64 * 1024
+# Code costs far more per byte: every statement and expression of a PL/pgSQL body is parsed on
+# its own (a 50 KB function: ~0.12 s, where 50 KB of INSERT takes ~10 ms). Text that may hold
+# code (a DO block, LANGUAGE plpgsql) goes to the pool from this size on.
+OFFLOAD_CODE_MIN_BYTES: Final = 4 * 1024
+_MAY_HOLD_CODE: Final = re.compile(rb"plpgsql|\bdo\b", re.IGNORECASE)
+
+
+def should_offload(sql: bytes) -> bool:
+    """Whether SQL of this size and look is classified in the pool rather than on the loop."""
+    size = len(sql)
+    if size < OFFLOAD_CODE_MIN_BYTES:
+        return False
+    return size >= OFFLOAD_MIN_BYTES or _MAY_HOLD_CODE.search(sql) is not None
+
 
 # One per worker process. No cache: texts this large are never cached by the relay either.
 _worker_classifier = PostgresClassifier(cache_size=0)
