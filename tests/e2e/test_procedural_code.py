@@ -74,6 +74,12 @@ def test_guarded_code_inside_plpgsql_is_refused(files_proxy: Proxy, server_dir: 
             f"DO $$ BEGIN RAISE NOTICE '%', pg_read_file('{secret}'); END $$",
             "files on the database server",
         )
+        _refused(  # a record's default is missing from libpg_query's JSON: read from tokens
+            conn,
+            f"DO $$ DECLARE z record := ROW(pg_read_file('{secret}')); "
+            "BEGIN RAISE NOTICE '%', z.f1; END $$",
+            "files on the database server",
+        )
         _refused(
             conn,
             "CREATE FUNCTION public.leak(p text) RETURNS text LANGUAGE plpgsql"
@@ -103,7 +109,7 @@ def test_guarded_code_inside_plpgsql_is_refused(files_proxy: Proxy, server_dir: 
     assert not ran.exists() and not written.exists()
     records = files_proxy.session_records(app, until=has_disconnect)
     refused = [r for r in statements(records) if r.command in ("DO", "CREATE FUNCTION")]
-    assert len(refused) == 5 and all(r.decision == "deny" for r in refused)
+    assert len(refused) == 6 and all(r.decision == "deny" for r in refused)
     assert {r.rule for r in refused} == {
         "guard.server_file",
         "guard.copy_program",

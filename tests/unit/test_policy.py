@@ -254,6 +254,8 @@ def test_ddl_that_makes_a_guarded_function_callable_is_denied(sql: str, rule: st
         "DO $$ BEGIN EXECUTE 'CREATE TEMP TABLE scratch (x int)'; END $$",
         "CREATE FUNCTION f() RETURNS int BEGIN ATOMIC SELECT 1; END",
         "ALTER FUNCTION touch() RENAME TO touch_row",
+        "DO $$ DECLARE r record := ROW(1, 'a'); c CURSOR (k int) FOR SELECT * FROM t WHERE id = k; "
+        "n int DEFAULT 0; BEGIN DECLARE m int = 2; BEGIN n := m; END; END $$",
         "CREATE FOREIGN TABLE ft (l text) SERVER pg OPTIONS (schema_name 'public')",
     ],
 )
@@ -378,6 +380,38 @@ def test_ordinary_ddl_naming_functions_is_allowed(sql: str) -> None:
         ("ALTER FUNCTION set_config(text, text, bool) RENAME TO sc", "guard.role_switch"),
         ("SELECT pg_catalog.pg_file_read('/etc/passwd', 0, 100)", "guard.server_file"),
         ("SELECT pg_file_length('/etc/passwd')", "guard.server_file"),
+        # Ninth round: libpg_query's JSON leaves out a record variable's default; scanner
+        # offsets are characters, not bytes; \' in a PL/pgSQL body; a language compiled as
+        # nothing.
+        (
+            "DO $$ DECLARE z record := ROW(pg_read_file('/etc/passwd')); "
+            "BEGIN RAISE NOTICE '%', z.f1; END $$",
+            "guard.server_file",
+        ),
+        (
+            "DO $$ DECLARE a int := 1; z pg_settings DEFAULT (SELECT s FROM pg_settings s "
+            "WHERE set_config('role', 'x', false) IS NULL LIMIT 1); BEGIN END $$",
+            "guard.role_switch",
+        ),
+        (
+            "DO $$ BEGIN DECLARE z record = ROW(set_config('role', 'r', false)); BEGIN END; END $$",
+            "guard.role_switch",
+        ),
+        (
+            'DO $$ DECLARE "\u00e9\u00e9\u00e9\'" text; BEGIN "\u00e9\u00e9\u00e9\'" := '
+            "pg_read_file($p$/etc/passwd$p$) /*'*/ || 'a'; END $$",
+            "guard.server_file",
+        ),
+        (
+            "CREATE FUNCTION f() RETURNS text LANGUAGE plpgsql AS $b$BEGIN "
+            "RAISE NOTICE 'x\\' ; RAISE NOTICE ' ; RETURN pg_read_file($p$/x$p$); --'; "
+            "RETURN 'harmless'; END$b$",
+            "guard.string_syntax",
+        ),
+        (
+            "CREATE FUNCTION f() RETURNS int LANGUAGE 'PLPGSQL' AS 'BEGIN RETURN 1; END'",
+            "guard.uninspectable_code",
+        ),
     ],
 )
 def test_reviewed_bypasses_are_denied(sql: str, rule: str) -> None:

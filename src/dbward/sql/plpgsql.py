@@ -34,12 +34,14 @@ class PlpgsqlSql:
     error: str | None = None  # the body could not be read: nothing in it can be checked
 
 
-def read_plpgsql(statement: str) -> PlpgsqlSql:
-    """Every piece of SQL in the PL/pgSQL body of a DO or CREATE FUNCTION `statement`.
+def read_plpgsql(statement: str, body: str) -> PlpgsqlSql:
+    """Every piece of SQL in the PL/pgSQL `body` of a DO or CREATE FUNCTION `statement`.
 
     libpg_query compiles the body as PostgreSQL's PL/pgSQL does (declarations, statements,
     expressions); each expression and statement comes back with the parse mode PostgreSQL uses
-    for it, which says how to read it as a statement of its own.
+    for it, which says how to read it as a statement of its own. Its JSON leaves out the
+    default of a record (composite) variable, so declarations' defaults are also read from the
+    body's tokens.
     """
     found = PlpgsqlSql()
     try:
@@ -50,6 +52,18 @@ def read_plpgsql(statement: str) -> PlpgsqlSql:
     except Exception as exc:  # the C extension may raise anything on hostile input
         found.error = f"parser failure: {type(exc).__name__}"
         return found
+    if not any(
+        isinstance(item, dict) and "action" in item.get("PLpgSQL_function", {})
+        for item in functions
+    ):
+        # Nothing compiled (libpg_query only compiles a language named exactly plpgsql).
+        found.error = "no PL/pgSQL function body"
+        return found
+    defaults = _declared_defaults(body)
+    if defaults is None:
+        found.error = "declarations that could not be read"
+        return found
+    found.texts.extend("SELECT " + default for default in defaults)
     stack: list[tuple[Any, str, str]] = [(functions, "", "")]
     while stack:
         node, parent, key = stack.pop()
@@ -102,22 +116,81 @@ def _add_expression(found: PlpgsqlSql, expr: dict[str, Any], where: tuple[str, s
     return True
 
 
-def _assignment_parts(text: str) -> tuple[str, str] | None:
-    """`target := value` (or `=`) split at the assignment, found with the SQL scanner."""
+_OPENING: Final = frozenset({"ASCII_40", "ASCII_91"})  # ( [
+_CLOSING: Final = frozenset({"ASCII_41", "ASCII_93"})  # ) ]
+_ASSIGNING: Final = frozenset({"COLON_EQUALS", "ASCII_61"})  # := =
+_DEFAULT_MARKERS: Final = _ASSIGNING | {"DEFAULT"}
+
+
+def _tokens(text: str) -> list[Any] | None:
+    """The SQL scanner's tokens (offsets in characters), or None if it cannot scan `text`."""
     try:
-        tokens = _pg_parser.scan(text)
+        tokens: list[Any] = _pg_parser.scan(text)
     except Exception:
         return None
-    data = text.encode("utf-8")  # token offsets are byte offsets
+    for token in tokens:  # offsets are used to slice: refuse any that do not fit the text
+        if not 0 <= token.start <= token.end < len(text):
+            return None
+    return tokens
+
+
+def _assignment_parts(text: str) -> tuple[str, str] | None:
+    """`target := value` (or `=`) split at the assignment, found with the SQL scanner."""
+    tokens = _tokens(text)
+    if tokens is None:
+        return None
     depth = 0
     for token in tokens:
         name = token.name
-        if name in ("ASCII_40", "ASCII_91"):  # ( [
+        if name in _OPENING:
             depth += 1
-        elif name in ("ASCII_41", "ASCII_93"):  # ) ]
+        elif name in _CLOSING:
             depth -= 1
-        elif depth == 0 and name in ("COLON_EQUALS", "ASCII_61"):  # := =
-            target = data[: token.start].decode("utf-8", "replace")
-            value = data[token.end + 1 :].decode("utf-8", "replace")
-            return target, value
+        elif depth == 0 and name in _ASSIGNING:
+            return text[: token.start], text[token.end + 1 :]
     return None
+
+
+def _declared_defaults(body: str) -> list[str] | None:
+    """The default expression of every variable declared in `body` (None: unreadable).
+
+    In each DECLARE section (up to its BEGIN) a declaration ends at a `;` outside brackets;
+    its default follows `:=`, `=` or DEFAULT. Cursor declarations (`c CURSOR FOR query`) have a
+    query instead, which the JSON does hold.
+    """
+    tokens = _tokens(body)
+    if tokens is None:
+        return None
+    defaults: list[str] = []
+    declaring = at_start = cursor = False
+    depth = 0
+    default_start: int | None = None
+    for token in tokens:
+        name = token.name
+        if not declaring:
+            if name == "DECLARE":
+                declaring = at_start = True
+                depth, default_start, cursor = 0, None, False
+            continue
+        if at_start and depth == 0 and name == "BEGIN_P":
+            declaring = False
+            continue
+        at_start = False
+        if name in _OPENING:
+            depth += 1
+        elif name in _CLOSING:
+            depth -= 1
+        elif depth != 0:
+            continue
+        elif name == "ASCII_59":  # ;
+            if default_start is not None:
+                defaults.append(body[default_start : token.start])
+            default_start, cursor, at_start = None, False, True
+        elif default_start is None and not cursor:
+            if name == "CURSOR":
+                cursor = True
+            elif name in _DEFAULT_MARKERS:
+                default_start = token.end + 1
+    if declaring and default_start is not None:
+        return None  # a declaration never ended
+    return defaults

@@ -980,18 +980,23 @@ def _procedural_code(part: str, node_type: str, body: dict[str, Any], out: _Walk
     other language (C, internal, PL/Perl, PL/Python ...) cannot be read: `uninspectable_code`.
     """
     if node_type == "DoStmt":
-        language, _ = _code_options(body.get("args") or (), "plpgsql")
+        language, code = _code_options(body.get("args") or (), "plpgsql")
     elif "sql_body" in body:
         return  # BEGIN ATOMIC / RETURN: SQL in the tree, walked already
     else:
-        language, _ = _code_options(body.get("options") or (), "")
+        language, code = _code_options(body.get("options") or (), "")
         if language in ("sql", ""):
             return  # SQL bodies: `_sql_function_body`; no language: PostgreSQL refuses it
     out.const_sensitive = True
-    if language != "plpgsql":
+    if language != "plpgsql" or code is None:
         out.flags.add("uninspectable_code")
         return
-    found = read_plpgsql(part)
+    if "\\'" in code:
+        # The body is compiled when first called, in whatever session calls it: with
+        # standard_conforming_strings off there, \' ends no literal and the code reads
+        # differently from how it was checked (as for SQL bodies, see _merge_sql_texts).
+        out.flags.add("string_syntax")
+    found = read_plpgsql(part, code)
     if found.error is not None:
         out.flags.add("uninspectable_code")
         return
