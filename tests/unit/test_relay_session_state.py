@@ -560,15 +560,15 @@ def test_an_eager_copy_ended_before_its_copy_in_response_is_over() -> None:
     assert b"FATAL" not in bytes(client.written)
 
 
-def test_an_earlier_querys_error_does_not_release_a_copys_held_sync() -> None:
-    """Only a failure of the COPY's own group makes PostgreSQL want the Sync held back."""
+def test_an_earlier_querys_error_does_not_release_the_sync_behind_a_copy() -> None:
+    """Only the COPY's own answer decides what the Sync sent after it means."""
     session, _, upstream, _ = _session()
     session.data_received(
         m.query("SELECT 1/0")
         + m.parse_message("", "COPY t FROM STDIN")
         + m.bind_message("", "", [])
         + m.execute_message("")
-        + m.sync()  # held: PostgreSQL will be copying when it reads it
+        + m.sync()  # waits: PostgreSQL will be copying when it reads it
     )
     upstream.written.clear()
     session._on_upstream_data(DIV0 + m.ready_for_query(b"I"))  # the Query's own error
@@ -579,7 +579,7 @@ def test_an_earlier_querys_error_does_not_release_a_copys_held_sync() -> None:
     assert len(session._ops) == 0 and session._z_owed == 0
 
 
-def test_a_copy_failing_before_it_starts_gets_its_held_sync() -> None:
+def test_a_copy_failing_before_it_starts_gets_the_sync_sent_after_it() -> None:
     session, _, upstream, _ = _session()
     session.data_received(
         m.parse_message("", "COPY missing FROM STDIN")
@@ -587,7 +587,7 @@ def test_a_copy_failing_before_it_starts_gets_its_held_sync() -> None:
         + m.execute_message("")
         + m.sync()
     )
-    assert not upstream.written.endswith(m.sync())  # held back
+    assert not upstream.written.endswith(m.sync())  # waits for the copy to be decided
     upstream.written.clear()
     session._on_upstream_data(m.error_response("ERROR", "42P01", "no such table"))
     assert upstream.written == m.sync()  # PostgreSQL skips to it
@@ -595,21 +595,20 @@ def test_a_copy_failing_before_it_starts_gets_its_held_sync() -> None:
     assert len(session._ops) == 0 and session._z_owed == 0
 
 
-def test_sql_that_must_wait_behind_a_copy_before_its_data_ends_the_session() -> None:
-    """Waiting for quiet would never end: the COPY waits for data queued behind the SQL. Such a
-    client is told plainly rather than left hanging (no driver sends SQL before the data)."""
+def test_sql_sent_before_a_copys_data_waits_for_the_copy_and_is_then_refused() -> None:
+    """What follows a COPY FROM STDIN waits until PostgreSQL starts or refuses the copy: once
+    it has started, SQL there is no copy data (PostgreSQL would end the session too). It hung
+    when the SQL itself had to wait for quiet (non-ASCII text)."""
     session, client, upstream, _ = _session()
     session.data_received(
-        m.query("COPY t FROM STDIN")
-        + m.query("SELECT 'é'")  # non-ASCII behind a Query in flight: must wait for quiet
-        + m.copy_data(b"1\n")
-        + m.copy_done()
+        m.query("COPY t FROM STDIN") + m.query("SELECT 'é'") + m.copy_data(b"1\n") + m.copy_done()
     )
+    assert upstream.written == m.query("COPY t FROM STDIN")  # the rest waits
+    session._on_upstream_data(m._frame(b"G", b"\x00\x00\x00"))
     kind, payload = frames(client.written)[-1]
     assert kind == b"E"
     fields = m.parse_error_fields(payload)
-    assert fields["S"] == "FATAL" and "before the data of COPY FROM STDIN" in fields["M"]
-    assert upstream.written.startswith(m.query("COPY t FROM STDIN"))
+    assert fields["S"] == "FATAL" and "during COPY FROM STDIN" in fields["M"]
     assert m.query("SELECT 'é'") not in upstream.written
 
 
@@ -650,7 +649,7 @@ def test_the_reply_limit_reads_on_while_postgres_skips_to_the_sync() -> None:
     assert client.reading  # PostgreSQL owes nothing until the Sync, so it must be read
 
 
-def test_messages_after_a_held_copy_sync_wait_until_the_copy_is_decided() -> None:
+def test_messages_after_a_copy_wait_until_the_copy_is_decided() -> None:
     session, _, upstream, _ = _session()
     session.data_received(
         m.parse_message("", "COPY missing FROM STDIN")
@@ -659,7 +658,7 @@ def test_messages_after_a_held_copy_sync_wait_until_the_copy_is_decided() -> Non
         + m.sync()
         + m.query("SELECT 1")
     )
-    assert m.query("SELECT 1") not in upstream.written  # parked behind the held Sync
+    assert m.query("SELECT 1") not in upstream.written  # parked behind the COPY
     upstream.written.clear()
     session._on_upstream_data(PARSED + BOUND + m.error_response("ERROR", "42P01", "no table"))
     assert upstream.written == m.sync() + m.query("SELECT 1")  # in the client's order
@@ -668,7 +667,7 @@ def test_messages_after_a_held_copy_sync_wait_until_the_copy_is_decided() -> Non
     assert len(session._ops) == 0 and session._z_owed == 0
 
 
-def test_a_failing_simple_query_copy_gets_its_held_sync_answered() -> None:
+def test_a_failing_simple_query_copy_gets_the_sync_after_it_answered() -> None:
     session, client, upstream, _ = _session()
     session.data_received(m.query("COPY missing FROM STDIN") + m.sync())
     upstream.written.clear()

@@ -145,6 +145,7 @@ class _Op:
 
     __slots__ = (
         "code",
+        "copies",
         "definition",
         "index",
         "max_rows",
@@ -166,6 +167,7 @@ class _Op:
         self.max_rows = max_rows  # Execute's row limit: PortalSuspended means exactly this many
         # Parse/Bind/Close (and an unnamed poison Parse): the name it (re)defines.
         self.definition: _Definition | None = None
+        self.copies = 0  # COPY FROM STDIN statements of a Query/Execute not started yet
 
 
 class _Definition:
@@ -328,12 +330,10 @@ class PgSession(asyncio.Protocol):
         self._ran_since_ready = False
         self._awaiting: _Await | None = None  # why the parked message waits
         self._copying = False  # the server is in a COPY FROM STDIN (CopyInResponse seen)
-        self._copies_open = 0  # COPY FROM STDIN sent, not yet ended by CopyDone/CopyFail
+        # Ops holding a COPY FROM STDIN not started yet (an upper bound: see _copy_pending).
+        self._copy_ops = 0
+        self._copies_admitted = 0  # COPY FROM STDIN statements of the batch being admitted
         self._copy_data_sent = False  # CopyData sent since the last COPY FROM STDIN
-        # A Sync sent after a COPY FROM STDIN before its data (libpq sends one with the
-        # COPY's Execute), held back with the sync group it was sent in and the op of the COPY
-        # it follows; what the client sends after it waits until the copy starts or fails.
-        self._held_sync: tuple[bytes, int, _Op | None] | None = None
         self._holdable_cursors = False  # a DECLARE ... WITH HOLD was forwarded once
         # Statements whose intent record the sink still holds, by statement id.
         self._held_intents: dict[int, _Tracked] = {}
@@ -353,6 +353,7 @@ class PgSession(asyncio.Protocol):
         self._closing = False
         self._shutdown_requested = False
         self._upstream_lost_reported = False
+        self._upstream_ending = False  # PostgreSQL sent FATAL: nothing more goes to it
         self._client_paused_for_upstream = False
         self._client_paused_for_replies = False  # MAX_REPLIES_IN_FLIGHT reached
         self._connect_audited = False
@@ -717,6 +718,9 @@ class PgSession(asyncio.Protocol):
     def _drain_inbox(self) -> None:
         inbox = self._inbox
         while inbox and not self._blocked and self._phase == _PHASE_READY:
+            if self._upstream_ending:
+                inbox.clear()
+                return
             frames = list(inbox)
             inbox.clear()
             self._process_frames(frames)
@@ -725,6 +729,8 @@ class PgSession(asyncio.Protocol):
         """Handle client frames in order; forward what may go in one write."""
         upstream = self._upstream
         assert upstream is not None
+        if self._upstream_ending:
+            return  # the connection to PostgreSQL is closing: nothing more is read or run
         out: list[bytes] = []
         count = len(frames)
         i = 0
@@ -742,41 +748,35 @@ class PgSession(asyncio.Protocol):
                     self._terminate(out)
                     return
                 continue
-            if msg_type in (_COPY_DATA, _COPY_DONE, _COPY_FAIL):
-                out.append(raw)  # COPY data flows through; the COPY statement was decided
-                if msg_type != _COPY_DATA:
-                    self._copying = False  # the server's copy mode ends here
-                    if self._copies_open > 0:
-                        self._copies_open -= 1
-                    # libpq follows CopyDone with its own Sync: the held one is not needed.
-                    self._held_sync = None
-                    self._copy_data_sent = False  # the next COPY of the Query starts afresh
-                else:
-                    self._copy_data_sent = True
-                continue
-            if msg_type == _S and self._copies_open > 0:
-                if self._copy_data_sent or self._held_sync is not None:
-                    if out:
-                        upstream.transport.write(b"".join(out))
-                    self._protocol_error(
-                        ProtocolError("unexpected Sync during COPY FROM STDIN, after its data")
-                    )
-                    return
-                self._held_sync = (raw, self._syncs, self._last_copy_op())
-                continue
-            if self._held_sync is not None and not self._copying and msg_type != _H:
-                # Whether PostgreSQL will answer the held Sync decides where this one's replies
-                # go: wait until the COPY has started (then this is not copy data: refused
-                # below) or failed (the held Sync goes first).
+            if self._copy_ops and not self._copying and msg_type != _H and self._copy_pending():
+                # A COPY FROM STDIN is in flight and PostgreSQL has neither started nor refused
+                # it: what this message means (copy data, a Sync PostgreSQL ignores or answers,
+                # SQL) depends on which. It waits, in order, until PostgreSQL says; that needs
+                # nothing more from the client.
                 self._park(frames[i - 1 :], out)
                 self._awaiting = _AWAIT_COPY
                 return
-            # Only copy messages (and a Flush, which owes no reply) belong in a copy. PostgreSQL
-            # ignores a Sync while it is copying but answers it once a bad row has ended the
-            # copy, and nothing here can tell which: rather than guess (and let replies drift
-            # from requests), such a client is told plainly. No driver sends one (libpq's Sync
-            # goes after CopyDone).
+            if msg_type in (_COPY_DATA, _COPY_DONE, _COPY_FAIL):
+                # COPY data flows through (the COPY statement was decided); outside a copy
+                # PostgreSQL ignores it, as after a COPY that failed.
+                out.append(raw)
+                if not self._copying:
+                    continue
+                if msg_type == _COPY_DATA:
+                    self._copy_data_sent = True
+                else:
+                    self._copying = False  # the server's copy mode ends here
+                    self._copy_data_sent = False  # a next COPY of the Query starts afresh
+                continue
             if self._copying and msg_type != _H:
+                # Only copy messages (and a Flush, which owes no reply) belong in a copy.
+                if msg_type == _S and not self._copy_data_sent:
+                    # libpq sends a Sync with a COPY's Execute, before any data: PostgreSQL
+                    # ignores it while copying (libpq sends its own after CopyDone). Dropped.
+                    continue
+                # PostgreSQL ignores a Sync while it is copying but answers it once a bad row
+                # has ended the copy, and nothing here can tell which: rather than guess (and
+                # let replies drift from requests), such a client is told plainly.
                 if out:
                     upstream.transport.write(b"".join(out))
                 self._protocol_error(
@@ -805,19 +805,6 @@ class PgSession(asyncio.Protocol):
                 self._terminate(out)
                 return
             if isinstance(barrier, _Await):
-                if barrier.quiet and self._copies_open > 0:
-                    # Quiet would never come: the COPY in flight waits for its data, which the
-                    # client queued behind this message. PostgreSQL would reject the message
-                    # mid-copy anyway; say so rather than hang.
-                    if out:
-                        upstream.transport.write(b"".join(out))
-                    self._protocol_error(
-                        ProtocolError(
-                            f"message type {chr(msg_type)!r} sent before the data of COPY FROM "
-                            "STDIN"
-                        )
-                    )
-                    return
                 self._park(frames[i - 1 :], out)  # this message too: it is handled again
                 self._awaiting = barrier
                 return
@@ -920,6 +907,7 @@ class PgSession(asyncio.Protocol):
         op = self._ops[-1] if self._ops else None
         # Only the Query/Execute op the durable barrier was raised for (never a shared op).
         if op is not None and op.code in (_OP_QUERY, _OP_EXECUTE):
+            op.copies = 0  # refused: no COPY of it will start
             op.replacement = messages.error_response(
                 "ERROR", AuditUnavailable.sqlstate, _audit_unavailable_decision().reason
             )
@@ -1303,7 +1291,7 @@ class PgSession(asyncio.Protocol):
         """A forwarded statement that starts COPY FROM STDIN or declares or closes cursors."""
         statement = item.statement
         if "copy_from_stdin" in statement.flags:
-            self._copies_open += 1
+            self._copies_admitted += 1  # counted on the op the caller queues for the batch
             self._copy_data_sent = False
         if "closes_all_cursors" in statement.flags:
             self._portals.clear()  # if it fails, dbward forgot too much: refused, not wrong
@@ -1381,7 +1369,10 @@ class PgSession(asyncio.Protocol):
             self._ops.append(_Op(_OP_QUERY, [], _denial_frame(denial)))
             out.append(_POISON_QUERY)
             return None
-        self._ops.append(_Op(_OP_QUERY, tracked))
+        op = _Op(_OP_QUERY, tracked)
+        self._ops.append(op)
+        if self._copies_admitted:
+            self._count_copies(op)
         if durable is not None:
             return durable, (raw, _POISON_QUERY)
         out.append(raw)
@@ -1398,11 +1389,19 @@ class PgSession(asyncio.Protocol):
             # PostgreSQL skips to Sync after an error; so do we, forwarding nothing more.
             self._discard_until_sync = True
             return None
-        self._ops.append(_Op(_OP_EXECUTE, tracked, max_rows=max_rows))
+        op = _Op(_OP_EXECUTE, tracked, max_rows=max_rows)
+        self._ops.append(op)
+        if self._copies_admitted:
+            self._count_copies(op)
         if durable is not None:
             return durable, (raw, _POISON_PARSE)
         out.append(raw)
         return None
+
+    def _count_copies(self, op: _Op) -> None:
+        """The op just queued holds the COPY FROM STDIN statements just admitted."""
+        op.copies, self._copies_admitted = self._copies_admitted, 0
+        self._copy_ops += 1
 
     def _resolve_prepared(
         self, statement: Statement, changes: _PreparedChanges | None
@@ -1517,9 +1516,14 @@ class PgSession(asyncio.Protocol):
         ):
             self._replies_drained()
         awaiting = self._awaiting
-        if awaiting is not None and awaiting.ready(
-            not self._ops and not self._ran_since_ready,
-            self._held_sync is None or self._copying,
+        if awaiting is not None and (
+            # PostgreSQL now skips to the client's Sync (an error answered on a Flush): the
+            # parked messages are dropped up to it, whatever they waited for.
+            self._discard_until_sync
+            or awaiting.ready(
+                not self._ops and not self._ran_since_ready,
+                self._copying or not self._copy_ops or not self._copy_pending(),
+            )
         ):
             self._awaiting = None
             self._blocked = False
@@ -1567,8 +1571,7 @@ class PgSession(asyncio.Protocol):
                 self._settle(op.definition, "skipped")
             if not ops:
                 self._ran_since_ready = False  # every change so far has been reported
-                self._copies_open = 0  # nothing in flight: no COPY will start
-                self._held_sync = None
+                self._copy_ops = 0  # nothing in flight: no COPY will start
                 if self._portals and payload is not None and payload[:1] == b"I":
                     self._forget_transaction_portals()
             return None
@@ -1600,12 +1603,10 @@ class PgSession(asyncio.Protocol):
                         self._record_outcome(item, "suspended" if suspended else "empty", "", rows)
             return None
         if msg_type == 0x47:  # CopyInResponse
-            # The server ignores the Syncs the client sent after the COPY and before its
-            # CopyDone/CopyFail: they will never be answered.
-            # A copy the client has not ended yet starts now (a Query may hold several COPY
-            # FROM STDIN). One it ended already (data and CopyDone sent eagerly) is over from
-            # the client's side: what it sends next is not copy data.
-            if self._copies_open > 0:
+            # The next COPY FROM STDIN of the op being answered starts (a Query may hold
+            # several); what the client sent after it, parked until now, is read as copy data.
+            if ops and ops[0].copies > 0:
+                ops[0].copies -= 1
                 self._copying = True
             return None
         if msg_type == 0x53 and payload is not None:  # ParameterStatus
@@ -1626,39 +1627,22 @@ class PgSession(asyncio.Protocol):
             return None
         return None
 
-    def _last_copy_op(self) -> _Op | None:
-        """The op of the latest COPY FROM STDIN sent (a Query's or an Execute's)."""
-        for op in reversed(self._ops):
-            if op.code in (_OP_QUERY, _OP_EXECUTE):
-                if op.tracked and any("copy_from_stdin" in t.statement.flags for t in op.tracked):
-                    return op
-                if op.code == _OP_QUERY:
-                    return None
-        return None
+    def _copy_pending(self) -> bool:
+        """Whether a COPY FROM STDIN in flight has been neither started nor refused yet.
 
-    def _copy_group_failed(self, copy_op: _Op | None) -> bool:
-        """Whether an error now belongs to the COPY's own statement or sync group: no op that
-        ends a ReadyForQuery group (an earlier Query, a Sync) is queued before the COPY's op."""
-        for op in self._ops:
-            if op is copy_op:
-                return True
-            if op.code in (_OP_QUERY, _OP_SYNC):
-                return False
+        Walks the queue (only while some op held a COPY): ops answered, skipped or refused
+        since are gone from it, or hold no copies any more.
+        """
+        if any(op.copies for op in self._ops):
+            return True
+        self._copy_ops = 0
         return False
 
     def _on_error(self, payload: bytes | None) -> bytes | None:
         ops = self._ops
-        held = self._held_sync
-        if held is not None and not self._copying and self._copy_group_failed(held[2]):
-            # The COPY failed before the copy started (its Query, or a message of its sync
-            # group): PostgreSQL answers the Sync held back after it — for an Execute it is the
-            # Sync PostgreSQL now skips to — unless the client has sent another since.
-            self._held_sync = None
-            if held[1] == self._syncs and self._upstream is not None:
-                self._upstream.transport.write(held[0])
-                ops.append(_SYNC_OP)
-                self._z_owed += 1
-                self._syncs += 1
+        if ops and ops[0].code == _OP_QUERY:
+            # An error ends a simple Query: none of its COPY statements will start.
+            ops[0].copies = 0
         if self._copying:
             # The copy failed (bad data, CopyFail, a trigger): the server left copy mode.
             self._copying = False
@@ -1667,6 +1651,8 @@ class PgSession(asyncio.Protocol):
             fields = messages.parse_error_fields(payload)
             sqlstate = fields.get("C", "")
             if fields.get("S") in ("FATAL", "PANIC"):
+                # The backend is gone: what the client sent after, parked or not, never ran.
+                self._upstream_ending = True
                 self._finish_pending("error", sqlstate)
                 return None
         if not ops:

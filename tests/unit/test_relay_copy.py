@@ -1,0 +1,112 @@
+"""COPY FROM STDIN around refusals and failed copies: replies stay in step (ninth review)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from dbward.audit.sink import MemorySink
+from dbward.config.model import AuditSettings
+from dbward.core.errors import AuditUnavailable
+from dbward.wire.postgres import messages as m
+from fixtures.detached import detached_session, frames
+
+
+class _FailingDurable(MemorySink):
+    """The writer cannot commit a durable intent: each strict write is refused."""
+
+    def append_durable(self, record: Any) -> Any:
+        self.append(record)
+        future = asyncio.get_running_loop().create_future()
+        future.set_exception(AuditUnavailable("writer down"))
+        return future
+
+
+def _run(data: bytes, replies: list[bytes]) -> tuple[list[bytes], bytes]:
+    async def run() -> tuple[list[bytes], bytes]:
+        session, client, upstream = detached_session(_FailingDurable())
+        session.services.audit_settings = AuditSettings(durability="strict")
+        session.data_received(data)
+        for _ in range(5):
+            await asyncio.sleep(0)  # the durable future's callback
+        for reply in replies:
+            session._on_upstream_data(reply)
+            for _ in range(3):
+                await asyncio.sleep(0)
+        return [k.decode() for k, _ in frames(client.written)], bytes(upstream.written)
+
+    return asyncio.run(run())
+
+
+POISON_ERROR = m.error_response("ERROR", "42601", 'syntax error at or near "DBWARD_POLICY_DENIED"')
+Z = m.ready_for_query(b"I")
+
+
+def test_a_copy_refused_for_the_audit_log_still_answers_the_sync_after_it() -> None:
+    """Query(COPY t FROM STDIN) + Sync + Query(SELECT 1), the COPY's intent cannot be made
+    durable: dbward refuses the COPY (a poison Query upstream). PostgreSQL would answer the
+    refused Query (E, Z), the Sync (Z) and SELECT 1 (T, D, C, Z)."""
+    kinds, upstream = _run(
+        m.query("COPY t FROM STDIN") + m.sync() + m.query("SELECT 1"),
+        [
+            POISON_ERROR + Z,  # the poison Query
+            Z,  # the Sync, if it was sent
+            m._frame(b"T", b"\x00\x00") + m.command_complete("SELECT 1") + Z,
+        ],
+    )
+    assert upstream.count(m.sync()) == 1, upstream  # the client's Sync reached PostgreSQL
+    assert kinds == ["E", "Z", "Z", "T", "C", "Z"]
+
+
+def test_an_extended_copy_refused_for_the_audit_log_does_not_hold_a_later_sync() -> None:
+    """P/B/E(COPY) + Sync, then P/B/E(SELECT 1) + Sync: the COPY is refused (audit down), yet
+    dbward still counts it as an open COPY and holds the second Sync back for good."""
+    kinds, upstream = _run(
+        m.parse_message("", "COPY t FROM STDIN")
+        + m.bind_message("", "", [])
+        + m.execute_message("")
+        + m.sync()
+        + m.parse_message("", "SELECT 1")
+        + m.bind_message("", "", [])
+        + m.execute_message("")
+        + m.sync(),
+        [
+            m._frame(b"1", b"") + m._frame(b"2", b"") + POISON_ERROR + Z,
+            m._frame(b"1", b"") + m._frame(b"2", b"") + m.command_complete("SELECT 1"),
+            Z,
+        ],
+    )
+    assert upstream.count(m.sync()) == 2, upstream
+    assert kinds == ["1", "2", "E", "Z", "1", "2", "C", "Z"]
+
+
+def test_a_copy_failing_mid_data_leaves_no_copy_open() -> None:
+    """Extended COPY fails on a bad row, answered at once: PostgreSQL skips to the Sync (the
+    CopyDone too). The next Sync was taken for one sent during the copy and ended the session."""
+    session, client, upstream = detached_session(MemorySink())
+    session.data_received(
+        m.parse_message("", "COPY t FROM STDIN")
+        + m.bind_message("", "", [])
+        + m.execute_message("")
+        + m.flush()
+    )
+    session._on_upstream_data(
+        m._frame(b"1", b"") + m._frame(b"2", b"") + m._frame(b"G", b"\x00\x00\x00")
+    )
+    session.data_received(m.copy_data(b"bad\n") + m.flush())
+    session._on_upstream_data(m.error_response("ERROR", "22P02", "invalid input syntax"))
+    upstream.written.clear()
+    session.data_received(
+        m.copy_done()
+        + m.sync()
+        + m.parse_message("", "SELECT 1")
+        + m.bind_message("", "", [])
+        + m.execute_message("")
+        + m.sync()
+    )
+    assert b"FATAL" not in bytes(client.written)
+    assert upstream.written.startswith(m.sync())  # the CopyDone was skipped, as upstream
+    session._on_upstream_data(
+        Z + m._frame(b"1", b"") + m._frame(b"2", b"") + m.command_complete("SELECT 1") + Z
+    )
+    assert len(session._ops) == 0 and session._z_owed == 0
