@@ -80,6 +80,16 @@ def test_guarded_code_inside_plpgsql_is_refused(files_proxy: Proxy, server_dir: 
             "BEGIN RAISE NOTICE '%', z.f1; END $$",
             "files on the database server",
         )
+        for declaration in (  # token-reader misreadings (tenth review)
+            "DECLARE cursor record := ROW(pg_read_file('{0}')); BEGIN",
+            "BEGIN PERFORM (SELECT 1 AS declare); DECLARE z record := ROW(pg_read_file('{0}')); "
+            "BEGIN END;",
+        ):
+            _refused(
+                conn,
+                "DO $$ " + declaration.format(secret) + " END $$",
+                "files on the database server",
+            )
         _refused(
             conn,
             "CREATE FUNCTION public.leak(p text) RETURNS text LANGUAGE plpgsql"
@@ -109,7 +119,7 @@ def test_guarded_code_inside_plpgsql_is_refused(files_proxy: Proxy, server_dir: 
     assert not ran.exists() and not written.exists()
     records = files_proxy.session_records(app, until=has_disconnect)
     refused = [r for r in statements(records) if r.command in ("DO", "CREATE FUNCTION")]
-    assert len(refused) == 6 and all(r.decision == "deny" for r in refused)
+    assert len(refused) == 8 and all(r.decision == "deny" for r in refused)
     assert {r.rule for r in refused} == {
         "guard.server_file",
         "guard.copy_program",

@@ -256,6 +256,11 @@ def test_ddl_that_makes_a_guarded_function_callable_is_denied(sql: str, rule: st
         "ALTER FUNCTION touch() RENAME TO touch_row",
         "DO $$ DECLARE r record := ROW(1, 'a'); c CURSOR (k int) FOR SELECT * FROM t WHERE id = k; "
         "n int DEFAULT 0; BEGIN DECLARE m int = 2; BEGIN n := m; END; END $$",
+        "DO $$ <<outer>> DECLARE s NO SCROLL CURSOR FOR SELECT 1; r record; "
+        "BEGIN FOR i IN 1..2 LOOP DECLARE q record; BEGIN NULL; END; END LOOP; END $$",
+        "CREATE FUNCTION touch2() RETURNS trigger LANGUAGE plpgsql AS $$ DECLARE "
+        "\"Mixed Case\" record; BEGIN IF TG_OP = 'DELETE' THEN RETURN OLD; END IF; "
+        "RETURN NEW; END $$",
         "CREATE FOREIGN TABLE ft (l text) SERVER pg OPTIONS (schema_name 'public')",
     ],
 )
@@ -411,6 +416,37 @@ def test_ordinary_ddl_naming_functions_is_allowed(sql: str) -> None:
         (
             "CREATE FUNCTION f() RETURNS int LANGUAGE 'PLPGSQL' AS 'BEGIN RETURN 1; END'",
             "guard.uninspectable_code",
+        ),
+        # Tenth round: the token reader took any CURSOR token for a cursor declaration, and a
+        # DECLARE inside brackets (a column label) broke its depth for the rest of the body.
+        (
+            "DO $$ DECLARE cursor record := ROW(pg_read_file('/x')); "
+            "BEGIN RAISE NOTICE '%', cursor; END $$",
+            "guard.server_file",
+        ),
+        (
+            "DO $$ DECLARE z public.cursor := ROW(pg_read_file('/x')); BEGIN END $$",
+            "guard.server_file",
+        ),
+        (
+            "DO $$ DECLARE cursor record := ROW(set_config('role', 'r', false)); BEGIN END $$",
+            "guard.role_switch",
+        ),
+        (
+            "DO $$ BEGIN PERFORM (SELECT 1 AS declare); DECLARE z record := "
+            "ROW(pg_read_file('/x')); BEGIN RAISE NOTICE '%', z; END; END $$",
+            "guard.server_file",
+        ),
+        (
+            "CREATE FUNCTION f(p text) RETURNS text LANGUAGE plpgsql AS $$ BEGIN IF (SELECT true "
+            "AS declare) THEN DECLARE z record := ROW(pg_read_file(p)); BEGIN RETURN z.f1; END; "
+            "END IF; RETURN NULL; END $$",
+            "guard.server_file",
+        ),
+        (
+            "DO $$ BEGIN PERFORM 1 >> declare FROM t; DECLARE z record := "
+            "ROW(pg_read_file('/x')); BEGIN END; END $$",
+            "guard.uninspectable_code",  # misread, and so refused: z's default is not found
         ),
     ],
 )

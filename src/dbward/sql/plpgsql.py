@@ -59,11 +59,15 @@ def read_plpgsql(statement: str, body: str) -> PlpgsqlSql:
         # Nothing compiled (libpg_query only compiles a language named exactly plpgsql).
         found.error = "no PL/pgSQL function body"
         return found
-    defaults = _declared_defaults(body)
-    if defaults is None:
+    declarations = _declarations(body)
+    if declarations is None or not _records_read(functions, declarations):
         found.error = "declarations that could not be read"
         return found
-    found.texts.extend("SELECT " + default for default in defaults)
+    found.texts.extend(
+        "SELECT " + declaration.default
+        for declaration in declarations
+        if declaration.default is not None
+    )
     stack: list[tuple[Any, str, str]] = [(functions, "", "")]
     while stack:
         node, parent, key = stack.pop()
@@ -83,6 +87,21 @@ def read_plpgsql(statement: str, body: str) -> PlpgsqlSql:
                 owner = child_key if child_key.startswith("PLpgSQL_") else parent
                 stack.append((child, owner, child_key))
     return found
+
+
+def _records_read(functions: list[Any], declarations: list[_Declaration]) -> bool:
+    """Whether every record variable the body declares was read as a variable declaration:
+    its default, which only the tokens show, cannot have been missed (fail closed)."""
+    variables = {d.name for d in declarations if d.kind == "variable"}
+    for function in functions:
+        if not isinstance(function, dict):
+            return False
+        for datum in function.get("PLpgSQL_function", {}).get("datums", ()):
+            record = datum.get("PLpgSQL_rec") if isinstance(datum, dict) else None
+            # Declared in the body (a line number); parameters, NEW and OLD have none.
+            if record is not None and "lineno" in record and record.get("refname") not in variables:
+                return False
+    return True
 
 
 def _add_expression(found: PlpgsqlSql, expr: dict[str, Any], where: tuple[str, str]) -> bool:
@@ -151,46 +170,95 @@ def _assignment_parts(text: str) -> tuple[str, str] | None:
     return None
 
 
-def _declared_defaults(body: str) -> list[str] | None:
-    """The default expression of every variable declared in `body` (None: unreadable).
+@dataclass
+class _Declaration:
+    """One variable declaration as read from a DECLARE section's tokens."""
 
-    In each DECLARE section (up to its BEGIN) a declaration ends at a `;` outside brackets;
-    its default follows `:=`, `=` or DEFAULT. Cursor declarations (`c CURSOR FOR query`) have a
-    query instead, which the JSON does hold.
+    name: str  # as PostgreSQL folds it: unquoted lower-cased, quoted verbatim
+    kind: str  # "variable", "cursor" or "alias"
+    default: str | None  # the default expression's text, if any
+
+
+# Tokens after which a statement (so a block, so a DECLARE) may start, at bracket depth 0.
+_STATEMENT_ENDS: Final = frozenset({"ASCII_59", "BEGIN_P", "THEN", "ELSE", "LOOP"})
+
+
+def _declarations(body: str) -> list[_Declaration] | None:
+    """Every declaration in the DECLARE sections of `body` (None: unreadable).
+
+    A DECLARE section starts at DECLARE where a statement may start (bracket depth 0, after
+    `;`, BEGIN, THEN, ELSE, LOOP or a `>>` closing a label, or at the very start) and ends at
+    its BEGIN; a declaration ends at a `;` at depth 0.
     """
     tokens = _tokens(body)
     if tokens is None:
         return None
-    defaults: list[str] = []
-    declaring = at_start = cursor = False
+    found: list[_Declaration] = []
     depth = 0
-    default_start: int | None = None
+    declaring = False
+    statement_may_start = True
+    current: list[Any] = []
     for token in tokens:
         name = token.name
-        if not declaring:
-            if name == "DECLARE":
-                declaring = at_start = True
-                depth, default_start, cursor = 0, None, False
-            continue
-        if at_start and depth == 0 and name == "BEGIN_P":
-            declaring = False
-            continue
-        at_start = False
         if name in _OPENING:
             depth += 1
         elif name in _CLOSING:
             depth -= 1
-        elif depth != 0:
+            if depth < 0:
+                return None
+        if not declaring:
+            if depth == 0 and name == "DECLARE" and statement_may_start:
+                declaring, current = True, []
+            elif depth == 0:
+                text = body[token.start : token.end + 1]
+                statement_may_start = (
+                    name in _STATEMENT_ENDS
+                    or (name == "Op" and text == ">>")  # <<label>>
+                    or (name == "IDENT" and text.lower() == "loop")  # no SQL keyword
+                )
+            else:
+                statement_may_start = False
             continue
-        elif name == "ASCII_59":  # ;
-            if default_start is not None:
-                defaults.append(body[default_start : token.start])
-            default_start, cursor, at_start = None, False, True
-        elif default_start is None and not cursor:
-            if name == "CURSOR":
-                cursor = True
-            elif name in _DEFAULT_MARKERS:
-                default_start = token.end + 1
-    if declaring and default_start is not None:
-        return None  # a declaration never ended
-    return defaults
+        if depth == 0 and not current and name == "BEGIN_P":
+            declaring, statement_may_start = False, True
+        elif depth == 0 and name == "ASCII_59":  # ;
+            declaration = _declaration(body, current, token.start)
+            if declaration is None:
+                return None
+            found.append(declaration)
+            current = []
+        else:
+            current.append(token)
+    if declaring or depth != 0:
+        return None  # a DECLARE section or a bracket never ended
+    return found
+
+
+def _declaration(body: str, tokens: list[Any], end: int) -> _Declaration | None:
+    """`name [CONSTANT] type ... [:= | = | DEFAULT expr]`, `name [[NO] SCROLL] CURSOR ...` or
+    `name ALIAS FOR ...` (the tokens before its `;`, which is at `end`)."""
+    if not tokens:
+        return None
+    first = body[tokens[0].start : tokens[0].end + 1]
+    if first.startswith('"'):
+        name = first[1:-1].replace('""', '"')
+    elif first[:2].lower() == "u&":
+        return None  # a Unicode-escaped name: not worth folding by hand
+    else:
+        name = first.lower()
+    following = [token.name for token in tokens[1:4]]
+    if following[:1] == ["CURSOR"] or following[:2] == ["SCROLL", "CURSOR"]:
+        return _Declaration(name, "cursor", None)
+    if following[:3] == ["NO", "SCROLL", "CURSOR"]:
+        return _Declaration(name, "cursor", None)
+    if following[:1] == ["ALIAS"]:
+        return _Declaration(name, "alias", None)
+    depth = 0
+    for token in tokens[1:]:
+        if token.name in _OPENING:
+            depth += 1
+        elif token.name in _CLOSING:
+            depth -= 1
+        elif depth == 0 and token.name in _DEFAULT_MARKERS:
+            return _Declaration(name, "variable", body[token.end + 1 : end])
+    return _Declaration(name, "variable", None)
