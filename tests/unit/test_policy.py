@@ -448,6 +448,11 @@ def test_ordinary_ddl_naming_functions_is_allowed(sql: str) -> None:
             "ROW(pg_read_file('/x')); BEGIN END; END $$",
             "guard.uninspectable_code",  # misread, and so refused: z's default is not found
         ),
+        (
+            "DO $$ DECLARE z record; BEGIN PERFORM 1 >> declare FROM t; DECLARE z record := "
+            "ROW(pg_read_file('/x')); BEGIN END; END $$",
+            "guard.uninspectable_code",  # an outer z read does not vouch for the inner one
+        ),
     ],
 )
 def test_reviewed_bypasses_are_denied(sql: str, rule: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -90,18 +91,20 @@ def read_plpgsql(statement: str, body: str) -> PlpgsqlSql:
 
 
 def _records_read(functions: list[Any], declarations: list[_Declaration]) -> bool:
-    """Whether every record variable the body declares was read as a variable declaration:
-    its default, which only the tokens show, cannot have been missed (fail closed)."""
-    variables = {d.name for d in declarations if d.kind == "variable"}
+    """Whether every record variable the body declares was read as a variable declaration
+    (as many of each name as the compiler made): its default, which only the tokens show,
+    cannot have been missed (fail closed)."""
+    found = Counter(d.name for d in declarations if d.kind == "variable")
+    declared: Counter[str] = Counter()
     for function in functions:
         if not isinstance(function, dict):
             return False
         for datum in function.get("PLpgSQL_function", {}).get("datums", ()):
             record = datum.get("PLpgSQL_rec") if isinstance(datum, dict) else None
             # Declared in the body (a line number); parameters, NEW and OLD have none.
-            if record is not None and "lineno" in record and record.get("refname") not in variables:
-                return False
-    return True
+            if record is not None and "lineno" in record:
+                declared[str(record.get("refname"))] += 1
+    return all(found[name] >= count for name, count in declared.items())
 
 
 def _add_expression(found: PlpgsqlSql, expr: dict[str, Any], where: tuple[str, str]) -> bool:
