@@ -420,3 +420,35 @@ def test_extended_and_simple_copy_after_flush_error_batched(
 
 def test_zz_no_traceback_in_the_module_proxy_log(proxy: Proxy) -> None:
     assert "Traceback" not in proxy.log(), proxy.log()[-3000:]
+
+
+# PostgreSQL refuses `COPY view FROM STDIN` and `COPY ... (FREEZE)` after its CopyInResponse,
+# before it reads the Sync libpq's PQsendQueryParams sends with the Execute: that Sync is
+# answered. dbward dropped it as one PostgreSQL ignores during a copy, then skipped everything
+# to the next Sync: the client's Query was never answered (tenth review).
+def test_a_copy_refused_after_copy_in_response_answers_the_sync_sent_with_it(
+    proxy: Proxy, pg_server: PgServer
+) -> None:
+    table = _table(pg_server, "copy_view")
+    pg_server.psql(f"CREATE VIEW {table}_v AS SELECT * FROM {table}")
+    pg_server.psql(f"GRANT ALL ON {table}_v TO PUBLIC")
+    execute = (
+        m.parse_message("", f"COPY {table}_v FROM STDIN")
+        + m.bind_message("", "", [])
+        + m.execute_message("")
+    )
+    freeze = (
+        m.parse_message("", f"COPY {table} FROM STDIN (FREEZE)")
+        + m.bind_message("", "", [])
+        + m.execute_message("")
+    )
+    for copy, sqlstate in ((execute, "42809"), (freeze, "55000")):
+        for _ in range(3):  # CopyInResponse and the error in one read or two: timing varies
+            steps = [(copy + m.sync(), 5), (m.query("SELECT 3"), 4)]
+            expected, got = _both(proxy, pg_server, steps)
+            assert expected == [
+                ["1", "2", "G", f"E:ERROR:{sqlstate}", "Z"],
+                ["T", "D", "C", "Z"],
+                [],
+            ]
+            assert got == expected

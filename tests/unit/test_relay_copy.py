@@ -110,3 +110,37 @@ def test_a_copy_failing_mid_data_leaves_no_copy_open() -> None:
         Z + m._frame(b"1", b"") + m._frame(b"2", b"") + m.command_complete("SELECT 1") + Z
     )
     assert len(session._ops) == 0 and session._z_owed == 0
+
+
+def _copy_refused_after_its_copy_in_response(sqlstate: str) -> tuple[bytes, Any, Any]:
+    """libpq's PQsendQueryParams: Execute(COPY) + Sync; PostgreSQL starts the copy, then
+    refuses it before reading anything (a view, FREEZE: checked after CopyInResponse)."""
+    session, client, upstream = detached_session(MemorySink())
+    session.data_received(
+        m.parse_message("", "COPY v FROM STDIN")
+        + m.bind_message("", "", [])
+        + m.execute_message("")
+        + m.sync()
+    )
+    session._on_upstream_data(
+        m._frame(b"1", b"") + m._frame(b"2", b"") + m._frame(b"G", b"\x00\x00\x00")
+    )
+    upstream.written.clear()
+    session._on_upstream_data(m.error_response("ERROR", sqlstate, "cannot copy to view"))
+    return bytes(upstream.written), session, client
+
+
+def test_syncs_dropped_in_a_copy_refused_before_reading_are_answered() -> None:
+    written, session, client = _copy_refused_after_its_copy_in_response("42809")
+    assert written == m.sync()  # PostgreSQL never read it: it answers it now
+    session._on_upstream_data(Z)
+    session.data_received(m.query("SELECT 3"))
+    assert written + m.query("SELECT 3") == bytes(session._upstream.transport.written)
+    session._on_upstream_data(m.command_complete("SELECT 1") + Z)
+    assert [k.decode() for k, _ in frames(client.written)][-4:] == ["E", "Z", "C", "Z"]
+    assert len(session._ops) == 0 and session._z_owed == 0
+
+
+def test_a_copy_cancelled_while_waiting_for_data_had_read_its_syncs() -> None:
+    written, _, _ = _copy_refused_after_its_copy_in_response("57014")
+    assert written == b""  # PostgreSQL read and ignored the Sync before the cancel

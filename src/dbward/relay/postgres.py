@@ -237,6 +237,7 @@ class _Await:
 
 
 _AWAIT_QUIET: Final = _Await(quiet=True)
+_QUERY_CANCELED: Final = "57014"  # a cancel request, statement_timeout
 _AWAIT_COPY: Final = _Await(copy=True)
 
 
@@ -334,6 +335,7 @@ class PgSession(asyncio.Protocol):
         self._copy_ops = 0
         self._copies_admitted = 0  # COPY FROM STDIN statements of the batch being admitted
         self._copy_data_sent = False  # CopyData sent since the last COPY FROM STDIN
+        self._syncs_dropped_in_copy = 0  # Syncs before any data, since the CopyInResponse
         self._holdable_cursors = False  # a DECLARE ... WITH HOLD was forwarded once
         # Statements whose intent record the sink still holds, by statement id.
         self._held_intents: dict[int, _Tracked] = {}
@@ -772,7 +774,9 @@ class PgSession(asyncio.Protocol):
                 # Only copy messages (and a Flush, which owes no reply) belong in a copy.
                 if msg_type == _S and not self._copy_data_sent:
                     # libpq sends a Sync with a COPY's Execute, before any data: PostgreSQL
-                    # ignores it while copying (libpq sends its own after CopyDone). Dropped.
+                    # ignores it while copying (libpq sends its own after CopyDone). Dropped,
+                    # and counted: see _on_error for a copy refused before reading anything.
+                    self._syncs_dropped_in_copy += 1
                     continue
                 # PostgreSQL ignores a Sync while it is copying but answers it once a bad row
                 # has ended the copy, and nothing here can tell which: rather than guess (and
@@ -1608,6 +1612,7 @@ class PgSession(asyncio.Protocol):
             if ops and ops[0].copies > 0:
                 ops[0].copies -= 1
                 self._copying = True
+                self._syncs_dropped_in_copy = 0
             return None
         if msg_type == 0x53 and payload is not None:  # ParameterStatus
             name, value = messages.parse_parameter_status(payload)
@@ -1643,18 +1648,23 @@ class PgSession(asyncio.Protocol):
         if ops and ops[0].code == _OP_QUERY:
             # An error ends a simple Query: none of its COPY statements will start.
             ops[0].copies = 0
+        fields = messages.parse_error_fields(payload) if payload is not None else {}
+        sqlstate = fields.get("C", "")
         if self._copying:
             # The copy failed (bad data, CopyFail, a trigger): the server left copy mode.
             self._copying = False
-        sqlstate = ""
-        if payload is not None:
-            fields = messages.parse_error_fields(payload)
-            sqlstate = fields.get("C", "")
-            if fields.get("S") in ("FATAL", "PANIC"):
-                # The backend is gone: what the client sent after, parked or not, never ran.
-                self._upstream_ending = True
-                self._finish_pending("error", sqlstate)
-                return None
+            if (
+                self._syncs_dropped_in_copy
+                and not self._copy_data_sent
+                and sqlstate != _QUERY_CANCELED
+                and fields.get("S") not in ("FATAL", "PANIC")
+            ):
+                self._send_syncs_dropped_in_copy()
+        if fields.get("S") in ("FATAL", "PANIC"):
+            # The backend is gone: what the client sent after, parked or not, never ran.
+            self._upstream_ending = True
+            self._finish_pending("error", sqlstate)
+            return None
         if not ops:
             return None
         op = ops[0]
@@ -1687,6 +1697,22 @@ class PgSession(asyncio.Protocol):
             if item.code == _OP_QUERY and self._z_owed > 0:
                 self._z_owed -= 1  # PostgreSQL ignores a Query while it skips to Sync
         return replacement
+
+    def _send_syncs_dropped_in_copy(self) -> None:
+        """PostgreSQL refused the copy before reading anything the client sent after the COPY
+        (a view, FREEZE, a statement trigger: checked after CopyInResponse): directly it would
+        have read the Syncs dbward dropped as ignored only now, and answered them. They go on.
+        (A cancel or timeout while the copy waited for data came after PostgreSQL had read and
+        ignored them: not resent.)"""
+        upstream = self._upstream
+        count, self._syncs_dropped_in_copy = self._syncs_dropped_in_copy, 0
+        if upstream is None:
+            return
+        upstream.transport.write(messages.sync() * count)
+        for _ in range(count):
+            self._ops.append(_SYNC_OP)
+            self._syncs += 1
+            self._z_owed += 1
 
     def _finish_op(self, op: _Op, status: str, sqlstate: str) -> None:
         tracked = op.tracked
