@@ -55,7 +55,7 @@ class AuditRecord(NamedTuple):
     decision: str = ""  # Verdict value
     reason: str = ""
     rule: str = ""
-    status: str = ""  # outcome: "ok", "error", "not_executed", "cancelled", "unknown"
+    status: str = ""  # outcome: "ok", "error", "rolled_back", "not_executed", "unknown", ...
     sqlstate: str = ""
     rows: int | None = None
     duration_ms: float | None = None

@@ -142,7 +142,8 @@ def tail_cmd(n: int, as_json: bool, audit_db: Path | None, config_path: Path | N
 @click.option("--table", help="A table the statement touches (exact, as recorded).")
 @click.option("--event", help="Event: connect, statement, outcome, ...")
 @click.option(
-    "--status", help="Statement outcome: ok, error, denied, not_executed, cancelled, unknown, ..."
+    "--status",
+    help="Statement outcome: ok, error, denied, rolled_back, not_executed, unknown, ...",
 )
 @click.option("--since", type=TimeParam(), help="From this time: ISO 8601 or 15m/2h/1d ago.")
 @click.option("--until", type=TimeParam(), help="Before this time: ISO 8601 or 15m/2h/1d ago.")

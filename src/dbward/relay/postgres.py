@@ -356,6 +356,10 @@ class PgSession(asyncio.Protocol):
         self._shutdown_requested = False
         self._upstream_lost_reported = False
         self._upstream_ending = False  # PostgreSQL sent FATAL: nothing more goes to it
+        # Statements that changed something and finished ok in the current implicit transaction
+        # (a Query or sync group begun with no transaction open): an error undoes them.
+        self._implicit = True
+        self._committable: list[_Tracked] | None = None
         self._client_paused_for_upstream = False
         self._client_paused_for_replies = False  # MAX_REPLIES_IN_FLIGHT reached
         self._connect_audited = False
@@ -1542,18 +1546,24 @@ class PgSession(asyncio.Protocol):
             if ops:
                 op = ops[0]
                 rows = messages.command_complete_rows(payload) if payload is not None else None
+                status = "ok"
+                if payload is not None and payload.startswith(b"ROLLBACK"):
+                    status = self._rollback_status(op)
                 if op.code == _OP_QUERY:
                     tracked = op.tracked
                     if tracked and op.index < len(tracked):
-                        self._record_outcome(tracked[op.index], "ok", "", rows)
+                        self._record_outcome(tracked[op.index], status, "", rows)
                         op.index += 1
                 elif op.code == _OP_EXECUTE:
                     ops.popleft()
                     if op.tracked:
                         for item in op.tracked:
-                            self._record_outcome(item, "ok", "", rows)
+                            self._record_outcome(item, status, "", rows)
             return None
         if msg_type == 0x5A:  # 'Z' ReadyForQuery
+            # What comes next runs in an implicit transaction of its own unless one is open.
+            self._implicit = payload is not None and payload[:1] == b"I"
+            self._committable = None
             if self._z_owed > 0:
                 self._z_owed -= 1
             unanswered: list[_Op] | None = None
@@ -1602,9 +1612,17 @@ class PgSession(asyncio.Protocol):
                 if op.code == _OP_EXECUTE:
                     ops.popleft()
                     suspended = msg_type == 0x73
-                    rows = op.max_rows if suspended else 0
+                    returned = op.max_rows if suspended else 0
                     for item in op.tracked or ():
-                        self._record_outcome(item, "suspended" if suspended else "empty", "", rows)
+                        # INSERT/UPDATE/DELETE ... RETURNING ran whole at the first Execute: the
+                        # limit counts the rows returned so far, not the rows changed (unknown).
+                        changed = suspended and item.statement.kind is not StatementKind.READ
+                        self._record_outcome(
+                            item,
+                            "suspended" if suspended else "empty",
+                            "",
+                            None if changed else returned,
+                        )
             return None
         if msg_type == 0x47:  # CopyInResponse
             # The next COPY FROM STDIN of the op being answered starts (a Query may hold
@@ -1665,6 +1683,15 @@ class PgSession(asyncio.Protocol):
             self._upstream_ending = True
             self._finish_pending("error", sqlstate)
             return None
+        if self._committable:
+            replacement = ops[0].replacement if ops else None
+            # A denial's stand-in error is dbward's: the rollback carries the denial's SQLSTATE.
+            why = (
+                messages.parse_error_fields(replacement[5:]).get("C", sqlstate)
+                if replacement is not None
+                else sqlstate
+            )
+            self._roll_back_implicit(why)
         if not ops:
             return None
         op = ops[0]
@@ -1697,6 +1724,36 @@ class PgSession(asyncio.Protocol):
             if item.code == _OP_QUERY and self._z_owed > 0:
                 self._z_owed -= 1  # PostgreSQL ignores a Query while it skips to Sync
         return replacement
+
+    def _rollback_status(self, op: _Op) -> str:
+        """CommandComplete says ROLLBACK: for a COMMIT (or END, PREPARE TRANSACTION) of a
+        failed transaction, PostgreSQL rolled back instead."""
+        tracked = op.tracked
+        index = op.index if op.code == _OP_QUERY else 0
+        if tracked and index < len(tracked) and tracked[index].statement.command != "ROLLBACK":
+            return "rolled_back"
+        return "ok"
+
+    def _note_committable(self, tracked: _Tracked) -> None:
+        """A statement that changes something finished: its implicit transaction may still
+        fail (a later statement of the same Query or sync group, the commit at Sync)."""
+        if not self._implicit:
+            return
+        if tracked.statement.kind is StatementKind.TRANSACTION:
+            self._implicit = False  # BEGIN, COMMIT, SAVEPOINT ...: no longer a plain block
+            self._committable = None
+            return
+        if self._committable is None:
+            self._committable = []
+        self._committable.append(tracked)
+
+    def _roll_back_implicit(self, sqlstate: str) -> None:
+        """An error ended the implicit transaction: what finished `ok` in it was undone. Each
+        such statement gets a `rolled_back` outcome (its `ok` said what its own reply said)."""
+        undone, self._committable = self._committable or [], None
+        self._implicit = False
+        for tracked in undone:
+            self._record_outcome(tracked, "rolled_back", sqlstate)
 
     def _send_syncs_dropped_in_copy(self) -> None:
         """PostgreSQL refused the copy before reading anything the client sent after the COPY
@@ -1960,10 +2017,17 @@ class PgSession(asyncio.Protocol):
         if tracked.definition is not None:
             definition, tracked.definition = tracked.definition, None
             self._settle(definition, None if status == "ok" else "skipped")
+        if status == "ok" and tracked.statement.kind is not StatementKind.READ:
+            self._note_committable(tracked)
         held = tracked.held
         if held is not None:
             tracked.held = None
-            self._held_intents.pop(tracked.sid, None)
+            held_intents = self._held_intents
+            held_intents.pop(tracked.sid, None)
+            if held_intents and next(iter(held_intents)) < tracked.sid:
+                # Earlier statements still wait for their answer (a denial is answered at
+                # once): their intents go first, so the log keeps statement order.
+                self._release_held()
             intent = held.record
             if intent is not None:
                 # The intent was not sent yet: one record says both (same commit deadline).
