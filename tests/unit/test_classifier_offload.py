@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from dbward.core.types import StatementKind
+from dbward.core.types import Statement, StatementKind
 from dbward.sql.offload import ClassifierPool, should_offload
 from dbward.sql.postgres import PostgresClassifier
 
@@ -56,3 +56,35 @@ def test_code_goes_to_the_pool_from_a_few_kilobytes() -> None:
     assert not should_offload(plain)
     assert not should_offload(b"DO $$ BEGIN PERFORM 1; END $$")  # small: inline
     assert should_offload(BIG.encode())  # large: always
+
+
+def test_a_unicode_escaped_name_may_hold_code() -> None:
+    """`LANGUAGE U&"pl\0070gsql"` is plpgsql to PostgreSQL: such text goes to the pool too."""
+    body = " ".join(f"x := x + {i};" for i in range(600))
+    sql = (
+        'CREATE FUNCTION f() RETURNS void LANGUAGE U&"pl\\0070gsql" AS '
+        f"$$ DECLARE x int := 0; BEGIN {body} END $$"
+    ).encode()
+    assert b"plpgsql" not in sql.lower() and len(sql) > 4096
+    assert should_offload(sql)
+
+
+def test_a_timed_out_classification_does_not_hold_up_the_next_one() -> None:
+    """The worker goes on computing after a timeout: every large statement after it timed out
+    too, until it finished (eleventh review). The next one now gets a fresh worker."""
+    slow = "INSERT INTO t (a, b) VALUES " + ",".join(f"({i}, now())" for i in range(200_000))
+    pool = ClassifierPool(timeout_s=60.0)
+    try:
+
+        async def run() -> tuple[Statement, ...]:
+            await pool.classify("SELECT 1")  # the worker is up
+            pool._timeout_s = 0.3  # past the transfer of the text, well before its parse ends
+            (timed_out,) = await pool.classify(slow)
+            assert timed_out.error == "classifier failure: timed out"
+            pool._timeout_s = 1.5  # the slow one needs ~2 s more: behind it, this timed out
+            return await pool.classify(BIG)
+
+        after = asyncio.run(run())
+    finally:
+        pool.close()
+    assert after == PostgresClassifier(cache_size=0).classify(BIG)

@@ -798,3 +798,38 @@ def test_sql_run_inside_the_server_lends_no_protocol_flags(
 )
 def test_maintenance_and_replication_functions_are_admin(clf: PostgresClassifier, sql: str) -> None:
     assert one(clf, sql).kind is StatementKind.ADMIN
+
+
+def test_nested_prepare_is_classified_once_per_level(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each PREPARE inside SQL run from text was classified again from the top: the work
+    doubled per level (17 levels, 1 KB: 5 s on the event loop)."""
+    from dbward.sql import postgres as module
+
+    calls = 0
+    original = module._classify_node
+
+    def counting(*args: object, **kwargs: object) -> object:
+        nonlocal calls
+        calls += 1
+        return original(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(module, "_classify_node", counting)
+    inner = "SELECT 1"
+    for level in range(30, 0, -1):
+        inner = (
+            f"PREPARE p{level} AS SELECT query_to_xml($q{level}${inner}$q{level}$, true, true, '')"
+        )
+    (statement,) = PostgresClassifier(cache_size=0).classify(inner)
+    assert "dynamic_sql" in statement.flags  # deeper than the limit: refused
+    assert calls < 20
+
+
+def test_a_long_with_list_lists_sibling_references_as_tables(clf: PostgresClassifier) -> None:
+    """Past 64 CTEs each one gets the enclosing scope, not its own set of earlier names (one
+    set per CTE was quadratic: 4,368 CTEs took 0.6 s and 433 MB): a reference to a sibling is
+    then listed as a table — more tables, never fewer."""
+    ctes = ",".join(f"c{i} AS (SELECT 1)" for i in range(100))
+    statement = one(clf, f"WITH {ctes}, last AS (SELECT * FROM c0, secret) SELECT * FROM last")
+    assert statement.tables == ("c0", "secret")
+    small = one(clf, "WITH c0 AS (SELECT 1), last AS (SELECT * FROM c0, secret) SELECT * FROM last")
+    assert small.tables == ("secret",)

@@ -29,7 +29,8 @@ OFFLOAD_MIN_BYTES: Final = 64 * 1024
 # its own (a 50 KB function: ~0.12 s, where 50 KB of INSERT takes ~10 ms). Text that may hold
 # code (a DO block, LANGUAGE plpgsql) goes to the pool from this size on.
 OFFLOAD_CODE_MIN_BYTES: Final = 4 * 1024
-_MAY_HOLD_CODE: Final = re.compile(rb"plpgsql|\bdo\b", re.IGNORECASE)
+# `U&"..."` can spell any name, plpgsql too (LANGUAGE U&"pl\0070gsql").
+_MAY_HOLD_CODE: Final = re.compile(rb'plpgsql|\bdo\b|u&"', re.IGNORECASE)
 
 
 def should_offload(sql: bytes) -> bool:
@@ -87,7 +88,12 @@ class ClassifierPool:
             )
             return await asyncio.wait_for(pending, self._timeout_s)
         except TimeoutError:
+            # The worker goes on computing (it cannot be stopped safely mid-task: killing it
+            # can leave the executor's feeder thread blocked for good), and every large
+            # statement after this one would time out behind it: the next one gets a fresh
+            # pool, and the old worker exits when it is done.
             log.warning("classifying a %d-character statement timed out", len(text))
+            self.close()
             return _failure(text, "timed out")
         except concurrent.futures.process.BrokenProcessPool:
             log.error("the classifier worker died; starting a new one")
@@ -98,7 +104,7 @@ class ClassifierPool:
             return _failure(text, type(exc).__name__)
 
     def close(self) -> None:
-        """Stop the workers (a running classification is abandoned)."""
+        """Stop the workers (one still classifying finishes first; its result is abandoned)."""
         executor, self._executor = self._executor, None
         if executor is not None:
             executor.shutdown(wait=False, cancel_futures=True)

@@ -789,6 +789,9 @@ def _walk(root: dict[str, Any], has_ctes: bool = True) -> _Walk:
     return out
 
 
+_EXACT_CTE_SCOPES: Final = 64
+
+
 def _enter_with(
     with_clause: dict[str, Any],
     scope: frozenset[str],
@@ -801,14 +804,23 @@ def _enter_with(
     names = [str(c.get("ctename", "")) for c in ctes]
     full = scope | frozenset(names)
     recursive = bool(with_clause.get("recursive"))
+    # Each non-recursive CTE sees only the CTEs declared before it: one set per CTE is
+    # quadratic (4,368 CTEs in 64 KB: 0.6 s and 433 MB). Past a few dozen CTEs they all get
+    # the enclosing scope instead, so a sibling named in one is listed as a table: more
+    # tables than referenced, never fewer.
+    exact = recursive or len(ctes) <= _EXACT_CTE_SCOPES
     for index, cte in enumerate(ctes):
         query = cte.get("ctequery", {})
         if _node_type(query) in _DML:
             out.dm_cte = True
             out.flags.add("data_modifying_cte")
-        # A non-recursive CTE sees only the CTEs declared before it.
         stack.append(cte)
-        scopes[id(cte)] = full if recursive else scope | frozenset(names[:index])
+        if recursive:
+            scopes[id(cte)] = full
+        elif exact:
+            scopes[id(cte)] = scope | frozenset(names[:index])
+        else:
+            scopes[id(cte)] = scope
     return full
 
 
@@ -1342,7 +1354,7 @@ def _classify_node(
         kind = _WRITE
     if _may_carry_conninfo(node_type, body, walked) and _CREDENTIAL_TEXT.search(part):
         flags.add("carries_credential")
-    prepared_name, prepared = _prepared_parts(node_type, body, part, has_ctes)
+    prepared_name, prepared = _prepared_parts(node_type, body, part, has_ctes, depth)
     if prepared_name is not None and node_type not in ("PrepareStmt", "DeallocateStmt"):
         flags.add("executes_prepared")
     cursor_name: str | None = None
@@ -1445,14 +1457,19 @@ def _may_carry_conninfo(node_type: str, body: dict[str, Any], walked: _Walk) -> 
 
 
 def _prepared_parts(
-    node_type: str, body: dict[str, Any], part: str, has_ctes: bool
+    node_type: str, body: dict[str, Any], part: str, has_ctes: bool, depth: int = 0
 ) -> tuple[str | None, Statement | None]:
     """For PREPARE, EXECUTE, EXPLAIN [ANALYZE] EXECUTE and DEALLOCATE: the name (and for
     PREPARE the classified statement it prepares), so the relay can resolve EXECUTE."""
     if node_type == "PrepareStmt":
+        if depth > 0:
+            # SQL run from text: nobody EXECUTEs it through dbward, and classifying it again
+            # from the top at every level doubled the work per level (17 levels of a 1 KB
+            # PREPARE chain held the event loop for 5 s).
+            return body.get("name"), None
         inner = body.get("query", {})
         inner_type = _node_type(inner)
-        prepared, _ = _classify_node(part, inner_type, inner, has_ctes)
+        prepared, _ = _classify_node(part, inner_type, inner, has_ctes, depth)
         return body.get("name"), prepared
     if node_type == "ExecuteStmt":
         return body.get("name"), None
