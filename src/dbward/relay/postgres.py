@@ -238,6 +238,7 @@ class _Await:
 
 _AWAIT_QUIET: Final = _Await(quiet=True)
 _QUERY_CANCELED: Final = "57014"  # a cancel request, statement_timeout
+_READ_KIND: Final = StatementKind.READ
 _AWAIT_COPY: Final = _Await(copy=True)
 
 
@@ -1562,7 +1563,7 @@ class PgSession(asyncio.Protocol):
             return None
         if msg_type == 0x5A:  # 'Z' ReadyForQuery
             # What comes next runs in an implicit transaction of its own unless one is open.
-            self._implicit = payload is not None and payload[:1] == b"I"
+            self._implicit = payload == b"I"
             self._committable = None
             if self._z_owed > 0:
                 self._z_owed -= 1
@@ -2017,7 +2018,7 @@ class PgSession(asyncio.Protocol):
         if tracked.definition is not None:
             definition, tracked.definition = tracked.definition, None
             self._settle(definition, None if status == "ok" else "skipped")
-        if status == "ok" and tracked.statement.kind is not StatementKind.READ:
+        if status == "ok" and self._implicit and tracked.statement.kind is not _READ_KIND:
             self._note_committable(tracked)
         held = tracked.held
         if held is not None:
