@@ -9,42 +9,12 @@ import asyncpg
 import psycopg
 import pytest
 
-from dbward.audit.records import AuditRecord
 from fixtures.clients import app_name, has_disconnect, run_psql, statements
+from fixtures.drivers import aconnect as _aconnect
+from fixtures.drivers import connect as _connect
+from fixtures.drivers import count_rows as _count
+from fixtures.drivers import outcomes_of as _outcomes
 from fixtures.proxy import Proxy
-
-
-def _connect(proxy: Proxy, app: str, **options: object) -> psycopg.Connection:
-    return psycopg.connect(**proxy.conninfo(application_name=app), **options)  # type: ignore[arg-type]
-
-
-async def _aconnect(proxy: Proxy, app: str) -> asyncpg.Connection:
-    info = proxy.conninfo()
-    return await asyncpg.connect(
-        host=info["host"],
-        port=info["port"],
-        user=info["user"],
-        password=info["password"],
-        database=info["dbname"],
-        server_settings={"application_name": app},
-    )
-
-
-def _outcomes(records: list[AuditRecord], intent: AuditRecord) -> list[tuple[str, str]]:
-    """Every outcome said of a statement, in log order: (status, sqlstate)."""
-    return [
-        (r.status, r.sqlstate)
-        for r in records
-        if r.statement_id == intent.statement_id
-        and (r.event == "outcome" or (r.event == "statement" and r.status))
-    ]
-
-
-def _count(proxy: Proxy, sql: str) -> int:
-    with _connect(proxy, "check", autocommit=True) as conn:
-        row = conn.execute(sql).fetchone()
-    assert row is not None
-    return int(row[0])
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -239,6 +239,10 @@ class _Await:
 _AWAIT_QUIET: Final = _Await(quiet=True)
 _QUERY_CANCELED: Final = "57014"  # a cancel request, statement_timeout
 _READ_KIND: Final = StatementKind.READ
+# Statements that may commit the implicit transaction they run in (a procedure's COMMIT), and
+# ones no transaction undoes: neither lets dbward claim a later rollback undid what came before.
+_MAY_COMMIT: Final = frozenset({"DO", "CALL"})
+_NOT_TRANSACTIONAL: Final = frozenset({"PREPARE", "DEALLOCATE"})
 _AWAIT_COPY: Final = _Await(copy=True)
 
 
@@ -1680,8 +1684,11 @@ class PgSession(asyncio.Protocol):
             ):
                 self._send_syncs_dropped_in_copy()
         if fields.get("S") in ("FATAL", "PANIC"):
-            # The backend is gone: what the client sent after, parked or not, never ran.
+            # The backend is gone: what the client sent after, parked or not, never ran, and
+            # its implicit transaction never committed.
             self._upstream_ending = True
+            if self._committable:
+                self._roll_back_implicit(sqlstate)
             self._finish_pending("error", sqlstate)
             return None
         if self._committable:
@@ -1727,22 +1734,29 @@ class PgSession(asyncio.Protocol):
         return replacement
 
     def _rollback_status(self, op: _Op) -> str:
-        """CommandComplete says ROLLBACK: for a COMMIT (or END, PREPARE TRANSACTION) of a
-        failed transaction, PostgreSQL rolled back instead."""
+        """CommandComplete says ROLLBACK: for a COMMIT (or END) of a failed transaction,
+        PostgreSQL rolled back instead. (ROLLBACK TO SAVEPOINT and PREPARE TRANSACTION outside
+        a block answer ROLLBACK too, and undo nothing or commit: they stay `ok`.)"""
         tracked = op.tracked
         index = op.index if op.code == _OP_QUERY else 0
-        if tracked and index < len(tracked) and tracked[index].statement.command != "ROLLBACK":
+        if tracked and index < len(tracked) and tracked[index].statement.command == "COMMIT":
             return "rolled_back"
         return "ok"
 
-    def _note_committable(self, tracked: _Tracked) -> None:
-        """A statement that changes something finished: its implicit transaction may still
-        fail (a later statement of the same Query or sync group, the commit at Sync)."""
-        if not self._implicit:
-            return
-        if tracked.statement.kind is StatementKind.TRANSACTION:
-            self._implicit = False  # BEGIN, COMMIT, SAVEPOINT ...: no longer a plain block
+    def _note_committable(self, tracked: _Tracked, status: str) -> None:
+        """A statement that changes something finished in an implicit transaction, which may
+        still fail (a later statement of the same Query or sync group, the commit at Sync).
+
+        Only what is certain is claimed later: after a transaction command (BEGIN, COMMIT,
+        SAVEPOINT, PREPARE TRANSACTION ...) or a DO/CALL (which may commit) nothing more is
+        tracked until the next ReadyForQuery; PREPARE/DEALLOCATE are not transactional.
+        """
+        statement = tracked.statement
+        if statement.kind is StatementKind.TRANSACTION or statement.command in _MAY_COMMIT:
+            self._implicit = False
             self._committable = None
+            return
+        if status != "ok" or statement.command in _NOT_TRANSACTIONAL:
             return
         if self._committable is None:
             self._committable = []
@@ -2018,8 +2032,8 @@ class PgSession(asyncio.Protocol):
         if tracked.definition is not None:
             definition, tracked.definition = tracked.definition, None
             self._settle(definition, None if status == "ok" else "skipped")
-        if status == "ok" and self._implicit and tracked.statement.kind is not _READ_KIND:
-            self._note_committable(tracked)
+        if self._implicit and tracked.statement.kind is not _READ_KIND:
+            self._note_committable(tracked, status)
         held = tracked.held
         if held is not None:
             tracked.held = None
