@@ -80,8 +80,10 @@ def test_guarded_code_inside_plpgsql_is_refused(files_proxy: Proxy, server_dir: 
             "BEGIN RAISE NOTICE '%', z.f1; END $$",
             "files on the database server",
         )
-        for declaration in (  # token-reader misreadings (tenth review)
+        for declaration in (  # token-reader misreadings (tenth and thirteenth reviews)
             "DECLARE cursor record := ROW(pg_read_file('{0}')); BEGIN",
+            "#variable_conflict use_column\nDECLARE z record := ROW(pg_read_file('{0}')); "
+            "BEGIN DECLARE z int; BEGIN END;",
             "BEGIN PERFORM (SELECT 1 AS declare); DECLARE z record := ROW(pg_read_file('{0}')); "
             "BEGIN END;",
         ):
@@ -119,7 +121,7 @@ def test_guarded_code_inside_plpgsql_is_refused(files_proxy: Proxy, server_dir: 
     assert not ran.exists() and not written.exists()
     records = files_proxy.session_records(app, until=has_disconnect)
     refused = [r for r in statements(records) if r.command in ("DO", "CREATE FUNCTION")]
-    assert len(refused) == 8 and all(r.decision == "deny" for r in refused)
+    assert len(refused) == 9 and all(r.decision == "deny" for r in refused)
     assert {r.rule for r in refused} == {
         "guard.server_file",
         "guard.copy_program",

@@ -261,6 +261,9 @@ def test_ddl_that_makes_a_guarded_function_callable_is_denied(sql: str, rule: st
         "CREATE FUNCTION touch2() RETURNS trigger LANGUAGE plpgsql AS $$ DECLARE "
         "\"Mixed Case\" record; BEGIN IF TG_OP = 'DELETE' THEN RETURN OLD; END IF; "
         "RETURN NEW; END $$",
+        "DO $$ -- variables\nDECLARE /* the row */ r record := ROW(1); c /* cur */ CURSOR FOR "
+        "SELECT 1 WHERE 1 = 1; BEGIN NULL; END $$",
+        "DO $$#variable_conflict use_column\nDECLARE r record := ROW(1); BEGIN NULL; END $$",
         "CREATE FOREIGN TABLE ft (l text) SERVER pg OPTIONS (schema_name 'public')",
     ],
 )
@@ -452,6 +455,28 @@ def test_ordinary_ddl_naming_functions_is_allowed(sql: str) -> None:
             "DO $$ DECLARE z record; BEGIN PERFORM 1 >> declare FROM t; DECLARE z record := "
             "ROW(pg_read_file('/x')); BEGIN END; END $$",
             "guard.uninspectable_code",  # an outer z read does not vouch for the inner one
+        ),
+        # Thirteenth round: a compile option before the first DECLARE hid that section from
+        # the token reader, and a same-named variable elsewhere vouched for the missed record.
+        (
+            "DO $$#variable_conflict use_column\nDECLARE z record := ROW(pg_read_file('/x')); "
+            "BEGIN DECLARE z int := 1; BEGIN END; END$$",
+            "guard.server_file",
+        ),
+        (
+            "DO $$#print_strict_params on\nDECLARE z record := ROW(set_config('role', 'r', "
+            "false)); BEGIN DECLARE z int := 1; BEGIN END; END$$",
+            "guard.role_switch",
+        ),
+        (
+            "DO $$ # /* x */ variable_conflict use_column\nDECLARE z record := "
+            "ROW(pg_read_file('/x')); BEGIN DECLARE z int; BEGIN END; END $$",
+            "guard.server_file",
+        ),
+        (
+            "CREATE FUNCTION f() RETURNS text LANGUAGE plpgsql AS $$ # /* x */ OPTION dump\n"
+            "BEGIN RETURN 1; END$$",
+            "guard.uninspectable_code",  # libpg_query would print the body to stdout
         ),
     ],
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections import Counter
 from dataclasses import dataclass, field
@@ -45,6 +46,14 @@ def read_plpgsql(statement: str, body: str) -> PlpgsqlSql:
     body's tokens.
     """
     found = PlpgsqlSql()
+    tokens = _tokens(body)
+    if tokens is None:
+        found.error = "a body the SQL scanner cannot read"
+        return found
+    if _has_dump_option(body, tokens):
+        # `#option dump` makes libpg_query print the compiled body to this process's stdout.
+        found.error = "the #option dump directive"
+        return found
     try:
         functions = json.loads(_pg_parser.parse_plpgsql_json(statement))
     except _pg_parser.ParseError as exc:
@@ -60,7 +69,7 @@ def read_plpgsql(statement: str, body: str) -> PlpgsqlSql:
         # Nothing compiled (libpg_query only compiles a language named exactly plpgsql).
         found.error = "no PL/pgSQL function body"
         return found
-    declarations = _declarations(body)
+    declarations = _declarations(body, tokens)
     if declarations is None or not _records_read(functions, declarations):
         found.error = "declarations that could not be read"
         return found
@@ -94,8 +103,9 @@ def _records_read(functions: list[Any], declarations: list[_Declaration]) -> boo
     """Whether every record variable the body declares was read as a variable declaration
     (as many of each name as the compiler made): its default, which only the tokens show,
     cannot have been missed (fail closed)."""
-    found = Counter(d.name for d in declarations if d.kind == "variable")
-    declared: Counter[str] = Counter()
+    # By name and line: a same-named variable read elsewhere cannot vouch for a record missed.
+    found = Counter((d.name, d.line) for d in declarations if d.kind == "variable")
+    declared: Counter[tuple[str, int]] = Counter()
     for function in functions:
         if not isinstance(function, dict):
             return False
@@ -103,8 +113,8 @@ def _records_read(functions: list[Any], declarations: list[_Declaration]) -> boo
             record = datum.get("PLpgSQL_rec") if isinstance(datum, dict) else None
             # Declared in the body (a line number); parameters, NEW and OLD have none.
             if record is not None and "lineno" in record:
-                declared[str(record.get("refname"))] += 1
-    return all(found[name] >= count for name, count in declared.items())
+                declared[(str(record.get("refname")), int(record["lineno"]))] += 1
+    return all(found[key] >= count for key, count in declared.items())
 
 
 def _add_expression(found: PlpgsqlSql, expr: dict[str, Any], where: tuple[str, str]) -> bool:
@@ -138,6 +148,7 @@ def _add_expression(found: PlpgsqlSql, expr: dict[str, Any], where: tuple[str, s
     return True
 
 
+_COMMENTS: Final = frozenset({"C_COMMENT", "SQL_COMMENT"})
 _OPENING: Final = frozenset({"ASCII_40", "ASCII_91"})  # ( [
 _CLOSING: Final = frozenset({"ASCII_41", "ASCII_93"})  # ) ]
 _ASSIGNING: Final = frozenset({"COLON_EQUALS", "ASCII_61"})  # := =
@@ -153,7 +164,8 @@ def _tokens(text: str) -> list[Any] | None:
     for token in tokens:  # offsets are used to slice: refuse any that do not fit the text
         if not 0 <= token.start <= token.end < len(text):
             return None
-    return tokens
+    # The scanner reports comments as tokens; PostgreSQL's grammar never sees them.
+    return [token for token in tokens if token.name not in _COMMENTS]
 
 
 def _assignment_parts(text: str) -> tuple[str, str] | None:
@@ -178,6 +190,7 @@ class _Declaration:
     """One variable declaration as read from a DECLARE section's tokens."""
 
     name: str  # as PostgreSQL folds it: unquoted lower-cased, quoted verbatim
+    line: int  # of the name, counted from 1 at the body's start, as PL/pgSQL does
     kind: str  # "variable", "cursor" or "alias"
     default: str | None  # the default expression's text, if any
 
@@ -186,22 +199,29 @@ class _Declaration:
 _STATEMENT_ENDS: Final = frozenset({"ASCII_59", "BEGIN_P", "THEN", "ELSE", "LOOP"})
 
 
-def _declarations(body: str) -> list[_Declaration] | None:
+def _declarations(body: str, tokens: list[Any]) -> list[_Declaration] | None:
     """Every declaration in the DECLARE sections of `body` (None: unreadable).
 
     A DECLARE section starts at DECLARE where a statement may start (bracket depth 0, after
     `;`, BEGIN, THEN, ELSE, LOOP or a `>>` closing a label, or at the very start) and ends at
-    its BEGIN; a declaration ends at a `;` at depth 0.
+    its BEGIN; a declaration ends at a `;` at depth 0. Compile options (`#variable_conflict
+    use_column`, `#print_strict_params on`) may come first. A DECLARE anywhere else at depth 0
+    means the body is not read as PostgreSQL reads it: refused (None).
     """
-    tokens = _tokens(body)
-    if tokens is None:
-        return None
     found: list[_Declaration] = []
+    lines = _LineCounter(body)
+    start = 0
+    while (
+        start + 2 < len(tokens)
+        and tokens[start].name == "Op"
+        and body[tokens[start].start : tokens[start].end + 1] == "#"
+    ):
+        start += 3  # `#` name value
     depth = 0
     declaring = False
     statement_may_start = True
     current: list[Any] = []
-    for token in tokens:
+    for token in tokens[start:]:
         name = token.name
         if name in _OPENING:
             depth += 1
@@ -210,7 +230,9 @@ def _declarations(body: str) -> list[_Declaration] | None:
             if depth < 0:
                 return None
         if not declaring:
-            if depth == 0 and name == "DECLARE" and statement_may_start:
+            if depth == 0 and name == "DECLARE":
+                if not statement_may_start:
+                    return None
                 declaring, current = True, []
             elif depth == 0:
                 text = body[token.start : token.end + 1]
@@ -225,7 +247,7 @@ def _declarations(body: str) -> list[_Declaration] | None:
         if depth == 0 and not current and name == "BEGIN_P":
             declaring, statement_may_start = False, True
         elif depth == 0 and name == "ASCII_59":  # ;
-            declaration = _declaration(body, current, token.start)
+            declaration = _declaration(body, current, token.start, lines)
             if declaration is None:
                 return None
             found.append(declaration)
@@ -237,7 +259,9 @@ def _declarations(body: str) -> list[_Declaration] | None:
     return found
 
 
-def _declaration(body: str, tokens: list[Any], end: int) -> _Declaration | None:
+def _declaration(
+    body: str, tokens: list[Any], end: int, lines: _LineCounter
+) -> _Declaration | None:
     """`name [CONSTANT] type ... [:= | = | DEFAULT expr]`, `name [[NO] SCROLL] CURSOR ...` or
     `name ALIAS FOR ...` (the tokens before its `;`, which is at `end`)."""
     if not tokens:
@@ -249,13 +273,14 @@ def _declaration(body: str, tokens: list[Any], end: int) -> _Declaration | None:
         return None  # a Unicode-escaped name: not worth folding by hand
     else:
         name = first.lower()
+    line = lines.at(tokens[0].start)
     following = [token.name for token in tokens[1:4]]
     if following[:1] == ["CURSOR"] or following[:2] == ["SCROLL", "CURSOR"]:
-        return _Declaration(name, "cursor", None)
+        return _Declaration(name, line, "cursor", None)
     if following[:3] == ["NO", "SCROLL", "CURSOR"]:
-        return _Declaration(name, "cursor", None)
+        return _Declaration(name, line, "cursor", None)
     if following[:1] == ["ALIAS"]:
-        return _Declaration(name, "alias", None)
+        return _Declaration(name, line, "alias", None)
     depth = 0
     for token in tokens[1:]:
         if token.name in _OPENING:
@@ -263,5 +288,31 @@ def _declaration(body: str, tokens: list[Any], end: int) -> _Declaration | None:
         elif token.name in _CLOSING:
             depth -= 1
         elif depth == 0 and token.name in _DEFAULT_MARKERS:
-            return _Declaration(name, "variable", body[token.end + 1 : end])
-    return _Declaration(name, "variable", None)
+            return _Declaration(name, line, "variable", body[token.end + 1 : end])
+    return _Declaration(name, line, "variable", None)
+
+
+class _LineCounter:
+    """Line numbers of increasing offsets in a text, counting newlines only once."""
+
+    def __init__(self, text: str) -> None:
+        self._text = text
+        self._offset = 0
+        self._line = 1
+
+    def at(self, offset: int) -> int:
+        if offset < self._offset:  # not expected (offsets only grow): count afresh
+            self._offset, self._line = 0, 1
+        self._line += self._text.count("\n", self._offset, offset)
+        self._offset = offset
+        return self._line
+
+
+def _has_dump_option(body: str, tokens: list[Any]) -> bool:
+    """Whether the body holds the `#option dump` compile option."""
+    return any(
+        token.name == "Op"
+        and body[token.start : token.end + 1] == "#"
+        and body[following.start : following.end + 1].lower() == "option"  # a keyword token
+        for token, following in itertools.pairwise(tokens)
+    )
