@@ -473,6 +473,11 @@ def test_ordinary_ddl_naming_functions_is_allowed(sql: str) -> None:
             "ROW(pg_read_file('/x')); BEGIN DECLARE z int; BEGIN END; END $$",
             "guard.server_file",
         ),
+        (  # a scalar of the same name on the same line cannot vouch for the record
+            "DO $$ DECLARE z record := ROW(pg_read_file('/x')); BEGIN DECLARE z int; BEGIN END; "
+            "END $$",
+            "guard.server_file",
+        ),
         (
             "CREATE FUNCTION f() RETURNS text LANGUAGE plpgsql AS $$ # /* x */ OPTION dump\n"
             "BEGIN RETURN 1; END$$",

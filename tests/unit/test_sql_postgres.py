@@ -833,3 +833,26 @@ def test_a_long_with_list_lists_sibling_references_as_tables(clf: PostgresClassi
     assert statement.tables == ("c0", "secret")
     small = one(clf, "WITH c0 AS (SELECT 1), last AS (SELECT * FROM c0, secret) SELECT * FROM last")
     assert small.tables == ("secret",)
+
+
+def test_a_record_is_vouched_for_only_by_its_own_declaration() -> None:
+    """Defense in depth for the token reader: if it ever misses a record's declaration, a
+    same-named variable it did read — elsewhere, or a scalar on the same line — is no proof."""
+    from dbward.sql.plpgsql import _Declaration, _records_read
+
+    compiled = [
+        {
+            "PLpgSQL_function": {
+                "datums": [
+                    {"PLpgSQL_rec": {"refname": "z", "lineno": 1}},
+                    {"PLpgSQL_var": {"refname": "z", "lineno": 1}},
+                ]
+            }
+        }
+    ]
+    scalar_only = [_Declaration("z", 1, "variable", None)]
+    both = [*scalar_only, _Declaration("z", 1, "variable", "ROW(1)")]
+    elsewhere = [_Declaration("z", 2, "variable", None), _Declaration("z", 1, "variable", None)]
+    assert not _records_read(compiled, scalar_only)
+    assert not _records_read(compiled, elsewhere)
+    assert _records_read(compiled, both)

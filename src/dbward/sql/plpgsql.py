@@ -104,17 +104,24 @@ def _records_read(functions: list[Any], declarations: list[_Declaration]) -> boo
     (as many of each name as the compiler made): its default, which only the tokens show,
     cannot have been missed (fail closed)."""
     # By name and line: a same-named variable read elsewhere cannot vouch for a record missed.
+    # Where a record is declared, every datum of that name and line must have been read (a
+    # scalar on the same line cannot stand in for it either).
     found = Counter((d.name, d.line) for d in declarations if d.kind == "variable")
-    declared: Counter[tuple[str, int]] = Counter()
+    records: Counter[tuple[str, int]] = Counter()
+    others: Counter[tuple[str, int]] = Counter()
     for function in functions:
         if not isinstance(function, dict):
             return False
         for datum in function.get("PLpgSQL_function", {}).get("datums", ()):
-            record = datum.get("PLpgSQL_rec") if isinstance(datum, dict) else None
-            # Declared in the body (a line number); parameters, NEW and OLD have none.
-            if record is not None and "lineno" in record:
-                declared[(str(record.get("refname")), int(record["lineno"]))] += 1
-    return all(found[key] >= count for key, count in declared.items())
+            if not isinstance(datum, dict):
+                return False
+            for kind, fields in datum.items():
+                # Declared in the body (a line number); parameters, NEW and OLD have none.
+                if not isinstance(fields, dict) or "lineno" not in fields:
+                    continue
+                key = (str(fields.get("refname")), int(fields["lineno"]))
+                (records if kind == "PLpgSQL_rec" else others)[key] += 1
+    return all(found[key] >= count + others[key] for key, count in records.items())
 
 
 def _add_expression(found: PlpgsqlSql, expr: dict[str, Any], where: tuple[str, str]) -> bool:
