@@ -441,9 +441,8 @@ _NO_SCOPE: Final[frozenset[str]] = frozenset()
     _DEF_ELEM,
     _FUNC_REF,
     _OPCLASS_ITEM,
-    _CREATE_FUNCTION,
     _FIELD_SELECTION,
-) = range(12)
+) = range(11)
 _KEY_CODES: Final[dict[str, int]] = {
     "RangeVar": _RANGE_VAR,
     # Fields typed RangeVar* are emitted bare (not wrapped) by libpg_query.
@@ -476,7 +475,6 @@ _KEY_CODES: Final[dict[str, int]] = {
     # CREATE CAST ... WITH FUNCTION, CREATE TRANSFORM, operator class support functions.
     **dict.fromkeys(("func", "fromsql", "tosql"), _FUNC_REF),
     "CreateOpClassItem": _OPCLASS_ITEM,
-    "CreateFunctionStmt": _CREATE_FUNCTION,
     # `t.f` and `(x).f` call f(t) / f(x) when f is not a column: a call with no FuncCall node.
     **dict.fromkeys(("ColumnRef", "A_Indirection"), _FIELD_SELECTION),
     # Leaves that can hold no relation, function or statement: not worth visiting.
@@ -769,10 +767,6 @@ def _walk(root: dict[str, Any], has_ctes: bool = True) -> _Walk:
                 elif code == _OPCLASS_ITEM:
                     if value.get("itemtype") == 2:  # OPCLASS_ITEM_FUNCTION
                         _function_reference(_named_function(value.get("name")), out)
-                elif code == _CREATE_FUNCTION:
-                    body = _sql_function_body(value)
-                    if body is not None:
-                        out.sql_texts.append(body)
                 elif code == _FIELD_SELECTION:
                     _field_selection(value, key, out)
                 elif code == _UPDATE:
@@ -935,17 +929,6 @@ def _field_selection(node: dict[str, Any], key: str, out: _Walk) -> None:
             out.functions.append((-1, name))
 
 
-def _sql_function_body(create: dict[str, Any]) -> str | None:
-    """The body of a LANGUAGE sql function or procedure given as a string, else None.
-
-    Such a body is SQL that runs whenever the function is called, where no guard would see
-    it: it is classified as part of the CREATE. (BEGIN ATOMIC bodies are in the tree already;
-    PL/pgSQL bodies are read by `_procedural_code`.)
-    """
-    language, body = _code_options(create.get("options") or (), "")
-    return body if language == "sql" else None
-
-
 def _code_options(
     options: list[dict[str, Any]] | tuple[()], default: str
 ) -> tuple[str, str | None]:
@@ -984,12 +967,14 @@ def _moves_routine(node_type: str, body: dict[str, Any]) -> bool:
 
 
 def _procedural_code(part: str, node_type: str, body: dict[str, Any], out: _Walk) -> None:
-    """DO blocks and functions in a procedural language: the SQL their code runs.
+    """DO blocks and functions: the SQL their code runs.
 
-    That code runs later (or, for DO, at once) where no guard sees its statements: PL/pgSQL is
-    read with PostgreSQL's own PL/pgSQL parser and every statement and expression in it is
-    classified as part of this one; EXECUTE of a computed string is `dynamic_sql`. Code in any
-    other language (C, internal, PL/Perl, PL/Python ...) cannot be read: `uninspectable_code`.
+    That code runs later (or, for DO, at once) where no guard sees its statements. A LANGUAGE
+    sql body given as a string is classified as part of this statement (BEGIN ATOMIC bodies are
+    in the tree already); PL/pgSQL is read with PostgreSQL's own PL/pgSQL parser and every
+    statement and expression in it is classified likewise; EXECUTE of a computed string is
+    `dynamic_sql`. Code in any other language (C, internal, PL/Perl, PL/Python ...) cannot be
+    read: `uninspectable_code`.
     """
     if node_type == "DoStmt":
         language, code = _code_options(body.get("args") or (), "plpgsql")
@@ -997,8 +982,12 @@ def _procedural_code(part: str, node_type: str, body: dict[str, Any], out: _Walk
         return  # BEGIN ATOMIC / RETURN: SQL in the tree, walked already
     else:
         language, code = _code_options(body.get("options") or (), "")
-        if language in ("sql", ""):
-            return  # SQL bodies: `_sql_function_body`; no language: PostgreSQL refuses it
+        if language == "sql":
+            if code is not None:
+                out.sql_texts.append(code)
+            return
+        if not language:
+            return  # no language and no BEGIN ATOMIC body: PostgreSQL refuses it
     out.const_sensitive = True
     if language != "plpgsql" or code is None:
         out.flags.add("uninspectable_code")
