@@ -10,19 +10,8 @@ import uuid
 import asyncpg
 
 from fixtures.clients import app_name, has_disconnect, outcome_of, statements
+from fixtures.drivers import aconnect as _connect
 from fixtures.proxy import Proxy
-
-
-async def _connect(proxy: Proxy, app: str) -> asyncpg.Connection:
-    info = proxy.conninfo()
-    return await asyncpg.connect(
-        host=info["host"],
-        port=info["port"],
-        user=info["user"],
-        password=info["password"],
-        database=info["dbname"],
-        server_settings={"application_name": app},
-    )
 
 
 def test_prepared_statements_and_binary_codecs(proxy: Proxy) -> None:

@@ -7,28 +7,20 @@ the same bytes are sent to it directly first, so the test shows what a client ex
 from __future__ import annotations
 
 import socket
-import uuid
 
 from dbward.wire.postgres import messages as m
 from fixtures.clients import app_name, has_disconnect, outcome_of, statements
 from fixtures.postgres import PgServer
 from fixtures.proxy import Proxy
 from fixtures.raw import RawSession, read_message
+from fixtures.raw import direct_session as _direct
+from fixtures.raw import scratch_table as _table
 
 FAILING = (
     m.parse_message("", "SELECT 1/(random()*0)::int")
     + m.bind_message("", "", [])
     + m.execute_message("")
 )
-
-
-def _direct(pg: PgServer) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", pg.port), timeout=3)
-    sock.settimeout(3)
-    sock.sendall(m.startup_message({"user": pg.trust_user, "database": pg.database}))
-    while read_message(sock)[0] != b"Z":
-        pass
-    return sock
 
 
 def _kinds(sock: socket.socket, count: int) -> list[bytes]:
@@ -58,14 +50,6 @@ def _both(proxy: Proxy, pg: PgServer, data: bytes, count: int) -> tuple[list[byt
     finally:
         session.close()
     return expected, got
-
-
-def _table(pg: PgServer, prefix: str, rows: str = "") -> str:
-    table = f"{prefix}_{uuid.uuid4().hex[:6]}"
-    pg.psql(f"CREATE TABLE {table} (x int); GRANT ALL ON {table} TO PUBLIC")
-    if rows:
-        pg.psql(f"INSERT INTO {table} VALUES {rows}")
-    return table
 
 
 def test_a_query_postgres_ignores_after_an_error_answered_on_flush(

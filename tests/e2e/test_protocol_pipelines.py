@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import socket
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,21 +18,14 @@ from fixtures.clients import app_name, has_disconnect, outcome_of, statements
 from fixtures.postgres import PgServer
 from fixtures.proxy import Proxy
 from fixtures.raw import RawSession, read_message
+from fixtures.raw import direct_session as _direct
+from fixtures.raw import scratch_table as _table
 
 FAILING = (
     m.parse_message("", "SELECT 1/(random()*0)::int")
     + m.bind_message("", "", [])
     + m.execute_message("")
 )
-
-
-def _direct(pg: PgServer) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", pg.port), timeout=3)
-    sock.settimeout(3)
-    sock.sendall(m.startup_message({"user": pg.trust_user, "database": pg.database}))
-    while read_message(sock)[0] != b"Z":
-        pass
-    return sock
 
 
 def _kinds(sock: socket.socket, count: int, timeout: float = 3) -> list[str]:
@@ -80,14 +72,6 @@ def _both(
     finally:
         session.close()
     return expected, got
-
-
-def _table(pg: PgServer, prefix: str, rows: str = "") -> str:
-    table = f"{prefix}_{uuid.uuid4().hex[:6]}"
-    pg.psql(f"CREATE TABLE {table} (x int); GRANT ALL ON {table} TO PUBLIC")
-    if rows:
-        pg.psql(f"INSERT INTO {table} VALUES {rows}")
-    return table
 
 
 # Non-ASCII SQL parked for quiet when an error answered on a Flush empties the queue.

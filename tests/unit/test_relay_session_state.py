@@ -612,15 +612,20 @@ def test_sql_sent_before_a_copys_data_waits_for_the_copy_and_is_then_refused() -
     assert m.query("SELECT 'é'") not in upstream.written
 
 
-def _flush_error_then_ignored_query(session: PgSession) -> None:
-    """An error answered on a Flush; then a Query PostgreSQL skips (it skips to Sync)."""
+def _error_on_flush(session: PgSession) -> None:
+    """An Execute that fails, answered on a Flush: PostgreSQL now skips to the next Sync."""
     session.data_received(
         m.parse_message("", "SELECT 1/(random()*0)::int")
         + m.bind_message("", "", [])
         + m.execute_message("")
         + m.flush()
     )
-    session._on_upstream_data(PARSED + BOUND + DIV0)  # answered on the Flush
+    session._on_upstream_data(PARSED + BOUND + DIV0)
+
+
+def _flush_error_then_ignored_query(session: PgSession) -> None:
+    """An error answered on a Flush; then a Query PostgreSQL skips (it skips to Sync)."""
+    _error_on_flush(session)
     session.data_received(m.query("SELECT 2") + m.sync())  # PostgreSQL ignores the Query
     session._on_upstream_data(m.ready_for_query(b"I"))  # and answers only the Sync
 
@@ -636,13 +641,7 @@ def test_a_query_postgres_skips_after_a_flush_answered_error_owes_nothing() -> N
 def test_the_reply_limit_reads_on_while_postgres_skips_to_the_sync() -> None:
     session, client, _ = detached_session(MemorySink(), keep=False)
     _flush_error_then_ignored_query(session)
-    session.data_received(
-        m.parse_message("", "SELECT 1/(random()*0)::int")
-        + m.bind_message("", "", [])
-        + m.execute_message("")
-        + m.flush()
-    )
-    session._on_upstream_data(PARSED + BOUND + DIV0)
+    _error_on_flush(session)
     chunk = (m.bind_message("", "", []) + m.execute_message("")) * 1000
     for _ in range(60):  # 120,000 messages PostgreSQL discards until the client's Sync
         session.data_received(chunk)
