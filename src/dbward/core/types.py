@@ -68,7 +68,8 @@ class Statement:
     # "explain_analyze_write", "select_into", "role_switch", "copy_program", "copy_file",
     # "copy_from_stdin", "copy_to_stdout", "set_config_role", "parse_error", "function_call",
     # "sets_password" (role/user mapping/server password options), "carries_credential" (a
-    # connection string with a password: dblink, subscriptions, primary_conninfo).
+    # connection string with a password: dblink, subscriptions, primary_conninfo),
+    # "chains_transaction" (COMMIT/ROLLBACK AND CHAIN: a new transaction block starts at once).
     flags: frozenset[str] = frozenset()
     error: str | None = None  # parser message when kind is UNKNOWN because parsing failed
     # PREPARE / EXECUTE / DEALLOCATE name; EXECUTE (and EXPLAIN ANALYZE EXECUTE) carry the flag
@@ -78,6 +79,8 @@ class Statement:
     # DECLARE / CLOSE: the cursor (a portal, which the extended protocol can Execute by name);
     # CLOSE ALL carries the flag "closes_all_cursors" instead.
     cursor_name: str | None = None
+    # SAVEPOINT / RELEASE / ROLLBACK TO: the savepoint (folded as PostgreSQL folds identifiers).
+    savepoint: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -140,6 +140,17 @@ class _Tracked:
         self.definition: _Definition | None = None
 
 
+class _Savepoint:
+    """One level of an explicit transaction block: what changed since it began (the block's
+    start, or a SAVEPOINT), which a ROLLBACK (TO it) undoes."""
+
+    __slots__ = ("changes", "name")
+
+    def __init__(self, name: str | None, changes: list[_Tracked] | None = None) -> None:
+        self.name = name  # None for the block itself
+        self.changes: list[_Tracked] = changes if changes is not None else []
+
+
 class _Op:
     """One response the upstream owes us, with what to do when it arrives."""
 
@@ -243,6 +254,17 @@ _READ_KIND: Final = StatementKind.READ
 # ones no transaction undoes: neither lets dbward claim a later rollback undid what came before.
 _MAY_COMMIT: Final = frozenset({"DO", "CALL"})
 _NOT_TRANSACTIONAL: Final = frozenset({"PREPARE", "DEALLOCATE"})
+_BEGINS_BLOCK: Final = frozenset({"BEGIN", "START TRANSACTION"})
+
+
+def _savepoint_level(block: list[_Savepoint], name: str | None) -> int | None:
+    """Index of the innermost savepoint of that name (PostgreSQL's rule), None if unseen."""
+    for level in range(len(block) - 1, 0, -1):
+        if block[level].name == name:
+            return level
+    return None
+
+
 _AWAIT_COPY: Final = _Await(copy=True)
 
 
@@ -365,6 +387,10 @@ class PgSession(asyncio.Protocol):
         # (a Query or sync group begun with no transaction open): an error undoes them.
         self._implicit = True
         self._committable: list[_Tracked] | None = None
+        # The explicit transaction block in progress (BEGIN ... COMMIT), by savepoint level:
+        # statements that changed something and finished ok in it. None outside a block, and
+        # whenever dbward cannot follow the block exactly (it then claims nothing).
+        self._block: list[_Savepoint] | None = None
         self._client_paused_for_upstream = False
         self._client_paused_for_replies = False  # MAX_REPLIES_IN_FLIGHT reached
         self._connect_audited = False
@@ -459,6 +485,9 @@ class PgSession(asyncio.Protocol):
                 # Whether each statement finished, was cancelled or never started, nobody
                 # will hear now: say so rather than guess.
                 self._finish_pending("unknown", "", all_of_them=True)
+            elif was_ready and self._block is not None:
+                # Nothing in flight (no COMMIT): closing the connection aborts the block.
+                self._roll_back_block("")
             self._close_upstream()
         self._release()
         if self._connect_audited:  # a bare TCP probe (health check, port scan) leaves no trace
@@ -1569,6 +1598,8 @@ class PgSession(asyncio.Protocol):
             # What comes next runs in an implicit transaction of its own unless one is open.
             self._implicit = payload == b"I"
             self._committable = None
+            if self._implicit:
+                self._block = None  # no transaction block is open
             if self._z_owed > 0:
                 self._z_owed -= 1
             unanswered: list[_Op] | None = None
@@ -1689,6 +1720,7 @@ class PgSession(asyncio.Protocol):
             self._upstream_ending = True
             if self._committable:
                 self._roll_back_implicit(sqlstate)
+            self._roll_back_block(sqlstate)
             self._finish_pending("error", sqlstate)
             return None
         if self._committable:
@@ -1754,7 +1786,11 @@ class PgSession(asyncio.Protocol):
         statement = tracked.statement
         if statement.kind is StatementKind.TRANSACTION or statement.command in _MAY_COMMIT:
             self._implicit = False
-            self._committable = None
+            committable, self._committable = self._committable, None
+            if status == "ok" and statement.command in _BEGINS_BLOCK:
+                # BEGIN inside a Query or sync group turns its implicit transaction into the
+                # block: what ran before it in the group commits or rolls back with the block.
+                self._block = [_Savepoint(None, committable)]
             return
         if status != "ok" or statement.command in _NOT_TRANSACTIONAL:
             return
@@ -1762,13 +1798,75 @@ class PgSession(asyncio.Protocol):
             self._committable = []
         self._committable.append(tracked)
 
+    def _note_in_block(self, tracked: _Tracked, status: str) -> list[_Tracked] | None:
+        """A statement that is not a plain read finished inside the explicit transaction block.
+
+        Follows the block's savepoints; returns what a ROLLBACK (TO SAVEPOINT), or a COMMIT
+        answered ROLLBACK, has just undone. Where the block cannot be followed exactly (a
+        savepoint dbward did not see), it stops claiming anything until the block ends.
+        """
+        block = self._block
+        assert block is not None
+        statement = tracked.statement
+        if statement.kind is not StatementKind.TRANSACTION:
+            if status == "ok" and statement.command not in _NOT_TRANSACTIONAL:
+                block[-1].changes.append(tracked)
+            return None
+        command = statement.command
+        if status == "rolled_back" or (status == "error" and command == "COMMIT"):
+            # COMMIT of a failed block, or a COMMIT that failed (a deferred constraint, a
+            # serialization failure): PostgreSQL rolled the block back.
+            return self._end_block(statement, undone=True)
+        if status != "ok":
+            return None  # e.g. SAVEPOINT in an aborted block: nothing changed
+        if command == "SAVEPOINT":
+            block.append(_Savepoint(statement.savepoint))
+            return None
+        if command in ("RELEASE", "ROLLBACK TO SAVEPOINT"):
+            level = _savepoint_level(block, statement.savepoint)
+            if level is None:
+                self._block = None
+                return None
+            undone = [item for savepoint in block[level:] for item in savepoint.changes]
+            if command == "RELEASE":
+                # Its changes now belong to the level below: undone only with that one.
+                block[level - 1].changes.extend(undone)
+                del block[level:]
+                return None
+            del block[level + 1 :]
+            block[level].changes = []  # ROLLBACK TO keeps the savepoint itself
+            return undone
+        if command == "ROLLBACK":
+            return self._end_block(statement, undone=True)
+        if command in ("COMMIT", "PREPARE TRANSACTION"):
+            # Committed, or prepared: its fate is decided by COMMIT/ROLLBACK PREPARED.
+            self._end_block(statement, undone=False)
+        return None  # BEGIN inside a block: a warning, nothing changes
+
+    def _end_block(self, statement: Statement, *, undone: bool) -> list[_Tracked] | None:
+        """The block ended (AND CHAIN opens the next at once); returns what it undid."""
+        block = self._block
+        chained = "chains_transaction" in statement.flags
+        self._block = [_Savepoint(None)] if chained else None
+        if not undone or block is None:
+            return None
+        return [item for savepoint in block for item in savepoint.changes]
+
+    def _roll_back_block(self, sqlstate: str) -> None:
+        """The session ended inside a transaction block (FATAL, connection lost or closed
+        with nothing in flight): PostgreSQL aborted it, undoing what had finished ok in it."""
+        block, self._block = self._block, None
+        for savepoint in block or ():
+            for item in savepoint.changes:
+                self._write_outcome(item, "rolled_back", sqlstate, None)
+
     def _roll_back_implicit(self, sqlstate: str) -> None:
         """An error ended the implicit transaction: what finished `ok` in it was undone. Each
         such statement gets a `rolled_back` outcome (its `ok` said what its own reply said)."""
         undone, self._committable = self._committable or [], None
         self._implicit = False
         for tracked in undone:
-            self._record_outcome(tracked, "rolled_back", sqlstate)
+            self._write_outcome(tracked, "rolled_back", sqlstate, None)
 
     def _send_syncs_dropped_in_copy(self) -> None:
         """PostgreSQL refused the copy before reading anything the client sent after the COPY
@@ -1856,6 +1954,8 @@ class PgSession(asyncio.Protocol):
         if self._upstream_lost_reported:
             return
         self._upstream_lost_reported = True
+        if not self._ops:
+            self._roll_back_block("08006")  # no COMMIT in flight: the block died with it
         self._finish_pending("unknown", "08006")
         self._audit(AuditEvent.UPSTREAM_LOST, reason=message, sqlstate="08006")
         self._fatal("08006", message)
@@ -2028,12 +2128,25 @@ class PgSession(asyncio.Protocol):
     def _record_outcome(
         self, tracked: _Tracked, status: str, sqlstate: str, rows: int | None = None
     ) -> None:
-        duration_ms = round((time.perf_counter() - tracked.started) * 1000, 3)
         if tracked.definition is not None:
             definition, tracked.definition = tracked.definition, None
             self._settle(definition, None if status == "ok" else "skipped")
-        if self._implicit and tracked.statement.kind is not _READ_KIND:
+        if tracked.statement.kind is _READ_KIND:
+            self._write_outcome(tracked, status, sqlstate, rows)
+            return
+        undone: list[_Tracked] | None = None
+        if self._implicit:
             self._note_committable(tracked, status)
+        elif self._block is not None:
+            undone = self._note_in_block(tracked, status)
+        self._write_outcome(tracked, status, sqlstate, rows)
+        for item in undone or ():  # after the ROLLBACK's own record: the log reads in order
+            self._write_outcome(item, "rolled_back", sqlstate, None)
+
+    def _write_outcome(
+        self, tracked: _Tracked, status: str, sqlstate: str, rows: int | None
+    ) -> None:
+        duration_ms = round((time.perf_counter() - tracked.started) * 1000, 3)
         held = tracked.held
         if held is not None:
             tracked.held = None

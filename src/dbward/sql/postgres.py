@@ -1355,6 +1355,11 @@ def _classify_node(
             flags.add("fetches_cursor")  # runs the cursor's query: decided as its DECLARE
         elif node_type == "DeclareCursorStmt" and body.get("options", 0) & _CURSOR_OPT_HOLD:
             flags.add("holdable_cursor")
+    savepoint: str | None = None
+    if node_type == "TransactionStmt":
+        savepoint = body.get("savepoint_name")
+        if body.get("chain"):
+            flags.add("chains_transaction")
     if _defines_view_or_rule(node_type, body) and not _SETTINGS_VIEWS.isdisjoint(
         name for _, name in walked.tables
     ):
@@ -1377,6 +1382,7 @@ def _classify_node(
         prepared_name=prepared_name,
         prepared=prepared,
         cursor_name=cursor_name,
+        savepoint=savepoint,
     )
     shareable = node_type in _SHAREABLE and not flags and not walked.const_sensitive
     return statement, shareable

@@ -1,0 +1,254 @@
+"""`rolled_back` inside explicit transaction blocks: ROLLBACK, ROLLBACK TO SAVEPOINT, a failed
+COMMIT and a session that ends inside a block undo what finished `ok` in it; checked against
+the table contents with real drivers."""
+
+from __future__ import annotations
+
+import asyncio
+
+import psycopg
+import pytest
+
+from dbward.audit.records import AuditRecord
+from fixtures.clients import app_name, has_disconnect, run_psql, statements
+from fixtures.drivers import aconnect as _aconnect
+from fixtures.drivers import connect as _connect
+from fixtures.drivers import count_rows as _count
+from fixtures.drivers import outcomes_of as _outcomes
+from fixtures.proxy import Proxy
+
+_TABLE = "blk"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _table(proxy: Proxy) -> None:
+    with _connect(proxy, "setup-blk", autocommit=True) as conn:
+        conn.execute(f"DROP TABLE IF EXISTS {_TABLE}")
+        conn.execute(f"CREATE TABLE {_TABLE} (id int primary key)")
+        conn.execute("DROP TABLE IF EXISTS blk_deferred")
+        conn.execute(
+            "CREATE TABLE blk_deferred (id int, v int,"
+            " CONSTRAINT blk_once UNIQUE (v) DEFERRABLE INITIALLY DEFERRED)"
+        )
+
+
+def _insert(n: int) -> str:
+    return f"INSERT INTO {_TABLE} VALUES ({n})"
+
+
+def _present(proxy: Proxy, n: int) -> bool:
+    return _count(proxy, f"SELECT count(*) FROM {_TABLE} WHERE id = {n}") == 1
+
+
+def _fate(records: list[AuditRecord], n: int) -> list[str]:
+    """Every outcome status the log gives the INSERT of row n, in log order."""
+    (intent,) = [s for s in statements(records) if s.sql_text == _insert(n)]
+    return [status for status, _ in _outcomes(records, intent)]
+
+
+def _check(proxy: Proxy, app: str, kept: list[int], undone: list[int]) -> list[AuditRecord]:
+    """The table holds exactly `kept`; the log says so of every row, and `undone` rolled back."""
+    records = proxy.session_records(app, until=has_disconnect)
+    for n in kept:
+        assert _present(proxy, n), n
+        assert _fate(records, n) == ["ok"], n
+    for n in undone:
+        assert not _present(proxy, n), n
+        assert _fate(records, n) == ["ok", "rolled_back"], n
+    return records
+
+
+def test_rollback_undoes_the_block(proxy: Proxy) -> None:
+    app = app_name("blk-rb")
+    with _connect(proxy, app) as conn:  # psycopg opens the block itself (BEGIN)
+        conn.execute(_insert(1))
+        conn.execute(_insert(2))
+        conn.rollback()
+        conn.execute(_insert(3))
+        conn.commit()
+    records = _check(proxy, app, kept=[3], undone=[1, 2])
+    # The claim follows the ROLLBACK's own record.
+    seqs = [r.seq for r in records]
+    rollback = next(s for s in statements(records) if s.command == "ROLLBACK")
+    undone_at = next(r.seq for r in records if r.status == "rolled_back" and r.command == "INSERT")
+    assert seqs.index(undone_at) > seqs.index(rollback.seq)
+
+
+def test_rollback_to_savepoint_undoes_only_what_followed_it(proxy: Proxy) -> None:
+    app = app_name("blk-sp")
+    with _connect(proxy, app, autocommit=True) as conn:
+        for sql in (
+            "BEGIN",
+            _insert(10),
+            "SAVEPOINT a",
+            _insert(11),
+            "SAVEPOINT b",
+            _insert(12),
+            "ROLLBACK TO SAVEPOINT a",  # b goes too
+            _insert(13),
+            "SAVEPOINT a",  # a second savepoint of the same name: the innermost is meant
+            _insert(14),
+            "RELEASE a",  # 14 now belongs to the outer a
+            "ROLLBACK TO a",
+            _insert(15),
+            "COMMIT",
+        ):
+            conn.execute(sql)
+    _check(proxy, app, kept=[10, 15], undone=[11, 12, 13, 14])
+
+
+def test_released_savepoint_is_undone_with_the_block(proxy: Proxy) -> None:
+    app = app_name("blk-rel")
+    with _connect(proxy, app, autocommit=True) as conn:
+        for sql in ("BEGIN", "SAVEPOINT s", _insert(20), "RELEASE SAVEPOINT s", "ROLLBACK"):
+            conn.execute(sql)
+    _check(proxy, app, kept=[], undone=[20])
+
+
+def test_commit_of_a_failed_block(proxy: Proxy) -> None:
+    """An error aborts the block; the COMMIT that follows is answered ROLLBACK."""
+    app = app_name("blk-failed")
+    with _connect(proxy, app, autocommit=True) as conn:
+        conn.execute("BEGIN")
+        conn.execute(_insert(30))
+        with pytest.raises(psycopg.errors.DivisionByZero):
+            conn.execute("SELECT 1/0")
+        conn.execute("COMMIT")
+    records = _check(proxy, app, kept=[], undone=[30])
+    (commit,) = [s for s in statements(records) if s.command == "COMMIT"]
+    assert [status for status, _ in _outcomes(records, commit)] == ["rolled_back"]
+
+
+def test_commit_that_fails(proxy: Proxy) -> None:
+    """A deferred constraint fails at COMMIT: the whole block is rolled back."""
+    app = app_name("blk-deferred")
+    with _connect(proxy, app, autocommit=True) as conn:
+        conn.execute("BEGIN")
+        conn.execute(_insert(35))
+        conn.execute("INSERT INTO blk_deferred VALUES (1, 7)")
+        conn.execute("INSERT INTO blk_deferred VALUES (2, 7)")
+        with pytest.raises(psycopg.errors.UniqueViolation):
+            conn.execute("COMMIT")
+    assert _count(proxy, "SELECT count(*) FROM blk_deferred") == 0
+    records = _check(proxy, app, kept=[], undone=[35])
+    (intent,) = [s for s in statements(records) if s.sql_text == _insert(35)]
+    assert _outcomes(records, intent)[-1] == ("rolled_back", "23505")
+
+
+def test_fatal_inside_a_block(proxy: Proxy) -> None:
+    app = app_name("blk-fatal")
+    result = run_psql(
+        proxy.dsn(application_name=app),
+        f"BEGIN; {_insert(36)}; SELECT pg_terminate_backend(pg_backend_pid())",
+    )
+    assert "terminating connection" in result.stderr, result.stderr
+    records = proxy.session_records(app, until=has_disconnect)
+    (intent,) = [s for s in statements(records) if s.sql_text.strip() == _insert(36)]
+    assert not _present(proxy, 36)
+    assert _outcomes(records, intent) == [("ok", ""), ("rolled_back", "57P01")]
+
+
+def test_commit_keeps_the_block(proxy: Proxy) -> None:
+    app = app_name("blk-commit")
+    with _connect(proxy, app) as conn:
+        conn.execute(_insert(40))
+        conn.execute("SAVEPOINT x")
+        conn.execute(_insert(41))
+        conn.commit()
+    _check(proxy, app, kept=[40, 41], undone=[])
+
+
+def test_begin_inside_a_query_string_takes_what_ran_before_it(proxy: Proxy) -> None:
+    """Simple protocol: BEGIN turns the string's implicit transaction into the block, so the
+    ROLLBACK undoes the INSERT sent before the BEGIN as well."""
+    app = app_name("blk-multi")
+    result = run_psql(
+        proxy.dsn(application_name=app), f"{_insert(50)}; BEGIN; {_insert(51)}; ROLLBACK"
+    )
+    assert result.returncode == 0, result.stderr
+    records = proxy.session_records(app, until=has_disconnect)
+    for n in (50, 51):
+        assert not _present(proxy, n), n
+        (intent,) = [s for s in statements(records) if s.sql_text.strip() == _insert(n)]
+        assert [status for status, _ in _outcomes(records, intent)] == ["ok", "rolled_back"]
+
+
+def test_rollback_and_chain(proxy: Proxy) -> None:
+    app = app_name("blk-chain")
+    with _connect(proxy, app, autocommit=True) as conn:
+        for sql in ("BEGIN", _insert(60), "ROLLBACK AND CHAIN", _insert(61), "COMMIT"):
+            conn.execute(sql)
+    _check(proxy, app, kept=[61], undone=[60])
+
+
+def test_session_ending_inside_a_block(proxy: Proxy) -> None:
+    """The client closes the connection inside a block: PostgreSQL aborts it."""
+    app = app_name("blk-close")
+    conn = _connect(proxy, app)
+    conn.execute(_insert(70))
+    conn.close()  # no COMMIT: psycopg sends Terminate
+    _check(proxy, app, kept=[], undone=[70])
+
+
+def test_asyncpg_nested_transaction(proxy: Proxy) -> None:
+    """asyncpg's transaction() nests with savepoints of its own naming."""
+    app = app_name("blk-asyncpg")
+
+    class Boom(Exception):
+        pass
+
+    async def run() -> None:
+        conn = await _aconnect(proxy, app)
+        try:
+            async with conn.transaction():
+                await conn.execute(_insert(80))
+                try:
+                    async with conn.transaction():
+                        await conn.execute(_insert(81))
+                        raise Boom
+                except Boom:
+                    pass
+                await conn.execute(_insert(82))
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+    _check(proxy, app, kept=[80, 82], undone=[81])
+
+
+def test_pipeline_error_then_rollback(proxy: Proxy) -> None:
+    """Extended protocol pipeline inside a block: the error aborts the block, the client's
+    ROLLBACK undoes what had finished ok."""
+    app = app_name("blk-pipe")
+    with _connect(proxy, app) as conn:
+        with pytest.raises(psycopg.errors.UniqueViolation), conn.pipeline():
+            conn.execute(_insert(90))
+            conn.execute(_insert(90))
+        conn.rollback()
+    records = proxy.session_records(app, until=has_disconnect)
+    first, second = [s for s in statements(records) if s.sql_text == _insert(90)]
+    assert not _present(proxy, 90)
+    assert [status for status, _ in _outcomes(records, first)] == ["ok", "rolled_back"]
+    assert [status for status, _ in _outcomes(records, second)] == ["error"]
+
+
+def test_asyncpg_executemany_in_a_rolled_back_transaction(proxy: Proxy) -> None:
+    app = app_name("blk-many")
+
+    async def run() -> None:
+        conn = await _aconnect(proxy, app)
+        try:
+            tr = conn.transaction()
+            await tr.start()
+            await conn.executemany(f"INSERT INTO {_TABLE} VALUES ($1)", [(100,), (101,)])
+            await tr.rollback()
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+    records = proxy.session_records(app, until=has_disconnect)
+    inserts = [s for s in statements(records) if s.command == "INSERT"]
+    assert inserts
+    assert not _present(proxy, 100) and not _present(proxy, 101)
+    for intent in inserts:
+        assert [status for status, _ in _outcomes(records, intent)][-1] == "rolled_back"
