@@ -81,3 +81,5 @@ class ListenerServices:
     warned_superuser: bool = False  # the service role is a superuser: warned once per listener
     # Classifies very large statements off the event loop (None: everything inline).
     offload: ClassifierPool | None = None
+    # tls-server-end-point data of client_tls's certificate: SCRAM-SHA-256-PLUS over TLS.
+    client_tls_end_point: bytes | None = None
