@@ -80,6 +80,26 @@ def test_a_spray_of_cancel_sources_keeps_the_rate_table_bounded_and_cheap() -> N
     ]
 
 
+def test_cancel_attempts_from_one_ipv6_64_share_one_budget() -> None:
+    """An IPv6 client owns a /64: a fresh address per guess must not mean a fresh budget."""
+    registry = CancelRegistry(rate_per_s=1.0, burst=2.0)
+    now = 1000.0
+    spray = [registry.allow_attempt(f"2001:db8:1:2::{i:x}", now) for i in range(1, 50)]
+    assert spray.count(True) == 2
+    # Other /64s, and IPv4 clients (also seen as IPv4-mapped IPv6), keep their own budgets.
+    assert registry.allow_attempt("2001:db8:1:3::1", now)
+    assert registry.allow_attempt("192.0.2.7", now)
+    assert registry.allow_attempt("::ffff:192.0.2.7", now)
+    assert not registry.allow_attempt("::ffff:192.0.2.7", now)
+    # Scoped (link-local) addresses too.
+    assert [registry.allow_attempt(f"fe80::{i}%eth0", now) for i in range(1, 5)] == [
+        True,
+        True,
+        False,
+        False,
+    ]
+
+
 def _offer(tls: bool, binding: bytes | None) -> bytes:
     return LocalAuthenticator(USERS).begin("alice", tls=tls, channel_binding=binding).start()
 
