@@ -14,7 +14,7 @@ from dbward.core.errors import AuditUnavailable
 from dbward.identity.local import LocalAuthenticator
 from dbward.relay.services import CancelRegistry, ListenerServices
 from dbward.server.listener import PgListener
-from dbward.server.tls import listener_contexts
+from dbward.server.tls import listener_contexts, server_end_point
 from dbward.sql.offload import ClassifierPool
 from dbward.sql.postgres import PostgresClassifier
 
@@ -48,6 +48,7 @@ class Runtime:
                     offload=offload,
                     authenticator=authenticator,
                     client_tls=client_tls,
+                    client_tls_end_point=server_end_point(settings.tls),
                     upstream_tls=upstream_tls,
                     cancels=CancelRegistry(settings.cancel_rate_per_s),
                 )

@@ -404,12 +404,26 @@ def test_newer_minor_version_is_negotiated_down(proxy: Proxy) -> None:
         sock.sendall(struct.pack("!I", len(body) + 4) + body)
         msg_type, payload = _read_message(sock)
         assert msg_type == b"v"
-        minor, count = struct.unpack("!II", payload[:8])
-        assert (minor, count) == (0, 1)
+        version, count = struct.unpack("!II", payload[:8])
+        assert (version >> 16, version & 0xFFFF, count) == (3, 0, 1)
         assert payload[8:] == b"_pq_.future\x00"
         msg_type, payload = _read_message(sock)
         assert msg_type == b"R" and struct.unpack("!I", payload[:4])[0] == 10  # SASL
         assert b"SCRAM-SHA-256" in payload
+
+
+def test_libpq_asking_for_protocol_3_2_logs_in_with_3_0(proxy: Proxy) -> None:
+    """libpq 18 with max_protocol_version=3.2 reads NegotiateProtocolVersion's whole version.
+
+    dbward sent 0 there (a bare minor), which libpq read as a downgrade to protocol 0.0 and
+    refused: such clients could not connect at all.
+    """
+    if psycopg.pq.version() < 180000:
+        pytest.skip("needs libpq 18 (max_protocol_version)")
+    info = {**proxy.conninfo(), "application_name": _app("proto32")}
+    with psycopg.connect(**info, max_protocol_version="3.2", connect_timeout=10) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+        assert conn.pgconn.protocol_version == 3
 
 
 def test_oversized_startup_packet(proxy: Proxy) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 import subprocess
 import time
 import uuid
@@ -380,3 +381,81 @@ def test_cancel_over_tls(tls_proxy: Proxy, test_ca: TestCA, pg_server: PgServer)
         event="cancel", until=lambda rs: any(r.detail == f"session={session_id}" for r in rs)
     )
     assert [r.status for r in records if r.detail == f"session={session_id}"] == ["forwarded"]
+
+
+# ------------------------------------------------------------------ channel binding
+
+
+def test_channel_binding_required_by_the_client(tls_proxy: Proxy, test_ca: TestCA) -> None:
+    """SCRAM-SHA-256-PLUS over TLS: libpq's channel_binding=require logs in (libpq checks
+    dbward's tls-server-end-point hash of its certificate through the proof)."""
+    app = _app("cbind")
+    with _connect(tls_proxy, app, sslmode="require", channel_binding="require") as conn:
+        assert conn.info.pgconn.ssl_in_use
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    records = _session(tls_proxy, app, AuditEvent.DISCONNECT)
+    assert _events(records)[:2] == ["connect", "auth_ok"]
+
+    # psql (the system libpq) too.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env |= {"PGPASSWORD": USERS["alice"][0], "PGCONNECT_TIMEOUT": "10"}
+    conninfo = (
+        f"host=localhost port={tls_proxy.port} user=alice dbname=app sslmode=verify-full "
+        f"sslrootcert={test_ca.ca_cert} channel_binding=require application_name={app}-psql"
+    )
+    proc = subprocess.run(
+        ["psql", "-X", "-A", "-t", "-d", conninfo, "-c", "SELECT 'bound'"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "bound"
+
+
+def _tls_socket(proxy: Proxy, test_ca: TestCA) -> ssl.SSLSocket:
+    raw = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
+    raw.sendall(messages.ssl_request())
+    assert raw.recv(1) == b"S"
+    context = ssl.create_default_context(cafile=str(test_ca.ca_cert))
+    return context.wrap_socket(raw, server_hostname="localhost")
+
+
+def _read(sock: ssl.SSLSocket) -> tuple[bytes, bytes]:
+    header = b""
+    while len(header) < 5:
+        chunk = sock.recv(5 - len(header))
+        assert chunk, "connection closed"
+        header += chunk
+    size = int.from_bytes(header[1:], "big") - 4
+    body = b""
+    while len(body) < size:
+        body += sock.recv(size - len(body))
+    return header[:1], body
+
+
+def test_channel_binding_downgrade_is_refused(tls_proxy: Proxy, test_ca: TestCA) -> None:
+    """RFC 5802: a client that can bind ('y') but was told the server cannot, while dbward
+    offered SCRAM-SHA-256-PLUS, had the offer stripped on its way: FATAL 28P01, audited."""
+    app = _app("cbind-y")
+    with _tls_socket(tls_proxy, test_ca) as sock:
+        sock.sendall(
+            messages.startup_message({"user": "alice", "database": "app", "application_name": app})
+        )
+        msg_type, body = _read(sock)
+        assert msg_type == b"R" and body[:4] == b"\x00\x00\x00\x0a"
+        assert body[4:] == b"SCRAM-SHA-256-PLUS\x00SCRAM-SHA-256\x00\x00"
+        sock.sendall(messages.sasl_initial_response("SCRAM-SHA-256", b"y,,n=,r=abcdefgh"))
+        msg_type, body = _read(sock)
+    assert msg_type == b"E"
+    fields = messages.parse_error_fields(body)
+    assert (fields["S"], fields["C"], fields["M"]) == (
+        "FATAL",
+        "28P01",
+        "password authentication failed",
+    )
+    records = _session(tls_proxy, app, AuditEvent.AUTH_FAIL)
+    fail = next(r for r in records if r.event == AuditEvent.AUTH_FAIL)
+    assert fail.sqlstate == "28P01" and "negotiation error" in fail.reason

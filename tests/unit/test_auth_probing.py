@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
 
+import pytest
+
 from dbward.config.model import UserSettings
+from dbward.core.errors import AuthenticationFailed
+from dbward.identity.local import LocalAuthenticator
 from dbward.relay.services import CancelRegistry
+from dbward.wire.postgres import messages
 from dbward.wire.postgres.scram import make_verifier
 
 USERS = [
@@ -72,3 +78,44 @@ def test_a_spray_of_cancel_sources_keeps_the_rate_table_bounded_and_cheap() -> N
         False,
         False,
     ]
+
+
+def test_cancel_attempts_from_one_ipv6_64_share_one_budget() -> None:
+    """An IPv6 client owns a /64: a fresh address per guess must not mean a fresh budget."""
+    registry = CancelRegistry(rate_per_s=1.0, burst=2.0)
+    now = 1000.0
+    spray = [registry.allow_attempt(f"2001:db8:1:2::{i:x}", now) for i in range(1, 50)]
+    assert spray.count(True) == 2
+    # Other /64s, and IPv4 clients (also seen as IPv4-mapped IPv6), keep their own budgets.
+    assert registry.allow_attempt("2001:db8:1:3::1", now)
+    assert registry.allow_attempt("192.0.2.7", now)
+    assert registry.allow_attempt("::ffff:192.0.2.7", now)
+    assert not registry.allow_attempt("::ffff:192.0.2.7", now)
+    # Scoped (link-local) addresses too.
+    assert [registry.allow_attempt(f"fe80::{i}%eth0", now) for i in range(1, 5)] == [
+        True,
+        True,
+        False,
+        False,
+    ]
+
+
+def _offer(tls: bool, binding: bytes | None) -> bytes:
+    return LocalAuthenticator(USERS).begin("alice", tls=tls, channel_binding=binding).start()
+
+
+def test_scram_plus_offered_only_over_tls_with_a_binding() -> None:
+    binding = b"\x01" * 32
+    plus_first = _offer(True, binding)
+    assert plus_first.endswith(b"SCRAM-SHA-256-PLUS\x00SCRAM-SHA-256\x00\x00")
+    for tls, bound in ((True, None), (False, binding), (False, None)):
+        offer = _offer(tls, bound)
+        assert offer.endswith(b"\x00\x00\x00\x0aSCRAM-SHA-256\x00\x00"), (tls, bound)
+
+
+def test_scram_plus_chosen_when_not_offered_is_refused() -> None:
+    frame = messages.sasl_initial_response("SCRAM-SHA-256-PLUS", b"p=tls-server-end-point,,n=,r=x")
+    for name in ("alice", "mallory"):
+        exchange = LocalAuthenticator(USERS).begin(name, tls=False, channel_binding=b"\x01" * 32)
+        with pytest.raises(AuthenticationFailed, match="unsupported SASL mechanism"):
+            asyncio.run(exchange.step(frame[5:]))

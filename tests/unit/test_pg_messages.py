@@ -274,7 +274,8 @@ def test_command_complete_malformed() -> None:
 
 def test_negotiate_protocol_version() -> None:
     raw = m.negotiate_protocol_version(0, ["_pq_.x"])
-    assert raw == b"v" + struct.pack("!Iii", 4 + 8 + 7, 0, 1) + b"_pq_.x\x00"
+    # The whole version (3.0 = 196608), as PostgreSQL sends it; libpq reads 0 as protocol 0.0.
+    assert raw == b"v" + struct.pack("!Iii", 4 + 8 + 7, 3 << 16, 1) + b"_pq_.x\x00"
 
 
 # --------------------------------------------------------------------------------------------

@@ -90,6 +90,98 @@ def test_gs2_y_flag_accepted() -> None:
     assert final.startswith(b"v=")
 
 
+def _bound_final(
+    server_first: bytes, password: str, bare: bytes, c_data: bytes, iterations: int = FAST
+) -> bytes:
+    """A client-final-message whose c= carries `c_data` (gs2 header + channel binding data)."""
+    attrs = dict(part.split(b"=", 1) for part in server_first.split(b","))
+    salted = hashlib.pbkdf2_hmac(
+        "sha256", password.encode(), base64.b64decode(attrs[b"s"]), iterations
+    )
+    client_key = hmac.digest(salted, b"Client Key", "sha256")
+    stored = hashlib.sha256(client_key).digest()
+    without_proof = b"c=" + base64.b64encode(c_data) + b",r=" + attrs[b"r"]
+    auth = bare + b"," + server_first + b"," + without_proof
+    sig = hmac.digest(stored, auth, "sha256")
+    proof = bytes(a ^ b for a, b in zip(client_key, sig, strict=True))
+    return without_proof + b",p=" + base64.b64encode(proof)
+
+
+BINDING = hashlib.sha256(b"the server certificate").digest()
+PLUS_GS2 = b"p=tls-server-end-point,,"
+
+
+def test_scram_plus_with_the_right_binding_succeeds() -> None:
+    verifier = parse_verifier(make_verifier("pw", iterations=FAST))
+    server = ScramServer(verifier, channel_binding=BINDING, plus=True)
+    first = server.handle_client_first(PLUS_GS2 + b"n=,r=abc")
+    final = server.handle_client_final(_bound_final(first, "pw", b"n=,r=abc", PLUS_GS2 + BINDING))
+    assert final.startswith(b"v=") and server.succeeded
+
+
+@pytest.mark.parametrize(
+    "c_data",
+    [
+        PLUS_GS2 + hashlib.sha256(b"a man in the middle's certificate").digest(),
+        PLUS_GS2,  # no binding data at all
+        b"n,,",
+    ],
+    ids=["other-certificate", "no-data", "no-binding"],
+)
+def test_scram_plus_with_another_binding_fails(c_data: bytes) -> None:
+    """A relayed exchange (another TLS connection, so another certificate) fails the proof."""
+    verifier = parse_verifier(make_verifier("pw", iterations=FAST))
+    server = ScramServer(verifier, channel_binding=BINDING, plus=True)
+    first = server.handle_client_first(PLUS_GS2 + b"n=,r=abc")
+    with pytest.raises(AuthenticationFailed, match="channel binding does not match"):
+        server.handle_client_final(_bound_final(first, "pw", b"n=,r=abc", c_data))
+    assert not server.succeeded
+
+
+@pytest.mark.parametrize(
+    ("binding", "plus", "first", "match"),
+    [
+        # -PLUS was offered, the client says it can bind but believes the server cannot:
+        # someone stripped -PLUS from the offer (RFC 5802 section 6).
+        (BINDING, False, b"y,,n=,r=abc", "negotiation error"),
+        (BINDING, True, b"y,,n=,r=abc", "without channel binding data"),
+        (BINDING, True, b"n,,n=,r=abc", "without channel binding data"),
+        (BINDING, False, PLUS_GS2 + b"n=,r=abc", "without choosing SCRAM-SHA-256-PLUS"),
+        (None, False, PLUS_GS2 + b"n=,r=abc", "without choosing SCRAM-SHA-256-PLUS"),
+        (BINDING, True, b"p=tls-unique,,n=,r=abc", "unsupported SCRAM channel binding type"),
+        (BINDING, True, b"p=tls-server-end-point", "bad gs2 flag"),
+        (BINDING, True, b"p=tls-server-end-point,a=bob,n=,r=abc", "authorization identity"),
+    ],
+    ids=[
+        "y-while-offered",
+        "plus-with-y",
+        "plus-with-n",
+        "p-without-plus",
+        "p-not-offered",
+        "tls-unique",
+        "no-header-end",
+        "authzid",
+    ],
+)
+def test_scram_binding_negotiation_refusals(
+    binding: bytes | None, plus: bool, first: bytes, match: str
+) -> None:
+    server = ScramServer(
+        parse_verifier(make_verifier("pw", iterations=FAST)), channel_binding=binding, plus=plus
+    )
+    with pytest.raises(AuthenticationFailed, match=match):
+        server.handle_client_first(first)
+
+
+def test_scram_without_binding_accepted_when_plus_offered() -> None:
+    """A client that chooses plain SCRAM-SHA-256 with 'n' (channel_binding=disable) logs in."""
+    verifier = parse_verifier(make_verifier("pw", iterations=FAST))
+    server = ScramServer(verifier, channel_binding=BINDING, plus=False)
+    first = server.handle_client_first(b"n,,n=,r=abc")
+    server.handle_client_final(_bound_final(first, "pw", b"n=,r=abc", b"n,,"))
+    assert server.succeeded
+
+
 def test_wrong_password() -> None:
     server = ScramServer(parse_verifier(make_verifier("right", iterations=FAST)))
     client = ScramClient("wrong")

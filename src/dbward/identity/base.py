@@ -36,6 +36,10 @@ class AuthExchange(Protocol):
 class Authenticator(Protocol):
     """Creates exchanges for login attempts on a listener."""
 
-    def begin(self, user: str, *, tls: bool) -> AuthExchange:
-        """Start authenticating the StartupMessage's user name."""
+    def begin(self, user: str, *, tls: bool, channel_binding: bytes | None = None) -> AuthExchange:
+        """Start authenticating the StartupMessage's user name.
+
+        `channel_binding` is the connection's tls-server-end-point data (RFC 5929) when the
+        client connected over TLS and the certificate allows it; None otherwise.
+        """
         ...

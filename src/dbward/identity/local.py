@@ -12,13 +12,13 @@ from dbward.identity.base import AuthExchange, AuthStep
 from dbward.wire.postgres import messages
 from dbward.wire.postgres.scram import (
     DEFAULT_ITERATIONS,
+    MECHANISM,
+    MECHANISM_PLUS,
     ScramServer,
     ScramVerifier,
     mock_secret_for,
     parse_verifier,
 )
-
-_MECHANISM = "SCRAM-SHA-256"
 
 
 class _ScramExchange:
@@ -30,29 +30,47 @@ class _ScramExchange:
         identity: Identity | None,
         verifier: ScramVerifier | None,
         mock: tuple[bytes, int],
+        channel_binding: bytes | None,
     ) -> None:
+        self._user = user
         self._identity = identity
-        # An unknown user still gets a full exchange against a fake verifier (with a salt
-        # stable per name, across restarts too), so a client cannot tell "no such user" from
-        # "wrong password".
-        self._server = ScramServer(
-            verifier, username=user, mock_secret=mock[0], mock_iterations=mock[1]
-        )
+        self._verifier = verifier
+        self._mock = mock
+        self._binding = channel_binding
+        self._server: ScramServer | None = None
         self._step = 0
 
     def start(self) -> bytes:
-        return messages.authentication_sasl([_MECHANISM])
+        # Over TLS -PLUS is offered first, as PostgreSQL does: a client with
+        # channel_binding=require can log in, and one that could bind but was told it cannot
+        # (the offer stripped by a man in the middle) is refused.
+        if self._binding is not None:
+            return messages.authentication_sasl([MECHANISM_PLUS, MECHANISM])
+        return messages.authentication_sasl([MECHANISM])
 
     async def step(self, payload: bytes) -> AuthStep:
         if self._step == 0:
             self._step = 1
             mechanism, data = messages.parse_sasl_initial_response(payload)
-            if mechanism != _MECHANISM or data is None:
+            offered = (MECHANISM, MECHANISM_PLUS) if self._binding is not None else (MECHANISM,)
+            if mechanism not in offered or data is None:
                 raise AuthenticationFailed(f"unsupported SASL mechanism {mechanism!r}")
+            # An unknown user still gets a full exchange against a fake verifier (with a salt
+            # stable per name, across restarts too), so a client cannot tell "no such user"
+            # from "wrong password".
+            self._server = ScramServer(
+                self._verifier,
+                username=self._user,
+                mock_secret=self._mock[0],
+                mock_iterations=self._mock[1],
+                channel_binding=self._binding,
+                plus=mechanism == MECHANISM_PLUS,
+            )
             server_first = self._server.handle_client_first(data)
             return AuthStep(messages.authentication_sasl_continue(server_first))
         if self._step == 1:
             self._step = 2
+            assert self._server is not None
             server_final = self._server.handle_client_final(payload)
             if self._identity is None:
                 raise AuthenticationFailed("unknown user")
@@ -77,8 +95,9 @@ class LocalAuthenticator:
         iterations = counts.most_common(1)[0][0] if counts else DEFAULT_ITERATIONS
         self._mock = (mock_secret_for(verifiers), iterations)
 
-    def begin(self, user: str, *, tls: bool) -> AuthExchange:
+    def begin(self, user: str, *, tls: bool, channel_binding: bytes | None = None) -> AuthExchange:
+        binding = channel_binding if tls else None
         found = self._users.get(user)
         if found is None:
-            return _ScramExchange(user, None, None, self._mock)
-        return _ScramExchange(user, found[0], found[1], self._mock)
+            return _ScramExchange(user, None, None, self._mock, binding)
+        return _ScramExchange(user, found[0], found[1], self._mock, binding)

@@ -654,7 +654,12 @@ class PgSession(asyncio.Protocol):
     async def _authenticate(self, user: str) -> Identity:
         transport = self.transport
         assert transport is not None
-        exchange = self.services.authenticator.begin(user, tls=self._tls)
+        services = self.services
+        exchange = services.authenticator.begin(
+            user,
+            tls=self._tls,
+            channel_binding=services.client_tls_end_point if self._tls else None,
+        )
         transport.write(exchange.start())
         try:
             while True:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import secrets
 import ssl
 import time
@@ -21,6 +22,25 @@ if TYPE_CHECKING:
 
 # Client hosts whose cancel rate is tracked; the least recently seen is forgotten first.
 _MAX_CANCEL_BUCKETS = 10_000
+
+
+def _rate_key(client_host: str) -> str:
+    """Whose cancel budget an attempt spends: an IPv4 address, or an IPv6 /64.
+
+    One host usually holds a whole IPv6 /64 (SLAAC, privacy addresses, a /64 per VM or
+    container), so counting each IPv6 address on its own let one client take a fresh budget
+    for every guess, and its spray evicted everyone else's from the table.
+    """
+    try:
+        address = ipaddress.ip_address(client_host)
+    except ValueError:
+        return client_host
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:  # ::ffff:a.b.c.d on a dual-stack socket
+            return str(address.ipv4_mapped)
+        # From the integer: a scoped address (fe80::1%eth0) cannot be formatted back.
+        return str(ipaddress.IPv6Network((int(address) >> 64 << 64, 64)))
+    return client_host
 
 
 class CancelRegistry:
@@ -49,8 +69,10 @@ class CancelRegistry:
         return self._sessions.get((pid, key))
 
     def allow_attempt(self, client_host: str, now: float | None = None) -> bool:
-        """Token bucket per client host, so cancel keys cannot be guessed at line rate."""
+        """Token bucket per client host (IPv6: per /64), so cancel keys cannot be guessed at
+        line rate."""
         now = time.monotonic() if now is None else now
+        client_host = _rate_key(client_host)
         buckets = self._buckets
         tokens, last = buckets.pop(client_host, (self._burst, now))
         tokens = min(self._burst, tokens + (now - last) * self._rate)
@@ -81,3 +103,5 @@ class ListenerServices:
     warned_superuser: bool = False  # the service role is a superuser: warned once per listener
     # Classifies very large statements off the event loop (None: everything inline).
     offload: ClassifierPool | None = None
+    # tls-server-end-point data of client_tls's certificate: SCRAM-SHA-256-PLUS over TLS.
+    client_tls_end_point: bytes | None = None

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import ssl
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
 
 from dbward.config.model import ClientTlsSettings, ListenerSettings, UpstreamTlsSettings
 from dbward.core.errors import ConfigError
@@ -17,7 +22,9 @@ def listener_contexts(
     by both, with the key in the same form as other configuration errors.
     """
     try:
-        return server_context(listener.tls), upstream_context(listener.upstream.tls)
+        client = server_context(listener.tls)
+        server_end_point(listener.tls)  # the certificate must be readable for channel binding
+        return client, upstream_context(listener.upstream.tls)
     except ConfigError as exc:
         raise ConfigError(f"listeners[{index}].{exc.message}") from None
 
@@ -60,3 +67,30 @@ def upstream_context(settings: UpstreamTlsSettings) -> ssl.SSLContext | None:
         context.verify_mode = ssl.CERT_NONE
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     return context
+
+
+def server_end_point(settings: ClientTlsSettings) -> bytes | None:
+    """The tls-server-end-point channel binding data (RFC 5929) of the listener's certificate.
+
+    The hash of the leaf certificate (the first in cert_file, the one presented), with the
+    hash function of its signature, SHA-256 in place of MD5 and SHA-1, as PostgreSQL computes
+    it. None when TLS is disabled or the signature names no hash (Ed25519): SCRAM-SHA-256-PLUS
+    is then not offered.
+    """
+    if settings.mode == "disabled" or settings.cert_file is None:
+        return None
+    try:
+        cert = x509.load_pem_x509_certificate(Path(settings.cert_file).read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"tls.cert_file: cannot load {settings.cert_file}: {exc}") from None
+    try:
+        algorithm = cert.signature_hash_algorithm
+    except UnsupportedAlgorithm:  # a signature cryptography cannot name: no binding offered
+        return None
+    if algorithm is None:
+        return None
+    if isinstance(algorithm, hashes.MD5 | hashes.SHA1):
+        algorithm = hashes.SHA256()
+    digest = hashes.Hash(algorithm)
+    digest.update(cert.public_bytes(serialization.Encoding.DER))
+    return digest.finalize()

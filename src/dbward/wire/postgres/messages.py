@@ -689,8 +689,13 @@ def command_complete(tag: str) -> bytes:
 
 
 def negotiate_protocol_version(minor: int, unsupported_options: Sequence[str] = ()) -> bytes:
-    """NegotiateProtocolVersion: newest supported minor version and the options not recognised."""
-    body = _I32.pack(minor) + _I32.pack(len(unsupported_options))
+    """NegotiateProtocolVersion: the newest 3.x version supported, and the options not recognised.
+
+    The field holds the whole version number (major << 16 | minor), as PostgreSQL sends it and
+    libpq reads it: a bare minor (0) reads as protocol 0.0, a "downgrade to pre-3.0" that
+    libpq 18 refuses (`max_protocol_version=3.2`/`latest` could not connect).
+    """
+    body = _I32.pack(3 << 16 | minor) + _I32.pack(len(unsupported_options))
     body += b"".join(_cstr(option) for option in unsupported_options)
     return _frame(b"v", body)
 

@@ -16,8 +16,10 @@ from typing import Final
 from dbward.core.errors import AuthenticationFailed
 
 __all__ = [
+    "CHANNEL_BINDING_TYPE",
     "DEFAULT_ITERATIONS",
     "MECHANISM",
+    "MECHANISM_PLUS",
     "InvalidVerifier",
     "ScramClient",
     "ScramServer",
@@ -30,6 +32,9 @@ __all__ = [
 ]
 
 MECHANISM: Final = "SCRAM-SHA-256"
+MECHANISM_PLUS: Final = "SCRAM-SHA-256-PLUS"
+# RFC 5929: the only channel binding type PostgreSQL (and dbward) supports.
+CHANNEL_BINDING_TYPE: Final = b"tls-server-end-point"
 DEFAULT_ITERATIONS: Final = 4096
 DEFAULT_SALT_BYTES: Final = 16  # PostgreSQL's SCRAM_DEFAULT_SALT_LEN
 NONCE_BYTES: Final = 18  # PostgreSQL's SCRAM_RAW_NONCE_LEN
@@ -278,18 +283,25 @@ def _mock_verifier(username: str, secret: bytes, iterations: int) -> ScramVerifi
 
 
 class ScramServer:
-    """One server-side SCRAM-SHA-256 exchange (no channel binding: -PLUS is never offered).
+    """One server-side SCRAM-SHA-256 or SCRAM-SHA-256-PLUS exchange.
 
     verifier None means the user does not exist: the exchange runs in full against a fake
     verifier and fails only at the proof check, so clients cannot enumerate users. Pass the
     user name from the startup packet as `username` so the fake salt is stable per user.
+
+    `channel_binding` is the tls-server-end-point data of the TLS connection when -PLUS was
+    offered (None: not offered, no TLS); `plus` says the client chose SCRAM-SHA-256-PLUS. As in
+    PostgreSQL, a client that says it supports binding but believes the server does not ('y')
+    while -PLUS was offered has had the offer stripped on its way: refused (RFC 5802 §6).
     """
 
     __slots__ = (
         "_auth_prefix",
+        "_binding",
         "_client_first_bare",
         "_gs2_header",
         "_nonce",
+        "_plus",
         "_real",
         "_server_first",
         "_state",
@@ -305,7 +317,13 @@ class ScramServer:
         username: str = "",
         mock_secret: bytes | None = None,
         mock_iterations: int = DEFAULT_ITERATIONS,
+        channel_binding: bytes | None = None,
+        plus: bool = False,
     ) -> None:
+        if plus and not channel_binding:
+            raise ValueError("SCRAM-SHA-256-PLUS needs the channel binding data")
+        self._binding = channel_binding
+        self._plus = plus
         self._real = verifier is not None
         self._verifier = (
             verifier
@@ -329,15 +347,38 @@ class ScramServer:
         self._state = 1  # any failure below ends the exchange
         if len(data) > MAX_MESSAGE_BYTES:
             raise AuthenticationFailed("SCRAM client-first-message too long")
-        if data[:2] == b"p=":
-            raise AuthenticationFailed("SCRAM channel binding requested but not offered")
-        if data[:2] not in (b"n,", b"y,"):
+        flag = data[:2]
+        if flag == b"p=":
+            if not self._plus:
+                raise AuthenticationFailed(
+                    "SCRAM channel binding requested without choosing SCRAM-SHA-256-PLUS"
+                )
+            flag_end = data.find(b",", 2)
+            if flag_end < 0:
+                raise AuthenticationFailed("malformed SCRAM client-first-message: bad gs2 flag")
+            if data[2:flag_end] != CHANNEL_BINDING_TYPE:
+                raise AuthenticationFailed("unsupported SCRAM channel binding type")
+        elif flag == b"y,":
+            if self._plus:
+                raise AuthenticationFailed("SCRAM-SHA-256-PLUS chosen without channel binding data")
+            if self._binding is not None:
+                # The client can bind but was told the server cannot: a downgrade.
+                raise AuthenticationFailed(
+                    "SCRAM channel binding negotiation error: the client supports channel "
+                    "binding but thinks the server does not, and this server offered it"
+                )
+            flag_end = 1
+        elif flag == b"n,":
+            if self._plus:
+                raise AuthenticationFailed("SCRAM-SHA-256-PLUS chosen without channel binding data")
+            flag_end = 1
+        else:
             raise AuthenticationFailed("malformed SCRAM client-first-message: bad gs2 flag")
         # The authzid field ends at the next comma.
-        comma = data.find(b",", 2)
+        comma = data.find(b",", flag_end + 1)
         if comma < 0:
             raise AuthenticationFailed("malformed SCRAM client-first-message: no gs2 header end")
-        if comma != 2:
+        if comma != flag_end + 1:
             raise AuthenticationFailed("SCRAM authorization identity is not supported")
         gs2_header = data[: comma + 1]
         bare = data[comma + 1 :]
@@ -381,8 +422,12 @@ class ScramServer:
             proof = _b64decode(data[proof_at + 3 :])
         except ValueError:
             raise AuthenticationFailed("malformed SCRAM client-final-message: bad base64") from None
-        if binding != self._gs2_header:
-            raise AuthenticationFailed("SCRAM channel binding does not match the gs2 header")
+        expected = self._gs2_header
+        if self._plus:
+            assert self._binding is not None
+            expected += self._binding
+        if not hmac.compare_digest(binding, expected):
+            raise AuthenticationFailed("SCRAM channel binding does not match")
         if not hmac.compare_digest(attrs[1][1], self._nonce):
             raise AuthenticationFailed("SCRAM nonce does not match")
         if len(proof) != _KEY_BYTES:
