@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dbward.audit.process import ProcessAuditSink
 from dbward.config.model import Config
 from dbward.core.errors import AuditUnavailable
+from dbward.identity.auth_secret import load_auth_secret
 from dbward.identity.local import LocalAuthenticator
 from dbward.relay.services import CancelRegistry, ListenerServices
 from dbward.server.listener import PgListener
@@ -36,7 +37,9 @@ class Runtime:
         self.audit.start(asyncio.get_running_loop())
         classifier = PostgresClassifier(max_statements=self.config.max_statements_per_query)
         offload = self.offload
-        authenticator = LocalAuthenticator(self.config.users)
+        authenticator = LocalAuthenticator(
+            self.config.users, mock_secret=load_auth_secret(self.config.auth_secret_path)
+        )
         try:
             for index, settings in enumerate(self.config.listeners):
                 client_tls, upstream_tls = listener_contexts(settings, index)

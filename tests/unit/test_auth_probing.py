@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import json
+import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from dbward.config.model import UserSettings
-from dbward.core.errors import AuthenticationFailed
+from dbward.config.model import Config, UserSettings
+from dbward.core.errors import AuthenticationFailed, ConfigError
+from dbward.identity.auth_secret import load_auth_secret
 from dbward.identity.local import LocalAuthenticator
 from dbward.relay.services import CancelRegistry
 from dbward.wire.postgres import messages
 from dbward.wire.postgres.scram import make_verifier
 
+_SECRET = b"\x07" * 32
 USERS = [
     UserSettings(name="alice", password_verifier=make_verifier("a-pass", iterations=8192)),
     UserSettings(name="bob", password_verifier=make_verifier("b-pass", iterations=8192)),
@@ -23,17 +27,19 @@ USERS = [
 ]
 
 
-def _salts_in_a_new_process(verifiers: dict[str, str]) -> dict[str, str]:
+def _salts_in_a_new_process(verifiers: dict[str, str], secret_file: Path) -> dict[str, str]:
     """Start a fresh interpreter (a restarted proxy) and collect the salts it hands out."""
     script = f"""
 import asyncio, json
+from pathlib import Path
 from dbward.config.model import UserSettings
+from dbward.identity.auth_secret import load_auth_secret
 from dbward.identity.local import LocalAuthenticator
 from dbward.wire.postgres import messages
 from dbward.wire.postgres.scram import ScramClient
 
 users = [UserSettings(name=n, password_verifier=v) for n, v in {verifiers!r}.items()]
-auth = LocalAuthenticator(users)
+auth = LocalAuthenticator(users, mock_secret=load_auth_secret(Path({str(secret_file)!r})))
 
 async def first(name):
     client = ScramClient("whatever")
@@ -51,14 +57,65 @@ print(json.dumps({{n: asyncio.run(first(n)) for n in names}}))
     return result
 
 
-def test_unknown_user_salts_survive_a_restart_like_real_ones() -> None:
+def test_unknown_user_salts_survive_a_restart_like_real_ones(tmp_path: Path) -> None:
     """Comparing salts across a restart must not single out the names that do not exist."""
     verifiers = {user.name: user.password_verifier for user in USERS}
-    first, second = _salts_in_a_new_process(verifiers), _salts_in_a_new_process(verifiers)
+    secret = tmp_path / "dbward-auth.key"
+    first = _salts_in_a_new_process(verifiers, secret)
+    second = _salts_in_a_new_process(verifiers, secret)
     assert first == second
     assert len({first["mallory"], first["root"], first["alice"]}) == 3
     # Unknown names get the iteration count most configured users have.
     assert first["mallory"].endswith(",i=8192") and first["alice"].endswith(",i=8192")
+
+
+def test_unknown_user_salts_survive_a_change_of_users(tmp_path: Path) -> None:
+    """Sixteenth review: the fake salts were derived from every configured user's key, so
+    adding a user (or rotating any password) changed every unknown name's salt while real
+    users' salts stayed; salts recorded before and after told exactly which names exist."""
+    secret = tmp_path / "dbward-auth.key"
+    before = {user.name: user.password_verifier for user in USERS}
+    after = dict(before, dave=make_verifier("d-pass"), carol=make_verifier("c-new"))
+    first = _salts_in_a_new_process(before, secret)
+    second = _salts_in_a_new_process(after, secret)
+    assert first["mallory"] == second["mallory"] and first["root"] == second["root"]
+    assert first["alice"] == second["alice"] and first["bob"] == second["bob"]
+
+
+def test_auth_secret_file_is_created_private_and_kept(tmp_path: Path) -> None:
+    path = tmp_path / "dbward-auth.key"
+    secret = load_auth_secret(path)
+    assert len(secret) == 32
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert load_auth_secret(path) == secret
+    assert LocalAuthenticator(USERS, mock_secret=secret)  # what the runtime builds
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        ("not hex\n", "expected 64 hexadecimal digits"),
+        ("abcd\n", "holds 2 bytes, expected 32"),
+        ("00" * 600, "too large"),
+    ],
+)
+def test_a_bad_auth_secret_file_names_the_key(tmp_path: Path, content: str, why: str) -> None:
+    path = tmp_path / "dbward-auth.key"
+    path.write_text(content)
+    with pytest.raises(ConfigError, match=f"auth_secret_file: .*{why}"):
+        load_auth_secret(path)
+
+
+def test_auth_secret_file_defaults_to_the_audit_folder(tmp_path: Path) -> None:
+    listener = {"name": "pg", "upstream": {"host": "127.0.0.1", "user": "svc"}}
+    config = Config.model_validate(
+        {"listeners": [listener], "audit": {"path": str(tmp_path / "a" / "audit.db")}}
+    )
+    assert config.auth_secret_path == tmp_path / "a" / "dbward-auth.key"
+    chosen = Config.model_validate(
+        {"listeners": [listener], "auth_secret_file": str(tmp_path / "k")}
+    )
+    assert chosen.auth_secret_path == tmp_path / "k"
 
 
 def test_a_spray_of_cancel_sources_keeps_the_rate_table_bounded_and_cheap() -> None:
@@ -101,7 +158,11 @@ def test_cancel_attempts_from_one_ipv6_64_share_one_budget() -> None:
 
 
 def _offer(tls: bool, binding: bytes | None) -> bytes:
-    return LocalAuthenticator(USERS).begin("alice", tls=tls, channel_binding=binding).start()
+    return (
+        LocalAuthenticator(USERS, mock_secret=_SECRET)
+        .begin("alice", tls=tls, channel_binding=binding)
+        .start()
+    )
 
 
 def test_scram_plus_offered_only_over_tls_with_a_binding() -> None:
@@ -116,6 +177,8 @@ def test_scram_plus_offered_only_over_tls_with_a_binding() -> None:
 def test_scram_plus_chosen_when_not_offered_is_refused() -> None:
     frame = messages.sasl_initial_response("SCRAM-SHA-256-PLUS", b"p=tls-server-end-point,,n=,r=x")
     for name in ("alice", "mallory"):
-        exchange = LocalAuthenticator(USERS).begin(name, tls=False, channel_binding=b"\x01" * 32)
+        exchange = LocalAuthenticator(USERS, mock_secret=_SECRET).begin(
+            name, tls=False, channel_binding=b"\x01" * 32
+        )
         with pytest.raises(AuthenticationFailed, match="unsupported SASL mechanism"):
             asyncio.run(exchange.step(frame[5:]))

@@ -57,12 +57,15 @@ def serve(config_path: Path) -> None:
 def check_config(config_path: Path) -> None:
     """Validate a configuration file and exit (2 when invalid)."""
     from dbward.config import load_config
+    from dbward.identity.auth_secret import load_auth_secret
     from dbward.server.tls import listener_contexts
 
     try:
         config = load_config(config_path)
         for index, listener in enumerate(config.listeners):
             listener_contexts(listener, index)  # certificates, keys, CA files load as in `serve`
+        if config.auth_secret_path.exists():  # `serve` creates it when missing
+            load_auth_secret(config.auth_secret_path)
     except ConfigError as exc:
         click.echo(f"dbward: {exc.message}", err=True)
         sys.exit(2)

@@ -169,6 +169,16 @@ class Config(_Strict):
     # Statements accepted in one query string (each costs the shared event loop two audit
     # records); a larger string is refused whole with SQLSTATE 54000.
     max_statements_per_query: int = Field(default=DEFAULT_MAX_STATEMENTS, ge=1, le=1_000_000)
+    # dbward's secret for the fake SCRAM salts of unknown user names, created on first start;
+    # default: dbward-auth.key in the audit log's folder. Replicas should share one.
+    auth_secret_file: Path | None = None
+
+    @property
+    def auth_secret_path(self) -> Path:
+        """Where the auth secret is kept (auth_secret_file, or beside the audit log)."""
+        if self.auth_secret_file is not None:
+            return self.auth_secret_file
+        return self.audit.path.parent / "dbward-auth.key"
 
     @model_validator(mode="after")
     def _unique_names(self) -> Config:

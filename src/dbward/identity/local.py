@@ -16,7 +16,6 @@ from dbward.wire.postgres.scram import (
     MECHANISM_PLUS,
     ScramServer,
     ScramVerifier,
-    mock_secret_for,
     parse_verifier,
 )
 
@@ -81,7 +80,9 @@ class _ScramExchange:
 class LocalAuthenticator:
     """Authenticates the users declared under `users:` in the configuration."""
 
-    def __init__(self, users: Iterable[UserSettings]) -> None:
+    def __init__(self, users: Iterable[UserSettings], *, mock_secret: bytes) -> None:
+        """`mock_secret` keys the fake salts of unknown names: it must never change (see
+        dbward.identity.auth_secret)."""
         self._users: dict[str, tuple[Identity, ScramVerifier]] = {}
         for user in users:
             identity = Identity(
@@ -93,7 +94,7 @@ class LocalAuthenticator:
         # give them away.
         counts = Counter(verifier.iterations for verifier in verifiers)
         iterations = counts.most_common(1)[0][0] if counts else DEFAULT_ITERATIONS
-        self._mock = (mock_secret_for(verifiers), iterations)
+        self._mock = (mock_secret, iterations)
 
     def begin(self, user: str, *, tls: bool, channel_binding: bytes | None = None) -> AuthExchange:
         binding = channel_binding if tls else None

@@ -9,7 +9,6 @@ import hmac
 import secrets
 import stringprep
 import unicodedata
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
 
@@ -26,7 +25,6 @@ __all__ = [
     "ScramVerifier",
     "make_verifier",
     "md5_password",
-    "mock_secret_for",
     "parse_verifier",
     "saslprep",
 ]
@@ -250,22 +248,9 @@ def _escape_username(name: str) -> bytes:
 
 
 # Only for servers built without a mock secret (tests, tools): the salts it gives unknown users
-# change at every start, which a prober can tell from real users' salts (see mock_secret_for).
+# change at every start, which a prober can tell from real users' salts (the proxy passes the
+# secret from dbward.identity.auth_secret).
 _MOCK_SECRET: Final = secrets.token_bytes(32)
-
-
-def mock_secret_for(verifiers: Iterable[ScramVerifier]) -> bytes:
-    """A secret for the fake salts of unknown users that survives restarts.
-
-    Derived from the configured verifiers' server keys (secret, never sent to clients): the fake
-    salt of an unknown name stays the same from one start to the next, as a real user's does,
-    so comparing salts across a restart (or between replicas with the same users) does not
-    reveal which names exist. It changes only when the configured users or passwords change.
-    """
-    digest = hashlib.sha256(b"dbward scram mock secret\x00")
-    for server_key in sorted(verifier.server_key for verifier in verifiers):
-        digest.update(server_key)
-    return digest.digest()
 
 
 def _mock_verifier(username: str, secret: bytes, iterations: int) -> ScramVerifier:
