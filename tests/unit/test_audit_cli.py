@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import time
 from pathlib import Path
 
@@ -175,3 +176,73 @@ def test_time_param() -> None:
     assert param.convert("1970-01-01 00:00:02", None, None) == 2000  # naive means UTC
     with pytest.raises(click.BadParameter):
         param.convert("15 parsecs", None, None)
+
+
+def test_huge_counts_mean_everything(db: Path) -> None:
+    """-n/--limit past SQLite's integer range crashed with an OverflowError traceback."""
+    for args in (("tail", "-n"), ("search", "--limit")):
+        code, out, err = invoke(*args, "99999999999999999999", "--json", "--audit-db", str(db))
+        assert code == 0, err
+        assert [json.loads(line)["seq"] for line in out.splitlines()] == [1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    "value", ["99999999999999999999d", "9999999999999999d", "9" * 5000 + "s", "1" * 400 + "w"]
+)
+def test_out_of_range_times_are_usage_errors(db: Path, value: str) -> None:
+    """They crashed with an OverflowError (or int()'s digit limit) traceback, exit 1."""
+    code, _, err = invoke("search", "--since", value, "--audit-db", str(db))
+    assert code == 2
+    assert "--since" in err and "out of range" in err
+    assert "Traceback" not in err
+
+
+def test_search_for_text_that_is_not_utf8(tmp_path: Path) -> None:
+    """A filter holding undecodable bytes (a non-UTF-8 argv) crashed with UnicodeEncodeError;
+    it now matches the text as the writer stored it (undecodable bytes as \\udcXX)."""
+    path = tmp_path / "audit.db"
+
+    async def main() -> None:
+        sink = SqliteAuditSink(path)
+        sink.start()
+        sink.append(
+            AuditRecord(event=AuditEvent.AUTH_FAIL, ts_ms=NOW, session_id="s", identity="b\udcffd")
+        )
+        await sink.close()
+
+    asyncio.run(main())
+    for option in ("--identity", "--session", "--kind", "--table", "--event", "--status"):
+        code, _, err = invoke("search", option, "x\udcff", "--audit-db", str(path))
+        assert code == 0, err
+    code, out, err = invoke("search", "--identity", "b\udcffd", "--json", "--audit-db", str(path))
+    assert code == 0, err
+    assert [json.loads(line)["identity"] for line in out.splitlines()] == ["b\\udcffd"]
+
+
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [
+        ("tables", "'not json'"),
+        ("tables", "'\"abc\"'"),
+        ("tables", "'{\"a\": 1}'"),
+        ("ts_ms", "999999999999999999"),
+        ("ts_ms", "'abc'"),
+        ("sql_text", "x'41ff00'"),
+        ("rows", "'x'"),
+        ("duration_ms", "'abc'"),
+        ("duration_ms", "1e999"),
+        ("statement_id", "'x'"),
+    ],
+)
+def test_a_malformed_record_is_a_clear_error(db: Path, column: str, value: str) -> None:
+    """A damaged or hand-edited row crashed tail/search with a traceback (or printed
+    Infinity, which is not JSON); it is now named, exit 2."""
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute("DROP TRIGGER audit_log_no_update")
+    conn.execute(f"UPDATE audit_log SET {column} = {value} WHERE seq = 2")
+    conn.close()
+    for args in (("tail",), ("tail", "--json"), ("search", "--identity", "bob")):
+        code, out, err = invoke(*args, "--audit-db", str(db))
+        assert code == 2, (args, out, err)
+        assert "record seq 2 is malformed" in err and column in err
+        assert "Traceback" not in err

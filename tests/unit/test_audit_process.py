@@ -636,3 +636,78 @@ def test_close_with_nothing_pending_does_not_wait_for_a_dead_writer(tmp_path: Pa
         assert time.monotonic() - t0 < 1
 
     asyncio.run(asyncio.wait_for(run(), 5))
+
+
+def _commit_directly(db: Path, records: list[AuditRecord]) -> None:
+    """Commit records as the writer would (the next seqs), from another connection."""
+    conn = sqlite3.connect(db, isolation_level=None)
+    try:
+        fields = AuditRecord._fields
+        conn.executemany(
+            f"INSERT INTO audit_log ({', '.join(fields)}) VALUES ({', '.join('?' * len(fields))})",
+            [(*r[:-1], None) for r in records],
+        )
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("landed", [1, 2, 3])
+def test_a_batch_committed_by_a_writer_killed_before_its_ack_is_not_written_twice(
+    tmp_path: Path, landed: int
+) -> None:
+    """kill -9 between the child's COMMIT and its ack: the proxy resent the whole batch to the
+    restarted writer, so its records were in the log twice (seen with a stream of records and
+    random kills: 9 duplicates in 20 kills). The stopped child stands in for that moment: the
+    batch waits in its stdin while its first `landed` records are committed for it."""
+    db = tmp_path / "audit.db"
+
+    async def run() -> None:
+        sink = ProcessAuditSink(db)
+        sink.start()
+        await sink.append_durable(_record(1))
+        assert sink._process is not None
+        old = sink._process
+        os.kill(old.pid, signal.SIGSTOP)
+        batch = [_record(2), _record(3), _record(4)]
+        sink.append(batch[0])
+        sink.append(batch[1])
+        waiting = sink.append_durable(batch[2])
+        await asyncio.sleep(0.05)  # sent: the stopped child holds it unread
+        assert sink._unacked_records == 3
+        _commit_directly(db, batch[:landed])
+        os.kill(old.pid, signal.SIGKILL)
+        with pytest.raises(AuditUnavailable):
+            await waiting  # its ack never came: refused, as before
+        await _wait_for(lambda: sink._process is not old and sink.healthy)
+        await sink.append_durable(_record(5))
+        await sink.close()
+
+    asyncio.run(run())
+    records = query.tail(db, 10)
+    assert [r.statement_id for r in records] == [1, 2, 3, 4, 5]
+    assert [r.seq for r in records] == [1, 2, 3, 4, 5]
+
+
+def test_records_in_the_log_that_are_not_the_resent_ones_are_not_skipped(tmp_path: Path) -> None:
+    """Only records that are the unacknowledged ones are taken as committed: another writer's
+    rows at those seqs do not make the proxy drop its own."""
+    db = tmp_path / "audit.db"
+
+    async def run() -> None:
+        sink = ProcessAuditSink(db)
+        sink.start()
+        await sink.append_durable(_record(1))
+        assert sink._process is not None
+        old = sink._process
+        os.kill(old.pid, signal.SIGSTOP)
+        waiting = sink.append_durable(_record(2))
+        await asyncio.sleep(0.05)
+        _commit_directly(db, [_record(99)])
+        os.kill(old.pid, signal.SIGKILL)
+        with pytest.raises(AuditUnavailable):
+            await waiting
+        await _wait_for(lambda: sink._process is not old and sink.healthy)
+        await sink.close()
+
+    asyncio.run(run())
+    assert [r.statement_id for r in query.tail(db, 10)] == [1, 99, 2]

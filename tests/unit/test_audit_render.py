@@ -29,6 +29,19 @@ def test_escaped_text_is_one_printable_line(s: str) -> None:
     assert escape_text(out) == out
 
 
+def test_invisible_printable_characters_are_escaped() -> None:
+    """Characters that draw nothing yet count as printable (variation selectors, the combining
+    grapheme joiner, Hangul fillers, Mongolian free variation selectors) made two different
+    texts look the same: `alice` and `alice\ufe0f`, a table `users` and `users\u3164`."""
+    assert escape_text("alice\ufe0f") == "alice\\ufe0f"
+    assert escape_text("users\u3164") == "users\\u3164"
+    assert escape_text("a\u034fb\u115f\u1160\u17b4\u17b5\u180b\u180f\uffa0") == (
+        "a\\u034fb\\u115f\\u1160\\u17b4\\u17b5\\u180b\\u180f\\uffa0"
+    )
+    assert escape_text("x\U000e0100") == "x\\U000e0100"
+    assert escape_text("e\u0301 \u2800") == "e\u0301 \u2800"  # a visible accent stays
+
+
 def test_format_ts() -> None:
     assert format_ts(1_700_000_000_123) == "2023-11-14T22:13:20.123Z"
     assert format_ts(0) == "1970-01-01T00:00:00.000Z"

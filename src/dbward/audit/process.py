@@ -19,6 +19,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+from dbward.audit.query import open_readonly
 from dbward.audit.records import AuditRecord
 from dbward.audit.sink import HeldRecord
 from dbward.audit.writer_process import FrameReader, encode_frame
@@ -100,7 +101,7 @@ class ProcessAuditSink:
         self._closing = False
         self._closed = False
         # A restart runs in a thread (it waits for the new child to open the log).
-        self._relaunch: asyncio.Future[tuple[subprocess.Popen[bytes], int]] | None = None
+        self._relaunch: asyncio.Future[tuple[subprocess.Popen[bytes], int, int]] | None = None
         self._launching: subprocess.Popen[bytes] | None = None
         self.last_error = ""
         self.last_seq = 0
@@ -477,34 +478,53 @@ class ProcessAuditSink:
         loop = self._loop
         if self._closing or loop is None:
             return
-        self._relaunch = loop.run_in_executor(None, self._relaunch_blocking, self._process)
+        # What the dead writer was sent and did not acknowledge (stable while it is down).
+        payloads = [batch.payload for _, batch in self._unacked]
+        self._relaunch = loop.run_in_executor(
+            None, self._relaunch_blocking, self._process, payloads, self.last_seq
+        )
         self._relaunch.add_done_callback(self._on_relaunched)
 
     def _relaunch_blocking(
-        self, old: subprocess.Popen[bytes] | None
-    ) -> tuple[subprocess.Popen[bytes], int]:
-        """Reap the dead writer, then start a new one (runs in a thread)."""
+        self, old: subprocess.Popen[bytes] | None, payloads: list[bytes], acked_seq: int
+    ) -> tuple[subprocess.Popen[bytes], int, int]:
+        """Reap the dead writer, then start a new one (runs in a thread).
+
+        Also returns how many of the unacknowledged records the dead writer had committed.
+        """
         if old is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 old.wait(timeout=1)
-        return self._launch()
+        process, last_seq = self._launch()
+        try:
+            landed = _count_landed(self.path, payloads, acked_seq, last_seq)
+        except Exception as exc:  # resending is the safe side: never lose a record
+            log.error("cannot compare the audit log with the unacknowledged records: %s", exc)
+            landed = 0
+        return process, last_seq, landed
 
-    def _on_relaunched(self, future: asyncio.Future[tuple[subprocess.Popen[bytes], int]]) -> None:
+    def _on_relaunched(
+        self, future: asyncio.Future[tuple[subprocess.Popen[bytes], int, int]]
+    ) -> None:
         """Attach the new writer (the sink stays unhealthy until now), or try again later."""
         self._relaunch = None
         if future.cancelled():
             return
         exc = future.exception()
         if exc is None:
-            process, last_seq = future.result()
+            process, last_seq, landed = future.result()
             if self._closing:
                 process.kill()
                 process.communicate()  # reap it and close its pipes
                 return
+            if 0 < landed <= self._unacked_records:
+                self._drop_landed(landed)
             self._attach(process, last_seq)
             self._healthy = True  # a fresh child that opened the log
             log.warning(
-                "audit writer restarted; resending %d unacknowledged records",
+                "audit writer restarted; %d unacknowledged records were committed before it "
+                "died, resending %d",
+                landed,
                 self._unacked_records,
             )
             return
@@ -513,6 +533,24 @@ class ProcessAuditSink:
         loop = self._loop
         if loop is not None and not self._closing:
             loop.call_later(1.0, self._restart)
+
+    def _drop_landed(self, landed: int) -> None:
+        """Forget the first `landed` unacknowledged records: the dead writer committed them
+        (it died before its ack), so resending them would write them twice."""
+        unacked = self._unacked
+        while landed:
+            batch_no, batch = unacked[0]
+            if batch.count <= landed:
+                unacked.popleft()
+                self._unacked_records -= batch.count
+                landed -= batch.count
+                continue
+            # Part of a batch (the writer may commit a batch in two transactions).
+            ((_, rows),) = FrameReader().feed(batch.payload)
+            batch.payload = encode_frame((batch_no, rows[landed:]))
+            batch.count -= landed
+            self._unacked_records -= landed
+            landed = 0
 
     def _writer_down(self) -> AuditUnavailable:
         return AuditUnavailable(f"audit log unavailable: {self.last_error}")
@@ -524,3 +562,55 @@ class ProcessAuditSink:
             f"audit log backlog is full ({self._max_pending} records pending): "
             f"{self.last_error or 'writer too slow'}"
         )
+
+
+# Fields that tell a record from another in `_count_landed` (text fields may have been made
+# storable on the way in, see sqlite._clean; these never are).
+_KEY_FIELDS = ("ts_ms", "session_id", "event", "statement_id", "sql_sha256", "status")
+_KEY_INDEXES = tuple(AuditRecord._fields.index(name) for name in _KEY_FIELDS)
+
+
+def _count_landed(path: Path, payloads: list[bytes], acked_seq: int, last_seq: int) -> int:
+    """How many of the records in `payloads` (unacknowledged batches, in order) the log holds.
+
+    The writer commits records in the order it got them, so the ones it committed before it
+    died are the first `last_seq - acked_seq` (seqs acked_seq+1 ..last_seq), if the log holds
+    nothing else there: they are counted only if every one of them is the record expected
+    at its seq. 0 otherwise (everything is resent, as after any other loss).
+    """
+    landed = last_seq - acked_seq
+    if landed <= 0 or not payloads:
+        return 0
+    expected: list[tuple[Any, ...]] = []
+    for payload in payloads:
+        ((_, rows),) = FrameReader().feed(payload)
+        expected.extend(rows[: landed - len(expected)])
+        if len(expected) == landed:
+            break
+    if len(expected) < landed:
+        log.error(
+            "the audit log holds %d records past the last acknowledged seq %d, more than were "
+            "sent: is another process writing it?",
+            landed,
+            acked_seq,
+        )
+        return 0
+    columns = ", ".join(_KEY_FIELDS)
+    conn = open_readonly(path)
+    try:
+        stored = conn.execute(
+            f"SELECT {columns} FROM audit_log WHERE seq > ? AND seq <= ? ORDER BY seq",
+            (acked_seq, last_seq),
+        ).fetchall()
+    finally:
+        conn.close()
+    wanted = [tuple(row[i] for i in _KEY_INDEXES) for row in expected]
+    if [tuple(row) for row in stored] != wanted:
+        log.error(
+            "the audit log holds records at seqs %d..%d that are not the unacknowledged ones: "
+            "resending them all",
+            acked_seq + 1,
+            last_seq,
+        )
+        return 0
+    return landed

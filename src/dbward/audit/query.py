@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -12,7 +13,7 @@ from dbward.audit.records import AuditEvent, AuditRecord
 from dbward.audit.sqlite import check_schema
 from dbward.core.errors import AuditUnavailable
 
-__all__ = ["follow", "open_readonly", "search", "tail"]
+__all__ = ["MAX_TS_MS", "MIN_TS_MS", "MalformedRecord", "follow", "open_readonly", "search", "tail"]
 
 # Columns in AuditRecord field order (seq last), so a row becomes a record by position.
 _SELECT = f"SELECT {', '.join(AuditRecord._fields)} FROM audit_log"
@@ -44,11 +45,69 @@ def open_readonly(path: Path | str) -> sqlite3.Connection:
     return conn
 
 
+# SQLite's integer range: larger counts mean "all", and no stored ts_ms lies beyond it.
+_SQLITE_MAX = 2**63 - 1
+# The times a record can carry and be shown: 0001-01-01T00:00:00Z .. 9999-12-31T23:59:59.999Z.
+MIN_TS_MS = -62_135_596_800_000
+MAX_TS_MS = 253_402_300_799_999
+
+_INTEGER = ("ts_ms", "statement_id")
+_SEQ = AuditRecord._fields.index("seq")
+_TS = AuditRecord._fields.index("ts_ms")
+_ROWS = AuditRecord._fields.index("rows")
+_DURATION = AuditRecord._fields.index("duration_ms")
+_TEXT_INDEXES = tuple(
+    i
+    for i, name in enumerate(AuditRecord._fields)
+    if name not in (*_INTEGER, "tables", "rows", "duration_ms", "seq")
+)
+
+
+class MalformedRecord(ValueError):
+    """A row no dbward writer produced (a damaged or hand-edited log)."""
+
+    def __init__(self, seq: object, column: str, expected: str) -> None:
+        super().__init__(f"record seq {seq} is malformed ({column} is not {expected})")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _record(row: tuple[object, ...]) -> AuditRecord:
+    """A row as a record, checked: every field has the type the writer gives it, so the
+    renderers can neither crash on a damaged row nor print what is not JSON (NaN, Infinity)."""
     values = list(row)
+    seq = values[_SEQ]
+    for name in _INTEGER:
+        if not _is_int(values[AuditRecord._fields.index(name)]):
+            raise MalformedRecord(seq, name, "an integer")
+    if not MIN_TS_MS <= values[_TS] <= MAX_TS_MS:  # type: ignore[operator]
+        raise MalformedRecord(seq, "ts_ms", "a time between the years 1 and 9999")
+    for i in _TEXT_INDEXES:
+        value = values[i]
+        if value is None:
+            values[i] = ""  # a row inserted by hand without this column
+        elif not isinstance(value, str):
+            raise MalformedRecord(seq, AuditRecord._fields[i], "text")
+    rows = values[_ROWS]
+    if rows is not None and not _is_int(rows):
+        raise MalformedRecord(seq, "rows", "an integer")
+    duration = values[_DURATION]
+    if duration is not None and not (
+        _is_int(duration) or (isinstance(duration, float) and math.isfinite(duration))
+    ):
+        raise MalformedRecord(seq, "duration_ms", "a finite number")
+    raw_tables = values[_TABLES] or "[]"
+    try:
+        tables = json.loads(raw_tables) if isinstance(raw_tables, str) else None
+    except ValueError:
+        tables = None
+    if not isinstance(tables, list) or not all(isinstance(t, str) for t in tables):
+        raise MalformedRecord(seq, "tables", "a JSON list of names")
+    values[_TABLES] = tuple(tables)
     event = str(values[_EVENT])
     values[_EVENT] = AuditEvent(event) if event in AuditEvent._value2member_map_ else event
-    values[_TABLES] = tuple(json.loads(str(values[_TABLES] or "[]")))
     return AuditRecord._make(values)
 
 
@@ -58,8 +117,20 @@ def _run(path: Path | str, sql: str, params: list[object]) -> list[AuditRecord]:
         return [_record(row) for row in conn.execute(sql, params)]
     except sqlite3.Error as exc:
         raise AuditUnavailable(f"cannot read audit log {path}: {exc}") from exc
+    except MalformedRecord as exc:
+        raise AuditUnavailable(f"audit log {path}: {exc}") from exc
     finally:
         conn.close()
+
+
+def _as_stored(text: str) -> str:
+    """Filter text as the writer stores it: undecodable bytes (lone surrogates, e.g. from a
+    non-UTF-8 command line) become \\udcXX text, which SQLite can bind."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _clamp(value: int) -> int:
+    return max(-_SQLITE_MAX, min(value, _SQLITE_MAX))
 
 
 def tail(path: Path | str, n: int = 20) -> list[AuditRecord]:
@@ -67,7 +138,7 @@ def tail(path: Path | str, n: int = 20) -> list[AuditRecord]:
     if n <= 0:
         return []
     sql = f"SELECT * FROM ({_SELECT} ORDER BY seq DESC LIMIT ?) ORDER BY seq"
-    return _run(path, sql, [n])
+    return _run(path, sql, [_clamp(n)])
 
 
 def search(
@@ -95,37 +166,38 @@ def search(
     params: list[object] = []
     if identity is not None:
         where.append("identity = ?")
-        params.append(identity)
+        params.append(_as_stored(identity))
     if session is not None:
         # A prefix search via range, so no LIKE wildcards from user input and the index is used.
         where.append("(session_id >= ? AND session_id < ?)")
+        session = _as_stored(session)
         params += [session, session + "\U0010ffff"]
     if kind is not None:
         where.append("kind = ?")
-        params.append(kind)
+        params.append(_as_stored(kind))
     if event is not None:
         where.append("event = ?")
-        params.append(event)
+        params.append(_as_stored(event))
     if status is not None:
         where.append("status = ?")
-        params.append(status)
+        params.append(_as_stored(status))
     if table is not None:
         where.append("EXISTS (SELECT 1 FROM json_each(audit_log.tables) WHERE value = ?)")
-        params.append(table)
+        params.append(_as_stored(table))
     if since_ms is not None:
         where.append("ts_ms >= ?")
-        params.append(since_ms)
+        params.append(_clamp(since_ms))
     if until_ms is not None:
         where.append("ts_ms < ?")
-        params.append(until_ms)
+        params.append(_clamp(until_ms))
     if after_seq is not None:
         where.append("seq > ?")
-        params.append(after_seq)
+        params.append(_clamp(after_seq))
     if limit <= 0:
         return []
     cond = f" WHERE {' AND '.join(where)}" if where else ""
     sql = f"SELECT * FROM ({_SELECT}{cond} ORDER BY seq DESC LIMIT ?) ORDER BY seq"
-    return _run(path, sql, [*params, limit])
+    return _run(path, sql, [*params, _clamp(limit)])
 
 
 def follow(
@@ -144,7 +216,10 @@ def follow(
                 f"{_SELECT} WHERE seq > ? ORDER BY seq LIMIT 1000", (last,)
             ).fetchall()
             for row in rows:
-                rec = _record(row)
+                try:
+                    rec = _record(row)
+                except MalformedRecord as exc:
+                    raise AuditUnavailable(f"audit log {path}: {exc}") from exc
                 last = rec.seq or last
                 yield rec
             if not rows:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from datetime import UTC, datetime
 
 from rich.table import Table
@@ -27,17 +28,31 @@ def _escape_char(ch: str) -> str:
     return f"\\U{code:08x}"
 
 
+# Default-ignorable code points that `str.isprintable` accepts (they are not Cf): they draw
+# nothing, so "alice" and "alice\ufe0f" would look the same. Variation selectors, the combining
+# grapheme joiner, Hangul fillers, Khmer inherent vowels, Mongolian free variation selectors.
+_INVISIBLE = re.compile(
+    "[\u034f\u115f\u1160\u17b4\u17b5\u180b-\u180d\u180f\u3164\ufe00-\ufe0f\uffa0"
+    "\U000e0100-\U000e01ef]"
+)
+
+
+def _shown(ch: str) -> str:
+    return ch if ch.isprintable() and not _INVISIBLE.match(ch) else _escape_char(ch)
+
+
 def escape_text(value: str) -> str:
     """Client text made safe for a terminal: one line, no control sequences.
 
     Everything `str.isprintable` rejects is escaped: C0/C1 controls and ESC (\\xNN), newlines,
     bidi overrides and zero-width characters (Cf), line separators, lone surrogates
-    (undecodable bytes) and unassigned code points. Backslashes are left alone, so the
-    result is for reading, not for parsing back.
+    (undecodable bytes) and unassigned code points; so are the printable characters that draw
+    nothing (`_INVISIBLE`). Backslashes are left alone, so the result is for reading, not for
+    parsing back.
     """
-    if value.isprintable():
+    if value.isprintable() and not _INVISIBLE.search(value):
         return value
-    return "".join(ch if ch.isprintable() else _escape_char(ch) for ch in value)
+    return "".join(_shown(ch) for ch in value)
 
 
 def format_ts(ts_ms: int) -> str:

@@ -39,7 +39,13 @@ class TimeParam(click.ParamType[int]):
         text = str(value)
         m = _RELATIVE.match(text)
         if m:
-            return self._now_ms() - int(m.group(1)) * _UNITS_MS[m.group(2)]
+            digits = m.group(1)
+            # Past 15 digits no age fits (int() would refuse 4,300 digits with a traceback).
+            now = self._now_ms()
+            ms = int(digits) * _UNITS_MS[m.group(2)] if len(digits) <= 15 else None
+            if ms is None or now - ms < query.MIN_TS_MS:
+                self.fail(f"{text!r} is out of range (before the year 1)", param, ctx)
+            return now - ms
         try:
             dt = datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace("z", "+00:00"))
         except ValueError:

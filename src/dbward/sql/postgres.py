@@ -523,10 +523,18 @@ _FILE_FDW_OPTIONS: Final = {"program": "copy_program", "filename": "copy_file"}
 # Option names whose value is a credential: such statements are never logged verbatim.
 _SECRET_OPTIONS = frozenset({"password", "passfile", "sslpassword", "sslkey"})
 
-# Functions whose arguments may be a libpq connection string (dblink's), and statements that
-# carry one (logical replication subscriptions, a standby's primary_conninfo).
+# Functions whose arguments may be a libpq connection string (dblink's), or SQL that runs on
+# another server (an ALTER ROLE ... PASSWORD sent there is a password in the log here too), and
+# statements that carry one (logical replication subscriptions, a standby's primary_conninfo).
 _CONNINFO_FUNCTIONS: Final = frozenset(
-    {"dblink_connect", "dblink_connect_u", "dblink", "dblink_exec"}
+    {
+        "dblink_connect",
+        "dblink_connect_u",
+        "dblink",
+        "dblink_exec",
+        "dblink_send_query",
+        "dblink_open",
+    }
 )
 _CONNINFO_STATEMENTS: Final = frozenset({"CreateSubscriptionStmt", "AlterSubscriptionStmt"})
 # Built-in functions whose call changes something: a SELECT calling one is not a read. Calls to
