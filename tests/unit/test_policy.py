@@ -264,6 +264,10 @@ def test_ddl_that_makes_a_guarded_function_callable_is_denied(sql: str, rule: st
         "DO $$ -- variables\nDECLARE /* the row */ r record := ROW(1); c /* cur */ CURSOR FOR "
         "SELECT 1 WHERE 1 = 1; BEGIN NULL; END $$",
         "DO $$#variable_conflict use_column\nDECLARE r record := ROW(1); BEGIN NULL; END $$",
+        "CREATE FUNCTION f(a int) RETURNS int LANGUAGE plpgsql AS $$ DECLARE DECLARE p ALIAS "
+        "FOR $1; q ALIAS FOR a; c NO SCROLL CURSOR (k int, j text) IS SELECT k, j /* c */; "
+        'r record := ROW(1) -- r\n; "We""ird" int := 1; \u00c0BC text DEFAULT \'x;y\'; '
+        "s CONSTANT numeric(10, 2) = 3.5; BEGIN RETURN p + q; END $$",
         "CREATE FOREIGN TABLE ft (l text) SERVER pg OPTIONS (schema_name 'public')",
     ],
 )
@@ -482,6 +486,34 @@ def test_ordinary_ddl_naming_functions_is_allowed(sql: str) -> None:
             "CREATE FUNCTION f() RETURNS text LANGUAGE plpgsql AS $$ # /* x */ OPTION dump\n"
             "BEGIN RETURN 1; END$$",
             "guard.uninspectable_code",  # libpg_query would print the body to stdout
+        ),
+        # Fifteenth review: a useless extra DECLARE made the reader take the record `cursor`
+        # for a cursor (no default read) and an ALIAS (no SQL keyword) counted as a variable
+        # that vouched for it; SQL after THEN (`THEN declare`) started a DECLARE section, where
+        # a statement read as a declaration vouched for a record the reader took for a cursor.
+        (
+            "DO $$ DECLARE cursor ALIAS FOR found; BEGIN DECLARE DECLARE cursor record := "
+            "ROW(pg_read_file('/x')); BEGIN RAISE NOTICE '%', cursor; END; END $$",
+            "guard.server_file",
+        ),
+        (
+            "DO $$ DECLARE cursor ALIAS FOR found; BEGIN DECLARE DECLARE cursor record := "
+            "ROW(set_config('role', 'r', false)); BEGIN END; END $$",
+            "guard.role_switch",
+        ),
+        (
+            "DO $$ DECLARE cursor boolean := true; z int; BEGIN\n"
+            "PERFORM CASE WHEN true THEN declare END FROM (SELECT 1 AS declare) s;\n"
+            "z := 5; IF cursor THEN DECLARE z record := ROW(pg_read_file('/x')); "
+            "BEGIN RAISE NOTICE '%', z; END; END IF;\nEND $$",
+            "guard.uninspectable_code",  # misread, and so refused: `z := 5` is no declaration
+        ),
+        (
+            "DO $$ DECLARE alias boolean := true; z int; BEGIN\n"
+            "PERFORM CASE WHEN true THEN declare END FROM (SELECT 1 AS declare) s;\n"
+            "z := 5; IF alias THEN DECLARE z record := ROW(pg_read_file('/x')); "
+            "BEGIN RAISE NOTICE '%', z; END; END IF;\nEND $$",
+            "guard.uninspectable_code",
         ),
     ],
 )
