@@ -177,6 +177,50 @@ def test_record_defaults_the_token_reader_misread_are_refused(
     assert len(notices) == 3
 
 
+def test_refint_triggers_splicing_their_arguments_into_sql_are_refused(
+    files_proxy: Proxy, pg_server: PgServer, server_dir: Path
+) -> None:
+    """refint's check_primary_key builds `select 1 from <argument> where ...` and runs it with
+    SPI, which runs every statement in it (fifteenth review): its trigger arguments are SQL
+    dbward cannot check. Installed by the database's owners, any role that may create a
+    trigger on its own table could run COPY ... TO PROGRAM through it."""
+    pg_server.psql(
+        "CREATE SCHEMA IF NOT EXISTS refint; GRANT USAGE ON SCHEMA refint TO PUBLIC;"
+        " CREATE EXTENSION IF NOT EXISTS refint SCHEMA refint"
+    )
+    ran = server_dir / "program-ran"
+    injected = f"r15pk WHERE false; COPY (SELECT 1) TO PROGRAM ''id > {ran}''; SELECT 1 FROM r15pk"
+    trigger = (
+        "CREATE TRIGGER r15 BEFORE INSERT ON r15fk FOR EACH ROW"
+        f" EXECUTE FUNCTION refint.check_primary_key('id', '{injected}', 'id')"
+    )
+    try:
+        # Directly, as the service role: the program runs when a row is inserted.
+        with psycopg.connect(pg_server.dsn(user="dbward_files_svc", password=PASSWORD)) as direct:
+            direct.autocommit = True
+            direct.execute(b"CREATE TEMP TABLE r15pk (id int)")
+            direct.execute(b"CREATE TEMP TABLE r15fk (id int)")
+            direct.execute(trigger.encode())
+            with pytest.raises(psycopg.errors.TriggeredActionException):
+                direct.execute(b"INSERT INTO r15fk VALUES (1)")  # no such key: after the COPY
+        assert ran.exists()
+        ran.unlink()
+        # Through dbward: the trigger is refused.
+        with psycopg.connect(**files_proxy.conninfo(), autocommit=True) as conn:
+            conn.execute(b"CREATE TEMP TABLE r15pk (id int)")
+            conn.execute(b"CREATE TEMP TABLE r15fk (id int)")
+            _refused(conn, trigger, "computed at run time")
+            _refused(
+                conn,
+                "ALTER FUNCTION refint.check_primary_key() RENAME TO harmless",
+                "computed at run time",
+            )
+            conn.execute(b"INSERT INTO r15fk VALUES (1)")
+        assert not ran.exists()
+    finally:
+        pg_server.psql("DROP EXTENSION IF EXISTS refint; DROP SCHEMA IF EXISTS refint")
+
+
 def test_code_in_other_languages_is_refused_and_plain_plpgsql_runs(files_proxy: Proxy) -> None:
     app = app_name("plpgsql-ok")
     notices: list[str] = []

@@ -269,6 +269,7 @@ def test_ddl_that_makes_a_guarded_function_callable_is_denied(sql: str, rule: st
         'r record := ROW(1) -- r\n; "We""ird" int := 1; \u00c0BC text DEFAULT \'x;y\'; '
         "s CONSTANT numeric(10, 2) = 3.5; BEGIN RETURN p + q; END $$",
         "CREATE FOREIGN TABLE ft (l text) SERVER pg OPTIONS (schema_name 'public')",
+        "CREATE TRIGGER t BEFORE UPDATE ON t FOR EACH ROW EXECUTE FUNCTION moddatetime(updated_at)",
     ],
 )
 def test_ordinary_ddl_naming_functions_is_allowed(sql: str) -> None:
@@ -515,6 +516,20 @@ def test_ordinary_ddl_naming_functions_is_allowed(sql: str) -> None:
             "BEGIN RAISE NOTICE '%', z; END; END IF;\nEND $$",
             "guard.uninspectable_code",
         ),
+        # refint's trigger functions splice the trigger's arguments into SQL they run with SPI
+        # (several statements allowed): COPY ... TO PROGRAM ran on an INSERT.
+        (
+            "CREATE TRIGGER t BEFORE INSERT ON fk FOR EACH ROW EXECUTE FUNCTION "
+            "check_primary_key('id', 'pk WHERE false; COPY (SELECT 1) TO PROGRAM ''id''; "
+            "SELECT 1 FROM pk', 'id')",
+            "guard.dynamic_sql",
+        ),
+        (
+            "CREATE CONSTRAINT TRIGGER t AFTER DELETE ON pk FOR EACH ROW EXECUTE PROCEDURE "
+            "refint.check_foreign_key(1, 'cascade', 'id', 'fk', 'id')",
+            "guard.dynamic_sql",
+        ),
+        ("ALTER FUNCTION check_primary_key() RENAME TO cpk", "guard.dynamic_sql"),
     ],
 )
 def test_reviewed_bypasses_are_denied(sql: str, rule: str) -> None:
