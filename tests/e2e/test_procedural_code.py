@@ -130,6 +130,97 @@ def test_guarded_code_inside_plpgsql_is_refused(files_proxy: Proxy, server_dir: 
     }
 
 
+# Found by the fifteenth review: declarations the token reader misread, so that a record's
+# default (which libpg_query's JSON leaves out) ran unread. Each runs on PostgreSQL 15.
+_MISREAD_RECORD_DEFAULTS = (
+    # A useless extra DECLARE shifted the reader onto `cursor` (read as a cursor, no default);
+    # the outer ALIAS (no SQL keyword) was counted as a variable named cursor on that line.
+    "DO $$ DECLARE cursor ALIAS FOR found; BEGIN DECLARE DECLARE cursor record := {default};"
+    " BEGIN RAISE NOTICE '%', cursor; END; END $$",
+    # `THEN declare` in SQL started a DECLARE section for the reader: `z := 5` was read as a
+    # declaration of z, and `IF cursor THEN DECLARE z record := ...` as a cursor named if.
+    "DO $$ DECLARE cursor boolean := true; z int; BEGIN\n"
+    "PERFORM CASE WHEN true THEN declare END FROM (SELECT 1 AS declare) s;\n"
+    "z := 5; IF cursor THEN DECLARE z record := {default}; BEGIN RAISE NOTICE '%', z; END;"
+    " END IF;\nEND $$",
+)
+
+
+def test_record_defaults_the_token_reader_misread_are_refused(
+    files_proxy: Proxy, pg_server: PgServer, server_dir: Path
+) -> None:
+    secret = server_dir / "secret.txt"
+    reads = [
+        sql.format(default=f"ROW(pg_read_file('{secret}'))") for sql in _MISREAD_RECORD_DEFAULTS
+    ]
+    switch = _MISREAD_RECORD_DEFAULTS[0].format(
+        default="ROW(set_config('role', 'pg_read_server_files', false))"
+    )
+    # Directly, as the service role: the file is read, the role is switched.
+    with psycopg.connect(pg_server.dsn(user="dbward_files_svc", password=PASSWORD)) as direct:
+        direct.autocommit = True
+        notices: list[str] = []
+        direct.add_notice_handler(lambda diag: notices.append(diag.message_primary or ""))
+        for sql in reads:
+            direct.execute(sql.encode())
+        direct.execute(switch.encode())
+        assert direct.execute(b"SELECT current_user").fetchone() == ("pg_read_server_files",)
+    assert notices[2:] == ["(pg_read_server_files)"]
+    assert len(notices) == 3 and all(SECRET in notice for notice in notices[:2])
+    # Through dbward: refused, nothing ran.
+    with psycopg.connect(**files_proxy.conninfo(), autocommit=True) as conn:
+        conn.add_notice_handler(lambda diag: notices.append(diag.message_primary or ""))
+        _refused(conn, reads[0], "files on the database server")
+        _refused(conn, reads[1], "PL/pgSQL only")  # misread, and so not read at all
+        _refused(conn, switch, "changing role")
+        assert conn.execute(b"SELECT current_user").fetchone() == ("dbward_files_svc",)
+    assert len(notices) == 3
+
+
+def test_refint_triggers_splicing_their_arguments_into_sql_are_refused(
+    files_proxy: Proxy, pg_server: PgServer, server_dir: Path
+) -> None:
+    """refint's check_primary_key builds `select 1 from <argument> where ...` and runs it with
+    SPI, which runs every statement in it (fifteenth review): its trigger arguments are SQL
+    dbward cannot check. Installed by the database's owners, any role that may create a
+    trigger on its own table could run COPY ... TO PROGRAM through it."""
+    pg_server.psql(
+        "CREATE SCHEMA IF NOT EXISTS refint; GRANT USAGE ON SCHEMA refint TO PUBLIC;"
+        " CREATE EXTENSION IF NOT EXISTS refint SCHEMA refint"
+    )
+    ran = server_dir / "program-ran"
+    injected = f"r15pk WHERE false; COPY (SELECT 1) TO PROGRAM ''id > {ran}''; SELECT 1 FROM r15pk"
+    trigger = (
+        "CREATE TRIGGER r15 BEFORE INSERT ON r15fk FOR EACH ROW"
+        f" EXECUTE FUNCTION refint.check_primary_key('id', '{injected}', 'id')"
+    )
+    try:
+        # Directly, as the service role: the program runs when a row is inserted.
+        with psycopg.connect(pg_server.dsn(user="dbward_files_svc", password=PASSWORD)) as direct:
+            direct.autocommit = True
+            direct.execute(b"CREATE TEMP TABLE r15pk (id int)")
+            direct.execute(b"CREATE TEMP TABLE r15fk (id int)")
+            direct.execute(trigger.encode())
+            with pytest.raises(psycopg.errors.TriggeredActionException):
+                direct.execute(b"INSERT INTO r15fk VALUES (1)")  # no such key: after the COPY
+        assert ran.exists()
+        ran.unlink()
+        # Through dbward: the trigger is refused.
+        with psycopg.connect(**files_proxy.conninfo(), autocommit=True) as conn:
+            conn.execute(b"CREATE TEMP TABLE r15pk (id int)")
+            conn.execute(b"CREATE TEMP TABLE r15fk (id int)")
+            _refused(conn, trigger, "computed at run time")
+            _refused(
+                conn,
+                "ALTER FUNCTION refint.check_primary_key() RENAME TO harmless",
+                "computed at run time",
+            )
+            conn.execute(b"INSERT INTO r15fk VALUES (1)")
+        assert not ran.exists()
+    finally:
+        pg_server.psql("DROP EXTENSION IF EXISTS refint; DROP SCHEMA IF EXISTS refint")
+
+
 def test_code_in_other_languages_is_refused_and_plain_plpgsql_runs(files_proxy: Proxy) -> None:
     app = app_name("plpgsql-ok")
     notices: list[str] = []

@@ -264,7 +264,12 @@ def test_ddl_that_makes_a_guarded_function_callable_is_denied(sql: str, rule: st
         "DO $$ -- variables\nDECLARE /* the row */ r record := ROW(1); c /* cur */ CURSOR FOR "
         "SELECT 1 WHERE 1 = 1; BEGIN NULL; END $$",
         "DO $$#variable_conflict use_column\nDECLARE r record := ROW(1); BEGIN NULL; END $$",
+        "CREATE FUNCTION f(a int) RETURNS int LANGUAGE plpgsql AS $$ DECLARE DECLARE p ALIAS "
+        "FOR $1; q ALIAS FOR a; c NO SCROLL CURSOR (k int, j text) IS SELECT k, j /* c */; "
+        'r record := ROW(1) -- r\n; "We""ird" int := 1; \u00c0BC text DEFAULT \'x;y\'; '
+        "s CONSTANT numeric(10, 2) = 3.5; BEGIN RETURN p + q; END $$",
         "CREATE FOREIGN TABLE ft (l text) SERVER pg OPTIONS (schema_name 'public')",
+        "CREATE TRIGGER t BEFORE UPDATE ON t FOR EACH ROW EXECUTE FUNCTION moddatetime(updated_at)",
     ],
 )
 def test_ordinary_ddl_naming_functions_is_allowed(sql: str) -> None:
@@ -483,6 +488,48 @@ def test_ordinary_ddl_naming_functions_is_allowed(sql: str) -> None:
             "BEGIN RETURN 1; END$$",
             "guard.uninspectable_code",  # libpg_query would print the body to stdout
         ),
+        # Fifteenth review: a useless extra DECLARE made the reader take the record `cursor`
+        # for a cursor (no default read) and an ALIAS (no SQL keyword) counted as a variable
+        # that vouched for it; SQL after THEN (`THEN declare`) started a DECLARE section, where
+        # a statement read as a declaration vouched for a record the reader took for a cursor.
+        (
+            "DO $$ DECLARE cursor ALIAS FOR found; BEGIN DECLARE DECLARE cursor record := "
+            "ROW(pg_read_file('/x')); BEGIN RAISE NOTICE '%', cursor; END; END $$",
+            "guard.server_file",
+        ),
+        (
+            "DO $$ DECLARE cursor ALIAS FOR found; BEGIN DECLARE DECLARE cursor record := "
+            "ROW(set_config('role', 'r', false)); BEGIN END; END $$",
+            "guard.role_switch",
+        ),
+        (
+            "DO $$ DECLARE cursor boolean := true; z int; BEGIN\n"
+            "PERFORM CASE WHEN true THEN declare END FROM (SELECT 1 AS declare) s;\n"
+            "z := 5; IF cursor THEN DECLARE z record := ROW(pg_read_file('/x')); "
+            "BEGIN RAISE NOTICE '%', z; END; END IF;\nEND $$",
+            "guard.uninspectable_code",  # misread, and so refused: `z := 5` is no declaration
+        ),
+        (
+            "DO $$ DECLARE alias boolean := true; z int; BEGIN\n"
+            "PERFORM CASE WHEN true THEN declare END FROM (SELECT 1 AS declare) s;\n"
+            "z := 5; IF alias THEN DECLARE z record := ROW(pg_read_file('/x')); "
+            "BEGIN RAISE NOTICE '%', z; END; END IF;\nEND $$",
+            "guard.uninspectable_code",
+        ),
+        # refint's trigger functions splice the trigger's arguments into SQL they run with SPI
+        # (several statements allowed): COPY ... TO PROGRAM ran on an INSERT.
+        (
+            "CREATE TRIGGER t BEFORE INSERT ON fk FOR EACH ROW EXECUTE FUNCTION "
+            "check_primary_key('id', 'pk WHERE false; COPY (SELECT 1) TO PROGRAM ''id''; "
+            "SELECT 1 FROM pk', 'id')",
+            "guard.dynamic_sql",
+        ),
+        (
+            "CREATE CONSTRAINT TRIGGER t AFTER DELETE ON pk FOR EACH ROW EXECUTE PROCEDURE "
+            "refint.check_foreign_key(1, 'cascade', 'id', 'fk', 'id')",
+            "guard.dynamic_sql",
+        ),
+        ("ALTER FUNCTION check_primary_key() RENAME TO cpk", "guard.dynamic_sql"),
     ],
 )
 def test_reviewed_bypasses_are_denied(sql: str, rule: str) -> None:

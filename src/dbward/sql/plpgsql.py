@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -100,15 +99,18 @@ def read_plpgsql(statement: str, body: str) -> PlpgsqlSql:
 
 
 def _records_read(functions: list[Any], declarations: list[_Declaration]) -> bool:
-    """Whether every record variable the body declares was read as a variable declaration
-    (as many of each name as the compiler made): its default, which only the tokens show,
-    cannot have been missed (fail closed)."""
-    # By name and line: a same-named variable read elsewhere cannot vouch for a record missed.
-    # Where a record is declared, every datum of that name and line must have been read (a
-    # scalar on the same line cannot stand in for it either).
-    found = Counter((d.name, d.line) for d in declarations if d.kind == "variable")
-    records: Counter[tuple[str, int]] = Counter()
-    others: Counter[tuple[str, int]] = Counter()
+    """Whether the declarations read from the tokens are exactly those the compiler made, so
+    that every record variable's default, which only the tokens show, has been read (fail
+    closed).
+
+    Each declaration read must be a variable the compiler declared with that name on that line:
+    a scalar with the very default the JSON gives it, a cursor with the very query, or a record
+    (whose default the JSON leaves out); and every record declared in the body must have been
+    read so. Text misread as a declaration (SQL after a `THEN`, an `ALIAS`, a useless extra
+    `DECLARE`) matches no variable and is refused, so it cannot stand in for a record whose
+    declaration the reader took for something else and whose default it did not see.
+    """
+    made: dict[tuple[str, int], list[tuple[str, str | None]]] = {}
     for function in functions:
         if not isinstance(function, dict):
             return False
@@ -120,8 +122,40 @@ def _records_read(functions: list[Any], declarations: list[_Declaration]) -> boo
                 if not isinstance(fields, dict) or "lineno" not in fields:
                     continue
                 key = (str(fields.get("refname")), int(fields["lineno"]))
-                (records if kind == "PLpgSQL_rec" else others)[key] += 1
-    return all(found[key] >= count + others[key] for key, count in records.items())
+                if kind == "PLpgSQL_rec":
+                    made.setdefault(key, []).append(("record", None))
+                elif kind == "PLpgSQL_var":
+                    cursor = fields.get("cursor_explicit_expr")
+                    if cursor is not None:
+                        made.setdefault(key, []).append(("cursor", _query(cursor)))
+                    else:
+                        default = fields.get("default_val")
+                        text = None if default is None else _query(default)
+                        made.setdefault(key, []).append(("variable", text))
+                # Rows (cursor arguments) are never given a default.
+    for declaration in declarations:
+        if declaration.kind == "alias":
+            continue  # no variable of its own; its shape was checked when it was read
+        candidates = made.get((declaration.name, declaration.line), [])
+        wanted = (
+            declaration.kind,
+            declaration.query if declaration.kind == "cursor" else declaration.default,
+        )
+        if wanted in candidates:
+            candidates.remove(wanted)
+        elif declaration.kind == "variable" and ("record", None) in candidates:
+            candidates.remove(("record", None))
+        else:
+            return False
+    return not any(("record", None) in left for left in made.values())
+
+
+def _query(expr: object) -> str | None:
+    """The SQL text of a wrapped PLpgSQL_expr (None if there is none)."""
+    if not isinstance(expr, dict):
+        return None
+    query = expr.get("PLpgSQL_expr", {}).get("query")
+    return query if isinstance(query, str) else None
 
 
 def _add_expression(found: PlpgsqlSql, expr: dict[str, Any], where: tuple[str, str]) -> bool:
@@ -196,10 +230,11 @@ def _assignment_parts(text: str) -> tuple[str, str] | None:
 class _Declaration:
     """One variable declaration as read from a DECLARE section's tokens."""
 
-    name: str  # as PostgreSQL folds it: unquoted lower-cased, quoted verbatim
+    name: str  # as PostgreSQL folds it: unquoted ASCII lower-cased, quoted verbatim; truncated
     line: int  # of the name, counted from 1 at the body's start, as PL/pgSQL does
     kind: str  # "variable", "cursor" or "alias"
     default: str | None  # the default expression's text, if any
+    query: str | None = None  # a cursor's query
 
 
 # Tokens after which a statement (so a block, so a DECLARE) may start, at bracket depth 0.
@@ -211,9 +246,10 @@ def _declarations(body: str, tokens: list[Any]) -> list[_Declaration] | None:
 
     A DECLARE section starts at DECLARE where a statement may start (bracket depth 0, after
     `;`, BEGIN, THEN, ELSE, LOOP or a `>>` closing a label, or at the very start) and ends at
-    its BEGIN; a declaration ends at a `;` at depth 0. Compile options (`#variable_conflict
-    use_column`, `#print_strict_params on`) may come first. A DECLARE anywhere else at depth 0
-    means the body is not read as PostgreSQL reads it: refused (None).
+    its BEGIN; a declaration ends at a `;` at depth 0, and a DECLARE where a declaration may
+    start is skipped (PL/pgSQL allows useless extra DECLAREs). Compile options
+    (`#variable_conflict use_column`, `#print_strict_params on`) may come first. A DECLARE
+    anywhere else at depth 0 means the body is not read as PostgreSQL reads it: refused (None).
     """
     found: list[_Declaration] = []
     lines = _LineCounter(body)
@@ -251,10 +287,11 @@ def _declarations(body: str, tokens: list[Any]) -> list[_Declaration] | None:
             else:
                 statement_may_start = False
             continue
-        if depth == 0 and not current and name == "BEGIN_P":
-            declaring, statement_may_start = False, True
+        if depth == 0 and not current and name in ("BEGIN_P", "DECLARE"):
+            if name == "BEGIN_P":
+                declaring, statement_may_start = False, True
         elif depth == 0 and name == "ASCII_59":  # ;
-            declaration = _declaration(body, current, token.start, lines)
+            declaration = _declaration(body, current, lines)
             if declaration is None:
                 return None
             found.append(declaration)
@@ -266,37 +303,86 @@ def _declarations(body: str, tokens: list[Any]) -> list[_Declaration] | None:
     return found
 
 
-def _declaration(
-    body: str, tokens: list[Any], end: int, lines: _LineCounter
-) -> _Declaration | None:
-    """`name [CONSTANT] type ... [:= | = | DEFAULT expr]`, `name [[NO] SCROLL] CURSOR ...` or
-    `name ALIAS FOR ...` (the tokens before its `;`, which is at `end`)."""
+def _declaration(body: str, tokens: list[Any], lines: _LineCounter) -> _Declaration | None:
+    """`name [CONSTANT] type ... [:= | = | DEFAULT expr]`, `name [[NO] SCROLL] CURSOR [(args)]
+    FOR|IS query` or `name ALIAS FOR item` (the tokens before its `;`); None if it has
+    none of these shapes."""
     if not tokens:
         return None
-    first = body[tokens[0].start : tokens[0].end + 1]
-    if first.startswith('"'):
-        name = first[1:-1].replace('""', '"')
-    elif first[:2].lower() == "u&":
-        return None  # a Unicode-escaped name: not worth folding by hand
-    else:
-        name = first.lower()
+    name = _folded_name(body[tokens[0].start : tokens[0].end + 1])
+    if name is None:
+        return None
     line = lines.at(tokens[0].start)
-    following = [token.name for token in tokens[1:4]]
-    if following[:1] == ["CURSOR"] or following[:2] == ["SCROLL", "CURSOR"]:
-        return _Declaration(name, line, "cursor", None)
-    if following[:3] == ["NO", "SCROLL", "CURSOR"]:
-        return _Declaration(name, line, "cursor", None)
-    if following[:1] == ["ALIAS"]:
+    rest = tokens[1:]
+    kinds = [token.name for token in rest[:3]]
+    scroll = 2 if kinds[:2] == ["NO", "SCROLL"] else 1 if kinds[:1] == ["SCROLL"] else 0
+    if scroll < len(rest) and rest[scroll].name == "CURSOR":
+        query = _cursor_query(body, rest[scroll + 1 :])
+        return None if query is None else _Declaration(name, line, "cursor", None, query)
+    if (
+        rest
+        and rest[0].name == "IDENT"
+        and body[rest[0].start : rest[0].end + 1].lower() == "alias"
+    ):
+        # ALIAS is no SQL keyword: `name ALIAS FOR word[.word ...]` or `$n`, nothing else.
+        item = rest[2:]
+        if (
+            kinds[1:2] != ["FOR"]
+            or len(item) % 2 == 0
+            or any((token.name == "ASCII_46") != (i % 2 == 1) for i, token in enumerate(item))
+        ):
+            return None
         return _Declaration(name, line, "alias", None)
     depth = 0
-    for token in tokens[1:]:
+    for index, token in enumerate(rest):
         if token.name in _OPENING:
             depth += 1
         elif token.name in _CLOSING:
             depth -= 1
         elif depth == 0 and token.name in _DEFAULT_MARKERS:
-            return _Declaration(name, line, "variable", body[token.end + 1 : end])
+            value = rest[index + 1 :]
+            if not value:
+                return None
+            # As PL/pgSQL takes it: from the first token to the end of the last one.
+            default = body[value[0].start : value[-1].end + 1]
+            return _Declaration(name, line, "variable", default)
     return _Declaration(name, line, "variable", None)
+
+
+def _cursor_query(body: str, tokens: list[Any]) -> str | None:
+    """The query of a cursor declaration: the tokens after CURSOR are `[(args)] FOR|IS query`."""
+    index = _closing(tokens) + 1 if tokens and tokens[0].name == "ASCII_40" else 0  # (args)
+    if index + 1 >= len(tokens) or tokens[index].name not in ("FOR", "IS"):
+        return None
+    return body[tokens[index + 1].start : tokens[-1].end + 1]
+
+
+def _closing(tokens: list[Any]) -> int:
+    """The index of the bracket closing the one `tokens` opens with (len(tokens) if none)."""
+    depth = 0
+    for index, token in enumerate(tokens):
+        depth += (token.name in _OPENING) - (token.name in _CLOSING)
+        if depth == 0:
+            return index
+    return len(tokens)
+
+
+_NAMEDATALEN: Final = 64
+
+
+def _folded_name(text: str) -> str | None:
+    """An identifier as PostgreSQL's scanner returns it (UTF-8): quotes removed, or ASCII
+    letters lower-cased, then truncated to NAMEDATALEN - 1 bytes; None for U&"..." names."""
+    if text.startswith('"'):
+        name = text[1:-1].replace('""', '"')
+    elif text[:2].lower() == "u&":
+        return None  # a Unicode-escaped name: not worth folding by hand
+    else:
+        name = "".join(c.lower() if "A" <= c <= "Z" else c for c in text)
+    encoded = name.encode("utf-8")
+    if len(encoded) >= _NAMEDATALEN:
+        name = encoded[: _NAMEDATALEN - 1].decode("utf-8", errors="ignore")
+    return name
 
 
 class _LineCounter:

@@ -642,7 +642,11 @@ _SQL_TEXT_FUNCTIONS: Final[dict[str, tuple[int, ...]]] = {
 }
 # tablefunc's connectby() and xml2's xpath_table() splice their name and criteria arguments
 # into the SQL they run, unquoted: what runs cannot be known from the call (`dynamic_sql`).
-_SQL_FRAGMENT_FUNCTIONS: Final = frozenset({"connectby", "xpath_table"})
+# So do refint's trigger functions with the trigger's arguments (`CREATE TRIGGER ... EXECUTE
+# FUNCTION check_primary_key('id', 'pk WHERE false; COPY ... TO PROGRAM ...', 'id')`).
+_SQL_FRAGMENT_FUNCTIONS: Final = frozenset(
+    {"connectby", "xpath_table", "check_primary_key", "check_foreign_key"}
+)
 # SQL given as text inside SQL given as text ...: deeper than this is refused, not followed.
 _MAX_SQL_TEXT_DEPTH: Final = 4
 _CONNINFO_SETTINGS: Final = frozenset({"primary_conninfo"})
@@ -1332,6 +1336,9 @@ def _classify_node(
     _drop_targets(node_type, body, walked)
     if node_type in ("DoStmt", "CreateFunctionStmt"):
         _procedural_code(part, node_type, body, walked)
+    elif node_type == "CreateTrigStmt":
+        # The trigger runs its function with the trigger's arguments where no call shows them.
+        _function_reference(_strings(body.get("funcname") or []).lower(), walked, record=False)
     elif _moves_routine(node_type, body):
         # A guarded function renamed or moved is the same function under a name no guard
         # knows: refused like a call to it.
