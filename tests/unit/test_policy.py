@@ -510,6 +510,13 @@ def test_ordinary_ddl_naming_functions_is_allowed(sql: str) -> None:
             "guard.uninspectable_code",  # misread, and so refused: `z := 5` is no declaration
         ),
         (
+            # The loop's own record is exempt by its datum, not its name: a declared record of
+            # the same name still needs its default read.
+            "DO $$ DECLARE c CURSOR FOR SELECT 1; BEGIN FOR r IN c LOOP NULL; END LOOP; "
+            "DECLARE r record := ROW(pg_read_file('/x')); BEGIN RAISE NOTICE '%', r; END; END $$",
+            "guard.server_file",
+        ),
+        (
             "DO $$ DECLARE alias boolean := true; z int; BEGIN\n"
             "PERFORM CASE WHEN true THEN declare END FROM (SELECT 1 AS declare) s;\n"
             "z := 5; IF alias THEN DECLARE z record := ROW(pg_read_file('/x')); "
@@ -550,6 +557,9 @@ def test_reviewed_bypasses_are_denied(sql: str, rule: str) -> None:
         "SELECT t.name, t.total FROM t",
         "ALTER FOREIGN TABLE ft OPTIONS (DROP filename)",
         "CREATE SCHEMA s AUTHORIZATION other",
+        # A cursor loop declares its record itself: no DECLARE shows it (fifteenth review).
+        "CREATE FUNCTION f() RETURNS int LANGUAGE plpgsql AS $$ DECLARE c CURSOR FOR "
+        "SELECT 1 AS a; BEGIN FOR r IN c LOOP RAISE NOTICE '%', r.a; END LOOP; RETURN 1; END $$",
     ],
 )
 def test_reviewed_false_positives_are_allowed(sql: str) -> None:

@@ -114,7 +114,9 @@ def _records_read(functions: list[Any], declarations: list[_Declaration]) -> boo
     for function in functions:
         if not isinstance(function, dict):
             return False
-        for datum in function.get("PLpgSQL_function", {}).get("datums", ()):
+        compiled = function.get("PLpgSQL_function", {})
+        implicit = _cursor_loop_records(compiled.get("action"))
+        for datum in compiled.get("datums", ()):
             if not isinstance(datum, dict):
                 return False
             for kind, fields in datum.items():
@@ -123,6 +125,8 @@ def _records_read(functions: list[Any], declarations: list[_Declaration]) -> boo
                     continue
                 key = (str(fields.get("refname")), int(fields["lineno"]))
                 if kind == "PLpgSQL_rec":
+                    if fields.get("dno") in implicit:
+                        continue  # a cursor loop's own record: declared by no DECLARE
                     made.setdefault(key, []).append(("record", None))
                 elif kind == "PLpgSQL_var":
                     cursor = fields.get("cursor_explicit_expr")
@@ -148,6 +152,25 @@ def _records_read(functions: list[Any], declarations: list[_Declaration]) -> boo
         else:
             return False
     return not any(("record", None) in left for left in made.values())
+
+
+def _cursor_loop_records(action: object) -> set[int]:
+    """Datum numbers of the records `FOR r IN cursor LOOP` declares itself (no default)."""
+    found: set[int] = set()
+    stack = [action]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+        elif isinstance(node, dict):
+            loop = node.get("PLpgSQL_stmt_forc")
+            if isinstance(loop, dict):
+                var = loop.get("var")
+                record = var.get("PLpgSQL_rec") if isinstance(var, dict) else None
+                if isinstance(record, dict) and isinstance(record.get("dno"), int):
+                    found.add(record["dno"])
+            stack.extend(child for child in node.values() if isinstance(child, dict | list))
+    return found
 
 
 def _query(expr: object) -> str | None:
