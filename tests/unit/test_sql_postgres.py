@@ -555,6 +555,8 @@ def test_password_lookalikes_are_not_flagged(sql: str) -> None:
         "ALTER SUBSCRIPTION s CONNECTION 'postgres://rep:pw@h/d'",
         "ALTER SYSTEM SET primary_conninfo = 'host=h password=pw'",
         "PREPARE p AS SELECT dblink_connect('password=pw')",
+        "EXECUTE p('host=h password=pw')",  # PREPARE p(text) AS SELECT dblink_connect($1)
+        "EXPLAIN ANALYZE EXECUTE p('postgresql://u:pw@h/d')",
         # SQL run on the other server sets a password there: as much a secret in the log
         "SELECT dblink_send_query('c1', 'ALTER ROLE r PASSWORD ''pw''')",
         "SELECT dblink_open('c1', 'cur', 'SELECT dblink_connect(''password=pw'')')",

@@ -536,7 +536,11 @@ _CONNINFO_FUNCTIONS: Final = frozenset(
         "dblink_open",
     }
 )
-_CONNINFO_STATEMENTS: Final = frozenset({"CreateSubscriptionStmt", "AlterSubscriptionStmt"})
+# EXECUTE passes its arguments to a prepared statement that may hand them to dblink (seventeenth
+# review: `EXECUTE p('password=…')` of `PREPARE p(text) AS SELECT dblink_connect($1)`).
+_CONNINFO_STATEMENTS: Final = frozenset(
+    {"CreateSubscriptionStmt", "AlterSubscriptionStmt", "ExecuteStmt"}
+)
 # Built-in functions whose call changes something: a SELECT calling one is not a read. Calls to
 # user-defined functions cannot be judged without the catalog (see docs/policy.md).
 _ADMIN_FUNCTIONS: Final = frozenset(
@@ -1460,6 +1464,8 @@ def _may_carry_conninfo(node_type: str, body: dict[str, Any], walked: _Walk) -> 
     """Whether the statement may hold a libpq connection string (and so a password)."""
     if walked.conninfo or node_type in _CONNINFO_STATEMENTS:
         return True
+    if node_type == "ExplainStmt":  # EXPLAIN ANALYZE EXECUTE p(...) runs it too
+        return _node_type(body.get("query", {})) == "ExecuteStmt"
     if node_type == "AlterSystemStmt":
         name = body.get("setstmt", {}).get("name")
         return isinstance(name, str) and name.lower() in _CONNINFO_SETTINGS
