@@ -137,6 +137,14 @@ def test_a_spray_of_cancel_sources_keeps_the_rate_table_bounded_and_cheap() -> N
     ]
 
 
+def test_refused_cancel_attempts_are_reported_once_per_interval() -> None:
+    """Sixteenth review: each refused attempt wrote a log line, so a spray flooded the log."""
+    registry = CancelRegistry(rate_per_s=1.0, burst=1.0)
+    reports = [registry.refused_to_report(1000.0 + i * 0.001) for i in range(5000)]
+    assert reports[0] == 1 and sum(1 for r in reports if r) == 1
+    assert registry.refused_to_report(1011.0) == 5000  # the rest, in the next line
+
+
 def test_cancel_attempts_from_one_ipv6_64_share_one_budget() -> None:
     """An IPv6 client owns a /64: a fresh address per guess must not mean a fresh budget."""
     registry = CancelRegistry(rate_per_s=1.0, burst=2.0)

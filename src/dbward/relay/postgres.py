@@ -681,7 +681,14 @@ class PgSession(asyncio.Protocol):
     async def _handle_cancel(self, packet: CancelRequest) -> None:
         services = self.services
         if not services.cancels.allow_attempt(self._client_host):
-            log.warning("cancel requests from %s are rate-limited", self._client_host)
+            refused = services.cancels.refused_to_report()
+            if refused:
+                log.warning(
+                    "cancel requests are rate-limited: %d refused since the last report, "
+                    "the latest from %s",
+                    refused,
+                    self._client_host,
+                )
         else:
             target = services.cancels.lookup(packet.pid, packet.key)
             if target is None or target._upstream is None:

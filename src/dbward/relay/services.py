@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 # Client hosts whose cancel rate is tracked; the least recently seen is forgotten first.
 _MAX_CANCEL_BUCKETS = 10_000
+_REPORT_INTERVAL_S = 10.0  # rate-limited cancel attempts: at most one log line this often
 
 
 def _rate_key(client_host: str) -> str:
@@ -51,6 +52,9 @@ class CancelRegistry:
         self._rate = rate_per_s
         self._burst = max(burst, rate_per_s)
         self._buckets: dict[str, tuple[float, float]] = {}  # client host -> (tokens, last time)
+        # Refused attempts not yet reported in the log, and when it was last written to.
+        self._refused_unreported = 0
+        self._last_report = -_REPORT_INTERVAL_S
 
     def issue(self, pid: int, session: PgSession) -> bytes:
         """A fresh random secret for this backend pid, unique among live sessions."""
@@ -83,6 +87,17 @@ class CancelRegistry:
         if len(buckets) > _MAX_CANCEL_BUCKETS:
             del buckets[next(iter(buckets))]
         return allowed
+
+    def refused_to_report(self, now: float | None = None) -> int:
+        """Count a refused attempt; returns how many to report in one log line now (0: not
+        yet). One line per interval, so a spray of guesses cannot flood the log."""
+        now = time.monotonic() if now is None else now
+        self._refused_unreported += 1
+        if now - self._last_report < _REPORT_INTERVAL_S:
+            return 0
+        count, self._refused_unreported = self._refused_unreported, 0
+        self._last_report = now
+        return count
 
 
 @dataclass
