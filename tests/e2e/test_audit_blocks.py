@@ -252,3 +252,40 @@ def test_asyncpg_executemany_in_a_rolled_back_transaction(proxy: Proxy) -> None:
     assert not _present(proxy, 100) and not _present(proxy, 101)
     for intent in inserts:
         assert [status for status, _ in _outcomes(records, intent)][-1] == "rolled_back"
+
+
+def test_commit_and_rollback_in_a_query_string_without_a_block(proxy: Proxy) -> None:
+    """No BEGIN: a COMMIT commits the string's implicit transaction so far and a ROLLBACK
+    undoes it (PostgreSQL warns there was no transaction); what follows starts afresh."""
+    app = app_name("blk-implicit")
+    dsn = proxy.dsn(application_name=app)
+    first = run_psql(dsn, f"{_insert(110)}; ROLLBACK; {_insert(111)}")
+    second = run_psql(dsn, f"{_insert(112)}; COMMIT; {_insert(113)}; SELECT 1/0")
+    assert first.returncode == 0, first.stderr
+    assert "division by zero" in second.stderr
+    records = proxy.session_records(app, until=lambda r: len(_disconnects(r)) == 2)
+    expected = {110: False, 111: True, 112: True, 113: False}
+    for n, kept in expected.items():
+        assert _present(proxy, n) is kept, n
+        (intent,) = [s for s in statements(records) if s.sql_text.strip() == _insert(n)]
+        fate = [status for status, _ in _outcomes(records, intent)]
+        assert fate == (["ok"] if kept else ["ok", "rolled_back"]), n
+
+
+def test_commit_and_rollback_in_a_pipeline_without_a_block(proxy: Proxy) -> None:
+    app = app_name("blk-implicit-pipe")
+    with _connect(proxy, app, autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.DivisionByZero), conn.pipeline():
+            conn.execute(_insert(120))
+            conn.execute("COMMIT")
+            conn.execute(_insert(121))
+            conn.execute("SELECT 1/0")
+        with conn.pipeline():
+            conn.execute(_insert(122))
+            conn.execute("ROLLBACK")
+            conn.execute(_insert(123))
+    _check(proxy, app, kept=[120, 123], undone=[121, 122])
+
+
+def _disconnects(records: list[AuditRecord]) -> list[AuditRecord]:
+    return [r for r in records if r.event == "disconnect"]

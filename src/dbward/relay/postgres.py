@@ -1787,28 +1787,39 @@ class PgSession(asyncio.Protocol):
             return "rolled_back"
         return "ok"
 
-    def _note_committable(self, tracked: _Tracked, status: str) -> None:
+    def _note_committable(self, tracked: _Tracked, status: str) -> list[_Tracked] | None:
         """A statement that changes something finished in an implicit transaction, which may
         still fail (a later statement of the same Query or sync group, the commit at Sync).
 
-        Only what is certain is claimed later: after a transaction command (BEGIN, COMMIT,
-        SAVEPOINT, PREPARE TRANSACTION ...) or a DO/CALL (which may commit) nothing more is
-        tracked until the next ReadyForQuery; PREPARE/DEALLOCATE are not transactional.
+        A COMMIT (or END) there commits what ran so far, and a ROLLBACK (or ABORT) undoes it,
+        which is returned; what follows runs in a new implicit transaction and is tracked
+        afresh. BEGIN turns the implicit transaction into a block. Only what is certain is
+        claimed later: after any other transaction command (SAVEPOINT, PREPARE TRANSACTION,
+        AND CHAIN ...) or a DO/CALL (which may commit) nothing more is tracked until the next
+        ReadyForQuery; PREPARE/DEALLOCATE are not transactional.
         """
         statement = tracked.statement
-        if statement.kind is StatementKind.TRANSACTION or statement.command in _MAY_COMMIT:
-            self._implicit = False
+        command = statement.command
+        if statement.kind is StatementKind.TRANSACTION or command in _MAY_COMMIT:
             committable, self._committable = self._committable, None
-            if status == "ok" and statement.command in _BEGINS_BLOCK:
-                # BEGIN inside a Query or sync group turns its implicit transaction into the
-                # block: what ran before it in the group commits or rolls back with the block.
-                self._block = [_Savepoint(None, committable)]
-            return
-        if status != "ok" or statement.command in _NOT_TRANSACTIONAL:
-            return
+            if status == "ok" and "chains_transaction" not in statement.flags:
+                if command == "COMMIT":
+                    return None  # committed (PostgreSQL warns there was no block)
+                if command == "ROLLBACK":
+                    return committable  # rolled back (the same warning)
+                if command in _BEGINS_BLOCK:
+                    # What ran before it in the group commits or rolls back with the block.
+                    self._implicit = False
+                    self._block = [_Savepoint(None, committable)]
+                    return None
+            self._implicit = False
+            return None
+        if status != "ok" or command in _NOT_TRANSACTIONAL:
+            return None
         if self._committable is None:
             self._committable = []
         self._committable.append(tracked)
+        return None
 
     def _note_in_block(self, tracked: _Tracked, status: str) -> list[_Tracked] | None:
         """A statement that is not a plain read finished inside the explicit transaction block.
@@ -2148,7 +2159,7 @@ class PgSession(asyncio.Protocol):
             return
         undone: list[_Tracked] | None = None
         if self._implicit:
-            self._note_committable(tracked, status)
+            undone = self._note_committable(tracked, status)
         elif self._block is not None:
             undone = self._note_in_block(tracked, status)
         self._write_outcome(tracked, status, sqlstate, rows)
