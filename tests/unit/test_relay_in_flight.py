@@ -47,9 +47,43 @@ def test_an_audit_wait_does_not_resume_reading_while_replies_are_owed() -> None:
     assert not client.reading
 
 
-# Found in review: answering many statements in order was quadratic.
+# Found in review: a pipeline without any Sync was exempt from the limit (a client that never
+# read made one session hold 400 MB), and answering many statements in order was quadratic.
 BIND_EXECUTE = m.bind_message("", "", []) + m.execute_message("")
 EXECUTED = m._frame(b"2", b"") + m.command_complete("SELECT 1")
+
+
+def test_a_pipeline_without_sync_is_paused_at_the_limit_too() -> None:
+    session, client, _ = detached_session(MemorySink(), keep=False)
+    session.data_received(m.parse_message("", "SELECT 1"))
+    sent = 0
+    while client.reading:
+        session.data_received(BIND_EXECUTE * 1000)
+        sent += 1000
+        assert sent <= relay.MAX_REPLIES_IN_FLIGHT, "never paused"
+    # PostgreSQL answers as it goes (its output buffer fills, no Flush needed): reading
+    # resumes below the low mark although no ReadyForQuery is owed.
+    session._on_upstream_data(m._frame(b"1", b""))
+    answered = 0
+    while not client.reading:
+        session._on_upstream_data(EXECUTED * 1000)
+        answered += 1000
+        assert answered <= sent
+    assert len(session._ops) <= relay.MAX_REPLIES_IN_FLIGHT // 2
+
+
+def test_an_error_in_a_pipeline_without_sync_resumes_reading() -> None:
+    """PostgreSQL skips everything after the error until the client's Sync: read it."""
+    session, client, _ = detached_session(MemorySink(), keep=False)
+    session.data_received(m.parse_message("", "SELECT 1"))
+    for _ in range(relay.MAX_REPLIES_IN_FLIGHT // 2000 + 1):
+        session.data_received(BIND_EXECUTE * 1000)
+    assert not client.reading
+    session._on_upstream_data(m.error_response("ERROR", "42P01", "no such table"))
+    assert len(session._ops) == 0 and client.reading
+    session.data_received(BIND_EXECUTE * 1000 + m.sync())  # dropped, as PostgreSQL drops them
+    session._on_upstream_data(m.ready_for_query(b"I"))
+    assert len(session._ops) == 0 and client.reading
 
 
 def test_answering_many_statements_in_order_takes_linear_time() -> None:

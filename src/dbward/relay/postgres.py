@@ -423,9 +423,12 @@ class PgSession(asyncio.Protocol):
                 self._drain_inbox()
             else:
                 self._process_frames(frames)
-            # Only while a ReadyForQuery is owed: after an error PostgreSQL answers nothing
-            # until the client's next Sync, which must still be read.
-            if len(self._ops) > MAX_REPLIES_IN_FLIGHT and self._z_owed and self.transport:
+            # With or without a Sync in flight: PostgreSQL answers what it has read (holding
+            # back at most its 8 KB output buffer until a Flush or Sync), and an error empties
+            # the queue up to the Sync (dbward itself drops what follows until the client's
+            # Sync), so reading resumes either way. Exempting pipelines without a Sync let a
+            # client that never reads make one session hold 400 MB.
+            if len(self._ops) > MAX_REPLIES_IN_FLIGHT and self.transport is not None:
                 self._client_paused_for_replies = True
                 self.transport.pause_reading()
         elif self._phase == _PHASE_STARTUP:
@@ -1527,9 +1530,7 @@ class PgSession(asyncio.Protocol):
         else:
             pieces.append(forward[position:])
             transport.write(b"".join(pieces))
-        if self._client_paused_for_replies and (
-            len(self._ops) <= _REPLIES_LOW_MARK or not self._z_owed
-        ):
+        if self._client_paused_for_replies and len(self._ops) <= _REPLIES_LOW_MARK:
             self._replies_drained()
         awaiting = self._awaiting
         if awaiting is not None and (
