@@ -306,6 +306,7 @@ class PgSession(asyncio.Protocol):
         self._startup_frames: deque[tuple[int, bytes, bytes]] = deque()
         self._startup_wake: asyncio.Event | None = None
         self._startup_task: asyncio.Task[None] | None = None
+        self._unauthenticated = False  # counted in services.unauthenticated
         self._tls = False
         self.identity: Identity | None = None
         self._context: SessionContext | None = None
@@ -407,6 +408,8 @@ class PgSession(asyncio.Protocol):
             transport.close()
             self._phase = _PHASE_CLOSED
             return
+        if not self._enter_unauthenticated():
+            return
         # Over the limit: refused once the StartupMessage is read (as PostgreSQL does), so
         # the client gets a readable error instead of a broken SSL exchange.
         self._over_limit = len(self.services.sessions) >= self.services.settings.max_connections
@@ -414,6 +417,47 @@ class PgSession(asyncio.Protocol):
             self.services.sessions.add(self)
         self._startup_wake = asyncio.Event()
         self._startup_task = asyncio.get_running_loop().create_task(self._run_startup())
+
+    def _enter_unauthenticated(self) -> bool:
+        """Count this connection against its host's cap until it authenticates; refuse it at
+        once when the host is at the cap (no credentials are needed to hold a connection
+        before login, so one host must not hold them all)."""
+        services = self.services
+        host = self._client_host
+        count = services.unauthenticated.get(host, 0)
+        transport = self.transport
+        assert transport is not None
+        if count >= services.settings.max_unauthenticated_per_host:
+            log.info(
+                "listener %s: refusing %s, max_unauthenticated_per_host (%d) reached",
+                services.settings.name,
+                self.client_addr,
+                services.settings.max_unauthenticated_per_host,
+            )
+            # Readable by libpq in answer to a StartupMessage and to an SSLRequest alike.
+            transport.write(
+                messages.error_response(
+                    "FATAL", "53300", "too many connections from this host waiting to log in"
+                )
+            )
+            transport.close()
+            self._phase = _PHASE_CLOSED
+            return False
+        services.unauthenticated[host] = count + 1
+        self._unauthenticated = True
+        return True
+
+    def _leave_unauthenticated(self) -> None:
+        """Authenticated or gone: no longer counted against the host's cap."""
+        if not self._unauthenticated:
+            return
+        self._unauthenticated = False
+        counts = self.services.unauthenticated
+        left = counts.get(self._client_host, 1) - 1
+        if left > 0:
+            counts[self._client_host] = left
+        else:
+            counts.pop(self._client_host, None)
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -447,8 +491,9 @@ class PgSession(asyncio.Protocol):
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._leave_unauthenticated()
         if self._phase == _PHASE_CLOSED and self not in self.services.sessions:
-            return  # refused while draining; nothing was opened
+            return  # refused while draining or over a cap; nothing was opened
         was_ready = self._phase == _PHASE_READY
         self._phase = _PHASE_CLOSED
         if self._startup_task is not None and not self._startup_task.done():
@@ -583,6 +628,7 @@ class PgSession(asyncio.Protocol):
         self._audit(AuditEvent.CONNECT, identity=user)
         self._connect_audited = True
         identity = await self._authenticate(user)
+        self._leave_unauthenticated()
         self.identity = identity
         self._context = SessionContext(
             session_id=self.session_id,
