@@ -639,3 +639,39 @@ def test_max_connections_refuses_the_extra_client(proxy_factory: Callable[..., P
     second.close()
     refused = small.audit(until=lambda rs: any(r.sqlstate == "53300" for r in rs))
     assert any(r.event == "protocol_error" and r.sqlstate == "53300" for r in refused)
+
+
+def test_one_host_cannot_hold_every_connection_before_logging_in(
+    proxy_factory: Callable[..., Proxy],
+) -> None:
+    """Connections that have not logged in need no credentials: before the cap, 500 idle
+    sockets from one host took every slot (everyone got 53300 for as long as the attacker
+    kept reconnecting every auth_timeout_s) and any number more were held open for 30 s each."""
+    small = proxy_factory(listener={"max_unauthenticated_per_host": 3, "max_connections": 10})
+    idle = [socket.create_connection(("127.0.0.1", small.port), timeout=5) for _ in range(3)]
+    try:
+        for sock in idle:
+            sock.sendall(b"\x00\x00")  # half a length word, then nothing (slowloris)
+        extra = socket.create_connection(("127.0.0.1", small.port), timeout=5)
+        with extra:
+            extra.sendall(messages.ssl_request())
+            fields = _expect_fatal(extra)  # refused at once, readable even after SSLRequest
+        assert fields["C"] == "53300" and "waiting to log in" in fields["M"]
+        # Logged-in sessions do not count: once the idle ones leave, more than three log in.
+        for sock in idle:
+            sock.close()
+        sessions = []
+        for _ in range(50):
+            try:
+                sessions.append(psycopg.connect(**small.conninfo(), connect_timeout=5))
+            except psycopg.OperationalError:
+                continue  # an idle socket's close may not have been seen yet
+            if len(sessions) == 5:
+                break
+        assert len(sessions) == 5
+        for conn in sessions:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+            conn.close()
+    finally:
+        for sock in idle:
+            sock.close()

@@ -131,6 +131,10 @@ class ListenerSettings(_Strict):
     # Each client session holds one upstream connection: cap them before PostgreSQL's own
     # max_connections is exhausted by one noisy client.
     max_connections: int = Field(default=500, ge=1, le=100_000)
+    # Connections from one client address that have not authenticated yet. Before login a
+    # client needs no credentials: without a cap one host held max_connections (locking
+    # everyone out) and any number of sockets more, each for auth_timeout_s.
+    max_unauthenticated_per_host: int = Field(default=128, ge=1, le=100_000)
 
     @field_validator("listen")
     @classmethod

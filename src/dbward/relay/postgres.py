@@ -16,7 +16,7 @@ import logging
 import re
 import secrets
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import replace
 from typing import TYPE_CHECKING, Final, cast
 
@@ -328,6 +328,7 @@ class PgSession(asyncio.Protocol):
         self._startup_frames: deque[tuple[int, bytes, bytes]] = deque()
         self._startup_wake: asyncio.Event | None = None
         self._startup_task: asyncio.Task[None] | None = None
+        self._unauthenticated = False  # counted in services.unauthenticated
         self._tls = False
         self.identity: Identity | None = None
         self._context: SessionContext | None = None
@@ -364,8 +365,11 @@ class PgSession(asyncio.Protocol):
         self._copy_data_sent = False  # CopyData sent since the last COPY FROM STDIN
         self._syncs_dropped_in_copy = 0  # Syncs before any data, since the CopyInResponse
         self._holdable_cursors = False  # a DECLARE ... WITH HOLD was forwarded once
-        # Statements whose intent record the sink still holds, by statement id.
-        self._held_intents: dict[int, _Tracked] = {}
+        # Statements whose intent record the sink still holds, by statement id, oldest first.
+        # An OrderedDict: outcomes remove the oldest entry and then look at the new oldest,
+        # which a dict finds by skipping every entry deleted before it (quadratic: a session
+        # that left with 550,000 statements in flight stalled the event loop for 24 s).
+        self._held_intents: OrderedDict[int, _Tracked] = OrderedDict()
         self._terminated = False  # the client sent Terminate (it did not just vanish)
         self._barrier_op: _Op | None = None  # queued, but held until its intent is durable
         # Portal names defined since the last idle ReadyForQuery: what it may have to forget.
@@ -379,6 +383,10 @@ class PgSession(asyncio.Protocol):
         # is the same str object, so it is hashed once, not per Execute.
         self._hashed_text = ""
         self._hashed_sha256 = hashlib.sha256(b"").hexdigest()
+        # ... and that text as logged (cut to audit.sql_text_max): one string shared by every
+        # record of it. A fresh cut per record made a pipeline of 350,000 executions of a 32 KB
+        # statement hold 4 KB per queued record (+740 MB for one session).
+        self._hashed_cut = ""
         self._closing = False
         self._shutdown_requested = False
         self._upstream_lost_reported = False
@@ -426,6 +434,8 @@ class PgSession(asyncio.Protocol):
             transport.close()
             self._phase = _PHASE_CLOSED
             return
+        if not self._enter_unauthenticated():
+            return
         # Over the limit: refused once the StartupMessage is read (as PostgreSQL does), so
         # the client gets a readable error instead of a broken SSL exchange.
         self._over_limit = len(self.services.sessions) >= self.services.settings.max_connections
@@ -433,6 +443,47 @@ class PgSession(asyncio.Protocol):
             self.services.sessions.add(self)
         self._startup_wake = asyncio.Event()
         self._startup_task = asyncio.get_running_loop().create_task(self._run_startup())
+
+    def _enter_unauthenticated(self) -> bool:
+        """Count this connection against its host's cap until it authenticates; refuse it at
+        once when the host is at the cap (no credentials are needed to hold a connection
+        before login, so one host must not hold them all)."""
+        services = self.services
+        host = self._client_host
+        count = services.unauthenticated.get(host, 0)
+        transport = self.transport
+        assert transport is not None
+        if count >= services.settings.max_unauthenticated_per_host:
+            log.info(
+                "listener %s: refusing %s, max_unauthenticated_per_host (%d) reached",
+                services.settings.name,
+                self.client_addr,
+                services.settings.max_unauthenticated_per_host,
+            )
+            # Readable by libpq in answer to a StartupMessage and to an SSLRequest alike.
+            transport.write(
+                messages.error_response(
+                    "FATAL", "53300", "too many connections from this host waiting to log in"
+                )
+            )
+            transport.close()
+            self._phase = _PHASE_CLOSED
+            return False
+        services.unauthenticated[host] = count + 1
+        self._unauthenticated = True
+        return True
+
+    def _leave_unauthenticated(self) -> None:
+        """Authenticated or gone: no longer counted against the host's cap."""
+        if not self._unauthenticated:
+            return
+        self._unauthenticated = False
+        counts = self.services.unauthenticated
+        left = counts.get(self._client_host, 1) - 1
+        if left > 0:
+            counts[self._client_host] = left
+        else:
+            counts.pop(self._client_host, None)
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -446,9 +497,12 @@ class PgSession(asyncio.Protocol):
                 self._drain_inbox()
             else:
                 self._process_frames(frames)
-            # Only while a ReadyForQuery is owed: after an error PostgreSQL answers nothing
-            # until the client's next Sync, which must still be read.
-            if len(self._ops) > MAX_REPLIES_IN_FLIGHT and self._z_owed and self.transport:
+            # With or without a Sync in flight: PostgreSQL answers what it has read (holding
+            # back at most its 8 KB output buffer until a Flush or Sync), and an error empties
+            # the queue up to the Sync (dbward itself drops what follows until the client's
+            # Sync), so reading resumes either way. Exempting pipelines without a Sync let a
+            # client that never reads make one session hold 400 MB.
+            if len(self._ops) > MAX_REPLIES_IN_FLIGHT and self.transport is not None:
                 self._client_paused_for_replies = True
                 self.transport.pause_reading()
         elif self._phase == _PHASE_STARTUP:
@@ -463,8 +517,9 @@ class PgSession(asyncio.Protocol):
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._leave_unauthenticated()
         if self._phase == _PHASE_CLOSED and self not in self.services.sessions:
-            return  # refused while draining; nothing was opened
+            return  # refused while draining or over a cap; nothing was opened
         was_ready = self._phase == _PHASE_READY
         self._phase = _PHASE_CLOSED
         if self._startup_task is not None and not self._startup_task.done():
@@ -602,6 +657,7 @@ class PgSession(asyncio.Protocol):
         self._audit(AuditEvent.CONNECT, identity=user)
         self._connect_audited = True
         identity = await self._authenticate(user)
+        self._leave_unauthenticated()
         self.identity = identity
         self._context = SessionContext(
             session_id=self.session_id,
@@ -1565,9 +1621,7 @@ class PgSession(asyncio.Protocol):
         else:
             pieces.append(forward[position:])
             transport.write(b"".join(pieces))
-        if self._client_paused_for_replies and (
-            len(self._ops) <= _REPLIES_LOW_MARK or not self._z_owed
-        ):
+        if self._client_paused_for_replies and len(self._ops) <= _REPLIES_LOW_MARK:
             self._replies_drained()
         awaiting = self._awaiting
         if awaiting is not None and (
@@ -2115,12 +2169,13 @@ class PgSession(asyncio.Protocol):
             # A parser message quotes the text near the error: keep it without the quotes.
             detail = parser_error_snippet(statement.error) if statement.error else ""
         else:
-            sql_text = text if len(text) <= cap else text[:cap]
             if text is self._hashed_text:
-                sql_sha256 = self._hashed_sha256
+                sql_text, sql_sha256 = self._hashed_cut, self._hashed_sha256
             else:
+                sql_text = text if len(text) <= cap else text[:cap]
                 sql_sha256 = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
                 self._hashed_text, self._hashed_sha256 = text, sql_sha256
+                self._hashed_cut = sql_text
             detail = statement.error or ""
         return AuditRecord(
             AuditEvent.STATEMENT,

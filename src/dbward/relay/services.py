@@ -114,6 +114,8 @@ class ListenerServices:
     cancels: CancelRegistry
     clock: Callable[[], float] = time.time
     sessions: set[PgSession] = field(default_factory=set)
+    # Connections not authenticated yet, per client host (hosts at zero are removed).
+    unauthenticated: dict[str, int] = field(default_factory=dict)
     draining: bool = False
     warned_superuser: bool = False  # the service role is a superuser: warned once per listener
     # Classifies very large statements off the event loop (None: everything inline).
