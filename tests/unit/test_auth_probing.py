@@ -11,11 +11,19 @@ from pathlib import Path
 
 import pytest
 
-from dbward.config.model import Config, UserSettings
+from dbward.config.model import (
+    AuditSettings,
+    Config,
+    ListenerSettings,
+    UpstreamSettings,
+    UserSettings,
+)
 from dbward.core.errors import AuthenticationFailed, ConfigError
 from dbward.identity.auth_secret import load_auth_secret
 from dbward.identity.local import LocalAuthenticator
-from dbward.relay.services import CancelRegistry
+from dbward.relay.postgres import PgSession
+from dbward.relay.services import CancelRegistry, ListenerServices
+from dbward.sql.postgres import PostgresClassifier
 from dbward.wire.postgres import messages
 from dbward.wire.postgres.scram import make_verifier
 
@@ -190,3 +198,59 @@ def test_scram_plus_chosen_when_not_offered_is_refused() -> None:
         )
         with pytest.raises(AuthenticationFailed, match="unsupported SASL mechanism"):
             asyncio.run(exchange.step(frame[5:]))
+
+
+class _PeerTransport:
+    """A client socket seen from `address`; records what the session writes and closes."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.written = bytearray()
+        self.closed = False
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return (self.address, 5432, 0, 0) if name == "peername" else default
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+
+def test_connections_before_login_are_capped_per_ipv6_64() -> None:
+    """An IPv6 client holds its whole /64: a fresh address per connection must not lift the
+    max_unauthenticated_per_host cap (as for cancel attempts)."""
+    services = ListenerServices(
+        settings=ListenerSettings(
+            name="t",
+            upstream=UpstreamSettings(user="svc", tls={"mode": "disable"}),
+            max_unauthenticated_per_host=2,
+        ),
+        audit_settings=AuditSettings(),
+        audit=None,  # type: ignore[arg-type]
+        classifier=PostgresClassifier(),
+        authenticator=None,  # type: ignore[arg-type]
+        client_tls=None,
+        upstream_tls=None,
+        cancels=CancelRegistry(5),
+    )
+
+    async def connect(address: str) -> _PeerTransport:
+        transport = _PeerTransport(address)
+        PgSession(services).connection_made(transport)  # type: ignore[arg-type]
+        return transport
+
+    async def run() -> list[bool]:
+        refused = []
+        for address in ("2001:db8:1:2::1", "2001:db8:1:2::2", "2001:db8:1:2::3", "2001:db8:9::1"):
+            transport = await connect(address)
+            refused.append(b"too many connections from this host" in transport.written)
+        for task in asyncio.all_tasks() - {asyncio.current_task()}:
+            task.cancel()
+        return refused
+
+    assert asyncio.run(run()) == [False, False, True, False]

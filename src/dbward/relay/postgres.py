@@ -34,6 +34,7 @@ from dbward.core.types import (
     Verdict,
 )
 from dbward.policy.engine import decide, parser_error_snippet
+from dbward.relay.services import client_key
 from dbward.relay.startup import StartupRefusedError, upstream_parameters
 from dbward.server.upstream import UpstreamConnection, UpstreamError, connect_upstream, send_cancel
 from dbward.sql.offload import OFFLOAD_CODE_MIN_BYTES, should_offload
@@ -449,7 +450,7 @@ class PgSession(asyncio.Protocol):
         once when the host is at the cap (no credentials are needed to hold a connection
         before login, so one host must not hold them all)."""
         services = self.services
-        host = self._client_host
+        host = client_key(self._client_host)  # an IPv6 client's whole /64 is one host
         count = services.unauthenticated.get(host, 0)
         transport = self.transport
         assert transport is not None
@@ -479,11 +480,12 @@ class PgSession(asyncio.Protocol):
             return
         self._unauthenticated = False
         counts = self.services.unauthenticated
-        left = counts.get(self._client_host, 1) - 1
+        host = client_key(self._client_host)
+        left = counts.get(host, 1) - 1
         if left > 0:
-            counts[self._client_host] = left
+            counts[host] = left
         else:
-            counts.pop(self._client_host, None)
+            counts.pop(host, None)
 
     def data_received(self, data: bytes) -> None:
         try:

@@ -25,8 +25,9 @@ _MAX_CANCEL_BUCKETS = 10_000
 _REPORT_INTERVAL_S = 10.0  # rate-limited cancel attempts: at most one log line this often
 
 
-def _rate_key(client_host: str) -> str:
-    """Whose cancel budget an attempt spends: an IPv4 address, or an IPv6 /64.
+def client_key(client_host: str) -> str:
+    """Whose budget (cancel attempts, connections before login) a client spends: an IPv4
+    address, or an IPv6 /64.
 
     One host usually holds a whole IPv6 /64 (SLAAC, privacy addresses, a /64 per VM or
     container), so counting each IPv6 address on its own let one client take a fresh budget
@@ -76,7 +77,7 @@ class CancelRegistry:
         """Token bucket per client host (IPv6: per /64), so cancel keys cannot be guessed at
         line rate."""
         now = time.monotonic() if now is None else now
-        client_host = _rate_key(client_host)
+        client_host = client_key(client_host)
         buckets = self._buckets
         tokens, last = buckets.pop(client_host, (self._burst, now))
         tokens = min(self._burst, tokens + (now - last) * self._rate)
@@ -114,7 +115,7 @@ class ListenerServices:
     cancels: CancelRegistry
     clock: Callable[[], float] = time.time
     sessions: set[PgSession] = field(default_factory=set)
-    # Connections not authenticated yet, per client host (hosts at zero are removed).
+    # Connections not authenticated yet, per client_key (hosts at zero are removed).
     unauthenticated: dict[str, int] = field(default_factory=dict)
     draining: bool = False
     warned_superuser: bool = False  # the service role is a superuser: warned once per listener
