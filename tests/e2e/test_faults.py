@@ -27,7 +27,7 @@ from dbward.wire.postgres import messages
 from fixtures.clients import app_name, is_outcome
 from fixtures.postgres import PgServer
 from fixtures.proxy import Proxy
-from fixtures.raw import RawSession, expect_fatal
+from fixtures.raw import RawSession, expect_fatal, read_message
 
 TIMEOUT = 5.0
 
@@ -628,3 +628,40 @@ def test_terminate_lets_statements_sent_before_it_finish(proxy: Proxy, pg_server
     records = _session(proxy, app, _has(AuditEvent.DISCONNECT))
     outcome = next(r for r in records if is_outcome(r))
     assert outcome.status == "unknown"  # dbward no longer hears the answer
+
+
+def test_large_unfinished_messages_share_one_budget(
+    proxy_factory: Callable[..., Proxy], pg_server: PgServer
+) -> None:
+    """Fourteenth review: every message is buffered whole until its last byte (four 250 MB
+    CopyData messages at once: +1.5 GB). Past max_partial_message_bytes for the listener, the
+    session adding a large unfinished message is ended with 53200; the others carry on."""
+    mib = 1024 * 1024
+    small = proxy_factory(
+        listener={"max_partial_message_bytes": 16 * mib, "max_message_bytes": 12 * mib}
+    )
+    table = f"partial_{uuid.uuid4().hex[:6]}"
+    pg_server.psql(f"CREATE TABLE {table} (v text); GRANT ALL ON {table} TO PUBLIC")
+    row = b"x" * (10 * mib - 1) + b"\n"
+    header = b"d" + struct.pack("!I", 4 + len(row))
+    first, second = RawSession(small, _app("partial-a")), RawSession(small, _app("partial-b"))
+    try:
+        for session in (first, second):
+            session.sock.sendall(messages.query(f"COPY {table} FROM STDIN"))
+            msg_type, _ = read_message(session.sock)
+            assert msg_type == b"G"
+        first.sock.sendall(header + row[: 9 * mib])
+        time.sleep(0.3)  # dbward has read it: 9 MiB unfinished
+        second.sock.sendall(header + row[: 9 * mib])
+        fields = expect_fatal(second.sock)
+        assert fields["C"] == "53200", fields
+        # The first session, and everyone else, carry on.
+        replies = first.send(row[9 * mib :] + messages.copy_done())
+        assert (b"C", b"COPY 1\x00") in replies, replies
+        with psycopg.connect(**small.conninfo(), autocommit=True) as other:
+            assert other.execute(f"SELECT count(*) FROM {table}").fetchone() == (1,)
+    finally:
+        first.close()
+        second.close()
+    refused = small.audit(event="protocol_error", until=bool)
+    assert [r.sqlstate for r in refused] == ["53200"]

@@ -123,6 +123,11 @@ class ListenerSettings(_Strict):
     tls: ClientTlsSettings = ClientTlsSettings()
     upstream: UpstreamSettings
     max_message_bytes: int = Field(default=256 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024)
+    # A message is buffered whole until its last byte arrives (and then copied): all sessions
+    # of the listener together may hold this much in unfinished messages.
+    max_partial_message_bytes: int = Field(
+        default=1024 * 1024 * 1024, ge=1024 * 1024, le=64 * 1024 * 1024 * 1024
+    )
     # Parsing takes about 100 times the SQL text in memory (a 24.6 MB INSERT: 2.4 GB, 5.8 s):
     # longer SQL is refused unparsed, so one statement cannot exhaust the host's memory.
     max_statement_bytes: int = Field(default=16 * 1024 * 1024, ge=64 * 1024, le=1024 * 1024 * 1024)
@@ -135,6 +140,16 @@ class ListenerSettings(_Strict):
     # client needs no credentials: without a cap one host held max_connections (locking
     # everyone out) and any number of sockets more, each for auth_timeout_s.
     max_unauthenticated_per_host: int = Field(default=128, ge=1, le=100_000)
+
+    @model_validator(mode="after")
+    def _partial_budget_holds_a_message(self) -> ListenerSettings:
+        if self.max_partial_message_bytes < self.max_message_bytes:
+            raise ValueError(
+                f"max_partial_message_bytes ({self.max_partial_message_bytes}) must be at least "
+                f"max_message_bytes ({self.max_message_bytes}): the largest message accepted "
+                "must fit"
+            )
+        return self
 
     @field_validator("listen")
     @classmethod

@@ -250,6 +250,11 @@ class _Await:
 
 _AWAIT_QUIET: Final = _Await(quiet=True)
 _QUERY_CANCELED: Final = "57014"  # a cancel request, statement_timeout
+_OUT_OF_MEMORY: Final = "53200"
+# An unfinished message this small is never refused for the listener's total (a session can
+# always send ordinary messages, whatever others hold).
+_PARTIAL_ALWAYS_FITS: Final = 1024 * 1024
+_LINGER_S: Final = 2.0  # how long a refused client that is still sending is read and ignored
 _READ_KIND: Final = StatementKind.READ
 # Statements that may commit the implicit transaction they run in (a procedure's COMMIT), and
 # ones no transaction undoes: neither lets dbward claim a later rollback undid what came before.
@@ -330,6 +335,7 @@ class PgSession(asyncio.Protocol):
         self._startup_wake: asyncio.Event | None = None
         self._startup_task: asyncio.Task[None] | None = None
         self._unauthenticated = False  # counted in services.unauthenticated
+        self._partial_counted = 0  # bytes counted in services.partial_message_bytes
         self._tls = False
         self.identity: Identity | None = None
         self._context: SessionContext | None = None
@@ -488,10 +494,15 @@ class PgSession(asyncio.Protocol):
             counts.pop(host, None)
 
     def data_received(self, data: bytes) -> None:
+        if self._closing:
+            return  # the session is being closed: nothing more the client sends matters
         try:
             frames = self._framer.feed(data)
         except ProtocolError as exc:
             self._protocol_error(exc)
+            return
+        pending = self._framer.pending_bytes
+        if (pending or self._partial_counted) and not self._count_partial(pending):
             return
         if self._phase == _PHASE_READY:
             if self._inbox or self._blocked:
@@ -515,11 +526,54 @@ class PgSession(asyncio.Protocol):
             if self._startup_wake is not None:
                 self._startup_wake.set()
 
+    def _count_partial(self, pending: int) -> bool:
+        """Keep the listener's total of unfinished client messages within its budget.
+
+        Each message up to max_message_bytes is buffered whole (and copied when complete), so
+        sessions sending huge messages at once could hold many GB between them (four 250 MB
+        CopyData messages: +1.5 GB). Past the budget, the session adding a large unfinished
+        message is ended (53200); small ones always fit. False if it was.
+        """
+        services = self.services
+        services.partial_message_bytes += pending - self._partial_counted
+        self._partial_counted = pending
+        if (
+            pending < _PARTIAL_ALWAYS_FITS
+            or services.partial_message_bytes <= services.settings.max_partial_message_bytes
+        ):
+            return True
+        services.partial_message_bytes -= pending
+        self._partial_counted = 0
+        log.warning(
+            "session %s: refusing a %d-byte unfinished message: max_partial_message_bytes "
+            "(%d) reached",
+            self.session_id,
+            pending,
+            services.settings.max_partial_message_bytes,
+        )
+        self._audit(
+            AuditEvent.PROTOCOL_ERROR,
+            reason="max_partial_message_bytes reached",
+            sqlstate=_OUT_OF_MEMORY,
+        )
+        self._fatal_lingering(
+            _OUT_OF_MEMORY,
+            "dbward: out of memory for large messages; send smaller messages or retry later",
+        )
+        self._framer.discard()
+        self._release_partial()
+        return False
+
+    def _release_partial(self) -> None:
+        self.services.partial_message_bytes -= self._partial_counted
+        self._partial_counted = 0
+
     def eof_received(self) -> bool | None:
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._leave_unauthenticated()
+        self._release_partial()
         if self._phase == _PHASE_CLOSED and self not in self.services.sessions:
             return  # refused while draining or over a cap; nothing was opened
         was_ready = self._phase == _PHASE_READY
@@ -2113,6 +2167,20 @@ class PgSession(asyncio.Protocol):
         if transport is not None and not transport.is_closing():
             transport.write(messages.error_response("FATAL", sqlstate, message))
         self._close_client()
+
+    def _fatal_lingering(self, sqlstate: str, message: str) -> None:
+        """FATAL to a client that is still sending: close our side for writing and read (and
+        drop) what it sends for a moment before closing. Closing with its bytes unread would
+        send a reset that can destroy the error before the client reads it."""
+        transport = self.transport
+        if transport is None or transport.is_closing() or not transport.can_write_eof():
+            self._fatal(sqlstate, message)
+            return
+        transport.write(messages.error_response("FATAL", sqlstate, message))
+        self._closing = True  # data_received drops everything from now on
+        self._close_upstream()
+        transport.write_eof()
+        asyncio.get_running_loop().call_later(_LINGER_S, transport.close)
 
     def _close_client(self) -> None:
         self._closing = True

@@ -115,6 +115,8 @@ class ListenerServices:
     cancels: CancelRegistry
     clock: Callable[[], float] = time.time
     sessions: set[PgSession] = field(default_factory=set)
+    # Bytes of unfinished client messages buffered by all sessions (max_partial_message_bytes).
+    partial_message_bytes: int = 0
     # Connections not authenticated yet, per client_key (hosts at zero are removed).
     unauthenticated: dict[str, int] = field(default_factory=dict)
     draining: bool = False

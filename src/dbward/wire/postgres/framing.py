@@ -66,6 +66,11 @@ class FrontendFramer:
         """Size of the buffered incomplete tail."""
         return len(self._buf)
 
+    def discard(self) -> None:
+        """Drop the buffered incomplete tail (the connection is being closed)."""
+        self._buf = bytearray()
+        self._need = 0
+
     def feed(self, data: bytes) -> list[tuple[int, bytes, bytes]]:
         """Add bytes; return every complete message as (type byte or 0, payload, raw frame)."""
         buf = self._buf
