@@ -156,6 +156,21 @@ TABLES = [
     ("EXPLAIN SELECT * FROM t", ("t",)),
     ("PREPARE p AS SELECT * FROM t", ("t",)),
     ("GRANT SELECT ON s.t TO bob", ("s.t",)),
+    # Members of a relation are named after it: the relation is what they act on (a dropped
+    # policy lifts row security from s.t; review round 18).
+    ("DROP POLICY IF EXISTS p ON c.s.t CASCADE", ("c.s.t",)),
+    ("DROP TRIGGER audit ON s.t", ("s.t",)),
+    ("DROP RULE r ON t", ("t",)),
+    ("COMMENT ON COLUMN s.t.x IS 'x'", ("s.t",)),
+    ("COMMENT ON CONSTRAINT c ON t IS NULL", ("t",)),
+    ("COMMENT ON TRIGGER tr ON s.t IS NULL", ("s.t",)),
+    ("COMMENT ON POLICY p ON t IS NULL", ("t",)),
+    ("COMMENT ON CONSTRAINT c ON DOMAIN d IS NULL", ()),
+    ("SECURITY LABEL ON TABLE t IS 'x'", ("t",)),
+    ("SECURITY LABEL FOR selinux ON COLUMN s.t.x IS 'x'", ("s.t",)),
+    ("SECURITY LABEL ON FUNCTION f(int) IS NULL", ()),
+    ("ALTER EXTENSION e ADD TABLE t", ("t",)),
+    ("ALTER EXTENSION e DROP SEQUENCE s.q", ("s.q",)),
     ("SELECT * FROM t UNION SELECT * FROM u", ("t", "u")),
     ("SELECT 1", ()),
 ]

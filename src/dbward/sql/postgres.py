@@ -1182,16 +1182,37 @@ def _ordered(found: list[tuple[int, str]]) -> tuple[str, ...]:
 
 
 def _drop_targets(node_type: str, body: dict[str, Any], out: _Walk) -> None:
-    """DROP/COMMENT name relations as String lists, not RangeVars: add them to tables."""
-    if node_type == "DropStmt" and body.get("removeType") in _RELATION_OBJECTS:
-        for obj in body.get("objects", ()):
-            items = obj.get("List", {}).get("items")
-            if items:
-                out.tables.append((-1, _strings(items)))
-    elif node_type == "CommentStmt" and body.get("objtype") in _RELATION_OBJECTS:
-        items = body.get("object", {}).get("List", {}).get("items")
-        if items:
-            out.tables.append((-1, _strings(items)))
+    """DROP / COMMENT / SECURITY LABEL / ALTER EXTENSION ADD|DROP name relations as String
+    lists, not RangeVars: add them to tables. A trigger, policy, rule, constraint or column is
+    named after its table (`DROP POLICY p ON s.t` is [s, t, p]): the table is listed."""
+    if node_type == "DropStmt":
+        objtype = body.get("removeType")
+        objects = body.get("objects", ())
+    elif node_type in _NAMED_OBJECT_STATEMENTS:
+        objtype = body.get("objtype")
+        objects = (body.get("object", {}),)
+    else:
+        return
+    if objtype in _RELATION_OBJECTS:
+        cut = None
+    elif objtype in _RELATION_MEMBER_OBJECTS:
+        cut = -1
+    else:
+        return
+    for obj in objects:
+        items = obj.get("List", {}).get("items") if isinstance(obj, dict) else None
+        if items and items[:cut]:
+            out.tables.append((-1, _strings(items[:cut])))
+
+
+# Statements naming one object as `objtype` + `object` (a String list for relations).
+_NAMED_OBJECT_STATEMENTS: Final = frozenset(
+    {"CommentStmt", "SecLabelStmt", "AlterExtensionContentsStmt"}
+)
+# Objects that belong to a relation and are named after it: the last name is the member's.
+_RELATION_MEMBER_OBJECTS: Final = frozenset(
+    {"OBJECT_COLUMN", "OBJECT_TRIGGER", "OBJECT_POLICY", "OBJECT_RULE", "OBJECT_TABCONSTRAINT"}
+)
 
 
 # --- the classifier ---------------------------------------------------------------------------
