@@ -745,6 +745,59 @@ def test_statement_limit_withholds_credentials_like_any_statement() -> None:
     assert over.flags == frozenset({"statement_limit", "carries_credential"})
 
 
+@pytest.mark.parametrize(
+    ("sql", "tables"),
+    [
+        # table_to_xml returns every row of the table it is given as a regclass (verified on
+        # PostgreSQL 15): that table is read although no FROM names it (review round 18).
+        ("SELECT table_to_xml('secret', true, false, '')", ("secret",)),
+        ("SELECT pg_catalog.table_to_xml(' S . Secret ', true, false, '')", ("s.secret",)),
+        ("SELECT table_to_xml('s.\"My T\"'::regclass, true, false, '')", ("s.My T",)),
+        ("SELECT table_to_xml_and_xmlschema('secret'::pg_catalog.regclass, 1, 0, '')", ("secret",)),
+        ("SELECT table_to_xmlschema('\"a\"\"b\"', true, false, '')", ('a"b',)),
+        ("SELECT table_to_xml('" + "A" * 70 + "', true, false, '')", ("a" * 63,)),
+        # Sequences are relations: the functions that use or change one name it.
+        (
+            "SELECT nextval('public.orders_id_seq'::regclass), currval('\"S\"'), setval('x', 1)",
+            ("public.orders_id_seq", "S", "x"),
+        ),
+        ("SELECT nextval(pg_get_serial_sequence('t', 'id'))", ()),
+        ("SELECT nextval('16384')", ()),
+    ],
+)
+def test_relations_passed_as_regclass_are_tables(
+    clf: PostgresClassifier, sql: str, tables: tuple[str, ...]
+) -> None:
+    statement = one(clf, sql)
+    assert statement.tables == tables
+    assert "dynamic_sql" not in statement.flags
+
+
+def test_relations_passed_as_regclass_are_not_shared_across_constants(
+    clf: PostgresClassifier,
+) -> None:
+    """The constants-blind cache must not answer 'secret' with the tables of 'public_t'."""
+    assert one(clf, "SELECT table_to_xml('public_t', true, false, '')").tables == ("public_t",)
+    assert one(clf, "SELECT table_to_xml('secret', true, false, '')").tables == ("secret",)
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT table_to_xml(c.oid::regclass, true, false, '') FROM pg_class c",
+        "SELECT table_to_xml('a.b.c.d', true, false, '')",
+        "SELECT table_to_xml('\"open', true, false, '')",
+        "SELECT table_to_xml(16384, true, false, '')",
+        "SELECT schema_to_xml('public', true, false, '')",
+        "SELECT database_to_xml(true, false, '')",
+    ],
+)
+def test_tables_exported_by_unreadable_names_are_dynamic_sql(
+    clf: PostgresClassifier, sql: str
+) -> None:
+    assert "dynamic_sql" in one(clf, sql).flags
+
+
 def test_sql_run_by_functions_is_classified_into_the_statement(clf: PostgresClassifier) -> None:
     """query_to_xml & co. run their SQL argument: its tables, functions and kind count."""
     read = one(clf, "SELECT query_to_xml('SELECT ssn FROM customers c', true, false, '')")

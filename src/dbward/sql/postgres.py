@@ -651,6 +651,31 @@ _SQL_TEXT_FUNCTIONS: Final[dict[str, tuple[int, ...]]] = {
 _SQL_FRAGMENT_FUNCTIONS: Final = frozenset(
     {"connectby", "xpath_table", "check_primary_key", "check_foreign_key"}
 )
+# Functions given a relation as a regclass (usually a string constant, 'secret' or
+# 's.t'::regclass) that read or change it: that relation is one of the statement's tables. True:
+# the function reads the table's rows (the XML export of a whole table), so a relation that
+# cannot be read from the call (a column, a parameter, an OID) is `dynamic_sql`, refused like
+# query_to_xml of computed SQL; False: a sequence function, listed when it can be read.
+_RELATION_ARGUMENT_FUNCTIONS: Final[dict[str, bool]] = {
+    "table_to_xml": True,
+    "table_to_xmlschema": True,
+    "table_to_xml_and_xmlschema": True,
+    "nextval": False,
+    "setval": False,
+    "currval": False,
+}
+# The XML export of every table of a schema or of the database: no table list can say that.
+_ALL_TABLES_FUNCTIONS: Final = frozenset(
+    {
+        "schema_to_xml",
+        "schema_to_xmlschema",
+        "schema_to_xml_and_xmlschema",
+        "database_to_xml",
+        "database_to_xmlschema",
+        "database_to_xml_and_xmlschema",
+    }
+)
+_REGCLASS_TYPES: Final = (["regclass"], ["pg_catalog", "regclass"])
 # SQL given as text inside SQL given as text ...: deeper than this is refused, not followed.
 _MAX_SQL_TEXT_DEPTH: Final = 4
 _CONNINFO_SETTINGS: Final = frozenset({"primary_conninfo"})
@@ -843,6 +868,11 @@ def _func_call(call: dict[str, Any], out: _Walk) -> None:
     _note_side_effects(base, out)
     if base in SERVER_FILE_FUNCTIONS:
         out.flags.add("server_file_function")
+    reads = _RELATION_ARGUMENT_FUNCTIONS.get(base)
+    if reads is not None:
+        _relation_argument(call.get("args") or (), reads, call.get("location", -1), out)
+    elif base in _ALL_TABLES_FUNCTIONS:
+        out.flags.add("dynamic_sql")  # every table of a schema or database, by SQL it builds
     sql_args = _SQL_TEXT_FUNCTIONS.get(base)
     if base == "ts_rewrite" and len(call.get("args") or ()) == 2:
         sql_args = (1,)  # ts_rewrite(query tsquery, select text): runs the SELECT
@@ -905,7 +935,13 @@ def _flag_uncheckable_call(base: str, out: _Walk) -> bool:
         out.flags.add("set_config_role")  # its arguments are unknown here: it may set a role
     elif base in SERVER_FILE_FUNCTIONS:
         out.flags.add("server_file_function")
-    elif base in _SQL_TEXT_FUNCTIONS or base in _SQL_FRAGMENT_FUNCTIONS or base == "ts_rewrite":
+    elif (
+        base in _SQL_TEXT_FUNCTIONS
+        or base in _SQL_FRAGMENT_FUNCTIONS
+        or base == "ts_rewrite"
+        or base in _ALL_TABLES_FUNCTIONS
+        or _RELATION_ARGUMENT_FUNCTIONS.get(base) is True
+    ):
         out.flags.add("dynamic_sql")
     else:
         return False
@@ -1072,6 +1108,86 @@ def _is_integer_constant(node: dict[str, Any]) -> bool:
     return const is not None and "ival" in const
 
 
+def _relation_argument(
+    args: list[dict[str, Any]] | tuple[()], reads_rows: bool, location: int, out: _Walk
+) -> None:
+    """The relation a regclass argument names, as a table; `dynamic_sql` if it must be known."""
+    out.const_sensitive = True  # which table it is depends on the constant
+    name: str | None = None
+    if args:
+        arg = args[0]
+        cast = arg.get("TypeCast")
+        if cast is not None:
+            names = [
+                str(n.get("String", {}).get("sval", ""))
+                for n in cast.get("typeName", {}).get("names", ())
+            ]
+            if names in _REGCLASS_TYPES:
+                arg = cast.get("arg", {})
+        text = _constant_text(arg)
+        if text is not None:
+            name = _regclass_name(text)
+    if name is not None:
+        out.tables.append((location, name))
+    elif reads_rows:
+        out.flags.add("dynamic_sql")
+
+
+_NAME_BYTES: Final = 63  # NAMEDATALEN - 1
+_NAME_SPACE: Final = " \t\n\r\f\v"  # scanner_isspace
+
+
+def _regclass_name(text: str) -> str | None:
+    """The relation name regclass input reads from ``text`` ('s."T"' -> 's.T'), as a table name
+    is recorded; None for an OID ('16384'), '-' or what PostgreSQL would reject.
+
+    PostgreSQL's stringToQualifiedNameList: dot-separated names, each double-quoted ("" is a
+    quote) or bare (ASCII lower-cased, ending at a dot or a space), truncated to 63 bytes.
+    """
+    if not text or text.isdigit() or text == "-":
+        return None
+    parts: list[str] = []
+    i, n = 0, len(text)
+    while True:
+        while i < n and text[i] in _NAME_SPACE:
+            i += 1
+        if i < n and text[i] == '"':
+            chars: list[str] = []
+            i += 1
+            while True:
+                end = text.find('"', i)
+                if end < 0:
+                    return None  # unterminated quote
+                chars.append(text[i:end])
+                i = end + 1
+                if i < n and text[i] == '"':
+                    chars.append('"')
+                    i += 1
+                    continue
+                break
+            part = "".join(chars)
+        else:
+            start = i
+            while i < n and text[i] != "." and text[i] not in _NAME_SPACE:
+                i += 1
+            part = text[start:i].translate(_ASCII_LOWER)
+        if not part:
+            return None
+        encoded = part.encode("utf-8")
+        if len(encoded) > _NAME_BYTES:
+            part = encoded[:_NAME_BYTES].decode("utf-8", errors="ignore")
+        parts.append(part)
+        while i < n and text[i] in _NAME_SPACE:
+            i += 1
+        if i == n:
+            break
+        if text[i] != ".":
+            return None
+        i += 1
+    return ".".join(parts) if len(parts) <= 3 else None
+
+
+_ASCII_LOWER: Final = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 _SETTINGS_VIEWS: Final = frozenset({"pg_settings", "pg_catalog.pg_settings"})
 # OWNER TO these is no change of role.
 _SELF_ROLESPECS: Final = frozenset(
