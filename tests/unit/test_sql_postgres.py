@@ -572,6 +572,7 @@ def test_password_lookalikes_are_not_flagged(sql: str) -> None:
         "PREPARE p AS SELECT dblink_connect('password=pw')",
         "EXECUTE p('host=h password=pw')",  # PREPARE p(text) AS SELECT dblink_connect($1)
         "EXPLAIN ANALYZE EXECUTE p('postgresql://u:pw@h/d')",
+        "CREATE TABLE x AS EXECUTE p('host=h password=pw')",  # runs p too
         # SQL run on the other server sets a password there: as much a secret in the log
         "SELECT dblink_send_query('c1', 'ALTER ROLE r PASSWORD ''pw''')",
         "SELECT dblink_open('c1', 'cur', 'SELECT dblink_connect(''password=pw'')')",
@@ -743,6 +744,25 @@ def test_statement_limit_withholds_credentials_like_any_statement() -> None:
     clf = PostgresClassifier(max_statements=1)
     (over,) = clf.classify("SELECT 1; ALTER ROLE bob PASSWORD 'hunter2'")
     assert over.flags == frozenset({"statement_limit", "carries_credential"})
+
+
+@pytest.mark.parametrize(
+    ("sql", "name"),
+    [
+        ("CREATE TABLE x AS EXECUTE p", "p"),
+        ("CREATE TEMP TABLE x AS EXECUTE q(1) WITH NO DATA", "q"),
+        ("EXPLAIN ANALYZE CREATE TABLE x AS EXECUTE p", "p"),
+        ("EXPLAIN CREATE TABLE x AS EXECUTE p", None),  # plans, runs nothing
+        ("CREATE TABLE x AS SELECT 1", None),
+    ],
+)
+def test_create_table_as_execute_names_the_prepared_statement_it_runs(
+    clf: PostgresClassifier, sql: str, name: str | None
+) -> None:
+    """The relay resolves it like EXECUTE (review round 18)."""
+    statement = one(clf, sql)
+    assert statement.prepared_name == name
+    assert ("executes_prepared" in statement.flags) is (name is not None)
 
 
 @pytest.mark.parametrize(

@@ -1601,8 +1601,9 @@ def _may_carry_conninfo(node_type: str, body: dict[str, Any], walked: _Walk) -> 
     """Whether the statement may hold a libpq connection string (and so a password)."""
     if walked.conninfo or node_type in _CONNINFO_STATEMENTS:
         return True
-    if node_type == "ExplainStmt":  # EXPLAIN ANALYZE EXECUTE p(...) runs it too
-        return _node_type(body.get("query", {})) == "ExecuteStmt"
+    if node_type in ("ExplainStmt", "CreateTableAsStmt"):
+        # EXPLAIN ANALYZE EXECUTE p(...) and CREATE TABLE ... AS EXECUTE p(...) run it too
+        return _executed_prepared(node_type, body) is not None
     if node_type == "AlterSystemStmt":
         name = body.get("setstmt", {}).get("name")
         return isinstance(name, str) and name.lower() in _CONNINFO_SETTINGS
@@ -1624,15 +1625,28 @@ def _prepared_parts(
         inner_type = _node_type(inner)
         prepared, _ = _classify_node(part, inner_type, inner, has_ctes, depth)
         return body.get("name"), prepared
-    if node_type == "ExecuteStmt":
-        return body.get("name"), None
-    if node_type == "ExplainStmt" and _explain_analyzes(body):
-        inner = body.get("query", {})
-        if _node_type(inner) == "ExecuteStmt":
-            return inner.get("ExecuteStmt", {}).get("name"), None
+    if node_type in ("ExecuteStmt", "ExplainStmt", "CreateTableAsStmt"):
+        executed = _executed_prepared(node_type, body)
+        return (executed.get("name") if executed is not None else None), None
     if node_type == "DeallocateStmt":
         return body.get("name"), None
     return None, None
+
+
+def _executed_prepared(node_type: str, body: dict[str, Any]) -> dict[str, Any] | None:
+    """The EXECUTE a statement runs: itself, or the one inside EXPLAIN ANALYZE and CREATE TABLE
+    / SELECT INTO ... AS EXECUTE (PostgreSQL runs the prepared query to fill the new table)."""
+    while True:
+        if node_type == "ExecuteStmt":
+            return body
+        if node_type == "ExplainStmt":
+            if not _explain_analyzes(body):
+                return None  # plain EXPLAIN only plans it
+        elif node_type != "CreateTableAsStmt":
+            return None
+        inner = body.get("query", {})
+        node_type = _node_type(inner)
+        body = inner.get(node_type, {})
 
 
 _CURSOR_OPT_HOLD: Final = 0x0020  # CURSOR_OPT_HOLD in PostgreSQL's parsenodes.h
