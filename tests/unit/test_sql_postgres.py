@@ -617,6 +617,15 @@ def test_connection_strings_without_a_credential(sql: str) -> None:
         ("EXPLAIN ANALYZE SELECT nextval('s')", StatementKind.WRITE),
         ("DECLARE c CURSOR FOR SELECT nextval('s')", StatementKind.WRITE),
         ("INSERT INTO t VALUES (nextval('s'))", StatementKind.WRITE),  # already a write
+        # Eighteenth review: on PostgreSQL 15, heap_force_kill deleted a row through a SELECT
+        # and pg_replication_origin_xact_setup moved an origin's remote_lsn at commit.
+        ("SELECT heap_force_kill('t'::regclass, ARRAY['(0,1)']::tid[])", StatementKind.ADMIN),
+        ("SELECT pg_replication_origin_xact_setup('0/1', now())", StatementKind.ADMIN),
+        ("SELECT pg_truncate_visibility_map('t')", StatementKind.ADMIN),
+        ("SELECT pg_stat_statements_reset()", StatementKind.ADMIN),
+        ("SELECT pg_log_standby_snapshot()", StatementKind.ADMIN),
+        ("SELECT lo_import('/etc/hostname')", StatementKind.WRITE),
+        ("SELECT pg_file_write('x', 'y', false)", StatementKind.ADMIN),
     ],
 )
 def test_reads_calling_side_effect_functions_are_not_reads(sql: str, kind: StatementKind) -> None:

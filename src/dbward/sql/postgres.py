@@ -587,6 +587,34 @@ _ADMIN_FUNCTIONS: Final = frozenset(
         "brin_summarize_range",
         "brin_desummarize_range",
         "gin_clean_pending_list",
+        # Eighteenth review. Replication origin state of the session or of the transaction
+        # (xact_setup moved the origin's remote_lsn at commit on PostgreSQL 15), WAL records,
+        # standby slot synchronisation, statistics resets (PostgreSQL 17-18, pg_stat_statements).
+        "pg_replication_origin_session_reset",
+        "pg_replication_origin_xact_setup",
+        "pg_replication_origin_xact_reset",
+        "pg_log_standby_snapshot",
+        "pg_sync_replication_slots",
+        "pg_stat_reset_backend_stats",
+        "pg_stat_statements_reset",
+        # Contrib modules that change tables or the server directly: pg_surgery kills or
+        # freezes tuples (heap_force_kill deleted a row through a SELECT on PostgreSQL 15),
+        # pg_visibility truncates a visibility map, pg_buffercache evicts buffers, pg_prewarm
+        # writes its dump file and starts its worker.
+        "heap_force_kill",
+        "heap_force_freeze",
+        "pg_truncate_visibility_map",
+        "pg_buffercache_evict",
+        "pg_buffercache_evict_relation",
+        "pg_buffercache_evict_all",
+        "autoprewarm_dump_now",
+        "autoprewarm_start_worker",
+        # Server files written, renamed or removed (also refused as guard.server_file).
+        "lo_export",
+        "pg_file_write",
+        "pg_file_rename",
+        "pg_file_unlink",
+        "pg_file_sync",
     }
 )
 _WRITE_FUNCTIONS: Final = frozenset(
@@ -601,6 +629,7 @@ _WRITE_FUNCTIONS: Final = frozenset(
         "lo_truncate",
         "lo_truncate64",
         "lowrite",
+        "lo_import",  # a new large object from a server file (also guard.server_file)
         # dblink runs arbitrary SQL on another connection, out of dbward's sight.
         "dblink",
         "dblink_exec",
@@ -663,6 +692,10 @@ _RELATION_ARGUMENT_FUNCTIONS: Final[dict[str, bool]] = {
     "nextval": False,
     "setval": False,
     "currval": False,
+    # Contrib functions that change the relation they are given (see _ADMIN_FUNCTIONS).
+    "heap_force_kill": False,
+    "heap_force_freeze": False,
+    "pg_truncate_visibility_map": False,
 }
 # The XML export of every table of a schema or of the database: no table list can say that.
 _ALL_TABLES_FUNCTIONS: Final = frozenset(
