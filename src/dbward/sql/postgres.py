@@ -1624,7 +1624,9 @@ def _merge_sql_texts(walked: _Walk, depth: int) -> None:
             # Not what the relay acts on (a COPY starting, cursors, prepared statements): the
             # SQL runs inside the server, the client's session sees none of it.
             walked.flags.update(inner.flags - _SESSION_PROTOCOL_FLAGS)
-            if inner.kind is _UNKNOWN:
+            if inner.kind is _UNKNOWN or "executes_prepared" in inner.flags:
+                # EXECUTE name (also CREATE TABLE AS EXECUTE) runs whatever the session has
+                # prepared under that name when this SQL runs: nothing here can tell what.
                 walked.flags.add("dynamic_sql")
             elif inner.kind is not _READ and walked.inner_kind is None:
                 walked.inner_kind = inner.kind
