@@ -785,6 +785,8 @@ def test_create_table_as_execute_names_the_prepared_statement_it_runs(
         ("SELECT table_to_xml_and_xmlschema('secret'::pg_catalog.regclass, 1, 0, '')", ("secret",)),
         ("SELECT table_to_xmlschema('\"a\"\"b\"', true, false, '')", ('a"b',)),
         ("SELECT table_to_xml('" + "A" * 70 + "', true, false, '')", ("a" * 63,)),
+        ("SELECT dblink_build_sql_insert('s.secret', '1', 1, '{42}', '{0}')", ("s.secret",)),
+        ("SELECT dblink_build_sql_update('t', '1', 1, '{1}', '{2}')", ("t",)),
         # Sequences are relations: the functions that use or change one name it.
         (
             "SELECT nextval('public.orders_id_seq'::regclass), currval('\"S\"'), setval('x', 1)",
@@ -819,6 +821,7 @@ def test_relations_passed_as_regclass_are_not_shared_across_constants(
         "SELECT table_to_xml(16384, true, false, '')",
         "SELECT schema_to_xml('public', true, false, '')",
         "SELECT database_to_xml(true, false, '')",
+        "SELECT dblink_build_sql_insert(c.relname, '1', 1, '{1}', '{2}') FROM pg_class c",
     ],
 )
 def test_tables_exported_by_unreadable_names_are_dynamic_sql(

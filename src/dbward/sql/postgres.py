@@ -689,6 +689,12 @@ _RELATION_ARGUMENT_FUNCTIONS: Final[dict[str, bool]] = {
     "table_to_xml": True,
     "table_to_xmlschema": True,
     "table_to_xml_and_xmlschema": True,
+    # dblink's statement builders copy a local row's values (looked up by primary key) into
+    # the SQL they return: dblink_build_sql_insert('s.secret', '1', 1, '{42}', '{0}') returned
+    # the row's ssn on PostgreSQL 15.
+    "dblink_build_sql_insert": True,
+    "dblink_build_sql_update": True,
+    "dblink_build_sql_delete": False,
     "nextval": False,
     "setval": False,
     "currval": False,
