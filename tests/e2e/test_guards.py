@@ -214,6 +214,25 @@ def test_sql_prepare_and_execute_are_decided_as_what_they_run(proxy: Proxy) -> N
     assert [outcome_of(records, s).rows for s in executes if s.decision == "allow"] == [1, 1, 1]
 
 
+def test_create_table_as_execute_is_decided_as_what_it_runs(proxy: Proxy) -> None:
+    """CREATE TABLE ... AS EXECUTE runs the prepared query: its tables are the statement's, and
+    an unknown name is refused as for EXECUTE (review round 18)."""
+    app = app_name("guard-ctas-exec")
+    with psycopg.connect(**proxy.conninfo(application_name=app), autocommit=True) as conn:
+        conn.execute(b"CREATE TEMP TABLE ctas_src (id int); INSERT INTO ctas_src VALUES (7)")
+        conn.execute(b"PREPARE src AS SELECT id FROM ctas_src", prepare=False)
+        conn.execute(b"CREATE TEMP TABLE ctas_copy AS EXECUTE src", prepare=False)
+        assert conn.execute(b"SELECT id FROM ctas_copy", prepare=False).fetchone() == (7,)
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute(b"CREATE TEMP TABLE ctas_none AS EXECUTE nobody", prepare=False)
+    records = proxy.session_records(app, until=has_disconnect)
+    ctas = [s for s in statements(records) if s.command == "CREATE TABLE AS"]
+    assert [(s.kind, s.decision, s.tables) for s in ctas] == [
+        ("ddl", "allow", ("ctas_copy", "ctas_src")),
+        ("unknown", "deny", ("ctas_none",)),
+    ]
+
+
 def test_undecodable_sql_is_denied_and_the_session_continues(proxy: Proxy) -> None:
     """Bytes that are not valid in the client encoding: denied, never guessed at, no FATAL."""
     import struct

@@ -13,6 +13,7 @@ from fixtures.clients import (
     run_psql,
     statements,
 )
+from fixtures.postgres import PgServer
 from fixtures.proxy import Proxy
 
 
@@ -190,3 +191,28 @@ def test_select_with_side_effects_is_audited_as_write_and_made_durable_first(
         ("SELECT", "admin"),
     ]
     assert [outcome_of(records, s).status for s in intents] == ["ok", "ok", "ok"]
+
+
+def test_select_changing_a_table_through_a_contrib_function_is_made_durable_first(
+    proxy: Proxy, pg_server: PgServer
+) -> None:
+    """pg_surgery's heap_force_kill deletes a row from a SELECT (eighteenth review: it was a
+    read, so in strict durability it ran before its intent record was durable)."""
+    pg_server.psql(
+        "CREATE EXTENSION IF NOT EXISTS pg_surgery; "
+        f"GRANT EXECUTE ON FUNCTION heap_force_kill(regclass, tid[]) TO {pg_server.service_user}"
+    )
+    app = app_name("psql-surgery")
+    with psycopg.connect(**proxy.conninfo(application_name=app), autocommit=True) as conn:
+        conn.execute("CREATE TEMP TABLE dbward_surgery (x int)")
+        conn.execute("INSERT INTO dbward_surgery VALUES (1), (2)")
+        conn.execute(b"SELECT heap_force_kill('dbward_surgery'::regclass, ARRAY['(0,1)']::tid[])")
+        committed = [
+            r
+            for r in search(proxy.audit_path, limit=1_000_000)
+            if r.application_name == app and r.sql_text.startswith("SELECT heap_force_kill")
+        ]
+        assert [(r.event, r.kind) for r in committed] == [("statement", "admin")]
+        assert committed[0].tables == ("dbward_surgery",)
+        count = conn.execute(b"SELECT count(*) FROM dbward_surgery").fetchone()
+        assert count == (1,)  # the row is gone: the SELECT changed the table

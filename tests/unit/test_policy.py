@@ -172,6 +172,29 @@ def test_server_file_functions_are_denied(sql: str, named: str) -> None:
         ("SELECT ts_rewrite('a'::tsquery, $1)", "guard.dynamic_sql"),
         ("SELECT query_to_xml('SELEKT', true, false, '')", "guard.dynamic_sql"),
         ("SELECT * FROM connectby('t', 'id', 'pid', '1', 0) AS x(id int)", "guard.dynamic_sql"),
+        # A prepared statement run from SQL text: what the name means then is unknown here
+        # (CREATE TEMP TABLE y AS EXECUTE p2 in a DO block copied the table p2 read, on
+        # PostgreSQL 15, with only y recorded; review round 18).
+        (
+            "DO $$ BEGIN EXECUTE 'CREATE TEMP TABLE y AS EXECUTE p2'; END $$",
+            "guard.dynamic_sql",
+        ),
+        ("CREATE FUNCTION f() RETURNS void LANGUAGE sql AS 'EXECUTE p2'", "guard.dynamic_sql"),
+        ("SELECT query_to_xml('EXECUTE p2', true, false, '')", "guard.dynamic_sql"),
+        # The XML export of a table no constant names, or of every table (review round 18).
+        (
+            "SELECT table_to_xml(c.oid::regclass, true, false, '') FROM pg_class c",
+            "guard.dynamic_sql",
+        ),
+        ("SELECT table_to_xml($1, true, false, '')", "guard.dynamic_sql"),
+        ("SELECT table_to_xml('16384', true, false, '')", "guard.dynamic_sql"),
+        ("SELECT schema_to_xml('public', true, false, '')", "guard.dynamic_sql"),
+        ("SELECT database_to_xml_and_xmlschema(true, false, '')", "guard.dynamic_sql"),
+        (
+            "CREATE AGGREGATE a(bool, bool, text) (sfunc = f, stype = regclass, "
+            "finalfunc = table_to_xml, finalfunc_extra)",
+            "guard.dynamic_sql",
+        ),
     ],
 )
 def test_sql_run_by_functions_is_checked_like_the_statement(sql: str, rule: str) -> None:
@@ -187,6 +210,7 @@ def test_sql_run_by_functions_is_checked_like_the_statement(sql: str, rule: str)
         "SELECT ts_rewrite('a & b'::tsquery, 'SELECT t, s FROM aliases')",
         "SELECT ts_rewrite('a'::tsquery, 'a'::tsquery, $1)",  # three arguments: no SQL
         "SELECT * FROM crosstab('SELECT r, c, v FROM ct', 2) AS x(r text, a int)",
+        "SELECT table_to_xml('public.accounts'::regclass, true, false, '')",
     ],
 )
 def test_constant_sql_run_by_functions_is_allowed(sql: str) -> None:

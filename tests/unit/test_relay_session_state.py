@@ -689,3 +689,21 @@ def test_fetch_leaves_the_cursor_defined() -> None:
     fetches = [r for r in sink.records if r.command == "FETCH" and r.event == "statement"]
     assert [f.tables for f in fetches] == [("notes",), ("notes",)]
     assert "c" in session._portals
+
+
+def test_create_table_as_execute_is_decided_with_what_it_runs() -> None:
+    """CREATE TABLE ... AS EXECUTE runs the prepared query (verified on PostgreSQL 15: it
+    copied the table the query reads, and a data-modifying CTE in it deleted rows); its tables
+    count, and a name dbward did not see prepared is refused as for EXECUTE (review round 18)."""
+    session, _, upstream, sink = _session()
+    _prepared(session, "s1", "SELECT * FROM secret")
+    session.data_received(m.query("CREATE TABLE copied AS EXECUTE s1"))
+    ctas = [r for r in sink.records if r.event == "statement"][-1]
+    assert (ctas.command, ctas.kind, ctas.decision) == ("CREATE TABLE AS", "ddl", "allow")
+    assert ctas.tables == ("copied", "secret")
+    assert upstream.written.endswith(m.query("CREATE TABLE copied AS EXECUTE s1"))
+    session._on_upstream_data(m.command_complete("SELECT 1") + m.ready_for_query(b"I"))
+    session.data_received(m.query("EXPLAIN ANALYZE CREATE TABLE c2 AS EXECUTE nobody"))
+    refused = [r for r in sink.records if r.event == "statement"][-1]
+    assert (refused.kind, refused.decision) == ("unknown", "deny")
+    assert upstream.written.endswith(m.query("DBWARD_POLICY_DENIED"))

@@ -158,6 +158,21 @@ TABLES = [
     ("EXPLAIN SELECT * FROM t", ("t",)),
     ("PREPARE p AS SELECT * FROM t", ("t",)),
     ("GRANT SELECT ON s.t TO bob", ("s.t",)),
+    # Members of a relation are named after it: the relation is what they act on (a dropped
+    # policy lifts row security from s.t; review round 18).
+    ("DROP POLICY IF EXISTS p ON c.s.t CASCADE", ("c.s.t",)),
+    ("DROP TRIGGER audit ON s.t", ("s.t",)),
+    ("DROP RULE r ON t", ("t",)),
+    ("COMMENT ON COLUMN s.t.x IS 'x'", ("s.t",)),
+    ("COMMENT ON CONSTRAINT c ON t IS NULL", ("t",)),
+    ("COMMENT ON TRIGGER tr ON s.t IS NULL", ("s.t",)),
+    ("COMMENT ON POLICY p ON t IS NULL", ("t",)),
+    ("COMMENT ON CONSTRAINT c ON DOMAIN d IS NULL", ()),
+    ("SECURITY LABEL ON TABLE t IS 'x'", ("t",)),
+    ("SECURITY LABEL FOR selinux ON COLUMN s.t.x IS 'x'", ("s.t",)),
+    ("SECURITY LABEL ON FUNCTION f(int) IS NULL", ()),
+    ("ALTER EXTENSION e ADD TABLE t", ("t",)),
+    ("ALTER EXTENSION e DROP SEQUENCE s.q", ("s.q",)),
     ("SELECT * FROM t UNION SELECT * FROM u", ("t", "u")),
     ("SELECT 1", ()),
 ]
@@ -559,6 +574,7 @@ def test_password_lookalikes_are_not_flagged(sql: str) -> None:
         "PREPARE p AS SELECT dblink_connect('password=pw')",
         "EXECUTE p('host=h password=pw')",  # PREPARE p(text) AS SELECT dblink_connect($1)
         "EXPLAIN ANALYZE EXECUTE p('postgresql://u:pw@h/d')",
+        "CREATE TABLE x AS EXECUTE p('host=h password=pw')",  # runs p too
         # SQL run on the other server sets a password there: as much a secret in the log
         "SELECT dblink_send_query('c1', 'ALTER ROLE r PASSWORD ''pw''')",
         "SELECT dblink_open('c1', 'cur', 'SELECT dblink_connect(''password=pw'')')",
@@ -603,6 +619,15 @@ def test_connection_strings_without_a_credential(sql: str) -> None:
         ("EXPLAIN ANALYZE SELECT nextval('s')", StatementKind.WRITE),
         ("DECLARE c CURSOR FOR SELECT nextval('s')", StatementKind.WRITE),
         ("INSERT INTO t VALUES (nextval('s'))", StatementKind.WRITE),  # already a write
+        # Eighteenth review: on PostgreSQL 15, heap_force_kill deleted a row through a SELECT
+        # and pg_replication_origin_xact_setup moved an origin's remote_lsn at commit.
+        ("SELECT heap_force_kill('t'::regclass, ARRAY['(0,1)']::tid[])", StatementKind.ADMIN),
+        ("SELECT pg_replication_origin_xact_setup('0/1', now())", StatementKind.ADMIN),
+        ("SELECT pg_truncate_visibility_map('t')", StatementKind.ADMIN),
+        ("SELECT pg_stat_statements_reset()", StatementKind.ADMIN),
+        ("SELECT pg_log_standby_snapshot()", StatementKind.ADMIN),
+        ("SELECT lo_import('/etc/hostname')", StatementKind.WRITE),
+        ("SELECT pg_file_write('x', 'y', false)", StatementKind.ADMIN),
     ],
 )
 def test_reads_calling_side_effect_functions_are_not_reads(sql: str, kind: StatementKind) -> None:
@@ -730,6 +755,81 @@ def test_statement_limit_withholds_credentials_like_any_statement() -> None:
     clf = PostgresClassifier(max_statements=1)
     (over,) = clf.classify("SELECT 1; ALTER ROLE bob PASSWORD 'hunter2'")
     assert over.flags == frozenset({"statement_limit", "carries_credential"})
+
+
+@pytest.mark.parametrize(
+    ("sql", "name"),
+    [
+        ("CREATE TABLE x AS EXECUTE p", "p"),
+        ("CREATE TEMP TABLE x AS EXECUTE q(1) WITH NO DATA", "q"),
+        ("EXPLAIN ANALYZE CREATE TABLE x AS EXECUTE p", "p"),
+        ("EXPLAIN CREATE TABLE x AS EXECUTE p", None),  # plans, runs nothing
+        ("CREATE TABLE x AS SELECT 1", None),
+    ],
+)
+def test_create_table_as_execute_names_the_prepared_statement_it_runs(
+    clf: PostgresClassifier, sql: str, name: str | None
+) -> None:
+    """The relay resolves it like EXECUTE (review round 18)."""
+    statement = one(clf, sql)
+    assert statement.prepared_name == name
+    assert ("executes_prepared" in statement.flags) is (name is not None)
+
+
+@pytest.mark.parametrize(
+    ("sql", "tables"),
+    [
+        # table_to_xml returns every row of the table it is given as a regclass (verified on
+        # PostgreSQL 15): that table is read although no FROM names it (review round 18).
+        ("SELECT table_to_xml('secret', true, false, '')", ("secret",)),
+        ("SELECT pg_catalog.table_to_xml(' S . Secret ', true, false, '')", ("s.secret",)),
+        ("SELECT table_to_xml('s.\"My T\"'::regclass, true, false, '')", ("s.My T",)),
+        ("SELECT table_to_xml_and_xmlschema('secret'::pg_catalog.regclass, 1, 0, '')", ("secret",)),
+        ("SELECT table_to_xmlschema('\"a\"\"b\"', true, false, '')", ('a"b',)),
+        ("SELECT table_to_xml('" + "A" * 70 + "', true, false, '')", ("a" * 63,)),
+        ("SELECT dblink_build_sql_insert('s.secret', '1', 1, '{42}', '{0}')", ("s.secret",)),
+        ("SELECT dblink_build_sql_update('t', '1', 1, '{1}', '{2}')", ("t",)),
+        # Sequences are relations: the functions that use or change one name it.
+        (
+            "SELECT nextval('public.orders_id_seq'::regclass), currval('\"S\"'), setval('x', 1)",
+            ("public.orders_id_seq", "S", "x"),
+        ),
+        ("SELECT nextval(pg_get_serial_sequence('t', 'id'))", ()),
+        ("SELECT nextval('16384')", ()),
+    ],
+)
+def test_relations_passed_as_regclass_are_tables(
+    clf: PostgresClassifier, sql: str, tables: tuple[str, ...]
+) -> None:
+    statement = one(clf, sql)
+    assert statement.tables == tables
+    assert "dynamic_sql" not in statement.flags
+
+
+def test_relations_passed_as_regclass_are_not_shared_across_constants(
+    clf: PostgresClassifier,
+) -> None:
+    """The constants-blind cache must not answer 'secret' with the tables of 'public_t'."""
+    assert one(clf, "SELECT table_to_xml('public_t', true, false, '')").tables == ("public_t",)
+    assert one(clf, "SELECT table_to_xml('secret', true, false, '')").tables == ("secret",)
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT table_to_xml(c.oid::regclass, true, false, '') FROM pg_class c",
+        "SELECT table_to_xml('a.b.c.d', true, false, '')",
+        "SELECT table_to_xml('\"open', true, false, '')",
+        "SELECT table_to_xml(16384, true, false, '')",
+        "SELECT schema_to_xml('public', true, false, '')",
+        "SELECT database_to_xml(true, false, '')",
+        "SELECT dblink_build_sql_insert(c.relname, '1', 1, '{1}', '{2}') FROM pg_class c",
+    ],
+)
+def test_tables_exported_by_unreadable_names_are_dynamic_sql(
+    clf: PostgresClassifier, sql: str
+) -> None:
+    assert "dynamic_sql" in one(clf, sql).flags
 
 
 def test_sql_run_by_functions_is_classified_into_the_statement(clf: PostgresClassifier) -> None:

@@ -283,14 +283,28 @@ _SYNC_OP = _Op(_OP_SYNC)
 def _as_running(
     statement: Statement, inner: Statement, drop_flags: frozenset[str] = frozenset()
 ) -> Statement:
-    """An EXECUTE/FETCH decided and audited as the statement it runs (kind, tables, flags)."""
+    """An EXECUTE/FETCH decided and audited as the statement it runs (kind, tables, flags).
+
+    CREATE TABLE ... AS EXECUTE keeps its own kind (ddl) and tables (the new one) and adds those
+    of the query it runs; EXECUTE and FETCH have none of their own.
+    """
+    kind = inner.kind
+    if statement.kind is StatementKind.DDL and kind is not StatementKind.UNKNOWN:
+        kind = statement.kind
     return replace(
         statement,
-        kind=inner.kind,
-        tables=inner.tables,
-        functions=inner.functions,
+        kind=kind,
+        tables=_joined(statement.tables, inner.tables),
+        functions=_joined(statement.functions, inner.functions),
         flags=statement.flags | (inner.flags - drop_flags),
     )
+
+
+def _joined(own: tuple[str, ...], more: tuple[str, ...]) -> tuple[str, ...]:
+    """``own`` then the names of ``more`` not in it."""
+    if not own:
+        return more
+    return own + tuple(name for name in more if name not in own)
 
 
 def _uninspected(command: str, flag: str, error: str) -> Statement:

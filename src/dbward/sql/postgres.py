@@ -594,6 +594,34 @@ _ADMIN_FUNCTIONS: Final = frozenset(
         "brin_summarize_range",
         "brin_desummarize_range",
         "gin_clean_pending_list",
+        # Eighteenth review. Replication origin state of the session or of the transaction
+        # (xact_setup moved the origin's remote_lsn at commit on PostgreSQL 15), WAL records,
+        # standby slot synchronisation, statistics resets (PostgreSQL 17-18, pg_stat_statements).
+        "pg_replication_origin_session_reset",
+        "pg_replication_origin_xact_setup",
+        "pg_replication_origin_xact_reset",
+        "pg_log_standby_snapshot",
+        "pg_sync_replication_slots",
+        "pg_stat_reset_backend_stats",
+        "pg_stat_statements_reset",
+        # Contrib modules that change tables or the server directly: pg_surgery kills or
+        # freezes tuples (heap_force_kill deleted a row through a SELECT on PostgreSQL 15),
+        # pg_visibility truncates a visibility map, pg_buffercache evicts buffers, pg_prewarm
+        # writes its dump file and starts its worker.
+        "heap_force_kill",
+        "heap_force_freeze",
+        "pg_truncate_visibility_map",
+        "pg_buffercache_evict",
+        "pg_buffercache_evict_relation",
+        "pg_buffercache_evict_all",
+        "autoprewarm_dump_now",
+        "autoprewarm_start_worker",
+        # Server files written, renamed or removed (also refused as guard.server_file).
+        "lo_export",
+        "pg_file_write",
+        "pg_file_rename",
+        "pg_file_unlink",
+        "pg_file_sync",
     }
 )
 _WRITE_FUNCTIONS: Final = frozenset(
@@ -608,6 +636,7 @@ _WRITE_FUNCTIONS: Final = frozenset(
         "lo_truncate",
         "lo_truncate64",
         "lowrite",
+        "lo_import",  # a new large object from a server file (also guard.server_file)
         # dblink runs arbitrary SQL on another connection, out of dbward's sight.
         "dblink",
         "dblink_exec",
@@ -658,6 +687,41 @@ _SQL_TEXT_FUNCTIONS: Final[dict[str, tuple[int, ...]]] = {
 _SQL_FRAGMENT_FUNCTIONS: Final = frozenset(
     {"connectby", "xpath_table", "check_primary_key", "check_foreign_key"}
 )
+# Functions given a relation as a regclass (usually a string constant, 'secret' or
+# 's.t'::regclass) that read or change it: that relation is one of the statement's tables. True:
+# the function reads the table's rows (the XML export of a whole table), so a relation that
+# cannot be read from the call (a column, a parameter, an OID) is `dynamic_sql`, refused like
+# query_to_xml of computed SQL; False: a sequence function, listed when it can be read.
+_RELATION_ARGUMENT_FUNCTIONS: Final[dict[str, bool]] = {
+    "table_to_xml": True,
+    "table_to_xmlschema": True,
+    "table_to_xml_and_xmlschema": True,
+    # dblink's statement builders copy a local row's values (looked up by primary key) into
+    # the SQL they return: dblink_build_sql_insert('s.secret', '1', 1, '{42}', '{0}') returned
+    # the row's ssn on PostgreSQL 15.
+    "dblink_build_sql_insert": True,
+    "dblink_build_sql_update": True,
+    "dblink_build_sql_delete": False,
+    "nextval": False,
+    "setval": False,
+    "currval": False,
+    # Contrib functions that change the relation they are given (see _ADMIN_FUNCTIONS).
+    "heap_force_kill": False,
+    "heap_force_freeze": False,
+    "pg_truncate_visibility_map": False,
+}
+# The XML export of every table of a schema or of the database: no table list can say that.
+_ALL_TABLES_FUNCTIONS: Final = frozenset(
+    {
+        "schema_to_xml",
+        "schema_to_xmlschema",
+        "schema_to_xml_and_xmlschema",
+        "database_to_xml",
+        "database_to_xmlschema",
+        "database_to_xml_and_xmlschema",
+    }
+)
+_REGCLASS_TYPES: Final = (["regclass"], ["pg_catalog", "regclass"])
 # SQL given as text inside SQL given as text ...: deeper than this is refused, not followed.
 _MAX_SQL_TEXT_DEPTH: Final = 4
 _CONNINFO_SETTINGS: Final = frozenset({"primary_conninfo"})
@@ -850,6 +914,11 @@ def _func_call(call: dict[str, Any], out: _Walk) -> None:
     _note_side_effects(base, out)
     if base in SERVER_FILE_FUNCTIONS:
         out.flags.add("server_file_function")
+    reads = _RELATION_ARGUMENT_FUNCTIONS.get(base)
+    if reads is not None:
+        _relation_argument(call.get("args") or (), reads, call.get("location", -1), out)
+    elif base in _ALL_TABLES_FUNCTIONS:
+        out.flags.add("dynamic_sql")  # every table of a schema or database, by SQL it builds
     sql_args = _SQL_TEXT_FUNCTIONS.get(base)
     if base == "ts_rewrite" and len(call.get("args") or ()) == 2:
         sql_args = (1,)  # ts_rewrite(query tsquery, select text): runs the SELECT
@@ -912,7 +981,13 @@ def _flag_uncheckable_call(base: str, out: _Walk) -> bool:
         out.flags.add("set_config_role")  # its arguments are unknown here: it may set a role
     elif base in SERVER_FILE_FUNCTIONS:
         out.flags.add("server_file_function")
-    elif base in _SQL_TEXT_FUNCTIONS or base in _SQL_FRAGMENT_FUNCTIONS or base == "ts_rewrite":
+    elif (
+        base in _SQL_TEXT_FUNCTIONS
+        or base in _SQL_FRAGMENT_FUNCTIONS
+        or base == "ts_rewrite"
+        or base in _ALL_TABLES_FUNCTIONS
+        or _RELATION_ARGUMENT_FUNCTIONS.get(base) is True
+    ):
         out.flags.add("dynamic_sql")
     else:
         return False
@@ -1079,6 +1154,86 @@ def _is_integer_constant(node: dict[str, Any]) -> bool:
     return const is not None and "ival" in const
 
 
+def _relation_argument(
+    args: list[dict[str, Any]] | tuple[()], reads_rows: bool, location: int, out: _Walk
+) -> None:
+    """The relation a regclass argument names, as a table; `dynamic_sql` if it must be known."""
+    out.const_sensitive = True  # which table it is depends on the constant
+    name: str | None = None
+    if args:
+        arg = args[0]
+        cast = arg.get("TypeCast")
+        if cast is not None:
+            names = [
+                str(n.get("String", {}).get("sval", ""))
+                for n in cast.get("typeName", {}).get("names", ())
+            ]
+            if names in _REGCLASS_TYPES:
+                arg = cast.get("arg", {})
+        text = _constant_text(arg)
+        if text is not None:
+            name = _regclass_name(text)
+    if name is not None:
+        out.tables.append((location, name))
+    elif reads_rows:
+        out.flags.add("dynamic_sql")
+
+
+_NAME_BYTES: Final = 63  # NAMEDATALEN - 1
+_NAME_SPACE: Final = " \t\n\r\f\v"  # scanner_isspace
+
+
+def _regclass_name(text: str) -> str | None:
+    """The relation name regclass input reads from ``text`` ('s."T"' -> 's.T'), as a table name
+    is recorded; None for an OID ('16384'), '-' or what PostgreSQL would reject.
+
+    PostgreSQL's stringToQualifiedNameList: dot-separated names, each double-quoted ("" is a
+    quote) or bare (ASCII lower-cased, ending at a dot or a space), truncated to 63 bytes.
+    """
+    if not text or text.isdigit() or text == "-":
+        return None
+    parts: list[str] = []
+    i, n = 0, len(text)
+    while True:
+        while i < n and text[i] in _NAME_SPACE:
+            i += 1
+        if i < n and text[i] == '"':
+            chars: list[str] = []
+            i += 1
+            while True:
+                end = text.find('"', i)
+                if end < 0:
+                    return None  # unterminated quote
+                chars.append(text[i:end])
+                i = end + 1
+                if i < n and text[i] == '"':
+                    chars.append('"')
+                    i += 1
+                    continue
+                break
+            part = "".join(chars)
+        else:
+            start = i
+            while i < n and text[i] != "." and text[i] not in _NAME_SPACE:
+                i += 1
+            part = text[start:i].translate(_ASCII_LOWER)
+        if not part:
+            return None
+        encoded = part.encode("utf-8")
+        if len(encoded) > _NAME_BYTES:
+            part = encoded[:_NAME_BYTES].decode("utf-8", errors="ignore")
+        parts.append(part)
+        while i < n and text[i] in _NAME_SPACE:
+            i += 1
+        if i == n:
+            break
+        if text[i] != ".":
+            return None
+        i += 1
+    return ".".join(parts) if len(parts) <= 3 else None
+
+
+_ASCII_LOWER: Final = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 _SETTINGS_VIEWS: Final = frozenset({"pg_settings", "pg_catalog.pg_settings"})
 # OWNER TO these is no change of role.
 _SELF_ROLESPECS: Final = frozenset(
@@ -1189,16 +1344,37 @@ def _ordered(found: list[tuple[int, str]]) -> tuple[str, ...]:
 
 
 def _drop_targets(node_type: str, body: dict[str, Any], out: _Walk) -> None:
-    """DROP/COMMENT name relations as String lists, not RangeVars: add them to tables."""
-    if node_type == "DropStmt" and body.get("removeType") in _RELATION_OBJECTS:
-        for obj in body.get("objects", ()):
-            items = obj.get("List", {}).get("items")
-            if items:
-                out.tables.append((-1, _strings(items)))
-    elif node_type == "CommentStmt" and body.get("objtype") in _RELATION_OBJECTS:
-        items = body.get("object", {}).get("List", {}).get("items")
-        if items:
-            out.tables.append((-1, _strings(items)))
+    """DROP / COMMENT / SECURITY LABEL / ALTER EXTENSION ADD|DROP name relations as String
+    lists, not RangeVars: add them to tables. A trigger, policy, rule, constraint or column is
+    named after its table (`DROP POLICY p ON s.t` is [s, t, p]): the table is listed."""
+    if node_type == "DropStmt":
+        objtype = body.get("removeType")
+        objects = body.get("objects", ())
+    elif node_type in _NAMED_OBJECT_STATEMENTS:
+        objtype = body.get("objtype")
+        objects = (body.get("object", {}),)
+    else:
+        return
+    if objtype in _RELATION_OBJECTS:
+        cut = None
+    elif objtype in _RELATION_MEMBER_OBJECTS:
+        cut = -1
+    else:
+        return
+    for obj in objects:
+        items = obj.get("List", {}).get("items") if isinstance(obj, dict) else None
+        if items and items[:cut]:
+            out.tables.append((-1, _strings(items[:cut])))
+
+
+# Statements naming one object as `objtype` + `object` (a String list for relations).
+_NAMED_OBJECT_STATEMENTS: Final = frozenset(
+    {"CommentStmt", "SecLabelStmt", "AlterExtensionContentsStmt"}
+)
+# Objects that belong to a relation and are named after it: the last name is the member's.
+_RELATION_MEMBER_OBJECTS: Final = frozenset(
+    {"OBJECT_COLUMN", "OBJECT_TRIGGER", "OBJECT_POLICY", "OBJECT_RULE", "OBJECT_TABCONSTRAINT"}
+)
 
 
 # --- the classifier ---------------------------------------------------------------------------
@@ -1474,7 +1650,9 @@ def _merge_sql_texts(walked: _Walk, depth: int) -> None:
             # Not what the relay acts on (a COPY starting, cursors, prepared statements): the
             # SQL runs inside the server, the client's session sees none of it.
             walked.flags.update(inner.flags - _SESSION_PROTOCOL_FLAGS)
-            if inner.kind is _UNKNOWN:
+            if inner.kind is _UNKNOWN or "executes_prepared" in inner.flags:
+                # EXECUTE name (also CREATE TABLE AS EXECUTE) runs whatever the session has
+                # prepared under that name when this SQL runs: nothing here can tell what.
                 walked.flags.add("dynamic_sql")
             elif inner.kind is not _READ and walked.inner_kind is None:
                 walked.inner_kind = inner.kind
@@ -1484,8 +1662,9 @@ def _may_carry_conninfo(node_type: str, body: dict[str, Any], walked: _Walk) -> 
     """Whether the statement may hold a libpq connection string (and so a password)."""
     if walked.conninfo or node_type in _CONNINFO_STATEMENTS:
         return True
-    if node_type == "ExplainStmt":  # EXPLAIN ANALYZE EXECUTE p(...) runs it too
-        return _node_type(body.get("query", {})) == "ExecuteStmt"
+    if node_type in ("ExplainStmt", "CreateTableAsStmt"):
+        # EXPLAIN ANALYZE EXECUTE p(...) and CREATE TABLE ... AS EXECUTE p(...) run it too
+        return _executed_prepared(node_type, body) is not None
     if node_type == "AlterSystemStmt":
         name = body.get("setstmt", {}).get("name")
         return isinstance(name, str) and name.lower() in _CONNINFO_SETTINGS
@@ -1507,15 +1686,28 @@ def _prepared_parts(
         inner_type = _node_type(inner)
         prepared, _ = _classify_node(part, inner_type, inner, has_ctes, depth)
         return body.get("name"), prepared
-    if node_type == "ExecuteStmt":
-        return body.get("name"), None
-    if node_type == "ExplainStmt" and _explain_analyzes(body):
-        inner = body.get("query", {})
-        if _node_type(inner) == "ExecuteStmt":
-            return inner.get("ExecuteStmt", {}).get("name"), None
+    if node_type in ("ExecuteStmt", "ExplainStmt", "CreateTableAsStmt"):
+        executed = _executed_prepared(node_type, body)
+        return (executed.get("name") if executed is not None else None), None
     if node_type == "DeallocateStmt":
         return body.get("name"), None
     return None, None
+
+
+def _executed_prepared(node_type: str, body: dict[str, Any]) -> dict[str, Any] | None:
+    """The EXECUTE a statement runs: itself, or the one inside EXPLAIN ANALYZE and CREATE TABLE
+    / SELECT INTO ... AS EXECUTE (PostgreSQL runs the prepared query to fill the new table)."""
+    while True:
+        if node_type == "ExecuteStmt":
+            return body
+        if node_type == "ExplainStmt":
+            if not _explain_analyzes(body):
+                return None  # plain EXPLAIN only plans it
+        elif node_type != "CreateTableAsStmt":
+            return None
+        inner = body.get("query", {})
+        node_type = _node_type(inner)
+        body = inner.get(node_type, {})
 
 
 _CURSOR_OPT_HOLD: Final = 0x0020  # CURSOR_OPT_HOLD in PostgreSQL's parsenodes.h
