@@ -94,8 +94,24 @@ def install_event_loop_policy() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-def run_until_stopped(config: Config, *, ready: Callable[[], None] | None = None) -> int:
-    """Serve until SIGINT/SIGTERM, then drain and exit 0 (used by `serve` and `demo`)."""
+def _hangup_ignored() -> None:
+    log.warning(
+        "SIGHUP ignored: dbward does not reload its configuration; restart it to apply "
+        "changes (SIGTERM drains sessions first)"
+    )
+
+
+def run_until_stopped(
+    config: Config,
+    *,
+    ready: Callable[[], None] | None = None,
+    stop_on_hangup: bool = False,
+) -> int:
+    """Serve until SIGINT/SIGTERM, then drain and exit 0 (used by `serve` and `demo`).
+
+    SIGHUP is logged and ignored, or (`stop_on_hangup`, the demo: its terminal closed) stops
+    like SIGTERM.
+    """
     install_event_loop_policy()
 
     async def main() -> int:
@@ -105,6 +121,10 @@ def run_until_stopped(config: Config, *, ready: Callable[[], None] | None = None
         stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        # SIGHUP's default action would kill the process at once: no drain, records still in
+        # the relay lost. Operators send it to reload (systemctl reload, PostgreSQL's habit);
+        # dbward reads its configuration only at start, so say so and keep serving.
+        loop.add_signal_handler(signal.SIGHUP, stop.set if stop_on_hangup else _hangup_ignored)
         for listener in runtime.listeners:
             log.info(
                 "listening: %s -> %s",
