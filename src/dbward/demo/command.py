@@ -139,24 +139,29 @@ def _connect_url(user: str, password: str, port: int, database: str) -> str:
     return f"postgresql://{auth}@{LISTEN_HOST}:{port}/{database}"
 
 
+# SIGHUP too: closing the demo's terminal must stop it, not kill it and orphan the server.
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 @contextmanager
 def _sigterm_as_interrupt() -> Iterator[None]:
-    # Until the runtime installs its own handlers, SIGTERM must still unwind through our
-    # `finally` so the embedded server is stopped instead of being orphaned.
+    # Until the runtime installs its own handlers, SIGTERM and SIGHUP must still unwind
+    # through our `finally` so the embedded server is stopped instead of being orphaned.
     def handler(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 @contextmanager
 def _signals_ignored() -> Iterator[None]:
     # A second Ctrl-C while stopping must not abort the stop and orphan the server.
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in _STOP_SIGNALS}
     try:
         yield
     finally:
@@ -202,7 +207,10 @@ def run_demo(
     finally:
         if pg.socket_dir is not None:
             with _signals_ignored():
-                out.print("stopping embedded PostgreSQL…")
+                try:
+                    out.print("stopping embedded PostgreSQL…")
+                except OSError:  # the terminal is gone (SIGHUP): stop the server regardless
+                    pass
                 pg.stop()
 
 
@@ -248,7 +256,7 @@ def _run(
     def ready() -> None:
         _banner(out, state, upstream, passwords, port)
 
-    return run_until_stopped(config, ready=ready)
+    return run_until_stopped(config, ready=ready, stop_on_hangup=True)
 
 
 def _dbward_command() -> str:
