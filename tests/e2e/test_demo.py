@@ -271,3 +271,48 @@ def _stop_leftover_server(pgdata: Path) -> None:
             timeout=60,
             check=False,
         )
+
+
+def test_demo_state_dir_with_space_and_a_second_demo_refused(tmp_path: Path) -> None:
+    """A --state-dir with a space works; a second demo on it is refused and stops nothing."""
+    state = tmp_path / "my demo" / "state dir"
+    demo = Demo("--port", str(free_port()), "--state-dir", str(state))
+    try:
+        url = demo.wait_for(CONNECT_RE).group(1)
+        assert _psql(url, "select count(*) from customers") == "1000", demo.output()
+        second = subprocess.run(
+            [str(DBWARD), "demo", "--port", str(free_port()), "--state-dir", str(state)],
+            check=False,
+            capture_output=True,
+            text=True,
+            env=_env(),
+            timeout=60,
+        )
+        assert second.returncode == 2, second.stdout + second.stderr
+        assert "another dbward demo" in second.stderr and "Traceback" not in second.stderr
+        # The first demo's server and proxy are untouched.
+        assert _psql(url, "select count(*) from orders") == "5000"
+        rc = demo.interrupt()
+    finally:
+        demo.stop()
+        left = _postgres_pids_for(state / "pgdata")
+        _stop_leftover_server(state / "pgdata")
+    assert rc == 0, demo.output()
+    assert left == []
+    assert _processes_mentioning(str(state)) == []
+
+
+def test_demo_unusable_state_dir_exits_2(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    proc = subprocess.run(
+        [str(DBWARD), "demo", "--port", str(free_port()), "--state-dir", str(blocker / "s")],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=60,
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "--state-dir" in proc.stderr and "Not a directory" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
