@@ -9,8 +9,9 @@ import sys
 from collections.abc import Callable
 
 from dbward.audit.process import ProcessAuditSink
+from dbward.config.loader import upstream_password_problems
 from dbward.config.model import Config
-from dbward.core.errors import AuditUnavailable
+from dbward.core.errors import AuditUnavailable, ConfigError
 from dbward.identity.auth_secret import load_auth_secret
 from dbward.identity.local import LocalAuthenticator
 from dbward.relay.services import CancelRegistry, ListenerServices
@@ -34,6 +35,12 @@ class Runtime:
 
     async def start(self) -> None:
         """Open the audit log, then bind every listener (fail early on any error)."""
+        problems = upstream_password_problems(self.config)
+        if problems:
+            raise ConfigError(
+                "invalid configuration:\n  "
+                + "\n  ".join(f"{key}: {problem}" for key, problem in problems)
+            )
         self.audit.start(asyncio.get_running_loop())
         classifier = PostgresClassifier(max_statements=self.config.max_statements_per_query)
         offload = self.offload
