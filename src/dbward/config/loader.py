@@ -31,8 +31,17 @@ def parse_config(data: Any, *, base_dir: Path) -> Config:
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
+        errors = exc.errors()
         problems = []
-        for err in exc.errors():
+        for err in errors:
+            if err["type"] == "too_short" and any(
+                other["loc"][: len(err["loc"])] == err["loc"]
+                and len(other["loc"]) > len(err["loc"])
+                for other in errors
+            ):
+                # pydantic drops an invalid item and then also reports the list as too short
+                # ("listeners: should have at least 1 item"): only the item's own error is real.
+                continue
             message = err["msg"].removeprefix("Value error, ")
             problems.append(f"{_format_location(err['loc'])}: {message}")
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems)) from None
