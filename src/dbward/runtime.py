@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -63,7 +64,16 @@ class Runtime:
                     cancels=CancelRegistry(settings.cancel_rate_per_s),
                 )
                 listener = PgListener(services)
-                await listener.start()
+                try:
+                    await listener.start()
+                except OSError as exc:
+                    # e.g. "[Errno 98] error while attempting to bind on address (…): address
+                    # already in use": say which key to change.
+                    raise OSError(
+                        exc.errno,
+                        f"listeners[{index}].listen: cannot listen on {settings.listen}: "
+                        f"{os.strerror(exc.errno) if exc.errno else exc}",
+                    ) from None
                 self.listeners.append(listener)
         except BaseException:
             await self.stop()

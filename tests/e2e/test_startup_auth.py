@@ -564,6 +564,23 @@ def test_upstream_password_source_is_checked_at_start(tmp_path: Path, pg_server:
         assert "Traceback" not in proc.stderr
 
 
+def test_listen_address_in_use_names_the_key(tmp_path: Path, pg_server: PgServer) -> None:
+    config = _base_config(tmp_path, pg_server)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = f"127.0.0.1:{busy.getsockname()[1]}"
+        config["listeners"][0]["listen"] = taken
+        path = tmp_path / "busy.yaml"
+        path.write_text(yaml.safe_dump(config))
+        proc = _dbward("serve", "--config", str(path))
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    assert proc.stderr.strip() == (
+        f"dbward: cannot start: listeners[0].listen: cannot listen on {taken}: "
+        "Address already in use"
+    )
+
+
 def test_check_config_accepts_a_valid_file(tmp_path: Path, pg_server: PgServer) -> None:
     good = tmp_path / "good.yaml"
     good.write_text(yaml.safe_dump(_base_config(tmp_path, pg_server)))

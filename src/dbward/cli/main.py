@@ -47,7 +47,7 @@ def serve(config_path: Path) -> None:
         click.echo(f"dbward: audit.path: cannot open the audit log: {exc.message}", err=True)
         sys.exit(2)
     except OSError as exc:
-        click.echo(f"dbward: cannot start: {exc}", err=True)
+        click.echo(f"dbward: cannot start: {exc.strerror or exc}", err=True)
         sys.exit(1)
     sys.exit(code)
 
