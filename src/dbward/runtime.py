@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable
 
 from dbward.audit.process import ProcessAuditSink
+from dbward.config.loader import upstream_password_problems
 from dbward.config.model import Config
-from dbward.core.errors import AuditUnavailable
+from dbward.core.errors import AuditUnavailable, ConfigError
 from dbward.identity.auth_secret import load_auth_secret
 from dbward.identity.local import LocalAuthenticator
 from dbward.relay.services import CancelRegistry, ListenerServices
@@ -34,6 +36,12 @@ class Runtime:
 
     async def start(self) -> None:
         """Open the audit log, then bind every listener (fail early on any error)."""
+        problems = upstream_password_problems(self.config)
+        if problems:
+            raise ConfigError(
+                "invalid configuration:\n  "
+                + "\n  ".join(f"{key}: {problem}" for key, problem in problems)
+            )
         self.audit.start(asyncio.get_running_loop())
         classifier = PostgresClassifier(max_statements=self.config.max_statements_per_query)
         offload = self.offload
@@ -56,7 +64,16 @@ class Runtime:
                     cancels=CancelRegistry(settings.cancel_rate_per_s),
                 )
                 listener = PgListener(services)
-                await listener.start()
+                try:
+                    await listener.start()
+                except OSError as exc:
+                    # e.g. "[Errno 98] error while attempting to bind on address (…): address
+                    # already in use": say which key to change.
+                    raise OSError(
+                        exc.errno,
+                        f"listeners[{index}].listen: cannot listen on {settings.listen}: "
+                        f"{os.strerror(exc.errno) if exc.errno else exc}",
+                    ) from None
                 self.listeners.append(listener)
         except BaseException:
             await self.stop()
@@ -94,8 +111,24 @@ def install_event_loop_policy() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-def run_until_stopped(config: Config, *, ready: Callable[[], None] | None = None) -> int:
-    """Serve until SIGINT/SIGTERM, then drain and exit 0 (used by `serve` and `demo`)."""
+def _hangup_ignored() -> None:
+    log.warning(
+        "SIGHUP ignored: dbward does not reload its configuration; restart it to apply "
+        "changes (SIGTERM drains sessions first)"
+    )
+
+
+def run_until_stopped(
+    config: Config,
+    *,
+    ready: Callable[[], None] | None = None,
+    stop_on_hangup: bool = False,
+) -> int:
+    """Serve until SIGINT/SIGTERM, then drain and exit 0 (used by `serve` and `demo`).
+
+    SIGHUP is logged and ignored, or (`stop_on_hangup`, the demo: its terminal closed) stops
+    like SIGTERM.
+    """
     install_event_loop_policy()
 
     async def main() -> int:
@@ -105,6 +138,10 @@ def run_until_stopped(config: Config, *, ready: Callable[[], None] | None = None
         stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        # SIGHUP's default action would kill the process at once: no drain, records still in
+        # the relay lost. Operators send it to reload (systemctl reload, PostgreSQL's habit);
+        # dbward reads its configuration only at start, so say so and keep serving.
+        loop.add_signal_handler(signal.SIGHUP, stop.set if stop_on_hangup else _hangup_ignored)
         for listener in runtime.listeners:
             log.info(
                 "listening: %s -> %s",

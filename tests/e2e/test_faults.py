@@ -534,6 +534,23 @@ def test_sigterm_force_closes_after_grace(
     )
 
 
+def test_sighup_keeps_serving(proxy_factory: Callable[..., Proxy]) -> None:
+    # SIGHUP (`systemctl reload`, a closed terminal) must not kill the proxy without draining.
+    running = proxy_factory()
+    conn = psycopg.connect(**running.conninfo(), connect_timeout=10, autocommit=True)
+    try:
+        running.process.send_signal(signal.SIGHUP)
+        _wait_for(lambda: "SIGHUP ignored" in running.log(), TIMEOUT, "the SIGHUP warning")
+        assert running.process.poll() is None, running.log()
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+        with psycopg.connect(**running.conninfo("bob"), connect_timeout=10) as other:
+            assert other.execute("SELECT 2").fetchone() == (2,)
+    finally:
+        conn.close()
+    running.process.send_signal(signal.SIGTERM)
+    assert running.process.wait(timeout=15) == 0, running.log()
+
+
 def test_protocol_error_mid_query_cancels_upstream(proxy: Proxy, pg_server: PgServer) -> None:
     app = _app("garbage-busy")
     raw = RawSession(proxy, app)

@@ -534,6 +534,53 @@ def test_invalid_config_exits_2_naming_the_key(
         assert tls_message in proc.stderr
 
 
+def test_upstream_password_source_is_checked_at_start(tmp_path: Path, pg_server: PgServer) -> None:
+    """A missing password variable or file stops `serve` (exit 2, the key named), not logins."""
+    config = _base_config(tmp_path, pg_server)
+    upstream = config["listeners"][0]["upstream"]
+    del upstream["password_file"]
+    upstream["password_env"] = "DBWARD_TEST_UNSET_PASSWORD_VAR"
+    env_yaml = tmp_path / "env.yaml"
+    env_yaml.write_text(yaml.safe_dump(config))
+    proc = _dbward("serve", "--config", str(env_yaml))
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert "listeners[0].upstream.password_env" in proc.stderr
+    assert "DBWARD_TEST_UNSET_PASSWORD_VAR is not set" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    # check-config may run where the secret is not: it warns and accepts the file.
+    proc = _dbward("check-config", str(env_yaml))
+    assert proc.returncode == 0, proc.stderr
+    assert "warning: listeners[0].upstream.password_env" in proc.stderr
+
+    del upstream["password_env"]
+    upstream["password_file"] = str(tmp_path / "no-such-password")
+    file_yaml = tmp_path / "file.yaml"
+    file_yaml.write_text(yaml.safe_dump(config))
+    for args in (["serve", "--config", str(file_yaml)], ["check-config", str(file_yaml)]):
+        proc = _dbward(*args)
+        assert proc.returncode == 2, (args, proc.stdout, proc.stderr)
+        assert "listeners[0].upstream.password_file: cannot read" in proc.stderr, proc.stderr
+        assert "No such file or directory" in proc.stderr
+        assert "Traceback" not in proc.stderr
+
+
+def test_listen_address_in_use_names_the_key(tmp_path: Path, pg_server: PgServer) -> None:
+    config = _base_config(tmp_path, pg_server)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = f"127.0.0.1:{busy.getsockname()[1]}"
+        config["listeners"][0]["listen"] = taken
+        path = tmp_path / "busy.yaml"
+        path.write_text(yaml.safe_dump(config))
+        proc = _dbward("serve", "--config", str(path))
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    assert proc.stderr.strip() == (
+        f"dbward: cannot start: listeners[0].listen: cannot listen on {taken}: "
+        "Address already in use"
+    )
+
+
 def test_check_config_accepts_a_valid_file(tmp_path: Path, pg_server: PgServer) -> None:
     good = tmp_path / "good.yaml"
     good.write_text(yaml.safe_dump(_base_config(tmp_path, pg_server)))

@@ -47,7 +47,7 @@ def serve(config_path: Path) -> None:
         click.echo(f"dbward: audit.path: cannot open the audit log: {exc.message}", err=True)
         sys.exit(2)
     except OSError as exc:
-        click.echo(f"dbward: cannot start: {exc}", err=True)
+        click.echo(f"dbward: cannot start: {exc.strerror or exc}", err=True)
         sys.exit(1)
     sys.exit(code)
 
@@ -56,7 +56,7 @@ def serve(config_path: Path) -> None:
 @click.argument("config_path", type=click.Path(path_type=Path, dir_okay=False))
 def check_config(config_path: Path) -> None:
     """Validate a configuration file and exit (2 when invalid)."""
-    from dbward.config import load_config
+    from dbward.config import load_config, upstream_password_problems
     from dbward.identity.auth_secret import load_auth_secret
     from dbward.server.tls import listener_contexts
 
@@ -66,9 +66,19 @@ def check_config(config_path: Path) -> None:
             listener_contexts(listener, index)  # certificates, keys, CA files load as in `serve`
         if config.auth_secret_path.exists():  # `serve` creates it when missing
             load_auth_secret(config.auth_secret_path)
+        problems = upstream_password_problems(config)
+        # A password file must be readable here as there; an environment variable may well be
+        # set only where `serve` runs: warn about it, do not fail.
+        unreadable = [(k, p) for k, p in problems if k.endswith(".password_file")]
+        if unreadable:
+            raise ConfigError(
+                "invalid configuration:\n  " + "\n  ".join(f"{k}: {p}" for k, p in unreadable)
+            )
     except ConfigError as exc:
         click.echo(f"dbward: {exc.message}", err=True)
         sys.exit(2)
+    for key, problem in problems:
+        click.echo(f"dbward: warning: {key}: {problem} here; `serve` needs it", err=True)
     click.echo(f"ok: {len(config.listeners)} listener(s), {len(config.users)} user(s)")
 
 

@@ -1,6 +1,6 @@
 """Typed settings and the YAML loader."""
 
-from dbward.config.loader import load_config, parse_config
+from dbward.config.loader import load_config, parse_config, upstream_password_problems
 from dbward.config.model import (
     AuditSettings,
     ClientTlsSettings,
@@ -21,4 +21,5 @@ __all__ = [
     "UserSettings",
     "load_config",
     "parse_config",
+    "upstream_password_problems",
 ]

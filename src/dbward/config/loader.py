@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +31,17 @@ def parse_config(data: Any, *, base_dir: Path) -> Config:
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
+        errors = exc.errors()
         problems = []
-        for err in exc.errors():
+        for err in errors:
+            if err["type"] == "too_short" and any(
+                other["loc"][: len(err["loc"])] == err["loc"]
+                and len(other["loc"]) > len(err["loc"])
+                for other in errors
+            ):
+                # pydantic drops an invalid item and then also reports the list as too short
+                # ("listeners: should have at least 1 item"): only the item's own error is real.
+                continue
             message = err["msg"].removeprefix("Value error, ")
             problems.append(f"{_format_location(err['loc'])}: {message}")
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems)) from None
@@ -73,3 +83,37 @@ def load_config(path: Path) -> Config:
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     return parse_config(data, base_dir=path.resolve().parent)
+
+
+def upstream_password_problems(config: Config) -> list[tuple[str, str]]:
+    """Read every listener's upstream password once: (key, problem) for each that fails.
+
+    The password is read again at every connection (so a rotated file needs no restart); this
+    is the check at start, so a missing variable or unreadable file is not first noticed by a
+    client's failed login.
+    """
+    problems = []
+    for index, listener in enumerate(config.listeners):
+        upstream = listener.upstream
+        key = f"listeners[{index}].upstream"
+        if upstream.password_env is not None:
+            if upstream.password_env not in os.environ:
+                problems.append(
+                    (
+                        f"{key}.password_env",
+                        f"the environment variable {upstream.password_env} is not set",
+                    )
+                )
+        elif upstream.password_file is not None:
+            try:
+                upstream.read_password()
+            except OSError as exc:
+                reason = exc.strerror or str(exc)
+                problems.append(
+                    (f"{key}.password_file", f"cannot read {upstream.password_file}: {reason}")
+                )
+            except ValueError:
+                problems.append(
+                    (f"{key}.password_file", f"{upstream.password_file} is not UTF-8 text")
+                )
+    return problems

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import shutil
@@ -68,6 +69,32 @@ def _port_in_use(port: int) -> bool:
                 return True
             raise
     return False
+
+
+def _lock_state_dir(root: Path) -> int | None:
+    """Hold an exclusive lock on the state directory for this process's lifetime.
+
+    Returns the lock's file descriptor, or None when another demo holds it: two demos on one
+    state dir would share (and one would stop) the other's embedded PostgreSQL and audit log.
+    The kernel drops the lock when the process dies, even by SIGKILL.
+    """
+    fd = os.open(root / ".demo.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def _lock_holder(root: Path) -> str:
+    try:
+        pid = (root / ".demo.lock").read_text().strip()
+    except OSError:
+        return ""
+    return f" (pid {pid})" if pid.isdigit() else ""
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -139,24 +166,29 @@ def _connect_url(user: str, password: str, port: int, database: str) -> str:
     return f"postgresql://{auth}@{LISTEN_HOST}:{port}/{database}"
 
 
+# SIGHUP too: closing the demo's terminal must stop it, not kill it and orphan the server.
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 @contextmanager
 def _sigterm_as_interrupt() -> Iterator[None]:
-    # Until the runtime installs its own handlers, SIGTERM must still unwind through our
-    # `finally` so the embedded server is stopped instead of being orphaned.
+    # Until the runtime installs its own handlers, SIGTERM and SIGHUP must still unwind
+    # through our `finally` so the embedded server is stopped instead of being orphaned.
     def handler(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 @contextmanager
 def _signals_ignored() -> Iterator[None]:
     # A second Ctrl-C while stopping must not abort the stop and orphan the server.
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in _STOP_SIGNALS}
     try:
         yield
     finally:
@@ -191,7 +223,23 @@ def run_demo(
         return 1
 
     state = DemoState(state_dir.expanduser().resolve())
-    state.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        state.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        lock = _lock_state_dir(state.root)
+    except OSError as exc:
+        err.print(
+            f"[bold red]error:[/] --state-dir {escape(str(state.root))}: cannot use it "
+            f"({escape(exc.strerror or str(exc))}); pick a writable directory with --state-dir",
+            soft_wrap=True,
+        )
+        return 2
+    if lock is None:
+        err.print(
+            f"[bold red]error:[/] another dbward demo{_lock_holder(state.root)} is using "
+            f"--state-dir {escape(str(state.root))}; stop it or pick another --state-dir",
+            soft_wrap=True,
+        )
+        return 2
     pg = EmbeddedPostgres(state.pgdata)
     try:
         with _sigterm_as_interrupt():
@@ -200,10 +248,18 @@ def run_demo(
         err.print("interrupted")
         return 130
     finally:
-        if pg.socket_dir is not None:
-            with _signals_ignored():
+        _stop_server(out, pg)
+        os.close(lock)
+
+
+def _stop_server(out: Console, pg: EmbeddedPostgres) -> None:
+    if pg.socket_dir is not None:
+        with _signals_ignored():
+            try:
                 out.print("stopping embedded PostgreSQL…")
-                pg.stop()
+            except OSError:  # the terminal is gone (SIGHUP): stop the server regardless
+                pass
+            pg.stop()
 
 
 def _run(
@@ -248,7 +304,7 @@ def _run(
     def ready() -> None:
         _banner(out, state, upstream, passwords, port)
 
-    return run_until_stopped(config, ready=ready)
+    return run_until_stopped(config, ready=ready, stop_on_hangup=True)
 
 
 def _dbward_command() -> str:

