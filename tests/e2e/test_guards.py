@@ -45,6 +45,12 @@ DENIED = [
         " AS $$ SELECT set_config('role', 'postgres', false) $$",
         "guard.role_switch",
     ),
+    # Nineteenth review: the service role could change its own password through dbward,
+    # locking every user out (its name comes from the fixture: dbward_svc).
+    ("ALTER ROLE CURRENT_USER PASSWORD 'locked-out'", "guard.service_role"),
+    ("ALTER USER dbward_svc CONNECTION LIMIT 0", "guard.service_role"),
+    ("ALTER ROLE dbward_svc SET statement_timeout = 1", "guard.service_role"),
+    ("DO $$ BEGIN ALTER ROLE SESSION_USER NOLOGIN; END $$", "guard.service_role"),
 ]
 
 

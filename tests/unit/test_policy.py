@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from dbward.core.types import (
@@ -568,6 +570,43 @@ def test_reviewed_bypasses_are_denied(sql: str, rule: str) -> None:
     assert (decision.verdict, decision.rule) == (Verdict.DENY, rule)
 
 
+SERVICE_SESSION = replace(SESSION, service_role="svc")
+
+
+@pytest.mark.parametrize(
+    ("sql", "denied"),
+    [
+        ("ALTER ROLE CURRENT_USER PASSWORD 'x'", True),
+        ("ALTER USER svc NOLOGIN", True),
+        ("ALTER ROLE svc VALID UNTIL '2000-01-01'", True),
+        ("ALTER ROLE svc IN DATABASE app SET search_path = evil", True),
+        ("ALTER ROLE ALL SET search_path = evil", True),  # every role's default
+        ("ALTER USER CURRENT_ROLE SET work_mem = '1kB'", True),
+        ("ALTER ROLE svc RENAME TO other", True),
+        ("DROP ROLE IF EXISTS bob, svc", True),
+        ("REVOKE app_rw FROM svc", True),
+        ("GRANT admin TO SESSION_USER", True),
+        ("ALTER GROUP staff ADD USER svc", True),  # svc gains the group's privileges
+        ("CREATE ROLE helper ROLE svc", True),
+        ("SELECT query_to_xml('ALTER ROLE svc NOLOGIN', true, false, '')", True),
+        ("DO $$ BEGIN ALTER ROLE CURRENT_USER NOLOGIN; END $$", True),
+        ('ALTER ROLE "Svc" NOLOGIN', False),  # another role: names are case-sensitive
+        ("ALTER ROLE bob PASSWORD 'x'", False),
+        ("GRANT svc TO bob", False),  # bob gains svc's privileges: a policy matter, not a lockout
+        ("CREATE ROLE helper LOGIN", False),
+        ("ALTER ROLE bob SET work_mem = '64MB'", False),
+    ],
+)
+def test_the_service_role_cannot_be_changed(sql: str, denied: bool) -> None:
+    """Nineteenth review: through dbward the service role changed its own password, and every
+    later login (everyone's) failed."""
+    rules = [
+        decide(PolicyRequest(SERVICE_SESSION, s, ProtocolPath.SIMPLE, 0.0)).rule
+        for s in CLF.classify(sql)
+    ]
+    assert rules == (["guard.service_role"] if denied else ["default.allow"]), rules
+
+
 @pytest.mark.parametrize(
     "sql",
     [
@@ -721,6 +760,7 @@ def test_guards_are_pure_and_ordered() -> None:
         "guard_statement_limit",
         "guard_unparseable",
         "guard_role_switch",
+        "guard_service_role",
         "guard_copy_program",
         "guard_copy_file",
         "guard_server_file_function",

@@ -81,6 +81,10 @@ class Statement:
     cursor_name: str | None = None
     # SAVEPOINT / RELEASE / ROLLBACK TO: the savepoint (folded as PostgreSQL folds identifiers).
     savepoint: str | None = None
+    # ALTER/DROP/RENAME ROLE, ALTER ROLE ... SET, GRANT/REVOKE of role membership, CREATE ROLE
+    # ... ROLE: the roles it changes or gives memberships to (flag "changes_role"). The keywords
+    # CURRENT_USER, SESSION_USER, CURRENT_ROLE and ALL (every role) are upper-case.
+    roles: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +97,7 @@ class SessionContext:
     database: str
     client_addr: str
     application_name: str
+    service_role: str = ""  # the role dbward logs in to the database as (upstream.user)
 
 
 class PolicyRequest(NamedTuple):

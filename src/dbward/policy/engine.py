@@ -118,6 +118,30 @@ def guard_role_switch(request: PolicyRequest) -> Decision | None:
     return None
 
 
+# Keywords that name the role dbward logs in as (or every role) in a role statement.
+_SERVICE_ROLE_KEYWORDS: Final = frozenset(
+    {"CURRENT_USER", "SESSION_USER", "CURRENT_ROLE", "ALL", "PUBLIC"}
+)
+_DENY_SERVICE_ROLE: Final = _deny(
+    "guard.service_role",
+    "dbward: changing the role dbward connects as (its password, attributes, settings, name or "
+    "memberships) is not allowed: every session through dbward uses it",
+)
+
+
+def guard_service_role(request: PolicyRequest) -> Decision | None:
+    """ALTER/DROP/RENAME of the shared service role, or memberships given to it, would lock
+    every user out (a new password) or change what every session may do."""
+    statement = request.statement
+    if "changes_role" not in statement.flags:
+        return None
+    service = request.session.service_role
+    for role in statement.roles:
+        if role in _SERVICE_ROLE_KEYWORDS or (service and role == service):
+            return _DENY_SERVICE_ROLE
+    return None
+
+
 def guard_copy_program(request: PolicyRequest) -> Decision | None:
     """COPY ... PROGRAM runs a shell command on the database server."""
     return _DENY_COPY_PROGRAM if "copy_program" in request.statement.flags else None
@@ -197,6 +221,7 @@ GUARDS: Final[tuple[Guard, ...]] = (
     guard_statement_limit,
     guard_unparseable,
     guard_role_switch,
+    guard_service_role,
     guard_copy_program,
     guard_copy_file,
     guard_server_file_function,
@@ -221,6 +246,7 @@ _GUARD_FLAGS: Final = frozenset(
         "dynamic_sql",
         "uninspectable_code",
         "string_syntax",
+        "changes_role",
         *_ROLE_FLAGS,
     }
 )

@@ -736,6 +736,7 @@ class PgSession(asyncio.Protocol):
             database=self._database,
             client_addr=self.client_addr,
             application_name=self._application_name,
+            service_role=services.settings.upstream.user,
         )
         self._audit(AuditEvent.AUTH_OK)
         try:

@@ -742,6 +742,7 @@ class _Walk:
         "flags",
         "functions",
         "inner_kind",
+        "roles",
         "side_effect",
         "sql_texts",
         "tables",
@@ -757,6 +758,7 @@ class _Walk:
         self.side_effect: StatementKind | None = None  # ADMIN or WRITE: what its calls do
         self.sql_texts: list[str] = []  # constant SQL run by the functions it calls
         self.inner_kind: StatementKind | None = None  # of that SQL, when not a plain read
+        self.roles: list[str] = []  # roles that SQL changes (see Statement.roles)
 
 
 def _walk(root: dict[str, Any], has_ctes: bool = True) -> _Walk:
@@ -1570,6 +1572,9 @@ def _classify_node(
             flags.add("fetches_cursor")  # runs the cursor's query: decided as its DECLARE
         elif node_type == "DeclareCursorStmt" and body.get("options", 0) & _CURSOR_OPT_HOLD:
             flags.add("holdable_cursor")
+    roles = _roles_changed(node_type, body) + tuple(walked.roles)
+    if roles:
+        flags.add("changes_role")
     savepoint: str | None = None
     if node_type == "TransactionStmt":
         savepoint = body.get("savepoint_name")
@@ -1598,6 +1603,7 @@ def _classify_node(
         prepared=prepared,
         cursor_name=cursor_name,
         savepoint=savepoint,
+        roles=roles,
     )
     shareable = node_type in _SHAREABLE and not flags and not walked.const_sensitive
     return statement, shareable
@@ -1650,12 +1656,57 @@ def _merge_sql_texts(walked: _Walk, depth: int) -> None:
             # Not what the relay acts on (a COPY starting, cursors, prepared statements): the
             # SQL runs inside the server, the client's session sees none of it.
             walked.flags.update(inner.flags - _SESSION_PROTOCOL_FLAGS)
+            walked.roles.extend(inner.roles)
             if inner.kind is _UNKNOWN or "executes_prepared" in inner.flags:
                 # EXECUTE name (also CREATE TABLE AS EXECUTE) runs whatever the session has
                 # prepared under that name when this SQL runs: nothing here can tell what.
                 walked.flags.add("dynamic_sql")
             elif inner.kind is not _READ and walked.inner_kind is None:
                 walked.inner_kind = inner.kind
+
+
+_ROLE_KEYWORDS: Final = {
+    "ROLESPEC_CURRENT_USER": "CURRENT_USER",
+    "ROLESPEC_SESSION_USER": "SESSION_USER",
+    "ROLESPEC_CURRENT_ROLE": "CURRENT_ROLE",
+    "ROLESPEC_PUBLIC": "PUBLIC",
+}
+# Role options that make the listed roles members of the role being created or altered.
+_MEMBER_OPTIONS: Final = frozenset({"rolemembers", "adminmembers"})
+
+
+def _roles_changed(node_type: str, body: dict[str, Any]) -> tuple[str, ...]:
+    """The roles a role statement alters, drops, renames, or gives a membership to."""
+    found: list[str] = []
+    if node_type in ("AlterRoleStmt", "AlterRoleSetStmt"):
+        role = body.get("role")
+        # ALTER ROLE ALL SET: a default for every role (no role in the tree).
+        found.append(_role_name(role) if role is not None else "ALL")
+    if node_type in ("AlterRoleStmt", "CreateRoleStmt"):
+        for option in body.get("options", ()):
+            definition = option.get("DefElem", {}) if isinstance(option, dict) else {}
+            if definition.get("defname") in _MEMBER_OPTIONS:
+                items = definition.get("arg", {}).get("List", {}).get("items", ())
+                found.extend(_role_name(item) for item in items)
+    elif node_type == "DropRoleStmt":
+        found.extend(_role_name(item) for item in body.get("roles", ()))
+    elif node_type == "RenameStmt" and body.get("renameType") == "OBJECT_ROLE":
+        found.append(str(body.get("subname", "")))
+    elif node_type == "GrantRoleStmt":
+        found.extend(_role_name(item) for item in body.get("grantee_roles", ()))
+    return tuple(found)
+
+
+def _role_name(spec: object) -> str:
+    """A RoleSpec as a name, or its keyword in upper case."""
+    if isinstance(spec, dict):
+        spec = spec.get("RoleSpec", spec)
+    if not isinstance(spec, dict):
+        return ""
+    roletype = str(spec.get("roletype", ""))
+    if roletype == "ROLESPEC_CSTRING":
+        return str(spec.get("rolename", ""))
+    return _ROLE_KEYWORDS.get(roletype, roletype)
 
 
 def _may_carry_conninfo(node_type: str, body: dict[str, Any], walked: _Walk) -> bool:
