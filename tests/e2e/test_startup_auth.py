@@ -722,3 +722,20 @@ def test_one_host_cannot_hold_every_connection_before_logging_in(
     finally:
         for sock in idle:
             sock.close()
+
+
+def test_an_audit_path_under_a_file_is_reported_by_both_commands(
+    tmp_path: Path, pg_server: PgServer
+) -> None:
+    """Nineteenth review: check-config said ok, and serve said "File exists"."""
+    config = _base_config(tmp_path, pg_server)
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    config["audit"] = {"path": str(blocker / "audit.db")}
+    bad = tmp_path / "bad-audit.yaml"
+    bad.write_text(yaml.safe_dump(config))
+    for args in (["check-config", str(bad)], ["serve", "--config", str(bad)]):
+        proc = _dbward(*args)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert f"{blocker} is not a directory" in proc.stderr, proc.stderr
+        assert "audit.path" in proc.stderr and "Traceback" not in proc.stderr

@@ -153,8 +153,28 @@ def check_schema(conn: sqlite3.Connection, path: Path, *, create: bool) -> None:
         raise AuditUnavailable(f"{path} has an invalid audit schema version ({version})")
 
 
+def location_problem(path: Path) -> str | None:
+    """Why the audit log cannot be created or opened at `path` (None if nothing is known to
+    stop it): checked without creating anything, for `check-config` and clear errors."""
+    if path.is_dir():
+        return f"{path} is a directory"
+    if path.exists():
+        return None if os.access(path, os.R_OK | os.W_OK) else f"{path} is not writable"
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        return f"{ancestor} is not a directory"
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        return f"cannot create files in {ancestor}"
+    return None
+
+
 def _prepare_file(path: Path) -> None:
     """Create the parent directories and the file with mode 0600 (SQL text may hold PII)."""
+    problem = location_problem(path)
+    if problem is not None:
+        raise AuditUnavailable(f"cannot create audit log {path}: {problem}")
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         if path.is_dir():

@@ -56,6 +56,7 @@ def serve(config_path: Path) -> None:
 @click.argument("config_path", type=click.Path(path_type=Path, dir_okay=False))
 def check_config(config_path: Path) -> None:
     """Validate a configuration file and exit (2 when invalid)."""
+    from dbward.audit.sqlite import location_problem
     from dbward.config import load_config, upstream_password_problems
     from dbward.identity.auth_secret import load_auth_secret
     from dbward.server.tls import listener_contexts
@@ -66,6 +67,9 @@ def check_config(config_path: Path) -> None:
             listener_contexts(listener, index)  # certificates, keys, CA files load as in `serve`
         if config.auth_secret_path.exists():  # `serve` creates it when missing
             load_auth_secret(config.auth_secret_path)
+        problem = location_problem(config.audit.path)
+        if problem is not None:
+            raise ConfigError(f"audit.path: cannot create the audit log: {problem}")
         problems = upstream_password_problems(config)
         # A password file must be readable here as there; an environment variable may well be
         # set only where `serve` runs: warn about it, do not fail.
