@@ -265,6 +265,8 @@ def test_upstream_tls_verify_full_wrong_ca_fails_cleanly(
     lost = next(r for r in records if r.event == AuditEvent.UPSTREAM_LOST)
     assert lost.identity == "alice" and lost.sqlstate == "08001"
     assert "certificate" in lost.reason.lower(), lost.reason
+    # The log names where it tried (nineteenth review: it did not say which database).
+    assert f"cannot reach the database at localhost:{pg_server.port}" in up.log(), up.log()
     # The proxy keeps running and keeps refusing cleanly.
     assert up.process.poll() is None
     with pytest.raises(psycopg.OperationalError, match="could not connect to the database"):
