@@ -90,3 +90,19 @@ def test_json_line_has_all_fields_and_no_control_bytes() -> None:
     assert data["tables"] == []
     assert data["time"] == "2023-11-14T22:13:20.000Z"
     assert {"rows", "duration_ms", "sql_sha256", "client_addr"} <= data.keys()
+
+
+def test_compact_table_keeps_one_line_per_record_in_80_columns() -> None:
+    """Nineteenth review: in 80 columns (a pipe, a small terminal) every column of the full
+    table wrapped over five lines and the SQL was cut to a few letters."""
+    records = [hostile(), hostile()._replace(seq=8, event="outcome", sql_text="", detail="")]
+    console = Console(width=80, record=True, force_terminal=True, color_system="truecolor")
+    console.print(records_table(records, compact=True, width=80))
+    lines = console.export_text(styles=False).splitlines()
+    assert len(lines) == 3, lines  # the header and one line per record
+    first = lines[1]
+    assert first.split()[:2] == ["7", "11-14"] and "[bold]mallory[/…" in first  # cut at 16
+    assert "read" in first and "deny error 42501" in first and "SELECT" in first
+    assert "outcome" in lines[2]
+    assert all(len(line) <= 80 for line in lines)
+    assert "\x1b" not in "".join(lines)

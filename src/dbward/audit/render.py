@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 import re
 from datetime import UTC, datetime
+from typing import Final
 
+from rich.cells import cell_len, set_cell_size
+from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
 from dbward.audit.records import AuditRecord
 
-__all__ = ["escape_text", "format_ts", "record_json", "records_table"]
+__all__ = ["WIDE_TABLE_COLUMNS", "escape_text", "format_ts", "record_json", "records_table"]
 
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
@@ -71,8 +74,21 @@ def _status(rec: AuditRecord) -> str:
     return rec.status or rec.sqlstate
 
 
-def records_table(records: list[AuditRecord], *, sql_width: int = 80) -> Table:
-    """A rich Table of records. Cells are Text objects, so client text is never markup."""
+# Below this many columns every field no longer fits on one line: the compact table is used.
+WIDE_TABLE_COLUMNS: Final = 140
+
+
+def records_table(
+    records: list[AuditRecord], *, sql_width: int = 80, compact: bool = False, width: int = 80
+) -> Table | Group:
+    """A rich Table of records. Cells are Text objects, so client text is never markup.
+
+    `compact` (a terminal `width` columns wide, narrower than WIDE_TABLE_COLUMNS): seq, time
+    (no year), identity, what (a statement's kind, else the event), outcome (decision and
+    status) and SQL, one line per record.
+    """
+    if compact:
+        return _compact_lines(records, sql_width, width)
     table = Table(show_lines=False, highlight=False, pad_edge=False)
     for name, justify in (
         ("seq", "right"),
@@ -105,6 +121,46 @@ def records_table(records: list[AuditRecord], *, sql_width: int = 80) -> Table:
         )
         table.add_row(*(Text(escape_text(c)) for c in cells))
     return table
+
+
+_COMPACT_HEADERS: Final = ("seq", "time (UTC)", "identity", "what", "outcome", "sql")
+_COMPACT_CAPS: Final = (12, 18, 16, 12, 18)  # widest each column may get; the SQL takes the rest
+
+
+def _compact_lines(records: list[AuditRecord], sql_width: int, width: int) -> Group:
+    rows: list[tuple[str, ...]] = []
+    for rec in records:
+        sql = escape_text(rec.sql_text) if rec.sql_text else escape_text(rec.detail)
+        outcome = " ".join(part for part in (rec.decision, _status(rec)) if part)
+        rows.append(
+            tuple(
+                escape_text(c)
+                for c in (
+                    str(rec.seq),
+                    format_ts(rec.ts_ms)[5:23].replace("T", " "),  # MM-DD HH:MM:SS.mmm
+                    rec.identity,
+                    rec.kind if rec.event == "statement" else str(rec.event),
+                    outcome,
+                    _truncate(sql, sql_width),
+                )
+            )
+        )
+    widths = [
+        min(cap, max([cell_len(_COMPACT_HEADERS[i])] + [cell_len(row[i]) for row in rows]))
+        for i, cap in enumerate(_COMPACT_CAPS)
+    ]
+    widths.append(max(8, width - sum(widths) - len(widths)))
+
+    def line(cells: tuple[str, ...]) -> str:
+        fitted = []
+        for i, (cell, size) in enumerate(zip(cells, widths, strict=True)):
+            shown = set_cell_size(cell, size - 1) + "…" if cell_len(cell) > size else cell
+            fitted.append(shown.rjust(size) if i == 0 else set_cell_size(shown, size))
+        return " ".join(fitted).rstrip()
+
+    texts = [Text(line(_COMPACT_HEADERS), style="bold", no_wrap=True)]
+    texts.extend(Text(line(row), no_wrap=True, overflow="crop") for row in rows)
+    return Group(*texts)
 
 
 def record_json(rec: AuditRecord) -> str:

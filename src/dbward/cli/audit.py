@@ -14,7 +14,7 @@ from rich.console import Console
 
 from dbward.audit import query
 from dbward.audit.records import AuditRecord
-from dbward.audit.render import record_json, records_table
+from dbward.audit.render import WIDE_TABLE_COLUMNS, record_json, records_table
 from dbward.core.errors import AuditUnavailable, DbwardError
 
 __all__ = ["audit_group"]
@@ -115,7 +115,9 @@ def _show(records: list[AuditRecord], as_json: bool) -> None:
     if not records:
         console.print("no matching audit records")
         return
-    console.print(records_table(records))
+    # A narrow terminal (or a pipe, 80 columns) gets the compact table; --json has every field.
+    compact = console.width < WIDE_TABLE_COLUMNS
+    console.print(records_table(records, compact=compact, width=console.width))
 
 
 def _query(func: Callable[[], list[AuditRecord]]) -> list[AuditRecord]:
