@@ -102,13 +102,36 @@ def test_search_by_status_finds_both_record_shapes(tmp_path: Path) -> None:
 
 
 def test_search_table_matches_elements_exactly(db: Path) -> None:
-    assert sqls(query.search(db, table="users")) == ["q3"]
+    assert sqls(query.search(db, table="users")) == ["q3"]  # (a record listing * would match)
     assert sqls(query.search(db, table="public.users")) == ["q1"]
     assert sqls(query.search(db, table="orders")) == ["q2"]
     assert sqls(query.search(db, table="a%b")) == ["q4"]  # no LIKE wildcards
     assert sqls(query.search(db, table="a_b")) == ["q5"]
     assert query.search(db, table="a") == []
     assert query.search(db, table='users"') == []
+
+
+def test_search_table_finds_statements_on_its_whole_schema_or_database(tmp_path: Path) -> None:
+    """GRANT ... ON ALL TABLES IN SCHEMA public lists `public.*`, VACUUM lists `*`: a search for
+    public.users finds them too (they acted on it); a quoted name's schema is cut correctly."""
+    path = tmp_path / "audit.db"
+    write(
+        path,
+        [
+            r(0, tables=("public.users",)),
+            r(1, tables=("public.*",)),
+            r(2, tables=("*",)),
+            r(3, tables=("other.*",)),
+            r(4, tables=('"a.b".*',)),
+            r(5, tables=('"a.b"."c.d"',)),
+        ],
+    )
+    assert sqls(query.search(path, table="public.users")) == ["q0", "q1", "q2"]
+    assert sqls(query.search(path, table="users")) == ["q2"]  # schema unknown: only `*`
+    assert sqls(query.search(path, table="public.*")) == ["q1"]
+    assert sqls(query.search(path, table="*")) == ["q2"]
+    assert sqls(query.search(path, table='"a.b"."c.d"')) == ["q2", "q4", "q5"]
+    assert query.tables_covering('"x"".y".t') == ['"x"".y".t', '"x"".y".*', "*"]
 
 
 def test_search_time_range(db: Path) -> None:

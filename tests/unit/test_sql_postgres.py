@@ -134,7 +134,10 @@ TABLES = [
     ("SELECT * FROM a JOIN s.b ON true, c.s.d", ("a", "s.b", "c.s.d")),
     ("SELECT (SELECT 1 FROM sub) FROM t WHERE EXISTS (SELECT 1 FROM e)", ("sub", "t", "e")),
     ("SELECT * FROM t, t AS x, T", ("t",)),
-    ('SELECT * FROM "Mixed"."Case"', ("Mixed.Case",)),
+    ('SELECT * FROM "Mixed"."Case"', ('"Mixed"."Case"',)),
+    # A name that is not plain is recorded quoted: one table "s.t" is not s's table t, and a
+    # table named * is not "every table" (review round 18 found the two read alike).
+    ('SELECT * FROM "s.t", s.t, "*", "a""b", "café"', ('"s.t"', "s.t", '"*"', '"a""b"', '"café"')),
     ("WITH c AS (SELECT * FROM base) SELECT * FROM c", ("base",)),
     ("WITH c AS (SELECT 1) SELECT * FROM c, s.c", ("s.c",)),
     ("WITH t AS (SELECT * FROM t) SELECT * FROM t", ("t",)),  # inner t is the real table
@@ -783,16 +786,16 @@ def test_create_table_as_execute_names_the_prepared_statement_it_runs(
         # PostgreSQL 15): that table is read although no FROM names it (review round 18).
         ("SELECT table_to_xml('secret', true, false, '')", ("secret",)),
         ("SELECT pg_catalog.table_to_xml(' S . Secret ', true, false, '')", ("s.secret",)),
-        ("SELECT table_to_xml('s.\"My T\"'::regclass, true, false, '')", ("s.My T",)),
+        ("SELECT table_to_xml('s.\"My T\"'::regclass, true, false, '')", ('s."My T"',)),
         ("SELECT table_to_xml_and_xmlschema('secret'::pg_catalog.regclass, 1, 0, '')", ("secret",)),
-        ("SELECT table_to_xmlschema('\"a\"\"b\"', true, false, '')", ('a"b',)),
+        ("SELECT table_to_xmlschema('\"a\"\"b\"', true, false, '')", ('"a""b"',)),
         ("SELECT table_to_xml('" + "A" * 70 + "', true, false, '')", ("a" * 63,)),
         ("SELECT dblink_build_sql_insert('s.secret', '1', 1, '{42}', '{0}')", ("s.secret",)),
         ("SELECT dblink_build_sql_update('t', '1', 1, '{1}', '{2}')", ("t",)),
         # Sequences are relations: the functions that use or change one name it.
         (
             "SELECT nextval('public.orders_id_seq'::regclass), currval('\"S\"'), setval('x', 1)",
-            ("public.orders_id_seq", "S", "x"),
+            ("public.orders_id_seq", '"S"', "x"),
         ),
         ("SELECT nextval(pg_get_serial_sequence('t', 'id'))", ()),
         ("SELECT nextval('16384')", ()),
@@ -978,3 +981,32 @@ def test_the_caches_are_bounded_in_bytes_not_only_in_entries() -> None:
     finally:
         tracemalloc.stop()
     assert held < 80_000_000, f"the caches hold {held / 1e6:.0f} MB"
+
+
+@pytest.mark.parametrize(
+    ("sql", "tables"),
+    [
+        ('GRANT SELECT ON ALL TABLES IN SCHEMA s, "T" TO bob', ("s.*", '"T".*')),
+        ("REVOKE ALL ON ALL SEQUENCES IN SCHEMA s FROM bob", ("s.*",)),
+        ("GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA s TO bob", ()),  # no tables
+        ("VACUUM", ("*",)),
+        ("ANALYZE", ("*",)),
+        ("VACUUM t", ("t",)),
+        ("CLUSTER", ("*",)),
+        ("REINDEX SCHEMA s", ("s.*",)),
+        ("REINDEX DATABASE d", ("*",)),
+        ("REINDEX SYSTEM", ("*",)),
+        ('DROP SCHEMA s, "T" CASCADE', ("s.*", '"T".*')),
+        ("DROP OWNED BY bob", ("*",)),
+        ("REASSIGN OWNED BY bob TO alice", ("*",)),
+        ("ALTER TABLE ALL IN TABLESPACE a SET TABLESPACE b", ("*",)),
+        ("CREATE PUBLICATION p FOR ALL TABLES", ("*",)),
+        ("ALTER PUBLICATION p ADD TABLES IN SCHEMA s", ("s.*",)),
+        ("IMPORT FOREIGN SCHEMA r FROM SERVER srv INTO l", ("l.*",)),
+    ],
+)
+def test_statements_on_whole_schemas_list_them(sql: str, tables: tuple[str, ...]) -> None:
+    """Eighteenth review: these act on every table of a schema or of the database and listed
+    none, so a per-table rule (and `audit search --table`) could not see them."""
+    (statement,) = PostgresClassifier().classify(sql)
+    assert statement.tables == tables

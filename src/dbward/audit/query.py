@@ -141,6 +141,25 @@ def tail(path: Path | str, n: int = 20) -> list[AuditRecord]:
     return _run(path, sql, [_clamp(n)])
 
 
+def tables_covering(table: str) -> list[str]:
+    """What a record lists when it acted on `table`: the name itself, its schema's `s.*` (GRANT
+    ON ALL TABLES IN SCHEMA s, DROP SCHEMA s ...) when the name is qualified, and `*` (VACUUM,
+    DROP OWNED ...). `s.*` and `*` themselves match only records listing exactly that."""
+    if table == "*" or table.endswith(".*"):
+        return [table]
+    covering = [table, "*"]
+    quoted = False
+    last_dot = -1
+    for index, char in enumerate(table):
+        if char == '"':
+            quoted = not quoted  # a doubled quote toggles twice: still inside
+        elif char == "." and not quoted:
+            last_dot = index
+    if last_dot > 0:
+        covering.insert(1, table[:last_dot] + ".*")
+    return covering
+
+
 def search(
     path: Path | str,
     *,
@@ -158,9 +177,10 @@ def search(
     """The most recent `limit` records matching every given filter, in ascending seq order.
 
     `status` matches a statement's outcome wherever it was written: in an `outcome` record or
-    in the `statement` record it was merged into. `table` matches one element of the record's
-    tables exactly; `session` matches a session id exactly or by prefix (the short form the
-    table view shows); `since_ms` is inclusive and `until_ms` exclusive.
+    in the `statement` record it was merged into. `table` matches a record that lists it, or
+    lists its schema's `s.*` or `*` (see tables_covering); `session` matches a session id
+    exactly or by prefix (the short form the table view shows); `since_ms` is inclusive and
+    `until_ms` exclusive.
     """
     where: list[str] = []
     params: list[object] = []
@@ -182,8 +202,10 @@ def search(
         where.append("status = ?")
         params.append(_as_stored(status))
     if table is not None:
-        where.append("EXISTS (SELECT 1 FROM json_each(audit_log.tables) WHERE value = ?)")
-        params.append(_as_stored(table))
+        covering = tables_covering(_as_stored(table))
+        marks = ", ".join("?" * len(covering))
+        where.append(f"EXISTS (SELECT 1 FROM json_each(audit_log.tables) WHERE value IN ({marks}))")
+        params.extend(covering)
     if since_ms is not None:
         where.append("ts_ms >= ?")
         params.append(_clamp(since_ms))

@@ -6,6 +6,7 @@ import gc
 import json
 import re
 from collections import OrderedDict
+from collections.abc import Iterable
 from typing import Any, Final
 
 from pglast import parser as _pg_parser
@@ -394,14 +395,31 @@ def _set_head(body: dict[str, Any]) -> tuple[StatementKind, str, set[str]]:
 # --- the tree walk ----------------------------------------------------------------------------
 
 
+# A name PostgreSQL's quote_ident leaves bare; any other is recorded double-quoted, so a table
+# `"s.t"` (one name with a dot) is not schema s's table t, and `*` can mean every table.
+_PLAIN_NAME: Final = re.compile(r"[a-z_][a-z0-9_]*\Z")
+
+
+def _ident(name: str) -> str:
+    """One name part as recorded: bare when plain, else double-quoted ("" for a quote)."""
+    if _PLAIN_NAME.match(name):
+        return name
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _dotted(parts: Iterable[str]) -> str:
+    """catalog.schema.name (as many parts as there are), each part as _ident records it."""
+    return ".".join(_ident(part) for part in parts)
+
+
 def _qualified(rv: dict[str, Any]) -> str:
-    """catalog.schema.name as written (parser already case-folded unquoted identifiers)."""
+    """[catalog.][schema.]name as written (the parser already folded unquoted identifiers)."""
     name: str = rv.get("relname", "")
     schema = rv.get("schemaname")
     if schema:
         catalog = rv.get("catalogname")
-        return f"{catalog}.{schema}.{name}" if catalog else f"{schema}.{name}"
-    return name
+        return _dotted((catalog, schema, name) if catalog else (schema, name))
+    return _ident(name)
 
 
 def _strings(items: list[dict[str, Any]]) -> str:
@@ -1232,7 +1250,7 @@ def _regclass_name(text: str) -> str | None:
         if text[i] != ".":
             return None
         i += 1
-    return ".".join(parts) if len(parts) <= 3 else None
+    return _dotted(parts) if len(parts) <= 3 else None
 
 
 _ASCII_LOWER: Final = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
@@ -1345,6 +1363,56 @@ def _ordered(found: list[tuple[int, str]]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(name for _, name in found))
 
 
+ALL_TABLES: Final = "*"  # a statement on every table of the database, as Statement.tables says
+# Statements with no relation to list when they name none: every table of the database.
+_ALL_TABLES_WHEN_UNNAMED: Final = {"VacuumStmt": "rels", "ClusterStmt": "relation"}
+_ALL_TABLES_STATEMENTS: Final = frozenset(
+    {"DropOwnedStmt", "ReassignOwnedStmt", "AlterTableMoveAllStmt"}
+)
+
+
+def _schema_wide_targets(node_type: str, body: dict[str, Any], out: _Walk) -> None:
+    """Statements on every table of a schema (`s.*`) or of the database (`*`), which name no
+    table: GRANT/REVOKE ON ALL TABLES IN SCHEMA, DROP SCHEMA, REINDEX SCHEMA/DATABASE/SYSTEM,
+    VACUUM/ANALYZE/CLUSTER without a table, DROP/REASSIGN OWNED, ALTER TABLE ALL IN
+    TABLESPACE, publications FOR ALL TABLES / TABLES IN SCHEMA, IMPORT FOREIGN SCHEMA."""
+    schemas: list[str] = []
+    everything = node_type in _ALL_TABLES_STATEMENTS
+    if node_type in _ALL_TABLES_WHEN_UNNAMED:
+        everything = not body.get(_ALL_TABLES_WHEN_UNNAMED[node_type])
+    elif node_type == "GrantStmt":
+        if body.get("targtype") == "ACL_TARGET_ALL_IN_SCHEMA" and body.get("objtype") in (
+            "OBJECT_TABLE",
+            "OBJECT_SEQUENCE",
+        ):
+            schemas.extend(_string_values(body.get("objects", ())))
+    elif node_type == "DropStmt" and body.get("removeType") == "OBJECT_SCHEMA":
+        schemas.extend(_string_values(body.get("objects", ())))
+    elif node_type == "ReindexStmt":
+        kind = body.get("kind")
+        if kind == "REINDEX_OBJECT_SCHEMA":
+            schemas.append(str(body.get("name", "")))
+        everything = kind in ("REINDEX_OBJECT_DATABASE", "REINDEX_OBJECT_SYSTEM")
+    elif node_type in ("CreatePublicationStmt", "AlterPublicationStmt"):
+        everything = bool(body.get("for_all_tables"))
+        for spec in body.get("pubobjects", ()):
+            fields = spec.get("PublicationObjSpec", {}) if isinstance(spec, dict) else {}
+            if fields.get("pubobjtype") == "PUBLICATIONOBJ_TABLES_IN_SCHEMA":
+                schemas.append(str(fields.get("name", "")))
+    elif node_type == "ImportForeignSchemaStmt":
+        schemas.append(str(body.get("local_schema", "")))  # where its tables are created
+    if everything:
+        out.tables.append((-1, ALL_TABLES))
+    out.tables.extend((-1, _ident(schema) + ".*") for schema in schemas if schema)
+
+
+def _string_values(items: object) -> list[str]:
+    """The values of a list of String nodes."""
+    if not isinstance(items, list | tuple):
+        return []
+    return [str(item.get("String", {}).get("sval", "")) for item in items if isinstance(item, dict)]
+
+
 def _drop_targets(node_type: str, body: dict[str, Any], out: _Walk) -> None:
     """DROP / COMMENT / SECURITY LABEL / ALTER EXTENSION ADD|DROP name relations as String
     lists, not RangeVars: add them to tables. A trigger, policy, rule, constraint or column is
@@ -1366,7 +1434,9 @@ def _drop_targets(node_type: str, body: dict[str, Any], out: _Walk) -> None:
     for obj in objects:
         items = obj.get("List", {}).get("items") if isinstance(obj, dict) else None
         if items and items[:cut]:
-            out.tables.append((-1, _strings(items[:cut])))
+            out.tables.append(
+                (-1, _dotted(str(item.get("String", {}).get("sval", "")) for item in items[:cut]))
+            )
 
 
 # Statements naming one object as `objtype` + `object` (a String list for relations).
@@ -1536,6 +1606,7 @@ def _classify_node(
     body = node.get(node_type, {})
     walked = _walk(node, has_ctes)
     _drop_targets(node_type, body, walked)
+    _schema_wide_targets(node_type, body, walked)
     if node_type in ("DoStmt", "CreateFunctionStmt"):
         _procedural_code(part, node_type, body, walked)
     elif node_type == "CreateTrigStmt":
