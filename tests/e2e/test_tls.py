@@ -101,22 +101,7 @@ def test_client_tls_required_verify_full(tls_proxy: Proxy, test_ca: TestCA) -> N
     assert records[1].identity == "alice"
 
     # psql too, verifying the proxy's certificate against the test CA.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    env |= {"PGPASSWORD": USERS["alice"][0], "PGCONNECT_TIMEOUT": "10"}
-    conninfo = (
-        f"host=localhost port={tls_proxy.port} user=alice dbname=app sslmode=verify-full "
-        f"sslrootcert={test_ca.ca_cert} application_name={app}-psql"
-    )
-    proc = subprocess.run(
-        ["psql", "-X", "-A", "-t", "-d", conninfo, "-c", "SELECT 'over tls'"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=30,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "over tls"
+    assert _psql_verify_full(tls_proxy, test_ca, f"{app}-psql", "SELECT 'over tls'") == "over tls"
 
 
 def test_client_tls_required_refuses_plaintext(tls_proxy: Proxy) -> None:
@@ -399,14 +384,22 @@ def test_channel_binding_required_by_the_client(tls_proxy: Proxy, test_ca: TestC
     assert _events(records)[:2] == ["connect", "auth_ok"]
 
     # psql (the system libpq) too.
+    bound = _psql_verify_full(
+        tls_proxy, test_ca, f"{app}-psql", "SELECT 'bound'", "channel_binding=require"
+    )
+    assert bound == "bound"
+
+
+def _psql_verify_full(proxy: Proxy, test_ca: TestCA, app: str, sql: str, extra: str = "") -> str:
+    """Run `sql` with psql (the system libpq) over TLS, verifying the proxy against the CA."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
     env |= {"PGPASSWORD": USERS["alice"][0], "PGCONNECT_TIMEOUT": "10"}
     conninfo = (
-        f"host=localhost port={tls_proxy.port} user=alice dbname=app sslmode=verify-full "
-        f"sslrootcert={test_ca.ca_cert} channel_binding=require application_name={app}-psql"
+        f"host=localhost port={proxy.port} user=alice dbname=app sslmode=verify-full "
+        f"sslrootcert={test_ca.ca_cert} application_name={app} {extra}"
     )
     proc = subprocess.run(
-        ["psql", "-X", "-A", "-t", "-d", conninfo, "-c", "SELECT 'bound'"],
+        ["psql", "-X", "-A", "-t", "-d", conninfo, "-c", sql],
         capture_output=True,
         text=True,
         env=env,
@@ -414,7 +407,7 @@ def test_channel_binding_required_by_the_client(tls_proxy: Proxy, test_ca: TestC
         check=False,
     )
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "bound"
+    return proc.stdout.strip()
 
 
 def _tls_socket(proxy: Proxy, test_ca: TestCA) -> ssl.SSLSocket:
