@@ -772,11 +772,27 @@ class PgSession(asyncio.Protocol):
         transport.pause_reading()
         transport.write(b"S")
         loop = asyncio.get_running_loop()
-        new_transport = await loop.start_tls(transport, self, context, server_side=True)
-        if new_transport is None:
-            raise ConnectionResetError("TLS handshake failed")
+        try:
+            new_transport = await loop.start_tls(transport, self, context, server_side=True)
+            if new_transport is None:
+                raise ConnectionResetError("TLS handshake failed")
+        except BaseException:
+            self._lost_in_handshake()
+            raise
         self.transport = new_transport
         self._tls = True
+
+    def _lost_in_handshake(self) -> None:
+        """The TLS handshake failed or was abandoned (the client reset the connection, an auth
+        timeout): the TLS layer never made the connection, so connection_lost is never called
+        on this session. Release here what connection_made took, or each such connection kept
+        a max_connections slot and a max_unauthenticated_per_host one for good."""
+        self._phase = _PHASE_CLOSED
+        self._leave_unauthenticated()
+        self._release_partial()
+        self._release()
+        if self.transport is not None:
+            self.transport.close()
 
     async def _authenticate(self, user: str) -> Identity:
         transport = self.transport
