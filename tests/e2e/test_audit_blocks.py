@@ -289,3 +289,35 @@ def test_commit_and_rollback_in_a_pipeline_without_a_block(proxy: Proxy) -> None
 
 def _disconnects(records: list[AuditRecord]) -> list[AuditRecord]:
     return [r for r in records if r.event == "disconnect"]
+
+
+def test_a_statement_that_commits_at_once_is_not_claimed_rolled_back(proxy: Proxy) -> None:
+    """CREATE INDEX CONCURRENTLY (like VACUUM, CREATE DATABASE) runs outside any transaction
+    and commits when it ends: a later statement of the same pipeline failing, or a ROLLBACK
+    there, does not undo it. It was claimed `rolled_back` with the index in place; what runs
+    after it in a new transaction is still claimed."""
+    app = app_name("blk-outside")
+    with _connect(proxy, "setup-outside", autocommit=True) as conn:
+        conn.execute("DROP TABLE IF EXISTS blk_cic")
+        conn.execute("CREATE TABLE blk_cic (a int)")
+    create = "CREATE INDEX CONCURRENTLY blk_cic_{} ON blk_cic (a)"
+    with _connect(proxy, app, autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.DivisionByZero), conn.pipeline():
+            conn.execute(create.format(1))
+            conn.execute(_insert(130))
+            conn.execute("SELECT 1/0")
+        with conn.pipeline():
+            conn.execute(create.format(2))
+            conn.execute(_insert(131))
+            conn.execute("ROLLBACK")
+        with conn.pipeline():
+            conn.execute(create.format(3))
+            conn.execute("BEGIN")
+            conn.execute(_insert(132))
+            conn.execute("ROLLBACK")
+    records = _check(proxy, app, kept=[], undone=[130, 131, 132])
+    for n in (1, 2, 3):
+        name = f"blk_cic_{n}"
+        assert _count(proxy, f"SELECT count(*) FROM pg_class WHERE relname = '{name}'") == 1
+        (intent,) = [s for s in statements(records) if s.sql_text == create.format(n)]
+        assert [status for status, _ in _outcomes(records, intent)] == ["ok"], name

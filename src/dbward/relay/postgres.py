@@ -1941,6 +1941,14 @@ class PgSession(asyncio.Protocol):
         """
         statement = tracked.statement
         command = statement.command
+        if "outside_transaction" in statement.flags:
+            # PostgreSQL ran it outside any transaction and committed it at once, with what
+            # ran before it (a later error undoes neither: CREATE DATABASE first in a pipeline
+            # whose next statement failed was claimed rolled back, the database was there).
+            self._committable = None
+            if status != "ok":
+                self._implicit = False
+            return None
         if statement.kind is StatementKind.TRANSACTION or command in _MAY_COMMIT:
             committable, self._committable = self._committable, None
             if status == "ok" and "chains_transaction" not in statement.flags:
