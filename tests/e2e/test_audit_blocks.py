@@ -321,3 +321,44 @@ def test_a_statement_that_commits_at_once_is_not_claimed_rolled_back(proxy: Prox
         assert _count(proxy, f"SELECT count(*) FROM pg_class WHERE relname = '{name}'") == 1
         (intent,) = [s for s in statements(records) if s.sql_text == create.format(n)]
         assert [status for status, _ in _outcomes(records, intent)] == ["ok"], name
+
+
+def test_a_commit_refused_before_it_began_leaves_the_block_open(proxy: Proxy) -> None:
+    """A COMMIT that fails before committing (here statement_timeout fires while PostgreSQL
+    parses its long text) leaves the block open and failed, not rolled back: ROLLBACK TO
+    SAVEPOINT then COMMIT commits what ran before the savepoint. Every statement of the block
+    was claimed `rolled_back` at the failed COMMIT, with row 140 in the table."""
+    app = app_name("blk-commit-cancelled")
+    padding = "/*" + "x" * (12 * 1024 * 1024) + "*/"
+    with _connect(proxy, app, autocommit=True) as conn:
+        for sql in ("BEGIN", _insert(140), "SAVEPOINT s", _insert(141)):
+            conn.execute(sql)
+        conn.execute("SET LOCAL statement_timeout = 1")
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            conn.execute(f"COMMIT {padding}")
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR
+        conn.execute("ROLLBACK TO SAVEPOINT s")
+        conn.execute("COMMIT")
+    _check(proxy, app, kept=[140], undone=[141])
+
+
+def test_prepare_transaction_that_fails_or_of_a_failed_block(proxy: Proxy) -> None:
+    """PREPARE TRANSACTION rolls the block back when it fails (here: prepared transactions
+    are disabled) and when the block had failed (answered ROLLBACK); neither was claimed."""
+    app = app_name("blk-prepare")
+    with _connect(proxy, app, autocommit=True) as conn:
+        conn.execute("BEGIN")
+        conn.execute(_insert(150))
+        with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState):
+            conn.execute("PREPARE TRANSACTION 'blk-p1'")
+        conn.execute("BEGIN")
+        conn.execute(_insert(151))
+        with pytest.raises(psycopg.errors.DivisionByZero):
+            conn.execute("SELECT 1/0")
+        conn.execute("PREPARE TRANSACTION 'blk-p2'")  # answered ROLLBACK
+    records = _check(proxy, app, kept=[], undone=[150, 151])
+    prepares = [s for s in statements(records) if s.command == "PREPARE TRANSACTION"]
+    assert [[status for status, _ in _outcomes(records, p)] for p in prepares] == [
+        ["error"],
+        ["rolled_back"],
+    ]

@@ -420,6 +420,9 @@ class PgSession(asyncio.Protocol):
         # statements that changed something and finished ok in it. None outside a block, and
         # whenever dbward cannot follow the block exactly (it then claims nothing).
         self._block: list[_Savepoint] | None = None
+        # The SQLSTATE of a COMMIT or PREPARE TRANSACTION of the block that failed: whether the
+        # block went with it, ReadyForQuery tells (see _note_in_block).
+        self._commit_failed: str | None = None
         self._client_paused_for_upstream = False
         self._client_paused_for_replies = False  # MAX_REPLIES_IN_FLIGHT reached
         self._connect_audited = False
@@ -1749,6 +1752,8 @@ class PgSession(asyncio.Protocol):
             return None
         if msg_type == 0x5A:  # 'Z' ReadyForQuery
             # What comes next runs in an implicit transaction of its own unless one is open.
+            if self._commit_failed is not None:
+                self._settle_failed_commit(payload)
             self._implicit = payload == b"I"
             self._committable = None
             if self._implicit:
@@ -1919,12 +1924,20 @@ class PgSession(asyncio.Protocol):
         return replacement
 
     def _rollback_status(self, op: _Op) -> str:
-        """CommandComplete says ROLLBACK: for a COMMIT (or END) of a failed transaction,
-        PostgreSQL rolled back instead. (ROLLBACK TO SAVEPOINT and PREPARE TRANSACTION outside
-        a block answer ROLLBACK too, and undo nothing or commit: they stay `ok`.)"""
+        """CommandComplete says ROLLBACK: for a COMMIT (or END) of a failed transaction, or a
+        PREPARE TRANSACTION of a failed block, PostgreSQL rolled back instead. (ROLLBACK TO
+        SAVEPOINT, and PREPARE TRANSACTION outside a block, answer ROLLBACK too, and undo
+        nothing or commit: they stay `ok`.)"""
         tracked = op.tracked
         index = op.index if op.code == _OP_QUERY else 0
-        if tracked and index < len(tracked) and tracked[index].statement.command == "COMMIT":
+        if not tracked or index >= len(tracked):
+            return "ok"
+        command = tracked[index].statement.command
+        if command == "COMMIT" or (
+            # In a block, PREPARE TRANSACTION of a failed one rolls it back and says so; outside
+            # one it commits (with a warning) and says ROLLBACK all the same.
+            command == "PREPARE TRANSACTION" and self._block is not None and not self._implicit
+        ):
             return "rolled_back"
         return "ok"
 
@@ -1970,7 +1983,9 @@ class PgSession(asyncio.Protocol):
         self._committable.append(tracked)
         return None
 
-    def _note_in_block(self, tracked: _Tracked, status: str) -> list[_Tracked] | None:
+    def _note_in_block(
+        self, tracked: _Tracked, status: str, sqlstate: str
+    ) -> list[_Tracked] | None:
         """A statement that is not a plain read finished inside the explicit transaction block.
 
         Follows the block's savepoints; returns what a ROLLBACK (TO SAVEPOINT), or a COMMIT
@@ -1985,10 +2000,16 @@ class PgSession(asyncio.Protocol):
                 block[-1].changes.append(tracked)
             return None
         command = statement.command
-        if status == "rolled_back" or (status == "error" and command == "COMMIT"):
-            # COMMIT of a failed block, or a COMMIT that failed (a deferred constraint, a
-            # serialization failure): PostgreSQL rolled the block back.
+        if status == "rolled_back":
+            # COMMIT (or PREPARE TRANSACTION) of a failed block: PostgreSQL rolled it back.
             return self._end_block(statement, undone=True)
+        if status == "error" and command in ("COMMIT", "PREPARE TRANSACTION"):
+            # A commit that failed (a deferred constraint, a serialization failure) rolled the
+            # block back; an error before the commit began (a cancel, statement_timeout while
+            # the text was parsed) left the block open, failed, and ROLLBACK TO SAVEPOINT then
+            # COMMIT still commits what came before the savepoint. ReadyForQuery says which.
+            self._commit_failed = sqlstate
+            return None
         if status != "ok":
             return None  # e.g. SAVEPOINT in an aborted block: nothing changed
         if command == "SAVEPOINT":
@@ -2023,6 +2044,14 @@ class PgSession(asyncio.Protocol):
         if not undone or block is None:
             return None
         return [item for savepoint in block for item in savepoint.changes]
+
+    def _settle_failed_commit(self, payload: bytes | None) -> None:
+        """ReadyForQuery after a COMMIT (or PREPARE TRANSACTION) of the block failed: 'E', the
+        block is still open (failed); otherwise it was rolled back ('T' after AND CHAIN: a new
+        block dbward does not follow)."""
+        sqlstate, self._commit_failed = self._commit_failed or "", None
+        if payload != b"E":
+            self._roll_back_block(sqlstate)
 
     def _roll_back_block(self, sqlstate: str) -> None:
         """The session ended inside a transaction block (FATAL, connection lost or closed
@@ -2325,7 +2354,7 @@ class PgSession(asyncio.Protocol):
         if self._implicit:
             undone = self._note_committable(tracked, status)
         elif self._block is not None:
-            undone = self._note_in_block(tracked, status)
+            undone = self._note_in_block(tracked, status, sqlstate)
         self._write_outcome(tracked, status, sqlstate, rows)
         for item in undone or ():  # after the ROLLBACK's own record: the log reads in order
             self._write_outcome(item, "rolled_back", sqlstate, None)
