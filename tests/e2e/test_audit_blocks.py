@@ -362,3 +362,46 @@ def test_prepare_transaction_that_fails_or_of_a_failed_block(proxy: Proxy) -> No
         ["error"],
         ["rolled_back"],
     ]
+
+
+def test_rows_fetched_after_a_savepoint_were_changed_before_it(proxy: Proxy) -> None:
+    """INSERT ... RETURNING read through a cursor (asyncpg, Execute with a row limit) runs
+    whole at the first Execute; a later Execute only fetches. Fetched after SAVEPOINT b, the
+    fetch was taken for the change and ROLLBACK TO b claimed the INSERT undone, with its rows
+    committed; and ROLLBACK of the block did not claim the INSERT whose first Execute was
+    suspended."""
+    app = app_name("blk-portal")
+    sql = f"INSERT INTO {_TABLE} SELECT g FROM generate_series({{}}, {{}}) g RETURNING id"
+    kept, undone = sql.format(160, 162), sql.format(165, 167)
+
+    async def run() -> None:
+        conn = await _aconnect(proxy, app)
+        try:
+            async with conn.transaction():
+                cursor = await conn.cursor(kept)
+                assert len(await cursor.fetch(1)) == 1  # Execute with a row limit: suspended
+                await conn.execute("SAVEPOINT b")
+                assert len(await cursor.fetch(5)) == 2  # the rest: only fetched
+                await conn.execute("ROLLBACK TO SAVEPOINT b")
+            tr = conn.transaction()
+            await tr.start()
+            cursor = await conn.cursor(undone)
+            assert len(await cursor.fetch(1)) == 1
+            await tr.rollback()
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+    records = proxy.session_records(app, until=has_disconnect)
+    assert _count(proxy, f"SELECT count(*) FROM {_TABLE} WHERE id BETWEEN 160 AND 162") == 3
+    assert _count(proxy, f"SELECT count(*) FROM {_TABLE} WHERE id BETWEEN 165 AND 167") == 0
+    fates = {
+        text: [
+            [status for status, _ in _outcomes(records, s)]
+            for s in statements(records)
+            if s.sql_text == text
+        ]
+        for text in (kept, undone)
+    }
+    assert fates[kept] == [["suspended"], ["ok"]], fates
+    assert fates[undone] == [["suspended", "rolled_back"]], fates

@@ -120,7 +120,7 @@ class _PreparedChanges:
 class _Tracked:
     """A statement sent upstream whose outcome is still to be recorded."""
 
-    __slots__ = ("definition", "held", "path", "sid", "started", "statement")
+    __slots__ = ("definition", "held", "path", "resumed", "sid", "started", "statement")
 
     def __init__(
         self,
@@ -139,6 +139,9 @@ class _Tracked:
         self.held = held
         # A SQL PREPARE / DECLARE / CLOSE: the name it (re)defines, settled by its outcome.
         self.definition: _Definition | None = None
+        # An Execute of a portal executed before (suspended): it only fetches rows of what ran
+        # then (INSERT ... RETURNING runs whole at the first Execute), it changes nothing.
+        self.resumed = False
 
 
 class _Savepoint:
@@ -420,6 +423,9 @@ class PgSession(asyncio.Protocol):
         # statements that changed something and finished ok in it. None outside a block, and
         # whenever dbward cannot follow the block exactly (it then claims nothing).
         self._block: list[_Savepoint] | None = None
+        # Portals Executed since they were bound, as the client sent the messages: a second
+        # Execute of one only fetches (forgotten whenever nothing is in flight outside a block).
+        self._executed_portals: set[str] = set()
         # The SQLSTATE of a COMMIT or PREPARE TRANSACTION of the block that failed: whether the
         # block went with it, ReadyForQuery tells (see _note_in_block).
         self._commit_failed: str | None = None
@@ -1193,6 +1199,7 @@ class PgSession(asyncio.Protocol):
                     ),
                 )
             self._ran_since_ready = True  # planning may run (immutable) functions
+            self._executed_portals.discard(portal_name)  # a new portal of that name
             op = _Op(_OP_BIND)
             op.definition = self._define(
                 portal_name, found, portal=True, drops_on_failure=not portal_name
@@ -1224,7 +1231,9 @@ class PgSession(asyncio.Protocol):
             )
             if waits is not None:
                 return waits  # a SQL EXECUTE of a name a PREPARE in flight redefines
-            return self._handle_execute(statements, max_rows, raw, out)
+            resumed = portal_name in self._executed_portals
+            self._executed_portals.add(portal_name)
+            return self._handle_execute(statements, max_rows, raw, out, resumed=resumed)
         if msg_type == _S:
             self._ops.append(_SYNC_OP)
             self._z_owed += 1
@@ -1238,6 +1247,8 @@ class PgSession(asyncio.Protocol):
             return None
         if msg_type == _C:
             close = messages.parse_close(payload, _NAME_CODEC)
+            if close.kind != "S":
+                self._executed_portals.discard(close.name)
             op = _Op(_OP_CLOSE)
             # Undone if PostgreSQL skips it (an error earlier in its sync group).
             op.definition = self._define(
@@ -1579,7 +1590,13 @@ class PgSession(asyncio.Protocol):
         return None
 
     def _handle_execute(
-        self, statements: tuple[Statement, ...], max_rows: int, raw: bytes, out: list[bytes]
+        self,
+        statements: tuple[Statement, ...],
+        max_rows: int,
+        raw: bytes,
+        out: list[bytes],
+        *,
+        resumed: bool = False,
     ) -> tuple[asyncio.Future[int], tuple[bytes, bytes]] | None:
         self._ran_since_ready = True
         tracked, durable, denial = self._admit(statements, ProtocolPath.EXTENDED)
@@ -1590,6 +1607,9 @@ class PgSession(asyncio.Protocol):
             self._discard_until_sync = True
             return None
         op = _Op(_OP_EXECUTE, tracked, max_rows=max_rows)
+        if resumed:
+            for item in tracked:
+                item.resumed = True
         self._ops.append(op)
         if self._copies_admitted:
             self._count_copies(op)
@@ -1780,8 +1800,10 @@ class PgSession(asyncio.Protocol):
             if not ops:
                 self._ran_since_ready = False  # every change so far has been reported
                 self._copy_ops = 0  # nothing in flight: no COPY will start
-                if self._portals and payload is not None and payload[:1] == b"I":
-                    self._forget_transaction_portals()
+                if payload is not None and payload[:1] == b"I":
+                    self._executed_portals.clear()  # PostgreSQL dropped them
+                    if self._portals:
+                        self._forget_transaction_portals()
             return None
         if msg_type == 0x45:  # 'E' ErrorResponse
             return self._on_error(payload)
@@ -2347,14 +2369,16 @@ class PgSession(asyncio.Protocol):
         if tracked.definition is not None:
             definition, tracked.definition = tracked.definition, None
             self._settle(definition, None if status == "ok" else "skipped")
-        if tracked.statement.kind is _READ_KIND:
+        if tracked.statement.kind is _READ_KIND or tracked.resumed:
             self._write_outcome(tracked, status, sqlstate, rows)
             return
+        # A write suspended at its row limit ran whole (RETURNING rows are fetched later).
+        done = "ok" if status == "suspended" else status
         undone: list[_Tracked] | None = None
         if self._implicit:
-            undone = self._note_committable(tracked, status)
+            undone = self._note_committable(tracked, done)
         elif self._block is not None:
-            undone = self._note_in_block(tracked, status, sqlstate)
+            undone = self._note_in_block(tracked, done, sqlstate)
         self._write_outcome(tracked, status, sqlstate, rows)
         for item in undone or ():  # after the ROLLBACK's own record: the log reads in order
             self._write_outcome(item, "rolled_back", sqlstate, None)
