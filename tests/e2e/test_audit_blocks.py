@@ -289,3 +289,119 @@ def test_commit_and_rollback_in_a_pipeline_without_a_block(proxy: Proxy) -> None
 
 def _disconnects(records: list[AuditRecord]) -> list[AuditRecord]:
     return [r for r in records if r.event == "disconnect"]
+
+
+def test_a_statement_that_commits_at_once_is_not_claimed_rolled_back(proxy: Proxy) -> None:
+    """CREATE INDEX CONCURRENTLY (like VACUUM, CREATE DATABASE) runs outside any transaction
+    and commits when it ends: a later statement of the same pipeline failing, or a ROLLBACK
+    there, does not undo it. It was claimed `rolled_back` with the index in place; what runs
+    after it in a new transaction is still claimed."""
+    app = app_name("blk-outside")
+    with _connect(proxy, "setup-outside", autocommit=True) as conn:
+        conn.execute("DROP TABLE IF EXISTS blk_cic")
+        conn.execute("CREATE TABLE blk_cic (a int)")
+    create = "CREATE INDEX CONCURRENTLY blk_cic_{} ON blk_cic (a)"
+    with _connect(proxy, app, autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.DivisionByZero), conn.pipeline():
+            conn.execute(create.format(1))
+            conn.execute(_insert(130))
+            conn.execute("SELECT 1/0")
+        with conn.pipeline():
+            conn.execute(create.format(2))
+            conn.execute(_insert(131))
+            conn.execute("ROLLBACK")
+        with conn.pipeline():
+            conn.execute(create.format(3))
+            conn.execute("BEGIN")
+            conn.execute(_insert(132))
+            conn.execute("ROLLBACK")
+    records = _check(proxy, app, kept=[], undone=[130, 131, 132])
+    for n in (1, 2, 3):
+        name = f"blk_cic_{n}"
+        assert _count(proxy, f"SELECT count(*) FROM pg_class WHERE relname = '{name}'") == 1
+        (intent,) = [s for s in statements(records) if s.sql_text == create.format(n)]
+        assert [status for status, _ in _outcomes(records, intent)] == ["ok"], name
+
+
+def test_a_commit_refused_before_it_began_leaves_the_block_open(proxy: Proxy) -> None:
+    """A COMMIT that fails before committing (here statement_timeout fires while PostgreSQL
+    parses its long text) leaves the block open and failed, not rolled back: ROLLBACK TO
+    SAVEPOINT then COMMIT commits what ran before the savepoint. Every statement of the block
+    was claimed `rolled_back` at the failed COMMIT, with row 140 in the table."""
+    app = app_name("blk-commit-cancelled")
+    padding = "/*" + "x" * (12 * 1024 * 1024) + "*/"
+    with _connect(proxy, app, autocommit=True) as conn:
+        for sql in ("BEGIN", _insert(140), "SAVEPOINT s", _insert(141)):
+            conn.execute(sql)
+        conn.execute("SET LOCAL statement_timeout = 1")
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            conn.execute(f"COMMIT {padding}")
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR
+        conn.execute("ROLLBACK TO SAVEPOINT s")
+        conn.execute("COMMIT")
+    _check(proxy, app, kept=[140], undone=[141])
+
+
+def test_prepare_transaction_that_fails_or_of_a_failed_block(proxy: Proxy) -> None:
+    """PREPARE TRANSACTION rolls the block back when it fails (here: prepared transactions
+    are disabled) and when the block had failed (answered ROLLBACK); neither was claimed."""
+    app = app_name("blk-prepare")
+    with _connect(proxy, app, autocommit=True) as conn:
+        conn.execute("BEGIN")
+        conn.execute(_insert(150))
+        with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState):
+            conn.execute("PREPARE TRANSACTION 'blk-p1'")
+        conn.execute("BEGIN")
+        conn.execute(_insert(151))
+        with pytest.raises(psycopg.errors.DivisionByZero):
+            conn.execute("SELECT 1/0")
+        conn.execute("PREPARE TRANSACTION 'blk-p2'")  # answered ROLLBACK
+    records = _check(proxy, app, kept=[], undone=[150, 151])
+    prepares = [s for s in statements(records) if s.command == "PREPARE TRANSACTION"]
+    assert [[status for status, _ in _outcomes(records, p)] for p in prepares] == [
+        ["error"],
+        ["rolled_back"],
+    ]
+
+
+def test_rows_fetched_after_a_savepoint_were_changed_before_it(proxy: Proxy) -> None:
+    """INSERT ... RETURNING read through a cursor (asyncpg, Execute with a row limit) runs
+    whole at the first Execute; a later Execute only fetches. Fetched after SAVEPOINT b, the
+    fetch was taken for the change and ROLLBACK TO b claimed the INSERT undone, with its rows
+    committed; and ROLLBACK of the block did not claim the INSERT whose first Execute was
+    suspended."""
+    app = app_name("blk-portal")
+    sql = f"INSERT INTO {_TABLE} SELECT g FROM generate_series({{}}, {{}}) g RETURNING id"
+    kept, undone = sql.format(160, 162), sql.format(165, 167)
+
+    async def run() -> None:
+        conn = await _aconnect(proxy, app)
+        try:
+            async with conn.transaction():
+                cursor = await conn.cursor(kept)
+                assert len(await cursor.fetch(1)) == 1  # Execute with a row limit: suspended
+                await conn.execute("SAVEPOINT b")
+                assert len(await cursor.fetch(5)) == 2  # the rest: only fetched
+                await conn.execute("ROLLBACK TO SAVEPOINT b")
+            tr = conn.transaction()
+            await tr.start()
+            cursor = await conn.cursor(undone)
+            assert len(await cursor.fetch(1)) == 1
+            await tr.rollback()
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+    records = proxy.session_records(app, until=has_disconnect)
+    assert _count(proxy, f"SELECT count(*) FROM {_TABLE} WHERE id BETWEEN 160 AND 162") == 3
+    assert _count(proxy, f"SELECT count(*) FROM {_TABLE} WHERE id BETWEEN 165 AND 167") == 0
+    fates = {
+        text: [
+            [status for status, _ in _outcomes(records, s)]
+            for s in statements(records)
+            if s.sql_text == text
+        ]
+        for text in (kept, undone)
+    }
+    assert fates[kept] == [["suspended"], ["ok"]], fates
+    assert fates[undone] == [["suspended", "rolled_back"]], fates

@@ -69,7 +69,9 @@ class Statement:
     # "copy_from_stdin", "copy_to_stdout", "set_config_role", "parse_error", "function_call",
     # "sets_password" (role/user mapping/server password options), "carries_credential" (a
     # connection string with a password: dblink, subscriptions, primary_conninfo),
-    # "chains_transaction" (COMMIT/ROLLBACK AND CHAIN: a new transaction block starts at once).
+    # "chains_transaction" (COMMIT/ROLLBACK AND CHAIN: a new transaction block starts at once),
+    # "outside_transaction" (VACUUM, CREATE DATABASE, CREATE INDEX CONCURRENTLY ...: runs only
+    # outside a transaction block and commits at once).
     flags: frozenset[str] = frozenset()
     error: str | None = None  # parser message when kind is UNKNOWN because parsing failed
     # PREPARE / EXECUTE / DEALLOCATE name; EXECUTE (and EXPLAIN ANALYZE EXECUTE) carry the flag

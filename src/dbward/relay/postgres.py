@@ -120,7 +120,7 @@ class _PreparedChanges:
 class _Tracked:
     """A statement sent upstream whose outcome is still to be recorded."""
 
-    __slots__ = ("definition", "held", "path", "sid", "started", "statement")
+    __slots__ = ("definition", "held", "path", "resumed", "sid", "started", "statement")
 
     def __init__(
         self,
@@ -139,6 +139,9 @@ class _Tracked:
         self.held = held
         # A SQL PREPARE / DECLARE / CLOSE: the name it (re)defines, settled by its outcome.
         self.definition: _Definition | None = None
+        # An Execute of a portal executed before (suspended): it only fetches rows of what ran
+        # then (INSERT ... RETURNING runs whole at the first Execute), it changes nothing.
+        self.resumed = False
 
 
 class _Savepoint:
@@ -420,6 +423,12 @@ class PgSession(asyncio.Protocol):
         # statements that changed something and finished ok in it. None outside a block, and
         # whenever dbward cannot follow the block exactly (it then claims nothing).
         self._block: list[_Savepoint] | None = None
+        # Portals Executed since they were bound, as the client sent the messages: a second
+        # Execute of one only fetches (forgotten whenever nothing is in flight outside a block).
+        self._executed_portals: set[str] = set()
+        # The SQLSTATE of a COMMIT or PREPARE TRANSACTION of the block that failed: whether the
+        # block went with it, ReadyForQuery tells (see _note_in_block).
+        self._commit_failed: str | None = None
         self._client_paused_for_upstream = False
         self._client_paused_for_replies = False  # MAX_REPLIES_IN_FLIGHT reached
         self._connect_audited = False
@@ -780,11 +789,27 @@ class PgSession(asyncio.Protocol):
         transport.pause_reading()
         transport.write(b"S")
         loop = asyncio.get_running_loop()
-        new_transport = await loop.start_tls(transport, self, context, server_side=True)
-        if new_transport is None:
-            raise ConnectionResetError("TLS handshake failed")
+        try:
+            new_transport = await loop.start_tls(transport, self, context, server_side=True)
+            if new_transport is None:
+                raise ConnectionResetError("TLS handshake failed")
+        except BaseException:
+            self._lost_in_handshake()
+            raise
         self.transport = new_transport
         self._tls = True
+
+    def _lost_in_handshake(self) -> None:
+        """The TLS handshake failed or was abandoned (the client reset the connection, an auth
+        timeout): the TLS layer never made the connection, so connection_lost is never called
+        on this session. Release here what connection_made took, or each such connection kept
+        a max_connections slot and a max_unauthenticated_per_host one for good."""
+        self._phase = _PHASE_CLOSED
+        self._leave_unauthenticated()
+        self._release_partial()
+        self._release()
+        if self.transport is not None:
+            self.transport.close()
 
     async def _authenticate(self, user: str) -> Identity:
         transport = self.transport
@@ -1182,6 +1207,7 @@ class PgSession(asyncio.Protocol):
                     ),
                 )
             self._ran_since_ready = True  # planning may run (immutable) functions
+            self._executed_portals.discard(portal_name)  # a new portal of that name
             op = _Op(_OP_BIND)
             op.definition = self._define(
                 portal_name, found, portal=True, drops_on_failure=not portal_name
@@ -1213,7 +1239,9 @@ class PgSession(asyncio.Protocol):
             )
             if waits is not None:
                 return waits  # a SQL EXECUTE of a name a PREPARE in flight redefines
-            return self._handle_execute(statements, max_rows, raw, out)
+            resumed = portal_name in self._executed_portals
+            self._executed_portals.add(portal_name)
+            return self._handle_execute(statements, max_rows, raw, out, resumed=resumed)
         if msg_type == _S:
             self._ops.append(_SYNC_OP)
             self._z_owed += 1
@@ -1227,6 +1255,8 @@ class PgSession(asyncio.Protocol):
             return None
         if msg_type == _C:
             close = messages.parse_close(payload, _NAME_CODEC)
+            if close.kind != "S":
+                self._executed_portals.discard(close.name)
             op = _Op(_OP_CLOSE)
             # Undone if PostgreSQL skips it (an error earlier in its sync group).
             op.definition = self._define(
@@ -1568,7 +1598,13 @@ class PgSession(asyncio.Protocol):
         return None
 
     def _handle_execute(
-        self, statements: tuple[Statement, ...], max_rows: int, raw: bytes, out: list[bytes]
+        self,
+        statements: tuple[Statement, ...],
+        max_rows: int,
+        raw: bytes,
+        out: list[bytes],
+        *,
+        resumed: bool = False,
     ) -> tuple[asyncio.Future[int], tuple[bytes, bytes]] | None:
         self._ran_since_ready = True
         tracked, durable, denial = self._admit(statements, ProtocolPath.EXTENDED)
@@ -1579,6 +1615,9 @@ class PgSession(asyncio.Protocol):
             self._discard_until_sync = True
             return None
         op = _Op(_OP_EXECUTE, tracked, max_rows=max_rows)
+        if resumed:
+            for item in tracked:
+                item.resumed = True
         self._ops.append(op)
         if self._copies_admitted:
             self._count_copies(op)
@@ -1741,6 +1780,8 @@ class PgSession(asyncio.Protocol):
             return None
         if msg_type == 0x5A:  # 'Z' ReadyForQuery
             # What comes next runs in an implicit transaction of its own unless one is open.
+            if self._commit_failed is not None:
+                self._settle_failed_commit(payload)
             self._implicit = payload == b"I"
             self._committable = None
             if self._implicit:
@@ -1767,8 +1808,10 @@ class PgSession(asyncio.Protocol):
             if not ops:
                 self._ran_since_ready = False  # every change so far has been reported
                 self._copy_ops = 0  # nothing in flight: no COPY will start
-                if self._portals and payload is not None and payload[:1] == b"I":
-                    self._forget_transaction_portals()
+                if payload is not None and payload[:1] == b"I":
+                    self._executed_portals.clear()  # PostgreSQL dropped them
+                    if self._portals:
+                        self._forget_transaction_portals()
             return None
         if msg_type == 0x45:  # 'E' ErrorResponse
             return self._on_error(payload)
@@ -1911,12 +1954,20 @@ class PgSession(asyncio.Protocol):
         return replacement
 
     def _rollback_status(self, op: _Op) -> str:
-        """CommandComplete says ROLLBACK: for a COMMIT (or END) of a failed transaction,
-        PostgreSQL rolled back instead. (ROLLBACK TO SAVEPOINT and PREPARE TRANSACTION outside
-        a block answer ROLLBACK too, and undo nothing or commit: they stay `ok`.)"""
+        """CommandComplete says ROLLBACK: for a COMMIT (or END) of a failed transaction, or a
+        PREPARE TRANSACTION of a failed block, PostgreSQL rolled back instead. (ROLLBACK TO
+        SAVEPOINT, and PREPARE TRANSACTION outside a block, answer ROLLBACK too, and undo
+        nothing or commit: they stay `ok`.)"""
         tracked = op.tracked
         index = op.index if op.code == _OP_QUERY else 0
-        if tracked and index < len(tracked) and tracked[index].statement.command == "COMMIT":
+        if not tracked or index >= len(tracked):
+            return "ok"
+        command = tracked[index].statement.command
+        if command == "COMMIT" or (
+            # In a block, PREPARE TRANSACTION of a failed one rolls it back and says so; outside
+            # one it commits (with a warning) and says ROLLBACK all the same.
+            command == "PREPARE TRANSACTION" and self._block is not None and not self._implicit
+        ):
             return "rolled_back"
         return "ok"
 
@@ -1933,6 +1984,14 @@ class PgSession(asyncio.Protocol):
         """
         statement = tracked.statement
         command = statement.command
+        if "outside_transaction" in statement.flags:
+            # PostgreSQL ran it outside any transaction and committed it at once, with what
+            # ran before it (a later error undoes neither: CREATE DATABASE first in a pipeline
+            # whose next statement failed was claimed rolled back, the database was there).
+            self._committable = None
+            if status != "ok":
+                self._implicit = False
+            return None
         if statement.kind is StatementKind.TRANSACTION or command in _MAY_COMMIT:
             committable, self._committable = self._committable, None
             if status == "ok" and "chains_transaction" not in statement.flags:
@@ -1954,7 +2013,9 @@ class PgSession(asyncio.Protocol):
         self._committable.append(tracked)
         return None
 
-    def _note_in_block(self, tracked: _Tracked, status: str) -> list[_Tracked] | None:
+    def _note_in_block(
+        self, tracked: _Tracked, status: str, sqlstate: str
+    ) -> list[_Tracked] | None:
         """A statement that is not a plain read finished inside the explicit transaction block.
 
         Follows the block's savepoints; returns what a ROLLBACK (TO SAVEPOINT), or a COMMIT
@@ -1969,10 +2030,16 @@ class PgSession(asyncio.Protocol):
                 block[-1].changes.append(tracked)
             return None
         command = statement.command
-        if status == "rolled_back" or (status == "error" and command == "COMMIT"):
-            # COMMIT of a failed block, or a COMMIT that failed (a deferred constraint, a
-            # serialization failure): PostgreSQL rolled the block back.
+        if status == "rolled_back":
+            # COMMIT (or PREPARE TRANSACTION) of a failed block: PostgreSQL rolled it back.
             return self._end_block(statement, undone=True)
+        if status == "error" and command in ("COMMIT", "PREPARE TRANSACTION"):
+            # A commit that failed (a deferred constraint, a serialization failure) rolled the
+            # block back; an error before the commit began (a cancel, statement_timeout while
+            # the text was parsed) left the block open, failed, and ROLLBACK TO SAVEPOINT then
+            # COMMIT still commits what came before the savepoint. ReadyForQuery says which.
+            self._commit_failed = sqlstate
+            return None
         if status != "ok":
             return None  # e.g. SAVEPOINT in an aborted block: nothing changed
         if command == "SAVEPOINT":
@@ -2007,6 +2074,14 @@ class PgSession(asyncio.Protocol):
         if not undone or block is None:
             return None
         return [item for savepoint in block for item in savepoint.changes]
+
+    def _settle_failed_commit(self, payload: bytes | None) -> None:
+        """ReadyForQuery after a COMMIT (or PREPARE TRANSACTION) of the block failed: 'E', the
+        block is still open (failed); otherwise it was rolled back ('T' after AND CHAIN: a new
+        block dbward does not follow)."""
+        sqlstate, self._commit_failed = self._commit_failed or "", None
+        if payload != b"E":
+            self._roll_back_block(sqlstate)
 
     def _roll_back_block(self, sqlstate: str) -> None:
         """The session ended inside a transaction block (FATAL, connection lost or closed
@@ -2302,14 +2377,16 @@ class PgSession(asyncio.Protocol):
         if tracked.definition is not None:
             definition, tracked.definition = tracked.definition, None
             self._settle(definition, None if status == "ok" else "skipped")
-        if tracked.statement.kind is _READ_KIND:
+        if tracked.statement.kind is _READ_KIND or tracked.resumed:
             self._write_outcome(tracked, status, sqlstate, rows)
             return
+        # A write suspended at its row limit ran whole (RETURNING rows are fetched later).
+        done = "ok" if status == "suspended" else status
         undone: list[_Tracked] | None = None
         if self._implicit:
-            undone = self._note_committable(tracked, status)
+            undone = self._note_committable(tracked, done)
         elif self._block is not None:
-            undone = self._note_in_block(tracked, status)
+            undone = self._note_in_block(tracked, done, sqlstate)
         self._write_outcome(tracked, status, sqlstate, rows)
         for item in undone or ():  # after the ROLLBACK's own record: the log reads in order
             self._write_outcome(item, "rolled_back", sqlstate, None)

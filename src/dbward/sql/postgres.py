@@ -1651,6 +1651,8 @@ def _classify_node(
         savepoint = body.get("savepoint_name")
         if body.get("chain"):
             flags.add("chains_transaction")
+    if _runs_outside_transaction(node_type, body):
+        flags.add("outside_transaction")
     if _defines_view_or_rule(node_type, body) and not _SETTINGS_VIEWS.isdisjoint(
         name for _, name in walked.tables
     ):
@@ -1766,6 +1768,43 @@ def _roles_changed(node_type: str, body: dict[str, Any]) -> tuple[str, ...]:
     elif node_type == "GrantRoleStmt":
         found.extend(_role_name(item) for item in body.get("grantee_roles", ()))
     return tuple(found)
+
+
+def _runs_outside_transaction(node_type: str, body: dict[str, Any]) -> bool:
+    """Whether PostgreSQL may run the statement only outside a transaction block, committing
+    at once when it succeeds (PreventInTransactionBlock: VACUUM, CREATE DATABASE, CREATE INDEX
+    CONCURRENTLY ...). Errs on the side of yes: the relay then only claims less."""
+    if node_type in _OUTSIDE_TRANSACTION:
+        return True
+    if node_type == "VacuumStmt":
+        return bool(body.get("is_vacuumcmd"))  # ANALYZE alone runs in a block
+    if node_type in ("IndexStmt", "DropStmt"):
+        return bool(body.get("concurrent"))
+    if node_type == "DiscardStmt":
+        return body.get("target") == "DISCARD_ALL"
+    if node_type == "AlterDatabaseStmt":  # ALTER DATABASE ... SET TABLESPACE
+        return any(
+            isinstance(option, dict) and option.get("DefElem", {}).get("defname") == "tablespace"
+            for option in body.get("options", ())
+        )
+    return False
+
+
+# Statements of these types may run only outside a transaction block (some forms of them).
+_OUTSIDE_TRANSACTION: Final = frozenset(
+    {
+        "ClusterStmt",
+        "CreatedbStmt",
+        "DropdbStmt",
+        "CreateTableSpaceStmt",
+        "DropTableSpaceStmt",
+        "AlterSystemStmt",
+        "ReindexStmt",
+        "CreateSubscriptionStmt",
+        "AlterSubscriptionStmt",
+        "DropSubscriptionStmt",
+    }
+)
 
 
 def _role_name(spec: object) -> str:
