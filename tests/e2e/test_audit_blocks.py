@@ -405,3 +405,23 @@ def test_rows_fetched_after_a_savepoint_were_changed_before_it(proxy: Proxy) -> 
     }
     assert fates[kept] == [["suspended"], ["ok"]], fates
     assert fates[undone] == [["suspended", "rolled_back"]], fates
+
+
+def test_what_no_transaction_undoes_is_not_claimed(proxy: Proxy) -> None:
+    """Twentieth review: CLOSE and DISCARD PLANS inside a rolled-back block were claimed
+    rolled_back, though a rollback undoes neither."""
+    app = app_name("blk-nontx")
+    with _connect(proxy, app, autocommit=True) as conn:
+        for sql in (
+            "BEGIN",
+            "DECLARE c CURSOR FOR SELECT 1",
+            "CLOSE c",
+            "DISCARD PLANS",
+            _insert(170),
+            "ROLLBACK",
+        ):
+            conn.execute(sql)
+    records = _check(proxy, app, kept=[], undone=[170])
+    for command in ("CLOSE", "DISCARD PLANS"):
+        (intent,) = [s for s in statements(records) if s.command == command]
+        assert [status for status, _ in _outcomes(records, intent)] == ["ok"], command

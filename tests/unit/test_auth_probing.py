@@ -254,3 +254,27 @@ def test_connections_before_login_are_capped_per_ipv6_64() -> None:
         return refused
 
     assert asyncio.run(run()) == [False, False, True, False]
+
+
+def test_replicas_creating_the_auth_secret_at_once_agree(tmp_path: Path) -> None:
+    """Twentieth review: the file was created empty and then written, so a replica starting at
+    that moment (or a crash in between) read 0 bytes and refused to start."""
+    path = tmp_path / "dbward-auth.key"
+    script = (
+        "import sys; from pathlib import Path; "
+        "from dbward.identity.auth_secret import load_auth_secret; "
+        "print(load_auth_secret(Path(sys.argv[1])).hex())"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(8)
+    ]
+    results = [proc.communicate(timeout=60) for proc in procs]
+    assert all(proc.returncode == 0 for proc in procs), results
+    assert len({out.strip() for out, _ in results}) == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["dbward-auth.key"]  # no temporary left

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 from pathlib import Path
@@ -20,16 +21,26 @@ def load_auth_secret(path: Path) -> bytes:
     a password rotated, and every unknown name's salt with it while real users' salts stayed:
     salts recorded before and after such a change told exactly which names exist.
     """
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
+    if path.exists():
         return _read(path)
+    # Written whole to a private temporary file, then linked into place: a crash cannot leave a
+    # short file, and a replica starting at the same moment either wins or reads the winner's.
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    try:
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="ascii") as file:
+            file.write(secrets.token_hex(SECRET_BYTES) + "\n")
+            file.flush()
+            os.fsync(file.fileno())
+        try:
+            os.link(temporary, path)
+        except FileExistsError:
+            pass  # another process made it first: use theirs
     except OSError as exc:
         raise ConfigError(f"{_KEY}: cannot create {path}: {exc.strerror}") from None
-    with os.fdopen(fd, "w", encoding="ascii") as file:
-        file.write(secrets.token_hex(SECRET_BYTES) + "\n")
-        file.flush()
-        os.fsync(file.fileno())
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
     return _read(path)
 
 

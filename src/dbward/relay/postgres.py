@@ -262,7 +262,9 @@ _READ_KIND: Final = StatementKind.READ
 # Statements that may commit the implicit transaction they run in (a procedure's COMMIT), and
 # ones no transaction undoes: neither lets dbward claim a later rollback undid what came before.
 _MAY_COMMIT: Final = frozenset({"DO", "CALL"})
-_NOT_TRANSACTIONAL: Final = frozenset({"PREPARE", "DEALLOCATE"})
+_NOT_TRANSACTIONAL: Final = frozenset(
+    {"PREPARE", "DEALLOCATE", "CLOSE", "CHECKPOINT", "LOAD", "DISCARD PLANS", "DISCARD SEQUENCES"}
+)
 _BEGINS_BLOCK: Final = frozenset({"BEGIN", "START TRANSACTION"})
 
 
