@@ -202,7 +202,7 @@ async def connect_upstream(
                 # Over TCP without TLS a cleartext password request is not answered: anyone on
                 # the path could have asked (a unix socket never leaves the host).
                 private = tls or settings.is_unix_socket
-                scram = _answer_auth(
+                scram = await _answer_auth(
                     transport, payload, settings.user, password, scram, private=private
                 )
             elif msg_type == ord("S"):
@@ -232,7 +232,7 @@ async def connect_upstream(
         raise
 
 
-def _answer_auth(
+async def _answer_auth(
     transport: asyncio.Transport,
     payload: bytes,
     user: str,
@@ -285,7 +285,17 @@ def _answer_auth(
     if code == 11:  # SASL continue
         if scram is None:
             raise ProtocolError("SASLContinue without SASL")
-        transport.write(messages.sasl_response(scram.client_final(data)))
+        try:
+            scram.read_server_first(data)
+            # PBKDF2 with the iteration count the server chose (up to seconds of CPU): in a
+            # thread, so one database asking for a huge count does not stall every session.
+            salted = await asyncio.get_running_loop().run_in_executor(None, scram.salted_password)
+            final = scram.client_final_with(salted)
+        except AuthenticationFailed as exc:
+            raise UpstreamError(
+                f"upstream SCRAM exchange failed: {exc}", sqlstate="28000"
+            ) from None
+        transport.write(messages.sasl_response(final))
         return scram
     if code == 12:  # SASL final
         if scram is None:
