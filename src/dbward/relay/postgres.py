@@ -254,6 +254,8 @@ _OUT_OF_MEMORY: Final = "53200"
 # An unfinished message this small is never refused for the listener's total (a session can
 # always send ordinary messages, whatever others hold).
 _PARTIAL_ALWAYS_FITS: Final = 1024 * 1024
+# Authentication, BackendKeyData, NegotiateProtocolVersion: PostgreSQL sends them only at login.
+_STARTUP_ONLY: Final = frozenset(b"RKv")
 _LINGER_S: Final = 2.0  # how long a refused client that is still sending is read and ignored
 _READ_KIND: Final = StatementKind.READ
 # Statements that may commit the implicit transaction they run in (a procedure's COMMIT), and
@@ -411,6 +413,7 @@ class PgSession(asyncio.Protocol):
         self._closing = False
         self._shutdown_requested = False
         self._upstream_lost_reported = False
+        self._client_mid_frame = False  # a row was cut off by an invalid upstream message
         self._upstream_ending = False  # PostgreSQL sent FATAL: nothing more goes to it
         # Statements that changed something and finished ok in the current implicit transaction
         # (a Query or sync group begun with no transaction open): an error undoes them.
@@ -1660,11 +1663,12 @@ class PgSession(asyncio.Protocol):
         transport = self.transport
         if scanner is None or transport is None or self._phase != _PHASE_READY:
             return
+        mid_frame = scanner.mid_frame
         try:
             forward, events = scanner.feed(data)
         except ProtocolError as exc:
-            log.error("session %s: upstream protocol error: %s", self.session_id, exc.message)
-            self._upstream_gone("the database sent an invalid message")
+            # Nothing of this feed is forwarded: the rest of a row begun before is lost too.
+            self._upstream_invalid(exc, mid_frame)
             return
         if not events:
             if forward:
@@ -1673,7 +1677,22 @@ class PgSession(asyncio.Protocol):
         pieces: list[bytes] | None = None
         position = 0
         for msg_type, start, end, payload in events:
-            replacement = self._on_backend_message(msg_type, payload)
+            try:
+                if msg_type in _STARTUP_ONLY:
+                    # PostgreSQL sends these only while logging in: a server asking the client
+                    # for a password (or handing it its own cancel key) now is not to be obeyed.
+                    raise ProtocolError(
+                        f"startup-only message {chr(msg_type)!r} after the session started"
+                    )
+                replacement = self._on_backend_message(msg_type, payload)
+            except ProtocolError as exc:
+                # A malformed body (ErrorResponse, ParameterStatus, ...): neither it nor the
+                # rest of this feed reaches the client; whatever came before it does.
+                if pieces:
+                    transport.write(b"".join(pieces))
+                transport.write(forward[position:start])
+                self._upstream_invalid(exc, False)
+                return
             if self._escalation is not None:
                 # Nothing from the escalated session reaches the client, this report included.
                 if pieces:
@@ -2098,6 +2117,11 @@ class PgSession(asyncio.Protocol):
         if self._phase == _PHASE_READY and not self._closing:
             self._upstream_gone("dbward: lost the connection to the database")
 
+    def _upstream_invalid(self, exc: ProtocolError, mid_frame: bool) -> None:
+        log.error("session %s: upstream protocol error: %s", self.session_id, exc.message)
+        self._client_mid_frame = mid_frame
+        self._upstream_gone("the database sent an invalid message")
+
     def _upstream_gone(self, message: str) -> None:
         if self._upstream_lost_reported:
             return
@@ -2179,7 +2203,11 @@ class PgSession(asyncio.Protocol):
 
     def _fatal(self, sqlstate: str, message: str) -> None:
         transport = self.transport
-        if transport is not None and not transport.is_closing():
+        scanner = self._scanner
+        # Written in the middle of a row that the database never finished, the error would be
+        # read as the rest of that row ("lost synchronization with server"): close only.
+        torn = self._client_mid_frame or (scanner is not None and scanner.mid_frame)
+        if transport is not None and not transport.is_closing() and not torn:
             transport.write(messages.error_response("FATAL", sqlstate, message))
         self._close_client()
 
