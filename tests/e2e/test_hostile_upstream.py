@@ -6,8 +6,12 @@ log has no traceback) and keep serving.
 
 from __future__ import annotations
 
+import datetime as dt
+import socket
+import ssl
 import struct
 from collections.abc import Iterator
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -17,6 +21,7 @@ from dbward.wire.postgres import messages
 from fixtures.clients import app_name
 from fixtures.hostile import HostileConn, HostileServer, hostile_server, start_hostile_proxy
 from fixtures.proxy import Proxy, stop_proxy
+from fixtures.tls import LeafCert, TestCA, make_test_ca
 
 
 def _frame(msg_type: bytes, body: bytes) -> bytes:
@@ -112,3 +117,136 @@ def test_row_cut_off_by_the_database_is_not_spliced_with_an_error(
     assert "lost synchronization" not in str(error), error
     assert "server closed the connection unexpectedly" in str(error), error
     assert _lost_reason(proxy, app) == "dbward: lost the connection to the database"
+
+
+# ------------------------------------------------------------------ TLS to the database
+
+
+def _tls_script(conn: HostileConn, first: bytes, tls: ssl.SSLContext | None) -> None:
+    """Answer the SSLRequest with `first` (then a TLS handshake with `tls`), then log in."""
+    conn.recv_exact(8)
+    conn.send(first)
+    if tls is not None:
+        assert isinstance(conn.sock, socket.socket)
+        conn.sock = tls.wrap_socket(conn.sock, server_side=True)
+    elif first != b"N":
+        conn.idle_until_closed()
+        return
+    conn.login()
+    conn.read_message()
+    conn.send(messages.command_complete("SELECT 0"), _READY)
+    conn.idle_until_closed()
+
+
+@pytest.fixture
+def tls_server() -> Iterator[HostileServer]:
+    yield from hostile_server()
+
+
+def _server_context(leaf: LeafCert) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(leaf.cert, leaf.key)
+    return context
+
+
+def _login(proxy: Proxy, app: str) -> str:
+    """'ok', or the FATAL message the client got."""
+    try:
+        with psycopg.connect(
+            **proxy.conninfo(), application_name=app, autocommit=True, connect_timeout=5
+        ) as conn:
+            conn.execute("select 1")
+    except psycopg.OperationalError as exc:
+        return str(exc)
+    return "ok"
+
+
+def test_plaintext_after_the_databases_s_is_refused_and_blamed_on_it(
+    tls_server: HostileServer, tmp_path: Path
+) -> None:
+    """CVE-2021-23222: bytes sent right after 'S' are refused, not read as TLS-protected; the
+    failure is the database's (upstream_lost), not a protocol error of the client."""
+    injected = b"S" + messages.authentication_ok() + _READY
+    tls_server.script = lambda conn: _tls_script(conn, injected, None)
+    proxy = start_hostile_proxy(tmp_path, tls_server, upstream={"tls": {"mode": "require"}})
+    try:
+        app = app_name("inject")
+        message = _login(proxy, app)
+        assert "the database sent an invalid message during login" in message, message
+        assert "unencrypted data after accepting SSLRequest" in message, message
+        assert "invalid message from client" not in message
+        records = proxy.session_records(
+            app, until=lambda rs: any(r.event == AuditEvent.DISCONNECT for r in rs)
+        )
+        events = [r.event for r in records]
+        assert AuditEvent.UPSTREAM_LOST in events and AuditEvent.PROTOCOL_ERROR not in events
+    finally:
+        stop_proxy(proxy)
+
+
+@pytest.mark.parametrize("mode", ["require", "verify-full"])
+def test_tls_required_upstream_never_falls_back_to_plaintext(
+    tls_server: HostileServer, tmp_path: Path, test_ca: TestCA, mode: str
+) -> None:
+    tls_server.script = lambda conn: _tls_script(conn, b"N", None)
+    tls = (
+        {"mode": mode, "ca_file": str(test_ca.ca_cert)} if mode == "verify-full" else {"mode": mode}
+    )
+    proxy = start_hostile_proxy(tmp_path, tls_server, upstream={"tls": tls})
+    try:
+        message = _login(proxy, app_name("no-tls"))
+        assert f"does not accept TLS but upstream.tls.mode is {mode}" in message, message
+    finally:
+        stop_proxy(proxy)
+
+
+def test_sni_is_sent_in_require_mode(
+    tls_server: HostileServer, tmp_path: Path, test_ca: TestCA
+) -> None:
+    """As libpq (sslsni=1): SNI names the host whatever the mode; poolers route on it."""
+    seen: list[str | None] = []
+    context = _server_context(test_ca.make_leaf("sni", dns_names=["localhost"]))
+    context.sni_callback = lambda _sock, name, _ctx: seen.append(name)  # type: ignore[assignment,misc]
+    tls_server.script = lambda conn: _tls_script(conn, b"S", context)
+    proxy = start_hostile_proxy(
+        tmp_path, tls_server, upstream={"host": "localhost", "tls": {"mode": "require"}}
+    )
+    try:
+        assert _login(proxy, app_name("sni")) == "ok"
+        assert seen == ["localhost"]
+    finally:
+        stop_proxy(proxy)
+
+
+@pytest.mark.parametrize("case", ["other-name", "expired", "self-signed", "ip-not-in-cert"])
+def test_verify_full_refuses_a_certificate_that_does_not_prove_the_host(
+    tls_server: HostileServer, tmp_path: Path, test_ca: TestCA, case: str
+) -> None:
+    host = "localhost"
+    if case == "other-name":
+        leaf = test_ca.make_leaf("other-name", dns_names=["db.example.com"])
+    elif case == "expired":
+        past = dt.datetime.now(dt.UTC) - dt.timedelta(days=10)
+        leaf = test_ca.make_leaf("expired", dns_names=["localhost"], not_before=past, days=2)
+    elif case == "self-signed":
+        leaf = make_test_ca(tmp_path / "self", common_name="localhost").make_leaf(
+            "self", dns_names=["localhost"]
+        )
+    else:
+        host = "127.0.0.1"
+        leaf = test_ca.make_leaf("dns-only", dns_names=["localhost"])
+    context = _server_context(leaf)
+    tls_server.script = lambda conn: _tls_script(conn, b"S", context)
+    upstream = {"host": host, "tls": {"mode": "verify-full", "ca_file": str(test_ca.ca_cert)}}
+    proxy = start_hostile_proxy(tmp_path, tls_server, upstream=upstream)
+    try:
+        app = app_name(case)
+        assert "could not connect to the database" in _login(proxy, app)
+        records = proxy.session_records(
+            app, until=lambda rs: any(r.event == AuditEvent.UPSTREAM_LOST for r in rs)
+        )
+        lost = [r for r in records if r.event == AuditEvent.UPSTREAM_LOST]
+        assert lost and "certificate" in lost[0].reason.lower(), lost
+        assert tls_server.connections == 1
+    finally:
+        stop_proxy(proxy)

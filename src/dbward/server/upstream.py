@@ -168,8 +168,12 @@ async def _negotiate_tls(
             # Bytes after 'S' and before the handshake would be injected plaintext (CVE-2021-23222).
             raise ProtocolError("upstream sent unencrypted data after accepting SSLRequest")
         loop = asyncio.get_running_loop()
-        hostname = settings.host if settings.tls.mode == "verify-full" else None
-        new_transport = await loop.start_tls(transport, protocol, context, server_hostname=hostname)
+        # Checked against the certificate with verify-full only (the context says so); sent as
+        # SNI in every mode, as libpq does (sslsni=1), unless it is an IP address: proxies and
+        # poolers in front of many databases route on it.
+        new_transport = await loop.start_tls(
+            transport, protocol, context, server_hostname=settings.host
+        )
         protocol.transport = cast(asyncio.Transport, new_transport)
         return protocol.transport, True
     if answer == ord("N"):
@@ -227,6 +231,12 @@ async def connect_upstream(
                 raise ProtocolError(
                     f"unexpected message {chr(msg_type)!r} from upstream at startup"
                 )
+    except ProtocolError as exc:
+        transport.abort()
+        # The database's fault, not the client's: reported and audited as such.
+        raise UpstreamError(
+            f"the database sent an invalid message during login: {exc.message}", sqlstate="08P01"
+        ) from None
     except BaseException:
         transport.abort()
         raise
