@@ -352,6 +352,7 @@ class PgSession(asyncio.Protocol):
         self._startup_task: asyncio.Task[None] | None = None
         self._unauthenticated = False  # counted in services.unauthenticated
         self._partial_counted = 0  # bytes counted in services.partial_message_bytes
+        self._upstream_held = 0  # the same, for an unfinished message from the database
         self._tls = False
         self.identity: Identity | None = None
         self._context: SessionContext | None = None
@@ -582,8 +583,44 @@ class PgSession(asyncio.Protocol):
         return False
 
     def _release_partial(self) -> None:
-        self.services.partial_message_bytes -= self._partial_counted
+        self.services.partial_message_bytes -= self._partial_counted + self._upstream_held
         self._partial_counted = 0
+        self._upstream_held = 0
+
+    def _count_upstream_held(self, held: int) -> bool:
+        """The same budget for what the database sends: a message other than a row is held
+        whole until its last byte (an error can echo a value of up to 1 GB: `select
+        repeat('x', 500000000)::int` from any client made one session hold ~2 GB). Past the
+        budget, the session whose database is sending a large message is ended (53200).
+        False if it was."""
+        services = self.services
+        services.partial_message_bytes += held - self._upstream_held
+        self._upstream_held = held
+        if (
+            held < _PARTIAL_ALWAYS_FITS
+            or services.partial_message_bytes <= services.settings.max_partial_message_bytes
+        ):
+            return True
+        log.warning(
+            "session %s: ending the session: the database is sending a message of over %d "
+            "bytes and max_partial_message_bytes (%d) is reached",
+            self.session_id,
+            held,
+            services.settings.max_partial_message_bytes,
+        )
+        self._release_partial()
+        self._finish_pending("unknown", _OUT_OF_MEMORY)
+        self._audit(
+            AuditEvent.UPSTREAM_LOST,
+            reason="max_partial_message_bytes reached by a message from the database",
+            sqlstate=_OUT_OF_MEMORY,
+        )
+        self._fatal(
+            _OUT_OF_MEMORY,
+            "dbward: out of memory for a large message from the database (an error or notice "
+            "quoting a large value?); retry later",
+        )
+        return False
 
     def eof_received(self) -> bool | None:
         return None
@@ -1670,9 +1707,12 @@ class PgSession(asyncio.Protocol):
             # Nothing of this feed is forwarded: the rest of a row begun before is lost too.
             self._upstream_invalid(exc, mid_frame)
             return
+        held = scanner.pending_bytes  # counted once what came before it is forwarded
         if not events:
             if forward:
                 transport.write(forward)
+            if held or self._upstream_held:
+                self._count_upstream_held(held)
             return
         pieces: list[bytes] | None = None
         position = 0
@@ -1711,6 +1751,8 @@ class PgSession(asyncio.Protocol):
         else:
             pieces.append(forward[position:])
             transport.write(b"".join(pieces))
+        if (held or self._upstream_held) and not self._count_upstream_held(held):
+            return
         if self._client_paused_for_replies and len(self._ops) <= _REPLIES_LOW_MARK:
             self._replies_drained()
         awaiting = self._awaiting
