@@ -10,7 +10,8 @@ import datetime as dt
 import socket
 import ssl
 import struct
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psycopg
@@ -20,6 +21,7 @@ from dbward.audit.records import AuditEvent
 from dbward.wire.postgres import messages
 from fixtures.clients import app_name
 from fixtures.hostile import HostileConn, HostileServer, hostile_server, start_hostile_proxy
+from fixtures.postgres import PgServer
 from fixtures.proxy import Proxy, stop_proxy
 from fixtures.tls import LeafCert, TestCA, make_test_ca
 
@@ -250,3 +252,58 @@ def test_verify_full_refuses_a_certificate_that_does_not_prove_the_host(
         assert tls_server.connections == 1
     finally:
         stop_proxy(proxy)
+
+
+# ------------------------------------------------------------------ a man in the middle
+
+
+def _relay(mitm: HostileConn, pg: PgServer, leaf: LeafCert) -> None:
+    """Terminate dbward's TLS with our own certificate, open TLS to the real server, and pass
+    the bytes (which we can read, and could change) both ways."""
+    mitm.recv_exact(8)  # SSLRequest
+    mitm.send(b"S")
+    assert isinstance(mitm.sock, socket.socket)
+    mitm.sock = _server_context(leaf).wrap_socket(mitm.sock, server_side=True)
+    upstream = socket.create_connection((pg.host, pg.port), timeout=5)
+    upstream.sendall(messages.ssl_request())
+    assert upstream.recv(1) == b"S"
+    client_context = ssl.create_default_context()
+    client_context.check_hostname = False
+    client_context.verify_mode = ssl.CERT_NONE
+    tls_up = client_context.wrap_socket(upstream)
+
+    def pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            dst.close()
+
+    threading.Thread(target=pump, args=(tls_up, mitm.sock), daemon=True).start()
+    pump(mitm.sock, tls_up)
+
+
+def test_scram_relayed_by_a_man_in_the_middle_is_refused(
+    tls_server: HostileServer,
+    proxy_factory: Callable[..., Proxy],
+    pg_server: PgServer,
+    test_ca: TestCA,
+) -> None:
+    """With tls.mode require (or the default prefer) the database's certificate is not checked:
+    someone on the path can present his own and relay the SCRAM exchange to the real server,
+    ending up holding dbward's authenticated session as the service role. SCRAM-SHA-256-PLUS
+    (channel binding, what libpq uses by default) binds the proof to the TLS connection it was
+    computed on, so the real server refuses the relayed one."""
+    assert pg_server.ssl_mode_available, "the test PostgreSQL runs without SSL"
+    leaf = test_ca.make_leaf("mitm", dns_names=["localhost"])
+    tls_server.script = lambda conn: _relay(conn, pg_server, leaf)
+    proxy = proxy_factory(
+        upstream={"host": "127.0.0.1", "port": tls_server.port, "tls": {"mode": "require"}}
+    )
+    message = _login(proxy, app_name("mitm"))
+    assert "channel binding" in message, message
+    # Without the man in the middle the same configuration logs in with channel binding.
+    direct = proxy_factory(upstream={"tls": {"mode": "require"}})
+    assert _login(direct, app_name("direct")) == "ok"

@@ -11,9 +11,10 @@ from typing import cast
 
 from dbward.config.model import UpstreamSettings
 from dbward.core.errors import AuthenticationFailed, DbwardError, ProtocolError
+from dbward.server.tls import peer_end_point
 from dbward.wire.postgres import messages
 from dbward.wire.postgres.framing import BackendFramer
-from dbward.wire.postgres.scram import ScramClient, md5_password
+from dbward.wire.postgres.scram import MECHANISM, MECHANISM_PLUS, ScramClient, md5_password
 
 _MAX_STARTUP_FRAME = 1024 * 1024
 
@@ -199,6 +200,7 @@ async def connect_upstream(
         startup = {"user": settings.user, **params}
         transport.write(messages.startup_message(startup))
         conn = UpstreamConnection(transport=transport, protocol=protocol, tls=tls)
+        binding = _channel_binding(transport) if tls else None
         scram: ScramClient | None = None
         while True:
             msg_type, payload, raw = await protocol.read_message()
@@ -207,7 +209,14 @@ async def connect_upstream(
                 # the path could have asked (a unix socket never leaves the host).
                 private = tls or settings.is_unix_socket
                 scram = await _answer_auth(
-                    transport, payload, settings.user, password, scram, private=private
+                    transport,
+                    payload,
+                    settings.user,
+                    password,
+                    scram,
+                    private=private,
+                    tls=tls,
+                    binding=binding,
                 )
             elif msg_type == ord("S"):
                 name, value = messages.parse_parameter_status(payload)
@@ -250,6 +259,8 @@ async def _answer_auth(
     scram: ScramClient | None,
     *,
     private: bool,
+    tls: bool = False,
+    binding: bytes | None = None,
 ) -> ScramClient | None:
     code, data = messages.parse_authentication(payload)
     if code == 0:  # AuthenticationOk
@@ -284,13 +295,20 @@ async def _answer_auth(
     if code == 10:  # SASL
         assert password is not None
         mechanisms = [m for m in data.split(b"\x00") if m]
-        if b"SCRAM-SHA-256" not in mechanisms:
+        if MECHANISM_PLUS.encode() in mechanisms and binding is not None:
+            # Bound to this TLS connection: a proof relayed by a man in the middle is useless.
+            scram = ScramClient(password, channel_binding=binding)
+        elif MECHANISM.encode() in mechanisms:
+            # Over TLS, 'y' tells a server that supports binding that its offer was stripped
+            # (it refuses); with PLUS offered but no hash of the certificate, 'n' as libpq.
+            offered_plus = MECHANISM_PLUS.encode() in mechanisms
+            scram = ScramClient(password, binding_supported=tls and not offered_plus)
+        else:
             raise UpstreamError(
                 f"the database offers no supported SASL mechanism ({mechanisms!r})",
                 sqlstate="28000",
             )
-        scram = ScramClient(password)
-        transport.write(messages.sasl_initial_response("SCRAM-SHA-256", scram.client_first()))
+        transport.write(messages.sasl_initial_response(scram.mechanism, scram.client_first()))
         return scram
     if code == 11:  # SASL continue
         if scram is None:
@@ -318,6 +336,16 @@ async def _answer_auth(
             ) from None
         return scram
     raise UpstreamError(f"unsupported upstream authentication request {code}", sqlstate="28000")
+
+
+def _channel_binding(transport: asyncio.Transport) -> bytes | None:
+    """tls-server-end-point data of the certificate the database presented over this TLS
+    connection (verified or not: the binding is what makes an unverified one safe to log in
+    over with SCRAM)."""
+    ssl_object = transport.get_extra_info("ssl_object")
+    if not isinstance(ssl_object, ssl.SSLObject | ssl.SSLSocket):
+        return None
+    return peer_end_point(ssl_object.getpeercert(binary_form=True))
 
 
 async def send_cancel(settings: UpstreamSettings, pid: int, key: bytes) -> None:
