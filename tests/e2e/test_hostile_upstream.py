@@ -307,3 +307,25 @@ def test_scram_relayed_by_a_man_in_the_middle_is_refused(
     # Without the man in the middle the same configuration logs in with channel binding.
     direct = proxy_factory(upstream={"tls": {"mode": "require"}})
     assert _login(direct, app_name("direct")) == "ok"
+
+
+def test_cleartext_request_over_unverified_tls_is_refused(
+    tls_server: HostileServer, tmp_path: Path, test_ca: TestCA
+) -> None:
+    """With require, whoever is on the path can present his own certificate and ask for the
+    service password in clear text (the real server uses SCRAM): it must not be sent."""
+    received: list[bytes] = []
+    context = _server_context(test_ca.make_leaf("phish", dns_names=["localhost"]))
+
+    def phish(conn: HostileConn) -> None:
+        conn.read_startup(tls=context, answer=b"S")
+        conn.send(messages.authentication_cleartext())
+        received.append(conn.read_message()[1])
+
+    tls_server.script = phish
+    proxy = start_hostile_proxy(tmp_path, tls_server, upstream={"tls": {"mode": "require"}})
+    try:
+        assert "whose certificate is not verified" in _login(proxy, app_name("phish"))
+        assert received == []
+    finally:
+        stop_proxy(proxy)

@@ -205,9 +205,11 @@ async def connect_upstream(
         while True:
             msg_type, payload, raw = await protocol.read_message()
             if msg_type == ord("R"):
-                # Over TCP without TLS a cleartext password request is not answered: anyone on
-                # the path could have asked (a unix socket never leaves the host).
-                private = tls or settings.is_unix_socket
+                # A cleartext password goes only to a server known to be the database: over
+                # TLS with its certificate verified, or a unix socket (it never leaves the
+                # host). Without TLS anyone on the path could have asked; with prefer/require
+                # (certificate unchecked) anyone on the path presenting his own certificate.
+                private = (tls and settings.tls.mode == "verify-full") or settings.is_unix_socket
                 scram = await _answer_auth(
                     transport,
                     payload,
@@ -283,7 +285,8 @@ async def _answer_auth(
         if not private:
             raise UpstreamError(
                 "the database asks for the service password in clear text on a connection "
-                "without TLS: refused (use upstream tls mode require/verify-full, or SCRAM)",
+                "without TLS or whose certificate is not verified: refused (use upstream tls "
+                "mode verify-full, or SCRAM)",
                 sqlstate="28000",
             )
         transport.write(messages.password_message(password))
