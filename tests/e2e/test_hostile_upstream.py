@@ -11,6 +11,7 @@ import socket
 import ssl
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -328,4 +329,37 @@ def test_cleartext_request_over_unverified_tls_is_refused(
         assert "whose certificate is not verified" in _login(proxy, app_name("phish"))
         assert received == []
     finally:
+        stop_proxy(proxy)
+
+
+@pytest.mark.parametrize("answer", [b"", b"S"], ids=["silent", "tls-handshake-stalls"])
+def test_database_that_never_answers_is_reported_as_such(
+    tls_server: HostileServer, tmp_path: Path, answer: bytes
+) -> None:
+    """connect_timeout_s covers the whole login (TCP accepted, then silence; or 'S' and no
+    handshake); the client is told the database did not answer, and the audit says so — not
+    'authentication timed out', which blames the client."""
+    release = threading.Event()
+
+    def stall(conn: HostileConn) -> None:
+        conn.recv_exact(8)
+        conn.send(answer)
+        release.wait(10)
+
+    tls_server.script = stall
+    upstream = {"connect_timeout_s": 1, "tls": {"mode": "require"}}
+    proxy = start_hostile_proxy(tmp_path, tls_server, upstream=upstream)
+    try:
+        app = app_name("stall")
+        started = time.monotonic()
+        message = _login(proxy, app)
+        assert time.monotonic() - started < 5
+        assert "the database did not complete the login within 1 s" in message, message
+        records = proxy.session_records(
+            app, until=lambda rs: any(r.event == AuditEvent.UPSTREAM_LOST for r in rs)
+        )
+        lost = [r for r in records if r.event == AuditEvent.UPSTREAM_LOST]
+        assert [r.sqlstate for r in lost] == ["08001"], records
+    finally:
+        release.set()
         stop_proxy(proxy)

@@ -788,12 +788,21 @@ class PgSession(asyncio.Protocol):
             raise UpstreamError(
                 "dbward: the upstream credentials are unavailable", sqlstate="08001"
             ) from None
-        upstream = await asyncio.wait_for(
-            connect_upstream(
-                services.settings.upstream, upstream_params, services.upstream_tls, password
-            ),
-            timeout=services.settings.upstream.connect_timeout_s,
-        )
+        upstream_settings = services.settings.upstream
+        try:
+            upstream = await asyncio.wait_for(
+                connect_upstream(
+                    upstream_settings, upstream_params, services.upstream_tls, password
+                ),
+                timeout=upstream_settings.connect_timeout_s,
+            )
+        except TimeoutError:
+            # The database's silence, not the client's: not "authentication timed out".
+            raise UpstreamError(
+                "dbward: the database did not complete the login within "
+                f"{upstream_settings.connect_timeout_s:g} s (upstream.connect_timeout_s)",
+                sqlstate="08001",
+            ) from None
         if self._phase == _PHASE_CLOSED:
             upstream.transport.close()
             return
