@@ -209,7 +209,7 @@ def test_sni_is_sent_in_require_mode(
     """As libpq (sslsni=1): SNI names the host whatever the mode; poolers route on it."""
     seen: list[str | None] = []
     context = _server_context(test_ca.make_leaf("sni", dns_names=["localhost"]))
-    context.sni_callback = lambda _sock, name, _ctx: seen.append(name)  # type: ignore[assignment,misc]
+    context.sni_callback = lambda _sock, name, _ctx: seen.append(name)
     tls_server.script = lambda conn: _tls_script(conn, b"S", context)
     proxy = start_hostile_proxy(
         tmp_path, tls_server, upstream={"host": "localhost", "tls": {"mode": "require"}}
