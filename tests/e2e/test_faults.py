@@ -682,3 +682,34 @@ def test_large_unfinished_messages_share_one_budget(
         second.close()
     refused = small.audit(event="protocol_error", until=bool)
     assert [r.sqlstate for r in refused] == ["53200"]
+
+
+def test_large_messages_from_the_database_share_the_budget(
+    proxy_factory: Callable[..., Proxy], pg_server: PgServer
+) -> None:
+    """Review 21: an error or notice from the database is held whole too, and any client can
+    make PostgreSQL send a large one (`select repeat('x', 500000000)::int` echoes the value:
+    ~2 GB in dbward per session). Past max_partial_message_bytes the session is ended with
+    53200; the others carry on."""
+    mib = 1024 * 1024
+    small = proxy_factory(
+        listener={"max_partial_message_bytes": 4 * mib, "max_message_bytes": 2 * mib}
+    )
+    app = _app("big-error")
+    with psycopg.connect(**small.conninfo(), application_name=app, autocommit=True) as conn:
+        # 3 MiB fits the budget (held once); 6 MiB does not.
+        with pytest.raises(psycopg.errors.InvalidTextRepresentation):
+            conn.execute(f"select repeat('x', {3 * mib})::int")
+        with pytest.raises(psycopg.OperationalError) as caught:
+            conn.execute(f"select repeat('x', {6 * mib})::int")
+    assert caught.value.sqlstate == "53200", caught.value
+    assert "large message from the database" in str(caught.value)
+    with psycopg.connect(**small.conninfo(), autocommit=True) as other:
+        assert other.execute("select 1").fetchone() == (1,)
+    records = small.session_records(
+        app, until=lambda rs: any(r.event == AuditEvent.DISCONNECT for r in rs)
+    )
+    lost = [r for r in records if r.event == AuditEvent.UPSTREAM_LOST]
+    assert [r.sqlstate for r in lost] == ["53200"], lost
+    assert [r.status for r in records if is_outcome(r)] == ["error", "unknown"], records
+    assert small.process.poll() is None

@@ -275,9 +275,10 @@ def test_upstream_md5(
 
 
 def test_upstream_cleartext_password_is_sent_only_over_tls(
-    proxy_factory: Callable[..., Proxy], pg_server: PgServer, tmp_path: Path
+    proxy_factory: Callable[..., Proxy], pg_server: PgServer, tmp_path: Path, test_ca: TestCA
 ) -> None:
-    """A server asking for the password in clear text gets it only on an encrypted connection."""
+    """A server asking for the password in clear text gets it only over TLS whose certificate
+    is verified: with require, a man in the middle presenting his own certificate could ask."""
     password_file = tmp_path / "plain-password"
     password_file.write_text(pg_server.plain_password)
     upstream = {"user": pg_server.plain_user, "password_file": str(password_file)}
@@ -285,7 +286,11 @@ def test_upstream_cleartext_password_is_sent_only_over_tls(
     with pytest.raises(psycopg.OperationalError, match="in clear text on a connection without TLS"):
         _connect(plain, _app("plain-notls"))
     _require_pg_ssl(pg_server)
-    encrypted = proxy_factory(upstream={**upstream, "tls": {"mode": "require"}})
+    unverified = proxy_factory(upstream={**upstream, "tls": {"mode": "require"}})
+    with pytest.raises(psycopg.OperationalError, match="whose certificate is not verified"):
+        _connect(unverified, _app("plain-require"))
+    verified = {"mode": "verify-full", "ca_file": str(test_ca.ca_cert)}
+    encrypted = proxy_factory(upstream={**upstream, "host": "localhost", "tls": verified})
     app = _app("plain-tls")
     with _connect(encrypted, app) as conn:
         assert _upstream_ssl(conn) == (pg_server.plain_user, True)

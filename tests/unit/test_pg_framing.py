@@ -302,7 +302,7 @@ def test_scanner_streams_split_data_row() -> None:
     row = m.data_row([b"a" * 1000])
     scanner = BackendScanner()
     assert scanner.feed(row[:10]) == (row[:10], [])
-    assert not scanner.at_boundary
+    assert not scanner.at_boundary and scanner.mid_frame
     assert scanner.feed(row[10:500]) == (row[10:500], [])
     tail = row[500:] + m.ready_for_query(b"I")
     out, events = scanner.feed(tail)
@@ -360,3 +360,19 @@ def test_scanner_garbage_only_protocol_error(data: bytes, cuts: list[int]) -> No
             scanner.feed(chunk)
     except ProtocolError:
         pass
+
+
+def test_scanner_mid_frame_only_for_forwarded_partial_rows() -> None:
+    """Held bytes (a partial header or a partial notice) were not forwarded: not mid-frame."""
+    scanner = BackendScanner()
+    notice = m.notice_response("WARNING", "01000", "careful")
+    assert scanner.feed(notice[:8]) == (b"", [])
+    assert not scanner.at_boundary and not scanner.mid_frame
+    out, events = scanner.feed(notice[8:] + b"D\x00")
+    assert out == notice and len(events) == 1
+    assert not scanner.mid_frame  # a partial DataRow header is held too
+    row = m.data_row([b"x" * 100])
+    assert scanner.feed(row[2:20]) == (b"D\x00" + row[2:20], [])
+    assert scanner.mid_frame
+    assert scanner.feed(row[20:]) == (row[20:], [])
+    assert scanner.at_boundary and not scanner.mid_frame

@@ -477,3 +477,35 @@ def test_md5_password() -> None:
     assert md5_password("postgres", "secret", b"abcd") == (
         "md5" + hashlib.md5(inner + b"abcd").hexdigest()
     )
+
+
+def test_client_plus_binds_the_proof_to_the_connection() -> None:
+    """dbward's own client (upstream) speaks SCRAM-SHA-256-PLUS: accepted by a server that
+    sees the same certificate, refused by one behind a man in the middle (another one)."""
+    verifier = parse_verifier(make_verifier("pw", iterations=FAST))
+    client = ScramClient("pw", channel_binding=BINDING)
+    assert client.mechanism == "SCRAM-SHA-256-PLUS"
+    server = ScramServer(verifier, channel_binding=BINDING, plus=True)
+    final = server.handle_client_final(
+        client.client_final(server.handle_client_first(client.client_first()))
+    )
+    client.verify_server_final(final)
+    assert client.verified and server.succeeded
+    relayed = ScramClient("pw", channel_binding=hashlib.sha256(b"the mitm's cert").digest())
+    real = ScramServer(verifier, channel_binding=BINDING, plus=True)
+    first = real.handle_client_first(relayed.client_first())
+    with pytest.raises(AuthenticationFailed, match="channel binding does not match"):
+        real.handle_client_final(relayed.client_final(first))
+
+
+def test_client_without_plus_offered_over_tls_says_y() -> None:
+    """A server that supports binding but was offered none (stripped on the way) refuses 'y'."""
+    client = ScramClient("pw", binding_supported=True)
+    assert client.mechanism == "SCRAM-SHA-256" and client.client_first().startswith(b"y,,n=,r=")
+    verifier = parse_verifier(make_verifier("pw", iterations=FAST))
+    with pytest.raises(AuthenticationFailed):
+        ScramServer(verifier, channel_binding=BINDING, plus=False).handle_client_first(
+            client.client_first()
+        )
+    # Without TLS (no binding possible) it stays 'n'.
+    assert ScramClient("pw").client_first().startswith(b"n,,")

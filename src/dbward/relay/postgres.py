@@ -257,6 +257,8 @@ _OUT_OF_MEMORY: Final = "53200"
 # An unfinished message this small is never refused for the listener's total (a session can
 # always send ordinary messages, whatever others hold).
 _PARTIAL_ALWAYS_FITS: Final = 1024 * 1024
+# Authentication, BackendKeyData, NegotiateProtocolVersion: PostgreSQL sends them only at login.
+_STARTUP_ONLY: Final = frozenset(b"RKv")
 _LINGER_S: Final = 2.0  # how long a refused client that is still sending is read and ignored
 _READ_KIND: Final = StatementKind.READ
 # Statements that may commit the implicit transaction they run in (a procedure's COMMIT), and
@@ -355,6 +357,7 @@ class PgSession(asyncio.Protocol):
         self._startup_task: asyncio.Task[None] | None = None
         self._unauthenticated = False  # counted in services.unauthenticated
         self._partial_counted = 0  # bytes counted in services.partial_message_bytes
+        self._upstream_held = 0  # the same, for an unfinished message from the database
         self._tls = False
         self.identity: Identity | None = None
         self._context: SessionContext | None = None
@@ -416,6 +419,7 @@ class PgSession(asyncio.Protocol):
         self._closing = False
         self._shutdown_requested = False
         self._upstream_lost_reported = False
+        self._client_mid_frame = False  # a row was cut off by an invalid upstream message
         self._upstream_ending = False  # PostgreSQL sent FATAL: nothing more goes to it
         # Statements that changed something and finished ok in the current implicit transaction
         # (a Query or sync group begun with no transaction open): an error undoes them.
@@ -590,8 +594,44 @@ class PgSession(asyncio.Protocol):
         return False
 
     def _release_partial(self) -> None:
-        self.services.partial_message_bytes -= self._partial_counted
+        self.services.partial_message_bytes -= self._partial_counted + self._upstream_held
         self._partial_counted = 0
+        self._upstream_held = 0
+
+    def _count_upstream_held(self, held: int) -> bool:
+        """The same budget for what the database sends: a message other than a row is held
+        whole until its last byte (an error can echo a value of up to 1 GB: `select
+        repeat('x', 500000000)::int` from any client made one session hold ~2 GB). Past the
+        budget, the session whose database is sending a large message is ended (53200).
+        False if it was."""
+        services = self.services
+        services.partial_message_bytes += held - self._upstream_held
+        self._upstream_held = held
+        if (
+            held < _PARTIAL_ALWAYS_FITS
+            or services.partial_message_bytes <= services.settings.max_partial_message_bytes
+        ):
+            return True
+        log.warning(
+            "session %s: ending the session: the database is sending a message of over %d "
+            "bytes and max_partial_message_bytes (%d) is reached",
+            self.session_id,
+            held,
+            services.settings.max_partial_message_bytes,
+        )
+        self._release_partial()
+        self._finish_pending("unknown", _OUT_OF_MEMORY)
+        self._audit(
+            AuditEvent.UPSTREAM_LOST,
+            reason="max_partial_message_bytes reached by a message from the database",
+            sqlstate=_OUT_OF_MEMORY,
+        )
+        self._fatal(
+            _OUT_OF_MEMORY,
+            "dbward: out of memory for a large message from the database (an error or notice "
+            "quoting a large value?); retry later",
+        )
+        return False
 
     def eof_received(self) -> bool | None:
         return None
@@ -767,12 +807,21 @@ class PgSession(asyncio.Protocol):
             raise UpstreamError(
                 "dbward: the upstream credentials are unavailable", sqlstate="08001"
             ) from None
-        upstream = await asyncio.wait_for(
-            connect_upstream(
-                services.settings.upstream, upstream_params, services.upstream_tls, password
-            ),
-            timeout=services.settings.upstream.connect_timeout_s,
-        )
+        upstream_settings = services.settings.upstream
+        try:
+            upstream = await asyncio.wait_for(
+                connect_upstream(
+                    upstream_settings, upstream_params, services.upstream_tls, password
+                ),
+                timeout=upstream_settings.connect_timeout_s,
+            )
+        except TimeoutError:
+            # The database's silence, not the client's: not "authentication timed out".
+            raise UpstreamError(
+                "dbward: the database did not complete the login within "
+                f"{upstream_settings.connect_timeout_s:g} s (upstream.connect_timeout_s)",
+                sqlstate="08001",
+            ) from None
         if self._phase == _PHASE_CLOSED:
             upstream.transport.close()
             return
@@ -1709,20 +1758,39 @@ class PgSession(asyncio.Protocol):
         transport = self.transport
         if scanner is None or transport is None or self._phase != _PHASE_READY:
             return
+        mid_frame = scanner.mid_frame
         try:
             forward, events = scanner.feed(data)
         except ProtocolError as exc:
-            log.error("session %s: upstream protocol error: %s", self.session_id, exc.message)
-            self._upstream_gone("the database sent an invalid message")
+            # Nothing of this feed is forwarded: the rest of a row begun before is lost too.
+            self._upstream_invalid(exc, mid_frame)
             return
+        held = scanner.pending_bytes  # counted once what came before it is forwarded
         if not events:
             if forward:
                 transport.write(forward)
+            if held or self._upstream_held:
+                self._count_upstream_held(held)
             return
         pieces: list[bytes] | None = None
         position = 0
         for msg_type, start, end, payload in events:
-            replacement = self._on_backend_message(msg_type, payload)
+            try:
+                if msg_type in _STARTUP_ONLY:
+                    # PostgreSQL sends these only while logging in: a server asking the client
+                    # for a password (or handing it its own cancel key) now is not to be obeyed.
+                    raise ProtocolError(
+                        f"startup-only message {chr(msg_type)!r} after the session started"
+                    )
+                replacement = self._on_backend_message(msg_type, payload)
+            except ProtocolError as exc:
+                # A malformed body (ErrorResponse, ParameterStatus, ...): neither it nor the
+                # rest of this feed reaches the client; whatever came before it does.
+                if pieces:
+                    transport.write(b"".join(pieces))
+                transport.write(forward[position:start])
+                self._upstream_invalid(exc, False)
+                return
             if self._escalation is not None:
                 # Nothing from the escalated session reaches the client, this report included.
                 if pieces:
@@ -1741,6 +1809,8 @@ class PgSession(asyncio.Protocol):
         else:
             pieces.append(forward[position:])
             transport.write(b"".join(pieces))
+        if (held or self._upstream_held) and not self._count_upstream_held(held):
+            return
         if self._client_paused_for_replies and len(self._ops) <= _REPLIES_LOW_MARK:
             self._replies_drained()
         awaiting = self._awaiting
@@ -2183,6 +2253,11 @@ class PgSession(asyncio.Protocol):
         if self._phase == _PHASE_READY and not self._closing:
             self._upstream_gone("dbward: lost the connection to the database")
 
+    def _upstream_invalid(self, exc: ProtocolError, mid_frame: bool) -> None:
+        log.error("session %s: upstream protocol error: %s", self.session_id, exc.message)
+        self._client_mid_frame = mid_frame
+        self._upstream_gone("the database sent an invalid message")
+
     def _upstream_gone(self, message: str) -> None:
         if self._upstream_lost_reported:
             return
@@ -2264,7 +2339,11 @@ class PgSession(asyncio.Protocol):
 
     def _fatal(self, sqlstate: str, message: str) -> None:
         transport = self.transport
-        if transport is not None and not transport.is_closing():
+        scanner = self._scanner
+        # Written in the middle of a row that the database never finished, the error would be
+        # read as the rest of that row ("lost synchronization with server"): close only.
+        torn = self._client_mid_frame or (scanner is not None and scanner.mid_frame)
+        if transport is not None and not transport.is_closing() and not torn:
             transport.write(messages.error_response("FATAL", sqlstate, message))
         self._close_client()
 

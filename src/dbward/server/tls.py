@@ -83,6 +83,22 @@ def server_end_point(settings: ClientTlsSettings) -> bytes | None:
         cert = x509.load_pem_x509_certificate(Path(settings.cert_file).read_bytes())
     except (OSError, ValueError) as exc:
         raise ConfigError(f"tls.cert_file: cannot load {settings.cert_file}: {exc}") from None
+    return _end_point_hash(cert)
+
+
+def peer_end_point(der: bytes | None) -> bytes | None:
+    """The tls-server-end-point data of the certificate the database presented (DER), for
+    SCRAM-SHA-256-PLUS upstream; None when there is none or its signature names no hash."""
+    if not der:
+        return None
+    try:
+        cert = x509.load_der_x509_certificate(der)
+    except ValueError:
+        return None
+    return _end_point_hash(cert)
+
+
+def _end_point_hash(cert: x509.Certificate) -> bytes | None:
     try:
         algorithm = cert.signature_hash_algorithm
     except UnsupportedAlgorithm:  # a signature cryptography cannot name: no binding offered

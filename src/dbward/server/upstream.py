@@ -11,9 +11,10 @@ from typing import cast
 
 from dbward.config.model import UpstreamSettings
 from dbward.core.errors import AuthenticationFailed, DbwardError, ProtocolError
+from dbward.server.tls import peer_end_point
 from dbward.wire.postgres import messages
 from dbward.wire.postgres.framing import BackendFramer
-from dbward.wire.postgres.scram import ScramClient, md5_password
+from dbward.wire.postgres.scram import MECHANISM, MECHANISM_PLUS, ScramClient, md5_password
 
 _MAX_STARTUP_FRAME = 1024 * 1024
 
@@ -168,8 +169,12 @@ async def _negotiate_tls(
             # Bytes after 'S' and before the handshake would be injected plaintext (CVE-2021-23222).
             raise ProtocolError("upstream sent unencrypted data after accepting SSLRequest")
         loop = asyncio.get_running_loop()
-        hostname = settings.host if settings.tls.mode == "verify-full" else None
-        new_transport = await loop.start_tls(transport, protocol, context, server_hostname=hostname)
+        # Checked against the certificate with verify-full only (the context says so); sent as
+        # SNI in every mode, as libpq does (sslsni=1), unless it is an IP address: proxies and
+        # poolers in front of many databases route on it.
+        new_transport = await loop.start_tls(
+            transport, protocol, context, server_hostname=settings.host
+        )
         protocol.transport = cast(asyncio.Transport, new_transport)
         return protocol.transport, True
     if answer == ord("N"):
@@ -195,15 +200,25 @@ async def connect_upstream(
         startup = {"user": settings.user, **params}
         transport.write(messages.startup_message(startup))
         conn = UpstreamConnection(transport=transport, protocol=protocol, tls=tls)
+        binding = _channel_binding(transport) if tls else None
         scram: ScramClient | None = None
         while True:
             msg_type, payload, raw = await protocol.read_message()
             if msg_type == ord("R"):
-                # Over TCP without TLS a cleartext password request is not answered: anyone on
-                # the path could have asked (a unix socket never leaves the host).
-                private = tls or settings.is_unix_socket
-                scram = _answer_auth(
-                    transport, payload, settings.user, password, scram, private=private
+                # A cleartext password goes only to a server known to be the database: over
+                # TLS with its certificate verified, or a unix socket (it never leaves the
+                # host). Without TLS anyone on the path could have asked; with prefer/require
+                # (certificate unchecked) anyone on the path presenting his own certificate.
+                private = (tls and settings.tls.mode == "verify-full") or settings.is_unix_socket
+                scram = await _answer_auth(
+                    transport,
+                    payload,
+                    settings.user,
+                    password,
+                    scram,
+                    private=private,
+                    tls=tls,
+                    binding=binding,
                 )
             elif msg_type == ord("S"):
                 name, value = messages.parse_parameter_status(payload)
@@ -227,12 +242,18 @@ async def connect_upstream(
                 raise ProtocolError(
                     f"unexpected message {chr(msg_type)!r} from upstream at startup"
                 )
+    except ProtocolError as exc:
+        transport.abort()
+        # The database's fault, not the client's: reported and audited as such.
+        raise UpstreamError(
+            f"the database sent an invalid message during login: {exc.message}", sqlstate="08P01"
+        ) from None
     except BaseException:
         transport.abort()
         raise
 
 
-def _answer_auth(
+async def _answer_auth(
     transport: asyncio.Transport,
     payload: bytes,
     user: str,
@@ -240,6 +261,8 @@ def _answer_auth(
     scram: ScramClient | None,
     *,
     private: bool,
+    tls: bool = False,
+    binding: bytes | None = None,
 ) -> ScramClient | None:
     code, data = messages.parse_authentication(payload)
     if code == 0:  # AuthenticationOk
@@ -262,7 +285,8 @@ def _answer_auth(
         if not private:
             raise UpstreamError(
                 "the database asks for the service password in clear text on a connection "
-                "without TLS: refused (use upstream tls mode require/verify-full, or SCRAM)",
+                "without TLS or whose certificate is not verified: refused (use upstream tls "
+                "mode verify-full, or SCRAM)",
                 sqlstate="28000",
             )
         transport.write(messages.password_message(password))
@@ -274,18 +298,35 @@ def _answer_auth(
     if code == 10:  # SASL
         assert password is not None
         mechanisms = [m for m in data.split(b"\x00") if m]
-        if b"SCRAM-SHA-256" not in mechanisms:
+        if MECHANISM_PLUS.encode() in mechanisms and binding is not None:
+            # Bound to this TLS connection: a proof relayed by a man in the middle is useless.
+            scram = ScramClient(password, channel_binding=binding)
+        elif MECHANISM.encode() in mechanisms:
+            # Over TLS, 'y' tells a server that supports binding that its offer was stripped
+            # (it refuses); with PLUS offered but no hash of the certificate, 'n' as libpq.
+            offered_plus = MECHANISM_PLUS.encode() in mechanisms
+            scram = ScramClient(password, binding_supported=tls and not offered_plus)
+        else:
             raise UpstreamError(
                 f"the database offers no supported SASL mechanism ({mechanisms!r})",
                 sqlstate="28000",
             )
-        scram = ScramClient(password)
-        transport.write(messages.sasl_initial_response("SCRAM-SHA-256", scram.client_first()))
+        transport.write(messages.sasl_initial_response(scram.mechanism, scram.client_first()))
         return scram
     if code == 11:  # SASL continue
         if scram is None:
             raise ProtocolError("SASLContinue without SASL")
-        transport.write(messages.sasl_response(scram.client_final(data)))
+        try:
+            scram.read_server_first(data)
+            # PBKDF2 with the iteration count the server chose (up to seconds of CPU): in a
+            # thread, so one database asking for a huge count does not stall every session.
+            salted = await asyncio.get_running_loop().run_in_executor(None, scram.salted_password)
+            final = scram.client_final_with(salted)
+        except AuthenticationFailed as exc:
+            raise UpstreamError(
+                f"upstream SCRAM exchange failed: {exc}", sqlstate="28000"
+            ) from None
+        transport.write(messages.sasl_response(final))
         return scram
     if code == 12:  # SASL final
         if scram is None:
@@ -298,6 +339,16 @@ def _answer_auth(
             ) from None
         return scram
     raise UpstreamError(f"unsupported upstream authentication request {code}", sqlstate="28000")
+
+
+def _channel_binding(transport: asyncio.Transport) -> bytes | None:
+    """tls-server-end-point data of the certificate the database presented over this TLS
+    connection (verified or not: the binding is what makes an unverified one safe to log in
+    over with SCRAM)."""
+    ssl_object = transport.get_extra_info("ssl_object")
+    if not isinstance(ssl_object, ssl.SSLObject | ssl.SSLSocket):
+        return None
+    return peer_end_point(ssl_object.getpeercert(binary_form=True))
 
 
 async def send_cancel(settings: UpstreamSettings, pid: int, key: bytes) -> None:

@@ -231,8 +231,15 @@ class BackendScanner:
 
     @property
     def at_boundary(self) -> bool:
-        """True when everything forwarded so far ends on a message boundary."""
+        """True when the stream fed so far ends on a message boundary (nothing held or owed)."""
         return not self._hold and not self._skip
+
+    @property
+    def mid_frame(self) -> bool:
+        """True when the bytes forwarded so far end inside a DataRow/CopyData frame (its rest
+        has not arrived): anything else written to the client now would land inside it.
+        (Held bytes were not forwarded: the forwarded stream ends on a boundary then.)"""
+        return self._skip > 0
 
     def feed(self, data: bytes) -> tuple[bytes, list[tuple[int, int, int, bytes | None]]]:
         """Add upstream bytes; return (bytes to forward now, events for complete messages)."""

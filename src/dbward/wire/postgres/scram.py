@@ -444,33 +444,79 @@ class ScramServer:
 
 
 class ScramClient:
-    """One client-side SCRAM-SHA-256 exchange with the upstream (no channel binding)."""
+    """One client-side SCRAM-SHA-256(-PLUS) exchange with the upstream.
+
+    `channel_binding` (the server certificate's tls-server-end-point hash) makes it
+    SCRAM-SHA-256-PLUS: the proof is then bound to the TLS connection, and a man in the middle
+    who relays the exchange to the real server (over his own TLS connection) cannot use it.
+    `binding_supported` without it sends the gs2 flag 'y' (over TLS, the server offered no
+    PLUS): a server that does support binding then knows the offer was stripped, and refuses.
+    """
 
     __slots__ = (
+        "_binding",
         "_client_first_bare",
+        "_gs2_header",
+        "_iterations",
         "_nonce",
         "_password",
+        "_salt",
+        "_server_first",
+        "_server_nonce",
         "_server_signature",
         "_state",
         "_verified",
     )
 
-    def __init__(self, password: str, *, nonce: bytes | None = None, username: str = "") -> None:
+    def __init__(
+        self,
+        password: str,
+        *,
+        nonce: bytes | None = None,
+        username: str = "",
+        channel_binding: bytes | None = None,
+        binding_supported: bool = False,
+    ) -> None:
         self._password = password
         self._nonce = _make_nonce(nonce)
+        self._binding = channel_binding or b""
+        if channel_binding is not None:
+            self._gs2_header = b"p=" + CHANNEL_BINDING_TYPE + b",,"
+        elif binding_supported:
+            self._gs2_header = b"y,,"
+        else:
+            self._gs2_header = _GS2_NO_BINDING
         # libpq sends an empty user name: PostgreSQL takes it from the startup packet.
         self._client_first_bare = b"n=" + _escape_username(username) + b",r=" + self._nonce
+        self._server_first = b""
+        self._server_nonce = b""
+        self._salt = b""
+        self._iterations = 0
         self._server_signature = b""
         self._state = 0
         self._verified = False
 
+    @property
+    def mechanism(self) -> str:
+        """SCRAM-SHA-256-PLUS with channel binding, else SCRAM-SHA-256."""
+        return MECHANISM_PLUS if self._binding else MECHANISM
+
     def client_first(self) -> bytes:
-        """The client-first-message (gs2 header 'n,,': no channel binding)."""
+        """The client-first-message (gs2 header 'p=tls-server-end-point,,', 'y,,' or 'n,,')."""
         self._state = max(self._state, 1)
-        return _GS2_NO_BINDING + self._client_first_bare
+        return self._gs2_header + self._client_first_bare
 
     def client_final(self, server_first: bytes) -> bytes:
-        """Answer server-first-message with client-final-message (carrying the proof)."""
+        """Answer server-first-message with client-final-message (carrying the proof).
+
+        Runs PBKDF2 here, up to MAX_CLIENT_ITERATIONS rounds (seconds): a caller on an event
+        loop uses read_server_first / salted_password (in a thread) / client_final_with.
+        """
+        self.read_server_first(server_first)
+        return self.client_final_with(self.salted_password())
+
+    def read_server_first(self, server_first: bytes) -> None:
+        """Check server-first-message and keep its nonce, salt and iteration count."""
         if self._state != 1:
             raise AuthenticationFailed("SCRAM server-first-message out of order")
         self._state = 2
@@ -499,20 +545,36 @@ class ScramClient:
         iterations = int(iter_text)
         if not 1 <= iterations <= MAX_CLIENT_ITERATIONS:
             raise AuthenticationFailed(f"SCRAM iteration count {iterations} out of range")
+        self._server_first = server_first
+        self._server_nonce = nonce
+        self._salt = salt
+        self._iterations = iterations
+
+    def salted_password(self) -> bytes:
+        """PBKDF2 of the password with the server's salt and iteration count (the costly step:
+        the server chooses the count). Touches no other state, so it may run in a thread."""
+        if self._state != 2:
+            raise AuthenticationFailed("SCRAM server-first-message not read yet")
         try:
-            salted = _client_salted_password(self._password, salt, iterations)
+            return _client_salted_password(self._password, self._salt, self._iterations)
         except ValueError as exc:
             raise AuthenticationFailed(f"SCRAM password unusable: {exc}") from None
+
+    def client_final_with(self, salted: bytes) -> bytes:
+        """The client-final-message, from salted_password()'s result."""
+        if self._state != 2 or self._server_signature:
+            raise AuthenticationFailed("SCRAM client-final-message out of order")
         client_key, stored_key, server_key = _keys(salted)
-        without_proof = b"c=" + base64.b64encode(_GS2_NO_BINDING) + b",r=" + nonce
-        auth_message = b",".join((self._client_first_bare, server_first, without_proof))
+        binding = base64.b64encode(self._gs2_header + self._binding)
+        without_proof = b"c=" + binding + b",r=" + self._server_nonce
+        auth_message = b",".join((self._client_first_bare, self._server_first, without_proof))
         proof = _xor(client_key, _hmac(stored_key, auth_message))
         self._server_signature = _hmac(server_key, auth_message)
         return without_proof + b",p=" + base64.b64encode(proof)
 
     def verify_server_final(self, data: bytes) -> None:
         """Check server-final-message: the server must prove it knows the verifier."""
-        if self._state != 2:
+        if self._state != 2 or not self._server_signature:  # client-final not sent yet
             raise AuthenticationFailed("SCRAM server-final-message out of order")
         self._state = 3
         if len(data) > MAX_MESSAGE_BYTES:

@@ -1,0 +1,365 @@
+"""A database that misbehaves after login (a fake server: a real PostgreSQL cannot be made to).
+
+dbward must end the session cleanly (the client gets a readable error, the audit says why, the
+log has no traceback) and keep serving.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import socket
+import ssl
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from dbward.audit.records import AuditEvent
+from dbward.wire.postgres import messages
+from fixtures.clients import app_name
+from fixtures.hostile import HostileConn, HostileServer, hostile_server, start_hostile_proxy
+from fixtures.postgres import PgServer
+from fixtures.proxy import Proxy, stop_proxy
+from fixtures.tls import LeafCert, TestCA, make_test_ca
+
+
+def _frame(msg_type: bytes, body: bytes) -> bytes:
+    return msg_type + struct.pack("!I", len(body) + 4) + body
+
+
+_READY = messages.ready_for_query(b"I")
+_ROW_DESCRIPTION = _frame(
+    b"T", struct.pack("!H", 1) + b"a\0" + struct.pack("!IhIhih", 0, 0, 25, -1, -1, 0)
+)
+
+# What the fake server answers to the first query, by the session's application_name.
+_REPLIES = {
+    # An ErrorResponse / ParameterStatus whose last string has no terminator.
+    "bad-error": _frame(b"E", b"SERROR\0C42000\0Mboom") + _READY,
+    "bad-param": _frame(b"S", b"is_superuser\0on") + _READY,
+    # Messages PostgreSQL sends only at login.
+    "auth-again": messages.authentication_cleartext(),
+    "key-again": messages.backend_key_data(999, b"\x12\x34\x56\x78")
+    + messages.command_complete("SELECT 1")
+    + _READY,
+    # Half a DataRow (its header says 32 bytes), then the connection closes.
+    "torn-row": _ROW_DESCRIPTION + b"D\x00\x00\x00\x20\x00\x01\x00\x00",
+}
+
+
+def _script(conn: HostileConn) -> None:
+    conn.login()
+    app = conn.startup.split(b"application_name\0")[1].split(b"\0")[0].decode()
+    conn.read_message()
+    conn.send(_REPLIES[app.split(":")[0]])
+    if not app.startswith("torn-row"):
+        conn.idle_until_closed()
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[HostileServer, Proxy]]:
+    for server in hostile_server():
+        server.script = _script
+        proxy = start_hostile_proxy(tmp_path_factory.mktemp("hostile"), server)
+        try:
+            yield server, proxy
+        finally:
+            stop_proxy(proxy)
+
+
+def _query(proxy: Proxy, app: str) -> psycopg.Error:
+    with (
+        psycopg.connect(
+            **proxy.conninfo(), application_name=app, autocommit=True, connect_timeout=5
+        ) as conn,
+        pytest.raises(psycopg.Error) as caught,
+    ):
+        conn.execute("select 1").fetchall()
+    return caught.value
+
+
+def _lost_reason(proxy: Proxy, app: str) -> str:
+    records = proxy.session_records(
+        app, until=lambda rs: any(r.event == AuditEvent.DISCONNECT for r in rs)
+    )
+    lost = [r for r in records if r.event == AuditEvent.UPSTREAM_LOST]
+    assert len(lost) == 1, [(r.event, r.reason) for r in records]
+    statement = next(r for r in records if r.event == AuditEvent.STATEMENT)
+    assert statement.status == "unknown", statement
+    return lost[0].reason
+
+
+@pytest.mark.parametrize("kind", ["bad-error", "bad-param", "auth-again", "key-again"])
+def test_invalid_upstream_message_ends_the_session_cleanly(
+    hostile: tuple[HostileServer, Proxy], kind: str
+) -> None:
+    server, proxy = hostile
+    app = app_name(f"{kind}:")
+    error = _query(proxy, app)
+    assert "the database sent an invalid message" in str(error), error
+    assert _lost_reason(proxy, app) == "the database sent an invalid message"
+    log = proxy.log()
+    assert "Traceback" not in log and "Fatal error on transport" not in log, log[-3000:]
+    assert not server.errors
+    assert proxy.process.poll() is None
+
+
+def test_row_cut_off_by_the_database_is_not_spliced_with_an_error(
+    hostile: tuple[HostileServer, Proxy],
+) -> None:
+    """The FATAL written after half a DataRow would be read as the rest of the row (libpq:
+    'lost synchronization with server'); the client is just disconnected instead."""
+    _, proxy = hostile
+    app = app_name("torn-row:")
+    error = _query(proxy, app)
+    assert isinstance(error, psycopg.OperationalError), error
+    assert "lost synchronization" not in str(error), error
+    assert "server closed the connection unexpectedly" in str(error), error
+    assert _lost_reason(proxy, app) == "dbward: lost the connection to the database"
+
+
+# ------------------------------------------------------------------ TLS to the database
+
+
+def _tls_script(conn: HostileConn, first: bytes, tls: ssl.SSLContext | None) -> None:
+    """Answer the SSLRequest with `first` (then a TLS handshake with `tls`), then log in."""
+    conn.recv_exact(8)
+    conn.send(first)
+    if tls is not None:
+        assert isinstance(conn.sock, socket.socket)
+        conn.sock = tls.wrap_socket(conn.sock, server_side=True)
+    elif first != b"N":
+        conn.idle_until_closed()
+        return
+    conn.login()
+    conn.read_message()
+    conn.send(messages.command_complete("SELECT 0"), _READY)
+    conn.idle_until_closed()
+
+
+@pytest.fixture
+def tls_server() -> Iterator[HostileServer]:
+    yield from hostile_server()
+
+
+def _server_context(leaf: LeafCert) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(leaf.cert, leaf.key)
+    return context
+
+
+def _login(proxy: Proxy, app: str) -> str:
+    """'ok', or the FATAL message the client got."""
+    try:
+        with psycopg.connect(
+            **proxy.conninfo(), application_name=app, autocommit=True, connect_timeout=5
+        ) as conn:
+            conn.execute("select 1")
+    except psycopg.OperationalError as exc:
+        return str(exc)
+    return "ok"
+
+
+def test_plaintext_after_the_databases_s_is_refused_and_blamed_on_it(
+    tls_server: HostileServer, tmp_path: Path
+) -> None:
+    """CVE-2021-23222: bytes sent right after 'S' are refused, not read as TLS-protected; the
+    failure is the database's (upstream_lost), not a protocol error of the client."""
+    injected = b"S" + messages.authentication_ok() + _READY
+    tls_server.script = lambda conn: _tls_script(conn, injected, None)
+    proxy = start_hostile_proxy(tmp_path, tls_server, upstream={"tls": {"mode": "require"}})
+    try:
+        app = app_name("inject")
+        message = _login(proxy, app)
+        assert "the database sent an invalid message during login" in message, message
+        assert "unencrypted data after accepting SSLRequest" in message, message
+        assert "invalid message from client" not in message
+        records = proxy.session_records(
+            app, until=lambda rs: any(r.event == AuditEvent.DISCONNECT for r in rs)
+        )
+        events = [r.event for r in records]
+        assert AuditEvent.UPSTREAM_LOST in events and AuditEvent.PROTOCOL_ERROR not in events
+    finally:
+        stop_proxy(proxy)
+
+
+@pytest.mark.parametrize("mode", ["require", "verify-full"])
+def test_tls_required_upstream_never_falls_back_to_plaintext(
+    tls_server: HostileServer, tmp_path: Path, test_ca: TestCA, mode: str
+) -> None:
+    tls_server.script = lambda conn: _tls_script(conn, b"N", None)
+    tls = (
+        {"mode": mode, "ca_file": str(test_ca.ca_cert)} if mode == "verify-full" else {"mode": mode}
+    )
+    proxy = start_hostile_proxy(tmp_path, tls_server, upstream={"tls": tls})
+    try:
+        message = _login(proxy, app_name("no-tls"))
+        assert f"does not accept TLS but upstream.tls.mode is {mode}" in message, message
+    finally:
+        stop_proxy(proxy)
+
+
+def test_sni_is_sent_in_require_mode(
+    tls_server: HostileServer, tmp_path: Path, test_ca: TestCA
+) -> None:
+    """As libpq (sslsni=1): SNI names the host whatever the mode; poolers route on it."""
+    seen: list[str | None] = []
+    context = _server_context(test_ca.make_leaf("sni", dns_names=["localhost"]))
+    context.sni_callback = lambda _sock, name, _ctx: seen.append(name)
+    tls_server.script = lambda conn: _tls_script(conn, b"S", context)
+    proxy = start_hostile_proxy(
+        tmp_path, tls_server, upstream={"host": "localhost", "tls": {"mode": "require"}}
+    )
+    try:
+        assert _login(proxy, app_name("sni")) == "ok"
+        assert seen == ["localhost"]
+    finally:
+        stop_proxy(proxy)
+
+
+@pytest.mark.parametrize("case", ["other-name", "expired", "self-signed", "ip-not-in-cert"])
+def test_verify_full_refuses_a_certificate_that_does_not_prove_the_host(
+    tls_server: HostileServer, tmp_path: Path, test_ca: TestCA, case: str
+) -> None:
+    host = "localhost"
+    if case == "other-name":
+        leaf = test_ca.make_leaf("other-name", dns_names=["db.example.com"])
+    elif case == "expired":
+        past = dt.datetime.now(dt.UTC) - dt.timedelta(days=10)
+        leaf = test_ca.make_leaf("expired", dns_names=["localhost"], not_before=past, days=2)
+    elif case == "self-signed":
+        leaf = make_test_ca(tmp_path / "self", common_name="localhost").make_leaf(
+            "self", dns_names=["localhost"]
+        )
+    else:
+        host = "127.0.0.1"
+        leaf = test_ca.make_leaf("dns-only", dns_names=["localhost"])
+    context = _server_context(leaf)
+    tls_server.script = lambda conn: _tls_script(conn, b"S", context)
+    upstream = {"host": host, "tls": {"mode": "verify-full", "ca_file": str(test_ca.ca_cert)}}
+    proxy = start_hostile_proxy(tmp_path, tls_server, upstream=upstream)
+    try:
+        app = app_name(case)
+        assert "could not connect to the database" in _login(proxy, app)
+        records = proxy.session_records(
+            app, until=lambda rs: any(r.event == AuditEvent.UPSTREAM_LOST for r in rs)
+        )
+        lost = [r for r in records if r.event == AuditEvent.UPSTREAM_LOST]
+        assert lost and "certificate" in lost[0].reason.lower(), lost
+        assert tls_server.connections == 1
+    finally:
+        stop_proxy(proxy)
+
+
+# ------------------------------------------------------------------ a man in the middle
+
+
+def _relay(mitm: HostileConn, pg: PgServer, leaf: LeafCert) -> None:
+    """Terminate dbward's TLS with our own certificate, open TLS to the real server, and pass
+    the bytes (which we can read, and could change) both ways."""
+    mitm.recv_exact(8)  # SSLRequest
+    mitm.send(b"S")
+    assert isinstance(mitm.sock, socket.socket)
+    mitm.sock = _server_context(leaf).wrap_socket(mitm.sock, server_side=True)
+    upstream = socket.create_connection((pg.host, pg.port), timeout=5)
+    upstream.sendall(messages.ssl_request())
+    assert upstream.recv(1) == b"S"
+    client_context = ssl.create_default_context()
+    client_context.check_hostname = False
+    client_context.verify_mode = ssl.CERT_NONE
+    tls_up = client_context.wrap_socket(upstream)
+
+    def pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            dst.close()
+
+    threading.Thread(target=pump, args=(tls_up, mitm.sock), daemon=True).start()
+    pump(mitm.sock, tls_up)
+
+
+def test_scram_relayed_by_a_man_in_the_middle_is_refused(
+    tls_server: HostileServer,
+    proxy_factory: Callable[..., Proxy],
+    pg_server: PgServer,
+    test_ca: TestCA,
+) -> None:
+    """With tls.mode require (or the default prefer) the database's certificate is not checked:
+    someone on the path can present his own and relay the SCRAM exchange to the real server,
+    ending up holding dbward's authenticated session as the service role. SCRAM-SHA-256-PLUS
+    (channel binding, what libpq uses by default) binds the proof to the TLS connection it was
+    computed on, so the real server refuses the relayed one."""
+    assert pg_server.ssl_mode_available, "the test PostgreSQL runs without SSL"
+    leaf = test_ca.make_leaf("mitm", dns_names=["localhost"])
+    tls_server.script = lambda conn: _relay(conn, pg_server, leaf)
+    proxy = proxy_factory(
+        upstream={"host": "127.0.0.1", "port": tls_server.port, "tls": {"mode": "require"}}
+    )
+    message = _login(proxy, app_name("mitm"))
+    assert "channel binding" in message, message
+    # Without the man in the middle the same configuration logs in with channel binding.
+    direct = proxy_factory(upstream={"tls": {"mode": "require"}})
+    assert _login(direct, app_name("direct")) == "ok"
+
+
+def test_cleartext_request_over_unverified_tls_is_refused(
+    tls_server: HostileServer, tmp_path: Path, test_ca: TestCA
+) -> None:
+    """With require, whoever is on the path can present his own certificate and ask for the
+    service password in clear text (the real server uses SCRAM): it must not be sent."""
+    received: list[bytes] = []
+    context = _server_context(test_ca.make_leaf("phish", dns_names=["localhost"]))
+
+    def phish(conn: HostileConn) -> None:
+        conn.read_startup(tls=context, answer=b"S")
+        conn.send(messages.authentication_cleartext())
+        received.append(conn.read_message()[1])
+
+    tls_server.script = phish
+    proxy = start_hostile_proxy(tmp_path, tls_server, upstream={"tls": {"mode": "require"}})
+    try:
+        assert "whose certificate is not verified" in _login(proxy, app_name("phish"))
+        assert received == []
+    finally:
+        stop_proxy(proxy)
+
+
+@pytest.mark.parametrize("answer", [b"", b"S"], ids=["silent", "tls-handshake-stalls"])
+def test_database_that_never_answers_is_reported_as_such(
+    tls_server: HostileServer, tmp_path: Path, answer: bytes
+) -> None:
+    """connect_timeout_s covers the whole login (TCP accepted, then silence; or 'S' and no
+    handshake); the client is told the database did not answer, and the audit says so — not
+    'authentication timed out', which blames the client."""
+    release = threading.Event()
+
+    def stall(conn: HostileConn) -> None:
+        conn.recv_exact(8)
+        conn.send(answer)
+        release.wait(10)
+
+    tls_server.script = stall
+    upstream = {"connect_timeout_s": 1, "tls": {"mode": "require"}}
+    proxy = start_hostile_proxy(tmp_path, tls_server, upstream=upstream)
+    try:
+        app = app_name("stall")
+        started = time.monotonic()
+        message = _login(proxy, app)
+        assert time.monotonic() - started < 5
+        assert "the database did not complete the login within 1 s" in message, message
+        records = proxy.session_records(
+            app, until=lambda rs: any(r.event == AuditEvent.UPSTREAM_LOST for r in rs)
+        )
+        lost = [r for r in records if r.event == AuditEvent.UPSTREAM_LOST]
+        assert [r.sqlstate for r in lost] == ["08001"], records
+    finally:
+        release.set()
+        stop_proxy(proxy)
