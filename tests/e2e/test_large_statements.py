@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -115,3 +117,63 @@ def test_the_classifier_workers_end_with_the_proxy(
     while any(Path(f"/proc/{pid}").exists() for pid in helpers):
         assert time.monotonic() < deadline, "helper processes outlived the proxy"
         time.sleep(0.05)
+
+
+def _classifier_worker(proxy_pid: int) -> int:
+    """The pid of the classifier worker (a child of the forkserver, a child of dbward)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        for pid in _descendants(proxy_pid):
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"forkserver" in cmdline:
+                workers = _descendants(pid)
+                if workers:
+                    return min(workers)
+        time.sleep(0.02)
+    raise AssertionError("no classifier worker")
+
+
+def test_a_classifier_worker_death_leaves_no_threads_or_pipes_behind(
+    proxy_factory: Callable[..., Proxy],
+) -> None:
+    """The worker dies while a second large statement waits in the pool's pipe: on Python
+    3.11 the pool's feeder and manager threads then blocked for good, keeping their pipes
+    and the statement (six fds and two threads per worker death)."""
+    proxy = proxy_factory()
+    pid = proxy.process.pid
+    # Slow to parse (~0.5 s): the worker is busy while the second one is queued behind it.
+    slow = "SELECT count(*) FROM (VALUES " + ",".join(f"({i}, 'v{i}')" for i in range(150_000))
+    slow += ") AS v(a, b)"
+    queued = "SELECT 1 /* " + "x" * 300_000 + " */"  # far more than a pipe's 64 KB
+    with psycopg.connect(**proxy.conninfo(), autocommit=True) as conn:
+        conn.execute(queued.encode())  # the pool is up: part of the baseline
+    time.sleep(0.5)
+    fds = len(list(Path(f"/proc/{pid}/fd").iterdir()))
+    errors: list[str] = []
+
+    def run(sql: str) -> None:
+        with psycopg.connect(**proxy.conninfo(), autocommit=True) as conn:
+            try:
+                conn.execute(sql.encode())
+            except psycopg.errors.InsufficientPrivilege as exc:
+                errors.append(str(exc))  # the worker died: unparseable, denied
+
+    for _ in range(3):
+        threads = [threading.Thread(target=run, args=(sql,)) for sql in (slow, queued)]
+        threads[0].start()
+        worker = _classifier_worker(pid)  # after a death, started by the next statement
+        threads[1].start()
+        time.sleep(0.2)  # parsing `slow`; `queued` is in the pipe
+        os.kill(worker, signal.SIGKILL)
+        for thread in threads:
+            thread.join(30)
+    assert len(errors) == 6, errors
+    with psycopg.connect(**proxy.conninfo(), autocommit=True) as conn:
+        conn.execute(queued.encode())  # a fresh pool, as in the baseline
+    deadline = time.monotonic() + 5
+    while (now := len(list(Path(f"/proc/{pid}/fd").iterdir()))) > fds:
+        assert time.monotonic() < deadline, f"open fds: {fds} before, {now} after"
+        time.sleep(0.1)

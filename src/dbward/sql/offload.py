@@ -12,6 +12,7 @@ import asyncio
 import concurrent.futures
 import logging
 import multiprocessing
+import os
 import re
 from typing import Final
 
@@ -53,6 +54,31 @@ def _classify_in_worker(text: str, max_statements: int) -> tuple[Statement, ...]
 def _failure(text: str, why: str) -> tuple[Statement, ...]:
     # The same answer as text the parser rejects (a password in it is withheld from the log too).
     return (unparseable_statement(text, f"classifier failure: {why}"),)
+
+
+def _release_stuck_feeder(executor: concurrent.futures.ProcessPoolExecutor) -> None:
+    """Let a broken pool's threads end: close the parent's read end of its call queue.
+
+    A statement queued behind the one the dead worker was reading (or the rest of that one)
+    sits in the call queue's pipe; at 64 KB and more the pipe is full, nobody reads it any
+    more (the parent holds the read end open too, so no EPIPE), and the queue's feeder thread
+    blocks in write() for good — and with it the pool's manager thread, which waits for the
+    feeder before closing anything: every worker death leaked two threads, six pipe fds and
+    the statement text (CPython gh-94777, fixed from Python 3.12, whose queue then has
+    `_terminate_broken`). Closing the read end makes the write fail with EPIPE; the feeder and
+    the manager then finish as after a clean shutdown.
+    """
+    queue = getattr(executor, "_call_queue", None)
+    if queue is None or hasattr(queue, "_terminate_broken"):
+        return  # this Python closes it itself
+    reader = getattr(queue, "_reader", None)
+    handle = None if reader is None else getattr(reader, "_handle", None)
+    if reader is None or not isinstance(handle, int):
+        return
+    # Forgotten before it is closed: the feeder thread, unblocked, closes the reader too, and
+    # must not close the same number again once another file may have been given it.
+    reader._handle = None
+    os.close(handle)
 
 
 class ClassifierPool:
@@ -97,6 +123,9 @@ class ClassifierPool:
             return _failure(text, "timed out")
         except concurrent.futures.process.BrokenProcessPool:
             log.error("the classifier worker died; starting a new one")
+            executor = self._executor
+            if executor is not None:
+                _release_stuck_feeder(executor)
             self.close()
             return _failure(text, "worker died")
         except Exception as exc:  # anything else from the worker: fail closed
