@@ -1776,12 +1776,6 @@ class PgSession(asyncio.Protocol):
         position = 0
         for msg_type, start, end, payload in events:
             try:
-                if msg_type in _STARTUP_ONLY:
-                    # PostgreSQL sends these only while logging in: a server asking the client
-                    # for a password (or handing it its own cancel key) now is not to be obeyed.
-                    raise ProtocolError(
-                        f"startup-only message {chr(msg_type)!r} after the session started"
-                    )
                 replacement = self._on_backend_message(msg_type, payload)
             except ProtocolError as exc:
                 # A malformed body (ErrorResponse, ParameterStatus, ...): neither it nor the
@@ -1880,8 +1874,9 @@ class PgSession(asyncio.Protocol):
             if not ops:
                 self._ran_since_ready = False  # every change so far has been reported
                 self._copy_ops = 0  # nothing in flight: no COPY will start
-                if payload is not None and payload[:1] == b"I":
-                    self._executed_portals.clear()  # PostgreSQL dropped them
+                if self._implicit:  # no transaction open: PostgreSQL dropped its portals
+                    if self._executed_portals:
+                        self._executed_portals.clear()
                     if self._portals:
                         self._forget_transaction_portals()
             return None
@@ -1944,6 +1939,10 @@ class PgSession(asyncio.Protocol):
                 if self._context is not None:
                     self._context = replace(self._context, application_name=value)
             return None
+        if msg_type in _STARTUP_ONLY:
+            # PostgreSQL sends these only while logging in: a server asking the client for a
+            # password (or handing it its own cancel key) now is not to be obeyed.
+            raise ProtocolError(f"startup-only message {chr(msg_type)!r} after the session started")
         return None
 
     def _copy_pending(self) -> bool:
