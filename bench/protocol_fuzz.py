@@ -53,7 +53,12 @@ def main() -> int:
             rng = random.Random(seed)
             groups = fz.generate(rng, args.max_groups)
             chunker = random.Random(seed) if args.chunked else None
-            verdict = fz.check(direct, proxied, groups, chunked=chunker)
+            try:
+                verdict = fz.check(direct, proxied, groups, chunked=chunker)
+            except fz.NotAnswered as exc:
+                print(f"seed {seed}: skipped, {exc}", flush=True)
+                seed += 1
+                continue
             tried += 1
             if verdict.refused is not None:
                 refusals[" ".join(p for p in verdict.refused if p[:2] == "M=")[:90]] += 1
