@@ -214,3 +214,21 @@ def test_syncs_dropped_in_a_copy_refused_after_its_data_was_sent(
     assert expected == [b"1", b"2", b"G", b"E", b"Z", b"Z", b"T", b"D", b"C", b"Z"]
     assert got == expected
     assert pg_server.psql(f"SELECT count(*) FROM {table}") == "0"
+
+
+def test_an_empty_querys_portal_after_a_holdable_cursor(proxy: Proxy, pg_server: PgServer) -> None:
+    """Once a WITH HOLD cursor was declared, portals are forgotten one by one at the end of a
+    transaction, keeping the holdable ones; the portal of an empty query (`Parse ';'`) holds no
+    statement, and looking at its first one raised IndexError: the session was lost (found by
+    the protocol fuzzer)."""
+    data = (
+        m.query("DECLARE drift_held CURSOR WITH HOLD FOR SELECT 1")
+        + m.parse_message("", ";")
+        + m.bind_message("", "", [])
+        + m.execute_message("")
+        + m.sync()
+        + m.query("SELECT 1")
+    )
+    expected, got = _both(proxy, pg_server, data, 10)
+    assert expected == [b"C", b"Z", b"1", b"2", b"I", b"Z", b"T", b"D", b"C", b"Z"]
+    assert got == expected

@@ -2237,7 +2237,8 @@ class PgSession(asyncio.Protocol):
         # transactions are not walked again (100,000 of them cost 42 ms per statement).
         for name in names:
             portal = portals.get(name)
-            if portal is not None and "holdable_cursor" not in portal[0].flags:
+            # An empty query's portal holds no statement (and is never a cursor).
+            if portal is not None and not any("holdable_cursor" in s.flags for s in portal):
                 del portals[name]
 
     def _settle(self, definition: _Definition, failure: str | None) -> None:
