@@ -2,6 +2,7 @@
 PostgreSQL directly and through dbward, replies compared (see tests/fixtures/protofuzz.py).
 
     python bench/protocol_fuzz.py --minutes 20 [--seed 1] [--out /tmp/fuzz] [--chunked]
+        [--durability batched]
 
 Starts its own throwaway PostgreSQL and dbward. Every difference is shrunk to a minimal
 sequence and written to --out (one text file each); the run goes on until the time is up.
@@ -36,11 +37,19 @@ def main() -> int:
         help="send through dbward message by message with short random pauses",
     )
     parser.add_argument("--max-groups", type=int, default=14)
+    parser.add_argument(
+        "--durability",
+        choices=["strict", "batched"],
+        default="strict",
+        help="dbward's audit durability (strict holds writes for their intent record)",
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
     pg, base = start_pg_server(None)
-    proxy = start_proxy(Path(tempfile.mkdtemp(prefix="dbward-fuzz-")), pg)
+    directory = Path(tempfile.mkdtemp(prefix="dbward-fuzz-"))
+    audit = {"path": str(directory / "audit.db"), "durability": args.durability}
+    proxy = start_proxy(directory, pg, extra={"audit": audit})
     direct = fz.Endpoint(pg.port, pg.service_user, pg.service_password)
     proxied = fz.Endpoint(proxy.port, "alice", USERS["alice"][0])
     deadline = time.monotonic() + args.minutes * 60

@@ -232,3 +232,24 @@ def test_an_empty_querys_portal_after_a_holdable_cursor(proxy: Proxy, pg_server:
     expected, got = _both(proxy, pg_server, data, 10)
     assert expected == [b"C", b"Z", b"1", b"2", b"I", b"Z", b"T", b"D", b"C", b"Z"]
     assert got == expected
+
+
+def test_a_copy_that_succeeds_after_a_dropped_sync(proxy: Proxy, pg_server: PgServer) -> None:
+    """What follows a CopyDone waits for the copy's answer when a Sync was dropped in the copy;
+    PostgreSQL holds an Execute's CommandComplete until a Sync or Flush, so dbward asks for it
+    with a Flush (without it, this hung: found by the protocol fuzzer)."""
+    table = _table(pg_server, "drift_copyok")
+    data = (
+        m.parse_message("", f"COPY {table} FROM STDIN")
+        + m.bind_message("", "", [])
+        + m.execute_message("")
+        + m.sync()
+        + m.copy_data(b"1\n")
+        + m.copy_done()
+        + m.sync()
+        + m.query("SELECT 1")
+    )
+    expected, got = _both(proxy, pg_server, data, 9)
+    assert expected == [b"1", b"2", b"G", b"C", b"Z", b"T", b"D", b"C", b"Z"]
+    assert got == expected
+    assert pg_server.psql(f"SELECT count(*) FROM {table}") == "2"
