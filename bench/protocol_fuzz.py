@@ -26,6 +26,18 @@ from fixtures.postgres import start_pg_server, stop_pg_server  # noqa: E402
 from fixtures.proxy import USERS, start_proxy, stop_proxy  # noqa: E402
 
 
+def _wait_for(endpoint: fz.Endpoint, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            endpoint.connect(5).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=5.0)
@@ -67,6 +79,7 @@ def main() -> int:
             except fz.NotAnswered as exc:
                 print(f"seed {seed}: skipped, {exc}", flush=True)
                 seed += 1
+                _wait_for(direct)  # a backend that crashed restarts the whole server
                 continue
             tried += 1
             if verdict.refused is not None:
