@@ -178,3 +178,78 @@ def test_fetch_keeps_the_cursor(proxy: Proxy, pg_server: PgServer) -> None:
     records = proxy.session_records(app, until=has_disconnect)
     fetches = [s for s in statements(records) if s.command == "FETCH"]
     assert [f.tables for f in fetches] == [(table,), (table,)]
+
+
+def test_syncs_dropped_in_a_copy_refused_after_its_data_was_sent(
+    proxy: Proxy, pg_server: PgServer
+) -> None:
+    """libpq's Sync after a COPY's Execute is dropped while PostgreSQL copies; when PostgreSQL
+    refuses the copy before reading anything (here a statement trigger, after CopyInResponse)
+    it answers that Sync. dbward sent it on only if no copy data had gone out yet: with the data
+    pipelined (found by the protocol fuzzer, COPY into a view or WITH FREEZE when the error
+    came a moment after CopyInResponse) one ReadyForQuery was missing for good."""
+    table = _table(pg_server, "drift_slowcopy")
+    pg_server.psql(
+        f"""
+        CREATE FUNCTION {table}_wait() RETURNS trigger LANGUAGE plpgsql
+            AS $$BEGIN PERFORM pg_sleep(0.3); RETURN NULL; END$$;
+        CREATE TRIGGER a_wait BEFORE INSERT ON {table}
+            FOR EACH STATEMENT EXECUTE FUNCTION {table}_wait();
+        -- a built-in that fails on INSERT with no error context, like a view or FREEZE
+        CREATE TRIGGER b_fail BEFORE INSERT ON {table}
+            FOR EACH STATEMENT EXECUTE FUNCTION suppress_redundant_updates_trigger();
+        """
+    )
+    data = (
+        m.parse_message("", f"COPY {table} FROM STDIN")
+        + m.bind_message("", "", [])
+        + m.execute_message("")
+        + m.sync()
+        + m.copy_data(b"1\n")
+        + m.copy_done()
+        + m.sync()
+        + m.query("SELECT 1")
+    )
+    expected, got = _both(proxy, pg_server, data, 10)
+    assert expected == [b"1", b"2", b"G", b"E", b"Z", b"Z", b"T", b"D", b"C", b"Z"]
+    assert got == expected
+    assert pg_server.psql(f"SELECT count(*) FROM {table}") == "0"
+
+
+def test_an_empty_querys_portal_after_a_holdable_cursor(proxy: Proxy, pg_server: PgServer) -> None:
+    """Once a WITH HOLD cursor was declared, portals are forgotten one by one at the end of a
+    transaction, keeping the holdable ones; the portal of an empty query (`Parse ';'`) holds no
+    statement, and looking at its first one raised IndexError: the session was lost (found by
+    the protocol fuzzer)."""
+    data = (
+        m.query("DECLARE drift_held CURSOR WITH HOLD FOR SELECT 1")
+        + m.parse_message("", ";")
+        + m.bind_message("", "", [])
+        + m.execute_message("")
+        + m.sync()
+        + m.query("SELECT 1")
+    )
+    expected, got = _both(proxy, pg_server, data, 10)
+    assert expected == [b"C", b"Z", b"1", b"2", b"I", b"Z", b"T", b"D", b"C", b"Z"]
+    assert got == expected
+
+
+def test_a_copy_that_succeeds_after_a_dropped_sync(proxy: Proxy, pg_server: PgServer) -> None:
+    """What follows a CopyDone waits for the copy's answer when a Sync was dropped in the copy;
+    PostgreSQL holds an Execute's CommandComplete until a Sync or Flush, so dbward asks for it
+    with a Flush (without it, this hung: found by the protocol fuzzer)."""
+    table = _table(pg_server, "drift_copyok")
+    data = (
+        m.parse_message("", f"COPY {table} FROM STDIN")
+        + m.bind_message("", "", [])
+        + m.execute_message("")
+        + m.sync()
+        + m.copy_data(b"1\n")
+        + m.copy_done()
+        + m.sync()
+        + m.query("SELECT 1")
+    )
+    expected, got = _both(proxy, pg_server, data, 9)
+    assert expected == [b"1", b"2", b"G", b"C", b"Z", b"T", b"D", b"C", b"Z"]
+    assert got == expected
+    assert pg_server.psql(f"SELECT count(*) FROM {table}") == "2"

@@ -295,7 +295,9 @@ def test_an_unrelated_error_before_a_copy_starts_keeps_the_copy_syncs_in_step() 
     session.data_received(m.sync())  # PostgreSQL ignores it: it is copying by then
     session._on_upstream_data(PARSED + BOUND + m._frame(b"G", b"\x00\x00\x00"))
     session.data_received(m.copy_data(b"1\n") + m.copy_done() + m.sync())
-    session._on_upstream_data(m.command_complete("COPY 1") + m.ready_for_query(b"I"))
+    # A Sync was dropped in the copy: the one after CopyDone waits for the copy's answer
+    session._on_upstream_data(m.command_complete("COPY 1"))
+    session._on_upstream_data(m.ready_for_query(b"I"))
     assert len(session._ops) == 0
 
 
@@ -574,8 +576,14 @@ def test_an_earlier_querys_error_does_not_release_the_sync_behind_a_copy() -> No
     session._on_upstream_data(DIV0 + m.ready_for_query(b"I"))  # the Query's own error
     assert upstream.written == b""  # nothing released
     session._on_upstream_data(PARSED + BOUND + m._frame(b"G", b"\x00\x00\x00"))
+    upstream.written.clear()
     session.data_received(m.copy_data(b"1\n") + m.copy_done() + m.sync())
-    session._on_upstream_data(m.command_complete("COPY 1") + m.ready_for_query(b"I"))
+    # The Sync dropped in the copy may yet be owed (a copy refused before reading anything):
+    # the client's Sync waits for the copy's answer, which a Flush asks for.
+    assert upstream.written == m.copy_data(b"1\n") + m.copy_done() + m.flush()
+    session._on_upstream_data(m.command_complete("COPY 1"))
+    assert upstream.written.endswith(m.flush() + m.sync())
+    session._on_upstream_data(m.ready_for_query(b"I"))
     assert len(session._ops) == 0 and session._z_owed == 0
 
 

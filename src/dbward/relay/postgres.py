@@ -105,6 +105,7 @@ _TURNS_ON_CONFORMING: Final = re.compile(
     re.IGNORECASE,
 )
 _COPY_DATA, _COPY_DONE, _COPY_FAIL, _PASSWORD = (ord(c) for c in "dcfp")
+_COPY_OR_FLUSH: Final = frozenset((_COPY_DATA, _COPY_DONE, _COPY_FAIL, _H))
 
 
 class _PreparedChanges:
@@ -393,6 +394,9 @@ class PgSession(asyncio.Protocol):
         self._copies_admitted = 0  # COPY FROM STDIN statements of the batch being admitted
         self._copy_data_sent = False  # CopyData sent since the last COPY FROM STDIN
         self._syncs_dropped_in_copy = 0  # Syncs before any data, since the CopyInResponse
+        # The client ended a copy in which Syncs were dropped (CopyDone/CopyFail sent) and
+        # PostgreSQL has not answered it yet: what comes next waits (see _on_error).
+        self._copy_verdict_pending = False
         self._holdable_cursors = False  # a DECLARE ... WITH HOLD was forwarded once
         # Statements whose intent record the sink still holds, by statement id, oldest first.
         # An OrderedDict: outcomes remove the oldest entry and then look at the new oldest,
@@ -1019,6 +1023,14 @@ class PgSession(asyncio.Protocol):
                 self._park(frames[i - 1 :], out)
                 self._awaiting = _AWAIT_COPY
                 return
+            if self._copy_verdict_pending and msg_type not in _COPY_OR_FLUSH:
+                # Syncs were dropped in the copy just ended: if PostgreSQL refused it before
+                # reading anything, they go on now and must come before this message. A Flush
+                # (no reply) makes PostgreSQL send the answer of an Execute without the Sync.
+                out.append(messages.flush())
+                self._park(frames[i - 1 :], out)
+                self._awaiting = _AWAIT_COPY
+                return
             if msg_type in (_COPY_DATA, _COPY_DONE, _COPY_FAIL):
                 # COPY data flows through (the COPY statement was decided); outside a copy
                 # PostgreSQL ignores it, as after a COPY that failed.
@@ -1030,6 +1042,7 @@ class PgSession(asyncio.Protocol):
                 else:
                     self._copying = False  # the server's copy mode ends here
                     self._copy_data_sent = False  # a next COPY of the Query starts afresh
+                    self._copy_verdict_pending = self._syncs_dropped_in_copy > 0
                 continue
             if self._copying and msg_type != _H:
                 # Only copy messages (and a Flush, which owes no reply) belong in a copy.
@@ -1814,7 +1827,8 @@ class PgSession(asyncio.Protocol):
             self._discard_until_sync
             or awaiting.ready(
                 not self._ops and not self._ran_since_ready,
-                self._copying or not self._copy_ops or not self._copy_pending(),
+                not self._copy_verdict_pending
+                and (self._copying or not self._copy_ops or not self._copy_pending()),
             )
         ):
             self._awaiting = None
@@ -1827,6 +1841,10 @@ class PgSession(asyncio.Protocol):
         """Track one upstream message; returns replacement bytes for it, if any."""
         ops = self._ops
         if msg_type == 0x43:  # 'C' CommandComplete
+            if self._copy_verdict_pending:
+                # The copy succeeded: PostgreSQL read and ignored the Syncs dbward dropped.
+                self._copy_verdict_pending = False
+                self._syncs_dropped_in_copy = 0
             if ops:
                 op = ops[0]
                 rows = messages.command_complete_rows(payload) if payload is not None else None
@@ -1963,16 +1981,25 @@ class PgSession(asyncio.Protocol):
             ops[0].copies = 0
         fields = messages.parse_error_fields(payload) if payload is not None else {}
         sqlstate = fields.get("C", "")
-        if self._copying:
+        if self._copying or self._copy_verdict_pending:
             # The copy failed (bad data, CopyFail, a trigger): the server left copy mode.
+            # PostgreSQL refused it before reading anything sent after it (a view, FREEZE, a
+            # statement trigger: checked after CopyInResponse) when nothing was sent yet, or
+            # when its error has no context: an error while it reads always names the COPY and
+            # line in its context (also CopyFail's and a cancel's). Whatever was forwarded
+            # since the dropped Syncs is copy data PostgreSQL ignores before and after a Sync,
+            # and the rest waits for this answer (see _process_frames), so they go on now.
+            nothing_sent = self._copying and not self._copy_data_sent
             self._copying = False
+            self._copy_verdict_pending = False
             if (
                 self._syncs_dropped_in_copy
-                and not self._copy_data_sent
+                and (nothing_sent or "W" not in fields)
                 and sqlstate != _QUERY_CANCELED
                 and fields.get("S") not in ("FATAL", "PANIC")
             ):
                 self._send_syncs_dropped_in_copy()
+            self._syncs_dropped_in_copy = 0
         if fields.get("S") in ("FATAL", "PANIC"):
             # The backend is gone: what the client sent after, parked or not, never ran, and
             # its implicit transaction never committed.
@@ -2209,7 +2236,8 @@ class PgSession(asyncio.Protocol):
         # transactions are not walked again (100,000 of them cost 42 ms per statement).
         for name in names:
             portal = portals.get(name)
-            if portal is not None and "holdable_cursor" not in portal[0].flags:
+            # An empty query's portal holds no statement (and is never a cursor).
+            if portal is not None and not any("holdable_cursor" in s.flags for s in portal):
                 del portals[name]
 
     def _settle(self, definition: _Definition, failure: str | None) -> None:
