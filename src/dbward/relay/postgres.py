@@ -356,7 +356,8 @@ class PgSession(asyncio.Protocol):
         self._startup_frames: deque[tuple[int, bytes, bytes]] = deque()
         self._startup_wake: asyncio.Event | None = None
         self._startup_task: asyncio.Task[None] | None = None
-        self._unauthenticated = False  # counted in services.unauthenticated
+        self._unauthenticated = False  # counted in services.unauthenticated, under _host_key
+        self._host_key = ""
         self._partial_counted = 0  # bytes counted in services.partial_message_bytes
         self._upstream_held = 0  # the same, for an unfinished message from the database
         self._tls = False
@@ -383,7 +384,6 @@ class PgSession(asyncio.Protocol):
         self._pending_statements: dict[str, _Definition] = {}
         self._pending_portals: dict[str, _Definition] = {}
         self._syncs = 0  # Sync and Query messages forwarded: the current sync group
-        self._z_owed = 0  # ReadyForQuery messages PostgreSQL owes (Syncs and Queries in flight)
         # A Bind, Execute, Query or FunctionCall was forwarded since the last ReadyForQuery that
         # ended with nothing in flight: settings may have changed without being reported yet.
         self._ran_since_ready = False
@@ -489,7 +489,7 @@ class PgSession(asyncio.Protocol):
         once when the host is at the cap (no credentials are needed to hold a connection
         before login, so one host must not hold them all)."""
         services = self.services
-        host = client_key(self._client_host)  # an IPv6 client's whole /64 is one host
+        host = self._host_key = client_key(self._client_host)  # an IPv6 /64 is one host
         count = services.unauthenticated.get(host, 0)
         transport = self.transport
         assert transport is not None
@@ -519,7 +519,7 @@ class PgSession(asyncio.Protocol):
             return
         self._unauthenticated = False
         counts = self.services.unauthenticated
-        host = client_key(self._client_host)
+        host = self._host_key
         left = counts.get(host, 1) - 1
         if left > 0:
             counts[host] = left
@@ -568,15 +568,10 @@ class PgSession(asyncio.Protocol):
         message is ended (53200); small ones always fit. False if it was.
         """
         services = self.services
-        services.partial_message_bytes += pending - self._partial_counted
+        exceeded = self._partial_budget_exceeded(pending, self._partial_counted)
         self._partial_counted = pending
-        if (
-            pending < _PARTIAL_ALWAYS_FITS
-            or services.partial_message_bytes <= services.settings.max_partial_message_bytes
-        ):
+        if not exceeded:
             return True
-        services.partial_message_bytes -= pending
-        self._partial_counted = 0
         log.warning(
             "session %s: refusing a %d-byte unfinished message: max_partial_message_bytes "
             "(%d) reached",
@@ -597,6 +592,16 @@ class PgSession(asyncio.Protocol):
         self._release_partial()
         return False
 
+    def _partial_budget_exceeded(self, now: int, before: int) -> bool:
+        """Count one side's unfinished message going from `before` to `now` bytes; True if it
+        is a large one and the listener's total is past max_partial_message_bytes."""
+        services = self.services
+        services.partial_message_bytes += now - before
+        return (
+            now >= _PARTIAL_ALWAYS_FITS
+            and services.partial_message_bytes > services.settings.max_partial_message_bytes
+        )
+
     def _release_partial(self) -> None:
         self.services.partial_message_bytes -= self._partial_counted + self._upstream_held
         self._partial_counted = 0
@@ -609,12 +614,9 @@ class PgSession(asyncio.Protocol):
         budget, the session whose database is sending a large message is ended (53200).
         False if it was."""
         services = self.services
-        services.partial_message_bytes += held - self._upstream_held
+        exceeded = self._partial_budget_exceeded(held, self._upstream_held)
         self._upstream_held = held
-        if (
-            held < _PARTIAL_ALWAYS_FITS
-            or services.partial_message_bytes <= services.settings.max_partial_message_bytes
-        ):
+        if not exceeded:
             return True
         log.warning(
             "session %s: ending the session: the database is sending a message of over %d "
@@ -641,10 +643,10 @@ class PgSession(asyncio.Protocol):
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._leave_unauthenticated()
-        self._release_partial()
-        if self._phase == _PHASE_CLOSED and self not in self.services.sessions:
-            return  # refused while draining or over a cap; nothing was opened
+        opened = self._phase != _PHASE_CLOSED or self in self.services.sessions
+        self._release()
+        if not opened:
+            return  # refused while draining or over a cap; nothing else was opened
         was_ready = self._phase == _PHASE_READY
         self._phase = _PHASE_CLOSED
         if self._startup_task is not None and not self._startup_task.done():
@@ -669,7 +671,6 @@ class PgSession(asyncio.Protocol):
                 # Nothing in flight (no COMMIT): closing the connection aborts the block.
                 self._roll_back_block("")
             self._close_upstream()
-        self._release()
         if self._connect_audited:  # a bare TCP probe (health check, port scan) leaves no trace
             self._audit(AuditEvent.DISCONNECT, detail=f"statements={self._statement_count}")
 
@@ -860,8 +861,6 @@ class PgSession(asyncio.Protocol):
         on this session. Release here what connection_made took, or each such connection kept
         a max_connections slot and a max_unauthenticated_per_host one for good."""
         self._phase = _PHASE_CLOSED
-        self._leave_unauthenticated()
-        self._release_partial()
         self._release()
         if self.transport is not None:
             self.transport.close()
@@ -1009,7 +1008,6 @@ class PgSession(asyncio.Protocol):
                     self._discard_until_sync = False
                     self._ops.append(_SYNC_OP)
                     self._syncs += 1
-                    self._z_owed += 1
                     out.append(raw)
                 elif msg_type == _X:
                     self._terminate(out)
@@ -1308,7 +1306,6 @@ class PgSession(asyncio.Protocol):
             return self._handle_execute(statements, max_rows, raw, out, resumed=resumed)
         if msg_type == _S:
             self._ops.append(_SYNC_OP)
-            self._z_owed += 1
             self._syncs += 1
             out.append(raw)
             return None
@@ -1634,7 +1631,6 @@ class PgSession(asyncio.Protocol):
             return self._forward_query(statements, raw, out, path)
         finally:
             self._syncs += 1  # like a Sync, it ends a sync group (after its own PREPAREs)
-            self._z_owed += 1
 
     def _forward_query(
         self,
@@ -1870,8 +1866,6 @@ class PgSession(asyncio.Protocol):
             self._committable = None
             if self._implicit:
                 self._block = None  # no transaction block is open
-            if self._z_owed > 0:
-                self._z_owed -= 1
             unanswered: list[_Op] | None = None
             while ops:
                 op = ops.popleft()
@@ -1963,6 +1957,11 @@ class PgSession(asyncio.Protocol):
             raise ProtocolError(f"startup-only message {chr(msg_type)!r} after the session started")
         return None
 
+    @property
+    def _z_owed(self) -> int:
+        """ReadyForQuery messages PostgreSQL owes: the Queries and Syncs in flight."""
+        return sum(1 for op in self._ops if op.code in (_OP_QUERY, _OP_SYNC))
+
     def _copy_pending(self) -> bool:
         """Whether a COPY FROM STDIN in flight has been neither started nor refused yet.
 
@@ -2047,8 +2046,6 @@ class PgSession(asyncio.Protocol):
         for item in skipped:
             if item.definition is not None:
                 self._settle(item.definition, "skipped")
-            if item.code == _OP_QUERY and self._z_owed > 0:
-                self._z_owed -= 1  # PostgreSQL ignores a Query while it skips to Sync
         return replacement
 
     def _rollback_status(self, op: _Op) -> str:
@@ -2211,7 +2208,6 @@ class PgSession(asyncio.Protocol):
         for _ in range(count):
             self._ops.append(_SYNC_OP)
             self._syncs += 1
-            self._z_owed += 1
 
     def _finish_op(self, op: _Op, status: str, sqlstate: str) -> None:
         tracked = op.tracked
@@ -2401,6 +2397,9 @@ class PgSession(asyncio.Protocol):
             upstream.transport.close()
 
     def _release(self) -> None:
+        """Give back what the session holds of its listener (idempotent)."""
+        self._leave_unauthenticated()
+        self._release_partial()
         self.services.sessions.discard(self)
         if self._cancel_key is not None:
             self.services.cancels.revoke(*self._cancel_key)
