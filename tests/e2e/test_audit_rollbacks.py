@@ -32,52 +32,31 @@ def _last(records: list[AuditRecord], stmt: AuditRecord) -> tuple[str, str]:
     return _outcomes(records, stmt)[-1]
 
 
-def test_do_commit_in_pipeline_keeps_the_write_ok(proxy: Proxy) -> None:
-    """Extended protocol: DO with COMMIT commits the sync group's transaction so far."""
-    app = app_name("r12-do")
+@pytest.mark.parametrize(
+    ("middle", "row", "tag"),
+    [
+        # DO with COMMIT commits the sync group's transaction so far.
+        ("DO $$ BEGIN COMMIT; END $$", 101, "do"),
+        ("CALL r12_commit()", 102, "call"),
+        # PREPARE TRANSACTION with no block: warning, tag ROLLBACK, but the sync group's
+        # transaction so far is committed at once.
+        ("PREPARE TRANSACTION 'r12x'", 103, "prep"),
+    ],
+)
+def test_statement_that_commits_in_a_pipeline_keeps_the_write_ok(
+    proxy: Proxy, middle: str, row: int, tag: str
+) -> None:
+    """Extended protocol: the INSERT before it stays, although the sync group then fails."""
+    app = app_name(f"r12-{tag}")
     with (
         _connect(proxy, app, autocommit=True) as conn,
         pytest.raises(psycopg.errors.UniqueViolation),
         conn.pipeline(),
     ):
-        conn.execute("INSERT INTO r12 VALUES (%s, 'do')", (101,))
-        conn.execute("DO $$ BEGIN COMMIT; END $$")
-        conn.execute("INSERT INTO r12 VALUES (%s, 'do')", (101,))
-    assert _count(proxy, "SELECT count(*) FROM r12 WHERE id = 101") == 1  # PG kept it
-    records = proxy.session_records(app, until=has_disconnect)
-    insert = next(s for s in statements(records) if s.command == "INSERT")
-    assert _last(records, insert) == ("ok", "")
-
-
-def test_call_commit_in_pipeline_keeps_the_write_ok(proxy: Proxy) -> None:
-    app = app_name("r12-call")
-    with (
-        _connect(proxy, app, autocommit=True) as conn,
-        pytest.raises(psycopg.errors.UniqueViolation),
-        conn.pipeline(),
-    ):
-        conn.execute("INSERT INTO r12 VALUES (%s, 'call')", (102,))
-        conn.execute("CALL r12_commit()")
-        conn.execute("INSERT INTO r12 VALUES (%s, 'call')", (102,))
-    assert _count(proxy, "SELECT count(*) FROM r12 WHERE id = 102") == 1
-    records = proxy.session_records(app, until=has_disconnect)
-    insert = next(s for s in statements(records) if s.command == "INSERT")
-    assert _last(records, insert) == ("ok", "")
-
-
-def test_prepare_transaction_outside_block_in_pipeline(proxy: Proxy) -> None:
-    """PREPARE TRANSACTION with no block (extended protocol): warning, tag ROLLBACK, but the
-    sync group's transaction so far is committed at once."""
-    app = app_name("r12-prep")
-    with (
-        _connect(proxy, app, autocommit=True) as conn,
-        pytest.raises(psycopg.errors.UniqueViolation),
-        conn.pipeline(),
-    ):
-        conn.execute("INSERT INTO r12 VALUES (%s, 'prep')", (103,))
-        conn.execute("PREPARE TRANSACTION 'r12x'")
-        conn.execute("INSERT INTO r12 VALUES (%s, 'prep')", (103,))
-    assert _count(proxy, "SELECT count(*) FROM r12 WHERE id = 103") == 1
+        conn.execute("INSERT INTO r12 VALUES (%s, %s)", (row, tag))
+        conn.execute(middle)
+        conn.execute("INSERT INTO r12 VALUES (%s, %s)", (row, tag))
+    assert _count(proxy, f"SELECT count(*) FROM r12 WHERE id = {row}") == 1  # PG kept it
     records = proxy.session_records(app, until=has_disconnect)
     insert = next(s for s in statements(records) if s.command == "INSERT")
     assert _last(records, insert) == ("ok", "")

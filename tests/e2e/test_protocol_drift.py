@@ -12,7 +12,7 @@ from dbward.wire.postgres import messages as m
 from fixtures.clients import app_name, has_disconnect, outcome_of, statements
 from fixtures.postgres import PgServer
 from fixtures.proxy import Proxy
-from fixtures.raw import RawSession, read_message
+from fixtures.raw import RawSession, libpq_copy_in, read_message
 from fixtures.raw import direct_session as _direct
 from fixtures.raw import scratch_table as _table
 
@@ -200,16 +200,7 @@ def test_syncs_dropped_in_a_copy_refused_after_its_data_was_sent(
             FOR EACH STATEMENT EXECUTE FUNCTION suppress_redundant_updates_trigger();
         """
     )
-    data = (
-        m.parse_message("", f"COPY {table} FROM STDIN")
-        + m.bind_message("", "", [])
-        + m.execute_message("")
-        + m.sync()
-        + m.copy_data(b"1\n")
-        + m.copy_done()
-        + m.sync()
-        + m.query("SELECT 1")
-    )
+    data = libpq_copy_in(table) + m.query("SELECT 1")
     expected, got = _both(proxy, pg_server, data, 10)
     assert expected == [b"1", b"2", b"G", b"E", b"Z", b"Z", b"T", b"D", b"C", b"Z"]
     assert got == expected
@@ -239,16 +230,7 @@ def test_a_copy_that_succeeds_after_a_dropped_sync(proxy: Proxy, pg_server: PgSe
     PostgreSQL holds an Execute's CommandComplete until a Sync or Flush, so dbward asks for it
     with a Flush (without it, this hung: found by the protocol fuzzer)."""
     table = _table(pg_server, "drift_copyok")
-    data = (
-        m.parse_message("", f"COPY {table} FROM STDIN")
-        + m.bind_message("", "", [])
-        + m.execute_message("")
-        + m.sync()
-        + m.copy_data(b"1\n")
-        + m.copy_done()
-        + m.sync()
-        + m.query("SELECT 1")
-    )
+    data = libpq_copy_in(table) + m.query("SELECT 1")
     expected, got = _both(proxy, pg_server, data, 9)
     assert expected == [b"1", b"2", b"G", b"C", b"Z", b"T", b"D", b"C", b"Z"]
     assert got == expected

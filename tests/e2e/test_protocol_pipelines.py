@@ -17,7 +17,7 @@ from dbward.wire.postgres import messages as m
 from fixtures.clients import app_name, has_disconnect, outcome_of, statements
 from fixtures.postgres import PgServer
 from fixtures.proxy import Proxy
-from fixtures.raw import RawSession, read_message
+from fixtures.raw import RawSession, libpq_copy_in, read_message
 from fixtures.raw import direct_session as _direct
 from fixtures.raw import scratch_table as _table
 
@@ -142,14 +142,7 @@ def test_eager_copy_data_of_a_failing_copy(proxy: Proxy, pg_server: PgServer) ->
 def test_eager_copy_data_of_a_failing_extended_copy(proxy: Proxy, pg_server: PgServer) -> None:
     steps = [
         (
-            m.parse_message("", "COPY r9b_no_such_table FROM STDIN")
-            + m.bind_message("", "", [])
-            + m.execute_message("")
-            + m.sync()
-            + m.copy_data(b"1\n")
-            + m.copy_done()
-            + m.sync()
-            + m.query("SELECT 3"),
+            libpq_copy_in("r9b_no_such_table") + m.query("SELECT 3"),
             8,
         )
     ]

@@ -418,8 +418,8 @@ def test_libpq_asking_for_protocol_3_2_logs_in_with_3_0(proxy: Proxy) -> None:
     dbward sent 0 there (a bare minor), which libpq read as a downgrade to protocol 0.0 and
     refused: such clients could not connect at all.
     """
-    if psycopg.pq.version() < 180000:
-        pytest.skip("needs libpq 18 (max_protocol_version)")
+    # The dev extra pins psycopg[binary]>=3.3, whose wheel bundles libpq 18.
+    assert psycopg.pq.version() >= 180000, "libpq 18 is needed for max_protocol_version"
     info = {**proxy.conninfo(), "application_name": _app("proto32")}
     with psycopg.connect(**info, max_protocol_version="3.2", connect_timeout=10) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
