@@ -608,6 +608,35 @@ def test_the_service_role_cannot_be_changed(sql: str, denied: bool) -> None:
 
 
 @pytest.mark.parametrize(
+    ("service", "sql", "denied"),
+    [
+        # Roles that are literally named like the keywords are other roles, not the keywords.
+        ("svc", "ALTER ROLE \"CURRENT_USER\" PASSWORD 'x'", False),
+        ("svc", 'DROP ROLE "ALL"', False),
+        ("svc", 'GRANT admin TO "PUBLIC"', False),
+        ("svc", 'ALTER ROLE "SESSION_USER" RENAME TO other', False),
+        # ... unless one of them is the service role.
+        ("CURRENT_USER", "ALTER ROLE \"CURRENT_USER\" PASSWORD 'x'", True),
+        ("PUBLIC", 'REVOKE app_rw FROM "PUBLIC"', True),
+        # A service role whose name needs quoting is still recognised, however it is written.
+        ("Svc Role", 'ALTER ROLE "Svc Role" NOLOGIN', True),
+        ("Svc Role", 'ALTER ROLE "Svc Role" RENAME TO x', True),
+        ("Svc Role", 'ALTER ROLE "svc role" NOLOGIN', False),
+        ("svc", 'ALTER ROLE "svc" NOLOGIN', True),
+    ],
+)
+def test_role_names_that_look_like_keywords(service: str, sql: str, denied: bool) -> None:
+    """guard.service_role refused every statement on a role named "CURRENT_USER", "ALL" or
+    "PUBLIC" (the names were compared with the keywords), and compared a quoted service role
+    name with the name as written."""
+    session = replace(SESSION, service_role=service)
+    rules = [
+        decide(PolicyRequest(session, s, ProtocolPath.SIMPLE, 0.0)).rule for s in CLF.classify(sql)
+    ]
+    assert rules == (["guard.service_role"] if denied else ["default.allow"]), rules
+
+
+@pytest.mark.parametrize(
     "sql",
     [
         "CREATE FUNCTION app_set(k text, v text) RETURNS text LANGUAGE sql "

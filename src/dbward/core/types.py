@@ -85,7 +85,9 @@ class Statement:
     savepoint: str | None = None
     # ALTER/DROP/RENAME ROLE, ALTER ROLE ... SET, GRANT/REVOKE of role membership, CREATE ROLE
     # ... ROLE: the roles it changes or gives memberships to (flag "changes_role"). The keywords
-    # CURRENT_USER, SESSION_USER, CURRENT_ROLE and ALL (every role) are upper-case.
+    # CURRENT_USER, SESSION_USER, CURRENT_ROLE, PUBLIC and ALL (every role) are bare upper
+    # case; names are written as in `tables` (quoted unless plain), so a role named "PUBLIC"
+    # reads "\"PUBLIC\"" and never passes for the keyword.
     roles: tuple[str, ...] = ()
 
 

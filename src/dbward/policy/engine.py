@@ -13,7 +13,7 @@ from dbward.core.types import (
     StatementKind,
     Verdict,
 )
-from dbward.sql.postgres import SERVER_FILE_FUNCTIONS
+from dbward.sql.postgres import SERVER_FILE_FUNCTIONS, recorded_name
 
 __all__ = ["ALLOW", "GUARDS", "RULES", "Guard", "decide"]
 
@@ -136,8 +136,9 @@ def guard_service_role(request: PolicyRequest) -> Decision | None:
     if "changes_role" not in statement.flags:
         return None
     service = request.session.service_role
+    recorded_service = recorded_name(service) if service else None
     for role in statement.roles:
-        if role in _SERVICE_ROLE_KEYWORDS or (service and role == service):
+        if role in _SERVICE_ROLE_KEYWORDS or role == recorded_service:
             return _DENY_SERVICE_ROLE
     return None
 

@@ -400,11 +400,14 @@ def _set_head(body: dict[str, Any]) -> tuple[StatementKind, str, set[str]]:
 _PLAIN_NAME: Final = re.compile(r"[a-z_][a-z0-9_]*\Z")
 
 
-def _ident(name: str) -> str:
+def recorded_name(name: str) -> str:
     """One name part as recorded: bare when plain, else double-quoted ("" for a quote)."""
     if _PLAIN_NAME.match(name):
         return name
     return '"' + name.replace('"', '""') + '"'
+
+
+_ident: Final = recorded_name
 
 
 def _dotted(parts: Iterable[str]) -> str:
@@ -1764,7 +1767,7 @@ def _roles_changed(node_type: str, body: dict[str, Any]) -> tuple[str, ...]:
     elif node_type == "DropRoleStmt":
         found.extend(_role_name(item) for item in body.get("roles", ()))
     elif node_type == "RenameStmt" and body.get("renameType") == "OBJECT_ROLE":
-        found.append(str(body.get("subname", "")))
+        found.append(_ident(str(body.get("subname", ""))))
     elif node_type == "GrantRoleStmt":
         found.extend(_role_name(item) for item in body.get("grantee_roles", ()))
     return tuple(found)
@@ -1808,14 +1811,15 @@ _OUTSIDE_TRANSACTION: Final = frozenset(
 
 
 def _role_name(spec: object) -> str:
-    """A RoleSpec as a name, or its keyword in upper case."""
+    """A RoleSpec as recorded_name writes a name, or its keyword in upper case (which no
+    recorded name can be: a role named "PUBLIC" is recorded quoted)."""
     if isinstance(spec, dict):
         spec = spec.get("RoleSpec", spec)
     if not isinstance(spec, dict):
         return ""
     roletype = str(spec.get("roletype", ""))
     if roletype == "ROLESPEC_CSTRING":
-        return str(spec.get("rolename", ""))
+        return _ident(str(spec.get("rolename", "")))
     return _ROLE_KEYWORDS.get(roletype, roletype)
 
 
