@@ -7,6 +7,7 @@ use dbward's own SCRAM client and message builders.
 from __future__ import annotations
 
 import random
+import re
 import signal
 import socket
 import struct
@@ -362,6 +363,17 @@ def test_cancel_flood_is_rate_limited(
     forwarded = [r for r in cancels if r.status == "forwarded"]
     assert 1 <= len(refused) < 50, len(refused)
     assert len(forwarded) == 1
+    # The rate-limited attempts: the first in one log line at once, the rest held back and
+    # reported when the 10 s interval ends, although no attempt follows (they were lost).
+    limited = 50 - len(refused)
+    pattern = re.compile(r"rate-limited: (\d+) refused since the last report")
+    deadline = time.monotonic() + 15
+    while True:
+        counts = [int(n) for n in pattern.findall(flooded.log())]
+        if sum(counts) >= limited or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert counts[:1] == [1] and sum(counts) == limited, (counts, limited)
 
 
 # ------------------------------------------------------------------ peers going away

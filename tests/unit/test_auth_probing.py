@@ -148,9 +148,23 @@ def test_a_spray_of_cancel_sources_keeps_the_rate_table_bounded_and_cheap() -> N
 def test_refused_cancel_attempts_are_reported_once_per_interval() -> None:
     """Sixteenth review: each refused attempt wrote a log line, so a spray flooded the log."""
     registry = CancelRegistry(rate_per_s=1.0, burst=1.0)
-    reports = [registry.refused_to_report(1000.0 + i * 0.001) for i in range(5000)]
-    assert reports[0] == 1 and sum(1 for r in reports if r) == 1
-    assert registry.refused_to_report(1011.0) == 5000  # the rest, in the next line
+    reports = [registry.refused_to_report("192.0.2.1", 1000.0 + i * 0.001) for i in range(5000)]
+    assert reports[0] == (1, None) and sum(1 for r, _ in reports if r) == 1
+    assert registry.refused_to_report("192.0.2.1", 1011.0) == (5000, None)  # the rest
+
+
+def test_refused_cancel_attempts_are_reported_when_the_spray_stops() -> None:
+    """A spray that stopped before the interval ended was never reported: the count waited
+    for a next attempt. The first attempt held back says when to report the rest."""
+    registry = CancelRegistry(rate_per_s=1.0, burst=1.0)
+    assert registry.refused_to_report("192.0.2.1", 1000.0) == (1, None)
+    held = [registry.refused_to_report(f"192.0.2.{i}", 1001.0 + i) for i in range(1, 4)]
+    assert held == [(0, 8.0), (0, None), (0, None)]  # one timer, at the interval's end
+    assert registry.latest_refused_host == "192.0.2.3"
+    assert registry.take_unreported(1010.0) == 3
+    assert registry.take_unreported(1010.5) == 0  # nothing twice
+    # The next line waits a whole interval after the timer's report.
+    assert registry.refused_to_report("192.0.2.9", 1015.0) == (0, 5.0)
 
 
 def test_cancel_attempts_from_one_ipv6_64_share_one_budget() -> None:

@@ -34,7 +34,7 @@ from dbward.core.types import (
     Verdict,
 )
 from dbward.policy.engine import decide, parser_error_snippet
-from dbward.relay.services import client_key
+from dbward.relay.services import CancelRegistry, client_key
 from dbward.relay.startup import StartupRefusedError, upstream_parameters
 from dbward.server.upstream import UpstreamConnection, UpstreamError, connect_upstream, send_cancel
 from dbward.sql.offload import OFFLOAD_CODE_MIN_BYTES, should_offload
@@ -338,6 +338,21 @@ def _audit_unavailable_decision() -> Decision:
         rule="guard.audit_unavailable",
         sqlstate=AuditUnavailable.sqlstate,
     )
+
+
+def _log_refused_cancels(count: int, latest_host: str) -> None:
+    log.warning(
+        "cancel requests are rate-limited: %d refused since the last report, the latest from %s",
+        count,
+        latest_host,
+    )
+
+
+def _report_held_cancels(cancels: CancelRegistry) -> None:
+    """The interval's end: report the refused attempts held back since the last line."""
+    count = cancels.take_unreported()
+    if count:
+        _log_refused_cancels(count, cancels.latest_refused_host)
 
 
 class PgSession(asyncio.Protocol):
@@ -895,14 +910,12 @@ class PgSession(asyncio.Protocol):
     async def _handle_cancel(self, packet: CancelRequest) -> None:
         services = self.services
         if not services.cancels.allow_attempt(self._client_host):
-            refused = services.cancels.refused_to_report()
+            cancels = services.cancels
+            refused, report_in = cancels.refused_to_report(self._client_host)
             if refused:
-                log.warning(
-                    "cancel requests are rate-limited: %d refused since the last report, "
-                    "the latest from %s",
-                    refused,
-                    self._client_host,
-                )
+                _log_refused_cancels(refused, self._client_host)
+            elif report_in is not None:
+                asyncio.get_running_loop().call_later(report_in, _report_held_cancels, cancels)
         else:
             target = services.cancels.lookup(packet.pid, packet.key)
             if target is None or target._upstream is None:

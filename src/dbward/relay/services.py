@@ -56,6 +56,7 @@ class CancelRegistry:
         # Refused attempts not yet reported in the log, and when it was last written to.
         self._refused_unreported = 0
         self._last_report = -_REPORT_INTERVAL_S
+        self.latest_refused_host = ""
 
     def issue(self, pid: int, session: PgSession) -> bytes:
         """A fresh random secret for this backend pid, unique among live sessions."""
@@ -89,15 +90,29 @@ class CancelRegistry:
             del buckets[next(iter(buckets))]
         return allowed
 
-    def refused_to_report(self, now: float | None = None) -> int:
-        """Count a refused attempt; returns how many to report in one log line now (0: not
-        yet). One line per interval, so a spray of guesses cannot flood the log."""
+    def refused_to_report(
+        self, client_host: str, now: float | None = None
+    ) -> tuple[int, float | None]:
+        """Count a refused attempt. Returns how many to report in one log line now (0: not
+        yet) and, when this attempt is the first one held back, the seconds after which
+        take_unreported() must report the held ones (else None). One line per interval, so
+        a spray of guesses cannot flood the log, and a spray that stops is still reported."""
         now = time.monotonic() if now is None else now
         self._refused_unreported += 1
-        if now - self._last_report < _REPORT_INTERVAL_S:
-            return 0
+        self.latest_refused_host = client_host
+        since = now - self._last_report
+        if since < _REPORT_INTERVAL_S:
+            first_held = self._refused_unreported == 1
+            return 0, (_REPORT_INTERVAL_S - since if first_held else None)
         count, self._refused_unreported = self._refused_unreported, 0
         self._last_report = now
+        return count, None
+
+    def take_unreported(self, now: float | None = None) -> int:
+        """The refused attempts held back since the last log line, to report now."""
+        count, self._refused_unreported = self._refused_unreported, 0
+        if count:
+            self._last_report = time.monotonic() if now is None else now
         return count
 
 
