@@ -376,6 +376,37 @@ def test_cancel_over_tls(tls_proxy: Proxy, test_ca: TestCA, pg_server: PgServer)
     assert [r.status for r in records if r.detail == f"session={session_id}"] == ["forwarded"]
 
 
+def test_cancel_with_upstream_verify_full(
+    proxy_factory: Callable[..., Proxy], pg_server: PgServer, test_ca: TestCA, tmp_path: Path
+) -> None:
+    """The session's upstream connection uses verify-full TLS: its cancel goes inside TLS,
+    verified the same way, and PostgreSQL acts on it."""
+    _require_pg_ssl(pg_server)
+    up = proxy_factory(
+        upstream=_ssl_role_upstream(
+            tmp_path,
+            pg_server,
+            {"mode": "verify-full", "ca_file": str(test_ca.ca_cert)},
+            host="localhost",
+        )
+    )
+    app = _app("up-cancel")
+    with _connect(up, app, autocommit=True) as conn, ThreadPoolExecutor(1) as pool:
+        running = pool.submit(conn.execute, "SELECT pg_sleep(30)")
+        deadline = time.monotonic() + 5
+        while "active" not in pg_server.psql(
+            f"SELECT state FROM pg_stat_activity WHERE application_name = '{app}'"
+        ):
+            assert time.monotonic() < deadline, "pg_sleep never started"
+            time.sleep(0.05)
+        started = time.monotonic()
+        conn.cancel_safe()
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            running.result(timeout=5)
+        assert time.monotonic() - started < 2.0
+    assert "cannot send a cancel request" not in up.log()
+
+
 # ------------------------------------------------------------------ channel binding
 
 

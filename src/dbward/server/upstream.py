@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 from collections import deque
 from collections.abc import Callable
@@ -17,6 +18,11 @@ from dbward.wire.postgres.framing import BackendFramer
 from dbward.wire.postgres.scram import MECHANISM, MECHANISM_PLUS, ScramClient, md5_password
 
 _MAX_STARTUP_FRAME = 1024 * 1024
+# The whole cancel (connect, TLS handshake, request, the database closing): a cancel that
+# arrives later than this is of no use, and shutdown waits for the ones it sends.
+_CANCEL_TIMEOUT_S = 5.0
+
+log = logging.getLogger("dbward.upstream")
 
 
 class UpstreamError(DbwardError):
@@ -101,6 +107,13 @@ class UpstreamProtocol(asyncio.Protocol):
         del self._raw[0]
         return value
 
+    async def wait_closed(self) -> None:
+        """Until the database closes the connection (it does once it has read a cancel)."""
+        while self._closed is None:
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+            self._waiter = None
+
     @property
     def unread_raw(self) -> bool:
         """True if bytes arrived that nobody has read yet (before framing starts)."""
@@ -140,6 +153,8 @@ class UpstreamConnection:
     backend_key: bytes = b""
     server_params: dict[str, str] = field(default_factory=dict)
     tls: bool = False
+    # The TLS context of this login when it used TLS, for its cancels; None: plaintext.
+    cancel_context: ssl.SSLContext | None = None
 
 
 async def _open_socket(settings: UpstreamSettings) -> tuple[asyncio.Transport, UpstreamProtocol]:
@@ -199,7 +214,12 @@ async def connect_upstream(
         transport, tls = await _negotiate_tls(transport, protocol, settings, context)
         startup = {"user": settings.user, **params}
         transport.write(messages.startup_message(startup))
-        conn = UpstreamConnection(transport=transport, protocol=protocol, tls=tls)
+        conn = UpstreamConnection(
+            transport=transport,
+            protocol=protocol,
+            tls=tls,
+            cancel_context=context if tls else None,
+        )
         binding = _channel_binding(transport) if tls else None
         scram: ScramClient | None = None
         while True:
@@ -351,13 +371,43 @@ def _channel_binding(transport: asyncio.Transport) -> bytes | None:
     return peer_end_point(ssl_object.getpeercert(binary_form=True))
 
 
-async def send_cancel(settings: UpstreamSettings, pid: int, key: bytes) -> None:
-    """Send a CancelRequest to the database on a fresh connection (best effort)."""
+async def send_cancel(settings: UpstreamSettings, upstream: UpstreamConnection) -> None:
+    """Send the CancelRequest of `upstream`'s backend on a fresh connection (best effort).
+
+    When the session's own login used TLS, the cancel goes inside TLS with the same context
+    (and so the same verification), as libpq 17 does: in plaintext it would show anyone on the
+    path the backend's secret key, and with it the power to cancel that session's statements
+    at will. It is then never sent in plaintext, even if the database (or someone in between)
+    declines TLS this time.
+    """
+    transport: asyncio.Transport | None = None
+    sent = False
     try:
-        transport, _protocol = await asyncio.wait_for(_open_socket(settings), timeout=5)
-    except (OSError, TimeoutError):
-        return
-    # PostgreSQL accepts a plaintext CancelRequest even where TLS is preferred.
-    transport.write(messages.cancel_request(pid, key))
-    await asyncio.sleep(0)
-    transport.close()
+        async with asyncio.timeout(_CANCEL_TIMEOUT_S):
+            transport, protocol = await _open_socket(settings)
+            context = upstream.cancel_context
+            if context is not None:
+                transport, tls = await _negotiate_tls(transport, protocol, settings, context)
+                if not tls:
+                    raise UpstreamError(
+                        "the database did not accept TLS for the cancel request of a session "
+                        "that uses TLS: not sent in plaintext",
+                        sqlstate="08001",
+                    )
+            transport.write(messages.cancel_request(upstream.backend_pid, upstream.backend_key))
+            sent = True
+            # The database closes the connection once it has read the request; waiting for
+            # that (as libpq does) means a cancel sent at shutdown has arrived before exiting.
+            await protocol.wait_closed()
+    except (OSError, TimeoutError, DbwardError) as exc:  # ssl.SSLError is an OSError
+        if not sent:
+            where = (
+                f"{settings.host}/.s.PGSQL.{settings.port}"
+                if settings.is_unix_socket
+                else f"{settings.host}:{settings.port}"
+            )
+            reason = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+            log.warning("cannot send a cancel request to the database at %s: %s", where, reason)
+    finally:
+        if transport is not None:
+            transport.close()
