@@ -445,6 +445,30 @@ def test_cleartext_request_over_unverified_tls_is_refused(
         stop_proxy(proxy)
 
 
+def test_channel_binding_required_refuses_scram_without_it(
+    tls_server: HostileServer, tmp_path: Path, test_ca: TestCA
+) -> None:
+    """With channel_binding require, a server over TLS offering only SCRAM-SHA-256 (the -PLUS
+    offer stripped by someone relaying to a database that does not bind) gets no answer."""
+    received: list[bytes] = []
+    context = _server_context(test_ca.make_leaf("nobind", dns_names=["localhost"]))
+
+    def strip(conn: HostileConn) -> None:
+        conn.read_startup(tls=context, answer=b"S")
+        conn.send(messages.authentication_sasl(["SCRAM-SHA-256"]))
+        received.append(conn.read_message()[1])
+
+    tls_server.script = strip
+    upstream = {"tls": {"mode": "require"}, "channel_binding": "require"}
+    proxy = start_hostile_proxy(tmp_path, tls_server, upstream=upstream)
+    try:
+        message = _login(proxy, app_name("nobind"))
+        assert "does not offer channel binding (SCRAM-SHA-256-PLUS)" in message, message
+        assert received == []
+    finally:
+        stop_proxy(proxy)
+
+
 @pytest.mark.parametrize("answer", [b"", b"S"], ids=["silent", "tls-handshake-stalls"])
 def test_database_that_never_answers_is_reported_as_such(
     tls_server: HostileServer, tmp_path: Path, answer: bytes

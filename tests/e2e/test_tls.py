@@ -262,6 +262,19 @@ def test_upstream_tls_verify_full_wrong_ca_fails_cleanly(
 # ------------------------------------------------------------------ upstream auth methods
 
 
+def _refused_upstream_login(proxy: Proxy, app: str) -> tuple[str, AuditRecord]:
+    """The FATAL the client got, and the upstream_lost record of its session."""
+    with pytest.raises(psycopg.OperationalError) as caught:
+        _connect(proxy, app)
+    records = _session(proxy, app, AuditEvent.UPSTREAM_LOST)
+    # The client authenticated to dbward; dbward then refused to complete its service login.
+    assert _events(records)[:2] == ["connect", "auth_ok"]
+    lost = next(r for r in records if r.event == AuditEvent.UPSTREAM_LOST)
+    assert lost.identity == "alice" and lost.sqlstate == "28000", lost
+    assert "upstream refused" in proxy.log()
+    return str(caught.value), lost
+
+
 def test_upstream_md5(
     proxy_factory: Callable[..., Proxy], pg_server: PgServer, tmp_path: Path
 ) -> None:
@@ -272,6 +285,60 @@ def test_upstream_md5(
     with _connect(up, app) as conn:
         assert _upstream_ssl(conn)[0] == pg_server.md5_user
     assert _events(_session(up, app, AuditEvent.DISCONNECT))[:2] == ["connect", "auth_ok"]
+
+
+@pytest.mark.parametrize("case", ["md5-not-listed", "trust-not-listed", "binding-trust"])
+def test_upstream_login_without_the_required_method_is_refused(
+    proxy_factory: Callable[..., Proxy],
+    pg_server: PgServer,
+    tmp_path: Path,
+    test_ca: TestCA,
+    case: str,
+) -> None:
+    """upstream.require_auth and upstream.channel_binding, as libpq's: a database asking for
+    another method (or none) is refused, and the client told why, as for any refused login."""
+    _require_pg_ssl(pg_server)
+    password_file = tmp_path / "md5-password"
+    password_file.write_text(pg_server.md5_password)
+    verify = {"mode": "verify-full", "ca_file": str(test_ca.ca_cert)}
+    if case == "md5-not-listed":
+        upstream: dict[str, Any] = {
+            "user": pg_server.md5_user,
+            "password_file": str(password_file),
+            "host": "localhost",
+            "tls": verify,
+            "require_auth": ["scram-sha-256"],
+        }
+        expected = "asks for an md5 password hash (md5), but upstream.require_auth allows only"
+    elif case == "trust-not-listed":
+        upstream = {"user": pg_server.trust_user, "password_file": None}
+        upstream |= {"require_auth": "scram-sha-256,password"}
+        expected = "without authentication, but upstream.require_auth allows only"
+    else:
+        upstream = {"user": pg_server.trust_user, "password_file": None, "tls": verify}
+        upstream |= {"host": "localhost", "channel_binding": "require"}
+        expected = "without authentication, so without channel binding"
+    up = proxy_factory(upstream=upstream)
+    message, lost = _refused_upstream_login(up, _app("reqauth"))
+    assert expected in message and expected in lost.reason, (message, lost)
+
+
+def test_upstream_channel_binding_required(
+    proxy_factory: Callable[..., Proxy], pg_server: PgServer, tmp_path: Path
+) -> None:
+    """channel_binding require with tls.mode require: SCRAM-SHA-256-PLUS, so logged in."""
+    _require_pg_ssl(pg_server)
+    up = proxy_factory(
+        upstream=_ssl_role_upstream(
+            tmp_path,
+            pg_server,
+            {"mode": "require"},
+            channel_binding="require",
+            require_auth="scram-sha-256",
+        )
+    )
+    with _connect(up, _app("cb-req")) as conn:
+        assert _upstream_ssl(conn) == (pg_server.ssl_user, True)
 
 
 def test_upstream_cleartext_password_is_sent_only_over_tls(
