@@ -445,6 +445,36 @@ def test_cleartext_request_over_unverified_tls_is_refused(
         stop_proxy(proxy)
 
 
+@pytest.mark.parametrize("mode", ["disable", "require"])
+def test_md5_request_from_a_server_not_known_to_be_the_database_is_refused(
+    tls_server: HostileServer, tmp_path: Path, test_ca: TestCA, mode: str
+) -> None:
+    """Whoever is on the path (no TLS, or his own certificate with require) asks for md5 and
+    relays the real server's salt: dbward's answer would log him in as the service role. It is
+    not sent; the refusal is the database's (upstream_lost), as for a cleartext request."""
+    received: list[bytes] = []
+    context = _server_context(test_ca.make_leaf("md5", dns_names=["localhost"]))
+
+    def phish(conn: HostileConn) -> None:
+        conn.read_startup(tls=context, answer=b"S" if mode == "require" else b"N")
+        conn.send(messages.authentication_md5(b"salt"))
+        received.append(conn.read_message()[1])
+
+    tls_server.script = phish
+    proxy = start_hostile_proxy(tmp_path, tls_server, upstream={"tls": {"mode": mode}})
+    try:
+        app = app_name("md5")
+        message = _login(proxy, app)
+        assert "asks for an md5 password hash on a connection without TLS or" in message, message
+        records = proxy.session_records(
+            app, until=lambda rs: any(r.event == AuditEvent.UPSTREAM_LOST for r in rs)
+        )
+        assert [r.sqlstate for r in records if r.event == AuditEvent.UPSTREAM_LOST] == ["28000"]
+        assert received == []
+    finally:
+        stop_proxy(proxy)
+
+
 def test_channel_binding_required_refuses_scram_without_it(
     tls_server: HostileServer, tmp_path: Path, test_ca: TestCA
 ) -> None:

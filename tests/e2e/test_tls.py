@@ -275,15 +275,41 @@ def _refused_upstream_login(proxy: Proxy, app: str) -> tuple[str, AuditRecord]:
     return str(caught.value), lost
 
 
-def test_upstream_md5(
-    proxy_factory: Callable[..., Proxy], pg_server: PgServer, tmp_path: Path
+@pytest.mark.parametrize("case", ["prefer", "disable", "verify-full", "require_auth-md5"])
+def test_upstream_md5_only_where_it_cannot_be_relayed(
+    proxy_factory: Callable[..., Proxy],
+    pg_server: PgServer,
+    tmp_path: Path,
+    test_ca: TestCA,
+    case: str,
 ) -> None:
+    """A role PostgreSQL authenticates with md5 (pg_hba md5, stored as an md5 hash). Someone on
+    the path (his own certificate with prefer/require, TLS stripped, or no TLS) can relay the
+    database's salt and dbward's answer and keep the logged-in session, or attack the hash
+    offline: as a cleartext password, the answer goes only over verify-full TLS (or a unix
+    socket), unless upstream.require_auth lists md5."""
+    _require_pg_ssl(pg_server)
     password_file = tmp_path / "md5-password"
     password_file.write_text(pg_server.md5_password + "\n")  # a trailing newline is tolerated
-    up = proxy_factory(upstream={"user": pg_server.md5_user, "password_file": str(password_file)})
+    upstream: dict[str, Any] = {"user": pg_server.md5_user, "password_file": str(password_file)}
+    if case == "verify-full":
+        upstream |= {
+            "host": "localhost",
+            "tls": {"mode": "verify-full", "ca_file": str(test_ca.ca_cert)},
+        }
+    elif case == "require_auth-md5":
+        upstream |= {"tls": {"mode": "prefer"}, "require_auth": ["scram-sha-256", "md5"]}
+    else:
+        upstream |= {"tls": {"mode": case}}
+    up = proxy_factory(upstream=upstream)
     app = _app("md5")
+    if case in ("prefer", "disable"):
+        message, lost = _refused_upstream_login(up, app)
+        assert "asks for an md5 password hash on a connection without TLS or" in message, message
+        assert "md5 password hash" in lost.reason, lost
+        return
     with _connect(up, app) as conn:
-        assert _upstream_ssl(conn)[0] == pg_server.md5_user
+        assert _upstream_ssl(conn) == (pg_server.md5_user, True)
     assert _events(_session(up, app, AuditEvent.DISCONNECT))[:2] == ["connect", "auth_ok"]
 
 

@@ -132,6 +132,18 @@ _MD5 = messages.authentication_md5(b"salt")
 _BOTH = ["SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"]
 
 
+def test_md5_is_answered_only_to_a_server_known_to_be_the_database() -> None:
+    """An md5 answer can be relayed by whoever sits on the path (his own certificate with
+    prefer/require, or TLS stripped): as for cleartext, only over verify-full TLS or a unix
+    socket, unless require_auth lists md5 (the operator accepts it)."""
+    with pytest.raises(UpstreamError, match="md5 password hash on a connection without TLS or"):
+        _answer(_MD5, private=False)
+    with pytest.raises(UpstreamError, match=r"list md5 in upstream\.require_auth"):
+        _answer(_MD5, private=False, tls=True)  # prefer/require: the certificate is unchecked
+    assert _answer(_MD5, private=True).startswith(b"p")  # verify-full TLS, unix socket
+    assert _answer(_MD5, private=False, require_auth=("scram-sha-256", "md5")).startswith(b"p")
+
+
 @pytest.mark.parametrize(
     ("frame", "name"),
     [

@@ -392,6 +392,16 @@ class ServiceLogin:
                 "without TLS or whose certificate is not verified: refused (use upstream tls "
                 "mode verify-full, or SCRAM)"
             )
+        if code == 5 and not self.private and "md5" not in (self.require_auth or ()):
+            # The answer is relayable (someone on the path passes the database's salt to
+            # dbward and its answer to the database, and holds the logged-in session) and is
+            # an offline attack on the password: as for cleartext, unless the operator
+            # accepted that by listing md5.
+            raise _refuse(
+                "the database asks for an md5 password hash on a connection without TLS or "
+                "whose certificate is not verified: refused (use upstream tls mode "
+                "verify-full or SCRAM, or list md5 in upstream.require_auth to accept it)"
+            )
 
     def _start_scram(self, password: str, data: bytes) -> ScramClient:
         mechanisms = [m for m in data.split(b"\x00") if m]
