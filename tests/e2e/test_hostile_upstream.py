@@ -7,12 +7,14 @@ log has no traceback) and keep serving.
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import socket
 import ssl
 import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psycopg
@@ -255,6 +257,117 @@ def test_verify_full_refuses_a_certificate_that_does_not_prove_the_host(
         stop_proxy(proxy)
 
 
+# ------------------------------------------------------------------ cancel requests
+
+_CANCEL = messages.cancel_request(4242, b"\x00\x00\x00\x01")  # the key HostileConn.login sends
+
+
+def _read_upto(conn: HostileConn, n: int) -> bytes:
+    """Up to n bytes, fewer if the peer closes or the TLS handshake failed."""
+    data = b""
+    try:
+        while len(data) < n and (chunk := conn.sock.recv(n - len(data))):
+            data += chunk
+    except OSError:
+        pass
+    return data
+
+
+@pytest.mark.parametrize("case", ["verify-full", "tls-declined", "wrong-certificate", "plaintext"])
+def test_cancel_goes_over_tls_when_the_session_does(
+    tls_server: HostileServer, tmp_path: Path, test_ca: TestCA, case: str
+) -> None:
+    """A CancelRequest in plaintext beside a TLS session shows anyone on the path the backend's
+    secret key (and with it the power to cancel that session's statements at will). As libpq
+    17 does, the cancel of a TLS session starts with an SSLRequest and goes inside TLS checked
+    as the session's login was; it is never sent in plaintext then, even if the database (or
+    someone in between) declines TLS or presents another certificate. A plaintext session's
+    cancel stays plaintext."""
+    leaf = test_ca.make_leaf("cancel", dns_names=["localhost"])
+    session_tls = None if case == "plaintext" else _server_context(leaf)
+    cancel_tls = session_tls
+    if case == "wrong-certificate":
+        other = make_test_ca(tmp_path / "other", common_name="localhost")
+        cancel_tls = _server_context(other.make_leaf("other", dns_names=["localhost"]))
+    connections = itertools.count()
+    query_seen, release = threading.Event(), threading.Event()
+    seen: list[tuple[bytes, bytes, bool]] = []  # first 8 bytes, the request, inside TLS
+
+    def script(conn: HostileConn) -> None:
+        if next(connections) == 0:  # the session
+            conn.read_startup(tls=session_tls, answer=b"S" if session_tls else b"N")
+            conn.accept_login()
+            conn.read_message()
+            query_seen.set()
+            release.wait(10)
+            if any(request == _CANCEL for _, request, _ in seen):
+                conn.send(messages.error_response("ERROR", "57014", "canceling statement"))
+            else:
+                conn.send(messages.command_complete("SELECT 0"))
+            conn.send(_READY)
+            conn.idle_until_closed()
+            return
+        first = conn.recv_exact(8)
+        request = first
+        if first == messages.ssl_request():
+            conn.send(b"N" if case == "tls-declined" else b"S")
+            if case != "tls-declined":
+                assert isinstance(conn.sock, socket.socket) and cancel_tls is not None
+                try:
+                    conn.sock = cancel_tls.wrap_socket(conn.sock, server_side=True)
+                except (ssl.SSLError, OSError):
+                    seen.append((first, b"", False))
+                    return
+            request = b""
+        request += _read_upto(conn, 16 - len(request))
+        seen.append((first, request, isinstance(conn.sock, ssl.SSLSocket)))
+
+    tls_server.script = script
+    if case == "plaintext":
+        tls = {"mode": "disable"}
+    elif case == "tls-declined":
+        tls = {"mode": "prefer"}  # a login would fall back to plaintext; its cancel must not
+    else:
+        tls = {"mode": "verify-full", "ca_file": str(test_ca.ca_cert)}
+    proxy = start_hostile_proxy(tmp_path, tls_server, upstream={"host": "localhost", "tls": tls})
+    try:
+        with (
+            psycopg.connect(
+                **proxy.conninfo(), application_name=app_name("cancel"), autocommit=True
+            ) as conn,
+            ThreadPoolExecutor(1) as pool,
+        ):
+            running = pool.submit(conn.execute, "select pg_sleep(30)")
+            assert query_seen.wait(5)
+            conn.cancel_safe(timeout=10)
+            deadline = time.monotonic() + 10
+            while not seen and time.monotonic() < deadline:
+                time.sleep(0.02)
+            release.set()
+            if case in ("verify-full", "plaintext"):
+                with pytest.raises(psycopg.errors.QueryCanceled):
+                    running.result(timeout=5)
+            else:
+                running.result(timeout=5)
+        assert len(seen) == 1, seen
+        first, request, inside_tls = seen[0]
+        if case == "plaintext":
+            assert (first, request, inside_tls) == (_CANCEL[:8], _CANCEL, False)
+        else:
+            assert first == messages.ssl_request(), f"the cancel began with {first!r}"
+            if case == "verify-full":
+                assert (request, inside_tls) == (_CANCEL, True)
+            else:
+                assert request == b"", "the cancel was sent anyway"
+                log = proxy.log()
+                assert "cannot send a cancel request to the database" in log, log[-3000:]
+                reason = "not sent in plaintext" if case == "tls-declined" else "certificate"
+                assert reason in log, log[-3000:]
+    finally:
+        release.set()
+        stop_proxy(proxy)
+
+
 # ------------------------------------------------------------------ a man in the middle
 
 
@@ -327,6 +440,60 @@ def test_cleartext_request_over_unverified_tls_is_refused(
     proxy = start_hostile_proxy(tmp_path, tls_server, upstream={"tls": {"mode": "require"}})
     try:
         assert "whose certificate is not verified" in _login(proxy, app_name("phish"))
+        assert received == []
+    finally:
+        stop_proxy(proxy)
+
+
+@pytest.mark.parametrize("mode", ["disable", "require"])
+def test_md5_request_from_a_server_not_known_to_be_the_database_is_refused(
+    tls_server: HostileServer, tmp_path: Path, test_ca: TestCA, mode: str
+) -> None:
+    """Whoever is on the path (no TLS, or his own certificate with require) asks for md5 and
+    relays the real server's salt: dbward's answer would log him in as the service role. It is
+    not sent; the refusal is the database's (upstream_lost), as for a cleartext request."""
+    received: list[bytes] = []
+    context = _server_context(test_ca.make_leaf("md5", dns_names=["localhost"]))
+
+    def phish(conn: HostileConn) -> None:
+        conn.read_startup(tls=context, answer=b"S" if mode == "require" else b"N")
+        conn.send(messages.authentication_md5(b"salt"))
+        received.append(conn.read_message()[1])
+
+    tls_server.script = phish
+    proxy = start_hostile_proxy(tmp_path, tls_server, upstream={"tls": {"mode": mode}})
+    try:
+        app = app_name("md5")
+        message = _login(proxy, app)
+        assert "asks for an md5 password hash on a connection without TLS or" in message, message
+        records = proxy.session_records(
+            app, until=lambda rs: any(r.event == AuditEvent.UPSTREAM_LOST for r in rs)
+        )
+        assert [r.sqlstate for r in records if r.event == AuditEvent.UPSTREAM_LOST] == ["28000"]
+        assert received == []
+    finally:
+        stop_proxy(proxy)
+
+
+def test_channel_binding_required_refuses_scram_without_it(
+    tls_server: HostileServer, tmp_path: Path, test_ca: TestCA
+) -> None:
+    """With channel_binding require, a server over TLS offering only SCRAM-SHA-256 (the -PLUS
+    offer stripped by someone relaying to a database that does not bind) gets no answer."""
+    received: list[bytes] = []
+    context = _server_context(test_ca.make_leaf("nobind", dns_names=["localhost"]))
+
+    def strip(conn: HostileConn) -> None:
+        conn.read_startup(tls=context, answer=b"S")
+        conn.send(messages.authentication_sasl(["SCRAM-SHA-256"]))
+        received.append(conn.read_message()[1])
+
+    tls_server.script = strip
+    upstream = {"tls": {"mode": "require"}, "channel_binding": "require"}
+    proxy = start_hostile_proxy(tmp_path, tls_server, upstream=upstream)
+    try:
+        message = _login(proxy, app_name("nobind"))
+        assert "does not offer channel binding (SCRAM-SHA-256-PLUS)" in message, message
         assert received == []
     finally:
         stop_proxy(proxy)

@@ -262,16 +262,109 @@ def test_upstream_tls_verify_full_wrong_ca_fails_cleanly(
 # ------------------------------------------------------------------ upstream auth methods
 
 
-def test_upstream_md5(
-    proxy_factory: Callable[..., Proxy], pg_server: PgServer, tmp_path: Path
+def _refused_upstream_login(proxy: Proxy, app: str) -> tuple[str, AuditRecord]:
+    """The FATAL the client got, and the upstream_lost record of its session."""
+    with pytest.raises(psycopg.OperationalError) as caught:
+        _connect(proxy, app)
+    records = _session(proxy, app, AuditEvent.UPSTREAM_LOST)
+    # The client authenticated to dbward; dbward then refused to complete its service login.
+    assert _events(records)[:2] == ["connect", "auth_ok"]
+    lost = next(r for r in records if r.event == AuditEvent.UPSTREAM_LOST)
+    assert lost.identity == "alice" and lost.sqlstate == "28000", lost
+    assert "upstream refused" in proxy.log()
+    return str(caught.value), lost
+
+
+@pytest.mark.parametrize("case", ["prefer", "disable", "verify-full", "require_auth-md5"])
+def test_upstream_md5_only_where_it_cannot_be_relayed(
+    proxy_factory: Callable[..., Proxy],
+    pg_server: PgServer,
+    tmp_path: Path,
+    test_ca: TestCA,
+    case: str,
 ) -> None:
+    """A role PostgreSQL authenticates with md5 (pg_hba md5, stored as an md5 hash). Someone on
+    the path (his own certificate with prefer/require, TLS stripped, or no TLS) can relay the
+    database's salt and dbward's answer and keep the logged-in session, or attack the hash
+    offline: as a cleartext password, the answer goes only over verify-full TLS (or a unix
+    socket), unless upstream.require_auth lists md5."""
+    _require_pg_ssl(pg_server)
     password_file = tmp_path / "md5-password"
     password_file.write_text(pg_server.md5_password + "\n")  # a trailing newline is tolerated
-    up = proxy_factory(upstream={"user": pg_server.md5_user, "password_file": str(password_file)})
+    upstream: dict[str, Any] = {"user": pg_server.md5_user, "password_file": str(password_file)}
+    if case == "verify-full":
+        upstream |= {
+            "host": "localhost",
+            "tls": {"mode": "verify-full", "ca_file": str(test_ca.ca_cert)},
+        }
+    elif case == "require_auth-md5":
+        upstream |= {"tls": {"mode": "prefer"}, "require_auth": ["scram-sha-256", "md5"]}
+    else:
+        upstream |= {"tls": {"mode": case}}
+    up = proxy_factory(upstream=upstream)
     app = _app("md5")
+    if case in ("prefer", "disable"):
+        message, lost = _refused_upstream_login(up, app)
+        assert "asks for an md5 password hash on a connection without TLS or" in message, message
+        assert "md5 password hash" in lost.reason, lost
+        return
     with _connect(up, app) as conn:
-        assert _upstream_ssl(conn)[0] == pg_server.md5_user
+        assert _upstream_ssl(conn) == (pg_server.md5_user, True)
     assert _events(_session(up, app, AuditEvent.DISCONNECT))[:2] == ["connect", "auth_ok"]
+
+
+@pytest.mark.parametrize("case", ["md5-not-listed", "trust-not-listed", "binding-trust"])
+def test_upstream_login_without_the_required_method_is_refused(
+    proxy_factory: Callable[..., Proxy],
+    pg_server: PgServer,
+    tmp_path: Path,
+    test_ca: TestCA,
+    case: str,
+) -> None:
+    """upstream.require_auth and upstream.channel_binding, as libpq's: a database asking for
+    another method (or none) is refused, and the client told why, as for any refused login."""
+    _require_pg_ssl(pg_server)
+    password_file = tmp_path / "md5-password"
+    password_file.write_text(pg_server.md5_password)
+    verify = {"mode": "verify-full", "ca_file": str(test_ca.ca_cert)}
+    if case == "md5-not-listed":
+        upstream: dict[str, Any] = {
+            "user": pg_server.md5_user,
+            "password_file": str(password_file),
+            "host": "localhost",
+            "tls": verify,
+            "require_auth": ["scram-sha-256"],
+        }
+        expected = "asks for an md5 password hash (md5), but upstream.require_auth allows only"
+    elif case == "trust-not-listed":
+        upstream = {"user": pg_server.trust_user, "password_file": None}
+        upstream |= {"require_auth": "scram-sha-256,password"}
+        expected = "without authentication, but upstream.require_auth allows only"
+    else:
+        upstream = {"user": pg_server.trust_user, "password_file": None, "tls": verify}
+        upstream |= {"host": "localhost", "channel_binding": "require"}
+        expected = "without authentication, so without channel binding"
+    up = proxy_factory(upstream=upstream)
+    message, lost = _refused_upstream_login(up, _app("reqauth"))
+    assert expected in message and expected in lost.reason, (message, lost)
+
+
+def test_upstream_channel_binding_required(
+    proxy_factory: Callable[..., Proxy], pg_server: PgServer, tmp_path: Path
+) -> None:
+    """channel_binding require with tls.mode require: SCRAM-SHA-256-PLUS, so logged in."""
+    _require_pg_ssl(pg_server)
+    up = proxy_factory(
+        upstream=_ssl_role_upstream(
+            tmp_path,
+            pg_server,
+            {"mode": "require"},
+            channel_binding="require",
+            require_auth="scram-sha-256",
+        )
+    )
+    with _connect(up, _app("cb-req")) as conn:
+        assert _upstream_ssl(conn) == (pg_server.ssl_user, True)
 
 
 def test_upstream_cleartext_password_is_sent_only_over_tls(
@@ -374,6 +467,37 @@ def test_cancel_over_tls(tls_proxy: Proxy, test_ca: TestCA, pg_server: PgServer)
         event="cancel", until=lambda rs: any(r.detail == f"session={session_id}" for r in rs)
     )
     assert [r.status for r in records if r.detail == f"session={session_id}"] == ["forwarded"]
+
+
+def test_cancel_with_upstream_verify_full(
+    proxy_factory: Callable[..., Proxy], pg_server: PgServer, test_ca: TestCA, tmp_path: Path
+) -> None:
+    """The session's upstream connection uses verify-full TLS: its cancel goes inside TLS,
+    verified the same way, and PostgreSQL acts on it."""
+    _require_pg_ssl(pg_server)
+    up = proxy_factory(
+        upstream=_ssl_role_upstream(
+            tmp_path,
+            pg_server,
+            {"mode": "verify-full", "ca_file": str(test_ca.ca_cert)},
+            host="localhost",
+        )
+    )
+    app = _app("up-cancel")
+    with _connect(up, app, autocommit=True) as conn, ThreadPoolExecutor(1) as pool:
+        running = pool.submit(conn.execute, "SELECT pg_sleep(30)")
+        deadline = time.monotonic() + 5
+        while "active" not in pg_server.psql(
+            f"SELECT state FROM pg_stat_activity WHERE application_name = '{app}'"
+        ):
+            assert time.monotonic() < deadline, "pg_sleep never started"
+            time.sleep(0.05)
+        started = time.monotonic()
+        conn.cancel_safe()
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            running.result(timeout=5)
+        assert time.monotonic() - started < 2.0
+    assert "cannot send a cancel request" not in up.log()
 
 
 # ------------------------------------------------------------------ channel binding

@@ -32,3 +32,57 @@ def test_an_empty_listener_list_is_reported() -> None:
     assert _problems({"listeners": []}) == [
         "listeners: Tuple should have at least 1 item after validation, not 0"
     ]
+
+
+@pytest.mark.parametrize(
+    ("upstream", "expected"),
+    [
+        (
+            {"require_auth": ["scram-sha-256", "sha1"]},
+            "listeners[0].upstream.require_auth[1]: Input should be 'scram-sha-256', 'md5', "
+            "'password' or 'none'",
+        ),
+        (
+            {"require_auth": []},
+            "listeners[0].upstream.require_auth: expected at least one of scram-sha-256, md5, "
+            "password, none",
+        ),
+        (
+            {"channel_binding": "on"},
+            "listeners[0].upstream.channel_binding: Input should be 'disable', 'prefer' or "
+            "'require'",
+        ),
+        (
+            {"channel_binding": "require", "tls": {"mode": "disable"}},
+            "listeners[0].upstream: channel_binding 'require' needs TLS: expected tls.mode "
+            "prefer, require or verify-full, not disable",
+        ),
+        (
+            {"channel_binding": "require", "host": "/run/postgresql"},
+            "listeners[0].upstream: channel_binding 'require' needs TLS, which is not used over "
+            "a unix socket (host /run/postgresql): expected channel_binding 'prefer' or 'disable'",
+        ),
+        (
+            {"channel_binding": "require", "require_auth": "scram-sha-256,md5"},
+            "listeners[0].upstream: channel_binding 'require' accepts only SCRAM-SHA-256 with "
+            "channel binding: require_auth must list only scram-sha-256, not md5",
+        ),
+    ],
+    ids=["unknown-method", "empty", "binding-value", "binding-no-tls", "binding-unix", "md5"],
+)
+def test_upstream_auth_settings_name_the_key_and_what_is_expected(
+    upstream: dict[str, object], expected: str
+) -> None:
+    assert _problems({"listeners": [_listener(**upstream)]}) == [expected]
+
+
+def test_require_auth_accepts_libpq_comma_list() -> None:
+    config = parse_config(
+        {"listeners": [_listener(require_auth="scram-sha-256, md5", channel_binding="disable")]},
+        base_dir=Path("/"),
+    )
+    upstream = config.listeners[0].upstream
+    assert (upstream.require_auth, upstream.channel_binding) == (
+        ("scram-sha-256", "md5"),
+        "disable",
+    )

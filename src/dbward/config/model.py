@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -79,6 +79,12 @@ class UpstreamTlsSettings(_Strict):
         return self
 
 
+# libpq's names for the methods a database may authenticate a client with ("none": it lets
+# the client in without asking, as trust and peer do).
+UpstreamAuthMethod = Literal["scram-sha-256", "md5", "password", "none"]
+UPSTREAM_AUTH_METHODS: tuple[str, ...] = get_args(UpstreamAuthMethod)
+
+
 class UpstreamSettings(_Strict):
     """The database behind a listener and the service credentials dbward uses for it."""
 
@@ -90,11 +96,55 @@ class UpstreamSettings(_Strict):
     password_file: Path | None = None
     tls: UpstreamTlsSettings = UpstreamTlsSettings()
     connect_timeout_s: float = Field(default=10.0, gt=0, le=300)
+    # libpq's require_auth: the methods the database may authenticate dbward with (None: any
+    # the rules for connections that are not known to reach the database allow).
+    require_auth: tuple[UpstreamAuthMethod, ...] | None = None
+    # libpq's channel_binding: require refuses a login whose SCRAM is not bound to the TLS
+    # connection (and every method other than SCRAM).
+    channel_binding: Literal["disable", "prefer", "require"] = "prefer"
+
+    @field_validator("require_auth", mode="before")
+    @classmethod
+    def _split_auth_list(cls, value: object) -> object:
+        if isinstance(value, str):  # libpq's form: "scram-sha-256,md5"
+            return tuple(part.strip() for part in value.split(","))
+        return value
+
+    @field_validator("require_auth")
+    @classmethod
+    def _some_auth(
+        cls, value: tuple[UpstreamAuthMethod, ...] | None
+    ) -> tuple[UpstreamAuthMethod, ...] | None:
+        if value is not None and not value:
+            raise ValueError(f"expected at least one of {', '.join(UPSTREAM_AUTH_METHODS)}")
+        return value
 
     @model_validator(mode="after")
     def _one_password_source(self) -> UpstreamSettings:
         if self.password_env is not None and self.password_file is not None:
             raise ValueError("set only one of password_env and password_file")
+        return self
+
+    @model_validator(mode="after")
+    def _binding_possible(self) -> UpstreamSettings:
+        if self.channel_binding != "require":
+            return self
+        if self.is_unix_socket:
+            raise ValueError(
+                "channel_binding 'require' needs TLS, which is not used over a unix socket "
+                f"(host {self.host}): expected channel_binding 'prefer' or 'disable'"
+            )
+        if self.tls.mode == "disable":
+            raise ValueError(
+                "channel_binding 'require' needs TLS: expected tls.mode prefer, require or "
+                "verify-full, not disable"
+            )
+        others = [m for m in self.require_auth or () if m != "scram-sha-256"]
+        if others:
+            raise ValueError(
+                "channel_binding 'require' accepts only SCRAM-SHA-256 with channel binding: "
+                f"require_auth must list only scram-sha-256, not {', '.join(others)}"
+            )
         return self
 
     @property

@@ -924,11 +924,7 @@ class PgSession(asyncio.Protocol):
                 self._audit(
                     AuditEvent.CANCEL, status="forwarded", detail=f"session={target.session_id}"
                 )
-                await send_cancel(
-                    services.settings.upstream,
-                    target._upstream.backend_pid,
-                    target._upstream.backend_key,
-                )
+                await send_cancel(services.settings.upstream, target._upstream)
         self._close_client()
 
     def _attach_upstream(self, upstream: UpstreamConnection) -> None:
@@ -2362,7 +2358,7 @@ class PgSession(asyncio.Protocol):
         if upstream is None:
             return None
         return asyncio.get_running_loop().create_task(
-            send_cancel(self.services.settings.upstream, upstream.backend_pid, upstream.backend_key)
+            send_cancel(self.services.settings.upstream, upstream)
         )
 
     def _send_shutdown(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 from collections import deque
 from collections.abc import Callable
@@ -17,6 +18,11 @@ from dbward.wire.postgres.framing import BackendFramer
 from dbward.wire.postgres.scram import MECHANISM, MECHANISM_PLUS, ScramClient, md5_password
 
 _MAX_STARTUP_FRAME = 1024 * 1024
+# The whole cancel (connect, TLS handshake, request, the database closing): a cancel that
+# arrives later than this is of no use, and shutdown waits for the ones it sends.
+_CANCEL_TIMEOUT_S = 5.0
+
+log = logging.getLogger("dbward.upstream")
 
 
 class UpstreamError(DbwardError):
@@ -101,6 +107,13 @@ class UpstreamProtocol(asyncio.Protocol):
         del self._raw[0]
         return value
 
+    async def wait_closed(self) -> None:
+        """Until the database closes the connection (it does once it has read a cancel)."""
+        while self._closed is None:
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+            self._waiter = None
+
     @property
     def unread_raw(self) -> bool:
         """True if bytes arrived that nobody has read yet (before framing starts)."""
@@ -140,6 +153,8 @@ class UpstreamConnection:
     backend_key: bytes = b""
     server_params: dict[str, str] = field(default_factory=dict)
     tls: bool = False
+    # The TLS context of this login when it used TLS, for its cancels; None: plaintext.
+    cancel_context: ssl.SSLContext | None = None
 
 
 async def _open_socket(settings: UpstreamSettings) -> tuple[asyncio.Transport, UpstreamProtocol]:
@@ -199,27 +214,28 @@ async def connect_upstream(
         transport, tls = await _negotiate_tls(transport, protocol, settings, context)
         startup = {"user": settings.user, **params}
         transport.write(messages.startup_message(startup))
-        conn = UpstreamConnection(transport=transport, protocol=protocol, tls=tls)
-        binding = _channel_binding(transport) if tls else None
-        scram: ScramClient | None = None
+        conn = UpstreamConnection(
+            transport=transport,
+            protocol=protocol,
+            tls=tls,
+            cancel_context=context if tls else None,
+        )
+        login = ServiceLogin(
+            user=settings.user,
+            password=password,
+            # Known to be the database: TLS with its certificate verified, or a unix socket (it
+            # never leaves the host). Without TLS anyone on the path could be answering; with
+            # prefer/require (certificate unchecked) anyone presenting his own certificate.
+            private=(tls and settings.tls.mode == "verify-full") or settings.is_unix_socket,
+            tls=tls,
+            binding=_channel_binding(transport) if tls else None,
+            require_auth=settings.require_auth,
+            channel_binding=settings.channel_binding,
+        )
         while True:
             msg_type, payload, raw = await protocol.read_message()
             if msg_type == ord("R"):
-                # A cleartext password goes only to a server known to be the database: over
-                # TLS with its certificate verified, or a unix socket (it never leaves the
-                # host). Without TLS anyone on the path could have asked; with prefer/require
-                # (certificate unchecked) anyone on the path presenting his own certificate.
-                private = (tls and settings.tls.mode == "verify-full") or settings.is_unix_socket
-                scram = await _answer_auth(
-                    transport,
-                    payload,
-                    settings.user,
-                    password,
-                    scram,
-                    private=private,
-                    tls=tls,
-                    binding=binding,
-                )
+                await login.answer(transport, payload)
             elif msg_type == ord("S"):
                 name, value = messages.parse_parameter_status(payload)
                 conn.server_params[name] = value
@@ -253,92 +269,169 @@ async def connect_upstream(
         raise
 
 
-async def _answer_auth(
-    transport: asyncio.Transport,
-    payload: bytes,
-    user: str,
-    password: str | None,
-    scram: ScramClient | None,
-    *,
-    private: bool,
-    tls: bool = False,
-    binding: bytes | None = None,
-) -> ScramClient | None:
-    code, data = messages.parse_authentication(payload)
-    if code == 0:  # AuthenticationOk
+# What each authentication request is called in upstream.require_auth (libpq's names).
+_METHOD_NAMES = {3: "password", 5: "md5", 10: "scram-sha-256"}
+_METHOD_TEXT = {3: "a cleartext password", 5: "an md5 password hash", 10: "SCRAM-SHA-256"}
+
+
+def _refuse(message: str) -> UpstreamError:
+    """A login dbward will not complete; the client gets FATAL 28000 and the audit
+    upstream_lost with this reason, as for any other refusal of the service login."""
+    return UpstreamError(message, sqlstate="28000")
+
+
+@dataclass
+class ServiceLogin:
+    """dbward's side of its authentication to the database as the service user: what it may
+    answer (the settings, how the connection is protected) and the exchange so far."""
+
+    user: str
+    password: str | None
+    private: bool  # the peer is known to be the database (verify-full TLS, or a unix socket)
+    tls: bool
+    binding: bytes | None = None  # tls-server-end-point of the certificate the server presented
+    require_auth: tuple[str, ...] | None = None  # None: any method the rules below allow
+    channel_binding: str = "prefer"  # disable, prefer or require, as libpq
+    scram: ScramClient | None = None
+    method: int | None = None  # the authentication request code the database used
+
+    async def answer(self, transport: asyncio.Transport, payload: bytes) -> None:
+        """Answer one Authentication* message (payload without its header)."""
+        code, data = messages.parse_authentication(payload)
+        if code == 0:  # AuthenticationOk
+            self._check_ok()
+        elif code in (3, 5, 10):
+            self._check_method(code)
+            password = self.password
+            if password is None:
+                raise UpstreamError(
+                    "the database asks for a password but the upstream has no "
+                    "password_env/password_file",
+                    sqlstate="28P01",
+                )
+            self.method = code
+            if code == 3:  # cleartext
+                transport.write(messages.password_message(password))
+            elif code == 5:  # md5
+                transport.write(
+                    messages.password_message(md5_password(self.user, password, data[:4]))
+                )
+            else:
+                self.scram = self._start_scram(password, data)
+                transport.write(
+                    messages.sasl_initial_response(self.scram.mechanism, self.scram.client_first())
+                )
+        elif code == 11:  # SASL continue
+            if self.scram is None:
+                raise ProtocolError("SASLContinue without SASL")
+            scram = self.scram
+            try:
+                scram.read_server_first(data)
+                # PBKDF2 with the iteration count the server chose (up to seconds of CPU): in a
+                # thread, so one database asking for a huge count does not stall every session.
+                loop = asyncio.get_running_loop()
+                salted = await loop.run_in_executor(None, scram.salted_password)
+                final = scram.client_final_with(salted)
+            except AuthenticationFailed as exc:
+                raise _refuse(f"upstream SCRAM exchange failed: {exc}") from None
+            transport.write(messages.sasl_response(final))
+        elif code == 12:  # SASL final
+            if self.scram is None:
+                raise ProtocolError("SASLFinal without SASL")
+            try:
+                self.scram.verify_server_final(data)
+            except AuthenticationFailed as exc:
+                raise _refuse(f"upstream SCRAM verification failed: {exc}") from None
+        else:
+            raise _refuse(f"unsupported upstream authentication request {code}")
+
+    def _check_ok(self) -> None:
+        scram = self.scram
         if scram is not None and not scram.verified:
             # A server that knows the password proves it in SASLFinal; one that skips the proof
             # may be an impostor that let us in to see what we send.
-            raise UpstreamError(
-                "the database ended SCRAM authentication without proving it knows the password",
-                sqlstate="28000",
+            raise _refuse(
+                "the database ended SCRAM authentication without proving it knows the password"
             )
-        return scram
-    if password is None and code in (3, 5, 10):
-        raise UpstreamError(
-            "the database asks for a password but the upstream has no password_env/password_file",
-            sqlstate="28P01",
-        )
-    assert password is not None or code not in (3, 5, 10)
-    if code == 3:  # cleartext
-        assert password is not None
-        if not private:
-            raise UpstreamError(
+        if self.method is None:
+            # Let in without being asked anything (trust, peer) — or by someone on the path
+            # who is not the database and wants to see what dbward sends.
+            if self.channel_binding == "require":
+                raise _refuse(
+                    "the database let dbward in without authentication, so without channel "
+                    "binding, but upstream.channel_binding is require"
+                )
+            if self.require_auth is not None and "none" not in self.require_auth:
+                raise _refuse(
+                    "the database let dbward in without authentication, but "
+                    f"upstream.require_auth allows only {', '.join(self.require_auth)}"
+                )
+
+    def _check_method(self, code: int) -> None:
+        name, text = _METHOD_NAMES[code], _METHOD_TEXT[code]
+        if self.method is not None and self.method != code:
+            raise _refuse(
+                f"the database asks for {text} after asking for "
+                f"{_METHOD_TEXT[self.method]}: refused"
+            )
+        if self.require_auth is not None and name not in self.require_auth:
+            raise _refuse(
+                f"the database asks for {text} ({name}), but upstream.require_auth allows only "
+                f"{', '.join(self.require_auth)}"
+            )
+        if code != 10 and self.channel_binding == "require":
+            raise _refuse(
+                f"the database asks for {text}, which has no channel binding, but "
+                "upstream.channel_binding is require"
+            )
+        if code == 3 and not self.private:
+            # Without TLS (or with prefer, which someone on the path can strip) anyone on the
+            # path could have asked; with require anyone presenting his own certificate.
+            raise _refuse(
                 "the database asks for the service password in clear text on a connection "
                 "without TLS or whose certificate is not verified: refused (use upstream tls "
-                "mode verify-full, or SCRAM)",
-                sqlstate="28000",
+                "mode verify-full, or SCRAM)"
             )
-        transport.write(messages.password_message(password))
-        return scram
-    if code == 5:  # md5
-        assert password is not None
-        transport.write(messages.password_message(md5_password(user, password, data[:4])))
-        return scram
-    if code == 10:  # SASL
-        assert password is not None
+        if code == 5 and not self.private and "md5" not in (self.require_auth or ()):
+            # The answer is relayable (someone on the path passes the database's salt to
+            # dbward and its answer to the database, and holds the logged-in session) and is
+            # an offline attack on the password: as for cleartext, unless the operator
+            # accepted that by listing md5.
+            raise _refuse(
+                "the database asks for an md5 password hash on a connection without TLS or "
+                "whose certificate is not verified: refused (use upstream tls mode "
+                "verify-full or SCRAM, or list md5 in upstream.require_auth to accept it)"
+            )
+
+    def _start_scram(self, password: str, data: bytes) -> ScramClient:
         mechanisms = [m for m in data.split(b"\x00") if m]
-        if MECHANISM_PLUS.encode() in mechanisms and binding is not None:
+        offered_plus = MECHANISM_PLUS.encode() in mechanisms
+        if self.channel_binding == "require":
+            if not self.tls:
+                raise _refuse(
+                    "the connection to the database does not use TLS, so SCRAM cannot be bound "
+                    "to it, but upstream.channel_binding is require"
+                )
+            if not offered_plus:
+                raise _refuse(
+                    "the database does not offer channel binding (SCRAM-SHA-256-PLUS), but "
+                    "upstream.channel_binding is require"
+                )
+            if self.binding is None:
+                raise _refuse(
+                    "the database's certificate allows no channel binding (its signature names "
+                    "no hash), but upstream.channel_binding is require"
+                )
+        if self.channel_binding != "disable" and offered_plus and self.binding is not None:
             # Bound to this TLS connection: a proof relayed by a man in the middle is useless.
-            scram = ScramClient(password, channel_binding=binding)
-        elif MECHANISM.encode() in mechanisms:
+            return ScramClient(password, channel_binding=self.binding)
+        if MECHANISM.encode() in mechanisms:
             # Over TLS, 'y' tells a server that supports binding that its offer was stripped
-            # (it refuses); with PLUS offered but no hash of the certificate, 'n' as libpq.
-            offered_plus = MECHANISM_PLUS.encode() in mechanisms
-            scram = ScramClient(password, binding_supported=tls and not offered_plus)
-        else:
-            raise UpstreamError(
-                f"the database offers no supported SASL mechanism ({mechanisms!r})",
-                sqlstate="28000",
-            )
-        transport.write(messages.sasl_initial_response(scram.mechanism, scram.client_first()))
-        return scram
-    if code == 11:  # SASL continue
-        if scram is None:
-            raise ProtocolError("SASLContinue without SASL")
-        try:
-            scram.read_server_first(data)
-            # PBKDF2 with the iteration count the server chose (up to seconds of CPU): in a
-            # thread, so one database asking for a huge count does not stall every session.
-            salted = await asyncio.get_running_loop().run_in_executor(None, scram.salted_password)
-            final = scram.client_final_with(salted)
-        except AuthenticationFailed as exc:
-            raise UpstreamError(
-                f"upstream SCRAM exchange failed: {exc}", sqlstate="28000"
-            ) from None
-        transport.write(messages.sasl_response(final))
-        return scram
-    if code == 12:  # SASL final
-        if scram is None:
-            raise ProtocolError("SASLFinal without SASL")
-        try:
-            scram.verify_server_final(data)
-        except AuthenticationFailed as exc:
-            raise UpstreamError(
-                f"upstream SCRAM verification failed: {exc}", sqlstate="28000"
-            ) from None
-        return scram
-    raise UpstreamError(f"unsupported upstream authentication request {code}", sqlstate="28000")
+            # (it refuses); with PLUS offered but no hash of the certificate, 'n' as libpq;
+            # with binding disabled, 'n' as libpq.
+            supported = self.tls and not offered_plus and self.channel_binding != "disable"
+            return ScramClient(password, binding_supported=supported)
+        raise _refuse(f"the database offers no supported SASL mechanism ({mechanisms!r})")
 
 
 def _channel_binding(transport: asyncio.Transport) -> bytes | None:
@@ -351,13 +444,43 @@ def _channel_binding(transport: asyncio.Transport) -> bytes | None:
     return peer_end_point(ssl_object.getpeercert(binary_form=True))
 
 
-async def send_cancel(settings: UpstreamSettings, pid: int, key: bytes) -> None:
-    """Send a CancelRequest to the database on a fresh connection (best effort)."""
+async def send_cancel(settings: UpstreamSettings, upstream: UpstreamConnection) -> None:
+    """Send the CancelRequest of `upstream`'s backend on a fresh connection (best effort).
+
+    When the session's own login used TLS, the cancel goes inside TLS with the same context
+    (and so the same verification), as libpq 17 does: in plaintext it would show anyone on the
+    path the backend's secret key, and with it the power to cancel that session's statements
+    at will. It is then never sent in plaintext, even if the database (or someone in between)
+    declines TLS this time.
+    """
+    transport: asyncio.Transport | None = None
+    sent = False
     try:
-        transport, _protocol = await asyncio.wait_for(_open_socket(settings), timeout=5)
-    except (OSError, TimeoutError):
-        return
-    # PostgreSQL accepts a plaintext CancelRequest even where TLS is preferred.
-    transport.write(messages.cancel_request(pid, key))
-    await asyncio.sleep(0)
-    transport.close()
+        async with asyncio.timeout(_CANCEL_TIMEOUT_S):
+            transport, protocol = await _open_socket(settings)
+            context = upstream.cancel_context
+            if context is not None:
+                transport, tls = await _negotiate_tls(transport, protocol, settings, context)
+                if not tls:
+                    raise UpstreamError(
+                        "the database did not accept TLS for the cancel request of a session "
+                        "that uses TLS: not sent in plaintext",
+                        sqlstate="08001",
+                    )
+            transport.write(messages.cancel_request(upstream.backend_pid, upstream.backend_key))
+            sent = True
+            # The database closes the connection once it has read the request; waiting for
+            # that (as libpq does) means a cancel sent at shutdown has arrived before exiting.
+            await protocol.wait_closed()
+    except (OSError, TimeoutError, DbwardError) as exc:  # ssl.SSLError is an OSError
+        if not sent:
+            where = (
+                f"{settings.host}/.s.PGSQL.{settings.port}"
+                if settings.is_unix_socket
+                else f"{settings.host}:{settings.port}"
+            )
+            reason = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+            log.warning("cannot send a cancel request to the database at %s: %s", where, reason)
+    finally:
+        if transport is not None:
+            transport.close()
