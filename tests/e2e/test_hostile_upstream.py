@@ -350,6 +350,7 @@ def test_cancel_goes_over_tls_when_the_session_does(
             else:
                 running.result(timeout=5)
         assert len(seen) == 1, seen
+        sent = case in ("verify-full", "plaintext")
         first, request, inside_tls = seen[0]
         if case == "plaintext":
             assert (first, request, inside_tls) == (_CANCEL[:8], _CANCEL, False)
@@ -363,6 +364,11 @@ def test_cancel_goes_over_tls_when_the_session_does(
                 assert "cannot send a cancel request to the database" in log, log[-3000:]
                 reason = "not sent in plaintext" if case == "tls-declined" else "certificate"
                 assert reason in log, log[-3000:]
+        # The audit trail says whether the cancel reached the database, not only the log.
+        cancels = proxy.audit(event="cancel", until=lambda rs: len(rs) >= (1 if sent else 2))
+        assert [r.status for r in cancels] == (["forwarded"] if sent else ["forwarded", "failed"])
+        if not sent:
+            assert reason in cancels[1].reason, cancels[1]
     finally:
         release.set()
         stop_proxy(proxy)

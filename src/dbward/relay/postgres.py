@@ -921,10 +921,12 @@ class PgSession(asyncio.Protocol):
             if target is None or target._upstream is None:
                 self._audit(AuditEvent.CANCEL, status="refused", reason="unknown cancel key")
             else:
-                self._audit(
-                    AuditEvent.CANCEL, status="forwarded", detail=f"session={target.session_id}"
-                )
-                await send_cancel(services.settings.upstream, target._upstream)
+                detail = f"session={target.session_id}"
+                # Recorded before it goes, as every action is; a second record if it never went.
+                self._audit(AuditEvent.CANCEL, status="forwarded", detail=detail)
+                failure = await send_cancel(services.settings.upstream, target._upstream)
+                if failure is not None:
+                    self._audit(AuditEvent.CANCEL, status="failed", reason=failure, detail=detail)
         self._close_client()
 
     def _attach_upstream(self, upstream: UpstreamConnection) -> None:
@@ -2343,7 +2345,7 @@ class PgSession(asyncio.Protocol):
         elif not self._ops and not self._blocked:
             self._send_shutdown()
 
-    def force_close(self) -> asyncio.Task[None] | None:
+    def force_close(self) -> asyncio.Task[str | None] | None:
         """Grace period over: cancel in-flight work upstream and close now.
 
         Returns the cancel task, which the caller awaits so it is sent before exiting.
@@ -2353,7 +2355,7 @@ class PgSession(asyncio.Protocol):
         self._fatal("57P01", "dbward is shutting down")
         return cancel
 
-    def _cancel_upstream(self) -> asyncio.Task[None] | None:
+    def _cancel_upstream(self) -> asyncio.Task[str | None] | None:
         upstream = self._upstream
         if upstream is None:
             return None

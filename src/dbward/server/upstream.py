@@ -444,8 +444,9 @@ def _channel_binding(transport: asyncio.Transport) -> bytes | None:
     return peer_end_point(ssl_object.getpeercert(binary_form=True))
 
 
-async def send_cancel(settings: UpstreamSettings, upstream: UpstreamConnection) -> None:
-    """Send the CancelRequest of `upstream`'s backend on a fresh connection (best effort).
+async def send_cancel(settings: UpstreamSettings, upstream: UpstreamConnection) -> str | None:
+    """Send the CancelRequest of `upstream`'s backend on a fresh connection (best effort);
+    returns why it could not be sent, None once it was.
 
     When the session's own login used TLS, the cancel goes inside TLS with the same context
     (and so the same verification), as libpq 17 does: in plaintext it would show anyone on the
@@ -481,6 +482,8 @@ async def send_cancel(settings: UpstreamSettings, upstream: UpstreamConnection) 
             )
             reason = getattr(exc, "message", None) or str(exc) or type(exc).__name__
             log.warning("cannot send a cancel request to the database at %s: %s", where, reason)
+            return str(reason)
     finally:
         if transport is not None:
             transport.close()
+    return None
