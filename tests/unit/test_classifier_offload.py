@@ -72,7 +72,9 @@ def test_a_unicode_escaped_name_may_hold_code() -> None:
 def test_a_timed_out_classification_does_not_hold_up_the_next_one() -> None:
     """The worker goes on computing after a timeout: every large statement after it timed out
     too, until it finished (eleventh review). The next one now gets a fresh worker."""
-    slow = "INSERT INTO t (a, b) VALUES " + ",".join(f"({i}, now())" for i in range(200_000))
+    # ~7 s to parse (~2 s at 200,000 rows left too thin a margin on a loaded machine, both
+    # for the fresh worker's start and for the stale one's remaining time).
+    slow = "INSERT INTO t (a, b) VALUES " + ",".join(f"({i}, now())" for i in range(600_000))
     pool = ClassifierPool(timeout_s=60.0)
     try:
 
@@ -81,7 +83,7 @@ def test_a_timed_out_classification_does_not_hold_up_the_next_one() -> None:
             pool._timeout_s = 0.3  # past the transfer of the text, well before its parse ends
             (timed_out,) = await pool.classify(slow)
             assert timed_out.error == "classifier failure: timed out"
-            pool._timeout_s = 1.5  # the slow one needs ~2 s more: behind it, this timed out
+            pool._timeout_s = 4.0  # the slow one needs ~6 s more: behind it, this timed out
             return await pool.classify(BIG)
 
         after = asyncio.run(run())
