@@ -506,6 +506,14 @@ def _break_statement_limit(config: dict[str, Any]) -> str:
     return "max_statements_per_query"
 
 
+def _break_auth_secret(config: dict[str, Any]) -> str:
+    # Valid as configuration; found only when read, after `serve` has started the audit writer.
+    secret = Path(config["audit"]["path"]).parent / "not-a-secret.key"
+    secret.write_text("not hexadecimal\n")
+    config["auth_secret_file"] = str(secret)
+    return "auth_secret_file"
+
+
 @pytest.mark.parametrize(
     "breaker",
     [
@@ -515,6 +523,7 @@ def _break_statement_limit(config: dict[str, Any]) -> str:
         _break_cert_file,
         _break_top_level,
         _break_statement_limit,
+        _break_auth_secret,
     ],
 )
 def test_invalid_config_exits_2_naming_the_key(
@@ -529,6 +538,8 @@ def test_invalid_config_exits_2_naming_the_key(
         assert proc.returncode == 2, (args, proc.stdout, proc.stderr)
         assert key in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr
+        # Stopped cleanly: not "the audit writer process exited; ... restarting it".
+        assert "audit writer" not in proc.stderr, proc.stderr
     tls_message = "needs tls.cert_file and tls.key_file"
     if breaker is _break_tls:
         assert tls_message in proc.stderr
