@@ -575,6 +575,36 @@ def test_upstream_password_source_is_checked_at_start(tmp_path: Path, pg_server:
         assert "Traceback" not in proc.stderr
 
 
+def test_a_rotated_password_file_is_used_without_a_restart(
+    proxy_factory: Callable[..., Proxy], pg_server: PgServer, tmp_path: Path
+) -> None:
+    """configuration.md/operations.md: password_file is read at every new connection, so
+    rotating the service password (in the database, then in the file) needs no restart."""
+    role = f"dbward_rotate_{uuid.uuid4().hex[:8]}"
+    old, new = uuid.uuid4().hex, uuid.uuid4().hex
+    pg_server.psql(f"CREATE ROLE {role} LOGIN PASSWORD '{old}'")
+    try:
+        password_file = tmp_path / "rotating-password"
+        password_file.write_text(old + "\n")
+        proxy = proxy_factory(upstream={"user": role, "password_file": str(password_file)})
+
+        def current_user() -> str:
+            with psycopg.connect(**proxy.conninfo(), connect_timeout=10) as conn:
+                row = conn.execute("SELECT current_user").fetchone()
+            assert row is not None
+            return str(row[0])
+
+        assert current_user() == role
+        pg_server.psql(f"ALTER ROLE {role} PASSWORD '{new}'")
+        with pytest.raises(psycopg.OperationalError):
+            current_user()  # the file still holds the old password
+        password_file.write_text(new + "\n")
+        assert current_user() == role
+        assert proxy.process.poll() is None
+    finally:
+        pg_server.psql(f"DROP ROLE IF EXISTS {role}", check=False)
+
+
 def test_listen_address_in_use_names_the_key(tmp_path: Path, pg_server: PgServer) -> None:
     config = _base_config(tmp_path, pg_server)
     with socket.socket() as busy:
