@@ -45,10 +45,12 @@ class Runtime:
         self.audit.start(asyncio.get_running_loop())
         classifier = PostgresClassifier(max_statements=self.config.max_statements_per_query)
         offload = self.offload
-        authenticator = LocalAuthenticator(
-            self.config.users, mock_secret=load_auth_secret(self.config.auth_secret_path)
-        )
         try:
+            # After the audit writer started (the default secret lives beside the log, in the
+            # folder it creates): a bad secret must stop that writer too, not orphan it.
+            authenticator = LocalAuthenticator(
+                self.config.users, mock_secret=load_auth_secret(self.config.auth_secret_path)
+            )
             for index, settings in enumerate(self.config.listeners):
                 client_tls, upstream_tls = listener_contexts(settings, index)
                 services = ListenerServices(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -74,3 +76,35 @@ def test_full_disk_refuses_statements_then_recovers(
     assert refused and all(r.decision == "deny" for r in refused)
     assert all(outcomes[r.statement_id].sqlstate == "58030" for r in refused)
     assert query.tail(audit_db, 1)[0].event == "disconnect"
+
+
+def _writer_pid(proxy: Proxy) -> int:
+    """The audit writer child of a running `dbward serve`."""
+    children = Path(f"/proc/{proxy.process.pid}/task/{proxy.process.pid}/children")
+    for pid in children.read_text().split():
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        if b"dbward.audit.writer_process" in cmdline:
+            return int(pid)
+    raise AssertionError(f"no audit writer among {children.read_text()!r}")
+
+
+def test_shutdown_with_records_it_could_not_write_exits_1(
+    proxy_factory: Callable[..., Proxy],
+) -> None:
+    """operations.md: SIGTERM flushes the audit log and exits 0, or 1 when the writer could not
+    commit everything within 5 s, the log naming how many records were not written."""
+    proxy = proxy_factory()
+    # The log replaced by a directory: the writer, once killed, cannot be restarted.
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{proxy.audit_path}{suffix}").unlink(missing_ok=True)
+    proxy.audit_path.mkdir()
+    os.kill(_writer_pid(proxy), signal.SIGKILL)
+    with psycopg.connect(**proxy.conninfo(), autocommit=True) as conn:
+        with pytest.raises(psycopg.Error) as info:
+            conn.execute("SELECT 1")
+        assert info.value.sqlstate == "58030"  # fail closed
+    started = time.monotonic()
+    proxy.process.send_signal(signal.SIGTERM)
+    assert proxy.process.wait(timeout=30) == 1, proxy.log()
+    assert 4 < time.monotonic() - started < 20
+    assert re.search(r"audit log closed with \d+ records not written", proxy.log()), proxy.log()

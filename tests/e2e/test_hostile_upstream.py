@@ -536,3 +536,34 @@ def test_database_that_never_answers_is_reported_as_such(
     finally:
         release.set()
         stop_proxy(proxy)
+
+
+def test_the_database_login_has_its_own_timeout_not_the_clients(
+    tls_server: HostileServer, tmp_path: Path
+) -> None:
+    """auth_timeout_s bounds the client's startup and authentication; the login to the database
+    after it has connect_timeout_s (configuration.md). With connect_timeout_s the longer, a
+    database that never answered was reported as 'authentication timed out' (08006, blaming
+    the client, no audit record) once auth_timeout_s ran out."""
+    release = threading.Event()
+
+    def stall(conn: HostileConn) -> None:
+        conn.recv_exact(8)
+        release.wait(10)
+
+    tls_server.script = stall
+    upstream = {"connect_timeout_s": 3, "tls": {"mode": "require"}}
+    proxy = start_hostile_proxy(
+        tmp_path, tls_server, listener={"auth_timeout_s": 1.5}, upstream=upstream
+    )
+    try:
+        app = app_name("slow-db")
+        message = _login(proxy, app)
+        assert "the database did not complete the login within 3 s" in message, message
+        records = proxy.session_records(
+            app, until=lambda rs: any(r.event == AuditEvent.UPSTREAM_LOST for r in rs)
+        )
+        assert [r.sqlstate for r in records if r.event == AuditEvent.UPSTREAM_LOST] == ["08001"]
+    finally:
+        release.set()
+        stop_proxy(proxy)

@@ -506,6 +506,14 @@ def _break_statement_limit(config: dict[str, Any]) -> str:
     return "max_statements_per_query"
 
 
+def _break_auth_secret(config: dict[str, Any]) -> str:
+    # Valid as configuration; found only when read, after `serve` has started the audit writer.
+    secret = Path(config["audit"]["path"]).parent / "not-a-secret.key"
+    secret.write_text("not hexadecimal\n")
+    config["auth_secret_file"] = str(secret)
+    return "auth_secret_file"
+
+
 @pytest.mark.parametrize(
     "breaker",
     [
@@ -515,6 +523,7 @@ def _break_statement_limit(config: dict[str, Any]) -> str:
         _break_cert_file,
         _break_top_level,
         _break_statement_limit,
+        _break_auth_secret,
     ],
 )
 def test_invalid_config_exits_2_naming_the_key(
@@ -529,6 +538,8 @@ def test_invalid_config_exits_2_naming_the_key(
         assert proc.returncode == 2, (args, proc.stdout, proc.stderr)
         assert key in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr
+        # Stopped cleanly: not "the audit writer process exited; ... restarting it".
+        assert "audit writer" not in proc.stderr, proc.stderr
     tls_message = "needs tls.cert_file and tls.key_file"
     if breaker is _break_tls:
         assert tls_message in proc.stderr
@@ -562,6 +573,36 @@ def test_upstream_password_source_is_checked_at_start(tmp_path: Path, pg_server:
         assert "listeners[0].upstream.password_file: cannot read" in proc.stderr, proc.stderr
         assert "No such file or directory" in proc.stderr
         assert "Traceback" not in proc.stderr
+
+
+def test_a_rotated_password_file_is_used_without_a_restart(
+    proxy_factory: Callable[..., Proxy], pg_server: PgServer, tmp_path: Path
+) -> None:
+    """configuration.md/operations.md: password_file is read at every new connection, so
+    rotating the service password (in the database, then in the file) needs no restart."""
+    role = f"dbward_rotate_{uuid.uuid4().hex[:8]}"
+    old, new = uuid.uuid4().hex, uuid.uuid4().hex
+    pg_server.psql(f"CREATE ROLE {role} LOGIN PASSWORD '{old}'")
+    try:
+        password_file = tmp_path / "rotating-password"
+        password_file.write_text(old + "\n")
+        proxy = proxy_factory(upstream={"user": role, "password_file": str(password_file)})
+
+        def current_user() -> str:
+            with psycopg.connect(**proxy.conninfo(), connect_timeout=10) as conn:
+                row = conn.execute("SELECT current_user").fetchone()
+            assert row is not None
+            return str(row[0])
+
+        assert current_user() == role
+        pg_server.psql(f"ALTER ROLE {role} PASSWORD '{new}'")
+        with pytest.raises(psycopg.OperationalError):
+            current_user()  # the file still holds the old password
+        password_file.write_text(new + "\n")
+        assert current_user() == role
+        assert proxy.process.poll() is None
+    finally:
+        pg_server.psql(f"DROP ROLE IF EXISTS {role}", check=False)
 
 
 def test_listen_address_in_use_names_the_key(tmp_path: Path, pg_server: PgServer) -> None:

@@ -86,3 +86,31 @@ def test_require_auth_accepts_libpq_comma_list() -> None:
         ("scram-sha-256", "md5"),
         "disable",
     )
+
+
+def test_every_relative_file_path_is_resolved_against_the_config_directory() -> None:
+    # configuration.md: "Relative file paths are resolved against the directory of the
+    # configuration file" -- auth_secret_file was left relative to the working directory, so
+    # `serve` started elsewhere created a second secret (and new fake salts) there.
+    listener = {
+        "name": "l",
+        "tls": {"mode": "required", "cert_file": "tls.crt", "key_file": "tls.key"},
+        "upstream": {
+            "user": "svc",
+            "password_file": "pw",
+            "tls": {"mode": "verify-full", "ca_file": "ca.pem"},
+        },
+    }
+    data = {"listeners": [listener], "audit": {"path": "audit.db"}, "auth_secret_file": "auth.key"}
+    config = parse_config(data, base_dir=Path("/etc/dbward"))
+    up = config.listeners[0].upstream
+    paths = [
+        config.listeners[0].tls.cert_file,
+        config.listeners[0].tls.key_file,
+        up.password_file,
+        up.tls.ca_file,
+        config.audit.path,
+        config.auth_secret_file,
+        config.auth_secret_path,
+    ]
+    assert all(p is not None and p.parent == Path("/etc/dbward") for p in paths), paths

@@ -147,7 +147,11 @@ def tail_cmd(n: int, as_json: bool, audit_db: Path | None, config_path: Path | N
 @click.option("--identity", help="Exact identity name.")
 @click.option("--session", help="Session id (or a prefix of it).")
 @click.option("--kind", help="Statement kind: read, write, ddl, dcl, admin, ...")
-@click.option("--table", help="A table the statement touches (exact, as recorded).")
+@click.option(
+    "--table",
+    help="A table the statement touches, as recorded (s.t); also matches statements on all "
+    "of its schema (s.*) or database (*).",
+)
 @click.option("--event", help="Event: connect, statement, outcome, ...")
 @click.option(
     "--status",

@@ -69,7 +69,13 @@ def _resolve_paths(config: Config, base_dir: Path) -> Config:
         upstream = up.model_copy(update={"password_file": fix(up.password_file), "tls": up_tls})
         listeners.append(listener.model_copy(update={"tls": tls, "upstream": upstream}))
     audit = config.audit.model_copy(update={"path": fix(config.audit.path)})
-    return config.model_copy(update={"listeners": tuple(listeners), "audit": audit})
+    return config.model_copy(
+        update={
+            "listeners": tuple(listeners),
+            "audit": audit,
+            "auth_secret_file": fix(config.auth_secret_file),
+        }
+    )
 
 
 def load_config(path: Path) -> Config:

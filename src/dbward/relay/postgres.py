@@ -712,9 +712,17 @@ class PgSession(asyncio.Protocol):
     async def _run_startup(self) -> None:
         settings = self.services.settings
         try:
-            await asyncio.wait_for(self._startup(), timeout=settings.auth_timeout_s)
-        except TimeoutError:
-            self._fatal("08006", "dbward: authentication timed out")
+            try:
+                upstream_params = await asyncio.wait_for(
+                    self._startup(), timeout=settings.auth_timeout_s
+                )
+            except TimeoutError:
+                self._fatal("08006", "dbward: authentication timed out")
+                return
+            if upstream_params is not None:
+                # The client has logged in: the database's login has its own timeout
+                # (connect_timeout_s), and its slowness is not the client's.
+                await self._login_upstream(upstream_params)
         except AuthenticationFailed as exc:
             log.info("session %s: authentication failed: %s", self.session_id, exc.message)
             self._fatal("28P01", "password authentication failed")
@@ -754,7 +762,10 @@ class PgSession(asyncio.Protocol):
         except DbwardError as exc:
             self._fatal(exc.sqlstate, exc.message)
 
-    async def _startup(self) -> None:
+    async def _startup(self) -> dict[str, str] | None:
+        """The client's startup and authentication (bounded by auth_timeout_s): the
+        parameters for the database's login, or None when there is none to make (a
+        CancelRequest)."""
         services = self.services
         while True:
             _, payload, _ = await self._next_startup_frame()
@@ -768,7 +779,7 @@ class PgSession(asyncio.Protocol):
                 continue
             if isinstance(packet, CancelRequest):
                 await self._handle_cancel(packet)
-                return
+                return None
             assert isinstance(packet, StartupMessage)
             break
         self._framer.startup = False
@@ -818,6 +829,11 @@ class PgSession(asyncio.Protocol):
             service_role=services.settings.upstream.user,
         )
         self._audit(AuditEvent.AUTH_OK)
+        return upstream_params
+
+    async def _login_upstream(self, upstream_params: dict[str, str]) -> None:
+        """Log in to the database as the service user (bounded by connect_timeout_s)."""
+        services = self.services
         try:
             password = services.settings.upstream.read_password()
         except (OSError, LookupError) as exc:
