@@ -780,3 +780,26 @@ def test_an_audit_path_under_a_file_is_reported_by_both_commands(
         assert proc.returncode == 2, (args, proc.stderr)
         assert f"{blocker} is not a directory" in proc.stderr, proc.stderr
         assert "audit.path" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_login_that_times_out_is_an_audited_auth_failure(
+    proxy_factory: Callable[..., Proxy],
+) -> None:
+    """A client that announced a user and then never answered the SCRAM challenge left only
+    connect and disconnect records: the trail could not tell a stalled login from one that
+    never began. It is now an auth_fail, sqlstate 08006, naming the timeout."""
+    quick = proxy_factory(listener={"auth_timeout_s": 1})
+    app = _app("stalled")
+    with _connect_raw(quick) as sock:
+        sock.sendall(
+            messages.startup_message({"user": "alice", "database": "app", "application_name": app})
+        )
+        msg_type, _ = _read_message(sock)
+        assert msg_type == b"R"  # the SASL offer, never answered
+        fields = _expect_fatal(sock)
+    assert (fields["C"], fields["M"]) == ("08006", "dbward: authentication timed out")
+    records = quick.session_records(app, until=_has_event(AuditEvent.DISCONNECT))
+    assert _events(records) == ["connect", "auth_fail", "disconnect"], records
+    failed = records[1]
+    assert (failed.identity, failed.sqlstate) == ("alice", "08006")
+    assert failed.reason == "authentication timed out (1 s)"

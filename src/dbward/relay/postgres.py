@@ -717,6 +717,15 @@ class PgSession(asyncio.Protocol):
                     self._startup(), timeout=settings.auth_timeout_s
                 )
             except TimeoutError:
+                if self._connect_audited:
+                    # A login begun and never finished (a stalled password prompt, or a
+                    # guesser holding slots) is a failed authentication for the trail.
+                    self._audit(
+                        AuditEvent.AUTH_FAIL,
+                        identity=self._claimed_user,
+                        reason=f"authentication timed out ({settings.auth_timeout_s:g} s)",
+                        sqlstate="08006",
+                    )
                 self._fatal("08006", "dbward: authentication timed out")
                 return
             if upstream_params is not None:
