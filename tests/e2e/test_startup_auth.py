@@ -803,3 +803,40 @@ def test_a_login_that_times_out_is_an_audited_auth_failure(
     failed = records[1]
     assert (failed.identity, failed.sqlstate) == ("alice", "08006")
     assert failed.reason == "authentication timed out (1 s)"
+
+
+def test_an_audit_path_holding_another_database_is_reported_by_both_commands(
+    tmp_path: Path, pg_server: PgServer
+) -> None:
+    """Twenty-seventh review: check-config said ok for an audit.path holding some other SQLite
+    database, which serve then refused (exit 2). An empty file, or an empty database, is
+    fine for both: serve gives it the schema."""
+    import sqlite3
+
+    config = _base_config(tmp_path, pg_server)
+    foreign = tmp_path / "other.db"
+    with sqlite3.connect(foreign) as conn:
+        conn.execute("CREATE TABLE invoices (id int)")
+    conn.close()
+    config["audit"] = {"path": str(foreign)}
+    bad = tmp_path / "foreign-audit.yaml"
+    bad.write_text(yaml.safe_dump(config))
+    for args in (["check-config", str(bad)], ["serve", "--config", str(bad)]):
+        proc = _dbward(*args)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert f"{foreign} is not a dbward audit log (it holds other tables)" in proc.stderr
+        assert "audit.path" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    empty_file = tmp_path / "empty.db"
+    empty_file.write_bytes(b"")
+    empty_database = tmp_path / "empty-database.db"
+    with sqlite3.connect(empty_database) as conn:  # a header page, no tables
+        conn.execute("CREATE TABLE gone (a int)")
+        conn.execute("DROP TABLE gone")
+    conn.close()
+    assert empty_database.stat().st_size > 0
+    for path in (empty_file, empty_database):
+        config["audit"] = {"path": str(path)}
+        good = tmp_path / "good-audit.yaml"
+        good.write_text(yaml.safe_dump(config))
+        proc = _dbward("check-config", str(good))
+        assert proc.returncode == 0, (path, proc.stderr)

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from dbward.audit.records import AuditEvent, AuditRecord
-from dbward.audit.sqlite import check_schema
+from dbward.audit.sqlite import EmptyAuditDatabase, check_schema
 from dbward.core.errors import AuditUnavailable
 
 __all__ = ["MAX_TS_MS", "MIN_TS_MS", "MalformedRecord", "follow", "open_readonly", "search", "tail"]
@@ -43,6 +43,22 @@ def open_readonly(path: Path | str) -> sqlite3.Connection:
         conn.close()
         raise
     return conn
+
+
+def existing_log_problem(path: Path) -> str | None:
+    """Why the file already at `path` cannot serve as the audit log (None: it can, or there
+    is none, or it is empty and `serve` will create the schema). Read-only."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return None
+    try:
+        open_readonly(path).close()
+    except EmptyAuditDatabase:
+        return None
+    except AuditUnavailable as exc:
+        return exc.message
+    except OSError as exc:
+        return f"cannot read {path}: {exc.strerror or exc}"
+    return None
 
 
 # SQLite's integer range: larger counts mean "all", and no stored ts_ms lies beyond it.

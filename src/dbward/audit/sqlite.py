@@ -115,6 +115,10 @@ sqlite3.register_adapter(type(None), _NULL.get)
 sqlite3.register_adapter(AuditEvent, {e: e.value for e in AuditEvent}.__getitem__)
 
 
+class EmptyAuditDatabase(AuditUnavailable):
+    """An SQLite database with nothing in it yet: `serve` gives it the schema."""
+
+
 def check_schema(conn: sqlite3.Connection, path: Path, *, create: bool) -> None:
     """Raise AuditUnavailable unless `conn` is a dbward audit log this version can use.
 
@@ -128,7 +132,7 @@ def check_schema(conn: sqlite3.Connection, path: Path, *, create: bool) -> None:
             if objects:
                 raise AuditUnavailable(f"{path} is not a dbward audit log (it holds other tables)")
             if not create:
-                raise AuditUnavailable(f"{path} is not a dbward audit log (empty database)")
+                raise EmptyAuditDatabase(f"{path} is not a dbward audit log (empty database)")
             conn.execute("BEGIN IMMEDIATE")
             try:
                 for stmt in _SCHEMA:

@@ -56,6 +56,7 @@ def serve(config_path: Path) -> None:
 @click.argument("config_path", type=click.Path(path_type=Path, dir_okay=False))
 def check_config(config_path: Path) -> None:
     """Validate a configuration file and exit (2 when invalid)."""
+    from dbward.audit.query import existing_log_problem
     from dbward.audit.sqlite import location_problem
     from dbward.config import load_config, upstream_password_problems
     from dbward.identity.auth_secret import load_auth_secret
@@ -70,6 +71,9 @@ def check_config(config_path: Path) -> None:
         problem = location_problem(config.audit.path)
         if problem is not None:
             raise ConfigError(f"audit.path: cannot create the audit log: {problem}")
+        problem = existing_log_problem(config.audit.path)
+        if problem is not None:  # `serve` refuses it too (exit 2)
+            raise ConfigError(f"audit.path: {problem}")
         problems = upstream_password_problems(config)
         # A password file must be readable here as there; an environment variable may well be
         # set only where `serve` runs: warn about it, do not fail.
