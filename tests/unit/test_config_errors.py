@@ -114,3 +114,21 @@ def test_every_relative_file_path_is_resolved_against_the_config_directory() -> 
         config.auth_secret_path,
     ]
     assert all(p is not None and p.parent == Path("/etc/dbward") for p in paths), paths
+
+
+def test_a_user_verifier_below_4096_iterations_is_refused() -> None:
+    """A verifier is what a leaked configuration hands an offline guesser; one iteration was
+    accepted (hash-password writes at least 4096)."""
+    from dbward.wire.postgres.scram import make_verifier
+
+    weak = make_verifier("pw", iterations=1024)
+    data = {"listeners": [_listener()], "users": [{"name": "u", "password_verifier": weak}]}
+    assert _problems(data) == [
+        "users[0].password_verifier: expected at least 4096 SCRAM iterations, got "
+        "1024 (hash the password again with 'dbward users hash-password')"
+    ]
+    strong = make_verifier("pw", iterations=4096)
+    parse_config(
+        {"listeners": [_listener()], "users": [{"name": "u", "password_verifier": strong}]},
+        base_dir=Path("/"),
+    )

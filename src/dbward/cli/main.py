@@ -10,6 +10,7 @@ import click
 
 from dbward import __version__
 from dbward.core.errors import AuditUnavailable, ConfigError
+from dbward.wire.postgres.scram import MIN_VERIFIER_ITERATIONS
 
 
 @click.group()
@@ -97,7 +98,12 @@ def users() -> None:
 
 @users.command("hash-password")
 @click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
-@click.option("--iterations", default=4096, show_default=True, type=click.IntRange(4096, 1_000_000))
+@click.option(
+    "--iterations",
+    default=4096,
+    show_default=True,
+    type=click.IntRange(MIN_VERIFIER_ITERATIONS, 1_000_000),
+)
 def hash_password(password_stdin: bool, iterations: int) -> None:
     """Print a SCRAM-SHA-256 verifier for `password_verifier:` (the password is not stored)."""
     from dbward.wire.postgres.scram import make_verifier

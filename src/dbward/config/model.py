@@ -40,15 +40,23 @@ class UserSettings(_Strict):
     @field_validator("password_verifier")
     @classmethod
     def _check_verifier(cls, value: str) -> str:
-        from dbward.wire.postgres.scram import parse_verifier
+        from dbward.wire.postgres.scram import MIN_VERIFIER_ITERATIONS, parse_verifier
 
         try:
-            parse_verifier(value)
+            verifier = parse_verifier(value)
         except ValueError as exc:
             raise ValueError(
                 f"expected a SCRAM-SHA-256 verifier as printed by "
                 f"'dbward users hash-password' ({exc})"
             ) from None
+        if verifier.iterations < MIN_VERIFIER_ITERATIONS:
+            # The verifier is what a leaked configuration exposes to offline guessing: below
+            # PostgreSQL's default count it costs the guesser almost nothing.
+            raise ValueError(
+                f"expected at least {MIN_VERIFIER_ITERATIONS} SCRAM iterations, got "
+                f"{verifier.iterations} (hash the password again with "
+                "'dbward users hash-password')"
+            )
         return value
 
 

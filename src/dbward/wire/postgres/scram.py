@@ -20,6 +20,7 @@ __all__ = [
     "DEFAULT_ITERATIONS",
     "MECHANISM",
     "MECHANISM_PLUS",
+    "MIN_VERIFIER_ITERATIONS",
     "InvalidVerifier",
     "ScramClient",
     "ScramServer",
@@ -35,6 +36,8 @@ MECHANISM_PLUS: Final = "SCRAM-SHA-256-PLUS"
 # RFC 5929: the only channel binding type PostgreSQL (and dbward) supports.
 CHANNEL_BINDING_TYPE: Final = b"tls-server-end-point"
 DEFAULT_ITERATIONS: Final = 4096
+# The least a configured user's verifier may have (PostgreSQL's default scram_iterations).
+MIN_VERIFIER_ITERATIONS: Final = 4096
 DEFAULT_SALT_BYTES: Final = 16  # PostgreSQL's SCRAM_DEFAULT_SALT_LEN
 NONCE_BYTES: Final = 18  # PostgreSQL's SCRAM_RAW_NONCE_LEN
 MAX_CLIENT_ITERATIONS: Final = 10_000_000  # an upstream asking for more is a CPU DoS
