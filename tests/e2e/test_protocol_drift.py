@@ -187,8 +187,9 @@ def test_fetch_keeps_the_cursor(proxy: Proxy, pg_server: PgServer) -> None:
 def test_syncs_dropped_in_a_copy_refused_after_its_data_was_sent(
     proxy: Proxy, pg_server: PgServer
 ) -> None:
-    """libpq's Sync after a COPY's Execute is dropped while PostgreSQL copies; when PostgreSQL
-    refuses the copy before reading anything (here a statement trigger, after CopyInResponse)
+    """libpq's Sync after a COPY's Execute was dropped while PostgreSQL copied (it is now sent
+    into the copy, see the statement-trigger tests below); when PostgreSQL refuses the copy
+    before reading anything (here a statement trigger, after CopyInResponse)
     it answers that Sync. dbward sent it on only if no copy data had gone out yet: with the data
     pipelined (found by the protocol fuzzer, COPY into a view or WITH FREEZE when the error
     came a moment after CopyInResponse) one ReadyForQuery was missing for good."""
@@ -230,7 +231,7 @@ def test_an_empty_querys_portal_after_a_holdable_cursor(proxy: Proxy, pg_server:
 
 
 def test_a_copy_that_succeeds_after_a_dropped_sync(proxy: Proxy, pg_server: PgServer) -> None:
-    """What follows a CopyDone waits for the copy's answer when a Sync was dropped in the copy;
+    """What follows a CopyDone waits for the copy's answer when a Sync was sent into the copy;
     PostgreSQL holds an Execute's CommandComplete until a Sync or Flush, so dbward asks for it
     with a Flush (without it, this hung: found by the protocol fuzzer)."""
     table = _table(pg_server, "drift_copyok")
