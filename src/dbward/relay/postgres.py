@@ -2051,6 +2051,17 @@ class PgSession(asyncio.Protocol):
                 else sqlstate
             )
             self._roll_back_implicit(why)
+        # A simple Query's copy: its ReadyForQuery comes first (PostgreSQL skips to no Sync).
+        extended = not ops or ops[0].code != _OP_QUERY
+        replacement = self._fail_op(sqlstate, probing=probe > 0)
+        if probe:
+            self._start_copy_probe(probe, extended=extended)
+        return replacement
+
+    def _fail_op(self, sqlstate: str, *, probing: bool) -> bytes | None:
+        """The op first in line failed (`probing`: a copy, whose probe follows): record it and
+        what PostgreSQL now skips; returns the replacement for the error, if any."""
+        ops = self._ops
         if not ops:
             return None
         op = ops[0]
@@ -2060,8 +2071,6 @@ class PgSession(asyncio.Protocol):
             if tracked and op.index < len(tracked):
                 self._record_outcome(tracked[op.index], "error", sqlstate)
                 op.index += 1
-            if probe:
-                self._start_copy_probe(probe, extended=False)  # answered after the Query
             return replacement
         if op.code == _OP_SYNC:
             return None  # e.g. a deferred constraint failing at the implicit commit
@@ -2074,13 +2083,10 @@ class PgSession(asyncio.Protocol):
         while ops and ops[0].code != _OP_SYNC:
             skipped.append(ops.popleft())
             self._finish_op(skipped[-1], "not_executed", "")
-        if probe:
-            # Whether PostgreSQL now skips to the client's next Sync depends on whether it
-            # answers one of the copy's: the probe says (_on_probe_reply).
-            self._start_copy_probe(probe, extended=True)
-        elif not ops:
+        if not ops and not probing:
             # No Sync sent yet (the error was answered on a Flush): PostgreSQL skips whatever
-            # comes until the client's next Sync, answering none of it; so does dbward.
+            # comes until the client's next Sync, answering none of it; so does dbward. (After
+            # a copy, one of the Syncs sent into it may end that: the probe says.)
             self._discard_until_sync = True
         # Undo what the failed and skipped messages defined, in the order they were sent.
         if op.definition is not None:
@@ -2241,6 +2247,7 @@ class PgSession(asyncio.Protocol):
         failed it answers (see _CopyProbe); what the client sends meanwhile waits."""
         upstream = self._upstream
         if upstream is None:
+            self._copy_verdict_pending = False
             return
         upstream.transport.write(_PROBE)
         self._ops.append(_CopyProbe(syncs, extended=extended))
@@ -2262,7 +2269,7 @@ class PgSession(asyncio.Protocol):
             return b"".join(messages.ready_for_query(status) for status in probe.readies[:-1])
         self._note_ready(payload)
         if not probe.closed:
-            probe.readies.append(payload or b"")
+            probe.readies.append(payload if payload is not None else b"I")
             return b""
         # The probe's last ReadyForQuery: PostgreSQL is past the copy and every Sync sent.
         self._ops.popleft()
