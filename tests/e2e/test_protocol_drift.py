@@ -7,6 +7,7 @@ the same bytes are sent to it directly first, so the test shows what a client ex
 from __future__ import annotations
 
 import socket
+import time
 
 from dbward.wire.postgres import messages as m
 from fixtures.clients import app_name, has_disconnect, outcome_of, statements
@@ -34,16 +35,19 @@ def _kinds(sock: socket.socket, count: int) -> list[bytes]:
     return found
 
 
-def _both(proxy: Proxy, pg: PgServer, data: bytes, count: int) -> tuple[list[bytes], list[bytes]]:
-    """What PostgreSQL answers to `data` directly, and what dbward answers."""
-    direct = _direct(pg)
+def _both(
+    proxy: Proxy, pg: PgServer, data: bytes, count: int, wait: float = 3
+) -> tuple[list[bytes], list[bytes]]:
+    """What PostgreSQL answers to `data` directly, and what dbward answers (`wait`: seconds
+    of silence that end the reading)."""
+    direct = _direct(pg, wait)
     try:
         direct.sendall(data)
         expected = _kinds(direct, count + 1)
     finally:
         direct.close()
     session = RawSession(proxy, app_name("drift"))
-    session.sock.settimeout(3)
+    session.sock.settimeout(wait)
     try:
         session.sock.sendall(data)
         got = _kinds(session.sock, count + 1)
@@ -183,8 +187,9 @@ def test_fetch_keeps_the_cursor(proxy: Proxy, pg_server: PgServer) -> None:
 def test_syncs_dropped_in_a_copy_refused_after_its_data_was_sent(
     proxy: Proxy, pg_server: PgServer
 ) -> None:
-    """libpq's Sync after a COPY's Execute is dropped while PostgreSQL copies; when PostgreSQL
-    refuses the copy before reading anything (here a statement trigger, after CopyInResponse)
+    """libpq's Sync after a COPY's Execute was dropped while PostgreSQL copied (it is now sent
+    into the copy, see the statement-trigger tests below); when PostgreSQL refuses the copy
+    before reading anything (here a statement trigger, after CopyInResponse)
     it answers that Sync. dbward sent it on only if no copy data had gone out yet: with the data
     pipelined (found by the protocol fuzzer, COPY into a view or WITH FREEZE when the error
     came a moment after CopyInResponse) one ReadyForQuery was missing for good."""
@@ -226,7 +231,7 @@ def test_an_empty_querys_portal_after_a_holdable_cursor(proxy: Proxy, pg_server:
 
 
 def test_a_copy_that_succeeds_after_a_dropped_sync(proxy: Proxy, pg_server: PgServer) -> None:
-    """What follows a CopyDone waits for the copy's answer when a Sync was dropped in the copy;
+    """What follows a CopyDone waits for the copy's answer when a Sync was sent into the copy;
     PostgreSQL holds an Execute's CommandComplete until a Sync or Flush, so dbward asks for it
     with a Flush (without it, this hung: found by the protocol fuzzer)."""
     table = _table(pg_server, "drift_copyok")
@@ -235,3 +240,178 @@ def test_a_copy_that_succeeds_after_a_dropped_sync(proxy: Proxy, pg_server: PgSe
     assert expected == [b"1", b"2", b"G", b"C", b"Z", b"T", b"D", b"C", b"Z"]
     assert got == expected
     assert pg_server.psql(f"SELECT count(*) FROM {table}") == "2"
+
+
+def _statement_trigger(pg: PgServer, table: str, body: str) -> None:
+    """A BEFORE INSERT ... FOR EACH STATEMENT trigger on `table` running the PL/pgSQL `body`:
+    PostgreSQL fires it for a COPY after the CopyInResponse, before reading any copy data."""
+    pg.psql(
+        f"""
+        CREATE FUNCTION {table}_bs() RETURNS trigger LANGUAGE plpgsql
+            AS $$BEGIN {body} RETURN NULL; END$$;
+        CREATE TRIGGER bs BEFORE INSERT ON {table}
+            FOR EACH STATEMENT EXECUTE FUNCTION {table}_bs();
+        """
+    )
+
+
+def test_a_statement_trigger_refusing_a_pipelined_copy(proxy: Proxy, pg_server: PgServer) -> None:
+    """A statement trigger that raises refuses the copy before PostgreSQL reads the Sync sent
+    with its Execute, so PostgreSQL answers that Sync. dbward sent it on only for an error
+    without context, and a PL/pgSQL error names its function: one ReadyForQuery was missing
+    (the client hung). Pauses of 0 and 0.3 s: the data goes out with the error or before it."""
+    for pause in ("", "PERFORM pg_sleep(0.3);"):
+        table = _table(pg_server, "drift_bsraise")
+        _statement_trigger(pg_server, table, f"{pause} RAISE EXCEPTION 'no copies';")
+        for _ in range(3 if not pause else 1):  # timing varies when nothing pauses
+            data = libpq_copy_in(table) + m.query("SELECT 1")
+            expected, got = _both(proxy, pg_server, data, 10, wait=1)
+            assert expected == [b"1", b"2", b"G", b"E", b"Z", b"Z", b"T", b"D", b"C", b"Z"]
+            assert got == expected
+            # The same in a simple Query with a Sync before the data: answered after the Query.
+            data = (
+                m.query(f"COPY {table} FROM STDIN")
+                + m.sync()
+                + m.copy_data(b"1\n")
+                + m.copy_done()
+                + m.query("SELECT 1")
+            )
+            expected, got = _both(proxy, pg_server, data, 8, wait=1)
+            assert expected == [b"G", b"E", b"Z", b"Z", b"T", b"D", b"C", b"Z"]
+            assert got == expected
+    assert "Traceback" not in proxy.log()
+
+
+BINARY_HEADER = b"PGCOPY\n\xff\r\n\x00" + bytes(8)  # signature, flags, no extension
+
+
+def test_a_binary_copy_refused_after_reading_its_header(proxy: Proxy, pg_server: PgServer) -> None:
+    """A binary COPY reads its header (and the Sync before it) before checking its target, so
+    its errors without context came after PostgreSQL read the Sync: dbward took them for
+    refusals before reading (a view or FREEZE) and sent the Sync on, one ReadyForQuery too
+    many. Here a bad signature, and a view with a good header."""
+    table = _table(pg_server, "drift_binary")
+    pg_server.psql(f"CREATE VIEW {table}_v AS SELECT * FROM {table}")
+    pg_server.psql(f"GRANT ALL ON {table}_v TO PUBLIC")
+    for target, data, sqlstate in (
+        (table, b"not a header", "22P04"),
+        (f"{table}_v", BINARY_HEADER + b"\xff\xff", "42809"),
+    ):
+        copy = libpq_copy_in(target, data, " (FORMAT binary)")
+        expected, got = _both(proxy, pg_server, copy + m.query("SELECT 1"), 9, wait=1)
+        assert expected == [b"1", b"2", b"G", b"E", b"Z", b"T", b"D", b"C", b"Z"], sqlstate
+        assert got == expected
+
+
+def _cancel_copy(pg: PgServer, table: str) -> None:
+    """Cancel the session running `COPY <table> ...` (pg_cancel_backend, as a cancel request)."""
+    cancelled = pg.psql(
+        "SELECT count(pg_cancel_backend(pid)) FROM pg_stat_activity"
+        f" WHERE query LIKE 'COPY {table} %' AND pid <> pg_backend_pid()"
+    )
+    assert cancelled == "1"
+
+
+def _kinds_cancelled(
+    sock: socket.socket,
+    pg: PgServer,
+    table: str,
+    steps: list[tuple[bytes, float]],
+    count: int,
+    then: bytes = b"",
+) -> list[str]:
+    """Send each step's bytes and wait its pause, cancel the COPY, send `then`, read replies."""
+    for data, pause in steps:
+        sock.sendall(data)
+        time.sleep(pause)
+    _cancel_copy(pg, table)
+    if then:
+        time.sleep(0.2)  # the cancel has arrived
+        sock.sendall(then)
+    found: list[str] = []
+    try:
+        while len(found) < count:
+            kind, payload = read_message(sock)
+            code = m.parse_error_fields(payload)["C"] if kind == b"E" else ""
+            found.append(kind.decode() + (":" + code if code else ""))
+    except TimeoutError:
+        pass
+    return found
+
+
+def _both_cancelled(
+    proxy: Proxy, pg: PgServer, table: str, steps: list[tuple[bytes, float]], count: int
+) -> tuple[list[str], list[str]]:
+    direct = _direct(pg, 1.5)
+    try:
+        expected = _kinds_cancelled(direct, pg, table, steps, count + 1)
+    finally:
+        direct.close()
+    session = RawSession(proxy, app_name("drift-cancel"))
+    session.sock.settimeout(1.5)
+    try:
+        got = _kinds_cancelled(session.sock, pg, table, steps, count + 1)
+    finally:
+        session.close()
+    return expected, got
+
+
+def test_a_copy_cancelled_before_postgres_read_its_data(proxy: Proxy, pg_server: PgServer) -> None:
+    """A cancel (57014) while the statement trigger runs, after the CopyInResponse: PostgreSQL
+    had not read the Sync sent with the Execute, and answers it. dbward never sent on a Sync it
+    had dropped after a cancel (taking every cancel for one that struck while PostgreSQL waited
+    for data): one ReadyForQuery was missing."""
+    table = _table(pg_server, "drift_bscancel")
+    _statement_trigger(pg_server, table, "PERFORM pg_sleep(5);")
+    steps = [(libpq_copy_in(table) + m.query("SELECT 1"), 0.5)]
+    expected, got = _both_cancelled(proxy, pg_server, table, steps, 10)
+    assert expected == ["1", "2", "G", "E:57014", "Z", "Z", "T", "D", "C", "Z"]
+    assert got == expected
+    # statement_timeout strikes there too
+    data = m.query("SET statement_timeout = 300") + libpq_copy_in(table) + m.query("SELECT 1")
+    expected_kinds, got_kinds = _both(proxy, pg_server, data, 12, wait=1.5)
+    assert expected_kinds == [
+        b"C",
+        b"Z",
+        b"1",
+        b"2",
+        b"G",
+        b"E",
+        b"Z",
+        b"Z",
+        b"T",
+        b"D",
+        b"C",
+        b"Z",
+    ]
+    assert got_kinds == expected_kinds
+    assert pg_server.psql(f"SELECT count(*) FROM {table}") == "0"
+
+
+def test_a_copy_cancelled_while_postgres_waits_for_its_data(
+    proxy: Proxy, pg_server: PgServer
+) -> None:
+    """A cancel while PostgreSQL waits for copy data, having read and ignored the Sync sent with
+    the Execute, strikes once data arrives: that Sync stays unanswered (round 23's case)."""
+    table = _table(pg_server, "drift_waitcancel")
+    start, data = libpq_copy_in(table).split(m.copy_data(b"1\n"))
+    rest = m.copy_data(b"1\n") + data + m.query("SELECT 1")
+
+    def run(sock: socket.socket) -> list[str]:
+        sock.sendall(start)
+        assert _kinds(sock, 3) == [b"1", b"2", b"G"]
+        return _kinds_cancelled(sock, pg_server, table, [(b"", 0.3)], 7, then=rest)
+
+    direct = _direct(pg_server, 1.5)
+    try:
+        expected = run(direct)
+    finally:
+        direct.close()
+    session = RawSession(proxy, app_name("drift-waitcancel"))
+    session.sock.settimeout(1.5)
+    try:
+        got = run(session.sock)
+    finally:
+        session.close()
+    assert expected == ["E:57014", "Z", "T", "D", "C", "Z"]
+    assert got == expected

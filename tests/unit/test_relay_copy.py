@@ -112,9 +112,13 @@ def test_a_copy_failing_mid_data_leaves_no_copy_open() -> None:
     assert len(session._ops) == 0 and session._z_owed == 0
 
 
-def _copy_refused_after_its_copy_in_response(sqlstate: str) -> tuple[bytes, Any, Any]:
-    """libpq's PQsendQueryParams: Execute(COPY) + Sync; PostgreSQL starts the copy, then
-    refuses it before reading anything (a view, FREEZE: checked after CopyInResponse)."""
+PROBE = m.sync() + m.close_message("P", "dbward: copy sync probe") + m.sync()
+CLOSE_COMPLETE = m._frame(b"3", b"")
+
+
+def _copy_failed_after_its_copy_in_response(sqlstate: str) -> tuple[bytes, Any, Any]:
+    """libpq's PQsendQueryParams: Execute(COPY) + Sync; PostgreSQL starts the copy (the Sync
+    goes into it), then the copy fails, before or after PostgreSQL read that Sync."""
     session, client, upstream = detached_session(MemorySink())
     session.data_received(
         m.parse_message("", "COPY v FROM STDIN")
@@ -125,22 +129,59 @@ def _copy_refused_after_its_copy_in_response(sqlstate: str) -> tuple[bytes, Any,
     session._on_upstream_data(
         m._frame(b"1", b"") + m._frame(b"2", b"") + m._frame(b"G", b"\x00\x00\x00")
     )
+    assert bytes(upstream.written).endswith(m.sync())  # forwarded into the copy, no reply owed
     upstream.written.clear()
-    session._on_upstream_data(m.error_response("ERROR", sqlstate, "cannot copy to view"))
+    session._on_upstream_data(m.error_response("ERROR", sqlstate, "the copy failed"))
     return bytes(upstream.written), session, client
 
 
-def test_syncs_dropped_in_a_copy_refused_before_reading_are_answered() -> None:
-    written, session, client = _copy_refused_after_its_copy_in_response("42809")
-    assert written == m.sync()  # PostgreSQL never read it: it answers it now
-    session._on_upstream_data(Z)
-    session.data_received(m.query("SELECT 3"))
-    assert written + m.query("SELECT 3") == bytes(session._upstream.transport.written)
+def test_a_sync_sent_into_a_copy_refused_before_reading_it_is_answered() -> None:
+    """A view, FREEZE, a statement trigger, a cancel during one: PostgreSQL answers the Sync
+    after the error, then the probe's Sync, CloseComplete and Sync. The first goes on."""
+    written, session, client = _copy_failed_after_its_copy_in_response("42809")
+    assert written == PROBE  # how many of the copy's Syncs does PostgreSQL answer?
+    session.data_received(m.query("SELECT 3"))  # waits for the probe
+    assert bytes(session._upstream.transport.written) == written + m.flush()
+    session._on_upstream_data(Z + Z + CLOSE_COMPLETE + Z)
+    assert bytes(session._upstream.transport.written).endswith(m.query("SELECT 3"))
     session._on_upstream_data(m.command_complete("SELECT 1") + Z)
     assert [k.decode() for k, _ in frames(client.written)][-4:] == ["E", "Z", "C", "Z"]
     assert len(session._ops) == 0 and session._z_owed == 0
 
 
-def test_a_copy_cancelled_while_waiting_for_data_had_read_its_syncs() -> None:
-    written, _, _ = _copy_refused_after_its_copy_in_response("57014")
-    assert written == b""  # PostgreSQL read and ignored the Sync before the cancel
+def test_a_sync_postgres_read_before_the_copy_failed_stays_unanswered() -> None:
+    """A cancel while PostgreSQL waited for data, a bad row, CopyFail: PostgreSQL had read and
+    ignored the Sync and now skips to the client's next one, as dbward does."""
+    written, session, client = _copy_failed_after_its_copy_in_response("57014")
+    assert written == PROBE
+    session._on_upstream_data(Z + CLOSE_COMPLETE + Z)
+    assert session._discard_until_sync
+    session._upstream.transport.written.clear()
+    session.data_received(m.copy_done() + m.query("SELECT 2") + m.sync() + m.query("SELECT 3"))
+    assert bytes(session._upstream.transport.written) == m.sync() + m.query("SELECT 3")
+    session._on_upstream_data(Z + m.command_complete("SELECT 1") + Z)
+    assert [k.decode() for k, _ in frames(client.written)][-4:] == ["E", "Z", "C", "Z"]
+    assert len(session._ops) == 0 and session._z_owed == 0
+
+
+def test_a_simple_query_copy_refused_before_reading_its_sync() -> None:
+    """Query(COPY) + Sync + data: the Query's ReadyForQuery comes first, then the Sync's."""
+    session, client, upstream = detached_session(MemorySink())
+    session.data_received(m.query("COPY v FROM STDIN") + m.sync() + m.copy_data(b"1\n"))
+    session._on_upstream_data(m._frame(b"G", b"\x00\x00\x00"))
+    upstream.written.clear()
+    session.data_received(m.copy_done() + m.query("SELECT 3"))
+    session._on_upstream_data(m.error_response("ERROR", "P0001", "no copies") + Z)
+    assert bytes(upstream.written) == m.copy_done() + m.flush() + PROBE
+    session._on_upstream_data(Z + Z + CLOSE_COMPLETE + Z)
+    assert bytes(upstream.written).endswith(PROBE + m.query("SELECT 3"))
+    session._on_upstream_data(m.command_complete("SELECT 1") + Z)
+    assert [k.decode() for k, _ in frames(client.written)] == ["G", "E", "Z", "Z", "C", "Z"]
+    assert len(session._ops) == 0 and session._z_owed == 0
+
+
+def test_an_error_answering_the_probe_ends_the_session() -> None:
+    """Neither a Sync nor the Close of a portal can fail: replies would be out of step."""
+    _, session, client = _copy_failed_after_its_copy_in_response("42809")
+    session._on_upstream_data(Z + m.error_response("ERROR", "XX000", "impossible"))
+    assert b"FATAL" in bytes(client.written)

@@ -80,6 +80,7 @@ _OP_EXECUTE = 4
 _OP_CLOSE = 5
 _OP_SYNC = 6
 _OP_POISON = 7  # a substituted Parse that will fail; its ErrorResponse is replaced
+_OP_PROBE = 8  # dbward's own Sync, Close, Sync after a failed copy: see _CopyProbe
 
 # Statement and portal names are only compared with each other: decode them byte-for-byte.
 _NAME_CODEC = "latin-1"
@@ -186,6 +187,29 @@ class _Op:
         self.copies = 0  # COPY FROM STDIN statements of a Query/Execute not started yet
 
 
+class _CopyProbe(_Op):
+    """What dbward sends after a COPY FROM STDIN failed while Syncs it forwarded into the copy
+    (`syncs` of them, sent before any data) may be unanswered: a Sync, a Close of a portal no
+    client names, and a Sync.
+
+    PostgreSQL ignored each of those Syncs that it read while copying, and answers each one it
+    reads after the copy failed — which depends on when the error struck (a statement trigger,
+    a view, FREEZE or a cancel before it read anything; a bad row, CopyFail or a cancel while
+    reading), and nothing in the error says which. The probe asks PostgreSQL itself: its answers
+    come after those of the copy's Syncs, and the CloseComplete marks where they end, so the
+    ReadyForQuery messages before the probe's first one answer the client's Syncs.
+    """
+
+    __slots__ = ("closed", "extended", "readies", "syncs")
+
+    def __init__(self, syncs: int, *, extended: bool) -> None:
+        super().__init__(_OP_PROBE)
+        self.syncs = syncs
+        self.extended = extended  # an Execute's copy: its error makes PostgreSQL skip to a Sync
+        self.readies: list[bytes] = []  # ReadyForQuery payloads before the CloseComplete
+        self.closed = False  # the CloseComplete has arrived
+
+
 class _Definition:
     """A statement or portal name (re)defined by a message PostgreSQL has not answered yet.
 
@@ -253,7 +277,6 @@ class _Await:
 
 
 _AWAIT_QUIET: Final = _Await(quiet=True)
-_QUERY_CANCELED: Final = "57014"  # a cancel request, statement_timeout
 _OUT_OF_MEMORY: Final = "53200"
 # An unfinished message this small is never refused for the listener's total (a session can
 # always send ordinary messages, whatever others hold).
@@ -280,6 +303,9 @@ def _savepoint_level(block: list[_Savepoint], name: str | None) -> int | None:
 
 
 _AWAIT_COPY: Final = _Await(copy=True)
+# The portal the copy probe closes (closing a portal that does not exist is no error).
+_PROBE_PORTAL: Final = "dbward: copy sync probe"
+_PROBE: Final = messages.sync() + messages.close_message("P", _PROBE_PORTAL) + messages.sync()
 
 
 # Replies that carry no statement: one shared, never-mutated op each (no allocation per message).
@@ -408,9 +434,12 @@ class PgSession(asyncio.Protocol):
         self._copy_ops = 0
         self._copies_admitted = 0  # COPY FROM STDIN statements of the batch being admitted
         self._copy_data_sent = False  # CopyData sent since the last COPY FROM STDIN
-        self._syncs_dropped_in_copy = 0  # Syncs before any data, since the CopyInResponse
-        # The client ended a copy in which Syncs were dropped (CopyDone/CopyFail sent) and
-        # PostgreSQL has not answered it yet: what comes next waits (see _on_error).
+        # Syncs forwarded into the copy since the CopyInResponse, before any data: PostgreSQL
+        # ignores those it reads while copying and answers those it reads after the copy failed.
+        self._copy_syncs = 0
+        # The client ended a copy with such Syncs (CopyDone/CopyFail sent) and PostgreSQL has
+        # not answered it yet, or the copy failed and the probe asking how many of them
+        # PostgreSQL answers is in flight: what comes next (but copy data) waits.
         self._copy_verdict_pending = False
         self._holdable_cursors = False  # a DECLARE ... WITH HOLD was forwarded once
         # Statements whose intent record the sink still holds, by statement id, oldest first.
@@ -1058,9 +1087,10 @@ class PgSession(asyncio.Protocol):
                 self._awaiting = _AWAIT_COPY
                 return
             if self._copy_verdict_pending and msg_type not in _COPY_OR_FLUSH:
-                # Syncs were dropped in the copy just ended: if PostgreSQL refused it before
-                # reading anything, they go on now and must come before this message. A Flush
-                # (no reply) makes PostgreSQL send the answer of an Execute without the Sync.
+                # Syncs were forwarded into the copy just ended: whether PostgreSQL answers them
+                # (and skips this message, after an Execute's copy) depends on when the copy
+                # failed, if it did. A Flush (no reply) makes PostgreSQL send the answer of an
+                # Execute without the Sync; a failure starts the probe (see _on_error).
                 out.append(messages.flush())
                 self._park(frames[i - 1 :], out)
                 self._awaiting = _AWAIT_COPY
@@ -1076,15 +1106,17 @@ class PgSession(asyncio.Protocol):
                 else:
                     self._copying = False  # the server's copy mode ends here
                     self._copy_data_sent = False  # a next COPY of the Query starts afresh
-                    self._copy_verdict_pending = self._syncs_dropped_in_copy > 0
+                    self._copy_verdict_pending = self._copy_syncs > 0
                 continue
             if self._copying and msg_type != _H:
                 # Only copy messages (and a Flush, which owes no reply) belong in a copy.
                 if msg_type == _S and not self._copy_data_sent:
                     # libpq sends a Sync with a COPY's Execute, before any data: PostgreSQL
-                    # ignores it while copying (libpq sends its own after CopyDone). Dropped,
-                    # and counted: see _on_error for a copy refused before reading anything.
-                    self._syncs_dropped_in_copy += 1
+                    # ignores it while copying (libpq sends its own after CopyDone), and answers
+                    # it if the copy failed before reading it (a statement trigger). Forwarded
+                    # and counted, owing no reply until the copy's answer says (see _on_error).
+                    self._copy_syncs += 1
+                    out.append(raw)
                     continue
                 # PostgreSQL ignores a Sync while it is copying but answers it once a bad row
                 # has ended the copy, and nothing here can tell which: rather than guess (and
@@ -1872,11 +1904,13 @@ class PgSession(asyncio.Protocol):
     def _on_backend_message(self, msg_type: int, payload: bytes | None) -> bytes | None:
         """Track one upstream message; returns replacement bytes for it, if any."""
         ops = self._ops
+        if ops and ops[0].code == _OP_PROBE and msg_type in (0x5A, 0x33, 0x45):
+            return self._on_probe_reply(msg_type, payload)
         if msg_type == 0x43:  # 'C' CommandComplete
             if self._copy_verdict_pending:
-                # The copy succeeded: PostgreSQL read and ignored the Syncs dbward dropped.
+                # The copy succeeded: PostgreSQL read and ignored the Syncs sent into it.
                 self._copy_verdict_pending = False
-                self._syncs_dropped_in_copy = 0
+                self._copy_syncs = 0
             if ops:
                 op = ops[0]
                 rows = messages.command_complete_rows(payload) if payload is not None else None
@@ -1895,13 +1929,7 @@ class PgSession(asyncio.Protocol):
                             self._record_outcome(item, status, "", rows)
             return None
         if msg_type == 0x5A:  # 'Z' ReadyForQuery
-            # What comes next runs in an implicit transaction of its own unless one is open.
-            if self._commit_failed is not None:
-                self._settle_failed_commit(payload)
-            self._implicit = payload == b"I"
-            self._committable = None
-            if self._implicit:
-                self._block = None  # no transaction block is open
+            self._note_ready(payload)
             unanswered: list[_Op] | None = None
             while ops:
                 op = ops.popleft()
@@ -1920,13 +1948,7 @@ class PgSession(asyncio.Protocol):
                 assert op.definition is not None
                 self._settle(op.definition, "skipped")
             if not ops:
-                self._ran_since_ready = False  # every change so far has been reported
-                self._copy_ops = 0  # nothing in flight: no COPY will start
-                if self._implicit:  # no transaction open: PostgreSQL dropped its portals
-                    if self._executed_portals:
-                        self._executed_portals.clear()
-                    if self._portals:
-                        self._forget_transaction_portals()
+                self._ready_and_idle()
             return None
         if msg_type == 0x45:  # 'E' ErrorResponse
             return self._on_error(payload)
@@ -1969,7 +1991,7 @@ class PgSession(asyncio.Protocol):
             if ops and ops[0].copies > 0:
                 ops[0].copies -= 1
                 self._copying = True
-                self._syncs_dropped_in_copy = 0
+                self._copy_syncs = 0
             return None
         if msg_type == 0x53 and payload is not None:  # ParameterStatus
             name, value = messages.parse_parameter_status(payload)
@@ -1992,6 +2014,26 @@ class PgSession(asyncio.Protocol):
             # password (or handing it its own cancel key) now is not to be obeyed.
             raise ProtocolError(f"startup-only message {chr(msg_type)!r} after the session started")
         return None
+
+    def _note_ready(self, payload: bytes | None) -> None:
+        """ReadyForQuery: the transaction status it reports."""
+        # What comes next runs in an implicit transaction of its own unless one is open.
+        if self._commit_failed is not None:
+            self._settle_failed_commit(payload)
+        self._implicit = payload == b"I"
+        self._committable = None
+        if self._implicit:
+            self._block = None  # no transaction block is open
+
+    def _ready_and_idle(self) -> None:
+        """ReadyForQuery with nothing left in flight."""
+        self._ran_since_ready = False  # every change so far has been reported
+        self._copy_ops = 0  # nothing in flight: no COPY will start
+        if self._implicit:  # no transaction open: PostgreSQL dropped its portals
+            if self._executed_portals:
+                self._executed_portals.clear()
+            if self._portals:
+                self._forget_transaction_portals()
 
     @property
     def _z_owed(self) -> int:
@@ -2016,26 +2058,18 @@ class PgSession(asyncio.Protocol):
             ops[0].copies = 0
         fields = messages.parse_error_fields(payload) if payload is not None else {}
         sqlstate = fields.get("C", "")
+        fatal = fields.get("S") in ("FATAL", "PANIC")
+        probe = 0
         if self._copying or self._copy_verdict_pending:
-            # The copy failed (bad data, CopyFail, a trigger): the server left copy mode.
-            # PostgreSQL refused it before reading anything sent after it (a view, FREEZE, a
-            # statement trigger: checked after CopyInResponse) when nothing was sent yet, or
-            # when its error has no context: an error while it reads always names the COPY and
-            # line in its context (also CopyFail's and a cancel's). Whatever was forwarded
-            # since the dropped Syncs is copy data PostgreSQL ignores before and after a Sync,
-            # and the rest waits for this answer (see _process_frames), so they go on now.
-            nothing_sent = self._copying and not self._copy_data_sent
+            # The copy failed (bad data, CopyFail, a trigger, a cancel): PostgreSQL left copy
+            # mode. Syncs forwarded into it that PostgreSQL had not read yet, it answers now;
+            # how many is asked of PostgreSQL itself once this error is handled (_CopyProbe).
+            # Until then what the client sends (but copy data, which PostgreSQL ignores either
+            # way) waits (see _process_frames).
             self._copying = False
-            self._copy_verdict_pending = False
-            if (
-                self._syncs_dropped_in_copy
-                and (nothing_sent or "W" not in fields)
-                and sqlstate != _QUERY_CANCELED
-                and fields.get("S") not in ("FATAL", "PANIC")
-            ):
-                self._send_syncs_dropped_in_copy()
-            self._syncs_dropped_in_copy = 0
-        if fields.get("S") in ("FATAL", "PANIC"):
+            probe, self._copy_syncs = (0 if fatal else self._copy_syncs), 0
+            self._copy_verdict_pending = probe > 0
+        if fatal:
             # The backend is gone: what the client sent after, parked or not, never ran, and
             # its implicit transaction never committed.
             self._upstream_ending = True
@@ -2053,6 +2087,17 @@ class PgSession(asyncio.Protocol):
                 else sqlstate
             )
             self._roll_back_implicit(why)
+        # A simple Query's copy: its ReadyForQuery comes first (PostgreSQL skips to no Sync).
+        extended = not ops or ops[0].code != _OP_QUERY
+        replacement = self._fail_op(sqlstate, probing=probe > 0)
+        if probe:
+            self._start_copy_probe(probe, extended=extended)
+        return replacement
+
+    def _fail_op(self, sqlstate: str, *, probing: bool) -> bytes | None:
+        """The op first in line failed (`probing`: a copy, whose probe follows): record it and
+        what PostgreSQL now skips; returns the replacement for the error, if any."""
+        ops = self._ops
         if not ops:
             return None
         op = ops[0]
@@ -2065,6 +2110,8 @@ class PgSession(asyncio.Protocol):
             return replacement
         if op.code == _OP_SYNC:
             return None  # e.g. a deferred constraint failing at the implicit commit
+        if op.code == _OP_PROBE:
+            raise ProtocolError("unexpected error in reply to a Sync or Close")
         # Extended protocol: this op failed and PostgreSQL skips everything up to Sync.
         ops.popleft()
         self._finish_op(op, "error", sqlstate)
@@ -2072,9 +2119,10 @@ class PgSession(asyncio.Protocol):
         while ops and ops[0].code != _OP_SYNC:
             skipped.append(ops.popleft())
             self._finish_op(skipped[-1], "not_executed", "")
-        if not ops:
+        if not ops and not probing:
             # No Sync sent yet (the error was answered on a Flush): PostgreSQL skips whatever
-            # comes until the client's next Sync, answering none of it; so does dbward.
+            # comes until the client's next Sync, answering none of it; so does dbward. (After
+            # a copy, one of the Syncs sent into it may end that: the probe says.)
             self._discard_until_sync = True
         # Undo what the failed and skipped messages defined, in the order they were sent.
         if op.definition is not None:
@@ -2230,20 +2278,45 @@ class PgSession(asyncio.Protocol):
         for tracked in undone:
             self._write_outcome(tracked, "rolled_back", sqlstate, None)
 
-    def _send_syncs_dropped_in_copy(self) -> None:
-        """PostgreSQL refused the copy before reading anything the client sent after the COPY
-        (a view, FREEZE, a statement trigger: checked after CopyInResponse): directly it would
-        have read the Syncs dbward dropped as ignored only now, and answered them. They go on.
-        (A cancel or timeout while the copy waited for data came after PostgreSQL had read and
-        ignored them: not resent.)"""
+    def _start_copy_probe(self, syncs: int, *, extended: bool) -> None:
+        """Ask PostgreSQL how many of the `syncs` Syncs forwarded into the copy that just
+        failed it answers (see _CopyProbe); what the client sends meanwhile waits."""
         upstream = self._upstream
-        count, self._syncs_dropped_in_copy = self._syncs_dropped_in_copy, 0
         if upstream is None:
+            self._copy_verdict_pending = False
             return
-        upstream.transport.write(messages.sync() * count)
-        for _ in range(count):
-            self._ops.append(_SYNC_OP)
-            self._syncs += 1
+        upstream.transport.write(_PROBE)
+        self._ops.append(_CopyProbe(syncs, extended=extended))
+        self._syncs += 2  # the probe's two Syncs end sync groups, as the client's do
+
+    def _on_probe_reply(self, msg_type: int, payload: bytes | None) -> bytes | None:
+        """A ReadyForQuery, CloseComplete or ErrorResponse while the copy probe is first in
+        line: the ReadyForQuery messages before its CloseComplete but the last (the probe's
+        own first Sync) answer Syncs of the client's; they go to the client, the rest not."""
+        probe = self._ops[0]
+        assert isinstance(probe, _CopyProbe)
+        if msg_type == 0x45:  # ErrorResponse: a FATAL (a Sync or a Close of nothing can't fail)
+            return self._on_error(payload)
+        if msg_type == 0x33:  # CloseComplete
+            answered = len(probe.readies) - 1
+            if probe.closed or not 0 <= answered <= probe.syncs:
+                raise ProtocolError("unexpected CloseComplete")
+            probe.closed = True
+            return b"".join(messages.ready_for_query(status) for status in probe.readies[:-1])
+        self._note_ready(payload)
+        if not probe.closed:
+            probe.readies.append(payload if payload is not None else b"I")
+            return b""
+        # The probe's last ReadyForQuery: PostgreSQL is past the copy and every Sync sent.
+        self._ops.popleft()
+        self._copy_verdict_pending = False
+        if probe.extended and len(probe.readies) == 1:
+            # PostgreSQL had read every Sync sent into the copy before it failed: without the
+            # probe it would still skip whatever the client sends until its next Sync.
+            self._discard_until_sync = True
+        if not self._ops:
+            self._ready_and_idle()
+        return b""
 
     def _finish_op(self, op: _Op, status: str, sqlstate: str) -> None:
         tracked = op.tracked
