@@ -8,6 +8,7 @@ from typing import Any
 from dbward.audit.sink import MemorySink
 from dbward.config.model import AuditSettings
 from dbward.core.errors import AuditUnavailable
+from dbward.relay import postgres as relay
 from dbward.wire.postgres import messages as m
 from fixtures.detached import detached_session, frames
 
@@ -112,7 +113,7 @@ def test_a_copy_failing_mid_data_leaves_no_copy_open() -> None:
     assert len(session._ops) == 0 and session._z_owed == 0
 
 
-PROBE = m.sync() + m.close_message("P", "dbward: copy sync probe") + m.sync()
+PROBE = m.sync() + m.close_message("P", relay._PROBE_PORTAL) + m.sync()
 CLOSE_COMPLETE = m._frame(b"3", b"")
 
 

@@ -304,7 +304,8 @@ def _savepoint_level(block: list[_Savepoint], name: str | None) -> int | None:
 
 _AWAIT_COPY: Final = _Await(copy=True)
 # The portal the copy probe closes (closing a portal that does not exist is no error).
-_PROBE_PORTAL: Final = "dbward: copy sync probe"
+# Random per process, so no client can name (and see closed) a portal of its own like it.
+_PROBE_PORTAL: Final = f"dbward: copy sync probe {secrets.token_hex(8)}"
 _PROBE: Final = messages.sync() + messages.close_message("P", _PROBE_PORTAL) + messages.sync()
 
 
