@@ -41,7 +41,7 @@ from dbward.sql.offload import OFFLOAD_CODE_MIN_BYTES, should_offload
 from dbward.sql.postgres import function_call_statement, oversized_statement
 from dbward.wire.postgres import messages
 from dbward.wire.postgres.encodings import python_codec
-from dbward.wire.postgres.framing import BackendScanner, FrontendFramer
+from dbward.wire.postgres.framing import BackendScanner, Frame, FrontendFramer
 from dbward.wire.postgres.messages import CancelRequest, GSSENCRequest, SSLRequest, StartupMessage
 
 if TYPE_CHECKING:
@@ -322,6 +322,16 @@ def _uninspected(command: str, flag: str, error: str) -> Statement:
     )
 
 
+def _write_all(transport: asyncio.WriteTransport, out: list[bytes | bytearray]) -> None:
+    """Write `out` in one call without joining it: it may hold a large message kept in place
+    (see FrontendFramer), which a join would copy. (The relay's per-message path joins small
+    pieces itself: one write of the joined bytes is cheaper than writelines.)"""
+    if len(out) == 1:
+        transport.write(out[0])
+    else:
+        transport.writelines(out)
+
+
 def _denial_frame(decision: Decision) -> bytes:
     return messages.error_response("ERROR", decision.sqlstate, decision.reason)
 
@@ -353,7 +363,7 @@ class PgSession(asyncio.Protocol):
         # Before authentication only small messages are accepted (PostgreSQL caps auth tokens
         # at 64 KiB too): an anonymous client must not make dbward buffer a large message.
         self._framer = FrontendFramer(_PRE_AUTH_MAX_MESSAGE)
-        self._startup_frames: deque[tuple[int, bytes, bytes]] = deque()
+        self._startup_frames: deque[Frame] = deque()
         self._startup_wake: asyncio.Event | None = None
         self._startup_task: asyncio.Task[None] | None = None
         self._unauthenticated = False  # counted in services.unauthenticated, under _host_key
@@ -371,7 +381,7 @@ class PgSession(asyncio.Protocol):
         self._cancel_key: tuple[int, bytes] | None = None
         # relay state
         self._ops: deque[_Op] = deque()
-        self._inbox: deque[tuple[int, bytes, bytes]] = deque()
+        self._inbox: deque[Frame] = deque()
         self._blocked = False  # waiting for a durable audit write before forwarding
         self._discard_until_sync = False
         self._prepared: dict[str, tuple[Statement, ...]] = {}
@@ -692,7 +702,9 @@ class PgSession(asyncio.Protocol):
                 raise ConnectionResetError("client went away during startup")
             self._startup_wake.clear()
             await self._startup_wake.wait()
-        return self._startup_frames.popleft()
+        msg_type, payload, raw = self._startup_frames.popleft()
+        # Before login messages are too small to be kept in place: bytes() returns them as is.
+        return msg_type, bytes(payload), bytes(raw)
 
     async def _run_startup(self) -> None:
         settings = self.services.settings
@@ -991,13 +1003,14 @@ class PgSession(asyncio.Protocol):
             inbox.clear()
             self._process_frames(frames)
 
-    def _process_frames(self, frames: list[tuple[int, bytes, bytes]]) -> None:
+    def _process_frames(self, frames: list[Frame]) -> None:
         """Handle client frames in order; forward what may go in one write."""
         upstream = self._upstream
         assert upstream is not None
         if self._upstream_ending:
             return  # the connection to PostgreSQL is closing: nothing more is read or run
-        out: list[bytes] = []
+        out: list[bytes | bytearray] = []
+        in_place = False  # `out` holds a large message as the framer gathered it
         count = len(frames)
         i = 0
         while i < count:
@@ -1033,6 +1046,8 @@ class PgSession(asyncio.Protocol):
                 # COPY data flows through (the COPY statement was decided); outside a copy
                 # PostgreSQL ignores it, as after a COPY that failed.
                 out.append(raw)
+                if type(raw) is not bytes:
+                    in_place = True
                 if not self._copying:
                     continue
                 if msg_type == _COPY_DATA:
@@ -1054,7 +1069,7 @@ class PgSession(asyncio.Protocol):
                 # has ended the copy, and nothing here can tell which: rather than guess (and
                 # let replies drift from requests), such a client is told plainly.
                 if out:
-                    upstream.transport.write(b"".join(out))
+                    _write_all(upstream.transport, out)
                 self._protocol_error(
                     ProtocolError(
                         f"unexpected message type {chr(msg_type)!r} during COPY FROM STDIN"
@@ -1062,6 +1077,10 @@ class PgSession(asyncio.Protocol):
                 )
                 return
             try:
+                if isinstance(payload, memoryview):
+                    # A large message kept where the framer gathered it: copy only what is read.
+                    in_place = True
+                    payload = self._large_body(msg_type, payload, raw)
                 if (
                     len(payload) >= OFFLOAD_CODE_MIN_BYTES
                     and msg_type in (_Q, _P)
@@ -1074,7 +1093,7 @@ class PgSession(asyncio.Protocol):
                 barrier = self._handle_message(msg_type, payload, raw, out)
             except ProtocolError as exc:
                 if out:
-                    upstream.transport.write(b"".join(out))
+                    _write_all(upstream.transport, out)
                 self._protocol_error(exc)
                 return
             if msg_type == _X:
@@ -1091,13 +1110,34 @@ class PgSession(asyncio.Protocol):
                 future.add_done_callback(functools.partial(self._barrier_done, held=held))
                 return
         if out:
-            upstream.transport.write(out[0] if len(out) == 1 else b"".join(out))
+            if len(out) == 1:
+                upstream.transport.write(out[0])
+            elif in_place:
+                upstream.transport.writelines(out)  # joining them would copy the large one
+            else:
+                upstream.transport.write(b"".join(out))
 
-    def _park(self, pending: list[tuple[int, bytes, bytes]], out: list[bytes]) -> None:
+    def _large_body(self, msg_type: int, body: memoryview, raw: bytes | bytearray) -> bytes:
+        """What the relay reads of a large message kept in place, as bytes.
+
+        A Query too long to parse is refused by its size (read from `raw`): nothing of it is
+        copied. Of a Bind only the portal and statement names are read (PostgreSQL checks the
+        parameters), so only they are copied. Anything else is copied whole.
+        """
+        if msg_type == _Q and len(body) > self._max_statement_bytes:
+            return b""
+        if msg_type == _B:
+            first = raw.find(b"\x00", 5)
+            second = raw.find(b"\x00", first + 1) if first >= 0 else -1
+            if second >= 0:
+                return body[: second - 4].tobytes()
+        return body.tobytes()
+
+    def _park(self, pending: list[Frame], out: list[bytes | bytearray]) -> None:
         """Stop handling client frames: forward what is decided, keep `pending` in order."""
         if out:
             assert self._upstream is not None
-            self._upstream.transport.write(b"".join(out))
+            _write_all(self._upstream.transport, out)
         self._blocked = True
         for rest in reversed(pending):
             self._inbox.appendleft(rest)
@@ -1128,7 +1168,7 @@ class PgSession(asyncio.Protocol):
         return text
 
     def _hold_for_classification(
-        self, text: str, frames: list[tuple[int, bytes, bytes]], index: int, out: list[bytes]
+        self, text: str, frames: list[Frame], index: int, out: list[bytes | bytearray]
     ) -> None:
         """Park this frame and the ones after it until the pool has classified `text`."""
         offload = self.services.offload
@@ -1161,7 +1201,9 @@ class PgSession(asyncio.Protocol):
             return self._decode_sql(payload)
         return self._decode_text(messages.parse_parts(payload)[1])
 
-    def _barrier_done(self, future: asyncio.Future[int], *, held: tuple[bytes, bytes]) -> None:
+    def _barrier_done(
+        self, future: asyncio.Future[int], *, held: tuple[bytes | bytearray, bytes]
+    ) -> None:
         """The intent record is durable (or failed): forward the held message or refuse it."""
         self._blocked = False
         self._barrier_op = None
@@ -1193,17 +1235,19 @@ class PgSession(asyncio.Protocol):
                 op.tracked = []
 
     def _handle_message(
-        self, msg_type: int, payload: bytes, raw: bytes, out: list[bytes]
-    ) -> tuple[asyncio.Future[int], tuple[bytes, bytes]] | _Await | None:
+        self, msg_type: int, payload: bytes, raw: bytes | bytearray, out: list[bytes | bytearray]
+    ) -> tuple[asyncio.Future[int], tuple[bytes | bytearray, bytes]] | _Await | None:
         """Decide one client message; append what to forward to `out`.
 
-        Returns a barrier (future, (bytes to forward, bytes if refused)) when forwarding must
-        wait for a durable audit write, or an _Await when the message must wait, unhandled,
-        for answers it depends on (see `_Definition`).
+        `payload` is the message's body, or for a large message kept in place what is read of
+        it (`_large_body`). Returns a barrier (future, (bytes to forward, bytes if refused))
+        when forwarding must wait for a durable audit write, or an _Await when the message must
+        wait, unhandled, for answers it depends on (see `_Definition`).
         """
         if msg_type == _Q:
-            if len(payload) > self._max_statement_bytes:
-                too_large = oversized_statement(len(payload) - 1, self._max_statement_bytes)
+            size = len(raw) - 5  # of the body (`payload` of a large one is not copied)
+            if size > self._max_statement_bytes:
+                too_large = oversized_statement(size - 1, self._max_statement_bytes)
                 return self._handle_query((too_large,), raw, out)
             # Nothing in flight and conforming strings (almost always): the text reads as is.
             unsettled = self._unsettled_text(payload) if self._may_be_unsettled() else None
@@ -1604,7 +1648,7 @@ class PgSession(asyncio.Protocol):
         name: str,
         decided: list[tuple[Statement, Decision, ProtocolPath]],
         denial: Decision,
-        out: list[bytes],
+        out: list[bytes | bytearray],
     ) -> None:
         """Send PostgreSQL an unparseable Parse in place of a denied one; skip to Sync."""
         self._record_denied(decided, denial)
@@ -1621,10 +1665,10 @@ class PgSession(asyncio.Protocol):
     def _handle_query(
         self,
         statements: tuple[Statement, ...],
-        raw: bytes,
-        out: list[bytes],
+        raw: bytes | bytearray,
+        out: list[bytes | bytearray],
         path: ProtocolPath = ProtocolPath.SIMPLE,
-    ) -> tuple[asyncio.Future[int], tuple[bytes, bytes]] | None:
+    ) -> tuple[asyncio.Future[int], tuple[bytes | bytearray, bytes]] | None:
         """A message answered up to ReadyForQuery: Query, or FunctionCall (path says which)."""
         self._ran_since_ready = True
         try:
@@ -1635,10 +1679,10 @@ class PgSession(asyncio.Protocol):
     def _forward_query(
         self,
         statements: tuple[Statement, ...],
-        raw: bytes,
-        out: list[bytes],
+        raw: bytes | bytearray,
+        out: list[bytes | bytearray],
         path: ProtocolPath,
-    ) -> tuple[asyncio.Future[int], tuple[bytes, bytes]] | None:
+    ) -> tuple[asyncio.Future[int], tuple[bytes | bytearray, bytes]] | None:
         if not statements:  # empty query string: PostgreSQL answers EmptyQueryResponse
             self._ops.append(_Op(_OP_QUERY, []))
             out.append(raw)
@@ -1661,11 +1705,11 @@ class PgSession(asyncio.Protocol):
         self,
         statements: tuple[Statement, ...],
         max_rows: int,
-        raw: bytes,
-        out: list[bytes],
+        raw: bytes | bytearray,
+        out: list[bytes | bytearray],
         *,
         resumed: bool = False,
-    ) -> tuple[asyncio.Future[int], tuple[bytes, bytes]] | None:
+    ) -> tuple[asyncio.Future[int], tuple[bytes | bytearray, bytes]] | None:
         self._ran_since_ready = True
         tracked, durable, denial = self._admit(statements, ProtocolPath.EXTENDED)
         if denial is not None:
@@ -1750,14 +1794,14 @@ class PgSession(asyncio.Protocol):
                     name, changes.added[name], portal=False, drops_on_failure=False
                 )
 
-    def _terminate(self, out: list[bytes]) -> None:
+    def _terminate(self, out: list[bytes | bytearray]) -> None:
         """Terminate: forwarded after what came before it, as PostgreSQL would read it — the
         statements already sent run to their end (not cancelled, as on a lost connection)."""
         upstream = self._upstream
         self._terminated = True
         if upstream is not None:
             out.append(messages.terminate())
-            upstream.transport.write(b"".join(out))
+            _write_all(upstream.transport, out)
         self._close_client()
 
     # ------------------------------------------------------------------ upstream -> client
