@@ -255,6 +255,7 @@ class _Await:
 _AWAIT_QUIET: Final = _Await(quiet=True)
 _QUERY_CANCELED: Final = "57014"  # a cancel request, statement_timeout
 _OUT_OF_MEMORY: Final = "53200"
+_PROTOCOL_VIOLATION: Final = "08P01"
 # An unfinished message this small is never refused for the listener's total (a session can
 # always send ordinary messages, whatever others hold).
 _PARTIAL_ALWAYS_FITS: Final = 1024 * 1024
@@ -370,6 +371,13 @@ class PgSession(asyncio.Protocol):
         self._host_key = ""
         self._partial_counted = 0  # bytes counted in services.partial_message_bytes
         self._upstream_held = 0  # the same, for an unfinished message from the database
+        # When the unfinished large client message began (loop time; restarted when dbward
+        # reads the client again after a pause), or None: partial_message_timeout_s.
+        self._partial_since: float | None = None
+        self._upstream_held_since: float | None = None  # the same, from the database
+        # One timer checks both, armed when a large message is left unfinished and none is.
+        self._partial_timer: asyncio.TimerHandle | None = None
+        self._upstream_paused_for_client = False  # the client reads slower than the database
         self._tls = False
         self.identity: Identity | None = None
         self._context: SessionContext | None = None
@@ -545,7 +553,7 @@ class PgSession(asyncio.Protocol):
             self._protocol_error(exc)
             return
         pending = self._framer.pending_bytes
-        if (pending or self._partial_counted) and not self._count_partial(pending):
+        if (pending or self._partial_counted) and not self._count_partial(pending, bool(frames)):
             return
         if self._phase == _PHASE_READY:
             if self._inbox or self._blocked:
@@ -569,15 +577,25 @@ class PgSession(asyncio.Protocol):
             if self._startup_wake is not None:
                 self._startup_wake.set()
 
-    def _count_partial(self, pending: int) -> bool:
+    def _count_partial(self, pending: int, completed: bool) -> bool:
         """Keep the listener's total of unfinished client messages within its budget.
 
-        Each message up to max_message_bytes is buffered whole (and copied when complete), so
-        sessions sending huge messages at once could hold many GB between them (four 250 MB
-        CopyData messages: +1.5 GB). Past the budget, the session adding a large unfinished
-        message is ended (53200); small ones always fit. False if it was.
+        Each message up to max_message_bytes is buffered whole, so sessions sending huge
+        messages at once could hold many GB between them (four 250 MB CopyData messages:
+        +1.5 GB). Past the budget, the session adding a large unfinished message is ended
+        (53200); small ones always fit. A large one also starts the clock of
+        partial_message_timeout_s (`completed`: messages were completed by this feed, so what
+        is left unfinished is a new message). False if the session was ended.
         """
         services = self.services
+        if completed or not pending:
+            self._partial_since = None
+        if (
+            pending
+            and self._partial_since is None
+            and self._framer.expected_bytes >= _PARTIAL_ALWAYS_FITS
+        ):
+            self._partial_since = self._start_partial_clock()
         exceeded = self._partial_budget_exceeded(pending, self._partial_counted)
         self._partial_counted = pending
         if not exceeded:
@@ -616,14 +634,109 @@ class PgSession(asyncio.Protocol):
         self.services.partial_message_bytes -= self._partial_counted + self._upstream_held
         self._partial_counted = 0
         self._upstream_held = 0
+        self._partial_since = self._upstream_held_since = None
 
-    def _count_upstream_held(self, held: int) -> bool:
+    def _start_partial_clock(self) -> float:
+        """Now, in loop time; makes sure the timer checking unfinished messages is armed."""
+        loop = asyncio.get_running_loop()
+        if self._partial_timer is None:
+            self._partial_timer = loop.call_later(
+                self.services.settings.partial_message_timeout_s, self._check_partial
+            )
+        return loop.time()
+
+    def _check_partial(self) -> None:
+        """The timer: end the session if a large message has stayed unfinished for
+        partial_message_timeout_s while dbward was reading its sender; else check again when
+        the oldest could be due. One timer per session, armed only while a large message is
+        unfinished: nothing is armed per message."""
+        self._partial_timer = None
+        if self._closing or self._phase == _PHASE_CLOSED:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        timeout = self.services.settings.partial_message_timeout_s
+        due = now + timeout
+        since = self._partial_since
+        # While dbward does not read the sender, the message cannot progress: its clock is
+        # not checked, and starts over when reading resumes.
+        if since is not None and not (
+            self._blocked or self._client_paused_for_upstream or self._client_paused_for_replies
+        ):
+            if now - since >= timeout:
+                self._partial_timed_out(timeout)
+                return
+            due = min(due, since + timeout)
+        since = self._upstream_held_since
+        if since is not None and not self._upstream_paused_for_client:
+            if now - since >= timeout:
+                self._upstream_timed_out(timeout)
+                return
+            due = min(due, since + timeout)
+        if self._partial_since is not None or self._upstream_held_since is not None:
+            self._partial_timer = loop.call_at(due, self._check_partial)
+
+    def _partial_timed_out(self, timeout: float) -> None:
+        """A client left a large message unfinished too long (sending a byte now and then
+        held its share of max_partial_message_bytes for good): 08P01, the budget back."""
+        expected, arrived = self._framer.expected_bytes, self._framer.pending_bytes
+        log.warning(
+            "session %s: ending the session: a %d-byte message was not complete after %g s "
+            "(%d bytes arrived; partial_message_timeout_s)",
+            self.session_id,
+            expected,
+            timeout,
+            arrived,
+        )
+        self._audit(
+            AuditEvent.PROTOCOL_ERROR,
+            reason=f"message not complete within partial_message_timeout_s ({timeout:g} s)",
+            sqlstate=_PROTOCOL_VIOLATION,
+        )
+        self._fatal_lingering(
+            _PROTOCOL_VIOLATION,
+            f"dbward: a message of {expected} bytes was not complete after {timeout:g} s "
+            f"({arrived} bytes arrived)",
+        )
+        self._framer.discard()
+        self._release_partial()
+
+    def _upstream_timed_out(self, timeout: float) -> None:
+        """The database left a large message unfinished too long while dbward was reading it
+        (PostgreSQL writes one without pausing): treated as a lost connection (08006)."""
+        log.warning(
+            "session %s: ending the session: the database did not finish a %d-byte message "
+            "in %g s (partial_message_timeout_s)",
+            self.session_id,
+            self._scanner.expected_bytes if self._scanner is not None else 0,
+            timeout,
+        )
+        self._release_partial()
+        self._upstream_gone(f"dbward: the database did not finish a message in {timeout:g} s")
+
+    def _reading_resumed(self) -> None:
+        """dbward reads the client again: an unfinished large message could not progress
+        while it did not, so its time starts over."""
+        if self._partial_since is not None:
+            self._partial_since = asyncio.get_running_loop().time()
+
+    def _count_upstream_held(self, held: int, started: bool) -> bool:
         """The same budget for what the database sends: a message other than a row is held
         whole until its last byte (an error can echo a value of up to 1 GB: `select
         repeat('x', 500000000)::int` from any client made one session hold ~2 GB). Past the
-        budget, the session whose database is sending a large message is ended (53200).
-        False if it was."""
+        budget, the session whose database is sending a large message is ended (53200). A
+        large one also starts the clock of partial_message_timeout_s (`started`: what is held
+        now began in this feed). False if the session was ended."""
         services = self.services
+        if started or not held:
+            self._upstream_held_since = None
+        if (
+            held
+            and self._upstream_held_since is None
+            and self._scanner is not None
+            and self._scanner.expected_bytes >= _PARTIAL_ALWAYS_FITS
+        ):
+            self._upstream_held_since = self._start_partial_clock()
         exceeded = self._partial_budget_exceeded(held, self._upstream_held)
         self._upstream_held = held
         if not exceeded:
@@ -686,10 +799,15 @@ class PgSession(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         # The client reads slower than the database sends: stop reading the upstream.
+        self._upstream_paused_for_client = True
         if self._upstream is not None:
             self._upstream.transport.pause_reading()
 
     def resume_writing(self) -> None:
+        self._upstream_paused_for_client = False
+        if self._upstream_held_since is not None:
+            # What the database was sending could not progress meanwhile: its time starts over.
+            self._upstream_held_since = asyncio.get_running_loop().time()
         if self._upstream is not None and not self._upstream.transport.is_closing():
             self._upstream.transport.resume_reading()
 
@@ -1152,6 +1270,7 @@ class PgSession(asyncio.Protocol):
             and not self._client_paused_for_replies
         ):
             self.transport.resume_reading()
+            self._reading_resumed()
         self._drain_inbox()
 
     def _offload_text(self, msg_type: int, payload: bytes) -> str | None:
@@ -1823,7 +1942,7 @@ class PgSession(asyncio.Protocol):
             if forward:
                 transport.write(forward)
             if held or self._upstream_held:
-                self._count_upstream_held(held)
+                self._count_upstream_held(held, bool(forward))
             return
         pieces: list[bytes] | None = None
         position = 0
@@ -1856,7 +1975,7 @@ class PgSession(asyncio.Protocol):
         else:
             pieces.append(forward[position:])
             transport.write(b"".join(pieces))
-        if (held or self._upstream_held) and not self._count_upstream_held(held):
+        if (held or self._upstream_held) and not self._count_upstream_held(held, True):
             return
         if self._client_paused_for_replies and len(self._ops) <= _REPLIES_LOW_MARK:
             self._replies_drained()
@@ -2357,6 +2476,7 @@ class PgSession(asyncio.Protocol):
         self._client_paused_for_upstream = False
         if self.transport is not None and not self._blocked and not self._client_paused_for_replies:
             self.transport.resume_reading()
+            self._reading_resumed()
 
     def _replies_drained(self) -> None:
         """Enough owed replies have arrived: read the client again (unless paused otherwise)."""
@@ -2367,6 +2487,7 @@ class PgSession(asyncio.Protocol):
             and not self._client_paused_for_upstream
         ):
             self.transport.resume_reading()
+            self._reading_resumed()
 
     # ------------------------------------------------------------------ shutdown and errors
 
@@ -2444,6 +2565,9 @@ class PgSession(asyncio.Protocol):
         """Give back what the session holds of its listener (idempotent)."""
         self._leave_unauthenticated()
         self._release_partial()
+        if self._partial_timer is not None:
+            self._partial_timer.cancel()
+            self._partial_timer = None
         self.services.sessions.discard(self)
         if self._cancel_key is not None:
             self.services.cancels.revoke(*self._cancel_key)

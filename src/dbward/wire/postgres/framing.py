@@ -261,6 +261,12 @@ class BackendScanner:
         return len(self._hold)
 
     @property
+    def expected_bytes(self) -> int:
+        """Size of the frame held back, as its header announced it (0 while none is, or its
+        header is not complete yet)."""
+        return self._need
+
+    @property
     def at_boundary(self) -> bool:
         """True when the stream fed so far ends on a message boundary (nothing held or owed)."""
         return not self._hold and not self._skip
