@@ -296,7 +296,7 @@ BACKEND_MESSAGES = st.one_of(
     st.binary(max_size=20).map(lambda b: frame(b"H", b)),
 )
 
-PAYLOAD_TYPES = set(b"CENZSKRAGHWv")
+PAYLOAD_TYPES = set(b"CEZSKRAGHWv")
 
 
 def scan_all(

@@ -244,6 +244,27 @@ def test_error_fields_tolerant_decoding_and_unknown_codes() -> None:
             m.parse_error_fields(bad)
 
 
+ERROR_FIELD = st.tuples(
+    st.sampled_from(b"SVCMDHWPZ"), st.binary(max_size=12).map(lambda b: b.replace(b"\0", b""))
+)
+
+
+@given(st.lists(ERROR_FIELD, max_size=6), st.binary(max_size=3))
+def test_error_essentials_reads_what_parse_error_fields_reads(
+    fields: list[tuple[int, bytes]], tail: bytes
+) -> None:
+    """The relay's per-error fast path (review 25: it does not copy or decode the fields it
+    does not need) accepts and reads exactly what the full parser does."""
+    for payload in (b"".join(bytes([c]) + v + b"\0" for c, v in fields) + b"\0", tail):
+        try:
+            full = m.parse_error_fields(payload)
+        except ProtocolError:
+            with pytest.raises(ProtocolError):
+                m.error_essentials(payload)
+            continue
+        assert m.error_essentials(payload) == (full.get("S", ""), full.get("C", ""), "W" in full)
+
+
 @pytest.mark.parametrize(
     ("tag", "rows"),
     [
@@ -384,6 +405,7 @@ ALL_PARSERS: list[Callable[[bytes], object]] = [
     m.parse_authentication,
     m.parse_sasl_mechanisms,
     m.parse_error_fields,
+    m.error_essentials,
     m.parse_command_complete,
     m.parse_backend_key_data,
     m.parse_ready_for_query,

@@ -119,3 +119,31 @@ def test_a_large_bind_with_a_malformed_name_is_refused_as_before() -> None:
     assert forwarded == m.terminate()  # the session is ended, nothing of the Bind was sent
     assert [k for k, _ in frames(written)] == [b"E"]
     assert b"08P01" in written
+
+
+def test_a_large_error_from_the_database_is_not_decoded() -> None:
+    """An error can quote a large value (`select repeat('x', n)::int`): it is held until
+    complete and its body is copied once to be read, but its fields other than severity,
+    SQLSTATE and context are neither copied nor decoded (4 times its size before)."""
+
+    async def run() -> tuple[float, bytes]:
+        session, client, _ = _session()
+        client.keep = False
+        session.data_received(m.query("SELECT 1"))
+        body = b"SERROR\0VERROR\0C22P02\0M" + b"x" * (16 * MIB) + b"\0\0"
+        data = b"E" + struct.pack("!I", 4 + len(body)) + body + m.ready_for_query(b"I")
+        chunks = [data[i : i + CHUNK] for i in range(0, len(data), CHUNK)]
+        tracemalloc.start()
+        try:
+            base = tracemalloc.get_traced_memory()[0]
+            while chunks:
+                session._on_upstream_data(chunks.pop(0))
+            peak = tracemalloc.get_traced_memory()[1] - base
+        finally:
+            tracemalloc.stop()
+        outcome = next(r for r in session.services.audit.records if r.status)  # type: ignore[attr-defined]
+        return peak / len(body), f"{outcome.status} {outcome.sqlstate}".encode()
+
+    ratio, outcome = asyncio.run(run())
+    assert outcome == b"error 22P02"
+    assert ratio < 2.5, f"peak {ratio:.2f} times the message"

@@ -2141,8 +2141,9 @@ class PgSession(asyncio.Protocol):
         if ops and ops[0].code == _OP_QUERY:
             # An error ends a simple Query: none of its COPY statements will start.
             ops[0].copies = 0
-        fields = messages.parse_error_fields(payload) if payload is not None else {}
-        sqlstate = fields.get("C", "")
+        severity, sqlstate, context = (
+            messages.error_essentials(payload) if payload is not None else ("", "", False)
+        )
         if self._copying or self._copy_verdict_pending:
             # The copy failed (bad data, CopyFail, a trigger): the server left copy mode.
             # PostgreSQL refused it before reading anything sent after it (a view, FREEZE, a
@@ -2156,13 +2157,13 @@ class PgSession(asyncio.Protocol):
             self._copy_verdict_pending = False
             if (
                 self._syncs_dropped_in_copy
-                and (nothing_sent or "W" not in fields)
+                and (nothing_sent or not context)
                 and sqlstate != _QUERY_CANCELED
-                and fields.get("S") not in ("FATAL", "PANIC")
+                and severity not in ("FATAL", "PANIC")
             ):
                 self._send_syncs_dropped_in_copy()
             self._syncs_dropped_in_copy = 0
-        if fields.get("S") in ("FATAL", "PANIC"):
+        if severity in ("FATAL", "PANIC"):
             # The backend is gone: what the client sent after, parked or not, never ran, and
             # its implicit transaction never committed.
             self._upstream_ending = True
@@ -2175,7 +2176,7 @@ class PgSession(asyncio.Protocol):
             replacement = ops[0].replacement if ops else None
             # A denial's stand-in error is dbward's: the rollback carries the denial's SQLSTATE.
             why = (
-                messages.parse_error_fields(replacement[5:]).get("C", sqlstate)
+                messages.error_essentials(replacement[5:])[1] or sqlstate
                 if replacement is not None
                 else sqlstate
             )

@@ -36,8 +36,9 @@ BACKEND_TYPES: Final = frozenset(b"RKSZTDCENAGHWdc123ntIsVv")
 
 _DATA_ROW: Final = ord("D")
 _COPY_DATA: Final = ord("d")
-# Backend messages whose body the relay needs; others are reported without copying the body.
-_PAYLOAD_TYPES: Final = frozenset(b"CENZSKRAGHWv")
+# Backend messages whose body the relay needs; others are reported without copying the body
+# (a NoticeResponse can quote a value as large as an error's).
+_PAYLOAD_TYPES: Final = frozenset(b"CEZSKRAGHWv")
 
 # A client message of this many bytes or more that arrives over several feeds is handed over in
 # the buffer it was gathered in (see FrontendFramer.feed). Larger than any message accepted

@@ -494,6 +494,38 @@ def parse_error_fields(payload: bytes) -> dict[str, str]:
     return fields
 
 
+def error_essentials(payload: bytes) -> tuple[str, str, bool]:
+    """ErrorResponse: (severity 'S', SQLSTATE 'C', whether a context 'W' is there), the relay's
+    per-error path. Accepts what `parse_error_fields` accepts, without copying or decoding the
+    other fields: an error can quote a value of up to 1 GB (`select repeat('x', n)::int`),
+    which decoding cost twice its size again."""
+    severity = sqlstate = ""
+    context = False
+    size = len(payload)
+    pos = 0
+    while True:
+        if pos >= size:
+            raise ProtocolError("invalid ErrorResponse message: truncated")
+        code = payload[pos]
+        if code == 0:
+            break
+        end = payload.find(b"\x00", pos + 1)
+        if end < 0:
+            raise ProtocolError("invalid ErrorResponse message: string is not NUL-terminated")
+        if code == 0x53:  # S
+            severity = payload[pos + 1 : end].decode("utf-8", "replace")
+        elif code == 0x43:  # C
+            sqlstate = payload[pos + 1 : end].decode("utf-8", "replace")
+        elif code == 0x57:  # W
+            context = True
+        pos = end + 1
+    if pos + 1 != size:
+        raise ProtocolError(
+            f"invalid ErrorResponse message: {size - pos - 1} unexpected trailing bytes"
+        )
+    return severity, sqlstate, context
+
+
 def parse_command_complete(payload: bytes) -> tuple[str, int | None]:
     """CommandComplete ('C'): the tag and, for row-returning commands, the row count."""
     reader = _Reader(payload, "CommandComplete")
