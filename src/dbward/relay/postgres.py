@@ -1195,7 +1195,7 @@ class PgSession(asyncio.Protocol):
                 )
                 return
             try:
-                if isinstance(payload, memoryview):
+                if type(payload) is memoryview:
                     # A large message kept where the framer gathered it: copy only what is read.
                     in_place = True
                     payload = self._large_body(msg_type, payload, raw)
