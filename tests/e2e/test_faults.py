@@ -734,3 +734,73 @@ def test_large_messages_from_the_database_share_the_budget(
     assert [r.sqlstate for r in lost] == ["53200"], lost
     assert [r.status for r in records if is_outcome(r)] == ["error", "unknown"], records
     assert small.process.poll() is None
+
+
+def test_a_large_message_left_unfinished_ends_its_session_in_time(
+    proxy_factory: Callable[..., Proxy], pg_server: PgServer
+) -> None:
+    """Review 25: a client announcing a large message and sending it a byte now and then held
+    its share of max_partial_message_bytes for good (a handful of them: everyone's large
+    messages refused with 53200). After partial_message_timeout_s it gets FATAL 08P01, the
+    budget is given back at once, its statement in flight is cancelled, others carry on."""
+    mib = 1024 * 1024
+    small = proxy_factory(
+        listener={
+            "max_partial_message_bytes": 16 * mib,
+            "max_message_bytes": 12 * mib,
+            "partial_message_timeout_s": 1,
+        }
+    )
+    table = f"dribble_{uuid.uuid4().hex[:6]}"
+    pg_server.psql(f"CREATE TABLE {table} (v text); GRANT ALL ON {table} TO PUBLIC")
+    app = _app("dribble")
+    slow, other = RawSession(small, app), RawSession(small, _app("dribble-other"))
+    done = False
+
+    def dribble() -> None:
+        while not done:
+            time.sleep(0.3)
+            try:
+                slow.sock.sendall(b"x")
+            except OSError:
+                return
+
+    try:
+        slow.sock.sendall(messages.query("SELECT pg_sleep(30)"))
+        _wait_running(pg_server, app)
+        text = b"SELECT '" + b"x" * (10 * mib)
+        slow.sock.sendall(b"Q" + struct.pack("!I", 4 + len(text) + 2) + text[: 9 * mib])
+        started = time.monotonic()
+        with ThreadPoolExecutor(1) as pool:
+            sender = pool.submit(dribble)
+            try:
+                fields = _expect_fatal(slow.sock)
+            finally:
+                done = True
+            sender.result()
+        elapsed = time.monotonic() - started
+        assert fields["C"] == "08P01", fields
+        assert "was not complete after 1 s" in fields["M"], fields
+        assert 0.9 < elapsed < 5, elapsed
+        slow.close()
+        _wait_sleep_cancelled(pg_server, app)
+        # Its 9 MiB are free again: another session's 9 MiB fit the 16 MiB budget.
+        other.sock.sendall(messages.query(f"COPY {table} FROM STDIN"))
+        assert read_message(other.sock)[0] == b"G"
+        row = b"y" * (10 * mib - 1) + b"\n"
+        other.sock.sendall(b"d" + struct.pack("!I", 4 + len(row)) + row[: 9 * mib])
+        time.sleep(0.3)
+        replies = other.send(row[9 * mib :] + messages.copy_done())
+        assert (b"C", b"COPY 1\x00") in replies, replies
+    finally:
+        done = True
+        slow.close()
+        other.close()
+    records = _session(small, app, _has(AuditEvent.DISCONNECT))
+    refused = [r for r in records if r.event == AuditEvent.PROTOCOL_ERROR]
+    assert [(r.sqlstate, r.reason) for r in refused] == [
+        ("08P01", "message not complete within partial_message_timeout_s (1 s)")
+    ]
+    outcomes = [r for r in records if is_outcome(r)]
+    assert [r.status for r in outcomes] in (["unknown"], ["cancelled"]), outcomes
+    assert small.process.poll() is None

@@ -22,7 +22,7 @@ import pytest
 
 from dbward.audit.records import AuditEvent
 from dbward.wire.postgres import messages
-from fixtures.clients import app_name
+from fixtures.clients import app_name, is_outcome
 from fixtures.hostile import HostileConn, HostileServer, hostile_server, start_hostile_proxy
 from fixtures.postgres import PgServer
 from fixtures.proxy import Proxy, stop_proxy
@@ -50,6 +50,11 @@ _REPLIES = {
     + _READY,
     # Half a DataRow (its header says 32 bytes), then the connection closes.
     "torn-row": _ROW_DESCRIPTION + b"D\x00\x00\x00\x20\x00\x01\x00\x00",
+    # The start of a 2 MiB ErrorResponse, then nothing more (the connection stays open).
+    "dribble": b"E"
+    + struct.pack("!I", 4 + 2 * 1024 * 1024)
+    + b"SERROR\0C22P02\0M"
+    + b"x" * 100_000,
 }
 
 
@@ -501,6 +506,34 @@ def test_channel_binding_required_refuses_scram_without_it(
         message = _login(proxy, app_name("nobind"))
         assert "does not offer channel binding (SCRAM-SHA-256-PLUS)" in message, message
         assert received == []
+    finally:
+        stop_proxy(proxy)
+
+
+def test_a_large_message_the_database_leaves_unfinished_ends_the_session(
+    hostile: tuple[HostileServer, Proxy], tmp_path: Path
+) -> None:
+    """Review 25: a database that starts a large message and never finishes it held the
+    session's share of max_partial_message_bytes for good. After partial_message_timeout_s
+    the session ends as when the connection to the database is lost (08006)."""
+    server, _ = hostile
+    proxy = start_hostile_proxy(tmp_path, server, listener={"partial_message_timeout_s": 1})
+    try:
+        app = app_name("dribble:")
+        started = time.monotonic()
+        error = _query(proxy, app)
+        assert 0.9 < time.monotonic() - started < 5
+        assert error.sqlstate == "08006", error
+        assert "the database did not finish a message in 1 s" in str(error), error
+        records = proxy.session_records(
+            app, until=lambda rs: any(r.event == AuditEvent.DISCONNECT for r in rs)
+        )
+        lost = [r for r in records if r.event == AuditEvent.UPSTREAM_LOST]
+        assert [(r.sqlstate, r.reason) for r in lost] == [
+            ("08006", "dbward: the database did not finish a message in 1 s")
+        ]
+        assert [r.status for r in records if is_outcome(r)] == ["unknown"], records
+        assert not server.errors
     finally:
         stop_proxy(proxy)
 

@@ -132,3 +132,13 @@ def test_a_user_verifier_below_4096_iterations_is_refused() -> None:
         {"listeners": [_listener()], "users": [{"name": "u", "password_verifier": strong}]},
         base_dir=Path("/"),
     )
+
+
+def test_partial_message_timeout_has_a_default_and_bounds() -> None:
+    config = parse_config({"listeners": [_listener()]}, base_dir=Path("/"))
+    assert config.listeners[0].partial_message_timeout_s == 60.0
+    for bad, why in ((0, "greater than 0"), (-1, "greater than 0"), (3601, "less than or equal")):
+        listener = {**_listener(), "partial_message_timeout_s": bad}
+        (problem,) = _problems({"listeners": [listener]})
+        assert problem.startswith("listeners[0].partial_message_timeout_s: Input should be")
+        assert why in problem

@@ -244,6 +244,39 @@ def test_error_fields_tolerant_decoding_and_unknown_codes() -> None:
             m.parse_error_fields(bad)
 
 
+ERROR_FIELD = st.tuples(
+    st.sampled_from(b"SVCMDHWPZ"), st.binary(max_size=12).map(lambda b: b.replace(b"\0", b""))
+)
+
+
+@given(st.lists(ERROR_FIELD, max_size=6), st.binary(max_size=3))
+def test_error_essentials_reads_what_parse_error_fields_reads(
+    fields: list[tuple[int, bytes]], tail: bytes
+) -> None:
+    """The relay's per-error fast path (review 25: it does not copy or decode the fields it
+    does not need) accepts and reads exactly what the full parser does."""
+    for payload in (b"".join(bytes([c]) + v + b"\0" for c, v in fields) + b"\0", tail):
+        try:
+            full = m.parse_error_fields(payload)
+        except ProtocolError:
+            with pytest.raises(ProtocolError):
+                m.error_essentials(payload)
+            continue
+        severity = full.get("V", full.get("S", ""))
+        assert m.error_essentials(payload) == (severity, full.get("C", ""))
+
+
+def test_error_severity_is_read_untranslated() -> None:
+    """Under lc_messages = 'ru_RU' PostgreSQL sends a Russian S for FATAL: the relay read S, so
+    a FATAL went unrecognised (the session was not ended, its statements not settled). V is
+    the untranslated severity (PostgreSQL 9.6+); S alone is still read (older servers)."""
+    fatal_ru = "\u0412\u0410\u0416\u041d\u041e"  # "VAZHNO", Russian for FATAL
+    payload = f"S{fatal_ru}\0VFATAL\0C57P01\0Mterminating connection\0\0".encode()
+    assert m.error_essentials(payload) == ("FATAL", "57P01")
+    without_v = f"S{fatal_ru}\0C57P01\0Mterminating connection\0\0".encode()
+    assert m.error_essentials(without_v) == (fatal_ru, "57P01")  # nothing better to go on
+
+
 @pytest.mark.parametrize(
     ("tag", "rows"),
     [
@@ -384,6 +417,7 @@ ALL_PARSERS: list[Callable[[bytes], object]] = [
     m.parse_authentication,
     m.parse_sasl_mechanisms,
     m.parse_error_fields,
+    m.error_essentials,
     m.parse_command_complete,
     m.parse_backend_key_data,
     m.parse_ready_for_query,

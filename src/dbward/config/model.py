@@ -186,6 +186,9 @@ class ListenerSettings(_Strict):
     max_partial_message_bytes: int = Field(
         default=1024 * 1024 * 1024, ge=1024 * 1024, le=64 * 1024 * 1024 * 1024
     )
+    # ... and a large one (1 MiB or more) must be complete this long after its header arrived:
+    # a client sending one byte now and then held its share of that budget for good.
+    partial_message_timeout_s: float = Field(default=60.0, gt=0, le=3600)
     # Parsing takes about 100 times the SQL text in memory (a 24.6 MB INSERT: 2.4 GB, 5.8 s):
     # longer SQL is refused unparsed, so one statement cannot exhaust the host's memory.
     max_statement_bytes: int = Field(default=16 * 1024 * 1024, ge=64 * 1024, le=1024 * 1024 * 1024)

@@ -41,7 +41,7 @@ from dbward.sql.offload import OFFLOAD_CODE_MIN_BYTES, should_offload
 from dbward.sql.postgres import function_call_statement, oversized_statement
 from dbward.wire.postgres import messages
 from dbward.wire.postgres.encodings import python_codec
-from dbward.wire.postgres.framing import BackendScanner, FrontendFramer
+from dbward.wire.postgres.framing import BackendScanner, Frame, FrontendFramer
 from dbward.wire.postgres.messages import CancelRequest, GSSENCRequest, SSLRequest, StartupMessage
 
 if TYPE_CHECKING:
@@ -278,6 +278,7 @@ class _Await:
 
 _AWAIT_QUIET: Final = _Await(quiet=True)
 _OUT_OF_MEMORY: Final = "53200"
+_PROTOCOL_VIOLATION: Final = "08P01"
 # An unfinished message this small is never refused for the listener's total (a session can
 # always send ordinary messages, whatever others hold).
 _PARTIAL_ALWAYS_FITS: Final = 1024 * 1024
@@ -349,6 +350,16 @@ def _uninspected(command: str, flag: str, error: str) -> Statement:
     )
 
 
+def _write_all(transport: asyncio.WriteTransport, out: list[bytes | bytearray]) -> None:
+    """Write `out` in one call without joining it: it may hold a large message kept in place
+    (see FrontendFramer), which a join would copy. (The relay's per-message path joins small
+    pieces itself: one write of the joined bytes is cheaper than writelines.)"""
+    if len(out) == 1:
+        transport.write(out[0])
+    else:
+        transport.writelines(out)
+
+
 def _denial_frame(decision: Decision) -> bytes:
     return messages.error_response("ERROR", decision.sqlstate, decision.reason)
 
@@ -395,13 +406,20 @@ class PgSession(asyncio.Protocol):
         # Before authentication only small messages are accepted (PostgreSQL caps auth tokens
         # at 64 KiB too): an anonymous client must not make dbward buffer a large message.
         self._framer = FrontendFramer(_PRE_AUTH_MAX_MESSAGE)
-        self._startup_frames: deque[tuple[int, bytes, bytes]] = deque()
+        self._startup_frames: deque[Frame] = deque()
         self._startup_wake: asyncio.Event | None = None
         self._startup_task: asyncio.Task[None] | None = None
         self._unauthenticated = False  # counted in services.unauthenticated, under _host_key
         self._host_key = ""
         self._partial_counted = 0  # bytes counted in services.partial_message_bytes
         self._upstream_held = 0  # the same, for an unfinished message from the database
+        # When the unfinished large client message began (loop time; restarted when dbward
+        # reads the client again after a pause), or None: partial_message_timeout_s.
+        self._partial_since: float | None = None
+        self._upstream_held_since: float | None = None  # the same, from the database
+        # One timer checks both, armed when a large message is left unfinished and none is.
+        self._partial_timer: asyncio.TimerHandle | None = None
+        self._upstream_paused_for_client = False  # the client reads slower than the database
         self._tls = False
         self.identity: Identity | None = None
         self._context: SessionContext | None = None
@@ -413,7 +431,7 @@ class PgSession(asyncio.Protocol):
         self._cancel_key: tuple[int, bytes] | None = None
         # relay state
         self._ops: deque[_Op] = deque()
-        self._inbox: deque[tuple[int, bytes, bytes]] = deque()
+        self._inbox: deque[Frame] = deque()
         self._blocked = False  # waiting for a durable audit write before forwarding
         self._discard_until_sync = False
         self._prepared: dict[str, tuple[Statement, ...]] = {}
@@ -580,7 +598,7 @@ class PgSession(asyncio.Protocol):
             self._protocol_error(exc)
             return
         pending = self._framer.pending_bytes
-        if (pending or self._partial_counted) and not self._count_partial(pending):
+        if (pending or self._partial_counted) and not self._count_partial(pending, bool(frames)):
             return
         if self._phase == _PHASE_READY:
             if self._inbox or self._blocked:
@@ -604,15 +622,25 @@ class PgSession(asyncio.Protocol):
             if self._startup_wake is not None:
                 self._startup_wake.set()
 
-    def _count_partial(self, pending: int) -> bool:
+    def _count_partial(self, pending: int, completed: bool) -> bool:
         """Keep the listener's total of unfinished client messages within its budget.
 
-        Each message up to max_message_bytes is buffered whole (and copied when complete), so
-        sessions sending huge messages at once could hold many GB between them (four 250 MB
-        CopyData messages: +1.5 GB). Past the budget, the session adding a large unfinished
-        message is ended (53200); small ones always fit. False if it was.
+        Each message up to max_message_bytes is buffered whole, so sessions sending huge
+        messages at once could hold many GB between them (four 250 MB CopyData messages:
+        +1.5 GB). Past the budget, the session adding a large unfinished message is ended
+        (53200); small ones always fit. A large one also starts the clock of
+        partial_message_timeout_s (`completed`: messages were completed by this feed, so what
+        is left unfinished is a new message). False if the session was ended.
         """
         services = self.services
+        if completed or not pending:
+            self._partial_since = None
+        if (
+            pending
+            and self._partial_since is None
+            and self._framer.expected_bytes >= _PARTIAL_ALWAYS_FITS
+        ):
+            self._partial_since = self._start_partial_clock()
         exceeded = self._partial_budget_exceeded(pending, self._partial_counted)
         self._partial_counted = pending
         if not exceeded:
@@ -651,14 +679,109 @@ class PgSession(asyncio.Protocol):
         self.services.partial_message_bytes -= self._partial_counted + self._upstream_held
         self._partial_counted = 0
         self._upstream_held = 0
+        self._partial_since = self._upstream_held_since = None
 
-    def _count_upstream_held(self, held: int) -> bool:
+    def _start_partial_clock(self) -> float:
+        """Now, in loop time; makes sure the timer checking unfinished messages is armed."""
+        loop = asyncio.get_running_loop()
+        if self._partial_timer is None:
+            self._partial_timer = loop.call_later(
+                self.services.settings.partial_message_timeout_s, self._check_partial
+            )
+        return loop.time()
+
+    def _check_partial(self) -> None:
+        """The timer: end the session if a large message has stayed unfinished for
+        partial_message_timeout_s while dbward was reading its sender; else check again when
+        the oldest could be due. One timer per session, armed only while a large message is
+        unfinished: nothing is armed per message."""
+        self._partial_timer = None
+        if self._closing or self._phase == _PHASE_CLOSED:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        timeout = self.services.settings.partial_message_timeout_s
+        due = now + timeout
+        since = self._partial_since
+        # While dbward does not read the sender, the message cannot progress: its clock is
+        # not checked, and starts over when reading resumes.
+        if since is not None and not (
+            self._blocked or self._client_paused_for_upstream or self._client_paused_for_replies
+        ):
+            if now - since >= timeout:
+                self._partial_timed_out(timeout)
+                return
+            due = min(due, since + timeout)
+        since = self._upstream_held_since
+        if since is not None and not self._upstream_paused_for_client:
+            if now - since >= timeout:
+                self._upstream_timed_out(timeout)
+                return
+            due = min(due, since + timeout)
+        if self._partial_since is not None or self._upstream_held_since is not None:
+            self._partial_timer = loop.call_at(due, self._check_partial)
+
+    def _partial_timed_out(self, timeout: float) -> None:
+        """A client left a large message unfinished too long (sending a byte now and then
+        held its share of max_partial_message_bytes for good): 08P01, the budget back."""
+        expected, arrived = self._framer.expected_bytes, self._framer.pending_bytes
+        log.warning(
+            "session %s: ending the session: a %d-byte message was not complete after %g s "
+            "(%d bytes arrived; partial_message_timeout_s)",
+            self.session_id,
+            expected,
+            timeout,
+            arrived,
+        )
+        self._audit(
+            AuditEvent.PROTOCOL_ERROR,
+            reason=f"message not complete within partial_message_timeout_s ({timeout:g} s)",
+            sqlstate=_PROTOCOL_VIOLATION,
+        )
+        self._fatal_lingering(
+            _PROTOCOL_VIOLATION,
+            f"dbward: a message of {expected} bytes was not complete after {timeout:g} s "
+            f"({arrived} bytes arrived)",
+        )
+        self._framer.discard()
+        self._release_partial()
+
+    def _upstream_timed_out(self, timeout: float) -> None:
+        """The database left a large message unfinished too long while dbward was reading it
+        (PostgreSQL writes one without pausing): treated as a lost connection (08006)."""
+        log.warning(
+            "session %s: ending the session: the database did not finish a %d-byte message "
+            "in %g s (partial_message_timeout_s)",
+            self.session_id,
+            self._scanner.expected_bytes if self._scanner is not None else 0,
+            timeout,
+        )
+        self._release_partial()
+        self._upstream_gone(f"dbward: the database did not finish a message in {timeout:g} s")
+
+    def _reading_resumed(self) -> None:
+        """dbward reads the client again: an unfinished large message could not progress
+        while it did not, so its time starts over."""
+        if self._partial_since is not None:
+            self._partial_since = asyncio.get_running_loop().time()
+
+    def _count_upstream_held(self, held: int, started: bool) -> bool:
         """The same budget for what the database sends: a message other than a row is held
         whole until its last byte (an error can echo a value of up to 1 GB: `select
         repeat('x', 500000000)::int` from any client made one session hold ~2 GB). Past the
-        budget, the session whose database is sending a large message is ended (53200).
-        False if it was."""
+        budget, the session whose database is sending a large message is ended (53200). A
+        large one also starts the clock of partial_message_timeout_s (`started`: what is held
+        now began in this feed). False if the session was ended."""
         services = self.services
+        if started or not held:
+            self._upstream_held_since = None
+        if (
+            held
+            and self._upstream_held_since is None
+            and self._scanner is not None
+            and self._scanner.expected_bytes >= _PARTIAL_ALWAYS_FITS
+        ):
+            self._upstream_held_since = self._start_partial_clock()
         exceeded = self._partial_budget_exceeded(held, self._upstream_held)
         self._upstream_held = held
         if not exceeded:
@@ -721,10 +844,15 @@ class PgSession(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         # The client reads slower than the database sends: stop reading the upstream.
+        self._upstream_paused_for_client = True
         if self._upstream is not None:
             self._upstream.transport.pause_reading()
 
     def resume_writing(self) -> None:
+        self._upstream_paused_for_client = False
+        if self._upstream_held_since is not None:
+            # What the database was sending could not progress meanwhile: its time starts over.
+            self._upstream_held_since = asyncio.get_running_loop().time()
         if self._upstream is not None and not self._upstream.transport.is_closing():
             self._upstream.transport.resume_reading()
 
@@ -737,7 +865,9 @@ class PgSession(asyncio.Protocol):
                 raise ConnectionResetError("client went away during startup")
             self._startup_wake.clear()
             await self._startup_wake.wait()
-        return self._startup_frames.popleft()
+        msg_type, payload, raw = self._startup_frames.popleft()
+        # Before login messages are too small to be kept in place: bytes() returns them as is.
+        return msg_type, bytes(payload), bytes(raw)
 
     async def _run_startup(self) -> None:
         settings = self.services.settings
@@ -1057,13 +1187,14 @@ class PgSession(asyncio.Protocol):
             inbox.clear()
             self._process_frames(frames)
 
-    def _process_frames(self, frames: list[tuple[int, bytes, bytes]]) -> None:
+    def _process_frames(self, frames: list[Frame]) -> None:
         """Handle client frames in order; forward what may go in one write."""
         upstream = self._upstream
         assert upstream is not None
         if self._upstream_ending:
             return  # the connection to PostgreSQL is closing: nothing more is read or run
-        out: list[bytes] = []
+        out: list[bytes | bytearray] = []
+        in_place = False  # `out` holds a large message as the framer gathered it
         count = len(frames)
         i = 0
         while i < count:
@@ -1100,6 +1231,8 @@ class PgSession(asyncio.Protocol):
                 # COPY data flows through (the COPY statement was decided); outside a copy
                 # PostgreSQL ignores it, as after a COPY that failed.
                 out.append(raw)
+                if type(raw) is not bytes:
+                    in_place = True
                 if not self._copying:
                     continue
                 if msg_type == _COPY_DATA:
@@ -1123,7 +1256,7 @@ class PgSession(asyncio.Protocol):
                 # has ended the copy, and nothing here can tell which: rather than guess (and
                 # let replies drift from requests), such a client is told plainly.
                 if out:
-                    upstream.transport.write(b"".join(out))
+                    _write_all(upstream.transport, out)
                 self._protocol_error(
                     ProtocolError(
                         f"unexpected message type {chr(msg_type)!r} during COPY FROM STDIN"
@@ -1131,6 +1264,10 @@ class PgSession(asyncio.Protocol):
                 )
                 return
             try:
+                if type(payload) is memoryview:
+                    # A large message kept where the framer gathered it: copy only what is read.
+                    in_place = True
+                    payload = self._large_body(msg_type, payload, raw)
                 if (
                     len(payload) >= OFFLOAD_CODE_MIN_BYTES
                     and msg_type in (_Q, _P)
@@ -1143,7 +1280,7 @@ class PgSession(asyncio.Protocol):
                 barrier = self._handle_message(msg_type, payload, raw, out)
             except ProtocolError as exc:
                 if out:
-                    upstream.transport.write(b"".join(out))
+                    _write_all(upstream.transport, out)
                 self._protocol_error(exc)
                 return
             if msg_type == _X:
@@ -1160,13 +1297,34 @@ class PgSession(asyncio.Protocol):
                 future.add_done_callback(functools.partial(self._barrier_done, held=held))
                 return
         if out:
-            upstream.transport.write(out[0] if len(out) == 1 else b"".join(out))
+            if len(out) == 1:
+                upstream.transport.write(out[0])
+            elif in_place:
+                upstream.transport.writelines(out)  # joining them would copy the large one
+            else:
+                upstream.transport.write(b"".join(out))
 
-    def _park(self, pending: list[tuple[int, bytes, bytes]], out: list[bytes]) -> None:
+    def _large_body(self, msg_type: int, body: memoryview, raw: bytes | bytearray) -> bytes:
+        """What the relay reads of a large message kept in place, as bytes.
+
+        A Query too long to parse is refused by its size (read from `raw`): nothing of it is
+        copied. Of a Bind only the portal and statement names are read (PostgreSQL checks the
+        parameters), so only they are copied. Anything else is copied whole.
+        """
+        if msg_type == _Q and len(body) > self._max_statement_bytes:
+            return b""
+        if msg_type == _B:
+            first = raw.find(b"\x00", 5)
+            second = raw.find(b"\x00", first + 1) if first >= 0 else -1
+            if second >= 0:
+                return body[: second - 4].tobytes()
+        return body.tobytes()
+
+    def _park(self, pending: list[Frame], out: list[bytes | bytearray]) -> None:
         """Stop handling client frames: forward what is decided, keep `pending` in order."""
         if out:
             assert self._upstream is not None
-            self._upstream.transport.write(b"".join(out))
+            _write_all(self._upstream.transport, out)
         self._blocked = True
         for rest in reversed(pending):
             self._inbox.appendleft(rest)
@@ -1181,6 +1339,7 @@ class PgSession(asyncio.Protocol):
             and not self._client_paused_for_replies
         ):
             self.transport.resume_reading()
+            self._reading_resumed()
         self._drain_inbox()
 
     def _offload_text(self, msg_type: int, payload: bytes) -> str | None:
@@ -1197,7 +1356,7 @@ class PgSession(asyncio.Protocol):
         return text
 
     def _hold_for_classification(
-        self, text: str, frames: list[tuple[int, bytes, bytes]], index: int, out: list[bytes]
+        self, text: str, frames: list[Frame], index: int, out: list[bytes | bytearray]
     ) -> None:
         """Park this frame and the ones after it until the pool has classified `text`."""
         offload = self.services.offload
@@ -1230,7 +1389,9 @@ class PgSession(asyncio.Protocol):
             return self._decode_sql(payload)
         return self._decode_text(messages.parse_parts(payload)[1])
 
-    def _barrier_done(self, future: asyncio.Future[int], *, held: tuple[bytes, bytes]) -> None:
+    def _barrier_done(
+        self, future: asyncio.Future[int], *, held: tuple[bytes | bytearray, bytes]
+    ) -> None:
         """The intent record is durable (or failed): forward the held message or refuse it."""
         self._blocked = False
         self._barrier_op = None
@@ -1262,17 +1423,19 @@ class PgSession(asyncio.Protocol):
                 op.tracked = []
 
     def _handle_message(
-        self, msg_type: int, payload: bytes, raw: bytes, out: list[bytes]
-    ) -> tuple[asyncio.Future[int], tuple[bytes, bytes]] | _Await | None:
+        self, msg_type: int, payload: bytes, raw: bytes | bytearray, out: list[bytes | bytearray]
+    ) -> tuple[asyncio.Future[int], tuple[bytes | bytearray, bytes]] | _Await | None:
         """Decide one client message; append what to forward to `out`.
 
-        Returns a barrier (future, (bytes to forward, bytes if refused)) when forwarding must
-        wait for a durable audit write, or an _Await when the message must wait, unhandled,
-        for answers it depends on (see `_Definition`).
+        `payload` is the message's body, or for a large message kept in place what is read of
+        it (`_large_body`). Returns a barrier (future, (bytes to forward, bytes if refused))
+        when forwarding must wait for a durable audit write, or an _Await when the message must
+        wait, unhandled, for answers it depends on (see `_Definition`).
         """
         if msg_type == _Q:
-            if len(payload) > self._max_statement_bytes:
-                too_large = oversized_statement(len(payload) - 1, self._max_statement_bytes)
+            size = len(raw) - 5  # of the body (`payload` of a large one is not copied)
+            if size > self._max_statement_bytes:
+                too_large = oversized_statement(size - 1, self._max_statement_bytes)
                 return self._handle_query((too_large,), raw, out)
             # Nothing in flight and conforming strings (almost always): the text reads as is.
             unsettled = self._unsettled_text(payload) if self._may_be_unsettled() else None
@@ -1673,7 +1836,7 @@ class PgSession(asyncio.Protocol):
         name: str,
         decided: list[tuple[Statement, Decision, ProtocolPath]],
         denial: Decision,
-        out: list[bytes],
+        out: list[bytes | bytearray],
     ) -> None:
         """Send PostgreSQL an unparseable Parse in place of a denied one; skip to Sync."""
         self._record_denied(decided, denial)
@@ -1690,10 +1853,10 @@ class PgSession(asyncio.Protocol):
     def _handle_query(
         self,
         statements: tuple[Statement, ...],
-        raw: bytes,
-        out: list[bytes],
+        raw: bytes | bytearray,
+        out: list[bytes | bytearray],
         path: ProtocolPath = ProtocolPath.SIMPLE,
-    ) -> tuple[asyncio.Future[int], tuple[bytes, bytes]] | None:
+    ) -> tuple[asyncio.Future[int], tuple[bytes | bytearray, bytes]] | None:
         """A message answered up to ReadyForQuery: Query, or FunctionCall (path says which)."""
         self._ran_since_ready = True
         try:
@@ -1704,10 +1867,10 @@ class PgSession(asyncio.Protocol):
     def _forward_query(
         self,
         statements: tuple[Statement, ...],
-        raw: bytes,
-        out: list[bytes],
+        raw: bytes | bytearray,
+        out: list[bytes | bytearray],
         path: ProtocolPath,
-    ) -> tuple[asyncio.Future[int], tuple[bytes, bytes]] | None:
+    ) -> tuple[asyncio.Future[int], tuple[bytes | bytearray, bytes]] | None:
         if not statements:  # empty query string: PostgreSQL answers EmptyQueryResponse
             self._ops.append(_Op(_OP_QUERY, []))
             out.append(raw)
@@ -1730,11 +1893,11 @@ class PgSession(asyncio.Protocol):
         self,
         statements: tuple[Statement, ...],
         max_rows: int,
-        raw: bytes,
-        out: list[bytes],
+        raw: bytes | bytearray,
+        out: list[bytes | bytearray],
         *,
         resumed: bool = False,
-    ) -> tuple[asyncio.Future[int], tuple[bytes, bytes]] | None:
+    ) -> tuple[asyncio.Future[int], tuple[bytes | bytearray, bytes]] | None:
         self._ran_since_ready = True
         tracked, durable, denial = self._admit(statements, ProtocolPath.EXTENDED)
         if denial is not None:
@@ -1819,14 +1982,14 @@ class PgSession(asyncio.Protocol):
                     name, changes.added[name], portal=False, drops_on_failure=False
                 )
 
-    def _terminate(self, out: list[bytes]) -> None:
+    def _terminate(self, out: list[bytes | bytearray]) -> None:
         """Terminate: forwarded after what came before it, as PostgreSQL would read it — the
         statements already sent run to their end (not cancelled, as on a lost connection)."""
         upstream = self._upstream
         self._terminated = True
         if upstream is not None:
             out.append(messages.terminate())
-            upstream.transport.write(b"".join(out))
+            _write_all(upstream.transport, out)
         self._close_client()
 
     # ------------------------------------------------------------------ upstream -> client
@@ -1848,7 +2011,7 @@ class PgSession(asyncio.Protocol):
             if forward:
                 transport.write(forward)
             if held or self._upstream_held:
-                self._count_upstream_held(held)
+                self._count_upstream_held(held, bool(forward))
             return
         pieces: list[bytes] | None = None
         position = 0
@@ -1881,7 +2044,7 @@ class PgSession(asyncio.Protocol):
         else:
             pieces.append(forward[position:])
             transport.write(b"".join(pieces))
-        if (held or self._upstream_held) and not self._count_upstream_held(held):
+        if (held or self._upstream_held) and not self._count_upstream_held(held, True):
             return
         if self._client_paused_for_replies and len(self._ops) <= _REPLIES_LOW_MARK:
             self._replies_drained()
@@ -2057,9 +2220,8 @@ class PgSession(asyncio.Protocol):
         if ops and ops[0].code == _OP_QUERY:
             # An error ends a simple Query: none of its COPY statements will start.
             ops[0].copies = 0
-        fields = messages.parse_error_fields(payload) if payload is not None else {}
-        sqlstate = fields.get("C", "")
-        fatal = fields.get("S") in ("FATAL", "PANIC")
+        severity, sqlstate = messages.error_essentials(payload) if payload is not None else ("", "")
+        fatal = severity in ("FATAL", "PANIC")
         probe = 0
         if self._copying or self._copy_verdict_pending:
             # The copy failed (bad data, CopyFail, a trigger, a cancel): PostgreSQL left copy
@@ -2083,7 +2245,7 @@ class PgSession(asyncio.Protocol):
             replacement = ops[0].replacement if ops else None
             # A denial's stand-in error is dbward's: the rollback carries the denial's SQLSTATE.
             why = (
-                messages.parse_error_fields(replacement[5:]).get("C", sqlstate)
+                messages.error_essentials(replacement[5:])[1] or sqlstate
                 if replacement is not None
                 else sqlstate
             )
@@ -2423,6 +2585,7 @@ class PgSession(asyncio.Protocol):
         self._client_paused_for_upstream = False
         if self.transport is not None and not self._blocked and not self._client_paused_for_replies:
             self.transport.resume_reading()
+            self._reading_resumed()
 
     def _replies_drained(self) -> None:
         """Enough owed replies have arrived: read the client again (unless paused otherwise)."""
@@ -2433,6 +2596,7 @@ class PgSession(asyncio.Protocol):
             and not self._client_paused_for_upstream
         ):
             self.transport.resume_reading()
+            self._reading_resumed()
 
     # ------------------------------------------------------------------ shutdown and errors
 
@@ -2510,6 +2674,9 @@ class PgSession(asyncio.Protocol):
         """Give back what the session holds of its listener (idempotent)."""
         self._leave_unauthenticated()
         self._release_partial()
+        if self._partial_timer is not None:
+            self._partial_timer.cancel()
+            self._partial_timer = None
         self.services.sessions.discard(self)
         if self._cancel_key is not None:
             self.services.cancels.revoke(*self._cancel_key)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import struct
-from typing import Final
+from typing import Final, TypeAlias
 
 from dbward.core.errors import ProtocolError
 
@@ -12,11 +12,13 @@ __all__ = [
     "CANCEL_REQUEST_CODE",
     "FRONTEND_TYPES",
     "GSSENC_REQUEST_CODE",
+    "IN_PLACE_MIN_BYTES",
     "MAX_STARTUP_PACKET_LENGTH",
     "PROTOCOL_3_0",
     "SSL_REQUEST_CODE",
     "BackendFramer",
     "BackendScanner",
+    "Frame",
     "FrontendFramer",
 ]
 
@@ -34,8 +36,19 @@ BACKEND_TYPES: Final = frozenset(b"RKSZTDCENAGHWdc123ntIsVv")
 
 _DATA_ROW: Final = ord("D")
 _COPY_DATA: Final = ord("d")
-# Backend messages whose body the relay needs; others are reported without copying the body.
-_PAYLOAD_TYPES: Final = frozenset(b"CENZSKRAGHWv")
+# Backend messages whose body the relay needs; others are reported without copying the body
+# (a NoticeResponse can quote a value as large as an error's).
+_PAYLOAD_TYPES: Final = frozenset(b"CEZSKRAGHWv")
+
+# A client message of this many bytes or more that arrives over several feeds is handed over in
+# the buffer it was gathered in (see FrontendFramer.feed). Larger than any message accepted
+# before login (64 KiB), so those are always plain bytes.
+IN_PLACE_MIN_BYTES: Final = 128 * 1024
+
+# (type byte or 0, payload, raw frame). Payload and frame are bytes, except for a message of
+# IN_PLACE_MIN_BYTES or more completed over several feeds: its frame is the bytearray it was
+# gathered in and its payload a view of that (nothing is copied; neither is changed afterwards).
+Frame: TypeAlias = tuple[int, bytes | memoryview, bytes | bytearray]
 
 _U32: Final = struct.Struct("!I")
 _TYPE_LENGTH: Final = struct.Struct("!BI")
@@ -71,15 +84,33 @@ class FrontendFramer:
         self._buf = bytearray()
         self._need = 0
 
-    def feed(self, data: bytes) -> list[tuple[int, bytes, bytes]]:
-        """Add bytes; return every complete message as (type byte or 0, payload, raw frame)."""
+    @property
+    def expected_bytes(self) -> int:
+        """Size of the unfinished message at the head of the buffer, as its header announced
+        it (0 while there is none, or its header is not complete yet)."""
+        return self._need
+
+    def feed(self, data: bytes) -> list[Frame]:
+        """Add bytes; return every complete message as a Frame (type byte or 0, payload, raw)."""
         buf = self._buf
         buf += data
         size = len(buf)
-        if size < self._need:
+        need = self._need
+        if size < need:
             return []
+        out: list[Frame] = []
+        if need >= IN_PLACE_MIN_BYTES:
+            # A large message begun in an earlier feed (so at the start of the buffer) is
+            # complete: hand over the buffer itself rather than copy it twice (the frame, then
+            # the payload: three times the message in memory at once). What follows it, at most
+            # this feed, starts a new buffer.
+            rest = buf[need:]
+            del buf[need:]
+            self._buf = rest
+            out.append((buf[0], memoryview(buf)[5:], buf))
+            buf = rest
+            size = len(buf)
         self._need = 0
-        out: list[tuple[int, bytes, bytes]] = []
         pos = 0
         unpack = _U32.unpack_from
         with memoryview(buf) as view:
@@ -125,6 +156,7 @@ class FrontendFramer:
                 pos = end
         if pos:
             # One compaction per feed; bytearray deletes from the front without moving much.
+            # An unfinished message therefore always starts at the head of the buffer.
             del buf[:pos]
         return out
 
@@ -228,6 +260,12 @@ class BackendScanner:
     def pending_bytes(self) -> int:
         """Bytes held back, waiting for the rest of their frame."""
         return len(self._hold)
+
+    @property
+    def expected_bytes(self) -> int:
+        """Size of the frame held back, as its header announced it (0 while none is, or its
+        header is not complete yet)."""
+        return self._need
 
     @property
     def at_boundary(self) -> bool:
