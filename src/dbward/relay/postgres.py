@@ -2068,8 +2068,8 @@ class PgSession(asyncio.Protocol):
     def _on_backend_message(self, msg_type: int, payload: bytes | None) -> bytes | None:
         """Track one upstream message; returns replacement bytes for it, if any."""
         ops = self._ops
-        if ops and ops[0].code == _OP_PROBE and msg_type in (0x5A, 0x33, 0x45):
-            return self._on_probe_reply(msg_type, payload)
+        # The copy probe's replies (ReadyForQuery, CloseComplete, ErrorResponse) are checked
+        # for in those branches only: the rows and CommandCompletes of every query skip it.
         if msg_type == 0x43:  # 'C' CommandComplete
             if self._copy_verdict_pending:
                 # The copy succeeded: PostgreSQL read and ignored the Syncs sent into it.
@@ -2093,6 +2093,8 @@ class PgSession(asyncio.Protocol):
                             self._record_outcome(item, status, "", rows)
             return None
         if msg_type == 0x5A:  # 'Z' ReadyForQuery
+            if ops and ops[0].code == _OP_PROBE:
+                return self._on_probe_reply(msg_type, payload)
             self._note_ready(payload)
             unanswered: list[_Op] | None = None
             while ops:
@@ -2115,8 +2117,12 @@ class PgSession(asyncio.Protocol):
                 self._ready_and_idle()
             return None
         if msg_type == 0x45:  # 'E' ErrorResponse
+            if ops and ops[0].code == _OP_PROBE:
+                return self._on_probe_reply(msg_type, payload)
             return self._on_error(payload)
         if msg_type in (0x31, 0x32, 0x33):  # ParseComplete, BindComplete, CloseComplete
+            if msg_type == 0x33 and ops and ops[0].code == _OP_PROBE:
+                return self._on_probe_reply(msg_type, payload)
             if ops and ops[0].code in (_OP_PARSE, _OP_BIND, _OP_CLOSE):
                 definition = ops.popleft().definition
                 if definition is not None:  # it succeeded: its definition holds
