@@ -84,6 +84,9 @@ def guard_statement_limit(request: PolicyRequest) -> Decision | None:
     )
 
 
+_UNINSPECTED: Final = frozenset({"uninspected_portal", "uninspected_statement"})
+
+
 def guard_unparseable(request: PolicyRequest) -> Decision | None:
     """What the real grammar cannot read cannot be checked: fail closed."""
     statement = request.statement
@@ -93,6 +96,12 @@ def guard_unparseable(request: PolicyRequest) -> Decision | None:
         detail = f"unrecognised statement type {statement.command}"
     else:
         detail = parser_error_snippet(statement.error)
+    if not statement.text and statement.flags & _UNINSPECTED:
+        # A portal or prepared statement dbward never saw defined: there was no text to parse.
+        return _deny(
+            "guard.unparseable",
+            f"dbward: statement could not be inspected and is refused ({detail})",
+        )
     return _deny(
         "guard.unparseable", f"dbward: statement could not be parsed and is refused ({detail})"
     )
