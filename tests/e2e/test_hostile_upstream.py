@@ -30,6 +30,7 @@ from fixtures.clients import app_name
 from fixtures.hostile import HostileConn, HostileServer, hostile_server, start_hostile_proxy
 from fixtures.postgres import PgServer
 from fixtures.proxy import Proxy, stop_proxy
+from fixtures.raw import RawSession, read_message
 from fixtures.tls import LeafCert, TestCA, make_test_ca
 
 
@@ -620,3 +621,67 @@ def test_the_database_login_has_its_own_timeout_not_the_clients(
     finally:
         release.set()
         stop_proxy(proxy)
+
+
+# ------------------------------------------------------------------ the copy probe
+
+_COPY_IN_RESPONSE = _frame(b"G", b"\x00\x00\x01\x00\x00")  # text, one column
+_CLOSE_COMPLETE = _frame(b"3", b"")
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        # A transaction status PostgreSQL never sends: it was re-encoded for the client, and
+        # ready_for_query's ValueError escaped the upstream callback (a traceback in the log).
+        _frame(b"Z", b"X") + _READY + _CLOSE_COMPLETE + _READY,
+        # More ReadyForQuery than Syncs were sent: refused at once, not kept (the session
+        # waited, holding every one, for a CloseComplete that never came).
+        _READY * 3,
+    ],
+    ids=["bad-status", "too-many"],
+)
+def test_a_database_answering_the_copy_probe_wrongly_ends_the_session_cleanly(
+    tls_server: HostileServer, tmp_path: Path, answer: bytes
+) -> None:
+    """After a failed COPY FROM STDIN with a Sync sent into it, dbward sends its probe (Sync,
+    Close, Sync); the database's answer to it is checked like any other message."""
+    probe: list[bytes] = []
+
+    def script(conn: HostileConn) -> None:
+        conn.login()
+        conn.read_message()  # the COPY
+        conn.send(_COPY_IN_RESPONSE)
+        assert conn.read_message()[0] == b"S"  # the Sync sent into the copy
+        conn.send(messages.error_response("ERROR", "P0001", "no copies"), _READY)
+        while not probe or probe[-2:-1] != [b"C"]:  # up to the probe's Close and last Sync
+            probe.append(conn.read_message()[0])
+        conn.send(answer)
+        conn.idle_until_closed()
+
+    tls_server.script = script
+    proxy = start_hostile_proxy(tmp_path, tls_server)
+    try:
+        app = app_name("probe")
+        session = RawSession(proxy, app)
+        session.sock.sendall(messages.query("COPY t FROM STDIN") + messages.sync())
+        kinds = []
+        while not kinds or kinds[-1] != b"E" or len(kinds) < 4:
+            kinds.append(read_message(session.sock)[0])
+        session.close()
+        assert kinds == [b"G", b"E", b"Z", b"E"], kinds
+        assert probe[-3:] == [b"S", b"C", b"S"], probe
+        assert _lost_reason_any(proxy, app) == "the database sent an invalid message"
+        log = proxy.log()
+        assert "Traceback" not in log and "Fatal error" not in log, log[-3000:]
+    finally:
+        stop_proxy(proxy)
+
+
+def _lost_reason_any(proxy: Proxy, app: str) -> str:
+    records = proxy.session_records(
+        app, until=lambda rs: any(r.event == AuditEvent.DISCONNECT for r in rs)
+    )
+    lost = [r for r in records if r.event == AuditEvent.UPSTREAM_LOST]
+    assert len(lost) == 1, [(r.event, r.reason) for r in records]
+    return lost[0].reason

@@ -310,6 +310,7 @@ _AWAIT_COPY: Final = _Await(copy=True)
 # Random per process, so no client can name (and see closed) a portal of its own like it.
 _PROBE_PORTAL: Final = f"dbward: copy sync probe {secrets.token_hex(8)}"
 _PROBE: Final = messages.sync() + messages.close_message("P", _PROBE_PORTAL) + messages.sync()
+_READY_STATUSES: Final = frozenset((b"I", b"T", b"E"))
 
 
 # Replies that carry no statement: one shared, never-mutated op each (no allocation per message).
@@ -2331,10 +2332,16 @@ class PgSession(asyncio.Protocol):
                 raise ProtocolError("unexpected CloseComplete")
             probe.closed = True
             return b"".join(messages.ready_for_query(status) for status in probe.readies[:-1])
-        self._note_ready(payload)
         if not probe.closed:
-            probe.readies.append(payload if payload is not None else b"I")
+            # At most one per Sync sent into the copy, then the probe's own; each one is sent
+            # on rebuilt, so a status PostgreSQL never sends ends the session as any invalid
+            # message does (a database sending endless ones held them all in memory).
+            if payload not in _READY_STATUSES or len(probe.readies) > probe.syncs:
+                raise ProtocolError("unexpected ReadyForQuery")
+            self._note_ready(payload)
+            probe.readies.append(payload)
             return b""
+        self._note_ready(payload)
         # The probe's last ReadyForQuery: PostgreSQL is past the copy and every Sync sent.
         self._ops.popleft()
         self._copy_verdict_pending = False
