@@ -731,7 +731,8 @@ class PgSession(asyncio.Protocol):
         """A CancelRequest has arrived and is not handled yet: it still goes (and is audited)
         after its client hung up, as tokio-postgres does as soon as it has sent one."""
         frames = self._startup_frames
-        return bool(frames) and frames[0][1][:4] == _CANCEL_REQUEST_CODE
+        # A startup packet (type 0, not a typed message of the same bytes) with its code.
+        return bool(frames) and frames[0][0] == 0 and frames[0][1][:4] == _CANCEL_REQUEST_CODE
 
     def pause_writing(self) -> None:
         # The client reads slower than the database sends: stop reading the upstream.
