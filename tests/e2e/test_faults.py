@@ -335,7 +335,6 @@ def test_cancel_with_wrong_key_does_nothing(proxy: Proxy, pg_server: PgServer) -
         assert refused[0].reason == "unknown cancel key"
 
 
-
 def test_cancel_from_a_client_that_hangs_up_at_once_is_still_sent(
     proxy: Proxy, pg_server: PgServer
 ) -> None:
@@ -763,4 +762,3 @@ def test_large_messages_from_the_database_share_the_budget(
     assert [r.sqlstate for r in lost] == ["53200"], lost
     assert [r.status for r in records if is_outcome(r)] == ["error", "unknown"], records
     assert small.process.poll() is None
-

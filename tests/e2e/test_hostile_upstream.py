@@ -434,13 +434,12 @@ def test_scram_relayed_by_a_man_in_the_middle_is_refused(
     assert _login(direct, app_name("direct")) == "ok"
 
 
-
 def _ed25519_leaf(directory: Path) -> LeafCert:
     """A self-signed Ed25519 certificate: its signature names no hash, so it gives SCRAM
     nothing to bind to (tls-server-end-point)."""
     key = ed25519.Ed25519PrivateKey.generate()
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -665,7 +664,7 @@ def test_a_database_answering_the_copy_probe_wrongly_ends_the_session_cleanly(
         app = app_name("probe")
         session = RawSession(proxy, app)
         session.sock.sendall(messages.query("COPY t FROM STDIN") + messages.sync())
-        kinds = []
+        kinds: list[bytes] = []
         while not kinds or kinds[-1] != b"E" or len(kinds) < 4:
             kinds.append(read_message(session.sock)[0])
         session.close()
