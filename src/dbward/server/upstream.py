@@ -425,7 +425,7 @@ class ServiceLogin:
         if self.channel_binding != "disable" and offered_plus and self.binding is not None:
             # Bound to this TLS connection: a proof relayed by a man in the middle is useless.
             return ScramClient(password, channel_binding=self.binding)
-        if self.channel_binding != "disable" and offered_plus and not self.private:
+        if self.channel_binding != "disable" and offered_plus and self.tls and not self.private:
             # -PLUS offered over TLS, but the certificate presented gives nothing to bind to
             # (Ed25519, or a signature algorithm that names no known hash). Unverified, it may
             # be anyone's: someone on the path presenting such a certificate would get an
