@@ -684,3 +684,55 @@ def _lost_reason_any(proxy: Proxy, app: str) -> str:
     lost = [r for r in records if r.event == AuditEvent.UPSTREAM_LOST]
     assert len(lost) == 1, [(r.event, r.reason) for r in records]
     return lost[0].reason
+
+
+def _peak_rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_a_database_answering_a_cancel_with_a_flood_is_not_buffered(
+    tls_server: HostileServer, tmp_path: Path
+) -> None:
+    """PostgreSQL answers a CancelRequest with nothing and closes; dbward waits for the close
+    (up to 5 s). Whatever the database sent meanwhile was kept: one answering with a stream
+    made dbward buffer all of it, at every cancel."""
+    connections = itertools.count()
+    query_seen, streamed = threading.Event(), threading.Event()
+
+    def script(conn: HostileConn) -> None:
+        if next(connections) == 0:  # the session
+            conn.login()
+            conn.read_message()
+            query_seen.set()
+            conn.idle_until_closed()
+            return
+        conn.recv_exact(16)
+        chunk = b"\0" * (1 << 20)
+        try:
+            for _ in range(300):
+                conn.sock.sendall(chunk)
+        finally:
+            streamed.set()
+        conn.idle_until_closed()
+
+    tls_server.script = script
+    proxy = start_hostile_proxy(tmp_path, tls_server, upstream={"tls": {"mode": "disable"}})
+    try:
+        session = RawSession(proxy, app_name("cancel-flood"))
+        session.sock.sendall(messages.query("SELECT 1"))
+        assert query_seen.wait(5)
+        before = _peak_rss_mb(proxy.process.pid)
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+            sock.settimeout(10)
+            sock.sendall(messages.cancel_request(session.pid, session.key))
+            assert sock.recv(16) == b""  # dbward hangs up once the cancel is done
+        session.close()
+        grown = _peak_rss_mb(proxy.process.pid) - before
+        assert grown < 100, f"dbward's peak memory grew by {grown:.0f} MB"
+        assert "Traceback" not in proxy.log()
+    finally:
+        stop_proxy(proxy)

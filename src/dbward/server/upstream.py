@@ -108,11 +108,13 @@ class UpstreamProtocol(asyncio.Protocol):
         return value
 
     async def wait_closed(self) -> None:
-        """Until the database closes the connection (it does once it has read a cancel)."""
-        while self._closed is None:
+        """Until the database closes the connection (it does once it has read a cancel). It
+        answers a cancel with nothing: whatever it sends instead ends the wait, unkept."""
+        while self._closed is None and not self._raw:
             self._waiter = asyncio.get_running_loop().create_future()
             await self._waiter
             self._waiter = None
+        self._raw.clear()
 
     @property
     def unread_raw(self) -> bool:
