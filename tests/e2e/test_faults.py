@@ -335,6 +335,34 @@ def test_cancel_with_wrong_key_does_nothing(proxy: Proxy, pg_server: PgServer) -
         assert refused[0].reason == "unknown cancel key"
 
 
+def test_cancel_from_a_client_that_hangs_up_at_once_is_still_sent(
+    proxy: Proxy, pg_server: PgServer
+) -> None:
+    """tokio-postgres sends its CancelRequest, shuts its side down and closes without waiting.
+    dbward forwarded the cancel on the client connection's own task, which the hang-up cancelled
+    before the request reached the database: the statement ran on, and the audit said only
+    'forwarded' (found by the twenty-ninth review)."""
+    app = _app("hangup")
+    session = RawSession(proxy, app)
+    session.sock.settimeout(10)
+    try:
+        session.sock.sendall(messages.query("SELECT pg_sleep(8)"))
+        _wait_running(pg_server, app)
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=TIMEOUT) as sock:
+            sock.sendall(messages.cancel_request(session.pid, session.key))
+            sock.shutdown(socket.SHUT_WR)
+        asked = time.monotonic()
+        kind, payload = read_message(session.sock)
+        if kind == b"T":  # PostgreSQL describes the row before it runs (sent with the error)
+            kind, payload = read_message(session.sock)
+        assert kind == b"E", kind
+        assert messages.parse_error_fields(payload)["C"] == "57014"
+        assert time.monotonic() - asked < 3.0
+    finally:
+        session.close()
+    assert "Traceback" not in proxy.log()
+
+
 def test_cancel_flood_is_rate_limited(
     proxy_factory: Callable[..., Proxy], pg_server: PgServer
 ) -> None:

@@ -19,6 +19,10 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from cryptography.x509.oid import NameOID
 
 from dbward.audit.records import AuditEvent
 from dbward.wire.postgres import messages
@@ -26,6 +30,7 @@ from fixtures.clients import app_name, is_outcome
 from fixtures.hostile import HostileConn, HostileServer, hostile_server, start_hostile_proxy
 from fixtures.postgres import PgServer
 from fixtures.proxy import Proxy, stop_proxy
+from fixtures.raw import RawSession, read_message
 from fixtures.tls import LeafCert, TestCA, make_test_ca
 
 
@@ -434,6 +439,54 @@ def test_scram_relayed_by_a_man_in_the_middle_is_refused(
     assert _login(direct, app_name("direct")) == "ok"
 
 
+def _ed25519_leaf(directory: Path) -> LeafCert:
+    """A self-signed Ed25519 certificate: its signature names no hash, so it gives SCRAM
+    nothing to bind to (tls-server-end-point)."""
+    key = ed25519.Ed25519PrivateKey.generate()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .sign(key, None)
+    )
+    leaf = LeafCert(cert=directory / "ed25519.crt", key=directory / "ed25519.key")
+    leaf.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    leaf.key.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return leaf
+
+
+def test_scram_relayed_through_a_certificate_allowing_no_binding_is_refused(
+    tls_server: HostileServer,
+    proxy_factory: Callable[..., Proxy],
+    pg_server: PgServer,
+    tmp_path: Path,
+) -> None:
+    """The man in the middle presents an Ed25519 certificate: there is no tls-server-end-point
+    hash to bind to, and dbward fell back to plain SCRAM ('n') although the server offered
+    -PLUS; the real server accepted the relayed exchange and the man in the middle held the
+    logged-in session (found by the twenty-ninth review)."""
+    assert pg_server.ssl_mode_available, "the test PostgreSQL runs without SSL"
+    leaf = _ed25519_leaf(tmp_path)
+    tls_server.script = lambda conn: _relay(conn, pg_server, leaf)
+    proxy = proxy_factory(
+        upstream={"host": "127.0.0.1", "port": tls_server.port, "tls": {"mode": "require"}}
+    )
+    message = _login(proxy, app_name("mitm-ed25519"))
+    assert "its certificate allows none" in message, message
+
+
 def test_cleartext_request_over_unverified_tls_is_refused(
     tls_server: HostileServer, tmp_path: Path, test_ca: TestCA
 ) -> None:
@@ -599,4 +652,120 @@ def test_the_database_login_has_its_own_timeout_not_the_clients(
         assert [r.sqlstate for r in records if r.event == AuditEvent.UPSTREAM_LOST] == ["08001"]
     finally:
         release.set()
+        stop_proxy(proxy)
+
+
+# ------------------------------------------------------------------ the copy probe
+
+_COPY_IN_RESPONSE = _frame(b"G", b"\x00\x00\x01\x00\x00")  # text, one column
+_CLOSE_COMPLETE = _frame(b"3", b"")
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        # A transaction status PostgreSQL never sends: it was re-encoded for the client, and
+        # ready_for_query's ValueError escaped the upstream callback (a traceback in the log).
+        _frame(b"Z", b"X") + _READY + _CLOSE_COMPLETE + _READY,
+        # More ReadyForQuery than Syncs were sent: refused at once, not kept (the session
+        # waited, holding every one, for a CloseComplete that never came).
+        _READY * 3,
+    ],
+    ids=["bad-status", "too-many"],
+)
+def test_a_database_answering_the_copy_probe_wrongly_ends_the_session_cleanly(
+    tls_server: HostileServer, tmp_path: Path, answer: bytes
+) -> None:
+    """After a failed COPY FROM STDIN with a Sync sent into it, dbward sends its probe (Sync,
+    Close, Sync); the database's answer to it is checked like any other message."""
+    probe: list[bytes] = []
+
+    def script(conn: HostileConn) -> None:
+        conn.login()
+        conn.read_message()  # the COPY
+        conn.send(_COPY_IN_RESPONSE)
+        assert conn.read_message()[0] == b"S"  # the Sync sent into the copy
+        conn.send(messages.error_response("ERROR", "P0001", "no copies"), _READY)
+        while not probe or probe[-2:-1] != [b"C"]:  # up to the probe's Close and last Sync
+            probe.append(conn.read_message()[0])
+        conn.send(answer)
+        conn.idle_until_closed()
+
+    tls_server.script = script
+    proxy = start_hostile_proxy(tmp_path, tls_server)
+    try:
+        app = app_name("probe")
+        session = RawSession(proxy, app)
+        session.sock.sendall(messages.query("COPY t FROM STDIN") + messages.sync())
+        kinds: list[bytes] = []
+        while not kinds or kinds[-1] != b"E" or len(kinds) < 4:
+            kinds.append(read_message(session.sock)[0])
+        session.close()
+        assert kinds == [b"G", b"E", b"Z", b"E"], kinds
+        assert probe[-3:] == [b"S", b"C", b"S"], probe
+        assert _lost_reason_any(proxy, app) == "the database sent an invalid message"
+        log = proxy.log()
+        assert "Traceback" not in log and "Fatal error" not in log, log[-3000:]
+    finally:
+        stop_proxy(proxy)
+
+
+def _lost_reason_any(proxy: Proxy, app: str) -> str:
+    records = proxy.session_records(
+        app, until=lambda rs: any(r.event == AuditEvent.DISCONNECT for r in rs)
+    )
+    lost = [r for r in records if r.event == AuditEvent.UPSTREAM_LOST]
+    assert len(lost) == 1, [(r.event, r.reason) for r in records]
+    return lost[0].reason
+
+
+def _peak_rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_a_database_answering_a_cancel_with_a_flood_is_not_buffered(
+    tls_server: HostileServer, tmp_path: Path
+) -> None:
+    """PostgreSQL answers a CancelRequest with nothing and closes; dbward waits for the close
+    (up to 5 s). Whatever the database sent meanwhile was kept: one answering with a stream
+    made dbward buffer all of it, at every cancel."""
+    connections = itertools.count()
+    query_seen, streamed = threading.Event(), threading.Event()
+
+    def script(conn: HostileConn) -> None:
+        if next(connections) == 0:  # the session
+            conn.login()
+            conn.read_message()
+            query_seen.set()
+            conn.idle_until_closed()
+            return
+        conn.recv_exact(16)
+        chunk = b"\0" * (1 << 20)
+        try:
+            for _ in range(300):
+                conn.sock.sendall(chunk)
+        finally:
+            streamed.set()
+        conn.idle_until_closed()
+
+    tls_server.script = script
+    proxy = start_hostile_proxy(tmp_path, tls_server, upstream={"tls": {"mode": "disable"}})
+    try:
+        session = RawSession(proxy, app_name("cancel-flood"))
+        session.sock.sendall(messages.query("SELECT 1"))
+        assert query_seen.wait(5)
+        before = _peak_rss_mb(proxy.process.pid)
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+            sock.settimeout(10)
+            sock.sendall(messages.cancel_request(session.pid, session.key))
+            assert sock.recv(16) == b""  # dbward hangs up once the cancel is done
+        session.close()
+        grown = _peak_rss_mb(proxy.process.pid) - before
+        assert grown < 100, f"dbward's peak memory grew by {grown:.0f} MB"
+        assert "Traceback" not in proxy.log()
+    finally:
         stop_proxy(proxy)

@@ -623,6 +623,11 @@ def test_the_service_role_cannot_be_changed(sql: str, denied: bool) -> None:
         ("Svc Role", 'ALTER ROLE "Svc Role" RENAME TO x', True),
         ("Svc Role", 'ALTER ROLE "svc role" NOLOGIN', False),
         ("svc", 'ALTER ROLE "svc" NOLOGIN', True),
+        # PostgreSQL cuts a name to 63 bytes, the startup packet's user name too: a longer
+        # upstream.user logs in as its first 63 bytes, which statements name at any length.
+        ("s" * 70, f"ALTER ROLE {'s' * 70} PASSWORD 'x'", True),
+        ("s" * 70, f"ALTER ROLE {'s' * 63} NOLOGIN", True),
+        ("s" * 70, f"ALTER ROLE {'s' * 62} NOLOGIN", False),
     ],
 )
 def test_role_names_that_look_like_keywords(service: str, sql: str, denied: bool) -> None:

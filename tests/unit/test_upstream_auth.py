@@ -208,3 +208,15 @@ def test_channel_binding_setting_picks_the_mechanism(
     login = _login(tls=True, binding=b"h" * 32, channel_binding=channel_binding)
     sent = _answer(messages.authentication_sasl(_BOTH), login)
     assert sent[5:].startswith(mechanism) and gs2 + b"n=,r=" in sent, sent
+
+
+def test_plus_offered_over_unverified_tls_with_a_certificate_allowing_no_binding() -> None:
+    """Someone on the path presenting his own Ed25519 certificate (its signature names no hash:
+    nothing to bind to) and offering -PLUS got a plain, unbound exchange ('n') to relay to the
+    real server. Refused unless the certificate is verified (nobody else could present it) or
+    binding is disabled (the operator accepts the risk)."""
+    with pytest.raises(UpstreamError, match="its certificate allows none"):
+        _answer(messages.authentication_sasl(_BOTH), tls=True, private=False)
+    for settings in ({"private": True}, {"private": False, "channel_binding": "disable"}):
+        sent = _answer(messages.authentication_sasl(_BOTH), tls=True, **settings)
+        assert sent[5:].startswith(b"SCRAM-SHA-256\0") and b"n,,n=,r=" in sent, settings

@@ -138,6 +138,19 @@ _DENY_SERVICE_ROLE: Final = _deny(
 )
 
 
+# PostgreSQL's NAMEDATALEN - 1: it cuts longer names (the startup packet's user name too).
+_MAX_NAME_BYTES: Final = 63
+
+
+def _logged_in_as(user: str) -> str:
+    """The role PostgreSQL logs `upstream.user` in as: cut to 63 bytes, as it cuts every name
+    (the parser too, so a statement naming the role at any length reads the same)."""
+    raw = user.encode("utf-8")
+    if len(raw) <= _MAX_NAME_BYTES:
+        return user
+    return raw[:_MAX_NAME_BYTES].decode("utf-8", "ignore")
+
+
 def guard_service_role(request: PolicyRequest) -> Decision | None:
     """ALTER/DROP/RENAME of the shared service role, or memberships given to it, would lock
     every user out (a new password) or change what every session may do."""
@@ -145,7 +158,7 @@ def guard_service_role(request: PolicyRequest) -> Decision | None:
     if "changes_role" not in statement.flags:
         return None
     service = request.session.service_role
-    recorded_service = recorded_name(service) if service else None
+    recorded_service = recorded_name(_logged_in_as(service)) if service else None
     for role in statement.roles:
         if role in _SERVICE_ROLE_KEYWORDS or role == recorded_service:
             return _DENY_SERVICE_ROLE

@@ -17,8 +17,9 @@ import re
 import secrets
 import time
 from collections import OrderedDict, deque
+from collections.abc import Coroutine
 from dataclasses import replace
-from typing import TYPE_CHECKING, Final, cast
+from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
 
 from dbward.audit.records import AuditEvent, AuditRecord
 from dbward.audit.sink import HeldRecord
@@ -41,13 +42,19 @@ from dbward.sql.offload import OFFLOAD_CODE_MIN_BYTES, should_offload
 from dbward.sql.postgres import function_call_statement, oversized_statement
 from dbward.wire.postgres import messages
 from dbward.wire.postgres.encodings import python_codec
-from dbward.wire.postgres.framing import BackendScanner, Frame, FrontendFramer
+from dbward.wire.postgres.framing import (
+    CANCEL_REQUEST_CODE,
+    BackendScanner,
+    Frame,
+    FrontendFramer,
+)
 from dbward.wire.postgres.messages import CancelRequest, GSSENCRequest, SSLRequest, StartupMessage
 
 if TYPE_CHECKING:
     from dbward.relay.services import ListenerServices
 
 log = logging.getLogger("dbward.session")
+_T = TypeVar("_T")
 
 # A statement PostgreSQL rejects at parse time, sent in place of a denied one.
 _POISON_SQL = "DBWARD_POLICY_DENIED"
@@ -92,6 +99,7 @@ _PRE_AUTH_MAX_MESSAGE = 65536
 MAX_REPLIES_IN_FLIGHT = 100_000
 _REPLIES_LOW_MARK = MAX_REPLIES_IN_FLIGHT // 2
 _PRE_AUTH_MAX_QUEUED = 16  # messages a client may send ahead before it is authenticated
+_CANCEL_REQUEST_CODE: Final = CANCEL_REQUEST_CODE.to_bytes(4, "big")
 
 _PHASE_STARTUP = 0
 _PHASE_READY = 1
@@ -308,6 +316,7 @@ _AWAIT_COPY: Final = _Await(copy=True)
 # Random per process, so no client can name (and see closed) a portal of its own like it.
 _PROBE_PORTAL: Final = f"dbward: copy sync probe {secrets.token_hex(8)}"
 _PROBE: Final = messages.sync() + messages.close_message("P", _PROBE_PORTAL) + messages.sync()
+_READY_STATUSES: Final = frozenset((b"I", b"T", b"E"))
 
 
 # Replies that carry no statement: one shared, never-mutated op each (no allocation per message).
@@ -817,7 +826,11 @@ class PgSession(asyncio.Protocol):
             return  # refused while draining or over a cap; nothing else was opened
         was_ready = self._phase == _PHASE_READY
         self._phase = _PHASE_CLOSED
-        if self._startup_task is not None and not self._startup_task.done():
+        if (
+            self._startup_task is not None
+            and not self._startup_task.done()
+            and not self._cancel_request_queued()
+        ):
             self._startup_task.cancel()
         if self._startup_wake is not None:
             self._startup_wake.set()
@@ -841,6 +854,13 @@ class PgSession(asyncio.Protocol):
             self._close_upstream()
         if self._connect_audited:  # a bare TCP probe (health check, port scan) leaves no trace
             self._audit(AuditEvent.DISCONNECT, detail=f"statements={self._statement_count}")
+
+    def _cancel_request_queued(self) -> bool:
+        """A CancelRequest has arrived and is not handled yet: it still goes (and is audited)
+        after its client hung up, as tokio-postgres does as soon as it has sent one."""
+        frames = self._startup_frames
+        # A startup packet (type 0, not a typed message of the same bytes) with its code.
+        return bool(frames) and frames[0][0] == 0 and frames[0][1][:4] == _CANCEL_REQUEST_CODE
 
     def pause_writing(self) -> None:
         # The client reads slower than the database sends: stop reading the upstream.
@@ -1109,10 +1129,24 @@ class PgSession(asyncio.Protocol):
                 detail = f"session={target.session_id}"
                 # Recorded before it goes, as every action is; a second record if it never went.
                 self._audit(AuditEvent.CANCEL, status="forwarded", detail=detail)
-                failure = await send_cancel(services.settings.upstream, target._upstream)
-                if failure is not None:
-                    self._audit(AuditEvent.CANCEL, status="failed", reason=failure, detail=detail)
+                forward = self._track_cancel(self._forward_cancel(target._upstream, detail))
+                # A client may hang up once it has sent the request (tokio-postgres does), and
+                # the auth timeout may strike: neither stops the cancel (nor its record).
+                await asyncio.shield(forward)
         self._close_client()
+
+    async def _forward_cancel(self, upstream: UpstreamConnection, detail: str) -> None:
+        failure = await send_cancel(self.services.settings.upstream, upstream)
+        if failure is not None:
+            self._audit(AuditEvent.CANCEL, status="failed", reason=failure, detail=detail)
+
+    def _track_cancel(self, sending: Coroutine[Any, Any, _T]) -> asyncio.Task[_T]:
+        """Run a cancel on its own task, kept (and awaited at shutdown) by the listener."""
+        task = asyncio.get_running_loop().create_task(sending)
+        cancels = self.services.cancel_tasks
+        cancels.add(task)
+        task.add_done_callback(cancels.discard)
+        return task
 
     def _attach_upstream(self, upstream: UpstreamConnection) -> None:
         transport = self.transport
@@ -2472,10 +2506,16 @@ class PgSession(asyncio.Protocol):
                 raise ProtocolError("unexpected CloseComplete")
             probe.closed = True
             return b"".join(messages.ready_for_query(status) for status in probe.readies[:-1])
-        self._note_ready(payload)
         if not probe.closed:
-            probe.readies.append(payload if payload is not None else b"I")
+            # At most one per Sync sent into the copy, then the probe's own; each one is sent
+            # on rebuilt, so a status PostgreSQL never sends ends the session as any invalid
+            # message does (a database sending endless ones held them all in memory).
+            if payload not in _READY_STATUSES or len(probe.readies) > probe.syncs:
+                raise ProtocolError("unexpected ReadyForQuery")
+            self._note_ready(payload)
+            probe.readies.append(payload)
             return b""
+        self._note_ready(payload)
         # The probe's last ReadyForQuery: PostgreSQL is past the copy and every Sync sent.
         self._ops.popleft()
         self._copy_verdict_pending = False
@@ -2628,9 +2668,7 @@ class PgSession(asyncio.Protocol):
         upstream = self._upstream
         if upstream is None:
             return None
-        return asyncio.get_running_loop().create_task(
-            send_cancel(self.services.settings.upstream, upstream)
-        )
+        return self._track_cancel(send_cancel(self.services.settings.upstream, upstream))
 
     def _send_shutdown(self) -> None:
         self._fatal("57P01", "terminating connection because dbward is shutting down")

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import secrets
 import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from dbward.audit.sink import AuditSink
 from dbward.config.model import AuditSettings, ListenerSettings
@@ -130,6 +131,9 @@ class ListenerServices:
     cancels: CancelRegistry
     clock: Callable[[], float] = time.time
     sessions: set[PgSession] = field(default_factory=set)
+    # Cancel requests being sent to the database (a client's, or dbward's own): shutdown
+    # waits for them, and they outlive the connection that asked.
+    cancel_tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     # Bytes of unfinished client messages buffered by all sessions (max_partial_message_bytes).
     partial_message_bytes: int = 0
     # Connections not authenticated yet, per client_key (hosts at zero are removed).

@@ -57,8 +57,11 @@ class PgListener:
         deadline = asyncio.get_running_loop().time() + grace_s
         while self.services.sessions and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.05)
-        cancels = [task for s in list(self.services.sessions) if (task := s.force_close())]
+        for session in list(self.services.sessions):
+            session.force_close()
+        # Statements cut off by the deadline (or whose client left) must not run on after
+        # dbward exits: the cancels being sent (each ends within 5 s) are waited for.
+        cancels = self.services.cancel_tasks
         if cancels:
-            # Statements cut off by the deadline must not run on after dbward exits.
-            await asyncio.wait(cancels, timeout=5)
+            await asyncio.wait(list(cancels), timeout=5)
         await asyncio.sleep(0)

@@ -108,11 +108,13 @@ class UpstreamProtocol(asyncio.Protocol):
         return value
 
     async def wait_closed(self) -> None:
-        """Until the database closes the connection (it does once it has read a cancel)."""
-        while self._closed is None:
+        """Until the database closes the connection (it does once it has read a cancel). It
+        answers a cancel with nothing: whatever it sends instead ends the wait, unkept."""
+        while self._closed is None and not self._raw:
             self._waiter = asyncio.get_running_loop().create_future()
             await self._waiter
             self._waiter = None
+        self._raw.clear()
 
     @property
     def unread_raw(self) -> bool:
@@ -425,10 +427,21 @@ class ServiceLogin:
         if self.channel_binding != "disable" and offered_plus and self.binding is not None:
             # Bound to this TLS connection: a proof relayed by a man in the middle is useless.
             return ScramClient(password, channel_binding=self.binding)
+        if self.channel_binding != "disable" and offered_plus and self.tls and not self.private:
+            # -PLUS offered over TLS, but the certificate presented gives nothing to bind to
+            # (Ed25519, or a signature algorithm that names no known hash). Unverified, it may
+            # be anyone's: someone on the path presenting such a certificate would get an
+            # unbound exchange ('n') to relay to the real server. libpq fails here too.
+            raise _refuse(
+                "the database offers channel binding but its certificate allows none (its "
+                "signature names no hash, as Ed25519) and is not verified: someone on the path "
+                "could relay the SCRAM exchange, refused (use upstream tls mode verify-full, a "
+                "certificate signed with SHA-256, or channel_binding disable to accept the risk)"
+            )
         if MECHANISM.encode() in mechanisms:
             # Over TLS, 'y' tells a server that supports binding that its offer was stripped
-            # (it refuses); with PLUS offered but no hash of the certificate, 'n' as libpq;
-            # with binding disabled, 'n' as libpq.
+            # (it refuses); with PLUS offered but no hash of a verified certificate, 'n'
+            # (nobody else could have presented it); with binding disabled, 'n' as libpq.
             supported = self.tls and not offered_plus and self.channel_binding != "disable"
             return ScramClient(password, binding_supported=supported)
         raise _refuse(f"the database offers no supported SASL mechanism ({mechanisms!r})")
