@@ -1115,9 +1115,9 @@ class PgSession(asyncio.Protocol):
                     # PostgreSQL reads copy messages one at a time as it needs data: a Sync it
                     # reads while copying it ignores (libpq sends one with a COPY's Execute,
                     # before any data, and its own after CopyDone), one it reads after the copy
-                    # failed (a statement trigger, a bad row, CopyFail, before or after the Sync)
-                    # it answers. Forwarded and counted, owing no reply until the copy's answer
-                    # says (see _on_error and _CopyProbe).
+                    # failed (a statement trigger, or a bad row or CopyFail sent before it) it
+                    # answers. Forwarded and counted wherever it is among the data, owing no
+                    # reply until the copy's answer says (see _on_error and _CopyProbe).
                     self._copy_syncs += 1
                     out.append(raw)
                     continue
