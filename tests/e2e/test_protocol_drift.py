@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Callable
+
+import pytest
 
 from dbward.wire.postgres import messages as m
 from fixtures.clients import app_name, has_disconnect, outcome_of, statements
@@ -415,3 +418,256 @@ def test_a_copy_cancelled_while_postgres_waits_for_its_data(
         session.close()
     assert expected == ["E:57014", "Z", "T", "D", "C", "Z"]
     assert got == expected
+
+
+# Round 28: a Sync sent into a COPY FROM STDIN after its data. PostgreSQL reads copy messages
+# one at a time, as it needs data: a Sync it reads while copying it ignores, one it reads after
+# the copy failed it answers (after an Execute's copy, the first ends the skip to a Sync).
+# dbward ended the session (FATAL 08P01) for any Sync sent after the first CopyData.
+
+
+def _coded(sock: socket.socket, count: int) -> list[str]:
+    """The next `count` messages as their type, an error with its SQLSTATE (`E:22P02`); fewer
+    if the connection goes quiet or closes."""
+    found: list[str] = []
+    try:
+        while len(found) < count:
+            kind, payload = read_message(sock)
+            code = m.parse_error_fields(payload)["C"] if kind == b"E" else ""
+            found.append(kind.decode() + (":" + code if code else ""))
+    except (TimeoutError, ConnectionError):
+        pass
+    return found
+
+
+def _run_copy(
+    proxy: Proxy, pg: PgServer, messages: Callable[[str], list[bytes]], paced: bool, count: int
+) -> tuple[tuple[list[str], str], tuple[list[str], str], str]:
+    """Send `messages(table)` directly and through dbward, each into a fresh table of its own
+    (`paced`: 0.15 s after each message, so an error reaches dbward before what follows it;
+    otherwise all at once). Returns (replies, the table's rows) for each, and dbward's
+    session's application_name."""
+    app = app_name("drift-copysync")
+    runs: list[tuple[list[str], str]] = []
+    for through_dbward in (False, True):
+        table = _table(pg, "drift_copysync")
+        if through_dbward:
+            raw = RawSession(proxy, app)
+            sock = raw.sock
+        else:
+            sock = _direct(pg)
+        sock.settimeout(1)
+        try:
+            frames = messages(table)
+            try:
+                for frame in frames if paced else [b"".join(frames)]:
+                    sock.sendall(frame)
+                    if paced:
+                        time.sleep(0.15)
+            except ConnectionError:
+                pass  # closed on us: the replies read so far say why
+            replies = _coded(sock, count + 1)
+        finally:
+            sock.close()
+        rows = pg.psql(f"SELECT coalesce(string_agg(x::text, ',' ORDER BY x), '') FROM {table}")
+        runs.append((replies, rows))
+    return runs[0], runs[1], app
+
+
+def _execute_copy(table: str) -> list[bytes]:
+    """Parse/Bind/Execute of COPY <table> FROM STDIN, no Sync after it."""
+    return [
+        m.parse_message("", f"COPY {table} FROM STDIN")
+        + m.bind_message("", "", [])
+        + m.execute_message("")
+    ]
+
+
+def _pipelined_after(table: str) -> list[bytes]:
+    """What a client sends after the copy: an extended INSERT and its Sync, a simple Query."""
+    return [
+        m.parse_message("", f"INSERT INTO {table} VALUES (9)")
+        + m.bind_message("", "", [])
+        + m.execute_message("")
+        + m.sync(),
+        m.query("SELECT 1"),
+    ]
+
+
+AFTER_REPLIES = ["1", "2", "C", "Z", "T", "D", "C", "Z"]
+D1, D2, BAD, SYNC = m.copy_data(b"1\n"), m.copy_data(b"2\n"), m.copy_data(b"x\n"), m.sync()
+
+# (name, copy messages after the Execute, replies to them up to the last Sync's, rows, outcome)
+EXTENDED_COPIES = [
+    ("succeeds", [D1, SYNC, D2, m.copy_done(), SYNC], ["C", "Z"], "1,2,9", ("ok", "", 2)),
+    (
+        "sync-mid-row",  # PostgreSQL reads the Sync before the row's end: ignored
+        [m.copy_data(b"1"), SYNC, m.copy_data(b"\n2\n"), m.copy_done(), SYNC],
+        ["C", "Z"],
+        "1,2,9",
+        ("ok", "", 2),
+    ),
+    (
+        "bad-row-before-the-sync",  # the copy failed before PostgreSQL read it: answered
+        [BAD, SYNC, D2, m.copy_done(), SYNC],
+        ["E:22P02", "Z", "Z"],
+        "9",
+        ("error", "22P02", None),
+    ),
+    (
+        "bad-row-after-the-sync",  # read while copying: ignored, then skipped to the last
+        [D1, SYNC, BAD, m.copy_done(), SYNC],
+        ["E:22P02", "Z"],
+        "9",
+        ("error", "22P02", None),
+    ),
+    (
+        "copyfail-after-the-sync",
+        [D1, SYNC, m.copy_fail("client gave up"), SYNC],
+        ["E:57014", "Z"],
+        "9",
+        ("error", "57014", None),
+    ),
+    (
+        "syncs-on-both-sides",  # two read while copying, two after the error, the last
+        [D1, SYNC, SYNC, BAD, SYNC, SYNC, D2, m.copy_done(), SYNC],
+        ["E:22P02", "Z", "Z", "Z"],
+        "9",
+        ("error", "22P02", None),
+    ),
+]
+
+
+@pytest.mark.parametrize("paced", [False, True], ids=["at-once", "paced"])
+@pytest.mark.parametrize(
+    ("copy", "replies", "rows", "outcome"),
+    [case[1:] for case in EXTENDED_COPIES],
+    ids=[case[0] for case in EXTENDED_COPIES],
+)
+def test_a_sync_after_an_extended_copys_data(
+    proxy: Proxy,
+    pg_server: PgServer,
+    copy: list[bytes],
+    replies: list[str],
+    rows: str,
+    outcome: tuple[str, str, int | None],
+    paced: bool,
+) -> None:
+    """Parse/Bind/Execute COPY, copy data with Syncs among it, CopyDone or CopyFail, Sync, then
+    an INSERT and a Query: the same replies, rows and audit through dbward as directly."""
+    expected, got, app = _run_copy(
+        proxy,
+        pg_server,
+        lambda table: _execute_copy(table) + copy + _pipelined_after(table),
+        paced,
+        3 + len(replies) + len(AFTER_REPLIES),
+    )
+    assert expected == (["1", "2", "G", *replies, *AFTER_REPLIES], rows)
+    assert got == expected
+    records = proxy.session_records(app, until=has_disconnect)
+    copied, inserted, selected = statements(records)
+    assert copied.command == "COPY" and inserted.command == "INSERT"
+    found = outcome_of(records, copied)
+    assert (found.status, found.sqlstate, found.rows) == outcome
+    assert (outcome_of(records, inserted).status, outcome_of(records, inserted).rows) == ("ok", 1)
+    assert (outcome_of(records, selected).status, outcome_of(records, selected).rows) == ("ok", 1)
+
+
+def _query_copy(sql: str) -> Callable[[str], list[bytes]]:
+    return lambda table: [m.query(sql.format(table=table))]
+
+
+# (name, the Query, copy messages, replies up to the Query's ReadyForQuery and the Syncs', rows,
+# outcomes of the Query's statements)
+QUERY_COPIES = [
+    (
+        "succeeds",
+        "COPY {table} FROM STDIN",
+        [D1, SYNC, D2, m.copy_done()],
+        ["G", "C", "Z"],
+        "1,2,9",
+        [("ok", "", 2)],
+    ),
+    (
+        "bad-row-before-the-sync",
+        "COPY {table} FROM STDIN",
+        [BAD, SYNC, D2, m.copy_done()],
+        ["G", "E:22P02", "Z", "Z"],
+        "9",
+        [("error", "22P02", None)],
+    ),
+    (
+        "bad-row-after-the-sync",
+        "COPY {table} FROM STDIN",
+        [D1, SYNC, BAD, m.copy_done()],
+        ["G", "E:22P02", "Z"],
+        "9",
+        [("error", "22P02", None)],
+    ),
+    (
+        "copyfail-after-the-sync",
+        "COPY {table} FROM STDIN",
+        [D1, SYNC, m.copy_fail("client gave up")],
+        ["G", "E:57014", "Z"],
+        "9",
+        [("error", "57014", None)],
+    ),
+    (
+        "two-copies",
+        "COPY {table} FROM STDIN; COPY {table} FROM STDIN",
+        [D1, SYNC, m.copy_done(), D2, SYNC, m.copy_done()],
+        ["G", "C", "G", "C", "Z"],
+        "1,2,9",
+        [("ok", "", 1), ("ok", "", 1)],
+    ),
+    (
+        "two-copies-the-second-fails",  # the first one's row goes with the Query's transaction
+        "COPY {table} FROM STDIN; COPY {table} FROM STDIN",
+        [D1, SYNC, m.copy_done(), BAD, SYNC, SYNC, m.copy_done()],
+        ["G", "C", "G", "E:22P02", "Z", "Z", "Z"],
+        "9",
+        [("rolled_back", "22P02", None), ("error", "22P02", None)],
+    ),
+]
+
+
+@pytest.mark.parametrize("paced", [False, True], ids=["at-once", "paced"])
+@pytest.mark.parametrize(
+    ("sql", "copy", "replies", "rows", "outcomes"),
+    [case[1:] for case in QUERY_COPIES],
+    ids=[case[0] for case in QUERY_COPIES],
+)
+def test_a_sync_after_a_simple_query_copys_data(
+    proxy: Proxy,
+    pg_server: PgServer,
+    sql: str,
+    copy: list[bytes],
+    replies: list[str],
+    rows: str,
+    outcomes: list[tuple[str, str, int | None]],
+    paced: bool,
+) -> None:
+    """Query(COPY ... FROM STDIN), copy data with Syncs among it, then an INSERT and a Query."""
+    expected, got, app = _run_copy(
+        proxy,
+        pg_server,
+        lambda table: _query_copy(sql)(table) + copy + _pipelined_after(table),
+        paced,
+        len(replies) + len(AFTER_REPLIES),
+    )
+    assert expected == ([*replies, *AFTER_REPLIES], rows)
+    assert got == expected
+    records = proxy.session_records(app, until=has_disconnect)
+    found = statements(records)
+    copies, (inserted, selected) = found[:-2], found[-2:]
+    assert [c.command for c in copies] == ["COPY"] * len(outcomes)
+    assert [
+        (
+            outcome_of(records, c).status,
+            outcome_of(records, c).sqlstate,
+            outcome_of(records, c).rows,
+        )
+        for c in copies
+    ] == outcomes
+    assert (outcome_of(records, inserted).status, outcome_of(records, inserted).rows) == ("ok", 1)
+    assert (outcome_of(records, selected).status, outcome_of(records, selected).rows) == ("ok", 1)

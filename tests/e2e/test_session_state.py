@@ -196,9 +196,11 @@ def test_a_refused_sql_prepare_does_not_change_what_execute_runs(proxy: Proxy) -
     assert outcome_of(records, execute).rows == 2
 
 
-def test_a_sync_in_the_middle_of_copy_data_is_refused_plainly(proxy: Proxy) -> None:
-    """PostgreSQL ignores it while copying but answers it after a bad row ended the copy;
-    dbward cannot tell which and would misattribute every later outcome, so it says so."""
+def test_sql_in_the_middle_of_copy_data_is_refused_plainly(proxy: Proxy) -> None:
+    """PostgreSQL ends the session for SQL it reads while copying but runs it once a bad row
+    ended the copy; dbward cannot tell which and would misattribute every later outcome, so it
+    says so. A Sync there is forwarded: PostgreSQL ignores it while copying, as here (the
+    differential tests in test_protocol_drift.py cover a failed copy)."""
     session = RawSession(proxy, app_name("copy-sync"))
     try:
         session.query("CREATE TEMP TABLE c2 (x int)")
@@ -206,6 +208,12 @@ def test_a_sync_in_the_middle_of_copy_data_is_refused_plainly(proxy: Proxy) -> N
         while read_message(session.sock)[0] != b"G":
             pass
         session.sock.sendall(m.copy_data(b"7\n") + m.sync() + m.copy_done())
+        assert [kind for kind, _ in session.read_until_ready()] == [b"C", b"Z"]
+        assert [kind for kind, _ in session.query("SELECT x FROM c2")] == [b"T", b"D", b"C", b"Z"]
+        session.sock.sendall(m.query("COPY c2 FROM STDIN"))
+        while read_message(session.sock)[0] != b"G":
+            pass
+        session.sock.sendall(m.copy_data(b"7\n") + m.query("SELECT 1") + m.copy_done())
         fields = expect_fatal(session.sock)
         assert "during COPY FROM STDIN" in fields["M"]
     finally:

@@ -186,3 +186,80 @@ def test_an_error_answering_the_probe_ends_the_session() -> None:
     _, session, client = _copy_failed_after_its_copy_in_response("42809")
     session._on_upstream_data(Z + m.error_response("ERROR", "XX000", "impossible"))
     assert b"FATAL" in bytes(client.written)
+
+
+def _extended_copy_started() -> tuple[Any, Any, Any]:
+    """Execute(COPY t FROM STDIN) and a Flush; PostgreSQL has started the copy."""
+    session, client, upstream = detached_session(MemorySink())
+    session.data_received(
+        m.parse_message("", "COPY t FROM STDIN")
+        + m.bind_message("", "", [])
+        + m.execute_message("")
+        + m.flush()
+    )
+    session._on_upstream_data(
+        m._frame(b"1", b"") + m._frame(b"2", b"") + m._frame(b"G", b"\x00\x00\x00")
+    )
+    upstream.written.clear()
+    return session, client, upstream
+
+
+def test_syncs_among_and_after_copy_data_go_into_the_copy() -> None:
+    """PostgreSQL ignores a Sync it reads while copying, wherever it is among the data, and
+    answers one it reads after the copy failed: dbward ended the session for any Sync sent
+    after the first CopyData. Here the copy fails after PostgreSQL read the first Sync, before
+    it read the other two: they are answered, the probe's replies are not."""
+    session, client, upstream = _extended_copy_started()
+    data = m.copy_data(b"1\n") + m.sync() + m.copy_data(b"x\n") + m.sync() + m.sync()
+    session.data_received(data)
+    assert bytes(upstream.written) == data  # all of it into the copy, no reply owed
+    assert session._copy_syncs == 3 and b"FATAL" not in bytes(client.written)
+    upstream.written.clear()
+    session._on_upstream_data(m.error_response("ERROR", "22P02", "invalid input syntax"))
+    assert bytes(upstream.written) == PROBE
+    session.data_received(m.copy_done() + m.sync() + m.query("SELECT 1"))  # waits for the probe
+    assert bytes(upstream.written) == PROBE + m.copy_done() + m.flush()
+    session._on_upstream_data(Z + Z + Z + CLOSE_COMPLETE + Z)
+    assert bytes(upstream.written).endswith(m.sync() + m.query("SELECT 1"))
+    session._on_upstream_data(Z + m.command_complete("SELECT 1") + Z)
+    assert [k.decode() for k, _ in frames(client.written)][3:] == ["E", "Z", "Z", "Z", "C", "Z"]
+    assert len(session._ops) == 0 and session._z_owed == 0 and not session._discard_until_sync
+
+
+def test_a_copy_that_succeeds_ignores_the_syncs_among_its_data() -> None:
+    session, client, upstream = _extended_copy_started()
+    session.data_received(
+        m.copy_data(b"1\n") + m.sync() + m.copy_data(b"2\n") + m.copy_done() + m.sync()
+    )
+    assert bytes(upstream.written).endswith(m.copy_done() + m.flush())  # the Sync waits
+    session._on_upstream_data(m.command_complete("COPY 2"))
+    assert bytes(upstream.written).endswith(m.flush() + m.sync())
+    session._on_upstream_data(Z)
+    assert [k.decode() for k, _ in frames(client.written)][3:] == ["C", "Z"]
+    assert len(session._ops) == 0 and session._z_owed == 0
+
+
+def test_the_probe_passes_on_many_answered_syncs_without_keeping_them() -> None:
+    """Each ReadyForQuery answering a client's Sync goes on as the next one arrives: none is
+    kept until the CloseComplete (a client may send any number of Syncs into a copy). Here
+    before any data, and the copy refused before PostgreSQL read them (a statement trigger)."""
+    session, client, _ = _extended_copy_started()
+    session.data_received(m.sync() * 1000)
+    session._on_upstream_data(m.error_response("ERROR", "P0001", "no copies"))
+    client.written.clear()
+    session._on_upstream_data(Z * 1000)
+    assert len(frames(client.written)) == 999  # the last may be the probe's own
+    probe = session._ops[0]
+    assert isinstance(probe, relay._CopyProbe) and probe.answered == 999
+    session._on_upstream_data(Z + CLOSE_COMPLETE + Z)
+    assert [k for k, _ in frames(client.written)] == [b"Z"] * 1000
+    assert len(session._ops) == 0 and session._z_owed == 0
+
+
+def test_more_answers_than_syncs_sent_into_the_copy_end_the_session() -> None:
+    """Replies would be out of step: PostgreSQL cannot answer a Sync dbward did not send."""
+    session, client, _ = _extended_copy_started()
+    session.data_received(m.copy_data(b"x\n") + m.sync())
+    session._on_upstream_data(m.error_response("ERROR", "22P02", "invalid input syntax"))
+    session._on_upstream_data(Z + Z + Z)
+    assert b"FATAL" in bytes(client.written)

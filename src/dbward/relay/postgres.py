@@ -197,24 +197,27 @@ class _Op:
 
 class _CopyProbe(_Op):
     """What dbward sends after a COPY FROM STDIN failed while Syncs it forwarded into the copy
-    (`syncs` of them, sent before any data) may be unanswered: a Sync, a Close of a portal no
-    client names, and a Sync.
+    (`syncs` of them, before, among or after its data) may be unanswered: a Sync, a Close of a
+    portal no client names, and a Sync.
 
     PostgreSQL ignored each of those Syncs that it read while copying, and answers each one it
     reads after the copy failed — which depends on when the error struck (a statement trigger,
     a view, FREEZE or a cancel before it read anything; a bad row, CopyFail or a cancel while
-    reading), and nothing in the error says which. The probe asks PostgreSQL itself: its answers
-    come after those of the copy's Syncs, and the CloseComplete marks where they end, so the
-    ReadyForQuery messages before the probe's first one answer the client's Syncs.
+    reading, before or after a Sync among the data), and nothing in the error says which. The
+    probe asks PostgreSQL itself: its answers come after those of the copy's Syncs, and the
+    CloseComplete marks where they end, so the ReadyForQuery messages before the probe's first
+    one answer the client's Syncs. Each is passed on once the next one arrives (the last before
+    the CloseComplete is the probe's own), so none is kept however many Syncs there were.
     """
 
-    __slots__ = ("closed", "extended", "readies", "syncs")
+    __slots__ = ("answered", "closed", "extended", "held", "syncs")
 
     def __init__(self, syncs: int, *, extended: bool) -> None:
         super().__init__(_OP_PROBE)
         self.syncs = syncs
         self.extended = extended  # an Execute's copy: its error makes PostgreSQL skip to a Sync
-        self.readies: list[bytes] = []  # ReadyForQuery payloads before the CloseComplete
+        self.held: bytes | None = None  # the latest ReadyForQuery's status, not passed on yet
+        self.answered = 0  # ReadyForQuery messages passed on: the client's Syncs answered
         self.closed = False  # the CloseComplete has arrived
 
 
@@ -461,9 +464,9 @@ class PgSession(asyncio.Protocol):
         # Ops holding a COPY FROM STDIN not started yet (an upper bound: see _copy_pending).
         self._copy_ops = 0
         self._copies_admitted = 0  # COPY FROM STDIN statements of the batch being admitted
-        self._copy_data_sent = False  # CopyData sent since the last COPY FROM STDIN
-        # Syncs forwarded into the copy since the CopyInResponse, before any data: PostgreSQL
-        # ignores those it reads while copying and answers those it reads after the copy failed.
+        # Syncs forwarded into the copy since the CopyInResponse (before, among or after its
+        # data): PostgreSQL ignores those it reads while copying and answers those it reads
+        # after the copy failed.
         self._copy_syncs = 0
         # The client ended a copy with such Syncs (CopyDone/CopyFail sent) and PostgreSQL has
         # not answered it yet, or the copy failed and the probe asking how many of them
@@ -1269,26 +1272,25 @@ class PgSession(asyncio.Protocol):
                     in_place = True
                 if not self._copying:
                     continue
-                if msg_type == _COPY_DATA:
-                    self._copy_data_sent = True
-                else:
+                if msg_type != _COPY_DATA:
                     self._copying = False  # the server's copy mode ends here
-                    self._copy_data_sent = False  # a next COPY of the Query starts afresh
                     self._copy_verdict_pending = self._copy_syncs > 0
                 continue
             if self._copying and msg_type != _H:
-                # Only copy messages (and a Flush, which owes no reply) belong in a copy.
-                if msg_type == _S and not self._copy_data_sent:
-                    # libpq sends a Sync with a COPY's Execute, before any data: PostgreSQL
-                    # ignores it while copying (libpq sends its own after CopyDone), and answers
-                    # it if the copy failed before reading it (a statement trigger). Forwarded
-                    # and counted, owing no reply until the copy's answer says (see _on_error).
+                # Only copy messages, a Flush (which owes no reply) and a Sync belong in a copy.
+                if msg_type == _S:
+                    # PostgreSQL reads copy messages one at a time as it needs data: a Sync it
+                    # reads while copying it ignores (libpq sends one with a COPY's Execute,
+                    # before any data, and its own after CopyDone), one it reads after the copy
+                    # failed (a statement trigger, or a bad row or CopyFail sent before it) it
+                    # answers. Forwarded and counted wherever it is among the data, owing no
+                    # reply until the copy's answer says (see _on_error and _CopyProbe).
                     self._copy_syncs += 1
                     out.append(raw)
                     continue
-                # PostgreSQL ignores a Sync while it is copying but answers it once a bad row
-                # has ended the copy, and nothing here can tell which: rather than guess (and
-                # let replies drift from requests), such a client is told plainly.
+                # Anything else while PostgreSQL copies ends its session (a protocol violation
+                # it answers with ERROR and FATAL); once the copy failed it would run instead,
+                # and nothing here can tell which: such a client is told plainly.
                 if out:
                     _write_all(upstream.transport, out)
                 self._protocol_error(
@@ -1838,7 +1840,6 @@ class PgSession(asyncio.Protocol):
         statement = item.statement
         if "copy_from_stdin" in statement.flags:
             self._copies_admitted += 1  # counted on the op the caller queues for the batch
-            self._copy_data_sent = False
         if "closes_all_cursors" in statement.flags:
             self._portals.clear()  # if it fails, dbward forgot too much: refused, not wrong
         elif statement.cursor_name is not None and "fetches_cursor" not in statement.flags:
@@ -2501,25 +2502,29 @@ class PgSession(asyncio.Protocol):
         if msg_type == 0x45:  # ErrorResponse: a FATAL (a Sync or a Close of nothing can't fail)
             return self._on_error(payload)
         if msg_type == 0x33:  # CloseComplete
-            answered = len(probe.readies) - 1
-            if probe.closed or not 0 <= answered <= probe.syncs:
+            if probe.closed or probe.held is None:
                 raise ProtocolError("unexpected CloseComplete")
             probe.closed = True
-            return b"".join(messages.ready_for_query(status) for status in probe.readies[:-1])
-        if not probe.closed:
-            # At most one per Sync sent into the copy, then the probe's own; each one is sent
-            # on rebuilt, so a status PostgreSQL never sends ends the session as any invalid
-            # message does (a database sending endless ones held them all in memory).
-            if payload not in _READY_STATUSES or len(probe.readies) > probe.syncs:
-                raise ProtocolError("unexpected ReadyForQuery")
-            self._note_ready(payload)
-            probe.readies.append(payload)
+            probe.held = None  # the probe's own first Sync's: not the client's
             return b""
+        if payload not in _READY_STATUSES:
+            # Each one is sent on rebuilt: a status PostgreSQL never sends ends the session as
+            # any invalid message does.
+            raise ProtocolError("unexpected ReadyForQuery")
         self._note_ready(payload)
+        if not probe.closed:
+            # The one held before this answered a Sync of the client's: it goes on in its place.
+            held, probe.held = probe.held, payload if payload is not None else b"I"
+            if held is None:
+                return b""
+            probe.answered += 1
+            if probe.answered > probe.syncs:
+                raise ProtocolError("unexpected ReadyForQuery")
+            return messages.ready_for_query(held)
         # The probe's last ReadyForQuery: PostgreSQL is past the copy and every Sync sent.
         self._ops.popleft()
         self._copy_verdict_pending = False
-        if probe.extended and len(probe.readies) == 1:
+        if probe.extended and not probe.answered:
             # PostgreSQL had read every Sync sent into the copy before it failed: without the
             # probe it would still skip whatever the client sends until its next Sync.
             self._discard_until_sync = True
