@@ -662,19 +662,20 @@ _CLOSE_COMPLETE = _frame(b"3", b"")
 
 
 @pytest.mark.parametrize(
-    "answer",
+    ("answer", "expected"),
     [
         # A transaction status PostgreSQL never sends: it was re-encoded for the client, and
         # ready_for_query's ValueError escaped the upstream callback (a traceback in the log).
-        _frame(b"Z", b"X") + _READY + _CLOSE_COMPLETE + _READY,
-        # More ReadyForQuery than Syncs were sent: refused at once, not kept (the session
-        # waited, holding every one, for a CloseComplete that never came).
-        _READY * 3,
+        (_frame(b"Z", b"X") + _READY + _CLOSE_COMPLETE + _READY, [b"G", b"E", b"Z", b"E"]),
+        # More ReadyForQuery than Syncs were sent: refused as soon as one is one too many, not
+        # kept (the session waited, holding every one, for a CloseComplete that never came).
+        # The second could still answer the client's Sync sent into the copy: it goes on.
+        (_READY * 3, [b"G", b"E", b"Z", b"Z", b"E"]),
     ],
     ids=["bad-status", "too-many"],
 )
 def test_a_database_answering_the_copy_probe_wrongly_ends_the_session_cleanly(
-    tls_server: HostileServer, tmp_path: Path, answer: bytes
+    tls_server: HostileServer, tmp_path: Path, answer: bytes, expected: list[bytes]
 ) -> None:
     """After a failed COPY FROM STDIN with a Sync sent into it, dbward sends its probe (Sync,
     Close, Sync); the database's answer to it is checked like any other message."""
@@ -701,7 +702,7 @@ def test_a_database_answering_the_copy_probe_wrongly_ends_the_session_cleanly(
         while not kinds or kinds[-1] != b"E" or len(kinds) < 4:
             kinds.append(read_message(session.sock)[0])
         session.close()
-        assert kinds == [b"G", b"E", b"Z", b"E"], kinds
+        assert kinds == expected, kinds
         assert probe[-3:] == [b"S", b"C", b"S"], probe
         assert _lost_reason_any(proxy, app) == "the database sent an invalid message"
         log = proxy.log()
