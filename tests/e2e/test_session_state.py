@@ -196,6 +196,24 @@ def test_a_refused_sql_prepare_does_not_change_what_execute_runs(proxy: Proxy) -
     assert outcome_of(records, execute).rows == 2
 
 
+def test_execute_of_a_statement_prepared_behind_dbwards_back_is_refused(proxy: Proxy) -> None:
+    """A prepared statement dbward never saw prepared (a DEALLOCATE ALL then one made by a
+    function, say) cannot be inspected: its EXECUTE is refused, and the refusal says why — it
+    said the statement "could not be parsed", which EXECUTE p is not."""
+    session = RawSession(proxy, app_name("unseen-prepared"))
+    try:
+        replies = session.query("EXECUTE never_prepared_here")
+        fields = m.parse_error_fields(next(p for k, p in replies if k == b"E"))
+        assert fields["C"] == "42501"
+        assert fields["M"] == (
+            "dbward: statement could not be inspected and is refused (prepared statement "
+            "<...> was not prepared through dbward)"
+        )
+        assert session.query("SELECT 1")[-1][0] == b"Z"  # the session goes on
+    finally:
+        session.close()
+
+
 def test_sql_in_the_middle_of_copy_data_is_refused_plainly(proxy: Proxy) -> None:
     """PostgreSQL ends the session for SQL it reads while copying but runs it once a bad row
     ended the copy; dbward cannot tell which and would misattribute every later outcome, so it

@@ -96,8 +96,9 @@ def guard_unparseable(request: PolicyRequest) -> Decision | None:
         detail = f"unrecognised statement type {statement.command}"
     else:
         detail = parser_error_snippet(statement.error)
-    if not statement.text and statement.flags & _UNINSPECTED:
-        # A portal or prepared statement dbward never saw defined: there was no text to parse.
+    if statement.flags & _UNINSPECTED:
+        # A portal or prepared statement dbward never saw defined (Bind/Execute, or SQL
+        # EXECUTE of one): what it runs was never there to parse.
         return _deny(
             "guard.unparseable",
             f"dbward: statement could not be inspected and is refused ({detail})",

@@ -1981,6 +1981,7 @@ class PgSession(asyncio.Protocol):
             return replace(
                 statement,
                 kind=StatementKind.UNKNOWN,
+                flags=statement.flags | {"uninspected_statement"},
                 error=f"prepared statement {name!r} was not prepared through dbward",
             )
         return _as_running(statement, found[0])
