@@ -148,7 +148,7 @@ def run_until_stopped(
             log.info(
                 "listening: %s -> %s",
                 ", ".join(listener.bound_addresses()),
-                listener.services.settings.upstream.host,
+                listener.services.settings.upstream.address,
             )
         if ready is not None:
             ready()

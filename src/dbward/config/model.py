@@ -160,6 +160,13 @@ class UpstreamSettings(_Strict):
         """True when host names a unix-socket directory, as in libpq."""
         return self.host.startswith("/")
 
+    @property
+    def address(self) -> str:
+        """Where the database is: host:port, or the unix socket's path."""
+        if self.is_unix_socket:
+            return f"{self.host.rstrip('/')}/.s.PGSQL.{self.port}"
+        return f"{self.host}:{self.port}"
+
     def read_password(self) -> str | None:
         """The service password from its env var or file; None means no password (trust)."""
         if self.password_env is not None:

@@ -938,14 +938,11 @@ class PgSession(asyncio.Protocol):
             self._protocol_error(exc)
         except (ConnectionError, OSError) as exc:
             if self._phase != _PHASE_CLOSED:
-                upstream = self.services.settings.upstream
-                where = (
-                    f"{upstream.host}/.s.PGSQL.{upstream.port}"
-                    if upstream.is_unix_socket
-                    else f"{upstream.host}:{upstream.port}"
-                )
                 log.warning(
-                    "session %s: cannot reach the database at %s: %s", self.session_id, where, exc
+                    "session %s: cannot reach the database at %s: %s",
+                    self.session_id,
+                    self.services.settings.upstream.address,
+                    exc,
                 )
                 self._audit(AuditEvent.UPSTREAM_LOST, reason=str(exc), sqlstate="08001")
                 self._fatal("08001", "dbward: could not connect to the database")

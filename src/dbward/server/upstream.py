@@ -162,8 +162,7 @@ class UpstreamConnection:
 async def _open_socket(settings: UpstreamSettings) -> tuple[asyncio.Transport, UpstreamProtocol]:
     loop = asyncio.get_running_loop()
     if settings.is_unix_socket:
-        path = f"{settings.host.rstrip('/')}/.s.PGSQL.{settings.port}"
-        transport, protocol = await loop.create_unix_connection(UpstreamProtocol, path)
+        transport, protocol = await loop.create_unix_connection(UpstreamProtocol, settings.address)
     else:
         transport, protocol = await loop.create_connection(
             UpstreamProtocol, settings.host, settings.port
@@ -488,13 +487,10 @@ async def send_cancel(settings: UpstreamSettings, upstream: UpstreamConnection) 
             await protocol.wait_closed()
     except (OSError, TimeoutError, DbwardError) as exc:  # ssl.SSLError is an OSError
         if not sent:
-            where = (
-                f"{settings.host}/.s.PGSQL.{settings.port}"
-                if settings.is_unix_socket
-                else f"{settings.host}:{settings.port}"
-            )
             reason = getattr(exc, "message", None) or str(exc) or type(exc).__name__
-            log.warning("cannot send a cancel request to the database at %s: %s", where, reason)
+            log.warning(
+                "cannot send a cancel request to the database at %s: %s", settings.address, reason
+            )
             return str(reason)
     finally:
         if transport is not None:
