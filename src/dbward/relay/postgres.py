@@ -2238,11 +2238,6 @@ class PgSession(asyncio.Protocol):
             if self._portals:
                 self._forget_transaction_portals()
 
-    @property
-    def _z_owed(self) -> int:
-        """ReadyForQuery messages PostgreSQL owes: the Queries and Syncs in flight."""
-        return sum(1 for op in self._ops if op.code in (_OP_QUERY, _OP_SYNC))
-
     def _copy_pending(self) -> bool:
         """Whether a COPY FROM STDIN in flight has been neither started nor refused yet.
 
