@@ -1335,7 +1335,7 @@ class PgSession(asyncio.Protocol):
             elif in_place:
                 upstream.transport.writelines(out)  # joining them would copy the large one
             else:
-                upstream.transport.write(b"".join(out))
+                upstream.transport.write(b"".join(out))  # small pieces: one write is cheaper
 
     def _large_body(self, msg_type: int, body: memoryview, raw: bytes | bytearray) -> bytes:
         """What the relay reads of a large message kept in place, as bytes.
@@ -2507,7 +2507,7 @@ class PgSession(asyncio.Protocol):
         self._note_ready(payload)
         if not probe.closed:
             # The one held before this answered a Sync of the client's: it goes on in its place.
-            held, probe.held = probe.held, payload if payload is not None else b"I"
+            held, probe.held = probe.held, payload
             if held is None:
                 return b""
             probe.answered += 1
