@@ -2652,21 +2652,19 @@ class PgSession(asyncio.Protocol):
         elif not self._ops and not self._blocked:
             self._send_shutdown()
 
-    def force_close(self) -> asyncio.Task[str | None] | None:
-        """Grace period over: cancel in-flight work upstream and close now.
-
-        Returns the cancel task, which the caller awaits so it is sent before exiting.
-        """
-        cancel = self._cancel_upstream() if self._ops else None
+    def force_close(self) -> None:
+        """Grace period over: cancel in-flight work upstream and close now. The cancel runs
+        on a task of services.cancel_tasks, which the listener waits for before exiting."""
+        if self._ops:
+            self._cancel_upstream()
         self._finish_pending("unknown", "57P01")
         self._fatal("57P01", "dbward is shutting down")
-        return cancel
 
-    def _cancel_upstream(self) -> asyncio.Task[str | None] | None:
+    def _cancel_upstream(self) -> None:
+        """Cancel what runs upstream, on a task the listener keeps (see _track_cancel)."""
         upstream = self._upstream
-        if upstream is None:
-            return None
-        return self._track_cancel(send_cancel(self.services.settings.upstream, upstream))
+        if upstream is not None:
+            self._track_cancel(send_cancel(self.services.settings.upstream, upstream))
 
     def _send_shutdown(self) -> None:
         self._fatal("57P01", "terminating connection because dbward is shutting down")
