@@ -407,12 +407,9 @@ def recorded_name(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-_ident: Final = recorded_name
-
-
 def _dotted(parts: Iterable[str]) -> str:
-    """catalog.schema.name (as many parts as there are), each part as _ident records it."""
-    return ".".join(_ident(part) for part in parts)
+    """catalog.schema.name (as many parts as there are), each part as recorded_name writes it."""
+    return ".".join(recorded_name(part) for part in parts)
 
 
 def _qualified(rv: dict[str, Any]) -> str:
@@ -422,7 +419,7 @@ def _qualified(rv: dict[str, Any]) -> str:
     if schema:
         catalog = rv.get("catalogname")
         return _dotted((catalog, schema, name) if catalog else (schema, name))
-    return _ident(name)
+    return recorded_name(name)
 
 
 def _strings(items: list[dict[str, Any]]) -> str:
@@ -1406,7 +1403,7 @@ def _schema_wide_targets(node_type: str, body: dict[str, Any], out: _Walk) -> No
         schemas.append(str(body.get("local_schema", "")))  # where its tables are created
     if everything:
         out.tables.append((-1, ALL_TABLES))
-    out.tables.extend((-1, _ident(schema) + ".*") for schema in schemas if schema)
+    out.tables.extend((-1, recorded_name(schema) + ".*") for schema in schemas if schema)
 
 
 def _string_values(items: object) -> list[str]:
@@ -1767,7 +1764,7 @@ def _roles_changed(node_type: str, body: dict[str, Any]) -> tuple[str, ...]:
     elif node_type == "DropRoleStmt":
         found.extend(_role_name(item) for item in body.get("roles", ()))
     elif node_type == "RenameStmt" and body.get("renameType") == "OBJECT_ROLE":
-        found.append(_ident(str(body.get("subname", ""))))
+        found.append(recorded_name(str(body.get("subname", ""))))
     elif node_type == "GrantRoleStmt":
         found.extend(_role_name(item) for item in body.get("grantee_roles", ()))
     return tuple(found)
@@ -1819,7 +1816,7 @@ def _role_name(spec: object) -> str:
         return ""
     roletype = str(spec.get("roletype", ""))
     if roletype == "ROLESPEC_CSTRING":
-        return _ident(str(spec.get("rolename", "")))
+        return recorded_name(str(spec.get("rolename", "")))
     return _ROLE_KEYWORDS.get(roletype, roletype)
 
 
