@@ -19,10 +19,6 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519
-from cryptography.x509.oid import NameOID
 
 from dbward.audit.records import AuditEvent
 from dbward.wire.postgres import messages
@@ -31,7 +27,7 @@ from fixtures.hostile import HostileConn, HostileServer, hostile_server, start_h
 from fixtures.postgres import PgServer
 from fixtures.proxy import Proxy, stop_proxy
 from fixtures.raw import RawSession, read_message
-from fixtures.tls import LeafCert, TestCA, make_test_ca
+from fixtures.tls import LeafCert, TestCA, make_ed25519_leaf, make_test_ca
 
 
 def _frame(msg_type: bytes, body: bytes) -> bytes:
@@ -439,34 +435,6 @@ def test_scram_relayed_by_a_man_in_the_middle_is_refused(
     assert _login(direct, app_name("direct")) == "ok"
 
 
-def _ed25519_leaf(directory: Path) -> LeafCert:
-    """A self-signed Ed25519 certificate: its signature names no hash, so it gives SCRAM
-    nothing to bind to (tls-server-end-point)."""
-    key = ed25519.Ed25519PrivateKey.generate()
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .sign(key, None)
-    )
-    leaf = LeafCert(cert=directory / "ed25519.crt", key=directory / "ed25519.key")
-    leaf.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    leaf.key.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return leaf
-
-
 def test_scram_relayed_through_a_certificate_allowing_no_binding_is_refused(
     tls_server: HostileServer,
     proxy_factory: Callable[..., Proxy],
@@ -478,7 +446,7 @@ def test_scram_relayed_through_a_certificate_allowing_no_binding_is_refused(
     -PLUS; the real server accepted the relayed exchange and the man in the middle held the
     logged-in session (found by the twenty-ninth review)."""
     assert pg_server.ssl_mode_available, "the test PostgreSQL runs without SSL"
-    leaf = _ed25519_leaf(tmp_path)
+    leaf = make_ed25519_leaf(tmp_path)
     tls_server.script = lambda conn: _relay(conn, pg_server, leaf)
     proxy = proxy_factory(
         upstream={"host": "127.0.0.1", "port": tls_server.port, "tls": {"mode": "require"}}
