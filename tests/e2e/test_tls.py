@@ -443,16 +443,13 @@ def test_plaintext_pipelined_after_sslrequest_refused(
     assert tls_proxy.process.poll() is None
 
 
-def test_cancel_over_tls(tls_proxy: Proxy, test_ca: TestCA, pg_server: PgServer) -> None:
-    # libpq 17+ sends CancelRequest inside TLS when the connection used TLS.
-    app = _app("tls-cancel")
-    with (
-        _connect(tls_proxy, app, sslmode="require", autocommit=True) as conn,
-        ThreadPoolExecutor(1) as pool,
-    ):
-        running = pool.submit(conn.execute, "SELECT pg_sleep(10)")
+def _cancel_a_sleep(conn: psycopg.Connection[Any], pg: PgServer, app: str) -> None:
+    """Run pg_sleep on `conn`, cancel it once PostgreSQL runs it, and expect it cancelled
+    within 2 s."""
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(conn.execute, "SELECT pg_sleep(30)")
         deadline = time.monotonic() + 5
-        while "active" not in pg_server.psql(
+        while "active" not in pg.psql(
             f"SELECT state FROM pg_stat_activity WHERE application_name = '{app}'"
         ):
             assert time.monotonic() < deadline, "pg_sleep never started"
@@ -462,6 +459,13 @@ def test_cancel_over_tls(tls_proxy: Proxy, test_ca: TestCA, pg_server: PgServer)
         with pytest.raises(psycopg.errors.QueryCanceled):
             running.result(timeout=5)
         assert time.monotonic() - started < 2.0
+
+
+def test_cancel_over_tls(tls_proxy: Proxy, test_ca: TestCA, pg_server: PgServer) -> None:
+    # libpq 17+ sends CancelRequest inside TLS when the connection used TLS.
+    app = _app("tls-cancel")
+    with _connect(tls_proxy, app, sslmode="require", autocommit=True) as conn:
+        _cancel_a_sleep(conn, pg_server, app)
     session_id = _session(tls_proxy, app, AuditEvent.DISCONNECT)[0].session_id
     records = tls_proxy.audit(
         event="cancel", until=lambda rs: any(r.detail == f"session={session_id}" for r in rs)
@@ -484,19 +488,8 @@ def test_cancel_with_upstream_verify_full(
         )
     )
     app = _app("up-cancel")
-    with _connect(up, app, autocommit=True) as conn, ThreadPoolExecutor(1) as pool:
-        running = pool.submit(conn.execute, "SELECT pg_sleep(30)")
-        deadline = time.monotonic() + 5
-        while "active" not in pg_server.psql(
-            f"SELECT state FROM pg_stat_activity WHERE application_name = '{app}'"
-        ):
-            assert time.monotonic() < deadline, "pg_sleep never started"
-            time.sleep(0.05)
-        started = time.monotonic()
-        conn.cancel_safe()
-        with pytest.raises(psycopg.errors.QueryCanceled):
-            running.result(timeout=5)
-        assert time.monotonic() - started < 2.0
+    with _connect(up, app, autocommit=True) as conn:
+        _cancel_a_sleep(conn, pg_server, app)
     assert "cannot send a cancel request" not in up.log()
 
 
