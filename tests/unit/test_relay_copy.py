@@ -84,16 +84,7 @@ def test_an_extended_copy_refused_for_the_audit_log_does_not_hold_a_later_sync()
 def test_a_copy_failing_mid_data_leaves_no_copy_open() -> None:
     """Extended COPY fails on a bad row, answered at once: PostgreSQL skips to the Sync (the
     CopyDone too). The next Sync was taken for one sent during the copy and ended the session."""
-    session, client, upstream = detached_session(MemorySink())
-    session.data_received(
-        m.parse_message("", "COPY t FROM STDIN")
-        + m.bind_message("", "", [])
-        + m.execute_message("")
-        + m.flush()
-    )
-    session._on_upstream_data(
-        m._frame(b"1", b"") + m._frame(b"2", b"") + m._frame(b"G", b"\x00\x00\x00")
-    )
+    session, client, upstream = _extended_copy_started()
     session.data_received(m.copy_data(b"bad\n") + m.flush())
     session._on_upstream_data(m.error_response("ERROR", "22P02", "invalid input syntax"))
     upstream.written.clear()
