@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import struct
 import tracemalloc
+from collections.abc import Callable
 
 import pytest
 
@@ -38,6 +39,20 @@ def _query(size: int) -> bytes:
     return b"Q" + struct.pack("!I", 4 + len(body)) + body
 
 
+def _traced_peak(data: bytes, feed: Callable[[bytes], None]) -> int:
+    """Feed `data` in socket-sized chunks; the peak of traced memory meanwhile, in bytes
+    (above what was allocated before, the input included)."""
+    chunks = [data[i : i + CHUNK] for i in range(0, len(data), CHUNK)]
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        while chunks:
+            feed(chunks.pop(0))
+        return tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+
+
 def _through_relay(data: bytes) -> tuple[float, bytes, bytes]:
     """Feed `data` in socket-sized chunks; the traced peak as a multiple of its size, what
     went upstream and what the client was sent."""
@@ -47,17 +62,8 @@ def _through_relay(data: bytes) -> tuple[float, bytes, bytes]:
         upstream = _Keeping()
         assert session._upstream is not None
         session._upstream.transport = upstream  # type: ignore[assignment]
-        chunks = [data[i : i + CHUNK] for i in range(0, len(data), CHUNK)]
-        size = len(data)
-        tracemalloc.start()
-        try:
-            base = tracemalloc.get_traced_memory()[0]
-            while chunks:
-                session.data_received(chunks.pop(0))
-            peak = tracemalloc.get_traced_memory()[1] - base
-        finally:
-            tracemalloc.stop()
-        return peak / size, b"".join(upstream.pieces), bytes(client.written)
+        peak = _traced_peak(data, session.data_received)
+        return peak / len(data), b"".join(upstream.pieces), bytes(client.written)
 
     return asyncio.run(run())
 
@@ -132,15 +138,7 @@ def test_a_large_error_from_the_database_is_not_decoded() -> None:
         session.data_received(m.query("SELECT 1"))
         body = b"SERROR\0VERROR\0C22P02\0M" + b"x" * (16 * MIB) + b"\0\0"
         data = b"E" + struct.pack("!I", 4 + len(body)) + body + m.ready_for_query(b"I")
-        chunks = [data[i : i + CHUNK] for i in range(0, len(data), CHUNK)]
-        tracemalloc.start()
-        try:
-            base = tracemalloc.get_traced_memory()[0]
-            while chunks:
-                session._on_upstream_data(chunks.pop(0))
-            peak = tracemalloc.get_traced_memory()[1] - base
-        finally:
-            tracemalloc.stop()
+        peak = _traced_peak(data, session._on_upstream_data)
         outcome = next(r for r in session.services.audit.records if r.status)  # type: ignore[attr-defined]
         return peak / len(body), f"{outcome.status} {outcome.sqlstate}".encode()
 
