@@ -5,12 +5,13 @@ from __future__ import annotations
 import struct
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from dbward.core.errors import ProtocolError
 from dbward.wire.postgres import messages as m
 from dbward.wire.postgres.framing import (
+    FRONTEND_TYPES,
     IN_PLACE_MIN_BYTES,
     BackendFramer,
     BackendScanner,
@@ -221,6 +222,47 @@ def test_frontend_any_chunking(msgs: list[bytes], cuts: list[int]) -> None:
     assert [raw for _, _, raw in got] == [startup, *msgs]
     assert all(raw[5:] == payload for t, payload, raw in got if t)
     assert framer.pending_bytes == 0
+
+
+# A header of any length, valid or not, followed by a few bytes.
+_HEADERS = st.builds(
+    lambda t, n, tail: bytes([t]) + n.to_bytes(4, "big") + tail,
+    st.sampled_from([*sorted(FRONTEND_TYPES), 0, 0x7A]),
+    st.one_of(st.integers(0, 24), st.integers(0, 2**32 - 1)),
+    st.binary(max_size=20),
+)
+
+
+def _frames_or_error(framer: FrontendFramer, chunks: list[bytes | bytearray]) -> object:
+    got: list[object] = []
+    try:
+        for chunk in chunks:
+            got += [(t, bytes(p), bytes(r)) for t, p, r in framer.feed(chunk)]  # type: ignore[arg-type]
+    except ProtocolError as exc:
+        return ("error", str(exc), got)
+    return (got, framer.pending_bytes, framer.expected_bytes)
+
+
+@settings(max_examples=300)
+@given(
+    st.lists(FRONTEND_MESSAGES, max_size=8),
+    st.one_of(_HEADERS, st.binary(max_size=12)),
+    st.lists(st.integers(0, 2_000), max_size=6),
+)
+@example([], b"Q\x00\x00\x00\x03xyz", [])  # a length below 4
+def test_frontend_fresh_feeds_frame_as_buffered_ones_do(
+    parts: list[bytes], tail: bytes, cuts: list[int]
+) -> None:
+    # A feed into an empty buffer is cut from the bytes themselves (the fast path); a bytearray
+    # feed always goes through the buffer. Same frames, same leftovers, same errors.
+    stream = b"".join(parts) + tail
+    chunks = split(stream, cuts)
+    limit = 16  # small enough for the generated headers to reach it
+    fresh = _frames_or_error(FrontendFramer(limit, startup=False), chunks)
+    buffered = _frames_or_error(
+        FrontendFramer(limit, startup=False), [bytearray(c) for c in chunks]
+    )
+    assert fresh == buffered
 
 
 @given(st.binary(max_size=300), st.booleans())

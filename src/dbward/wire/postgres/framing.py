@@ -93,6 +93,8 @@ class FrontendFramer:
     def feed(self, data: bytes) -> list[Frame]:
         """Add bytes; return every complete message as a Frame (type byte or 0, payload, raw)."""
         buf = self._buf
+        if not buf and not self.startup and type(data) is bytes:
+            return self._feed_fresh(data)
         buf += data
         size = len(buf)
         need = self._need
@@ -158,6 +160,42 @@ class FrontendFramer:
             # One compaction per feed; bytearray deletes from the front without moving much.
             # An unfinished message therefore always starts at the head of the buffer.
             del buf[:pos]
+        return out
+
+    def _feed_fresh(self, data: bytes) -> list[Frame]:
+        """`feed` with nothing buffered (almost every feed): frames are cut from `data` itself.
+
+        The same checks as `feed`; only what is left unfinished is copied into the buffer, and
+        a feed holding exactly one message (a simple Query) is its own raw frame.
+        """
+        self._need = 0
+        out: list[Frame] = []
+        size = len(data)
+        pos = 0
+        unpack = _U32.unpack_from
+        types = FRONTEND_TYPES
+        while size - pos >= 5:
+            msg_type = data[pos]
+            if msg_type not in types:
+                raise ProtocolError(f"invalid frontend message type {_type_repr(msg_type)}")
+            length = unpack(data, pos + 1)[0]
+            if length < 4:
+                raise ProtocolError(f"invalid message length {length}")
+            if length - 3 > self.max_message_bytes:
+                raise ProtocolError(
+                    f"message of {length - 3} bytes exceeds the limit of {self.max_message_bytes}"
+                )
+            end = pos + 1 + length
+            if end > size:
+                self._need = end - pos
+                break
+            raw = data if pos == 0 and end == size else data[pos:end]
+            out.append((msg_type, raw[5:], raw))
+            pos = end
+        if pos < size:
+            # The unfinished message starts the buffer, as `feed` expects of a later feed.
+            with memoryview(data) as view:
+                self._buf += view[pos:]
         return out
 
     def _check_startup(self, length: int, code: int) -> None:
