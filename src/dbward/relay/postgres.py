@@ -2048,7 +2048,10 @@ class PgSession(asyncio.Protocol):
             return
         pieces: list[bytes] | None = None
         position = 0
+        ops = self._ops
         for msg_type, start, end, payload in events:
+            if msg_type == 0x54 and not (ops and ops[0].code == _OP_DESCRIBE):
+                continue  # RowDescription answering a query, not a Describe: nothing to track
             try:
                 replacement = self._on_backend_message(msg_type, payload)
             except ProtocolError as exc:
