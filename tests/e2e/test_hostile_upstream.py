@@ -49,6 +49,9 @@ _REPLIES = {
     "key-again": messages.backend_key_data(999, b"\x12\x34\x56\x78")
     + messages.command_complete("SELECT 1")
     + _READY,
+    # A ReadyForQuery whose transaction status PostgreSQL never sends, and one too long.
+    "bad-ready": messages.command_complete("SELECT 1") + _frame(b"Z", b"X"),
+    "long-ready": messages.command_complete("SELECT 1") + _frame(b"Z", b"II"),
     # Half a DataRow (its header says 32 bytes), then the connection closes.
     "torn-row": _ROW_DESCRIPTION + b"D\x00\x00\x00\x20\x00\x01\x00\x00",
     # The start of a 2 MiB ErrorResponse, then nothing more (the connection stays open).
@@ -90,18 +93,21 @@ def _query(proxy: Proxy, app: str) -> psycopg.Error:
     return caught.value
 
 
-def _lost_reason(proxy: Proxy, app: str) -> str:
+def _lost_reason(proxy: Proxy, app: str, status: str = "unknown") -> str:
+    """The reason of the session's `upstream_lost` record; its statement's outcome is `status`."""
     records = proxy.session_records(
         app, until=lambda rs: any(r.event == AuditEvent.DISCONNECT for r in rs)
     )
     lost = [r for r in records if r.event == AuditEvent.UPSTREAM_LOST]
     assert len(lost) == 1, [(r.event, r.reason) for r in records]
     statement = next(r for r in records if r.event == AuditEvent.STATEMENT)
-    assert statement.status == "unknown", statement
+    assert statement.status == status, statement
     return lost[0].reason
 
 
-@pytest.mark.parametrize("kind", ["bad-error", "bad-param", "auth-again", "key-again"])
+@pytest.mark.parametrize(
+    "kind", ["bad-error", "bad-param", "auth-again", "key-again", "bad-ready", "long-ready"]
+)
 def test_invalid_upstream_message_ends_the_session_cleanly(
     hostile: tuple[HostileServer, Proxy], kind: str
 ) -> None:
@@ -109,7 +115,9 @@ def test_invalid_upstream_message_ends_the_session_cleanly(
     app = app_name(f"{kind}:")
     error = _query(proxy, app)
     assert "the database sent an invalid message" in str(error), error
-    assert _lost_reason(proxy, app) == "the database sent an invalid message"
+    # A ReadyForQuery comes after the statement's CommandComplete: that outcome stands.
+    status = "ok" if kind.endswith("-ready") else "unknown"
+    assert _lost_reason(proxy, app, status) == "the database sent an invalid message"
     log = proxy.log()
     assert "Traceback" not in log and "Fatal error on transport" not in log, log[-3000:]
     assert not server.errors

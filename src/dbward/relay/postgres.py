@@ -2131,6 +2131,10 @@ class PgSession(asyncio.Protocol):
         if msg_type == 0x5A:  # 'Z' ReadyForQuery
             if ops and ops[0].code == _OP_PROBE:
                 return self._on_probe_reply(msg_type, payload)
+            if payload not in _READY_STATUSES:
+                # A status PostgreSQL never sends: the client (libpq) would stop knowing
+                # whether a transaction is open, and dbward whether statements commit.
+                raise ProtocolError("invalid ReadyForQuery")
             self._note_ready(payload)
             unanswered: list[_Op] | None = None
             while ops:
