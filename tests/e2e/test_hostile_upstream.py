@@ -746,3 +746,49 @@ def test_a_database_answering_a_cancel_with_a_flood_is_not_buffered(
         assert "Traceback" not in proxy.log()
     finally:
         stop_proxy(proxy)
+
+
+# ------------------------------------------------------------------ the database's login
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        # A row before the login's end: PostgreSQL sends nothing of the kind at login.
+        messages.authentication_ok() + messages.data_row([b"x"]) + _READY,
+        # The login's ReadyForQuery with a transaction open (or an unknown status): the client
+        # would start inside a transaction dbward does not know about.
+        messages.authentication_ok() + _frame(b"Z", b"T"),
+        messages.authentication_ok() + _frame(b"Z", b"X"),
+    ],
+    ids=["row", "in-transaction", "unknown-status"],
+)
+def test_an_invalid_login_reply_is_blamed_on_the_database(
+    tls_server: HostileServer, tmp_path: Path, answer: bytes
+) -> None:
+    """A login that ends inside a transaction, or in a state PostgreSQL never reports, was
+    accepted: the client hung at its first query ("another command is already in progress").
+    Like any message PostgreSQL never sends at login (the row), it is the database's fault:
+    FATAL 08P01 to the client, an `upstream_lost` record, no `protocol_error`."""
+
+    def script(conn: HostileConn) -> None:
+        conn.read_startup()
+        conn.send(answer)
+        conn.idle_until_closed()
+
+    tls_server.script = script
+    proxy = start_hostile_proxy(tmp_path, tls_server, upstream={"tls": {"mode": "disable"}})
+    try:
+        app = app_name("bad-login")
+        message = _login(proxy, app)
+        assert "the database sent an invalid message during login" in message, message
+        records = proxy.session_records(
+            app, until=lambda rs: any(r.event == AuditEvent.DISCONNECT for r in rs)
+        )
+        events = [r.event for r in records]
+        assert AuditEvent.PROTOCOL_ERROR not in events, records
+        lost = [r for r in records if r.event == AuditEvent.UPSTREAM_LOST]
+        assert [r.sqlstate for r in lost] == ["08P01"], records
+        assert not tls_server.errors
+    finally:
+        stop_proxy(proxy)

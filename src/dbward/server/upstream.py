@@ -246,6 +246,10 @@ async def connect_upstream(
             elif msg_type == ord("N"):
                 conn.startup_frames.append(raw)
             elif msg_type == ord("Z"):
+                if payload != b"I":
+                    # A login ends idle: anything else would start the client inside a
+                    # transaction (or a state) dbward knows nothing of.
+                    raise ProtocolError(f"ReadyForQuery status {payload!r} at the end of login")
                 conn.ready_frame = raw
                 return conn
             elif msg_type == ord("E"):
