@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import socket
 import time
-import uuid
 from collections.abc import Callable
 
 import pytest
@@ -18,7 +17,7 @@ from dbward.wire.postgres import messages as m
 from fixtures.clients import app_name, has_disconnect, outcome_of, statements
 from fixtures.postgres import PgServer
 from fixtures.proxy import Proxy
-from fixtures.raw import RawSession, libpq_copy_in, read_message
+from fixtures.raw import CLOSED, MARKER, RawSession, libpq_copy_in, read_message, replies_to_marker
 from fixtures.raw import direct_session as _direct
 from fixtures.raw import scratch_table as _table
 
@@ -40,24 +39,18 @@ def _kinds(sock: socket.socket, count: int) -> list[bytes]:
     return found
 
 
-# The end of the replies. A reply too many (one ReadyForQuery more than PostgreSQL sends, the
-# bug most of these tests target) was seen by reading one message past the expected ones until
-# the connection went quiet: 1-3 s of silence per side and case. Instead, once the expected
-# number of replies has arrived, the reader sends a Query of a unique marker and reads up to its
-# answer: PostgreSQL answers in order, so any reply still owed comes before it. Only sent once
-# `count` replies are in (a Sync held back until the client's next message must not be
-# released by the marker), never after the connection went quiet or closed (then what was read
-# is the answer), and only after sequences that leave the session idle (not inside a COPY).
-# The marker's four replies (T, D, C, Z) are left out, on both sides alike. A connection that
-# closes ends the replies too, and shows in them as CLOSED (a session ended after its last
-# expected reply differs from one still open).
-SENTINEL = "SELECT 'end-"
-CLOSED = (b"closed", b"")
+# A reply too many (one ReadyForQuery more than PostgreSQL sends, the bug most of these tests
+# target) was seen by reading one message past the expected ones until the connection went
+# quiet: 1-3 s of silence per side and case. Instead, once the expected number of replies has
+# arrived, the reader sends a marker (fixtures.raw.replies_to_marker) and reads up to its
+# answer. Never when fewer came (a Sync held back until the client's next message must not be
+# released by the marker: what was read is the answer) nor after the connection closed; every
+# sequence here leaves the session idle.
 
 
 def _replies(sock: socket.socket, count: int) -> list[tuple[bytes, bytes]]:
-    """The next `count` messages and any that follow before the marker's answer (see SENTINEL);
-    fewer if the connection goes quiet (its timeout), then CLOSED last if it closed."""
+    """The next `count` messages and any that follow before the marker's answer; fewer if the
+    connection goes quiet (its timeout), CLOSED last if it closes."""
     found: list[tuple[bytes, bytes]] = []
     try:
         while len(found) < count:
@@ -66,18 +59,7 @@ def _replies(sock: socket.socket, count: int) -> list[tuple[bytes, bytes]]:
         return found  # the missing replies are not coming: no marker
     except ConnectionError:
         return [*found, CLOSED]
-    marker = f"end-{uuid.uuid4().hex}"
-    try:
-        sock.sendall(m.query(f"SELECT '{marker}'"))
-        while [kind for kind, _ in found[-4:]] != [b"T", b"D", b"C", b"Z"] or (
-            marker.encode() not in found[-3][1]
-        ):
-            found.append(read_message(sock))
-    except TimeoutError:
-        return found  # no answer to the marker: everything read, the marker's replies too
-    except ConnectionError:
-        return [*found, CLOSED]
-    return found[:-4]
+    return found + replies_to_marker(sock)
 
 
 def _code(kind: bytes, payload: bytes) -> str:
@@ -373,7 +355,7 @@ def _kinds_cancelled(
     then: bytes = b"",
 ) -> list[str]:
     """Send each step's bytes and wait its pause, cancel the COPY, send `then`, read replies
-    (the `count` expected and any more before the marker's answer, see SENTINEL)."""
+    (the `count` expected and any more before the marker's answer, see _replies)."""
     for data, pause in steps:
         sock.sendall(data)
         time.sleep(pause)
@@ -474,7 +456,7 @@ def _run_copy(
     """Send `messages(table)` directly and through dbward, each into a fresh table of its own
     (`paced`: 0.15 s after each message but the last, so an error reaches dbward before what
     follows it; otherwise all at once). Returns (replies, the table's rows) for each, and
-    dbward's session's application_name (its last statement is the marker's, see SENTINEL)."""
+    dbward's session's application_name (its last statement is the marker's, see _replies)."""
     app = app_name("drift-copysync")
     runs: list[tuple[list[str], str]] = []
     for through_dbward in (False, True):
@@ -503,9 +485,9 @@ def _run_copy(
 
 
 def _before_the_marker(records: list[AuditRecord]) -> list[AuditRecord]:
-    """The session's statement records but the last, which must be the marker's (SENTINEL)."""
+    """The session's statement records but the last, which must be the marker's."""
     found = statements(records)
-    assert found and found[-1].sql_text.startswith(SENTINEL), found[-1:]
+    assert found and found[-1].sql_text.startswith(MARKER), found[-1:]
     return found[:-1]
 
 
