@@ -17,7 +17,7 @@ from dbward.wire.postgres import messages as m
 from fixtures.clients import app_name, has_disconnect, outcome_of, statements
 from fixtures.postgres import PgServer
 from fixtures.proxy import Proxy
-from fixtures.raw import RawSession, libpq_copy_in, read_message
+from fixtures.raw import RawSession, libpq_copy_in, read_message, replies_to_marker
 from fixtures.raw import direct_session as _direct
 from fixtures.raw import scratch_table as _table
 
@@ -28,24 +28,28 @@ FAILING = (
 )
 
 
+def _kind(kind: bytes, payload: bytes) -> str:
+    if kind == b"E":
+        f = m.parse_error_fields(payload)
+        return f"E:{f['S']}:{f['C']}"
+    return kind.decode()
+
+
 def _kinds(sock: socket.socket, count: int, timeout: float = 3) -> list[str]:
     found: list[str] = []
     sock.settimeout(timeout)
     try:
         while len(found) < count:
-            kind, payload = read_message(sock)
-            if kind == b"E":
-                f = m.parse_error_fields(payload)
-                found.append(f"E:{f['S']}:{f['C']}")
-            else:
-                found.append(kind.decode())
+            found.append(_kind(*read_message(sock)))
     except (TimeoutError, ConnectionError):
         pass
     return found
 
 
 def _script(sock: socket.socket, steps: list[tuple[bytes, int]]) -> list[list[str]]:
-    """Send each step's bytes, read that many messages; then look for extras (1 s)."""
+    """Send each step's bytes, read that many messages; then look for extras: whatever comes
+    before the answer to a marker Query (fixtures.raw.replies_to_marker; every script leaves
+    the session idle or closed), instead of waiting for 1 s of silence."""
     got = []
     for data, count in steps:
         try:
@@ -54,7 +58,8 @@ def _script(sock: socket.socket, steps: list[tuple[bytes, int]]) -> list[list[st
             got.append(["<send failed>"])
             break
         got.append(_kinds(sock, count))
-    got.append(_kinds(sock, 20, timeout=1))
+    sock.settimeout(3)
+    got.append([_kind(*reply) for reply in replies_to_marker(sock)])
     return got
 
 

@@ -968,19 +968,28 @@ def test_a_record_is_vouched_for_only_by_its_own_declaration() -> None:
     assert _records_read(compiled, both)
 
 
-def test_the_caches_are_bounded_in_bytes_not_only_in_entries() -> None:
+def test_the_caches_are_bounded_in_bytes_not_only_in_entries(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """10,000 distinct 16 KB texts of 1,800 statements each pinned 3.7 GB in the classifier's
-    cache (~370 KB an entry, 300 of them: ~110 MB); the cache now stops at about 64 MB."""
+    cache (~370 KB an entry); the cache now stops at about 64 MB. Shown at a sixteenth of the
+    scale (filling 64 MB took 300 such texts, ~30 s): with the bound at 4 MB, 30 texts (~11 MB
+    unbounded, far under the count bound) must leave under 5 MB held, the same 1.25 margin as
+    80 MB over 64 MB, so the estimate per entry is checked against what it really pins."""
+    from dbward.sql import postgres as module
+
+    assert module._CACHE_BYTES <= 64 * 1024 * 1024  # the bound in use, checked here scaled down
+    monkeypatch.setattr(module, "_CACHE_BYTES", 4 * 1024 * 1024)
     classifier = PostgresClassifier()
     tracemalloc.start()
     try:
         before = tracemalloc.get_traced_memory()[0]
-        for i in range(300):
+        for i in range(30):
             classifier.classify(f"SELECT {i};" + "SELECT 1;" * 1800)
         held = tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()
-    assert held < 80_000_000, f"the caches hold {held / 1e6:.0f} MB"
+    assert held < 5_000_000, f"the caches hold {held / 1e6:.1f} MB"
 
 
 @pytest.mark.parametrize(
