@@ -751,6 +751,13 @@ def test_a_database_answering_a_cancel_with_a_flood_is_not_buffered(
 # ------------------------------------------------------------------ the database's login
 
 
+_LOGIN_PARAMS = (
+    messages.parameter_status("server_version", "16.0")
+    + messages.parameter_status("session_authorization", "svc")
+    + messages.backend_key_data(4242, b"\x00\x00\x00\x01")
+)
+
+
 @pytest.mark.parametrize(
     "answer",
     [
@@ -760,8 +767,25 @@ def test_a_database_answering_a_cancel_with_a_flood_is_not_buffered(
         # would start inside a transaction dbward does not know about.
         messages.authentication_ok() + _frame(b"Z", b"T"),
         messages.authentication_ok() + _frame(b"Z", b"X"),
+        # A login that never says AuthenticationOk (libpq: "expected authentication request
+        # from server"): whoever is on the path skips the authentication that channel binding
+        # and require_auth are checked in, and dbward relayed its clients' statements to him.
+        _LOGIN_PARAMS + _READY,
+        _LOGIN_PARAMS + messages.authentication_ok() + _READY,
+        # SCRAM begun and never finished: the server never proved it knows the password.
+        messages.authentication_sasl(["SCRAM-SHA-256"]) + _LOGIN_PARAMS + _READY,
+        # An authentication request after AuthenticationOk (libpq: "unexpected response").
+        messages.authentication_ok() + messages.authentication_sasl(["SCRAM-SHA-256"]) + _READY,
     ],
-    ids=["row", "in-transaction", "unknown-status"],
+    ids=[
+        "row",
+        "in-transaction",
+        "unknown-status",
+        "no-authentication",
+        "parameters-before-authentication",
+        "scram-unfinished",
+        "authentication-after-ok",
+    ],
 )
 def test_an_invalid_login_reply_is_blamed_on_the_database(
     tls_server: HostileServer, tmp_path: Path, answer: bytes
@@ -774,7 +798,9 @@ def test_an_invalid_login_reply_is_blamed_on_the_database(
     def script(conn: HostileConn) -> None:
         conn.read_startup()
         conn.send(answer)
-        conn.idle_until_closed()
+        while True:  # a login dbward accepts: its query is answered (no hang, the test fails)
+            conn.read_message()
+            conn.send(messages.command_complete("SELECT 0"), _READY)
 
     tls_server.script = script
     proxy = start_hostile_proxy(tmp_path, tls_server, upstream={"tls": {"mode": "disable"}})
