@@ -751,11 +751,10 @@ def test_a_database_answering_a_cancel_with_a_flood_is_not_buffered(
 # ------------------------------------------------------------------ the database's login
 
 
-_LOGIN_PARAMS = (
-    messages.parameter_status("server_version", "16.0")
-    + messages.parameter_status("session_authorization", "svc")
-    + messages.backend_key_data(4242, b"\x00\x00\x00\x01")
+_PARAMS = messages.parameter_status("server_version", "16.0") + messages.parameter_status(
+    "session_authorization", "svc"
 )
+_LOGIN_PARAMS = _PARAMS + messages.backend_key_data(4242, b"\x00\x00\x00\x01")
 
 
 @pytest.mark.parametrize(
@@ -817,4 +816,50 @@ def test_an_invalid_login_reply_is_blamed_on_the_database(
         assert [r.sqlstate for r in lost] == ["08P01"], records
         assert not tls_server.errors
     finally:
+        stop_proxy(proxy)
+
+
+def test_a_cancel_for_a_login_without_a_cancel_key_fails_cleanly(
+    tls_server: HostileServer, tmp_path: Path
+) -> None:
+    """A database that sends no BackendKeyData at login (PostgreSQL always does; a pooler or
+    someone on the path need not): a client's cancel raised ValueError building the request,
+    which ended the cancel's task; the cancelling client was never answered (its connection,
+    and its unauthenticated slot, held until it gave up) and no `failed` record was written.
+    It is not sent, the client is let go, and the audit says why."""
+    connections = itertools.count()
+    query_seen, release = threading.Event(), threading.Event()
+
+    def script(conn: HostileConn) -> None:
+        if next(connections) == 0:
+            conn.read_startup()
+            conn.send(messages.authentication_ok(), _PARAMS, _READY)
+            conn.read_message()
+            query_seen.set()
+            release.wait(10)
+            conn.send(messages.command_complete("SELECT 0"), _READY)
+            conn.idle_until_closed()
+            return
+        conn.idle_until_closed()  # a cancel connection: whatever arrives is not a cancel
+
+    tls_server.script = script
+    proxy = start_hostile_proxy(tmp_path, tls_server, upstream={"tls": {"mode": "disable"}})
+    try:
+        app = app_name("no-key")
+        with (
+            psycopg.connect(**proxy.conninfo(), application_name=app, autocommit=True) as conn,
+            ThreadPoolExecutor(1) as pool,
+        ):
+            running = pool.submit(conn.execute, "select pg_sleep(30)")
+            assert query_seen.wait(5)
+            conn.cancel_safe(timeout=10)
+            cancels = proxy.audit(event="cancel", until=lambda rs: len(rs) >= 2)
+            release.set()
+            running.result(timeout=5)
+        assert [r.status for r in cancels] == ["forwarded", "failed"], cancels
+        assert "no cancel key" in cancels[1].reason, cancels[1]
+        log = proxy.log()
+        assert "Traceback" not in log and "exception" not in log.lower(), log[-3000:]
+    finally:
+        release.set()
         stop_proxy(proxy)

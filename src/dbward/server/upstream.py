@@ -481,6 +481,14 @@ async def send_cancel(settings: UpstreamSettings, upstream: UpstreamConnection) 
     at will. It is then never sent in plaintext, even if the database (or someone in between)
     declines TLS this time.
     """
+    if not upstream.backend_key:
+        # No BackendKeyData at login (PostgreSQL always sends one; a pooler or someone on the
+        # path need not): there is nothing to send, as libpq finds.
+        reason = "the database sent no cancel key at login"
+        log.warning(
+            "cannot send a cancel request to the database at %s: %s", settings.address, reason
+        )
+        return reason
     transport: asyncio.Transport | None = None
     sent = False
     try:
