@@ -863,3 +863,83 @@ def test_a_cancel_for_a_login_without_a_cancel_key_fails_cleanly(
     finally:
         release.set()
         stop_proxy(proxy)
+
+
+# ------------------------------------------------------------------ replies to nothing sent
+
+_QUERY = messages.query("SELECT 1")
+_PARSE = messages.parse_message("", "SELECT 1")
+_COMPLETE = messages.command_complete("SELECT 1")
+
+
+@pytest.mark.parametrize(
+    ("request_", "answer", "before"),
+    [
+        # A ReadyForQuery with no Query or Sync in flight: it would answer the client's next
+        # Query before PostgreSQL had, and end dbward's view of an open transaction block.
+        (_QUERY, _COMPLETE + _READY + _READY, [b"C", b"Z"]),
+        (_PARSE + messages.flush(), _frame(b"1", b"") + _READY, [b"1"]),
+        # A CommandComplete with nothing in flight: a command the client never sent.
+        (_QUERY, _COMPLETE + _READY + _COMPLETE, [b"C", b"Z"]),
+        # A CopyInResponse nobody asked for: the client would send copy data (psql the rest of
+        # its input) that dbward passed on as outside a copy.
+        (_QUERY, _COPY_IN_RESPONSE, []),
+        # CopyBothResponse (replication) and FunctionCallResponse: dbward lets neither start.
+        (_QUERY, _frame(b"W", b"\x00\x00\x00"), []),
+        (_QUERY, _frame(b"V", b"\xff\xff\xff\xff") + _READY, []),
+        # A message that has no body, with one (libpq: "message contents do not agree with
+        # length").
+        (_PARSE + messages.sync(), _frame(b"1", b"\x00\x00") + _READY, []),
+        # A notification whose payload string has no terminator (libpq reads on into the next
+        # message).
+        (_QUERY, _frame(b"A", b"\x00\x00\x00\x01chan\x00x") + _COMPLETE + _READY, []),
+    ],
+    ids=[
+        "ready-while-idle",
+        "ready-after-flush",
+        "complete-while-idle",
+        "copy-in-unasked",
+        "copy-both",
+        "function-call-response",
+        "parse-complete-with-body",
+        "notification-unterminated",
+    ],
+)
+def test_a_reply_postgresql_never_sends_ends_the_session(
+    tls_server: HostileServer, tmp_path: Path, request_: bytes, answer: bytes, before: list[bytes]
+) -> None:
+    """Replies to nothing the client sent, or malformed for their type, were forwarded: the
+    client (and dbward's tracking of what it owes) lost step with PostgreSQL. They end the
+    session as any invalid message from the database: what came before goes on, then FATAL."""
+
+    def script(conn: HostileConn) -> None:
+        conn.login()
+        conn.read_message()
+        conn.send(answer)
+        conn.idle_until_closed()
+
+    tls_server.script = script
+    proxy = start_hostile_proxy(tmp_path, tls_server, upstream={"tls": {"mode": "disable"}})
+    try:
+        app = app_name("never-sent")
+        session = RawSession(proxy, app)
+        session.sock.settimeout(2)
+        session.sock.sendall(request_)
+        kinds: list[bytes] = []
+        payload = b""
+        try:
+            while not kinds or kinds[-1] != b"E":
+                kind, payload = read_message(session.sock)
+                kinds.append(kind)
+        except (TimeoutError, ConnectionError):
+            pass
+        session.close()
+        assert kinds == [*before, b"E"], kinds
+        assert "the database sent an invalid message" in str(
+            messages.parse_error_fields(payload)
+        ), payload
+        assert _lost_reason_any(proxy, app) == "the database sent an invalid message"
+        log = proxy.log()
+        assert "Traceback" not in log and "Fatal error" not in log, log[-3000:]
+    finally:
+        stop_proxy(proxy)
