@@ -751,6 +751,12 @@ def test_a_database_answering_a_cancel_with_a_flood_is_not_buffered(
 # ------------------------------------------------------------------ the database's login
 
 
+_PARAMS = messages.parameter_status("server_version", "16.0") + messages.parameter_status(
+    "session_authorization", "svc"
+)
+_LOGIN_PARAMS = _PARAMS + messages.backend_key_data(4242, b"\x00\x00\x00\x01")
+
+
 @pytest.mark.parametrize(
     "answer",
     [
@@ -760,8 +766,25 @@ def test_a_database_answering_a_cancel_with_a_flood_is_not_buffered(
         # would start inside a transaction dbward does not know about.
         messages.authentication_ok() + _frame(b"Z", b"T"),
         messages.authentication_ok() + _frame(b"Z", b"X"),
+        # A login that never says AuthenticationOk (libpq: "expected authentication request
+        # from server"): whoever is on the path skips the authentication that channel binding
+        # and require_auth are checked in, and dbward relayed its clients' statements to him.
+        _LOGIN_PARAMS + _READY,
+        _LOGIN_PARAMS + messages.authentication_ok() + _READY,
+        # SCRAM begun and never finished: the server never proved it knows the password.
+        messages.authentication_sasl(["SCRAM-SHA-256"]) + _LOGIN_PARAMS + _READY,
+        # An authentication request after AuthenticationOk (libpq: "unexpected response").
+        messages.authentication_ok() + messages.authentication_sasl(["SCRAM-SHA-256"]) + _READY,
     ],
-    ids=["row", "in-transaction", "unknown-status"],
+    ids=[
+        "row",
+        "in-transaction",
+        "unknown-status",
+        "no-authentication",
+        "parameters-before-authentication",
+        "scram-unfinished",
+        "authentication-after-ok",
+    ],
 )
 def test_an_invalid_login_reply_is_blamed_on_the_database(
     tls_server: HostileServer, tmp_path: Path, answer: bytes
@@ -774,7 +797,9 @@ def test_an_invalid_login_reply_is_blamed_on_the_database(
     def script(conn: HostileConn) -> None:
         conn.read_startup()
         conn.send(answer)
-        conn.idle_until_closed()
+        while True:  # a login dbward accepts: its query is answered (no hang, the test fails)
+            conn.read_message()
+            conn.send(messages.command_complete("SELECT 0"), _READY)
 
     tls_server.script = script
     proxy = start_hostile_proxy(tmp_path, tls_server, upstream={"tls": {"mode": "disable"}})
@@ -790,5 +815,131 @@ def test_an_invalid_login_reply_is_blamed_on_the_database(
         lost = [r for r in records if r.event == AuditEvent.UPSTREAM_LOST]
         assert [r.sqlstate for r in lost] == ["08P01"], records
         assert not tls_server.errors
+    finally:
+        stop_proxy(proxy)
+
+
+def test_a_cancel_for_a_login_without_a_cancel_key_fails_cleanly(
+    tls_server: HostileServer, tmp_path: Path
+) -> None:
+    """A database that sends no BackendKeyData at login (PostgreSQL always does; a pooler or
+    someone on the path need not): a client's cancel raised ValueError building the request,
+    which ended the cancel's task; the cancelling client was never answered (its connection,
+    and its unauthenticated slot, held until it gave up) and no `failed` record was written.
+    It is not sent, the client is let go, and the audit says why."""
+    connections = itertools.count()
+    query_seen, release = threading.Event(), threading.Event()
+
+    def script(conn: HostileConn) -> None:
+        if next(connections) == 0:
+            conn.read_startup()
+            conn.send(messages.authentication_ok(), _PARAMS, _READY)
+            conn.read_message()
+            query_seen.set()
+            release.wait(10)
+            conn.send(messages.command_complete("SELECT 0"), _READY)
+            conn.idle_until_closed()
+            return
+        conn.idle_until_closed()  # a cancel connection: whatever arrives is not a cancel
+
+    tls_server.script = script
+    proxy = start_hostile_proxy(tmp_path, tls_server, upstream={"tls": {"mode": "disable"}})
+    try:
+        app = app_name("no-key")
+        with (
+            psycopg.connect(**proxy.conninfo(), application_name=app, autocommit=True) as conn,
+            ThreadPoolExecutor(1) as pool,
+        ):
+            running = pool.submit(conn.execute, "select pg_sleep(30)")
+            assert query_seen.wait(5)
+            conn.cancel_safe(timeout=10)
+            cancels = proxy.audit(event="cancel", until=lambda rs: len(rs) >= 2)
+            release.set()
+            running.result(timeout=5)
+        assert [r.status for r in cancels] == ["forwarded", "failed"], cancels
+        assert "no cancel key" in cancels[1].reason, cancels[1]
+        log = proxy.log()
+        assert "Traceback" not in log and "exception" not in log.lower(), log[-3000:]
+    finally:
+        release.set()
+        stop_proxy(proxy)
+
+
+# ------------------------------------------------------------------ replies to nothing sent
+
+_QUERY = messages.query("SELECT 1")
+_PARSE = messages.parse_message("", "SELECT 1")
+_COMPLETE = messages.command_complete("SELECT 1")
+
+
+@pytest.mark.parametrize(
+    ("request_", "answer", "before"),
+    [
+        # A ReadyForQuery with no Query or Sync in flight: it would answer the client's next
+        # Query before PostgreSQL had, and end dbward's view of an open transaction block.
+        (_QUERY, _COMPLETE + _READY + _READY, [b"C", b"Z"]),
+        (_PARSE + messages.flush(), _frame(b"1", b"") + _READY, [b"1"]),
+        # A CommandComplete with nothing in flight: a command the client never sent.
+        (_QUERY, _COMPLETE + _READY + _COMPLETE, [b"C", b"Z"]),
+        # A CopyInResponse nobody asked for: the client would send copy data (psql the rest of
+        # its input) that dbward passed on as outside a copy.
+        (_QUERY, _COPY_IN_RESPONSE, []),
+        # CopyBothResponse (replication) and FunctionCallResponse: dbward lets neither start.
+        (_QUERY, _frame(b"W", b"\x00\x00\x00"), []),
+        (_QUERY, _frame(b"V", b"\xff\xff\xff\xff") + _READY, []),
+        # A message that has no body, with one (libpq: "message contents do not agree with
+        # length").
+        (_PARSE + messages.sync(), _frame(b"1", b"\x00\x00") + _READY, []),
+        # A notification whose payload string has no terminator (libpq reads on into the next
+        # message).
+        (_QUERY, _frame(b"A", b"\x00\x00\x00\x01chan\x00x") + _COMPLETE + _READY, []),
+    ],
+    ids=[
+        "ready-while-idle",
+        "ready-after-flush",
+        "complete-while-idle",
+        "copy-in-unasked",
+        "copy-both",
+        "function-call-response",
+        "parse-complete-with-body",
+        "notification-unterminated",
+    ],
+)
+def test_a_reply_postgresql_never_sends_ends_the_session(
+    tls_server: HostileServer, tmp_path: Path, request_: bytes, answer: bytes, before: list[bytes]
+) -> None:
+    """Replies to nothing the client sent, or malformed for their type, were forwarded: the
+    client (and dbward's tracking of what it owes) lost step with PostgreSQL. They end the
+    session as any invalid message from the database: what came before goes on, then FATAL."""
+
+    def script(conn: HostileConn) -> None:
+        conn.login()
+        conn.read_message()
+        conn.send(answer)
+        conn.idle_until_closed()
+
+    tls_server.script = script
+    proxy = start_hostile_proxy(tmp_path, tls_server, upstream={"tls": {"mode": "disable"}})
+    try:
+        app = app_name("never-sent")
+        session = RawSession(proxy, app)
+        session.sock.settimeout(2)
+        session.sock.sendall(request_)
+        kinds: list[bytes] = []
+        payload = b""
+        try:
+            while not kinds or kinds[-1] != b"E":
+                kind, payload = read_message(session.sock)
+                kinds.append(kind)
+        except (TimeoutError, ConnectionError):
+            pass
+        session.close()
+        assert kinds == [*before, b"E"], kinds
+        assert "the database sent an invalid message" in str(
+            messages.parse_error_fields(payload)
+        ), payload
+        assert _lost_reason_any(proxy, app) == "the database sent an invalid message"
+        log = proxy.log()
+        assert "Traceback" not in log and "Fatal error" not in log, log[-3000:]
     finally:
         stop_proxy(proxy)

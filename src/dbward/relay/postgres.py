@@ -293,8 +293,9 @@ _PROTOCOL_VIOLATION: Final = "08P01"
 # An unfinished message this small is never refused for the listener's total (a session can
 # always send ordinary messages, whatever others hold).
 _PARTIAL_ALWAYS_FITS: Final = 1024 * 1024
-# Authentication, BackendKeyData, NegotiateProtocolVersion: PostgreSQL sends them only at login.
-_STARTUP_ONLY: Final = frozenset(b"RKv")
+# Authentication, BackendKeyData, NegotiateProtocolVersion: PostgreSQL sends them only at login;
+# CopyBothResponse and FunctionCallResponse answer what dbward never lets through.
+_NEVER_AFTER_LOGIN: Final = frozenset(b"RKvWV")
 _LINGER_S: Final = 2.0  # how long a refused client that is still sending is read and ignored
 _READ_KIND: Final = StatementKind.READ
 # Statements that may commit the implicit transaction they run in (a procedure's COMMIT), and
@@ -2127,7 +2128,11 @@ class PgSession(asyncio.Protocol):
                     if op.tracked:
                         for item in op.tracked:
                             self._record_outcome(item, status, "", rows)
-            return None
+                return None
+            # Nothing in flight: PostgreSQL completes only what it was sent. Forwarded, it
+            # would report to the client a command it never sent (libpq drops it as arriving
+            # while idle, other drivers take it for the next command's answer).
+            raise ProtocolError("CommandComplete with nothing in flight")
         if msg_type == 0x5A:  # 'Z' ReadyForQuery
             if ops and ops[0].code == _OP_PROBE:
                 return self._on_probe_reply(msg_type, payload)
@@ -2135,6 +2140,15 @@ class PgSession(asyncio.Protocol):
                 # A status PostgreSQL never sends: the client (libpq) would stop knowing
                 # whether a transaction is open, and dbward whether statements commit.
                 raise ProtocolError("invalid ReadyForQuery")
+            for op in ops:
+                if op.code == _OP_QUERY or op.code == _OP_SYNC:  # noqa: PLR1714
+                    break  # what it answers (usually first in line: Parse ... were answered)
+            else:
+                # PostgreSQL sends one only in answer to a Query or a Sync. Forwarded, it would
+                # answer the client's next Query before PostgreSQL has (its replies then
+                # taken for the one after), and end dbward's view of a transaction block that
+                # PostgreSQL still holds.
+                raise ProtocolError("ReadyForQuery with no Query or Sync in flight")
             self._note_ready(payload)
             unanswered: list[_Op] | None = None
             while ops:
@@ -2202,7 +2216,11 @@ class PgSession(asyncio.Protocol):
                 ops[0].copies -= 1
                 self._copying = True
                 self._copy_syncs = 0
-            return None
+                return None
+            # No COPY FROM STDIN is being answered: the client would send copy data (psql the
+            # rest of its input) that dbward, not knowing of a copy, passes on as ignored, and
+            # read its Syncs and SQL as outside one.
+            raise ProtocolError("CopyInResponse with no COPY FROM STDIN in flight")
         if msg_type == 0x53 and payload is not None:  # ParameterStatus
             name, value = messages.parse_parameter_status(payload)
             if name == "client_encoding":
@@ -2219,10 +2237,19 @@ class PgSession(asyncio.Protocol):
                 if self._context is not None:
                     self._context = replace(self._context, application_name=value)
             return None
-        if msg_type in _STARTUP_ONLY:
-            # PostgreSQL sends these only while logging in: a server asking the client for a
-            # password (or handing it its own cancel key) now is not to be obeyed.
-            raise ProtocolError(f"startup-only message {chr(msg_type)!r} after the session started")
+        if msg_type == 0x41 and payload is not None:  # NotificationResponse
+            # Process id, channel, payload: two strings ending the body. libpq reads a string
+            # without its terminator on into the next message (then drops the connection).
+            channel_end = payload.find(b"\x00", 4)
+            if channel_end < 0 or payload.find(b"\x00", channel_end + 1) != len(payload) - 1:
+                raise ProtocolError("invalid NotificationResponse message")
+            return None
+        if msg_type in _NEVER_AFTER_LOGIN:
+            # PostgreSQL sends R, K and v only while logging in: a server asking the client for
+            # a password (or handing it its own cancel key) now is not to be obeyed. W starts
+            # a replication stream and V answers a FunctionCall: neither can reach PostgreSQL
+            # from dbward (replication connections and FunctionCall are refused).
+            raise ProtocolError(f"unexpected message {chr(msg_type)!r} after the session started")
         return None
 
     def _note_ready(self, payload: bytes | None) -> None:

@@ -235,6 +235,22 @@ async def connect_upstream(
         )
         while True:
             msg_type, payload, raw = await protocol.read_message()
+            if msg_type == ord("E"):
+                fields = messages.parse_error_fields(payload)
+                raise UpstreamError(
+                    f"the database refused the connection: {fields.get('M', '')}",
+                    sqlstate=fields.get("C", "08006"),
+                    frame=raw,
+                )
+            if (msg_type == ord("R")) == login.authenticated:
+                # PostgreSQL asks only for authentication until AuthenticationOk, and never
+                # after it (libpq refuses both). A login without AuthenticationOk skipped every
+                # check made there: the server's SCRAM proof, channel binding, require_auth.
+                raise ProtocolError(
+                    f"unexpected message {chr(msg_type)!r} from upstream "
+                    + ("after" if login.authenticated else "before")
+                    + " authentication completed"
+                )
             if msg_type == ord("R"):
                 await login.answer(transport, payload)
             elif msg_type == ord("S"):
@@ -252,13 +268,6 @@ async def connect_upstream(
                     raise ProtocolError(f"ReadyForQuery status {payload!r} at the end of login")
                 conn.ready_frame = raw
                 return conn
-            elif msg_type == ord("E"):
-                fields = messages.parse_error_fields(payload)
-                raise UpstreamError(
-                    f"the database refused the connection: {fields.get('M', '')}",
-                    sqlstate=fields.get("C", "08006"),
-                    frame=raw,
-                )
             else:
                 raise ProtocolError(
                     f"unexpected message {chr(msg_type)!r} from upstream at startup"
@@ -299,12 +308,14 @@ class ServiceLogin:
     channel_binding: str = "prefer"  # disable, prefer or require, as libpq
     scram: ScramClient | None = None
     method: int | None = None  # the authentication request code the database used
+    authenticated: bool = False  # AuthenticationOk has arrived (and passed _check_ok)
 
     async def answer(self, transport: asyncio.Transport, payload: bytes) -> None:
         """Answer one Authentication* message (payload without its header)."""
         code, data = messages.parse_authentication(payload)
         if code == 0:  # AuthenticationOk
             self._check_ok()
+            self.authenticated = True
         elif code in (3, 5, 10):
             self._check_method(code)
             password = self.password
@@ -470,6 +481,14 @@ async def send_cancel(settings: UpstreamSettings, upstream: UpstreamConnection) 
     at will. It is then never sent in plaintext, even if the database (or someone in between)
     declines TLS this time.
     """
+    if not upstream.backend_key:
+        # No BackendKeyData at login (PostgreSQL always sends one; a pooler or someone on the
+        # path need not): there is nothing to send, as libpq finds.
+        reason = "the database sent no cancel key at login"
+        log.warning(
+            "cannot send a cancel request to the database at %s: %s", settings.address, reason
+        )
+        return reason
     transport: asyncio.Transport | None = None
     sent = False
     try:

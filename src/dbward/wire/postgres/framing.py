@@ -40,6 +40,10 @@ _COPY_DATA: Final = ord("d")
 # (a NoticeResponse can quote a value as large as an error's).
 _PAYLOAD_TYPES: Final = frozenset(b"CEZSKRAGHWv")
 
+# Backend messages that never have a body: ParseComplete, BindComplete, CloseComplete, NoData,
+# EmptyQueryResponse, PortalSuspended, CopyDone (libpq refuses one with a body).
+_BODILESS: Final = frozenset(b"123nIsc")
+
 # A client message of this many bytes or more that arrives over several feeds is handed over in
 # the buffer it was gathered in (see FrontendFramer.feed). Larger than any message accepted
 # before login (64 KiB), so those are always plain bytes.
@@ -345,6 +349,7 @@ class BackendScanner:
         unpack = _TYPE_LENGTH.unpack_from
         payload_types = _PAYLOAD_TYPES
         backend_types = BACKEND_TYPES
+        bodiless = _BODILESS
         limit = self.max_message_bytes
         last = n - 5  # a header fits only while pos <= last
         while pos <= last:
@@ -362,6 +367,8 @@ class BackendScanner:
                 return buf, events
             if msg_type not in backend_types:
                 raise ProtocolError(f"invalid backend message type {_type_repr(msg_type)}")
+            if length != 4 and msg_type in bodiless:
+                raise ProtocolError(f"invalid length {length} of message {_type_repr(msg_type)}")
             if length + 1 > limit:
                 raise ProtocolError(f"backend message of {length + 1} bytes is too large")
             if end > n:
