@@ -1114,6 +1114,12 @@ class PgSession(asyncio.Protocol):
             raise AuthenticationFailed(exc.message) from None
 
     async def _handle_cancel(self, packet: CancelRequest) -> None:
+        try:
+            await self._answer_cancel(packet)
+        finally:
+            self._close_client()  # whatever happened: a cancel client waits to be let go
+
+    async def _answer_cancel(self, packet: CancelRequest) -> None:
         services = self.services
         if not services.cancels.allow_attempt(self._client_host):
             cancels = services.cancels
@@ -1134,7 +1140,6 @@ class PgSession(asyncio.Protocol):
                 # A client may hang up once it has sent the request (tokio-postgres does), and
                 # the auth timeout may strike: neither stops the cancel (nor its record).
                 await asyncio.shield(forward)
-        self._close_client()
 
     async def _forward_cancel(self, upstream: UpstreamConnection, detail: str) -> None:
         failure = await send_cancel(self.services.settings.upstream, upstream)

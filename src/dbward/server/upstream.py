@@ -515,6 +515,12 @@ async def send_cancel(settings: UpstreamSettings, upstream: UpstreamConnection) 
                 "cannot send a cancel request to the database at %s: %s", settings.address, reason
             )
             return str(reason)
+    except Exception as exc:
+        # A bug, not the network: the cancel's task must still end with a reason (its client
+        # waits to be let go, and the audit for a `failed` record), not with an exception.
+        if not sent:
+            log.error("cancel request to the database failed unexpectedly", exc_info=True)
+            return f"internal error ({type(exc).__name__})"
     finally:
         if transport is not None:
             transport.close()
