@@ -328,3 +328,18 @@ def test_known_and_unknown_names_cost_the_same_hashing(monkeypatch: pytest.Monke
             asyncio.run(exchange.step(client_final % nonce))
         costs[name] = list(calls)
     assert costs["alice"] == costs["mallory"], costs
+
+
+def test_a_refused_mechanism_name_is_shown_shortened() -> None:
+    """Review 32: the mechanism a client chose was quoted whole in the auth_fail reason and the
+    log, so any client could write 64 KiB into each (the trail keeps every record) per
+    connection, before logging in."""
+    frame = messages.sasl_initial_response("M" * 65_000, b"n,,n=,r=abc")
+    exchange = LocalAuthenticator(USERS, mock_secret=_SECRET).begin("alice", tls=False)
+    with pytest.raises(AuthenticationFailed) as caught:
+        asyncio.run(exchange.step(frame[5:]))
+    assert caught.value.message == f"unsupported SASL mechanism {'M' * 64!r}..."
+    exchange = LocalAuthenticator(USERS, mock_secret=_SECRET).begin("alice", tls=False)
+    with pytest.raises(AuthenticationFailed) as caught:
+        asyncio.run(exchange.step(messages.sasl_initial_response("SCRAM-SHA-1", b"x")[5:]))
+    assert caught.value.message == "unsupported SASL mechanism 'SCRAM-SHA-1'"
