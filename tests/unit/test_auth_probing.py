@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from dbward.audit.records import AuditEvent
+from dbward.audit.sink import MemorySink
 from dbward.config.model import (
     AuditSettings,
     Config,
@@ -21,6 +23,7 @@ from dbward.config.model import (
 )
 from dbward.core.errors import AuthenticationFailed, ConfigError
 from dbward.identity.auth_secret import load_auth_secret
+from dbward.identity.base import AuthStep
 from dbward.identity.local import LocalAuthenticator
 from dbward.relay.postgres import PgSession
 from dbward.relay.services import CancelRegistry, ListenerServices
@@ -343,3 +346,59 @@ def test_a_refused_mechanism_name_is_shown_shortened() -> None:
     with pytest.raises(AuthenticationFailed) as caught:
         asyncio.run(exchange.step(messages.sasl_initial_response("SCRAM-SHA-1", b"x")[5:]))
     assert caught.value.message == "unsupported SASL mechanism 'SCRAM-SHA-1'"
+
+
+class _BrokenExchange:
+    """An authenticator's exchange with a bug: its first step raises an unexpected error."""
+
+    def start(self) -> bytes:
+        return messages.authentication_sasl(["SCRAM-SHA-256"])
+
+    async def step(self, payload: bytes) -> AuthStep:
+        raise ValueError("a bug")
+
+
+class _BrokenAuthenticator:
+    def begin(
+        self, user: str, *, tls: bool, channel_binding: bytes | None = None
+    ) -> _BrokenExchange:
+        return _BrokenExchange()
+
+
+def test_an_internal_error_during_login_ends_the_connection_and_frees_its_slots() -> None:
+    """Review 32: an exception other than dbward's own ended the startup task silently (a
+    'Task exception was never retrieved' at exit): the client was never answered nor let go,
+    and kept its max_connections and max_unauthenticated_per_host slots until it gave up
+    (auth_timeout_s runs inside that task, so it no longer applied)."""
+    sink = MemorySink()
+    services = ListenerServices(
+        settings=ListenerSettings(
+            name="t", upstream=UpstreamSettings(user="svc", tls={"mode": "disable"})
+        ),
+        audit_settings=AuditSettings(),
+        audit=sink,
+        classifier=PostgresClassifier(),
+        authenticator=_BrokenAuthenticator(),
+        client_tls=None,
+        upstream_tls=None,
+        cancels=CancelRegistry(5),
+    )
+
+    async def run() -> _PeerTransport:
+        transport = _PeerTransport("192.0.2.5")
+        session = PgSession(services)
+        session.connection_made(transport)  # type: ignore[arg-type]
+        session.data_received(messages.startup_message({"user": "alice", "database": "app"}))
+        session.data_received(messages.sasl_initial_response("SCRAM-SHA-256", b"n,,n=,r=abc"))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        if transport.closed:
+            session.connection_lost(None)
+        return transport
+
+    transport = asyncio.run(run())
+    assert transport.closed
+    assert b"XX000" in transport.written and b"dbward: internal error" in transport.written
+    assert services.unauthenticated == {} and not services.sessions
+    failed = [r for r in sink.records if r.event == AuditEvent.AUTH_FAIL]
+    assert [(r.identity, r.sqlstate) for r in failed] == [("alice", "XX000")]
