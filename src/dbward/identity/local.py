@@ -19,6 +19,9 @@ from dbward.wire.postgres.scram import (
     parse_verifier,
 )
 
+# SASL mechanism names are at most 20 characters (RFC 4422); a refused one is shown this long.
+_MAX_SHOWN_MECHANISM = 64
+
 
 class _ScramExchange:
     """SCRAM-SHA-256 over the PostgreSQL SASL messages for one login attempt."""
@@ -53,7 +56,11 @@ class _ScramExchange:
             mechanism, data = messages.parse_sasl_initial_response(payload)
             offered = (MECHANISM, MECHANISM_PLUS) if self._binding is not None else (MECHANISM,)
             if mechanism not in offered or data is None:
-                raise AuthenticationFailed(f"unsupported SASL mechanism {mechanism!r}")
+                # The name is the client's and may be 64 KiB long: the log and the audit trail
+                # (which keeps every record) get its start only, not 64 KiB per connection.
+                shown = mechanism[:_MAX_SHOWN_MECHANISM]
+                more = "..." if len(mechanism) > _MAX_SHOWN_MECHANISM else ""
+                raise AuthenticationFailed(f"unsupported SASL mechanism {shown!r}{more}")
             # An unknown user still gets a full exchange against a fake verifier (with a salt
             # stable per name, across restarts too), so a client cannot tell "no such user"
             # from "wrong password".

@@ -290,6 +290,7 @@ class _Await:
 _AWAIT_QUIET: Final = _Await(quiet=True)
 _OUT_OF_MEMORY: Final = "53200"
 _PROTOCOL_VIOLATION: Final = "08P01"
+_INTERNAL_ERROR: Final = "XX000"
 # An unfinished message this small is never refused for the listener's total (a session can
 # always send ordinary messages, whatever others hold).
 _PARTIAL_ALWAYS_FITS: Final = 1024 * 1024
@@ -951,6 +952,19 @@ class PgSession(asyncio.Protocol):
             pass
         except DbwardError as exc:
             self._fatal(exc.sqlstate, exc.message)
+        except Exception:
+            # A bug (here, or in an authenticator) must not leave the client waiting with no
+            # answer, holding its max_connections and max_unauthenticated_per_host slots
+            # until it gives up: auth_timeout_s no longer runs once this task has ended.
+            log.exception("session %s: internal error during startup", self.session_id)
+            if self._connect_audited and self.identity is None:
+                self._audit(
+                    AuditEvent.AUTH_FAIL,
+                    identity=self._claimed_user,
+                    reason="internal error during authentication",
+                    sqlstate=_INTERNAL_ERROR,
+                )
+            self._fatal(_INTERNAL_ERROR, "dbward: internal error")
 
     async def _startup(self) -> dict[str, str] | None:
         """The client's startup and authentication (bounded by auth_timeout_s): the

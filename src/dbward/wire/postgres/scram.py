@@ -321,13 +321,13 @@ class ScramServer:
         self._binding = channel_binding
         self._plus = plus
         self._real = verifier is not None
-        self._verifier = (
-            verifier
-            if verifier is not None
-            else _mock_verifier(
-                username, _MOCK_SECRET if mock_secret is None else mock_secret, mock_iterations
-            )
+        # Derived for known users too, and thrown away: only unknown names paid for these
+        # HMACs (~8 us), and over many logins that difference in the time to server-first
+        # told which names exist (measured through the proxy on loopback: 40 vs 50 us).
+        mock = _mock_verifier(
+            username, _MOCK_SECRET if mock_secret is None else mock_secret, mock_iterations
         )
+        self._verifier = verifier if verifier is not None else mock
         self._nonce = _make_nonce(nonce)
         self._state = 0
         self._gs2_header = b""
