@@ -143,16 +143,13 @@ class FrontendFramer:
                 if size - pos < 5:
                     break
                 msg_type = buf[pos]
-                if msg_type not in FRONTEND_TYPES:
-                    raise ProtocolError(f"invalid frontend message type {_type_repr(msg_type)}")
                 length = unpack(buf, pos + 1)[0]
-                if length < 4:
-                    raise ProtocolError(f"invalid message length {length}")
-                if length - 3 > self.max_message_bytes:
-                    raise ProtocolError(
-                        f"message of {length - 3} bytes exceeds the limit "
-                        f"of {self.max_message_bytes}"
-                    )
+                if (
+                    msg_type not in FRONTEND_TYPES
+                    or length < 4
+                    or length - 3 > self.max_message_bytes
+                ):
+                    raise self._bad_header(msg_type, length)
                 end = pos + 1 + length
                 if end > size:
                     self._need = end - pos
@@ -180,15 +177,9 @@ class FrontendFramer:
         types = FRONTEND_TYPES
         while size - pos >= 5:
             msg_type = data[pos]
-            if msg_type not in types:
-                raise ProtocolError(f"invalid frontend message type {_type_repr(msg_type)}")
             length = unpack(data, pos + 1)[0]
-            if length < 4:
-                raise ProtocolError(f"invalid message length {length}")
-            if length - 3 > self.max_message_bytes:
-                raise ProtocolError(
-                    f"message of {length - 3} bytes exceeds the limit of {self.max_message_bytes}"
-                )
+            if msg_type not in types or length < 4 or length - 3 > self.max_message_bytes:
+                raise self._bad_header(msg_type, length)
             end = pos + 1 + length
             if end > size:
                 self._need = end - pos
@@ -201,6 +192,16 @@ class FrontendFramer:
             with memoryview(data) as view:
                 self._buf += view[pos:]
         return out
+
+    def _bad_header(self, msg_type: int, length: int) -> ProtocolError:
+        """What is wrong with a message header that `feed` refused (type first, then length)."""
+        if msg_type not in FRONTEND_TYPES:
+            return ProtocolError(f"invalid frontend message type {_type_repr(msg_type)}")
+        if length < 4:
+            return ProtocolError(f"invalid message length {length}")
+        return ProtocolError(
+            f"message of {length - 3} bytes exceeds the limit of {self.max_message_bytes}"
+        )
 
     def _check_startup(self, length: int, code: int) -> None:
         if length < 8:
