@@ -21,7 +21,6 @@ user/system, audit writer process) and the idle CPU of the machine. See bench/RE
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import statistics
 import subprocess
@@ -64,6 +63,8 @@ if "audit" in _ablate:
     _process.ProcessAuditSink.append_durable = _drop_durable
 """
 
+CEILING = Path(__file__).resolve().parent / "ceiling.py"
+
 VARIANTS = {
     "dbward": "",
     "dbward-classify-free": "classify",
@@ -72,57 +73,6 @@ VARIANTS = {
 }
 
 TICK = os.sysconf("SC_CLK_TCK")
-
-
-def bare_relay(upstream_port: int, port: int) -> None:
-    """Forward bytes both ways, nothing else: asyncio Protocols on uvloop, like dbward."""
-    import uvloop
-
-    class Upstream(asyncio.Protocol):
-        def __init__(self, client: Client) -> None:
-            self.client = client
-
-        def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            self.transport = transport
-
-        def data_received(self, data: bytes) -> None:
-            self.client.transport.write(data)
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            self.client.transport.close()
-
-    class Client(asyncio.Protocol):
-        def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            self.transport = transport
-            self.upstream: Upstream | None = None
-            self.early: list[bytes] | None = []
-            self.connecting = asyncio.ensure_future(self.connect())
-
-        async def connect(self) -> None:
-            loop = asyncio.get_running_loop()
-            _, self.upstream = await loop.create_connection(
-                lambda: Upstream(self), "127.0.0.1", upstream_port
-            )
-            for data in self.early or ():
-                self.upstream.transport.write(data)
-            self.early = None
-
-        def data_received(self, data: bytes) -> None:
-            if self.early is not None:
-                self.early.append(data)
-            else:
-                assert self.upstream is not None
-                self.upstream.transport.write(data)
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            if self.upstream is not None:
-                self.upstream.transport.close()
-
-    async def main() -> None:
-        server = await asyncio.get_running_loop().create_server(Client, "127.0.0.1", port)
-        await server.serve_forever()
-
-    uvloop.run(main())
 
 
 def _children(pid: int) -> list[int]:
@@ -157,11 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", default="simple", choices=("simple", "extended", "prepared"))
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--duration", type=float, default=8)
-    parser.add_argument("--bare-relay", nargs=2, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.bare_relay:
-        bare_relay(*args.bare_relay)
-        return 0
     site = Path(tempfile.mkdtemp(prefix="dbward-ablation-"))
     (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
     with bench_env(durabilities=()) as env:
@@ -172,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
             env.targets[name] = target
         port = free_port()
         relay = subprocess.Popen(
-            [sys.executable, __file__, "--bare-relay", str(env.direct.port), str(port)]
+            # ceiling.py's bytes-only relay: asyncio Protocols on uvloop, like dbward.
+            [sys.executable, str(CEILING), "--relay", str(env.direct.port), str(port), "bare", ""]
         )
         time.sleep(1.0)
         direct = env.direct

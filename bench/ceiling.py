@@ -68,7 +68,8 @@ def minimal_relay(upstream_port: int, port: int, variant: str, audit_path: str) 
     fixed = Statement(kind=StatementKind.READ, command="SELECT", text="")
     identity = Identity("bench")
     context = SessionContext("s", identity, "bench", "app", "127.0.0.1:1", "pgbench")
-    sink = ProcessAuditSink(audit_path, max_delay_ms=50)
+    # The bare relay writes no records: no writer process either.
+    sink = ProcessAuditSink(audit_path, max_delay_ms=50) if records else None
 
     class Upstream(asyncio.Protocol):
         def __init__(self, client: Client) -> None:
@@ -141,6 +142,7 @@ def minimal_relay(upstream_port: int, port: int, variant: str, audit_path: str) 
                     self.rows = int(tag[tag.rfind(b" ") + 1 :]) if tag[:6] == b"SELECT" else None
                 elif msg_type == 0x5A and self.intents:  # ReadyForQuery
                     sid, text, digest, statement, started = self.intents.pop(0)
+                    assert sink is not None  # replies are walked only when recording
                     sink.append(
                         AuditRecord(
                             AuditEvent.STATEMENT,
@@ -175,7 +177,8 @@ def minimal_relay(upstream_port: int, port: int, variant: str, audit_path: str) 
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        sink.start(loop)
+        if sink is not None:
+            sink.start(loop)
         server = await loop.create_server(Client, "127.0.0.1", port)
         await server.serve_forever()
 
