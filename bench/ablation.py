@@ -127,34 +127,45 @@ def main(argv: list[str] | None = None) -> int:
             "bare-relay", "127.0.0.1", port, direct.user, direct.password, process=relay
         )
         order = ["direct", "pgbouncer", "bare-relay", *VARIANTS]
-        samples: dict[str, list[dict[str, float]]] = {name: [] for name in order}
-        for rep in range(args.reps):
-            rotation = order[rep % len(order) :] + order[: rep % len(order)]
-            for name in rotation:
-                sample = measure(env.targets[name], args.mode, args.duration)
-                samples[name].append(sample)
-                print(f"rep {rep + 1} {name}: {sample['tps']:,.0f} tps", file=sys.stderr)
-        print_table(samples, args)
+        print_table(alternate(env.targets, order, args.mode, args.reps, args.duration), args)
     return 0
 
 
-def print_table(samples: dict[str, list[dict[str, float]]], args: argparse.Namespace) -> None:
-    def median(name: str, key: str) -> float | None:
-        values = [s[key] for s in samples[name] if key in s]
+def alternate(
+    targets: dict[str, Target], order: list[str], mode: str, reps: int, duration: float
+) -> dict[str, list[dict[str, float]]]:
+    """Measure every target once per repetition, each repetition starting one further along."""
+    samples: dict[str, list[dict[str, float]]] = {name: [] for name in order}
+    for rep in range(reps):
+        for name in order[rep % len(order) :] + order[: rep % len(order)]:
+            sample = measure(targets[name], mode, duration)
+            samples[name].append(sample)
+            print(f"rep {rep + 1} {name}: {sample['tps']:,.0f} tps", file=sys.stderr)
+    return samples
+
+
+def medians(samples: list[dict[str, float]]) -> tuple[float, str, str, float]:
+    """One target's median TPS, loop CPU ("u + s" µs per transaction), writer CPU, idle cores."""
+
+    def median(key: str) -> float | None:
+        values = [s[key] for s in samples if key in s]
         return statistics.median(values) if values else None
 
-    direct = median("direct", "tps") or 1.0
+    user, system = median("loop_user_us"), median("loop_sys_us")
+    loop = f"{user:.1f} u + {system:.1f} s" if user is not None and system is not None else "-"
+    writer_user, writer_sys = median("writer_user_us"), median("writer_sys_us")
+    writer = "-"
+    if writer_user is not None and writer_sys is not None:
+        writer = f"{writer_user + writer_sys:.1f}"
+    return median("tps") or 0.0, loop, writer, median("idle_cores") or 0.0
+
+
+def print_table(samples: dict[str, list[dict[str, float]]], args: argparse.Namespace) -> None:
+    direct = medians(samples["direct"])[0] or 1.0
     print(f"\npgbench -S -M {args.mode}, -c 8 -j 2, {args.reps} x {args.duration:g} s, medians")
     print(f"{'target':22} {'TPS':>8} {'/direct':>8} {'loop us/txn':>16} {'writer':>7} {'idle':>6}")
-    for name in samples:
-        tps = median(name, "tps") or 0.0
-        user, system = median(name, "loop_user_us"), median(name, "loop_sys_us")
-        writer_user, writer_sys = median(name, "writer_user_us"), median(name, "writer_sys_us")
-        loop = f"{user:.1f} u + {system:.1f} s" if user is not None and system is not None else "-"
-        writer = "-"
-        if writer_user is not None and writer_sys is not None:
-            writer = f"{writer_user + writer_sys:.1f}"
-        idle = median(name, "idle_cores") or 0.0
+    for name, runs in samples.items():
+        tps, loop, writer, idle = medians(runs)
         print(f"{name:22} {tps:8,.0f} {tps / direct:8.2f} {loop:>16} {writer:>7} {idle:6.2f}")
 
 

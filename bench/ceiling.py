@@ -24,7 +24,6 @@ and handle only the simple protocol. See bench/README.md, "Stop 11: the ceiling"
 from __future__ import annotations
 
 import argparse
-import statistics
 import struct
 import subprocess
 import sys
@@ -34,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from ablation import measure
+from ablation import alternate, medians
 from harness import Target, bench_env, start_dbward
 
 from fixtures.ports import free_port
@@ -210,34 +209,18 @@ def main(argv: list[str] | None = None) -> int:
                 variant, "127.0.0.1", port, direct.user, direct.password, process=relay
             )
         order = ["direct", "pgbouncer", *VARIANTS, "dbward"]
-        samples: dict[str, list[dict[str, float]]] = {name: [] for name in order}
-        for rep in range(args.reps):
-            for name in order[rep % len(order) :] + order[: rep % len(order)]:
-                sample = measure(env.targets[name], "simple", args.duration)
-                samples[name].append(sample)
-                print(f"rep {rep + 1} {name}: {sample['tps']:,.0f} tps", file=sys.stderr)
-        print_table(samples, args)
+        print_table(alternate(env.targets, order, "simple", args.reps, args.duration), args)
     return 0
 
 
 def print_table(samples: dict[str, list[dict[str, float]]], args: argparse.Namespace) -> None:
-    def median(name: str, key: str) -> float | None:
-        values = [s[key] for s in samples[name] if key in s]
-        return statistics.median(values) if values else None
-
-    direct = median("direct", "tps") or 1.0
-    pgbouncer = median("pgbouncer", "tps") or 1.0
+    direct = medians(samples["direct"])[0] or 1.0
+    pgbouncer = medians(samples["pgbouncer"])[0] or 1.0
     print(f"\npgbench -S -M simple, -c 8 -j 2, {args.reps} x {args.duration:g} s, medians")
     header = f"{'target':16} {'TPS':>8} {'/direct':>8} {'/pgbouncer':>11} {'loop us/txn':>16}"
     print(f"{header} {'writer':>7}")
-    for name in samples:
-        tps = median(name, "tps") or 0.0
-        user, system = median(name, "loop_user_us"), median(name, "loop_sys_us")
-        loop = f"{user:.1f} u + {system:.1f} s" if user is not None and system is not None else "-"
-        writer_user, writer_sys = median(name, "writer_user_us"), median(name, "writer_sys_us")
-        writer = "-"
-        if writer_user is not None and writer_sys is not None:
-            writer = f"{writer_user + writer_sys:.1f}"
+    for name, runs in samples.items():
+        tps, loop, writer, _idle = medians(runs)
         print(
             f"{name:16} {tps:8,.0f} {tps / direct:8.2f} {tps / pgbouncer:11.2f} {loop:>16} "
             f"{writer:>7}"
