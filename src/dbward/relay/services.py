@@ -1,4 +1,5 @@
-"""What a listener's sessions share: settings, policy inputs, audit, cancel keys, live sessions."""
+"""What a listener's sessions share: settings, policy inputs, audit, cancel keys, failed-login
+budgets, live sessions."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+from dbward.audit.records import AuditRecord
 from dbward.audit.sink import AuditSink
 from dbward.config.model import AuditSettings, ListenerSettings
 from dbward.identity.base import Authenticator
@@ -21,7 +23,7 @@ if TYPE_CHECKING:
     from dbward.relay.postgres import PgSession
 
 
-# Clients whose budget (cancel attempts) is tracked, per table; the least
+# Clients whose budget (cancel attempts, failed logins) is tracked, per table; the least
 # recently seen is forgotten first.
 _MAX_TRACKED_CLIENTS = 10_000
 _REPORT_INTERVAL_S = 10.0  # refused attempts: at most one report (log line, record) this often
@@ -183,6 +185,38 @@ class CancelRegistry:
         return self._refusals.latest or ""
 
 
+class LoginThrottle:
+    """Failed logins per client (an IPv4 address or an IPv6 /64): each spends a token of a
+    bucket of `burst` refilled at `rate_per_s`; a client without a token is refused before
+    any SCRAM work until it has one again. Refusals spend nothing, and a successful login
+    gives nothing back (see docs/configuration.md, auth_fail_burst)."""
+
+    def __init__(self, burst: int, rate_per_s: float) -> None:
+        self._buckets = ClientBuckets(rate_per_s, float(burst))
+        # Refusals not yet in the log and the audit log; `latest` is the latest one's record.
+        self.refusals: RefusalReport[AuditRecord] = RefusalReport()
+
+    def retry_after(self, client_host: str, now: float | None = None) -> float:
+        """0.0 if the client may try to log in now, else the seconds until it may."""
+        return self._buckets.wait_s(client_host, time.monotonic() if now is None else now)
+
+    def failed(self, client_host: str, now: float | None = None) -> float:
+        """Count a failed login; returns the seconds until the client may try again (0.0:
+        it still may)."""
+        return self._buckets.charge(client_host, time.monotonic() if now is None else now)
+
+    def refused(self, record: AuditRecord, now: float | None = None) -> tuple[int, float | None]:
+        """Count a refused login: see RefusalReport.refused."""
+        return self.refusals.refused(record, time.monotonic() if now is None else now)
+
+
+def login_throttle(settings: ListenerSettings) -> LoginThrottle | None:
+    """The listener's failed-login throttle, or None when auth_fail_burst is 0 (off)."""
+    if not settings.auth_fail_burst:
+        return None
+    return LoginThrottle(settings.auth_fail_burst, settings.auth_fail_rate_per_s)
+
+
 @dataclass
 class ListenerServices:
     """Everything a PgSession needs, built once per listener by the runtime."""
@@ -195,6 +229,8 @@ class ListenerServices:
     client_tls: ssl.SSLContext | None
     upstream_tls: ssl.SSLContext | None
     cancels: CancelRegistry
+    # Failed logins per client address (None: auth_fail_burst is 0, no throttling).
+    logins: LoginThrottle | None = None
     clock: Callable[[], float] = time.time
     sessions: set[PgSession] = field(default_factory=set)
     # Cancel requests being sent to the database (a client's, or dbward's own): shutdown
