@@ -101,8 +101,9 @@ _THROTTLED_REASON = "too many failed logins from this client address (auth_fail_
 class LoginThrottledError(DbwardError):
     """A login from a client address that failed too many (auth_fail_burst), refused before
     authentication. 28000, not 28P01 (the password may be right: the client is told to wait,
-    not that it is wrong) nor 53300 (PostgreSQL's "too many connections", which poolers retry
-    at once: class 28 stops a client that reconnects in a loop)."""
+    not that it is wrong) nor 53300 (PostgreSQL's "too many connections": the server is full,
+    which a client may take as passing and retry at once; class 28 says this login was
+    refused)."""
 
     sqlstate = "28000"  # invalid_authorization_specification
 
