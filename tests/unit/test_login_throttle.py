@@ -18,6 +18,7 @@ from dbward.identity.local import LocalAuthenticator
 from dbward.relay import services as services_module
 from dbward.relay.postgres import PgSession
 from dbward.relay.services import CancelRegistry, ListenerServices, LoginThrottle, login_throttle
+from dbward.server.listener import PgListener
 from dbward.sql.postgres import PostgresClassifier
 from dbward.wire.postgres import messages
 from dbward.wire.postgres.scram import make_verifier
@@ -232,3 +233,22 @@ def test_throttling_off_when_the_burst_is_zero() -> None:
 
     assert all(b"28P01" in t.written for t in asyncio.run(run()))
     assert authenticator.begun == 20
+
+
+def test_refusals_held_at_shutdown_are_reported_before_the_log_closes() -> None:
+    sink = MemorySink()
+    services = _services(sink, _CountingAuthenticator())
+
+    async def run() -> None:
+        for i in range(2):
+            await _login(services, "192.0.2.5", f"fail{i}")
+        for i in range(5):
+            await _login(services, "192.0.2.5", f"refused{i}")
+        await PgListener(services).drain(0)  # well within the 10 s interval
+
+    asyncio.run(run())
+    refusals = [r for r in sink.records if r.sqlstate == "28000"]
+    assert [(r.application_name, r.detail) for r in refusals] == [
+        ("refused0", "refused=1"),
+        ("refused4", "refused=4"),
+    ]

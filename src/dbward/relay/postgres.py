@@ -438,8 +438,9 @@ def _report_refused_logins(services: ListenerServices, latest: AuditRecord, coun
         log.error("listener %s: audit unavailable, auth_fail record lost", services.settings.name)
 
 
-def _report_held_logins(services: ListenerServices, logins: LoginThrottle) -> None:
-    """The interval's end: report the login refusals held back since the last report."""
+def report_held_logins(services: ListenerServices, logins: LoginThrottle) -> None:
+    """The interval's end (or shutdown): report the login refusals held back since the last
+    report."""
     count = logins.refusals.take_unreported(time.monotonic())
     latest = logins.refusals.latest
     if count and latest is not None:
@@ -1209,7 +1210,7 @@ class PgSession(asyncio.Protocol):
             _report_refused_logins(self.services, record, refused)
         elif report_in is not None:
             asyncio.get_running_loop().call_later(
-                report_in, _report_held_logins, self.services, logins
+                report_in, report_held_logins, self.services, logins
             )
         raise LoginThrottledError(
             f"dbward: too many failed logins from this address; try again in {math.ceil(wait)} s"
