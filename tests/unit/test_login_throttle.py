@@ -22,6 +22,7 @@ from dbward.server.listener import PgListener
 from dbward.sql.postgres import PostgresClassifier
 from dbward.wire.postgres import messages
 from dbward.wire.postgres.scram import make_verifier
+from fixtures.detached import PeerTransport
 
 T0 = 1000.0
 
@@ -104,25 +105,6 @@ def test_refusals_are_reported_once_an_interval_with_their_count() -> None:
 # ------------------------------------------------------------------ through a session
 
 
-class _Transport:
-    def __init__(self, address: str) -> None:
-        self.address = address
-        self.written = bytearray()
-        self.closed = False
-
-    def get_extra_info(self, name: str, default: object = None) -> object:
-        return (self.address, 40000, 0, 0) if name == "peername" else default
-
-    def write(self, data: bytes) -> None:
-        self.written += data
-
-    def close(self) -> None:
-        self.closed = True
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-
 class _CountingAuthenticator:
     """LocalAuthenticator, counting the exchanges begun (each is SCRAM work)."""
 
@@ -160,9 +142,9 @@ def _services(
     )
 
 
-async def _login(services: ListenerServices, address: str, app: str) -> _Transport:
+async def _login(services: ListenerServices, address: str, app: str) -> PeerTransport:
     """A login that fails (a mechanism dbward does not offer), or is refused before it starts."""
-    transport = _Transport(address)
+    transport = PeerTransport(address)
     session = PgSession(services)
     session.connection_made(transport)  # type: ignore[arg-type]
     startup = {"user": "alice", "database": "app", "application_name": app}
@@ -185,7 +167,7 @@ def test_a_locked_address_is_refused_before_scram_and_audited_in_aggregate(
     authenticator = _CountingAuthenticator()
     services = _services(sink, authenticator)
 
-    async def run() -> tuple[list[_Transport], list[_Transport], _Transport]:
+    async def run() -> tuple[list[PeerTransport], list[PeerTransport], PeerTransport]:
         failed = [await _login(services, "192.0.2.5", f"fail{i}") for i in range(2)]
         refused = [await _login(services, "192.0.2.5", f"refused{i}") for i in range(300)]
         other = await _login(services, "192.0.2.6", "other")
@@ -216,7 +198,7 @@ def test_a_locked_address_is_refused_before_scram_and_audited_in_aggregate(
     ]
     refusal = fails[2]
     assert refusal.reason == "too many failed logins from this client address (auth_fail_burst)"
-    assert (refusal.identity, refusal.client_addr) == ("alice", "192.0.2.5:40000")
+    assert (refusal.identity, refusal.client_addr) == ("alice", "192.0.2.5:5432")
     # Refused connections leave no connect (nor disconnect) record: only the aggregate.
     connects = [r.application_name for r in sink.records if r.event == AuditEvent.CONNECT]
     assert connects == ["fail0", "fail1", "other"]
@@ -228,7 +210,7 @@ def test_throttling_off_when_the_burst_is_zero() -> None:
     services = _services(sink, authenticator, burst=0)
     assert services.logins is None
 
-    async def run() -> list[_Transport]:
+    async def run() -> list[PeerTransport]:
         return [await _login(services, "192.0.2.5", f"fail{i}") for i in range(20)]
 
     assert all(b"28P01" in t.written for t in asyncio.run(run()))
