@@ -234,3 +234,37 @@ def test_refusals_held_at_shutdown_are_reported_before_the_log_closes() -> None:
         ("refused0", "refused=1"),
         ("refused4", "refused=4"),
     ]
+
+
+@pytest.mark.parametrize("how", ["hang-up", "terminate"])
+def test_a_client_that_gives_up_before_trying_a_password_is_not_counted(how: str) -> None:
+    """psql connects without a password, sees the SASL offer, hangs up and asks the user for
+    one: no password was tried, so no budget is spent (nor by a Terminate instead)."""
+    sink = MemorySink()
+    services = _services(sink, _CountingAuthenticator())  # auth_fail_burst 2
+
+    async def abandon() -> None:
+        transport = PeerTransport("192.0.2.5")
+        session = PgSession(services)
+        session.connection_made(transport)  # type: ignore[arg-type]
+        session.data_received(messages.startup_message({"user": "alice", "database": "app"}))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert transport.written[:1] == b"R"  # the SASL offer
+        if how == "terminate":
+            session.data_received(messages.terminate())
+        for _ in range(5):
+            await asyncio.sleep(0)
+        session.connection_lost(None)
+        for _ in range(5):
+            await asyncio.sleep(0)
+
+    async def run() -> PeerTransport:
+        for _ in range(10):
+            await abandon()
+        return await _login(services, "192.0.2.5", "tries")
+
+    assert b"28P01" in asyncio.run(run()).written  # tried, not refused
+    assert [r.sqlstate for r in sink.records if r.event == AuditEvent.AUTH_FAIL][-1] == "28P01"
+    assert services.logins is not None
+    assert services.logins.retry_after("192.0.2.5") == 0.0  # one failure of two

@@ -1155,10 +1155,12 @@ class PgSession(asyncio.Protocol):
             channel_binding=services.client_tls_end_point if self._tls else None,
         )
         transport.write(exchange.start())
+        gave_up = False  # a Terminate: the client has no password to offer, it tried none
         try:
             while True:
                 msg_type, payload, _ = await self._next_startup_frame()
                 if msg_type != _PASSWORD:
+                    gave_up = msg_type == _X
                     raise AuthenticationFailed("expected an authentication message")
                 step = await exchange.step(payload)
                 if step.reply is not None:
@@ -1166,18 +1168,19 @@ class PgSession(asyncio.Protocol):
                 if step.identity is not None:
                     return step.identity
         except AuthenticationFailed as exc:
-            self._failed_login(user, exc.message)
+            self._failed_login(user, exc.message, counted=not gave_up)
             raise
         except ProtocolError as exc:
             self._failed_login(user, exc.message)
             raise AuthenticationFailed(exc.message) from None
 
-    def _failed_login(self, user: str, reason: str) -> None:
+    def _failed_login(self, user: str, reason: str, *, counted: bool = True) -> None:
         """A login failed (wrong password, unknown user, a malformed exchange): audited, and
-        counted against the client's auth_fail_burst."""
+        (unless the client gave up without trying a password) counted against its
+        auth_fail_burst."""
         detail = ""
         logins = self.services.logins
-        if logins is not None:
+        if logins is not None and counted:
             wait = logins.failed(self._client_host)
             if wait:
                 locked = client_key(self._client_host)
