@@ -15,7 +15,7 @@ from dbward.config.model import Config
 from dbward.core.errors import AuditUnavailable, ConfigError
 from dbward.identity.auth_secret import load_auth_secret
 from dbward.identity.local import LocalAuthenticator
-from dbward.relay.services import CancelRegistry, ListenerServices
+from dbward.relay.services import CancelRegistry, ListenerServices, login_throttle
 from dbward.server.listener import PgListener
 from dbward.server.tls import listener_contexts, server_end_point
 from dbward.sql.offload import ClassifierPool
@@ -64,6 +64,7 @@ class Runtime:
                     client_tls_end_point=server_end_point(settings.tls),
                     upstream_tls=upstream_tls,
                     cancels=CancelRegistry(settings.cancel_rate_per_s),
+                    logins=login_throttle(settings),
                 )
                 listener = PgListener(services)
                 try:

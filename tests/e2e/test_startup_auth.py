@@ -7,10 +7,12 @@ leave the proxy serving the next client.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import struct
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -840,3 +842,107 @@ def test_an_audit_path_holding_another_database_is_reported_by_both_commands(
         good.write_text(yaml.safe_dump(config))
         proc = _dbward("check-config", str(good))
         assert proc.returncode == 0, (path, proc.stderr)
+
+
+# ------------------------------------------------------------------ failed-login throttling
+
+_THROTTLED = "too many failed logins from this address"
+
+
+def _connect_from(proxy: Proxy, source: str) -> socket.socket:
+    sock = socket.create_connection(
+        ("127.0.0.1", proxy.port), timeout=TIMEOUT, source_address=(source, 0)
+    )
+    sock.settimeout(TIMEOUT)
+    return sock
+
+
+def _psycopg_error(proxy: Proxy, app: str, password: str) -> str:
+    info = {**proxy.conninfo(), "password": password, "application_name": app}
+    with pytest.raises(psycopg.OperationalError) as caught:
+        psycopg.connect(**info, connect_timeout=10)
+    return str(caught.value)
+
+
+def test_an_address_that_fails_too_many_logins_is_refused_for_a_while(
+    proxy_factory: Callable[..., Proxy],
+) -> None:
+    """Nothing limited how fast one address could guess passwords: every guess got a full
+    SCRAM exchange. Past auth_fail_burst failures an address is refused (28000) before any
+    SCRAM work, even with the right password, until its budget refills at
+    auth_fail_rate_per_s; other addresses and sessions already logged in are not affected,
+    and the refusals reach the audit log in aggregate."""
+    throttled = proxy_factory(listener={"auth_fail_burst": 3, "auth_fail_rate_per_s": 0.2})
+    app = _app("throttle")
+    password = throttled.users["alice"][0]
+    with psycopg.connect(**throttled.conninfo(application_name=f"{app}-live")) as live:
+        assert live.execute("SELECT 1").fetchone() == (1,)
+        for i in range(3):
+            assert AUTH_FAILED in _psycopg_error(throttled, f"{app}-wrong{i}", "not-the-password")
+        locked_at = time.monotonic()
+        # Locked for 5 s (1 / 0.2): the right password is refused too, readably.
+        text = _psycopg_error(throttled, f"{app}-right", password)
+        assert _THROTTLED in text and "try again in" in text, text
+        refused_raw = 20
+        for _ in range(refused_raw):
+            with _connect_from(throttled, "127.0.0.1") as sock:
+                sock.sendall(messages.startup_message({"user": "alice", "database": "app"}))
+                fields = _expect_fatal(sock)  # no SASL offer: refused before SCRAM
+            assert fields["C"] == "28000" and fields["M"].startswith(f"dbward: {_THROTTLED}")
+        assert time.monotonic() - locked_at < 4.0  # all of it inside the lockout
+        # Another address logs in meanwhile, and the session already logged in keeps working.
+        with _connect_from(throttled, "127.0.0.2") as sock:
+            assert "error" not in _scram_login(sock, "alice", password, f"{app}-other")
+        assert live.execute("SELECT 2").fetchone() == (2,)
+        # The budget refills: one try per 5 s, and the right password logs in.
+        time.sleep(max(0.0, locked_at + 5.5 - time.monotonic()))
+        with psycopg.connect(**throttled.conninfo(application_name=f"{app}-again")) as again:
+            assert again.execute("SELECT 3").fetchone() == (3,)
+        assert live.execute("SELECT 4").fetchone() == (4,)
+    refused_total = refused_raw + 1
+
+    def from_here(records: list[AuditRecord]) -> list[AuditRecord]:
+        return [
+            r
+            for r in records
+            if r.event == AuditEvent.AUTH_FAIL and r.client_addr.startswith("127.0.0.1:")
+        ]
+
+    # The first refusal is recorded at once; the others held back and counted in one record
+    # when the 10 s interval ends.
+    records = throttled.audit(
+        until=lambda rs: sum(_refused_count(r) for r in from_here(rs)) >= refused_total,
+        timeout=15,
+    )
+    fails = from_here(records)
+    wrong = [r for r in fails if r.sqlstate == "28P01"]
+    assert [r.application_name for r in wrong] == [f"{app}-wrong{i}" for i in range(3)]
+    assert [r.detail for r in wrong] == [
+        "",
+        "",
+        "locked out: logins from 127.0.0.1 refused for 5 s",
+    ]
+    refusals = [r for r in fails if r.sqlstate == "28000"]
+    assert [_refused_count(r) for r in refusals] == [1, refused_total - 1], refusals
+    assert {r.reason for r in refusals} == {
+        "too many failed logins from this client address (auth_fail_burst)"
+    }
+    assert refusals[0].application_name == f"{app}-right" and refusals[0].identity == "alice"
+    # No connect record for a refused login: a spray writes one record per interval.
+    connects = [
+        r
+        for r in records
+        if r.event == AuditEvent.CONNECT and r.client_addr.startswith("127.0.0.1:")
+    ]
+    assert len(connects) == 1 + 3 + 1  # live, the wrong passwords, again
+    assert not any(
+        r.event == AuditEvent.AUTH_FAIL for r in records if r.client_addr.startswith("127.0.0.2:")
+    )
+    # The log file likewise: one line at once, one for the rest.
+    pattern = re.compile(r"logins refused after too many failed ones: (\d+) refused since")
+    assert [int(n) for n in pattern.findall(throttled.log())] == [1, refused_total - 1]
+    assert password not in throttled.log()
+
+
+def _refused_count(record: AuditRecord) -> int:
+    return int(record.detail.removeprefix("refused=")) if record.sqlstate == "28000" else 0

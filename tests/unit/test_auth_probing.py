@@ -30,6 +30,7 @@ from dbward.relay.services import CancelRegistry, ListenerServices
 from dbward.sql.postgres import PostgresClassifier
 from dbward.wire.postgres import messages, scram
 from dbward.wire.postgres.scram import make_verifier
+from fixtures.detached import PeerTransport
 
 _SECRET = b"\x07" * 32
 USERS = [
@@ -133,13 +134,13 @@ def test_auth_secret_file_defaults_to_the_audit_folder(tmp_path: Path) -> None:
 def test_a_spray_of_cancel_sources_keeps_the_rate_table_bounded_and_cheap() -> None:
     registry = CancelRegistry(rate_per_s=1.0, burst=2.0)
     now = 1000.0
-    table = registry._buckets
+    table = registry._buckets._buckets
     for i in range(12_000):
         registry.allow_attempt(f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}", now)
-    assert len(registry._buckets) <= 10_000
+    assert len(table) <= 10_000
     # Bounded in place, one eviction per attempt: the table was rebuilt on every attempt past
     # 10,000 addresses before (7 ms each at 60,000, on the loop every session shares).
-    assert registry._buckets is table
+    assert registry._buckets._buckets is table
     # A host that keeps trying is still limited, spray or not.
     assert [registry.allow_attempt("192.0.2.1", now) for _ in range(4)] == [
         True,
@@ -218,27 +219,6 @@ def test_scram_plus_chosen_when_not_offered_is_refused() -> None:
             asyncio.run(exchange.step(frame[5:]))
 
 
-class _PeerTransport:
-    """A client socket seen from `address`; records what the session writes and closes."""
-
-    def __init__(self, address: str) -> None:
-        self.address = address
-        self.written = bytearray()
-        self.closed = False
-
-    def get_extra_info(self, name: str, default: object = None) -> object:
-        return (self.address, 5432, 0, 0) if name == "peername" else default
-
-    def write(self, data: bytes) -> None:
-        self.written += data
-
-    def close(self) -> None:
-        self.closed = True
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-
 def test_connections_before_login_are_capped_per_ipv6_64() -> None:
     """An IPv6 client holds its whole /64: a fresh address per connection must not lift the
     max_unauthenticated_per_host cap (as for cancel attempts)."""
@@ -257,8 +237,8 @@ def test_connections_before_login_are_capped_per_ipv6_64() -> None:
         cancels=CancelRegistry(5),
     )
 
-    async def connect(address: str) -> _PeerTransport:
-        transport = _PeerTransport(address)
+    async def connect(address: str) -> PeerTransport:
+        transport = PeerTransport(address)
         PgSession(services).connection_made(transport)  # type: ignore[arg-type]
         return transport
 
@@ -384,8 +364,8 @@ def test_an_internal_error_during_login_ends_the_connection_and_frees_its_slots(
         cancels=CancelRegistry(5),
     )
 
-    async def run() -> _PeerTransport:
-        transport = _PeerTransport("192.0.2.5")
+    async def run() -> PeerTransport:
+        transport = PeerTransport("192.0.2.5")
         session = PgSession(services)
         session.connection_made(transport)  # type: ignore[arg-type]
         session.data_received(messages.startup_message({"user": "alice", "database": "app"}))

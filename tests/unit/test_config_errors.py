@@ -142,3 +142,22 @@ def test_partial_message_timeout_has_a_default_and_bounds() -> None:
         (problem,) = _problems({"listeners": [listener]})
         assert problem.startswith("listeners[0].partial_message_timeout_s: Input should be")
         assert why in problem
+
+
+def test_failed_login_throttle_keys_have_defaults_bounds_and_an_off_switch() -> None:
+    listener = parse_config({"listeners": [_listener()]}, base_dir=Path("/")).listeners[0]
+    assert (listener.auth_fail_burst, listener.auth_fail_rate_per_s) == (10, 0.2)
+    off = {**_listener(), "auth_fail_burst": 0}
+    assert parse_config({"listeners": [off]}, base_dir=Path("/")).listeners[0].auth_fail_burst == 0
+    for key, bad, why in (
+        ("auth_fail_burst", -1, "greater than or equal to 0"),
+        ("auth_fail_burst", 1_000_001, "less than or equal to 1000000"),
+        ("auth_fail_burst", 2.5, "valid integer"),
+        ("auth_fail_rate_per_s", 0, "greater than 0"),
+        ("auth_fail_rate_per_s", -0.5, "greater than 0"),
+        ("auth_fail_rate_per_s", 10_001, "less than or equal to 10000"),
+        ("auth_fail_rate_per_s", "fast", "valid number"),
+    ):
+        (problem,) = _problems({"listeners": [{**_listener(), key: bad}]})
+        assert problem.startswith(f"listeners[0].{key}: Input should be"), problem
+        assert why in problem, problem

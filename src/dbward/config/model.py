@@ -201,6 +201,11 @@ class ListenerSettings(_Strict):
     max_statement_bytes: int = Field(default=16 * 1024 * 1024, ge=64 * 1024, le=1024 * 1024 * 1024)
     auth_timeout_s: float = Field(default=30.0, gt=0, le=600)
     cancel_rate_per_s: float = Field(default=5.0, gt=0, le=10_000)
+    # Failed logins per client address (an IPv6 /64 as one): this many in a row, then one
+    # more per 1 / auth_fail_rate_per_s seconds; past it logins are refused (28000) before
+    # any SCRAM work. 0 turns the throttle off.
+    auth_fail_burst: int = Field(default=10, ge=0, le=1_000_000)
+    auth_fail_rate_per_s: float = Field(default=0.2, gt=0, le=10_000)
     # Each client session holds one upstream connection: cap them before PostgreSQL's own
     # max_connections is exhausted by one noisy client.
     max_connections: int = Field(default=500, ge=1, le=100_000)

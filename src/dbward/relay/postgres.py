@@ -13,6 +13,7 @@ import asyncio
 import functools
 import hashlib
 import logging
+import math
 import re
 import secrets
 import time
@@ -35,7 +36,7 @@ from dbward.core.types import (
     Verdict,
 )
 from dbward.policy.engine import decide, parser_error_snippet
-from dbward.relay.services import CancelRegistry, client_key
+from dbward.relay.services import CancelRegistry, LoginThrottle, client_key
 from dbward.relay.startup import StartupRefusedError, upstream_parameters
 from dbward.server.upstream import UpstreamConnection, UpstreamError, connect_upstream, send_cancel
 from dbward.sql.offload import OFFLOAD_CODE_MIN_BYTES, should_offload
@@ -93,6 +94,20 @@ _OP_PROBE = 8  # dbward's own Sync, Close, Sync after a failed copy: see _CopyPr
 _NAME_CODEC = "latin-1"
 
 _PRE_AUTH_MAX_MESSAGE = 65536
+# The auth_fail reason of a login refused because its client address failed too many.
+_THROTTLED_REASON = "too many failed logins from this client address (auth_fail_burst)"
+
+
+class LoginThrottledError(DbwardError):
+    """A login from a client address that failed too many (auth_fail_burst), refused before
+    authentication. 28000, not 28P01 (the password may be right: the client is told to wait,
+    not that it is wrong) nor 53300 (PostgreSQL's "too many connections": the server is full,
+    which a client may take as passing and retry at once; class 28 says this login was
+    refused)."""
+
+    sqlstate = "28000"  # invalid_authorization_specification
+
+
 # Replies a session may owe before dbward stops reading its client (each costs dbward ~100-250
 # bytes until answered, kernel socket buffers let a client that never reads queue ~1 million);
 # reading resumes below the low mark. Clients that pipeline read as they go and never get near.
@@ -405,6 +420,32 @@ def _report_held_cancels(cancels: CancelRegistry) -> None:
     count = cancels.take_unreported()
     if count:
         _log_refused_cancels(count, cancels.latest_refused_host)
+
+
+def _report_refused_logins(services: ListenerServices, latest: AuditRecord, count: int) -> None:
+    """One log line and one audit record for `count` logins refused since the last report:
+    the latest refused attempt's record, its detail the count."""
+    log.warning(
+        "listener %s: logins refused after too many failed ones: %d refused since the last "
+        "report, the latest from %s",
+        services.settings.name,
+        count,
+        latest.client_addr,
+    )
+    try:
+        services.audit.append(latest._replace(detail=f"refused={count}"))
+    except AuditUnavailable:
+        log.error("listener %s: audit unavailable, auth_fail record lost", services.settings.name)
+
+
+def report_held_logins(services: ListenerServices, logins: LoginThrottle) -> None:
+    """The interval's end (or shutdown): report the login refusals held back since the last
+    report."""
+    count = logins.refusals.take_unreported(time.monotonic())
+    latest = logins.refusals.latest
+    if count and latest is not None:
+        now_ms = int(services.clock() * 1000)
+        _report_refused_logins(services, latest._replace(ts_ms=now_ms), count)
 
 
 class PgSession(asyncio.Protocol):
@@ -993,6 +1034,10 @@ class PgSession(asyncio.Protocol):
         self._claimed_user = user
         self._application_name = params.get("application_name", "")
         self._database = params.get("database") or services.settings.upstream.database
+        if services.logins is not None:
+            # Before anything else costs dbward work, and before the connect record: a locked
+            # out client's spray leaves one aggregated record per interval, not one per try.
+            self._refuse_if_throttled(services.logins)
         tls_required = services.settings.tls.mode == "required"
         if services.client_tls is not None and tls_required and not self._tls:
             raise StartupRefusedError(
@@ -1110,10 +1155,12 @@ class PgSession(asyncio.Protocol):
             channel_binding=services.client_tls_end_point if self._tls else None,
         )
         transport.write(exchange.start())
+        gave_up = False  # a Terminate: the client has no password to offer, it tried none
         try:
             while True:
                 msg_type, payload, _ = await self._next_startup_frame()
                 if msg_type != _PASSWORD:
+                    gave_up = msg_type == _X
                     raise AuthenticationFailed("expected an authentication message")
                 step = await exchange.step(payload)
                 if step.reply is not None:
@@ -1121,11 +1168,56 @@ class PgSession(asyncio.Protocol):
                 if step.identity is not None:
                     return step.identity
         except AuthenticationFailed as exc:
-            self._audit(AuditEvent.AUTH_FAIL, identity=user, reason=exc.message, sqlstate="28P01")
+            self._failed_login(user, exc.message, counted=not gave_up)
             raise
         except ProtocolError as exc:
-            self._audit(AuditEvent.AUTH_FAIL, identity=user, reason=exc.message, sqlstate="28P01")
+            self._failed_login(user, exc.message)
             raise AuthenticationFailed(exc.message) from None
+
+    def _failed_login(self, user: str, reason: str, *, counted: bool = True) -> None:
+        """A login failed (wrong password, unknown user, a malformed exchange): audited, and
+        (unless the client gave up without trying a password) counted against its
+        auth_fail_burst."""
+        detail = ""
+        logins = self.services.logins
+        if logins is not None and counted:
+            wait = logins.failed(self._client_host)
+            if wait:
+                locked = client_key(self._client_host)
+                detail = f"locked out: logins from {locked} refused for {math.ceil(wait)} s"
+                log.warning(
+                    "listener %s: too many failed logins from %s: refused for %d s",
+                    self.services.settings.name,
+                    locked,
+                    math.ceil(wait),
+                )
+        self._audit(
+            AuditEvent.AUTH_FAIL, identity=user, reason=reason, sqlstate="28P01", detail=detail
+        )
+
+    def _refuse_if_throttled(self, logins: LoginThrottle) -> None:
+        """Refuse a login from a client that spent its failed-login budget (LoginThrottledError,
+        before any SCRAM work); its auth_fail record is written with others, once an interval."""
+        wait = logins.retry_after(self._client_host)
+        if not wait:
+            return
+        record = AuditRecord(
+            event=AuditEvent.AUTH_FAIL,
+            ts_ms=int(self.services.clock() * 1000),
+            sqlstate=LoginThrottledError.sqlstate,
+            reason=_THROTTLED_REASON,
+            **self._base_fields(),  # type: ignore[arg-type]
+        )
+        refused, report_in = logins.refused(record)
+        if refused:
+            _report_refused_logins(self.services, record, refused)
+        elif report_in is not None:
+            asyncio.get_running_loop().call_later(
+                report_in, report_held_logins, self.services, logins
+            )
+        raise LoginThrottledError(
+            f"dbward: too many failed logins from this address; try again in {math.ceil(wait)} s"
+        )
 
     async def _handle_cancel(self, packet: CancelRequest) -> None:
         try:

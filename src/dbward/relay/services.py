@@ -1,4 +1,5 @@
-"""What a listener's sessions share: settings, policy inputs, audit, cancel keys, live sessions."""
+"""What a listener's sessions share: settings, policy inputs, audit, cancel keys, failed-login
+budgets, live sessions."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+from dbward.audit.records import AuditRecord
 from dbward.audit.sink import AuditSink
 from dbward.config.model import AuditSettings, ListenerSettings
 from dbward.identity.base import Authenticator
@@ -21,9 +23,12 @@ if TYPE_CHECKING:
     from dbward.relay.postgres import PgSession
 
 
-# Client hosts whose cancel rate is tracked; the least recently seen is forgotten first.
-_MAX_CANCEL_BUCKETS = 10_000
-_REPORT_INTERVAL_S = 10.0  # rate-limited cancel attempts: at most one log line this often
+# Clients whose budget (cancel attempts, failed logins) is tracked, per table; the least
+# recently seen is forgotten first.
+_MAX_TRACKED_CLIENTS = 10_000
+_REPORT_INTERVAL_S = 10.0  # refused attempts: at most one report (log line, record) this often
+
+_T = TypeVar("_T")
 
 
 def client_key(client_host: str) -> str:
@@ -46,18 +51,102 @@ def client_key(client_host: str) -> str:
     return client_host
 
 
+class ClientBuckets:
+    """A token bucket per client (client_key: an IPv4 address or an IPv6 /64), in a table of
+    bounded size. A client absent from the table has a full bucket, so only clients that
+    spent something take room, and a spray of sources evicts one entry per new source."""
+
+    def __init__(self, rate_per_s: float, burst: float) -> None:
+        self._rate = rate_per_s
+        self._burst = burst
+        self._buckets: dict[str, tuple[float, float]] = {}  # client key -> (tokens, last time)
+
+    def _tokens(self, key: str, now: float) -> float:
+        """The client's tokens now, its entry taken out of the table (put it back with
+        _store, last: the dict's order is least recently seen first)."""
+        tokens, last = self._buckets.pop(key, (self._burst, now))
+        return min(self._burst, tokens + (now - last) * self._rate)
+
+    def _store(self, key: str, tokens: float, now: float) -> None:
+        buckets = self._buckets
+        buckets[key] = (tokens, now)
+        if len(buckets) > _MAX_TRACKED_CLIENTS:  # O(1): one eviction per request
+            del buckets[next(iter(buckets))]
+
+    def take(self, client_host: str, now: float) -> bool:
+        """Spend one token if the client has one; False (nothing spent) if not."""
+        key = client_key(client_host)
+        tokens = self._tokens(key, now)
+        allowed = tokens >= 1.0
+        self._store(key, tokens - 1.0 if allowed else tokens, now)
+        return allowed
+
+    def charge(self, client_host: str, now: float) -> float:
+        """Spend one token whether or not the client has one (it may go into debt, which
+        it pays off at the refill rate); returns the seconds until it has one again (0.0:
+        it still has one)."""
+        key = client_key(client_host)
+        tokens = self._tokens(key, now) - 1.0
+        self._store(key, tokens, now)
+        return self._wait(tokens)
+
+    def wait_s(self, client_host: str, now: float) -> float:
+        """Seconds until the client has a token (0.0: it has one now); spends nothing. A
+        client that is waiting is seen again: its entry is not the next to be forgotten."""
+        key = client_key(client_host)
+        if key not in self._buckets:
+            return 0.0
+        tokens = self._tokens(key, now)
+        self._store(key, tokens, now)
+        return self._wait(tokens)
+
+    def _wait(self, tokens: float) -> float:
+        return 0.0 if tokens >= 1.0 else (1.0 - tokens) / self._rate
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+
+class RefusalReport(Generic[_T]):
+    """Counts refused attempts so that they are reported (a log line, an audit record) at
+    most once per interval: a spray cannot flood the log, and a spray that stops is still
+    reported. `latest` is what the caller said of the latest refused attempt."""
+
+    def __init__(self) -> None:
+        self._unreported = 0
+        self._last_report = -_REPORT_INTERVAL_S
+        self.latest: _T | None = None
+
+    def refused(self, latest: _T, now: float) -> tuple[int, float | None]:
+        """Count a refused attempt. Returns how many to report now (0: not yet) and, when
+        this attempt is the first one held back, the seconds after which take_unreported()
+        must report the held ones (else None)."""
+        self._unreported += 1
+        self.latest = latest
+        since = now - self._last_report
+        if since < _REPORT_INTERVAL_S:
+            first_held = self._unreported == 1
+            return 0, (_REPORT_INTERVAL_S - since if first_held else None)
+        count, self._unreported = self._unreported, 0
+        self._last_report = now
+        return count, None
+
+    def take_unreported(self, now: float) -> int:
+        """The refused attempts held back since the last report, to report now."""
+        count, self._unreported = self._unreported, 0
+        if count:
+            self._last_report = now
+        return count
+
+
 class CancelRegistry:
     """Maps the cancel keys dbward hands out to live sessions; rate-limits attempts per client."""
 
     def __init__(self, rate_per_s: float, burst: float = 10.0) -> None:
         self._sessions: dict[tuple[int, bytes], PgSession] = {}
-        self._rate = rate_per_s
-        self._burst = max(burst, rate_per_s)
-        self._buckets: dict[str, tuple[float, float]] = {}  # client host -> (tokens, last time)
-        # Refused attempts not yet reported in the log, and when it was last written to.
-        self._refused_unreported = 0
-        self._last_report = -_REPORT_INTERVAL_S
-        self.latest_refused_host = ""
+        self._buckets = ClientBuckets(rate_per_s, max(burst, rate_per_s))
+        # Refused attempts not yet reported in the log; `latest` is the latest one's host.
+        self._refusals: RefusalReport[str] = RefusalReport()
 
     def issue(self, pid: int, session: PgSession) -> bytes:
         """A fresh random secret for this backend pid, unique among live sessions."""
@@ -78,43 +167,54 @@ class CancelRegistry:
     def allow_attempt(self, client_host: str, now: float | None = None) -> bool:
         """Token bucket per client host (IPv6: per /64), so cancel keys cannot be guessed at
         line rate."""
-        now = time.monotonic() if now is None else now
-        client_host = client_key(client_host)
-        buckets = self._buckets
-        tokens, last = buckets.pop(client_host, (self._burst, now))
-        tokens = min(self._burst, tokens + (now - last) * self._rate)
-        allowed = tokens >= 1.0
-        # Re-inserted last: the dict's order is least recently used first, and the bound on
-        # its size evicts one entry per request (O(1)) under a spray of source addresses.
-        buckets[client_host] = (tokens - 1.0 if allowed else tokens, now)
-        if len(buckets) > _MAX_CANCEL_BUCKETS:
-            del buckets[next(iter(buckets))]
-        return allowed
+        return self._buckets.take(client_host, time.monotonic() if now is None else now)
 
     def refused_to_report(
         self, client_host: str, now: float | None = None
     ) -> tuple[int, float | None]:
-        """Count a refused attempt. Returns how many to report in one log line now (0: not
-        yet) and, when this attempt is the first one held back, the seconds after which
-        take_unreported() must report the held ones (else None). One line per interval, so
-        a spray of guesses cannot flood the log, and a spray that stops is still reported."""
-        now = time.monotonic() if now is None else now
-        self._refused_unreported += 1
-        self.latest_refused_host = client_host
-        since = now - self._last_report
-        if since < _REPORT_INTERVAL_S:
-            first_held = self._refused_unreported == 1
-            return 0, (_REPORT_INTERVAL_S - since if first_held else None)
-        count, self._refused_unreported = self._refused_unreported, 0
-        self._last_report = now
-        return count, None
+        """Count a refused attempt: see RefusalReport.refused."""
+        return self._refusals.refused(client_host, time.monotonic() if now is None else now)
 
     def take_unreported(self, now: float | None = None) -> int:
         """The refused attempts held back since the last log line, to report now."""
-        count, self._refused_unreported = self._refused_unreported, 0
-        if count:
-            self._last_report = time.monotonic() if now is None else now
-        return count
+        return self._refusals.take_unreported(time.monotonic() if now is None else now)
+
+    @property
+    def latest_refused_host(self) -> str:
+        """The host of the latest refused attempt ("" before the first)."""
+        return self._refusals.latest or ""
+
+
+class LoginThrottle:
+    """Failed logins per client (an IPv4 address or an IPv6 /64): each spends a token of a
+    bucket of `burst` refilled at `rate_per_s`; a client without a token is refused before
+    any SCRAM work until it has one again. Refusals spend nothing, and a successful login
+    gives nothing back (see docs/configuration.md, auth_fail_burst)."""
+
+    def __init__(self, burst: int, rate_per_s: float) -> None:
+        self._buckets = ClientBuckets(rate_per_s, float(burst))
+        # Refusals not yet in the log and the audit log; `latest` is the latest one's record.
+        self.refusals: RefusalReport[AuditRecord] = RefusalReport()
+
+    def retry_after(self, client_host: str, now: float | None = None) -> float:
+        """0.0 if the client may try to log in now, else the seconds until it may."""
+        return self._buckets.wait_s(client_host, time.monotonic() if now is None else now)
+
+    def failed(self, client_host: str, now: float | None = None) -> float:
+        """Count a failed login; returns the seconds until the client may try again (0.0:
+        it still may)."""
+        return self._buckets.charge(client_host, time.monotonic() if now is None else now)
+
+    def refused(self, record: AuditRecord, now: float | None = None) -> tuple[int, float | None]:
+        """Count a refused login: see RefusalReport.refused."""
+        return self.refusals.refused(record, time.monotonic() if now is None else now)
+
+
+def login_throttle(settings: ListenerSettings) -> LoginThrottle | None:
+    """The listener's failed-login throttle, or None when auth_fail_burst is 0 (off)."""
+    if not settings.auth_fail_burst:
+        return None
+    return LoginThrottle(settings.auth_fail_burst, settings.auth_fail_rate_per_s)
 
 
 @dataclass
@@ -129,6 +229,8 @@ class ListenerServices:
     client_tls: ssl.SSLContext | None
     upstream_tls: ssl.SSLContext | None
     cancels: CancelRegistry
+    # Failed logins per client address (None: auth_fail_burst is 0, no throttling).
+    logins: LoginThrottle | None = None
     clock: Callable[[], float] = time.time
     sessions: set[PgSession] = field(default_factory=set)
     # Cancel requests being sent to the database (a client's, or dbward's own): shutdown

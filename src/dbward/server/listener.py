@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from dbward.relay.postgres import PgSession
+from dbward.relay.postgres import PgSession, report_held_logins
 from dbward.relay.services import ListenerServices
 
 log = logging.getLogger("dbward.server")
@@ -64,4 +64,7 @@ class PgListener:
         cancels = self.services.cancel_tasks
         if cancels:
             await asyncio.wait(list(cancels), timeout=5)
+        # Refused logins still held for their interval's report: written before the log closes.
+        if self.services.logins is not None:
+            report_held_logins(self.services, self.services.logins)
         await asyncio.sleep(0)

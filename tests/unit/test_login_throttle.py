@@ -1,0 +1,270 @@
+"""Failed-login throttling per client address (auth_fail_burst, auth_fail_rate_per_s), no network.
+
+A client address that fails too many logins is refused before any SCRAM work until its budget
+refills; the refusals reach the log and the audit log once an interval, with their count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from dbward.audit.records import AuditEvent, AuditRecord
+from dbward.audit.sink import MemorySink
+from dbward.config.model import AuditSettings, ListenerSettings, UpstreamSettings, UserSettings
+from dbward.identity.base import AuthExchange
+from dbward.identity.local import LocalAuthenticator
+from dbward.relay import services as services_module
+from dbward.relay.postgres import PgSession
+from dbward.relay.services import CancelRegistry, ListenerServices, LoginThrottle, login_throttle
+from dbward.server.listener import PgListener
+from dbward.sql.postgres import PostgresClassifier
+from dbward.wire.postgres import messages
+from dbward.wire.postgres.scram import make_verifier
+from fixtures.detached import PeerTransport
+
+T0 = 1000.0
+
+
+def _record(addr: str) -> AuditRecord:
+    return AuditRecord(AuditEvent.AUTH_FAIL, 0, "s", client_addr=addr)
+
+
+def test_a_burst_of_failures_then_refusal_until_the_budget_refills() -> None:
+    throttle = LoginThrottle(burst=3, rate_per_s=0.5)
+    assert throttle.retry_after("192.0.2.1", T0) == 0.0
+    assert [throttle.failed("192.0.2.1", T0) for _ in range(2)] == [0.0, 0.0]
+    assert throttle.retry_after("192.0.2.1", T0) == 0.0  # two failures: still allowed
+    assert throttle.failed("192.0.2.1", T0) == pytest.approx(2.0)  # the third locks it
+    assert throttle.retry_after("192.0.2.1", T0 + 0.5) == pytest.approx(1.5)
+    # Asking (a refused attempt) spends nothing: the wait does not grow with retries.
+    for _ in range(100):
+        throttle.retry_after("192.0.2.1", T0 + 1.0)
+    assert throttle.retry_after("192.0.2.1", T0 + 1.0) == pytest.approx(1.0)
+    # Refilled at 0.5/s: one more try after 2 s, and a failure locks it again at once.
+    assert throttle.retry_after("192.0.2.1", T0 + 2.0) == 0.0
+    assert throttle.failed("192.0.2.1", T0 + 2.0) == pytest.approx(2.0)
+    # After the whole burst's time the full burst is back (and not more).
+    assert [throttle.failed("192.0.2.1", T0 + 100.0) for _ in range(3)][-1] == pytest.approx(2.0)
+    # Other addresses were never affected.
+    assert throttle.retry_after("192.0.2.2", T0 + 100.0) == 0.0
+
+
+def test_failures_beyond_the_budget_are_owed() -> None:
+    """Logins begun while the address still had budget and failing together (a guesser
+    opening many connections at once) each count: the wait pays them all back, so the rate
+    over time stays auth_fail_rate_per_s whatever the concurrency."""
+    throttle = LoginThrottle(burst=3, rate_per_s=0.5)
+    waits = [throttle.failed("192.0.2.1", T0) for _ in range(8)]
+    assert waits[-1] == pytest.approx(12.0)  # 5 owed + 1 to try again, at 0.5/s
+    assert throttle.retry_after("192.0.2.1", T0 + 11.0) == pytest.approx(1.0)
+    assert throttle.retry_after("192.0.2.1", T0 + 12.0) == 0.0
+
+
+def test_one_ipv6_64_is_one_address() -> None:
+    throttle = LoginThrottle(burst=2, rate_per_s=0.1)
+    throttle.failed("2001:db8:1:2::1", T0)
+    throttle.failed("2001:db8:1:2::2", T0)
+    assert throttle.retry_after("2001:db8:1:2:ffff::9", T0) > 0  # a fresh address, same /64
+    assert throttle.retry_after("2001:db8:1:3::1", T0) == 0.0  # another /64
+    throttle.failed("192.0.2.7", T0)
+    throttle.failed("::ffff:192.0.2.7", T0)  # the same IPv4 client on a dual-stack socket
+    assert throttle.retry_after("192.0.2.7", T0) > 0
+    assert throttle.retry_after("fe80::1%eth0", T0) == 0.0
+
+
+def test_the_table_is_bounded_and_keeps_an_address_that_keeps_trying() -> None:
+    throttle = LoginThrottle(burst=1, rate_per_s=0.001)
+    table = throttle._buckets._buckets
+    throttle.failed("192.0.2.1", T0)  # locked for 1000 s
+    for i in range(12_000):
+        throttle.failed(f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}", T0)
+        if i % 1000 == 0:
+            assert throttle.retry_after("192.0.2.1", T0) > 0  # refused: seen again
+    assert len(table) == 10_000
+    assert throttle.retry_after("192.0.2.1", T0) > 0  # not evicted by the spray
+    assert throttle.retry_after("10.0.0.0", T0) == 0.0  # the least recently seen was
+    # Asking about addresses that never failed takes no room.
+    for i in range(100):
+        assert throttle.retry_after(f"198.51.100.{i}", T0) == 0.0
+    assert "198.51.100.1" not in table
+
+
+def test_refusals_are_reported_once_an_interval_with_their_count() -> None:
+    throttle = LoginThrottle(burst=1, rate_per_s=0.001)
+    reports = [throttle.refused(_record(f"192.0.2.{i % 7}:5"), T0 + i * 0.001) for i in range(5000)]
+    assert reports[0] == (1, None)  # the first at once
+    assert reports[1] == (0, pytest.approx(10.0 - 0.001))  # one timer for the rest
+    assert all(report == (0, None) for report in reports[2:])
+    assert throttle.refusals.latest == _record("192.0.2.1:5")  # 4999 % 7 == 1
+    assert throttle.refusals.take_unreported(T0 + 10.0) == 4999
+    assert throttle.refusals.take_unreported(T0 + 10.5) == 0
+
+
+# ------------------------------------------------------------------ through a session
+
+
+class _CountingAuthenticator:
+    """LocalAuthenticator, counting the exchanges begun (each is SCRAM work)."""
+
+    def __init__(self) -> None:
+        verifier = make_verifier("a-pass", iterations=4096)
+        self._real = LocalAuthenticator(
+            [UserSettings(name="alice", password_verifier=verifier)], mock_secret=b"\x07" * 32
+        )
+        self.begun = 0
+
+    def begin(self, user: str, *, tls: bool, channel_binding: bytes | None = None) -> AuthExchange:
+        self.begun += 1
+        return self._real.begin(user, tls=tls, channel_binding=channel_binding)
+
+
+def _services(
+    sink: MemorySink, authenticator: _CountingAuthenticator, burst: int = 2
+) -> ListenerServices:
+    settings = ListenerSettings(
+        name="t",
+        upstream=UpstreamSettings(user="svc", tls={"mode": "disable"}),
+        auth_fail_burst=burst,
+        auth_fail_rate_per_s=0.01,
+    )
+    return ListenerServices(
+        settings=settings,
+        audit_settings=AuditSettings(),
+        audit=sink,
+        classifier=PostgresClassifier(),
+        authenticator=authenticator,
+        client_tls=None,
+        upstream_tls=None,
+        cancels=CancelRegistry(5),
+        logins=login_throttle(settings),
+    )
+
+
+async def _login(services: ListenerServices, address: str, app: str) -> PeerTransport:
+    """A login that fails (a mechanism dbward does not offer), or is refused before it starts."""
+    transport = PeerTransport(address)
+    session = PgSession(services)
+    session.connection_made(transport)  # type: ignore[arg-type]
+    startup = {"user": "alice", "database": "app", "application_name": app}
+    session.data_received(messages.startup_message(startup))
+    session.data_received(messages.sasl_initial_response("SCRAM-SHA-1", b"n,,n=,r=abc"))
+    for _ in range(20):
+        await asyncio.sleep(0)
+        if transport.closed:
+            break
+    assert transport.closed
+    session.connection_lost(None)
+    return transport
+
+
+def test_a_locked_address_is_refused_before_scram_and_audited_in_aggregate(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(services_module, "_REPORT_INTERVAL_S", 0.2)
+    sink = MemorySink()
+    authenticator = _CountingAuthenticator()
+    services = _services(sink, authenticator)
+
+    async def run() -> tuple[list[PeerTransport], list[PeerTransport], PeerTransport]:
+        failed = [await _login(services, "192.0.2.5", f"fail{i}") for i in range(2)]
+        refused = [await _login(services, "192.0.2.5", f"refused{i}") for i in range(300)]
+        other = await _login(services, "192.0.2.6", "other")
+        await asyncio.sleep(0.4)  # the interval ends: the held refusals are reported
+        return failed, refused, other
+
+    failed, refused, other = asyncio.run(run())
+    for transport in [*failed, other]:
+        assert b"28P01" in transport.written
+    for transport in refused:
+        assert transport.written[:1] == b"E"  # the error, no SASL offer before it
+        fields = messages.parse_error_fields(bytes(transport.written[5:]))
+        assert (fields["S"], fields["C"]) == ("FATAL", "28000")
+        assert fields["M"].startswith(
+            "dbward: too many failed logins from this address; try again in"
+        )
+    assert authenticator.begun == 3  # two failures and the other address: no SCRAM for refusals
+    assert services.unauthenticated == {} and not services.sessions
+    fails = [r for r in sink.records if r.event == AuditEvent.AUTH_FAIL]
+    # The two real failures (the second says the address is now locked out), then the
+    # refusals: the first at once, the other 299 in one record when the interval ended.
+    assert [(r.application_name, r.sqlstate, r.detail) for r in fails] == [
+        ("fail0", "28P01", ""),
+        ("fail1", "28P01", "locked out: logins from 192.0.2.5 refused for 100 s"),
+        ("refused0", "28000", "refused=1"),
+        ("other", "28P01", ""),
+        ("refused299", "28000", "refused=299"),
+    ]
+    refusal = fails[2]
+    assert refusal.reason == "too many failed logins from this client address (auth_fail_burst)"
+    assert (refusal.identity, refusal.client_addr) == ("alice", "192.0.2.5:5432")
+    # Refused connections leave no connect (nor disconnect) record: only the aggregate.
+    connects = [r.application_name for r in sink.records if r.event == AuditEvent.CONNECT]
+    assert connects == ["fail0", "fail1", "other"]
+
+
+def test_throttling_off_when_the_burst_is_zero() -> None:
+    sink = MemorySink()
+    authenticator = _CountingAuthenticator()
+    services = _services(sink, authenticator, burst=0)
+    assert services.logins is None
+
+    async def run() -> list[PeerTransport]:
+        return [await _login(services, "192.0.2.5", f"fail{i}") for i in range(20)]
+
+    assert all(b"28P01" in t.written for t in asyncio.run(run()))
+    assert authenticator.begun == 20
+
+
+def test_refusals_held_at_shutdown_are_reported_before_the_log_closes() -> None:
+    sink = MemorySink()
+    services = _services(sink, _CountingAuthenticator())
+
+    async def run() -> None:
+        for i in range(2):
+            await _login(services, "192.0.2.5", f"fail{i}")
+        for i in range(5):
+            await _login(services, "192.0.2.5", f"refused{i}")
+        await PgListener(services).drain(0)  # well within the 10 s interval
+
+    asyncio.run(run())
+    refusals = [r for r in sink.records if r.sqlstate == "28000"]
+    assert [(r.application_name, r.detail) for r in refusals] == [
+        ("refused0", "refused=1"),
+        ("refused4", "refused=4"),
+    ]
+
+
+@pytest.mark.parametrize("how", ["hang-up", "terminate"])
+def test_a_client_that_gives_up_before_trying_a_password_is_not_counted(how: str) -> None:
+    """psql connects without a password, sees the SASL offer, hangs up and asks the user for
+    one: no password was tried, so no budget is spent (nor by a Terminate instead)."""
+    sink = MemorySink()
+    services = _services(sink, _CountingAuthenticator())  # auth_fail_burst 2
+
+    async def abandon() -> None:
+        transport = PeerTransport("192.0.2.5")
+        session = PgSession(services)
+        session.connection_made(transport)  # type: ignore[arg-type]
+        session.data_received(messages.startup_message({"user": "alice", "database": "app"}))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert transport.written[:1] == b"R"  # the SASL offer
+        if how == "terminate":
+            session.data_received(messages.terminate())
+        for _ in range(5):
+            await asyncio.sleep(0)
+        session.connection_lost(None)
+        for _ in range(5):
+            await asyncio.sleep(0)
+
+    async def run() -> PeerTransport:
+        for _ in range(10):
+            await abandon()
+        return await _login(services, "192.0.2.5", "tries")
+
+    assert b"28P01" in asyncio.run(run()).written  # tried, not refused
+    assert [r.sqlstate for r in sink.records if r.event == AuditEvent.AUTH_FAIL][-1] == "28P01"
+    assert services.logins is not None
+    assert services.logins.retry_after("192.0.2.5") == 0.0  # one failure of two
