@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hashlib
 import logging
 import re
 import secrets
@@ -24,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
 from dbward.audit.records import AuditEvent, AuditRecord
 from dbward.audit.sink import HeldRecord
 from dbward.core.errors import AuditUnavailable, AuthenticationFailed, DbwardError, ProtocolError
+from dbward.core.text import capped, text_sha256
 from dbward.core.types import (
     Decision,
     Identity,
@@ -492,7 +492,7 @@ class PgSession(asyncio.Protocol):
         # The last statement text hashed, and its SHA-256: a prepared statement executed again
         # is the same str object, so it is hashed once, not per Execute.
         self._hashed_text = ""
-        self._hashed_sha256 = hashlib.sha256(b"").hexdigest()
+        self._hashed_sha256 = text_sha256("")
         # ... and that text as logged (cut to audit.sql_text_max): one string shared by every
         # record of it. A fresh cut per record made a pipeline of 350,000 executions of a 32 KB
         # statement hold 4 KB per queued record (+740 MB for one session).
@@ -989,10 +989,13 @@ class PgSession(asyncio.Protocol):
         self._framer.startup = False
         params = packet.params
         user = params.get("user", "")
-        # Known before any refusal, so every record of this connection says who claimed it.
-        self._claimed_user = user
-        self._application_name = params.get("application_name", "")
-        self._database = params.get("database") or services.settings.upstream.database
+        application_name = params.get("application_name", "")
+        database = params.get("database") or services.settings.upstream.database
+        # Known before any refusal, so every record of this connection says who claimed it;
+        # as the records keep them: each is the client's choice, up to 10 KB long.
+        self._claimed_user = capped(user)
+        self._application_name = capped(application_name)
+        self._database = capped(database)
         tls_required = services.settings.tls.mode == "required"
         if services.client_tls is not None and tls_required and not self._tls:
             raise StartupRefusedError(
@@ -1018,7 +1021,7 @@ class PgSession(asyncio.Protocol):
         encoding = params.get("client_encoding")
         if encoding is not None:
             self._set_encoding(encoding)
-        self._audit(AuditEvent.CONNECT, identity=user)
+        self._audit(AuditEvent.CONNECT)
         self._connect_audited = True
         identity = await self._authenticate(user)
         self._leave_unauthenticated()
@@ -1027,9 +1030,9 @@ class PgSession(asyncio.Protocol):
             session_id=self.session_id,
             identity=identity,
             listener=services.settings.name,
-            database=self._database,
+            database=database,
             client_addr=self.client_addr,
-            application_name=self._application_name,
+            application_name=application_name,
             service_role=services.settings.upstream.user,
         )
         self._audit(AuditEvent.AUTH_OK)
@@ -1121,10 +1124,10 @@ class PgSession(asyncio.Protocol):
                 if step.identity is not None:
                     return step.identity
         except AuthenticationFailed as exc:
-            self._audit(AuditEvent.AUTH_FAIL, identity=user, reason=exc.message, sqlstate="28P01")
+            self._audit(AuditEvent.AUTH_FAIL, reason=exc.message, sqlstate="28P01")
             raise
         except ProtocolError as exc:
-            self._audit(AuditEvent.AUTH_FAIL, identity=user, reason=exc.message, sqlstate="28P01")
+            self._audit(AuditEvent.AUTH_FAIL, reason=exc.message, sqlstate="28P01")
             raise AuthenticationFailed(exc.message) from None
 
     async def _handle_cancel(self, packet: CancelRequest) -> None:
@@ -2250,11 +2253,14 @@ class PgSession(asyncio.Protocol):
                 self._escalation = f"the database session's authorization changed to {value!r}"
             elif name == "standard_conforming_strings":
                 self._conforming_strings = value == "on"
-            elif name == "application_name" and value != self._application_name:
-                # SET application_name mid-session: later records and decisions carry it.
-                self._application_name = value
-                if self._context is not None:
-                    self._context = replace(self._context, application_name=value)
+            elif name == "application_name":
+                # SET application_name mid-session: later records and decisions carry it
+                # (PostgreSQL takes any length here: the records keep it capped).
+                context = self._context
+                if context is None or value != context.application_name:
+                    self._application_name = capped(value)
+                    if context is not None:
+                        self._context = replace(context, application_name=value)
             return None
         if msg_type == 0x41 and payload is not None:  # NotificationResponse
             # Process id, channel, payload: two strings ending the body. libpq reads a string
@@ -2818,7 +2824,7 @@ class PgSession(asyncio.Protocol):
                 sql_text, sql_sha256 = self._hashed_cut, self._hashed_sha256
             else:
                 sql_text = text if len(text) <= cap else text[:cap]
-                sql_sha256 = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+                sql_sha256 = text_sha256(text)
                 self._hashed_text, self._hashed_sha256 = text, sql_sha256
                 self._hashed_cut = sql_text
             detail = statement.error or ""
