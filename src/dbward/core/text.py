@@ -34,6 +34,5 @@ def capped(text: str, limit: int = CLAIMED_TEXT_MAX) -> str:
     """
     if len(text) <= limit:
         return text
-    raw = text.encode("utf-8", "surrogatepass")
-    digest = hashlib.sha256(raw).hexdigest()
-    return f"{text[:limit]}…[truncated: {len(raw)} bytes, sha256 {digest}]"
+    size = len(text.encode("utf-8", "surrogatepass"))
+    return f"{text[:limit]}…[truncated: {size} bytes, sha256 {text_sha256(text)}]"

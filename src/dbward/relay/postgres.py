@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import logging
 import re
 import secrets
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
 from dbward.audit.records import AuditEvent, AuditRecord
 from dbward.audit.sink import HeldRecord
 from dbward.core.errors import AuditUnavailable, AuthenticationFailed, DbwardError, ProtocolError
-from dbward.core.text import capped, text_sha256
+from dbward.core.text import capped
 from dbward.core.types import (
     Decision,
     Identity,
@@ -492,7 +493,7 @@ class PgSession(asyncio.Protocol):
         # The last statement text hashed, and its SHA-256: a prepared statement executed again
         # is the same str object, so it is hashed once, not per Execute.
         self._hashed_text = ""
-        self._hashed_sha256 = text_sha256("")
+        self._hashed_sha256 = hashlib.sha256(b"").hexdigest()
         # ... and that text as logged (cut to audit.sql_text_max): one string shared by every
         # record of it. A fresh cut per record made a pipeline of 350,000 executions of a 32 KB
         # statement hold 4 KB per queued record (+740 MB for one session).
@@ -2255,7 +2256,7 @@ class PgSession(asyncio.Protocol):
                 self._conforming_strings = value == "on"
             elif name == "application_name":
                 # SET application_name mid-session: later records and decisions carry it
-                # (PostgreSQL takes any length here: the records keep it capped).
+                # (the records capped, as at login: PostgreSQL cuts it to 63 bytes itself).
                 context = self._context
                 if context is None or value != context.application_name:
                     self._application_name = capped(value)
@@ -2824,7 +2825,8 @@ class PgSession(asyncio.Protocol):
                 sql_text, sql_sha256 = self._hashed_cut, self._hashed_sha256
             else:
                 sql_text = text if len(text) <= cap else text[:cap]
-                sql_sha256 = text_sha256(text)
+                # As dbward.core.text.text_sha256, inline: this runs for every new text.
+                sql_sha256 = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
                 self._hashed_text, self._hashed_sha256 = text, sql_sha256
                 self._hashed_cut = sql_text
             detail = statement.error or ""
