@@ -742,6 +742,36 @@ def test_a_refused_startup_keeps_the_claimed_names_and_the_reason_cut(proxy: Pro
     assert all(_record_text(r) < 1000 for r in records), records
 
 
+def test_a_login_error_quoting_a_startup_value_is_kept_cut(proxy: Proxy) -> None:
+    """PostgreSQL's refusal of a startup parameter quotes the client's value (up to 10 KB);
+    the upstream_lost record keeps the start of the message, the client gets it whole."""
+    app = _app("datestyle")
+    value = "x" * 8000
+    with _connect_raw(proxy) as sock:
+        sock.sendall(
+            messages.startup_message(
+                {"user": "alice", "database": "app", "application_name": app, "DateStyle": value}
+            )
+        )
+        assert _read_message(sock)[0] == b"R"
+        client = ScramClient(USERS["alice"][0])
+        sock.sendall(messages.sasl_initial_response("SCRAM-SHA-256", client.client_first()))
+        _, payload = _read_message(sock)
+        sock.sendall(
+            messages.sasl_response(client.client_final(messages.parse_authentication(payload)[1]))
+        )
+        assert _read_message(sock)[0] == b"R"  # SASLFinal: dbward logged the client in
+        fields = _expect_fatal(sock)
+    assert fields["C"] == "22023" and value in fields["M"]
+    records = _session(proxy, app, _has_event(AuditEvent.DISCONNECT))
+    lost = next(r for r in records if r.event == AuditEvent.UPSTREAM_LOST)
+    assert lost.reason.startswith(
+        'the database refused the connection: invalid value for parameter "DateStyle": "xxx'
+    )
+    assert "…[truncated: " in lost.reason and len(lost.reason) < 700
+    assert all(_record_text(r) < 1000 for r in records), records
+
+
 def test_large_message_before_authentication_is_refused(proxy: Proxy) -> None:
     """Before login only small messages are accepted: no buffering for anonymous clients."""
     with _connect_raw(proxy) as sock:
