@@ -82,3 +82,20 @@ def test_multi_statement_string_keeps_statement_order_in_strict_mode(proxy: Prox
     by_id = outcomes(records)
     assert [by_id[(r.session_id, r.statement_id)].status for r in intents] == ["ok"] * 4
     assert by_id[(insert.session_id, insert.statement_id)].rows == 1
+
+
+def test_application_name_is_stored_cut_on_every_statement_record(proxy: Proxy) -> None:
+    """The application_name a client claims at login is repeated on every record of its
+    session: a long one is kept to 63 characters, the cut marked with its length and hash."""
+    claimed = app_name("huge-app") + "-" + "a" * 5000
+    with psycopg.connect(**proxy.conninfo(application_name=claimed), autocommit=True) as conn:
+        for i in range(3):
+            assert conn.execute("SELECT %s::int", (i,)).fetchone() == (i,)
+        # PostgreSQL itself keeps 63 bytes of it (NAMEDATALEN - 1).
+        assert conn.execute("SHOW application_name").fetchone() == (claimed[:63],)
+    raw = claimed.encode()
+    cut = f"{claimed[:63]}…[truncated: {len(raw)} bytes, sha256 {hashlib.sha256(raw).hexdigest()}]"
+    records = proxy.session_records(cut, until=has_disconnect)
+    assert [r.event for r in records][:2] == ["connect", "auth_ok"]
+    assert len(statements(records)) == 4
+    assert {r.application_name for r in records if r.event != "outcome"} == {cut}

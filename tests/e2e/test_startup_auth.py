@@ -6,6 +6,8 @@ leave the proxy serving the next client.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import socket
@@ -53,10 +55,12 @@ def _client_addr(sock: socket.socket) -> str:
     return f"{host}:{port}"
 
 
-def _scram_login(sock: socket.socket, user: str, password: str, app: str) -> dict[str, Any]:
+def _scram_login(
+    sock: socket.socket, user: str, password: str, app: str, database: str = "app"
+) -> dict[str, Any]:
     """Log in over an already-negotiated socket by hand; returns what the server announced."""
     sock.sendall(
-        messages.startup_message({"user": user, "database": "app", "application_name": app})
+        messages.startup_message({"user": user, "database": database, "application_name": app})
     )
     msg_type, payload = _read_message(sock)
     assert msg_type == b"R", (msg_type, payload)
@@ -679,6 +683,95 @@ def test_refused_startup_audit_names_the_claimed_user(proxy: Proxy) -> None:
     records = _session(proxy, app, _has_event(AuditEvent.PROTOCOL_ERROR))
     refusal = next(r for r in records if r.event == AuditEvent.PROTOCOL_ERROR)
     assert refusal.identity == "bob", refusal
+
+
+def _assert_cut(stored: str, claimed: str) -> None:
+    """`stored` is the start of `claimed`, marked as cut, with its length and SHA-256."""
+    raw = claimed.encode()
+    assert stored == (
+        f"{claimed[:63]}…[truncated: {len(raw)} bytes, sha256 {hashlib.sha256(raw).hexdigest()}]"
+    )
+
+
+def _record_text(record: AuditRecord) -> int:
+    return sum(len(v) for v in record if isinstance(v, str))
+
+
+def test_claimed_names_are_stored_cut_in_every_record(proxy: Proxy) -> None:
+    """Before logging in, a client may claim names up to the 10 KB startup packet: records
+    keep 63 characters of each, marked with the full length and SHA-256, not the whole names
+    in every record of the connection."""
+    user = "mallory\n\x1b[31m" + "é" * 2500  # 5 KB, with a newline and an ANSI escape
+    app = _app("huge") + "-" + "A" * 2000
+    database = "d" * 2000
+    with _connect_raw(proxy) as sock:
+        addr = _client_addr(sock)
+        answer = _scram_login(sock, user, "guess", app, database)
+        assert answer["error"]["C"] == "28P01", answer
+    records = _by_addr(proxy, addr, AuditEvent.DISCONNECT)
+    assert _events(records) == ["connect", "auth_fail", "disconnect"]
+    for record in records:
+        _assert_cut(record.identity, user)
+        _assert_cut(record.application_name, app)
+        _assert_cut(record.database, database)
+        assert _record_text(record) < 1000, record
+    # The readers show them bounded and escaped; the full name still finds them.
+    path = str(proxy.audit_path)
+    found = _dbward("audit", "search", "--audit-db", path, "--identity", user, "--json")
+    assert found.returncode == 0, found.stderr
+    lines = found.stdout.splitlines()
+    assert [json.loads(line)["client_addr"] for line in lines] == [addr] * 3
+    assert all(len(line) < 3000 for line in lines)
+    table = _dbward("audit", "search", "--audit-db", path, "--identity", user)
+    assert table.returncode == 0, table.stderr
+    assert "\x1b" not in table.stdout and "mallory\\n\\x1b" in table.stdout
+    assert len(table.stdout) < 3000
+    _assert_still_serving(proxy)
+
+
+def test_a_refused_startup_keeps_the_claimed_names_and_the_reason_cut(proxy: Proxy) -> None:
+    user = "u" * 3000
+    app = _app("huge-refused") + "-" + "B" * 2000
+    bad_name = "bad-" + "n" * 3000  # not a parameter name: refused, and quoted in the reason
+    fields, addr = _refused_raw(proxy, {"user": user, "application_name": app, bad_name: "1"})
+    assert fields["C"] == "28000"
+    assert len(fields["M"]) < 250
+    records = _by_addr(proxy, addr, AuditEvent.PROTOCOL_ERROR)
+    refusal = next(r for r in records if r.event == AuditEvent.PROTOCOL_ERROR)
+    _assert_cut(refusal.identity, user)
+    _assert_cut(refusal.application_name, app)
+    assert refusal.reason.startswith(f"invalid startup parameter name '{bad_name[:63]}…")
+    assert all(_record_text(r) < 1000 for r in records), records
+
+
+def test_a_login_error_quoting_a_startup_value_is_kept_cut(proxy: Proxy) -> None:
+    """PostgreSQL's refusal of a startup parameter quotes the client's value (up to 10 KB);
+    the upstream_lost record keeps the start of the message, the client gets it whole."""
+    app = _app("datestyle")
+    value = "x" * 8000
+    with _connect_raw(proxy) as sock:
+        sock.sendall(
+            messages.startup_message(
+                {"user": "alice", "database": "app", "application_name": app, "DateStyle": value}
+            )
+        )
+        assert _read_message(sock)[0] == b"R"
+        client = ScramClient(USERS["alice"][0])
+        sock.sendall(messages.sasl_initial_response("SCRAM-SHA-256", client.client_first()))
+        _, payload = _read_message(sock)
+        sock.sendall(
+            messages.sasl_response(client.client_final(messages.parse_authentication(payload)[1]))
+        )
+        assert _read_message(sock)[0] == b"R"  # SASLFinal: dbward logged the client in
+        fields = _expect_fatal(sock)
+    assert fields["C"] == "22023" and value in fields["M"]
+    records = _session(proxy, app, _has_event(AuditEvent.DISCONNECT))
+    lost = next(r for r in records if r.event == AuditEvent.UPSTREAM_LOST)
+    assert lost.reason.startswith(
+        'the database refused the connection: invalid value for parameter "DateStyle": "xxx'
+    )
+    assert "…[truncated: " in lost.reason and len(lost.reason) < 700
+    assert all(_record_text(r) < 1000 for r in records), records
 
 
 def test_large_message_before_authentication_is_refused(proxy: Proxy) -> None:

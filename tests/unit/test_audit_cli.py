@@ -167,6 +167,23 @@ def test_db_source_required(tmp_path: Path) -> None:
     assert code == 2
 
 
+def test_config_on_the_command_line_wins_over_the_audit_db_variable(
+    db: Path, tmp_path: Path
+) -> None:
+    """With DBWARD_AUDIT_DB exported, every documented `--config dbward.yaml` command was
+    refused as giving both ("give either --audit-db or --config, not both", exit 2)."""
+    config = tmp_path / "dbward.yaml"
+    config.write_text(
+        f"audit: {{path: {db}}}\nlisteners: [{{name: l, upstream: {{user: svc}}}}]\n",
+        encoding="utf-8",
+    )
+    runner = CliRunner()
+    env = {"DBWARD_AUDIT_DB": str(tmp_path / "elsewhere.db")}
+    result = runner.invoke(audit_group, ["tail", "--json", "--config", str(config)], env=env)
+    assert result.exit_code == 0, result.stderr
+    assert len(result.stdout.splitlines()) == 3
+
+
 def test_time_param() -> None:
     param = TimeParam(now_ms=lambda: 10_000_000_000)
     assert param.convert("15m", None, None) == 10_000_000_000 - 900_000

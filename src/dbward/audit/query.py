@@ -12,6 +12,7 @@ from pathlib import Path
 from dbward.audit.records import AuditEvent, AuditRecord
 from dbward.audit.sqlite import EmptyAuditDatabase, check_schema
 from dbward.core.errors import AuditUnavailable
+from dbward.core.text import capped
 
 __all__ = ["MAX_TS_MS", "MIN_TS_MS", "MalformedRecord", "follow", "open_readonly", "search", "tail"]
 
@@ -201,8 +202,15 @@ def search(
     where: list[str] = []
     params: list[object] = []
     if identity is not None:
-        where.append("identity = ?")
-        params.append(_as_stored(identity))
+        shown = capped(identity)
+        if shown == identity:
+            where.append("identity = ?")
+            params.append(_as_stored(identity))
+        else:
+            # A claimed name too long to be kept whole is stored cut (dbward.core.text): the
+            # full name finds it, and so does the stored form as a record shows it.
+            where.append("identity IN (?, ?)")
+            params += [_as_stored(identity), _as_stored(shown)]
     if session is not None:
         # A prefix search via range, so no LIKE wildcards from user input and the index is used.
         where.append("(session_id >= ? AND session_id < ?)")

@@ -84,7 +84,10 @@ def _fail(message: str) -> NoReturn:
 
 def _resolve_db(audit_db: Path | None, config_path: Path | None) -> Path:
     if audit_db is not None and config_path is not None:
-        raise click.UsageError("give either --audit-db or --config, not both")
+        source = click.get_current_context().get_parameter_source("audit_db")
+        if source is not click.core.ParameterSource.ENVIRONMENT:
+            raise click.UsageError("give either --audit-db or --config, not both")
+        audit_db = None  # --config on the command line wins over DBWARD_AUDIT_DB
     if audit_db is not None:
         return audit_db
     if config_path is None:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
 from dbward.audit.records import AuditEvent, AuditRecord
 from dbward.audit.sink import HeldRecord
 from dbward.core.errors import AuditUnavailable, AuthenticationFailed, DbwardError, ProtocolError
+from dbward.core.text import capped
 from dbward.core.types import (
     Decision,
     Identity,
@@ -1030,10 +1031,13 @@ class PgSession(asyncio.Protocol):
         self._framer.startup = False
         params = packet.params
         user = params.get("user", "")
-        # Known before any refusal, so every record of this connection says who claimed it.
-        self._claimed_user = user
-        self._application_name = params.get("application_name", "")
-        self._database = params.get("database") or services.settings.upstream.database
+        application_name = params.get("application_name", "")
+        database = params.get("database") or services.settings.upstream.database
+        # Known before any refusal, so every record of this connection says who claimed it;
+        # as the records keep them: each is the client's choice, up to 10 KB long.
+        self._claimed_user = capped(user)
+        self._application_name = capped(application_name)
+        self._database = capped(database)
         if services.logins is not None:
             # Before anything else costs dbward work, and before the connect record: a locked
             # out client's spray leaves one aggregated record per interval, not one per try.
@@ -1063,7 +1067,7 @@ class PgSession(asyncio.Protocol):
         encoding = params.get("client_encoding")
         if encoding is not None:
             self._set_encoding(encoding)
-        self._audit(AuditEvent.CONNECT, identity=user)
+        self._audit(AuditEvent.CONNECT)
         self._connect_audited = True
         identity = await self._authenticate(user)
         self._leave_unauthenticated()
@@ -1072,9 +1076,9 @@ class PgSession(asyncio.Protocol):
             session_id=self.session_id,
             identity=identity,
             listener=services.settings.name,
-            database=self._database,
+            database=database,
             client_addr=self.client_addr,
-            application_name=self._application_name,
+            application_name=application_name,
             service_role=services.settings.upstream.user,
         )
         self._audit(AuditEvent.AUTH_OK)
@@ -1168,13 +1172,13 @@ class PgSession(asyncio.Protocol):
                 if step.identity is not None:
                     return step.identity
         except AuthenticationFailed as exc:
-            self._failed_login(user, exc.message, counted=not gave_up)
+            self._failed_login(exc.message, counted=not gave_up)
             raise
         except ProtocolError as exc:
-            self._failed_login(user, exc.message)
+            self._failed_login(exc.message)
             raise AuthenticationFailed(exc.message) from None
 
-    def _failed_login(self, user: str, reason: str, *, counted: bool = True) -> None:
+    def _failed_login(self, reason: str, *, counted: bool = True) -> None:
         """A login failed (wrong password, unknown user, a malformed exchange): audited, and
         (unless the client gave up without trying a password) counted against its
         auth_fail_burst."""
@@ -1191,9 +1195,7 @@ class PgSession(asyncio.Protocol):
                     locked,
                     math.ceil(wait),
                 )
-        self._audit(
-            AuditEvent.AUTH_FAIL, identity=user, reason=reason, sqlstate="28P01", detail=detail
-        )
+        self._audit(AuditEvent.AUTH_FAIL, reason=reason, sqlstate="28P01", detail=detail)
 
     def _refuse_if_throttled(self, logins: LoginThrottle) -> None:
         """Refuse a login from a client that spent its failed-login budget (LoginThrottledError,
@@ -2342,11 +2344,14 @@ class PgSession(asyncio.Protocol):
                 self._escalation = f"the database session's authorization changed to {value!r}"
             elif name == "standard_conforming_strings":
                 self._conforming_strings = value == "on"
-            elif name == "application_name" and value != self._application_name:
-                # SET application_name mid-session: later records and decisions carry it.
-                self._application_name = value
-                if self._context is not None:
-                    self._context = replace(self._context, application_name=value)
+            elif name == "application_name":
+                # SET application_name mid-session: later records and decisions carry it
+                # (the records capped, as at login: PostgreSQL cuts it to 63 bytes itself).
+                context = self._context
+                if context is None or value != context.application_name:
+                    self._application_name = capped(value)
+                    if context is not None:
+                        self._context = replace(context, application_name=value)
             return None
         if msg_type == 0x41 and payload is not None:  # NotificationResponse
             # Process id, channel, payload: two strings ending the body. libpq reads a string
@@ -2910,6 +2915,7 @@ class PgSession(asyncio.Protocol):
                 sql_text, sql_sha256 = self._hashed_cut, self._hashed_sha256
             else:
                 sql_text = text if len(text) <= cap else text[:cap]
+                # As dbward.core.text.text_sha256, inline: this runs for every new text.
                 sql_sha256 = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
                 self._hashed_text, self._hashed_sha256 = text, sql_sha256
                 self._hashed_cut = sql_text

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 from dbward.core.errors import DbwardError
+from dbward.core.text import capped
 
 # Parameters whose only purpose is to become someone else: never forwarded, refused outright.
 _REFUSED = {"role", "session_authorization"}
@@ -69,7 +70,9 @@ def _check_options(options: str) -> None:
             setting = word[2:]
         else:
             # Other postgres switches (-d, -e, -B ...) have no business in a client connection.
-            raise StartupRefusedError(f"startup option {word!r} is not allowed through dbward")
+            raise StartupRefusedError(
+                f"startup option {capped(word)!r} is not allowed through dbward"
+            )
         name, _, value = setting.partition("=")
         name = _guc_name(name)
         if name in _REFUSED:
@@ -102,12 +105,13 @@ def upstream_parameters(params: dict[str, str], default_database: str) -> dict[s
             continue
         if lowered in _REFUSED:
             raise StartupRefusedError(
-                f"dbward: startup parameter '{name}' is not allowed (role switching is refused)"
+                f"dbward: startup parameter {capped(name)!r} is not allowed "
+                "(role switching is refused)"
             )
         if name.startswith("_pq_."):
             continue  # protocol extensions dbward does not negotiate
         if not _NAME.match(name):
-            raise StartupRefusedError(f"invalid startup parameter name {name!r}")
+            raise StartupRefusedError(f"invalid startup parameter name {capped(name)!r}")
         if lowered == "options":
             _check_options(value)
         _check_string_syntax(lowered, value)

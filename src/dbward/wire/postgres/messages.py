@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Final, Literal
 
 from dbward.core.errors import ProtocolError
+from dbward.core.text import capped
 from dbward.wire.postgres.framing import (
     CANCEL_REQUEST_CODE,
     GSSENC_REQUEST_CODE,
@@ -280,7 +281,7 @@ def parse_startup_packet(
             raise reader.fail(f"more than {MAX_STARTUP_PARAMS} parameters")
         name = _decode(name_raw, "utf-8", reader.what)
         if name in params:
-            raise reader.fail(f"duplicate parameter {name!r}")
+            raise reader.fail(f"duplicate parameter {capped(name)!r}")
         params[name] = reader.cstring("utf-8")
     # PostgreSQL: "expected terminator as last byte"; anything after it is a layout error.
     reader.end()

@@ -1,0 +1,38 @@
+"""Client text as dbward keeps it: hashed, and cut to a bound where a client chooses its length."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Final
+
+__all__ = ["CLAIMED_TEXT_MAX", "capped", "text_sha256"]
+
+# What an audit record (and a log line or refusal message) keeps of a name a client claims:
+# its user name, database and application_name, a startup parameter's name or option. That is
+# PostgreSQL's NAMEDATALEN - 1, which it counts in bytes; counted here in characters, as
+# dbward's own user names are (at most 63 characters), so a configured name is always kept
+# whole. Before logging in, a client may otherwise claim up to 10 KB per name, written into
+# every record of its connection.
+CLAIMED_TEXT_MAX: Final = 63
+
+
+def text_sha256(text: str) -> str:
+    """SHA-256 hex of client text as UTF-8 (lone surrogates encoded as they are, never an
+    error): `sql_sha256` of a statement, and the hash a cut name carries."""
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def capped(text: str, limit: int = CLAIMED_TEXT_MAX) -> str:
+    """`text` if it has at most `limit` characters, else its first `limit` characters and a
+    marker with the full length in UTF-8 bytes and the SHA-256 of the full text:
+    `name…[truncated: 10240 bytes, sha256 <64 hex digits>]`.
+
+    The cut falls between characters, so the result is valid text wherever the input was. The
+    marker alone is longer than CLAIMED_TEXT_MAX, so at that limit a stored value is a cut one
+    exactly when it is longer than the limit: a client cannot forge the marker in a name it
+    claims.
+    """
+    if len(text) <= limit:
+        return text
+    size = len(text.encode("utf-8", "surrogatepass"))
+    return f"{text[:limit]}…[truncated: {size} bytes, sha256 {text_sha256(text)}]"
