@@ -93,16 +93,28 @@ def _query(proxy: Proxy, app: str) -> psycopg.Error:
     return caught.value
 
 
-def _lost_reason(proxy: Proxy, app: str, status: str = "unknown") -> str:
-    """The reason of the session's `upstream_lost` record; its statement's outcome is `status`."""
+def _lost_reason(proxy: Proxy, app: str, status: str | None = None) -> str:
+    """The reason of the session's one `upstream_lost` record (SQLSTATE 08006); its (first)
+    statement's outcome is `status`, unless that is None."""
     records = proxy.session_records(
         app, until=lambda rs: any(r.event == AuditEvent.DISCONNECT for r in rs)
     )
     lost = [r for r in records if r.event == AuditEvent.UPSTREAM_LOST]
     assert len(lost) == 1, [(r.event, r.reason) for r in records]
-    statement = next(r for r in records if r.event == AuditEvent.STATEMENT)
-    assert statement.status == status, statement
+    assert lost[0].sqlstate == "08006", lost[0]
+    if status is not None:
+        statement = next(r for r in records if r.event == AuditEvent.STATEMENT)
+        assert statement.status == status, statement
     return lost[0].reason
+
+
+def _assert_invalid_message_ended(proxy: Proxy, app: str, status: str | None = None) -> None:
+    """The session `app` was ended for an invalid message from the database, and only it: the
+    audit says so, the log has no traceback, the proxy still runs."""
+    assert _lost_reason(proxy, app, status) == "the database sent an invalid message"
+    log = proxy.log()
+    assert "Traceback" not in log and "Fatal error" not in log, log[-3000:]
+    assert proxy.process.poll() is None
 
 
 @pytest.mark.parametrize(
@@ -117,11 +129,8 @@ def test_invalid_upstream_message_ends_the_session_cleanly(
     assert "the database sent an invalid message" in str(error), error
     # A ReadyForQuery comes after the statement's CommandComplete: that outcome stands.
     status = "ok" if kind.endswith("-ready") else "unknown"
-    assert _lost_reason(proxy, app, status) == "the database sent an invalid message"
-    log = proxy.log()
-    assert "Traceback" not in log and "Fatal error on transport" not in log, log[-3000:]
+    _assert_invalid_message_ended(proxy, app, status)
     assert not server.errors
-    assert proxy.process.poll() is None
 
 
 def test_row_cut_off_by_the_database_is_not_spliced_with_an_error(
@@ -135,7 +144,7 @@ def test_row_cut_off_by_the_database_is_not_spliced_with_an_error(
     assert isinstance(error, psycopg.OperationalError), error
     assert "lost synchronization" not in str(error), error
     assert "server closed the connection unexpectedly" in str(error), error
-    assert _lost_reason(proxy, app) == "dbward: lost the connection to the database"
+    assert _lost_reason(proxy, app, "unknown") == "dbward: lost the connection to the database"
 
 
 # ------------------------------------------------------------------ TLS to the database
@@ -680,20 +689,9 @@ def test_a_database_answering_the_copy_probe_wrongly_ends_the_session_cleanly(
         session.close()
         assert kinds == expected, kinds
         assert probe[-3:] == [b"S", b"C", b"S"], probe
-        assert _lost_reason_any(proxy, app) == "the database sent an invalid message"
-        log = proxy.log()
-        assert "Traceback" not in log and "Fatal error" not in log, log[-3000:]
+        _assert_invalid_message_ended(proxy, app)
     finally:
         stop_proxy(proxy)
-
-
-def _lost_reason_any(proxy: Proxy, app: str) -> str:
-    records = proxy.session_records(
-        app, until=lambda rs: any(r.event == AuditEvent.DISCONNECT for r in rs)
-    )
-    lost = [r for r in records if r.event == AuditEvent.UPSTREAM_LOST]
-    assert len(lost) == 1, [(r.event, r.reason) for r in records]
-    return lost[0].reason
 
 
 def _peak_rss_mb(pid: int) -> float:
@@ -870,6 +868,7 @@ def test_a_cancel_for_a_login_without_a_cancel_key_fails_cleanly(
 _QUERY = messages.query("SELECT 1")
 _PARSE = messages.parse_message("", "SELECT 1")
 _COMPLETE = messages.command_complete("SELECT 1")
+_IDLE = _COMPLETE + _READY  # the Query answered: nothing is in flight after it
 
 
 @pytest.mark.parametrize(
@@ -910,12 +909,13 @@ def test_a_reply_postgresql_never_sends_ends_the_session(
 ) -> None:
     """Replies to nothing the client sent, or malformed for their type, were forwarded: the
     client (and dbward's tracking of what it owes) lost step with PostgreSQL. They end the
-    session as any invalid message from the database: what came before goes on, then FATAL."""
+    session as any invalid message from the database: what came before goes on, then FATAL.
+    The next session is served as usual."""
 
     def script(conn: HostileConn) -> None:
         conn.login()
         conn.read_message()
-        conn.send(answer)
+        conn.send(_IDLE if b"still-served" in conn.startup else answer)
         conn.idle_until_closed()
 
     tls_server.script = script
@@ -935,11 +935,13 @@ def test_a_reply_postgresql_never_sends_ends_the_session(
             pass
         session.close()
         assert kinds == [*before, b"E"], kinds
-        assert "the database sent an invalid message" in str(
-            messages.parse_error_fields(payload)
-        ), payload
-        assert _lost_reason_any(proxy, app) == "the database sent an invalid message"
-        log = proxy.log()
-        assert "Traceback" not in log and "Fatal error" not in log, log[-3000:]
+        fields = messages.parse_error_fields(payload)
+        assert (fields["S"], fields["C"]) == ("FATAL", "08006"), fields
+        assert "the database sent an invalid message" in fields["M"], fields
+        _assert_invalid_message_ended(proxy, app)
+        served = RawSession(proxy, app_name("still-served"))
+        assert [kind for kind, _ in served.send(_QUERY)] == [b"C", b"Z"]
+        served.close()
+        assert not tls_server.errors
     finally:
         stop_proxy(proxy)
