@@ -892,6 +892,13 @@ _IDLE = _COMPLETE + _READY  # the Query answered: nothing is in flight after it
         # A notification whose payload string has no terminator (libpq reads on into the next
         # message).
         (_QUERY, _frame(b"A", b"\x00\x00\x00\x01chan\x00x") + _COMPLETE + _READY, []),
+        # Notices malformed as the notification is (libpq: "lost synchronization with
+        # server"): a field with no terminator, no final terminator, an empty field type
+        # before the end; one arriving while idle is checked the same.
+        (_QUERY, _COMPLETE + _frame(b"N", b"SNOTICE\0C00000\0Mhi") + _READY, [b"C"]),
+        (_QUERY, _COMPLETE + _frame(b"N", b"SNOTICE\0C00000\0Mhi\0") + _READY, [b"C"]),
+        (_QUERY, _frame(b"N", b"SNOTICE\0\0Mhi\0\0") + _IDLE, []),
+        (_QUERY, _IDLE + _frame(b"N", b""), [b"C", b"Z"]),
     ],
     ids=[
         "ready-while-idle",
@@ -902,6 +909,10 @@ _IDLE = _COMPLETE + _READY  # the Query answered: nothing is in flight after it
         "function-call-response",
         "parse-complete-with-body",
         "notification-unterminated",
+        "notice-unterminated",
+        "notice-without-end",
+        "notice-empty-field-type",
+        "notice-empty-while-idle",
     ],
 )
 def test_a_reply_postgresql_never_sends_ends_the_session(

@@ -2263,6 +2263,11 @@ class PgSession(asyncio.Protocol):
             if channel_end < 0 or payload.find(b"\x00", channel_end + 1) != len(payload) - 1:
                 raise ProtocolError("invalid NotificationResponse message")
             return None
+        if msg_type == 0x4E and payload is not None:  # NoticeResponse
+            # The fields of an ErrorResponse: one with a field or the list unterminated, which
+            # libpq takes for lost synchronization, is not forwarded as if it were whole.
+            messages.error_essentials(payload, "NoticeResponse")
+            return None
         if msg_type in _NEVER_AFTER_LOGIN:
             # PostgreSQL sends R, K and v only while logging in: a server asking the client for
             # a password (or handing it its own cancel key) now is not to be obeyed. W starts
