@@ -869,6 +869,7 @@ _QUERY = messages.query("SELECT 1")
 _PARSE = messages.parse_message("", "SELECT 1")
 _COMPLETE = messages.command_complete("SELECT 1")
 _IDLE = _COMPLETE + _READY  # the Query answered: nothing is in flight after it
+_COPY_OUT_RESPONSE = _frame(b"H", b"\x00\x00\x01\x00\x00")  # text, one column
 
 
 @pytest.mark.parametrize(
@@ -899,6 +900,22 @@ _IDLE = _COMPLETE + _READY  # the Query answered: nothing is in flight after it
         (_QUERY, _COMPLETE + _frame(b"N", b"SNOTICE\0C00000\0Mhi\0") + _READY, [b"C"]),
         (_QUERY, _frame(b"N", b"SNOTICE\0\0Mhi\0\0") + _IDLE, []),
         (_QUERY, _IDLE + _frame(b"N", b""), [b"C", b"Z"]),
+        # A COPY TO STDOUT nobody asked for (no Query or Execute first in line), and the end
+        # of one: the client would take the copy for its next command's answer.
+        (_QUERY, _IDLE + _COPY_OUT_RESPONSE, [b"C", b"Z"]),
+        (_PARSE + messages.flush(), _COPY_OUT_RESPONSE, []),
+        (_QUERY, _IDLE + _frame(b"c", b""), [b"C", b"Z"]),
+        # Describe's replies with no Describe first in line (a RowDescription also answers a
+        # Query: refused only with nothing in flight).
+        (_QUERY, _frame(b"t", b"\x00\x00") + _IDLE, []),
+        (_QUERY, _frame(b"n", b"") + _IDLE, []),
+        (_QUERY, _IDLE + _ROW_DESCRIPTION, [b"C", b"Z"]),
+        # Replies to Parse, Bind, Close and Execute with nothing in flight.
+        (_QUERY, _IDLE + _frame(b"1", b""), [b"C", b"Z"]),
+        (_QUERY, _IDLE + _frame(b"2", b""), [b"C", b"Z"]),
+        (_QUERY, _IDLE + _CLOSE_COMPLETE, [b"C", b"Z"]),
+        (_QUERY, _IDLE + _frame(b"s", b""), [b"C", b"Z"]),
+        (_QUERY, _IDLE + _frame(b"I", b""), [b"C", b"Z"]),
     ],
     ids=[
         "ready-while-idle",
@@ -913,6 +930,17 @@ _IDLE = _COMPLETE + _READY  # the Query answered: nothing is in flight after it
         "notice-without-end",
         "notice-empty-field-type",
         "notice-empty-while-idle",
+        "copy-out-while-idle",
+        "copy-out-to-a-parse",
+        "copy-done-while-idle",
+        "parameter-description-unasked",
+        "no-data-unasked",
+        "row-description-while-idle",
+        "parse-complete-while-idle",
+        "bind-complete-while-idle",
+        "close-complete-while-idle",
+        "portal-suspended-while-idle",
+        "empty-query-while-idle",
     ],
 )
 def test_a_reply_postgresql_never_sends_ends_the_session(
