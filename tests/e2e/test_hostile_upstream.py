@@ -916,6 +916,13 @@ _COPY_OUT_RESPONSE = _frame(b"H", b"\x00\x00\x01\x00\x00")  # text, one column
         (_QUERY, _IDLE + _CLOSE_COMPLETE, [b"C", b"Z"]),
         (_QUERY, _IDLE + _frame(b"s", b""), [b"C", b"Z"]),
         (_QUERY, _IDLE + _frame(b"I", b""), [b"C", b"Z"]),
+        # ... and with something else first in line: a BindComplete taken for the Parse's
+        # answer (dbward held the statement prepared), a Query's replies taken for a Parse's.
+        (_PARSE + messages.flush(), _frame(b"2", b""), []),
+        (_QUERY, _frame(b"1", b"") + _IDLE, []),
+        (_PARSE + messages.flush(), _COMPLETE, []),
+        (_PARSE + messages.flush(), _frame(b"I", b""), []),
+        (_QUERY, _frame(b"s", b"") + _IDLE, []),
     ],
     ids=[
         "ready-while-idle",
@@ -941,6 +948,11 @@ _COPY_OUT_RESPONSE = _frame(b"H", b"\x00\x00\x01\x00\x00")  # text, one column
         "close-complete-while-idle",
         "portal-suspended-while-idle",
         "empty-query-while-idle",
+        "bind-complete-for-a-parse",
+        "parse-complete-for-a-query",
+        "complete-for-a-parse",
+        "empty-query-for-a-parse",
+        "portal-suspended-for-a-query",
     ],
 )
 def test_a_reply_postgresql_never_sends_ends_the_session(
