@@ -93,16 +93,28 @@ def _query(proxy: Proxy, app: str) -> psycopg.Error:
     return caught.value
 
 
-def _lost_reason(proxy: Proxy, app: str, status: str = "unknown") -> str:
-    """The reason of the session's `upstream_lost` record; its statement's outcome is `status`."""
+def _lost_reason(proxy: Proxy, app: str, status: str | None = None) -> str:
+    """The reason of the session's one `upstream_lost` record (SQLSTATE 08006); its (first)
+    statement's outcome is `status`, unless that is None."""
     records = proxy.session_records(
         app, until=lambda rs: any(r.event == AuditEvent.DISCONNECT for r in rs)
     )
     lost = [r for r in records if r.event == AuditEvent.UPSTREAM_LOST]
     assert len(lost) == 1, [(r.event, r.reason) for r in records]
-    statement = next(r for r in records if r.event == AuditEvent.STATEMENT)
-    assert statement.status == status, statement
+    assert lost[0].sqlstate == "08006", lost[0]
+    if status is not None:
+        statement = next(r for r in records if r.event == AuditEvent.STATEMENT)
+        assert statement.status == status, statement
     return lost[0].reason
+
+
+def _assert_invalid_message_ended(proxy: Proxy, app: str, status: str | None = None) -> None:
+    """The session `app` was ended for an invalid message from the database, and only it: the
+    audit says so, the log has no traceback, the proxy still runs."""
+    assert _lost_reason(proxy, app, status) == "the database sent an invalid message"
+    log = proxy.log()
+    assert "Traceback" not in log and "Fatal error" not in log, log[-3000:]
+    assert proxy.process.poll() is None
 
 
 @pytest.mark.parametrize(
@@ -117,11 +129,8 @@ def test_invalid_upstream_message_ends_the_session_cleanly(
     assert "the database sent an invalid message" in str(error), error
     # A ReadyForQuery comes after the statement's CommandComplete: that outcome stands.
     status = "ok" if kind.endswith("-ready") else "unknown"
-    assert _lost_reason(proxy, app, status) == "the database sent an invalid message"
-    log = proxy.log()
-    assert "Traceback" not in log and "Fatal error on transport" not in log, log[-3000:]
+    _assert_invalid_message_ended(proxy, app, status)
     assert not server.errors
-    assert proxy.process.poll() is None
 
 
 def test_row_cut_off_by_the_database_is_not_spliced_with_an_error(
@@ -135,7 +144,7 @@ def test_row_cut_off_by_the_database_is_not_spliced_with_an_error(
     assert isinstance(error, psycopg.OperationalError), error
     assert "lost synchronization" not in str(error), error
     assert "server closed the connection unexpectedly" in str(error), error
-    assert _lost_reason(proxy, app) == "dbward: lost the connection to the database"
+    assert _lost_reason(proxy, app, "unknown") == "dbward: lost the connection to the database"
 
 
 # ------------------------------------------------------------------ TLS to the database
@@ -680,20 +689,9 @@ def test_a_database_answering_the_copy_probe_wrongly_ends_the_session_cleanly(
         session.close()
         assert kinds == expected, kinds
         assert probe[-3:] == [b"S", b"C", b"S"], probe
-        assert _lost_reason_any(proxy, app) == "the database sent an invalid message"
-        log = proxy.log()
-        assert "Traceback" not in log and "Fatal error" not in log, log[-3000:]
+        _assert_invalid_message_ended(proxy, app)
     finally:
         stop_proxy(proxy)
-
-
-def _lost_reason_any(proxy: Proxy, app: str) -> str:
-    records = proxy.session_records(
-        app, until=lambda rs: any(r.event == AuditEvent.DISCONNECT for r in rs)
-    )
-    lost = [r for r in records if r.event == AuditEvent.UPSTREAM_LOST]
-    assert len(lost) == 1, [(r.event, r.reason) for r in records]
-    return lost[0].reason
 
 
 def _peak_rss_mb(pid: int) -> float:
@@ -870,6 +868,8 @@ def test_a_cancel_for_a_login_without_a_cancel_key_fails_cleanly(
 _QUERY = messages.query("SELECT 1")
 _PARSE = messages.parse_message("", "SELECT 1")
 _COMPLETE = messages.command_complete("SELECT 1")
+_IDLE = _COMPLETE + _READY  # the Query answered: nothing is in flight after it
+_COPY_OUT_RESPONSE = _frame(b"H", b"\x00\x00\x01\x00\x00")  # text, one column
 
 
 @pytest.mark.parametrize(
@@ -893,6 +893,36 @@ _COMPLETE = messages.command_complete("SELECT 1")
         # A notification whose payload string has no terminator (libpq reads on into the next
         # message).
         (_QUERY, _frame(b"A", b"\x00\x00\x00\x01chan\x00x") + _COMPLETE + _READY, []),
+        # Notices malformed as the notification is (libpq: "lost synchronization with
+        # server"): a field with no terminator, no final terminator, an empty field type
+        # before the end; one arriving while idle is checked the same.
+        (_QUERY, _COMPLETE + _frame(b"N", b"SNOTICE\0C00000\0Mhi") + _READY, [b"C"]),
+        (_QUERY, _COMPLETE + _frame(b"N", b"SNOTICE\0C00000\0Mhi\0") + _READY, [b"C"]),
+        (_QUERY, _frame(b"N", b"SNOTICE\0\0Mhi\0\0") + _IDLE, []),
+        (_QUERY, _IDLE + _frame(b"N", b""), [b"C", b"Z"]),
+        # A COPY TO STDOUT nobody asked for (no Query or Execute first in line), and the end
+        # of one: the client would take the copy for its next command's answer.
+        (_QUERY, _IDLE + _COPY_OUT_RESPONSE, [b"C", b"Z"]),
+        (_PARSE + messages.flush(), _COPY_OUT_RESPONSE, []),
+        (_QUERY, _IDLE + _frame(b"c", b""), [b"C", b"Z"]),
+        # Describe's replies with no Describe first in line (a RowDescription also answers a
+        # Query: refused only with nothing in flight).
+        (_QUERY, _frame(b"t", b"\x00\x00") + _IDLE, []),
+        (_QUERY, _frame(b"n", b"") + _IDLE, []),
+        (_QUERY, _IDLE + _ROW_DESCRIPTION, [b"C", b"Z"]),
+        # Replies to Parse, Bind, Close and Execute with nothing in flight.
+        (_QUERY, _IDLE + _frame(b"1", b""), [b"C", b"Z"]),
+        (_QUERY, _IDLE + _frame(b"2", b""), [b"C", b"Z"]),
+        (_QUERY, _IDLE + _CLOSE_COMPLETE, [b"C", b"Z"]),
+        (_QUERY, _IDLE + _frame(b"s", b""), [b"C", b"Z"]),
+        (_QUERY, _IDLE + _frame(b"I", b""), [b"C", b"Z"]),
+        # ... and with something else first in line: a BindComplete taken for the Parse's
+        # answer (dbward held the statement prepared), a Query's replies taken for a Parse's.
+        (_PARSE + messages.flush(), _frame(b"2", b""), []),
+        (_QUERY, _frame(b"1", b"") + _IDLE, []),
+        (_PARSE + messages.flush(), _COMPLETE, []),
+        (_PARSE + messages.flush(), _frame(b"I", b""), []),
+        (_QUERY, _frame(b"s", b"") + _IDLE, []),
     ],
     ids=[
         "ready-while-idle",
@@ -903,6 +933,26 @@ _COMPLETE = messages.command_complete("SELECT 1")
         "function-call-response",
         "parse-complete-with-body",
         "notification-unterminated",
+        "notice-unterminated",
+        "notice-without-end",
+        "notice-empty-field-type",
+        "notice-empty-while-idle",
+        "copy-out-while-idle",
+        "copy-out-to-a-parse",
+        "copy-done-while-idle",
+        "parameter-description-unasked",
+        "no-data-unasked",
+        "row-description-while-idle",
+        "parse-complete-while-idle",
+        "bind-complete-while-idle",
+        "close-complete-while-idle",
+        "portal-suspended-while-idle",
+        "empty-query-while-idle",
+        "bind-complete-for-a-parse",
+        "parse-complete-for-a-query",
+        "complete-for-a-parse",
+        "empty-query-for-a-parse",
+        "portal-suspended-for-a-query",
     ],
 )
 def test_a_reply_postgresql_never_sends_ends_the_session(
@@ -910,12 +960,13 @@ def test_a_reply_postgresql_never_sends_ends_the_session(
 ) -> None:
     """Replies to nothing the client sent, or malformed for their type, were forwarded: the
     client (and dbward's tracking of what it owes) lost step with PostgreSQL. They end the
-    session as any invalid message from the database: what came before goes on, then FATAL."""
+    session as any invalid message from the database: what came before goes on, then FATAL.
+    The next session is served as usual."""
 
     def script(conn: HostileConn) -> None:
         conn.login()
         conn.read_message()
-        conn.send(answer)
+        conn.send(_IDLE if b"still-served" in conn.startup else answer)
         conn.idle_until_closed()
 
     tls_server.script = script
@@ -935,11 +986,13 @@ def test_a_reply_postgresql_never_sends_ends_the_session(
             pass
         session.close()
         assert kinds == [*before, b"E"], kinds
-        assert "the database sent an invalid message" in str(
-            messages.parse_error_fields(payload)
-        ), payload
-        assert _lost_reason_any(proxy, app) == "the database sent an invalid message"
-        log = proxy.log()
-        assert "Traceback" not in log and "Fatal error" not in log, log[-3000:]
+        fields = messages.parse_error_fields(payload)
+        assert (fields["S"], fields["C"]) == ("FATAL", "08006"), fields
+        assert "the database sent an invalid message" in fields["M"], fields
+        _assert_invalid_message_ended(proxy, app)
+        served = RawSession(proxy, app_name("still-served"))
+        assert [kind for kind, _ in served.send(_QUERY)] == [b"C", b"Z"]
+        served.close()
+        assert not tls_server.errors
     finally:
         stop_proxy(proxy)

@@ -338,7 +338,7 @@ BACKEND_MESSAGES = st.one_of(
     st.binary(max_size=20).map(lambda b: frame(b"H", b)),
 )
 
-PAYLOAD_TYPES = set(b"CEZSKRAGHWv")
+PAYLOAD_TYPES = set(b"CEZSKRAGHWvN")
 
 
 def scan_all(

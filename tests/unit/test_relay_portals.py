@@ -21,7 +21,8 @@ def _bind_execute(portal: str, rows: int = 10) -> bytes:
 
 
 PARSED = m._frame(b"1", b"") + m.ready_for_query(b"I")
-SUSPENDED = m._frame(b"2", b"") + m.data_row([b"1"]) + m._frame(b"s", b"")
+FETCHED = m.data_row([b"1"]) + m._frame(b"s", b"")  # an Execute's reply, the portal suspended
+SUSPENDED = m._frame(b"2", b"") + FETCHED  # a Bind's and an Execute's
 
 
 def _prepare(session: PgSession) -> None:
@@ -50,7 +51,7 @@ def test_portals_live_until_the_transaction_ends() -> None:
     upstream.written.clear()
     session.data_received(m.execute_message("c1", 10) + m.sync())
     assert m.execute_message("c1", 10) in upstream.written  # forwarded, not refused
-    session._on_upstream_data(SUSPENDED + m.ready_for_query(b"T"))
+    session._on_upstream_data(FETCHED + m.ready_for_query(b"T"))
     session.data_received(m.query("COMMIT"))
     session._on_upstream_data(m.command_complete("COMMIT") + m.ready_for_query(b"I"))
     assert session._portals == {}
@@ -67,7 +68,7 @@ def test_a_portal_bound_after_the_sync_survives_its_ready_for_query() -> None:
     upstream.written.clear()
     session.data_received(m.execute_message("p2", 10) + m.sync())
     assert upstream.written == m.execute_message("p2", 10) + m.sync()
-    session._on_upstream_data(m._frame(b"2", b"") + SUSPENDED + m.ready_for_query(b"I"))
+    session._on_upstream_data(SUSPENDED + m.ready_for_query(b"I"))
     assert session._portals == {}
     denied = [r for r in sink.records if r.decision == "deny"]
     assert denied == []

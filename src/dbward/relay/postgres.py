@@ -313,6 +313,26 @@ _PARTIAL_ALWAYS_FITS: Final = 1024 * 1024
 # Authentication, BackendKeyData, NegotiateProtocolVersion: PostgreSQL sends them only at login;
 # CopyBothResponse and FunctionCallResponse answer what dbward never lets through.
 _NEVER_AFTER_LOGIN: Final = frozenset(b"RKvWV")
+# Names of the replies refused when nothing asked for them, and of what they answer, for the
+# log.
+_REPLY_NAMES: Final = {
+    0x31: "ParseComplete",
+    0x32: "BindComplete",
+    0x33: "CloseComplete",
+    0x49: "EmptyQueryResponse",
+    0x73: "PortalSuspended",
+    0x48: "CopyOutResponse",
+    0x63: "CopyDone",
+}
+# The op each of ParseComplete, BindComplete, CloseComplete answers.
+_COMPLETES: Final = {0x31: _OP_PARSE, 0x32: _OP_BIND, 0x33: _OP_CLOSE}
+_REQUESTS: Final = {
+    0x31: "Parse",
+    0x32: "Bind",
+    0x33: "Close",
+    0x49: "Query or Execute",
+    0x73: "Execute",
+}
 _LINGER_S: Final = 2.0  # how long a refused client that is still sending is read and ignored
 _READ_KIND: Final = StatementKind.READ
 # Statements that may commit the implicit transaction they run in (a procedure's COMMIT), and
@@ -2164,7 +2184,7 @@ class PgSession(asyncio.Protocol):
         position = 0
         ops = self._ops
         for msg_type, start, end, payload in events:
-            if msg_type == 0x54 and not (ops and ops[0].code == _OP_DESCRIBE):
+            if msg_type == 0x54 and ops and ops[0].code != _OP_DESCRIBE:
                 continue  # RowDescription answering a query, not a Describe: nothing to track
             try:
                 replacement = self._on_backend_message(msg_type, payload)
@@ -2241,6 +2261,10 @@ class PgSession(asyncio.Protocol):
                     if op.tracked:
                         for item in op.tracked:
                             self._record_outcome(item, status, "", rows)
+                else:
+                    # A Parse, Bind, Describe, ... is owed its reply first: this completes
+                    # nothing the client sent (it would take it for that reply).
+                    raise ProtocolError("CommandComplete with no Query or Execute first in line")
                 return None
             # Nothing in flight: PostgreSQL completes only what it was sent. Forwarded, it
             # would report to the client a command it never sent (libpq drops it as arriving
@@ -2288,9 +2312,12 @@ class PgSession(asyncio.Protocol):
                 return self._on_probe_reply(msg_type, payload)
             return self._on_error(payload)
         if msg_type in (0x31, 0x32, 0x33):  # ParseComplete, BindComplete, CloseComplete
-            if msg_type == 0x33 and ops and ops[0].code == _OP_PROBE:
-                return self._on_probe_reply(msg_type, payload)
-            if ops and ops[0].code in (_OP_PARSE, _OP_BIND, _OP_CLOSE):
+            if not ops:
+                # Forwarded, it would answer the client's next Parse, Bind or Close before
+                # PostgreSQL had (and a Query's replies would be taken for the one after).
+                raise ProtocolError(f"{_REPLY_NAMES[msg_type]} with nothing in flight")
+            code = ops[0].code
+            if code == _COMPLETES[msg_type]:
                 definition = ops.popleft().definition
                 if definition is not None:  # it succeeded: its definition holds
                     definition.settled = True
@@ -2299,28 +2326,44 @@ class PgSession(asyncio.Protocol):
                     )
                     if pending.get(definition.name) is definition:
                         del pending[definition.name]
-            return None
+                return None
+            if msg_type == 0x33 and code == _OP_PROBE:
+                return self._on_probe_reply(msg_type, payload)
+            # Something else is owed its reply first (a BindComplete taken for a Parse's would
+            # have dbward hold as prepared a statement PostgreSQL may have refused).
+            raise ProtocolError(f"{_REPLY_NAMES[msg_type]} answering no {_REQUESTS[msg_type]}")
         if msg_type in (0x54, 0x6E):  # RowDescription, NoData
             if ops and ops[0].code == _OP_DESCRIBE:
                 ops.popleft()
-            return None
+                return None
+            # NoData answers only a Describe. A RowDescription also answers a Query: one gets
+            # here only with nothing in flight (see _on_upstream_data).
+            if msg_type == 0x54:
+                raise ProtocolError("RowDescription with nothing in flight")
+            raise ProtocolError("NoData with no Describe in flight")
         if msg_type in (0x49, 0x73):  # EmptyQueryResponse, PortalSuspended
-            if ops:
-                op = ops[0]
-                if op.code == _OP_EXECUTE:
-                    ops.popleft()
-                    suspended = msg_type == 0x73
-                    returned = op.max_rows if suspended else 0
-                    for item in op.tracked or ():
-                        # INSERT/UPDATE/DELETE ... RETURNING ran whole at the first Execute: the
-                        # limit counts the rows returned so far, not the rows changed (unknown).
-                        changed = suspended and item.statement.kind is not StatementKind.READ
-                        self._record_outcome(
-                            item,
-                            "suspended" if suspended else "empty",
-                            "",
-                            None if changed else returned,
-                        )
+            if not ops:
+                raise ProtocolError(f"{_REPLY_NAMES[msg_type]} with nothing in flight")
+            op = ops[0]
+            if op.code != _OP_EXECUTE:
+                # An empty query string's answer, to a Query or an Execute; PortalSuspended
+                # answers an Execute only.
+                if msg_type == 0x49 and op.code == _OP_QUERY:
+                    return None
+                raise ProtocolError(f"{_REPLY_NAMES[msg_type]} answering no {_REQUESTS[msg_type]}")
+            ops.popleft()
+            suspended = msg_type == 0x73
+            returned = op.max_rows if suspended else 0
+            for item in op.tracked or ():
+                # INSERT/UPDATE/DELETE ... RETURNING ran whole at the first Execute: the
+                # limit counts the rows returned so far, not the rows changed (unknown).
+                changed = suspended and item.statement.kind is not StatementKind.READ
+                self._record_outcome(
+                    item,
+                    "suspended" if suspended else "empty",
+                    "",
+                    None if changed else returned,
+                )
             return None
         if msg_type == 0x47:  # CopyInResponse
             # The next COPY FROM STDIN of the op being answered starts (a Query may hold
@@ -2360,6 +2403,21 @@ class PgSession(asyncio.Protocol):
             if channel_end < 0 or payload.find(b"\x00", channel_end + 1) != len(payload) - 1:
                 raise ProtocolError("invalid NotificationResponse message")
             return None
+        if msg_type == 0x4E and payload is not None:  # NoticeResponse
+            # The fields of an ErrorResponse: one with a field or the list unterminated, which
+            # libpq takes for lost synchronization, is not forwarded as if it were whole.
+            messages.error_essentials(payload, "NoticeResponse")
+            return None
+        if msg_type in (0x48, 0x63):  # CopyOutResponse, CopyDone
+            # A COPY TO STDOUT starts and ends only inside a Query or an Execute: one nobody
+            # asked for would be taken for the answer to the client's next command.
+            if ops and ops[0].code in (_OP_QUERY, _OP_EXECUTE):
+                return None
+            raise ProtocolError(f"{_REPLY_NAMES[msg_type]} with no Query or Execute in flight")
+        if msg_type == 0x74:  # ParameterDescription: answers a Describe of a statement only
+            if ops and ops[0].code == _OP_DESCRIBE:
+                return None  # its RowDescription or NoData follows
+            raise ProtocolError("ParameterDescription with no Describe in flight")
         if msg_type in _NEVER_AFTER_LOGIN:
             # PostgreSQL sends R, K and v only while logging in: a server asking the client for
             # a password (or handing it its own cancel key) now is not to be obeyed. W starts

@@ -36,9 +36,10 @@ BACKEND_TYPES: Final = frozenset(b"RKSZTDCENAGHWdc123ntIsVv")
 
 _DATA_ROW: Final = ord("D")
 _COPY_DATA: Final = ord("d")
-# Backend messages whose body the relay needs; others are reported without copying the body
-# (a NoticeResponse can quote a value as large as an error's).
-_PAYLOAD_TYPES: Final = frozenset(b"CEZSKRAGHWv")
+# Backend messages whose body the relay needs (to track or to check); others are reported
+# without copying the body. A NoticeResponse can quote a value as large as an error's; its body
+# is checked all the same (a malformed one ends the session, as a malformed error does).
+_PAYLOAD_TYPES: Final = frozenset(b"CEZSKRAGHWvN")
 
 # Backend messages that never have a body: ParseComplete, BindComplete, CloseComplete, NoData,
 # EmptyQueryResponse, PortalSuspended, CopyDone (libpq refuses one with a body).

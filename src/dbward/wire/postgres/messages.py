@@ -495,25 +495,28 @@ def parse_error_fields(payload: bytes) -> dict[str, str]:
     return fields
 
 
-def error_essentials(payload: bytes) -> tuple[str, str]:
+def error_essentials(payload: bytes, what: str = "ErrorResponse") -> tuple[str, str]:
     """ErrorResponse: (severity, SQLSTATE 'C'), the relay's per-error path. The severity is
     the untranslated 'V' field when there is one (PostgreSQL 9.6+), else 'S', which follows
     lc_messages ("FATAL" may arrive as "ВАЖНО"). Accepts what `parse_error_fields` accepts,
     without copying or decoding the other fields: an error can quote a value of up to 1 GB
-    (`select repeat('x', n)::int`), which decoding cost twice its size again."""
+    (`select repeat('x', n)::int`), which decoding cost twice its size again.
+
+    NoticeResponse has the same body (`what` names the message in the ProtocolError): the
+    relay checks notices with this too."""
     severity = sqlstate = ""
     untranslated: str | None = None
     size = len(payload)
     pos = 0
     while True:
         if pos >= size:
-            raise ProtocolError("invalid ErrorResponse message: truncated")
+            raise ProtocolError(f"invalid {what} message: truncated")
         code = payload[pos]
         if code == 0:
             break
         end = payload.find(b"\x00", pos + 1)
         if end < 0:
-            raise ProtocolError("invalid ErrorResponse message: string is not NUL-terminated")
+            raise ProtocolError(f"invalid {what} message: string is not NUL-terminated")
         if code == 0x53:  # S
             severity = payload[pos + 1 : end].decode("utf-8", "replace")
         elif code == 0x56:  # V
@@ -522,9 +525,7 @@ def error_essentials(payload: bytes) -> tuple[str, str]:
             sqlstate = payload[pos + 1 : end].decode("utf-8", "replace")
         pos = end + 1
     if pos + 1 != size:
-        raise ProtocolError(
-            f"invalid ErrorResponse message: {size - pos - 1} unexpected trailing bytes"
-        )
+        raise ProtocolError(f"invalid {what} message: {size - pos - 1} unexpected trailing bytes")
     return (untranslated if untranslated is not None else severity), sqlstate
 
 
