@@ -62,6 +62,24 @@ def test_failures_beyond_the_budget_are_owed() -> None:
     assert throttle.retry_after("192.0.2.1", T0 + 12.0) == 0.0
 
 
+def test_a_step_holds_a_token_kept_if_it_fails_given_back_if_not() -> None:
+    """A login step (its password checked) spends a token first: the failure is counted as
+    the password is checked, so logins begun together get no more checks than the budget."""
+    throttle = LoginThrottle(burst=2, rate_per_s=0.5)
+    table = throttle._buckets._buckets
+    assert throttle.reserve("192.0.2.1", T0) and throttle.reserve("192.0.2.1", T0)
+    assert not throttle.reserve("192.0.2.1", T0)  # two steps under way: nothing left
+    throttle.release("192.0.2.1", T0)  # one did not fail
+    assert throttle.reserve("192.0.2.1", T0)
+    assert throttle.retry_after("192.0.2.1", T0) == pytest.approx(2.0)
+    # Steps that all succeed leave nothing behind: the table holds clients that spent.
+    assert throttle.reserve("192.0.2.9", T0)
+    throttle.release("192.0.2.9", T0)
+    assert "192.0.2.9" not in table
+    throttle.release("192.0.2.10", T0)  # forgotten meanwhile: nothing to give back to
+    assert "192.0.2.10" not in table
+
+
 def test_one_ipv6_64_is_one_address() -> None:
     throttle = LoginThrottle(burst=2, rate_per_s=0.1)
     throttle.failed("2001:db8:1:2::1", T0)

@@ -90,6 +90,16 @@ class ClientBuckets:
         self._store(key, tokens, now)
         return self._wait(tokens)
 
+    def refund(self, client_host: str, now: float) -> None:
+        """Give back a token taken for something that did not spend it after all; a client
+        whose bucket is full again leaves the table."""
+        key = client_key(client_host)
+        if key not in self._buckets:
+            return  # forgotten meanwhile: it has a full bucket
+        tokens = self._tokens(key, now) + 1.0
+        if tokens < self._burst:
+            self._store(key, tokens, now)
+
     def wait_s(self, client_host: str, now: float) -> float:
         """Seconds until the client has a token (0.0: it has one now); spends nothing. A
         client that is waiting is seen again: its entry is not the next to be forgotten."""
@@ -204,6 +214,18 @@ class LoginThrottle:
         """Count a failed login; returns the seconds until the client may try again (0.0:
         it still may)."""
         return self._buckets.charge(client_host, time.monotonic() if now is None else now)
+
+    def reserve(self, client_host: str, now: float | None = None) -> bool:
+        """Spend a token for a step of a login (its password checked, perhaps) if the client
+        has one (False: nothing spent, refuse it). The token is the failure's if the step
+        fails, else give it back (release): while a password is being checked its failure is
+        already counted, so logins begun together cannot have more passwords checked than
+        the client's budget."""
+        return self._buckets.take(client_host, time.monotonic() if now is None else now)
+
+    def release(self, client_host: str, now: float | None = None) -> None:
+        """Give back the token of a login step that did not fail (see reserve)."""
+        self._buckets.refund(client_host, time.monotonic() if now is None else now)
 
     def refused(self, record: AuditRecord, now: float | None = None) -> tuple[int, float | None]:
         """Count a refused login: see RefusalReport.refused."""
