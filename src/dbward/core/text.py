@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from typing import Final
 
-__all__ = ["CLAIMED_TEXT_MAX", "capped", "text_sha256"]
+__all__ = ["CLAIMED_TEXT_MAX", "QUOTED_ERROR_MAX", "capped", "text_sha256"]
 
 # What an audit record (and a log line or refusal message) keeps of a name a client claims:
 # its user name, database and application_name, a startup parameter's name or option. That is
@@ -14,6 +14,10 @@ __all__ = ["CLAIMED_TEXT_MAX", "capped", "text_sha256"]
 # whole. Before logging in, a client may otherwise claim up to 10 KB per name, written into
 # every record of its connection.
 CLAIMED_TEXT_MAX: Final = 63
+# What an audit record and the log keep of an error message that can quote client text at
+# any length: the database's refusal of a login (a startup value), the parser's message (an
+# unterminated string quotes the rest of the statement, up to max_statement_bytes).
+QUOTED_ERROR_MAX: Final = 512
 
 
 def text_sha256(text: str) -> str:

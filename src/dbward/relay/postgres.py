@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Final, NoReturn, TypeVar, cast
 from dbward.audit.records import AuditEvent, AuditRecord
 from dbward.audit.sink import HeldRecord
 from dbward.core.errors import AuditUnavailable, AuthenticationFailed, DbwardError, ProtocolError
-from dbward.core.text import capped
+from dbward.core.text import QUOTED_ERROR_MAX, capped
 from dbward.core.types import (
     Decision,
     Identity,
@@ -2954,7 +2954,10 @@ class PgSession(asyncio.Protocol):
                 sql_sha256 = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
                 self._hashed_text, self._hashed_sha256 = text, sql_sha256
                 self._hashed_cut = sql_text
-            detail = statement.error or ""
+            # The parser's message can quote the rest of the text (an unterminated string),
+            # dbward's the name of a portal it never saw: kept to their start, as sql_text is.
+            error = statement.error
+            detail = capped(error, QUOTED_ERROR_MAX) if error else ""
         return AuditRecord(
             AuditEvent.STATEMENT,
             int(self.services.clock() * 1000),
