@@ -1089,3 +1089,39 @@ def test_logins_begun_together_get_no_more_guesses_than_the_budget(
         ("28P01", "SCRAM proof is invalid", "locked out: logins from 127.0.0.1 refused for 100 s"),
     ]
     assert sum(r.event == AuditEvent.CONNECT for r in records) == 8
+
+
+def test_a_login_error_quoting_a_startup_value_cannot_forge_log_lines(proxy: Proxy) -> None:
+    """PostgreSQL quotes a refused startup value as the client sent it, newlines included:
+    dbward's log is one line per event, so they are escaped there (the audit record keeps the
+    text as it is; its readers escape it)."""
+    app = _app("datestyle-newline")
+    forged = f"FORGED-{uuid.uuid4().hex} ERROR dbward.server: listener main: this line is forged"
+    with _connect_raw(proxy) as sock:
+        sock.sendall(
+            messages.startup_message(
+                {
+                    "user": "alice",
+                    "database": "app",
+                    "application_name": app,
+                    "DateStyle": f"x\n{forged}\r\x1b[2K",
+                }
+            )
+        )
+        assert _read_message(sock)[0] == b"R"
+        client = ScramClient(USERS["alice"][0])
+        sock.sendall(messages.sasl_initial_response("SCRAM-SHA-256", client.client_first()))
+        _, payload = _read_message(sock)
+        sock.sendall(
+            messages.sasl_response(client.client_final(messages.parse_authentication(payload)[1]))
+        )
+        assert _read_message(sock)[0] == b"R"
+        assert _expect_fatal(sock)["C"] == "22023"
+    records = _session(proxy, app, _has_event(AuditEvent.UPSTREAM_LOST))
+    assert any(forged in r.reason for r in records if r.event == AuditEvent.UPSTREAM_LOST)
+    deadline = time.monotonic() + 5
+    while forged not in proxy.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    lines = [line for line in proxy.log().splitlines() if forged in line]
+    assert len(lines) == 1 and "upstream refused" in lines[0], lines
+    assert "\\n" + forged + "\\r\\x1b[2K" in lines[0] and "\x1b" not in lines[0], lines

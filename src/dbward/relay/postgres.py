@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Final, NoReturn, TypeVar, cast
 from dbward.audit.records import AuditEvent, AuditRecord
 from dbward.audit.sink import HeldRecord
 from dbward.core.errors import AuditUnavailable, AuthenticationFailed, DbwardError, ProtocolError
-from dbward.core.text import QUOTED_ERROR_MAX, capped
+from dbward.core.text import QUOTED_ERROR_MAX, capped, one_line
 from dbward.core.types import (
     Decision,
     Identity,
@@ -971,7 +971,8 @@ class PgSession(asyncio.Protocol):
             )
             self._fatal(exc.sqlstate, exc.message)
         except UpstreamError as exc:
-            log.warning("session %s: upstream refused: %s", self.session_id, exc.message)
+            # The database's message can quote a startup value as the client sent it.
+            log.warning("session %s: upstream refused: %s", self.session_id, one_line(exc.message))
             self._audit(AuditEvent.UPSTREAM_LOST, reason=exc.message, sqlstate=exc.sqlstate)
             if exc.frame is not None and self.transport is not None:
                 self.transport.write(exc.frame)
