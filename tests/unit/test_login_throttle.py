@@ -286,3 +286,43 @@ def test_a_client_that_gives_up_before_trying_a_password_is_not_counted(how: str
     assert [r.sqlstate for r in sink.records if r.event == AuditEvent.AUTH_FAIL][-1] == "28P01"
     assert services.logins is not None
     assert services.logins.retry_after("192.0.2.5") == 0.0  # one failure of two
+
+
+class _Settled:
+    """A session the drain ends at once."""
+
+    def request_shutdown(self) -> None: ...
+
+    def force_close(self) -> None: ...
+
+
+def test_a_refusal_after_the_drain_reported_is_written_at_once() -> None:
+    """A connection over max_connections is not among the sessions a drain ends: it can send
+    its StartupMessage after the drain wrote the held refusals, and its refusal was held for
+    a report 10 s later, after dbward had exited."""
+    sink = MemorySink()
+    services = _services(sink, _CountingAuthenticator())
+
+    async def run() -> None:
+        for i in range(2):
+            await _login(services, "192.0.2.5", f"fail{i}")
+        await _login(services, "192.0.2.5", "refused-before")  # reported at once
+        services.settings = services.settings.model_copy(update={"max_connections": 1})
+        services.sessions.add(_Settled())  # type: ignore[arg-type]
+        transport = PeerTransport("192.0.2.5")
+        late = PgSession(services)
+        late.connection_made(transport)  # type: ignore[arg-type]
+        assert late not in services.sessions  # over max_connections: refused at its startup
+        await PgListener(services).drain(0)
+        late.data_received(messages.startup_message({"user": "alice", "application_name": "late"}))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert transport.closed
+        late.connection_lost(None)
+
+    asyncio.run(run())
+    refusals = [r for r in sink.records if r.sqlstate == "28000"]
+    assert [(r.application_name, r.detail) for r in refusals] == [
+        ("refused-before", "refused=1"),
+        ("late", "refused=1"),
+    ]

@@ -1249,6 +1249,10 @@ class PgSession(asyncio.Protocol):
         refused, report_in = logins.refused(record)
         if refused:
             _report_refused_logins(self.services, record, refused)
+        elif self.services.draining:
+            # The drain may have written the held refusals already (a connection over
+            # max_connections is not among the sessions it ends): a timer would fire too late.
+            report_held_logins(self.services, logins)
         elif report_in is not None:
             asyncio.get_running_loop().call_later(
                 report_in, report_held_logins, self.services, logins
