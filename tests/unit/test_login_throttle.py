@@ -17,7 +17,13 @@ from dbward.identity.base import AuthExchange
 from dbward.identity.local import LocalAuthenticator
 from dbward.relay import services as services_module
 from dbward.relay.postgres import PgSession
-from dbward.relay.services import CancelRegistry, ListenerServices, LoginThrottle, login_throttle
+from dbward.relay.services import (
+    CancelRegistry,
+    ListenerServices,
+    LoginThrottle,
+    client_key,
+    login_throttle,
+)
 from dbward.server.listener import PgListener
 from dbward.sql.postgres import PostgresClassifier
 from dbward.wire.postgres import messages
@@ -326,3 +332,19 @@ def test_a_refusal_after_the_drain_reported_is_written_at_once() -> None:
         ("refused-before", "refused=1"),
         ("late", "refused=1"),
     ]
+
+
+def test_an_ipv6_address_carrying_an_ipv4_one_is_that_ipv4_address() -> None:
+    """IPv4 clients translated into the NAT64 prefix all fell in one /64: one guesser locked
+    every IPv4 client out. A 6to4 host has a /48 (65,536 /64s, each with a fresh budget) for
+    its one IPv4 address."""
+    assert client_key("64:ff9b::192.0.2.1") == "192.0.2.1"
+    assert client_key("2002:c000:201:ffff::9") == "192.0.2.1"
+    assert client_key("2001:0:4136:e378:8000:63bf:3fff:fdd2") == "192.0.2.45"  # Teredo
+    assert client_key("2001:db8:1:2::1") == "2001:db8:1:2::/64"
+    throttle = LoginThrottle(burst=1, rate_per_s=0.001)
+    throttle.failed("64:ff9b::192.0.2.1", T0)
+    assert throttle.retry_after("64:ff9b::192.0.2.2", T0) == 0.0  # another IPv4 client
+    assert throttle.retry_after("192.0.2.1", T0) > 0
+    throttle.failed("2002:c633:6401:1::1", T0)  # 198.51.100.1 over 6to4
+    assert throttle.retry_after("2002:c633:6401:2::1", T0) > 0  # another /64 of its /48

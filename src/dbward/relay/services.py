@@ -30,6 +30,9 @@ _REPORT_INTERVAL_S = 10.0  # refused attempts: at most one report (log line, rec
 
 _T = TypeVar("_T")
 
+# The NAT64 well-known prefix 64:ff9b::/96, as the address's top 96 bits.
+_NAT64_PREFIX = int(ipaddress.IPv6Address("64:ff9b::")) >> 32
+
 
 def client_key(client_host: str) -> str:
     """Whose budget (cancel attempts, connections before login) a client spends: an IPv4
@@ -38,6 +41,10 @@ def client_key(client_host: str) -> str:
     One host usually holds a whole IPv6 /64 (SLAAC, privacy addresses, a /64 per VM or
     container), so counting each IPv6 address on its own let one client take a fresh budget
     for every guess, and its spray evicted everyone else's from the table.
+
+    An IPv6 address that carries a client's IPv4 address is that IPv4 address: all IPv4
+    clients translated into the NAT64 prefix share one /64 (so one of them would spend the
+    budget of all), and a 6to4 host holds a whole /48 (65,536 /64s) for its one IPv4 address.
     """
     try:
         address = ipaddress.ip_address(client_host)
@@ -46,8 +53,15 @@ def client_key(client_host: str) -> str:
     if isinstance(address, ipaddress.IPv6Address):
         if address.ipv4_mapped is not None:  # ::ffff:a.b.c.d on a dual-stack socket
             return str(address.ipv4_mapped)
+        value = int(address)
+        if value >> 32 == _NAT64_PREFIX:  # 64:ff9b::a.b.c.d (RFC 6052, SIIT, NAT64)
+            return str(ipaddress.IPv4Address(value & 0xFFFFFFFF))
+        if address.sixtofour is not None:  # 2002:a.b.c.d::/48
+            return str(address.sixtofour)
+        if address.teredo is not None:  # 2001::/32: the client's public IPv4 address
+            return str(address.teredo[1])
         # From the integer: a scoped address (fe80::1%eth0) cannot be formatted back.
-        return str(ipaddress.IPv6Network((int(address) >> 64 << 64, 64)))
+        return str(ipaddress.IPv6Network((value >> 64 << 64, 64)))
     return client_host
 
 
