@@ -1172,7 +1172,9 @@ class PgSession(asyncio.Protocol):
                 if logins is not None:
                     # Checked at each step, not only at the StartupMessage: logins begun
                     # together while the address had budget would each have their password
-                    # checked. A step that fails keeps its token: the failure's.
+                    # checked. A step that fails keeps its token: the failure's. (The local
+                    # SCRAM steps never await, so no two steps hold tokens at once; an
+                    # authenticator whose steps await would hold one per login in flight.)
                     if not logins.reserve(self._client_host):
                         self._throttled_in_exchange(logins)
                     reserved = True
