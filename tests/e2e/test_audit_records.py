@@ -9,8 +9,10 @@ from concurrent.futures import ThreadPoolExecutor
 import psycopg
 
 from dbward.audit.records import AuditRecord
+from dbward.wire.postgres import messages
 from fixtures.clients import app_name, has_disconnect, is_outcome, outcomes, statements
 from fixtures.proxy import Proxy
+from fixtures.raw import RawSession
 
 
 def _intent(records: list[AuditRecord], needle: str) -> AuditRecord | None:
@@ -99,3 +101,38 @@ def test_application_name_is_stored_cut_on_every_statement_record(proxy: Proxy) 
     assert [r.event for r in records][:2] == ["connect", "auth_ok"]
     assert len(statements(records)) == 4
     assert {r.application_name for r in records if r.event != "outcome"} == {cut}
+
+
+def _record_text(record: AuditRecord) -> int:
+    return sum(len(v) for v in record if isinstance(v, str)) + sum(map(len, record.tables))
+
+
+def test_client_names_and_parser_errors_are_kept_bounded_after_login(proxy: Proxy) -> None:
+    """sql_text is cut at sql_text_max, but the record's detail held the parser's message or
+    dbward's own whole: an unterminated string quotes the rest of the statement (up to
+    max_statement_bytes, 16 MB), and a Bind or Execute of a name dbward never saw quoted the
+    name (up to a message's size). They are kept to their start, like a claimed name."""
+    app = app_name("bounded-after-login")
+    session = RawSession(proxy, app)
+    try:
+        big = 200_000
+        replies = session.query("SELECT 'never closed " + "q" * big)
+        errors = [messages.parse_error_fields(p) for t, p in replies if t == b"E"]
+        assert len(errors) == 1 and errors[0]["C"] == "42501", errors
+        assert len(errors[0]["M"]) < 500, len(errors[0]["M"])
+        replies = session.send(messages.execute_message("p" * 60_000) + messages.sync())
+        errors = [messages.parse_error_fields(p) for t, p in replies if t == b"E"]
+        assert len(errors) == 1 and errors[0]["C"] == "42501", errors
+        assert len(errors[0]["M"]) < 500, len(errors[0]["M"])
+        assert session.query("SELECT 1")[-1][0] == b"Z"
+    finally:
+        session.close()
+    records = proxy.session_records(app, until=has_disconnect)
+    intents = statements(records)
+    assert [r.decision for r in intents] == ["deny", "deny", "allow"], intents
+    unterminated, portal = intents[0].detail, intents[1].detail
+    assert unterminated.startswith("""unterminated quoted string at or near "'never closed qqq""")
+    assert portal.startswith("portal 'pppp")
+    assert all("…[truncated: " in text for text in (unterminated, portal))
+    for record in records:
+        assert _record_text(record) < 6000, (record.event, record.command, len(record.detail))

@@ -1039,3 +1039,89 @@ def test_an_address_that_fails_too_many_logins_is_refused_for_a_while(
 
 def _refused_count(record: AuditRecord) -> int:
     return int(record.detail.removeprefix("refused=")) if record.sqlstate == "28000" else 0
+
+
+def _begin_scram(sock: socket.socket, user: str, app: str) -> tuple[ScramClient, bytes]:
+    """StartupMessage and client-first over `sock`: the client and the server-first data."""
+    sock.sendall(
+        messages.startup_message({"user": user, "database": "app", "application_name": app})
+    )
+    msg_type, payload = _read_message(sock)
+    assert msg_type == b"R", (msg_type, payload)
+    client = ScramClient("not-the-password")
+    sock.sendall(messages.sasl_initial_response("SCRAM-SHA-256", client.client_first()))
+    msg_type, payload = _read_message(sock)
+    assert msg_type == b"R", (msg_type, payload)
+    return client, messages.parse_authentication(payload)[1]
+
+
+def test_logins_begun_together_get_no_more_guesses_than_the_budget(
+    proxy_factory: Callable[..., Proxy],
+) -> None:
+    """The budget was checked when a login began and a failure counted when it ended: a
+    guesser that began many logins at once (up to max_unauthenticated_per_host, 128) had every
+    one of their passwords checked, 128 guesses where auth_fail_burst allows 10. A password is
+    checked only while the address has budget left; the others are refused (28000) unchecked."""
+    throttled = proxy_factory(listener={"auth_fail_burst": 2, "auth_fail_rate_per_s": 0.01})
+    app = _app("race")
+    socks = [_connect_from(throttled, "127.0.0.1") for _ in range(8)]
+    try:
+        begun = [_begin_scram(sock, "alice", f"{app}-{i}") for i, sock in enumerate(socks)]
+        # Every login is past the check at its StartupMessage: now all the proofs at once.
+        for sock, (client, server_first) in zip(socks, begun, strict=True):
+            sock.sendall(messages.sasl_response(client.client_final(server_first)))
+        codes = [_expect_fatal(sock)["C"] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+    assert sorted(codes) == ["28000"] * 6 + ["28P01"] * 2, codes
+    # Each of them has its connect record, and its own auth_fail saying which it was.
+    records = throttled.audit(
+        until=lambda rs: sum(r.event == AuditEvent.DISCONNECT for r in rs) >= 8, timeout=10
+    )
+    fails = sorted(
+        (r.sqlstate, r.reason, r.detail) for r in records if r.event == AuditEvent.AUTH_FAIL
+    )
+    assert fails == [
+        ("28000", "too many failed logins from this client address (auth_fail_burst)", "")
+    ] * 6 + [
+        ("28P01", "SCRAM proof is invalid", ""),
+        ("28P01", "SCRAM proof is invalid", "locked out: logins from 127.0.0.1 refused for 100 s"),
+    ]
+    assert sum(r.event == AuditEvent.CONNECT for r in records) == 8
+
+
+def test_a_login_error_quoting_a_startup_value_cannot_forge_log_lines(proxy: Proxy) -> None:
+    """PostgreSQL quotes a refused startup value as the client sent it, newlines included:
+    dbward's log is one line per event, so they are escaped there (the audit record keeps the
+    text as it is; its readers escape it)."""
+    app = _app("datestyle-newline")
+    forged = f"FORGED-{uuid.uuid4().hex} ERROR dbward.server: listener main: this line is forged"
+    with _connect_raw(proxy) as sock:
+        sock.sendall(
+            messages.startup_message(
+                {
+                    "user": "alice",
+                    "database": "app",
+                    "application_name": app,
+                    "DateStyle": f"x\n{forged}\r\x1b[2K",
+                }
+            )
+        )
+        assert _read_message(sock)[0] == b"R"
+        client = ScramClient(USERS["alice"][0])
+        sock.sendall(messages.sasl_initial_response("SCRAM-SHA-256", client.client_first()))
+        _, payload = _read_message(sock)
+        sock.sendall(
+            messages.sasl_response(client.client_final(messages.parse_authentication(payload)[1]))
+        )
+        assert _read_message(sock)[0] == b"R"
+        assert _expect_fatal(sock)["C"] == "22023"
+    records = _session(proxy, app, _has_event(AuditEvent.UPSTREAM_LOST))
+    assert any(forged in r.reason for r in records if r.event == AuditEvent.UPSTREAM_LOST)
+    deadline = time.monotonic() + 5
+    while forged not in proxy.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    lines = [line for line in proxy.log().splitlines() if forged in line]
+    assert len(lines) == 1 and "upstream refused" in lines[0], lines
+    assert "\\n" + forged + "\\r\\x1b[2K" in lines[0] and "\x1b" not in lines[0], lines

@@ -619,3 +619,25 @@ def test_a_reset_during_the_tls_handshake_frees_its_slots(
     else:
         pytest.fail(f"still refused after the resets: {last}")
     assert "cannot reach the database" not in small.log()
+
+
+def test_libpq_sslmode_prefer_tries_a_failed_login_twice_on_an_optional_listener(
+    proxy_factory: Callable[..., Proxy], test_ca: TestCA
+) -> None:
+    """libpq's default sslmode=prefer (and allow) tries a login that failed over TLS again in
+    plaintext where the listener allows it: one mistyped password is two failed logins against
+    auth_fail_burst (docs/configuration.md says so; sslmode=require tries once)."""
+    optional = proxy_factory(tls=_client_tls(test_ca, "optional"))
+    app = _app("prefer-retry")
+    for mode in ("prefer", "require"):
+        with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+            _connect(optional, f"{app}-{mode}", password="not-the-password", sslmode=mode)
+
+    def fails(records: list[AuditRecord], mode: str) -> int:
+        return sum(
+            r.event == AuditEvent.AUTH_FAIL and r.application_name == f"{app}-{mode}"
+            for r in records
+        )
+
+    records = optional.audit(until=lambda rs: fails(rs, "require") == 1)
+    assert (fails(records, "prefer"), fails(records, "require")) == (2, 1)

@@ -16,7 +16,7 @@ from dbward.audit.records import AuditEvent, AuditRecord
 from dbward.audit.render import escape_text
 from dbward.audit.sqlite import SqliteAuditSink
 from dbward.core.errors import ProtocolError
-from dbward.core.text import CLAIMED_TEXT_MAX, capped, text_sha256
+from dbward.core.text import CLAIMED_TEXT_MAX, capped, one_line, text_sha256
 from dbward.relay.startup import StartupRefusedError, upstream_parameters
 from dbward.wire.postgres import messages
 
@@ -137,3 +137,10 @@ def test_search_finds_a_cut_identity_by_the_full_name_or_as_stored(tmp_path: Pat
         found = query.search(path, identity=asked)
         assert [r.identity for r in found] == [capped(claimed)]
     assert query.search(path, identity=claimed[:63]) == []  # exact, not a prefix
+
+
+def test_one_line_escapes_what_would_begin_or_rewrite_a_log_line() -> None:
+    assert one_line("a\nb\r\x1b[2K\x85\u2028\u2029\x7f\t\x00") == (
+        "a\\nb\\r\\x1b[2K\\x85\\u2028\\u2029\\x7f\\t\\x00"
+    )
+    assert one_line("plain text, é, 日本") == "plain text, é, 日本"

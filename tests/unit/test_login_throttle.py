@@ -17,7 +17,13 @@ from dbward.identity.base import AuthExchange
 from dbward.identity.local import LocalAuthenticator
 from dbward.relay import services as services_module
 from dbward.relay.postgres import PgSession
-from dbward.relay.services import CancelRegistry, ListenerServices, LoginThrottle, login_throttle
+from dbward.relay.services import (
+    CancelRegistry,
+    ListenerServices,
+    LoginThrottle,
+    client_key,
+    login_throttle,
+)
 from dbward.server.listener import PgListener
 from dbward.sql.postgres import PostgresClassifier
 from dbward.wire.postgres import messages
@@ -60,6 +66,24 @@ def test_failures_beyond_the_budget_are_owed() -> None:
     assert waits[-1] == pytest.approx(12.0)  # 5 owed + 1 to try again, at 0.5/s
     assert throttle.retry_after("192.0.2.1", T0 + 11.0) == pytest.approx(1.0)
     assert throttle.retry_after("192.0.2.1", T0 + 12.0) == 0.0
+
+
+def test_a_step_holds_a_token_kept_if_it_fails_given_back_if_not() -> None:
+    """A login step (its password checked) spends a token first: the failure is counted as
+    the password is checked, so logins begun together get no more checks than the budget."""
+    throttle = LoginThrottle(burst=2, rate_per_s=0.5)
+    table = throttle._buckets._buckets
+    assert throttle.reserve("192.0.2.1", T0) and throttle.reserve("192.0.2.1", T0)
+    assert not throttle.reserve("192.0.2.1", T0)  # two steps under way: nothing left
+    throttle.release("192.0.2.1", T0)  # one did not fail
+    assert throttle.reserve("192.0.2.1", T0)
+    assert throttle.retry_after("192.0.2.1", T0) == pytest.approx(2.0)
+    # Steps that all succeed leave nothing behind: the table holds clients that spent.
+    assert throttle.reserve("192.0.2.9", T0)
+    throttle.release("192.0.2.9", T0)
+    assert "192.0.2.9" not in table
+    throttle.release("192.0.2.10", T0)  # forgotten meanwhile: nothing to give back to
+    assert "192.0.2.10" not in table
 
 
 def test_one_ipv6_64_is_one_address() -> None:
@@ -268,3 +292,59 @@ def test_a_client_that_gives_up_before_trying_a_password_is_not_counted(how: str
     assert [r.sqlstate for r in sink.records if r.event == AuditEvent.AUTH_FAIL][-1] == "28P01"
     assert services.logins is not None
     assert services.logins.retry_after("192.0.2.5") == 0.0  # one failure of two
+
+
+class _Settled:
+    """A session the drain ends at once."""
+
+    def request_shutdown(self) -> None: ...
+
+    def force_close(self) -> None: ...
+
+
+def test_a_refusal_after_the_drain_reported_is_written_at_once() -> None:
+    """A connection over max_connections is not among the sessions a drain ends: it can send
+    its StartupMessage after the drain wrote the held refusals, and its refusal was held for
+    a report 10 s later, after dbward had exited."""
+    sink = MemorySink()
+    services = _services(sink, _CountingAuthenticator())
+
+    async def run() -> None:
+        for i in range(2):
+            await _login(services, "192.0.2.5", f"fail{i}")
+        await _login(services, "192.0.2.5", "refused-before")  # reported at once
+        services.settings = services.settings.model_copy(update={"max_connections": 1})
+        services.sessions.add(_Settled())  # type: ignore[arg-type]
+        transport = PeerTransport("192.0.2.5")
+        late = PgSession(services)
+        late.connection_made(transport)  # type: ignore[arg-type]
+        assert late not in services.sessions  # over max_connections: refused at its startup
+        await PgListener(services).drain(0)
+        late.data_received(messages.startup_message({"user": "alice", "application_name": "late"}))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert transport.closed
+        late.connection_lost(None)
+
+    asyncio.run(run())
+    refusals = [r for r in sink.records if r.sqlstate == "28000"]
+    assert [(r.application_name, r.detail) for r in refusals] == [
+        ("refused-before", "refused=1"),
+        ("late", "refused=1"),
+    ]
+
+
+def test_an_ipv6_address_carrying_an_ipv4_one_is_that_ipv4_address() -> None:
+    """IPv4 clients translated into the NAT64 prefix all fell in one /64: one guesser locked
+    every IPv4 client out. A 6to4 host has a /48 (65,536 /64s, each with a fresh budget) for
+    its one IPv4 address."""
+    assert client_key("64:ff9b::192.0.2.1") == "192.0.2.1"
+    assert client_key("2002:c000:201:ffff::9") == "192.0.2.1"
+    assert client_key("2001:0:4136:e378:8000:63bf:3fff:fdd2") == "192.0.2.45"  # Teredo
+    assert client_key("2001:db8:1:2::1") == "2001:db8:1:2::/64"
+    throttle = LoginThrottle(burst=1, rate_per_s=0.001)
+    throttle.failed("64:ff9b::192.0.2.1", T0)
+    assert throttle.retry_after("64:ff9b::192.0.2.2", T0) == 0.0  # another IPv4 client
+    assert throttle.retry_after("192.0.2.1", T0) > 0
+    throttle.failed("2002:c633:6401:1::1", T0)  # 198.51.100.1 over 6to4
+    assert throttle.retry_after("2002:c633:6401:2::1", T0) > 0  # another /64 of its /48

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from typing import Final
 
-__all__ = ["CLAIMED_TEXT_MAX", "capped", "text_sha256"]
+__all__ = ["CLAIMED_TEXT_MAX", "QUOTED_ERROR_MAX", "capped", "one_line", "text_sha256"]
 
 # What an audit record (and a log line or refusal message) keeps of a name a client claims:
 # its user name, database and application_name, a startup parameter's name or option. That is
@@ -14,6 +15,10 @@ __all__ = ["CLAIMED_TEXT_MAX", "capped", "text_sha256"]
 # whole. Before logging in, a client may otherwise claim up to 10 KB per name, written into
 # every record of its connection.
 CLAIMED_TEXT_MAX: Final = 63
+# What an audit record and the log keep of an error message that can quote client text at
+# any length: the database's refusal of a login (a startup value), the parser's message (an
+# unterminated string quotes the rest of the statement, up to max_statement_bytes).
+QUOTED_ERROR_MAX: Final = 512
 
 
 def text_sha256(text: str) -> str:
@@ -36,3 +41,14 @@ def capped(text: str, limit: int = CLAIMED_TEXT_MAX) -> str:
         return text
     size = len(text.encode("utf-8", "surrogatepass"))
     return f"{text[:limit]}…[truncated: {size} bytes, sha256 {text_sha256(text)}]"
+
+
+# Characters that end or rewrite a line on a terminal or in a log file (C0, DEL, C1, the
+# Unicode line and paragraph separators).
+_LINE_BREAKING = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def one_line(text: str) -> str:
+    """`text` for dbward's process log, whose lines are one event each: control characters
+    escaped as Python writes them (a newline as \\n), so client text cannot begin a line."""
+    return _LINE_BREAKING.sub(lambda m: repr(m.group())[1:-1], text)

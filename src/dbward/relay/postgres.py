@@ -20,12 +20,12 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Coroutine
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Final, NoReturn, TypeVar, cast
 
 from dbward.audit.records import AuditEvent, AuditRecord
 from dbward.audit.sink import HeldRecord
 from dbward.core.errors import AuditUnavailable, AuthenticationFailed, DbwardError, ProtocolError
-from dbward.core.text import capped
+from dbward.core.text import QUOTED_ERROR_MAX, capped, one_line
 from dbward.core.types import (
     Decision,
     Identity,
@@ -991,7 +991,8 @@ class PgSession(asyncio.Protocol):
             )
             self._fatal(exc.sqlstate, exc.message)
         except UpstreamError as exc:
-            log.warning("session %s: upstream refused: %s", self.session_id, exc.message)
+            # The database's message can quote a startup value as the client sent it.
+            log.warning("session %s: upstream refused: %s", self.session_id, one_line(exc.message))
             self._audit(AuditEvent.UPSTREAM_LOST, reason=exc.message, sqlstate=exc.sqlstate)
             if exc.frame is not None and self.transport is not None:
                 self.transport.write(exc.frame)
@@ -1179,33 +1180,70 @@ class PgSession(asyncio.Protocol):
             channel_binding=services.client_tls_end_point if self._tls else None,
         )
         transport.write(exchange.start())
+        logins = services.logins
         gave_up = False  # a Terminate: the client has no password to offer, it tried none
+        reserved = False  # a token of auth_fail_burst is held for the step being taken
         try:
             while True:
                 msg_type, payload, _ = await self._next_startup_frame()
                 if msg_type != _PASSWORD:
                     gave_up = msg_type == _X
                     raise AuthenticationFailed("expected an authentication message")
+                if logins is not None:
+                    # Checked at each step, not only at the StartupMessage: logins begun
+                    # together while the address had budget would each have their password
+                    # checked. A step that fails keeps its token: the failure's. (The local
+                    # SCRAM steps never await, so no two steps hold tokens at once; an
+                    # authenticator whose steps await would hold one per login in flight.)
+                    if not logins.reserve(self._client_host):
+                        self._throttled_in_exchange(logins)
+                    reserved = True
                 step = await exchange.step(payload)
+                if reserved:
+                    reserved = False
+                    assert logins is not None
+                    logins.release(self._client_host)
                 if step.reply is not None:
                     transport.write(step.reply)
                 if step.identity is not None:
                     return step.identity
         except AuthenticationFailed as exc:
-            self._failed_login(exc.message, counted=not gave_up)
+            self._failed_login(exc.message, counted=not gave_up, spent=reserved)
             raise
         except ProtocolError as exc:
-            self._failed_login(exc.message)
+            self._failed_login(exc.message, spent=reserved)
             raise AuthenticationFailed(exc.message) from None
+        except BaseException:
+            if reserved:  # the client left mid-step, or an internal error: not a failure
+                assert logins is not None
+                logins.release(self._client_host)
+            raise
 
-    def _failed_login(self, reason: str, *, counted: bool = True) -> None:
+    def _throttled_in_exchange(self, logins: LoginThrottle) -> NoReturn:
+        """Refuse a login begun while its address had budget, which others from it spent
+        meanwhile: its password is not checked. Audited on its own (it has a connect
+        record), then LoginThrottledError."""
+        wait = max(logins.retry_after(self._client_host), 1.0)
+        self._audit(
+            AuditEvent.AUTH_FAIL,
+            reason=_THROTTLED_REASON,
+            sqlstate=LoginThrottledError.sqlstate,
+        )
+        raise LoginThrottledError(
+            f"dbward: too many failed logins from this address; try again in {math.ceil(wait)} s"
+        )
+
+    def _failed_login(self, reason: str, *, counted: bool = True, spent: bool = False) -> None:
         """A login failed (wrong password, unknown user, a malformed exchange): audited, and
         (unless the client gave up without trying a password) counted against its
-        auth_fail_burst."""
+        auth_fail_burst; `spent`: counted already, by the token its failed step holds."""
         detail = ""
         logins = self.services.logins
         if logins is not None and counted:
-            wait = logins.failed(self._client_host)
+            if spent:
+                wait = logins.retry_after(self._client_host)
+            else:
+                wait = logins.failed(self._client_host)
             if wait:
                 locked = client_key(self._client_host)
                 detail = f"locked out: logins from {locked} refused for {math.ceil(wait)} s"
@@ -1233,6 +1271,10 @@ class PgSession(asyncio.Protocol):
         refused, report_in = logins.refused(record)
         if refused:
             _report_refused_logins(self.services, record, refused)
+        elif self.services.draining:
+            # The drain may have written the held refusals already (a connection over
+            # max_connections is not among the sessions it ends): a timer would fire too late.
+            report_held_logins(self.services, logins)
         elif report_in is not None:
             asyncio.get_running_loop().call_later(
                 report_in, report_held_logins, self.services, logins
@@ -2977,7 +3019,10 @@ class PgSession(asyncio.Protocol):
                 sql_sha256 = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
                 self._hashed_text, self._hashed_sha256 = text, sql_sha256
                 self._hashed_cut = sql_text
-            detail = statement.error or ""
+            # The parser's message can quote the rest of the text (an unterminated string),
+            # dbward's the name of a portal it never saw: kept to their start, as sql_text is.
+            error = statement.error
+            detail = capped(error, QUOTED_ERROR_MAX) if error else ""
         return AuditRecord(
             AuditEvent.STATEMENT,
             int(self.services.clock() * 1000),

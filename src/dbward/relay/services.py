@@ -30,6 +30,9 @@ _REPORT_INTERVAL_S = 10.0  # refused attempts: at most one report (log line, rec
 
 _T = TypeVar("_T")
 
+# The NAT64 well-known prefix 64:ff9b::/96, as the address's top 96 bits.
+_NAT64_PREFIX = int(ipaddress.IPv6Address("64:ff9b::")) >> 32
+
 
 def client_key(client_host: str) -> str:
     """Whose budget (cancel attempts, connections before login) a client spends: an IPv4
@@ -38,6 +41,10 @@ def client_key(client_host: str) -> str:
     One host usually holds a whole IPv6 /64 (SLAAC, privacy addresses, a /64 per VM or
     container), so counting each IPv6 address on its own let one client take a fresh budget
     for every guess, and its spray evicted everyone else's from the table.
+
+    An IPv6 address that carries a client's IPv4 address is that IPv4 address: all IPv4
+    clients translated into the NAT64 prefix share one /64 (so one of them would spend the
+    budget of all), and a 6to4 host holds a whole /48 (65,536 /64s) for its one IPv4 address.
     """
     try:
         address = ipaddress.ip_address(client_host)
@@ -46,8 +53,15 @@ def client_key(client_host: str) -> str:
     if isinstance(address, ipaddress.IPv6Address):
         if address.ipv4_mapped is not None:  # ::ffff:a.b.c.d on a dual-stack socket
             return str(address.ipv4_mapped)
+        value = int(address)
+        if value >> 32 == _NAT64_PREFIX:  # 64:ff9b::a.b.c.d (RFC 6052, SIIT, NAT64)
+            return str(ipaddress.IPv4Address(value & 0xFFFFFFFF))
+        if address.sixtofour is not None:  # 2002:a.b.c.d::/48
+            return str(address.sixtofour)
+        if address.teredo is not None:  # 2001::/32: the client's public IPv4 address
+            return str(address.teredo[1])
         # From the integer: a scoped address (fe80::1%eth0) cannot be formatted back.
-        return str(ipaddress.IPv6Network((int(address) >> 64 << 64, 64)))
+        return str(ipaddress.IPv6Network((value >> 64 << 64, 64)))
     return client_host
 
 
@@ -89,6 +103,16 @@ class ClientBuckets:
         tokens = self._tokens(key, now) - 1.0
         self._store(key, tokens, now)
         return self._wait(tokens)
+
+    def refund(self, client_host: str, now: float) -> None:
+        """Give back a token taken for something that did not spend it after all; a client
+        whose bucket is full again leaves the table."""
+        key = client_key(client_host)
+        if key not in self._buckets:
+            return  # forgotten meanwhile: it has a full bucket
+        tokens = self._tokens(key, now) + 1.0
+        if tokens < self._burst:
+            self._store(key, tokens, now)
 
     def wait_s(self, client_host: str, now: float) -> float:
         """Seconds until the client has a token (0.0: it has one now); spends nothing. A
@@ -204,6 +228,18 @@ class LoginThrottle:
         """Count a failed login; returns the seconds until the client may try again (0.0:
         it still may)."""
         return self._buckets.charge(client_host, time.monotonic() if now is None else now)
+
+    def reserve(self, client_host: str, now: float | None = None) -> bool:
+        """Spend a token for a step of a login (its password checked, perhaps) if the client
+        has one (False: nothing spent, refuse it). The token is the failure's if the step
+        fails, else give it back (release): while a password is being checked its failure is
+        already counted, so logins begun together cannot have more passwords checked than
+        the client's budget."""
+        return self._buckets.take(client_host, time.monotonic() if now is None else now)
+
+    def release(self, client_host: str, now: float | None = None) -> None:
+        """Give back the token of a login step that did not fail (see reserve)."""
+        self._buckets.refund(client_host, time.monotonic() if now is None else now)
 
     def refused(self, record: AuditRecord, now: float | None = None) -> tuple[int, float | None]:
         """Count a refused login: see RefusalReport.refused."""

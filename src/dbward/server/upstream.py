@@ -12,7 +12,7 @@ from typing import cast
 
 from dbward.config.model import UpstreamSettings
 from dbward.core.errors import AuthenticationFailed, DbwardError, ProtocolError
-from dbward.core.text import capped
+from dbward.core.text import QUOTED_ERROR_MAX, capped
 from dbward.server.tls import peer_end_point
 from dbward.wire.postgres import messages
 from dbward.wire.postgres.framing import BackendFramer
@@ -22,8 +22,6 @@ _MAX_STARTUP_FRAME = 1024 * 1024
 # The whole cancel (connect, TLS handshake, request, the database closing): a cancel that
 # arrives later than this is of no use, and shutdown waits for the ones it sends.
 _CANCEL_TIMEOUT_S = 5.0
-# What the audit record and the log keep of the message of an error that ends the login.
-_MAX_QUOTED_ERROR = 512
 
 log = logging.getLogger("dbward.upstream")
 
@@ -243,7 +241,7 @@ async def connect_upstream(
                 # The message can quote a startup parameter's value as the client sent it
                 # (invalid value for parameter "DateStyle": "…", up to 10 KB): the audit
                 # record and the log get its start (the client gets the error whole).
-                refused = capped(fields.get("M", ""), _MAX_QUOTED_ERROR)
+                refused = capped(fields.get("M", ""), QUOTED_ERROR_MAX)
                 raise UpstreamError(
                     f"the database refused the connection: {refused}",
                     sqlstate=fields.get("C", "08006"),
