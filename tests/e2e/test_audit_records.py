@@ -9,8 +9,11 @@ from concurrent.futures import ThreadPoolExecutor
 import psycopg
 
 from dbward.audit.records import AuditRecord
+from dbward.wire.postgres import messages as m
 from fixtures.clients import app_name, has_disconnect, is_outcome, outcomes, statements
+from fixtures.drivers import outcomes_of
 from fixtures.proxy import Proxy
+from fixtures.raw import RawSession
 
 
 def _intent(records: list[AuditRecord], needle: str) -> AuditRecord | None:
@@ -99,3 +102,48 @@ def test_application_name_is_stored_cut_on_every_statement_record(proxy: Proxy) 
     assert [r.event for r in records][:2] == ["connect", "auth_ok"]
     assert len(statements(records)) == 4
     assert {r.application_name for r in records if r.event != "outcome"} == {cut}
+
+
+def test_error_at_parse_or_bind_is_the_outcome_of_the_execute_that_needed_it(
+    proxy: Proxy,
+) -> None:
+    """PostgreSQL skips to Sync after a failed Parse or Bind: the Execute of the portal bound
+    from that statement (or of that portal) failed with that error; the other Executes skipped
+    in the group were not executed. (All were `not_executed`, without SQLSTATE, before: what
+    pgjdbc, node-postgres and psycopg send for a statement naming an unknown table.)"""
+    app = app_name("parse-error")
+    session = RawSession(proxy, app)
+    try:
+        kinds = [k for k, _ in session.send(m.parse_message("ok_s", "SELECT 1") + m.sync())]
+        assert kinds == [b"1", b"Z"]
+        replies = session.send(
+            m.parse_message("bad_s", "SELECT * FROM r37_no_such_table")
+            + m.bind_message("p1", "ok_s")
+            + m.execute_message("p1")
+            + m.bind_message("p2", "bad_s")
+            + m.execute_message("p2")
+            + m.sync()
+        )
+        assert [k for k, _ in replies] == [b"E", b"Z"]
+        assert m.parse_error_fields(replies[0][1])["C"] == "42P01"
+        replies = session.send(
+            m.parse_message("", "SELECT $1::int")
+            + m.bind_message("", "", [b"x"])
+            + m.execute_message("")
+            + m.bind_message("p3", "ok_s")
+            + m.execute_message("p3")
+            + m.sync()
+        )
+        assert [k for k, _ in replies] == [b"1", b"E", b"Z"]
+        assert m.parse_error_fields(replies[1][1])["C"] == "22P02"
+        assert [k for k, _ in session.query("SELECT 2")][-1] == b"Z"
+    finally:
+        session.close()
+    records = proxy.session_records(app, until=has_disconnect)
+    assert [(s.sql_text, outcomes_of(records, s)) for s in statements(records)] == [
+        ("SELECT 1", [("not_executed", "")]),
+        ("SELECT * FROM r37_no_such_table", [("error", "42P01")]),
+        ("SELECT $1::int", [("error", "22P02")]),
+        ("SELECT 1", [("not_executed", "")]),
+        ("SELECT 2", [("ok", "")]),
+    ]

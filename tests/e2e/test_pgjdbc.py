@@ -30,6 +30,7 @@ SCENARIOS = [
     "batch_rewrite",
     "transaction",
     "metadata",
+    "errors",
     "deny",
     "autosave",
     "simple_mode",
@@ -210,8 +211,9 @@ def test_transaction_commit_rollback_and_a_denial_inside(proxy: Proxy, jdbc: Sce
         "SET ROLE postgres",
     )
     assert outcomes_of(records, denied) == [("denied", "42501")]
+    # the next statement's Parse fails in the aborted transaction: that is its outcome
     aborted = intents[intents.index(denied) + 1]
-    assert outcomes_of(records, aborted) == [("not_executed", "")]
+    assert outcomes_of(records, aborted) == [("error", "25P02")]
     assert [r for r in records if r.decision == "deny"] == [denied]
 
 
@@ -234,6 +236,26 @@ def test_database_metadata_is_not_denied(proxy: Proxy, jdbc: ScenarioRun) -> Non
         "SET SESSION search_path TO 'public'",
         'SET search_path = "$user", public',
     } <= {s.sql_text for s in intents}
+
+
+def test_errors_at_parse_bind_and_execute_are_audited_with_their_sqlstate(
+    proxy: Proxy, jdbc: ScenarioRun
+) -> None:
+    # pgjdbc sends Parse/Bind/Describe/Execute/Sync for every statement: an error at Parse or
+    # Bind makes PostgreSQL skip the Execute, and the statement's outcome is that error (it
+    # was `not_executed` with no SQLSTATE before: an unknown table left no error in the audit)
+    facts = jdbc.facts("errors")
+    assert facts["sqlstates"] == "42P01,22P02,22012,23505,22P02"
+    records = _session(proxy, jdbc, "errors")
+    intents = _common(records)
+    assert [(s.sql_text, outcomes_of(records, s)) for s in intents] == [
+        ("SELECT * FROM jdbc_no_such_table", [("error", "42P01")]),  # at Parse
+        ("SELECT 'x'::int", [("error", "22P02")]),  # at Parse
+        ("SELECT 1/0", [("error", "22012")]),  # at Bind (planning)
+        ("INSERT INTO jdbc_items (id) VALUES (500), (500)", [("error", "23505")]),  # Execute
+        ("SELECT $1::int", [("error", "22P02")]),  # at Bind (the parameter)
+        ("SELECT 1", [("ok", "")]),
+    ]
 
 
 def test_denied_statement_then_the_connection_goes_on(proxy: Proxy, jdbc: ScenarioRun) -> None:

@@ -191,6 +191,7 @@ class _Op:
         "index",
         "max_rows",
         "replacement",
+        "sources",
         "tracked",
     )
 
@@ -200,6 +201,7 @@ class _Op:
         tracked: list[_Tracked] | None = None,
         replacement: bytes | None = None,
         max_rows: int = 0,
+        sources: tuple[_Definition, ...] = (),
     ) -> None:
         self.code = code
         self.tracked = tracked
@@ -209,6 +211,10 @@ class _Op:
         # Parse/Bind/Close (and an unnamed poison Parse): the name it (re)defines.
         self.definition: _Definition | None = None
         self.copies = 0  # COPY FROM STDIN statements of a Query/Execute not started yet
+        # Execute: the Bind of its portal and the Parse of that portal's statement when they
+        # are in flight in its sync group. If PostgreSQL refuses one (an unknown table at
+        # Parse, a bad parameter at Bind), that error is this Execute's outcome.
+        self.sources = sources
 
 
 class _CopyProbe(_Op):
@@ -253,6 +259,7 @@ class _Definition:
         "portal",
         "previous",
         "settled",
+        "source",
         "successor",
         "sync_mark",
     )
@@ -275,6 +282,8 @@ class _Definition:
         self.drops_on_failure = drops_on_failure
         self.successor: _Definition | None = None  # the next definition of the name in flight
         self.settled = False
+        # A portal's: the Parse in flight in the same sync group that defined its statement.
+        self.source: _Definition | None = None
 
 
 class _Await:
@@ -1653,6 +1662,7 @@ class PgSession(asyncio.Protocol):
             op.definition = self._define(
                 portal_name, found, portal=True, drops_on_failure=not portal_name
             )
+            op.definition.source = pending  # in this sync group (an earlier one was awaited)
             self._ops.append(op)
             out.append(raw)
             return None
@@ -1682,7 +1692,12 @@ class PgSession(asyncio.Protocol):
                 return waits  # a SQL EXECUTE of a name a PREPARE in flight redefines
             resumed = portal_name in self._executed_portals
             self._executed_portals.add(portal_name)
-            return self._handle_execute(statements, max_rows, raw, out, resumed=resumed)
+            sources: tuple[_Definition, ...] = ()
+            if bound is not None:  # bound in this sync group (an earlier one was awaited)
+                sources = (bound,) if bound.source is None else (bound, bound.source)
+            return self._handle_execute(
+                statements, max_rows, raw, out, resumed=resumed, sources=sources
+            )
         if msg_type == _S:
             self._ops.append(_SYNC_OP)
             self._syncs += 1
@@ -2043,6 +2058,7 @@ class PgSession(asyncio.Protocol):
         out: list[bytes | bytearray],
         *,
         resumed: bool = False,
+        sources: tuple[_Definition, ...] = (),
     ) -> tuple[asyncio.Future[int], tuple[bytes | bytearray, bytes]] | None:
         self._ran_since_ready = True
         tracked, durable, denial = self._admit(statements, ProtocolPath.EXTENDED)
@@ -2052,7 +2068,7 @@ class PgSession(asyncio.Protocol):
             # PostgreSQL skips to Sync after an error; so do we, forwarding nothing more.
             self._discard_until_sync = True
             return None
-        op = _Op(_OP_EXECUTE, tracked, max_rows=max_rows)
+        op = _Op(_OP_EXECUTE, tracked, max_rows=max_rows, sources=sources)
         if resumed:
             for item in tracked:
                 item.resumed = True
@@ -2462,10 +2478,19 @@ class PgSession(asyncio.Protocol):
         # Extended protocol: this op failed and PostgreSQL skips everything up to Sync.
         ops.popleft()
         self._finish_op(op, "error", sqlstate)
+        # A failed Parse or Bind: the first Execute skipped that needed it failed with it (the
+        # statement names an unknown table, a parameter is not a number ...); the others were
+        # not executed.
+        failed = op.definition if op.code in (_OP_PARSE, _OP_BIND) else None
         skipped: list[_Op] = []
         while ops and ops[0].code != _OP_SYNC:
-            skipped.append(ops.popleft())
-            self._finish_op(skipped[-1], "not_executed", "")
+            item = ops.popleft()
+            skipped.append(item)
+            if failed is not None and any(source is failed for source in item.sources):
+                self._finish_op(item, "error", sqlstate)
+                failed = None
+            else:
+                self._finish_op(item, "not_executed", "")
         if not ops and not probing:
             # No Sync sent yet (the error was answered on a Flush): PostgreSQL skips whatever
             # comes until the client's next Sync, answering none of it; so does dbward. (After

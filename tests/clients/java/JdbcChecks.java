@@ -356,6 +356,42 @@ public class JdbcChecks {
         }
     }
 
+    /**
+     * Statements PostgreSQL refuses, each at a different step of the extended protocol: at Parse
+     * (an unknown table, a bad literal), at Bind (planning folds 1/0), at Execute (a duplicate
+     * key). Every one is an SQLException with PostgreSQL's SQLSTATE.
+     */
+    static void errors(Connection conn, Map<String, String> facts) throws Exception {
+        String[] failing = {
+            "SELECT * FROM jdbc_no_such_table",
+            "SELECT 'x'::int",
+            "SELECT 1/0",
+            "INSERT INTO jdbc_items (id) VALUES (500), (500)",
+        };
+        List<String> states = new ArrayList<>();
+        try (Statement st = conn.createStatement()) {
+            for (String sql : failing) {
+                try {
+                    st.execute(sql);
+                    throw new AssertionError("no error from " + sql);
+                } catch (SQLException e) {
+                    states.add(e.getSQLState());
+                }
+            }
+        }
+        try (PreparedStatement ps = conn.prepareStatement("SELECT ?::int")) {
+            ps.setString(1, "not a number");
+            try {
+                ps.executeQuery();
+                throw new AssertionError("no error from a bad parameter");
+            } catch (SQLException e) {
+                states.add(e.getSQLState());
+            }
+        }
+        facts.put("sqlstates", String.join(",", states));
+        checkEq(1, scalarInt(conn, "SELECT 1"), "after the errors");
+    }
+
     /** A denied statement: SQLException 42501, the same connection goes on. */
     static void deny(Connection conn, Map<String, String> facts) throws Exception {
         try (Statement st = conn.createStatement()) {
@@ -591,6 +627,7 @@ public class JdbcChecks {
         SCENARIOS.put("batch_rewrite", JdbcChecks::batchRewrite);
         SCENARIOS.put("transaction", JdbcChecks::transaction);
         SCENARIOS.put("metadata", JdbcChecks::metadata);
+        SCENARIOS.put("errors", JdbcChecks::errors);
         SCENARIOS.put("deny", JdbcChecks::deny);
         SCENARIOS.put("autosave", JdbcChecks::autosave);
         SCENARIOS.put("simple_mode", JdbcChecks::simpleMode);
