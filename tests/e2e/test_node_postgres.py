@@ -175,8 +175,8 @@ def test_denials_then_the_client_goes_on(proxy: Proxy, node: ScenarioRun) -> Non
 def test_pool_concurrent_queries(proxy: Proxy, node: ScenarioRun) -> None:
     facts = node.facts("pool")
     assert facts["total_count"] == 4
-    # 12 queries of 0.2 s over 4 connections: about 3 rounds, not 12
-    assert facts["elapsed_ms"] < 2000
+    # 12 queries of 0.2 s over 4 connections: about 3 rounds (0.6 s), not 12 in a row (2.4 s)
+    assert facts["elapsed_ms"] < 2400
     records = _session(proxy, node, "pool", sessions=4)
     assert [r.event for r in records].count("auth_ok") == 4
     intents = _common(records, node.app("pool"))
