@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import asyncpg
 import psycopg
+import pytest
 
 from dbward.audit.records import AuditRecord
 from dbward.wire.postgres import messages as m
 from fixtures.clients import app_name, has_disconnect, is_outcome, outcomes, statements
-from fixtures.drivers import outcomes_of
+from fixtures.drivers import aconnect, outcomes_of
 from fixtures.proxy import Proxy
 from fixtures.raw import RawSession
 
@@ -146,4 +149,57 @@ def test_error_at_parse_or_bind_is_the_outcome_of_the_execute_that_needed_it(
         ("SELECT $1::int", [("error", "22P02")]),
         ("SELECT 1", [("not_executed", "")]),
         ("SELECT 2", [("ok", "")]),
+    ]
+
+
+def test_a_parse_refused_with_no_execute_after_it_is_recorded_with_its_error(
+    proxy: Proxy,
+) -> None:
+    """asyncpg prepares a statement (Parse, Describe, Sync) before it executes it, pgjdbc's
+    getParameterMetaData does the same: when PostgreSQL refuses that Parse (an unknown
+    table), no Execute follows to carry the error, and the statement the client tried was in
+    no record at all. It is recorded now, with the error."""
+    app = app_name("parse-only")
+    session = RawSession(proxy, app)
+    try:
+        replies = session.send(
+            m.parse_message("", "SELECT * FROM r37_missing_table")
+            + m.describe_message("S", "")
+            + m.sync()
+        )
+        assert [k for k, _ in replies] == [b"E", b"Z"]
+        # a named one
+        replies = session.send(
+            m.parse_message("named", "SELECT r37_missing_column FROM pg_class") + m.sync()
+        )
+        assert [k for k, _ in replies] == [b"E", b"Z"]
+        # a Parse that succeeds writes nothing until it is executed
+        replies = session.send(m.parse_message("fine", "SELECT 3") + m.sync())
+        assert [k for k, _ in replies] == [b"1", b"Z"]
+        assert [k for k, _ in session.query("SELECT 2")][-1] == b"Z"
+    finally:
+        session.close()
+
+    async def run() -> None:
+        conn = await aconnect(proxy, f"{app}-asyncpg")
+        try:
+            with pytest.raises(asyncpg.UndefinedTableError):
+                await conn.fetch("SELECT * FROM r37_missing_for_asyncpg WHERE x = $1", 1)
+            assert await conn.fetchval("SELECT 4") == 4
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+    records = proxy.session_records(app, until=has_disconnect)
+    assert [(s.path, s.sql_text, outcomes_of(records, s)) for s in statements(records)] == [
+        ("extended", "SELECT * FROM r37_missing_table", [("error", "42P01")]),
+        ("extended", "SELECT r37_missing_column FROM pg_class", [("error", "42703")]),
+        ("simple", "SELECT 2", [("ok", "")]),
+    ]
+    assert {s.decision for s in statements(records)} == {"allow"}
+    assert records[-1].detail == "statements=3"
+    records = proxy.session_records(f"{app}-asyncpg", until=has_disconnect)
+    assert [(s.sql_text, outcomes_of(records, s)) for s in statements(records)] == [
+        ("SELECT * FROM r37_missing_for_asyncpg WHERE x = $1", [("error", "42P01")]),
+        ("SELECT 4", [("suspended", "")]),  # fetchval: a row limit of 1
     ]

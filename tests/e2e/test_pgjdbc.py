@@ -245,7 +245,7 @@ def test_errors_at_parse_bind_and_execute_are_audited_with_their_sqlstate(
     # Bind makes PostgreSQL skip the Execute, and the statement's outcome is that error (it
     # was `not_executed` with no SQLSTATE before: an unknown table left no error in the audit)
     facts = jdbc.facts("errors")
-    assert facts["sqlstates"] == "42P01,22P02,22012,23505,22P02"
+    assert facts["sqlstates"] == "42P01,22P02,22012,23505,22P02,42P01"
     records = _session(proxy, jdbc, "errors")
     intents = _common(records)
     assert [(s.sql_text, outcomes_of(records, s)) for s in intents] == [
@@ -254,6 +254,8 @@ def test_errors_at_parse_bind_and_execute_are_audited_with_their_sqlstate(
         ("SELECT 1/0", [("error", "22012")]),  # at Bind (planning)
         ("INSERT INTO jdbc_items (id) VALUES (500), (500)", [("error", "23505")]),  # Execute
         ("SELECT $1::int", [("error", "22P02")]),  # at Bind (the parameter)
+        # getParameterMetaData: Parse, Describe, Sync; the refused Parse is the record
+        ("SELECT * FROM jdbc_missing WHERE id = $1", [("error", "42P01")]),
         ("SELECT 1", [("ok", "")]),
     ]
 

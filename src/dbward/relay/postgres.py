@@ -187,6 +187,7 @@ class _Op:
     __slots__ = (
         "code",
         "copies",
+        "decided",
         "definition",
         "index",
         "max_rows",
@@ -215,6 +216,9 @@ class _Op:
         # are in flight in its sync group. If PostgreSQL refuses one (an unknown table at
         # Parse, a bad parameter at Bind), that error is this Execute's outcome.
         self.sources = sources
+        # Parse: its statements as decided, recorded only if PostgreSQL refuses the Parse and
+        # no Execute of it follows in the sync group to carry the error.
+        self.decided: list[tuple[Statement, Decision, ProtocolPath]] | None = None
 
 
 class _CopyProbe(_Op):
@@ -1635,6 +1639,7 @@ class PgSession(asyncio.Protocol):
                 return None
             op = _Op(_OP_PARSE)
             op.definition = self._define(name, statements, portal=False, drops_on_failure=not name)
+            op.decided = decided
             self._ops.append(op)
             out.append(raw)
             return None
@@ -2491,6 +2496,11 @@ class PgSession(asyncio.Protocol):
                 failed = None
             else:
                 self._finish_op(item, "not_executed", "")
+        if failed is not None and op.decided:
+            # No Execute of the refused Parse in its group (asyncpg prepares before it executes,
+            # pgjdbc's getParameterMetaData only describes): what the client tried is recorded
+            # with the error, or it would be in no record at all.
+            self._record_refused_parse(op.decided, sqlstate)
         if not ops and not probing:
             # No Sync sent yet (the error was answered on a Flush): PostgreSQL skips whatever
             # comes until the client's next Sync, answering none of it; so does dbward. (After
@@ -2503,6 +2513,27 @@ class PgSession(asyncio.Protocol):
             if item.definition is not None:
                 self._settle(item.definition, "skipped")
         return replacement
+
+    def _record_refused_parse(
+        self, decided: list[tuple[Statement, Decision, ProtocolPath]], sqlstate: str
+    ) -> None:
+        """An intent and its outcome for each statement of a Parse PostgreSQL refused: the
+        first has the error, any other (PostgreSQL refuses more than one at Parse) was not
+        executed. Never made durable first: the statement did not run."""
+        audit = self.services.audit
+        started = time.perf_counter()
+        status = "error"
+        try:
+            for statement, decision, path in decided:
+                self._next_sid += 1
+                self._statement_count += 1
+                record = self._statement_record(self._next_sid, statement, decision, path)
+                item = _Tracked(self._next_sid, statement, path, started, audit.hold(record))
+                self._held_intents[item.sid] = item
+                self._write_outcome(item, status, sqlstate, None)
+                status, sqlstate = "not_executed", ""
+        except AuditUnavailable:
+            return  # the log says why it lost the record
 
     def _rollback_status(self, op: _Op) -> str:
         """CommandComplete says ROLLBACK: for a COMMIT (or END) of a failed transaction, or a

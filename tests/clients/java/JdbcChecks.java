@@ -388,6 +388,13 @@ public class JdbcChecks {
                 states.add(e.getSQLState());
             }
         }
+        // getParameterMetaData before executing: Parse, Describe, Sync, and no Execute
+        try (PreparedStatement ps = conn.prepareStatement("SELECT * FROM jdbc_missing WHERE id = ?")) {
+            ps.getParameterMetaData();
+            throw new AssertionError("no error from describing a statement on an unknown table");
+        } catch (SQLException e) {
+            states.add(e.getSQLState());
+        }
         facts.put("sqlstates", String.join(",", states));
         checkEq(1, scalarInt(conn, "SELECT 1"), "after the errors");
     }
