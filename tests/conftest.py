@@ -7,7 +7,13 @@ from pathlib import Path
 import pytest
 
 # tests/ is on sys.path (rootdir conftest, no tests/__init__.py), so `fixtures` is importable.
-pytest_plugins = ["fixtures.ports", "fixtures.tls", "fixtures.postgres", "fixtures.proxy"]
+pytest_plugins = [
+    "fixtures.ports",
+    "fixtures.tls",
+    "fixtures.postgres",
+    "fixtures.proxy",
+    "fixtures.foreign_clients",
+]
 
 _E2E_DIR = Path(__file__).parent / "e2e"
 

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import asyncpg
 import psycopg
+import pytest
 
 from dbward.audit.records import AuditRecord
 from dbward.wire.postgres import messages
 from fixtures.clients import app_name, has_disconnect, is_outcome, outcomes, statements
+from fixtures.drivers import aconnect, outcomes_of
 from fixtures.proxy import Proxy
 from fixtures.raw import RawSession
 
@@ -136,3 +140,104 @@ def test_client_names_and_parser_errors_are_kept_bounded_after_login(proxy: Prox
     assert all("…[truncated: " in text for text in (unterminated, portal))
     for record in records:
         assert _record_text(record) < 6000, (record.event, record.command, len(record.detail))
+
+
+def test_error_at_parse_or_bind_is_the_outcome_of_the_execute_that_needed_it(
+    proxy: Proxy,
+) -> None:
+    """PostgreSQL skips to Sync after a failed Parse or Bind: the Execute of the portal bound
+    from that statement (or of that portal) failed with that error; the other Executes skipped
+    in the group were not executed. (All were `not_executed`, without SQLSTATE, before: what
+    pgjdbc, node-postgres and psycopg send for a statement naming an unknown table.)"""
+    app = app_name("parse-error")
+    session = RawSession(proxy, app)
+    try:
+        kinds = [
+            k for k, _ in session.send(messages.parse_message("ok_s", "SELECT 1") + messages.sync())
+        ]
+        assert kinds == [b"1", b"Z"]
+        replies = session.send(
+            messages.parse_message("bad_s", "SELECT * FROM r37_no_such_table")
+            + messages.bind_message("p1", "ok_s")
+            + messages.execute_message("p1")
+            + messages.bind_message("p2", "bad_s")
+            + messages.execute_message("p2")
+            + messages.sync()
+        )
+        assert [k for k, _ in replies] == [b"E", b"Z"]
+        assert messages.parse_error_fields(replies[0][1])["C"] == "42P01"
+        replies = session.send(
+            messages.parse_message("", "SELECT $1::int")
+            + messages.bind_message("", "", [b"x"])
+            + messages.execute_message("")
+            + messages.bind_message("p3", "ok_s")
+            + messages.execute_message("p3")
+            + messages.sync()
+        )
+        assert [k for k, _ in replies] == [b"1", b"E", b"Z"]
+        assert messages.parse_error_fields(replies[1][1])["C"] == "22P02"
+        assert [k for k, _ in session.query("SELECT 2")][-1] == b"Z"
+    finally:
+        session.close()
+    records = proxy.session_records(app, until=has_disconnect)
+    assert [(s.sql_text, outcomes_of(records, s)) for s in statements(records)] == [
+        ("SELECT 1", [("not_executed", "")]),
+        ("SELECT * FROM r37_no_such_table", [("error", "42P01")]),
+        ("SELECT $1::int", [("error", "22P02")]),
+        ("SELECT 1", [("not_executed", "")]),
+        ("SELECT 2", [("ok", "")]),
+    ]
+
+
+def test_a_parse_refused_with_no_execute_after_it_is_recorded_with_its_error(
+    proxy: Proxy,
+) -> None:
+    """asyncpg prepares a statement (Parse, Describe, Sync) before it executes it, pgjdbc's
+    getParameterMetaData does the same: when PostgreSQL refuses that Parse (an unknown
+    table), no Execute follows to carry the error, and the statement the client tried was in
+    no record at all. It is recorded now, with the error."""
+    app = app_name("parse-only")
+    session = RawSession(proxy, app)
+    try:
+        replies = session.send(
+            messages.parse_message("", "SELECT * FROM r37_missing_table")
+            + messages.describe_message("S", "")
+            + messages.sync()
+        )
+        assert [k for k, _ in replies] == [b"E", b"Z"]
+        # a named one
+        replies = session.send(
+            messages.parse_message("named", "SELECT r37_missing_column FROM pg_class")
+            + messages.sync()
+        )
+        assert [k for k, _ in replies] == [b"E", b"Z"]
+        # a Parse that succeeds writes nothing until it is executed
+        replies = session.send(messages.parse_message("fine", "SELECT 3") + messages.sync())
+        assert [k for k, _ in replies] == [b"1", b"Z"]
+        assert [k for k, _ in session.query("SELECT 2")][-1] == b"Z"
+    finally:
+        session.close()
+
+    async def run() -> None:
+        conn = await aconnect(proxy, f"{app}-asyncpg")
+        try:
+            with pytest.raises(asyncpg.UndefinedTableError):
+                await conn.fetch("SELECT * FROM r37_missing_for_asyncpg WHERE x = $1", 1)
+            assert await conn.fetchval("SELECT 4") == 4
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+    records = proxy.session_records(app, until=has_disconnect)
+    assert [(s.path, s.sql_text, outcomes_of(records, s)) for s in statements(records)] == [
+        ("extended", "SELECT * FROM r37_missing_table", [("error", "42P01")]),
+        ("extended", "SELECT r37_missing_column FROM pg_class", [("error", "42703")]),
+        ("simple", "SELECT 2", [("ok", "")]),
+    ]
+    assert {s.decision for s in statements(records)} == {"allow"}
+    assert records[-1].detail == "statements=3"
+    records = proxy.session_records(f"{app}-asyncpg", until=has_disconnect)
+    assert [(s.sql_text, outcomes_of(records, s)) for s in statements(records)] == [
+        ("SELECT * FROM r37_missing_for_asyncpg WHERE x = $1", [("error", "42P01")]),
+        ("SELECT 4", [("suspended", "")]),  # fetchval: a row limit of 1
+    ]

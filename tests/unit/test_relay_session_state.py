@@ -60,7 +60,16 @@ def test_a_refused_redefinition_keeps_what_postgres_kept() -> None:
     session.data_received(m.parse_message("s1", "SELECT 1") + m.sync())
     session._on_upstream_data(DUPLICATE + m.ready_for_query(b"I"))
     session.data_received(m.bind_message("", "s1", []) + m.execute_message("") + m.sync())
-    (executed,) = [r for r in sink.records if r.event == "statement"]
+    # the refused Parse is recorded with its error (no Execute of it followed), then the
+    # Execute of s1 runs what PostgreSQL kept
+    refused, executed = [r for r in sink.records if r.event == "statement"]
+    assert refused.sql_text == "SELECT 1"
+    outcome = next(r for r in sink.records if r.event == "outcome")
+    assert (outcome.statement_id, outcome.status, outcome.sqlstate) == (
+        refused.statement_id,
+        "error",
+        "42P05",
+    )
     assert (executed.kind, executed.sql_text) == ("write", "DELETE FROM victim WHERE x > 0")
 
 

@@ -187,10 +187,12 @@ class _Op:
     __slots__ = (
         "code",
         "copies",
+        "decided",
         "definition",
         "index",
         "max_rows",
         "replacement",
+        "sources",
         "tracked",
     )
 
@@ -200,6 +202,7 @@ class _Op:
         tracked: list[_Tracked] | None = None,
         replacement: bytes | None = None,
         max_rows: int = 0,
+        sources: tuple[_Definition, ...] = (),
     ) -> None:
         self.code = code
         self.tracked = tracked
@@ -209,6 +212,13 @@ class _Op:
         # Parse/Bind/Close (and an unnamed poison Parse): the name it (re)defines.
         self.definition: _Definition | None = None
         self.copies = 0  # COPY FROM STDIN statements of a Query/Execute not started yet
+        # Execute: the Bind of its portal and the Parse of that portal's statement when they
+        # are in flight in its sync group. If PostgreSQL refuses one (an unknown table at
+        # Parse, a bad parameter at Bind), that error is this Execute's outcome.
+        self.sources = sources
+        # Parse: its statements as decided, recorded only if PostgreSQL refuses the Parse and
+        # no Execute of it follows in the sync group to carry the error.
+        self.decided: list[tuple[Statement, Decision, ProtocolPath]] | None = None
 
 
 class _CopyProbe(_Op):
@@ -253,6 +263,7 @@ class _Definition:
         "portal",
         "previous",
         "settled",
+        "source",
         "successor",
         "sync_mark",
     )
@@ -275,6 +286,8 @@ class _Definition:
         self.drops_on_failure = drops_on_failure
         self.successor: _Definition | None = None  # the next definition of the name in flight
         self.settled = False
+        # A portal's: the Parse in flight in the same sync group that defined its statement.
+        self.source: _Definition | None = None
 
 
 class _Await:
@@ -1688,6 +1701,7 @@ class PgSession(asyncio.Protocol):
                 return None
             op = _Op(_OP_PARSE)
             op.definition = self._define(name, statements, portal=False, drops_on_failure=not name)
+            op.decided = decided
             self._ops.append(op)
             out.append(raw)
             return None
@@ -1715,6 +1729,7 @@ class PgSession(asyncio.Protocol):
             op.definition = self._define(
                 portal_name, found, portal=True, drops_on_failure=not portal_name
             )
+            op.definition.source = pending  # in this sync group (an earlier one was awaited)
             self._ops.append(op)
             out.append(raw)
             return None
@@ -1744,7 +1759,12 @@ class PgSession(asyncio.Protocol):
                 return waits  # a SQL EXECUTE of a name a PREPARE in flight redefines
             resumed = portal_name in self._executed_portals
             self._executed_portals.add(portal_name)
-            return self._handle_execute(statements, max_rows, raw, out, resumed=resumed)
+            sources: tuple[_Definition, ...] = ()
+            if bound is not None:  # bound in this sync group (an earlier one was awaited)
+                sources = (bound,) if bound.source is None else (bound, bound.source)
+            return self._handle_execute(
+                statements, max_rows, raw, out, resumed=resumed, sources=sources
+            )
         if msg_type == _S:
             self._ops.append(_SYNC_OP)
             self._syncs += 1
@@ -2105,6 +2125,7 @@ class PgSession(asyncio.Protocol):
         out: list[bytes | bytearray],
         *,
         resumed: bool = False,
+        sources: tuple[_Definition, ...] = (),
     ) -> tuple[asyncio.Future[int], tuple[bytes | bytearray, bytes]] | None:
         self._ran_since_ready = True
         tracked, durable, denial = self._admit(statements, ProtocolPath.EXTENDED)
@@ -2114,7 +2135,7 @@ class PgSession(asyncio.Protocol):
             # PostgreSQL skips to Sync after an error; so do we, forwarding nothing more.
             self._discard_until_sync = True
             return None
-        op = _Op(_OP_EXECUTE, tracked, max_rows=max_rows)
+        op = _Op(_OP_EXECUTE, tracked, max_rows=max_rows, sources=sources)
         if resumed:
             for item in tracked:
                 item.resumed = True
@@ -2562,10 +2583,24 @@ class PgSession(asyncio.Protocol):
         # Extended protocol: this op failed and PostgreSQL skips everything up to Sync.
         ops.popleft()
         self._finish_op(op, "error", sqlstate)
+        # A failed Parse or Bind: the first Execute skipped that needed it failed with it (the
+        # statement names an unknown table, a parameter is not a number ...); the others were
+        # not executed.
+        failed = op.definition if op.code in (_OP_PARSE, _OP_BIND) else None
         skipped: list[_Op] = []
         while ops and ops[0].code != _OP_SYNC:
-            skipped.append(ops.popleft())
-            self._finish_op(skipped[-1], "not_executed", "")
+            item = ops.popleft()
+            skipped.append(item)
+            if failed is not None and any(source is failed for source in item.sources):
+                self._finish_op(item, "error", sqlstate)
+                failed = None
+            else:
+                self._finish_op(item, "not_executed", "")
+        if failed is not None and op.decided:
+            # No Execute of the refused Parse in its group (asyncpg prepares before it executes,
+            # pgjdbc's getParameterMetaData only describes): what the client tried is recorded
+            # with the error, or it would be in no record at all.
+            self._record_refused_parse(op.decided, sqlstate)
         if not ops and not probing:
             # No Sync sent yet (the error was answered on a Flush): PostgreSQL skips whatever
             # comes until the client's next Sync, answering none of it; so does dbward. (After
@@ -2578,6 +2613,27 @@ class PgSession(asyncio.Protocol):
             if item.definition is not None:
                 self._settle(item.definition, "skipped")
         return replacement
+
+    def _record_refused_parse(
+        self, decided: list[tuple[Statement, Decision, ProtocolPath]], sqlstate: str
+    ) -> None:
+        """An intent and its outcome for each statement of a Parse PostgreSQL refused: the
+        first has the error, any other (PostgreSQL refuses more than one at Parse) was not
+        executed. Never made durable first: the statement did not run."""
+        audit = self.services.audit
+        started = time.perf_counter()
+        status = "error"
+        try:
+            for statement, decision, path in decided:
+                self._next_sid += 1
+                self._statement_count += 1
+                record = self._statement_record(self._next_sid, statement, decision, path)
+                item = _Tracked(self._next_sid, statement, path, started, audit.hold(record))
+                self._held_intents[item.sid] = item
+                self._write_outcome(item, status, sqlstate, None)
+                status, sqlstate = "not_executed", ""
+        except AuditUnavailable:
+            return  # the log says why it lost the record
 
     def _rollback_status(self, op: _Op) -> str:
         """CommandComplete says ROLLBACK: for a COMMIT (or END) of a failed transaction, or a
