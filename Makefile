@@ -6,7 +6,7 @@ PYTHON ?= $(firstword $(foreach p,/usr/bin/python3 python3,$(shell $(p) -c 'impo
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit e2e clean print-python
+.PHONY: demo test test-clients lint typecheck unit e2e clean print-python
 
 $(STAMP): pyproject.toml
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -27,10 +27,14 @@ typecheck: $(STAMP)
 unit: $(STAMP)
 	$(VENV)/bin/pytest -q tests/unit
 
-e2e: $(STAMP)
+e2e: $(STAMP) test-clients
 	$(VENV)/bin/pytest -q tests/e2e
 
-test: lint typecheck
+# psql, pgbench, PostgreSQL, a JDK with pgjdbc, Node.js: installed when missing (root + apt).
+test-clients:
+	@bash tests/clients/install-missing.sh
+
+test: test-clients lint typecheck
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
 clean:
