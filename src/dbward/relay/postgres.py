@@ -618,10 +618,15 @@ class PgSession(asyncio.Protocol):
         # Over the limit: refused once the StartupMessage is read (as PostgreSQL does), so
         # the client gets a readable error instead of a broken SSL exchange.
         self._over_limit = len(self.services.sessions) >= self.services.settings.max_connections
-        if not self._over_limit:
+        if self._over_limit:
+            self.services.over_limit.add(self)
+        else:
             self.services.sessions.add(self)
         self._startup_wake = asyncio.Event()
-        self._startup_task = asyncio.get_running_loop().create_task(self._run_startup())
+        task = self._startup_task = asyncio.get_running_loop().create_task(self._run_startup())
+        startups = self.services.startup_tasks
+        startups.add(task)
+        task.add_done_callback(startups.discard)
 
     def _enter_unauthenticated(self) -> bool:
         """Count this connection against its host's cap until it authenticates; refuse it at
@@ -2968,6 +2973,7 @@ class PgSession(asyncio.Protocol):
             self._partial_timer.cancel()
             self._partial_timer = None
         self.services.sessions.discard(self)
+        self.services.over_limit.discard(self)
         if self._cancel_key is not None:
             self.services.cancels.revoke(*self._cancel_key)
             self._cancel_key = None
