@@ -2455,12 +2455,35 @@ class PgSession(asyncio.Protocol):
             # libpq takes for lost synchronization, is not forwarded as if it were whole.
             messages.error_essentials(payload, "NoticeResponse")
             return None
-        if msg_type in (0x48, 0x63):  # CopyOutResponse, CopyDone
-            # A COPY TO STDOUT starts and ends only inside a Query or an Execute: one nobody
-            # asked for would be taken for the answer to the client's next command.
+        if msg_type == 0x48:  # CopyOutResponse
+            # PostgreSQL sends one only for a COPY ... TO STDOUT, as the answer to that statement
+            # of the Query or Execute first in line. Another statement answered with one would
+            # have the client take the copy for that statement's result (psql prints it as
+            # output, a driver reads rows dbward never saw described, and the records say the
+            # statement returned what it did not); one nobody asked for, for the answer to the
+            # client's next command.
+            if ops:
+                op = ops[0]
+                tracked = op.tracked
+                if tracked and (
+                    (
+                        op.code == _OP_QUERY
+                        and op.index < len(tracked)
+                        and "copy_to_stdout" in tracked[op.index].statement.flags
+                    )
+                    or (
+                        op.code == _OP_EXECUTE
+                        and any("copy_to_stdout" in item.statement.flags for item in tracked)
+                    )
+                ):
+                    return None
+            raise ProtocolError("CopyOutResponse answering no COPY TO STDOUT")
+        if msg_type == 0x63:  # CopyDone
+            # A COPY TO STDOUT ends only inside a Query or an Execute: one nobody asked for
+            # would be taken for the answer to the client's next command.
             if ops and ops[0].code in (_OP_QUERY, _OP_EXECUTE):
                 return None
-            raise ProtocolError(f"{_REPLY_NAMES[msg_type]} with no Query or Execute in flight")
+            raise ProtocolError("CopyDone with no Query or Execute in flight")
         if msg_type == 0x74:  # ParameterDescription: answers a Describe of a statement only
             if ops and ops[0].code == _OP_DESCRIBE:
                 return None  # its RowDescription or NoData follows
