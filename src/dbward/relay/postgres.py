@@ -2458,10 +2458,8 @@ class PgSession(asyncio.Protocol):
         if msg_type == 0x48:  # CopyOutResponse
             # PostgreSQL sends one only for a COPY ... TO STDOUT, as the answer to that statement
             # of the Query or Execute first in line. Another statement answered with one would
-            # have the client take the copy for that statement's result (psql prints it as
-            # output, a driver reads rows dbward never saw described, and the records say the
-            # statement returned what it did not); one nobody asked for, for the answer to the
-            # client's next command.
+            # have the client take the copy for that statement's result; one nobody asked for,
+            # for the answer to the client's next command.
             if ops:
                 op = ops[0]
                 tracked = op.tracked

@@ -270,7 +270,8 @@ class ListenerServices:
     clock: Callable[[], float] = time.time
     sessions: set[PgSession] = field(default_factory=set)
     # Connections over max_connections, to be refused at their StartupMessage: not counted
-    # in `sessions`, but the drain ends them too (a refusal is audited: not after the log).
+    # in `sessions`, but the drain ends them too (a refusal is audited, so it must not come
+    # after the audit log closed).
     over_limit: set[PgSession] = field(default_factory=set)
     # Cancel requests being sent to the database (a client's, or dbward's own): shutdown
     # waits for them, and they outlive the connection that asked.
