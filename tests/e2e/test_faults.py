@@ -574,6 +574,61 @@ def test_sigterm_force_closes_after_grace(
     )
 
 
+def test_sigterm_ends_connections_over_max_connections(
+    proxy_factory: Callable[..., Proxy], pg_server: PgServer
+) -> None:
+    """Review 38: a connection over max_connections (refused with 53300, and a protocol_error
+    record, once its StartupMessage comes) was not among the sessions the drain ends: it
+    could send that message while the audit log was closing (refused, its record lost), or
+    wait unanswered until dbward exited. The drain now tells it 57P01 with the others."""
+    drained = proxy_factory(listener={"max_connections": 1})
+    app = _app("drain-full")
+    for _ in range(50):  # the fixture's probe of the port holds the slot until dbward sees it go
+        try:
+            busy = psycopg.connect(
+                **drained.conninfo(application_name=app), connect_timeout=10, autocommit=True
+            )
+            break
+        except psycopg.OperationalError:
+            time.sleep(0.05)
+    else:
+        pytest.fail("the one slot never freed")
+    over = [
+        socket.create_connection(("127.0.0.1", drained.port), timeout=TIMEOUT) for _ in range(4)
+    ]
+    refused = over.pop()  # refused before the drain: its record is written
+    ended = {_client_addr(sock) for sock in over}
+    try:
+        for sock in [*over, refused]:
+            sock.settimeout(TIMEOUT)
+            sock.sendall(messages.ssl_request())  # answered: dbward has this connection
+            assert sock.recv(1) == b"N"
+        startup = {"user": "alice", "database": "app", "application_name": app + "-refused"}
+        refused.sendall(messages.startup_message(startup))
+        assert _expect_fatal(refused)["C"] == "53300"
+        with ThreadPoolExecutor(1) as pool:
+            running = _run_async(pool, busy, "SELECT pg_sleep(2), 'finished'")
+            _wait_running(pg_server, app)
+            drained.process.send_signal(signal.SIGTERM)
+            for sock in over:  # told at once, while the drain waits for the busy statement
+                fields = _expect_fatal(sock)
+                assert (fields["C"], fields["S"]) == ("57P01", "FATAL")
+            assert not running.done()
+            _, result = running.result(timeout=10)
+        assert result == [("", "finished")], result
+        assert drained.process.wait(timeout=10) == 0
+    finally:
+        busy.close()
+        for sock in [*over, refused]:
+            sock.close()
+    assert "record lost" not in drained.log() and "not written" not in drained.log()
+    records = search(drained.audit_path, limit=100_000)
+    refusals = [r for r in records if r.application_name == app + "-refused"]
+    assert [(str(r.event), r.sqlstate) for r in refusals] == [("protocol_error", "53300")]
+    # The connections the drain ended had sent no StartupMessage: nothing to record of them.
+    assert not [r for r in records if r.client_addr in ended], ended
+
+
 def test_sighup_keeps_serving(proxy_factory: Callable[..., Proxy]) -> None:
     # SIGHUP (`systemctl reload`, a closed terminal) must not kill the proxy without draining.
     running = proxy_factory()

@@ -870,6 +870,16 @@ _PARSE = messages.parse_message("", "SELECT 1")
 _COMPLETE = messages.command_complete("SELECT 1")
 _IDLE = _COMPLETE + _READY  # the Query answered: nothing is in flight after it
 _COPY_OUT_RESPONSE = _frame(b"H", b"\x00\x00\x01\x00\x00")  # text, one column
+# A whole COPY TO STDOUT of one row, as PostgreSQL answers one.
+_COPY_OUT = (
+    _COPY_OUT_RESPONSE
+    + messages.copy_data(b"1\n")
+    + messages.copy_done()
+    + messages.command_complete("COPY 1")
+)
+_EXECUTE_SELECT = (
+    _PARSE + messages.bind_message("", "", []) + messages.execute_message("") + messages.sync()
+)
 
 
 @pytest.mark.parametrize(
@@ -905,6 +915,18 @@ _COPY_OUT_RESPONSE = _frame(b"H", b"\x00\x00\x01\x00\x00")  # text, one column
         (_QUERY, _IDLE + _COPY_OUT_RESPONSE, [b"C", b"Z"]),
         (_PARSE + messages.flush(), _COPY_OUT_RESPONSE, []),
         (_QUERY, _IDLE + _frame(b"c", b""), [b"C", b"Z"]),
+        # A CopyOutResponse answering a statement that is not a COPY TO STDOUT: a SELECT in
+        # simple and extended protocol, the SELECT before or after a COPY TO STDOUT (or both
+        # SELECTs) of a multi-statement Query. The client would take copy data for its rows.
+        (_QUERY, _COPY_OUT_RESPONSE, []),
+        (_EXECUTE_SELECT, _frame(b"1", b"") + _frame(b"2", b"") + _COPY_OUT_RESPONSE, [b"1", b"2"]),
+        (messages.query("SELECT 1; SELECT 2"), _COMPLETE + _COPY_OUT_RESPONSE, [b"C"]),
+        (messages.query("SELECT 1; COPY (SELECT 2) TO STDOUT"), _COPY_OUT_RESPONSE, []),
+        (
+            messages.query("COPY (SELECT 1) TO STDOUT; SELECT 2"),
+            _COPY_OUT + _COPY_OUT_RESPONSE,
+            [b"H", b"d", b"c", b"C"],
+        ),
         # Describe's replies with no Describe first in line (a RowDescription also answers a
         # Query: refused only with nothing in flight).
         (_QUERY, _frame(b"t", b"\x00\x00") + _IDLE, []),
@@ -940,6 +962,11 @@ _COPY_OUT_RESPONSE = _frame(b"H", b"\x00\x00\x01\x00\x00")  # text, one column
         "copy-out-while-idle",
         "copy-out-to-a-parse",
         "copy-done-while-idle",
+        "copy-out-to-a-select",
+        "copy-out-to-an-execute",
+        "copy-out-to-a-second-select",
+        "copy-out-to-the-select-before-a-copy",
+        "copy-out-to-the-select-after-a-copy",
         "parameter-description-unasked",
         "no-data-unasked",
         "row-description-while-idle",

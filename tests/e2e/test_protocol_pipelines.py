@@ -434,3 +434,38 @@ def test_a_copy_refused_after_copy_in_response_answers_the_sync_sent_with_it(
                 [],
             ]
             assert got == expected
+
+
+# COPY TO STDOUT answered where it belongs (dbward now refuses a CopyOutResponse answering
+# any other statement): inside a multi-statement Query, as `TO STDIN` (PostgreSQL's grammar
+# takes either word for the client), and as a prepared statement run by Execute, twice.
+def test_copy_to_stdout_in_a_query_and_by_execute(proxy: Proxy, pg_server: PgServer) -> None:
+    app = app_name("copy-out")
+    prepared = "COPY (SELECT generate_series(1, 3)) TO STDOUT"
+    run = m.bind_message("", "cp", []) + m.execute_message("") + m.sync()
+    steps = [
+        (
+            m.query(
+                "SELECT 1; COPY (SELECT 2) TO STDOUT; COPY (SELECT 3) TO STDIN (FORMAT csv);"
+                " SELECT 4"
+            ),
+            15,
+        ),
+        (m.parse_message("cp", prepared) + run + run, 17),
+    ]
+    expected, got = _both(proxy, pg_server, steps, app)
+    copy_out = ["H", "d", "c", "C"]
+    assert expected == [
+        ["T", "D", "C", *copy_out, *copy_out, "T", "D", "C", "Z"],
+        ["1", "2", "H", "d", "d", "d", "c", "C", "Z", "2", "H", "d", "d", "d", "c", "C", "Z"],
+        [],
+    ]
+    assert got == expected
+    records = proxy.session_records(app, until=has_disconnect)
+    copies = [s for s in statements(records) if s.command == "COPY"]
+    assert [(c.path, outcome_of(records, c).rows) for c in copies] == [
+        ("copy", 1),
+        ("copy", 1),
+        ("copy", 3),
+        ("copy", 3),
+    ]

@@ -85,6 +85,25 @@ def test_psql_copy_both_ways(proxy: Proxy, tmp_path) -> None:  # type: ignore[no
     assert [outcome_of(records, c).rows for c in copies] == [1000, 1000]
 
 
+def test_psql_copy_to_stdout_among_other_statements(proxy: Proxy) -> None:
+    """A COPY TO STDOUT that is not the first statement of a multi-statement string: its
+    CopyOutResponse answers the statement after the first one's rows (dbward refuses one
+    answering any statement but a COPY TO STDOUT)."""
+    app = app_name("psql-copy-out")
+    result = run_psql(
+        proxy.dsn(application_name=app),
+        "SELECT 1; COPY (SELECT 2 UNION ALL SELECT 3) TO STDOUT; SELECT 4",
+        "\\copy (SELECT 5) TO STDOUT",
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["1", "2", "3", "4", "5"]
+    records = proxy.session_records(app, until=has_disconnect)
+    assert [s.command for s in statements(records)] == ["SELECT", "COPY", "SELECT", "COPY"]
+    copies = [s for s in statements(records) if s.command == "COPY"]
+    assert [outcome_of(records, c).rows for c in copies] == [2, 1]
+    assert "upstream_lost" not in [r.event for r in records]
+
+
 def test_psql_error_is_relayed_unchanged(proxy: Proxy) -> None:
     app = app_name("psql-err")
     result = run_psql(proxy.dsn(application_name=app), "SELECT * FROM no_such_table")

@@ -302,10 +302,10 @@ class _Settled:
     def force_close(self) -> None: ...
 
 
-def test_a_refusal_after_the_drain_reported_is_written_at_once() -> None:
-    """A connection over max_connections is not among the sessions a drain ends: it can send
-    its StartupMessage after the drain wrote the held refusals, and its refusal was held for
-    a report 10 s later, after dbward had exited."""
+def test_a_refusal_made_after_the_drain_reported_is_written_at_once() -> None:
+    """A StartupMessage read just before the drain began is handled during it, after the
+    drain wrote the held refusals (grace 0: nothing to wait for first): its refusal was held
+    for a report 10 s later, after dbward had exited."""
     sink = MemorySink()
     services = _services(sink, _CountingAuthenticator())
 
@@ -319,10 +319,10 @@ def test_a_refusal_after_the_drain_reported_is_written_at_once() -> None:
         late = PgSession(services)
         late.connection_made(transport)  # type: ignore[arg-type]
         assert late not in services.sessions  # over max_connections: refused at its startup
-        await PgListener(services).drain(0)
-        late.data_received(messages.startup_message({"user": "alice", "application_name": "late"}))
-        for _ in range(20):
+        for _ in range(5):
             await asyncio.sleep(0)
+        late.data_received(messages.startup_message({"user": "alice", "application_name": "late"}))
+        await PgListener(services).drain(0)
         assert transport.closed
         late.connection_lost(None)
 

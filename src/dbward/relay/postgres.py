@@ -631,10 +631,15 @@ class PgSession(asyncio.Protocol):
         # Over the limit: refused once the StartupMessage is read (as PostgreSQL does), so
         # the client gets a readable error instead of a broken SSL exchange.
         self._over_limit = len(self.services.sessions) >= self.services.settings.max_connections
-        if not self._over_limit:
+        if self._over_limit:
+            self.services.over_limit.add(self)
+        else:
             self.services.sessions.add(self)
         self._startup_wake = asyncio.Event()
-        self._startup_task = asyncio.get_running_loop().create_task(self._run_startup())
+        task = self._startup_task = asyncio.get_running_loop().create_task(self._run_startup())
+        startups = self.services.startup_tasks
+        startups.add(task)
+        task.add_done_callback(startups.discard)
 
     def _enter_unauthenticated(self) -> bool:
         """Count this connection against its host's cap until it authenticates; refuse it at
@@ -2471,12 +2476,33 @@ class PgSession(asyncio.Protocol):
             # libpq takes for lost synchronization, is not forwarded as if it were whole.
             messages.error_essentials(payload, "NoticeResponse")
             return None
-        if msg_type in (0x48, 0x63):  # CopyOutResponse, CopyDone
-            # A COPY TO STDOUT starts and ends only inside a Query or an Execute: one nobody
-            # asked for would be taken for the answer to the client's next command.
+        if msg_type == 0x48:  # CopyOutResponse
+            # PostgreSQL sends one only for a COPY ... TO STDOUT, as the answer to that statement
+            # of the Query or Execute first in line. Another statement answered with one would
+            # have the client take the copy for that statement's result; one nobody asked for,
+            # for the answer to the client's next command.
+            if ops:
+                op = ops[0]
+                tracked = op.tracked
+                if tracked and (
+                    (
+                        op.code == _OP_QUERY
+                        and op.index < len(tracked)
+                        and "copy_to_stdout" in tracked[op.index].statement.flags
+                    )
+                    or (
+                        op.code == _OP_EXECUTE
+                        and any("copy_to_stdout" in item.statement.flags for item in tracked)
+                    )
+                ):
+                    return None
+            raise ProtocolError("CopyOutResponse answering no COPY TO STDOUT")
+        if msg_type == 0x63:  # CopyDone
+            # A COPY TO STDOUT ends only inside a Query or an Execute: one nobody asked for
+            # would be taken for the answer to the client's next command.
             if ops and ops[0].code in (_OP_QUERY, _OP_EXECUTE):
                 return None
-            raise ProtocolError(f"{_REPLY_NAMES[msg_type]} with no Query or Execute in flight")
+            raise ProtocolError("CopyDone with no Query or Execute in flight")
         if msg_type == 0x74:  # ParameterDescription: answers a Describe of a statement only
             if ops and ops[0].code == _OP_DESCRIBE:
                 return None  # its RowDescription or NoData follows
@@ -3024,6 +3050,7 @@ class PgSession(asyncio.Protocol):
             self._partial_timer.cancel()
             self._partial_timer = None
         self.services.sessions.discard(self)
+        self.services.over_limit.discard(self)
         if self._cancel_key is not None:
             self.services.cancels.revoke(*self._cancel_key)
             self._cancel_key = None

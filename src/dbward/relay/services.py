@@ -269,9 +269,16 @@ class ListenerServices:
     logins: LoginThrottle | None = None
     clock: Callable[[], float] = time.time
     sessions: set[PgSession] = field(default_factory=set)
+    # Connections over max_connections, to be refused at their StartupMessage: not counted
+    # in `sessions`, but the drain ends them too (a refusal is audited, so it must not come
+    # after the audit log closed).
+    over_limit: set[PgSession] = field(default_factory=set)
     # Cancel requests being sent to the database (a client's, or dbward's own): shutdown
     # waits for them, and they outlive the connection that asked.
     cancel_tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+    # Logins (and CancelRequests) under way: one ended by the drain can still write a record
+    # (a refusal read before the drain), so shutdown waits for them too.
+    startup_tasks: set[asyncio.Task[None]] = field(default_factory=set)
     # Bytes of unfinished client messages buffered by all sessions (max_partial_message_bytes).
     partial_message_bytes: int = 0
     # Connections not authenticated yet, per client_key (hosts at zero are removed).

@@ -49,22 +49,28 @@ class PgListener:
 
     async def drain(self, grace_s: float) -> None:
         """Refuse new connections, let in-flight work finish, then end every session."""
-        self.services.draining = True
+        services = self.services
+        services.draining = True
         if self._server is not None:
             self._server.close()
-        for session in list(self.services.sessions):
+        # Those over max_connections too: each would be refused, and audited, at its
+        # StartupMessage, which could come while the audit log closes (the record lost).
+        for session in [*services.sessions, *services.over_limit]:
             session.request_shutdown()
         deadline = asyncio.get_running_loop().time() + grace_s
-        while self.services.sessions and asyncio.get_running_loop().time() < deadline:
+        while (services.sessions or services.over_limit) and (
+            asyncio.get_running_loop().time() < deadline
+        ):
             await asyncio.sleep(0.05)
-        for session in list(self.services.sessions):
+        for session in [*services.sessions, *services.over_limit]:
             session.force_close()
         # Statements cut off by the deadline (or whose client left) must not run on after
-        # dbward exits: the cancels being sent (each ends within 5 s) are waited for.
-        cancels = self.services.cancel_tasks
-        if cancels:
-            await asyncio.wait(list(cancels), timeout=5)
+        # dbward exits: the cancels being sent (each ends within 5 s) are waited for. So are
+        # the logins just ended, whose last records (a refusal already read) come from them.
+        tasks = [*services.cancel_tasks, *services.startup_tasks]
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
         # Refused logins still held for their interval's report: written before the log closes.
-        if self.services.logins is not None:
-            report_held_logins(self.services, self.services.logins)
+        if services.logins is not None:
+            report_held_logins(services, services.logins)
         await asyncio.sleep(0)
