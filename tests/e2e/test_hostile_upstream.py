@@ -181,7 +181,7 @@ def _login(proxy: Proxy, app: str) -> str:
     """'ok', or the FATAL message the client got."""
     try:
         with psycopg.connect(
-            **proxy.conninfo(), application_name=app, autocommit=True, connect_timeout=5
+            **proxy.conninfo(), application_name=app, autocommit=True, connect_timeout=20
         ) as conn:
             conn.execute("select 1")
     except psycopg.OperationalError as exc:
