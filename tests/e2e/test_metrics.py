@@ -197,6 +197,13 @@ def test_health_readiness_and_http_errors(proxy_factory: Callable[..., Proxy]) -
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(request, timeout=5)
     assert refused.value.code in (400, 431)
+    many = urllib.request.Request(
+        f"http://127.0.0.1:{port}/healthz", headers={f"X-H{i}": "1" for i in range(200)}
+    )
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(many, timeout=5)
+    assert refused.value.code in (400, 431)
+    assert _http(port, "/healthz")[0] == 200  # and it carries on
 
 
 def test_readyz_is_503_while_draining(proxy_factory: Callable[..., Proxy]) -> None:

@@ -103,8 +103,10 @@ def test_statement_counts_follow_the_decisions_the_audit_log_records() -> None:
     recorded = Counter(
         (str(r.decision), str(r.kind)) for r in sink.records if r.event == AuditEvent.STATEMENT
     )
-    assert _statements(after) == recorded == Counter(
-        {("allow", "read"): 1, ("deny", "session"): 2, ("deny", "read"): 1}
+    assert (
+        _statements(after)
+        == recorded
+        == Counter({("allow", "read"): 1, ("deny", "session"): 2, ("deny", "read"): 1})
     )
     # Every kind and decision is a series (so a rate() has a zero to start from), per listener.
     series = [k for k in after if k[0] == "dbward_statements_total"]
@@ -140,7 +142,8 @@ def test_session_events_and_connections_are_counted() -> None:
     session._on_upstream_lost(None)
     text, samples = _scrape(proxy)
     assert samples[("dbward_connections_total", (("listener", "t"),))] == 1
-    assert samples[("dbward_connections_refused_total", (("listener", "t"), ("reason", "draining")))] == 1
+    refused = ("dbward_connections_refused_total", (("listener", "t"), ("reason", "draining")))
+    assert samples[refused] == 1
     assert samples[("dbward_upstream_lost_total", (("listener", "t"),))] == 1
     assert [r.event for r in sink.records] == [AuditEvent.UPSTREAM_LOST]
     assert "192.0.2.7" not in text

@@ -31,6 +31,9 @@ log = logging.getLogger("dbward.metrics")
 # every 15-60 s), and how long shutdown waits for a request in progress.
 _KEEPALIVE_S = 75.0
 _SHUTDOWN_S = 1.0
+# Longest request line or header, and most headers, a request may have (400/431 beyond).
+_MAX_LINE = 8190
+_MAX_HEADERS = 128
 # The text format every Prometheus (and compatible scraper) reads; prometheus_client 0.22+
 # labels the same body "version=1.0.0", which older servers do not know. dbward's names and
 # labels are all plain ASCII, so the two are identical.
@@ -243,6 +246,10 @@ class MetricsServer:
             self._handle,
             keepalive_timeout=_KEEPALIVE_S,
             access_log=None,  # a line per scrape, with the scraper's address: not wanted
+            # aiohttp's defaults in recent releases, stated so that every version holds them.
+            max_line_size=_MAX_LINE,
+            max_field_size=_MAX_LINE,
+            max_headers=_MAX_HEADERS,
         )
         runner = web.ServerRunner(server, shutdown_timeout=_SHUTDOWN_S)
         await runner.setup()
