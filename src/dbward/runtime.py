@@ -17,6 +17,7 @@ from dbward.identity.auth_secret import load_auth_secret
 from dbward.identity.local import LocalAuthenticator
 from dbward.relay.services import CancelRegistry, ListenerServices, login_throttle
 from dbward.server.listener import PgListener
+from dbward.server.metrics import MetricsServer
 from dbward.server.tls import listener_contexts, server_end_point
 from dbward.sql.offload import ClassifierPool
 from dbward.sql.postgres import PostgresClassifier
@@ -32,7 +33,26 @@ class Runtime:
         self.audit = ProcessAuditSink(config.audit.path, max_delay_ms=config.audit.max_delay_ms)
         self.listeners: list[PgListener] = []
         self.offload = ClassifierPool(max_statements=config.max_statements_per_query)
+        self.metrics: MetricsServer | None = None
+        self._draining = False
         self._stopped = asyncio.Event()
+
+    # What the operations endpoint reads (dbward.server.metrics.Observed).
+
+    @property
+    def draining(self) -> bool:
+        """True once stop() has begun."""
+        return self._draining
+
+    @property
+    def observed_listeners(self) -> list[PgListener]:
+        """The listeners bound so far."""
+        return self.listeners
+
+    @property
+    def expected_listeners(self) -> int:
+        """How many listeners the configuration names."""
+        return len(self.config.listeners)
 
     async def start(self) -> None:
         """Open the audit log, then bind every listener (fail early on any error)."""
@@ -78,15 +98,31 @@ class Runtime:
                         f"{os.strerror(exc.errno) if exc.errno else exc}",
                     ) from None
                 self.listeners.append(listener)
+            if self.config.metrics is not None:
+                metrics = MetricsServer(self.config.metrics, self)
+                try:
+                    await metrics.start()
+                except OSError as exc:
+                    raise OSError(
+                        exc.errno,
+                        f"metrics.listen: cannot listen on {self.config.metrics.listen}: "
+                        f"{os.strerror(exc.errno) if exc.errno else exc}",
+                    ) from None
+                self.metrics = metrics
         except BaseException:
             await self.stop()
             raise
 
     async def stop(self) -> None:
-        """Drain every listener, then flush and close the audit log."""
+        """Drain every listener, then flush and close the audit log.
+
+        The metrics endpoint answers during the drain (/readyz: 503) and closes after it."""
+        self._draining = True
         await asyncio.gather(
             *(listener.drain(self.config.shutdown_grace_s) for listener in self.listeners)
         )
+        if self.metrics is not None:
+            await self.metrics.stop()
         self.offload.close()
         await self.audit.close()
         self._stopped.set()

@@ -21,6 +21,7 @@ from dbward.config.model import (
     AuditSettings,
     Config,
     ListenerSettings,
+    MetricsSettings,
     UpstreamSettings,
     UserSettings,
 )
@@ -70,6 +71,7 @@ _SECTIONS: dict[str, type[BaseModel]] = {
     "`listeners[]`": ListenerSettings,
     "`listeners[].upstream`": UpstreamSettings,
     "`audit`": AuditSettings,
+    "`metrics`": MetricsSettings,
 }
 # Keys whose default the table explains in words instead of showing a value.
 _DEFAULTS_IN_WORDS = {("Top level", "audit"), ("Top level", "auth_secret_file")}

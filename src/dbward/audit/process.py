@@ -105,6 +105,10 @@ class ProcessAuditSink:
         self._launching: subprocess.Popen[bytes] | None = None
         self.last_error = ""
         self.last_seq = 0
+        # For the metrics endpoint: records the writer has committed since start (counted per
+        # acknowledged batch, not per record), and writers restarted after one died.
+        self.committed_records = 0
+        self.restarts = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -291,6 +295,12 @@ class ProcessAuditSink:
             and self._unacked_records + len(self._records) < self._max_pending
         )
 
+    @property
+    def pending_records(self) -> int:
+        """Records queued or sent and not yet committed (read at scrape time, not per record)."""
+        held = sum(1 for item in self._held if item.record is not None)
+        return len(self._records) + held + self._unacked_records
+
     def append(self, record: AuditRecord) -> None:
         """Queue a record; committed within max_delay_ms."""
         records = self._records
@@ -420,6 +430,7 @@ class ProcessAuditSink:
         self._unacked.popleft()
         if kind == "ack":
             self._unacked_records -= batch.count
+            self.committed_records += batch.count
             if self._failed:
                 self._forget_failed()
             last = int(message[2])
@@ -445,7 +456,9 @@ class ProcessAuditSink:
         """Drop the failed batches: an ack means they were committed on a retry."""
         failed = self._failed
         while failed:
-            self._unacked_records -= failed.popleft()[1].count
+            count = failed.popleft()[1].count
+            self._unacked_records -= count
+            self.committed_records += count
 
     def _on_child_gone(self) -> None:
         if not self._child_alive:
@@ -519,7 +532,9 @@ class ProcessAuditSink:
                 return
             if 0 < landed <= self._unacked_records:
                 self._drop_landed(landed)
+                self.committed_records += landed
             self._attach(process, last_seq)
+            self.restarts += 1
             self._healthy = True  # a fresh child that opened the log
             log.warning(
                 "audit writer restarted; %d unacknowledged records were committed before it "

@@ -179,6 +179,28 @@ class UpstreamSettings(_Strict):
         return None
 
 
+def check_listen(value: str, *, example_port: int) -> str:
+    """A `listen` value: HOST:PORT with HOST an IP address, localhost, * or empty."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(
+            f"expected HOST:PORT, e.g. 127.0.0.1:{example_port} or [::1]:{example_port}"
+        )
+    host = host.strip("[]")
+    if host not in ("", "localhost", "*"):
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(f"'{host}' is not an IP address, 'localhost' or '*'") from None
+    return value
+
+
+def listen_host(listen: str) -> str | None:
+    """The host part of a valid `listen` value for asyncio (None binds every address)."""
+    host = listen.rpartition(":")[0].strip("[]")
+    return None if host in ("", "*") else host
+
+
 class ListenerSettings(_Strict):
     """One listening socket, the protocol it speaks and the upstream it fronts."""
 
@@ -227,22 +249,36 @@ class ListenerSettings(_Strict):
     @field_validator("listen")
     @classmethod
     def _check_listen(cls, value: str) -> str:
-        host, sep, port = value.rpartition(":")
-        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError("expected HOST:PORT, e.g. 127.0.0.1:6432 or [::1]:6432")
-        host = host.strip("[]")
-        if host not in ("", "localhost", "*"):
-            try:
-                ipaddress.ip_address(host)
-            except ValueError:
-                raise ValueError(f"'{host}' is not an IP address, 'localhost' or '*'") from None
-        return value
+        return check_listen(value, example_port=6432)
 
     @property
     def listen_host(self) -> str | None:
         """Host part for asyncio (None binds every address)."""
-        host = self.listen.rpartition(":")[0].strip("[]")
-        return None if host in ("", "*") else host
+        return listen_host(self.listen)
+
+    @property
+    def listen_port(self) -> int:
+        """Port part of listen."""
+        return int(self.listen.rpartition(":")[2])
+
+
+class MetricsSettings(_Strict):
+    """The operations endpoint: /metrics (Prometheus), /healthz and /readyz over plain HTTP.
+
+    It has no authentication: bind it to localhost or a private interface.
+    """
+
+    listen: str
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, value: str) -> str:
+        return check_listen(value, example_port=9187)
+
+    @property
+    def listen_host(self) -> str | None:
+        """Host part for asyncio (None binds every address)."""
+        return listen_host(self.listen)
 
     @property
     def listen_port(self) -> int:
@@ -264,6 +300,8 @@ class Config(_Strict):
     # dbward's secret for the fake SCRAM salts of unknown user names, created on first start;
     # default: dbward-auth.key in the audit log's folder. Replicas should share one.
     auth_secret_file: Path | None = None
+    # The operations endpoint (/metrics, /healthz, /readyz); None: no HTTP listener at all.
+    metrics: MetricsSettings | None = None
 
     @property
     def auth_secret_path(self) -> Path:

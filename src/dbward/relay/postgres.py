@@ -603,6 +603,9 @@ class PgSession(asyncio.Protocol):
         # A large statement classified by the offload pool, consumed when its frame is handled.
         self._preclassified: tuple[str, tuple[Statement, ...]] | None = None
         self._max_statement_bytes = services.settings.max_statement_bytes
+        # The listener's statement counts (metrics), kept at hand: touched for every batch.
+        self._allowed_counts = services.counts.allowed
+        self._denied_counts = services.counts.denied
         self._offload_task: asyncio.Task[tuple[Statement, ...]] | None = None
 
     # ------------------------------------------------------------------ asyncio callbacks
@@ -611,6 +614,8 @@ class PgSession(asyncio.Protocol):
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
         transport = self.transport
+        counts = self.services.counts
+        counts.connections += 1
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and len(peer) >= 2:
             self._client_host = str(peer[0])
@@ -618,6 +623,7 @@ class PgSession(asyncio.Protocol):
         else:
             self._client_host = self.client_addr = "local"
         if self.services.draining:
+            counts.refused["draining"] += 1
             transport.write(
                 messages.error_response(
                     "FATAL", "57P03", "dbward is shutting down and accepts no new connections"
@@ -651,6 +657,7 @@ class PgSession(asyncio.Protocol):
         transport = self.transport
         assert transport is not None
         if count >= services.settings.max_unauthenticated_per_host:
+            services.counts.refused["max_unauthenticated_per_host"] += 1
             log.info(
                 "listener %s: refusing %s, max_unauthenticated_per_host (%d) reached",
                 services.settings.name,
@@ -985,6 +992,7 @@ class PgSession(asyncio.Protocol):
                 if self._connect_audited:
                     # A login begun and never finished (a stalled password prompt, or a
                     # guesser holding slots) is a failed authentication for the trail.
+                    self.services.counts.logins["abandoned"] += 1
                     self._audit(
                         AuditEvent.AUTH_FAIL,
                         identity=self._claimed_user,
@@ -1039,6 +1047,7 @@ class PgSession(asyncio.Protocol):
             # until it gives up: auth_timeout_s no longer runs once this task has ended.
             log.exception("session %s: internal error during startup", self.session_id)
             if self._connect_audited and self.identity is None:
+                self.services.counts.logins["failed"] += 1
                 self._audit(
                     AuditEvent.AUTH_FAIL,
                     identity=self._claimed_user,
@@ -1087,6 +1096,7 @@ class PgSession(asyncio.Protocol):
                 "dbward: this listener requires TLS; connect with sslmode=require or stronger"
             )
         if self._over_limit:
+            services.counts.refused["max_connections"] += 1
             log.warning(
                 "listener %s: refusing %s, max_connections (%d) reached",
                 services.settings.name,
@@ -1120,6 +1130,7 @@ class PgSession(asyncio.Protocol):
             application_name=application_name,
             service_role=services.settings.upstream.user,
         )
+        services.counts.logins["ok"] += 1
         self._audit(AuditEvent.AUTH_OK)
         return upstream_params
 
@@ -1242,6 +1253,7 @@ class PgSession(asyncio.Protocol):
         meanwhile: its password is not checked. Audited on its own (it has a connect
         record), then LoginThrottledError."""
         wait = max(logins.retry_after(self._client_host), 1.0)
+        self.services.counts.logins["throttled"] += 1
         self._audit(
             AuditEvent.AUTH_FAIL,
             reason=_THROTTLED_REASON,
@@ -1271,6 +1283,9 @@ class PgSession(asyncio.Protocol):
                     locked,
                     math.ceil(wait),
                 )
+        # A client that gave up before trying a password (psql hangs up to ask the user for
+        # one) is not a failed guess.
+        self.services.counts.logins["failed" if counted else "abandoned"] += 1
         self._audit(AuditEvent.AUTH_FAIL, reason=reason, sqlstate="28P01", detail=detail)
 
     def _refuse_if_throttled(self, logins: LoginThrottle) -> None:
@@ -1279,6 +1294,7 @@ class PgSession(asyncio.Protocol):
         wait = logins.retry_after(self._client_host)
         if not wait:
             return
+        self.services.counts.logins["throttled"] += 1
         record = AuditRecord(
             event=AuditEvent.AUTH_FAIL,
             ts_ms=int(self.services.clock() * 1000),
@@ -1309,7 +1325,9 @@ class PgSession(asyncio.Protocol):
 
     async def _answer_cancel(self, packet: CancelRequest) -> None:
         services = self.services
+        counts = services.counts.cancels
         if not services.cancels.allow_attempt(self._client_host):
+            counts["throttled"] += 1
             cancels = services.cancels
             refused, report_in = cancels.refused_to_report(self._client_host)
             if refused:
@@ -1319,10 +1337,12 @@ class PgSession(asyncio.Protocol):
         else:
             target = services.cancels.lookup(packet.pid, packet.key)
             if target is None or target._upstream is None:
+                counts["refused"] += 1
                 self._audit(AuditEvent.CANCEL, status="refused", reason="unknown cancel key")
             else:
                 detail = f"session={target.session_id}"
                 # Recorded before it goes, as every action is; a second record if it never went.
+                counts["forwarded"] += 1
                 self._audit(AuditEvent.CANCEL, status="forwarded", detail=detail)
                 forward = self._track_cancel(self._forward_cancel(target._upstream, detail))
                 # A client may hang up once it has sent the request (tokio-postgres does), and
@@ -1332,6 +1352,7 @@ class PgSession(asyncio.Protocol):
     async def _forward_cancel(self, upstream: UpstreamConnection, detail: str) -> None:
         failure = await send_cancel(self.services.settings.upstream, upstream)
         if failure is not None:
+            self.services.counts.cancels["failed"] += 1
             self._audit(AuditEvent.CANCEL, status="failed", reason=failure, detail=detail)
 
     def _track_cancel(self, sending: Coroutine[Any, Any, _T]) -> asyncio.Task[_T]:
@@ -2024,11 +2045,14 @@ class PgSession(asyncio.Protocol):
         try:
             tracked, durable = self._record_intents(decided, None)
         except AuditUnavailable:
+            self._count_statements(decided, allowed=False)
             return [], None, _audit_unavailable_decision()
         if changes.cleared or changes.added:
             self._apply_prepared_changes(changes, tracked)
+        allowed = self._allowed_counts  # one tracker per statement decided: count them here
         for item in tracked:
             statement = item.statement
+            allowed[statement.kind] += 1
             if statement.cursor_name is not None or statement.flags:
                 self._note_session_effects(item)
         return tracked, durable, None
@@ -2053,10 +2077,19 @@ class PgSession(asyncio.Protocol):
                 drops_on_failure=False,
             )
 
+    def _count_statements(
+        self, decided: list[tuple[Statement, Decision, ProtocolPath]], *, allowed: bool
+    ) -> None:
+        """Count a batch for the metrics: forwarded (allowed) or refused (denied), by kind."""
+        counts = self._allowed_counts if allowed else self._denied_counts
+        for statement, _, _ in decided:
+            counts[statement.kind] += 1
+
     def _record_denied(
         self, decided: list[tuple[Statement, Decision, ProtocolPath]], denial: Decision
     ) -> None:
         """Audit a refused batch: an intent carrying the denial, then a `denied` outcome."""
+        self._count_statements(decided, allowed=False)
         try:
             tracked, _ = self._record_intents(decided, denial)
         except AuditUnavailable:
@@ -2646,6 +2679,7 @@ class PgSession(asyncio.Protocol):
         """An intent and its outcome for each statement of a Parse PostgreSQL refused: the
         first has the error, any other (PostgreSQL refuses more than one at Parse) was not
         executed. Never made durable first: the statement did not run."""
+        self._count_statements(decided, allowed=True)  # recorded as allowed: PostgreSQL refused
         audit = self.services.audit
         started = time.perf_counter()
         status = "error"
@@ -3069,6 +3103,7 @@ class PgSession(asyncio.Protocol):
         }
 
     def _audit(self, event: AuditEvent, **fields: object) -> None:
+        self.services.counts.events[event] += 1
         self._release_held()
         base: dict[str, object] = dict(self._base_fields())
         base.update(fields)

@@ -12,9 +12,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from dbward.audit.records import AuditRecord
+from dbward.audit.records import AuditEvent, AuditRecord
 from dbward.audit.sink import AuditSink
 from dbward.config.model import AuditSettings, ListenerSettings
+from dbward.core.types import StatementKind
 from dbward.identity.base import Authenticator
 from dbward.sql.offload import ClassifierPool
 from dbward.sql.postgres import PostgresClassifier
@@ -253,6 +254,43 @@ def login_throttle(settings: ListenerSettings) -> LoginThrottle | None:
     return LoginThrottle(settings.auth_fail_burst, settings.auth_fail_rate_per_s)
 
 
+class ListenerCounts:
+    """What a listener's sessions did, as plain ints read by the metrics endpoint at scrape
+    time (dbward.server.metrics): incrementing one costs a dict or attribute update on the
+    event loop, no lock (prometheus_client's own counters take one per increment).
+
+    Only fixed vocabularies key them (statement kinds, audit events, outcome names): nothing
+    a client chooses (identities, addresses, SQL) is ever a key.
+    """
+
+    __slots__ = (
+        "allowed",
+        "cancels",
+        "connections",
+        "denied",
+        "events",
+        "logins",
+        "refused",
+    )
+
+    # Outcomes of a login attempt, of a CancelRequest, and why a connection was refused.
+    LOGIN_RESULTS = ("ok", "failed", "abandoned", "throttled")
+    CANCEL_RESULTS = ("forwarded", "refused", "failed", "throttled")
+    REFUSAL_REASONS = ("max_connections", "max_unauthenticated_per_host", "draining")
+
+    def __init__(self) -> None:
+        self.connections = 0  # TCP connections accepted (each one, refused or not)
+        # Statements recorded with their decision, by kind (an EXECUTE: the kind it runs);
+        # denied includes those refused because the audit log could not record them.
+        self.allowed: dict[StatementKind, int] = dict.fromkeys(StatementKind, 0)
+        self.denied: dict[StatementKind, int] = dict.fromkeys(StatementKind, 0)
+        # Session-level audit events written by the sessions (connect, upstream_lost, ...).
+        self.events: dict[AuditEvent, int] = dict.fromkeys(AuditEvent, 0)
+        self.logins: dict[str, int] = dict.fromkeys(self.LOGIN_RESULTS, 0)
+        self.cancels: dict[str, int] = dict.fromkeys(self.CANCEL_RESULTS, 0)
+        self.refused: dict[str, int] = dict.fromkeys(self.REFUSAL_REASONS, 0)
+
+
 @dataclass
 class ListenerServices:
     """Everything a PgSession needs, built once per listener by the runtime."""
@@ -289,3 +327,5 @@ class ListenerServices:
     offload: ClassifierPool | None = None
     # tls-server-end-point data of client_tls's certificate: SCRAM-SHA-256-PLUS over TLS.
     client_tls_end_point: bytes | None = None
+    # Counts for the metrics endpoint (read at scrape time; never reset).
+    counts: ListenerCounts = field(default_factory=ListenerCounts)

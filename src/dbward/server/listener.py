@@ -42,6 +42,11 @@ class PgListener:
         return out
 
     @property
+    def serving(self) -> bool:
+        """True while the socket accepts connections (bound and not closed by a drain)."""
+        return self._server is not None and self._server.is_serving()
+
+    @property
     def port(self) -> int:
         """The bound port."""
         assert self._server is not None and self._server.sockets
