@@ -121,6 +121,11 @@ def start_env() -> SoakEnv:
                     "key_file": str(ca.server_key),
                 },
                 "auth_timeout_s": AUTH_TIMEOUT_S,
+                # Every failure mode here comes from 127.0.0.1, as the good traffic does: a
+                # budget this large runs the login throttle's accounting on each failure
+                # without ever refusing (refusals: tests/e2e/test_startup_auth.py).
+                "auth_fail_burst": 1_000_000,
+                "auth_fail_rate_per_s": 10_000,
                 "upstream": {
                     "host": "127.0.0.1",
                     "port": pg.port,

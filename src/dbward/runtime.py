@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from dbward.audit.process import ProcessAuditSink
 from dbward.config.loader import upstream_password_problems
@@ -17,10 +18,12 @@ from dbward.identity.auth_secret import load_auth_secret
 from dbward.identity.local import LocalAuthenticator
 from dbward.relay.services import CancelRegistry, ListenerServices, login_throttle
 from dbward.server.listener import PgListener
-from dbward.server.metrics import MetricsServer
 from dbward.server.tls import listener_contexts, server_end_point
 from dbward.sql.offload import ClassifierPool
 from dbward.sql.postgres import PostgresClassifier
+
+if TYPE_CHECKING:
+    from dbward.server.metrics import MetricsServer
 
 log = logging.getLogger("dbward")
 
@@ -99,6 +102,10 @@ class Runtime:
                     ) from None
                 self.listeners.append(listener)
             if self.config.metrics is not None:
+                # Imported only when configured: aiohttp and prometheus-client cost every
+                # dbward process ~13 MB and ~0.1 s at start.
+                from dbward.server.metrics import MetricsServer
+
                 metrics = MetricsServer(self.config.metrics, self)
                 try:
                     await metrics.start()
