@@ -16,7 +16,7 @@ from dbward.wire.postgres import messages
 from fixtures.clients import app_name, has_disconnect, is_outcome, outcomes, statements
 from fixtures.drivers import aconnect, outcomes_of
 from fixtures.proxy import Proxy
-from fixtures.raw import RawSession
+from fixtures.raw import RawSession, read_message
 
 
 def _intent(records: list[AuditRecord], needle: str) -> AuditRecord | None:
@@ -240,4 +240,107 @@ def test_a_parse_refused_with_no_execute_after_it_is_recorded_with_its_error(
     assert [(s.sql_text, outcomes_of(records, s)) for s in statements(records)] == [
         ("SELECT * FROM r37_missing_for_asyncpg WHERE x = $1", [("error", "42P01")]),
         ("SELECT 4", [("suspended", "")]),  # fetchval: a row limit of 1
+    ]
+
+
+def test_errors_before_the_execute_across_sync_groups_flushes_and_redefinitions(
+    proxy: Proxy,
+) -> None:
+    """Each statement gets one intent and one outcome, the error going to the statement that
+    caused it: an unnamed statement redefined by a failed Parse after its portal was bound; a
+    Bind failing after another portal's Execute was queued; a Parse refused on a Flush, the
+    Bind/Execute after the error discarded; several sync groups with a Close between; a
+    Query sent after the error in an extended group (PostgreSQL ignores it until Sync)."""
+    app = app_name("parse-groups")
+    session = RawSession(proxy, app)
+
+    def kinds(replies: list[tuple[bytes, bytes]]) -> list[bytes]:
+        return [k for k, _ in replies]
+
+    try:
+        # The portal of 'a1' is bound, then the unnamed statement is redefined by a Parse that
+        # fails: the Execute (of 'a1') is skipped; the refused Parse carries the error.
+        replies = session.send(
+            messages.parse_message("", "SELECT 'a1'")
+            + messages.bind_message("", "")
+            + messages.parse_message("", "SELECT * FROM r40_nope1")
+            + messages.execute_message("")
+            + messages.sync()
+        )
+        assert kinds(replies) == [b"1", b"2", b"E", b"Z"]
+        # p1's Bind fails after p2's Execute was queued: the error is p1's.
+        assert kinds(
+            session.send(messages.parse_message("s4", "SELECT $1::int AS v") + messages.sync())
+        ) == [
+            b"1",
+            b"Z",
+        ]
+        replies = session.send(
+            messages.bind_message("p1", "s4", [b"x"])
+            + messages.bind_message("p2", "s4", [b"2"])
+            + messages.execute_message("p2")
+            + messages.execute_message("p1")
+            + messages.sync()
+        )
+        assert kinds(replies) == [b"E", b"Z"]
+        # Refused on a Flush: what the client sends before its Sync is skipped, unrecorded.
+        session.sock.sendall(
+            messages.parse_message("s6", "SELECT * FROM r40_nope6") + messages.flush()
+        )
+        assert read_message(session.sock)[0] == b"E"
+        replies = session.send(
+            messages.bind_message("p6", "s6") + messages.execute_message("p6") + messages.sync()
+        )
+        assert kinds(replies) == [b"Z"]
+        # Two sync groups in one write, a Close in the second.
+        session.sock.sendall(
+            messages.parse_message("s1", "SELECT 's1'")
+            + messages.bind_message("q1", "s1")
+            + messages.execute_message("q1")
+            + messages.sync()
+            + messages.parse_message("s2", "SELECT * FROM r40_nope3")
+            + messages.bind_message("q2", "s2")
+            + messages.execute_message("q2")
+            + messages.close_message("S", "s1")
+            + messages.sync()
+        )
+        assert kinds(session.read_until_ready()) == [b"1", b"2", b"D", b"C", b"Z"]
+        assert kinds(session.read_until_ready()) == [b"E", b"Z"]
+        # 'a8' runs, then a failed Parse redefines the unnamed statement in the same group.
+        replies = session.send(
+            messages.parse_message("", "SELECT 'a8'")
+            + messages.bind_message("", "")
+            + messages.execute_message("")
+            + messages.parse_message("", "SELECT * FROM r40_nope8")
+            + messages.bind_message("", "")
+            + messages.execute_message("")
+            + messages.sync()
+        )
+        assert kinds(replies) == [b"1", b"2", b"D", b"C", b"E", b"Z"]
+        # A Query after the error, before the Sync: PostgreSQL ignores it.
+        replies = session.send(
+            messages.parse_message("", "SELECT * FROM r40_nope10")
+            + messages.bind_message("", "")
+            + messages.execute_message("")
+            + messages.query("SELECT 'q10'")
+            + messages.sync()
+        )
+        assert kinds(replies) == [b"E", b"Z"]
+        assert kinds(session.query("SELECT 'end'"))[-1] == b"Z"
+    finally:
+        session.close()
+    records = proxy.session_records(app, until=has_disconnect)
+    assert [(s.sql_text, outcomes_of(records, s)) for s in statements(records)] == [
+        ("SELECT 'a1'", [("not_executed", "")]),
+        ("SELECT * FROM r40_nope1", [("error", "42P01")]),
+        ("SELECT $1::int AS v", [("not_executed", "")]),  # p2
+        ("SELECT $1::int AS v", [("error", "22P02")]),  # p1
+        ("SELECT * FROM r40_nope6", [("error", "42P01")]),
+        ("SELECT 's1'", [("ok", "")]),
+        ("SELECT * FROM r40_nope3", [("error", "42P01")]),
+        ("SELECT 'a8'", [("ok", "")]),
+        ("SELECT * FROM r40_nope8", [("error", "42P01")]),
+        ("SELECT * FROM r40_nope10", [("error", "42P01")]),
+        ("SELECT 'q10'", [("not_executed", "")]),
+        ("SELECT 'end'", [("ok", "")]),
     ]
