@@ -887,3 +887,38 @@ def test_a_large_message_left_unfinished_ends_its_session_in_time(
     outcomes = [r for r in records if is_outcome(r)]
     assert [r.status for r in outcomes] in (["unknown"], ["cancelled"]), outcomes
     assert small.process.poll() is None
+
+
+def test_sigterm_with_a_client_that_stopped_reading(
+    proxy_factory: Callable[..., Proxy], pg_server: PgServer
+) -> None:
+    """Review 40: a client that stops reading leaves its 57P01 (and the end of the rows it
+    asked for) in dbward's send buffer, and closing a transport waits for that buffer to
+    empty: the session was never let go. The drain waited its whole grace period for a
+    session that was idle, and its disconnect record never came (the audit log had closed);
+    the drain now aborts such connections at the deadline, before the log closes."""
+    drained = proxy_factory(extra={"shutdown_grace_s": 2})
+    app = _app("drain-stuck")
+    raw = RawSession(drained, app)
+    try:
+        raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        # ~100 MB of rows nobody reads: the socket's buffers and dbward's fill up, and dbward
+        # stops reading PostgreSQL (which waits to send the rest).
+        raw.sock.sendall(messages.query("SELECT repeat('x', 1000) FROM generate_series(1, 100000)"))
+        _wait_for(
+            lambda: any(line.startswith("active:") for line in _active(pg_server, app)),
+            10.0,
+            "the query to run upstream",
+        )
+        time.sleep(0.5)
+        signalled = time.monotonic()
+        drained.process.send_signal(signal.SIGTERM)
+        assert drained.process.wait(timeout=15) == 0
+        took = time.monotonic() - signalled
+    finally:
+        raw.close()
+    records = search(drained.audit_path, limit=100_000)
+    sessions = {r.session_id for r in records if r.application_name == app}
+    mine = [r for r in records if r.session_id in sessions]
+    assert str(mine[-1].event) == "disconnect", [str(r.event) for r in mine]
+    assert took < 4.0, took

@@ -25,6 +25,8 @@ class _Settled:
 
     def force_close(self) -> None: ...
 
+    def abort(self) -> None: ...
+
 
 class _Socket(PeerTransport):
     """A client socket whose closing ends its session, as asyncio's transports do."""

@@ -3026,6 +3026,14 @@ class PgSession(asyncio.Protocol):
         self._finish_pending("unknown", "57P01")
         self._fatal("57P01", "dbward is shutting down")
 
+    def abort(self) -> None:
+        """Drain, after force_close: drop a connection still open (its client does not read
+        what was left to send). connection_lost follows on the next turn of the loop."""
+        self._closing = True
+        if self.transport is not None:
+            self.transport.abort()
+        self._close_upstream()
+
     def _cancel_upstream(self) -> None:
         """Cancel what runs upstream, on a task the listener keeps (see _track_cancel)."""
         upstream = self._upstream

@@ -10,6 +10,10 @@ from dbward.relay.services import ListenerServices
 
 log = logging.getLogger("dbward.server")
 
+# After the grace period's sessions are told 57P01: how long their clients have to take it
+# before the connections still open (a client not reading) are dropped.
+_ABORT_AFTER_S = 1.0
+
 
 class PgListener:
     """One listening socket serving PostgreSQL clients."""
@@ -62,13 +66,15 @@ class PgListener:
         # StartupMessage, which could come while the audit log closes (the record lost).
         for session in [*services.sessions, *services.over_limit]:
             session.request_shutdown()
-        deadline = asyncio.get_running_loop().time() + grace_s
-        while (services.sessions or services.over_limit) and (
-            asyncio.get_running_loop().time() < deadline
-        ):
-            await asyncio.sleep(0.05)
+        await self._wait_for_sessions(grace_s)
         for session in [*services.sessions, *services.over_limit]:
             session.force_close()
+        # Closing a connection waits until what is left to send has been sent: one whose client
+        # stopped reading never goes, and its last records (its disconnect) would come after
+        # the audit log closed. Those still there after a moment are dropped.
+        await self._wait_for_sessions(_ABORT_AFTER_S)
+        for session in [*services.sessions, *services.over_limit]:
+            session.abort()
         # Statements cut off by the deadline (or whose client left) must not run on after
         # dbward exits: the cancels being sent (each ends within 5 s) are waited for. So are
         # the logins just ended, whose last records (a refusal already read) come from them.
@@ -79,3 +85,11 @@ class PgListener:
         if services.logins is not None:
             report_held_logins(services, services.logins)
         await asyncio.sleep(0)
+
+    async def _wait_for_sessions(self, timeout_s: float) -> None:
+        """Until every session (and connection over the limit) has gone, at most timeout_s."""
+        services = self.services
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while (services.sessions or services.over_limit) and loop.time() < deadline:
+            await asyncio.sleep(0.05)
