@@ -301,6 +301,8 @@ class _Settled:
 
     def force_close(self) -> None: ...
 
+    def abort(self) -> None: ...
+
 
 def test_a_refusal_made_after_the_drain_reported_is_written_at_once() -> None:
     """A StartupMessage read just before the drain began is handled during it, after the
