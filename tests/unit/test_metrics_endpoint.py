@@ -14,6 +14,7 @@ from prometheus_client.core import Metric
 from prometheus_client.process_collector import ProcessCollector
 
 from dbward.config.model import MetricsSettings
+from dbward.server import metrics
 from dbward.server.metrics import MAX_CONNECTIONS, MetricsServer
 from unit.test_metrics_collector import _Proxy
 
@@ -107,5 +108,41 @@ def test_a_request_body_is_not_read_to_its_end() -> None:
         assert answer.startswith(b"HTTP/1.1 405")
         assert time.monotonic() - started < 2
         writer.close()
+
+    _serve(test)
+
+
+def test_a_request_whose_headers_never_end_is_closed_after_the_keepalive_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Slowloris: a byte of headers now and then does not hold the connection past the
+    keep-alive time (75 s; 0.5 s here), counted from the connection or the last answer."""
+    monkeypatch.setattr(metrics, "_KEEPALIVE_S", 0.5)
+
+    async def test(port: int) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        started = time.monotonic()
+        writer.write(b"GET /healthz HTTP/1.1\r\n")
+        closed = False
+        for _ in range(40):
+            await asyncio.sleep(0.1)
+            try:
+                writer.write(b"X-Slow: 1\r\n")
+                await writer.drain()
+            except ConnectionError:
+                closed = True
+                break
+            if reader.at_eof():
+                closed = True
+                break
+            try:
+                if await asyncio.wait_for(reader.read(1), 0.01) == b"":
+                    closed = True
+                    break
+            except TimeoutError:
+                pass
+        writer.close()
+        assert closed
+        assert time.monotonic() - started < 2.0
 
     _serve(test)
