@@ -921,4 +921,4 @@ def test_sigterm_with_a_client_that_stopped_reading(
     sessions = {r.session_id for r in records if r.application_name == app}
     mine = [r for r in records if r.session_id in sessions]
     assert str(mine[-1].event) == "disconnect", [str(r.event) for r in mine]
-    assert took < 4.0, took
+    assert took < 8.0, took  # grace 2 s, 1 s to take the 57P01, at most 5 s for the cancel
