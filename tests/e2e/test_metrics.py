@@ -183,6 +183,10 @@ def test_health_readiness_and_http_errors(proxy_factory: Callable[..., Proxy]) -
     assert port is not None
     assert _http(port, "/healthz")[:2] == (200, "ok\n")
     assert _http(port, "/readyz")[:2] == (200, "ready\n")
+    # No versions of aiohttp or Python for whoever can reach the port.
+    assert {_http(port, path)[2].get("Server") for path in ("/healthz", "/metrics", "/x")} == {
+        "dbward"
+    }
     assert _http(port, "/metrics?name[]=x")[0] == 200  # a query string changes nothing
     assert _http(port, "/")[0] == 404
     assert _http(port, "/metrics/")[0] == 404

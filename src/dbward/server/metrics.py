@@ -340,10 +340,14 @@ class MetricsServer:
     async def _handle(self, request: BaseRequest) -> web.StreamResponse:
         route = self._routes.get(request.path)
         if route is None:
-            return _text(404, "not found")
-        if request.method != "GET":
-            return _text(405, "method not allowed", Allow="GET")
-        return route()
+            response = _text(404, "not found")
+        elif request.method != "GET":
+            response = _text(405, "method not allowed", Allow="GET")
+        else:
+            response = route()
+        # aiohttp's default names its and Python's versions to whoever can reach the port.
+        response.headers["Server"] = "dbward"
+        return response
 
     def _metrics(self) -> web.Response:
         body = generate_latest(self._registry)
