@@ -869,6 +869,7 @@ _QUERY = messages.query("SELECT 1")
 _PARSE = messages.parse_message("", "SELECT 1")
 _COMPLETE = messages.command_complete("SELECT 1")
 _IDLE = _COMPLETE + _READY  # the Query answered: nothing is in flight after it
+_ERROR = messages.error_response("ERROR", "42P01", "relation does not exist")
 _COPY_OUT_RESPONSE = _frame(b"H", b"\x00\x00\x01\x00\x00")  # text, one column
 # A whole COPY TO STDOUT of one row, as PostgreSQL answers one.
 _COPY_OUT = (
@@ -945,6 +946,19 @@ _EXECUTE_SELECT = (
         (_PARSE + messages.flush(), _COMPLETE, []),
         (_PARSE + messages.flush(), _frame(b"I", b""), []),
         (_QUERY, _frame(b"s", b"") + _IDLE, []),
+        # More CommandCompletes than the Query has statements, one after the error that ended
+        # the Query (PostgreSQL runs none of its statements after it), an EmptyQueryResponse
+        # after the statements (it answers only an empty query string): the client would take
+        # it for the answer to its next command, and dbward record it for a statement that
+        # did not run.
+        (_QUERY, _COMPLETE + _COMPLETE + _READY, [b"C"]),
+        (messages.query("SELECT 1; SELECT 2"), _COMPLETE * 3 + _READY, [b"C", b"C"]),
+        (messages.query("SELECT 1; SELECT 2"), _ERROR + _COMPLETE + _READY, [b"E"]),
+        (_QUERY, _ERROR + _COMPLETE + _READY, [b"E"]),
+        (_QUERY, _COMPLETE + _frame(b"I", b"") + _READY, [b"C"]),
+        (messages.query("SELECT 1; SELECT 2"), _ERROR + _frame(b"I", b"") + _READY, [b"E"]),
+        (messages.query(""), _frame(b"I", b"") + _frame(b"I", b"") + _READY, [b"I"]),
+        (messages.query(""), _COMPLETE + _READY, []),
     ],
     ids=[
         "ready-while-idle",
@@ -980,6 +994,14 @@ _EXECUTE_SELECT = (
         "complete-for-a-parse",
         "empty-query-for-a-parse",
         "portal-suspended-for-a-query",
+        "second-complete-for-one-statement",
+        "third-complete-for-two-statements",
+        "complete-after-the-error-ending-a-query",
+        "complete-after-the-error-of-its-only-statement",
+        "empty-query-after-the-statements",
+        "empty-query-after-the-error-ending-a-query",
+        "second-empty-query-for-an-empty-query",
+        "complete-for-an-empty-query",
     ],
 )
 def test_a_reply_postgresql_never_sends_ends_the_session(
@@ -1006,7 +1028,8 @@ def test_a_reply_postgresql_never_sends_ends_the_session(
         kinds: list[bytes] = []
         payload = b""
         try:
-            while not kinds or kinds[-1] != b"E":
+            # Up to dbward's FATAL (an ERROR from the database before it is forwarded).
+            while not kinds or kinds[-1] != b"E" or b"SFATAL\x00" not in payload:
                 kind, payload = read_message(session.sock)
                 kinds.append(kind)
         except (TimeoutError, ConnectionError):
@@ -1020,6 +1043,47 @@ def test_a_reply_postgresql_never_sends_ends_the_session(
         served = RawSession(proxy, app_name("still-served"))
         assert [kind for kind, _ in served.send(_QUERY)] == [b"C", b"Z"]
         served.close()
+        assert not tls_server.errors
+    finally:
+        stop_proxy(proxy)
+
+
+def test_a_complete_after_the_error_ending_a_query_is_recorded_for_no_statement(
+    tls_server: HostileServer, tmp_path: Path
+) -> None:
+    """PostgreSQL runs none of a Query's statements after the first error: a CommandComplete
+    then was forwarded and recorded as the next statement's outcome (`ok` for a statement that
+    never ran). It ends the session; the statement after the error is not recorded `ok`."""
+
+    def script(conn: HostileConn) -> None:
+        conn.login()
+        conn.read_message()
+        conn.send(_ERROR + _COMPLETE + _READY)
+        conn.idle_until_closed()
+
+    tls_server.script = script
+    proxy = start_hostile_proxy(tmp_path, tls_server, upstream={"tls": {"mode": "disable"}})
+    try:
+        app = app_name("complete-after-error")
+        session = RawSession(proxy, app)
+        session.sock.settimeout(2)
+        session.sock.sendall(messages.query("SELECT 1; SELECT 2"))
+        kinds: list[bytes] = []
+        try:
+            while True:
+                kind, _ = read_message(session.sock)
+                kinds.append(kind)
+        except (TimeoutError, ConnectionError):
+            pass
+        session.close()
+        records = proxy.session_records(
+            app, until=lambda rs: any(r.event == AuditEvent.DISCONNECT for r in rs)
+        )
+        outcomes = [r.status for r in records if r.event == AuditEvent.STATEMENT and r.status]
+        assert outcomes[0] == "error", outcomes
+        assert len(outcomes) == 2 and outcomes[1] != "ok", outcomes
+        assert kinds == [b"E", b"E"], kinds
+        _assert_invalid_message_ended(proxy, app)
         assert not tls_server.errors
     finally:
         stop_proxy(proxy)

@@ -235,3 +235,34 @@ def test_select_changing_a_table_through_a_contrib_function_is_made_durable_firs
         assert committed[0].tables == ("dbward_surgery",)
         count = conn.execute(b"SELECT count(*) FROM dbward_surgery").fetchone()
         assert count == (1,)  # the row is gone: the SELECT changed the table
+
+
+def test_psql_query_strings_answered_with_fewer_completes_than_statements(proxy: Proxy) -> None:
+    """Real PostgreSQL's answers a Query's count of statements is checked against (one
+    CommandComplete each, none after an error, EmptyQueryResponse for an empty string): empty
+    statements, a comments-only string, an error mid-Query, COPY in a Query and a refused
+    statement mid-Query all keep the session."""
+    app = app_name("psql-counts")
+    result = run_psql(
+        proxy.dsn(application_name=app),
+        "SELECT 1;;",
+        ";",
+        "-- only a comment",
+        "SELECT 2; SELECT 1/0; SELECT 3",
+        "COPY (SELECT 4) TO STDOUT; SELECT 5",
+        "SELECT 6; COPY (SELECT 1) TO PROGRAM 'true'; SELECT 7",
+        "SELECT 8",
+    )
+    assert "invalid message" not in result.stderr, result.stderr
+    assert "division by zero" in result.stderr, result.stderr
+    out = result.stdout.split()
+    assert out[0] == "1" and out[-1] == "8", result
+    assert "3" not in out and "7" not in out, result
+    assert "4" in out and "5" in out, result
+    records = proxy.session_records(app, until=has_disconnect)
+    assert not [r for r in records if r.event == "upstream_lost"], records
+    done = outcomes(records)
+    by_command = [(s.command, outcome_of(records, s).status) for s in statements(records)]
+    assert ("SELECT", "not_executed") in by_command, by_command
+    assert any(status == "denied" for _, status in by_command), by_command
+    assert len(done) == len(statements(records))

@@ -190,6 +190,7 @@ class _Op:
         "decided",
         "definition",
         "index",
+        "limit",
         "max_rows",
         "replacement",
         "sources",
@@ -207,6 +208,8 @@ class _Op:
         self.code = code
         self.tracked = tracked
         self.index = 0  # next statement of a multi-statement Query
+        # A Query's statements PostgreSQL may still complete: all of them, none after an error.
+        self.limit = 0
         self.replacement = replacement  # our ErrorResponse for a poison statement
         self.max_rows = max_rows  # Execute's row limit: PortalSuspended means exactly this many
         # Parse/Bind/Close (and an unnamed poison Parse): the name it (re)defines.
@@ -1669,6 +1672,7 @@ class PgSession(asyncio.Protocol):
                 for tracked in op.tracked:
                     self._record_outcome(tracked, "not_executed", AuditUnavailable.sqlstate)
                 op.tracked = []
+                op.limit = 0  # the poison is sent instead: it only fails
 
     def _handle_message(
         self, msg_type: int, payload: bytes, raw: bytes | bytearray, out: list[bytes | bytearray]
@@ -2147,6 +2151,7 @@ class PgSession(asyncio.Protocol):
             out.append(_POISON_QUERY)
             return None
         op = _Op(_OP_QUERY, tracked)
+        op.limit = len(tracked)
         self._ops.append(op)
         if self._copies_admitted:
             self._count_copies(op)
@@ -2353,10 +2358,15 @@ class PgSession(asyncio.Protocol):
                 if payload is not None and payload.startswith(b"ROLLBACK"):
                     status = self._rollback_status(op)
                 if op.code == _OP_QUERY:
+                    index = op.index
                     tracked = op.tracked
-                    if tracked and op.index < len(tracked):
-                        self._record_outcome(tracked[op.index], status, "", rows)
-                        op.index += 1
+                    if tracked is None or index >= op.limit:
+                        # One CommandComplete per statement, none after the error that ended
+                        # the Query: it would be taken for the client's next command's answer
+                        # (and recorded for a statement that never ran).
+                        raise ProtocolError("CommandComplete for no statement of the Query")
+                    self._record_outcome(tracked[index], status, "", rows)
+                    op.index = index + 1
                 elif op.code == _OP_EXECUTE:
                     ops.popleft()
                     if op.tracked:
@@ -2448,8 +2458,16 @@ class PgSession(asyncio.Protocol):
             op = ops[0]
             if op.code != _OP_EXECUTE:
                 # An empty query string's answer, to a Query or an Execute; PortalSuspended
-                # answers an Execute only.
-                if msg_type == 0x49 and op.code == _OP_QUERY:
+                # answers an Execute only. A Query with statements (or denied: the poison
+                # fails) never gets one, nor does an empty one after its own or an error.
+                if (
+                    msg_type == 0x49
+                    and op.code == _OP_QUERY
+                    and not op.tracked
+                    and op.index == 0
+                    and op.replacement is None
+                ):
+                    op.index = 1  # answered: only its ReadyForQuery follows
                     return None
                 raise ProtocolError(f"{_REPLY_NAMES[msg_type]} answering no {_REQUESTS[msg_type]}")
             ops.popleft()
@@ -2520,7 +2538,7 @@ class PgSession(asyncio.Protocol):
                 if tracked and (
                     (
                         op.code == _OP_QUERY
-                        and op.index < len(tracked)
+                        and op.index < op.limit
                         and "copy_to_stdout" in tracked[op.index].statement.flags
                     )
                     or (
@@ -2631,9 +2649,13 @@ class PgSession(asyncio.Protocol):
         replacement = op.replacement
         if op.code == _OP_QUERY:
             tracked = op.tracked
-            if tracked and op.index < len(tracked):
-                self._record_outcome(tracked[op.index], "error", sqlstate)
-                op.index += 1
+            index = op.index
+            if tracked and index < len(tracked):
+                self._record_outcome(tracked[index], "error", sqlstate)
+            # PostgreSQL runs nothing more of the Query (its other statements are recorded
+            # not_executed at its ReadyForQuery): no CommandComplete or EmptyQueryResponse is due.
+            op.index = index + 1
+            op.limit = 0
             return replacement
         if op.code == _OP_SYNC:
             return None  # e.g. a deferred constraint failing at the implicit commit
