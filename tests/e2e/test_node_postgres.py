@@ -7,7 +7,6 @@ in JavaScript, the tests here check what they report and the audit records.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -17,8 +16,7 @@ from dbward.audit.records import AuditRecord
 from fixtures.clients import app_name, has_disconnect, outcome_of, statements
 from fixtures.drivers import outcomes_of
 from fixtures.foreign_clients import ScenarioRun, run_node
-from fixtures.postgres import PgServer
-from fixtures.proxy import Proxy, start_proxy, stop_proxy
+from fixtures.proxy import Proxy
 from fixtures.tls import TestCA
 
 SCENARIOS = ["simple", "params", "named", "transaction", "deny", "pool", "notify", "cursor"]
@@ -219,23 +217,6 @@ def test_pg_cursor_and_query_stream(proxy: Proxy, node: ScenarioRun) -> None:
     after = [s.sql_text for s in intents if s.path == "simple"]
     assert after == ["SELECT 11 AS v", "SELECT 12 AS v"]
     assert [r for r in records if r.decision == "deny"] == []
-
-
-@pytest.fixture(scope="module")
-def tls_proxy(
-    pg_server: PgServer, test_ca: TestCA, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Proxy]:
-    running = start_proxy(
-        tmp_path_factory.mktemp("dbward-node-tls"),
-        pg_server,
-        tls={
-            "mode": "required",
-            "cert_file": str(test_ca.server_cert),
-            "key_file": str(test_ca.server_key),
-        },
-    )
-    yield running
-    stop_proxy(running)
 
 
 @pytest.mark.parametrize("binding", [False, True], ids=["scram", "scram-plus"])

@@ -7,7 +7,6 @@ the tests here check what they report and the audit records their statements pro
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
 
@@ -18,8 +17,7 @@ from dbward.audit.records import AuditRecord
 from fixtures.clients import app_name, has_disconnect, outcome_of, statements
 from fixtures.drivers import outcomes_of
 from fixtures.foreign_clients import ScenarioRun, run_jdbc
-from fixtures.postgres import PgServer
-from fixtures.proxy import Proxy, start_proxy, stop_proxy
+from fixtures.proxy import Proxy
 from fixtures.tls import TestCA
 
 SCENARIOS = [
@@ -390,23 +388,6 @@ def test_fetch_size_portal_suspension(proxy: Proxy, jdbc: ScenarioRun) -> None:
     between = next(s for s in intents if s.sql_text == "SELECT 10")
     assert small[0].statement_id < between.statement_id < small[1].statement_id
     assert (intents[0].command, intents[-1].command) == ("BEGIN", "COMMIT")
-
-
-@pytest.fixture(scope="module")
-def tls_proxy(
-    pg_server: PgServer, test_ca: TestCA, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Proxy]:
-    running = start_proxy(
-        tmp_path_factory.mktemp("dbward-jdbc-tls"),
-        pg_server,
-        tls={
-            "mode": "required",
-            "cert_file": str(test_ca.server_cert),
-            "key_file": str(test_ca.server_key),
-        },
-    )
-    yield running
-    stop_proxy(running)
 
 
 def test_tls_verify_full(tls_proxy: Proxy, test_ca: TestCA, pgjdbc_jar: Path) -> None:

@@ -9,7 +9,7 @@ import struct
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ import pytest
 from dbward.audit.records import AuditEvent, AuditRecord
 from dbward.wire.postgres import messages
 from fixtures.postgres import PgServer
-from fixtures.proxy import USERS, Proxy, start_proxy, stop_proxy
+from fixtures.proxy import USERS, Proxy
 from fixtures.tls import TestCA, make_test_ca
 
 
@@ -74,18 +74,6 @@ def _ssl_role_upstream(
     path.write_text(pg_server.ssl_password)
     path.chmod(0o600)
     return {"user": pg_server.ssl_user, "password_file": str(path), "tls": tls, **extra}
-
-
-@pytest.fixture(scope="module")
-def tls_proxy(
-    pg_server: PgServer, test_ca: TestCA, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Proxy]:
-    """One dbward whose listener requires TLS, shared by the client-side TLS tests."""
-    running = start_proxy(
-        tmp_path_factory.mktemp("dbward-tls"), pg_server, tls=_client_tls(test_ca, "required")
-    )
-    yield running
-    stop_proxy(running)
 
 
 # ------------------------------------------------------------------ client side
