@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from pathlib import Path
-from typing import Literal, get_args
+from typing import TYPE_CHECKING, ClassVar, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -201,9 +201,34 @@ def listen_host(listen: str) -> str | None:
     return None if host in ("", "*") else host
 
 
-class ListenerSettings(_Strict):
+class _Listening(_Strict):
+    """Settings with a `listen` address ("HOST:PORT"), checked and split the same way."""
+
+    EXAMPLE_PORT: ClassVar[int]  # the port error messages suggest
+    if TYPE_CHECKING:
+        # Declared by each subclass, so the field keeps its place among the subclass's own.
+        listen: str
+
+    @field_validator("listen", check_fields=False)
+    @classmethod
+    def _check_listen(cls, value: str) -> str:
+        return check_listen(value, example_port=cls.EXAMPLE_PORT)
+
+    @property
+    def listen_host(self) -> str | None:
+        """Host part for asyncio (None binds every address)."""
+        return listen_host(self.listen)
+
+    @property
+    def listen_port(self) -> int:
+        """Port part of listen."""
+        return int(self.listen.rpartition(":")[2])
+
+
+class ListenerSettings(_Listening):
     """One listening socket, the protocol it speaks and the upstream it fronts."""
 
+    EXAMPLE_PORT = 6432
     name: str = Field(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9_.-]+$")
     protocol: Literal["postgres"] = "postgres"
     listen: str = "127.0.0.1:6432"
@@ -246,44 +271,15 @@ class ListenerSettings(_Strict):
             )
         return self
 
-    @field_validator("listen")
-    @classmethod
-    def _check_listen(cls, value: str) -> str:
-        return check_listen(value, example_port=6432)
 
-    @property
-    def listen_host(self) -> str | None:
-        """Host part for asyncio (None binds every address)."""
-        return listen_host(self.listen)
-
-    @property
-    def listen_port(self) -> int:
-        """Port part of listen."""
-        return int(self.listen.rpartition(":")[2])
-
-
-class MetricsSettings(_Strict):
+class MetricsSettings(_Listening):
     """The operations endpoint: /metrics (Prometheus), /healthz and /readyz over plain HTTP.
 
     It has no authentication: bind it to localhost or a private interface.
     """
 
+    EXAMPLE_PORT = 9187
     listen: str
-
-    @field_validator("listen")
-    @classmethod
-    def _check_listen(cls, value: str) -> str:
-        return check_listen(value, example_port=9187)
-
-    @property
-    def listen_host(self) -> str | None:
-        """Host part for asyncio (None binds every address)."""
-        return listen_host(self.listen)
-
-    @property
-    def listen_port(self) -> int:
-        """Port part of listen."""
-        return int(self.listen.rpartition(":")[2])
 
 
 class Config(_Strict):
