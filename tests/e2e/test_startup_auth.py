@@ -55,12 +55,20 @@ def _client_addr(sock: socket.socket) -> str:
     return f"{host}:{port}"
 
 
-def _scram_login(
-    sock: socket.socket, user: str, password: str, app: str, database: str = "app"
-) -> dict[str, Any]:
-    """Log in over an already-negotiated socket by hand; returns what the server announced."""
+def _scram_authenticate(
+    sock: socket.socket,
+    user: str,
+    password: str,
+    app: str,
+    database: str = "app",
+    **params: str,
+) -> dict[str, str] | None:
+    """Send a StartupMessage (with any extra `params`) and run SCRAM by hand up to dbward's
+    verified SASLFinal; returns the error fields if dbward refused before that."""
     sock.sendall(
-        messages.startup_message({"user": user, "database": database, "application_name": app})
+        messages.startup_message(
+            {"user": user, "database": database, "application_name": app, **params}
+        )
     )
     msg_type, payload = _read_message(sock)
     assert msg_type == b"R", (msg_type, payload)
@@ -75,10 +83,20 @@ def _scram_login(
     sock.sendall(messages.sasl_response(client.client_final(data)))
     msg_type, payload = _read_message(sock)
     if msg_type == b"E":
-        return {"error": messages.parse_error_fields(payload)}
+        return messages.parse_error_fields(payload)
     code, data = messages.parse_authentication(payload)
     assert code == 12
     client.verify_server_final(data)
+    return None
+
+
+def _scram_login(
+    sock: socket.socket, user: str, password: str, app: str, database: str = "app"
+) -> dict[str, Any]:
+    """Log in over an already-negotiated socket by hand; returns what the server announced."""
+    error = _scram_authenticate(sock, user, password, app, database)
+    if error is not None:
+        return {"error": error}
     announced: dict[str, Any] = {"params": {}}
     while True:
         msg_type, payload = _read_message(sock)
@@ -750,19 +768,8 @@ def test_a_login_error_quoting_a_startup_value_is_kept_cut(proxy: Proxy) -> None
     app = _app("datestyle")
     value = "x" * 8000
     with _connect_raw(proxy) as sock:
-        sock.sendall(
-            messages.startup_message(
-                {"user": "alice", "database": "app", "application_name": app, "DateStyle": value}
-            )
-        )
-        assert _read_message(sock)[0] == b"R"
-        client = ScramClient(USERS["alice"][0])
-        sock.sendall(messages.sasl_initial_response("SCRAM-SHA-256", client.client_first()))
-        _, payload = _read_message(sock)
-        sock.sendall(
-            messages.sasl_response(client.client_final(messages.parse_authentication(payload)[1]))
-        )
-        assert _read_message(sock)[0] == b"R"  # SASLFinal: dbward logged the client in
+        # None: dbward logged the client in (SASLFinal); the database then refused it.
+        assert _scram_authenticate(sock, "alice", USERS["alice"][0], app, DateStyle=value) is None
         fields = _expect_fatal(sock)
     assert fields["C"] == "22023" and value in fields["M"]
     records = _session(proxy, app, _has_event(AuditEvent.DISCONNECT))
@@ -1098,24 +1105,10 @@ def test_a_login_error_quoting_a_startup_value_cannot_forge_log_lines(proxy: Pro
     app = _app("datestyle-newline")
     forged = f"FORGED-{uuid.uuid4().hex} ERROR dbward.server: listener main: this line is forged"
     with _connect_raw(proxy) as sock:
-        sock.sendall(
-            messages.startup_message(
-                {
-                    "user": "alice",
-                    "database": "app",
-                    "application_name": app,
-                    "DateStyle": f"x\n{forged}\r\x1b[2K",
-                }
-            )
+        datestyle = f"x\n{forged}\r\x1b[2K"
+        assert (
+            _scram_authenticate(sock, "alice", USERS["alice"][0], app, DateStyle=datestyle) is None
         )
-        assert _read_message(sock)[0] == b"R"
-        client = ScramClient(USERS["alice"][0])
-        sock.sendall(messages.sasl_initial_response("SCRAM-SHA-256", client.client_first()))
-        _, payload = _read_message(sock)
-        sock.sendall(
-            messages.sasl_response(client.client_final(messages.parse_authentication(payload)[1]))
-        )
-        assert _read_message(sock)[0] == b"R"
         assert _expect_fatal(sock)["C"] == "22023"
     records = _session(proxy, app, _has_event(AuditEvent.UPSTREAM_LOST))
     assert any(forged in r.reason for r in records if r.event == AuditEvent.UPSTREAM_LOST)
