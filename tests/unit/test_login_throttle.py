@@ -23,6 +23,7 @@ from dbward.relay.services import (
     LoginThrottle,
     client_key,
     login_throttle,
+    site_key,
 )
 from dbward.server.listener import PgListener
 from dbward.sql.postgres import PostgresClassifier
@@ -350,3 +351,65 @@ def test_an_ipv6_address_carrying_an_ipv4_one_is_that_ipv4_address() -> None:
     assert throttle.retry_after("192.0.2.1", T0) > 0
     throttle.failed("2002:c633:6401:1::1", T0)  # 198.51.100.1 over 6to4
     assert throttle.retry_after("2002:c633:6401:2::1", T0) > 0  # another /64 of its /48
+
+
+def test_an_ipv6_48_shares_a_budget_of_four_addresses() -> None:
+    """A client holding a /48 holds 65,536 /64s: a budget per /64 alone let it guess 10 times
+    from each, and cycling them pushed its own entries out of the table, each back full."""
+    assert site_key("2001:db8:1:2::1") == "2001:db8:1::/48"
+    assert site_key("192.0.2.1") is None
+    assert site_key("::ffff:192.0.2.1") is None  # an IPv4 client: its own address only
+    assert site_key("2002:c000:201:ffff::9") is None  # 6to4: the IPv4 address inside
+    throttle = LoginThrottle(burst=2, rate_per_s=0.1)
+    for subnet in range(4):  # each /64 within its own budget, the site's 8 spent
+        for _ in range(2):
+            throttle.failed(f"2001:db8:1:{subnet}::1", T0)
+    assert throttle.retry_after("2001:db8:1:ff::1", T0) > 0  # a fresh /64 of the same site
+    assert throttle.lockouts("2001:db8:1:ff::1", T0) == [("2001:db8:1::/48", 2.5)]
+    assert not throttle.reserve("2001:db8:1:ff::1", T0)
+    assert throttle.retry_after("2001:db8:2:ff::1", T0) == 0.0  # another site
+    # The site earns its budget back at four addresses' rate: one try 2.5 s later.
+    assert throttle.retry_after("2001:db8:1:ff::1", T0 + 2.5) == 0.0
+
+
+def test_a_reserved_step_holds_the_sites_token_too() -> None:
+    throttle = LoginThrottle(burst=1, rate_per_s=0.001)
+    hosts = [f"2001:db8:7:{subnet}::1" for subnet in range(5)]
+    assert [throttle.reserve(host, T0) for host in hosts] == [True] * 4 + [False]
+    assert [key for key, _ in throttle.lockouts(hosts[4], T0)] == ["2001:db8:7::/48"]
+    throttle.release(hosts[0], T0)  # that step did not fail: its tokens come back
+    assert throttle.retry_after(hosts[0], T0) == 0.0
+    assert throttle.reserve(hosts[4], T0)
+    # A /64 out of its own budget is locked as itself while its site still has some.
+    throttle = LoginThrottle(burst=1, rate_per_s=0.001)
+    throttle.failed(hosts[0], T0)
+    assert [key for key, _ in throttle.lockouts(hosts[0], T0)] == ["2001:db8:7::/64"]
+    assert not throttle.reserve(hosts[0], T0)
+    assert throttle.reserve(hosts[1], T0)  # the /64's refusal spent nothing of the site's
+
+
+def test_a_site_that_spent_its_budget_is_named_in_the_lockout_record() -> None:
+    sink = MemorySink()
+    authenticator = _CountingAuthenticator()
+    services = _services(sink, authenticator, burst=1)
+
+    async def run() -> list[PeerTransport]:
+        # Four /64s of one /48 fail once each (each its own budget), the fifth is refused.
+        return [await _login(services, f"2001:db8:5:{n}::1", f"v6-{n}") for n in range(5)]
+
+    transports = asyncio.run(run())
+    for transport in transports[:4]:
+        assert b"28P01" in transport.written
+    assert b"28000" in transports[4].written
+    assert authenticator.begun == 4
+    fails = [(r.application_name, r.detail) for r in sink.records if r.event == "auth_fail"]
+    assert fails[:4] == [
+        ("v6-0", "locked out: logins from 2001:db8:5::/64 refused for 100 s"),
+        ("v6-1", "locked out: logins from 2001:db8:5:1::/64 refused for 100 s"),
+        ("v6-2", "locked out: logins from 2001:db8:5:2::/64 refused for 100 s"),
+        (
+            "v6-3",
+            "locked out: logins from 2001:db8:5:3::/64 refused for 100 s,"
+            " from 2001:db8:5::/48 refused for 25 s",
+        ),
+    ]

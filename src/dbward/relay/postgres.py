@@ -1273,18 +1273,21 @@ class PgSession(asyncio.Protocol):
         detail = ""
         logins = self.services.logins
         if logins is not None and counted:
+            now = time.monotonic()
             if spent:
-                wait = logins.retry_after(self._client_host)
+                wait = logins.retry_after(self._client_host, now)
             else:
-                wait = logins.failed(self._client_host)
+                wait = logins.failed(self._client_host, now)
             if wait:
-                locked = client_key(self._client_host)
-                detail = f"locked out: logins from {locked} refused for {math.ceil(wait)} s"
+                locked = ", ".join(
+                    f"from {key} refused for {math.ceil(seconds)} s"
+                    for key, seconds in logins.lockouts(self._client_host, now)
+                )
+                detail = f"locked out: logins {locked}"
                 log.warning(
-                    "listener %s: too many failed logins from %s: refused for %d s",
+                    "listener %s: too many failed logins: %s",
                     self.services.settings.name,
                     locked,
-                    math.ceil(wait),
                 )
         # A client that gave up before trying a password (psql hangs up to ask the user for
         # one) is not a failed guess.

@@ -31,6 +31,9 @@ _REPORT_INTERVAL_S = 10.0  # refused attempts: at most one report (log line, rec
 
 _T = TypeVar("_T")
 
+# How many addresses' worth of failed logins an IPv6 /48 has in all (LoginThrottle).
+SITE_SHARE = 4
+
 # The NAT64 well-known prefix 64:ff9b::/96, as the address's top 96 bits.
 _NAT64_PREFIX = int(ipaddress.IPv6Address("64:ff9b::")) >> 32
 
@@ -66,12 +69,28 @@ def client_key(client_host: str) -> str:
     return client_host
 
 
+def site_key(client_host: str) -> str | None:
+    """The IPv6 /48 (one site's usual delegation) that a native IPv6 client address is in,
+    or None for an IPv4 client or an IPv6 address carrying an IPv4 one (see client_key).
+
+    A client holding a /48 holds 65,536 /64s: a budget per /64 gave it 65,536 budgets, and
+    spraying them cycled its own entries out of the bounded table, each coming back full."""
+    key = client_key(client_host)
+    if not key.endswith("/64"):
+        return None
+    network = ipaddress.IPv6Network(key)
+    return str(network.supernet(new_prefix=48))
+
+
 class ClientBuckets:
     """A token bucket per client (client_key: an IPv4 address or an IPv6 /64), in a table of
     bounded size. A client absent from the table has a full bucket, so only clients that
     spent something take room, and a spray of sources evicts one entry per new source."""
 
-    def __init__(self, rate_per_s: float, burst: float) -> None:
+    def __init__(
+        self, rate_per_s: float, burst: float, key: Callable[[str], str] = client_key
+    ) -> None:
+        self._key = key  # what a client is counted as (its budget's key)
         self._rate = rate_per_s
         self._burst = burst
         self._buckets: dict[str, tuple[float, float]] = {}  # client key -> (tokens, last time)
@@ -90,7 +109,7 @@ class ClientBuckets:
 
     def take(self, client_host: str, now: float) -> bool:
         """Spend one token if the client has one; False (nothing spent) if not."""
-        key = client_key(client_host)
+        key = self._key(client_host)
         tokens = self._tokens(key, now)
         allowed = tokens >= 1.0
         self._store(key, tokens - 1.0 if allowed else tokens, now)
@@ -100,7 +119,7 @@ class ClientBuckets:
         """Spend one token whether or not the client has one (it may go into debt, which
         it pays off at the refill rate); returns the seconds until it has one again (0.0:
         it still has one)."""
-        key = client_key(client_host)
+        key = self._key(client_host)
         tokens = self._tokens(key, now) - 1.0
         self._store(key, tokens, now)
         return self._wait(tokens)
@@ -108,7 +127,7 @@ class ClientBuckets:
     def refund(self, client_host: str, now: float) -> None:
         """Give back a token taken for something that did not spend it after all; a client
         whose bucket is full again leaves the table."""
-        key = client_key(client_host)
+        key = self._key(client_host)
         if key not in self._buckets:
             return  # forgotten meanwhile: it has a full bucket
         tokens = self._tokens(key, now) + 1.0
@@ -118,7 +137,7 @@ class ClientBuckets:
     def wait_s(self, client_host: str, now: float) -> float:
         """Seconds until the client has a token (0.0: it has one now); spends nothing. A
         client that is waiting is seen again: its entry is not the next to be forgotten."""
-        key = client_key(client_host)
+        key = self._key(client_host)
         if key not in self._buckets:
             return 0.0
         tokens = self._tokens(key, now)
@@ -218,17 +237,37 @@ class LoginThrottle:
 
     def __init__(self, burst: int, rate_per_s: float) -> None:
         self._buckets = ClientBuckets(rate_per_s, float(burst))
+        # Native IPv6 clients also spend from their /48's bucket (site_key), which holds
+        # SITE_SHARE times an address's budget: a site's users rarely fail together, and a
+        # client spraying its /64s gets that much, not a budget per /64.
+        self._sites = ClientBuckets(rate_per_s * SITE_SHARE, float(burst * SITE_SHARE), str)
         # Refusals not yet in the log and the audit log; `latest` is the latest one's record.
         self.refusals: RefusalReport[AuditRecord] = RefusalReport()
 
     def retry_after(self, client_host: str, now: float | None = None) -> float:
         """0.0 if the client may try to log in now, else the seconds until it may."""
-        return self._buckets.wait_s(client_host, time.monotonic() if now is None else now)
+        now = time.monotonic() if now is None else now
+        wait = self._buckets.wait_s(client_host, now)
+        site = site_key(client_host)
+        return wait if site is None else max(wait, self._sites.wait_s(site, now))
 
     def failed(self, client_host: str, now: float | None = None) -> float:
         """Count a failed login; returns the seconds until the client may try again (0.0:
         it still may)."""
-        return self._buckets.charge(client_host, time.monotonic() if now is None else now)
+        now = time.monotonic() if now is None else now
+        wait = self._buckets.charge(client_host, now)
+        site = site_key(client_host)
+        return wait if site is None else max(wait, self._sites.charge(site, now))
+
+    def lockouts(self, client_host: str, now: float | None = None) -> list[tuple[str, float]]:
+        """Who is locked out with this client, and for how many seconds: its address
+        (client_key) and its /48, each that has spent its budget (for the audit record)."""
+        now = time.monotonic() if now is None else now
+        found = [(client_key(client_host), self._buckets.wait_s(client_host, now))]
+        site = site_key(client_host)
+        if site is not None:
+            found.append((site, self._sites.wait_s(site, now)))
+        return [(key, wait) for key, wait in found if wait > 0.0]
 
     def reserve(self, client_host: str, now: float | None = None) -> bool:
         """Spend a token for a step of a login (its password checked, perhaps) if the client
@@ -236,11 +275,22 @@ class LoginThrottle:
         fails, else give it back (release): while a password is being checked its failure is
         already counted, so logins begun together cannot have more passwords checked than
         the client's budget."""
-        return self._buckets.take(client_host, time.monotonic() if now is None else now)
+        now = time.monotonic() if now is None else now
+        if not self._buckets.take(client_host, now):
+            return False
+        site = site_key(client_host)
+        if site is None or self._sites.take(site, now):
+            return True
+        self._buckets.refund(client_host, now)
+        return False
 
     def release(self, client_host: str, now: float | None = None) -> None:
         """Give back the token of a login step that did not fail (see reserve)."""
-        self._buckets.refund(client_host, time.monotonic() if now is None else now)
+        now = time.monotonic() if now is None else now
+        self._buckets.refund(client_host, now)
+        site = site_key(client_host)
+        if site is not None:
+            self._sites.refund(site, now)
 
     def refused(self, record: AuditRecord, now: float | None = None) -> tuple[int, float | None]:
         """Count a refused login: see RefusalReport.refused."""
