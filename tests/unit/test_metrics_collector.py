@@ -52,6 +52,7 @@ class _Proxy:
     audit: _Audit = field(default_factory=_Audit)
     draining: bool = False
     expected_listeners: int = 1
+    accept_failing: bool = False
 
 
 def _scrape(proxy: _Proxy) -> tuple[str, Samples]:
@@ -178,6 +179,9 @@ def test_readiness_names_what_is_wrong() -> None:
     listener.serving = False
     assert not_ready_reason(proxy) == "starting: not every listener is accepting connections"
     listener.serving = True
+    proxy.accept_failing = True
+    assert not_ready_reason(proxy) == "out of file descriptors: new connections cannot be accepted"
+    proxy.accept_failing = False
     proxy.audit.healthy = False
     assert not_ready_reason(proxy) == "audit log failing: statements are refused"
     proxy.draining = True  # draining says so first: it is the reason that will not pass

@@ -28,6 +28,7 @@ from dbward.audit.records import AuditEvent
 from dbward.config.model import MetricsSettings
 from dbward.core.types import StatementKind
 from dbward.relay.services import ListenerCounts, ListenerServices
+from dbward.server.listener import ACCEPT_RECOVERY_S
 
 log = logging.getLogger("dbward.metrics")
 
@@ -94,6 +95,9 @@ class Observed(Protocol):
     @property
     def expected_listeners(self) -> int: ...
 
+    @property
+    def accept_failing(self) -> bool: ...
+
 
 def not_ready_reason(observed: Observed) -> str | None:
     """Why the proxy should not get new connections now (None: it is ready)."""
@@ -104,6 +108,8 @@ def not_ready_reason(observed: Observed) -> str | None:
         listener.serving for listener in listeners
     ):
         return "starting: not every listener is accepting connections"
+    if observed.accept_failing:
+        return "out of file descriptors: new connections cannot be accepted"
     if not observed.audit.healthy:
         return "audit log failing: statements are refused"
     return None
@@ -125,6 +131,13 @@ class DbwardCollector:
         draining = GaugeMetricFamily("dbward_draining", "1 while shutting down (SIGTERM/SIGINT)")
         draining.add_metric([], 1 if observed.draining else 0)
         yield draining
+        accept_failing = GaugeMetricFamily(
+            "dbward_accept_failing",
+            "1 while new connections cannot be accepted for want of file descriptors (and "
+            f"for {ACCEPT_RECOVERY_S:g} s after the last failure)",
+        )
+        accept_failing.add_metric([], 1 if observed.accept_failing else 0)
+        yield accept_failing
         yield from self._audit(observed.audit)
         yield from self._listeners(observed.observed_listeners)
 
