@@ -193,7 +193,9 @@ class DbwardCollector:
         )
         statements = CounterMetricFamily(
             "dbward_statements",
-            "statements decided and recorded, by decision and kind",
+            "statements by what became of them (allow: forwarded; deny: refused by the "
+            "policy; audit_unavailable: refused because the audit log could not record them) "
+            "and kind",
             labels=[*names, "decision", "kind"],
         )
         cancels = CounterMetricFamily(
@@ -229,6 +231,9 @@ class DbwardCollector:
             for kind in StatementKind:
                 statements.add_metric([name, "allow", kind.value], counts.allowed[kind])
                 statements.add_metric([name, "deny", kind.value], counts.denied[kind])
+                statements.add_metric(
+                    [name, "audit_unavailable", kind.value], counts.audit_refused[kind]
+                )
             for result, value in counts.cancels.items():
                 cancels.add_metric([name, result], value)
             events = counts.events
