@@ -13,6 +13,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
+from http.client import responses
 from typing import Protocol
 
 from aiohttp import web
@@ -271,8 +272,33 @@ class BudgetedCollector:
         return iter(self._metrics)
 
 
+class _Handler(RequestHandler):
+    """aiohttp's protocol for one HTTP connection, answering its errors with dbward's page."""
+
+    __slots__ = ()
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """A request aiohttp could not parse (400, 431, ...), or a handler's exception (500)."""
+        # aiohttp's own answer names its and Python's versions (Server) and quotes the bytes it
+        # could not parse. Its logging (and its refusal once a response began) is kept.
+        super().handle_error(request, status, exc, message)
+        response = _text(status, f"{status} {responses.get(status, 'Error')}", Server="dbward")
+        response.force_close()
+        return response
+
+
 class _CappedServer(web.Server):
     """aiohttp's low-level server, closing a connection accepted beyond MAX_CONNECTIONS."""
+
+    def __call__(self) -> RequestHandler:
+        # As aiohttp's own, with dbward's error pages: aiohttp has no option for them.
+        return _Handler(self, loop=self._loop, **self._kwargs)
 
     def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
         over = len(self.connections) >= MAX_CONNECTIONS
