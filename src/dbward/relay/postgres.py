@@ -350,6 +350,8 @@ _REQUESTS: Final = {
     0x73: "Execute",
 }
 _LINGER_S: Final = 2.0  # how long a refused client that is still sending is read and ignored
+# How long a client has to take the drain's 57P01 before its connection is dropped.
+SHUTDOWN_ABORT_S: Final = 1.0
 _READ_KIND: Final = StatementKind.READ
 # Statements that may commit the implicit transaction they run in (a procedure's COMMIT), and
 # ones no transaction undoes: neither lets dbward claim a later rollback undid what came before.
@@ -3058,6 +3060,7 @@ class PgSession(asyncio.Protocol):
         self._shutdown_requested = True
         if self._phase != _PHASE_READY:
             self._fatal("57P01", "dbward is shutting down")
+            self._abort_later()
         elif not self._ops and not self._blocked:
             self._send_shutdown()
 
@@ -3085,6 +3088,18 @@ class PgSession(asyncio.Protocol):
 
     def _send_shutdown(self) -> None:
         self._fatal("57P01", "terminating connection because dbward is shutting down")
+        self._abort_later()
+
+    def _abort_later(self) -> None:
+        """Drop the connection if it is still open SHUTDOWN_ABORT_S after the drain's 57P01."""
+        # Closing waits until what is left to send has gone, which never happens once the
+        # client stopped reading: the connection would hold the drain for shutdown_grace_s.
+        asyncio.get_running_loop().call_later(SHUTDOWN_ABORT_S, self._abort_if_open)
+
+    def _abort_if_open(self) -> None:
+        services = self.services
+        if self in services.sessions or self in services.over_limit:
+            self.abort()  # connection_lost then writes its disconnect record
 
     def _protocol_error(self, exc: ProtocolError) -> None:
         log.info("session %s: protocol error from client: %s", self.session_id, exc.message)

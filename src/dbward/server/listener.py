@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from dbward.relay.postgres import PgSession, report_held_logins
+from dbward.relay.postgres import SHUTDOWN_ABORT_S, PgSession, report_held_logins
 from dbward.relay.services import ListenerServices
 
 log = logging.getLogger("dbward.server")
@@ -23,10 +23,6 @@ _PROBE_INTERVAL_S = 1.0
 ACCEPT_RECOVERY_S = 5.0
 
 _ExceptionHandler = Callable[[asyncio.AbstractEventLoop, dict[str, Any]], object]
-
-# After the grace period's sessions are told 57P01: how long their clients have to take it
-# before the connections still open (a client not reading) are dropped.
-_ABORT_AFTER_S = 1.0
 
 
 class AcceptHealth:
@@ -157,6 +153,8 @@ class PgListener:
             self._server.close()
         # Those over max_connections too: each would be refused, and audited, at its
         # StartupMessage, which could come while the audit log closes (the record lost).
+        # Each told 57P01 (an idle one now, a busy one once answered) is dropped a moment
+        # later if its client does not read it: only in-flight work holds the grace period.
         for session in [*services.sessions, *services.over_limit]:
             session.request_shutdown()
         await self._wait_for_sessions(grace_s)
@@ -165,7 +163,7 @@ class PgListener:
         # Closing a connection waits until what is left to send has been sent: one whose client
         # stopped reading never goes, and its last records (its disconnect) would come after
         # the audit log closed. Those still there after a moment are dropped.
-        await self._wait_for_sessions(_ABORT_AFTER_S)
+        await self._wait_for_sessions(SHUTDOWN_ABORT_S)
         for session in [*services.sessions, *services.over_limit]:
             session.abort()
         # Statements cut off by the deadline (or whose client left) must not run on after
