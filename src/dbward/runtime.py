@@ -17,7 +17,7 @@ from dbward.core.errors import AuditUnavailable, ConfigError
 from dbward.identity.auth_secret import load_auth_secret
 from dbward.identity.local import LocalAuthenticator
 from dbward.relay.services import CancelRegistry, ListenerServices, login_throttle
-from dbward.server.listener import PgListener
+from dbward.server.listener import AcceptHealth, PgListener
 from dbward.server.tls import listener_contexts, server_end_point
 from dbward.sql.offload import ClassifierPool
 from dbward.sql.postgres import PostgresClassifier
@@ -37,6 +37,7 @@ class Runtime:
         self.listeners: list[PgListener] = []
         self.offload = ClassifierPool(max_statements=config.max_statements_per_query)
         self.metrics: MetricsServer | None = None
+        self.accepts = AcceptHealth()
         self._draining = False
         self._stopped = asyncio.Event()
 
@@ -51,6 +52,11 @@ class Runtime:
     def observed_listeners(self) -> list[PgListener]:
         """The listeners bound so far."""
         return self.listeners
+
+    @property
+    def accept_failing(self) -> bool:
+        """True while (and shortly after) the listeners cannot accept: out of descriptors."""
+        return self.accepts.failing
 
     @property
     def expected_listeners(self) -> int:
@@ -101,6 +107,7 @@ class Runtime:
                         f"{os.strerror(exc.errno) if exc.errno else exc}",
                     ) from None
                 self.listeners.append(listener)
+            self.accepts.start()
             if self.config.metrics is not None:
                 # Imported only when configured: aiohttp and prometheus-client cost every
                 # dbward process ~13 MB and ~0.1 s at start.
@@ -130,6 +137,7 @@ class Runtime:
         )
         if self.metrics is not None:
             await self.metrics.stop()
+        self.accepts.stop()
         self.offload.close()
         await self.audit.close()
         self._stopped.set()

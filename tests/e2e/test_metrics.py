@@ -6,7 +6,9 @@ and never show SQL, identities or addresses; readiness follows the drain and the
 
 from __future__ import annotations
 
+import http.client
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -262,6 +264,62 @@ def test_readyz_is_503_while_the_audit_writer_is_down(proxy_factory: Callable[..
     _, after = _scrape(proxy)
     assert _value(after, "dbward_audit_failing") == 0
     assert _value(after, "dbward_audit_writer_restarts_total") == 1
+
+
+def _ask(endpoint: http.client.HTTPConnection, path: str) -> tuple[int, str]:
+    endpoint.request("GET", path)
+    response = endpoint.getresponse()
+    return response.status, response.read().decode()
+
+
+def _accept_failing(endpoint: http.client.HTTPConnection) -> float:
+    status, text = _ask(endpoint, "/metrics")
+    assert status == 200, text
+    for family in text_string_to_metric_families(text):
+        if family.name == "dbward_accept_failing":
+            return float(family.samples[0].value)
+    raise AssertionError("no dbward_accept_failing")
+
+
+def test_readyz_is_503_while_accepts_fail_for_want_of_file_descriptors(
+    proxy_factory: Callable[..., Proxy],
+) -> None:
+    """Review 45: with its file descriptors used up, dbward's listeners cannot accept (uvloop
+    accepts and closes each new connection, saying nothing), and /readyz still said 200."""
+    proxy = proxy_factory(metrics=True)
+    assert proxy.metrics_port is not None
+    pid = proxy.process.pid
+    # Opened while descriptors are left: a new HTTP connection could not be accepted later.
+    endpoint = http.client.HTTPConnection("127.0.0.1", proxy.metrics_port, timeout=5)
+    assert _ask(endpoint, "/readyz") == (200, "ready\n")
+    limit = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    clients: list[socket.socket] = []
+    try:
+        # Room for two more connections (a connection before its StartupMessage holds one).
+        in_use = len(os.listdir(f"/proc/{pid}/fd"))
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (in_use + 2, limit[1]))
+        for _ in range(6):
+            clients.append(socket.create_connection(("127.0.0.1", proxy.port), timeout=5))
+        clients[-1].settimeout(5)
+        assert clients[-1].recv(1) == b""  # accepted and closed at once: no descriptor for it
+        _wait_for(lambda: _ask(endpoint, "/readyz")[0] == 503, "/readyz to say 503", 5.0)
+        assert _ask(endpoint, "/readyz") == (
+            503,
+            "not ready: out of file descriptors: new connections cannot be accepted\n",
+        )
+        assert _accept_failing(endpoint) == 1
+        assert "out of file descriptors (Too many open files)" in proxy.log()
+    finally:
+        for client in clients:
+            client.close()  # their sessions end: descriptors are free again
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, limit)
+    # Ready again a few seconds (ACCEPT_RECOVERY_S) after the last failure, by itself.
+    _wait_for(lambda: _ask(endpoint, "/readyz") == (200, "ready\n"), "/readyz to recover", 10.0)
+    assert _accept_failing(endpoint) == 0
+    _wait_for(lambda: "file descriptors available again" in proxy.log(), "the log to say so")
+    with psycopg.connect(**proxy.conninfo(), autocommit=True) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    endpoint.close()
 
 
 def test_a_metrics_port_in_use_stops_startup_with_exit_1(

@@ -7,6 +7,7 @@ import logging
 
 import pytest
 
+from dbward.audit.records import AuditEvent
 from dbward.audit.sink import MemorySink
 from dbward.config.model import AuditSettings, ListenerSettings, UpstreamSettings
 from dbward.identity.local import LocalAuthenticator
@@ -15,7 +16,7 @@ from dbward.relay.services import CancelRegistry, ListenerServices
 from dbward.server.listener import PgListener
 from dbward.sql.postgres import PostgresClassifier
 from dbward.wire.postgres import messages
-from fixtures.detached import PeerTransport
+from fixtures.detached import PeerTransport, detached_session
 
 
 class _Settled:
@@ -120,3 +121,61 @@ def test_a_refusal_over_max_connections_read_before_the_drain_is_written() -> No
     assert [(str(r.event), r.application_name, r.sqlstate) for r in sink.records] == [
         ("protocol_error", "late", "53300")
     ]
+
+
+class _NotReading(PeerTransport):
+    """A client that stopped reading: closing waits for a send buffer that never drains;
+    an abort ends the connection (connection_lost on the next turn, as asyncio's does)."""
+
+    def __init__(self, session: PgSession) -> None:
+        super().__init__("192.0.2.9")
+        self.session = session
+        self.aborted_at: float | None = None
+
+    def abort(self) -> None:
+        if self.aborted_at is None:
+            self.aborted_at = asyncio.get_running_loop().time()
+            asyncio.get_running_loop().call_soon(self.session.connection_lost, None)
+        super().abort()
+
+
+@pytest.mark.parametrize("busy", [False, True], ids=["idle", "answered-during-the-grace"])
+def test_a_session_whose_client_does_not_read_its_57p01_does_not_hold_the_drain(
+    busy: bool,
+) -> None:
+    """Review 45: an idle session told 57P01 at the drain's start, whose client had stopped
+    reading, stayed open (closing waits for its send buffer) for the whole shutdown_grace_s;
+    so did a busy one told once its answer came. Each is now dropped 1 s after its 57P01,
+    its disconnect record written first."""
+    sink = MemorySink()
+    session, _, _ = detached_session(sink)
+    services = session.services
+    services.sessions.add(session)
+    session._connect_audited = True
+    client = _NotReading(session)
+    session.transport = client  # type: ignore[assignment]
+
+    async def run() -> tuple[float, float]:
+        loop = asyncio.get_running_loop()
+        if busy:
+            session.data_received(messages.query("SELECT 1"))
+        started = loop.time()
+        drain = asyncio.ensure_future(PgListener(services).drain(30))
+        await asyncio.sleep(0)  # the drain begins: request_shutdown
+        told = started
+        if busy:
+            await asyncio.sleep(0.3)  # in flight: the drain waits for it
+            assert b"57P01" not in client.written
+            session._on_upstream_data(
+                messages.command_complete("SELECT 0") + messages.ready_for_query(b"I")
+            )
+            told = loop.time()
+        assert b"57P01" in client.written and client.is_closing()
+        await asyncio.wait_for(drain, 5)  # not the 30 s grace period
+        assert client.aborted_at is not None
+        return told, client.aborted_at
+
+    told, aborted = asyncio.run(run())
+    assert 0.9 < aborted - told < 2.0  # a moment to read it first
+    assert session not in services.sessions
+    assert sink.records[-1].event == AuditEvent.DISCONNECT

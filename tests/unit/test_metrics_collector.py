@@ -18,10 +18,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from dbward.audit.process import ProcessAuditSink
 from dbward.audit.records import AuditEvent, AuditRecord
-from dbward.audit.sink import MemorySink
+from dbward.audit.sink import HeldRecord, MemorySink
 from dbward.config import parse_config
-from dbward.core.errors import ConfigError
-from dbward.relay.postgres import PgSession
+from dbward.config.model import AuditSettings
+from dbward.core.errors import AuditUnavailable, ConfigError
+from dbward.relay.postgres import _POISON_QUERY, PgSession
 from dbward.relay.services import ListenerServices
 from dbward.server.metrics import build_registry, not_ready_reason
 from dbward.wire.postgres import messages as m
@@ -52,6 +53,7 @@ class _Proxy:
     audit: _Audit = field(default_factory=_Audit)
     draining: bool = False
     expected_listeners: int = 1
+    accept_failing: bool = False
 
 
 def _scrape(proxy: _Proxy) -> tuple[str, Samples]:
@@ -110,23 +112,72 @@ def test_statement_counts_follow_the_decisions_the_audit_log_records() -> None:
     )
     # Every kind and decision is a series (so a rate() has a zero to start from), per listener.
     series = [k for k in after if k[0] == "dbward_statements_total"]
-    assert len(series) == 8 * 2
+    assert len(series) == 8 * 3
     assert all(dict(labels)["listener"] == "t" for _, labels in series)
     for needle in ("SELECT", "ROLE", "alice", "127.0.0.1", "postgres"):
         assert needle not in text
 
 
-def test_statements_refused_because_the_audit_log_fails_count_as_denied() -> None:
+def test_statements_refused_because_the_audit_log_fails_are_counted_as_such() -> None:
     sink = MemorySink()
     session, client, _ = detached_session(sink)
     proxy = _Proxy([_Listener(session.services)], audit=_Audit(healthy=False))
     sink.fail = True
     session.data_received(m.query("SELECT 1"))
     _answer_poison(session)
-    assert b"58030" in client.written  # refused: nothing runs unrecorded
+    session.data_received(m.query("SET ROLE postgres"))  # the audit log refuses it first
+    _answer_poison(session)
+    assert client.written.count(b"58030") == 2  # refused: nothing runs unrecorded
     _, samples = _scrape(proxy)
-    assert _statements(samples) == Counter({("deny", "read"): 1})
+    # Not policy denials: an alert on the deny rate is not set off by an audit outage.
+    assert _statements(samples) == Counter(
+        {("audit_unavailable", "read"): 1, ("audit_unavailable", "session"): 1}
+    )
     assert samples[("dbward_audit_failing", ())] == 1
+
+
+class _DurableFails(MemorySink):
+    """The log takes records, but cannot make an intent durable (a write failure)."""
+
+    def append_durable(self, record: AuditRecord) -> asyncio.Future[int]:
+        self.append(record)
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        future.set_exception(AuditUnavailable("disk full"))
+        return future
+
+
+class _BacklogFull(MemorySink):
+    """Healthy when the statement is decided, full when its intent is queued."""
+
+    def hold(self, record: AuditRecord) -> HeldRecord:
+        raise AuditUnavailable("audit log backlog is full")
+
+
+def test_a_statement_refused_because_its_intent_could_not_be_written_is_not_allowed() -> None:
+    """Review 45: a write in `strict` mode was counted `allow` when decided, then refused
+    (58030, `not_executed`) when its durable intent failed: the metrics said it ran."""
+
+    async def run(sink: MemorySink, sql: str) -> tuple[bytes, Counter[tuple[str, str]]]:
+        session, client, upstream = detached_session(sink)
+        session.services.audit_settings = AuditSettings(durability="strict")
+        session.data_received(m.query(sql))
+        for _ in range(5):
+            await asyncio.sleep(0)  # the durable write settles
+        if _POISON_QUERY in upstream.written:
+            _answer_poison(session)
+        _, samples = _scrape(_Proxy([_Listener(session.services)]))
+        return bytes(client.written + upstream.written), _statements(samples)
+
+    written, counted = asyncio.run(run(_DurableFails(), "INSERT INTO t VALUES (1); SELECT 1"))
+    assert b"58030" in written and b"INSERT" not in written  # refused, never forwarded
+    assert counted == Counter({("audit_unavailable", "write"): 1, ("audit_unavailable", "read"): 1})
+    written, counted = asyncio.run(run(_BacklogFull(), "SELECT 1"))
+    assert b"58030" in written
+    assert counted == Counter({("audit_unavailable", "read"): 1})
+    # Made durable: forwarded, and counted allowed once that is known.
+    written, counted = asyncio.run(run(MemorySink(), "INSERT INTO t VALUES (1)"))
+    assert b"INSERT" in written
+    assert counted == Counter({("allow", "write"): 1})
 
 
 def test_session_events_and_connections_are_counted() -> None:
@@ -178,6 +229,9 @@ def test_readiness_names_what_is_wrong() -> None:
     listener.serving = False
     assert not_ready_reason(proxy) == "starting: not every listener is accepting connections"
     listener.serving = True
+    proxy.accept_failing = True
+    assert not_ready_reason(proxy) == "out of file descriptors: new connections cannot be accepted"
+    proxy.accept_failing = False
     proxy.audit.healthy = False
     assert not_ready_reason(proxy) == "audit log failing: statements are refused"
     proxy.draining = True  # draining says so first: it is the reason that will not pass

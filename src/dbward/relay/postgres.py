@@ -350,6 +350,8 @@ _REQUESTS: Final = {
     0x73: "Execute",
 }
 _LINGER_S: Final = 2.0  # how long a refused client that is still sending is read and ignored
+# How long a client has to take the drain's 57P01 before its connection is dropped.
+SHUTDOWN_ABORT_S: Final = 1.0
 _READ_KIND: Final = StatementKind.READ
 # Statements that may commit the implicit transaction they run in (a procedure's COMMIT), and
 # ones no transaction undoes: neither lets dbward claim a later rollback undid what came before.
@@ -430,6 +432,9 @@ def _denial_frame(decision: Decision) -> bytes:
     return messages.error_response("ERROR", decision.sqlstate, decision.reason)
 
 
+_AUDIT_UNAVAILABLE_RULE: Final = "guard.audit_unavailable"
+
+
 def _audit_unavailable_decision() -> Decision:
     return Decision(
         verdict=Verdict.DENY,
@@ -439,7 +444,7 @@ def _audit_unavailable_decision() -> Decision:
             "dbward: the audit log cannot record statements (write failure or backlog full); "
             "statements are refused until it recovers"
         ),
-        rule="guard.audit_unavailable",
+        rule=_AUDIT_UNAVAILABLE_RULE,
         sqlstate=AuditUnavailable.sqlstate,
     )
 
@@ -609,6 +614,7 @@ class PgSession(asyncio.Protocol):
         # The listener's statement counts (metrics), kept at hand: touched for every batch.
         self._allowed_counts = services.counts.allowed
         self._denied_counts = services.counts.denied
+        self._audit_refused_counts = services.counts.audit_refused
         self._offload_task: asyncio.Task[tuple[Statement, ...]] | None = None
 
     # ------------------------------------------------------------------ asyncio callbacks
@@ -2052,17 +2058,31 @@ class PgSession(asyncio.Protocol):
         try:
             tracked, durable = self._record_intents(decided, None)
         except AuditUnavailable:
-            self._count_statements(decided, allowed=False)
+            self._count_statements(decided, self._audit_refused_counts)
             return [], None, _audit_unavailable_decision()
         if changes.cleared or changes.added:
             self._apply_prepared_changes(changes, tracked)
-        allowed = self._allowed_counts  # one tracker per statement decided: count them here
+        # One tracker per statement decided: count them here, unless the batch waits for its
+        # durable intent, whose failure refuses it (counted when the write is settled).
+        allowed = self._allowed_counts if durable is None else None
         for item in tracked:
             statement = item.statement
-            allowed[statement.kind] += 1
+            if allowed is not None:
+                allowed[statement.kind] += 1
             if statement.cursor_name is not None or statement.flags:
                 self._note_session_effects(item)
+        if durable is not None:
+            kinds = [item.statement.kind for item in tracked]
+            durable.add_done_callback(functools.partial(self._count_durable, kinds))
         return tracked, durable, None
+
+    def _count_durable(self, kinds: list[StatementKind], future: asyncio.Future[int]) -> None:
+        """A batch's durable intent is settled: the batch was forwarded, or refused (as
+        _barrier_done decides) because the audit log could not make it durable."""
+        refused = future.cancelled() or future.exception() is not None
+        counts = self._audit_refused_counts if refused else self._allowed_counts
+        for kind in kinds:
+            counts[kind] += 1
 
     def _note_session_effects(self, item: _Tracked) -> None:
         """A forwarded statement that starts COPY FROM STDIN or declares or closes cursors."""
@@ -2084,11 +2104,11 @@ class PgSession(asyncio.Protocol):
                 drops_on_failure=False,
             )
 
+    @staticmethod
     def _count_statements(
-        self, decided: list[tuple[Statement, Decision, ProtocolPath]], *, allowed: bool
+        decided: list[tuple[Statement, Decision, ProtocolPath]], counts: dict[StatementKind, int]
     ) -> None:
-        """Count a batch for the metrics: forwarded (allowed) or refused (denied), by kind."""
-        counts = self._allowed_counts if allowed else self._denied_counts
+        """Count a batch for the metrics, by kind, in `counts` (what became of it)."""
         for statement, _, _ in decided:
             counts[statement.kind] += 1
 
@@ -2096,7 +2116,10 @@ class PgSession(asyncio.Protocol):
         self, decided: list[tuple[Statement, Decision, ProtocolPath]], denial: Decision
     ) -> None:
         """Audit a refused batch: an intent carrying the denial, then a `denied` outcome."""
-        self._count_statements(decided, allowed=False)
+        if denial.rule == _AUDIT_UNAVAILABLE_RULE:
+            self._count_statements(decided, self._audit_refused_counts)
+        else:
+            self._count_statements(decided, self._denied_counts)
         try:
             tracked, _ = self._record_intents(decided, denial)
         except AuditUnavailable:
@@ -2704,7 +2727,7 @@ class PgSession(asyncio.Protocol):
         """An intent and its outcome for each statement of a Parse PostgreSQL refused: the
         first has the error, any other (PostgreSQL refuses more than one at Parse) was not
         executed. Never made durable first: the statement did not run."""
-        self._count_statements(decided, allowed=True)  # recorded as allowed: PostgreSQL refused
+        self._count_statements(decided, self._allowed_counts)  # allowed: PostgreSQL refused it
         audit = self.services.audit
         started = time.perf_counter()
         status = "error"
@@ -3040,6 +3063,7 @@ class PgSession(asyncio.Protocol):
         self._shutdown_requested = True
         if self._phase != _PHASE_READY:
             self._fatal("57P01", "dbward is shutting down")
+            self._abort_later()
         elif not self._ops and not self._blocked:
             self._send_shutdown()
 
@@ -3067,6 +3091,18 @@ class PgSession(asyncio.Protocol):
 
     def _send_shutdown(self) -> None:
         self._fatal("57P01", "terminating connection because dbward is shutting down")
+        self._abort_later()
+
+    def _abort_later(self) -> None:
+        """Drop the connection if it is still open SHUTDOWN_ABORT_S after the drain's 57P01."""
+        # Closing waits until what is left to send has gone, which never happens once the
+        # client stopped reading: the connection would hold the drain for shutdown_grace_s.
+        asyncio.get_running_loop().call_later(SHUTDOWN_ABORT_S, self._abort_if_open)
+
+    def _abort_if_open(self) -> None:
+        services = self.services
+        if self in services.sessions or self in services.over_limit:
+            self.abort()  # connection_lost then writes its disconnect record
 
     def _protocol_error(self, exc: ProtocolError) -> None:
         log.info("session %s: protocol error from client: %s", self.session_id, exc.message)

@@ -315,6 +315,7 @@ class ListenerCounts:
 
     __slots__ = (
         "allowed",
+        "audit_refused",
         "cancels",
         "connections",
         "denied",
@@ -330,10 +331,12 @@ class ListenerCounts:
 
     def __init__(self) -> None:
         self.connections = 0  # TCP connections accepted (each one, refused or not)
-        # Statements recorded with their decision, by kind (an EXECUTE: the kind it runs);
-        # denied includes those refused because the audit log could not record them.
+        # Statements by what became of them, by kind (an EXECUTE: the kind it runs): allowed
+        # (forwarded), denied by the policy, or refused because the audit log could not
+        # record them (fail closed, 58030; a durable intent that failed included).
         self.allowed: dict[StatementKind, int] = dict.fromkeys(StatementKind, 0)
         self.denied: dict[StatementKind, int] = dict.fromkeys(StatementKind, 0)
+        self.audit_refused: dict[StatementKind, int] = dict.fromkeys(StatementKind, 0)
         # Session-level audit events written by the sessions (connect, upstream_lost, ...).
         self.events: dict[AuditEvent, int] = dict.fromkeys(AuditEvent, 0)
         self.logins: dict[str, int] = dict.fromkeys(self.LOGIN_RESULTS, 0)

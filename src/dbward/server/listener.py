@@ -3,16 +3,105 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Any
 
-from dbward.relay.postgres import PgSession, report_held_logins
+from dbward.relay.postgres import SHUTDOWN_ABORT_S, PgSession, report_held_logins
 from dbward.relay.services import ListenerServices
 
 log = logging.getLogger("dbward.server")
 
-# After the grace period's sessions are told 57P01: how long their clients have to take it
-# before the connections still open (a client not reading) are dropped.
-_ABORT_AFTER_S = 1.0
+# Out of file descriptors: the process's (RLIMIT_NOFILE) or the system's.
+_OUT_OF_FDS = frozenset({errno.EMFILE, errno.ENFILE})
+# How often AcceptHealth checks that a descriptor can be opened, and how long after the last
+# failure the proxy still says it cannot accept (so that readiness does not flap).
+_PROBE_INTERVAL_S = 1.0
+ACCEPT_RECOVERY_S = 5.0
+
+_ExceptionHandler = Callable[[asyncio.AbstractEventLoop, dict[str, Any]], object]
+
+
+class AcceptHealth:
+    """Whether new connections can be accepted: not while file descriptors run out (EMFILE,
+    ENFILE), nor for ACCEPT_RECOVERY_S after the last time they did.
+
+    asyncio hands a failed accept to the loop's exception handler (and retries a second
+    later). uvloop says nothing: libuv closes a descriptor it keeps in reserve, accepts and
+    closes every pending connection, and reopens the reserve, so clients just see their
+    connection closed. Hence a probe as well: one descriptor opened and closed every second.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._last_failure = float("-inf")
+        self._reported = False  # the failure was logged, its recovery not yet
+        self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._previous: _ExceptionHandler | None = None
+
+    @property
+    def failing(self) -> bool:
+        """True while accepts fail, and until ACCEPT_RECOVERY_S after the last failure."""
+        return self._clock() - self._last_failure < ACCEPT_RECOVERY_S
+
+    def failed(self, exc: OSError) -> None:
+        """An accept (or the probe) found no file descriptor."""
+        self._last_failure = self._clock()
+        if not self._reported:
+            self._reported = True
+            log.error(
+                "out of file descriptors (%s): new connections cannot be accepted; raise the "
+                "limit (ulimit -n, systemd LimitNOFILE=) or lower max_connections",
+                exc.strerror,
+            )
+
+    def probe(self) -> None:
+        """Open and close one descriptor: a failure is an accept that would fail now."""
+        try:
+            os.close(os.open(os.devnull, os.O_RDONLY))
+        except OSError as exc:
+            if exc.errno in _OUT_OF_FDS:
+                self.failed(exc)
+            return
+        if self._reported and not self.failing:
+            self._reported = False
+            log.warning("file descriptors available again: accepting new connections")
+
+    def handle_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """The loop's exception handler: asyncio reports failed accepts here."""
+        exc = context.get("exception")
+        if isinstance(exc, OSError) and exc.errno in _OUT_OF_FDS:
+            self.failed(exc)
+        if self._previous is not None:
+            self._previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    def start(self) -> None:
+        """Watch the running loop: its exception handler, and the probe every second."""
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._previous = loop.get_exception_handler()
+        loop.set_exception_handler(self.handle_exception)
+        self._task = loop.create_task(self._probe_every_second())
+
+    def stop(self) -> None:
+        """Stop the probe and give the loop its exception handler back."""
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+        if self._loop is not None:
+            self._loop.set_exception_handler(self._previous)
+            self._loop = None
+
+    async def _probe_every_second(self) -> None:
+        while True:
+            self.probe()
+            await asyncio.sleep(_PROBE_INTERVAL_S)
 
 
 class PgListener:
@@ -64,6 +153,8 @@ class PgListener:
             self._server.close()
         # Those over max_connections too: each would be refused, and audited, at its
         # StartupMessage, which could come while the audit log closes (the record lost).
+        # Each told 57P01 (an idle one now, a busy one once answered) is dropped a moment
+        # later if its client does not read it: only in-flight work holds the grace period.
         for session in [*services.sessions, *services.over_limit]:
             session.request_shutdown()
         await self._wait_for_sessions(grace_s)
@@ -72,7 +163,7 @@ class PgListener:
         # Closing a connection waits until what is left to send has been sent: one whose client
         # stopped reading never goes, and its last records (its disconnect) would come after
         # the audit log closed. Those still there after a moment are dropped.
-        await self._wait_for_sessions(_ABORT_AFTER_S)
+        await self._wait_for_sessions(SHUTDOWN_ABORT_S)
         for session in [*services.sessions, *services.over_limit]:
             session.abort()
         # Statements cut off by the deadline (or whose client left) must not run on after

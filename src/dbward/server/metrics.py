@@ -13,6 +13,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
+from http.client import responses
 from typing import Protocol
 
 from aiohttp import web
@@ -28,6 +29,7 @@ from dbward.audit.records import AuditEvent
 from dbward.config.model import MetricsSettings
 from dbward.core.types import StatementKind
 from dbward.relay.services import ListenerCounts, ListenerServices
+from dbward.server.listener import ACCEPT_RECOVERY_S
 
 log = logging.getLogger("dbward.metrics")
 
@@ -94,6 +96,9 @@ class Observed(Protocol):
     @property
     def expected_listeners(self) -> int: ...
 
+    @property
+    def accept_failing(self) -> bool: ...
+
 
 def not_ready_reason(observed: Observed) -> str | None:
     """Why the proxy should not get new connections now (None: it is ready)."""
@@ -104,6 +109,8 @@ def not_ready_reason(observed: Observed) -> str | None:
         listener.serving for listener in listeners
     ):
         return "starting: not every listener is accepting connections"
+    if observed.accept_failing:
+        return "out of file descriptors: new connections cannot be accepted"
     if not observed.audit.healthy:
         return "audit log failing: statements are refused"
     return None
@@ -125,6 +132,13 @@ class DbwardCollector:
         draining = GaugeMetricFamily("dbward_draining", "1 while shutting down (SIGTERM/SIGINT)")
         draining.add_metric([], 1 if observed.draining else 0)
         yield draining
+        accept_failing = GaugeMetricFamily(
+            "dbward_accept_failing",
+            "1 while new connections cannot be accepted for want of file descriptors (and "
+            f"for {ACCEPT_RECOVERY_S:g} s after the last failure)",
+        )
+        accept_failing.add_metric([], 1 if observed.accept_failing else 0)
+        yield accept_failing
         yield from self._audit(observed.audit)
         yield from self._listeners(observed.observed_listeners)
 
@@ -180,7 +194,9 @@ class DbwardCollector:
         )
         statements = CounterMetricFamily(
             "dbward_statements",
-            "statements decided and recorded, by decision and kind",
+            "statements by what became of them (allow: forwarded; deny: refused by the "
+            "policy; audit_unavailable: refused because the audit log could not record them) "
+            "and kind",
             labels=[*names, "decision", "kind"],
         )
         cancels = CounterMetricFamily(
@@ -216,6 +232,9 @@ class DbwardCollector:
             for kind in StatementKind:
                 statements.add_metric([name, "allow", kind.value], counts.allowed[kind])
                 statements.add_metric([name, "deny", kind.value], counts.denied[kind])
+                statements.add_metric(
+                    [name, "audit_unavailable", kind.value], counts.audit_refused[kind]
+                )
             for result, value in counts.cancels.items():
                 cancels.add_metric([name, result], value)
             events = counts.events
@@ -253,8 +272,33 @@ class BudgetedCollector:
         return iter(self._metrics)
 
 
+class _Handler(RequestHandler):
+    """aiohttp's protocol for one HTTP connection, answering its errors with dbward's page."""
+
+    __slots__ = ()
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """A request aiohttp could not parse (400, 431, ...), or a handler's exception (500)."""
+        # aiohttp's own answer names its and Python's versions (Server) and quotes the bytes it
+        # could not parse. Its logging (and its refusal once a response began) is kept.
+        super().handle_error(request, status, exc, message)
+        response = _text(status, f"{status} {responses.get(status, 'Error')}", Server="dbward")
+        response.force_close()
+        return response
+
+
 class _CappedServer(web.Server):
     """aiohttp's low-level server, closing a connection accepted beyond MAX_CONNECTIONS."""
+
+    def __call__(self) -> RequestHandler:
+        # As aiohttp's own, with dbward's error pages: aiohttp has no option for them.
+        return _Handler(self, loop=self._loop, **self._kwargs)
 
     def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
         over = len(self.connections) >= MAX_CONNECTIONS
