@@ -183,3 +183,7 @@ def test_error_pages_aiohttp_makes_name_no_versions(caplog: pytest.LogCaptureFix
     # Its listeners cannot be read: /readyz's handler raises (aiohttp answers 500).
     _serve(test, _Proxy(observed_listeners=None))  # type: ignore[arg-type]
     assert "TypeError" in caplog.text  # a handler's error is still logged
+    # One error (the handler's): an unparseable request is the client's doing, and logging
+    # each at ERROR with a traceback let anyone reaching the port fill the log.
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].exc_info is not None, errors

@@ -286,8 +286,16 @@ class _Handler(RequestHandler):
     ) -> web.StreamResponse:
         """A request aiohttp could not parse (400, 431, ...), or a handler's exception (500)."""
         # aiohttp's own answer names its and Python's versions (Server) and quotes the bytes it
-        # could not parse. Its logging (and its refusal once a response began) is kept.
-        super().handle_error(request, status, exc, message)
+        # could not parse. Its logging (and its refusal once a response began) is kept for a
+        # handler's exception, a bug; a request that could not be parsed is the client's doing,
+        # and aiohttp would log each one at ERROR with a traceback: anyone reaching the port
+        # could fill the log, one entry per connection.
+        if status >= 500:
+            super().handle_error(request, status, exc, message)
+        else:
+            log.debug("metrics endpoint: unparseable request (%d): %s", status, exc)
+            if request.writer.output_size > 0:  # as aiohttp: the connection is broken
+                raise ConnectionError("response already begun: no error page can follow")
         response = _text(status, f"{status} {responses.get(status, 'Error')}", Server="dbward")
         response.force_close()
         return response
