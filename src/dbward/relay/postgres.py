@@ -18,9 +18,8 @@ import re
 import secrets
 import time
 from collections import OrderedDict, deque
-from collections.abc import Coroutine
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Final, NoReturn, TypeVar, cast
+from typing import TYPE_CHECKING, Final, NoReturn, cast
 
 from dbward.audit.records import AuditEvent, AuditRecord
 from dbward.audit.sink import HeldRecord
@@ -37,7 +36,8 @@ from dbward.core.types import (
     Verdict,
 )
 from dbward.policy.engine import decide, parser_error_snippet
-from dbward.relay.services import CancelRegistry, LoginThrottle, client_key
+from dbward.relay.cancel import answer_cancel, track_cancel
+from dbward.relay.services import LoginThrottle, client_key
 from dbward.relay.startup import StartupRefusedError, upstream_parameters
 from dbward.server.upstream import UpstreamConnection, UpstreamError, connect_upstream, send_cancel
 from dbward.sql.offload import OFFLOAD_CODE_MIN_BYTES, should_offload
@@ -56,7 +56,6 @@ if TYPE_CHECKING:
     from dbward.relay.services import ListenerServices
 
 log = logging.getLogger("dbward.session")
-_T = TypeVar("_T")
 
 # A statement PostgreSQL rejects at parse time, sent in place of a denied one.
 _POISON_SQL = "DBWARD_POLICY_DENIED"
@@ -442,21 +441,6 @@ def _audit_unavailable_decision() -> Decision:
         rule="guard.audit_unavailable",
         sqlstate=AuditUnavailable.sqlstate,
     )
-
-
-def _log_refused_cancels(count: int, latest_host: str) -> None:
-    log.warning(
-        "cancel requests are rate-limited: %d refused since the last report, the latest from %s",
-        count,
-        latest_host,
-    )
-
-
-def _report_held_cancels(cancels: CancelRegistry) -> None:
-    """The interval's end: report the refused attempts held back since the last line."""
-    count = cancels.take_unreported()
-    if count:
-        _log_refused_cancels(count, cancels.latest_refused_host)
 
 
 def _report_refused_logins(services: ListenerServices, latest: AuditRecord, count: int) -> None:
@@ -1322,49 +1306,9 @@ class PgSession(asyncio.Protocol):
 
     async def _handle_cancel(self, packet: CancelRequest) -> None:
         try:
-            await self._answer_cancel(packet)
+            await answer_cancel(self.services, self._client_host, packet, self._audit)
         finally:
             self._close_client()  # whatever happened: a cancel client waits to be let go
-
-    async def _answer_cancel(self, packet: CancelRequest) -> None:
-        services = self.services
-        counts = services.counts.cancels
-        if not services.cancels.allow_attempt(self._client_host):
-            counts["throttled"] += 1
-            cancels = services.cancels
-            refused, report_in = cancels.refused_to_report(self._client_host)
-            if refused:
-                _log_refused_cancels(refused, self._client_host)
-            elif report_in is not None:
-                asyncio.get_running_loop().call_later(report_in, _report_held_cancels, cancels)
-        else:
-            target = services.cancels.lookup(packet.pid, packet.key)
-            if target is None or target._upstream is None:
-                counts["refused"] += 1
-                self._audit(AuditEvent.CANCEL, status="refused", reason="unknown cancel key")
-            else:
-                detail = f"session={target.session_id}"
-                # Recorded before it goes, as every action is; a second record if it never went.
-                counts["forwarded"] += 1
-                self._audit(AuditEvent.CANCEL, status="forwarded", detail=detail)
-                forward = self._track_cancel(self._forward_cancel(target._upstream, detail))
-                # A client may hang up once it has sent the request (tokio-postgres does), and
-                # the auth timeout may strike: neither stops the cancel (nor its record).
-                await asyncio.shield(forward)
-
-    async def _forward_cancel(self, upstream: UpstreamConnection, detail: str) -> None:
-        failure = await send_cancel(self.services.settings.upstream, upstream)
-        if failure is not None:
-            self.services.counts.cancels["failed"] += 1
-            self._audit(AuditEvent.CANCEL, status="failed", reason=failure, detail=detail)
-
-    def _track_cancel(self, sending: Coroutine[Any, Any, _T]) -> asyncio.Task[_T]:
-        """Run a cancel on its own task, kept (and awaited at shutdown) by the listener."""
-        task = asyncio.get_running_loop().create_task(sending)
-        cancels = self.services.cancel_tasks
-        cancels.add(task)
-        task.add_done_callback(cancels.discard)
-        return task
 
     def _attach_upstream(self, upstream: UpstreamConnection) -> None:
         transport = self.transport
@@ -3057,10 +3001,10 @@ class PgSession(asyncio.Protocol):
         self._close_upstream()
 
     def _cancel_upstream(self) -> None:
-        """Cancel what runs upstream, on a task the listener keeps (see _track_cancel)."""
+        """Cancel what runs upstream, on a task the listener keeps (see track_cancel)."""
         upstream = self._upstream
         if upstream is not None:
-            self._track_cancel(send_cancel(self.services.settings.upstream, upstream))
+            track_cancel(self.services, send_cancel(self.services.settings.upstream, upstream))
 
     def _send_shutdown(self) -> None:
         self._fatal("57P01", "terminating connection because dbward is shutting down")
