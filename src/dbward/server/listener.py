@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from dbward.relay.postgres import PgSession, report_held_logins
+from dbward.relay.login import report_held_logins
+from dbward.relay.postgres import PgSession
 from dbward.relay.services import ListenerServices
 
 log = logging.getLogger("dbward.server")
