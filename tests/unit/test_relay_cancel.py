@@ -9,6 +9,7 @@ import pytest
 
 from dbward.audit.records import AuditEvent
 from dbward.audit.sink import MemorySink
+from dbward.relay.login import Login
 from dbward.relay.postgres import PgSession
 from dbward.server import upstream as upstream_module
 from dbward.wire.postgres.messages import CancelRequest
@@ -47,7 +48,7 @@ def test_an_unexpected_failure_to_send_a_cancel_is_reported_and_the_client_let_g
     canceller.transport = client  # type: ignore[assignment]
 
     async def cancel() -> None:
-        await canceller._handle_cancel(CancelRequest(4242, key))
+        await Login(canceller)._handle_cancel(CancelRequest(4242, key))
         await asyncio.gather(*services.cancel_tasks)
 
     asyncio.run(cancel())

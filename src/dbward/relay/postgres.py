@@ -13,19 +13,17 @@ import asyncio
 import functools
 import hashlib
 import logging
-import math
 import re
 import secrets
 import time
 from collections import OrderedDict, deque
-from collections.abc import Coroutine
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Final, NoReturn, TypeVar, cast
+from typing import TYPE_CHECKING, Final, cast
 
 from dbward.audit.records import AuditEvent, AuditRecord
 from dbward.audit.sink import HeldRecord
-from dbward.core.errors import AuditUnavailable, AuthenticationFailed, DbwardError, ProtocolError
-from dbward.core.text import QUOTED_ERROR_MAX, capped, one_line
+from dbward.core.errors import AuditUnavailable, ProtocolError
+from dbward.core.text import QUOTED_ERROR_MAX, capped
 from dbward.core.types import (
     Decision,
     Identity,
@@ -37,9 +35,10 @@ from dbward.core.types import (
     Verdict,
 )
 from dbward.policy.engine import decide, parser_error_snippet
-from dbward.relay.services import CancelRegistry, LoginThrottle, client_key
-from dbward.relay.startup import StartupRefusedError, upstream_parameters
-from dbward.server.upstream import UpstreamConnection, UpstreamError, connect_upstream, send_cancel
+from dbward.relay.cancel import track_cancel
+from dbward.relay.login import Login
+from dbward.relay.services import client_key
+from dbward.server.upstream import UpstreamConnection, send_cancel
 from dbward.sql.offload import OFFLOAD_CODE_MIN_BYTES, should_offload
 from dbward.sql.postgres import function_call_statement, oversized_statement
 from dbward.wire.postgres import messages
@@ -50,13 +49,11 @@ from dbward.wire.postgres.framing import (
     Frame,
     FrontendFramer,
 )
-from dbward.wire.postgres.messages import CancelRequest, GSSENCRequest, SSLRequest, StartupMessage
 
 if TYPE_CHECKING:
     from dbward.relay.services import ListenerServices
 
 log = logging.getLogger("dbward.session")
-_T = TypeVar("_T")
 
 # A statement PostgreSQL rejects at parse time, sent in place of a denied one.
 _POISON_SQL = "DBWARD_POLICY_DENIED"
@@ -95,19 +92,6 @@ _OP_PROBE = 8  # dbward's own Sync, Close, Sync after a failed copy: see _CopyPr
 _NAME_CODEC = "latin-1"
 
 _PRE_AUTH_MAX_MESSAGE = 65536
-# The auth_fail reason of a login refused because its client address failed too many.
-_THROTTLED_REASON = "too many failed logins from this client address (auth_fail_burst)"
-
-
-class LoginThrottledError(DbwardError):
-    """A login from a client address that failed too many (auth_fail_burst), refused before
-    authentication. 28000, not 28P01 (the password may be right: the client is told to wait,
-    not that it is wrong) nor 53300 (PostgreSQL's "too many connections": the server is full,
-    which a client may take as passing and retry at once; class 28 says this login was
-    refused)."""
-
-    sqlstate = "28000"  # invalid_authorization_specification
-
 
 # Replies a session may owe before dbward stops reading its client (each costs dbward ~100-250
 # bytes until answered, kernel socket buffers let a client that never reads queue ~1 million);
@@ -129,7 +113,7 @@ _TURNS_ON_CONFORMING: Final = re.compile(
     rb"|RESET\s+(?:standard_conforming_strings|ALL))\s*;?\s*\x00?\Z",
     re.IGNORECASE,
 )
-_COPY_DATA, _COPY_DONE, _COPY_FAIL, _PASSWORD = (ord(c) for c in "dcfp")
+_COPY_DATA, _COPY_DONE, _COPY_FAIL = (ord(c) for c in "dcf")
 _COPY_OR_FLUSH: Final = frozenset((_COPY_DATA, _COPY_DONE, _COPY_FAIL, _H))
 
 
@@ -322,7 +306,6 @@ class _Await:
 _AWAIT_QUIET: Final = _Await(quiet=True)
 _OUT_OF_MEMORY: Final = "53200"
 _PROTOCOL_VIOLATION: Final = "08P01"
-_INTERNAL_ERROR: Final = "XX000"
 # An unfinished message this small is never refused for the listener's total (a session can
 # always send ordinary messages, whatever others hold).
 _PARTIAL_ALWAYS_FITS: Final = 1024 * 1024
@@ -449,47 +432,6 @@ def _audit_unavailable_decision() -> Decision:
     )
 
 
-def _log_refused_cancels(count: int, latest_host: str) -> None:
-    log.warning(
-        "cancel requests are rate-limited: %d refused since the last report, the latest from %s",
-        count,
-        latest_host,
-    )
-
-
-def _report_held_cancels(cancels: CancelRegistry) -> None:
-    """The interval's end: report the refused attempts held back since the last line."""
-    count = cancels.take_unreported()
-    if count:
-        _log_refused_cancels(count, cancels.latest_refused_host)
-
-
-def _report_refused_logins(services: ListenerServices, latest: AuditRecord, count: int) -> None:
-    """One log line and one audit record for `count` logins refused since the last report:
-    the latest refused attempt's record, its detail the count."""
-    log.warning(
-        "listener %s: logins refused after too many failed ones: %d refused since the last "
-        "report, the latest from %s",
-        services.settings.name,
-        count,
-        latest.client_addr,
-    )
-    try:
-        services.audit.append(latest._replace(detail=f"refused={count}"))
-    except AuditUnavailable:
-        log.error("listener %s: audit unavailable, auth_fail record lost", services.settings.name)
-
-
-def report_held_logins(services: ListenerServices, logins: LoginThrottle) -> None:
-    """The interval's end (or shutdown): report the login refusals held back since the last
-    report."""
-    count = logins.refusals.take_unreported(time.monotonic())
-    latest = logins.refusals.latest
-    if count and latest is not None:
-        now_ms = int(services.clock() * 1000)
-        _report_refused_logins(services, latest._replace(ts_ms=now_ms), count)
-
-
 class PgSession(asyncio.Protocol):
     """asyncio protocol for one client connection and the relay state of its session."""
 
@@ -517,7 +459,6 @@ class PgSession(asyncio.Protocol):
         # One timer checks both, armed when a large message is left unfinished and none is.
         self._partial_timer: asyncio.TimerHandle | None = None
         self._upstream_paused_for_client = False  # the client reads slower than the database
-        self._tls = False
         self.identity: Identity | None = None
         self._context: SessionContext | None = None
         self._database = ""
@@ -651,7 +592,7 @@ class PgSession(asyncio.Protocol):
         else:
             self.services.sessions.add(self)
         self._startup_wake = asyncio.Event()
-        task = self._startup_task = asyncio.get_running_loop().create_task(self._run_startup())
+        task = self._startup_task = asyncio.get_running_loop().create_task(Login(self).run())
         startups = self.services.startup_tasks
         startups.add(task)
         task.add_done_callback(startups.discard)
@@ -977,7 +918,8 @@ class PgSession(asyncio.Protocol):
         if self._upstream is not None and not self._upstream.transport.is_closing():
             self._upstream.transport.resume_reading()
 
-    # ------------------------------------------------------------------ startup phase
+    # ------------------------------------------------------------------ login
+    # Driven by relay/login.py's Login, through these (login.LoginSession).
 
     async def _next_startup_frame(self) -> tuple[int, bytes, bytes]:
         assert self._startup_wake is not None
@@ -990,213 +932,13 @@ class PgSession(asyncio.Protocol):
         # Before login messages are too small to be kept in place: bytes() returns them as is.
         return msg_type, bytes(payload), bytes(raw)
 
-    async def _run_startup(self) -> None:
-        settings = self.services.settings
-        try:
-            try:
-                upstream_params = await asyncio.wait_for(
-                    self._startup(), timeout=settings.auth_timeout_s
-                )
-            except TimeoutError:
-                if self._connect_audited:
-                    # A login begun and never finished (a stalled password prompt, or a
-                    # guesser holding slots) is a failed authentication for the trail.
-                    self.services.counts.logins["abandoned"] += 1
-                    self._audit(
-                        AuditEvent.AUTH_FAIL,
-                        identity=self._claimed_user,
-                        reason=f"authentication timed out ({settings.auth_timeout_s:g} s)",
-                        sqlstate="08006",
-                    )
-                self._fatal("08006", "dbward: authentication timed out")
-                return
-            if upstream_params is not None:
-                # The client has logged in: the database's login has its own timeout
-                # (connect_timeout_s), and its slowness is not the client's.
-                await self._login_upstream(upstream_params)
-        except AuthenticationFailed as exc:
-            log.info("session %s: authentication failed: %s", self.session_id, exc.message)
-            self._fatal("28P01", "password authentication failed")
-        except StartupRefusedError as exc:
-            self._audit(
-                AuditEvent.PROTOCOL_ERROR,
-                identity=self._claimed_user,
-                reason=exc.message,
-                sqlstate=exc.sqlstate,
-            )
-            self._fatal(exc.sqlstate, exc.message)
-        except UpstreamError as exc:
-            # The database's message can quote a startup value as the client sent it.
-            log.warning("session %s: upstream refused: %s", self.session_id, one_line(exc.message))
-            self._audit(AuditEvent.UPSTREAM_LOST, reason=exc.message, sqlstate=exc.sqlstate)
-            if exc.frame is not None and self.transport is not None:
-                self.transport.write(exc.frame)
-                self._close_client()
-            else:
-                self._fatal(exc.sqlstate, exc.message)
-        except ProtocolError as exc:
-            self._protocol_error(exc)
-        except (ConnectionError, OSError) as exc:
-            if self._phase != _PHASE_CLOSED:
-                log.warning(
-                    "session %s: cannot reach the database at %s: %s",
-                    self.session_id,
-                    self.services.settings.upstream.address,
-                    exc,
-                )
-                self._audit(AuditEvent.UPSTREAM_LOST, reason=str(exc), sqlstate="08001")
-                self._fatal("08001", "dbward: could not connect to the database")
-        except asyncio.CancelledError:
-            pass
-        except DbwardError as exc:
-            self._fatal(exc.sqlstate, exc.message)
-        except Exception:
-            # A bug (here, or in an authenticator) must not leave the client waiting with no
-            # answer, holding its max_connections and max_unauthenticated_per_host slots
-            # until it gives up: auth_timeout_s no longer runs once this task has ended.
-            log.exception("session %s: internal error during startup", self.session_id)
-            if self._connect_audited and self.identity is None:
-                self.services.counts.logins["failed"] += 1
-                self._audit(
-                    AuditEvent.AUTH_FAIL,
-                    identity=self._claimed_user,
-                    reason="internal error during authentication",
-                    sqlstate=_INTERNAL_ERROR,
-                )
-            self._fatal(_INTERNAL_ERROR, "dbward: internal error")
+    def _has_unread_input(self) -> bool:
+        """Client bytes are buffered unread: messages, or part of one."""
+        return bool(self._startup_frames or self._framer.pending_bytes)
 
-    async def _startup(self) -> dict[str, str] | None:
-        """The client's startup and authentication (bounded by auth_timeout_s): the
-        parameters for the database's login, or None when there is none to make (a
-        CancelRequest)."""
-        services = self.services
-        while True:
-            _, payload, _ = await self._next_startup_frame()
-            packet = messages.parse_startup_packet(payload)
-            if isinstance(packet, SSLRequest):
-                await self._negotiate_tls()
-                continue
-            if isinstance(packet, GSSENCRequest):
-                assert self.transport is not None
-                self.transport.write(b"N")
-                continue
-            if isinstance(packet, CancelRequest):
-                await self._handle_cancel(packet)
-                return None
-            assert isinstance(packet, StartupMessage)
-            break
-        self._framer.startup = False
-        params = packet.params
-        user = params.get("user", "")
-        application_name = params.get("application_name", "")
-        database = params.get("database") or services.settings.upstream.database
-        # Known before any refusal, so every record of this connection says who claimed it;
-        # as the records keep them: each is the client's choice, up to 10 KB long.
-        self._claimed_user = capped(user)
-        self._application_name = capped(application_name)
-        self._database = capped(database)
-        if services.logins is not None:
-            # Before anything else costs dbward work, and before the connect record: a locked
-            # out client's spray leaves one aggregated record per interval, not one per try.
-            self._refuse_if_throttled(services.logins)
-        tls_required = services.settings.tls.mode == "required"
-        if services.client_tls is not None and tls_required and not self._tls:
-            raise StartupRefusedError(
-                "dbward: this listener requires TLS; connect with sslmode=require or stronger"
-            )
-        if self._over_limit:
-            services.counts.refused["max_connections"] += 1
-            log.warning(
-                "listener %s: refusing %s, max_connections (%d) reached",
-                services.settings.name,
-                self.client_addr,
-                services.settings.max_connections,
-            )
-            raise StartupRefusedError("sorry, too many clients already", sqlstate="53300")
-        if not user:
-            raise StartupRefusedError("no user name specified in the startup message")
-        upstream_params = upstream_parameters(params, services.settings.upstream.database)
-        minor = packet.protocol & 0xFFFF
-        extensions = sorted(name for name in params if name.startswith("_pq_."))
-        if minor > 0 or extensions:
-            # Like PostgreSQL: answer with the version and options we speak, then carry on.
-            assert self.transport is not None
-            self.transport.write(messages.negotiate_protocol_version(0, extensions))
-        encoding = params.get("client_encoding")
-        if encoding is not None:
-            self._set_encoding(encoding)
-        self._audit(AuditEvent.CONNECT)
-        self._connect_audited = True
-        identity = await self._authenticate(user)
-        self._leave_unauthenticated()
-        self.identity = identity
-        self._context = SessionContext(
-            session_id=self.session_id,
-            identity=identity,
-            listener=services.settings.name,
-            database=database,
-            client_addr=self.client_addr,
-            application_name=application_name,
-            service_role=services.settings.upstream.user,
-        )
-        services.counts.logins["ok"] += 1
-        self._audit(AuditEvent.AUTH_OK)
-        return upstream_params
-
-    async def _login_upstream(self, upstream_params: dict[str, str]) -> None:
-        """Log in to the database as the service user (bounded by connect_timeout_s)."""
-        services = self.services
-        try:
-            password = services.settings.upstream.read_password()
-        except (OSError, LookupError) as exc:
-            log.error(
-                "listener %s: cannot read the upstream password: %s", services.settings.name, exc
-            )
-            raise UpstreamError(
-                "dbward: the upstream credentials are unavailable", sqlstate="08001"
-            ) from None
-        upstream_settings = services.settings.upstream
-        try:
-            upstream = await asyncio.wait_for(
-                connect_upstream(
-                    upstream_settings, upstream_params, services.upstream_tls, password
-                ),
-                timeout=upstream_settings.connect_timeout_s,
-            )
-        except TimeoutError:
-            # The database's silence, not the client's: not "authentication timed out".
-            raise UpstreamError(
-                "dbward: the database did not complete the login within "
-                f"{upstream_settings.connect_timeout_s:g} s (upstream.connect_timeout_s)",
-                sqlstate="08001",
-            ) from None
-        if self._phase == _PHASE_CLOSED:
-            upstream.transport.close()
-            return
-        self._attach_upstream(upstream)
-
-    async def _negotiate_tls(self) -> None:
-        transport = self.transport
-        assert transport is not None
-        context = self.services.client_tls
-        if context is None or self._tls:
-            transport.write(b"N")
-            return
-        if self._startup_frames or self._framer.pending_bytes:
-            # Plaintext sent after SSLRequest would be treated as encrypted (CVE-2021-23214).
-            raise ProtocolError("unencrypted data after SSLRequest")
-        transport.pause_reading()
-        transport.write(b"S")
-        loop = asyncio.get_running_loop()
-        try:
-            new_transport = await loop.start_tls(transport, self, context, server_side=True)
-            if new_transport is None:
-                raise ConnectionResetError("TLS handshake failed")
-        except BaseException:
-            self._lost_in_handshake()
-            raise
-        self.transport = new_transport
-        self._tls = True
+    def _client_gone(self) -> bool:
+        """The connection is closed: its client left, or it was ended."""
+        return self._phase == _PHASE_CLOSED
 
     def _lost_in_handshake(self) -> None:
         """The TLS handshake failed or was abandoned (the client reset the connection, an auth
@@ -1208,172 +950,21 @@ class PgSession(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
-    async def _authenticate(self, user: str) -> Identity:
-        transport = self.transport
-        assert transport is not None
-        services = self.services
-        exchange = services.authenticator.begin(
-            user,
-            tls=self._tls,
-            channel_binding=services.client_tls_end_point if self._tls else None,
-        )
-        transport.write(exchange.start())
-        logins = services.logins
-        gave_up = False  # a Terminate: the client has no password to offer, it tried none
-        reserved = False  # a token of auth_fail_burst is held for the step being taken
-        try:
-            while True:
-                msg_type, payload, _ = await self._next_startup_frame()
-                if msg_type != _PASSWORD:
-                    gave_up = msg_type == _X
-                    raise AuthenticationFailed("expected an authentication message")
-                if logins is not None:
-                    # Checked at each step, not only at the StartupMessage: logins begun
-                    # together while the address had budget would each have their password
-                    # checked. A step that fails keeps its token: the failure's. (The local
-                    # SCRAM steps never await, so no two steps hold tokens at once; an
-                    # authenticator whose steps await would hold one per login in flight.)
-                    if not logins.reserve(self._client_host):
-                        self._throttled_in_exchange(logins)
-                    reserved = True
-                step = await exchange.step(payload)
-                if reserved:
-                    reserved = False
-                    assert logins is not None
-                    logins.release(self._client_host)
-                if step.reply is not None:
-                    transport.write(step.reply)
-                if step.identity is not None:
-                    return step.identity
-        except AuthenticationFailed as exc:
-            self._failed_login(exc.message, counted=not gave_up, spent=reserved)
-            raise
-        except ProtocolError as exc:
-            self._failed_login(exc.message, spent=reserved)
-            raise AuthenticationFailed(exc.message) from None
-        except BaseException:
-            if reserved:  # the client left mid-step, or an internal error: not a failure
-                assert logins is not None
-                logins.release(self._client_host)
-            raise
+    def _startup_received(self, user: str, application_name: str, database: str) -> None:
+        """The StartupMessage is read: typed messages follow, and every record of this
+        connection says who claimed it (as the records keep them: each is the client's choice,
+        up to 10 KB long)."""
+        self._framer.startup = False
+        self._claimed_user = capped(user)
+        self._application_name = capped(application_name)
+        self._database = capped(database)
 
-    def _throttled_in_exchange(self, logins: LoginThrottle) -> NoReturn:
-        """Refuse a login begun while its address had budget, which others from it spent
-        meanwhile: its password is not checked. Audited on its own (it has a connect
-        record), then LoginThrottledError."""
-        wait = max(logins.retry_after(self._client_host), 1.0)
-        self.services.counts.logins["throttled"] += 1
-        self._audit(
-            AuditEvent.AUTH_FAIL,
-            reason=_THROTTLED_REASON,
-            sqlstate=LoginThrottledError.sqlstate,
-        )
-        raise LoginThrottledError(
-            f"dbward: too many failed logins from this address; try again in {math.ceil(wait)} s"
-        )
-
-    def _failed_login(self, reason: str, *, counted: bool = True, spent: bool = False) -> None:
-        """A login failed (wrong password, unknown user, a malformed exchange): audited, and
-        (unless the client gave up without trying a password) counted against its
-        auth_fail_burst; `spent`: counted already, by the token its failed step holds."""
-        detail = ""
-        logins = self.services.logins
-        if logins is not None and counted:
-            now = time.monotonic()
-            if spent:
-                wait = logins.retry_after(self._client_host, now)
-            else:
-                wait = logins.failed(self._client_host, now)
-            if wait:
-                locked = ", ".join(
-                    f"from {key} refused for {math.ceil(seconds)} s"
-                    for key, seconds in logins.lockouts(self._client_host, now)
-                )
-                detail = f"locked out: logins {locked}"
-                log.warning(
-                    "listener %s: too many failed logins: %s",
-                    self.services.settings.name,
-                    locked,
-                )
-        # A client that gave up before trying a password (psql hangs up to ask the user for
-        # one) is not a failed guess.
-        self.services.counts.logins["failed" if counted else "abandoned"] += 1
-        self._audit(AuditEvent.AUTH_FAIL, reason=reason, sqlstate="28P01", detail=detail)
-
-    def _refuse_if_throttled(self, logins: LoginThrottle) -> None:
-        """Refuse a login from a client that spent its failed-login budget (LoginThrottledError,
-        before any SCRAM work); its auth_fail record is written with others, once an interval."""
-        wait = logins.retry_after(self._client_host)
-        if not wait:
-            return
-        self.services.counts.logins["throttled"] += 1
-        record = AuditRecord(
-            event=AuditEvent.AUTH_FAIL,
-            ts_ms=int(self.services.clock() * 1000),
-            sqlstate=LoginThrottledError.sqlstate,
-            reason=_THROTTLED_REASON,
-            **self._base_fields(),  # type: ignore[arg-type]
-        )
-        refused, report_in = logins.refused(record)
-        if refused:
-            _report_refused_logins(self.services, record, refused)
-        elif self.services.draining:
-            # The drain may have written the held refusals already (a connection over
-            # max_connections is not among the sessions it ends): a timer would fire too late.
-            report_held_logins(self.services, logins)
-        elif report_in is not None:
-            asyncio.get_running_loop().call_later(
-                report_in, report_held_logins, self.services, logins
-            )
-        raise LoginThrottledError(
-            f"dbward: too many failed logins from this address; try again in {math.ceil(wait)} s"
-        )
-
-    async def _handle_cancel(self, packet: CancelRequest) -> None:
-        try:
-            await self._answer_cancel(packet)
-        finally:
-            self._close_client()  # whatever happened: a cancel client waits to be let go
-
-    async def _answer_cancel(self, packet: CancelRequest) -> None:
-        services = self.services
-        counts = services.counts.cancels
-        if not services.cancels.allow_attempt(self._client_host):
-            counts["throttled"] += 1
-            cancels = services.cancels
-            refused, report_in = cancels.refused_to_report(self._client_host)
-            if refused:
-                _log_refused_cancels(refused, self._client_host)
-            elif report_in is not None:
-                asyncio.get_running_loop().call_later(report_in, _report_held_cancels, cancels)
-        else:
-            target = services.cancels.lookup(packet.pid, packet.key)
-            if target is None or target._upstream is None:
-                counts["refused"] += 1
-                self._audit(AuditEvent.CANCEL, status="refused", reason="unknown cancel key")
-            else:
-                detail = f"session={target.session_id}"
-                # Recorded before it goes, as every action is; a second record if it never went.
-                counts["forwarded"] += 1
-                self._audit(AuditEvent.CANCEL, status="forwarded", detail=detail)
-                forward = self._track_cancel(self._forward_cancel(target._upstream, detail))
-                # A client may hang up once it has sent the request (tokio-postgres does), and
-                # the auth timeout may strike: neither stops the cancel (nor its record).
-                await asyncio.shield(forward)
-
-    async def _forward_cancel(self, upstream: UpstreamConnection, detail: str) -> None:
-        failure = await send_cancel(self.services.settings.upstream, upstream)
-        if failure is not None:
-            self.services.counts.cancels["failed"] += 1
-            self._audit(AuditEvent.CANCEL, status="failed", reason=failure, detail=detail)
-
-    def _track_cancel(self, sending: Coroutine[Any, Any, _T]) -> asyncio.Task[_T]:
-        """Run a cancel on its own task, kept (and awaited at shutdown) by the listener."""
-        task = asyncio.get_running_loop().create_task(sending)
-        cancels = self.services.cancel_tasks
-        cancels.add(task)
-        task.add_done_callback(cancels.discard)
-        return task
+    def _logged_in(self, identity: Identity, context: SessionContext) -> None:
+        """Authenticated: no longer counted against the host's cap; decided and recorded as
+        `identity` from now on."""
+        self._leave_unauthenticated()
+        self.identity = identity
+        self._context = context
 
     def _attach_upstream(self, upstream: UpstreamConnection) -> None:
         transport = self.transport
@@ -3084,10 +2675,10 @@ class PgSession(asyncio.Protocol):
         self._close_upstream()
 
     def _cancel_upstream(self) -> None:
-        """Cancel what runs upstream, on a task the listener keeps (see _track_cancel)."""
+        """Cancel what runs upstream, on a task the listener keeps (see track_cancel)."""
         upstream = self._upstream
         if upstream is not None:
-            self._track_cancel(send_cancel(self.services.settings.upstream, upstream))
+            track_cancel(self.services, send_cancel(self.services.settings.upstream, upstream))
 
     def _send_shutdown(self) -> None:
         self._fatal("57P01", "terminating connection because dbward is shutting down")

@@ -10,7 +10,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from dbward.relay.postgres import SHUTDOWN_ABORT_S, PgSession, report_held_logins
+from dbward.relay.login import report_held_logins
+from dbward.relay.postgres import SHUTDOWN_ABORT_S, PgSession
 from dbward.relay.services import ListenerServices
 
 log = logging.getLogger("dbward.server")
