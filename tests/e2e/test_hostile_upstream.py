@@ -881,6 +881,9 @@ _COPY_OUT = (
 _EXECUTE_SELECT = (
     _PARSE + messages.bind_message("", "", []) + messages.execute_message("") + messages.sync()
 )
+_ROW = messages.data_row([b"1"])
+_COPY_DATA = messages.copy_data(b"1\n")
+_COPY_TO = messages.query("COPY (SELECT 1) TO STDOUT")
 
 
 @pytest.mark.parametrize(
@@ -933,12 +936,70 @@ _EXECUTE_SELECT = (
         (_QUERY, _frame(b"t", b"\x00\x00") + _IDLE, []),
         (_QUERY, _frame(b"n", b"") + _IDLE, []),
         (_QUERY, _IDLE + _ROW_DESCRIPTION, [b"C", b"Z"]),
+        # A RowDescription answering neither a Describe nor a statement of the Query first in
+        # line: a Parse's or an Execute's (which gets none: its Describe's came before), one
+        # after the Query's statements, or after the error that ended them, one amid a COPY
+        # TO STDOUT. The client would start a result where none is.
+        (_PARSE + messages.flush(), _ROW_DESCRIPTION, []),
+        (_EXECUTE_SELECT, _frame(b"1", b"") + _frame(b"2", b"") + _ROW_DESCRIPTION, [b"1", b"2"]),
+        (_QUERY, _COMPLETE + _ROW_DESCRIPTION + _READY, [b"C"]),
+        (_QUERY, _ERROR + _ROW_DESCRIPTION + _READY, [b"E"]),
+        (_COPY_TO, _COPY_OUT_RESPONSE + _COPY_DATA + _ROW_DESCRIPTION, [b"H", b"d"]),
         # Replies to Parse, Bind, Close and Execute with nothing in flight.
         (_QUERY, _IDLE + _frame(b"1", b""), [b"C", b"Z"]),
         (_QUERY, _IDLE + _frame(b"2", b""), [b"C", b"Z"]),
         (_QUERY, _IDLE + _CLOSE_COMPLETE, [b"C", b"Z"]),
         (_QUERY, _IDLE + _frame(b"s", b""), [b"C", b"Z"]),
         (_QUERY, _IDLE + _frame(b"I", b""), [b"C", b"Z"]),
+        # Rows no request is owed: with nothing in flight; a Query's before its RowDescription,
+        # after its CommandComplete or after its error; for a Parse, Bind or Describe first in
+        # line, or the Sync after the Execute (whose own rows come with no RowDescription);
+        # among a COPY TO STDOUT's data. The client would take them for the answer to another
+        # request, or to its next command.
+        (_QUERY, _IDLE + _ROW, [b"C", b"Z"]),
+        (_QUERY, _ROW + _IDLE, []),
+        (_QUERY, _ROW_DESCRIPTION + _ROW + _COMPLETE + _ROW + _READY, [b"T", b"D", b"C"]),
+        (
+            messages.query("SELECT 1; SELECT 2"),
+            _ROW_DESCRIPTION + _ROW + _ERROR + _ROW + _READY,
+            [b"T", b"D", b"E"],
+        ),
+        (_PARSE + messages.flush(), _ROW, []),
+        (_EXECUTE_SELECT, _frame(b"1", b"") + _ROW, [b"1"]),
+        (
+            _PARSE + messages.describe_message("S", "") + messages.flush(),
+            _frame(b"1", b"") + _ROW,
+            [b"1"],
+        ),
+        (
+            _EXECUTE_SELECT,
+            _frame(b"1", b"") + _frame(b"2", b"") + _ROW + _ROW + _COMPLETE + _ROW + _READY,
+            [b"1", b"2", b"D", b"D", b"C"],
+        ),
+        (_COPY_TO, _COPY_OUT_RESPONSE + _COPY_DATA + _ROW, [b"H", b"d"]),
+        # Copy data, and the end of a copy, with no COPY TO STDOUT going on: while idle, as a
+        # SELECT's answer (after its rows), after the copy's CopyDone, during a COPY FROM STDIN
+        # (the client copying in would take it for the end of its copy).
+        (_QUERY, _IDLE + _COPY_DATA, [b"C", b"Z"]),
+        (_QUERY, _ROW_DESCRIPTION + _ROW + _COPY_DATA, [b"T", b"D"]),
+        (_EXECUTE_SELECT, _frame(b"1", b"") + _frame(b"2", b"") + _COPY_DATA, [b"1", b"2"]),
+        (
+            _COPY_TO,
+            _COPY_OUT_RESPONSE + _COPY_DATA + messages.copy_done() + _COPY_DATA,
+            [b"H", b"d", b"c"],
+        ),
+        (_QUERY, _frame(b"c", b"") + _IDLE, []),
+        (
+            _EXECUTE_SELECT,
+            _frame(b"1", b"") + _frame(b"2", b"") + _ROW + _frame(b"c", b""),
+            [b"1", b"2", b"D"],
+        ),
+        (
+            _COPY_TO,
+            _COPY_OUT_RESPONSE + _COPY_DATA + messages.copy_done() + messages.copy_done(),
+            [b"H", b"d", b"c"],
+        ),
+        (messages.query("COPY t FROM STDIN"), _COPY_IN_RESPONSE + _frame(b"c", b""), [b"G"]),
         # ... and with something else first in line: a BindComplete taken for the Parse's
         # answer (dbward held the statement prepared), a Query's replies taken for a Parse's.
         (_PARSE + messages.flush(), _frame(b"2", b""), []),
@@ -984,11 +1045,33 @@ _EXECUTE_SELECT = (
         "parameter-description-unasked",
         "no-data-unasked",
         "row-description-while-idle",
+        "row-description-for-a-parse",
+        "row-description-for-an-execute",
+        "row-description-after-the-statements",
+        "row-description-after-the-error",
+        "row-description-amid-copy-data",
         "parse-complete-while-idle",
         "bind-complete-while-idle",
         "close-complete-while-idle",
         "portal-suspended-while-idle",
         "empty-query-while-idle",
+        "row-while-idle",
+        "row-before-row-description",
+        "row-after-complete",
+        "row-after-the-error-ending-a-query",
+        "row-for-a-parse",
+        "row-for-a-bind",
+        "row-for-a-describe",
+        "row-for-the-sync-after-an-execute",
+        "row-amid-copy-data",
+        "copy-data-while-idle",
+        "copy-data-amid-rows",
+        "copy-data-for-an-execute",
+        "copy-data-after-copy-done",
+        "copy-done-for-a-select",
+        "copy-done-for-an-execute",
+        "second-copy-done",
+        "copy-done-during-copy-in",
         "bind-complete-for-a-parse",
         "parse-complete-for-a-query",
         "complete-for-a-parse",
@@ -1083,6 +1166,65 @@ def test_a_complete_after_the_error_ending_a_query_is_recorded_for_no_statement(
         assert outcomes[0] == "error", outcomes
         assert len(outcomes) == 2 and outcomes[1] != "ok", outcomes
         assert kinds == [b"E", b"E"], kinds
+        _assert_invalid_message_ended(proxy, app)
+        assert not tls_server.errors
+    finally:
+        stop_proxy(proxy)
+
+
+def test_rows_are_checked_once_per_run_across_reads(
+    tls_server: HostileServer, tmp_path: Path
+) -> None:
+    """dbward looks only at the first DataRow of a run (rows with no other message between);
+    a run goes on across reads and rows split between them. A result sent in pieces (a row cut
+    in its header and in its body, a notice among the rows) is relayed whole. A row owed to
+    nobody, arriving in a read of its own with its header apart from its body, is refused
+    before any of it reaches the client."""
+    rows = [messages.data_row([b"%d" % i]) for i in range(300)]
+    notice = messages.notice_response("NOTICE", "00000", "half way")
+    result = _ROW_DESCRIPTION + b"".join(rows[:150]) + notice + b"".join(rows[150:])
+    first_row = len(_ROW_DESCRIPTION)
+    cuts = [first_row + 3, first_row + 500, first_row + 502, len(result) - 7]
+    stray = messages.data_row([b"stray"])
+
+    def script(conn: HostileConn) -> None:
+        conn.login()
+        assert isinstance(conn.sock, socket.socket)
+        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn.read_message()
+        for start, end in itertools.pairwise([0, *cuts, len(result)]):
+            conn.send(result[start:end])
+            time.sleep(0.05)
+        conn.send(messages.command_complete("SELECT 300"), _READY)
+        conn.read_message()
+        conn.send(_IDLE)
+        for piece in (stray[:3], stray[3:]):
+            time.sleep(0.05)
+            conn.send(piece)
+        conn.idle_until_closed()
+
+    tls_server.script = script
+    proxy = start_hostile_proxy(tmp_path, tls_server, upstream={"tls": {"mode": "disable"}})
+    try:
+        app = app_name("rows-over-reads")
+        session = RawSession(proxy, app)
+        replies = session.send(_QUERY)
+        assert b"".join(_frame(kind, payload) for kind, payload in replies[:-2]) == result
+        assert [kind for kind, _ in replies[-2:]] == [b"C", b"Z"]
+        session.sock.settimeout(2)
+        session.sock.sendall(_QUERY)
+        kinds: list[bytes] = []
+        payload = b""
+        try:
+            while not kinds or kinds[-1] != b"E":
+                kind, payload = read_message(session.sock)
+                kinds.append(kind)
+        except (TimeoutError, ConnectionError):
+            pass
+        session.close()
+        assert kinds == [b"C", b"Z", b"E"], kinds
+        fields = messages.parse_error_fields(payload)
+        assert (fields["S"], fields["C"]) == ("FATAL", "08006"), fields
         _assert_invalid_message_ended(proxy, app)
         assert not tls_server.errors
     finally:

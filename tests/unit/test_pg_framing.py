@@ -346,16 +346,32 @@ def scan_all(
 ) -> tuple[bytes, list[tuple[int, bytes, bytes | None]]]:
     """Feed chunks; return the forwarded stream and (type, frame, payload) per event."""
     out = bytearray()
-    seen = []
+    spans = []
     for chunk in chunks:
         fwd, events = scanner.feed(chunk)
         for msg_type, start, end, payload in events:
-            whole = fwd[start:end]
-            assert whole[0] == msg_type
-            assert struct.unpack("!I", whole[1:5])[0] + 1 == len(whole)
-            seen.append((msg_type, whole, payload))
+            assert fwd[start] == msg_type
+            if msg_type not in (ord("D"), ord("d")):  # a DataRow/CopyData may be split
+                assert end <= len(fwd)
+            # Offsets in the whole stream: the rest of a split frame comes in later feeds.
+            spans.append((msg_type, len(out) + start, len(out) + end, payload))
         out += fwd
+    seen = []
+    for msg_type, start, end, payload in spans:
+        whole = bytes(out[start:end])
+        assert struct.unpack("!I", whole[1:5])[0] + 1 == len(whole)
+        seen.append((msg_type, whole, payload))
     return bytes(out), seen
+
+
+def reported(msgs: list[bytes]) -> list[bytes]:
+    """The messages the scanner reports: all but a DataRow/CopyData following one of its type."""
+    data = (ord("D"), ord("d"))
+    return [
+        raw
+        for i, raw in enumerate(msgs)
+        if raw[0] not in data or i == 0 or msgs[i - 1][0] != raw[0]
+    ]
 
 
 @given(st.lists(BACKEND_MESSAGES, max_size=30), st.lists(st.integers(0, 100_000), max_size=30))
@@ -366,8 +382,7 @@ def test_scanner_any_chunking(msgs: list[bytes], cuts: list[int]) -> None:
     out, seen = scan_all(scanner, split(stream, cuts))
     assert out == stream
     assert scanner.at_boundary and scanner.pending_bytes == 0
-    expected = [raw for raw in msgs if raw[0] not in (ord("D"), ord("d"))]
-    assert [whole for _, whole, _ in seen] == expected
+    assert [whole for _, whole, _ in seen] == reported(msgs)
     for msg_type, whole, payload in seen:
         assert payload == (whole[5:] if msg_type in PAYLOAD_TYPES else None)
 
@@ -378,13 +393,18 @@ def test_scanner_returns_input_object_when_nothing_held() -> None:
     scanner = BackendScanner()
     out, events = scanner.feed(data)
     assert out is data
-    assert [(chr(t), p) for t, _, _, p in events] == [("C", b"SELECT 50\0"), ("Z", b"I")]
+    assert [(chr(t), p) for t, _, _, p in events] == [
+        ("D", None),  # the first row only
+        ("C", b"SELECT 50\0"),
+        ("Z", b"I"),
+    ]
 
 
 def test_scanner_streams_split_data_row() -> None:
     row = m.data_row([b"a" * 1000])
     scanner = BackendScanner()
-    assert scanner.feed(row[:10]) == (row[:10], [])
+    # Reported before any of it is forwarded: its end lies beyond this feed.
+    assert scanner.feed(row[:10]) == (row[:10], [(ord("D"), 0, len(row), None)])
     assert not scanner.at_boundary and scanner.mid_frame
     assert scanner.feed(row[10:500]) == (row[10:500], [])
     tail = row[500:] + m.ready_for_query(b"I")
@@ -398,7 +418,7 @@ def test_scanner_holds_incomplete_error_response() -> None:
     scanner = BackendScanner()
     row = m.data_row([b"1"])
     out, events = scanner.feed(row + err[:7])
-    assert out == row and events == []
+    assert out == row and events == [(ord("D"), 0, len(row), None)]
     assert scanner.pending_bytes == 7
     out, events = scanner.feed(err[7:20])
     assert out == b"" and events == []
@@ -406,11 +426,41 @@ def test_scanner_holds_incomplete_error_response() -> None:
     assert out == err and events == [(ord("E"), 0, len(err), err[5:])]
 
 
+def test_scanner_reports_the_first_row_of_each_run() -> None:
+    """Rows that follow one another are one run, across feeds and split frames: only its first
+    is reported. Any other message (a notice among the rows) ends the run, and so does a frame
+    of the other data type (CopyData among DataRows)."""
+    rows = [m.data_row([b"r%d" % i]) for i in range(4)]
+    notice = m.notice_response("NOTICE", "00000", "n")
+    copy = m.copy_data(b"c")
+    stream = rows[0] + rows[1] + notice + rows[2] + copy + rows[3] + rows[0]
+    scanner = BackendScanner()
+    out, events = scanner.feed(stream[:3])  # a split header is held
+    assert (out, events) == (b"", [])
+    cut = len(rows[0]) + 6  # inside the second row, past its header
+    out, events = scanner.feed(stream[3:cut])
+    assert [(chr(t), s) for t, s, _, _ in events] == [("D", 0)]
+    assert scanner.mid_frame
+    out, events = scanner.feed(stream[cut:])
+    assert [chr(t) for t, _, _, _ in events] == ["N", "D", "d", "D"]
+    offset = cut
+    assert [s + offset for _, s, _, _ in events] == [
+        stream.index(notice),
+        stream.index(rows[2]),
+        stream.index(copy),
+        stream.index(rows[3]),
+    ]
+    # The run goes on into the next feed: nothing reported for its rows.
+    assert scanner.feed(rows[1] + rows[2]) == (rows[1] + rows[2], [])
+    out, events = scanner.feed(copy)
+    assert [chr(t) for t, _, _, _ in events] == ["d"]
+
+
 def test_scanner_split_header() -> None:
     row = m.data_row([b"abc"])
     scanner = BackendScanner()
     assert scanner.feed(row[:3]) == (b"", [])
-    assert scanner.feed(row[3:]) == (row, [])
+    assert scanner.feed(row[3:]) == (row, [(ord("D"), 0, len(row), None)])
 
 
 @pytest.mark.parametrize("msg_type", [b"D", b"d", b"C"])
@@ -455,7 +505,7 @@ def test_scanner_mid_frame_only_for_forwarded_partial_rows() -> None:
     assert out == notice and len(events) == 1
     assert not scanner.mid_frame  # a partial DataRow header is held too
     row = m.data_row([b"x" * 100])
-    assert scanner.feed(row[2:20]) == (b"D\x00" + row[2:20], [])
+    assert scanner.feed(row[2:20]) == (b"D\x00" + row[2:20], [(ord("D"), 0, len(row), None)])
     assert scanner.mid_frame
     assert scanner.feed(row[20:]) == (row[20:], [])
     assert scanner.at_boundary and not scanner.mid_frame

@@ -87,6 +87,9 @@ _OP_CLOSE = 5
 _OP_SYNC = 6
 _OP_POISON = 7  # a substituted Parse that will fail; its ErrorResponse is replaced
 _OP_PROBE = 8  # dbward's own Sync, Close, Sync after a failed copy: see _CopyProbe
+# The data an op's reply may carry (_Op.data_type): the backend's 'D' (the frontend's is
+# Describe), and CopyData ('d', _COPY_DATA).
+_DATA_ROW: Final = 0x44
 
 # Statement and portal names are only compared with each other: decode them byte-for-byte.
 _NAME_CODEC = "latin-1"
@@ -171,6 +174,7 @@ class _Op:
     __slots__ = (
         "code",
         "copies",
+        "data_type",
         "decided",
         "definition",
         "index",
@@ -199,6 +203,11 @@ class _Op:
         # Parse/Bind/Close (and an unnamed poison Parse): the name it (re)defines.
         self.definition: _Definition | None = None
         self.copies = 0  # COPY FROM STDIN statements of a Query/Execute not started yet
+        # The data frames its reply may carry now: _DATA_ROW (an Execute from the start, set
+        # by _handle_execute; a Query's statement after its RowDescription), _COPY_DATA (after
+        # a CopyOutResponse, until CopyDone), or none (-1). The scanner reports only the first
+        # DataRow/CopyData of a run, so checking against this costs nothing per row.
+        self.data_type = -1
         # Execute: the Bind of its portal and the Parse of that portal's statement when they
         # are in flight in its sync group. If PostgreSQL refuses one (an unknown table at
         # Parse, a bad parameter at Bind), that error is this Execute's outcome.
@@ -1265,6 +1274,7 @@ class PgSession(asyncio.Protocol):
         # Only the Query/Execute op the durable barrier was raised for (never a shared op).
         if op is not None and op.code in (_OP_QUERY, _OP_EXECUTE):
             op.copies = 0  # refused: no COPY of it will start
+            op.data_type = -1  # nor any row: the poison sent instead only fails
             op.replacement = messages.error_response(
                 "ERROR", AuditUnavailable.sqlstate, _audit_unavailable_decision().reason
             )
@@ -1796,6 +1806,7 @@ class PgSession(asyncio.Protocol):
             self._discard_until_sync = True
             return None
         op = _Op(_OP_EXECUTE, tracked, max_rows=max_rows, sources=sources)
+        op.data_type = _DATA_ROW  # its rows come with no RowDescription (its Describe's did)
         if resumed:
             for item in tracked:
                 item.resumed = True
@@ -1907,8 +1918,18 @@ class PgSession(asyncio.Protocol):
         position = 0
         ops = self._ops
         for msg_type, start, end, payload in events:
-            if msg_type == 0x54 and ops and ops[0].code != _OP_DESCRIBE:
-                continue  # RowDescription answering a query, not a Describe: nothing to track
+            # Other replies pay one test (a constant set); these come once per result set.
+            if msg_type in {0x44, 0x54, 0x64}:
+                if msg_type != 0x54:
+                    # The first DataRow/CopyData of a run (the scanner reports no other): due
+                    # if the reply first in line carries that kind of data now (_Op.data_type).
+                    if ops and ops[0].data_type == msg_type:
+                        continue
+                elif ops:  # RowDescription: a Describe's is handled below
+                    op = ops[0]
+                    if op.code == _OP_QUERY and op.index < op.limit and op.data_type != 0x64:
+                        op.data_type = 0x44  # a statement of the Query returns rows: they follow
+                        continue
             try:
                 replacement = self._on_backend_message(msg_type, payload)
             except ProtocolError as exc:
@@ -1984,6 +2005,7 @@ class PgSession(asyncio.Protocol):
                         raise ProtocolError("CommandComplete for no statement of the Query")
                     self._record_outcome(tracked[index], status, "", rows)
                     op.index = index + 1
+                    op.data_type = -1  # the next statement's rows follow its RowDescription
                 elif op.code == _OP_EXECUTE:
                     ops.popleft()
                     if op.tracked:
@@ -2064,10 +2086,12 @@ class PgSession(asyncio.Protocol):
             if ops and ops[0].code == _OP_DESCRIBE:
                 ops.popleft()
                 return None
-            # NoData answers only a Describe. A RowDescription also answers a Query: one gets
-            # here only with nothing in flight (see _on_upstream_data).
+            # NoData answers only a Describe. A RowDescription also answers a statement of the
+            # Query first in line (see _on_upstream_data), never an Execute (its Describe's
+            # did): one for another request, or after the Query's statements or its error,
+            # would start a result the client takes for that request's answer.
             if msg_type == 0x54:
-                raise ProtocolError("RowDescription with nothing in flight")
+                raise ProtocolError("RowDescription answering no Describe or Query")
             raise ProtocolError("NoData with no Describe in flight")
         if msg_type in (0x49, 0x73):  # EmptyQueryResponse, PortalSuspended
             if not ops:
@@ -2106,6 +2130,7 @@ class PgSession(asyncio.Protocol):
             # several); what the client sent after it, parked until now, is read as copy data.
             if ops and ops[0].copies > 0:
                 ops[0].copies -= 1
+                ops[0].data_type = -1  # the copy's data comes from the client, not in rows
                 self._copying = True
                 self._copy_syncs = 0
                 return None
@@ -2163,18 +2188,30 @@ class PgSession(asyncio.Protocol):
                         and any("copy_to_stdout" in item.statement.flags for item in tracked)
                     )
                 ):
+                    op.data_type = 0x64  # CopyData until its CopyDone, no rows
                     return None
             raise ProtocolError("CopyOutResponse answering no COPY TO STDOUT")
         if msg_type == 0x63:  # CopyDone
-            # A COPY TO STDOUT ends only inside a Query or an Execute: one nobody asked for
-            # would be taken for the answer to the client's next command.
-            if ops and ops[0].code in (_OP_QUERY, _OP_EXECUTE):
+            # It ends the COPY TO STDOUT going on (its CommandComplete follows), nothing else:
+            # one nobody asked for would be taken for the answer to the client's next command
+            # (or a client copying in for the end of its copy).
+            if ops and ops[0].data_type == 0x64:
+                ops[0].data_type = -1
                 return None
-            raise ProtocolError("CopyDone with no Query or Execute in flight")
+            raise ProtocolError("CopyDone with no COPY TO STDOUT going on")
         if msg_type == 0x74:  # ParameterDescription: answers a Describe of a statement only
             if ops and ops[0].code == _OP_DESCRIBE:
                 return None  # its RowDescription or NoData follows
             raise ProtocolError("ParameterDescription with no Describe in flight")
+        if msg_type == 0x44:  # DataRow, first of a run (_on_upstream_data let the due ones by)
+            # No row is due: nothing in flight, a Parse, Bind, Describe, Close or Sync first in
+            # line, a Query's statement before its RowDescription or after its CommandComplete
+            # or error, a COPY. The client would take the rows for the answer to that request
+            # (or to its next command: libpq reports "unexpected message" then).
+            raise ProtocolError("DataRow with no rows due")
+        if msg_type == 0x64:  # CopyData, first of a run
+            # CopyData comes from PostgreSQL only between a CopyOutResponse and its CopyDone.
+            raise ProtocolError("CopyData with no COPY TO STDOUT going on")
         if msg_type in _NEVER_AFTER_LOGIN:
             # PostgreSQL sends R, K and v only while logging in: a server asking the client for
             # a password (or handing it its own cancel key) now is not to be obeyed. W starts
@@ -2273,6 +2310,7 @@ class PgSession(asyncio.Protocol):
             # not_executed at its ReadyForQuery): no CommandComplete or EmptyQueryResponse is due.
             op.index = index + 1
             op.limit = 0
+            op.data_type = -1  # the error ended its rows or its copy
             return replacement
         if op.code == _OP_SYNC:
             return None  # e.g. a deferred constraint failing at the implicit commit

@@ -285,20 +285,26 @@ class BackendFramer:
 
 
 class BackendScanner:
-    """Watch the upstream-to-proxy stream: pass bytes through, report every non-row message.
+    """Watch the upstream-to-proxy stream: pass bytes through, report every non-row message
+    and the first DataRow or CopyData of each run of them.
 
     DataRow and CopyData frames may be split across feeds and are forwarded as they arrive
     (constant memory for huge results); any other frame is held back until it is complete so the
-    relay can replace it whole.
+    relay can replace it whole. A run is the DataRow (or CopyData) frames that follow one
+    another with no other message between, across feeds: only its first is reported (payload
+    None; its end may lie beyond this feed, for a split frame), the rest pass with one
+    comparison each. Nothing but a reported message changes what the relay expects, so
+    checking the first of a run checks them all, at no cost per row.
     """
 
-    __slots__ = ("_hold", "_need", "_skip", "max_message_bytes")
+    __slots__ = ("_hold", "_need", "_run", "_skip", "max_message_bytes")
 
     def __init__(self, max_message_bytes: int = 1024 * 1024 * 1024) -> None:
         self.max_message_bytes = max_message_bytes
         self._hold = bytearray()  # incomplete header or incomplete non-data frame
         self._need = 0  # size _hold must reach before the held frame is complete
         self._skip = 0  # body bytes of a split DataRow/CopyData still to pass through
+        self._run = -1  # type of the run of DataRow/CopyData frames going on (-1: none)
 
     @property
     def pending_bytes(self) -> int:
@@ -353,20 +359,30 @@ class BackendScanner:
         backend_types = BACKEND_TYPES
         bodiless = _BODILESS
         limit = self.max_message_bytes
+        run = self._run
         last = n - 5  # a header fits only while pos <= last
         while pos <= last:
             msg_type, length = unpack(buf, pos)
             end = pos + 1 + length
-            # Fast path (almost every frame of a large result): a whole DataRow/CopyData.
-            if (msg_type == 68 or msg_type == 100) and length >= 4 and end <= n:  # noqa: PLR1714
+            # Fast path (almost every frame of a large result): a whole DataRow/CopyData of the
+            # run going on.
+            if msg_type == run and length >= 4 and end <= n:
                 pos = end
                 continue
             if length < 4:
                 raise ProtocolError(f"invalid message length {length}")
             if msg_type == 68 or msg_type == 100:  # noqa: PLR1714
+                if msg_type != run:  # the first of a run: the relay checks it is due
+                    run = msg_type
+                    events.append((msg_type, pos, end, None))
+                if end <= n:
+                    pos = end
+                    continue
                 # A split row: forward what we have, pass the rest through on later feeds.
                 self._skip = end - n
+                self._run = run
                 return buf, events
+            run = -1  # any other message ends the run
             if msg_type not in backend_types:
                 raise ProtocolError(f"invalid backend message type {_type_repr(msg_type)}")
             if length != 4 and msg_type in bodiless:
@@ -380,6 +396,7 @@ class BackendScanner:
                 (msg_type, pos, end, buf[pos + 5 : end] if msg_type in payload_types else None)
             )
             pos = end
+        self._run = run
         if pos >= n:
             return buf, events
         # Hold back the incomplete tail: a partial header or a partial non-data frame.
