@@ -124,22 +124,69 @@ def test_client_names_and_parser_errors_are_kept_bounded_after_login(proxy: Prox
         errors = [messages.parse_error_fields(p) for t, p in replies if t == b"E"]
         assert len(errors) == 1 and errors[0]["C"] == "42501", errors
         assert len(errors[0]["M"]) < 500, len(errors[0]["M"])
-        replies = session.send(messages.execute_message("p" * 60_000) + messages.sync())
+        # A portal PostgreSQL holds and dbward forgot (at DEALLOCATE ALL): its Execute is
+        # refused. (One PostgreSQL does not hold gets PostgreSQL's 34000, quoting the name;
+        # PostgreSQL drops the connection at an Execute over 10,000 bytes.)
+        long_name = "p" * 5_000
+        session.query("BEGIN")
+        session.send(
+            messages.parse_message("", "SELECT 1")
+            + messages.bind_message(long_name, "")
+            + messages.sync()
+        )
+        session.query("DEALLOCATE ALL")
+        replies = session.send(messages.execute_message(long_name) + messages.sync())
         errors = [messages.parse_error_fields(p) for t, p in replies if t == b"E"]
         assert len(errors) == 1 and errors[0]["C"] == "42501", errors
         assert len(errors[0]["M"]) < 500, len(errors[0]["M"])
+        session.query("ROLLBACK")
         assert session.query("SELECT 1")[-1][0] == b"Z"
     finally:
         session.close()
     records = proxy.session_records(app, until=has_disconnect)
     intents = statements(records)
-    assert [r.decision for r in intents] == ["deny", "deny", "allow"], intents
-    unterminated, portal = intents[0].detail, intents[1].detail
+    assert [r.decision for r in intents] == ["deny", *["allow"] * 2, "deny", *["allow"] * 2]
+    unterminated, portal = intents[0].detail, intents[3].detail
     assert unterminated.startswith("""unterminated quoted string at or near "'never closed qqq""")
     assert portal.startswith("portal 'pppp")
     assert all("…[truncated: " in text for text in (unterminated, portal))
     for record in records:
         assert _record_text(record) < 6000, (record.event, record.command, len(record.detail))
+
+
+def test_a_portal_that_does_not_exist_is_in_no_record_and_a_refused_query_in_one(
+    proxy: Proxy,
+) -> None:
+    """An Execute of a portal PostgreSQL does not hold (its Bind failed in an earlier sync
+    group) gets PostgreSQL's 34000 and no record: nothing ran and nothing was refused. A Query
+    refused in a transaction block is recorded denied once, whatever its stand-in does upstream
+    (it fails as it runs, leaving the failed unnamed portal a Describe then finds)."""
+    app = app_name("no-such-portal")
+    session = RawSession(proxy, app)
+    try:
+        replies = session.send(
+            messages.parse_message("s1", "SELECT $1::int AS d")
+            + messages.bind_message("p1", "s1", [b"x"])
+            + messages.sync()
+        )
+        assert [k for k, _ in replies] == [b"1", b"E", b"Z"]
+        replies = session.send(messages.execute_message("p1") + messages.sync())
+        assert [k for k, _ in replies] == [b"E", b"Z"]
+        assert messages.parse_error_fields(replies[0][1])["C"] == "34000"
+        session.query("BEGIN")
+        replies = session.query("EXECUTE q2(7)")
+        assert messages.parse_error_fields(replies[0][1])["C"] == "42501"
+        replies = session.send(messages.describe_message("P", "") + messages.sync())
+        assert [k for k, _ in replies] == [b"n", b"Z"]  # NoData, as from PostgreSQL
+        session.query("ROLLBACK")
+    finally:
+        session.close()
+    records = proxy.session_records(app, until=has_disconnect)
+    assert [(s.sql_text, s.decision, outcomes_of(records, s)) for s in statements(records)] == [
+        ("BEGIN", "allow", [("ok", "")]),
+        ("EXECUTE q2(7)", "deny", [("denied", "42501")]),
+        ("ROLLBACK", "allow", [("ok", "")]),
+    ]
 
 
 def test_error_at_parse_or_bind_is_the_outcome_of_the_execute_that_needed_it(

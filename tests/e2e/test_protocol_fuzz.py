@@ -64,3 +64,59 @@ def test_a_sequence_that_crashes_postgresql_is_refused(proxy: Proxy, pg_server: 
         ), outcome.replies
         # Another session of the server lives on: nothing crashed.
         assert bystander.execute("SELECT 1").fetchone() == (1,)
+
+
+def _both(proxy: Proxy, pg_server: PgServer, sequence: list[bytes]) -> tuple[fz.Outcome, ...]:
+    """The sequence's replies from PostgreSQL directly and through dbward (normalized: the
+    source file, line and routine fields of errors aside)."""
+    direct = fz.Endpoint(pg_server.port, pg_server.service_user, pg_server.service_password)
+    proxied = fz.Endpoint(proxy.port, "alice", USERS["alice"][0])
+    units = [(str(i), data) for i, data in enumerate(sequence)]
+    return tuple(fz.run_one(endpoint, units, timeout=10) for endpoint in (direct, proxied))
+
+
+def test_a_describe_of_the_unnamed_portal_after_a_refused_query_matches_postgresql(
+    proxy: Proxy, pg_server: PgServer
+) -> None:
+    """Found by the fuzzer (seed 530331). PostgreSQL runs a Query's statement in the unnamed
+    portal; the EXECUTE fails there (no such prepared statement), and in a transaction block
+    the failed portal stays: a Describe of it answers NoData. dbward refuses the EXECUTE (the
+    statement was not prepared through it); its stand-in failed to parse, so PostgreSQL never
+    made the portal and answered 34000. The stand-in now fails as it runs, like the EXECUTE."""
+    sequence = [
+        m.query("BEGIN"),
+        m.query("EXECUTE q2(7)"),
+        m.describe_message("P", ""),
+        m.sync(),
+    ]
+    direct, proxied = _both(proxy, pg_server, sequence)
+    assert ("n", "") in direct.replies, direct.replies  # NoData
+    verdict = fz.compare(direct, proxied)
+    assert verdict.difference is None and verdict.refused is None, (direct, proxied)
+    refusals = [reply for reply in proxied.replies if fz._is_refusal(reply)]
+    assert len(refusals) == 1 and "C=26000" in direct.replies[2], proxied.replies
+    assert proxied.replies[3:] == direct.replies[3:]
+
+
+def test_an_execute_of_a_portal_whose_bind_failed_matches_postgresql(
+    proxy: Proxy, pg_server: PgServer
+) -> None:
+    """A Bind that PostgreSQL refused (a bad parameter, the wrong number of them) left no
+    portal: an Execute of it in a later sync group gets 34000 from PostgreSQL, named or
+    unnamed. dbward refused it as a portal it never saw (42501); it now asks PostgreSQL (a
+    Describe of the portal in place of the Execute) and passes its answer on."""
+    sequence = [
+        m.parse_message("s1", "SELECT $1::int * 2 AS d"),
+        m.bind_message("p1", "s1", [b"x"]),  # 22P02
+        m.sync(),
+        m.execute_message("p1"),
+        m.sync(),
+        m.bind_message("", "s1", []),  # 08P01: one parameter is needed
+        m.sync(),
+        m.execute_message("", 1),
+        m.sync(),
+    ]
+    direct, proxied = _both(proxy, pg_server, sequence)
+    missing = [reply for reply in direct.replies if "C=34000" in reply]
+    assert len(missing) == 2, direct.replies
+    assert proxied.replies == direct.replies

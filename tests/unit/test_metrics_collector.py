@@ -22,7 +22,7 @@ from dbward.audit.sink import HeldRecord, MemorySink
 from dbward.config import parse_config
 from dbward.config.model import AuditSettings
 from dbward.core.errors import AuditUnavailable, ConfigError
-from dbward.relay.postgres import _POISON_QUERY, PgSession
+from dbward.relay.postgres import _POISON_QUERY, _POISON_RUN_QUERY, PgSession
 from dbward.relay.services import ListenerServices
 from dbward.server.metrics import build_registry, not_ready_reason
 from dbward.wire.postgres import messages as m
@@ -79,7 +79,7 @@ def _answer_select(session: PgSession) -> None:
 
 
 def _answer_poison(session: PgSession) -> None:
-    """PostgreSQL refuses the unparseable statement dbward sent in place of a denied one."""
+    """PostgreSQL refuses the statement dbward sent in place of a denied one."""
     session._on_upstream_data(
         m.error_response("ERROR", "42601", "syntax error") + m.ready_for_query(b"I")
     )
@@ -163,7 +163,7 @@ def test_a_statement_refused_because_its_intent_could_not_be_written_is_not_allo
         session.data_received(m.query(sql))
         for _ in range(5):
             await asyncio.sleep(0)  # the durable write settles
-        if _POISON_QUERY in upstream.written:
+        if _POISON_QUERY in upstream.written or _POISON_RUN_QUERY in upstream.written:
             _answer_poison(session)
         _, samples = _scrape(_Proxy([_Listener(session.services)]))
         return bytes(client.written + upstream.written), _statements(samples)

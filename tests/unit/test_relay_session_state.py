@@ -21,6 +21,8 @@ from fixtures.detached import RecordingTransport, detached_session, frames
 PARSED, BOUND = m._frame(b"1", b""), m._frame(b"2", b"")
 ABORTED = m.error_response("ERROR", "25P02", "current transaction is aborted")
 DUPLICATE = m.error_response("ERROR", "42P05", 'prepared statement "s1" already exists')
+# What PostgreSQL gets for a refused Query it could parse (one it cannot: DBWARD_POLICY_DENIED).
+REFUSED_AT_RUN = m.query('SET "dbward: policy denied" = on')
 
 
 def _session() -> tuple[PgSession, RecordingTransport, RecordingTransport, MemorySink]:
@@ -160,7 +162,7 @@ def test_sql_execute_pipelined_behind_its_prepare_waits_for_it() -> None:
     session.data_received(m.query("PREPARE d AS SELECT 1") + m.query("EXECUTE d"))
     assert upstream.written == m.query("PREPARE d AS SELECT 1")
     session._on_upstream_data(DUPLICATE + m.ready_for_query(b"I"))  # refused: d unknown
-    assert upstream.written.endswith(m.query("DBWARD_POLICY_DENIED"))
+    assert upstream.written.endswith(REFUSED_AT_RUN)
     execute = [r for r in sink.records if r.event == "statement"][-1]
     assert (execute.command, execute.decision) == ("EXECUTE", "deny")
 
@@ -488,7 +490,7 @@ def test_a_batch_refused_half_way_logs_none_of_its_statements_as_allowed() -> No
     sink = _FullAfterHold(refuse_holds_after=1)
     session, _, upstream = detached_session(sink)
     session.data_received(m.query("SELECT 1; SELECT 2"))
-    assert upstream.written == m.query("DBWARD_POLICY_DENIED")
+    assert upstream.written == REFUSED_AT_RUN
     session._on_upstream_data(m.error_response("ERROR", "42601", "x") + m.ready_for_query(b"I"))
     session._release_held()
     assert sink.released == []  # the first statement's intent was taken back
@@ -726,4 +728,4 @@ def test_create_table_as_execute_is_decided_with_what_it_runs() -> None:
     session.data_received(m.query("EXPLAIN ANALYZE CREATE TABLE c2 AS EXECUTE nobody"))
     refused = [r for r in sink.records if r.event == "statement"][-1]
     assert (refused.kind, refused.decision) == ("unknown", "deny")
-    assert upstream.written.endswith(m.query("DBWARD_POLICY_DENIED"))
+    assert upstream.written.endswith(REFUSED_AT_RUN)

@@ -3,8 +3,8 @@
 Client bytes are framed, every statement is classified and decided before it is forwarded,
 and upstream bytes are scanned (not decoded) on their way back so outcomes can be audited.
 Denied statements are never forwarded: in their place the upstream receives a statement that
-fails to parse, so PostgreSQL itself produces the error and ReadyForQuery with the correct
-transaction state, and dbward swaps in its own ErrorResponse (SQLSTATE 42501).
+fails (to parse, or when it runs), so PostgreSQL itself produces the error and ReadyForQuery
+with the correct transaction state, and dbward swaps in its own ErrorResponse (SQLSTATE 42501).
 """
 
 from __future__ import annotations
@@ -61,6 +61,12 @@ _POISON_STATEMENT = "__dbward_denied__"  # named, so the client's unnamed statem
 _POISON_QUERY = messages.query(_POISON_SQL)
 _POISON_PARSE = messages.parse_message(_POISON_STATEMENT, _POISON_SQL)
 _POISON_PARSE_UNNAMED = messages.parse_message("", _POISON_SQL)
+# In place of a denied Query PostgreSQL could parse: a statement it parses but refuses when it
+# runs (no setting has that name; nothing changes), as it refuses a statement it may not run.
+# PostgreSQL runs each statement of a Query in the unnamed portal, which replaces the client's;
+# in a transaction block the failed one stays until the block ends (a Describe of it: NoData).
+# The unparseable poison left the client's there instead.
+_POISON_RUN_QUERY = messages.query('SET "dbward: policy denied" = on')
 
 # Enum members as plain str for audit records (a dict lookup beats .value's descriptor).
 _TEXT: dict[object, str] = {
@@ -213,7 +219,8 @@ class _Op:
         # Parse, a bad parameter at Bind), that error is this Execute's outcome.
         self.sources = sources
         # Parse: its statements as decided, recorded only if PostgreSQL refuses the Parse and
-        # no Execute of it follows in the sync group to carry the error.
+        # no Execute of it follows in the sync group to carry the error. Describe: dbward's own,
+        # for an Execute of a portal it never saw (decided and refused if the portal exists).
         self.decided: list[tuple[Statement, Decision, ProtocolPath]] | None = None
 
 
@@ -425,6 +432,16 @@ def _denial_frame(decision: Decision) -> bytes:
 
 
 _AUDIT_UNAVAILABLE_RULE: Final = "guard.audit_unavailable"
+
+
+def _query_poison(statements: tuple[Statement, ...], path: ProtocolPath) -> bytes:
+    """What PostgreSQL gets in place of a refused Query or FunctionCall: a statement that fails
+    where the real one would stop short of the unnamed portal — at parse, for text PostgreSQL's
+    grammar rejects (and a FunctionCall, which runs in no portal) — else one that fails as it
+    runs, in the unnamed portal as the real statement would have (see _POISON_RUN_QUERY)."""
+    if path is ProtocolPath.FUNCTION_CALL or any("parse_error" in s.flags for s in statements):
+        return _POISON_QUERY
+    return _POISON_RUN_QUERY
 
 
 def _audit_unavailable_decision() -> Decision:
@@ -1379,19 +1396,11 @@ class PgSession(asyncio.Protocol):
             if bound is not None and bound.sync_mark != self._syncs:
                 return _Await(definitions=(bound,))  # bound in an earlier, unanswered group
             portal = self._portals.get(portal_name)
-            statements = (
-                portal
-                if portal is not None
-                else (
-                    _uninspected(
-                        "EXECUTE",
-                        "uninspected_portal",
-                        f"portal {portal_name!r} was not seen by dbward",
-                    ),
-                )
-            )
+            if portal is None:
+                self._probe_unseen_portal(portal_name, out)
+                return None
             waits = (
-                self._unsettled_names(statements)
+                self._unsettled_names(portal)
                 if self._pending_statements or self._pending_portals
                 else None
             )
@@ -1403,7 +1412,7 @@ class PgSession(asyncio.Protocol):
             if bound is not None:  # bound in this sync group (an earlier one was awaited)
                 sources = (bound,) if bound.source is None else (bound, bound.source)
             return self._handle_execute(
-                statements, max_rows, raw, out, resumed=resumed, sources=sources
+                portal, max_rows, raw, out, resumed=resumed, sources=sources
             )
         if msg_type == _S:
             self._ops.append(_SYNC_OP)
@@ -1775,7 +1784,7 @@ class PgSession(asyncio.Protocol):
         tracked, durable, denial = self._admit(statements, path)
         if denial is not None:
             self._ops.append(_Op(_OP_QUERY, [], _denial_frame(denial)))
-            out.append(_POISON_QUERY)
+            out.append(_query_poison(statements, path))
             return None
         op = _Op(_OP_QUERY, tracked)
         op.limit = len(tracked)
@@ -1783,7 +1792,7 @@ class PgSession(asyncio.Protocol):
         if self._copies_admitted:
             self._count_copies(op)
         if durable is not None:
-            return durable, (raw, _POISON_QUERY)
+            return durable, (raw, _query_poison(statements, path))
         out.append(raw)
         return None
 
@@ -1817,6 +1826,34 @@ class PgSession(asyncio.Protocol):
             return durable, (raw, _POISON_PARSE)
         out.append(raw)
         return None
+
+    def _probe_unseen_portal(self, name: str, out: list[bytes | bytearray]) -> None:
+        """An Execute of a portal dbward never saw defined: refused if PostgreSQL holds one.
+
+        What such a portal runs cannot be inspected (a cursor a function opened, one dbward
+        forgot at DEALLOCATE/DISCARD). But mostly there is none — its Bind failed, its
+        transaction ended, it never was — and PostgreSQL answers 34000 "portal does not exist",
+        not dbward's 42501 for running something. So PostgreSQL gets a Describe of the portal
+        (it changes nothing) then the poison Parse, in place of the Execute. If the Describe
+        fails, its error is the client's answer (the same code and message as the Execute's;
+        the routine and line fields name the Describe) and PostgreSQL skips the poison. If it
+        describes a portal, that answer is dropped and the refusal recorded (see
+        _on_backend_message), and the poison's error becomes the refusal. Either way
+        PostgreSQL skips to the Sync, as after a refused Execute; so does dbward. Nothing ran
+        when the portal does not exist, and nothing is recorded (as for a Describe or Close).
+        """
+        statement = _uninspected(
+            "EXECUTE", "uninspected_portal", f"portal {name!r} was not seen by dbward"
+        )
+        decided, denial = self._decide_all((statement,), ProtocolPath.EXTENDED)
+        assert denial is not None  # guard.unparseable refuses every uninspected statement
+        probe = _Op(_OP_DESCRIBE)
+        probe.decided = decided  # refused and recorded if the portal exists
+        self._ops.append(probe)
+        self._ops.append(_Op(_OP_POISON, None, _denial_frame(denial)))
+        out.append(messages.describe_message("P", name, _NAME_CODEC))
+        out.append(_POISON_PARSE)
+        self._discard_until_sync = True
 
     def _count_copies(self, op: _Op) -> None:
         """The op just queued holds the COPY FROM STDIN statements just admitted."""
@@ -2084,7 +2121,13 @@ class PgSession(asyncio.Protocol):
             raise ProtocolError(f"{_REPLY_NAMES[msg_type]} answering no {_REQUESTS[msg_type]}")
         if msg_type in (0x54, 0x6E):  # RowDescription, NoData
             if ops and ops[0].code == _OP_DESCRIBE:
-                ops.popleft()
+                decided = ops.popleft().decided
+                if decided is not None:
+                    # dbward's Describe in place of an Execute of a portal it never saw: the
+                    # portal exists, so the Execute is refused (the poison's error, next, is
+                    # the refusal). The client asked for no description: it is dropped.
+                    self._record_denied(decided, decided[0][1])
+                    return b""
                 return None
             # NoData answers only a Describe. A RowDescription also answers a statement of the
             # Query first in line (see _on_upstream_data), never an Execute (its Describe's
