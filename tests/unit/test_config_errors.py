@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from dbward.config import parse_config
+from dbward.config import parse_config, upstream_password_problems
 from dbward.core.errors import ConfigError
 
 
@@ -225,3 +225,32 @@ def test_wrong_types_are_named_in_yaml_terms(data: dict[str, object], expected: 
     assert problems[0].startswith(expected), problems
     for word in ("tuple", "Tuple", "Settings", "instance of"):
         assert word not in problems[0], problems
+
+
+def test_an_empty_upstream_password_is_a_problem_at_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL has no empty passwords: an empty variable or file (`VAR=$(cat missing)`) is a
+    mistake, reported when dbward starts rather than by every client's failed login."""
+    empty_file = tmp_path / "password"
+    empty_file.write_text("\n")
+    config = parse_config(
+        {
+            "listeners": [
+                _listener(password_env="DBWARD_TEST_EMPTY_PW"),
+                {"name": "m", "upstream": {"user": "svc", "password_file": str(empty_file)}},
+            ]
+        },
+        base_dir=tmp_path,
+    )
+    monkeypatch.setenv("DBWARD_TEST_EMPTY_PW", "")
+    assert upstream_password_problems(config) == [
+        (
+            "listeners[0].upstream.password_env",
+            "the environment variable DBWARD_TEST_EMPTY_PW is empty",
+        ),
+        ("listeners[1].upstream.password_file", f"{empty_file} is empty"),
+    ]
+    monkeypatch.setenv("DBWARD_TEST_EMPTY_PW", "secret")
+    empty_file.write_text("secret\n")
+    assert upstream_password_problems(config) == []

@@ -116,17 +116,22 @@ def upstream_password_problems(config: Config) -> list[tuple[str, str]]:
     for index, listener in enumerate(config.listeners):
         upstream = listener.upstream
         key = f"listeners[{index}].upstream"
+        # PostgreSQL has no empty passwords (it refuses them at login): an empty variable or
+        # file is a mistake (VAR=$(cat missing)), said here rather than by each failed login.
         if upstream.password_env is not None:
-            if upstream.password_env not in os.environ:
+            value = os.environ.get(upstream.password_env)
+            if value is None or value == "":
+                state = "is not set" if value is None else "is empty"
                 problems.append(
                     (
                         f"{key}.password_env",
-                        f"the environment variable {upstream.password_env} is not set",
+                        f"the environment variable {upstream.password_env} {state}",
                     )
                 )
         elif upstream.password_file is not None:
             try:
-                upstream.read_password()
+                if upstream.read_password() == "":
+                    problems.append((f"{key}.password_file", f"{upstream.password_file} is empty"))
             except OSError as exc:
                 reason = exc.strerror or str(exc)
                 problems.append(
