@@ -33,6 +33,7 @@ def _find_psql() -> str:
 
 PSQL = _find_psql()
 CONNECT_RE = re.compile(r'^connect: psql "(postgresql://[^"]+)"$')
+TAIL_RE = re.compile(r"^  read it: (.+ audit tail --audit-db .+)$")
 
 
 def _env() -> dict[str, str]:
@@ -311,6 +312,17 @@ def test_demo_state_dir_with_space_and_a_second_demo_refused(tmp_path: Path) -> 
     try:
         url = demo.wait_for(CONNECT_RE).group(1)
         assert _psql(url, "select count(*) from customers") == "1000", demo.output()
+        # The audit-tail line pasted into a shell as printed, the space in its path included.
+        tail = subprocess.run(
+            ["bash", "-c", demo.wait_for(TAIL_RE).group(1)],
+            check=False,
+            capture_output=True,
+            text=True,
+            env=_env(),
+            timeout=60,
+        )
+        assert tail.returncode == 0, tail.stderr
+        assert "select count(*) from custom" in tail.stdout, tail.stdout  # (cut at 80 columns)
         second = subprocess.run(
             [str(DBWARD), "demo", "--port", str(free_port()), "--state-dir", str(state)],
             check=False,

@@ -128,6 +128,21 @@ def test_search_filters(db: Path) -> None:
     assert seqs("--since", iso) == [2, 3]
 
 
+def test_search_says_when_its_limit_left_matches_out(db: Path) -> None:
+    """--limit keeps the most recent matches: the older ones left out are said, on stderr."""
+    code, out, err = invoke("search", "--json", "--limit", "2", "--audit-db", str(db))
+    assert code == 0, err
+    assert [json.loads(line)["seq"] for line in out.splitlines()] == [2, 3]
+    assert err == (
+        "note: showing the 2 most recent matching records; older ones match too "
+        "(raise --limit or narrow the search)\n"
+    )
+    for args in (("--limit", "3"), ("--limit", "2", "--identity", "bob"), ()):
+        code, out, err = invoke("search", "--json", *args, "--audit-db", str(db))
+        assert code == 0
+        assert err == "", args
+
+
 def test_search_table_output_and_no_match(db: Path) -> None:
     code, out, _ = invoke("search", "--identity", "alice", "--audit-db", str(db))
     assert code == 0
@@ -162,7 +177,7 @@ def test_foreign_db_exits_2(tmp_path: Path) -> None:
 def test_db_source_required(tmp_path: Path) -> None:
     code, _, err = invoke("tail")
     assert code == 2
-    assert "--audit-db" in err
+    assert "--audit-db PATH, --config FILE or the environment variable DBWARD_AUDIT_DB" in err
     code, _, err = invoke("tail", "--audit-db", "x.db", "--config", "y.yaml")
     assert code == 2
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from dbward.config import parse_config
+from dbward.config import parse_config, upstream_password_problems
 from dbward.core.errors import ConfigError
 
 
@@ -30,7 +30,7 @@ def test_a_bad_value_in_the_only_listener_is_the_only_problem_reported() -> None
 
 def test_an_empty_listener_list_is_reported() -> None:
     assert _problems({"listeners": []}) == [
-        "listeners: Tuple should have at least 1 item after validation, not 0"
+        "listeners: List should have at least 1 item after validation, not 0"
     ]
 
 
@@ -161,3 +161,96 @@ def test_failed_login_throttle_keys_have_defaults_bounds_and_an_off_switch() -> 
         (problem,) = _problems({"listeners": [{**_listener(), key: bad}]})
         assert problem.startswith(f"listeners[0].{key}: Input should be"), problem
         assert why in problem, problem
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        # YAML has lists and mappings: pydantic's "tuple" and model class names mean nothing
+        # to someone editing dbward.yaml.
+        ({"listeners": {}}, "listeners: Input should be a list"),
+        ({"listeners": [_listener()], "users": "alice"}, "users: Input should be a list"),
+        (
+            {"listeners": [_listener()], "users": ["alice"]},
+            "users[0]: Input should be a mapping (key: value)",
+        ),
+        (
+            {"listeners": [{"name": "l", "upstream": "db.internal"}]},
+            "listeners[0].upstream: Input should be a mapping (key: value)",
+        ),
+        (
+            {"listeners": [{"name": "l", "tls": "required", "upstream": {"user": "u"}}]},
+            "listeners[0].tls: Input should be a mapping (key: value)",
+        ),
+        ({"listeners": [_listener()], "audit": "a.db"}, "audit: Input should be a mapping"),
+        (
+            {"listeners": [_listener(require_auth=5)]},
+            "listeners[0].upstream.require_auth: Input should be a list",
+        ),
+        # A port alone, or one out of range, says so.
+        (
+            {"listeners": [{"name": "l", "listen": 6432, "upstream": {"user": "u"}}]},
+            "listeners[0].listen: expected HOST:PORT, e.g. 127.0.0.1:6432, not a port alone",
+        ),
+        (
+            {"listeners": [{"name": "l", "listen": "127.0.0.1:99999", "upstream": {"user": "u"}}]},
+            "listeners[0].listen: expected HOST:PORT with a port from 1 to 65535, not 99999",
+        ),
+        (
+            {"listeners": [{"name": "l", "listen": "0.0.0.0:0", "upstream": {"user": "u"}}]},
+            "listeners[0].listen: expected HOST:PORT with a port from 1 to 65535, not 0",
+        ),
+        (
+            {"listeners": [{"name": "l", "listen": "*:" + "9" * 5000, "upstream": {"user": "u"}}]},
+            "listeners[0].listen: expected HOST:PORT with a port from 1 to 65535, not 9999999999…",
+        ),
+    ],
+    ids=[
+        "listeners-mapping",
+        "users-string",
+        "user-string",
+        "upstream-string",
+        "tls-string",
+        "audit-string",
+        "require-auth-number",
+        "listen-port-alone",
+        "listen-port-too-large",
+        "listen-port-zero",
+        "listen-port-5000-digits",
+    ],
+)
+def test_wrong_types_are_named_in_yaml_terms(data: dict[str, object], expected: str) -> None:
+    problems = _problems(data)
+    assert len(problems) == 1, problems
+    assert problems[0].startswith(expected), problems
+    for word in ("tuple", "Tuple", "Settings", "instance of"):
+        assert word not in problems[0], problems
+
+
+def test_an_empty_upstream_password_is_a_problem_at_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL has no empty passwords: an empty variable or file (`VAR=$(cat missing)`) is a
+    mistake, reported when dbward starts rather than by every client's failed login."""
+    empty_file = tmp_path / "password"
+    empty_file.write_text("\n")
+    config = parse_config(
+        {
+            "listeners": [
+                _listener(password_env="DBWARD_TEST_EMPTY_PW"),
+                {"name": "m", "upstream": {"user": "svc", "password_file": str(empty_file)}},
+            ]
+        },
+        base_dir=tmp_path,
+    )
+    monkeypatch.setenv("DBWARD_TEST_EMPTY_PW", "")
+    assert upstream_password_problems(config) == [
+        (
+            "listeners[0].upstream.password_env",
+            "the environment variable DBWARD_TEST_EMPTY_PW is empty",
+        ),
+        ("listeners[1].upstream.password_file", f"{empty_file} is empty"),
+    ]
+    monkeypatch.setenv("DBWARD_TEST_EMPTY_PW", "secret")
+    empty_file.write_text("secret\n")
+    assert upstream_password_problems(config) == []

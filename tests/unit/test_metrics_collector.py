@@ -286,7 +286,7 @@ def test_a_metrics_address_is_read() -> None:
         ({"listen": "127.0.0.1"}, "metrics.listen: expected HOST:PORT, e.g. 127.0.0.1:9187"),
         ({"listen": "127.0.0.1:0"}, "metrics.listen: expected HOST:PORT"),
         ({"listen": "127.0.0.1:9187", "path": "/m"}, "metrics.path: Extra inputs are not"),
-        ("127.0.0.1:9187", "metrics: Input should be a valid dictionary"),
+        ("127.0.0.1:9187", "metrics: Input should be a mapping (key: value)"),
     ],
 )
 def test_metrics_errors_name_the_key(metrics: object, expected: str) -> None:

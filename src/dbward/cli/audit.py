@@ -91,7 +91,10 @@ def _resolve_db(audit_db: Path | None, config_path: Path | None) -> Path:
     if audit_db is not None:
         return audit_db
     if config_path is None:
-        raise click.UsageError("give the audit log with --audit-db PATH or --config FILE")
+        raise click.UsageError(
+            "give the audit log with --audit-db PATH, --config FILE "
+            "or the environment variable DBWARD_AUDIT_DB"
+        )
     try:
         # Lazy: the config package is heavier than the audit reader and --audit-db needs none of it.
         from dbward.config import (  # type: ignore[attr-defined,unused-ignore]
@@ -162,7 +165,13 @@ def tail_cmd(n: int, as_json: bool, audit_db: Path | None, config_path: Path | N
 )
 @click.option("--since", type=TimeParam(), help="From this time: ISO 8601 or 15m/2h/1d ago.")
 @click.option("--until", type=TimeParam(), help="Before this time: ISO 8601 or 15m/2h/1d ago.")
-@click.option("--limit", type=click.IntRange(min=1), default=1000, show_default=True)
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    default=1000,
+    show_default=True,
+    help="Show at most this many (the most recent); a note on stderr says if more match.",
+)
 @_db_options
 def search_cmd(  # noqa: PLR0917 (click passes each option positionally by name)
     identity: str | None,
@@ -180,6 +189,7 @@ def search_cmd(  # noqa: PLR0917 (click passes each option positionally by name)
 ) -> None:
     """Find audit records (the most recent LIMIT matches, oldest first)."""
     path = _resolve_db(audit_db, config_path)
+    # One more than asked: whether older matches were left out, which the reader must know.
     records = _query(
         lambda: query.search(
             path,
@@ -191,7 +201,14 @@ def search_cmd(  # noqa: PLR0917 (click passes each option positionally by name)
             status=status,
             since_ms=since,
             until_ms=until,
-            limit=limit,
+            limit=limit + 1,
         )
     )
+    if len(records) > limit:
+        records = records[1:]  # the oldest: the rest are the `limit` most recent
+        click.echo(
+            f"note: showing the {limit} most recent matching records; older ones match too "
+            "(raise --limit or narrow the search)",
+            err=True,
+        )
     _show(records, as_json)

@@ -8,6 +8,7 @@ from typing import Any
 
 import yaml
 from pydantic import ValidationError
+from pydantic_core import ErrorDetails
 
 from dbward.config.model import Config
 from dbward.core.errors import ConfigError
@@ -22,6 +23,20 @@ def _format_location(loc: tuple[int | str, ...]) -> str:
         else:
             out += f".{part}" if out else str(part)
     return out or "(top level)"
+
+
+def _message(err: ErrorDetails) -> str:
+    """pydantic's message in the YAML file's terms: the models hold lists as tuples and
+    sections as classes, which a reader of dbward.yaml has never heard of."""
+    kind = err["type"]
+    if kind == "tuple_type":
+        return "Input should be a list"
+    if kind == "model_type":
+        return "Input should be a mapping (key: value)"
+    message = err["msg"].removeprefix("Value error, ")
+    if kind in ("too_short", "too_long"):
+        message = message.replace("Tuple should", "List should", 1)
+    return message
 
 
 def parse_config(data: Any, *, base_dir: Path) -> Config:
@@ -42,8 +57,7 @@ def parse_config(data: Any, *, base_dir: Path) -> Config:
                 # pydantic drops an invalid item and then also reports the list as too short
                 # ("listeners: should have at least 1 item"): only the item's own error is real.
                 continue
-            message = err["msg"].removeprefix("Value error, ")
-            problems.append(f"{_format_location(err['loc'])}: {message}")
+            problems.append(f"{_format_location(err['loc'])}: {_message(err)}")
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems)) from None
     return _resolve_paths(config, base_dir)
 
@@ -102,17 +116,22 @@ def upstream_password_problems(config: Config) -> list[tuple[str, str]]:
     for index, listener in enumerate(config.listeners):
         upstream = listener.upstream
         key = f"listeners[{index}].upstream"
+        # PostgreSQL has no empty passwords (it refuses them at login): an empty variable or
+        # file is a mistake (VAR=$(cat missing)), said here rather than by each failed login.
         if upstream.password_env is not None:
-            if upstream.password_env not in os.environ:
+            value = os.environ.get(upstream.password_env)
+            if value is None or value == "":
+                state = "is not set" if value is None else "is empty"
                 problems.append(
                     (
                         f"{key}.password_env",
-                        f"the environment variable {upstream.password_env} is not set",
+                        f"the environment variable {upstream.password_env} {state}",
                     )
                 )
         elif upstream.password_file is not None:
             try:
-                upstream.read_password()
+                if upstream.read_password() == "":
+                    problems.append((f"{key}.password_file", f"{upstream.password_file} is empty"))
             except OSError as exc:
                 reason = exc.strerror or str(exc)
                 problems.append(

@@ -182,10 +182,13 @@ class UpstreamSettings(_Strict):
 def check_listen(value: str, *, example_port: int) -> str:
     """A `listen` value: HOST:PORT with HOST an IP address, localhost, * or empty."""
     host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not port.isdigit():
         raise ValueError(
             f"expected HOST:PORT, e.g. 127.0.0.1:{example_port} or [::1]:{example_port}"
         )
+    if len(port) > 5 or not 0 < int(port) < 65536:  # (int() refuses 4,300 digits and more)
+        shown = port if len(port) <= 10 else port[:10] + "…"
+        raise ValueError(f"expected HOST:PORT with a port from 1 to 65535, not {shown}")
     host = host.strip("[]")
     if host not in ("", "localhost", "*"):
         try:
@@ -208,6 +211,14 @@ class _Listening(_Strict):
     if TYPE_CHECKING:
         # Declared by each subclass, so the field keeps its place among the subclass's own.
         listen: str
+
+    @field_validator("listen", mode="before", check_fields=False)
+    @classmethod
+    def _port_alone(cls, value: object) -> object:
+        # YAML reads `listen: 6432` as a number: say what is missing, not "a valid string".
+        if isinstance(value, int) and not isinstance(value, bool):
+            raise ValueError(f"expected HOST:PORT, e.g. 127.0.0.1:{value}, not a port alone")
+        return value
 
     @field_validator("listen", check_fields=False)
     @classmethod

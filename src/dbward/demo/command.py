@@ -6,6 +6,7 @@ import errno
 import fcntl
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -307,15 +308,15 @@ def _run(
     return run_until_stopped(config, ready=ready, stop_on_hangup=True)
 
 
-def _dbward_command() -> str:
+def _dbward_command() -> list[str]:
     """How to run dbward from this shell: the bare name only when that is what runs now."""
     here = Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0] else None
     on_path = shutil.which("dbward")
     if on_path is not None and here is not None and Path(on_path).resolve() == here:
-        return "dbward"
+        return ["dbward"]
     if here is not None and here.name == "dbward" and here.exists():
-        return str(here)
-    return f"{sys.executable} -m dbward"
+        return [str(here)]
+    return [sys.executable, "-m", "dbward"]
 
 
 def _banner(
@@ -334,7 +335,9 @@ def _banner(
         f'connect: psql "{url}"',
         f'  as admin: psql "{admin_url}"',
         f"audit log: {state.audit_db}",
-        f"  follow it: {_dbward_command()} audit tail --audit-db {state.audit_db}",
+        # Quoted for a shell (a --state-dir with a space); it shows the records once.
+        "  read it: "
+        + shlex.join([*_dbward_command(), "audit", "tail", "--audit-db", str(state.audit_db)]),
         f"state: {state.root} (Ctrl-C stops the proxy and PostgreSQL)",
     ):
         out.print(line, soft_wrap=True, markup=False)
