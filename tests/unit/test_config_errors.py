@@ -254,3 +254,24 @@ def test_an_empty_upstream_password_is_a_problem_at_start(
     monkeypatch.setenv("DBWARD_TEST_EMPTY_PW", "secret")
     empty_file.write_text("secret\n")
     assert upstream_password_problems(config) == []
+
+
+def test_a_yaml_boolean_is_not_taken_for_a_number() -> None:
+    """YAML 1.1 reads yes/no/on/off as booleans, which pydantic took as 1 and 0:
+    `auth_fail_burst: off` turned the failed-login throttle off, `auth_timeout_s: yes` was 1 s."""
+    import yaml
+
+    text = """
+listeners:
+  - name: l
+    auth_fail_burst: off
+    auth_timeout_s: yes
+    upstream: {user: svc, port: on}
+audit: {max_delay_ms: true}
+"""
+    assert sorted(_problems(yaml.safe_load(text))) == [
+        "audit.max_delay_ms: expected a number, not the boolean true",
+        "listeners[0].auth_fail_burst: expected a number, not the boolean false",
+        "listeners[0].auth_timeout_s: expected a number, not the boolean true",
+        "listeners[0].upstream.port: expected a number, not the boolean true",
+    ]

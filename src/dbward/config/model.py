@@ -7,15 +7,36 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from dbward.core.types import DEFAULT_MAX_STATEMENTS
+
+# Field types a YAML boolean must not stand in for (see _Strict).
+_NUMBERS: frozenset[object] = frozenset({int, float, "int", "float"})
 
 
 class _Strict(BaseModel):
     """Base: unknown keys are errors, so a typo never silently disables a setting."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: object, info: ValidationInfo) -> object:
+        # YAML reads yes/no/on/off as booleans, which pydantic would take as 1 and 0:
+        # `auth_fail_burst: off` would turn the throttle off, `auth_timeout_s: yes` be 1 s.
+        if isinstance(value, bool) and info.field_name is not None:
+            annotation = cls.model_fields[info.field_name].annotation
+            if annotation in _NUMBERS:
+                raise ValueError(f"expected a number, not the boolean {str(value).lower()}")
+        return value
 
 
 class AuditSettings(_Strict):
