@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sqlite3
 import time
 from pathlib import Path
@@ -278,3 +279,74 @@ def test_a_malformed_record_is_a_clear_error(db: Path, column: str, value: str) 
         assert code == 2, (args, out, err)
         assert "record seq 2 is malformed" in err and column in err
         assert "Traceback" not in err
+
+
+def _append(path: Path, records: list[AuditRecord]) -> None:
+    async def main() -> None:
+        sink = SqliteAuditSink(path)
+        sink.start()
+        for r in records:
+            sink.append(r)
+        await sink.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("as_json", [False, True], ids=["lines", "json"])
+def test_tail_follow_prints_records_as_they_are_written_until_interrupted(
+    db: Path, as_json: bool
+) -> None:
+    """`audit tail --follow` (a real process, as an operator runs it): the last N, then each
+    record committed later, one line each in fixed columns; Ctrl-C ends it quietly."""
+    import signal
+    import subprocess
+    import sys
+
+    args = ["-n", "1", "--follow", "--audit-db", str(db)] + (["--json"] if as_json else [])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dbward", "audit", "tail", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "COLUMNS": "120"},
+        text=True,
+    )
+    assert proc.stdout is not None
+    try:
+        first = [proc.stdout.readline() for _ in range(1 if as_json else 2)]
+        assert "error" in first[-1] and "42501" in first[-1], first  # the last record only
+        later = AuditRecord(
+            AuditEvent.STATEMENT, NOW, "cccccccc-3333", identity="carol", sql_text="SELECT 42"
+        )
+        _append(db, [later, later._replace(sql_text="SELECT 43")])
+        lines = [proc.stdout.readline() for _ in range(2)]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0 and err == "", err
+    if as_json:
+        assert [json.loads(line)["sql_text"] for line in lines] == ["SELECT 42", "SELECT 43"]
+        assert [json.loads(line)["seq"] for line in lines] == [4, 5]
+    else:
+        assert "SELECT 42" in lines[0] and "SELECT 43" in lines[1], lines
+        assert "carol" in lines[0] and "seq" not in lines[0]  # no header again
+        # Fixed columns: each starts at the same place on lines printed apart.
+        assert first[-1].index("bob") == lines[0].index("carol") == lines[1].index("carol")
+        assert lines[0].index("SELECT") == lines[1].index("SELECT")
+
+
+def test_follow_lines_keep_their_columns_whatever_the_record() -> None:
+    from rich.console import Console
+
+    from dbward.audit.render import follow_lines
+
+    def shown(rec: AuditRecord, header: bool) -> list[str]:
+        console = Console(width=120, record=True, file=open(os.devnull, "w"))  # noqa: SIM115
+        console.print(follow_lines([rec], header=header, width=120))
+        return console.export_text().splitlines()
+
+    short = AuditRecord(AuditEvent.STATEMENT, NOW, "s1", seq=7, identity="x", sql_text="SELECT 1")
+    long = short._replace(seq=123456, identity="a-rather-long-name", kind="write", decision="deny")
+    head, first = shown(short, header=True)
+    (second,) = shown(long, header=False)
+    assert head.split()[0] == "seq"
+    assert first.index("SELECT 1") == second.index("SELECT 1") == head.index("sql")

@@ -127,7 +127,20 @@ _COMPACT_HEADERS: Final = ("seq", "time (UTC)", "identity", "what", "outcome", "
 _COMPACT_CAPS: Final = (12, 18, 16, 12, 18)  # widest each column may get; the SQL takes the rest
 
 
-def _compact_lines(records: list[AuditRecord], sql_width: int, width: int) -> Group:
+def follow_lines(records: list[AuditRecord], *, header: bool, width: int = 80) -> Group:
+    """Compact lines (as records_table's) in fixed column widths, so that lines printed one
+    batch at a time (`audit tail --follow`) align; the header line only if `header`."""
+    return _compact_lines(records, 80, width, fixed=True, header=header)
+
+
+def _compact_lines(
+    records: list[AuditRecord],
+    sql_width: int,
+    width: int,
+    *,
+    fixed: bool = False,
+    header: bool = True,
+) -> Group:
     rows: list[tuple[str, ...]] = []
     for rec in records:
         sql = escape_text(rec.sql_text) if rec.sql_text else escape_text(rec.detail)
@@ -146,7 +159,9 @@ def _compact_lines(records: list[AuditRecord], sql_width: int, width: int) -> Gr
             )
         )
     widths = [
-        min(cap, max([cell_len(_COMPACT_HEADERS[i])] + [cell_len(row[i]) for row in rows]))
+        cap
+        if fixed
+        else min(cap, max([cell_len(_COMPACT_HEADERS[i])] + [cell_len(row[i]) for row in rows]))
         for i, cap in enumerate(_COMPACT_CAPS)
     ]
     widths.append(max(8, width - sum(widths) - len(widths)))
@@ -158,7 +173,7 @@ def _compact_lines(records: list[AuditRecord], sql_width: int, width: int) -> Gr
             fitted.append(shown.rjust(size) if i == 0 else set_cell_size(shown, size))
         return " ".join(fitted).rstrip()
 
-    texts = [Text(line(_COMPACT_HEADERS), style="bold", no_wrap=True)]
+    texts = [Text(line(_COMPACT_HEADERS), style="bold", no_wrap=True)] if header else []
     texts.extend(Text(line(row), no_wrap=True, overflow="crop") for row in rows)
     return Group(*texts)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
@@ -14,7 +14,7 @@ from rich.console import Console
 
 from dbward.audit import query
 from dbward.audit.records import AuditRecord
-from dbward.audit.render import WIDE_TABLE_COLUMNS, record_json, records_table
+from dbward.audit.render import WIDE_TABLE_COLUMNS, follow_lines, record_json, records_table
 from dbward.core.errors import AuditUnavailable, DbwardError
 
 __all__ = ["audit_group"]
@@ -142,11 +142,53 @@ def audit_group() -> None:
 
 @audit_group.command("tail")
 @click.option("-n", "--lines", "n", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option(
+    "-f",
+    "--follow",
+    is_flag=True,
+    help="Then keep printing records as they are written, one line each, until interrupted.",
+)
 @_db_options
-def tail_cmd(n: int, as_json: bool, audit_db: Path | None, config_path: Path | None) -> None:
-    """Show the last N audit records."""
+def tail_cmd(
+    n: int, follow: bool, as_json: bool, audit_db: Path | None, config_path: Path | None
+) -> None:
+    """Show the last N audit records (and, with --follow, those written after them)."""
     path = _resolve_db(audit_db, config_path)
-    _show(_query(lambda: query.tail(path, n)), as_json)
+    records = _query(lambda: query.tail(path, n))
+    if not follow:
+        _show(records, as_json)
+        return
+    _follow(path, records, as_json)
+
+
+def _follow(path: Path, records: list[AuditRecord], as_json: bool) -> None:
+    """Print `records`, then each record committed after them, as it comes (Ctrl-C ends it)."""
+    console = Console(highlight=False, markup=False, emoji=False)
+    header = True
+    after = records[-1].seq if records and records[-1].seq is not None else 0
+    try:
+        for rec in _query_iter(lambda: query.follow(path, after_seq=after), records):
+            # One line per record, in fixed columns, so lines printed apart still align.
+            if as_json:
+                click.echo(record_json(rec))
+            else:
+                console.print(follow_lines([rec], header=header, width=console.width))
+                header = False
+    except KeyboardInterrupt:
+        return
+
+
+def _query_iter(
+    func: Callable[[], Iterator[AuditRecord]], first: list[AuditRecord]
+) -> Iterator[AuditRecord]:
+    """`first`, then what `func` yields; a missing or unreadable log ends the command (exit 2)."""
+    yield from first
+    try:
+        yield from func()
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+    except AuditUnavailable as exc:
+        _fail(exc.message)
 
 
 @audit_group.command("search")
