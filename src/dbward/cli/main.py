@@ -103,6 +103,10 @@ def users() -> None:
     default=4096,
     show_default=True,
     type=click.IntRange(MIN_VERIFIER_ITERATIONS, 1_000_000),
+    help=(
+        "PBKDF2 rounds: each login and each offline guess against a leaked verifier costs "
+        "this many; more is slower for both."
+    ),
 )
 def hash_password(password_stdin: bool, iterations: int) -> None:
     """Print a SCRAM-SHA-256 verifier for `password_verifier:` (the password is not stored)."""
