@@ -16,6 +16,7 @@ import psycopg
 import pytest
 from psycopg import pq
 
+from dbward.audit.records import AuditRecord
 from dbward.wire.postgres import messages as m
 from fixtures.clients import app_name, has_disconnect, outcome_of, statements
 from fixtures.postgres import PgServer
@@ -391,3 +392,119 @@ def test_libpq_extended_protocol_copy_works_and_a_failing_one_does_not_hang(
     assert missing == ["FATAL_ERROR"]  # answered, not hung waiting for the held Sync
     with psycopg.connect(**proxy.conninfo(), autocommit=True) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def _executed(proxy: Proxy, app: str) -> AuditRecord:
+    """The session's last statement recorded as run through an Execute or a SQL EXECUTE."""
+    records = proxy.session_records(app, until=has_disconnect)
+    return [s for s in statements(records) if s.path == "extended" or s.command == "EXECUTE"][-1]
+
+
+def test_a_name_in_sql_and_in_a_protocol_message_is_one_name(proxy: Proxy) -> None:
+    """PostgreSQL converts a Close's or Parse's name from the client encoding as it converts SQL
+    text: `"é"` in `PREPARE "é"` and the UTF-8 bytes of é in a Close are the same name. dbward
+    read protocol names byte for byte (as Latin-1: 'Ã©'), so closing and re-parsing the name
+    as a DELETE left it holding `SELECT 1` for `EXECUTE "é"`: the DELETE ran, recorded as a
+    read of no table."""
+    app = app_name("name-sql-protocol")
+    session = RawSession(proxy, app)
+    try:
+        session.query("CREATE TEMP TABLE victim_n1 (x int); INSERT INTO victim_n1 VALUES (1), (2)")
+        session.query('PREPARE "é" AS SELECT 1')
+        session.send(
+            m.close_message("S", "é") + m.parse_message("é", "DELETE FROM victim_n1") + m.sync()
+        )
+        replies = session.query('EXECUTE "é"')
+        assert (b"C", b"DELETE 2\x00") in replies
+    finally:
+        session.close()
+    executed = _executed(proxy, app)
+    assert (executed.kind, executed.tables) == ("write", ("victim_n1",))
+
+
+def test_a_name_sent_under_two_client_encodings_is_one_name(proxy: Proxy) -> None:
+    """é named under LATIN1 (byte e9) is the é named under UTF8 (c3 a9): PostgreSQL converts
+    both. A Close and a Parse under UTF8 redefined it while dbward held two names, and a Bind
+    under LATIN1 ran the DELETE recorded as `SELECT 1`."""
+    app = app_name("name-encodings")
+    session = RawSession(proxy, app)
+    try:
+        session.query("CREATE TEMP TABLE victim_n2 (x int); INSERT INTO victim_n2 VALUES (1), (2)")
+        session.query("SET client_encoding = 'LATIN1'")
+        session.send(m.parse_message("é", "SELECT 1", encoding="latin-1") + m.sync())
+        session.query("SET client_encoding = 'UTF8'")
+        session.send(
+            m.close_message("S", "é") + m.parse_message("é", "DELETE FROM victim_n2") + m.sync()
+        )
+        session.query("SET client_encoding = 'LATIN1'")
+        replies = session.send(
+            m.bind_message("", "é", encoding="latin-1") + m.execute_message("") + m.sync()
+        )
+        assert (b"C", b"DELETE 2\x00") in replies
+    finally:
+        session.close()
+    executed = _executed(proxy, app)
+    assert (executed.sql_text, executed.kind) == ("DELETE FROM victim_n2", "write")
+
+
+def test_sql_under_sql_ascii_is_read_as_the_database_reads_it(proxy: Proxy) -> None:
+    """Under client_encoding SQL_ASCII PostgreSQL does not convert: it checks the bytes as the
+    database's UTF-8 and reads them so. dbward read them as Latin-1, so each é (c3 a9) was two
+    characters (four bytes once handed to the parser), and names were cut at 63 bytes in other
+    places: two statements PostgreSQL held apart were one name to dbward, the second
+    (`SELECT 1`) standing for the first (a DELETE) at its EXECUTE."""
+    app = app_name("name-sql-ascii")
+    first, second = '"' + "é" * 31 + 'x"', '"' + "é" * 31 + 'y"'
+    session = RawSession(proxy, app)
+    try:
+        session.query("CREATE TEMP TABLE victim_n3 (x int); INSERT INTO victim_n3 VALUES (1), (2)")
+        session.query("SET client_encoding = 'SQL_ASCII'")
+        session.query(f"PREPARE {first} AS DELETE FROM victim_n3")
+        session.query(f"PREPARE {second} AS SELECT 1")
+        replies = session.query(f"EXECUTE {first}")
+        assert (b"C", b"DELETE 2\x00") in replies
+    finally:
+        session.close()
+    executed = _executed(proxy, app)
+    assert (executed.kind, executed.tables) == ("write", ("victim_n3",))
+
+
+def test_a_name_not_valid_in_the_client_encoding_is_refused(proxy: Proxy) -> None:
+    """A name dbward cannot read as PostgreSQL will (not valid UTF-8 here) is refused; so is a
+    non-ASCII one pipelined behind a statement that may change client_encoding before it."""
+    session = RawSession(proxy, app_name("name-invalid"))
+    try:
+        bad = "ÿ"  # byte ff under Latin-1: no UTF-8 sequence
+        for message in (
+            m.parse_message(bad, "SELECT 1", encoding="latin-1"),
+            m.bind_message("", bad, encoding="latin-1"),
+            m.execute_message(bad, encoding="latin-1"),
+            m.close_message("P", bad, encoding="latin-1"),
+        ):
+            replies = session.send(message + m.sync())
+            assert [kind for kind, _ in replies] == [b"E", b"Z"]
+            assert m.parse_error_fields(replies[0][1])["C"] == "42501"
+        # Behind an Execute (whose function may change the encoding), not yet synced: refused.
+        replies = session.send(
+            m.parse_message("", "SELECT 1")
+            + m.bind_message("", "")
+            + m.execute_message("")
+            + m.close_message("S", "é")
+            + m.sync()
+        )
+        assert [kind for kind, _ in replies] == [b"1", b"2", b"D", b"C", b"E", b"Z"]
+        assert m.parse_error_fields(replies[4][1])["C"] == "42501"
+        # After a Sync, it waits for the answer and is read in the encoding then in force.
+        replies = session.send(
+            m.query("SET client_encoding = 'LATIN1'")
+            + m.parse_message("é", "SELECT 1", encoding="latin-1")
+            + m.sync()
+        )
+        replies += session.read_until_ready()
+        assert [kind for kind, _ in replies] == [b"C", b"S", b"Z", b"1", b"Z"]
+        replies = session.send(
+            m.bind_message("", "é", encoding="latin-1") + m.execute_message("") + m.sync()
+        )
+        assert [kind for kind, _ in replies] == [b"2", b"D", b"C", b"Z"]
+    finally:
+        session.close()

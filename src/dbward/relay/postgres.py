@@ -97,7 +97,8 @@ _OP_PROBE = 8  # dbward's own Sync, Close, Sync after a failed copy: see _CopyPr
 # Describe), and CopyData ('d', _COPY_DATA).
 _DATA_ROW: Final = 0x44
 
-# Statement and portal names are only compared with each other: decode them byte-for-byte.
+# Statement and portal names are split from their messages byte for byte; a name that is not
+# ASCII is then read in the client encoding, as PostgreSQL converts it (see _name_key).
 _NAME_CODEC = "latin-1"
 
 _PRE_AUTH_MAX_MESSAGE = 65536
@@ -490,6 +491,7 @@ class PgSession(asyncio.Protocol):
         self._database = ""
         self._application_name = ""
         self._codec = "utf-8"
+        self._server_encoding = "UTF8"  # as PostgreSQL reports it at login
         self._upstream: UpstreamConnection | None = None
         self._scanner: BackendScanner | None = None
         self._cancel_key: tuple[int, bytes] | None = None
@@ -1002,6 +1004,7 @@ class PgSession(asyncio.Protocol):
         protocol.on_lost = self._on_upstream_lost
         protocol.on_pause = self._pause_client
         protocol.on_resume = self._resume_client
+        self._server_encoding = upstream.server_params.get("server_encoding", "UTF8")
         server_encoding = upstream.server_params.get("client_encoding")
         if server_encoding is not None:
             self._set_encoding(server_encoding)
@@ -1049,6 +1052,12 @@ class PgSession(asyncio.Protocol):
 
     def _set_encoding(self, name: str) -> None:
         codec = python_codec(name)
+        if name.upper() == "SQL_ASCII":  # as PostgreSQL reports it
+            # Client bytes PostgreSQL neither converts nor reads as Latin-1: it checks them as
+            # the database encoding and reads them so (UTF-8 bytes sent under SQL_ASCII are
+            # the same text, and the same statement or portal name, as under UTF8). Only a
+            # SQL_ASCII database reads them as raw bytes.
+            codec = python_codec(self._server_encoding)
         # An encoding dbward cannot decode faithfully makes every statement unparseable, so
         # they are denied rather than misread.
         self._codec = codec if codec is not None else ""
@@ -1342,8 +1351,13 @@ class PgSession(asyncio.Protocol):
             unsettled = self._unsettled_text(query) if self._may_be_unsettled() else None
             if isinstance(unsettled, _Await):
                 return unsettled
+            key = self._name_key(name)
+            if isinstance(key, _Await):
+                return key
             if unsettled is not None:
                 statements = (unsettled,)
+            elif key is None:
+                statements = (self._unreadable_name(),)
             elif len(query) > self._max_statement_bytes:
                 statements = (oversized_statement(len(query), self._max_statement_bytes),)
             else:
@@ -1357,13 +1371,23 @@ class PgSession(asyncio.Protocol):
                 self._refuse_parse(name, decided, denial, out)
                 return None
             op = _Op(_OP_PARSE)
-            op.definition = self._define(name, statements, portal=False, drops_on_failure=not name)
+            assert key is not None
+            op.definition = self._define(key, statements, portal=False, drops_on_failure=not key)
             op.decided = decided
             self._ops.append(op)
             out.append(raw)
             return None
         if msg_type == _B:
-            portal_name, statement_name = messages.bind_names(payload, _NAME_CODEC)
+            portal_raw, statement_raw = messages.bind_names(payload, _NAME_CODEC)
+            portal_name = self._name_key(portal_raw)
+            statement_name = self._name_key(statement_raw)
+            if isinstance(portal_name, _Await):
+                return portal_name
+            if isinstance(statement_name, _Await):
+                return statement_name
+            if portal_name is None or statement_name is None:
+                self._refuse_unreadable_name(out)
+                return None
             pending = self._pending_statements.get(statement_name)
             if pending is not None and pending.sync_mark != self._syncs:
                 # Prepared in an earlier sync group that PostgreSQL has not answered: if that
@@ -1391,13 +1415,19 @@ class PgSession(asyncio.Protocol):
             out.append(raw)
             return None
         if msg_type == _E:
-            portal_name, max_rows = messages.execute_parts(payload)
+            portal_raw, max_rows = messages.execute_parts(payload)
+            portal_name = self._name_key(portal_raw)
+            if isinstance(portal_name, _Await):
+                return portal_name
+            if portal_name is None:
+                self._refuse_unreadable_name(out)
+                return None
             bound = self._pending_portals.get(portal_name)
             if bound is not None and bound.sync_mark != self._syncs:
                 return _Await(definitions=(bound,))  # bound in an earlier, unanswered group
             portal = self._portals.get(portal_name)
             if portal is None:
-                self._probe_unseen_portal(portal_name, out)
+                self._probe_unseen_portal(portal_raw, out)
                 return None
             waits = (
                 self._unsettled_names(portal)
@@ -1426,12 +1456,18 @@ class PgSession(asyncio.Protocol):
             return None
         if msg_type == _C:
             close = messages.parse_close(payload, _NAME_CODEC)
+            close_name = self._name_key(close.name)
+            if isinstance(close_name, _Await):
+                return close_name
+            if close_name is None:
+                self._refuse_unreadable_name(out)
+                return None
             if close.kind != "S":
-                self._executed_portals.discard(close.name)
+                self._executed_portals.discard(close_name)
             op = _Op(_OP_CLOSE)
             # Undone if PostgreSQL skips it (an error earlier in its sync group).
             op.definition = self._define(
-                close.name, None, portal=close.kind != "S", drops_on_failure=False
+                close_name, None, portal=close.kind != "S", drops_on_failure=False
             )
             self._ops.append(op)
             out.append(raw)
@@ -1478,6 +1514,48 @@ class PgSession(asyncio.Protocol):
         else:
             table[name] = meaning
         return definition
+
+    def _name_key(self, name: str) -> str | _Await | None:
+        """A statement or portal name (split from its message byte for byte) as PostgreSQL
+        holds it, or None when dbward cannot tell (the message is refused), or an _Await.
+
+        PostgreSQL converts names from the client encoding as it converts SQL text, so a name
+        sent in a protocol message and the same name in SQL (`EXECUTE "é"`, `FETCH "é"`, which
+        dbward reads in the client encoding) are one name to it, and a name sent under LATIN1
+        and again under UTF8 too: read byte for byte, they were different names to dbward, and
+        a Close or Parse under one spelling changed what the other ran while dbward held the
+        old meaning. ASCII names read the same under every encoding dbward accepts. Parse, Close
+        and Describe run nothing: only what ran since the last ReadyForQuery (a Query, Bind,
+        Execute) may have changed the encoding.
+        """
+        if name.isascii():
+            return name
+        if self._ran_since_ready:
+            # What ran may have changed client_encoding (reported at its ReadyForQuery): wait
+            # for that answer if it is on its way, else refuse (as for non-ASCII SQL text).
+            if self._ops and self._ops[-1].code in (_OP_QUERY, _OP_SYNC):
+                return _AWAIT_QUIET
+            return None
+        return self._decode_text(name.encode(_NAME_CODEC))
+
+    @staticmethod
+    def _unreadable_name() -> Statement:
+        return _uninspected(
+            "UNKNOWN",
+            "parse_error",
+            "a statement or portal name that is not ASCII could not be read in the session's"
+            " client_encoding (invalid, or pipelined before a Sync: send Sync first)",
+        )
+
+    def _refuse_unreadable_name(self, out: list[bytes | bytearray]) -> None:
+        """A Bind, Execute or Close whose name dbward cannot read as PostgreSQL will: refused
+        (the poison Parse in its place; PostgreSQL and dbward skip to the Sync)."""
+        decided, denial = self._decide_all((self._unreadable_name(),), ProtocolPath.EXTENDED)
+        assert denial is not None  # guard.unparseable refuses every uninspected statement
+        self._record_denied(decided, denial)
+        self._ops.append(_Op(_OP_POISON, None, _denial_frame(denial)))
+        out.append(_POISON_PARSE)
+        self._discard_until_sync = True
 
     def _unsettled_names(self, statements: tuple[Statement, ...]) -> _Await | None:
         """What SQL EXECUTE/PREPARE/DEALLOCATE/DISCARD here must wait for, if anything.
