@@ -508,3 +508,77 @@ def test_a_name_not_valid_in_the_client_encoding_is_refused(proxy: Proxy) -> Non
         assert [kind for kind, _ in replies] == [b"2", b"D", b"C", b"Z"]
     finally:
         session.close()
+
+
+def _bind_delete_returning(session: RawSession, table: str) -> None:
+    """A transaction block holding portal p, bound from `DELETE FROM table RETURNING x`."""
+    session.query(f"CREATE TEMP TABLE {table} (x int); INSERT INTO {table} VALUES (1), (2)")
+    session.query("BEGIN")
+    session.send(
+        m.parse_message("s", f"DELETE FROM {table} RETURNING x")
+        + m.bind_message("p", "s", [])
+        + m.sync()
+    )
+
+
+@pytest.mark.parametrize("deallocate", ["DEALLOCATE s", "DEALLOCATE ALL", "DISCARD PLANS"])
+def test_fetch_of_a_portal_kept_through_deallocate_runs_its_statement(
+    proxy: Proxy, deallocate: str
+) -> None:
+    """A SQL FETCH (or MOVE) runs any portal, one bound through the protocol too. DEALLOCATE
+    leaves portals as they are in PostgreSQL, but dbward forgot them there, and a FETCH of a
+    portal it does not hold is what its text shows (a cursor a function opened): the DELETE
+    the portal was bound from ran, recorded as a read of no table."""
+    app = app_name("fetch-kept")
+    session = RawSession(proxy, app)
+    try:
+        _bind_delete_returning(session, "victim_f1")
+        session.query(deallocate)
+        replies = session.query("FETCH ALL FROM p")
+        assert (b"C", b"FETCH 2\x00") in replies
+        session.query("COMMIT")
+    finally:
+        session.close()
+    (fetch,) = [
+        s
+        for s in statements(proxy.session_records(app, until=has_disconnect))
+        if s.command == "FETCH"
+    ]
+    assert (fetch.kind, fetch.tables) == ("write", ("victim_f1",))
+
+
+@pytest.mark.parametrize("closer", ["CLOSE ALL", "DISCARD ALL"])
+def test_fetch_of_a_portal_a_refused_close_all_left_is_refused(proxy: Proxy, closer: str) -> None:
+    """CLOSE ALL in a failed block, and DISCARD ALL in any block, are refused by PostgreSQL and
+    close nothing: after ROLLBACK TO SAVEPOINT the portal is there to FETCH. dbward forgot every
+    portal when it forwarded them and read the FETCH as its text (the DELETE ran as a read);
+    a portal forgotten so is now refused until PostgreSQL says it is gone."""
+    app = app_name("fetch-closed")
+    session = RawSession(proxy, app)
+    try:
+        _bind_delete_returning(session, "victim_f2")
+        session.query("SAVEPOINT sp")
+        if closer == "CLOSE ALL":
+            session.query("SELECT 1/0")
+        assert session.query(closer)[0][0] == b"E"
+        session.query("ROLLBACK TO sp")
+        replies = session.query("FETCH ALL FROM p")
+        assert [kind for kind, _ in replies] == [b"E", b"Z"]
+        assert m.parse_error_fields(replies[0][1])["C"] == "42501"
+        # Still there, and still what it was: Execute is refused the same way (not forwarded).
+        session.query("ROLLBACK TO sp")
+        replies = session.send(m.execute_message("p") + m.sync())
+        assert m.parse_error_fields(replies[0][1])["C"] == "42501"
+        session.query("ROLLBACK")
+        # Once it succeeds, what it closed is gone as in PostgreSQL: 34000, not a refusal.
+        session.query("BEGIN; DECLARE c CURSOR FOR SELECT 1")
+        session.query("CLOSE ALL")
+        replies = session.query("FETCH c")
+        assert m.parse_error_fields(replies[0][1])["C"] == "34000"
+        session.query("ROLLBACK")
+        assert session.query("SELECT count(*) FROM victim_f2")[1] == (
+            b"D",
+            b"\x00\x01\x00\x00\x00\x012",
+        )
+    finally:
+        session.close()

@@ -134,13 +134,22 @@ class _PreparedChanges:
 
     def __init__(self) -> None:
         self.added: dict[str, tuple[Statement, ...]] = {}
-        self.cleared = False
+        self.cleared = False  # DEALLOCATE or DISCARD: every prepared name is forgotten
 
 
 class _Tracked:
     """A statement sent upstream whose outcome is still to be recorded."""
 
-    __slots__ = ("definition", "held", "path", "resumed", "sid", "started", "statement")
+    __slots__ = (
+        "definition",
+        "forgets",
+        "held",
+        "path",
+        "resumed",
+        "sid",
+        "started",
+        "statement",
+    )
 
     def __init__(
         self,
@@ -159,6 +168,8 @@ class _Tracked:
         self.held = held
         # A SQL PREPARE / DECLARE / CLOSE: the name it (re)defines, settled by its outcome.
         self.definition: _Definition | None = None
+        # A CLOSE ALL / DISCARD ALL: the portals it closes if it succeeds (see _forget_portals).
+        self.forgets: tuple[str, ...] | None = None
         # An Execute of a portal executed before (suspended): it only fetches rows of what ran
         # then (INSERT ... RETURNING runs whole at the first Execute), it changes nothing.
         self.resumed = False
@@ -536,6 +547,9 @@ class PgSession(asyncio.Protocol):
         self._barrier_op: _Op | None = None  # queued, but held until its intent is durable
         # Portal names defined since the last idle ReadyForQuery: what it may have to forget.
         self._portal_names: set[str] = set()
+        # Portals forgotten at a CLOSE ALL or DISCARD ALL not answered yet, or refused (then
+        # PostgreSQL still holds them), whether WITH HOLD: see _forget_portals.
+        self._forgotten_portals: dict[str, bool] = {}
         # standard_conforming_strings as PostgreSQL reports it: when off, backslashes in
         # string literals mean what dbward's parser (which assumes on) would not see.
         self._conforming_strings = True
@@ -1778,7 +1792,7 @@ class PgSession(asyncio.Protocol):
         if "copy_from_stdin" in statement.flags:
             self._copies_admitted += 1  # counted on the op the caller queues for the batch
         if "closes_all_cursors" in statement.flags:
-            self._portals.clear()  # if it fails, dbward forgot too much: refused, not wrong
+            item.forgets = self._forget_portals()
         elif statement.cursor_name is not None and "fetches_cursor" not in statement.flags:
             # DECLARE defines the name, CLOSE removes it; FETCH/MOVE leave it as it is.
             if "holdable_cursor" in statement.flags:
@@ -1966,6 +1980,25 @@ class PgSession(asyncio.Protocol):
             )
         return _as_running(statement, found[0])
 
+    def _forget_portals(self) -> tuple[str, ...]:
+        """A CLOSE ALL or DISCARD ALL is forwarded: every portal is forgotten (what is defined
+        after it in flight starts from nothing), and returned.
+
+        PostgreSQL drops them only if it succeeds: refused (in a failed block, DISCARD ALL in
+        a block), they stay, and ROLLBACK TO SAVEPOINT makes them usable again. So until its
+        answer says they are gone, and after a refusal, a SQL FETCH or MOVE of one is refused
+        (as an Execute of one is: see _probe_unseen_portal). It was read as a cursor dbward
+        never saw, as the FETCH its text shows: `FETCH ALL p` of a portal bound from `DELETE
+        ... RETURNING` ran the DELETE recorded as a read of no table.
+        """
+        portals = self._portals
+        names = tuple(portals)
+        forgotten = self._forgotten_portals
+        for name, meaning in portals.items():
+            forgotten[name] = any("holdable_cursor" in s.flags for s in meaning)
+        portals.clear()
+        return names
+
     def _resolve_cursor(
         self, statement: Statement, batch: dict[str, tuple[Statement, ...] | None] | None
     ) -> Statement:
@@ -1976,7 +2009,16 @@ class PgSession(asyncio.Protocol):
         FETCH text shows: the function is where that query lives.
         """
         name = statement.cursor_name or ""
-        found = batch[name] if batch is not None and name in batch else self._portals.get(name)
+        in_batch = batch is not None and name in batch
+        found = batch[name] if batch is not None and in_batch else self._portals.get(name)
+        if found is None and not in_batch and name in self._forgotten_portals:
+            return replace(
+                statement,
+                kind=StatementKind.UNKNOWN,
+                flags=statement.flags | {"uninspected_portal"},
+                error=f"cursor {name!r} was closed by a CLOSE ALL or DISCARD ALL that"
+                " PostgreSQL refused or has not answered yet",
+            )
         if found is None or len(found) != 1:
             return statement
         return _as_running(statement, found[0], drop_flags=frozenset({"holdable_cursor"}))
@@ -1988,10 +2030,13 @@ class PgSession(asyncio.Protocol):
         taken, an error earlier in the string), what the name meant before is restored.
         """
         if changes.cleared:
+            # PostgreSQL's DEALLOCATE (and DISCARD PLANS, TEMP, SEQUENCES) leaves every portal
+            # as it is: a portal keeps the statement it was bound from. DISCARD ALL closes them.
             self._prepared.clear()
-            self._portals.clear()
         for item in tracked:
             statement = item.statement
+            if statement.command == "DISCARD ALL":
+                item.forgets = self._forget_portals()
             name = statement.prepared_name
             if statement.command == "PREPARE" and name is not None and name in changes.added:
                 item.definition = self._define(
@@ -2358,7 +2403,7 @@ class PgSession(asyncio.Protocol):
         if self._implicit:  # no transaction open: PostgreSQL dropped its portals
             if self._executed_portals:
                 self._executed_portals.clear()
-            if self._portals:
+            if self._portals or self._forgotten_portals:
                 self._forget_transaction_portals()
 
     def _copy_pending(self) -> bool:
@@ -2705,6 +2750,10 @@ class PgSession(asyncio.Protocol):
         connection lives."""
         names, self._portal_names = self._portal_names, set()
         portals = self._portals
+        forgotten = self._forgotten_portals
+        if forgotten:
+            for name in [name for name, holdable in forgotten.items() if not holdable]:
+                del forgotten[name]
         if not self._holdable_cursors:
             portals.clear()
             return
@@ -2992,6 +3041,11 @@ class PgSession(asyncio.Protocol):
         if tracked.definition is not None:
             definition, tracked.definition = tracked.definition, None
             self._settle(definition, None if status == "ok" else "skipped")
+        if tracked.forgets is not None:
+            forgets, tracked.forgets = tracked.forgets, None
+            if status == "ok":  # PostgreSQL dropped them: gone, not merely forgotten
+                for name in forgets:
+                    self._forgotten_portals.pop(name, None)
         if tracked.statement.kind is _READ_KIND or tracked.resumed:
             self._write_outcome(tracked, status, sqlstate, rows)
             return
