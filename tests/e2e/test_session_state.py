@@ -582,3 +582,37 @@ def test_fetch_of_a_portal_a_refused_close_all_left_is_refused(proxy: Proxy, clo
         )
     finally:
         session.close()
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        "DO $$ BEGIN DEALLOCATE x; PREPARE x AS DELETE FROM victim_c1; END $$",
+        "DO $$ BEGIN EXECUTE 'DEALLOCATE x'; EXECUTE 'PREPARE x AS DELETE FROM victim_c1'; END $$",
+        "CREATE FUNCTION pg_temp.swap() RETURNS void LANGUAGE sql"
+        " AS $$ DEALLOCATE x; PREPARE x AS DELETE FROM victim_c1 $$",
+    ],
+)
+def test_code_cannot_prepare_statements_behind_dbwards_back(proxy: Proxy, code: str) -> None:
+    """dbward follows the PREPAREs and DEALLOCATEs the client sends; one run inside a DO block
+    or a function replaced the session's `x` while dbward still held `SELECT 1` for it, and
+    `EXECUTE x` ran the DELETE recorded as a read of no table. Refused like `EXECUTE x` there."""
+    app = app_name("code-prepare")
+    session = RawSession(proxy, app)
+    try:
+        session.query("CREATE TEMP TABLE victim_c1 (x int); INSERT INTO victim_c1 VALUES (1)")
+        session.query("PREPARE x AS SELECT 1")
+        replies = session.query(code)
+        assert replies[0][0] == b"E", replies
+        assert m.parse_error_fields(replies[0][1])["C"] == "42501"
+        session.query("SELECT pg_temp.swap()")  # if it was created (it is not)
+        replies = session.query("EXECUTE x")
+        assert (b"C", b"SELECT 1\x00") in replies
+        assert session.query("SELECT count(*) FROM victim_c1")[1] == (
+            b"D",
+            b"\x00\x01\x00\x00\x00\x011",
+        )
+    finally:
+        session.close()
+    records = statements(proxy.session_records(app, until=has_disconnect))
+    assert [r.rule for r in records if r.sql_text == code] == ["guard.dynamic_sql"]

@@ -1695,6 +1695,10 @@ _SESSION_PROTOCOL_FLAGS: Final = frozenset(
 )
 
 
+# Statements that define or remove the session's prepared statements.
+_CHANGES_PREPARED: Final = frozenset({"PREPARE", "DEALLOCATE"})
+
+
 def _merge_sql_texts(walked: _Walk, depth: int) -> None:
     """Classify the SQL that called functions run, and count it as part of the statement."""
     for text in walked.sql_texts:
@@ -1730,9 +1734,17 @@ def _merge_sql_texts(walked: _Walk, depth: int) -> None:
             # SQL runs inside the server, the client's session sees none of it.
             walked.flags.update(inner.flags - _SESSION_PROTOCOL_FLAGS)
             walked.roles.extend(inner.roles)
-            if inner.kind is _UNKNOWN or "executes_prepared" in inner.flags:
+            if (
+                inner.kind is _UNKNOWN
+                or "executes_prepared" in inner.flags
+                or inner.command in _CHANGES_PREPARED
+            ):
                 # EXECUTE name (also CREATE TABLE AS EXECUTE) runs whatever the session has
                 # prepared under that name when this SQL runs: nothing here can tell what.
+                # PREPARE and DEALLOCATE here change what the session's own EXECUTE of a name
+                # runs, where the relay (which follows the client's PREPAREs) cannot see:
+                # `DO $$ BEGIN DEALLOCATE x; PREPARE x AS DELETE ... END $$` then `EXECUTE x`
+                # ran the DELETE, decided and recorded as the SELECT 1 prepared before.
                 walked.flags.add("dynamic_sql")
             elif inner.kind is not _READ and walked.inner_kind is None:
                 walked.inner_kind = inner.kind
