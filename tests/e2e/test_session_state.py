@@ -616,3 +616,45 @@ def test_code_cannot_prepare_statements_behind_dbwards_back(proxy: Proxy, code: 
         session.close()
     records = statements(proxy.session_records(app, until=has_disconnect))
     assert [r.rule for r in records if r.sql_text == code] == ["guard.dynamic_sql"]
+
+
+def test_non_ascii_names_are_refused_on_a_database_not_in_utf8(
+    proxy: Proxy, pg_server: PgServer
+) -> None:
+    """A SQL_ASCII database converts nothing and cuts identifiers at 63 bytes even within a
+    character: `"aaa…a(62)é"` is 'a' * 62 + byte c3 to it, and 'a' * 62 to dbward's (UTF-8)
+    parser, the same name as `"aaa…a(62)"`. PREPAREd in that order as a DELETE and as SELECT 1,
+    EXECUTE of the first ran the DELETE recorded as SELECT 1. Names that are not ASCII (or were
+    cut from such) are refused on such a database; plain ones work as ever."""
+    database = f"sqlascii_{uuid.uuid4().hex[:6]}"
+    pg_server.psql(
+        f"CREATE DATABASE {database} ENCODING 'SQL_ASCII' TEMPLATE template0"
+        f" LC_COLLATE 'C' LC_CTYPE 'C'; GRANT ALL ON DATABASE {database} TO PUBLIC",
+        dbname="postgres",
+    )
+    app = app_name("name-sql-ascii-db")
+    long = "a" * 62
+    try:
+        with psycopg.connect(
+            **proxy.conninfo(dbname=database, application_name=app), autocommit=True
+        ) as conn:
+            conn.execute(b"CREATE TEMP TABLE victim_n4 (x int); INSERT INTO victim_n4 VALUES (1)")
+            for sql in (
+                f'PREPARE "{long}é" AS DELETE FROM victim_n4',
+                'PREPARE "é" AS DELETE FROM victim_n4',
+            ):
+                with pytest.raises(psycopg.errors.InsufficientPrivilege, match="not ASCII"):
+                    conn.execute(sql.encode(), prepare=False)
+            conn.execute(f'PREPARE "{long}" AS SELECT 1'.encode(), prepare=False)
+            assert conn.execute(f'EXECUTE "{long}"'.encode(), prepare=False).fetchall() == [(1,)]
+            (count,) = conn.execute(b"SELECT count(*) FROM victim_n4").fetchall()
+            assert count == (1,)
+    finally:
+        pg_server.psql(f"DROP DATABASE {database}", dbname="postgres")
+    records = statements(proxy.session_records(app, until=has_disconnect))
+    prepares = [(r.rule, r.sql_text.isascii()) for r in records if r.command == "PREPARE"]
+    assert prepares == [
+        ("guard.unparseable", False),
+        ("guard.unparseable", False),
+        ("default.allow", True),
+    ]

@@ -1544,6 +1544,8 @@ class PgSession(asyncio.Protocol):
         """
         if name.isascii():
             return name
+        if self._server_encoding != "UTF8":
+            return None  # see _non_ascii_name
         if self._ran_since_ready:
             # What ran may have changed client_encoding (reported at its ReadyForQuery): wait
             # for that answer if it is on its way, else refuse (as for non-ASCII SQL text).
@@ -1551,6 +1553,26 @@ class PgSession(asyncio.Protocol):
                 return _AWAIT_QUIET
             return None
         return self._decode_text(name.encode(_NAME_CODEC))
+
+    @staticmethod
+    def _non_ascii_name(statement: Statement) -> bool:
+        """Whether a SQL statement names a prepared statement or cursor that is not ASCII.
+
+        On a database whose encoding is not UTF8 such a name is not the one dbward's parser
+        (UTF-8) reads: PostgreSQL cuts identifiers at 63 bytes of the database encoding
+        (a SQL_ASCII database: of the bytes sent, even within a character) and lower-cases
+        unquoted non-ASCII letters of single-byte encodings, and a SQL_ASCII database converts
+        nothing (é sent under LATIN1 and under UTF8 are two names). Two names PostgreSQL held
+        apart were one to dbward: the second PREPARE replaced the first's DELETE with SELECT 1
+        in dbward's map, and EXECUTE of the first ran the DELETE recorded as SELECT 1. Such
+        names are refused there (and in protocol messages: see _name_key).
+        """
+        name = statement.prepared_name or statement.cursor_name
+        if name is None:
+            return False
+        # Cut by the parser, from a name that was not ASCII beyond its 61st byte: 'a' * 62 + 'é'
+        # reads as 'a' * 62, which PostgreSQL cuts to 'a' * 62 + its first byte.
+        return not name.isascii() or (len(name) >= 61 and not statement.text.isascii())
 
     @staticmethod
     def _unreadable_name() -> Statement:
@@ -1671,7 +1693,15 @@ class PgSession(asyncio.Protocol):
         cursors: dict[str, tuple[Statement, ...] | None] | None = None
         for classified in statements:
             statement = classified
-            if classified.prepared_name is not None or classified.command.startswith(
+            if self._server_encoding != "UTF8" and self._non_ascii_name(classified):
+                statement = replace(
+                    classified,
+                    kind=StatementKind.UNKNOWN,
+                    flags=classified.flags | {"uninspected_statement"},
+                    error="a prepared statement or cursor name that is not ASCII, on a database"
+                    " whose encoding is not UTF8",
+                )
+            elif classified.prepared_name is not None or classified.command.startswith(
                 ("DEALLOCATE", "DISCARD")
             ):
                 statement = self._resolve_prepared(classified, changes)
