@@ -658,3 +658,22 @@ def test_non_ascii_names_are_refused_on_a_database_not_in_utf8(
         ("guard.unparseable", False),
         ("default.allow", True),
     ]
+
+
+def test_execute_is_what_its_parameters_do_as_well(proxy: Proxy) -> None:
+    """EXECUTE evaluates its parameters, and so does a plain EXPLAIN EXECUTE (the sequence
+    advances twice here): `EXECUTE x(nextval('s'))` of a SELECT was recorded as the SELECT, a
+    read (so not made durable first in strict mode), and the EXPLAIN as a read too."""
+    app = app_name("execute-params")
+    session = RawSession(proxy, app)
+    try:
+        session.query("CREATE TEMP SEQUENCE seq_p1; PREPARE x(bigint) AS SELECT $1")
+        session.query("EXECUTE x(nextval('seq_p1'))")
+        session.query("EXPLAIN EXECUTE x(nextval('seq_p1'))")
+        replies = session.query("SELECT currval('seq_p1')")
+        assert replies[1] == (b"D", b"\x00\x01\x00\x00\x00\x012")
+    finally:
+        session.close()
+    records = statements(proxy.session_records(app, until=has_disconnect))
+    kinds = [(r.command, r.kind) for r in records if "x(nextval" in r.sql_text]
+    assert kinds == [("EXECUTE", "write"), ("EXPLAIN", "write")]

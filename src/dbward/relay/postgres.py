@@ -404,7 +404,13 @@ def _as_running(
     of the query it runs; EXECUTE and FETCH have none of their own.
     """
     kind = inner.kind
-    if statement.kind is StatementKind.DDL and kind is not StatementKind.UNKNOWN:
+    if kind is not StatementKind.UNKNOWN and (
+        statement.kind is StatementKind.DDL
+        # A write or admin call in its own expressions (EXECUTE's parameters, a function
+        # EXPLAIN ANALYZE evaluates around it): `EXECUTE x(nextval('s'))` of a SELECT is a
+        # write, recorded (and made durable first) as one.
+        or (kind is _READ_KIND and statement.kind in _DURABLE_KINDS)
+    ):
         kind = statement.kind
     return replace(
         statement,
