@@ -125,8 +125,9 @@ def test_client_names_and_parser_errors_are_kept_bounded_after_login(proxy: Prox
         assert len(errors) == 1 and errors[0]["C"] == "42501", errors
         assert len(errors[0]["M"]) < 500, len(errors[0]["M"])
         # A portal PostgreSQL holds and dbward forgot (at a DISCARD ALL that PostgreSQL refused
-        # in the block; ROLLBACK TO SAVEPOINT makes the portal usable): its Execute is refused. (One PostgreSQL does not hold gets PostgreSQL's 34000, quoting the name;
-        # PostgreSQL drops the connection at an Execute over 10,000 bytes.)
+        # in the block; ROLLBACK TO SAVEPOINT makes the portal usable): its Execute is refused.
+        # (One PostgreSQL does not hold gets PostgreSQL's 34000, quoting the name; PostgreSQL
+        # drops the connection at an Execute over 10,000 bytes.)
         long_name = "p" * 5_000
         session.query("BEGIN")
         session.send(
