@@ -124,9 +124,10 @@ def test_client_names_and_parser_errors_are_kept_bounded_after_login(proxy: Prox
         errors = [messages.parse_error_fields(p) for t, p in replies if t == b"E"]
         assert len(errors) == 1 and errors[0]["C"] == "42501", errors
         assert len(errors[0]["M"]) < 500, len(errors[0]["M"])
-        # A portal PostgreSQL holds and dbward forgot (at DEALLOCATE ALL): its Execute is
-        # refused. (One PostgreSQL does not hold gets PostgreSQL's 34000, quoting the name;
-        # PostgreSQL drops the connection at an Execute over 10,000 bytes.)
+        # A portal PostgreSQL holds and dbward forgot (at a DISCARD ALL that PostgreSQL refused
+        # in the block; ROLLBACK TO SAVEPOINT makes the portal usable): its Execute is refused.
+        # (One PostgreSQL does not hold gets PostgreSQL's 34000, quoting the name; PostgreSQL
+        # drops the connection at an Execute over 10,000 bytes.)
         long_name = "p" * 5_000
         session.query("BEGIN")
         session.send(
@@ -134,7 +135,9 @@ def test_client_names_and_parser_errors_are_kept_bounded_after_login(proxy: Prox
             + messages.bind_message(long_name, "")
             + messages.sync()
         )
-        session.query("DEALLOCATE ALL")
+        session.query("SAVEPOINT sp")
+        session.query("DISCARD ALL")
+        session.query("ROLLBACK TO sp")
         replies = session.send(messages.execute_message(long_name) + messages.sync())
         errors = [messages.parse_error_fields(p) for t, p in replies if t == b"E"]
         assert len(errors) == 1 and errors[0]["C"] == "42501", errors
@@ -145,8 +148,8 @@ def test_client_names_and_parser_errors_are_kept_bounded_after_login(proxy: Prox
         session.close()
     records = proxy.session_records(app, until=has_disconnect)
     intents = statements(records)
-    assert [r.decision for r in intents] == ["deny", *["allow"] * 2, "deny", *["allow"] * 2]
-    unterminated, portal = intents[0].detail, intents[3].detail
+    assert [r.decision for r in intents] == ["deny", *["allow"] * 4, "deny", *["allow"] * 2]
+    unterminated, portal = intents[0].detail, intents[5].detail
     assert unterminated.startswith("""unterminated quoted string at or near "'never closed qqq""")
     assert portal.startswith("portal 'pppp")
     assert all("…[truncated: " in text for text in (unterminated, portal))

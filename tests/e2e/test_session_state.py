@@ -16,6 +16,7 @@ import psycopg
 import pytest
 from psycopg import pq
 
+from dbward.audit.records import AuditRecord
 from dbward.wire.postgres import messages as m
 from fixtures.clients import app_name, has_disconnect, outcome_of, statements
 from fixtures.postgres import PgServer
@@ -391,3 +392,288 @@ def test_libpq_extended_protocol_copy_works_and_a_failing_one_does_not_hang(
     assert missing == ["FATAL_ERROR"]  # answered, not hung waiting for the held Sync
     with psycopg.connect(**proxy.conninfo(), autocommit=True) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def _executed(proxy: Proxy, app: str) -> AuditRecord:
+    """The session's last statement recorded as run through an Execute or a SQL EXECUTE."""
+    records = proxy.session_records(app, until=has_disconnect)
+    return [s for s in statements(records) if s.path == "extended" or s.command == "EXECUTE"][-1]
+
+
+def test_a_name_in_sql_and_in_a_protocol_message_is_one_name(proxy: Proxy) -> None:
+    """PostgreSQL converts a Close's or Parse's name from the client encoding as it converts SQL
+    text: `"é"` in `PREPARE "é"` and the UTF-8 bytes of é in a Close are the same name. dbward
+    read protocol names byte for byte (as Latin-1: 'Ã©'), so closing and re-parsing the name
+    as a DELETE left it holding `SELECT 1` for `EXECUTE "é"`: the DELETE ran, recorded as a
+    read of no table."""
+    app = app_name("name-sql-protocol")
+    session = RawSession(proxy, app)
+    try:
+        session.query("CREATE TEMP TABLE victim_n1 (x int); INSERT INTO victim_n1 VALUES (1), (2)")
+        session.query('PREPARE "é" AS SELECT 1')
+        session.send(
+            m.close_message("S", "é") + m.parse_message("é", "DELETE FROM victim_n1") + m.sync()
+        )
+        replies = session.query('EXECUTE "é"')
+        assert (b"C", b"DELETE 2\x00") in replies
+    finally:
+        session.close()
+    executed = _executed(proxy, app)
+    assert (executed.kind, executed.tables) == ("write", ("victim_n1",))
+
+
+def test_a_name_sent_under_two_client_encodings_is_one_name(proxy: Proxy) -> None:
+    """é named under LATIN1 (byte e9) is the é named under UTF8 (c3 a9): PostgreSQL converts
+    both. A Close and a Parse under UTF8 redefined it while dbward held two names, and a Bind
+    under LATIN1 ran the DELETE recorded as `SELECT 1`."""
+    app = app_name("name-encodings")
+    session = RawSession(proxy, app)
+    try:
+        session.query("CREATE TEMP TABLE victim_n2 (x int); INSERT INTO victim_n2 VALUES (1), (2)")
+        session.query("SET client_encoding = 'LATIN1'")
+        session.send(m.parse_message("é", "SELECT 1", encoding="latin-1") + m.sync())
+        session.query("SET client_encoding = 'UTF8'")
+        session.send(
+            m.close_message("S", "é") + m.parse_message("é", "DELETE FROM victim_n2") + m.sync()
+        )
+        session.query("SET client_encoding = 'LATIN1'")
+        replies = session.send(
+            m.bind_message("", "é", encoding="latin-1") + m.execute_message("") + m.sync()
+        )
+        assert (b"C", b"DELETE 2\x00") in replies
+    finally:
+        session.close()
+    executed = _executed(proxy, app)
+    assert (executed.sql_text, executed.kind) == ("DELETE FROM victim_n2", "write")
+
+
+def test_sql_under_sql_ascii_is_read_as_the_database_reads_it(proxy: Proxy) -> None:
+    """Under client_encoding SQL_ASCII PostgreSQL does not convert: it checks the bytes as the
+    database's UTF-8 and reads them so. dbward read them as Latin-1, so each é (c3 a9) was two
+    characters (four bytes once handed to the parser), and names were cut at 63 bytes in other
+    places: two statements PostgreSQL held apart were one name to dbward, the second
+    (`SELECT 1`) standing for the first (a DELETE) at its EXECUTE."""
+    app = app_name("name-sql-ascii")
+    first, second = '"' + "é" * 31 + 'x"', '"' + "é" * 31 + 'y"'
+    session = RawSession(proxy, app)
+    try:
+        session.query("CREATE TEMP TABLE victim_n3 (x int); INSERT INTO victim_n3 VALUES (1), (2)")
+        session.query("SET client_encoding = 'SQL_ASCII'")
+        session.query(f"PREPARE {first} AS DELETE FROM victim_n3")
+        session.query(f"PREPARE {second} AS SELECT 1")
+        replies = session.query(f"EXECUTE {first}")
+        assert (b"C", b"DELETE 2\x00") in replies
+    finally:
+        session.close()
+    executed = _executed(proxy, app)
+    assert (executed.kind, executed.tables) == ("write", ("victim_n3",))
+
+
+def test_a_name_not_valid_in_the_client_encoding_is_refused(proxy: Proxy) -> None:
+    """A name dbward cannot read as PostgreSQL will (not valid UTF-8 here) is refused; so is a
+    non-ASCII one pipelined behind a statement that may change client_encoding before it."""
+    session = RawSession(proxy, app_name("name-invalid"))
+    try:
+        bad = "ÿ"  # byte ff under Latin-1: no UTF-8 sequence
+        for message in (
+            m.parse_message(bad, "SELECT 1", encoding="latin-1"),
+            m.bind_message("", bad, encoding="latin-1"),
+            m.execute_message(bad, encoding="latin-1"),
+            m.close_message("P", bad, encoding="latin-1"),
+        ):
+            replies = session.send(message + m.sync())
+            assert [kind for kind, _ in replies] == [b"E", b"Z"]
+            assert m.parse_error_fields(replies[0][1])["C"] == "42501"
+        # Behind an Execute (whose function may change the encoding), not yet synced: refused.
+        replies = session.send(
+            m.parse_message("", "SELECT 1")
+            + m.bind_message("", "")
+            + m.execute_message("")
+            + m.close_message("S", "é")
+            + m.sync()
+        )
+        assert [kind for kind, _ in replies] == [b"1", b"2", b"D", b"C", b"E", b"Z"]
+        assert m.parse_error_fields(replies[4][1])["C"] == "42501"
+        # After a Sync, it waits for the answer and is read in the encoding then in force.
+        replies = session.send(
+            m.query("SET client_encoding = 'LATIN1'")
+            + m.parse_message("é", "SELECT 1", encoding="latin-1")
+            + m.sync()
+        )
+        replies += session.read_until_ready()
+        assert [kind for kind, _ in replies] == [b"C", b"S", b"Z", b"1", b"Z"]
+        replies = session.send(
+            m.bind_message("", "é", encoding="latin-1") + m.execute_message("") + m.sync()
+        )
+        assert [kind for kind, _ in replies] == [b"2", b"D", b"C", b"Z"]
+    finally:
+        session.close()
+
+
+def _bind_delete_returning(session: RawSession, table: str) -> None:
+    """A transaction block holding portal p, bound from `DELETE FROM table RETURNING x`."""
+    session.query(f"CREATE TEMP TABLE {table} (x int); INSERT INTO {table} VALUES (1), (2)")
+    session.query("BEGIN")
+    session.send(
+        m.parse_message("s", f"DELETE FROM {table} RETURNING x")
+        + m.bind_message("p", "s", [])
+        + m.sync()
+    )
+
+
+@pytest.mark.parametrize("deallocate", ["DEALLOCATE s", "DEALLOCATE ALL", "DISCARD PLANS"])
+def test_fetch_of_a_portal_kept_through_deallocate_runs_its_statement(
+    proxy: Proxy, deallocate: str
+) -> None:
+    """A SQL FETCH (or MOVE) runs any portal, one bound through the protocol too. DEALLOCATE
+    leaves portals as they are in PostgreSQL, but dbward forgot them there, and a FETCH of a
+    portal it does not hold is what its text shows (a cursor a function opened): the DELETE
+    the portal was bound from ran, recorded as a read of no table."""
+    app = app_name("fetch-kept")
+    session = RawSession(proxy, app)
+    try:
+        _bind_delete_returning(session, "victim_f1")
+        session.query(deallocate)
+        replies = session.query("FETCH ALL FROM p")
+        assert (b"C", b"FETCH 2\x00") in replies
+        session.query("COMMIT")
+    finally:
+        session.close()
+    (fetch,) = [
+        s
+        for s in statements(proxy.session_records(app, until=has_disconnect))
+        if s.command == "FETCH"
+    ]
+    assert (fetch.kind, fetch.tables) == ("write", ("victim_f1",))
+
+
+@pytest.mark.parametrize("closer", ["CLOSE ALL", "DISCARD ALL"])
+def test_fetch_of_a_portal_a_refused_close_all_left_is_refused(proxy: Proxy, closer: str) -> None:
+    """CLOSE ALL in a failed block, and DISCARD ALL in any block, are refused by PostgreSQL and
+    close nothing: after ROLLBACK TO SAVEPOINT the portal is there to FETCH. dbward forgot every
+    portal when it forwarded them and read the FETCH as its text (the DELETE ran as a read);
+    a portal forgotten so is now refused until PostgreSQL says it is gone."""
+    app = app_name("fetch-closed")
+    session = RawSession(proxy, app)
+    try:
+        _bind_delete_returning(session, "victim_f2")
+        session.query("SAVEPOINT sp")
+        if closer == "CLOSE ALL":
+            session.query("SELECT 1/0")
+        assert session.query(closer)[0][0] == b"E"
+        session.query("ROLLBACK TO sp")
+        replies = session.query("FETCH ALL FROM p")
+        assert [kind for kind, _ in replies] == [b"E", b"Z"]
+        assert m.parse_error_fields(replies[0][1])["C"] == "42501"
+        # Still there, and still what it was: Execute is refused the same way (not forwarded).
+        session.query("ROLLBACK TO sp")
+        replies = session.send(m.execute_message("p") + m.sync())
+        assert m.parse_error_fields(replies[0][1])["C"] == "42501"
+        session.query("ROLLBACK")
+        # Once it succeeds, what it closed is gone as in PostgreSQL: 34000, not a refusal.
+        session.query("BEGIN; DECLARE c CURSOR FOR SELECT 1")
+        session.query("CLOSE ALL")
+        replies = session.query("FETCH c")
+        assert m.parse_error_fields(replies[0][1])["C"] == "34000"
+        session.query("ROLLBACK")
+        assert session.query("SELECT count(*) FROM victim_f2")[1] == (
+            b"D",
+            b"\x00\x01\x00\x00\x00\x012",
+        )
+    finally:
+        session.close()
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        "DO $$ BEGIN DEALLOCATE x; PREPARE x AS DELETE FROM victim_c1; END $$",
+        "DO $$ BEGIN EXECUTE 'DEALLOCATE x'; EXECUTE 'PREPARE x AS DELETE FROM victim_c1'; END $$",
+        "CREATE FUNCTION pg_temp.swap() RETURNS void LANGUAGE sql"
+        " AS $$ DEALLOCATE x; PREPARE x AS DELETE FROM victim_c1 $$",
+    ],
+)
+def test_code_cannot_prepare_statements_behind_dbwards_back(proxy: Proxy, code: str) -> None:
+    """dbward follows the PREPAREs and DEALLOCATEs the client sends; one run inside a DO block
+    or a function replaced the session's `x` while dbward still held `SELECT 1` for it, and
+    `EXECUTE x` ran the DELETE recorded as a read of no table. Refused like `EXECUTE x` there."""
+    app = app_name("code-prepare")
+    session = RawSession(proxy, app)
+    try:
+        session.query("CREATE TEMP TABLE victim_c1 (x int); INSERT INTO victim_c1 VALUES (1)")
+        session.query("PREPARE x AS SELECT 1")
+        replies = session.query(code)
+        assert replies[0][0] == b"E", replies
+        assert m.parse_error_fields(replies[0][1])["C"] == "42501"
+        session.query("SELECT pg_temp.swap()")  # if it was created (it is not)
+        replies = session.query("EXECUTE x")
+        assert (b"C", b"SELECT 1\x00") in replies
+        assert session.query("SELECT count(*) FROM victim_c1")[1] == (
+            b"D",
+            b"\x00\x01\x00\x00\x00\x011",
+        )
+    finally:
+        session.close()
+    records = statements(proxy.session_records(app, until=has_disconnect))
+    assert [r.rule for r in records if r.sql_text == code] == ["guard.dynamic_sql"]
+
+
+def test_non_ascii_names_are_refused_on_a_database_not_in_utf8(
+    proxy: Proxy, pg_server: PgServer
+) -> None:
+    """A SQL_ASCII database converts nothing and cuts identifiers at 63 bytes even within a
+    character: `"aaa…a(62)é"` is 'a' * 62 + byte c3 to it, and 'a' * 62 to dbward's (UTF-8)
+    parser, the same name as `"aaa…a(62)"`. PREPAREd in that order as a DELETE and as SELECT 1,
+    EXECUTE of the first ran the DELETE recorded as SELECT 1. Names that are not ASCII (or were
+    cut from such) are refused on such a database; plain ones work as ever."""
+    database = f"sqlascii_{uuid.uuid4().hex[:6]}"
+    pg_server.psql(
+        f"CREATE DATABASE {database} ENCODING 'SQL_ASCII' TEMPLATE template0"
+        f" LC_COLLATE 'C' LC_CTYPE 'C'; GRANT ALL ON DATABASE {database} TO PUBLIC",
+        dbname="postgres",
+    )
+    app = app_name("name-sql-ascii-db")
+    long = "a" * 62
+    try:
+        with psycopg.connect(
+            **proxy.conninfo(dbname=database, application_name=app), autocommit=True
+        ) as conn:
+            conn.execute(b"CREATE TEMP TABLE victim_n4 (x int); INSERT INTO victim_n4 VALUES (1)")
+            for sql in (
+                f'PREPARE "{long}é" AS DELETE FROM victim_n4',
+                'PREPARE "é" AS DELETE FROM victim_n4',
+            ):
+                with pytest.raises(psycopg.errors.InsufficientPrivilege, match="not ASCII"):
+                    conn.execute(sql.encode(), prepare=False)
+            conn.execute(f'PREPARE "{long}" AS SELECT 1'.encode(), prepare=False)
+            assert conn.execute(f'EXECUTE "{long}"'.encode(), prepare=False).fetchall() == [(1,)]
+            (count,) = conn.execute(b"SELECT count(*) FROM victim_n4").fetchall()
+            assert count == (1,)
+    finally:
+        pg_server.psql(f"DROP DATABASE {database}", dbname="postgres")
+    records = statements(proxy.session_records(app, until=has_disconnect))
+    prepares = [(r.rule, r.sql_text.isascii()) for r in records if r.command == "PREPARE"]
+    assert prepares == [
+        ("guard.unparseable", False),
+        ("guard.unparseable", False),
+        ("default.allow", True),
+    ]
+
+
+def test_execute_is_what_its_parameters_do_as_well(proxy: Proxy) -> None:
+    """EXECUTE evaluates its parameters, and so does a plain EXPLAIN EXECUTE (the sequence
+    advances twice here): `EXECUTE x(nextval('s'))` of a SELECT was recorded as the SELECT, a
+    read (so not made durable first in strict mode), and the EXPLAIN as a read too."""
+    app = app_name("execute-params")
+    session = RawSession(proxy, app)
+    try:
+        session.query("CREATE TEMP SEQUENCE seq_p1; PREPARE x(bigint) AS SELECT $1")
+        session.query("EXECUTE x(nextval('seq_p1'))")
+        session.query("EXPLAIN EXECUTE x(nextval('seq_p1'))")
+        replies = session.query("SELECT currval('seq_p1')")
+        assert replies[1] == (b"D", b"\x00\x01\x00\x00\x00\x012")
+    finally:
+        session.close()
+    records = statements(proxy.session_records(app, until=has_disconnect))
+    kinds = [(r.command, r.kind) for r in records if "x(nextval" in r.sql_text]
+    assert kinds == [("EXECUTE", "write"), ("EXPLAIN", "write")]

@@ -97,7 +97,8 @@ _OP_PROBE = 8  # dbward's own Sync, Close, Sync after a failed copy: see _CopyPr
 # Describe), and CopyData ('d', _COPY_DATA).
 _DATA_ROW: Final = 0x44
 
-# Statement and portal names are only compared with each other: decode them byte-for-byte.
+# Statement and portal names are split from their messages byte for byte; a name that is not
+# ASCII is then read in the client encoding, as PostgreSQL converts it (see _name_key).
 _NAME_CODEC = "latin-1"
 
 _PRE_AUTH_MAX_MESSAGE = 65536
@@ -133,13 +134,22 @@ class _PreparedChanges:
 
     def __init__(self) -> None:
         self.added: dict[str, tuple[Statement, ...]] = {}
-        self.cleared = False
+        self.cleared = False  # DEALLOCATE or DISCARD: every prepared name is forgotten
 
 
 class _Tracked:
     """A statement sent upstream whose outcome is still to be recorded."""
 
-    __slots__ = ("definition", "held", "path", "resumed", "sid", "started", "statement")
+    __slots__ = (
+        "definition",
+        "forgets",
+        "held",
+        "path",
+        "resumed",
+        "sid",
+        "started",
+        "statement",
+    )
 
     def __init__(
         self,
@@ -158,6 +168,8 @@ class _Tracked:
         self.held = held
         # A SQL PREPARE / DECLARE / CLOSE: the name it (re)defines, settled by its outcome.
         self.definition: _Definition | None = None
+        # A CLOSE ALL / DISCARD ALL: the portals it closes if it succeeds (see _forget_portals).
+        self.forgets: tuple[str, ...] | None = None
         # An Execute of a portal executed before (suspended): it only fetches rows of what ran
         # then (INSERT ... RETURNING runs whole at the first Execute), it changes nothing.
         self.resumed = False
@@ -392,7 +404,13 @@ def _as_running(
     of the query it runs; EXECUTE and FETCH have none of their own.
     """
     kind = inner.kind
-    if statement.kind is StatementKind.DDL and kind is not StatementKind.UNKNOWN:
+    if kind is not StatementKind.UNKNOWN and (
+        statement.kind is StatementKind.DDL
+        # A write or admin call in its own expressions (EXECUTE's parameters, a function
+        # EXPLAIN ANALYZE evaluates around it): `EXECUTE x(nextval('s'))` of a SELECT is a
+        # write, recorded (and made durable first) as one.
+        or (kind is _READ_KIND and statement.kind in _DURABLE_KINDS)
+    ):
         kind = statement.kind
     return replace(
         statement,
@@ -490,6 +508,7 @@ class PgSession(asyncio.Protocol):
         self._database = ""
         self._application_name = ""
         self._codec = "utf-8"
+        self._server_encoding = "UTF8"  # as PostgreSQL reports it at login
         self._upstream: UpstreamConnection | None = None
         self._scanner: BackendScanner | None = None
         self._cancel_key: tuple[int, bytes] | None = None
@@ -534,6 +553,9 @@ class PgSession(asyncio.Protocol):
         self._barrier_op: _Op | None = None  # queued, but held until its intent is durable
         # Portal names defined since the last idle ReadyForQuery: what it may have to forget.
         self._portal_names: set[str] = set()
+        # Portals forgotten at a CLOSE ALL or DISCARD ALL not answered yet, or refused (then
+        # PostgreSQL still holds them), whether WITH HOLD: see _forget_portals.
+        self._forgotten_portals: dict[str, bool] = {}
         # standard_conforming_strings as PostgreSQL reports it: when off, backslashes in
         # string literals mean what dbward's parser (which assumes on) would not see.
         self._conforming_strings = True
@@ -1002,6 +1024,7 @@ class PgSession(asyncio.Protocol):
         protocol.on_lost = self._on_upstream_lost
         protocol.on_pause = self._pause_client
         protocol.on_resume = self._resume_client
+        self._server_encoding = upstream.server_params.get("server_encoding", "UTF8")
         server_encoding = upstream.server_params.get("client_encoding")
         if server_encoding is not None:
             self._set_encoding(server_encoding)
@@ -1049,6 +1072,12 @@ class PgSession(asyncio.Protocol):
 
     def _set_encoding(self, name: str) -> None:
         codec = python_codec(name)
+        if name.upper() == "SQL_ASCII":  # as PostgreSQL reports it
+            # Client bytes PostgreSQL neither converts nor reads as Latin-1: it checks them as
+            # the database encoding and reads them so (UTF-8 bytes sent under SQL_ASCII are
+            # the same text, and the same statement or portal name, as under UTF8). Only a
+            # SQL_ASCII database reads them as raw bytes.
+            codec = python_codec(self._server_encoding)
         # An encoding dbward cannot decode faithfully makes every statement unparseable, so
         # they are denied rather than misread.
         self._codec = codec if codec is not None else ""
@@ -1342,8 +1371,13 @@ class PgSession(asyncio.Protocol):
             unsettled = self._unsettled_text(query) if self._may_be_unsettled() else None
             if isinstance(unsettled, _Await):
                 return unsettled
+            key = self._name_key(name)
+            if isinstance(key, _Await):
+                return key
             if unsettled is not None:
                 statements = (unsettled,)
+            elif key is None:
+                statements = (self._unreadable_name(),)
             elif len(query) > self._max_statement_bytes:
                 statements = (oversized_statement(len(query), self._max_statement_bytes),)
             else:
@@ -1357,13 +1391,23 @@ class PgSession(asyncio.Protocol):
                 self._refuse_parse(name, decided, denial, out)
                 return None
             op = _Op(_OP_PARSE)
-            op.definition = self._define(name, statements, portal=False, drops_on_failure=not name)
+            assert key is not None
+            op.definition = self._define(key, statements, portal=False, drops_on_failure=not key)
             op.decided = decided
             self._ops.append(op)
             out.append(raw)
             return None
         if msg_type == _B:
-            portal_name, statement_name = messages.bind_names(payload, _NAME_CODEC)
+            portal_raw, statement_raw = messages.bind_names(payload, _NAME_CODEC)
+            portal_name = self._name_key(portal_raw)
+            statement_name = self._name_key(statement_raw)
+            if isinstance(portal_name, _Await):
+                return portal_name
+            if isinstance(statement_name, _Await):
+                return statement_name
+            if portal_name is None or statement_name is None:
+                self._refuse_unreadable_name(out)
+                return None
             pending = self._pending_statements.get(statement_name)
             if pending is not None and pending.sync_mark != self._syncs:
                 # Prepared in an earlier sync group that PostgreSQL has not answered: if that
@@ -1391,13 +1435,19 @@ class PgSession(asyncio.Protocol):
             out.append(raw)
             return None
         if msg_type == _E:
-            portal_name, max_rows = messages.execute_parts(payload)
+            portal_raw, max_rows = messages.execute_parts(payload)
+            portal_name = self._name_key(portal_raw)
+            if isinstance(portal_name, _Await):
+                return portal_name
+            if portal_name is None:
+                self._refuse_unreadable_name(out)
+                return None
             bound = self._pending_portals.get(portal_name)
             if bound is not None and bound.sync_mark != self._syncs:
                 return _Await(definitions=(bound,))  # bound in an earlier, unanswered group
             portal = self._portals.get(portal_name)
             if portal is None:
-                self._probe_unseen_portal(portal_name, out)
+                self._probe_unseen_portal(portal_raw, out)
                 return None
             waits = (
                 self._unsettled_names(portal)
@@ -1426,12 +1476,18 @@ class PgSession(asyncio.Protocol):
             return None
         if msg_type == _C:
             close = messages.parse_close(payload, _NAME_CODEC)
+            close_name = self._name_key(close.name)
+            if isinstance(close_name, _Await):
+                return close_name
+            if close_name is None:
+                self._refuse_unreadable_name(out)
+                return None
             if close.kind != "S":
-                self._executed_portals.discard(close.name)
+                self._executed_portals.discard(close_name)
             op = _Op(_OP_CLOSE)
             # Undone if PostgreSQL skips it (an error earlier in its sync group).
             op.definition = self._define(
-                close.name, None, portal=close.kind != "S", drops_on_failure=False
+                close_name, None, portal=close.kind != "S", drops_on_failure=False
             )
             self._ops.append(op)
             out.append(raw)
@@ -1478,6 +1534,70 @@ class PgSession(asyncio.Protocol):
         else:
             table[name] = meaning
         return definition
+
+    def _name_key(self, name: str) -> str | _Await | None:
+        """A statement or portal name (split from its message byte for byte) as PostgreSQL
+        holds it, or None when dbward cannot tell (the message is refused), or an _Await.
+
+        PostgreSQL converts names from the client encoding as it converts SQL text, so a name
+        sent in a protocol message and the same name in SQL (`EXECUTE "é"`, `FETCH "é"`, which
+        dbward reads in the client encoding) are one name to it, and a name sent under LATIN1
+        and again under UTF8 too: read byte for byte, they were different names to dbward, and
+        a Close or Parse under one spelling changed what the other ran while dbward held the
+        old meaning. ASCII names read the same under every encoding dbward accepts. Parse, Close
+        and Describe run nothing: only what ran since the last ReadyForQuery (a Query, Bind,
+        Execute) may have changed the encoding.
+        """
+        if name.isascii():
+            return name
+        if self._server_encoding != "UTF8":
+            return None  # see _non_ascii_name
+        if self._ran_since_ready:
+            # What ran may have changed client_encoding (reported at its ReadyForQuery): wait
+            # for that answer if it is on its way, else refuse (as for non-ASCII SQL text).
+            if self._ops and self._ops[-1].code in (_OP_QUERY, _OP_SYNC):
+                return _AWAIT_QUIET
+            return None
+        return self._decode_text(name.encode(_NAME_CODEC))
+
+    @staticmethod
+    def _non_ascii_name(statement: Statement) -> bool:
+        """Whether a SQL statement names a prepared statement or cursor that is not ASCII.
+
+        On a database whose encoding is not UTF8 such a name is not the one dbward's parser
+        (UTF-8) reads: PostgreSQL cuts identifiers at 63 bytes of the database encoding
+        (a SQL_ASCII database: of the bytes sent, even within a character) and lower-cases
+        unquoted non-ASCII letters of single-byte encodings, and a SQL_ASCII database converts
+        nothing (é sent under LATIN1 and under UTF8 are two names). Two names PostgreSQL held
+        apart were one to dbward: the second PREPARE replaced the first's DELETE with SELECT 1
+        in dbward's map, and EXECUTE of the first ran the DELETE recorded as SELECT 1. Such
+        names are refused there (and in protocol messages: see _name_key).
+        """
+        name = statement.prepared_name or statement.cursor_name
+        if name is None:
+            return False
+        # Cut by the parser, from a name that was not ASCII beyond its 61st byte: 'a' * 62 + 'é'
+        # reads as 'a' * 62, which PostgreSQL cuts to 'a' * 62 + its first byte.
+        return not name.isascii() or (len(name) >= 61 and not statement.text.isascii())
+
+    @staticmethod
+    def _unreadable_name() -> Statement:
+        return _uninspected(
+            "UNKNOWN",
+            "parse_error",
+            "a statement or portal name that is not ASCII could not be read in the session's"
+            " client_encoding (invalid, or pipelined before a Sync: send Sync first)",
+        )
+
+    def _refuse_unreadable_name(self, out: list[bytes | bytearray]) -> None:
+        """A Bind, Execute or Close whose name dbward cannot read as PostgreSQL will: refused
+        (the poison Parse in its place; PostgreSQL and dbward skip to the Sync)."""
+        decided, denial = self._decide_all((self._unreadable_name(),), ProtocolPath.EXTENDED)
+        assert denial is not None  # guard.unparseable refuses every uninspected statement
+        self._record_denied(decided, denial)
+        self._ops.append(_Op(_OP_POISON, None, _denial_frame(denial)))
+        out.append(_POISON_PARSE)
+        self._discard_until_sync = True
 
     def _unsettled_names(self, statements: tuple[Statement, ...]) -> _Await | None:
         """What SQL EXECUTE/PREPARE/DEALLOCATE/DISCARD here must wait for, if anything.
@@ -1579,7 +1699,15 @@ class PgSession(asyncio.Protocol):
         cursors: dict[str, tuple[Statement, ...] | None] | None = None
         for classified in statements:
             statement = classified
-            if classified.prepared_name is not None or classified.command.startswith(
+            if self._server_encoding != "UTF8" and self._non_ascii_name(classified):
+                statement = replace(
+                    classified,
+                    kind=StatementKind.UNKNOWN,
+                    flags=classified.flags | {"uninspected_statement"},
+                    error="a prepared statement or cursor name that is not ASCII, on a database"
+                    " whose encoding is not UTF8",
+                )
+            elif classified.prepared_name is not None or classified.command.startswith(
                 ("DEALLOCATE", "DISCARD")
             ):
                 statement = self._resolve_prepared(classified, changes)
@@ -1700,7 +1828,7 @@ class PgSession(asyncio.Protocol):
         if "copy_from_stdin" in statement.flags:
             self._copies_admitted += 1  # counted on the op the caller queues for the batch
         if "closes_all_cursors" in statement.flags:
-            self._portals.clear()  # if it fails, dbward forgot too much: refused, not wrong
+            item.forgets = self._forget_portals()
         elif statement.cursor_name is not None and "fetches_cursor" not in statement.flags:
             # DECLARE defines the name, CLOSE removes it; FETCH/MOVE leave it as it is.
             if "holdable_cursor" in statement.flags:
@@ -1888,6 +2016,25 @@ class PgSession(asyncio.Protocol):
             )
         return _as_running(statement, found[0])
 
+    def _forget_portals(self) -> tuple[str, ...]:
+        """A CLOSE ALL or DISCARD ALL is forwarded: every portal is forgotten (what is defined
+        after it in flight starts from nothing), and returned.
+
+        PostgreSQL drops them only if it succeeds: refused (in a failed block, DISCARD ALL in
+        a block), they stay, and ROLLBACK TO SAVEPOINT makes them usable again. So until its
+        answer says they are gone, and after a refusal, a SQL FETCH or MOVE of one is refused
+        (as an Execute of one is: see _probe_unseen_portal). It was read as a cursor dbward
+        never saw, as the FETCH its text shows: `FETCH ALL p` of a portal bound from `DELETE
+        ... RETURNING` ran the DELETE recorded as a read of no table.
+        """
+        portals = self._portals
+        names = tuple(portals)
+        forgotten = self._forgotten_portals
+        for name, meaning in portals.items():
+            forgotten[name] = any("holdable_cursor" in s.flags for s in meaning)
+        portals.clear()
+        return names
+
     def _resolve_cursor(
         self, statement: Statement, batch: dict[str, tuple[Statement, ...] | None] | None
     ) -> Statement:
@@ -1898,7 +2045,16 @@ class PgSession(asyncio.Protocol):
         FETCH text shows: the function is where that query lives.
         """
         name = statement.cursor_name or ""
-        found = batch[name] if batch is not None and name in batch else self._portals.get(name)
+        in_batch = batch is not None and name in batch
+        found = batch[name] if batch is not None and in_batch else self._portals.get(name)
+        if found is None and not in_batch and name in self._forgotten_portals:
+            return replace(
+                statement,
+                kind=StatementKind.UNKNOWN,
+                flags=statement.flags | {"uninspected_portal"},
+                error=f"cursor {name!r} was closed by a CLOSE ALL or DISCARD ALL that"
+                " PostgreSQL refused or has not answered yet",
+            )
         if found is None or len(found) != 1:
             return statement
         return _as_running(statement, found[0], drop_flags=frozenset({"holdable_cursor"}))
@@ -1910,10 +2066,13 @@ class PgSession(asyncio.Protocol):
         taken, an error earlier in the string), what the name meant before is restored.
         """
         if changes.cleared:
+            # PostgreSQL's DEALLOCATE (and DISCARD PLANS, TEMP, SEQUENCES) leaves every portal
+            # as it is: a portal keeps the statement it was bound from. DISCARD ALL closes them.
             self._prepared.clear()
-            self._portals.clear()
         for item in tracked:
             statement = item.statement
+            if statement.command == "DISCARD ALL":
+                item.forgets = self._forget_portals()
             name = statement.prepared_name
             if statement.command == "PREPARE" and name is not None and name in changes.added:
                 item.definition = self._define(
@@ -2280,7 +2439,7 @@ class PgSession(asyncio.Protocol):
         if self._implicit:  # no transaction open: PostgreSQL dropped its portals
             if self._executed_portals:
                 self._executed_portals.clear()
-            if self._portals:
+            if self._portals or self._forgotten_portals:
                 self._forget_transaction_portals()
 
     def _copy_pending(self) -> bool:
@@ -2627,6 +2786,10 @@ class PgSession(asyncio.Protocol):
         connection lives."""
         names, self._portal_names = self._portal_names, set()
         portals = self._portals
+        forgotten = self._forgotten_portals
+        if forgotten:
+            for name in [name for name, holdable in forgotten.items() if not holdable]:
+                del forgotten[name]
         if not self._holdable_cursors:
             portals.clear()
             return
@@ -2914,6 +3077,11 @@ class PgSession(asyncio.Protocol):
         if tracked.definition is not None:
             definition, tracked.definition = tracked.definition, None
             self._settle(definition, None if status == "ok" else "skipped")
+        if tracked.forgets is not None:
+            forgets, tracked.forgets = tracked.forgets, None
+            if status == "ok":  # PostgreSQL dropped them: gone, not merely forgotten
+                for name in forgets:
+                    self._forgotten_portals.pop(name, None)
         if tracked.statement.kind is _READ_KIND or tracked.resumed:
             self._write_outcome(tracked, status, sqlstate, rows)
             return

@@ -1620,7 +1620,13 @@ def _classify_node(
         _merge_sql_texts(walked, depth)
     kind, command, flags = _head(node_type, body, walked.dm_cte)
     flags |= walked.flags
-    runs = node_type != "ExplainStmt" or _explain_analyzes(body)  # plain EXPLAIN runs nothing
+    # Plain EXPLAIN runs nothing, but for an EXECUTE the parameters it is given.
+    runs = node_type != "ExplainStmt" or _explain_analyzes(body) or _explains_execute(body)
+    executes = kind is _SESSION and node_type in ("ExecuteStmt", "ExplainStmt")
+    if executes:
+        # EXECUTE (or EXPLAIN ANALYZE of it) evaluates its parameters (`EXECUTE x(nextval('s'))`):
+        # what they do is its own kind, which the relay adds to the prepared query's.
+        kind = _READ
     if walked.side_effect is not None and runs:
         flags.add("side_effect_function")
         if kind is _READ:
@@ -1629,6 +1635,8 @@ def _classify_node(
         kind = walked.inner_kind  # SQL run through a function is what makes this a write
     if "locking_read" in flags and kind is _READ and runs:
         kind = _WRITE
+    if executes and kind is _READ:
+        kind = _SESSION
     if _may_carry_conninfo(node_type, body, walked) and _CREDENTIAL_TEXT.search(part):
         flags.add("carries_credential")
     prepared_name, prepared = _prepared_parts(node_type, body, part, has_ctes, depth)
@@ -1695,6 +1703,10 @@ _SESSION_PROTOCOL_FLAGS: Final = frozenset(
 )
 
 
+# Statements that define or remove the session's prepared statements.
+_CHANGES_PREPARED: Final = frozenset({"PREPARE", "DEALLOCATE"})
+
+
 def _merge_sql_texts(walked: _Walk, depth: int) -> None:
     """Classify the SQL that called functions run, and count it as part of the statement."""
     for text in walked.sql_texts:
@@ -1730,9 +1742,17 @@ def _merge_sql_texts(walked: _Walk, depth: int) -> None:
             # SQL runs inside the server, the client's session sees none of it.
             walked.flags.update(inner.flags - _SESSION_PROTOCOL_FLAGS)
             walked.roles.extend(inner.roles)
-            if inner.kind is _UNKNOWN or "executes_prepared" in inner.flags:
+            if (
+                inner.kind is _UNKNOWN
+                or "executes_prepared" in inner.flags
+                or inner.command in _CHANGES_PREPARED
+            ):
                 # EXECUTE name (also CREATE TABLE AS EXECUTE) runs whatever the session has
                 # prepared under that name when this SQL runs: nothing here can tell what.
+                # PREPARE and DEALLOCATE here change what the session's own EXECUTE of a name
+                # runs, where the relay (which follows the client's PREPAREs) cannot see:
+                # `DO $$ BEGIN DEALLOCATE x; PREPARE x AS DELETE ... END $$` then `EXECUTE x`
+                # ran the DELETE, decided and recorded as the SELECT 1 prepared before.
                 walked.flags.add("dynamic_sql")
             elif inner.kind is not _READ and walked.inner_kind is None:
                 walked.inner_kind = inner.kind
@@ -1854,6 +1874,18 @@ def _prepared_parts(
     if node_type == "DeallocateStmt":
         return body.get("name"), None
     return None, None
+
+
+def _explains_execute(body: dict[str, Any]) -> bool:
+    """Whether an EXPLAIN explains an EXECUTE (or CREATE TABLE ... AS EXECUTE): PostgreSQL
+    evaluates its parameters even without ANALYZE (`EXPLAIN EXECUTE x(nextval('s'))` advances
+    the sequence), so what they call runs."""
+    inner = body.get("query", {})
+    inner_type = _node_type(inner)
+    if inner_type == "CreateTableAsStmt":
+        inner = inner[inner_type].get("query", {})
+        inner_type = _node_type(inner)
+    return inner_type == "ExecuteStmt"
 
 
 def _executed_prepared(node_type: str, body: dict[str, Any]) -> dict[str, Any] | None:
