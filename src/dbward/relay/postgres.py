@@ -17,6 +17,7 @@ import re
 import secrets
 import time
 from collections import OrderedDict, deque
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Final, cast
 
@@ -175,6 +176,43 @@ class _Tracked:
         self.resumed = False
 
 
+# _Portal.state: in PostgreSQL as far as dbward knows; a WITH HOLD cursor that survived a
+# commit (no transaction's end drops it any more); dropped by PostgreSQL; forgotten by dbward
+# where it could not tell whether PostgreSQL dropped it (a FETCH of it is then refused).
+_LIVE, _HELD, _DROPPED, _DOUBTFUL = range(4)
+
+
+class _Portal:
+    """A portal (Bind) or SQL cursor (DECLARE) as dbward holds it: what executing it runs, and
+    its fate in PostgreSQL (see _Scope: PostgreSQL drops it with the (sub)transaction that
+    created it, a WITH HOLD cursor once it survived a commit only when closed)."""
+
+    __slots__ = ("holdable", "name", "run", "state", "statements")
+
+    def __init__(
+        self, name: str, statements: tuple[Statement, ...], holdable: bool, plain: bool
+    ) -> None:
+        self.name = name
+        self.statements = statements
+        # What an Execute of it runs, read once per Execute; None for what needs a closer look
+        # (transaction control, DO/CALL, commands that commit, FETCH/MOVE: see _needs_look).
+        self.run: tuple[Statement, ...] | None = statements if plain else None
+        self.holdable = holdable  # DECLARE ... WITH HOLD
+        self.state = _LIVE
+
+
+class _Scope:
+    """A (sub)transaction as PostgreSQL holds portals: the transaction itself, or a SAVEPOINT
+    of its block. The portals created in it, by name (the latest of each: an earlier one of the
+    same name was closed or replaced), noted when PostgreSQL answered their definition."""
+
+    __slots__ = ("name", "portals")
+
+    def __init__(self, name: str | None) -> None:
+        self.name = name  # None for the transaction itself
+        self.portals: dict[str, _Portal] = {}
+
+
 class _Savepoint:
     """One level of an explicit transaction block: what changed since it began (the block's
     start, or a SAVEPOINT), which a ROLLBACK (TO it) undoes."""
@@ -286,8 +324,8 @@ class _Definition:
     def __init__(
         self,
         name: str,
-        meaning: tuple[Statement, ...] | None,
-        previous: tuple[Statement, ...] | None,
+        meaning: tuple[Statement, ...] | _Portal | None,
+        previous: tuple[Statement, ...] | _Portal | None,
         *,
         portal: bool,
         sync_mark: int,
@@ -371,9 +409,77 @@ _NOT_TRANSACTIONAL: Final = frozenset(
     {"PREPARE", "DEALLOCATE", "CLOSE", "CHECKPOINT", "LOAD", "DISCARD PLANS", "DISCARD SEQUENCES"}
 )
 _BEGINS_BLOCK: Final = frozenset({"BEGIN", "START TRANSACTION"})
+# Statements after which PostgreSQL may have dropped portals created before them: the end of
+# the transaction or of savepoints, and what may end the transaction its own way (a DO block
+# or procedure that commits or rolls back, PREPARE TRANSACTION, statements PostgreSQL commits at
+# once, which the classifier flags `outside_transaction`). An Execute of a portal running one
+# of these, or a FETCH/MOVE, is looked at closer (_Portal.run).
+_ENDS_PORTALS: Final = frozenset(
+    {
+        "COMMIT",
+        "ROLLBACK",
+        "ROLLBACK TO SAVEPOINT",
+        "PREPARE TRANSACTION",
+        "COMMIT PREPARED",
+        "ROLLBACK PREPARED",
+        "DO",
+        "CALL",
+    }
+)
+_SAVEPOINT_COMMANDS: Final = frozenset({"SAVEPOINT", "RELEASE", "ROLLBACK TO SAVEPOINT"})
+# What the answers of these change in dbward's view of the transaction's portals (_Scope).
+_PORTAL_SCOPE_COMMANDS: Final = _ENDS_PORTALS | _BEGINS_BLOCK | _SAVEPOINT_COMMANDS
+# Those that end portals earlier in the same Query string (DO, CALL, PREPARE TRANSACTION's
+# COMMIT PREPARED and outside-transaction statements cannot end the implicit block of a string
+# of several statements: PostgreSQL refuses their transaction control there).
+_ENDS_PORTALS_IN_STRING: Final = frozenset(
+    {"COMMIT", "ROLLBACK", "ROLLBACK TO SAVEPOINT", "PREPARE TRANSACTION"}
+)
 
 
-def _savepoint_level(block: list[_Savepoint], name: str | None) -> int | None:
+def _ends_portals(statements: tuple[Statement, ...]) -> bool:
+    """Whether running these may make PostgreSQL drop portals created before them."""
+    return any(
+        statement.command in _ENDS_PORTALS or "outside_transaction" in statement.flags
+        for statement in statements
+    )
+
+
+_LOOK_FLAGS: Final = frozenset({"outside_transaction", "fetches_cursor"})
+
+
+def _end_cursors_in_string(
+    cursors: dict[str, tuple[Statement, ...] | str | None], ended: str, held: set[str] | None
+) -> set[str] | None:
+    """A statement of a Query string that may drop cursors (`ended`: COMMIT, ROLLBACK, ROLLBACK
+    TO SAVEPOINT, PREPARE TRANSACTION) follows these cursors' DECLAREs in it: each is marked
+    with it, a FETCH of it refused (see _resolve_cursor), unless it is certain to be there — a
+    WITH HOLD cursor a COMMIT keeps (the string stops at the first error, so that COMMIT
+    committed), then `held` (returned) for the rest of the string."""
+    commit = ended == "COMMIT"
+    for name, found in cursors.items():
+        if not isinstance(found, tuple) or (held is not None and name in held):
+            continue
+        if commit and any("holdable_cursor" in statement.flags for statement in found):
+            if held is None:
+                held = set()
+            held.add(name)
+        else:
+            cursors[name] = ended
+    return held
+
+
+def _needs_look(statements: tuple[Statement, ...]) -> bool:
+    """Whether an Execute of a portal of these statements is not a plain run (see _Portal)."""
+    for statement in statements:
+        if statement.command in _ENDS_PORTALS or (
+            statement.flags and not _LOOK_FLAGS.isdisjoint(statement.flags)
+        ):
+            return True
+    return False
+
+
+def _savepoint_level(block: Sequence[_Savepoint | _Scope], name: str | None) -> int | None:
     """Index of the innermost savepoint of that name (PostgreSQL's rule), None if unseen."""
     for level in range(len(block) - 1, 0, -1):
         if block[level].name == name:
@@ -518,7 +624,20 @@ class PgSession(asyncio.Protocol):
         self._blocked = False  # waiting for a durable audit write before forwarding
         self._discard_until_sync = False
         self._prepared: dict[str, tuple[Statement, ...]] = {}
-        self._portals: dict[str, tuple[Statement, ...]] = {}
+        # Portals and cursors by name. Those defined before a message that may make PostgreSQL
+        # drop them (a Sync or Query: the end of an implicit transaction; COMMIT, ROLLBACK (TO
+        # SAVEPOINT), DO, CALL ...) are moved to _earlier when it is forwarded, and back when
+        # nothing is in flight: whether they survived is known once PostgreSQL answered it
+        # (see _Scope), so until then using one waits (see _portal_in_doubt).
+        self._portals: dict[str, _Portal] = {}
+        self._earlier: dict[str, _Portal] = {}
+        self._portal_events = False  # such a message was forwarded since nothing was in flight
+        # The transaction PostgreSQL runs, as its answers tell: its savepoints (the first scope
+        # is the transaction itself) with the portals created in each, and whether it is an
+        # explicit block (BEGIN answered, not ended yet).
+        self._scopes: list[_Scope] = [_Scope(None)]
+        self._in_block = False
+        self._scoped = False  # a portal was noted in _scopes since the transaction began
         # dbward's maps say what PostgreSQL will hold once every message in flight succeeds;
         # a name (re)defined by a Parse, Bind or SQL PREPARE PostgreSQL has not answered yet
         # is pending, with the sync group it was sent in. Within its group a later message may
@@ -543,7 +662,6 @@ class PgSession(asyncio.Protocol):
         # not answered it yet, or the copy failed and the probe asking how many of them
         # PostgreSQL answers is in flight: what comes next (but copy data) waits.
         self._copy_verdict_pending = False
-        self._holdable_cursors = False  # a DECLARE ... WITH HOLD was forwarded once
         # Statements whose intent record the sink still holds, by statement id, oldest first.
         # An OrderedDict: outcomes remove the oldest entry and then look at the new oldest,
         # which a dict finds by skipping every entry deleted before it (quadratic: a session
@@ -551,8 +669,6 @@ class PgSession(asyncio.Protocol):
         self._held_intents: OrderedDict[int, _Tracked] = OrderedDict()
         self._terminated = False  # the client sent Terminate (it did not just vanish)
         self._barrier_op: _Op | None = None  # queued, but held until its intent is durable
-        # Portal names defined since the last idle ReadyForQuery: what it may have to forget.
-        self._portal_names: set[str] = set()
         # Portals forgotten at a CLOSE ALL or DISCARD ALL not answered yet, or refused (then
         # PostgreSQL still holds them), whether WITH HOLD: see _forget_portals.
         self._forgotten_portals: dict[str, bool] = {}
@@ -1112,6 +1228,7 @@ class PgSession(asyncio.Protocol):
                     self._discard_until_sync = False
                     self._ops.append(_SYNC_OP)
                     self._syncs += 1
+                    self._portal_event()
                     out.append(raw)
                 elif msg_type == _X:
                     self._terminate(out)
@@ -1359,6 +1476,8 @@ class PgSession(asyncio.Protocol):
                     if self._pending_statements or self._pending_portals
                     else None
                 )
+                if waits is None and self._earlier:
+                    waits = self._cursor_waits(statements)
                 if waits is not None:
                     if text is not None:
                         self._preclassified = (text, statements)  # handled again when ready
@@ -1383,6 +1502,11 @@ class PgSession(asyncio.Protocol):
             else:
                 text = self._decode_text(query)
                 statements = self._classify(text) if text is not None else (self._undecodable(),)
+                waits = self._cursor_waits(statements) if self._earlier else None
+                if waits is not None:
+                    if text is not None:
+                        self._preclassified = (text, statements)  # handled again when ready
+                    return waits
             # Decided here as well as at every Execute: a statement that would be denied never
             # reaches PostgreSQL, so a Parse/Describe of it cannot tell the client whether its
             # tables exist or what their columns are.
@@ -1428,7 +1552,11 @@ class PgSession(asyncio.Protocol):
             self._executed_portals.discard(portal_name)  # a new portal of that name
             op = _Op(_OP_BIND)
             op.definition = self._define(
-                portal_name, found, portal=True, drops_on_failure=not portal_name
+                portal_name,
+                found,
+                portal=True,
+                drops_on_failure=not portal_name,
+                plain=not _needs_look(found),
             )
             op.definition.source = pending  # in this sync group (an earlier one was awaited)
             self._ops.append(op)
@@ -1447,10 +1575,23 @@ class PgSession(asyncio.Protocol):
                 return _Await(definitions=(bound,))  # bound in an earlier, unanswered group
             portal = self._portals.get(portal_name)
             if portal is None:
+                if portal_name in self._earlier:
+                    # Defined before something PostgreSQL may have dropped it with, which it
+                    # has not answered yet.
+                    return self._portal_in_doubt(portal_name, out)
                 self._probe_unseen_portal(portal_raw, out)
                 return None
+            running = portal.run  # the one read a plain run of a known portal costs
+            looked = running is None
+            if running is None:
+                # Transaction control, DO/CALL, a FETCH/MOVE: it may end portals defined before
+                # it, or run a cursor that may be gone.
+                running = portal.statements
+                waits = self._cursor_waits(running) if self._earlier else None
+                if waits is not None:
+                    return waits
             waits = (
-                self._unsettled_names(portal)
+                self._unsettled_names(running)
                 if self._pending_statements or self._pending_portals
                 else None
             )
@@ -1461,12 +1602,16 @@ class PgSession(asyncio.Protocol):
             sources: tuple[_Definition, ...] = ()
             if bound is not None:  # bound in this sync group (an earlier one was awaited)
                 sources = (bound,) if bound.source is None else (bound, bound.source)
-            return self._handle_execute(
-                portal, max_rows, raw, out, resumed=resumed, sources=sources
+            barrier = self._handle_execute(
+                running, max_rows, raw, out, resumed=resumed, sources=sources
             )
+            if looked and _ends_portals(running):
+                self._portal_event()
+            return barrier
         if msg_type == _S:
             self._ops.append(_SYNC_OP)
             self._syncs += 1
+            self._portal_event()  # the end of an implicit transaction
             out.append(raw)
             return None
         if msg_type == _D:
@@ -1511,28 +1656,51 @@ class PgSession(asyncio.Protocol):
         *,
         portal: bool,
         drops_on_failure: bool,
+        holdable: bool = False,
+        plain: bool = True,
     ) -> _Definition:
-        """Record what a forwarded message makes `name` mean (None: removes it), undoably."""
-        table = self._portals if portal else self._prepared
-        pending = self._pending_portals if portal else self._pending_statements
-        definition = _Definition(
-            name,
-            meaning,
-            table.get(name),
-            portal=portal,
-            sync_mark=self._syncs,
-            drops_on_failure=drops_on_failure,
-        )
+        """Record what a forwarded message makes `name` mean (None: removes it), undoably.
+
+        A portal's meaning is a new `_Portal` (`holdable`: WITH HOLD; `plain`: an Execute of it
+        runs its statements, no more: see _Portal.run)."""
+        if portal:
+            portals = self._portals
+            previous: tuple[Statement, ...] | _Portal | None = portals.get(name)
+            if previous is None and self._earlier:
+                previous = self._earlier.pop(name, None)
+            made = None if meaning is None else _Portal(name, meaning, holdable, plain)
+            if made is None:
+                portals.pop(name, None)
+            else:
+                portals[name] = made
+            definition = _Definition(
+                name,
+                made,
+                previous,
+                portal=True,
+                sync_mark=self._syncs,
+                drops_on_failure=drops_on_failure,
+            )
+            pending = self._pending_portals
+        else:
+            table = self._prepared
+            definition = _Definition(
+                name,
+                meaning,
+                table.get(name),
+                portal=False,
+                sync_mark=self._syncs,
+                drops_on_failure=drops_on_failure,
+            )
+            if meaning is None:
+                table.pop(name, None)
+            else:
+                table[name] = meaning
+            pending = self._pending_statements
         earlier = pending.get(name)
         if earlier is not None:
             earlier.successor = definition
         pending[name] = definition
-        if portal:
-            self._portal_names.add(name)
-        if meaning is None:
-            table.pop(name, None)
-        else:
-            table[name] = meaning
         return definition
 
     def _name_key(self, name: str) -> str | _Await | None:
@@ -1695,8 +1863,11 @@ class PgSession(asyncio.Protocol):
         denial: Decision | None = None
         if not self.services.audit.healthy:
             denial = _audit_unavailable_decision()
-        # Cursors this batch declares or closes, for a FETCH later in the same string.
-        cursors: dict[str, tuple[Statement, ...] | None] | None = None
+        # Cursors this batch declares or closes, for a FETCH later in the same string (a str:
+        # declared before a statement of the string that may have dropped it, that one).
+        cursors: dict[str, tuple[Statement, ...] | str | None] | None = None
+        ended: str | None = None  # a statement of the string that may drop cursors before it
+        held: set[str] | None = None  # cursors of the string a COMMIT in it kept (WITH HOLD)
         for classified in statements:
             statement = classified
             if self._server_encoding != "UTF8" and self._non_ascii_name(classified):
@@ -1712,16 +1883,22 @@ class PgSession(asyncio.Protocol):
             ):
                 statement = self._resolve_prepared(classified, changes)
             elif classified.cursor_name is not None and "fetches_cursor" in classified.flags:
-                statement = self._resolve_cursor(classified, cursors)
+                statement = self._resolve_cursor(classified, cursors, ended)
             elif classified.cursor_name is not None or "closes_all_cursors" in classified.flags:
                 if cursors is None:
                     cursors = {}
                 if classified.cursor_name is None:
-                    cursors = {name: None for name in (*self._portals, *cursors)}
+                    cursors = {name: None for name in (*self._portals, *self._earlier, *cursors)}
                 elif classified.command == "DECLARE CURSOR":
                     cursors[classified.cursor_name] = (classified,)
+                    if held:
+                        held.discard(classified.cursor_name)
                 else:
                     cursors[classified.cursor_name] = None
+            if classified.command in _ENDS_PORTALS_IN_STRING:
+                ended = classified.command
+                if cursors:
+                    held = _end_cursors_in_string(cursors, ended, held)
             stmt_path = path
             if "copy_from_stdin" in statement.flags or "copy_to_stdout" in statement.flags:
                 stmt_path = ProtocolPath.COPY
@@ -1831,8 +2008,6 @@ class PgSession(asyncio.Protocol):
             item.forgets = self._forget_portals()
         elif statement.cursor_name is not None and "fetches_cursor" not in statement.flags:
             # DECLARE defines the name, CLOSE removes it; FETCH/MOVE leave it as it is.
-            if "holdable_cursor" in statement.flags:
-                self._holdable_cursors = True
             # A cursor is a portal: Execute by that name runs the DECLARE's query (and, after
             # CLOSE, nothing dbward has seen). Undone if the statement fails.
             item.definition = self._define(
@@ -1840,6 +2015,7 @@ class PgSession(asyncio.Protocol):
                 (statement,) if statement.command == "DECLARE CURSOR" else None,
                 portal=True,
                 drops_on_failure=False,
+                holdable="holdable_cursor" in statement.flags,
             )
 
     @staticmethod
@@ -1897,6 +2073,7 @@ class PgSession(asyncio.Protocol):
             return self._forward_query(statements, raw, out, path)
         finally:
             self._syncs += 1  # like a Sync, it ends a sync group (after its own PREPAREs)
+            self._portal_event()  # and an implicit transaction (after its own DECLAREs)
 
     def _forward_query(
         self,
@@ -2027,37 +2204,245 @@ class PgSession(asyncio.Protocol):
         never saw, as the FETCH its text shows: `FETCH ALL p` of a portal bound from `DELETE
         ... RETURNING` ran the DELETE recorded as a read of no table.
         """
-        portals = self._portals
-        names = tuple(portals)
         forgotten = self._forgotten_portals
-        for name, meaning in portals.items():
-            forgotten[name] = any("holdable_cursor" in s.flags for s in meaning)
-        portals.clear()
-        return names
+        names: list[str] = []
+        for portals in (self._portals, self._earlier):
+            for name, portal in portals.items():
+                forgotten[name] = portal.holdable
+                names.append(name)
+            portals.clear()
+        return tuple(names)
 
     def _resolve_cursor(
-        self, statement: Statement, batch: dict[str, tuple[Statement, ...] | None] | None
+        self,
+        statement: Statement,
+        batch: dict[str, tuple[Statement, ...] | str | None] | None,
+        ended: str | None = None,
     ) -> Statement:
         """FETCH/MOVE runs the cursor's query: decide it as the DECLARE dbward saw.
 
-        `batch`: cursors declared or closed earlier in the same string. A cursor dbward did
-        not see declared (opened inside a function and returned as a refcursor) stays what the
-        FETCH text shows: the function is where that query lives.
+        `batch`: cursors declared or closed earlier in the same string; `ended`: a statement
+        earlier in it that may have dropped the cursors declared before it (COMMIT, ROLLBACK
+        (TO SAVEPOINT), PREPARE TRANSACTION). A cursor dbward did not see declared (opened
+        inside a function and returned as a refcursor) stays what the FETCH text shows: the
+        function is where that query lives.
         """
         name = statement.cursor_name or ""
         in_batch = batch is not None and name in batch
-        found = batch[name] if batch is not None and in_batch else self._portals.get(name)
-        if found is None and not in_batch and name in self._forgotten_portals:
+        found: tuple[Statement, ...] | None
+        doubt: str | None = None
+        if batch is not None and in_batch:
+            declared = batch[name]
+            found = None
+            if isinstance(declared, str):
+                doubt = (
+                    f"cursor {name!r} may have been dropped by the {declared} after its DECLARE"
+                    " in the same query string"
+                )
+            else:
+                found = declared
+        else:
+            portal = self._portals.get(name)
+            found = None if portal is None else portal.statements
+            if portal is None and name in self._earlier:
+                doubt = (
+                    f"cursor {name!r} may have been dropped by a statement PostgreSQL has not"
+                    " answered yet (pipelined in the same sync group: send Sync first)"
+                )
+            elif portal is not None and ended is not None and portal.state != _HELD:
+                doubt = (
+                    f"cursor {name!r} may have been dropped by the {ended} before it in the"
+                    " same query string"
+                )
+            elif portal is None and name in self._forgotten_portals:
+                doubt = (
+                    f"cursor {name!r} was closed by a CLOSE ALL or DISCARD ALL that PostgreSQL"
+                    " refused or has not answered yet, or may have been dropped where dbward"
+                    " could not follow (DO, CALL, PREPARE TRANSACTION, a statement PostgreSQL"
+                    " commits at once)"
+                )
+        if doubt is not None:
             return replace(
                 statement,
                 kind=StatementKind.UNKNOWN,
                 flags=statement.flags | {"uninspected_portal"},
-                error=f"cursor {name!r} was closed by a CLOSE ALL or DISCARD ALL that"
-                " PostgreSQL refused or has not answered yet",
+                error=doubt,
             )
         if found is None or len(found) != 1:
             return statement
         return _as_running(statement, found[0], drop_flags=frozenset({"holdable_cursor"}))
+
+    # ------------------------------------------------------------------ portal lifetimes
+
+    def _portal_event(self) -> None:
+        """A message that may make PostgreSQL drop portals defined before it is forwarded (a
+        Sync or Query, the end of an implicit transaction; an Execute of COMMIT, ROLLBACK (TO
+        SAVEPOINT), DO, CALL ...): those portals move to _earlier until nothing is in flight,
+        when PostgreSQL's answers have said which survived (see _Scope). Swapped, not walked,
+        when nothing is there yet (WITH HOLD cursors kept from earlier transactions too)."""
+        self._portal_events = True
+        portals = self._portals
+        if portals:
+            earlier = self._earlier
+            if earlier:
+                earlier.update(portals)
+                portals.clear()
+            else:
+                self._portals, self._earlier = earlier, portals
+
+    def _portals_settled(self) -> None:
+        """Nothing is in flight: every portal dbward still holds, PostgreSQL holds too."""
+        earlier = self._earlier
+        if earlier:
+            portals = self._portals
+            if portals:
+                for name, portal in earlier.items():
+                    portals.setdefault(name, portal)
+                earlier.clear()
+            else:
+                self._portals, self._earlier = earlier, portals
+
+    def _cursor_waits(self, statements: tuple[Statement, ...]) -> _Await | None:
+        """A FETCH/MOVE of a cursor that may have been dropped by a message PostgreSQL has not
+        answered yet waits until nothing is in flight, if a Sync or Query will bring that
+        answer; otherwise it is refused when decided (see _resolve_cursor)."""
+        for statement in statements:
+            name = statement.cursor_name
+            if (
+                name is not None
+                and "fetches_cursor" in statement.flags
+                and name not in self._portals
+                and name in self._earlier
+                and self._ops
+                and self._ops[-1].code in (_OP_QUERY, _OP_SYNC)
+            ):
+                return _AWAIT_QUIET
+        return None
+
+    def _portal_in_doubt(self, name: str, out: list[bytes | bytearray]) -> _Await | None:
+        """An Execute of a portal defined before a message PostgreSQL has not answered yet that
+        may have dropped it: it waits until nothing is in flight, if a Sync or Query will bring
+        that answer; otherwise (pipelined behind the COMMIT, ROLLBACK TO ... in the same sync
+        group) it is refused as uninspected (the poison Parse in its place)."""
+        ops = self._ops
+        if ops and ops[-1].code in (_OP_QUERY, _OP_SYNC):
+            return _AWAIT_QUIET
+        statement = _uninspected(
+            "EXECUTE",
+            "uninspected_portal",
+            f"portal {name!r} may have been dropped by a statement PostgreSQL has not answered"
+            " yet (pipelined in the same sync group: send Sync first)",
+        )
+        decided, denial = self._decide_all((statement,), ProtocolPath.EXTENDED)
+        assert denial is not None  # guard.unparseable refuses every uninspected statement
+        self._record_denied(decided, denial)
+        self._ops.append(_Op(_OP_POISON, None, _denial_frame(denial)))
+        out.append(_POISON_PARSE)
+        self._discard_until_sync = True
+        return None
+
+    def _note_portal(self, portal: _Portal) -> None:
+        """PostgreSQL answered the message that created this portal: it belongs to the
+        (sub)transaction running now."""
+        self._scopes[-1].portals[portal.name] = portal
+        self._scoped = True
+
+    def _drop_portal(self, portal: _Portal, *, doubtful: bool = False) -> None:
+        """PostgreSQL dropped this portal (`doubtful`: it may have): forget it. A doubtful one
+        is remembered as forgotten, so a FETCH of it is refused (see _resolve_cursor), as an
+        Execute of a portal PostgreSQL holds but dbward does not is."""
+        if portal.state >= _DROPPED:
+            return
+        portal.state = _DOUBTFUL if doubtful else _DROPPED
+        name = portal.name
+        if self._portals.get(name) is portal:
+            del self._portals[name]
+        elif self._earlier.get(name) is portal:
+            del self._earlier[name]
+        else:
+            return  # closed or replaced since (or the previous meaning of one in flight)
+        self._executed_portals.discard(name)
+        if doubtful:
+            self._forgotten_portals[name] = portal.holdable
+
+    def _end_portal_transaction(self, *, committed: bool | None, chained: bool) -> None:
+        """The transaction ended: committed (its WITH HOLD cursors survive, its other portals
+        are dropped), rolled back (all its portals dropped, WITH HOLD ones too), or None: it
+        may have done either, or neither (a DO block or procedure may commit or roll back, or
+        not): its portals are forgotten as doubtful. Cursors held from earlier transactions
+        are in no scope: nothing here touches them."""
+        scopes = self._scopes
+        for scope in scopes:
+            for portal in scope.portals.values():
+                if committed and portal.holdable:
+                    if portal.state == _LIVE:
+                        portal.state = _HELD
+                else:
+                    self._drop_portal(portal, doubtful=committed is None)
+        del scopes[1:]
+        top = scopes[0]
+        top.name = None
+        top.portals.clear()
+        self._scoped = False
+        self._in_block = chained
+
+    def _note_portal_scope(self, statement: Statement, status: str) -> None:
+        """A transaction statement (or DO, CALL, one PostgreSQL commits at once) finished:
+        follow the (sub)transactions portals belong to, and forget the portals PostgreSQL
+        dropped (verified on PostgreSQL 15: ROLLBACK TO SAVEPOINT drops those created since
+        the savepoint, WITH HOLD or not, in released savepoints inside it too, and keeps those
+        created before it; RELEASE keeps them, in the savepoint around; COMMIT drops all but
+        WITH HOLD cursors, which survive until closed; ROLLBACK, and a COMMIT answered
+        ROLLBACK, drop all that were created in the transaction; AND CHAIN does the same)."""
+        command = statement.command
+        if status in ("not_executed", "denied", "unknown"):
+            return  # PostgreSQL did not run it (or the session is gone)
+        if command in _BEGINS_BLOCK:
+            if status == "ok":
+                self._in_block = True  # what ran before it in the implicit transaction joins
+            return
+        chained = "chains_transaction" in statement.flags
+        if command in ("COMMIT", "ROLLBACK"):
+            if status in ("ok", "rolled_back"):
+                committed = command == "COMMIT" and status == "ok"
+                self._end_portal_transaction(committed=committed, chained=chained)
+            return
+        if command in _SAVEPOINT_COMMANDS:
+            if status == "ok":
+                self._note_savepoint(command, statement.savepoint)
+            return
+        # PREPARE TRANSACTION (in a block or not: PostgreSQL commits or rolls back what ran
+        # outside one), COMMIT/ROLLBACK PREPARED, DO, CALL, a statement PostgreSQL commits at
+        # once: outside a block each may commit or roll back (a procedure may do so and fail
+        # after), so the transaction's portals are forgotten, doubtful. Inside a block none can
+        # end it but PREPARE TRANSACTION (PostgreSQL refuses the others' transaction control).
+        if command == "PREPARE TRANSACTION" or not self._in_block:
+            self._end_portal_transaction(committed=None, chained=False)
+
+    def _note_savepoint(self, command: str, name: str | None) -> None:
+        """SAVEPOINT, RELEASE or ROLLBACK TO SAVEPOINT succeeded (see _note_portal_scope)."""
+        scopes = self._scopes
+        if command == "SAVEPOINT":
+            scopes.append(_Scope(name))
+            return
+        level = _savepoint_level(scopes, name)
+        if level is None:
+            # A savepoint dbward did not see set: which portals came after it is unknown.
+            if command == "ROLLBACK TO SAVEPOINT":
+                self._end_portal_transaction(committed=None, chained=self._in_block)
+            return
+        if command == "RELEASE":
+            # Its portals now belong to the level around it: dropped only with that one.
+            outer = scopes[level - 1].portals
+            for scope in scopes[level:]:
+                outer.update(scope.portals)
+            del scopes[level:]
+            return
+        for scope in scopes[level:]:
+            for portal in scope.portals.values():
+                self._drop_portal(portal)
+        del scopes[level + 1 :]
+        scopes[level] = _Scope(name)  # ROLLBACK TO keeps the savepoint itself
 
     def _apply_prepared_changes(self, changes: _PreparedChanges, tracked: list[_Tracked]) -> None:
         """The batch was forwarded: its PREPARE/DEALLOCATE now hold for the session.
@@ -2272,6 +2657,10 @@ class PgSession(asyncio.Protocol):
                     )
                     if pending.get(definition.name) is definition:
                         del pending[definition.name]
+                    made = definition.meaning
+                    if isinstance(made, _Portal):  # a Bind: the portal is PostgreSQL's now
+                        self._scopes[-1].portals[made.name] = made  # see _note_portal
+                        self._scoped = True
                 return None
             if msg_type == 0x33 and code == _OP_PROBE:
                 return self._on_probe_reply(msg_type, payload)
@@ -2431,16 +2820,29 @@ class PgSession(asyncio.Protocol):
         self._committable = None
         if self._implicit:
             self._block = None  # no transaction block is open
+            if self._in_block or self._scoped:
+                # The implicit transaction committed (an error would have ended it already:
+                # see _on_error); a block that ended with no COMMIT or ROLLBACK answered was
+                # rolled back (its COMMIT failed).
+                self._end_portal_transaction(committed=not self._in_block, chained=False)
+        else:
+            self._in_block = True
 
     def _ready_and_idle(self) -> None:
         """ReadyForQuery with nothing left in flight."""
         self._ran_since_ready = False  # every change so far has been reported
         self._copy_ops = 0  # nothing in flight: no COPY will start
+        if self._portal_events:
+            self._portal_events = False
+            if self._earlier:
+                self._portals_settled()
         if self._implicit:  # no transaction open: PostgreSQL dropped its portals
             if self._executed_portals:
                 self._executed_portals.clear()
-            if self._portals or self._forgotten_portals:
-                self._forget_transaction_portals()
+            forgotten = self._forgotten_portals
+            if forgotten:  # PostgreSQL dropped those not WITH HOLD, refused CLOSE ALL or not
+                for name in [name for name, holdable in forgotten.items() if not holdable]:
+                    del forgotten[name]
 
     def _copy_pending(self) -> bool:
         """Whether a COPY FROM STDIN in flight has been neither started nor refused yet.
@@ -2491,6 +2893,11 @@ class PgSession(asyncio.Protocol):
         # A simple Query's copy: its ReadyForQuery comes first (PostgreSQL skips to no Sync).
         extended = not ops or ops[0].code != _OP_QUERY
         replacement = self._fail_op(sqlstate, probing=probe > 0)
+        if self._scoped and not self._in_block:
+            # The error ended the implicit transaction: PostgreSQL dropped its portals, WITH
+            # HOLD cursors declared in it too. (In a block it only failed: ROLLBACK (TO
+            # SAVEPOINT), or a COMMIT answered ROLLBACK, drops them.)
+            self._end_portal_transaction(committed=False, chained=False)
         if probe:
             self._start_copy_probe(probe, extended=extended)
         return replacement
@@ -2730,6 +3137,7 @@ class PgSession(asyncio.Protocol):
         upstream.transport.write(_PROBE)
         self._ops.append(_CopyProbe(syncs, extended=extended))
         self._syncs += 2  # the probe's two Syncs end sync groups, as the client's do
+        self._portal_event()
 
     def _on_probe_reply(self, msg_type: int, payload: bytes | None) -> bytes | None:
         """A ReadyForQuery, CloseComplete or ErrorResponse while the copy probe is first in
@@ -2779,28 +3187,6 @@ class PgSession(asyncio.Protocol):
                 status, sqlstate = "not_executed", ""
             op.tracked = []
 
-    def _forget_transaction_portals(self) -> None:
-        """No transaction is open and nothing is in flight: PostgreSQL has dropped every portal
-        bound so far (but WITH HOLD cursors); forget them too. Otherwise a client that abandons
-        named portals (an asyncpg cursor left before its end) grows the map for as long as its
-        connection lives."""
-        names, self._portal_names = self._portal_names, set()
-        portals = self._portals
-        forgotten = self._forgotten_portals
-        if forgotten:
-            for name in [name for name, holdable in forgotten.items() if not holdable]:
-                del forgotten[name]
-        if not self._holdable_cursors:
-            portals.clear()
-            return
-        # Only what was defined since the last time: WITH HOLD cursors kept from earlier
-        # transactions are not walked again (100,000 of them cost 42 ms per statement).
-        for name in names:
-            portal = portals.get(name)
-            # An empty query's portal holds no statement (and is never a cursor).
-            if portal is not None and not any("holdable_cursor" in s.flags for s in portal):
-                del portals[name]
-
     def _settle(self, definition: _Definition, failure: str | None) -> None:
         """PostgreSQL answered the defining message (failure None), refused or skipped it."""
         definition.settled = True
@@ -2809,6 +3195,9 @@ class PgSession(asyncio.Protocol):
         if pending.get(name) is definition:
             del pending[name]
         if failure is None:
+            made = definition.meaning
+            if isinstance(made, _Portal):
+                self._note_portal(made)
             return
         # What the name means in PostgreSQL without this message.
         meaning = (
@@ -2820,11 +3209,30 @@ class PgSession(asyncio.Protocol):
         if successor is not None:
             successor.previous = meaning  # a later message in flight replaces that instead
             return
-        table = self._portals if definition.portal else self._prepared
-        if meaning is None:
-            table.pop(name, None)
+        if definition.portal:
+            assert not isinstance(meaning, tuple)
+            self._restore_portal(name, meaning)
+        elif meaning is None:
+            self._prepared.pop(name, None)
         else:
-            table[name] = meaning
+            assert isinstance(meaning, tuple)
+            self._prepared[name] = meaning
+
+    def _restore_portal(self, name: str, meaning: _Portal | None) -> None:
+        """A portal definition PostgreSQL refused or skipped: the name means again what it
+        meant before it — unless PostgreSQL dropped that meanwhile (or may have: then a FETCH
+        of it is refused, see _drop_portal)."""
+        portals, earlier = self._portals, self._earlier
+        portals.pop(name, None)
+        earlier.pop(name, None)
+        if meaning is None:
+            return
+        if meaning.state >= _DROPPED:
+            if meaning.state == _DOUBTFUL:
+                self._forgotten_portals[name] = meaning.holdable
+            return
+        # Defined before a message still in flight that may drop it: in doubt until answered.
+        (earlier if self._portal_events else portals)[name] = meaning
 
     def _finish_pending(self, status: str, sqlstate: str, *, all_of_them: bool = False) -> None:
         """No more replies will come: the first statement in flight gets `status`, the ones
@@ -3087,6 +3495,9 @@ class PgSession(asyncio.Protocol):
             return
         # A write suspended at its row limit ran whole (RETURNING rows are fetched later).
         done = "ok" if status == "suspended" else status
+        statement = tracked.statement
+        if statement.command in _PORTAL_SCOPE_COMMANDS or "outside_transaction" in statement.flags:
+            self._note_portal_scope(statement, done)
         undone: list[_Tracked] | None = None
         if self._implicit:
             undone = self._note_committable(tracked, done)
