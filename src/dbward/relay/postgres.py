@@ -2372,13 +2372,24 @@ class PgSession(asyncio.Protocol):
         not): its portals are forgotten as doubtful. Cursors held from earlier transactions
         are in no scope: nothing here touches them."""
         scopes = self._scopes
+        doubtful = committed is None
+        portals, earlier = self._portals, self._earlier
         for scope in scopes:
-            for portal in scope.portals.values():
+            for name, portal in scope.portals.items():
                 if committed and portal.holdable:
                     if portal.state == _LIVE:
                         portal.state = _HELD
-                else:
-                    self._drop_portal(portal, doubtful=committed is None)
+                elif doubtful:
+                    self._drop_portal(portal, doubtful=True)
+                elif portal.state < _DROPPED:  # _drop_portal, inline: once per transaction
+                    portal.state = _DROPPED
+                    if portals.get(name) is portal:
+                        del portals[name]
+                    elif earlier.get(name) is portal:
+                        del earlier[name]
+                    else:
+                        continue
+                    self._executed_portals.discard(name)
         del scopes[1:]
         top = scopes[0]
         top.name = None
