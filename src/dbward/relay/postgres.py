@@ -2247,7 +2247,7 @@ class PgSession(asyncio.Protocol):
             if portal is None and name in self._earlier:
                 doubt = (
                     f"cursor {name!r} may have been dropped by a statement PostgreSQL has not"
-                    " answered yet (pipelined in the same sync group: send Sync first)"
+                    " answered yet (send it in a sync group of its own, after that answer)"
                 )
             elif portal is not None and ended is not None and portal.state != _HELD:
                 doubt = (
@@ -2321,9 +2321,11 @@ class PgSession(asyncio.Protocol):
 
     def _portal_in_doubt(self, name: str, out: list[bytes | bytearray]) -> _Await | None:
         """An Execute of a portal defined before a message PostgreSQL has not answered yet that
-        may have dropped it: it waits until nothing is in flight, if a Sync or Query will bring
-        that answer; otherwise (pipelined behind the COMMIT, ROLLBACK TO ... in the same sync
-        group) it is refused as uninspected (the poison Parse in its place)."""
+        may have dropped it: it waits until nothing is in flight, if a Sync or Query last in
+        flight will bring that answer; otherwise (pipelined behind the COMMIT, ROLLBACK TO ...
+        in its sync group, or after a Parse or Bind of a new sync group sent before the last
+        Sync was answered: waiting would stall, as PostgreSQL sends those answers only at the
+        client's next Sync) it is refused as uninspected (the poison Parse in its place)."""
         ops = self._ops
         if ops and ops[-1].code in (_OP_QUERY, _OP_SYNC):
             return _AWAIT_QUIET
@@ -2331,7 +2333,7 @@ class PgSession(asyncio.Protocol):
             "EXECUTE",
             "uninspected_portal",
             f"portal {name!r} may have been dropped by a statement PostgreSQL has not answered"
-            " yet (pipelined in the same sync group: send Sync first)",
+            " yet (send it in a sync group of its own, after that answer)",
         )
         decided, denial = self._decide_all((statement,), ProtocolPath.EXTENDED)
         assert denial is not None  # guard.unparseable refuses every uninspected statement
