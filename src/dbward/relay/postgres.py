@@ -99,6 +99,15 @@ _DATA_ROW: Final = 0x44
 
 # Statement and portal names are only compared with each other: decode them byte-for-byte.
 _NAME_CODEC = "latin-1"
+# PostgreSQL keys prepared statements and portals by their first NAMEDATALEN - 1 bytes (63 on
+# every normal build) in the server's encoding, converted from the client's. dbward's maps key
+# them by the bytes the client sent: a protocol-level name they agree on is ASCII (the same
+# bytes in every encoding) and at most 63 bytes (never cut, whatever NAMEDATALEN the server
+# has). Any other is refused (guard.name_limit): "A"*63+"x" and "A"*63+"y" were one statement
+# to PostgreSQL and two to dbward, which recorded a SELECT while PostgreSQL ran a DELETE.
+_NAME_MAX: Final = 63
+_NAME_TOO_LONG: Final = frozenset({"name_too_long"})
+_NAME_NOT_ASCII: Final = frozenset({"name_not_ascii"})
 
 _PRE_AUTH_MAX_MESSAGE = 65536
 
@@ -410,6 +419,32 @@ def _joined(own: tuple[str, ...], more: tuple[str, ...]) -> tuple[str, ...]:
     return own + tuple(name for name in more if name not in own)
 
 
+def _name_flags(name: str) -> frozenset[str]:
+    """Why a protocol-level statement or portal name is refused (see _NAME_MAX), as the flags
+    guard.name_limit reads; empty if it is not. `name` is latin-1: one character per byte."""
+    if len(name) > _NAME_MAX:
+        return _NAME_TOO_LONG
+    if not name.isascii():
+        return _NAME_NOT_ASCII
+    return frozenset()
+
+
+def _with_flags(statements: tuple[Statement, ...], flags: frozenset[str]) -> tuple[Statement, ...]:
+    return tuple(replace(statement, flags=statement.flags | flags) for statement in statements)
+
+
+def _misnamed(what: str, name: str, flags: frozenset[str]) -> Statement:
+    """What a message naming a statement or portal by a refused name stands for: the name is
+    never looked up (PostgreSQL might read it as another)."""
+    return Statement(
+        text="",
+        kind=StatementKind.UNKNOWN,
+        command="EXECUTE",
+        flags=flags,
+        error=f"{what} name {name!r} ({len(name)} bytes)",
+    )
+
+
 def _uninspected(command: str, flag: str, error: str) -> Statement:
     """A statement dbward could not inspect (no text to show): kind UNKNOWN, so it is denied."""
     return Statement(
@@ -490,6 +525,10 @@ class PgSession(asyncio.Protocol):
         self._database = ""
         self._application_name = ""
         self._codec = "utf-8"
+        # The server's encoding is UTF8 (it reports server_encoding at login; it never changes):
+        # SQL names that are not ASCII then mean for PostgreSQL what they mean for dbward's
+        # parser, if the session's client_encoding is UTF8 too (see _name_checked).
+        self._utf8_server = False
         self._upstream: UpstreamConnection | None = None
         self._scanner: BackendScanner | None = None
         self._cancel_key: tuple[int, bytes] | None = None
@@ -1005,6 +1044,7 @@ class PgSession(asyncio.Protocol):
         server_encoding = upstream.server_params.get("client_encoding")
         if server_encoding is not None:
             self._set_encoding(server_encoding)
+        self._utf8_server = upstream.server_params.get("server_encoding") == "UTF8"
         self._note_login_privileges(upstream.server_params)
         key = self.services.cancels.issue(upstream.backend_pid, self)
         self._cancel_key = (upstream.backend_pid, key)
@@ -1349,6 +1389,13 @@ class PgSession(asyncio.Protocol):
             else:
                 text = self._decode_text(query)
                 statements = self._classify(text) if text is not None else (self._undecodable(),)
+            if len(name) > _NAME_MAX or not name.isascii():
+                flags = _name_flags(name)
+                statements = (  # refused, as named (an empty query string too)
+                    _with_flags(statements, flags)
+                    if statements
+                    else (_misnamed("prepared statement", name, flags),)
+                )
             # Decided here as well as at every Execute: a statement that would be denied never
             # reaches PostgreSQL, so a Parse/Describe of it cannot tell the client whether its
             # tables exist or what their columns are.
@@ -1364,6 +1411,14 @@ class PgSession(asyncio.Protocol):
             return None
         if msg_type == _B:
             portal_name, statement_name = messages.bind_names(payload, _NAME_CODEC)
+            if (
+                len(portal_name) > _NAME_MAX
+                or len(statement_name) > _NAME_MAX
+                or not portal_name.isascii()
+                or not statement_name.isascii()
+            ):
+                self._refuse_bind_names(portal_name, statement_name, out)
+                return None
             pending = self._pending_statements.get(statement_name)
             if pending is not None and pending.sync_mark != self._syncs:
                 # Prepared in an earlier sync group that PostgreSQL has not answered: if that
@@ -1392,6 +1447,11 @@ class PgSession(asyncio.Protocol):
             return None
         if msg_type == _E:
             portal_name, max_rows = messages.execute_parts(payload)
+            if len(portal_name) > _NAME_MAX or not portal_name.isascii():
+                self._refuse_name(
+                    (_misnamed("portal", portal_name, _name_flags(portal_name)),), out
+                )
+                return None
             bound = self._pending_portals.get(portal_name)
             if bound is not None and bound.sync_mark != self._syncs:
                 return _Await(definitions=(bound,))  # bound in an earlier, unanswered group
@@ -1421,11 +1481,22 @@ class PgSession(asyncio.Protocol):
             return None
         if msg_type == _D:
             messages.check_describe(payload)
+            if len(payload) > _NAME_MAX + 2 or not payload.isascii():  # kind, name, NUL
+                name = payload[1:-1].decode(_NAME_CODEC)
+                what = "portal" if payload[0] == 0x50 else "prepared statement"
+                # Describe runs nothing: refused, and in no audit record (as it is in none).
+                self._refuse_name((_misnamed(what, name, _name_flags(name)),), out, record=False)
+                return None
             self._ops.append(_DESCRIBE_OP)
             out.append(raw)
             return None
         if msg_type == _C:
             close = messages.parse_close(payload, _NAME_CODEC)
+            if len(close.name) > _NAME_MAX or not close.name.isascii():
+                what = "prepared statement" if close.kind == "S" else "portal"
+                flags = _name_flags(close.name)
+                self._refuse_name((_misnamed(what, close.name, flags),), out, record=False)
+                return None
             if close.kind != "S":
                 self._executed_portals.discard(close.name)
             op = _Op(_OP_CLOSE)
@@ -1582,10 +1653,13 @@ class PgSession(asyncio.Protocol):
             if classified.prepared_name is not None or classified.command.startswith(
                 ("DEALLOCATE", "DISCARD")
             ):
-                statement = self._resolve_prepared(classified, changes)
+                statement = self._name_checked(classified, classified.prepared_name)
+                statement = self._resolve_prepared(statement, changes)
             elif classified.cursor_name is not None and "fetches_cursor" in classified.flags:
-                statement = self._resolve_cursor(classified, cursors)
+                statement = self._name_checked(classified, classified.cursor_name)
+                statement = self._resolve_cursor(statement, cursors)
             elif classified.cursor_name is not None or "closes_all_cursors" in classified.flags:
+                statement = self._name_checked(classified, classified.cursor_name)
                 if cursors is None:
                     cursors = {}
                 if classified.cursor_name is None:
@@ -1602,6 +1676,16 @@ class PgSession(asyncio.Protocol):
                 denial = decision
             decided.append((statement, decision, stmt_path))
         return decided, denial
+
+    def _name_checked(self, statement: Statement, name: str | None) -> Statement:
+        """`statement`, flagged for guard.name_limit if it names a prepared statement or cursor
+        in SQL by a name that is not ASCII and PostgreSQL may not read as dbward's parser did:
+        the parser reads it from UTF-8 (cut at 63 bytes of UTF-8, ASCII letters folded), the
+        server in its own encoding (cut there; a single-byte one folds other letters too), once
+        converted from the client's (by tables dbward does not share)."""
+        if name is None or name.isascii() or (self._utf8_server and self._codec == "utf-8"):
+            return statement
+        return replace(statement, flags=statement.flags | _NAME_NOT_ASCII)
 
     def _record_intents(
         self,
@@ -1755,6 +1839,41 @@ class PgSession(asyncio.Protocol):
             poison.definition = self._define("", None, portal=False, drops_on_failure=True)
         self._ops.append(poison)
         self._discard_until_sync = True
+
+    def _refuse_name(
+        self,
+        statements: tuple[Statement, ...],
+        out: list[bytes | bytearray],
+        *,
+        record: bool = True,
+    ) -> None:
+        """Refuse a Bind, Execute, Describe or Close naming a statement or portal by a name
+        PostgreSQL might read as another (guard.name_limit, see _NAME_MAX): the poison Parse in
+        its place, then skip to Sync, as for a denied Execute. Nothing is (re)defined."""
+        decided, denial = self._decide_all(statements, ProtocolPath.EXTENDED)
+        assert denial is not None  # guard.name_limit refuses every statement flagged so
+        if record:
+            self._record_denied(decided, denial)
+        self._ops.append(_Op(_OP_POISON, None, _denial_frame(denial)))
+        out.append(_POISON_PARSE)
+        self._discard_until_sync = True
+
+    def _refuse_bind_names(
+        self, portal_name: str, statement_name: str, out: list[bytes | bytearray]
+    ) -> None:
+        """A Bind with a refused name: recorded as the statement it binds when that one's
+        name is fine and dbward holds it, else as what the name stands for."""
+        flags = _name_flags(statement_name)
+        statements: tuple[Statement, ...]
+        if flags:
+            statements = (_misnamed("prepared statement", statement_name, flags),)
+        else:
+            flags = _name_flags(portal_name)
+            found = self._prepared.get(statement_name)
+            statements = (
+                _with_flags(found, flags) if found else (_misnamed("portal", portal_name, flags),)
+            )
+        self._refuse_name(statements, out)
 
     def _handle_query(
         self,
