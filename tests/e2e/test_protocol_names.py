@@ -1,5 +1,5 @@
-"""Statement and portal names PostgreSQL reads as one name: through dbward, against a real
-PostgreSQL.
+"""Statement and portal names PostgreSQL reads as one name, and the unnamed ones a simple Query
+drops: through dbward, against a real PostgreSQL.
 
 PostgreSQL keys prepared statements and portals by their first 63 bytes (NAMEDATALEN - 1):
 "A"*63+"x" and "A"*63+"y" are one name to it. dbward's maps kept them apart, so a DELETE
@@ -142,3 +142,36 @@ def test_portal_names_postgresql_cuts_to_one_are_refused_and_nothing_commits(
         ("", *REFUSED),  # the Execute
         ("COMMIT", "allow", "default.allow", [("rolled_back", "")]),
     ]
+
+
+def test_the_unnamed_portal_and_statement_after_a_query_are_postgresqls(
+    proxy: Proxy, pg_server: PgServer
+) -> None:
+    """A simple Query runs its statements in the unnamed portal (and drops it after each one
+    that succeeds) and drops the unnamed statement as it starts: an Execute of the portal, or
+    a Bind of the statement, bound and parsed before it gets 34000 or 26000 from PostgreSQL.
+    dbward decided and recorded them as the SELECT bound before the Query."""
+    portal = [
+        m.query("BEGIN"),
+        m.parse_message("", "SELECT 41 AS old") + m.bind_message("", "", []) + m.sync(),
+        m.query("SELECT 2"),
+        m.execute_message("") + m.sync(),
+        m.query("ROLLBACK"),
+    ]
+    statement = [
+        m.parse_message("", "SELECT 42 AS old") + m.sync(),
+        m.query("SELECT 3"),
+        m.bind_message("", "", []) + m.execute_message("") + m.sync(),
+    ]
+    direct = [_shape(r) for r in _direct(pg_server, portal + statement)]
+    assert direct[3] == ["E 34000", "Z"] and direct[7] == ["E 26000", "Z"]
+    app = app_name("r48-unnamed")
+    session = RawSession(proxy, app)
+    try:
+        proxied = [_shape(session.send(group)) for group in portal + statement]
+    finally:
+        session.close()
+    assert proxied == direct
+    texts = [text for text, _, _, _ in _records(proxy, app)]
+    assert not any("AS old" in text for text in texts), texts
+    assert texts[:4] == ["BEGIN", "SELECT 2", "ROLLBACK", "SELECT 3"], texts

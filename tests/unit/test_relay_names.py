@@ -1,4 +1,5 @@
-"""Names PostgreSQL might read as other names are refused (bytes in, bytes out).
+"""Names PostgreSQL might read as other names are refused, and a simple Query drops the unnamed
+statement and portal from dbward's maps as it does from PostgreSQL's (bytes in, bytes out).
 
 PostgreSQL keys prepared statements and portals by their first 63 bytes (NAMEDATALEN - 1) in
 the server's encoding: "A"*63+"x" and "A"*63+"y" are one statement to it. Checked against
@@ -113,6 +114,80 @@ def test_a_name_that_is_not_ascii_is_refused() -> None:
     assert error["C"] == "42602" and "must be ASCII" in error["M"], error
     assert _denials(sink) == [("SELECT 1", "guard.name_limit", "denied")]
     assert session._prepared == {}
+
+
+def test_a_query_drops_the_unnamed_statement_and_portal() -> None:
+    """PostgreSQL drops the unnamed statement as a Query starts and runs the Query's statements
+    in the unnamed portal: an Execute of it then answers 34000 (25P02 in a failed block). dbward
+    decided and recorded it as the statement bound before."""
+    session, _, upstream, sink = _session()
+    session.data_received(m.query("BEGIN"))
+    session._on_upstream_data(m.command_complete("BEGIN") + m.ready_for_query(b"T"))
+    session.data_received(m.parse_message("", "SELECT 1") + m.bind_message("", "", []) + m.sync())
+    session._on_upstream_data(PARSED + BOUND + m.ready_for_query(b"T"))
+    assert "" in session._prepared and "" in session._portals
+    session.data_received(m.query("SELECT 2"))
+    assert "" not in session._prepared and "" not in session._portals
+    session._on_upstream_data(m.command_complete("SELECT 1") + m.ready_for_query(b"T"))
+    assert session._pending_statements == {} and session._pending_portals == {}
+    upstream.written.clear()
+    session.data_received(m.execute_message("") + m.sync())
+    # asked about as a portal dbward does not hold: a Describe of it, then the poison
+    assert upstream.written == m.describe_message("P", "") + POISON + m.sync()
+    assert [r.sql_text for r in sink.records if r.event == "statement"] == ["BEGIN", "SELECT 2"]
+
+
+def test_an_empty_query_drops_the_unnamed_statement_only() -> None:
+    session, _, _, _ = _session()
+    session.data_received(m.query("BEGIN"))
+    session._on_upstream_data(m.command_complete("BEGIN") + m.ready_for_query(b"T"))
+    session.data_received(m.parse_message("", "SELECT 1") + m.bind_message("", "", []) + m.sync())
+    session._on_upstream_data(PARSED + BOUND + m.ready_for_query(b"T"))
+    session.data_received(m.query(""))  # runs no statement: the portal stays
+    session._on_upstream_data(m._frame(b"I", b"") + m.ready_for_query(b"T"))
+    assert "" not in session._prepared and "" in session._portals
+
+
+def test_a_query_postgresql_skips_drops_nothing() -> None:
+    """An error earlier in an extended-protocol group with no Sync after it yet: PostgreSQL
+    ignores the Query (up to the Sync) and keeps both unnamed names."""
+    session, _, _, _ = _session()
+    session.data_received(m.query("BEGIN"))
+    session._on_upstream_data(m.command_complete("BEGIN") + m.ready_for_query(b"T"))
+    session.data_received(m.parse_message("", "SELECT 1") + m.bind_message("", "", []) + m.sync())
+    session._on_upstream_data(PARSED + BOUND + m.ready_for_query(b"T"))
+    session.data_received(
+        m.parse_message("bad", "SELECT * FROM missing") + m.query("SELECT 2") + m.sync()
+    )
+    assert "" not in session._prepared and "" not in session._portals
+    session._on_upstream_data(
+        m.error_response("ERROR", "42P01", "x") + m.ready_for_query(b"E")  # the Sync's
+    )
+    assert session._prepared[""][0].text == "SELECT 1"
+    assert session._portals[""][0].text == "SELECT 1"
+    assert not session._ops
+
+
+def test_an_earlier_bind_undone_after_the_query_was_sent_stays_dropped() -> None:
+    """A Bind of the unnamed portal PostgreSQL skips, answered after a Query was sent behind
+    it: what the name meant before the Bind goes to the Query's drop, not back in the map."""
+    session, _, _, _ = _session()
+    session.data_received(m.query("BEGIN"))
+    session._on_upstream_data(m.command_complete("BEGIN") + m.ready_for_query(b"T"))
+    _prepared(session, "s1", "SELECT 1")
+    session.data_received(m.bind_message("", "s1", []) + m.sync())
+    session._on_upstream_data(BOUND + m.ready_for_query(b"T"))
+    session.data_received(
+        m.parse_message("bad", "SELECT * FROM missing")
+        + m.bind_message("", "s1", [])
+        + m.sync()
+        + m.query("SELECT 2")
+    )
+    session._on_upstream_data(m.error_response("ERROR", "42P01", "x") + m.ready_for_query(b"E"))
+    assert "" not in session._portals  # the Bind was skipped; the Query has not answered yet
+    session._on_upstream_data(m.error_response("ERROR", "25P02", "x") + m.ready_for_query(b"E"))
+    assert "" not in session._portals and "" not in session._prepared
+    assert session._pending_statements == {} and session._pending_portals == {}
 
 
 def _cursor_names(session: PgSession, client: RecordingTransport, sql: str) -> dict[str, str]:

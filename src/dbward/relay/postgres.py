@@ -192,6 +192,7 @@ class _Op:
         "data_type",
         "decided",
         "definition",
+        "drops",
         "index",
         "limit",
         "max_rows",
@@ -217,6 +218,8 @@ class _Op:
         self.max_rows = max_rows  # Execute's row limit: PortalSuspended means exactly this many
         # Parse/Bind/Close (and an unnamed poison Parse): the name it (re)defines.
         self.definition: _Definition | None = None
+        # A Query: the unnamed statement and portal it makes PostgreSQL drop (_forget_unnamed).
+        self.drops: tuple[_Definition, ...] = ()
         self.copies = 0  # COPY FROM STDIN statements of a Query/Execute not started yet
         # The data frames its reply may carry now: _DATA_ROW (an Execute from the start, set
         # by _handle_execute; a Query's statement after its RowDescription), _COPY_DATA (after
@@ -1897,16 +1900,21 @@ class PgSession(asyncio.Protocol):
         path: ProtocolPath,
     ) -> tuple[asyncio.Future[int], tuple[bytes | bytearray, bytes]] | None:
         if not statements:  # empty query string: PostgreSQL answers EmptyQueryResponse
-            self._ops.append(_Op(_OP_QUERY, []))
+            op = _Op(_OP_QUERY, [])
+            self._forget_unnamed(op, portal=False)  # no statement runs in the portal
+            self._ops.append(op)
             out.append(raw)
             return None
         tracked, durable, denial = self._admit(statements, path)
         if denial is not None:
-            self._ops.append(_Op(_OP_QUERY, [], _denial_frame(denial)))
+            op = _Op(_OP_QUERY, [], _denial_frame(denial))
+            self._forget_unnamed(op, portal=True)  # the poison is a Query too
+            self._ops.append(op)
             out.append(_query_poison(statements, path))
             return None
         op = _Op(_OP_QUERY, tracked)
         op.limit = len(tracked)
+        self._forget_unnamed(op, portal=True)
         self._ops.append(op)
         if self._copies_admitted:
             self._count_copies(op)
@@ -1914,6 +1922,28 @@ class PgSession(asyncio.Protocol):
             return durable, (raw, _query_poison(statements, path))
         out.append(raw)
         return None
+
+    def _forget_unnamed(self, op: _Op, *, portal: bool) -> None:
+        """A Query goes to PostgreSQL (`op`: its op; `portal`: it holds a statement).
+
+        PostgreSQL drops the unnamed statement as it starts any Query, and runs each statement
+        of one in the unnamed portal, replacing the client's: dropped once the statement
+        succeeds, and when it fails the failed portal (which runs nothing again) stays until its
+        transaction block ends. Only a first statement failing before it runs (to parse, its
+        table unknown, in a block already failed) leaves the client's — in a failed block, where
+        an Execute of it fails too, unless it was bound there from COMMIT or ROLLBACK. dbward
+        forgets both names: an Execute of the unnamed portal is then asked about as one it
+        never saw (_probe_unseen_portal), a Bind of the unnamed statement refused as
+        uninspectable. Before, it ran as the old statement in dbward's decision and records
+        while PostgreSQL answered 34000 or 25P02. Undone if PostgreSQL skips the Query (an
+        error earlier in an extended-protocol group with no Sync after it yet)."""
+        drops: list[_Definition] = []
+        if "" in self._prepared or "" in self._pending_statements:
+            drops.append(self._define("", None, portal=False, drops_on_failure=False))
+        if portal and ("" in self._portals or "" in self._pending_portals):
+            drops.append(self._define("", None, portal=True, drops_on_failure=False))
+        if drops:
+            op.drops = tuple(drops)
 
     def _handle_execute(
         self,
@@ -2199,6 +2229,8 @@ class PgSession(asyncio.Protocol):
                 if op.code == _OP_QUERY:
                     if op.tracked and op.index < len(op.tracked):  # statements left unanswered
                         self._finish_op(op, "not_executed", "")
+                    for dropped in op.drops:  # whether the Query succeeded or failed
+                        self._settle(dropped, None)
                     break
                 if op.code == _OP_SYNC:
                     break
@@ -2510,6 +2542,8 @@ class PgSession(asyncio.Protocol):
         for item in skipped:
             if item.definition is not None:
                 self._settle(item.definition, "skipped")
+            for dropped in item.drops:  # a Query PostgreSQL skipped: the names are back
+                self._settle(dropped, "skipped")
         return replacement
 
     def _record_refused_parse(
