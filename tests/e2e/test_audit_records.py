@@ -114,7 +114,7 @@ def _record_text(record: AuditRecord) -> int:
 def test_client_names_and_parser_errors_are_kept_bounded_after_login(proxy: Proxy) -> None:
     """sql_text is cut at sql_text_max, but the record's detail held the parser's message or
     dbward's own whole: an unterminated string quotes the rest of the statement (up to
-    max_statement_bytes, 16 MB), and a Bind or Execute of a name dbward never saw quoted the
+    max_statement_bytes, 16 MB), and an Execute of a portal name refused as too long quotes the
     name (up to a message's size). They are kept to their start, like a claimed name."""
     app = app_name("bounded-after-login")
     session = RawSession(proxy, app)
@@ -124,34 +124,25 @@ def test_client_names_and_parser_errors_are_kept_bounded_after_login(proxy: Prox
         errors = [messages.parse_error_fields(p) for t, p in replies if t == b"E"]
         assert len(errors) == 1 and errors[0]["C"] == "42501", errors
         assert len(errors[0]["M"]) < 500, len(errors[0]["M"])
-        # A portal PostgreSQL holds and dbward forgot (at a DISCARD ALL that PostgreSQL refused
-        # in the block; ROLLBACK TO SAVEPOINT makes the portal usable): its Execute is refused.
-        # (One PostgreSQL does not hold gets PostgreSQL's 34000, quoting the name; PostgreSQL
-        # drops the connection at an Execute over 10,000 bytes.)
+        # A portal name over 63 bytes is refused (guard.name_limit), whatever it names.
         long_name = "p" * 5_000
-        session.query("BEGIN")
-        session.send(
-            messages.parse_message("", "SELECT 1")
-            + messages.bind_message(long_name, "")
-            + messages.sync()
-        )
-        session.query("SAVEPOINT sp")
-        session.query("DISCARD ALL")
-        session.query("ROLLBACK TO sp")
         replies = session.send(messages.execute_message(long_name) + messages.sync())
         errors = [messages.parse_error_fields(p) for t, p in replies if t == b"E"]
-        assert len(errors) == 1 and errors[0]["C"] == "42501", errors
+        assert len(errors) == 1 and errors[0]["C"] == "42622", errors
         assert len(errors[0]["M"]) < 500, len(errors[0]["M"])
-        session.query("ROLLBACK")
         assert session.query("SELECT 1")[-1][0] == b"Z"
     finally:
         session.close()
     records = proxy.session_records(app, until=has_disconnect)
     intents = statements(records)
-    assert [r.decision for r in intents] == ["deny", *["allow"] * 4, "deny", *["allow"] * 2]
-    unterminated, portal = intents[0].detail, intents[5].detail
+    assert [(r.decision, r.rule) for r in intents] == [
+        ("deny", "guard.unparseable"),
+        ("deny", "guard.name_limit"),
+        ("allow", "default.allow"),
+    ]
+    unterminated, portal = intents[0].detail, intents[1].detail
     assert unterminated.startswith("""unterminated quoted string at or near "'never closed qqq""")
-    assert portal.startswith("portal 'pppp")
+    assert portal.startswith("portal name 'pppp")
     assert all("…[truncated: " in text for text in (unterminated, portal))
     for record in records:
         assert _record_text(record) < 6000, (record.event, record.command, len(record.detail))
