@@ -174,4 +174,6 @@ def test_the_unnamed_portal_and_statement_after_a_query_are_postgresqls(
     assert proxied == direct
     texts = [text for text, _, _, _ in _records(proxy, app)]
     assert not any("AS old" in text for text in texts), texts
-    assert texts[:4] == ["BEGIN", "SELECT 2", "ROLLBACK", "SELECT 3"], texts
+    # Neither the Execute nor the Bind ran, and neither is recorded (round 51: the Bind's
+    # Execute was recorded as refused while the client got PostgreSQL's 26000).
+    assert texts == ["BEGIN", "SELECT 2", "ROLLBACK", "SELECT 3"], texts

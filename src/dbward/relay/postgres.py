@@ -244,7 +244,8 @@ class _Op:
         self.sources = sources
         # Parse: its statements as decided, recorded only if PostgreSQL refuses the Parse and
         # no Execute of it follows in the sync group to carry the error. Describe: dbward's own,
-        # for an Execute of a portal it never saw (decided and refused if the portal exists).
+        # for an Execute of a portal or a Bind of a statement it never saw (decided and refused
+        # if PostgreSQL holds it: see _probe_unseen).
         self.decided: list[tuple[Statement, Decision, ProtocolPath]] | None = None
 
 
@@ -1455,16 +1456,10 @@ class PgSession(asyncio.Protocol):
                 # Parse fails, this Bind would use whatever the name meant before it.
                 return _Await(definitions=(pending,))
             found = self._prepared.get(statement_name)
-            # A statement dbward did not see prepared (SQL PREPARE, or forgotten after
-            # DEALLOCATE/DISCARD) cannot be inspected: it is denied at Execute.
             if found is None:
-                found = (
-                    _uninspected(
-                        "EXECUTE",
-                        "uninspected_statement",
-                        f"prepared statement {statement_name!r} was not seen by dbward",
-                    ),
-                )
+                # Mostly PostgreSQL holds none either (26000); else it cannot be inspected.
+                self._probe_unseen(statement_name, out, portal=False)
+                return None
             self._ran_since_ready = True  # planning may run (immutable) functions
             self._executed_portals.discard(portal_name)  # a new portal of that name
             op = _Op(_OP_BIND)
@@ -1487,7 +1482,7 @@ class PgSession(asyncio.Protocol):
                 return _Await(definitions=(bound,))  # bound in an earlier, unanswered group
             portal = self._portals.get(portal_name)
             if portal is None:
-                self._probe_unseen_portal(portal_name, out)
+                self._probe_unseen(portal_name, out, portal=True)
                 return None
             waits = (
                 self._unsettled_names(portal)
@@ -1960,11 +1955,11 @@ class PgSession(asyncio.Protocol):
         transaction block ends. Only a first statement failing before it runs (to parse, its
         table unknown, in a block already failed) leaves the client's — in a failed block, where
         an Execute of it fails too, unless it was bound there from COMMIT or ROLLBACK. dbward
-        forgets both names: an Execute of the unnamed portal is then asked about as one it
-        never saw (_probe_unseen_portal), a Bind of the unnamed statement refused as
-        uninspectable. Before, it ran as the old statement in dbward's decision and records
-        while PostgreSQL answered 34000 or 25P02. Undone if PostgreSQL skips the Query (an
-        error earlier in an extended-protocol group with no Sync after it yet)."""
+        forgets both names: an Execute of the unnamed portal, or a Bind of the unnamed
+        statement, is then asked about as one it never saw (_probe_unseen). Before, it ran as
+        the old statement in dbward's decision and records while PostgreSQL answered 34000 or
+        25P02. Undone if PostgreSQL skips the Query (an error earlier in an extended-protocol
+        group with no Sync after it yet)."""
         drops: list[_Definition] = []
         if "" in self._prepared or "" in self._pending_statements:
             drops.append(self._define("", None, portal=False, drops_on_failure=False))
@@ -2004,31 +1999,43 @@ class PgSession(asyncio.Protocol):
         out.append(raw)
         return None
 
-    def _probe_unseen_portal(self, name: str, out: list[bytes | bytearray]) -> None:
-        """An Execute of a portal dbward never saw defined: refused if PostgreSQL holds one.
+    def _probe_unseen(self, name: str, out: list[bytes | bytearray], *, portal: bool) -> None:
+        """An Execute of a portal, or a Bind of a prepared statement, dbward never saw defined:
+        refused if PostgreSQL holds one, else PostgreSQL's own answer.
 
-        What such a portal runs cannot be inspected (a cursor a function opened, one dbward
-        forgot at DEALLOCATE/DISCARD). But mostly there is none — its Bind failed, its
-        transaction ended, it never was — and PostgreSQL answers 34000 "portal does not exist",
-        not dbward's 42501 for running something. So PostgreSQL gets a Describe of the portal
-        (it changes nothing) then the poison Parse, in place of the Execute. If the Describe
-        fails, its error is the client's answer (the same code and message as the Execute's;
-        the routine and line fields name the Describe) and PostgreSQL skips the poison. If it
-        describes a portal, that answer is dropped and the refusal recorded (see
-        _on_backend_message), and the poison's error becomes the refusal. Either way
-        PostgreSQL skips to the Sync, as after a refused Execute; so does dbward. Nothing ran
-        when the portal does not exist, and nothing is recorded (as for a Describe or Close).
+        What such a portal or statement runs cannot be inspected (a cursor a function opened, a
+        statement a function prepared, one dbward forgot at DEALLOCATE/DISCARD). But mostly
+        there is none — its Bind or Parse failed, its transaction ended, a simple Query dropped
+        the unnamed one, it never was — and PostgreSQL answers 34000 "portal does not exist" or
+        26000 "prepared statement does not exist", not dbward's 42501 for running something. So
+        PostgreSQL gets a Describe of it (which changes nothing) then the poison Parse, in place
+        of the Execute or Bind. If the Describe fails, its error is the client's answer (the
+        same code and message; the routine and line fields may name the Describe) and
+        PostgreSQL skips the poison. If it describes one, that answer (a statement's
+        ParameterDescription, then RowDescription or NoData) is dropped and the refusal
+        recorded (see _on_backend_message), and the poison's error becomes the refusal. Either
+        way PostgreSQL skips to the Sync, as after a refused message; so does dbward. Nothing
+        ran when there is none, and nothing is recorded (as for a Describe or Close).
         """
-        statement = _uninspected(
-            "EXECUTE", "uninspected_portal", f"portal {name!r} was not seen by dbward"
-        )
+        if portal:
+            statement = _uninspected(
+                "EXECUTE", "uninspected_portal", f"portal {name!r} was not seen by dbward"
+            )
+        else:
+            # A Bind plans the statement, which may run functions: it is refused at the Bind
+            # (as a denied Parse is at the Parse), not at the Execute after it.
+            statement = _uninspected(
+                "EXECUTE",
+                "uninspected_statement",
+                f"prepared statement {name!r} was not seen by dbward",
+            )
         decided, denial = self._decide_all((statement,), ProtocolPath.EXTENDED)
         assert denial is not None  # guard.unparseable refuses every uninspected statement
         probe = _Op(_OP_DESCRIBE)
-        probe.decided = decided  # refused and recorded if the portal exists
+        probe.decided = decided  # refused and recorded if it exists
         self._ops.append(probe)
         self._ops.append(_Op(_OP_POISON, None, _denial_frame(denial)))
-        out.append(messages.describe_message("P", name, _NAME_CODEC))
+        out.append(messages.describe_message("P" if portal else "S", name, _NAME_CODEC))
         out.append(_POISON_PARSE)
         self._discard_until_sync = True
 
@@ -2072,7 +2079,7 @@ class PgSession(asyncio.Protocol):
         PostgreSQL drops them only if it succeeds: refused (in a failed block, DISCARD ALL in
         a block), they stay, and ROLLBACK TO SAVEPOINT makes them usable again. So until its
         answer says they are gone, and after a refusal, a SQL FETCH or MOVE of one is refused
-        (as an Execute of one is: see _probe_unseen_portal). It was read as a cursor dbward
+        (as an Execute of one is: see _probe_unseen). It was read as a cursor dbward
         never saw, as the FETCH its text shows: `FETCH ALL p` of a portal bound from `DELETE
         ... RETURNING` ran the DELETE recorded as a read of no table.
         """
@@ -2333,9 +2340,10 @@ class PgSession(asyncio.Protocol):
             if ops and ops[0].code == _OP_DESCRIBE:
                 decided = ops.popleft().decided
                 if decided is not None:
-                    # dbward's Describe in place of an Execute of a portal it never saw: the
-                    # portal exists, so the Execute is refused (the poison's error, next, is
-                    # the refusal). The client asked for no description: it is dropped.
+                    # dbward's Describe in place of an Execute of a portal (a Bind of a
+                    # statement) it never saw: it exists, so the Execute (Bind) is refused (the
+                    # poison's error, next, is the refusal). The client asked for no
+                    # description: it is dropped.
                     self._record_denied(decided, decided[0][1])
                     return b""
                 return None
@@ -2454,7 +2462,9 @@ class PgSession(asyncio.Protocol):
             raise ProtocolError("CopyDone with no COPY TO STDOUT going on")
         if msg_type == 0x74:  # ParameterDescription: answers a Describe of a statement only
             if ops and ops[0].code == _OP_DESCRIBE:
-                return None  # its RowDescription or NoData follows
+                # Its RowDescription or NoData follows. dbward's own Describe's (the statement
+                # exists: _probe_unseen) is dropped, as that is.
+                return None if ops[0].decided is None else b""
             raise ProtocolError("ParameterDescription with no Describe in flight")
         if msg_type == 0x44:  # DataRow, first of a run (_on_upstream_data let the due ones by)
             # No row is due: nothing in flight, a Parse, Bind, Describe, Close or Sync first in
