@@ -2,7 +2,7 @@
 PostgreSQL directly and through dbward, replies compared (see tests/fixtures/protofuzz.py).
 
     python bench/protocol_fuzz.py --minutes 20 [--seed 1] [--out /tmp/fuzz] [--chunked]
-        [--durability batched]
+        [--durability batched] [--long-names]
 
 Starts its own throwaway PostgreSQL and dbward. Every difference is shrunk to a minimal
 sequence and written to --out (one text file each); the run goes on until the time is up.
@@ -50,6 +50,11 @@ def main() -> int:
     )
     parser.add_argument("--max-groups", type=int, default=14)
     parser.add_argument(
+        "--long-names",
+        action="store_true",
+        help="statement and portal names of 63 bytes, and of 64 that PostgreSQL cuts to those",
+    )
+    parser.add_argument(
         "--durability",
         choices=["strict", "batched"],
         default="strict",
@@ -72,7 +77,7 @@ def main() -> int:
         seed = args.seed
         while time.monotonic() < deadline:
             rng = random.Random(seed)
-            groups = fz.generate(rng, args.max_groups)
+            groups = fz.generate(rng, args.max_groups, long_names=args.long_names)
             chunker = random.Random(seed) if args.chunked else None
             try:
                 verdict = fz.check(direct, proxied, groups, chunked=chunker)
@@ -108,7 +113,10 @@ def main() -> int:
     finally:
         stop_proxy(proxy)
         stop_pg_server(pg, base)
-    print(f"done: {tried} sequences, {differences} differences ({len(seen)} distinct)")
+    print(
+        f"done: {tried} sequences, {differences} differences ({len(seen)} distinct),"
+        f" seeds {args.seed}..{seed - 1}"
+    )
     for reason, count in refusals.most_common():
         print(f"  stopped at a dbward refusal {count}x: {reason}")
     return 1 if differences else 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -13,10 +14,12 @@ import pytest
 
 from dbward.audit.records import AuditRecord
 from dbward.wire.postgres import messages
+from fixtures import protofuzz as fz
 from fixtures.clients import app_name, has_disconnect, is_outcome, outcomes, statements
 from fixtures.drivers import aconnect, outcomes_of
+from fixtures.postgres import PgServer
 from fixtures.proxy import Proxy
-from fixtures.raw import RawSession, read_message
+from fixtures.raw import RawSession, direct_session, read_message, scratch_table
 
 
 def _intent(records: list[AuditRecord], needle: str) -> AuditRecord | None:
@@ -114,7 +117,7 @@ def _record_text(record: AuditRecord) -> int:
 def test_client_names_and_parser_errors_are_kept_bounded_after_login(proxy: Proxy) -> None:
     """sql_text is cut at sql_text_max, but the record's detail held the parser's message or
     dbward's own whole: an unterminated string quotes the rest of the statement (up to
-    max_statement_bytes, 16 MB), and a Bind or Execute of a name dbward never saw quoted the
+    max_statement_bytes, 16 MB), and an Execute of a portal name refused as too long quotes the
     name (up to a message's size). They are kept to their start, like a claimed name."""
     app = app_name("bounded-after-login")
     session = RawSession(proxy, app)
@@ -124,34 +127,25 @@ def test_client_names_and_parser_errors_are_kept_bounded_after_login(proxy: Prox
         errors = [messages.parse_error_fields(p) for t, p in replies if t == b"E"]
         assert len(errors) == 1 and errors[0]["C"] == "42501", errors
         assert len(errors[0]["M"]) < 500, len(errors[0]["M"])
-        # A portal PostgreSQL holds and dbward forgot (at a DISCARD ALL that PostgreSQL refused
-        # in the block; ROLLBACK TO SAVEPOINT makes the portal usable): its Execute is refused.
-        # (One PostgreSQL does not hold gets PostgreSQL's 34000, quoting the name; PostgreSQL
-        # drops the connection at an Execute over 10,000 bytes.)
+        # A portal name over 63 bytes is refused (guard.name_limit), whatever it names.
         long_name = "p" * 5_000
-        session.query("BEGIN")
-        session.send(
-            messages.parse_message("", "SELECT 1")
-            + messages.bind_message(long_name, "")
-            + messages.sync()
-        )
-        session.query("SAVEPOINT sp")
-        session.query("DISCARD ALL")
-        session.query("ROLLBACK TO sp")
         replies = session.send(messages.execute_message(long_name) + messages.sync())
         errors = [messages.parse_error_fields(p) for t, p in replies if t == b"E"]
-        assert len(errors) == 1 and errors[0]["C"] == "42501", errors
+        assert len(errors) == 1 and errors[0]["C"] == "42622", errors
         assert len(errors[0]["M"]) < 500, len(errors[0]["M"])
-        session.query("ROLLBACK")
         assert session.query("SELECT 1")[-1][0] == b"Z"
     finally:
         session.close()
     records = proxy.session_records(app, until=has_disconnect)
     intents = statements(records)
-    assert [r.decision for r in intents] == ["deny", *["allow"] * 4, "deny", *["allow"] * 2]
-    unterminated, portal = intents[0].detail, intents[5].detail
+    assert [(r.decision, r.rule) for r in intents] == [
+        ("deny", "guard.unparseable"),
+        ("deny", "guard.name_limit"),
+        ("allow", "default.allow"),
+    ]
+    unterminated, portal = intents[0].detail, intents[1].detail
     assert unterminated.startswith("""unterminated quoted string at or near "'never closed qqq""")
-    assert portal.startswith("portal 'pppp")
+    assert portal.startswith("portal name 'pppp")
     assert all("…[truncated: " in text for text in (unterminated, portal))
     for record in records:
         assert _record_text(record) < 6000, (record.event, record.command, len(record.detail))
@@ -189,6 +183,174 @@ def test_a_portal_that_does_not_exist_is_in_no_record_and_a_refused_query_in_one
         ("BEGIN", "allow", [("ok", "")]),
         ("EXECUTE q2(7)", "deny", [("denied", "42501")]),
         ("ROLLBACK", "allow", [("ok", "")]),
+    ]
+
+
+def _answers(replies: list[tuple[bytes, bytes]]) -> list[str]:
+    """Message types, errors with their SQLSTATE and message (not their routine or line)."""
+    shown = []
+    for kind, payload in replies:
+        if kind == b"E":
+            fields = messages.parse_error_fields(payload)
+            shown.append(f"E {fields['C']} {fields['M']}")
+        elif kind != b"N":
+            shown.append(kind.decode())
+    return shown
+
+
+def _replies(sock: socket.socket, data: bytes, syncs: int) -> list[tuple[bytes, bytes]]:
+    """Send `data`; the replies up to the `syncs`-th ReadyForQuery."""
+    sock.sendall(data)
+    out = []
+    while syncs:
+        kind, payload = read_message(sock)
+        out.append((kind, payload))
+        syncs -= kind == b"Z"
+    return out
+
+
+# (frames, ReadyForQuery messages they get): Binds of statements PostgreSQL does not hold.
+_BINDS_OF_NOTHING = [
+    # The unnamed statement, after a simple Query dropped it.
+    (messages.parse_message("", "SELECT 'r51 old'") + messages.sync(), 1),
+    (messages.query("SELECT 'r51 query'"), 1),
+    (messages.bind_message("", "", []) + messages.execute_message("") + messages.sync(), 1),
+    # A name that never existed.
+    (messages.bind_message("p", "r51_never") + messages.execute_message("p") + messages.sync(), 1),
+    # One whose Parse PostgreSQL refused in an earlier sync group.
+    (messages.parse_message("r51_bad", "SELECT * FROM r51_no_table") + messages.sync(), 1),
+    (messages.bind_message("p", "r51_bad") + messages.execute_message("p") + messages.sync(), 1),
+    # One closed earlier in the same sync group; then, pipelined, two sync groups more, the
+    # last running a statement.
+    (messages.parse_message("r51_s", "SELECT 'r51 closed'") + messages.sync(), 1),
+    (
+        messages.close_message("S", "r51_s")
+        + messages.bind_message("p", "r51_s")
+        + messages.execute_message("p")
+        + messages.sync()
+        + messages.bind_message("", "r51_never2")
+        + messages.describe_message("P", "")
+        + messages.execute_message("")
+        + messages.flush()
+        + messages.sync()
+        + messages.parse_message("", "SELECT 'r51 after'")
+        + messages.bind_message("", "")
+        + messages.execute_message("")
+        + messages.sync(),
+        3,
+    ),
+]
+
+
+def test_a_bind_of_a_statement_postgresql_does_not_hold_is_in_no_record(
+    proxy: Proxy, pg_server: PgServer
+) -> None:
+    """A Bind of a statement neither dbward nor PostgreSQL holds: PostgreSQL answers 26000
+    "prepared statement does not exist" and skips the Execute; nothing ran. dbward forwarded
+    the Bind and recorded the Execute `deny`, `denied` (42501) while the client got the 26000.
+    It now asks PostgreSQL (a Describe of the statement): its answer is the client's, as from
+    PostgreSQL itself, and nothing is recorded."""
+
+    def exact(replies: list[tuple[bytes, bytes]]) -> list[tuple[str, ...]]:
+        # Every field of every reply, but an error's source file, line and routine.
+        return [fz._normalize(kind, payload) for kind, payload in replies]
+
+    direct = direct_session(pg_server)
+    try:
+        expected = [exact(_replies(direct, data, n)) for data, n in _BINDS_OF_NOTHING]
+    finally:
+        direct.close()
+    missing = [reply for group in expected for reply in group if "C=26000" in reply]
+    assert len(missing) == 5, expected
+    app = app_name("r51-bind-nothing")
+    session = RawSession(proxy, app)
+    try:
+        got = [exact(_replies(session.sock, data, n)) for data, n in _BINDS_OF_NOTHING]
+    finally:
+        session.close()
+    assert got == expected
+    records = proxy.session_records(app, until=has_disconnect)
+    assert [(s.sql_text, s.decision, outcomes_of(records, s)) for s in statements(records)] == [
+        ("SELECT 'r51 query'", "allow", [("ok", "")]),
+        ("SELECT * FROM r51_no_table", "allow", [("error", "42P01")]),
+        ("SELECT 'r51 after'", "allow", [("ok", "")]),
+    ]
+
+
+_PREPARING_FUNCTION = """
+CREATE OR REPLACE FUNCTION public.r51_prepares(tab text) RETURNS void LANGUAGE plpgsql AS $f$
+BEGIN
+  EXECUTE 'PREPARE r51_rows(int) AS SELECT $1 + 1 AS n';
+  EXECUTE format('PREPARE r51_write(int) AS INSERT INTO %I VALUES ($1)', tab);
+END $f$;
+"""
+
+
+def test_a_bind_of_a_statement_a_function_prepared_is_refused_and_recorded(
+    proxy: Proxy, pg_server: PgServer
+) -> None:
+    """A function created before dbward (not through it: guard.dynamic_sql) may PREPARE: dbward
+    never saw what that statement runs. A Bind of it is refused (42501) and recorded `deny`,
+    `denied` once PostgreSQL has said it holds the statement; its description (the
+    ParameterDescription, then RowDescription or NoData) is not passed on, nothing of it runs,
+    and what follows the Sync runs as usual. dbward forwarded the Bind and refused the Execute:
+    the client got BindComplete and the portal's description before the refusal."""
+    table = scratch_table(pg_server, "r51_fn")
+    pg_server.psql(_PREPARING_FUNCTION)
+    app = app_name("r51-bind-fn")
+    session = RawSession(proxy, app)
+    try:
+        assert _answers(session.query(f"SELECT r51_prepares('{table}')"))[-2:] == ["C", "Z"]
+        for name in ("r51_rows", "r51_write"):
+            replies = session.send(
+                messages.bind_message("p", name, [b"5"])
+                + messages.describe_message("P", "p")
+                + messages.execute_message("p")
+                + messages.sync()
+            )
+            answers = _answers(replies)
+            assert [a[:7] for a in answers] == ["E 42501", "Z"], answers
+            assert "prepared statement <...> was not seen by dbward" in answers[0], answers
+        # Pipelined behind a Bind PostgreSQL refuses (26000, no record) and before a statement
+        # that runs.
+        replies = _replies(
+            session.sock,
+            messages.bind_message("", "r51_gone", [b"1"])
+            + messages.execute_message("")
+            + messages.sync()
+            + messages.bind_message("", "r51_write", [b"6"])
+            + messages.execute_message("")
+            + messages.sync()
+            + messages.parse_message("", "SELECT 'r51 next'")
+            + messages.bind_message("", "")
+            + messages.execute_message("")
+            + messages.sync(),
+            3,
+        )
+        answers = _answers(replies)
+        assert [a[:7] for a in answers] == ["E 26000", "Z", "E 42501", "Z", "1", "2", "D", "C", "Z"]
+    finally:
+        session.close()
+    assert pg_server.psql(f"SELECT count(*) FROM {table}") == "0"  # nothing was inserted
+    records = proxy.session_records(app, until=has_disconnect)
+    refused = ("", "deny", "guard.unparseable", [("denied", "42501")])
+    found = [(s.sql_text, s.decision, s.rule, outcomes_of(records, s)) for s in statements(records)]
+    # The last refusal is written once PostgreSQL has answered dbward's Describe: after the
+    # intent of the statement pipelined behind it.
+    assert sorted(found) == sorted(
+        [
+            (f"SELECT r51_prepares('{table}')", "allow", "default.allow", [("ok", "")]),
+            refused,
+            refused,
+            refused,
+            ("SELECT 'r51 next'", "allow", "default.allow", [("ok", "")]),
+        ]
+    )
+    details = [s.detail for s in statements(records) if s.decision == "deny"]
+    assert details == [
+        "prepared statement 'r51_rows' was not seen by dbward",
+        "prepared statement 'r51_write' was not seen by dbward",
+        "prepared statement 'r51_write' was not seen by dbward",
     ]
 
 

@@ -40,6 +40,22 @@ def test_replies_through_dbward_match_postgres(proxy: Proxy, pg_server: PgServer
     assert compared > len(SEEDS) // 2, compared
 
 
+def test_long_names_through_dbward_match_postgres_or_are_refused(
+    proxy: Proxy, pg_server: PgServer
+) -> None:
+    """Statement and portal names of 63 bytes (PostgreSQL keeps them whole) and of 64 sharing
+    those 63 (one name to PostgreSQL, refused by dbward with 42622): no difference."""
+    direct = fz.Endpoint(pg_server.port, pg_server.service_user, pg_server.service_password)
+    proxied = fz.Endpoint(proxy.port, "alice", USERS["alice"][0])
+    refused = 0
+    for seed in range(4821, 4821 + 60):
+        groups = fz.generate(random.Random(seed), long_names=True)
+        verdict = fz.check(direct, proxied, groups)
+        assert verdict.difference is None, (seed, verdict.difference.describe())
+        refused += verdict.refused is not None and "C=42622" in verdict.refused
+    assert refused > 0
+
+
 def test_a_sequence_that_crashes_postgresql_is_refused(proxy: Proxy, pg_server: PgServer) -> None:
     """Found by the fuzzer: PostgreSQL 15.20 itself segfaults, directly, on an Execute of the
     unnamed portal after these simple Queries in a failed READ ONLY block (every session of

@@ -400,51 +400,63 @@ def _executed(proxy: Proxy, app: str) -> AuditRecord:
     return [s for s in statements(records) if s.path == "extended" or s.command == "EXECUTE"][-1]
 
 
-def test_a_name_in_sql_and_in_a_protocol_message_is_one_name(proxy: Proxy) -> None:
+def test_a_non_ascii_name_in_a_protocol_message_is_refused(proxy: Proxy) -> None:
     """PostgreSQL converts a Close's or Parse's name from the client encoding as it converts SQL
     text: `"é"` in `PREPARE "é"` and the UTF-8 bytes of é in a Close are the same name. dbward
     read protocol names byte for byte (as Latin-1: 'Ã©'), so closing and re-parsing the name
     as a DELETE left it holding `SELECT 1` for `EXECUTE "é"`: the DELETE ran, recorded as a
-    read of no table."""
+    read of no table. Protocol names that are not ASCII are refused (42602, guard.name_limit)."""
     app = app_name("name-sql-protocol")
     session = RawSession(proxy, app)
     try:
         session.query("CREATE TEMP TABLE victim_n1 (x int); INSERT INTO victim_n1 VALUES (1), (2)")
         session.query('PREPARE "é" AS SELECT 1')
-        session.send(
+        replies = session.send(
             m.close_message("S", "é") + m.parse_message("é", "DELETE FROM victim_n1") + m.sync()
         )
+        assert [kind for kind, _ in replies] == [b"E", b"Z"]
+        assert m.parse_error_fields(replies[0][1])["C"] == "42602"
         replies = session.query('EXECUTE "é"')
-        assert (b"C", b"DELETE 2\x00") in replies
+        assert (b"C", b"SELECT 1\x00") in replies
+        assert session.query("SELECT count(*) FROM victim_n1")[1] == (
+            b"D",
+            b"\x00\x01\x00\x00\x00\x012",
+        )
     finally:
         session.close()
     executed = _executed(proxy, app)
-    assert (executed.kind, executed.tables) == ("write", ("victim_n1",))
+    assert (executed.kind, executed.tables) == ("read", ())  # the SELECT 1 it is
 
 
-def test_a_name_sent_under_two_client_encodings_is_one_name(proxy: Proxy) -> None:
+def test_a_name_sent_under_two_client_encodings_is_refused(proxy: Proxy) -> None:
     """é named under LATIN1 (byte e9) is the é named under UTF8 (c3 a9): PostgreSQL converts
     both. A Close and a Parse under UTF8 redefined it while dbward held two names, and a Bind
-    under LATIN1 ran the DELETE recorded as `SELECT 1`."""
+    under LATIN1 ran the DELETE recorded as `SELECT 1`. Each of those is refused now."""
     app = app_name("name-encodings")
     session = RawSession(proxy, app)
     try:
         session.query("CREATE TEMP TABLE victim_n2 (x int); INSERT INTO victim_n2 VALUES (1), (2)")
         session.query("SET client_encoding = 'LATIN1'")
-        session.send(m.parse_message("é", "SELECT 1", encoding="latin-1") + m.sync())
+        for message in (
+            m.parse_message("é", "SELECT 1", encoding="latin-1"),
+            m.bind_message("", "é", encoding="latin-1") + m.execute_message(""),
+        ):
+            replies = session.send(message + m.sync())
+            assert [kind for kind, _ in replies] == [b"E", b"Z"]
+            assert m.parse_error_fields(replies[0][1])["C"] == "42602"
         session.query("SET client_encoding = 'UTF8'")
-        session.send(
+        replies = session.send(
             m.close_message("S", "é") + m.parse_message("é", "DELETE FROM victim_n2") + m.sync()
         )
-        session.query("SET client_encoding = 'LATIN1'")
-        replies = session.send(
-            m.bind_message("", "é", encoding="latin-1") + m.execute_message("") + m.sync()
+        assert m.parse_error_fields(replies[0][1])["C"] == "42602"
+        assert session.query("SELECT count(*) FROM victim_n2")[1] == (
+            b"D",
+            b"\x00\x01\x00\x00\x00\x012",
         )
-        assert (b"C", b"DELETE 2\x00") in replies
     finally:
         session.close()
-    executed = _executed(proxy, app)
-    assert (executed.sql_text, executed.kind) == ("DELETE FROM victim_n2", "write")
+    records = statements(proxy.session_records(app, until=has_disconnect))
+    assert not any("DELETE" in r.sql_text and r.decision == "allow" for r in records)
 
 
 def test_sql_under_sql_ascii_is_read_as_the_database_reads_it(proxy: Proxy) -> None:
@@ -470,8 +482,8 @@ def test_sql_under_sql_ascii_is_read_as_the_database_reads_it(proxy: Proxy) -> N
 
 
 def test_a_name_not_valid_in_the_client_encoding_is_refused(proxy: Proxy) -> None:
-    """A name dbward cannot read as PostgreSQL will (not valid UTF-8 here) is refused; so is a
-    non-ASCII one pipelined behind a statement that may change client_encoding before it."""
+    """A name that is not ASCII (here not even valid UTF-8) is refused in every message that
+    carries one, pipelined or not; the session goes on."""
     session = RawSession(proxy, app_name("name-invalid"))
     try:
         bad = "ÿ"  # byte ff under Latin-1: no UTF-8 sequence
@@ -483,8 +495,7 @@ def test_a_name_not_valid_in_the_client_encoding_is_refused(proxy: Proxy) -> Non
         ):
             replies = session.send(message + m.sync())
             assert [kind for kind, _ in replies] == [b"E", b"Z"]
-            assert m.parse_error_fields(replies[0][1])["C"] == "42501"
-        # Behind an Execute (whose function may change the encoding), not yet synced: refused.
+            assert m.parse_error_fields(replies[0][1])["C"] == "42602"
         replies = session.send(
             m.parse_message("", "SELECT 1")
             + m.bind_message("", "")
@@ -493,19 +504,8 @@ def test_a_name_not_valid_in_the_client_encoding_is_refused(proxy: Proxy) -> Non
             + m.sync()
         )
         assert [kind for kind, _ in replies] == [b"1", b"2", b"D", b"C", b"E", b"Z"]
-        assert m.parse_error_fields(replies[4][1])["C"] == "42501"
-        # After a Sync, it waits for the answer and is read in the encoding then in force.
-        replies = session.send(
-            m.query("SET client_encoding = 'LATIN1'")
-            + m.parse_message("é", "SELECT 1", encoding="latin-1")
-            + m.sync()
-        )
-        replies += session.read_until_ready()
-        assert [kind for kind, _ in replies] == [b"C", b"S", b"Z", b"1", b"Z"]
-        replies = session.send(
-            m.bind_message("", "é", encoding="latin-1") + m.execute_message("") + m.sync()
-        )
-        assert [kind for kind, _ in replies] == [b"2", b"D", b"C", b"Z"]
+        assert m.parse_error_fields(replies[4][1])["C"] == "42602"
+        assert session.query("SELECT 1")[-1][0] == b"Z"
     finally:
         session.close()
 
@@ -639,12 +639,11 @@ def test_non_ascii_names_are_refused_on_a_database_not_in_utf8(
             **proxy.conninfo(dbname=database, application_name=app), autocommit=True
         ) as conn:
             conn.execute(b"CREATE TEMP TABLE victim_n4 (x int); INSERT INTO victim_n4 VALUES (1)")
-            for sql in (
-                f'PREPARE "{long}é" AS DELETE FROM victim_n4',
-                'PREPARE "é" AS DELETE FROM victim_n4',
-            ):
-                with pytest.raises(psycopg.errors.InsufficientPrivilege, match="not ASCII"):
-                    conn.execute(sql.encode(), prepare=False)
+            # Cut by the parser (64 bytes), and not ASCII on a database not in UTF8.
+            with pytest.raises(psycopg.errors.NameTooLong):
+                conn.execute(f'PREPARE "{long}é" AS DELETE FROM victim_n4'.encode(), prepare=False)
+            with pytest.raises(psycopg.errors.InvalidName):
+                conn.execute('PREPARE "é" AS DELETE FROM victim_n4'.encode(), prepare=False)
             conn.execute(f'PREPARE "{long}" AS SELECT 1'.encode(), prepare=False)
             assert conn.execute(f'EXECUTE "{long}"'.encode(), prepare=False).fetchall() == [(1,)]
             (count,) = conn.execute(b"SELECT count(*) FROM victim_n4").fetchall()
@@ -654,8 +653,8 @@ def test_non_ascii_names_are_refused_on_a_database_not_in_utf8(
     records = statements(proxy.session_records(app, until=has_disconnect))
     prepares = [(r.rule, r.sql_text.isascii()) for r in records if r.command == "PREPARE"]
     assert prepares == [
-        ("guard.unparseable", False),
-        ("guard.unparseable", False),
+        ("guard.name_limit", False),
+        ("guard.name_limit", False),
         ("default.allow", True),
     ]
 

@@ -652,6 +652,12 @@ def test_check_config_accepts_a_valid_file(tmp_path: Path, pg_server: PgServer) 
     proc = _dbward("check-config", str(good))
     assert proc.returncode == 0, proc.stderr
     assert "ok: 1 listener(s), 2 user(s)" in proc.stdout
+    # --config, as serve and audit take it, works too; both at once, or neither, is a usage error.
+    proc = _dbward("check-config", "--config", str(good))
+    assert proc.returncode == 0 and "ok: 1 listener(s)" in proc.stdout, proc.stderr
+    for args in ((), (str(good), "--config", str(good))):
+        proc = _dbward("check-config", *args)
+        assert proc.returncode == 2 and "--config CONFIG" in proc.stderr, proc.stderr
 
 
 def test_missing_and_unparseable_config(tmp_path: Path) -> None:

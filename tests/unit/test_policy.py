@@ -792,6 +792,7 @@ def test_guards_are_pure_and_ordered() -> None:
     assert [g.__name__ for g in GUARDS] == [
         "guard_function_call",
         "guard_statement_limit",
+        "guard_name_limit",
         "guard_unparseable",
         "guard_role_switch",
         "guard_service_role",

@@ -73,8 +73,12 @@ def _through_relay(data: bytes) -> tuple[float, bytes, bytes]:
     [
         # COPY data (PostgreSQL ignores it outside a copy; the relay passes it on either way).
         m.copy_data(b"x" * 16 * MIB) + m.copy_done(),
-        # A large parameter, with what a client sends after it in the same write.
-        m.bind_message("", "", [b"x" * 16 * MIB]) + m.execute_message("") + m.sync(),
+        # A large parameter, with what a client sends after it in the same write (a Bind of a
+        # statement dbward holds: one it does not is asked about instead, not forwarded).
+        m.parse_message("", "SELECT $1::text")
+        + m.bind_message("", "", [b"x" * 16 * MIB])
+        + m.execute_message("")
+        + m.sync(),
     ],
     ids=["copydata", "bind"],
 )

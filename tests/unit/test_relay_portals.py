@@ -159,3 +159,103 @@ def test_a_refused_query_fails_where_the_statement_it_replaces_would() -> None:
         replies = frames(client.written)
         assert [kind for kind, _ in replies] == [b"E", b"Z"]
         assert m.parse_error_fields(replies[0][1])["C"] == "42501"
+
+
+# In place of a Bind of a statement dbward never saw: a Describe of it, then the poison Parse.
+STATEMENT_PROBE = m.describe_message("S", "s9") + m.parse_message(
+    "__dbward_denied__", "DBWARD_POLICY_DENIED"
+)
+
+
+def test_a_bind_of_a_statement_that_does_not_exist_gets_postgresqls_answer() -> None:
+    """Its Parse failed, a simple Query dropped it (the unnamed one), it never was: PostgreSQL
+    answers 26000 and skips the Execute, and no record claims a statement. Before, the Bind
+    was forwarded and its Execute recorded as refused (42501) while the client got 26000."""
+    sink = MemorySink()
+    session, client, upstream = detached_session(sink)
+    session.data_received(m.bind_message("p1", "s9", []) + m.execute_message("p1") + m.sync())
+    assert upstream.written == STATEMENT_PROBE + m.sync()  # neither reaches PostgreSQL
+    missing = m.error_response("ERROR", "26000", 'prepared statement "s9" does not exist')
+    session._on_upstream_data(missing + m.ready_for_query(b"I"))  # it skipped the poison
+    assert client.written == missing + m.ready_for_query(b"I")
+    assert _statement_records(sink) == []
+    assert not session._ops and "p1" not in session._portals
+
+
+def test_a_bind_of_a_statement_dbward_never_saw_but_postgresql_holds_is_refused() -> None:
+    """A statement a function prepared (or one dbward forgot): what it runs was never
+    inspected. Its description (ParameterDescription, then RowDescription or NoData) is
+    dropped and the poison's error becomes the refusal, recorded once; the Execute pipelined
+    behind it is not forwarded (PostgreSQL skips to the Sync)."""
+    row = b"\x00\x01x\x00" + struct.pack("!IhIhih", 0, 0, 23, 4, -1, 0)  # one int4 column
+    parameters = m._frame(b"t", struct.pack("!hI", 1, 23))
+    for described in (m._frame(b"n", b""), m._frame(b"T", row)):
+        sink = MemorySink()
+        session, client, upstream = detached_session(sink)
+        session.data_received(m.bind_message("", "s9", [b"1"]) + m.execute_message("") + m.sync())
+        assert upstream.written == STATEMENT_PROBE + m.sync()
+        session._on_upstream_data(parameters + described + POISON_ERROR + m.ready_for_query(b"I"))
+        replies = frames(client.written)
+        assert [kind for kind, _ in replies] == [b"E", b"Z"], replies
+        error = m.parse_error_fields(replies[0][1])
+        assert error["C"] == "42501"
+        assert "prepared statement <...> was not seen by dbward" in error["M"]
+        intent, outcome = (r for r in sink.records if r.event in ("statement", "outcome"))
+        assert (intent.decision, intent.rule, intent.command) == (
+            "deny",
+            "guard.unparseable",
+            "EXECUTE",
+        )
+        assert intent.detail == "prepared statement 's9' was not seen by dbward"
+        assert (outcome.status, outcome.sqlstate) == ("denied", "42501")
+        assert not session._ops and "" not in session._portals
+
+
+def test_a_bind_of_a_statement_never_seen_is_asked_about_in_its_own_sync_group() -> None:
+    """Pipelined: what follows the Sync is handled as usual (a Bind of a statement dbward holds
+    is forwarded as it came); an Execute of the portal the refused Bind named, in the next sync
+    group, is asked about in turn (PostgreSQL holds no such portal)."""
+    sink = MemorySink()
+    session, client, upstream = detached_session(sink)
+    _prepare(session)
+    upstream.written.clear()
+    client.written.clear()
+    allowed = _bind_execute("p2") + m.sync()
+    session.data_received(
+        m.bind_message("p1", "s9", [])
+        + m.execute_message("p1")
+        + m.sync()
+        + allowed
+        + m.execute_message("p1")
+        + m.sync()
+    )
+    assert (
+        upstream.written
+        == STATEMENT_PROBE + m.sync() + allowed + PROBE.replace(b"p9", b"p1") + m.sync()
+    )
+    missing = m.error_response("ERROR", "26000", 'prepared statement "s9" does not exist')
+    no_portal = m.error_response("ERROR", "34000", 'portal "p1" does not exist')
+    session._on_upstream_data(
+        missing
+        + m.ready_for_query(b"I")
+        + SUSPENDED
+        + m.ready_for_query(b"I")
+        + no_portal
+        + m.ready_for_query(b"I")
+    )
+    assert [kind for kind, _ in frames(client.written)] == [
+        b"E",
+        b"Z",
+        b"2",
+        b"D",
+        b"s",
+        b"Z",
+        b"E",
+        b"Z",
+    ]
+    # One statement ran (p2's); neither Bind nor Execute of nothing is recorded.
+    assert [(r.sql_text, r.decision) for r in sink.records if r.event == "statement"] == [
+        (SQL, "allow")
+    ]
+    assert [r.status for r in sink.records if r.event == "outcome"] == ["suspended"]
+    assert not session._ops

@@ -688,6 +688,43 @@ def test_execute_names_what_it_runs(sql: str) -> None:
     assert execute.prepared_name == "d" and "executes_prepared" in execute.flags
 
 
+A63 = "a" * 63
+
+
+@pytest.mark.parametrize(
+    ("sql", "name", "cut"),
+    [
+        # PostgreSQL's scanner (pglast's too) cuts identifiers to 63 bytes (NAMEDATALEN 64) at
+        # a character boundary, downcasing unquoted ASCII letters first: the names agree.
+        (f"PREPARE {A63} AS SELECT 1", A63, False),
+        (f"PREPARE {A63}b AS SELECT 1", A63, True),
+        (f'EXECUTE "{A63.upper()}"', A63.upper(), False),
+        (f'EXECUTE "{A63.upper()}B"', A63.upper(), True),
+        (f"EXPLAIN ANALYZE EXECUTE {A63}xy", A63, True),
+        (f"CREATE TABLE x AS EXECUTE {A63}x", A63, True),
+        (f"DEALLOCATE {A63}c", A63, True),
+        (f"DEALLOCATE PREPARE {A63}", A63, False),
+        ('DECLARE "' + "é" * 31 + '" CURSOR FOR SELECT 1', "é" * 31, False),
+        ('DECLARE "' + "é" * 32 + '" CURSOR FOR SELECT 1', "é" * 31, True),  # 64 bytes: 62
+        ('CLOSE "' + "€" * 22 + '"', "€" * 21, True),  # 66 bytes: 63
+        ("FETCH 2 FROM " + "é" * 31 + "x", "é" * 31 + "x", False),  # 63 bytes
+        (f"MOVE 1 IN {A63}z", A63, True),
+        (f"FETCH 1 FROM {A63}; SELECT 1", A63, False),
+        ('CLOSE U&"' + "a" * 61 + '"', "a" * 61, True),  # escapes: not unfolded, refused
+        ('CLOSE U&"\\0061"', "a", False),  # short names are never cut
+        ("PREPARE q AS SELECT * FROM " + "t" * 70, "q", False),  # only the names count
+    ],
+)
+def test_a_prepared_statement_or_cursor_name_the_scanner_cut_is_flagged(
+    clf: PostgresClassifier, sql: str, name: str, cut: bool
+) -> None:
+    """A server built with a larger NAMEDATALEN keeps the whole name: dbward's maps would merge
+    two names it keeps apart, so a cut name is refused (guard.name_limit) instead."""
+    statement = clf.classify(sql)[0]
+    assert (statement.prepared_name or statement.cursor_name) == name
+    assert ("name_too_long" in statement.flags) is cut
+
+
 def test_plain_explain_execute_does_not_run_it() -> None:
     (explain,) = PostgresClassifier().classify("EXPLAIN EXECUTE d(1)")
     assert explain.kind == StatementKind.READ and "executes_prepared" not in explain.flags

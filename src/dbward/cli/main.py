@@ -54,9 +54,21 @@ def serve(config_path: Path) -> None:
 
 
 @cli.command("check-config")
-@click.argument("config_path", type=click.Path(path_type=Path, dir_okay=False))
-def check_config(config_path: Path) -> None:
+@click.argument("config_arg", required=False, type=click.Path(path_type=Path, dir_okay=False))
+@click.option(
+    "--config",
+    "config_opt",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="The configuration file (as for serve); or give it as the argument.",
+)
+def check_config(config_arg: Path | None, config_opt: Path | None) -> None:
     """Validate a configuration file and exit (2 when invalid)."""
+    # `serve` and `audit` take --config: a user who types that here as well should not be
+    # told the file is missing.
+    if (config_arg is None) == (config_opt is None):
+        raise click.UsageError("give the configuration file, as CONFIG or --config CONFIG (once)")
+    config_path = config_arg if config_arg is not None else config_opt
+    assert config_path is not None
     from dbward.audit.query import existing_log_problem
     from dbward.audit.sqlite import location_problem
     from dbward.config import load_config, upstream_password_problems

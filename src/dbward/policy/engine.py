@@ -22,6 +22,8 @@ Guard = Callable[[PolicyRequest], Decision | None]
 
 INSUFFICIENT_PRIVILEGE: Final = "42501"
 PROGRAM_LIMIT_EXCEEDED: Final = "54000"
+NAME_TOO_LONG: Final = "42622"
+INVALID_NAME: Final = "42602"
 
 # The allow path returns this one object: no allocation per statement.
 ALLOW: Final = Decision(Verdict.ALLOW, reason="allowed", rule="default.allow")
@@ -82,6 +84,42 @@ def guard_statement_limit(request: PolicyRequest) -> Decision | None:
         rule="guard.statement_limit",
         sqlstate=PROGRAM_LIMIT_EXCEEDED,
     )
+
+
+# Names of prepared statements, portals and cursors are keys of dbward's maps and of
+# PostgreSQL's: where PostgreSQL would take two names for one (it cuts names to NAMEDATALEN - 1
+# bytes of the server's encoding, after converting from the client's) dbward would not, and
+# could decide and record one statement while PostgreSQL runs another. The relay and the
+# classifier flag such names; these refusals say why (nothing quoted from the client).
+_DENY_NAME_TOO_LONG: Final = Decision(
+    Verdict.DENY,
+    reason=(
+        "dbward: names of prepared statements, portals and cursors are limited to 63 bytes "
+        "(PostgreSQL cuts a longer one to 63 bytes, so two names could mean one statement)"
+    ),
+    rule="guard.name_limit",
+    sqlstate=NAME_TOO_LONG,
+)
+_DENY_NAME_NOT_ASCII: Final = Decision(
+    Verdict.DENY,
+    reason=(
+        "dbward: names of prepared statements and portals must be ASCII, as must SQL names of "
+        "prepared statements and cursors unless the session and the server both use UTF8 "
+        "(PostgreSQL compares them converted to the server's encoding)"
+    ),
+    rule="guard.name_limit",
+    sqlstate=INVALID_NAME,
+)
+
+
+def guard_name_limit(request: PolicyRequest) -> Decision | None:
+    """A statement, portal or cursor name PostgreSQL might read as another name: fail closed."""
+    flags = request.statement.flags
+    if "name_too_long" in flags:
+        return _DENY_NAME_TOO_LONG
+    if "name_not_ascii" in flags:
+        return _DENY_NAME_NOT_ASCII
+    return None
 
 
 _UNINSPECTED: Final = frozenset({"uninspected_portal", "uninspected_statement"})
@@ -243,6 +281,7 @@ def _command_label(command: str) -> str:
 GUARDS: Final[tuple[Guard, ...]] = (
     guard_function_call,
     guard_statement_limit,
+    guard_name_limit,  # before guard_unparseable: a refused name stands for what it runs
     guard_unparseable,
     guard_role_switch,
     guard_service_role,
@@ -271,6 +310,8 @@ _GUARD_FLAGS: Final = frozenset(
         "uninspectable_code",
         "string_syntax",
         "changes_role",
+        "name_too_long",
+        "name_not_ascii",
         *_ROLE_FLAGS,
     }
 )

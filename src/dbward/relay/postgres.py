@@ -98,9 +98,18 @@ _OP_PROBE = 8  # dbward's own Sync, Close, Sync after a failed copy: see _CopyPr
 # Describe), and CopyData ('d', _COPY_DATA).
 _DATA_ROW: Final = 0x44
 
-# Statement and portal names are split from their messages byte for byte; a name that is not
-# ASCII is then read in the client encoding, as PostgreSQL converts it (see _name_key).
+# Statement and portal names are split from their messages byte for byte (a name that is not
+# ASCII is refused: see _NAME_MAX).
 _NAME_CODEC = "latin-1"
+# PostgreSQL keys prepared statements and portals by their first NAMEDATALEN - 1 bytes (63 on
+# every normal build) in the server's encoding, converted from the client's. dbward's maps key
+# them by the bytes the client sent: a protocol-level name they agree on is ASCII (the same
+# bytes in every encoding) and at most 63 bytes (never cut, whatever NAMEDATALEN the server
+# has). Any other is refused (guard.name_limit): "A"*63+"x" and "A"*63+"y" were one statement
+# to PostgreSQL and two to dbward, which recorded a SELECT while PostgreSQL ran a DELETE.
+_NAME_MAX: Final = 63
+_NAME_TOO_LONG: Final = frozenset({"name_too_long"})
+_NAME_NOT_ASCII: Final = frozenset({"name_not_ascii"})
 
 _PRE_AUTH_MAX_MESSAGE = 65536
 
@@ -233,6 +242,7 @@ class _Op:
         "data_type",
         "decided",
         "definition",
+        "drops",
         "index",
         "limit",
         "max_rows",
@@ -258,6 +268,8 @@ class _Op:
         self.max_rows = max_rows  # Execute's row limit: PortalSuspended means exactly this many
         # Parse/Bind/Close (and an unnamed poison Parse): the name it (re)defines.
         self.definition: _Definition | None = None
+        # A Query: the unnamed statement and portal it makes PostgreSQL drop (_forget_unnamed).
+        self.drops: tuple[_Definition, ...] = ()
         self.copies = 0  # COPY FROM STDIN statements of a Query/Execute not started yet
         # The data frames its reply may carry now: _DATA_ROW (an Execute from the start, set
         # by _handle_execute; a Query's statement after its RowDescription), _COPY_DATA (after
@@ -270,7 +282,8 @@ class _Op:
         self.sources = sources
         # Parse: its statements as decided, recorded only if PostgreSQL refuses the Parse and
         # no Execute of it follows in the sync group to carry the error. Describe: dbward's own,
-        # for an Execute of a portal it never saw (decided and refused if the portal exists).
+        # for an Execute of a portal or a Bind of a statement it never saw (decided and refused
+        # if PostgreSQL holds it: see _probe_unseen).
         self.decided: list[tuple[Statement, Decision, ProtocolPath]] | None = None
 
 
@@ -534,6 +547,32 @@ def _joined(own: tuple[str, ...], more: tuple[str, ...]) -> tuple[str, ...]:
     return own + tuple(name for name in more if name not in own)
 
 
+def _name_flags(name: str) -> frozenset[str]:
+    """Why a protocol-level statement or portal name is refused (see _NAME_MAX), as the flags
+    guard.name_limit reads; empty if it is not. `name` is latin-1: one character per byte."""
+    if len(name) > _NAME_MAX:
+        return _NAME_TOO_LONG
+    if not name.isascii():
+        return _NAME_NOT_ASCII
+    return frozenset()
+
+
+def _with_flags(statements: tuple[Statement, ...], flags: frozenset[str]) -> tuple[Statement, ...]:
+    return tuple(replace(statement, flags=statement.flags | flags) for statement in statements)
+
+
+def _misnamed(what: str, name: str, flags: frozenset[str]) -> Statement:
+    """What a message naming a statement or portal by a refused name stands for: the name is
+    never looked up (PostgreSQL might read it as another)."""
+    return Statement(
+        text="",
+        kind=StatementKind.UNKNOWN,
+        command="EXECUTE",
+        flags=flags,
+        error=f"{what} name {name!r} ({len(name)} bytes)",
+    )
+
+
 def _uninspected(command: str, flag: str, error: str) -> Statement:
     """A statement dbward could not inspect (no text to show): kind UNKNOWN, so it is denied."""
     return Statement(
@@ -614,7 +653,10 @@ class PgSession(asyncio.Protocol):
         self._database = ""
         self._application_name = ""
         self._codec = "utf-8"
-        self._server_encoding = "UTF8"  # as PostgreSQL reports it at login
+        # As PostgreSQL reports it at login (it never changes). SQL names that are not ASCII
+        # mean for PostgreSQL what they mean for dbward's parser only if it and the session's
+        # client_encoding are UTF8 (see _name_checked).
+        self._server_encoding = "UTF8"
         self._upstream: UpstreamConnection | None = None
         self._scanner: BackendScanner | None = None
         self._cancel_key: tuple[int, bytes] | None = None
@@ -1490,13 +1532,8 @@ class PgSession(asyncio.Protocol):
             unsettled = self._unsettled_text(query) if self._may_be_unsettled() else None
             if isinstance(unsettled, _Await):
                 return unsettled
-            key = self._name_key(name)
-            if isinstance(key, _Await):
-                return key
             if unsettled is not None:
                 statements = (unsettled,)
-            elif key is None:
-                statements = (self._unreadable_name(),)
             elif len(query) > self._max_statement_bytes:
                 statements = (oversized_statement(len(query), self._max_statement_bytes),)
             else:
@@ -1507,6 +1544,13 @@ class PgSession(asyncio.Protocol):
                     if text is not None:
                         self._preclassified = (text, statements)  # handled again when ready
                     return waits
+            if len(name) > _NAME_MAX or not name.isascii():
+                flags = _name_flags(name)
+                statements = (  # refused, as named (an empty query string too)
+                    _with_flags(statements, flags)
+                    if statements
+                    else (_misnamed("prepared statement", name, flags),)
+                )
             # Decided here as well as at every Execute: a statement that would be denied never
             # reaches PostgreSQL, so a Parse/Describe of it cannot tell the client whether its
             # tables exist or what their columns are.
@@ -1515,22 +1559,20 @@ class PgSession(asyncio.Protocol):
                 self._refuse_parse(name, decided, denial, out)
                 return None
             op = _Op(_OP_PARSE)
-            assert key is not None
-            op.definition = self._define(key, statements, portal=False, drops_on_failure=not key)
+            op.definition = self._define(name, statements, portal=False, drops_on_failure=not name)
             op.decided = decided
             self._ops.append(op)
             out.append(raw)
             return None
         if msg_type == _B:
-            portal_raw, statement_raw = messages.bind_names(payload, _NAME_CODEC)
-            portal_name = self._name_key(portal_raw)
-            statement_name = self._name_key(statement_raw)
-            if isinstance(portal_name, _Await):
-                return portal_name
-            if isinstance(statement_name, _Await):
-                return statement_name
-            if portal_name is None or statement_name is None:
-                self._refuse_unreadable_name(out)
+            portal_name, statement_name = messages.bind_names(payload, _NAME_CODEC)
+            if (
+                len(portal_name) > _NAME_MAX
+                or len(statement_name) > _NAME_MAX
+                or not portal_name.isascii()
+                or not statement_name.isascii()
+            ):
+                self._refuse_bind_names(portal_name, statement_name, out)
                 return None
             pending = self._pending_statements.get(statement_name)
             if pending is not None and pending.sync_mark != self._syncs:
@@ -1538,16 +1580,10 @@ class PgSession(asyncio.Protocol):
                 # Parse fails, this Bind would use whatever the name meant before it.
                 return _Await(definitions=(pending,))
             found = self._prepared.get(statement_name)
-            # A statement dbward did not see prepared (SQL PREPARE, or forgotten after
-            # DEALLOCATE/DISCARD) cannot be inspected: it is denied at Execute.
             if found is None:
-                found = (
-                    _uninspected(
-                        "EXECUTE",
-                        "uninspected_statement",
-                        f"prepared statement {statement_name!r} was not seen by dbward",
-                    ),
-                )
+                # Mostly PostgreSQL holds none either (26000); else it cannot be inspected.
+                self._probe_unseen(statement_name, out, portal=False)
+                return None
             self._ran_since_ready = True  # planning may run (immutable) functions
             self._executed_portals.discard(portal_name)  # a new portal of that name
             op = _Op(_OP_BIND)
@@ -1563,12 +1599,11 @@ class PgSession(asyncio.Protocol):
             out.append(raw)
             return None
         if msg_type == _E:
-            portal_raw, max_rows = messages.execute_parts(payload)
-            portal_name = self._name_key(portal_raw)
-            if isinstance(portal_name, _Await):
-                return portal_name
-            if portal_name is None:
-                self._refuse_unreadable_name(out)
+            portal_name, max_rows = messages.execute_parts(payload)
+            if len(portal_name) > _NAME_MAX or not portal_name.isascii():
+                self._refuse_name(
+                    (_misnamed("portal", portal_name, _name_flags(portal_name)),), out
+                )
                 return None
             bound = self._pending_portals.get(portal_name)
             if bound is not None and bound.sync_mark != self._syncs:
@@ -1579,7 +1614,7 @@ class PgSession(asyncio.Protocol):
                     # Defined before something PostgreSQL may have dropped it with, which it
                     # has not answered yet.
                     return self._portal_in_doubt(portal_name, out)
-                self._probe_unseen_portal(portal_raw, out)
+                self._probe_unseen(portal_name, out, portal=True)
                 return None
             running = portal.run  # the one read a plain run of a known portal costs
             looked = running is None
@@ -1616,23 +1651,28 @@ class PgSession(asyncio.Protocol):
             return None
         if msg_type == _D:
             messages.check_describe(payload)
+            if len(payload) > _NAME_MAX + 2 or not payload.isascii():  # kind, name, NUL
+                name = payload[1:-1].decode(_NAME_CODEC)
+                what = "portal" if payload[0] == 0x50 else "prepared statement"
+                # Describe runs nothing: refused, and in no audit record (as it is in none).
+                self._refuse_name((_misnamed(what, name, _name_flags(name)),), out, record=False)
+                return None
             self._ops.append(_DESCRIBE_OP)
             out.append(raw)
             return None
         if msg_type == _C:
             close = messages.parse_close(payload, _NAME_CODEC)
-            close_name = self._name_key(close.name)
-            if isinstance(close_name, _Await):
-                return close_name
-            if close_name is None:
-                self._refuse_unreadable_name(out)
+            if len(close.name) > _NAME_MAX or not close.name.isascii():
+                what = "prepared statement" if close.kind == "S" else "portal"
+                flags = _name_flags(close.name)
+                self._refuse_name((_misnamed(what, close.name, flags),), out, record=False)
                 return None
             if close.kind != "S":
-                self._executed_portals.discard(close_name)
+                self._executed_portals.discard(close.name)
             op = _Op(_OP_CLOSE)
             # Undone if PostgreSQL skips it (an error earlier in its sync group).
             op.definition = self._define(
-                close_name, None, portal=close.kind != "S", drops_on_failure=False
+                close.name, None, portal=close.kind != "S", drops_on_failure=False
             )
             self._ops.append(op)
             out.append(raw)
@@ -1702,70 +1742,6 @@ class PgSession(asyncio.Protocol):
             earlier.successor = definition
         pending[name] = definition
         return definition
-
-    def _name_key(self, name: str) -> str | _Await | None:
-        """A statement or portal name (split from its message byte for byte) as PostgreSQL
-        holds it, or None when dbward cannot tell (the message is refused), or an _Await.
-
-        PostgreSQL converts names from the client encoding as it converts SQL text, so a name
-        sent in a protocol message and the same name in SQL (`EXECUTE "é"`, `FETCH "é"`, which
-        dbward reads in the client encoding) are one name to it, and a name sent under LATIN1
-        and again under UTF8 too: read byte for byte, they were different names to dbward, and
-        a Close or Parse under one spelling changed what the other ran while dbward held the
-        old meaning. ASCII names read the same under every encoding dbward accepts. Parse, Close
-        and Describe run nothing: only what ran since the last ReadyForQuery (a Query, Bind,
-        Execute) may have changed the encoding.
-        """
-        if name.isascii():
-            return name
-        if self._server_encoding != "UTF8":
-            return None  # see _non_ascii_name
-        if self._ran_since_ready:
-            # What ran may have changed client_encoding (reported at its ReadyForQuery): wait
-            # for that answer if it is on its way, else refuse (as for non-ASCII SQL text).
-            if self._ops and self._ops[-1].code in (_OP_QUERY, _OP_SYNC):
-                return _AWAIT_QUIET
-            return None
-        return self._decode_text(name.encode(_NAME_CODEC))
-
-    @staticmethod
-    def _non_ascii_name(statement: Statement) -> bool:
-        """Whether a SQL statement names a prepared statement or cursor that is not ASCII.
-
-        On a database whose encoding is not UTF8 such a name is not the one dbward's parser
-        (UTF-8) reads: PostgreSQL cuts identifiers at 63 bytes of the database encoding
-        (a SQL_ASCII database: of the bytes sent, even within a character) and lower-cases
-        unquoted non-ASCII letters of single-byte encodings, and a SQL_ASCII database converts
-        nothing (é sent under LATIN1 and under UTF8 are two names). Two names PostgreSQL held
-        apart were one to dbward: the second PREPARE replaced the first's DELETE with SELECT 1
-        in dbward's map, and EXECUTE of the first ran the DELETE recorded as SELECT 1. Such
-        names are refused there (and in protocol messages: see _name_key).
-        """
-        name = statement.prepared_name or statement.cursor_name
-        if name is None:
-            return False
-        # Cut by the parser, from a name that was not ASCII beyond its 61st byte: 'a' * 62 + 'é'
-        # reads as 'a' * 62, which PostgreSQL cuts to 'a' * 62 + its first byte.
-        return not name.isascii() or (len(name) >= 61 and not statement.text.isascii())
-
-    @staticmethod
-    def _unreadable_name() -> Statement:
-        return _uninspected(
-            "UNKNOWN",
-            "parse_error",
-            "a statement or portal name that is not ASCII could not be read in the session's"
-            " client_encoding (invalid, or pipelined before a Sync: send Sync first)",
-        )
-
-    def _refuse_unreadable_name(self, out: list[bytes | bytearray]) -> None:
-        """A Bind, Execute or Close whose name dbward cannot read as PostgreSQL will: refused
-        (the poison Parse in its place; PostgreSQL and dbward skip to the Sync)."""
-        decided, denial = self._decide_all((self._unreadable_name(),), ProtocolPath.EXTENDED)
-        assert denial is not None  # guard.unparseable refuses every uninspected statement
-        self._record_denied(decided, denial)
-        self._ops.append(_Op(_OP_POISON, None, _denial_frame(denial)))
-        out.append(_POISON_PARSE)
-        self._discard_until_sync = True
 
     def _unsettled_names(self, statements: tuple[Statement, ...]) -> _Await | None:
         """What SQL EXECUTE/PREPARE/DEALLOCATE/DISCARD here must wait for, if anything.
@@ -1870,21 +1846,16 @@ class PgSession(asyncio.Protocol):
         held: set[str] | None = None  # cursors of the string a COMMIT in it kept (WITH HOLD)
         for classified in statements:
             statement = classified
-            if self._server_encoding != "UTF8" and self._non_ascii_name(classified):
-                statement = replace(
-                    classified,
-                    kind=StatementKind.UNKNOWN,
-                    flags=classified.flags | {"uninspected_statement"},
-                    error="a prepared statement or cursor name that is not ASCII, on a database"
-                    " whose encoding is not UTF8",
-                )
-            elif classified.prepared_name is not None or classified.command.startswith(
+            if classified.prepared_name is not None or classified.command.startswith(
                 ("DEALLOCATE", "DISCARD")
             ):
-                statement = self._resolve_prepared(classified, changes)
+                statement = self._name_checked(classified, classified.prepared_name)
+                statement = self._resolve_prepared(statement, changes)
             elif classified.cursor_name is not None and "fetches_cursor" in classified.flags:
-                statement = self._resolve_cursor(classified, cursors, ended)
+                statement = self._name_checked(classified, classified.cursor_name)
+                statement = self._resolve_cursor(statement, cursors, ended)
             elif classified.cursor_name is not None or "closes_all_cursors" in classified.flags:
+                statement = self._name_checked(classified, classified.cursor_name)
                 if cursors is None:
                     cursors = {}
                 if classified.cursor_name is None:
@@ -1907,6 +1878,17 @@ class PgSession(asyncio.Protocol):
                 denial = decision
             decided.append((statement, decision, stmt_path))
         return decided, denial
+
+    def _name_checked(self, statement: Statement, name: str | None) -> Statement:
+        """`statement`, flagged for guard.name_limit if it names a prepared statement or cursor
+        in SQL by a name that is not ASCII and PostgreSQL may not read as dbward's parser did:
+        the parser reads it from UTF-8 (cut at 63 bytes of UTF-8, ASCII letters folded), the
+        server in its own encoding (cut there; a single-byte one folds other letters too), once
+        converted from the client's (by tables dbward does not share)."""
+        utf8 = self._server_encoding == "UTF8" and self._codec == "utf-8"
+        if name is None or name.isascii() or utf8:
+            return statement
+        return replace(statement, flags=statement.flags | _NAME_NOT_ASCII)
 
     def _record_intents(
         self,
@@ -2060,6 +2042,41 @@ class PgSession(asyncio.Protocol):
         self._ops.append(poison)
         self._discard_until_sync = True
 
+    def _refuse_name(
+        self,
+        statements: tuple[Statement, ...],
+        out: list[bytes | bytearray],
+        *,
+        record: bool = True,
+    ) -> None:
+        """Refuse a Bind, Execute, Describe or Close naming a statement or portal by a name
+        PostgreSQL might read as another (guard.name_limit, see _NAME_MAX): the poison Parse in
+        its place, then skip to Sync, as for a denied Execute. Nothing is (re)defined."""
+        decided, denial = self._decide_all(statements, ProtocolPath.EXTENDED)
+        assert denial is not None  # guard.name_limit refuses every statement flagged so
+        if record:
+            self._record_denied(decided, denial)
+        self._ops.append(_Op(_OP_POISON, None, _denial_frame(denial)))
+        out.append(_POISON_PARSE)
+        self._discard_until_sync = True
+
+    def _refuse_bind_names(
+        self, portal_name: str, statement_name: str, out: list[bytes | bytearray]
+    ) -> None:
+        """A Bind with a refused name: recorded as the statement it binds when that one's
+        name is fine and dbward holds it, else as what the name stands for."""
+        flags = _name_flags(statement_name)
+        statements: tuple[Statement, ...]
+        if flags:
+            statements = (_misnamed("prepared statement", statement_name, flags),)
+        else:
+            flags = _name_flags(portal_name)
+            found = self._prepared.get(statement_name)
+            statements = (
+                _with_flags(found, flags) if found else (_misnamed("portal", portal_name, flags),)
+            )
+        self._refuse_name(statements, out)
+
     def _handle_query(
         self,
         statements: tuple[Statement, ...],
@@ -2083,16 +2100,21 @@ class PgSession(asyncio.Protocol):
         path: ProtocolPath,
     ) -> tuple[asyncio.Future[int], tuple[bytes | bytearray, bytes]] | None:
         if not statements:  # empty query string: PostgreSQL answers EmptyQueryResponse
-            self._ops.append(_Op(_OP_QUERY, []))
+            op = _Op(_OP_QUERY, [])
+            self._forget_unnamed(op, portal=False)  # no statement runs in the portal
+            self._ops.append(op)
             out.append(raw)
             return None
         tracked, durable, denial = self._admit(statements, path)
         if denial is not None:
-            self._ops.append(_Op(_OP_QUERY, [], _denial_frame(denial)))
+            op = _Op(_OP_QUERY, [], _denial_frame(denial))
+            self._forget_unnamed(op, portal=True)  # the poison is a Query too
+            self._ops.append(op)
             out.append(_query_poison(statements, path))
             return None
         op = _Op(_OP_QUERY, tracked)
         op.limit = len(tracked)
+        self._forget_unnamed(op, portal=True)
         self._ops.append(op)
         if self._copies_admitted:
             self._count_copies(op)
@@ -2100,6 +2122,28 @@ class PgSession(asyncio.Protocol):
             return durable, (raw, _query_poison(statements, path))
         out.append(raw)
         return None
+
+    def _forget_unnamed(self, op: _Op, *, portal: bool) -> None:
+        """A Query goes to PostgreSQL (`op`: its op; `portal`: it holds a statement).
+
+        PostgreSQL drops the unnamed statement as it starts any Query, and runs each statement
+        of one in the unnamed portal, replacing the client's: dropped once the statement
+        succeeds, and when it fails the failed portal (which runs nothing again) stays until its
+        transaction block ends. Only a first statement failing before it runs (to parse, its
+        table unknown, in a block already failed) leaves the client's — in a failed block, where
+        an Execute of it fails too, unless it was bound there from COMMIT or ROLLBACK. dbward
+        forgets both names: an Execute of the unnamed portal, or a Bind of the unnamed
+        statement, is then asked about as one it never saw (_probe_unseen). Before, it ran as
+        the old statement in dbward's decision and records while PostgreSQL answered 34000 or
+        25P02. Undone if PostgreSQL skips the Query (an error earlier in an extended-protocol
+        group with no Sync after it yet)."""
+        drops: list[_Definition] = []
+        if "" in self._prepared or "" in self._pending_statements:
+            drops.append(self._define("", None, portal=False, drops_on_failure=False))
+        if portal and ("" in self._portals or "" in self._pending_portals):
+            drops.append(self._define("", None, portal=True, drops_on_failure=False))
+        if drops:
+            op.drops = tuple(drops)
 
     def _handle_execute(
         self,
@@ -2132,31 +2176,43 @@ class PgSession(asyncio.Protocol):
         out.append(raw)
         return None
 
-    def _probe_unseen_portal(self, name: str, out: list[bytes | bytearray]) -> None:
-        """An Execute of a portal dbward never saw defined: refused if PostgreSQL holds one.
+    def _probe_unseen(self, name: str, out: list[bytes | bytearray], *, portal: bool) -> None:
+        """An Execute of a portal, or a Bind of a prepared statement, dbward never saw defined:
+        refused if PostgreSQL holds one, else PostgreSQL's own answer.
 
-        What such a portal runs cannot be inspected (a cursor a function opened, one dbward
-        forgot at DEALLOCATE/DISCARD). But mostly there is none — its Bind failed, its
-        transaction ended, it never was — and PostgreSQL answers 34000 "portal does not exist",
-        not dbward's 42501 for running something. So PostgreSQL gets a Describe of the portal
-        (it changes nothing) then the poison Parse, in place of the Execute. If the Describe
-        fails, its error is the client's answer (the same code and message as the Execute's;
-        the routine and line fields name the Describe) and PostgreSQL skips the poison. If it
-        describes a portal, that answer is dropped and the refusal recorded (see
-        _on_backend_message), and the poison's error becomes the refusal. Either way
-        PostgreSQL skips to the Sync, as after a refused Execute; so does dbward. Nothing ran
-        when the portal does not exist, and nothing is recorded (as for a Describe or Close).
+        What such a portal or statement runs cannot be inspected (a cursor a function opened, a
+        statement a function prepared, one dbward forgot at DEALLOCATE/DISCARD). But mostly
+        there is none — its Bind or Parse failed, its transaction ended, a simple Query dropped
+        the unnamed one, it never was — and PostgreSQL answers 34000 "portal does not exist" or
+        26000 "prepared statement does not exist", not dbward's 42501 for running something. So
+        PostgreSQL gets a Describe of it (which changes nothing) then the poison Parse, in place
+        of the Execute or Bind. If the Describe fails, its error is the client's answer (the
+        same code and message; the routine and line fields may name the Describe) and
+        PostgreSQL skips the poison. If it describes one, that answer (a statement's
+        ParameterDescription, then RowDescription or NoData) is dropped and the refusal
+        recorded (see _on_backend_message), and the poison's error becomes the refusal. Either
+        way PostgreSQL skips to the Sync, as after a refused message; so does dbward. Nothing
+        ran when there is none, and nothing is recorded (as for a Describe or Close).
         """
-        statement = _uninspected(
-            "EXECUTE", "uninspected_portal", f"portal {name!r} was not seen by dbward"
-        )
+        if portal:
+            statement = _uninspected(
+                "EXECUTE", "uninspected_portal", f"portal {name!r} was not seen by dbward"
+            )
+        else:
+            # A Bind plans the statement, which may run functions: it is refused at the Bind
+            # (as a denied Parse is at the Parse), not at the Execute after it.
+            statement = _uninspected(
+                "EXECUTE",
+                "uninspected_statement",
+                f"prepared statement {name!r} was not seen by dbward",
+            )
         decided, denial = self._decide_all((statement,), ProtocolPath.EXTENDED)
         assert denial is not None  # guard.unparseable refuses every uninspected statement
         probe = _Op(_OP_DESCRIBE)
-        probe.decided = decided  # refused and recorded if the portal exists
+        probe.decided = decided  # refused and recorded if it exists
         self._ops.append(probe)
         self._ops.append(_Op(_OP_POISON, None, _denial_frame(denial)))
-        out.append(messages.describe_message("P", name, _NAME_CODEC))
+        out.append(messages.describe_message("P" if portal else "S", name, _NAME_CODEC))
         out.append(_POISON_PARSE)
         self._discard_until_sync = True
 
@@ -2200,7 +2256,7 @@ class PgSession(asyncio.Protocol):
         PostgreSQL drops them only if it succeeds: refused (in a failed block, DISCARD ALL in
         a block), they stay, and ROLLBACK TO SAVEPOINT makes them usable again. So until its
         answer says they are gone, and after a refusal, a SQL FETCH or MOVE of one is refused
-        (as an Execute of one is: see _probe_unseen_portal). It was read as a cursor dbward
+        (as an Execute of one is: see _probe_unseen). It was read as a cursor dbward
         never saw, as the FETCH its text shows: `FETCH ALL p` of a portal bound from `DELETE
         ... RETURNING` ran the DELETE recorded as a read of no table.
         """
@@ -2637,6 +2693,8 @@ class PgSession(asyncio.Protocol):
                 if op.code == _OP_QUERY:
                     if op.tracked and op.index < len(op.tracked):  # statements left unanswered
                         self._finish_op(op, "not_executed", "")
+                    for dropped in op.drops:  # whether the Query succeeded or failed
+                        self._settle(dropped, None)
                     break
                 if op.code == _OP_SYNC:
                     break
@@ -2684,9 +2742,10 @@ class PgSession(asyncio.Protocol):
             if ops and ops[0].code == _OP_DESCRIBE:
                 decided = ops.popleft().decided
                 if decided is not None:
-                    # dbward's Describe in place of an Execute of a portal it never saw: the
-                    # portal exists, so the Execute is refused (the poison's error, next, is
-                    # the refusal). The client asked for no description: it is dropped.
+                    # dbward's Describe in place of an Execute of a portal (a Bind of a
+                    # statement) it never saw: it exists, so the Execute (Bind) is refused (the
+                    # poison's error, next, is the refusal). The client asked for no
+                    # description: it is dropped.
                     self._record_denied(decided, decided[0][1])
                     return b""
                 return None
@@ -2805,7 +2864,9 @@ class PgSession(asyncio.Protocol):
             raise ProtocolError("CopyDone with no COPY TO STDOUT going on")
         if msg_type == 0x74:  # ParameterDescription: answers a Describe of a statement only
             if ops and ops[0].code == _OP_DESCRIBE:
-                return None  # its RowDescription or NoData follows
+                # Its RowDescription or NoData follows. dbward's own Describe's (the statement
+                # exists: _probe_unseen) is dropped, as that is.
+                return None if ops[0].decided is None else b""
             raise ProtocolError("ParameterDescription with no Describe in flight")
         if msg_type == 0x44:  # DataRow, first of a run (_on_upstream_data let the due ones by)
             # No row is due: nothing in flight, a Parse, Bind, Describe, Close or Sync first in
@@ -2970,6 +3031,8 @@ class PgSession(asyncio.Protocol):
         for item in skipped:
             if item.definition is not None:
                 self._settle(item.definition, "skipped")
+            for dropped in item.drops:  # a Query PostgreSQL skipped: the names are back
+                self._settle(dropped, "skipped")
         return replacement
 
     def _record_refused_parse(

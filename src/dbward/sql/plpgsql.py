@@ -393,19 +393,49 @@ def _closing(tokens: list[Any]) -> int:
 _NAMEDATALEN: Final = 64
 
 
+def _uncut_name(text: str) -> str | None:
+    """An identifier as PostgreSQL's scanner reads it, before it is cut to NAMEDATALEN - 1
+    bytes: quotes removed, or ASCII letters lower-cased; None for U&"..." names."""
+    if text.startswith('"'):
+        return text[1:-1].replace('""', '"')
+    if text[:2].lower() == "u&":
+        return None  # a Unicode-escaped name: not worth folding by hand
+    return "".join(c.lower() if "A" <= c <= "Z" else c for c in text)
+
+
+def _cut(name: str) -> str:
+    """`name` cut to NAMEDATALEN - 1 bytes of UTF-8 at a character boundary, as PostgreSQL's
+    scanner (and so pglast) cuts an identifier in a UTF8 database."""
+    encoded = name.encode("utf-8")
+    if len(encoded) < _NAMEDATALEN:
+        return name
+    return encoded[: _NAMEDATALEN - 1].decode("utf-8", errors="ignore")
+
+
 def _folded_name(text: str) -> str | None:
     """An identifier as PostgreSQL's scanner returns it (UTF-8): quotes removed, or ASCII
     letters lower-cased, then truncated to NAMEDATALEN - 1 bytes; None for U&"..." names."""
-    if text.startswith('"'):
-        name = text[1:-1].replace('""', '"')
-    elif text[:2].lower() == "u&":
-        return None  # a Unicode-escaped name: not worth folding by hand
-    else:
-        name = "".join(c.lower() if "A" <= c <= "Z" else c for c in text)
-    encoded = name.encode("utf-8")
-    if len(encoded) >= _NAMEDATALEN:
-        name = encoded[: _NAMEDATALEN - 1].decode("utf-8", errors="ignore")
-    return name
+    name = _uncut_name(text)
+    return None if name is None else _cut(name)
+
+
+def name_was_cut(sql: str, name: str) -> bool:
+    """Whether `name`, as the parser returned it from `sql`, may be a longer identifier the
+    scanner cut to NAMEDATALEN - 1 bytes (a server built with a larger NAMEDATALEN keeps the
+    whole name). True when unsure: `sql` does not scan, or holds a U&"..." identifier."""
+    if len(name.encode("utf-8")) < _NAMEDATALEN - 4:
+        return False  # a cut name is 60-63 bytes (a UTF-8 character is at most 4)
+    tokens = _tokens(sql)
+    if tokens is None:
+        return True
+    for token in tokens:
+        if token.name == "UIDENT":
+            return True
+        if token.name == "IDENT":
+            whole = _uncut_name(sql[token.start : token.end + 1])
+            if whole is None or (whole != name and _cut(whole) == name):
+                return True
+    return False
 
 
 class _LineCounter:

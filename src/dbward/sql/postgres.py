@@ -12,7 +12,7 @@ from typing import Any, Final
 from pglast import parser as _pg_parser
 
 from dbward.core.types import DEFAULT_MAX_STATEMENTS, Statement, StatementKind
-from dbward.sql.plpgsql import read_plpgsql
+from dbward.sql.plpgsql import name_was_cut, read_plpgsql
 
 __all__ = [
     "PostgresClassifier",
@@ -1651,6 +1651,14 @@ def _classify_node(
             flags.add("fetches_cursor")  # runs the cursor's query: decided as its DECLARE
         elif node_type == "DeclareCursorStmt" and body.get("options", 0) & _CURSOR_OPT_HOLD:
             flags.add("holdable_cursor")
+    if depth == 0 and (
+        (prepared_name is not None and name_was_cut(part, prepared_name))
+        or (cursor_name is not None and name_was_cut(part, cursor_name))
+    ):
+        # The scanner cut a longer name to 63 bytes, as PostgreSQL does with NAMEDATALEN 64;
+        # a server built with a larger one keeps it whole. Refused, like a protocol-level name
+        # over 63 bytes, so dbward's maps never depend on the server's NAMEDATALEN.
+        flags.add("name_too_long")
     roles = _roles_changed(node_type, body) + tuple(walked.roles)
     if roles:
         flags.add("changes_role")
