@@ -20,6 +20,17 @@ from dbward.cli.audit import TimeParam, audit_group
 NOW = int(time.time() * 1000)
 
 
+def _append(path: Path, records: list[AuditRecord]) -> None:
+    async def main() -> None:
+        sink = SqliteAuditSink(path)
+        sink.start()
+        for r in records:
+            sink.append(r)
+        await sink.close()
+
+    asyncio.run(main())
+
+
 @pytest.fixture
 def db(tmp_path: Path) -> Path:
     # Relative times (--since 45s) are measured from now: stamp the records at test time,
@@ -59,15 +70,7 @@ def db(tmp_path: Path) -> Path:
             duration_ms=0.5,
         ),
     ]
-
-    async def main() -> None:
-        sink = SqliteAuditSink(path)
-        sink.start()
-        for r in records:
-            sink.append(r)
-        await sink.close()
-
-    asyncio.run(main())
+    _append(path, records)
     return path
 
 
@@ -279,17 +282,6 @@ def test_a_malformed_record_is_a_clear_error(db: Path, column: str, value: str) 
         assert code == 2, (args, out, err)
         assert "record seq 2 is malformed" in err and column in err
         assert "Traceback" not in err
-
-
-def _append(path: Path, records: list[AuditRecord]) -> None:
-    async def main() -> None:
-        sink = SqliteAuditSink(path)
-        sink.start()
-        for r in records:
-            sink.append(r)
-        await sink.close()
-
-    asyncio.run(main())
 
 
 @pytest.mark.parametrize("as_json", [False, True], ids=["lines", "json"])

@@ -13,24 +13,13 @@ import pytest
 from dbward.audit.sink import MemorySink
 from dbward.relay.postgres import PgSession
 from dbward.wire.postgres import messages as m
-from fixtures.detached import RecordingTransport, detached_session, frames
+from fixtures.detached import RecordingTransport, frames, prepare, sinked_session
 
 PARSED, BOUND = m._frame(b"1", b""), m._frame(b"2", b"")
 POISON = m.parse_message("__dbward_denied__", "DBWARD_POLICY_DENIED")
 SYNTAX_ERROR = m.error_response("ERROR", "42601", 'syntax error at or near "DBWARD_POLICY_DENIED"')
 LONG = "A" * 63 + "x"  # 64 bytes: PostgreSQL would key it as "A" * 63
 FITS = "A" * 63
-
-
-def _session() -> tuple[PgSession, RecordingTransport, RecordingTransport, MemorySink]:
-    sink = MemorySink()
-    session, client, upstream = detached_session(sink)
-    return session, client, upstream, sink
-
-
-def _prepared(session: PgSession, name: str, sql: str) -> None:
-    session.data_received(m.parse_message(name, sql) + m.sync())
-    session._on_upstream_data(PARSED + m.ready_for_query(b"I"))
 
 
 def _raw(kind: bytes, *parts: bytes) -> bytes:
@@ -65,9 +54,9 @@ def _denials(sink: MemorySink) -> list[tuple[str, str, str]]:
 def test_a_name_over_63_bytes_is_refused_in_every_message(
     message: bytes, recorded: str | None
 ) -> None:
-    session, client, upstream, sink = _session()
-    _prepared(session, "s1", "SELECT 1")
-    _prepared(session, FITS, "SELECT 2")
+    session, client, upstream, sink = sinked_session()
+    prepare(session, "s1", "SELECT 1")
+    prepare(session, FITS, "SELECT 2")
     upstream.written.clear()
     client.written.clear()
     prepared, portals = dict(session._prepared), dict(session._portals)
@@ -86,7 +75,7 @@ def test_a_name_over_63_bytes_is_refused_in_every_message(
 
 
 def test_names_of_63_bytes_are_forwarded_as_sent() -> None:
-    session, _, upstream, _ = _session()
+    session, _, upstream, _ = sinked_session()
     sent = (
         m.parse_message(FITS, "SELECT 1")
         + m.bind_message(FITS, FITS, [])
@@ -104,7 +93,7 @@ def test_a_name_that_is_not_ascii_is_refused() -> None:
     """PostgreSQL converts a name from the client's encoding to the server's before it looks
     it up: b"\\xe9" under LATIN1 and b"\\xc3\\xa9" under UTF8 are one statement to it, and
     b"\\xe9" * 32 + b"x" (33 bytes in LATIN1, 65 in UTF8) is cut to 63 bytes."""
-    session, client, upstream, sink = _session()
+    session, client, upstream, sink = sinked_session()
     upstream.written.clear()
     session.data_received(_raw(b"P", b"\xc3\xa9\x00", b"SELECT 1\x00", b"\x00\x00") + m.sync())
     assert upstream.written == POISON + m.sync()
@@ -120,7 +109,7 @@ def test_a_query_drops_the_unnamed_statement_and_portal() -> None:
     """PostgreSQL drops the unnamed statement as a Query starts and runs the Query's statements
     in the unnamed portal: an Execute of it then answers 34000 (25P02 in a failed block). dbward
     decided and recorded it as the statement bound before."""
-    session, _, upstream, sink = _session()
+    session, _, upstream, sink = sinked_session()
     session.data_received(m.query("BEGIN"))
     session._on_upstream_data(m.command_complete("BEGIN") + m.ready_for_query(b"T"))
     session.data_received(m.parse_message("", "SELECT 1") + m.bind_message("", "", []) + m.sync())
@@ -138,7 +127,7 @@ def test_a_query_drops_the_unnamed_statement_and_portal() -> None:
 
 
 def test_an_empty_query_drops_the_unnamed_statement_only() -> None:
-    session, _, _, _ = _session()
+    session, _, _, _ = sinked_session()
     session.data_received(m.query("BEGIN"))
     session._on_upstream_data(m.command_complete("BEGIN") + m.ready_for_query(b"T"))
     session.data_received(m.parse_message("", "SELECT 1") + m.bind_message("", "", []) + m.sync())
@@ -151,7 +140,7 @@ def test_an_empty_query_drops_the_unnamed_statement_only() -> None:
 def test_a_query_postgresql_skips_drops_nothing() -> None:
     """An error earlier in an extended-protocol group with no Sync after it yet: PostgreSQL
     ignores the Query (up to the Sync) and keeps both unnamed names."""
-    session, _, _, _ = _session()
+    session, _, _, _ = sinked_session()
     session.data_received(m.query("BEGIN"))
     session._on_upstream_data(m.command_complete("BEGIN") + m.ready_for_query(b"T"))
     session.data_received(m.parse_message("", "SELECT 1") + m.bind_message("", "", []) + m.sync())
@@ -171,10 +160,10 @@ def test_a_query_postgresql_skips_drops_nothing() -> None:
 def test_an_earlier_bind_undone_after_the_query_was_sent_stays_dropped() -> None:
     """A Bind of the unnamed portal PostgreSQL skips, answered after a Query was sent behind
     it: what the name meant before the Bind goes to the Query's drop, not back in the map."""
-    session, _, _, _ = _session()
+    session, _, _, _ = sinked_session()
     session.data_received(m.query("BEGIN"))
     session._on_upstream_data(m.command_complete("BEGIN") + m.ready_for_query(b"T"))
-    _prepared(session, "s1", "SELECT 1")
+    prepare(session, "s1", "SELECT 1")
     session.data_received(m.bind_message("", "s1", []) + m.sync())
     session._on_upstream_data(BOUND + m.ready_for_query(b"T"))
     session.data_received(
@@ -203,7 +192,7 @@ def _cursor_names(session: PgSession, client: RecordingTransport, sql: str) -> d
 def test_sql_names_the_scanner_cut_are_refused() -> None:
     """PREPARE/EXECUTE/DEALLOCATE and DECLARE/FETCH/MOVE/CLOSE: pglast cuts an identifier to 63
     bytes as PostgreSQL does with NAMEDATALEN 64; a server built with a larger one would not."""
-    session, client, upstream, sink = _session()
+    session, client, upstream, sink = sinked_session()
     for sql in (
         f"PREPARE {LONG} AS SELECT 1",
         f'EXECUTE "{LONG}"',
@@ -226,7 +215,7 @@ def test_sql_names_not_in_ascii_need_utf8_on_both_sides() -> None:
     """The parser reads names in UTF-8; PostgreSQL in the server's encoding (and a single-byte
     one folds É to é where the parser does not), converted from the client's."""
     sql = 'DECLARE "curseur_é" CURSOR FOR SELECT 1'
-    session, client, upstream, _ = _session()
+    session, client, upstream, _ = sinked_session()
     session.data_received(m.query("BEGIN"))
     session._on_upstream_data(m.command_complete("BEGIN") + m.ready_for_query(b"T"))
     upstream.written.clear()

@@ -16,25 +16,13 @@ from dbward.config.model import AuditSettings
 from dbward.core.errors import AuditUnavailable
 from dbward.relay.postgres import PgSession
 from dbward.wire.postgres import messages as m
-from fixtures.detached import RecordingTransport, detached_session, frames
+from fixtures.detached import detached_session, frames, prepare, sinked_session
 
 PARSED, BOUND = m._frame(b"1", b""), m._frame(b"2", b"")
 ABORTED = m.error_response("ERROR", "25P02", "current transaction is aborted")
 DUPLICATE = m.error_response("ERROR", "42P05", 'prepared statement "s1" already exists')
 # What PostgreSQL gets for a refused Query it could parse (one it cannot: DBWARD_POLICY_DENIED).
 REFUSED_AT_RUN = m.query('SET "dbward: policy denied" = on')
-
-
-def _session() -> tuple[PgSession, RecordingTransport, RecordingTransport, MemorySink]:
-    sink = MemorySink()
-    session, client, upstream = detached_session(sink)
-    return session, client, upstream, sink
-
-
-def _prepared(session: PgSession, name: str, sql: str) -> None:
-    """Parse + Sync, answered by PostgreSQL: `name` is prepared on both sides."""
-    session.data_received(m.parse_message(name, sql) + m.sync())
-    session._on_upstream_data(PARSED + m.ready_for_query(b"I"))
 
 
 def _in_failed_transaction(session: PgSession) -> None:
@@ -45,7 +33,7 @@ def _in_failed_transaction(session: PgSession) -> None:
 
 
 def test_parse_and_bind_refused_by_postgres_leave_nothing_behind() -> None:
-    session, _, _, _ = _session()
+    session, _, _, _ = sinked_session()
     _in_failed_transaction(session)
     for i in range(200):
         session.data_received(m.parse_message(f"s{i}", "SELECT 1") + m.sync())
@@ -57,8 +45,8 @@ def test_parse_and_bind_refused_by_postgres_leave_nothing_behind() -> None:
 
 
 def test_a_refused_redefinition_keeps_what_postgres_kept() -> None:
-    session, _, _, sink = _session()
-    _prepared(session, "s1", "DELETE FROM victim WHERE x > 0")
+    session, _, _, sink = sinked_session()
+    prepare(session, "s1", "DELETE FROM victim WHERE x > 0")
     session.data_received(m.parse_message("s1", "SELECT 1") + m.sync())
     session._on_upstream_data(DUPLICATE + m.ready_for_query(b"I"))
     session.data_received(m.bind_message("", "s1", []) + m.execute_message("") + m.sync())
@@ -76,8 +64,8 @@ def test_a_refused_redefinition_keeps_what_postgres_kept() -> None:
 
 
 def test_a_skipped_unnamed_parse_keeps_the_old_unnamed_statement() -> None:
-    session, _, _, sink = _session()
-    _prepared(session, "", "DELETE FROM victim WHERE x > 0")
+    session, _, _, sink = sinked_session()
+    prepare(session, "", "DELETE FROM victim WHERE x > 0")
     # An Execute fails; PostgreSQL skips the unnamed Parse after it, up to the Sync.
     session.data_received(
         m.bind_message("e", "", [])
@@ -94,15 +82,15 @@ def test_a_skipped_unnamed_parse_keeps_the_old_unnamed_statement() -> None:
 
 
 def test_a_failed_unnamed_parse_drops_the_old_unnamed_statement() -> None:
-    session, _, _, _ = _session()
-    _prepared(session, "", "SELECT 1")
+    session, _, _, _ = sinked_session()
+    prepare(session, "", "SELECT 1")
     session.data_received(m.parse_message("", "SELECT * FROM missing") + m.sync())
     session._on_upstream_data(m.error_response("ERROR", "42P01", "x") + m.ready_for_query(b"I"))
     assert "" not in session._prepared
 
 
 def test_a_redefinition_in_a_later_group_survives_the_earlier_failure() -> None:
-    session, _, _, _ = _session()
+    session, _, _, _ = sinked_session()
     session.data_received(
         m.parse_message("", "SELECT * FROM missing")
         + m.sync()
@@ -120,7 +108,7 @@ def test_a_redefinition_in_a_later_group_survives_the_earlier_failure() -> None:
 
 
 def test_pipelined_groups_that_parse_their_own_statement_never_wait() -> None:
-    session, _, upstream, _ = _session()
+    session, _, upstream, _ = sinked_session()
     unit = (
         m.parse_message("", "SELECT 1")
         + m.bind_message("", "", [])
@@ -133,7 +121,7 @@ def test_pipelined_groups_that_parse_their_own_statement_never_wait() -> None:
 
 def test_a_bind_of_a_statement_still_being_prepared_in_an_earlier_group_waits() -> None:
     """If that Parse fails, PostgreSQL binds whatever the name meant before: wait and see."""
-    session, client, upstream, sink = _session()
+    session, client, upstream, sink = sinked_session()
     session.data_received(m.parse_message("s1", "SELECT 1") + m.sync())
     session.data_received(m.bind_message("", "s1", []) + m.execute_message("") + m.sync())
     assert upstream.written == m.parse_message("s1", "SELECT 1") + m.sync()
@@ -147,7 +135,7 @@ def test_a_bind_of_a_statement_still_being_prepared_in_an_earlier_group_waits() 
 
 
 def test_sql_prepare_refused_by_postgres_is_undone() -> None:
-    session, _, _, sink = _session()
+    session, _, _, sink = sinked_session()
     session.data_received(m.query("PREPARE d AS DELETE FROM victim WHERE x > 0"))
     session._on_upstream_data(m.command_complete("PREPARE") + m.ready_for_query(b"I"))
     session.data_received(m.query("PREPARE d AS SELECT 1"))
@@ -158,7 +146,7 @@ def test_sql_prepare_refused_by_postgres_is_undone() -> None:
 
 
 def test_sql_execute_pipelined_behind_its_prepare_waits_for_it() -> None:
-    session, _, upstream, sink = _session()
+    session, _, upstream, sink = sinked_session()
     session.data_received(m.query("PREPARE d AS SELECT 1") + m.query("EXECUTE d"))
     assert upstream.written == m.query("PREPARE d AS SELECT 1")
     session._on_upstream_data(DUPLICATE + m.ready_for_query(b"I"))  # refused: d unknown
@@ -168,7 +156,7 @@ def test_sql_execute_pipelined_behind_its_prepare_waits_for_it() -> None:
 
 
 def test_non_ascii_sql_behind_a_pending_sync_waits_for_the_encoding() -> None:
-    session, _, upstream, _ = _session()
+    session, _, upstream, _ = sinked_session()
     session.data_received(
         m.query("SET client_encoding = 'LATIN1'") + m.query("SELECT 'é'", "latin-1")
     )
@@ -182,7 +170,7 @@ def test_non_ascii_sql_behind_a_pending_sync_waits_for_the_encoding() -> None:
 
 
 def test_non_ascii_sql_in_an_unsynced_pipeline_is_refused() -> None:
-    session, _, upstream, sink = _session()
+    session, _, upstream, sink = sinked_session()
     session.data_received(
         m.parse_message("", "SELECT 1")
         + m.bind_message("", "", [])
@@ -207,7 +195,7 @@ def test_non_ascii_sql_in_an_unsynced_pipeline_is_refused() -> None:
 def test_everything_but_turning_it_on_is_refused_while_strings_are_not_conforming() -> None:
     """A function body or SQL text is read with the setting in force when it runs: so nothing
     can be checked while standard_conforming_strings is off, backslash or not."""
-    session, _, upstream, sink = _session()
+    session, _, upstream, sink = sinked_session()
     session._on_upstream_data(m.parameter_status("standard_conforming_strings", "off"))
     for sql in ("SELECT 'x\\'' ; SET ROLE r; -- '", "SELECT my_function()"):
         upstream.written.clear()
@@ -243,8 +231,8 @@ def _executed(sink: MemorySink) -> list[tuple[str, str]]:
 
 def test_a_skipped_parse_then_the_same_text_parsed_again_keeps_the_second() -> None:
     """The same text gives the same cached tuple: settling must not compare meanings."""
-    session, _, _, sink = _session()
-    _prepared(session, "", "SELECT 1")
+    session, _, _, sink = sinked_session()
+    prepare(session, "", "SELECT 1")
     session.data_received(
         m.parse_message("z", "SELECT 1/0")
         + m.bind_message("e", "z", [])
@@ -262,8 +250,8 @@ def test_a_skipped_parse_then_the_same_text_parsed_again_keeps_the_second() -> N
 
 
 def test_a_refused_parse_then_close_and_parse_again_keeps_the_new_one() -> None:
-    session, _, _, sink = _session()
-    _prepared(session, "s1", "SELECT 1")
+    session, _, _, sink = sinked_session()
+    prepare(session, "s1", "SELECT 1")
     session.data_received(
         m.parse_message("s1", DELETE)  # refused: s1 exists
         + m.sync()
@@ -279,8 +267,8 @@ def test_a_refused_parse_then_close_and_parse_again_keeps_the_new_one() -> None:
 
 
 def test_a_refused_sql_prepare_does_not_undo_a_later_protocol_definition() -> None:
-    session, _, _, sink = _session()
-    _prepared(session, "s1", "SELECT 1")
+    session, _, _, sink = sinked_session()
+    prepare(session, "s1", "SELECT 1")
     session.data_received(
         m.query("PREPARE s1 AS SELECT 2")  # refused: s1 exists
         + m.close_message("S", "s1")
@@ -295,7 +283,7 @@ def test_a_refused_sql_prepare_does_not_undo_a_later_protocol_definition() -> No
 
 
 def test_an_unrelated_error_before_a_copy_starts_keeps_the_copy_syncs_in_step() -> None:
-    session, _, _, _ = _session()
+    session, _, _, _ = sinked_session()
     session.data_received(m.query("SELECT 1/0"))
     session.data_received(
         m.parse_message("", "COPY t FROM STDIN")
@@ -336,8 +324,8 @@ def test_the_reply_limit_keeps_reading_while_postgres_discards_until_sync() -> N
 
 
 def test_a_refused_parse_and_a_skipped_close_do_not_undo_a_later_group() -> None:
-    session, _, _, sink = _session()
-    _prepared(session, "s", "SELECT 1")
+    session, _, _, sink = sinked_session()
+    prepare(session, "s", "SELECT 1")
     session.data_received(
         m.parse_message("s", "SELECT 2")  # refused: s exists
         + m.close_message("S", "s")  # skipped
@@ -355,7 +343,7 @@ def test_a_refused_parse_and_a_skipped_close_do_not_undo_a_later_group() -> None
 
 def test_text_after_an_execute_answered_on_flush_waits_for_the_settings_report() -> None:
     """PostgreSQL reports a changed client_encoding only at ReadyForQuery, not on Flush."""
-    session, _, upstream, sink = _session()
+    session, _, upstream, sink = sinked_session()
     session.data_received(
         m.parse_message("", "SET client_encoding = 'GBK'")
         + m.bind_message("", "", [])
@@ -376,7 +364,7 @@ def test_other_messages_during_an_active_copy_end_the_session(message: bytes) ->
     """PostgreSQL ends the session for SQL it reads while copying, but runs it once a bad row
     ended the copy: nothing tells which, so no guess is made (no driver sends one). A Sync is
     forwarded (see test_relay_copy.py)."""
-    session, client, _, _ = _session()
+    session, client, _, _ = sinked_session()
     session.data_received(m.query("COPY t FROM STDIN"))
     session._on_upstream_data(m._frame(b"G", b"\x00\x00\x00"))
     session.data_received(m.copy_data(b"1\n") + m.sync() + message)
@@ -387,7 +375,7 @@ def test_other_messages_during_an_active_copy_end_the_session(message: bytes) ->
 
 
 def test_a_query_skipped_in_a_failed_group_owes_no_ready_for_query() -> None:
-    session, _, _, _ = _session()
+    session, _, _, _ = sinked_session()
     session.data_received(
         m.parse_message("", "SELECT 1/0")
         + m.bind_message("", "", [])
@@ -400,7 +388,7 @@ def test_a_query_skipped_in_a_failed_group_owes_no_ready_for_query() -> None:
 
 
 def test_a_with_hold_cursor_outlives_its_transaction_and_fetch_is_its_query() -> None:
-    session, _, _, sink = _session()
+    session, _, _, sink = sinked_session()
     session.data_received(m.query("DECLARE c CURSOR WITH HOLD FOR SELECT x FROM secret_notes"))
     session._on_upstream_data(m.command_complete("DECLARE CURSOR") + m.ready_for_query(b"I"))
     assert "c" in session._portals
@@ -498,7 +486,7 @@ def test_a_batch_refused_half_way_logs_none_of_its_statements_as_allowed() -> No
 
 
 def test_fetch_of_a_cursor_declared_earlier_in_the_same_string_is_its_query() -> None:
-    session, _, _, sink = _session()
+    session, _, _, sink = sinked_session()
     session.data_received(m.query("DECLARE c CURSOR WITH HOLD FOR SELECT 1"))
     session._on_upstream_data(m.command_complete("DECLARE CURSOR") + m.ready_for_query(b"I"))
     session.data_received(
@@ -513,7 +501,7 @@ def test_fetch_of_a_cursor_declared_earlier_in_the_same_string_is_its_query() ->
 
 
 def test_a_second_copy_in_one_query_is_a_copy_too() -> None:
-    session, client, _, _ = _session()
+    session, client, _, _ = sinked_session()
     session.data_received(m.query("COPY a FROM STDIN; COPY b FROM STDIN"))
     session._on_upstream_data(m._frame(b"G", b"\x00\x00\x00"))
     session.data_received(m.copy_data(b"1\n") + m.copy_done())
@@ -528,7 +516,7 @@ def test_a_second_copy_in_one_query_is_a_copy_too() -> None:
 
 
 def test_a_fatal_mid_pipeline_fails_the_running_statement_and_skips_the_rest() -> None:
-    session, _, _, sink = _session()
+    session, _, _, sink = sinked_session()
     unit = m.bind_message("", "s", []) + m.execute_message("")
     session.data_received(m.parse_message("s", DELETE) + unit + unit + unit + m.sync())
     session._on_upstream_data(PARSED + BOUND)
@@ -562,7 +550,7 @@ def test_a_statement_still_waiting_for_its_durable_intent_was_never_executed() -
 def test_an_eager_copy_ended_before_its_copy_in_response_is_over() -> None:
     """Query(COPY) + data + CopyDone in one write: the late CopyInResponse starts nothing the
     client is still in, so its next Query is an ordinary one (seventh review)."""
-    session, client, upstream, sink = _session()
+    session, client, upstream, sink = sinked_session()
     session.data_received(m.query("COPY c FROM STDIN") + m.copy_data(b"1\n") + m.copy_done())
     session._on_upstream_data(
         m._frame(b"G", b"\x00\x00\x00") + m.command_complete("COPY 1") + m.ready_for_query(b"I")
@@ -578,7 +566,7 @@ def test_an_eager_copy_ended_before_its_copy_in_response_is_over() -> None:
 
 def test_an_earlier_querys_error_does_not_release_the_sync_behind_a_copy() -> None:
     """Only the COPY's own answer decides what the Sync sent after it means."""
-    session, _, upstream, _ = _session()
+    session, _, upstream, _ = sinked_session()
     session.data_received(
         m.query("SELECT 1/0")
         + m.parse_message("", "COPY t FROM STDIN")
@@ -602,7 +590,7 @@ def test_an_earlier_querys_error_does_not_release_the_sync_behind_a_copy() -> No
 
 
 def test_a_copy_failing_before_it_starts_gets_the_sync_sent_after_it() -> None:
-    session, _, upstream, _ = _session()
+    session, _, upstream, _ = sinked_session()
     session.data_received(
         m.parse_message("", "COPY missing FROM STDIN")
         + m.bind_message("", "", [])
@@ -621,7 +609,7 @@ def test_sql_sent_before_a_copys_data_waits_for_the_copy_and_is_then_refused() -
     """What follows a COPY FROM STDIN waits until PostgreSQL starts or refuses the copy: once
     it has started, SQL there is no copy data (PostgreSQL would end the session too). It hung
     when the SQL itself had to wait for quiet (non-ASCII text)."""
-    session, client, upstream, _ = _session()
+    session, client, upstream, _ = sinked_session()
     session.data_received(
         m.query("COPY t FROM STDIN") + m.query("SELECT 'é'") + m.copy_data(b"1\n") + m.copy_done()
     )
@@ -653,7 +641,7 @@ def _flush_error_then_ignored_query(session: PgSession) -> None:
 
 
 def test_a_query_postgres_skips_after_a_flush_answered_error_owes_nothing() -> None:
-    session, _, upstream, sink = _session()
+    session, _, upstream, sink = sinked_session()
     _flush_error_then_ignored_query(session)
     assert len(session._ops) == 0
     assert m.query("SELECT 2") not in upstream.written  # dropped, as PostgreSQL would
@@ -671,7 +659,7 @@ def test_the_reply_limit_reads_on_while_postgres_skips_to_the_sync() -> None:
 
 
 def test_messages_after_a_copy_wait_until_the_copy_is_decided() -> None:
-    session, _, upstream, _ = _session()
+    session, _, upstream, _ = sinked_session()
     session.data_received(
         m.parse_message("", "COPY missing FROM STDIN")
         + m.bind_message("", "", [])
@@ -689,7 +677,7 @@ def test_messages_after_a_copy_wait_until_the_copy_is_decided() -> None:
 
 
 def test_a_failing_simple_query_copy_gets_the_sync_after_it_answered() -> None:
-    session, client, upstream, _ = _session()
+    session, client, upstream, _ = sinked_session()
     session.data_received(m.query("COPY missing FROM STDIN") + m.sync())
     upstream.written.clear()
     session._on_upstream_data(m.error_response("ERROR", "42P01", "no table"))
@@ -700,7 +688,7 @@ def test_a_failing_simple_query_copy_gets_the_sync_after_it_answered() -> None:
 
 
 def test_fetch_leaves_the_cursor_defined() -> None:
-    session, _, _, sink = _session()
+    session, _, _, sink = sinked_session()
     session.data_received(m.query("BEGIN; DECLARE c CURSOR FOR SELECT x FROM notes"))
     session._on_upstream_data(
         m.command_complete("BEGIN") + m.command_complete("DECLARE CURSOR") + m.ready_for_query(b"T")
@@ -717,8 +705,8 @@ def test_create_table_as_execute_is_decided_with_what_it_runs() -> None:
     """CREATE TABLE ... AS EXECUTE runs the prepared query (verified on PostgreSQL 15: it
     copied the table the query reads, and a data-modifying CTE in it deleted rows); its tables
     count, and a name dbward did not see prepared is refused as for EXECUTE (review round 18)."""
-    session, _, upstream, sink = _session()
-    _prepared(session, "s1", "SELECT * FROM secret")
+    session, _, upstream, sink = sinked_session()
+    prepare(session, "s1", "SELECT * FROM secret")
     session.data_received(m.query("CREATE TABLE copied AS EXECUTE s1"))
     ctas = [r for r in sink.records if r.event == "statement"][-1]
     assert (ctas.command, ctas.kind, ctas.decision) == ("CREATE TABLE AS", "ddl", "allow")
