@@ -19,7 +19,7 @@ from pydantic import (
 from dbward.core.types import DEFAULT_MAX_STATEMENTS
 
 # Field types a YAML boolean must not stand in for (see _Strict).
-_NUMBERS: frozenset[object] = frozenset({int, float, "int", "float"})
+_NUMBERS: frozenset[object] = frozenset({int, float})
 
 
 class _Strict(BaseModel):
