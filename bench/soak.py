@@ -92,10 +92,17 @@ class SoakEnv:
         return info
 
 
-def start_env() -> SoakEnv:
+def start_env(tracemalloc_frames: int = 0) -> SoakEnv:
     pg, pg_base = start_pg_server(None)
     work = Path(tempfile.mkdtemp(prefix="dbward-soak-"))
     os.chmod(work, 0o755)
+    traced: dict[str, str] = {}
+    if tracemalloc_frames:
+        (work / "tracemalloc").mkdir()
+        traced = {
+            "PYTHONTRACEMALLOC": str(tracemalloc_frames),
+            "DBWARD_SOAK_TRACEMALLOC_DIR": str(work / "tracemalloc"),
+        }
     ca = make_test_ca(work / "ca")
     pg.psql(
         f"CREATE TABLE {TABLE} (id int, v text);\n"
@@ -147,7 +154,7 @@ def start_env() -> SoakEnv:
             [sys.executable, "-m", "dbward", "serve", "--config", str(config_path)],
             stdout=out,
             stderr=subprocess.STDOUT,
-            env={**_clean_env(), "PYTHONUNBUFFERED": "1"},
+            env={**_clean_env(), "PYTHONUNBUFFERED": "1", **traced},
         )
     _wait_port(port, proc, log_path, "dbward")
     return SoakEnv(pg, pg_base, work, port, password, ca.ca_cert, proc, log_path)
@@ -681,6 +688,25 @@ def slope_per_min(points: list[tuple[float, float]]) -> float:
 
 # Bounded by design (LRU caches, the cancel rate table): reported, not expected back at zero.
 _BOUNDED = ("cache_entries", "template_entries", "cached_bytes", "cancel_buckets", "probe_failed")
+# Allocator figures explain RSS; they are judged through rss_kb, not on their own.
+_ALLOCATOR = ("pymalloc_blocks", "malloc_", "tracemalloc_kb")
+
+
+def _traced_growth(snap_dir: Path, top: int = 15) -> list[str]:
+    """Top allocating lines by growth between the first and the last tracemalloc snapshot."""
+    import tracemalloc
+
+    snaps = sorted(snap_dir.glob("*.snap")) if snap_dir.is_dir() else []
+    if len(snaps) < 2:
+        return []
+    first = tracemalloc.Snapshot.load(str(snaps[0]))
+    last = tracemalloc.Snapshot.load(str(snaps[-1]))
+    stats = last.compare_to(first, "traceback")
+    lines = []
+    for stat in stats[:top]:
+        frames = " <- ".join(f"{Path(f.filename).name}:{f.lineno}" for f in stat.traceback[:4])
+        lines.append(f"{stat.size_diff / 1024:+9.0f} KiB {stat.count_diff:+7d} blocks  {frames}")
+    return lines
 
 
 def main() -> int:
@@ -693,11 +719,19 @@ def main() -> int:
     parser.add_argument("--no-gdb", action="store_true", help="skip the in-process probe")
     parser.add_argument("--json", type=Path, help="write every sample here")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, audit)")
+    parser.add_argument(
+        "--tracemalloc",
+        type=int,
+        default=0,
+        metavar="FRAMES",
+        help="run dbward under tracemalloc (slower) and print what grew between the first and"
+        " last probe, by allocating line",
+    )
     args = parser.parse_args()
     use_gdb = not args.no_gdb and shutil.which("gdb") is not None
 
     print("[soak] starting PostgreSQL and dbward", file=sys.stderr, flush=True)
-    env = start_env()
+    env = start_env(args.tracemalloc)
     out_file = env.work / "probe.json"
     series: list[dict[str, Any]] = []
     stats = Stats()
@@ -757,6 +791,7 @@ def main() -> int:
         end = take("after-grace", True)
     finally:
         with_log = env.log_path.read_text(errors="replace")
+        grown = _traced_growth(env.work / "tracemalloc") if args.tracemalloc else []
         stop_env(env, args.keep)
 
     if args.json:
@@ -804,6 +839,8 @@ def main() -> int:
             f"{key:38s} {_fmt(start):>12s} {_fmt(max(values)):>12s} {_fmt(eol):>12s} "
             f"{_fmt(after):>12s} {slope:>11.2f}"
         )
+        if key == "rss_kb" and args.tracemalloc:
+            continue  # tracemalloc's traces and snapshots live in the process: judge its own count
         if key in ("rss_kb", "children_rss_kb", "gc_objects"):
             if after > start * 1.25 + 8192:
                 findings.append(f"{key}: {start} -> {after}")
@@ -811,6 +848,11 @@ def main() -> int:
             # The default executor (uvloop_N threads) starts up to min(32, CPUs + 4) on demand.
             if after > start + (2 if key == "fds" else min(32, (os.cpu_count() or 1) + 4)):
                 findings.append(f"{key}: {start} -> {after}")
+        elif key == "tracemalloc_kb":
+            if after > start * 1.1 + 1024:
+                findings.append(f"{key}: {start} -> {after}")
+        elif key.startswith(_ALLOCATOR):
+            continue
         elif not any(word in key for word in _BOUNDED) and after > start:
             findings.append(f"{key}: {start} -> {after} (not back to baseline)")
     print("* least-squares slope over the second half of the load")
@@ -818,6 +860,10 @@ def main() -> int:
     print(f"\ndbward log: {len(with_log.splitlines())} lines, {len(errors)} ERROR/Traceback")
     for line in errors[:10]:
         print("  " + line[:200])
+    if grown:
+        print("\ntracemalloc, first probe -> last probe, top growth by line:")
+        for line in grown:
+            print("  " + line)
     print("\nfindings: " + ("none" if not findings else ""))
     for finding in findings:
         print("  " + finding)

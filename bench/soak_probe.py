@@ -57,7 +57,57 @@ def _soak_snapshot(out_path: str) -> None:
     for i, pool in enumerate(pools):
         executor = pool._executor
         snap[f"offload{i}.workers"] = 0 if executor is None else len(executor._processes or {})
+    _allocator_numbers(snap)
     snap["python_threads"] = threading.active_count()
     snap["thread_names"] = ",".join(sorted(t.name for t in threading.enumerate()))
     with open(out_path, "w") as f:
         json.dump(snap, f)
+
+
+def _allocator_numbers(snap: dict[str, object]) -> None:
+    """Where the memory is: pymalloc blocks, glibc's heap in use / free, tracemalloc if on."""
+    import ctypes
+    import os
+    import sys
+    import tracemalloc
+
+    snap["pymalloc_blocks"] = sys.getallocatedblocks()
+
+    class _MallInfo2(ctypes.Structure):
+        _fields_ = [
+            (name, ctypes.c_size_t)
+            for name in (
+                "arena",
+                "ordblks",
+                "smblks",
+                "hblks",
+                "hblkhd",
+                "usmblks",
+                "fsmblks",
+                "uordblks",
+                "fordblks",
+                "keepcost",
+            )
+        ]
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = _MallInfo2
+        info = libc.mallinfo2()
+    except (OSError, AttributeError):
+        return
+    # arena: bytes the main + thread arenas took with sbrk/mmap; uordblks in use, fordblks free
+    # inside them; hblkhd: large blocks mmapped one by one. In use flat and free growing is
+    # fragmentation; in use growing is a leak below Python (or a Python one pymalloc hides).
+    snap["malloc_arena_kb"] = info.arena // 1024
+    snap["malloc_in_use_kb"] = info.uordblks // 1024
+    snap["malloc_free_kb"] = info.fordblks // 1024
+    snap["malloc_mmapped_kb"] = info.hblkhd // 1024
+    snap["malloc_mmapped_blocks"] = info.hblks
+    if tracemalloc.is_tracing():
+        current, _peak = tracemalloc.get_traced_memory()
+        snap["tracemalloc_kb"] = current // 1024
+        dump_dir = os.environ.get("DBWARD_SOAK_TRACEMALLOC_DIR")
+        if dump_dir:
+            count = len(os.listdir(dump_dir))
+            tracemalloc.take_snapshot().dump(os.path.join(dump_dir, f"{count:04d}.snap"))
