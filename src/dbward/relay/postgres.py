@@ -41,7 +41,8 @@ from dbward.relay.login import Login
 from dbward.relay.services import client_key
 from dbward.server.upstream import UpstreamConnection, send_cancel
 from dbward.sql.offload import OFFLOAD_CODE_MIN_BYTES, should_offload
-from dbward.sql.postgres import function_call_statement, oversized_statement
+from dbward.sql.postgres import CREDENTIAL_TEXT, function_call_statement, oversized_statement
+from dbward.sql.redact import without_literals
 from dbward.wire.postgres import messages
 from dbward.wire.postgres.encodings import python_codec
 from dbward.wire.postgres.framing import (
@@ -81,6 +82,8 @@ _DURABLE_KINDS = frozenset(
 
 # Flags of statements whose text holds a password: it is withheld from the audit log.
 _CREDENTIAL_FLAGS = frozenset({"sets_password", "carries_credential"})
+# Credential-holding text longer than this is withheld whole rather than scanned for its literals.
+_REDACT_MAX_CHARS: Final = 65_536
 # status, sqlstate, rows and duration_ms follow this many intent fields in an AuditRecord.
 _OUTCOME_FIELDS = AuditRecord._fields.index("status")
 
@@ -3513,7 +3516,7 @@ class PgSession(asyncio.Protocol):
             # Neither the text nor an unsalted hash of it (a weak password could be guessed
             # offline from the hash) may reach the log.
             why = "it sets a password" if "sets_password" in flags else "it contains a credential"
-            sql_text, sql_sha256 = f"{statement.command} (text withheld: {why})", ""
+            sql_text, sql_sha256 = _credential_text(statement, why, cap), ""
             # A parser message quotes the text near the error: keep it without the quotes.
             detail = parser_error_snippet(statement.error) if statement.error else ""
         else:
@@ -3639,3 +3642,21 @@ class PgSession(asyncio.Protocol):
             self.services.audit.append(record)
         except AuditUnavailable:
             log.error("session %s: audit unavailable, outcome record lost", self.session_id)
+
+
+def _credential_text(statement: Statement, why: str, cap: int) -> str:
+    """What the log says of a statement holding a secret: its text without literals or comments.
+
+    Text the parser rejected, text too long to scan here, or text the scanner rejects is
+    withheld whole: where the secret ends in it is then not known.
+    """
+    text = statement.text
+    redacted = None
+    if not statement.error and len(text) <= _REDACT_MAX_CHARS:
+        redacted = without_literals(text, CREDENTIAL_TEXT)
+    if redacted is None:
+        return f"{statement.command} (text withheld: {why})"
+    note = f" (literals withheld: {why})"
+    if len(redacted) + len(note) > cap:
+        redacted = redacted[: max(cap - len(note), 0)]
+    return redacted + note

@@ -747,7 +747,7 @@ _CONNINFO_SETTINGS: Final = frozenset({"primary_conninfo"})
 # Checked on the statement's whole text: over-matching only withholds more of the text.
 # The user part excludes ":" and both parts are possessive, so the search stays linear on
 # hostile text (a backtracking "[^/@]*:[^/@]*@" is quadratic on "://a:a:a:...").
-_CREDENTIAL_TEXT: Final = re.compile(r"password|://[^\s/@':]*+:[^\s/@']*+@", re.IGNORECASE)
+CREDENTIAL_TEXT: Final = re.compile(r"password|://[^\s/@':]*+:[^\s/@']*+@", re.IGNORECASE)
 
 
 class _Walk:
@@ -1637,7 +1637,7 @@ def _classify_node(
         kind = _WRITE
     if executes and kind is _READ:
         kind = _SESSION
-    if _may_carry_conninfo(node_type, body, walked) and _CREDENTIAL_TEXT.search(part):
+    if _may_carry_conninfo(node_type, body, walked) and CREDENTIAL_TEXT.search(part):
         flags.add("carries_credential")
     prepared_name, prepared = _prepared_parts(node_type, body, part, has_ctes, depth)
     if prepared_name is not None and node_type not in ("PrepareStmt", "DeallocateStmt"):
@@ -1929,9 +1929,7 @@ def unparseable_statement(text: str, message: str) -> Statement:
         text=text,
         kind=_UNKNOWN,
         command="UNKNOWN",
-        flags=_PARSE_ERROR_CREDENTIAL_FLAGS
-        if _CREDENTIAL_TEXT.search(text)
-        else _PARSE_ERROR_FLAGS,
+        flags=_PARSE_ERROR_CREDENTIAL_FLAGS if CREDENTIAL_TEXT.search(text) else _PARSE_ERROR_FLAGS,
         error=message,
     )
 
@@ -1970,7 +1968,7 @@ def _too_many_statements(text: str, count: str, limit: int) -> Statement:
         text=text,
         kind=_UNKNOWN,
         command="MULTIPLE",
-        flags=_LIMIT_CREDENTIAL_FLAGS if _CREDENTIAL_TEXT.search(text) else _LIMIT_FLAGS,
+        flags=_LIMIT_CREDENTIAL_FLAGS if CREDENTIAL_TEXT.search(text) else _LIMIT_FLAGS,
         error=f"the query string holds {count} statements; the limit is {limit} per message "
         "(max_statements_per_query); send smaller batches",
     )
