@@ -26,7 +26,7 @@ from dbward.identity.auth_secret import load_auth_secret
 from dbward.identity.base import AuthStep
 from dbward.identity.local import LocalAuthenticator
 from dbward.relay.postgres import PgSession
-from dbward.relay.services import CancelRegistry, ListenerServices
+from dbward.relay.services import SITE_SHARE, CancelRegistry, ListenerServices
 from dbward.sql.postgres import PostgresClassifier
 from dbward.wire.postgres import messages, scram
 from dbward.wire.postgres.scram import make_verifier
@@ -192,6 +192,26 @@ def test_cancel_attempts_from_one_ipv6_64_share_one_budget() -> None:
     ]
 
 
+def test_cancel_attempts_from_one_ipv6_48_share_a_site_budget() -> None:
+    """A client holding a /48 holds 65,536 /64s: a budget per /64 let it guess cancel keys
+    65,536 times as fast. Its /64s now also spend from the /48's (four times a /64's)."""
+    registry = CancelRegistry(rate_per_s=1.0, burst=2.0)
+    now = 1000.0
+    spray = [registry.allow_attempt(f"2001:db8:1:{i:x}::1", now) for i in range(1, 200)]
+    assert spray.count(True) == 2 * SITE_SHARE
+    # A refusal by the site spends nothing of the /64 it came from: hammered while the site
+    # is dry, it still has its whole budget once the site's refills.
+    assert not any(registry.allow_attempt("2001:db8:1:ff::1", now) for _ in range(5))
+    assert [registry.allow_attempt("2001:db8:1:ff::1", now + 0.5) for _ in range(3)] == [
+        True,
+        True,
+        False,
+    ]
+    # Another /48, and IPv4 clients, are not affected.
+    assert registry.allow_attempt("2001:db8:2:1::1", now)
+    assert registry.allow_attempt("192.0.2.7", now)
+
+
 def _offer(tls: bool, binding: bytes | None) -> bytes:
     return (
         LocalAuthenticator(USERS, mock_secret=_SECRET)
@@ -252,6 +272,48 @@ def test_connections_before_login_are_capped_per_ipv6_64() -> None:
         return refused
 
     assert asyncio.run(run()) == [False, False, True, False]
+
+
+def test_connections_before_login_are_capped_per_ipv6_48_too() -> None:
+    """A client holding a /48 holds 65,536 /64s, each with its own cap: the /48's together
+    may hold SITE_SHARE times one host's cap, then its /64s are refused; other sites are not."""
+    services = ListenerServices(
+        settings=ListenerSettings(
+            name="t",
+            upstream=UpstreamSettings(user="svc", tls={"mode": "disable"}),
+            max_unauthenticated_per_host=2,
+        ),
+        audit_settings=AuditSettings(),
+        audit=None,  # type: ignore[arg-type]
+        classifier=PostgresClassifier(),
+        authenticator=None,  # type: ignore[arg-type]
+        client_tls=None,
+        upstream_tls=None,
+        cancels=CancelRegistry(5),
+    )
+
+    async def run() -> tuple[list[bool], bool, dict[str, int], dict[str, int]]:
+        transports, sessions = [], []
+        for i in range(1, 2 * SITE_SHARE + 3):
+            transport = PeerTransport(f"2001:db8:1:{i:x}::1")
+            sessions.append(PgSession(services))
+            sessions[-1].connection_made(transport)  # type: ignore[arg-type]
+            transports.append(transport)
+        refused = [b"too many connections from this host" in t.written for t in transports]
+        other = PeerTransport("2001:db8:2::1")
+        sessions.append(PgSession(services))
+        sessions[-1].connection_made(other)  # type: ignore[arg-type]
+        other_refused = b"too many connections" in other.written
+        for session in sessions:  # the clients hang up
+            session.connection_lost(None)
+        for task in asyncio.all_tasks() - {asyncio.current_task()}:
+            task.cancel()
+        return refused, other_refused, services.unauthenticated, services.unauthenticated_sites
+
+    refused, other_refused, hosts, sites = asyncio.run(run())
+    assert refused == [False] * (2 * SITE_SHARE) + [True, True]
+    assert not other_refused
+    assert hosts == {} and sites == {}  # every slot given back, the refused ones never taken
 
 
 def test_replicas_creating_the_auth_secret_at_once_agree(tmp_path: Path) -> None:

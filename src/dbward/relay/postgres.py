@@ -38,7 +38,7 @@ from dbward.core.types import (
 from dbward.policy.engine import decide, parser_error_snippet
 from dbward.relay.cancel import track_cancel
 from dbward.relay.login import Login
-from dbward.relay.services import client_key
+from dbward.relay.services import SITE_SHARE, client_key, site_key
 from dbward.server.upstream import UpstreamConnection, send_cancel
 from dbward.sql.offload import OFFLOAD_CODE_MIN_BYTES, should_offload
 from dbward.sql.postgres import CREDENTIAL_TEXT, function_call_statement, oversized_statement
@@ -642,6 +642,7 @@ class PgSession(asyncio.Protocol):
         self._startup_task: asyncio.Task[None] | None = None
         self._unauthenticated = False  # counted in services.unauthenticated, under _host_key
         self._host_key = ""
+        self._site_key: str | None = None  # its /48, if it is a native IPv6 client
         self._partial_counted = 0  # bytes counted in services.partial_message_bytes
         self._upstream_held = 0  # the same, for an unfinished message from the database
         # When the unfinished large client message began (loop time; restarted when dbward
@@ -813,15 +814,20 @@ class PgSession(asyncio.Protocol):
         services = self.services
         host = self._host_key = client_key(self._client_host)  # an IPv6 /64 is one host
         count = services.unauthenticated.get(host, 0)
+        # ... and a /48 holds 65,536 of them: its /64s share SITE_SHARE times a host's cap.
+        site = self._site_key = site_key(self._client_host)
+        site_count = 0 if site is None else services.unauthenticated_sites.get(site, 0)
         transport = self.transport
         assert transport is not None
-        if count >= services.settings.max_unauthenticated_per_host:
+        cap = services.settings.max_unauthenticated_per_host
+        if count >= cap or site_count >= cap * SITE_SHARE:
             services.counts.refused["max_unauthenticated_per_host"] += 1
             log.info(
-                "listener %s: refusing %s, max_unauthenticated_per_host (%d) reached",
+                "listener %s: refusing %s, max_unauthenticated_per_host (%d) reached%s",
                 services.settings.name,
                 self.client_addr,
-                services.settings.max_unauthenticated_per_host,
+                cap,
+                "" if count >= cap else f" by its /48 {site} (x{SITE_SHARE})",
             )
             # Readable by libpq in answer to a StartupMessage and to an SSLRequest alike.
             transport.write(
@@ -833,6 +839,8 @@ class PgSession(asyncio.Protocol):
             self._phase = _PHASE_CLOSED
             return False
         services.unauthenticated[host] = count + 1
+        if site is not None:
+            services.unauthenticated_sites[site] = site_count + 1
         self._unauthenticated = True
         return True
 
@@ -841,13 +849,18 @@ class PgSession(asyncio.Protocol):
         if not self._unauthenticated:
             return
         self._unauthenticated = False
-        counts = self.services.unauthenticated
-        host = self._host_key
-        left = counts.get(host, 1) - 1
-        if left > 0:
-            counts[host] = left
-        else:
-            counts.pop(host, None)
+        services = self.services
+        for counts, key in (
+            (services.unauthenticated, self._host_key),
+            (services.unauthenticated_sites, self._site_key),
+        ):
+            if key is None:
+                continue
+            left = counts.get(key, 1) - 1
+            if left > 0:
+                counts[key] = left
+            else:
+                counts.pop(key, None)
 
     def data_received(self, data: bytes) -> None:
         if self._closing:

@@ -188,7 +188,11 @@ class CancelRegistry:
 
     def __init__(self, rate_per_s: float, burst: float = 10.0) -> None:
         self._sessions: dict[tuple[int, bytes], PgSession] = {}
-        self._buckets = ClientBuckets(rate_per_s, max(burst, rate_per_s))
+        burst = max(burst, rate_per_s)
+        self._buckets = ClientBuckets(rate_per_s, burst)
+        # Native IPv6 clients also spend from their /48's bucket (SITE_SHARE times a /64's):
+        # a client holding a /48 had a budget per /64, 65,536 of them, to guess keys with.
+        self._sites = ClientBuckets(rate_per_s * SITE_SHARE, burst * SITE_SHARE, str)
         # Refused attempts not yet reported in the log; `latest` is the latest one's host.
         self._refusals: RefusalReport[str] = RefusalReport()
 
@@ -209,9 +213,16 @@ class CancelRegistry:
         return self._sessions.get((pid, key))
 
     def allow_attempt(self, client_host: str, now: float | None = None) -> bool:
-        """Token bucket per client host (IPv6: per /64), so cancel keys cannot be guessed at
-        line rate."""
-        return self._buckets.take(client_host, time.monotonic() if now is None else now)
+        """Token bucket per client host (IPv6: per /64, and per /48 at SITE_SHARE times
+        that), so cancel keys cannot be guessed at line rate."""
+        now = time.monotonic() if now is None else now
+        if not self._buckets.take(client_host, now):
+            return False
+        site = site_key(client_host)
+        if site is None or self._sites.take(site, now):
+            return True
+        self._buckets.refund(client_host, now)  # refused: the /64 spent nothing
+        return False
 
     def refused_to_report(
         self, client_host: str, now: float | None = None
@@ -374,6 +385,8 @@ class ListenerServices:
     partial_message_bytes: int = 0
     # Connections not authenticated yet, per client_key (hosts at zero are removed).
     unauthenticated: dict[str, int] = field(default_factory=dict)
+    # The same, per IPv6 /48 of native IPv6 clients (site_key): capped at SITE_SHARE times a host's.
+    unauthenticated_sites: dict[str, int] = field(default_factory=dict)
     draining: bool = False
     warned_superuser: bool = False  # the service role is a superuser: warned once per listener
     # Classifies very large statements off the event loop (None: everything inline).
