@@ -141,6 +141,39 @@ def test_password_in_sql_never_reaches_the_audit_log(proxy: Proxy) -> None:
     assert not wal.exists() or secret.encode() not in wal.read_bytes()
 
 
+def test_a_do_block_setting_a_password_is_logged_as_code_without_the_password(
+    proxy: Proxy,
+) -> None:
+    """The migration idiom (create the role if missing) is logged with what it does; before,
+    the whole text was withheld and the DELETE beside the CREATE ROLE was not in the log."""
+    app = app_name("psql-do-secret")
+    secret = "D0-Bl0ck-Secret"
+    sql = (
+        "DO $$ BEGIN\n"
+        "  IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'should_not_exist') THEN\n"
+        f"    CREATE ROLE should_not_exist LOGIN PASSWORD '{secret}';  -- was {secret}\n"
+        "  END IF;\n"
+        "  DELETE FROM no_such_sessions;\n"
+        "END $$"
+    )
+    result = run_psql(proxy.dsn(application_name=app), sql)
+    assert "permission denied" in result.stderr  # the service role may not create roles
+    records = proxy.session_records(app, until=has_disconnect)
+    (intent,) = statements(records)
+    assert intent.command == "DO" and intent.sql_sha256 == ""
+    assert intent.sql_text == (
+        "DO $$ BEGIN\n"
+        "  IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '…') THEN\n"
+        "    CREATE ROLE should_not_exist LOGIN PASSWORD '…';\n"
+        "  END IF;\n"
+        "  DELETE FROM no_such_sessions;\n"
+        "END $$ (literals withheld: it sets a password)"
+    )
+    assert secret.encode() not in proxy.audit_path.read_bytes()
+    wal = proxy.audit_path.with_name(proxy.audit_path.name + "-wal")
+    assert not wal.exists() or secret.encode() not in wal.read_bytes()
+
+
 def test_connection_strings_with_passwords_never_reach_the_audit_log(proxy: Proxy) -> None:
     app = app_name("psql-conninfo")
     secret = "Conn1nfo-Secret"

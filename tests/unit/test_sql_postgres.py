@@ -1056,3 +1056,14 @@ def test_statements_on_whole_schemas_list_them(sql: str, tables: tuple[str, ...]
     none, so a per-table rule (and `audit search --table`) could not see them."""
     (statement,) = PostgresClassifier().classify(sql)
     assert statement.tables == tables
+
+
+def test_a_do_body_plpgsql_rejects_that_mentions_a_password_carries_a_credential() -> None:
+    """Its text is withheld like SQL the parser rejects: a mistyped `PASSWORD hunter2` in it
+    would otherwise be logged verbatim (the body is not split into literals)."""
+    (statement,) = PostgresClassifier().classify(
+        "DO $$ BEGIN CREATE ROLE app PASSWORD hunter2; END $$"
+    )
+    assert {"uninspectable_code", "carries_credential"} <= statement.flags
+    (fine,) = PostgresClassifier().classify("DO $$ BEGIN CREATE ROLE app; END $$")
+    assert "carries_credential" not in fine.flags

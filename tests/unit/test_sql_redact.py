@@ -27,8 +27,12 @@ SECRET = "hunter2-Secret"
         (f"ALTER ROLE bob PASSWORD U&'{SECRET}'", "ALTER ROLE bob PASSWORD '…'"),
         (f"ALTER ROLE bob PASSWORD '{SECRET}'\n  'continued'", "ALTER ROLE bob PASSWORD '…'"),
         (f"SELECT B'0101', X'{SECRET.encode().hex()}'", "SELECT '…', '…'"),
-        # Comments go (a secret in one is a secret), leaving a space where they separated words.
-        (f"ALTER/* {SECRET} */ROLE bob -- {SECRET}\nPASSWORD NULL", "ALTER ROLE bob PASSWORD NULL"),
+        # Comments go (a secret in one is a secret), leaving a space where they separated words
+        # and the line break where one ended a line.
+        (
+            f"ALTER/* {SECRET} */ROLE bob -- {SECRET}\nPASSWORD NULL",
+            "ALTER ROLE bob\nPASSWORD NULL",
+        ),
         (f"/* {SECRET} */ SELECT 1", "SELECT 1"),
         # A connection string spelled as a quoted identifier is still a connection string.
         (f'SELECT dblink_connect("host=h password={SECRET}")', 'SELECT dblink_connect("…")'),
@@ -69,3 +73,49 @@ def test_no_literal_survives(secret: str) -> None:
     quoted = secret.replace("'", "''")
     text = f"ALTER ROLE bob PASSWORD 'X{quoted}Y'"
     assert without_literals(text, CREDENTIAL_TEXT) == "ALTER ROLE bob PASSWORD '…'"
+
+
+MIGRATION_IDIOM = (
+    "DO $$ BEGIN\n"
+    "  IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'app') THEN\n"
+    f"    CREATE ROLE app LOGIN PASSWORD '{SECRET}'; -- {SECRET}\n"
+    "  END IF;\n"
+    "  DELETE FROM sessions;\n"
+    "END $$"
+)
+
+
+def test_a_plpgsql_do_body_is_kept_as_code_with_its_own_literals_out() -> None:
+    assert without_literals(MIGRATION_IDIOM, CREDENTIAL_TEXT, code_bodies=True) == (
+        "DO $$ BEGIN\n"
+        "  IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '…') THEN\n"
+        "    CREATE ROLE app LOGIN PASSWORD '…';\n"
+        "  END IF;\n"
+        "  DELETE FROM sessions;\n"
+        "END $$"
+    )
+    # Without the caller's word that PL/pgSQL accepted the body, it is one literal.
+    assert without_literals(MIGRATION_IDIOM, CREDENTIAL_TEXT) == "DO '…'"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # Nested dollar quotes inside the body are literals of the body.
+        (
+            "DO LANGUAGE plpgsql $b$ BEGIN"
+            f" EXECUTE $q$ALTER ROLE a PASSWORD '{SECRET}'$q$; END $b$",
+            "DO LANGUAGE plpgsql $b$ BEGIN EXECUTE '…'; END $b$",
+        ),
+        # Another language's strings need not be SQL's ("..." is a Python string).
+        (f'DO $b$ pw = "{SECRET}" $b$ LANGUAGE plpython3u', "DO '…' LANGUAGE plpython3u"),
+        (f"DO LANGUAGE 'plperl' $b$ my $pw = q{{{SECRET}}}; $b$", "DO LANGUAGE '…' '…'"),
+        # A body in plain quotes is not split: its quotes are doubled, its tokens not SQL's.
+        (f"DO 'BEGIN pw := ''{SECRET}''; END'", "DO '…'"),
+        (f"DO $$ {SECRET} '$$", "DO '…'"),  # a body the scanner rejects
+    ],
+)
+def test_do_bodies_are_split_only_when_they_are_dollar_quoted_plpgsql(
+    text: str, expected: str
+) -> None:
+    assert without_literals(text, CREDENTIAL_TEXT, code_bodies=True) == expected

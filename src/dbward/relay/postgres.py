@@ -3666,7 +3666,8 @@ def _credential_text(statement: Statement, why: str, cap: int) -> str:
     text = statement.text
     redacted = None
     if not statement.error and len(text) <= _REDACT_MAX_CHARS:
-        redacted = without_literals(text, CREDENTIAL_TEXT)
+        code_bodies = "uninspectable_code" not in statement.flags
+        redacted = without_literals(text, CREDENTIAL_TEXT, code_bodies=code_bodies)
     if redacted is None:
         return f"{statement.command} (text withheld: {why})"
     note = f" (literals withheld: {why})"

@@ -1118,6 +1118,9 @@ def _procedural_code(part: str, node_type: str, body: dict[str, Any], out: _Walk
     found = read_plpgsql(part, code)
     if found.error is not None:
         out.flags.add("uninspectable_code")
+        if CREDENTIAL_TEXT.search(code) is not None:
+            # As for SQL the parser rejects: a mistyped `PASSWORD hunter2` in the body.
+            out.flags.add("carries_credential")
         return
     out.sql_texts.extend(found.texts)
     for expression in found.executed:

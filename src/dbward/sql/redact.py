@@ -17,7 +17,9 @@ LITERAL_PLACEHOLDER: Final = "'…'"
 IDENTIFIER_PLACEHOLDER: Final = '"…"'
 
 
-def without_literals(text: str, credential: re.Pattern[str]) -> str | None:
+def without_literals(
+    text: str, credential: re.Pattern[str], *, code_bodies: bool = False
+) -> str | None:
     """`text` with every string literal as '…' and no comments; None if it cannot be scanned.
 
     A quoted identifier is kept unless `credential` matches it (`"host=h password=x"` is valid
@@ -25,6 +27,12 @@ def without_literals(text: str, credential: re.Pattern[str]) -> str | None:
     Everything else is the client's own spelling, so the record still says which role, server
     or function the statement named. Text the scanner rejects (an unterminated quote) gives
     None: the caller withholds all of it, since where the secret ends is then unknown.
+
+    With `code_bodies` (for a DO block whose body PostgreSQL's PL/pgSQL parser accepted), the
+    body is code, not a value: when it is dollar-quoted it is kept, with its own literals and
+    comments taken out the same way (PL/pgSQL is read by the same scanner), so
+    `DO $$ ... CREATE ROLE app PASSWORD '…' ... $$` still shows what the block does. Any other
+    language's body is one literal: its strings may not be SQL's.
     """
     try:
         # Offsets are in characters of `text`; text that is not valid Unicode (a lone
@@ -32,27 +40,35 @@ def without_literals(text: str, credential: re.Pattern[str]) -> str | None:
         tokens = parser.scan(text)
     except (UnicodeError, parser.ParseError):
         return None
+    body = _do_body(tokens, text) if code_bodies else None
     out: list[str] = []
     position = 0
-    after_comment = False
+    space = ""  # the whitespace since the last token kept
+    dropped = False  # a comment was taken out of it
     for token in tokens:
         gap = text[position : token.start]
         # Between tokens the scanner leaves only whitespace; anything else is replaced rather
         # than trusted (the cost of being wrong is a secret in the log).
-        if not gap.isspace():
-            gap = " " if gap else ""
-        if not (after_comment and out and out[-1][-1:].isspace()):
-            out.append(gap)
+        space += gap if gap.isspace() or not gap else " "
         position = token.end + 1
         name = token.name
-        after_comment = name in _COMMENT_TOKENS
-        if after_comment:
-            # A comment separates tokens as a space does: ALTER/**/ROLE must not become ALTERROLE.
-            if out and not out[-1][-1:].isspace():
-                out.append(" ")
+        if name in _COMMENT_TOKENS:
+            dropped = True
             continue
+        if dropped:
+            # A comment separates tokens as a space does (ALTER/**/ROLE is not ALTERROLE); one
+            # that ended a line leaves the line break and the next line's indentation.
+            newline = space.rfind("\n")
+            space = space[newline:] if newline >= 0 else " "
+            dropped = False
+        if out:
+            out.append(space)
+        space = ""
         if name in _LITERAL_TOKENS:
-            out.append(LITERAL_PLACEHOLDER)
+            if token is body:
+                out.append(_redacted_body(text[token.start : position], credential))
+            else:
+                out.append(LITERAL_PLACEHOLDER)
             continue
         spelled = text[token.start : position]
         if (
@@ -67,3 +83,28 @@ def without_literals(text: str, credential: re.Pattern[str]) -> str | None:
     if tail and not tail.isspace():
         out.append(" …")
     return "".join(out).strip()
+
+
+def _do_body(tokens: list[parser.Token], text: str) -> parser.Token | None:
+    """The dollar-quoted body of a DO block in PL/pgSQL (the default language), else None."""
+    words = [t for t in tokens if t.name not in _COMMENT_TOKENS]
+    if not words or words[0].name != "DO":
+        return None
+    body = None
+    for index, token in enumerate(words[1:], start=1):
+        if token.name == "LANGUAGE":
+            if index + 1 >= len(words):
+                return None
+            language = text[words[index + 1].start : words[index + 1].end + 1]
+            if language.strip("'\"").lower() != "plpgsql":
+                return None
+        elif token.name == "SCONST" and body is None and text[token.start] == "$":
+            body = token
+    return body
+
+
+def _redacted_body(literal: str, credential: re.Pattern[str]) -> str:
+    """A dollar-quoted PL/pgSQL body with its own literals and comments taken out."""
+    tag = literal[: literal.index("$", 1) + 1]
+    inner = without_literals(literal[len(tag) : -len(tag)], credential)
+    return LITERAL_PLACEHOLDER if inner is None else f"{tag} {inner} {tag}"
