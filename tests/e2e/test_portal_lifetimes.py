@@ -27,6 +27,7 @@ from dbward.audit.records import AuditRecord
 from dbward.wire.postgres import messages as m
 from fixtures.clients import app_name, has_disconnect, outcome_of, statements
 from fixtures.drivers import aconnect
+from fixtures.postgres import PgServer
 from fixtures.proxy import Proxy
 from fixtures.raw import RawSession
 
@@ -97,10 +98,10 @@ def _assert_alive(session: RawSession, name: str) -> None:
 
 
 def _no_stale_records(records: list[AuditRecord]) -> None:
-    """Nothing after the first DO block is recorded as the old statement (an Execute with its
-    text, a FETCH with its table): what ran was the DO's cursor."""
+    """Nothing after the first DO block or CALL is recorded as the old statement (an Execute
+    with its text, a FETCH with its table): what ran was the cursor its code opened."""
     intents = statements(records)
-    first_do = next(i for i, s in enumerate(intents) if s.command == "DO")
+    first_do = next(i for i, s in enumerate(intents) if s.command in ("DO", "CALL"))
     for intent in intents[first_do:]:
         if OLD in intent.sql_text or OLD_TABLE in intent.tables:
             raise AssertionError(f"recorded as the old statement: {intent}")
@@ -499,3 +500,176 @@ def test_asyncpg_cursors_in_nested_transactions(proxy: Proxy) -> None:
     asyncio.run(run())
     records = proxy.session_records(app, until=has_disconnect)
     assert not [s for s in statements(records) if s.decision == "deny"]
+
+
+# Review round 53: code the client's text runs (a DO block, a CALL) may CLOSE a cursor or portal
+# the client holds and OPEN another under its name, in a transaction block, on a WITH HOLD
+# cursor held from an earlier transaction too. Verified on PostgreSQL 15: pg_cursors then shows
+# the new query (and a new creation_time) under the old name, and FETCH/Execute of the name
+# returns its rows. Every portal open before such a statement is forgotten as doubtful.
+
+
+@pytest.fixture(scope="module")
+def reopening_procedures(pg_server: PgServer) -> None:
+    """Procedures that close the portal of a name and open another on the secret table: one
+    whose cursor dies with the transaction, one that declares a WITH HOLD cursor (dynamic SQL:
+    created by the superuser, as code created before dbward is)."""
+    pg_server.psql(
+        "CREATE OR REPLACE PROCEDURE portal_reopen(n text) LANGUAGE plpgsql AS $$"
+        f" DECLARE r refcursor := n; BEGIN CLOSE r; OPEN r FOR SELECT v FROM {SECRET}; END $$;"
+        "CREATE OR REPLACE PROCEDURE portal_reopen_held(n text) LANGUAGE plpgsql AS $$"
+        " DECLARE r refcursor := n; BEGIN CLOSE r; EXECUTE format("
+        f"'DECLARE %I CURSOR WITH HOLD FOR SELECT v FROM {SECRET}', n); END $$"
+    )
+
+
+def _replace(name: str, how: str) -> str:
+    """Code that closes `name` and opens another portal of that name on the secret table."""
+    if how == "call":
+        return f"CALL portal_reopen('{name}')"
+    return (
+        f"DO $$ DECLARE r refcursor := '{name}'; BEGIN CLOSE r;"
+        f" OPEN r FOR SELECT v FROM {SECRET}; END $$"
+    )
+
+
+def _refusal(replies: list[tuple[bytes, bytes]]) -> str:
+    (error,) = [m.parse_error_fields(p) for kind, p in replies if kind == b"E"]
+    assert error["C"] == "42501", error
+    return error["M"]
+
+
+def _replaced_refused(records: list[AuditRecord], command: str, how: str) -> AuditRecord:
+    """The one refusal: the use of the replaced name, recorded as refused and why."""
+    (refused,) = [s for s in statements(records) if s.decision == "deny"]
+    assert (refused.command, refused.rule, refused.tables) == (command, "guard.unparseable", ())
+    assert f"may have been replaced by the code of a {how.upper()}" in refused.detail
+    return refused
+
+
+@pytest.mark.parametrize("how", ["do", "call"])
+@pytest.mark.parametrize("use", ["fetch", "execute"])
+@pytest.mark.parametrize("what", ["cursor", "portal", "held"])
+def test_a_portal_open_before_code_that_may_replace_it_is_refused(
+    proxy: Proxy,
+    session: RawSession,
+    reopening_procedures: None,
+    what: str,
+    use: str,
+    how: str,
+) -> None:
+    """The hole: `DECLARE c CURSOR FOR SELECT v FROM portal_old` (or a Bind of portal c, or a
+    WITH HOLD cursor committed before), then code closing c and opening it on the secret table
+    in the same block: a FETCH or Execute of c returned the secret rows, decided and recorded
+    as the old statement (a read of portal_old)."""
+    if what == "held":
+        session.query(f"DECLARE c CURSOR WITH HOLD FOR {OLD}")
+    session.query("BEGIN")
+    if what == "cursor":
+        session.query(f"DECLARE c CURSOR FOR {OLD}")
+    elif what == "portal":
+        assert _kinds(session.send(_bind("c") + m.sync())) == [b"1", b"2", b"Z"]
+    assert _error(session.query(_replace("c", how))) == ""
+    sent = m.query("FETCH ALL c") if use == "fetch" else m.execute_message("c") + m.sync()
+    replies = session.send(sent)
+    assert not _leaked(replies)
+    message = _refusal(replies)
+    again = "declare it again" if use == "fetch" else "bind it again"
+    assert f"may have been replaced by the code of a {how.upper()}: {again}" in message
+    session.query("ROLLBACK")
+    records = _records(proxy, session)
+    refused = _replaced_refused(records, "FETCH" if use == "fetch" else "EXECUTE", how)
+    assert "'c'" in refused.detail
+    _no_stale_records(records)
+
+
+@pytest.mark.parametrize("how", ["do", "call"])
+def test_code_run_in_a_query_string_replaces_cursors_declared_before_it(
+    proxy: Proxy, session: RawSession, reopening_procedures: None, how: str
+) -> None:
+    """In one Query string: a cursor declared before the code (in the string, or a WITH HOLD
+    one a COMMIT of the string kept) is refused after it; one declared after it runs."""
+    session.query(f"DECLARE h CURSOR WITH HOLD FOR {OLD}")
+    for string in (
+        f"BEGIN; DECLARE c CURSOR FOR {OLD}; {_replace('c', how)}; FETCH ALL c",
+        f"BEGIN; {_replace('h', how)}; FETCH ALL h",
+        f"DECLARE k CURSOR WITH HOLD FOR {OLD}; COMMIT; {_replace('k', how)}; FETCH ALL k",
+    ):
+        replies = session.query(string)
+        assert not _leaked(replies)
+        assert "declare it again" in _refusal(replies)
+        session.query("ROLLBACK")
+    replies = session.query(
+        f"BEGIN; DECLARE d CURSOR FOR {OLD}; {_replace('d', how)};"
+        f" DECLARE e CURSOR FOR {OLD}; FETCH e"
+    )
+    assert _error(replies) == "" and b"D" in _kinds(replies)
+    session.query("ROLLBACK")
+    records = _records(proxy, session)
+    # The whole string is refused for the FETCH (each statement recorded so: none ran).
+    refused = [s for s in statements(records) if s.command == "FETCH" and s.decision == "deny"]
+    assert len(refused) == 3
+    assert all(s.rule == "guard.unparseable" and s.tables == () for s in refused)
+    assert all(f"replaced by the code of a {how.upper()}" in s.detail for s in refused)
+    fetch_e = next(s for s in statements(records) if s.sql_text == "FETCH e")
+    assert (fetch_e.decision, fetch_e.tables) == ("allow", (OLD_TABLE,))
+
+
+def test_code_pipelined_before_a_use_of_a_portal_in_its_sync_group(
+    proxy: Proxy, session: RawSession, reopening_procedures: None
+) -> None:
+    """The code and the Execute in one sync group: nothing brings the code's answer before the
+    Execute must be decided: refused (as after any statement that may drop portals)."""
+    session.query("BEGIN")
+    session.send(_bind("p") + m.sync())
+    replies = session.send(_run(_replace("p", "call")) + m.execute_message("p") + m.sync())
+    assert not _leaked(replies)
+    _refusal(replies)
+    session.query("ROLLBACK")
+    _no_stale_records(_records(proxy, session))
+
+
+def test_a_with_hold_cursor_replaced_by_a_procedure_outside_a_block_is_refused(
+    proxy: Proxy, session: RawSession, reopening_procedures: None
+) -> None:
+    """Outside a block too: the procedure closes the WITH HOLD cursor held from an earlier
+    transaction and declares another WITH HOLD (dynamic SQL), which outlives the CALL."""
+    session.query(f"DECLARE h CURSOR WITH HOLD FOR {OLD}")
+    assert _error(session.query("CALL portal_reopen_held('h')")) == ""
+    for use in (m.query("FETCH ALL h"), m.execute_message("h") + m.sync()):
+        replies = session.send(use)
+        assert not _leaked(replies)
+        _refusal(replies)
+    records = _records(proxy, session)
+    refused = [s for s in statements(records) if s.decision == "deny"]
+    assert [s.command for s in refused] == ["FETCH", "EXECUTE"]
+    _no_stale_records(records)
+
+
+def test_portals_defined_after_the_code_run_as_what_they_are(
+    proxy: Proxy, session: RawSession, reopening_procedures: None
+) -> None:
+    """What the client defines after the code is followed again: a cursor or portal of a new
+    name, and the replaced name closed and defined again."""
+    session.query("BEGIN")
+    session.query(f"DECLARE c CURSOR FOR {OLD}")
+    session.send(_bind("p") + m.sync())
+    session.query(_replace("c", "do"))
+    session.query(_replace("p", "call"))
+    session.query(f"DECLARE d CURSOR FOR {OLD}")
+    session.query(f"CLOSE c; DECLARE c CURSOR FOR {OLD}")
+    assert _kinds(session.send(m.close_message("P", "p") + _bind("p") + m.sync())) == [
+        b"3",
+        b"1",
+        b"2",
+        b"Z",
+    ]
+    for name in ("c", "d", "p"):
+        _assert_alive(session, name)
+    replies = session.query("FETCH ALL c")
+    assert _error(replies) == "" and not _leaked(replies)
+    session.query("COMMIT")
+    records = _records(proxy, session)
+    assert not [s for s in statements(records) if s.decision == "deny"]
+    fetch = next(s for s in statements(records) if s.sql_text == "FETCH ALL c")
+    assert fetch.tables == (OLD_TABLE,)

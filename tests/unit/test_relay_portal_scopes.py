@@ -101,3 +101,30 @@ def test_a_savepoint_rolled_back_to_forgets_only_what_came_after_it() -> None:
     session.data_received(m.query("COMMIT"))
     session._on_upstream_data(m.command_complete("COMMIT") + m.ready_for_query(b"I"))
     assert session._portals == {}
+
+
+def test_code_forgets_the_portals_open_before_it_not_those_defined_after() -> None:
+    """A DO block's code may have replaced any portal PostgreSQL held when it started, the
+    WITH HOLD cursor held from an earlier transaction too: all forgotten as doubtful. A portal
+    whose Bind PostgreSQL answered after the DO's CommandComplete came after it: kept."""
+    session, _, _, _ = _session()
+    session.data_received(m.query("DECLARE h CURSOR WITH HOLD FOR SELECT 1"))
+    session._on_upstream_data(m.command_complete("DECLARE CURSOR") + m.ready_for_query(b"I"))
+    _in_block(session)
+    session.data_received(m.parse_message("", "SELECT 1") + m.bind_message("p", "", []) + m.sync())
+    session._on_upstream_data(PARSED + BOUND + m.ready_for_query(b"T"))
+    session.data_received(
+        m.parse_message("", "DO $$ BEGIN NULL; END $$")
+        + m.bind_message("", "", [])
+        + m.execute_message("")
+        + m.parse_message("", "SELECT 2")
+        + m.bind_message("q", "", [])
+        + m.sync()
+    )
+    session._on_upstream_data(
+        PARSED + BOUND + m.command_complete("DO") + PARSED + BOUND + m.ready_for_query(b"T")
+    )
+    assert set(session._portals) == {"q"} and session._earlier == {}
+    assert {"h", "p"} <= set(session._forgotten_portals)
+    why = session._forgotten_portals["h"].why
+    assert why == "may have been replaced by the code of a DO"

@@ -190,7 +190,8 @@ class _Tracked:
 
 # _Portal.state: in PostgreSQL as far as dbward knows; a WITH HOLD cursor that survived a
 # commit (no transaction's end drops it any more); dropped by PostgreSQL; forgotten by dbward
-# where it could not tell whether PostgreSQL dropped it (a FETCH of it is then refused).
+# where it could not tell whether PostgreSQL dropped it or code replaced it (a FETCH of it is
+# then refused, an Execute of it too if PostgreSQL holds a portal of that name).
 _LIVE, _HELD, _DROPPED, _DOUBTFUL = range(4)
 
 
@@ -199,7 +200,9 @@ class _Portal:
     its fate in PostgreSQL (see _Scope: PostgreSQL drops it with the (sub)transaction that
     created it, a WITH HOLD cursor once it survived a commit only when closed)."""
 
-    __slots__ = ("holdable", "name", "run", "state", "statements")
+    __slots__ = ("holdable", "name", "run", "state", "statements", "why")
+
+    why: str  # once forgotten (see _forget_portals, _drop_portal): why, for the refusal
 
     def __init__(
         self, name: str, statements: tuple[Statement, ...], holdable: bool, plain: bool
@@ -445,6 +448,10 @@ _ENDS_PORTALS: Final = frozenset(
 _SAVEPOINT_COMMANDS: Final = frozenset({"SAVEPOINT", "RELEASE", "ROLLBACK TO SAVEPOINT"})
 # What the answers of these change in dbward's view of the transaction's portals (_Scope).
 _PORTAL_SCOPE_COMMANDS: Final = _ENDS_PORTALS | _BEGINS_BLOCK | _SAVEPOINT_COMMANDS
+# Statements that run procedural code the client's text gives or names: that code may CLOSE
+# any portal or cursor PostgreSQL holds and OPEN another under its name (a refcursor variable),
+# so what a portal open before one of these runs is unknown after it (see _doubt_portals).
+_RUNS_CODE: Final = frozenset({"DO", "CALL"})
 # Those that end portals earlier in the same Query string (DO, CALL, PREPARE TRANSACTION's
 # COMMIT PREPARED and outside-transaction statements cannot end the implicit block of a string
 # of several statements: PostgreSQL refuses their transaction control there).
@@ -483,6 +490,18 @@ def _end_cursors_in_string(
         else:
             cursors[name] = ended
     return held
+
+
+def _replaced_by(command: str) -> str:
+    """Why a portal open before a DO block or CALL is refused (see _RUNS_CODE)."""
+    return f"may have been replaced by the code of a {command}"
+
+
+def _refused_use(what: str, name: str, why: str) -> str:
+    """The error of a refused use of a forgotten portal (`what`: cursor, for a FETCH/MOVE, or
+    portal, for an Execute): what happened, and what to do."""
+    again = "declare" if what == "cursor" else "bind"
+    return f"{what} {name!r} {why}: {again} it again"
 
 
 def _needs_look(statements: tuple[Statement, ...]) -> bool:
@@ -716,8 +735,9 @@ class PgSession(asyncio.Protocol):
         self._terminated = False  # the client sent Terminate (it did not just vanish)
         self._barrier_op: _Op | None = None  # queued, but held until its intent is durable
         # Portals forgotten at a CLOSE ALL or DISCARD ALL not answered yet, or refused (then
-        # PostgreSQL still holds them), whether WITH HOLD: see _forget_portals.
-        self._forgotten_portals: dict[str, bool] = {}
+        # PostgreSQL still holds them: see _forget_portals), or where PostgreSQL may have
+        # dropped them or code replaced them (see _drop_portal); each says why (_Portal.why).
+        self._forgotten_portals: dict[str, _Portal] = {}
         # standard_conforming_strings as PostgreSQL reports it: when off, backslashes in
         # string literals mean what dbward's parser (which assumes on) would not see.
         self._conforming_strings = True
@@ -1859,6 +1879,7 @@ class PgSession(asyncio.Protocol):
         # declared before a statement of the string that may have dropped it, that one).
         cursors: dict[str, tuple[Statement, ...] | str | None] | None = None
         ended: str | None = None  # a statement of the string that may drop cursors before it
+        code: str | None = None  # a DO or CALL of the string: it may replace any cursor
         held: set[str] | None = None  # cursors of the string a COMMIT in it kept (WITH HOLD)
         for classified in statements:
             statement = classified
@@ -1869,7 +1890,7 @@ class PgSession(asyncio.Protocol):
                 statement = self._resolve_prepared(statement, changes)
             elif classified.cursor_name is not None and "fetches_cursor" in classified.flags:
                 statement = self._name_checked(classified, classified.cursor_name)
-                statement = self._resolve_cursor(statement, cursors, ended)
+                statement = self._resolve_cursor(statement, cursors, ended, code)
             elif classified.cursor_name is not None or "closes_all_cursors" in classified.flags:
                 statement = self._name_checked(classified, classified.cursor_name)
                 if cursors is None:
@@ -1886,6 +1907,10 @@ class PgSession(asyncio.Protocol):
                 ended = classified.command
                 if cursors:
                     held = _end_cursors_in_string(cursors, ended, held)
+            elif classified.command in _RUNS_CODE:
+                code = classified.command
+                if cursors:  # every cursor declared before it, WITH HOLD or kept, is doubtful
+                    held = _end_cursors_in_string(cursors, code, None)
             stmt_path = path
             if "copy_from_stdin" in statement.flags or "copy_to_stdout" in statement.flags:
                 stmt_path = ProtocolPath.COPY
@@ -2211,8 +2236,13 @@ class PgSession(asyncio.Protocol):
         ran when there is none, and nothing is recorded (as for a Describe or Close).
         """
         if portal:
+            forgotten = self._forgotten_portals.get(name)
             statement = _uninspected(
-                "EXECUTE", "uninspected_portal", f"portal {name!r} was not seen by dbward"
+                "EXECUTE",
+                "uninspected_portal",
+                f"portal {name!r} was not seen by dbward"
+                if forgotten is None
+                else _refused_use("portal", name, forgotten.why),
             )
         else:
             # A Bind plans the statement, which may run functions: it is refused at the Bind
@@ -2280,7 +2310,8 @@ class PgSession(asyncio.Protocol):
         names: list[str] = []
         for portals in (self._portals, self._earlier):
             for name, portal in portals.items():
-                forgotten[name] = portal.holdable
+                portal.why = "was forgotten at a CLOSE ALL or DISCARD ALL"
+                forgotten[name] = portal
                 names.append(name)
             portals.clear()
         return tuple(names)
@@ -2290,14 +2321,16 @@ class PgSession(asyncio.Protocol):
         statement: Statement,
         batch: dict[str, tuple[Statement, ...] | str | None] | None,
         ended: str | None = None,
+        code: str | None = None,
     ) -> Statement:
         """FETCH/MOVE runs the cursor's query: decide it as the DECLARE dbward saw.
 
         `batch`: cursors declared or closed earlier in the same string; `ended`: a statement
         earlier in it that may have dropped the cursors declared before it (COMMIT, ROLLBACK
-        (TO SAVEPOINT), PREPARE TRANSACTION). A cursor dbward did not see declared (opened
-        inside a function and returned as a refcursor) stays what the FETCH text shows: the
-        function is where that query lives.
+        (TO SAVEPOINT), PREPARE TRANSACTION, DO, CALL); `code`: a DO or CALL earlier in it,
+        whose code may have replaced any cursor open before it, WITH HOLD ones too. A cursor
+        dbward did not see declared (opened inside a function and returned as a refcursor)
+        stays what the FETCH text shows: the function is where that query lives.
         """
         name = statement.cursor_name or ""
         in_batch = batch is not None and name in batch
@@ -2306,7 +2339,9 @@ class PgSession(asyncio.Protocol):
         if batch is not None and in_batch:
             declared = batch[name]
             found = None
-            if isinstance(declared, str):
+            if declared in _RUNS_CODE:
+                doubt = _refused_use("cursor", name, _replaced_by(declared))
+            elif isinstance(declared, str):
                 doubt = (
                     f"cursor {name!r} may have been dropped by the {declared} after its DECLARE"
                     " in the same query string"
@@ -2321,18 +2356,17 @@ class PgSession(asyncio.Protocol):
                     f"cursor {name!r} may have been dropped by a statement PostgreSQL has not"
                     " answered yet (send it in a sync group of its own, after that answer)"
                 )
+            elif portal is not None and code is not None:
+                doubt = _refused_use("cursor", name, _replaced_by(code))
             elif portal is not None and ended is not None and portal.state != _HELD:
                 doubt = (
                     f"cursor {name!r} may have been dropped by the {ended} before it in the"
                     " same query string"
                 )
-            elif portal is None and name in self._forgotten_portals:
-                doubt = (
-                    f"cursor {name!r} was closed by a CLOSE ALL or DISCARD ALL that PostgreSQL"
-                    " refused or has not answered yet, or may have been dropped where dbward"
-                    " could not follow (DO, CALL, PREPARE TRANSACTION, a statement PostgreSQL"
-                    " commits at once)"
-                )
+            elif portal is None:
+                forgotten = self._forgotten_portals.get(name)
+                if forgotten is not None:
+                    doubt = _refused_use("cursor", name, forgotten.why)
         if doubt is not None:
             return replace(
                 statement,
@@ -2421,13 +2455,19 @@ class PgSession(asyncio.Protocol):
         self._scopes[-1].portals[portal.name] = portal
         self._scoped = True
 
-    def _drop_portal(self, portal: _Portal, *, doubtful: bool = False) -> None:
-        """PostgreSQL dropped this portal (`doubtful`: it may have): forget it. A doubtful one
-        is remembered as forgotten, so a FETCH of it is refused (see _resolve_cursor), as an
-        Execute of a portal PostgreSQL holds but dbward does not is."""
+    def _drop_portal(self, portal: _Portal, *, why: str | None = None) -> None:
+        """PostgreSQL dropped this portal (`why` given: it may have, or code may have replaced
+        it: why): forget it. A doubtful one is remembered as forgotten, so a FETCH of it is
+        refused (see _resolve_cursor), as an Execute of a portal PostgreSQL holds but dbward
+        does not is."""
         if portal.state >= _DROPPED:
             return
-        portal.state = _DOUBTFUL if doubtful else _DROPPED
+        doubtful = why is not None
+        if why is not None:
+            portal.state = _DOUBTFUL
+            portal.why = why
+        else:
+            portal.state = _DROPPED
         name = portal.name
         if self._portals.get(name) is portal:
             del self._portals[name]
@@ -2437,14 +2477,16 @@ class PgSession(asyncio.Protocol):
             return  # closed or replaced since (or the previous meaning of one in flight)
         self._executed_portals.discard(name)
         if doubtful:
-            self._forgotten_portals[name] = portal.holdable
+            self._forgotten_portals[name] = portal
 
-    def _end_portal_transaction(self, *, committed: bool | None, chained: bool) -> None:
+    def _end_portal_transaction(
+        self, *, committed: bool | None, chained: bool, why: str = ""
+    ) -> None:
         """The transaction ended: committed (its WITH HOLD cursors survive, its other portals
         are dropped), rolled back (all its portals dropped, WITH HOLD ones too), or None: it
         may have done either, or neither (a DO block or procedure may commit or roll back, or
-        not): its portals are forgotten as doubtful. Cursors held from earlier transactions
-        are in no scope: nothing here touches them."""
+        not): its portals are forgotten as doubtful (`why`). Cursors held from earlier
+        transactions are in no scope: nothing here touches them."""
         scopes = self._scopes
         doubtful = committed is None
         portals, earlier = self._portals, self._earlier
@@ -2454,7 +2496,7 @@ class PgSession(asyncio.Protocol):
                     if portal.state == _LIVE:
                         portal.state = _HELD
                 elif doubtful:
-                    self._drop_portal(portal, doubtful=True)
+                    self._drop_portal(portal, why=why)
                 elif portal.state < _DROPPED:  # _drop_portal, inline: once per transaction
                     portal.state = _DROPPED
                     if portals.get(name) is portal:
@@ -2496,13 +2538,39 @@ class PgSession(asyncio.Protocol):
             if status == "ok":
                 self._note_savepoint(command, statement.savepoint)
             return
+        if command in _RUNS_CODE:
+            # Its code may have closed any portal and opened another under its name, in a
+            # block or not, failing after or not: none open before it is known any more.
+            self._doubt_portals(_replaced_by(command))
+            if not self._in_block:  # and it may have committed or rolled back
+                self._end_portal_transaction(
+                    committed=None, chained=False, why=_replaced_by(command)
+                )
+            return
         # PREPARE TRANSACTION (in a block or not: PostgreSQL commits or rolls back what ran
-        # outside one), COMMIT/ROLLBACK PREPARED, DO, CALL, a statement PostgreSQL commits at
-        # once: outside a block each may commit or roll back (a procedure may do so and fail
-        # after), so the transaction's portals are forgotten, doubtful. Inside a block none can
-        # end it but PREPARE TRANSACTION (PostgreSQL refuses the others' transaction control).
+        # outside one), COMMIT/ROLLBACK PREPARED, a statement PostgreSQL commits at once:
+        # outside a block each may commit or roll back, so the transaction's portals are
+        # forgotten, doubtful. Inside a block none can end it but PREPARE TRANSACTION
+        # (PostgreSQL refuses the others' transaction control).
         if command == "PREPARE TRANSACTION" or not self._in_block:
-            self._end_portal_transaction(committed=None, chained=False)
+            self._end_portal_transaction(
+                committed=None, chained=False, why=f"may have been dropped by a {command}"
+            )
+
+    def _doubt_portals(self, why: str) -> None:
+        """A DO block or procedure ran (see _RUNS_CODE): every portal PostgreSQL held when it
+        started — those noted in the transaction's scopes, and WITH HOLD cursors held from
+        earlier transactions — is forgotten as doubtful (`why`): a FETCH or MOVE of one is
+        refused, and an Execute of one if PostgreSQL holds a portal of that name. Portals
+        defined after it (answered later, so in no scope yet) are untouched. Walks every
+        portal dbward holds: run once per DO or CALL, never per Execute."""
+        for scope in self._scopes:
+            for portal in scope.portals.values():
+                self._drop_portal(portal, why=why)
+        for portals in (self._portals, self._earlier):
+            held = [portal for portal in portals.values() if portal.state == _HELD]
+            for portal in held:
+                self._drop_portal(portal, why=why)
 
     def _note_savepoint(self, command: str, name: str | None) -> None:
         """SAVEPOINT, RELEASE or ROLLBACK TO SAVEPOINT succeeded (see _note_portal_scope)."""
@@ -2514,7 +2582,11 @@ class PgSession(asyncio.Protocol):
         if level is None:
             # A savepoint dbward did not see set: which portals came after it is unknown.
             if command == "ROLLBACK TO SAVEPOINT":
-                self._end_portal_transaction(committed=None, chained=self._in_block)
+                self._end_portal_transaction(
+                    committed=None,
+                    chained=self._in_block,
+                    why="may have been dropped by a ROLLBACK TO SAVEPOINT",
+                )
             return
         if command == "RELEASE":
             # Its portals now belong to the level around it: dropped only with that one.
@@ -2931,7 +3003,7 @@ class PgSession(asyncio.Protocol):
                 self._executed_portals.clear()
             forgotten = self._forgotten_portals
             if forgotten:  # PostgreSQL dropped those not WITH HOLD, refused CLOSE ALL or not
-                for name in [name for name, holdable in forgotten.items() if not holdable]:
+                for name in [name for name, portal in forgotten.items() if not portal.holdable]:
                     del forgotten[name]
 
     def _copy_pending(self) -> bool:
@@ -3321,7 +3393,7 @@ class PgSession(asyncio.Protocol):
             return
         if meaning.state >= _DROPPED:
             if meaning.state == _DOUBTFUL:
-                self._forgotten_portals[name] = meaning.holdable
+                self._forgotten_portals[name] = meaning
             return
         # Defined before a message still in flight that may drop it: in doubt until answered.
         (earlier if self._portal_events else portals)[name] = meaning
