@@ -72,6 +72,9 @@ def test_a_name_over_63_bytes_is_refused_in_every_message(
     expected = [] if recorded is None else [(recorded, "guard.name_limit", "denied")]
     assert _denials(sink) == expected
     assert not session._ops and not session._discard_until_sync
+    # Recorded or not (a Describe or Close is in no record), the refusal is in the metrics.
+    denied = session.services.counts.denied
+    assert sum(denied.values()) == 1, denied
 
 
 def test_names_of_63_bytes_are_forwarded_as_sent() -> None:

@@ -2097,6 +2097,8 @@ class PgSession(asyncio.Protocol):
         assert denial is not None  # guard.name_limit refuses every statement flagged so
         if record:
             self._record_denied(decided, denial)
+        else:  # a Describe or Close: in no record, as it is in none, but a refusal all the same
+            self._count_statements(decided, self._denied_counts)
         self._ops.append(_Op(_OP_POISON, None, _denial_frame(denial)))
         out.append(_POISON_PARSE)
         self._discard_until_sync = True
