@@ -228,7 +228,7 @@ def test_a_password_mistyped_in_double_quotes_never_reaches_the_audit_log(proxy:
     secret = "Dqu0ted-Secret"
     sql = [
         f'ALTER ROLE app PASSWORD "{secret}"',
-        f'CREATE USER MAPPING FOR app SERVER s OPTIONS (user \'app\', password "{secret}")',
+        f"CREATE USER MAPPING FOR app SERVER s OPTIONS (user 'app', password \"{secret}\")",
         f"ALTER ROLE app PASSWORD 'x' \"{secret}",  # an unterminated quoted identifier
     ]
     result = run_psql(proxy.dsn(application_name=app), *sql)

@@ -738,13 +738,11 @@ def test_unparseable_reason_is_sanitized_and_short() -> None:
         ('syntax error at or near ""hunter2"", at index 24', "syntax error at or near <...>"),
         ('unrecognized role option "a""b", at index 9', "unrecognized role option <...>"),
         ('unterminated quoted identifier at or near ""x\'y", at index 3', "at or near <...>"),
-        ("unterminated quoted string at or near \"'abc\", at index 5", "at or near <...>,"),
+        ('unterminated quoted string at or near "\'abc", at index 5', "at or near <...>,"),
     ],
 )
 def test_unparseable_reason_drops_quotes_inside_the_quoted_sql(error: str, expected: str) -> None:
-    statement = Statement(
-        text="x", kind=StatementKind.UNKNOWN, command="UNKNOWN", error=error
-    )
+    statement = Statement(text="x", kind=StatementKind.UNKNOWN, command="UNKNOWN", error=error)
     reason = decide(request(statement)).reason
     assert expected in reason
     for word in ("hunter2", "a", "b", "x", "y", "abc"):
