@@ -224,6 +224,64 @@ def test_connection_strings_with_passwords_never_reach_the_audit_log(proxy: Prox
     assert not wal.exists() or secret.encode() not in wal.read_bytes()
 
 
+def test_connection_strings_spelled_as_libpq_reads_them_never_reach_the_audit_log(
+    proxy: Proxy,
+) -> None:
+    """Review round 54: a URI whose password holds a quote (libpq takes everything up to the
+    "@" but a space), and the arguments of a plain EXPLAIN EXECUTE (which PostgreSQL accepts),
+    were logged verbatim."""
+    app = app_name("psql-conninfo-spelling")
+    secret = "Quot3d-Secret"
+    sql = [
+        f"SELECT dblink_connect('postgresql://u:{secret}''x@h/d')",
+        f"SELECT dblink_connect($$postgres://o'brien:{secret}@h/d$$)",
+        "PREPARE conn_check(text) AS SELECT length($1)",
+        f"EXPLAIN EXECUTE conn_check('host=h password={secret}')",
+    ]
+    result = run_psql(proxy.dsn(application_name=app), *sql)
+    assert "Result" in result.stdout  # the EXPLAIN ran
+    records = proxy.session_records(app, until=has_disconnect)
+    assert [(r.sql_text, r.sql_sha256) for r in statements(records)] == [
+        ("SELECT dblink_connect('…') (literals withheld: it contains a credential)", ""),
+        ("SELECT dblink_connect('…') (literals withheld: it contains a credential)", ""),
+        (sql[2], statements(records)[2].sql_sha256),
+        ("EXPLAIN EXECUTE conn_check('…') (literals withheld: it contains a credential)", ""),
+    ]
+    assert outcome_of(records, statements(records)[3]).status == "ok"
+    assert secret.encode() not in proxy.audit_path.read_bytes()
+    wal = proxy.audit_path.with_name(proxy.audit_path.name + "-wal")
+    assert not wal.exists() or secret.encode() not in wal.read_bytes()
+
+
+def test_a_password_mistyped_in_double_quotes_never_reaches_the_audit_log(proxy: Proxy) -> None:
+    """Review round 54: PostgreSQL's grammar reports `PASSWORD "pw"` as `syntax error at or
+    near ""pw""`; the quotes were paired to take the SQL out of the message, which left the
+    password itself in the record's `reason` and `detail` (and in the client's error)."""
+    app = app_name("psql-dquoted-secret")
+    secret = "Dqu0ted-Secret"
+    sql = [
+        f'ALTER ROLE app PASSWORD "{secret}"',
+        f"CREATE USER MAPPING FOR app SERVER s OPTIONS (user 'app', password \"{secret}\")",
+        f"ALTER ROLE app PASSWORD 'x' \"{secret}",  # an unterminated quoted identifier
+    ]
+    result = run_psql(proxy.dsn(application_name=app), *sql)
+    denials = [line for line in result.stderr.splitlines() if "dbward:" in line]
+    assert len(denials) == 3 and not any(secret in line for line in denials), denials
+    records = proxy.session_records(app, until=has_disconnect)
+    intents = statements(records)
+    assert [(r.rule, r.sql_text) for r in intents] == [
+        ("guard.unparseable", "UNKNOWN (text withheld: it contains a credential)")
+    ] * 3
+    assert [r.detail for r in intents] == [
+        "syntax error at or near <...>, at index 24",
+        "syntax error at or near <...>, at index 67",
+        "unterminated quoted identifier at or near <...>, at index 28",
+    ]
+    assert secret.encode() not in proxy.audit_path.read_bytes()
+    wal = proxy.audit_path.with_name(proxy.audit_path.name + "-wal")
+    assert not wal.exists() or secret.encode() not in wal.read_bytes()
+
+
 def test_application_name_changed_mid_session_is_recorded(proxy: Proxy) -> None:
     app = app_name("psql-appname")
     renamed = app + "-renamed"

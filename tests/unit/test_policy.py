@@ -731,6 +731,24 @@ def test_unparseable_reason_is_sanitized_and_short() -> None:
     assert len(decision.reason) < 200
 
 
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        # PASSWORD "hunter2": the quoted token holds the identifier's own quotes
+        ('syntax error at or near ""hunter2"", at index 24', "syntax error at or near <...>"),
+        ('unrecognized role option "a""b", at index 9', "unrecognized role option <...>"),
+        ('unterminated quoted identifier at or near ""x\'y", at index 3', "at or near <...>"),
+        ('unterminated quoted string at or near "\'abc", at index 5', "at or near <...>,"),
+    ],
+)
+def test_unparseable_reason_drops_quotes_inside_the_quoted_sql(error: str, expected: str) -> None:
+    statement = Statement(text="x", kind=StatementKind.UNKNOWN, command="UNKNOWN", error=error)
+    reason = decide(request(statement)).reason
+    assert expected in reason
+    for word in ("hunter2", "a", "b", "x", "y", "abc"):
+        assert f"<...>{word}" not in reason and f"{word}<...>" not in reason
+
+
 def test_statement_limit_denied_with_program_limit_exceeded() -> None:
     (statement,) = PostgresClassifier(max_statements=2).classify("SELECT 1; SELECT 2; SELECT 3")
     decision = decide(request(statement))

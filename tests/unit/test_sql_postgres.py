@@ -577,6 +577,14 @@ def test_password_lookalikes_are_not_flagged(sql: str) -> None:
         "PREPARE p AS SELECT dblink_connect('password=pw')",
         "EXECUTE p('host=h password=pw')",  # PREPARE p(text) AS SELECT dblink_connect($1)
         "EXPLAIN ANALYZE EXECUTE p('postgresql://u:pw@h/d')",
+        # Plain EXPLAIN runs nothing, but the arguments are in the text all the same
+        "EXPLAIN EXECUTE p('host=h password=pw')",
+        "EXPLAIN CREATE TABLE x AS EXECUTE p('postgresql://u:pw@h/d')",
+        # libpq reads a quote, a tab or a newline as part of the user or password of a URI
+        "SELECT dblink_connect('postgresql://u:it''s@h/d')",
+        "SELECT dblink_connect(E'postgresql://u:it\\'s@h/d')",
+        "SELECT dblink_connect($$postgres://o'brien:pw@h/d$$)",
+        "SELECT dblink_connect('postgresql://u:p\tw@h/d')",
         "CREATE TABLE x AS EXECUTE p('host=h password=pw')",  # runs p too
         # SQL run on the other server sets a password there: as much a secret in the log
         "SELECT dblink_send_query('c1', 'ALTER ROLE r PASSWORD ''pw''')",
@@ -599,6 +607,8 @@ def test_statements_with_a_credential_in_a_connection_string_are_flagged(sql: st
         "CREATE SUBSCRIPTION s CONNECTION 'host=h dbname=d' PUBLICATION p",
         "ALTER SYSTEM SET work_mem = '1MB'",
         "SELECT 'password=pw', 'postgresql://u:pw@h/d'",  # not a connection string argument
+        "SELECT dblink_connect('postgresql://u:p w@h/d')",  # libpq refuses the space
+        "EXPLAIN EXECUTE p('host=h')",
         "SELEC 1",
     ],
 )

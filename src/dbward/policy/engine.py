@@ -52,7 +52,10 @@ _DENY_SET_CONFIG_ROLE: Final = _deny(
 
 # Parser messages quote the offending SQL ('syntax error at or near "..."'): drop the quotes'
 # contents so no raw SQL reaches the client or the audit reason, then keep it short and printable.
-_QUOTED: Final = re.compile(r'"[^"]*"?|\'[^\']*\'?')
+# Everything from the first quote to the last goes: the quoted SQL holds quotes of its own
+# (`PASSWORD "hunter2"` is reported as `at or near ""hunter2""`, and pairing the quotes left
+# hunter2 out in the open), so no pairing of them can tell where it ends.
+_QUOTED: Final = re.compile(r"[\"'].*[\"']|[\"'].*", re.DOTALL)
 _UNPRINTABLE: Final = re.compile(r"[^\x20-\x7e]")
 _MAX_SNIPPET: Final = 80
 

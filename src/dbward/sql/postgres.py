@@ -745,9 +745,12 @@ _MAX_SQL_TEXT_DEPTH: Final = 4
 _CONNINFO_SETTINGS: Final = frozenset({"primary_conninfo"})
 # A password keyword (password=, sslpassword=, PGPASSWORD ...) or a URI with user:password@.
 # Checked on the statement's whole text: over-matching only withholds more of the text.
-# The user part excludes ":" and both parts are possessive, so the search stays linear on
-# hostile text (a backtracking "[^/@]*:[^/@]*@" is quadratic on "://a:a:a:...").
-CREDENTIAL_TEXT: Final = re.compile(r"password|://[^\s/@':]*+:[^\s/@']*+@", re.IGNORECASE)
+# The parts are what libpq reads as user and password: after "://", up to the first "@" or
+# "/", split at the first ":"; libpq refuses only a space in them, so a quote, a tab or a
+# newline is part of them ("u:it''s@h" in a literal, "u:it's@h" dollar-quoted: the password
+# is it's). The user part excludes ":" and both parts are possessive, so the search stays
+# linear on hostile text (a backtracking "[^/@]*:[^/@]*@" is quadratic on "://a:a:a:...").
+CREDENTIAL_TEXT: Final = re.compile(r"password|://[^ /@:]*+:[^ /@]*+@", re.IGNORECASE)
 
 
 class _Walk:
@@ -1855,8 +1858,11 @@ def _may_carry_conninfo(node_type: str, body: dict[str, Any], walked: _Walk) -> 
     """Whether the statement may hold a libpq connection string (and so a password)."""
     if walked.conninfo or node_type in _CONNINFO_STATEMENTS:
         return True
-    if node_type in ("ExplainStmt", "CreateTableAsStmt"):
-        # EXPLAIN ANALYZE EXECUTE p(...) and CREATE TABLE ... AS EXECUTE p(...) run it too
+    if node_type == "ExplainStmt":
+        # EXPLAIN [ANALYZE] EXECUTE p(...): its arguments are the client's text either way
+        return _explains_execute(body)
+    if node_type == "CreateTableAsStmt":
+        # CREATE TABLE ... AS EXECUTE p(...) runs it too
         return _executed_prepared(node_type, body) is not None
     if node_type == "AlterSystemStmt":
         name = body.get("setstmt", {}).get("name")
