@@ -134,6 +134,7 @@ _TURNS_ON_CONFORMING: Final = re.compile(
     re.IGNORECASE,
 )
 _COPY_DATA, _COPY_DONE, _COPY_FAIL = (ord(c) for c in "dcf")
+_COPY_MESSAGES: Final = frozenset((_COPY_DATA, _COPY_DONE, _COPY_FAIL))
 _COPY_OR_FLUSH: Final = frozenset((_COPY_DATA, _COPY_DONE, _COPY_FAIL, _H))
 
 
@@ -1293,7 +1294,7 @@ class PgSession(asyncio.Protocol):
                 self._park(frames[i - 1 :], out)
                 self._awaiting = _AWAIT_COPY
                 return
-            if msg_type in (_COPY_DATA, _COPY_DONE, _COPY_FAIL):
+            if msg_type in _COPY_MESSAGES:
                 # COPY data flows through (the COPY statement was decided); outside a copy
                 # PostgreSQL ignores it, as after a COPY that failed.
                 out.append(raw)
@@ -1351,16 +1352,17 @@ class PgSession(asyncio.Protocol):
             if msg_type == _X:
                 self._terminate(out)
                 return
+            if barrier is None:
+                continue
             if isinstance(barrier, _Await):
                 self._park(frames[i - 1 :], out)  # this message too: it is handled again
                 self._awaiting = barrier
                 return
-            if barrier is not None:
-                future, held = barrier
-                self._barrier_op = self._ops[-1] if self._ops else None
-                self._park(frames[i:], out)
-                future.add_done_callback(functools.partial(self._barrier_done, held=held))
-                return
+            future, held = barrier
+            self._barrier_op = self._ops[-1] if self._ops else None
+            self._park(frames[i:], out)
+            future.add_done_callback(functools.partial(self._barrier_done, held=held))
+            return
         if out:
             if len(out) == 1:
                 upstream.transport.write(out[0])
@@ -1544,7 +1546,7 @@ class PgSession(asyncio.Protocol):
                     if text is not None:
                         self._preclassified = (text, statements)  # handled again when ready
                     return waits
-            if len(name) > _NAME_MAX or not name.isascii():
+            if name and (len(name) > _NAME_MAX or not name.isascii()):  # "": the unnamed one
                 flags = _name_flags(name)
                 statements = (  # refused, as named (an empty query string too)
                     _with_flags(statements, flags)
@@ -1566,7 +1568,7 @@ class PgSession(asyncio.Protocol):
             return None
         if msg_type == _B:
             portal_name, statement_name = messages.bind_names(payload, _NAME_CODEC)
-            if (
+            if (portal_name or statement_name) and (  # both unnamed: nothing to check
                 len(portal_name) > _NAME_MAX
                 or len(statement_name) > _NAME_MAX
                 or not portal_name.isascii()
@@ -1600,7 +1602,7 @@ class PgSession(asyncio.Protocol):
             return None
         if msg_type == _E:
             portal_name, max_rows = messages.execute_parts(payload)
-            if len(portal_name) > _NAME_MAX or not portal_name.isascii():
+            if portal_name and (len(portal_name) > _NAME_MAX or not portal_name.isascii()):
                 self._refuse_name(
                     (_misnamed("portal", portal_name, _name_flags(portal_name)),), out
                 )
@@ -1651,7 +1653,8 @@ class PgSession(asyncio.Protocol):
             return None
         if msg_type == _D:
             messages.check_describe(payload)
-            if len(payload) > _NAME_MAX + 2 or not payload.isascii():  # kind, name, NUL
+            # Kind, name, NUL: an unnamed one (two bytes) has nothing to check.
+            if len(payload) > 2 and (len(payload) > _NAME_MAX + 2 or not payload.isascii()):
                 name = payload[1:-1].decode(_NAME_CODEC)
                 what = "portal" if payload[0] == 0x50 else "prepared statement"
                 # Describe runs nothing: refused, and in no audit record (as it is in none).
