@@ -2140,13 +2140,16 @@ class PgSession(asyncio.Protocol):
         the old statement in dbward's decision and records while PostgreSQL answered 34000 or
         25P02. Undone if PostgreSQL skips the Query (an error earlier in an extended-protocol
         group with no Sync after it yet)."""
-        drops: list[_Definition] = []
+        # Mostly neither is held (a client of the simple protocol only): no list is built.
+        portal = portal and ("" in self._portals or "" in self._pending_portals)
         if "" in self._prepared or "" in self._pending_statements:
-            drops.append(self._define("", None, portal=False, drops_on_failure=False))
-        if portal and ("" in self._portals or "" in self._pending_portals):
-            drops.append(self._define("", None, portal=True, drops_on_failure=False))
-        if drops:
-            op.drops = tuple(drops)
+            statement = self._define("", None, portal=False, drops_on_failure=False)
+            if portal:
+                op.drops = (statement, self._define("", None, portal=True, drops_on_failure=False))
+            else:
+                op.drops = (statement,)
+        elif portal:
+            op.drops = (self._define("", None, portal=True, drops_on_failure=False),)
 
     def _handle_execute(
         self,
@@ -2433,28 +2436,31 @@ class PgSession(asyncio.Protocol):
         not): its portals are forgotten as doubtful. Cursors held from earlier transactions
         are in no scope: nothing here touches them."""
         scopes = self._scopes
-        doubtful = committed is None
-        portals, earlier = self._portals, self._earlier
-        for scope in scopes:
-            for name, portal in scope.portals.items():
-                if committed and portal.holdable:
-                    if portal.state == _LIVE:
-                        portal.state = _HELD
-                elif doubtful:
+        if committed is None:
+            for scope in scopes:
+                for portal in scope.portals.values():
                     self._drop_portal(portal, doubtful=True)
-                elif portal.state < _DROPPED:  # _drop_portal, inline: once per transaction
-                    portal.state = _DROPPED
-                    if portals.get(name) is portal:
-                        del portals[name]
-                    elif earlier.get(name) is portal:
+        else:
+            portals, earlier = self._portals, self._earlier
+            for scope in scopes:
+                for name, portal in scope.portals.items():
+                    if portal.state >= _DROPPED:
+                        continue
+                    if committed and portal.holdable:
+                        portal.state = _HELD  # from _LIVE (or _HELD already)
+                        continue
+                    portal.state = _DROPPED  # _drop_portal, inline: once per transaction
+                    # Set aside at the Sync or Query that ended the transaction, mostly.
+                    if earlier.get(name) is portal:
                         del earlier[name]
+                    elif portals.get(name) is portal:
+                        del portals[name]
                     else:
                         continue
                     self._executed_portals.discard(name)
-        del scopes[1:]
-        top = scopes[0]
-        top.name = None
-        top.portals.clear()
+        if len(scopes) > 1:
+            del scopes[1:]
+        scopes[0].portals.clear()  # the transaction's own scope (named None: never replaced)
         self._scoped = False
         self._in_block = chained
 
