@@ -137,6 +137,7 @@ _TURNS_ON_CONFORMING: Final = re.compile(
     re.IGNORECASE,
 )
 _COPY_DATA, _COPY_DONE, _COPY_FAIL = (ord(c) for c in "dcf")
+_COPY_MESSAGES: Final = frozenset((_COPY_DATA, _COPY_DONE, _COPY_FAIL))
 _COPY_OR_FLUSH: Final = frozenset((_COPY_DATA, _COPY_DONE, _COPY_FAIL, _H))
 
 
@@ -1329,7 +1330,7 @@ class PgSession(asyncio.Protocol):
                 self._park(frames[i - 1 :], out)
                 self._awaiting = _AWAIT_COPY
                 return
-            if msg_type in (_COPY_DATA, _COPY_DONE, _COPY_FAIL):
+            if msg_type in _COPY_MESSAGES:
                 # COPY data flows through (the COPY statement was decided); outside a copy
                 # PostgreSQL ignores it, as after a COPY that failed.
                 out.append(raw)
@@ -1387,16 +1388,17 @@ class PgSession(asyncio.Protocol):
             if msg_type == _X:
                 self._terminate(out)
                 return
+            if barrier is None:
+                continue
             if isinstance(barrier, _Await):
                 self._park(frames[i - 1 :], out)  # this message too: it is handled again
                 self._awaiting = barrier
                 return
-            if barrier is not None:
-                future, held = barrier
-                self._barrier_op = self._ops[-1] if self._ops else None
-                self._park(frames[i:], out)
-                future.add_done_callback(functools.partial(self._barrier_done, held=held))
-                return
+            future, held = barrier
+            self._barrier_op = self._ops[-1] if self._ops else None
+            self._park(frames[i:], out)
+            future.add_done_callback(functools.partial(self._barrier_done, held=held))
+            return
         if out:
             if len(out) == 1:
                 upstream.transport.write(out[0])
@@ -1580,7 +1582,7 @@ class PgSession(asyncio.Protocol):
                     if text is not None:
                         self._preclassified = (text, statements)  # handled again when ready
                     return waits
-            if len(name) > _NAME_MAX or not name.isascii():
+            if name and (len(name) > _NAME_MAX or not name.isascii()):  # "": the unnamed one
                 flags = _name_flags(name)
                 statements = (  # refused, as named (an empty query string too)
                     _with_flags(statements, flags)
@@ -1602,7 +1604,7 @@ class PgSession(asyncio.Protocol):
             return None
         if msg_type == _B:
             portal_name, statement_name = messages.bind_names(payload, _NAME_CODEC)
-            if (
+            if (portal_name or statement_name) and (  # both unnamed: nothing to check
                 len(portal_name) > _NAME_MAX
                 or len(statement_name) > _NAME_MAX
                 or not portal_name.isascii()
@@ -1636,7 +1638,7 @@ class PgSession(asyncio.Protocol):
             return None
         if msg_type == _E:
             portal_name, max_rows = messages.execute_parts(payload)
-            if len(portal_name) > _NAME_MAX or not portal_name.isascii():
+            if portal_name and (len(portal_name) > _NAME_MAX or not portal_name.isascii()):
                 self._refuse_name(
                     (_misnamed("portal", portal_name, _name_flags(portal_name)),), out
                 )
@@ -1687,7 +1689,8 @@ class PgSession(asyncio.Protocol):
             return None
         if msg_type == _D:
             messages.check_describe(payload)
-            if len(payload) > _NAME_MAX + 2 or not payload.isascii():  # kind, name, NUL
+            # Kind, name, NUL: an unnamed one (two bytes) has nothing to check.
+            if len(payload) > 2 and (len(payload) > _NAME_MAX + 2 or not payload.isascii()):
                 name = payload[1:-1].decode(_NAME_CODEC)
                 what = "portal" if payload[0] == 0x50 else "prepared statement"
                 # Describe runs nothing: refused, and in no audit record (as it is in none).
@@ -2180,13 +2183,16 @@ class PgSession(asyncio.Protocol):
         the old statement in dbward's decision and records while PostgreSQL answered 34000 or
         25P02. Undone if PostgreSQL skips the Query (an error earlier in an extended-protocol
         group with no Sync after it yet)."""
-        drops: list[_Definition] = []
+        # Mostly neither is held (a client of the simple protocol only): no list is built.
+        portal = portal and ("" in self._portals or "" in self._pending_portals)
         if "" in self._prepared or "" in self._pending_statements:
-            drops.append(self._define("", None, portal=False, drops_on_failure=False))
-        if portal and ("" in self._portals or "" in self._pending_portals):
-            drops.append(self._define("", None, portal=True, drops_on_failure=False))
-        if drops:
-            op.drops = tuple(drops)
+            statement = self._define("", None, portal=False, drops_on_failure=False)
+            if portal:
+                op.drops = (statement, self._define("", None, portal=True, drops_on_failure=False))
+            else:
+                op.drops = (statement,)
+        elif portal:
+            op.drops = (self._define("", None, portal=True, drops_on_failure=False),)
 
     def _handle_execute(
         self,
@@ -2490,28 +2496,31 @@ class PgSession(asyncio.Protocol):
         not): its portals are forgotten as doubtful (`why`). Cursors held from earlier
         transactions are in no scope: nothing here touches them."""
         scopes = self._scopes
-        doubtful = committed is None
-        portals, earlier = self._portals, self._earlier
-        for scope in scopes:
-            for name, portal in scope.portals.items():
-                if committed and portal.holdable:
-                    if portal.state == _LIVE:
-                        portal.state = _HELD
-                elif doubtful:
+        if committed is None:
+            for scope in scopes:
+                for portal in scope.portals.values():
                     self._drop_portal(portal, why=why)
-                elif portal.state < _DROPPED:  # _drop_portal, inline: once per transaction
-                    portal.state = _DROPPED
-                    if portals.get(name) is portal:
-                        del portals[name]
-                    elif earlier.get(name) is portal:
+        else:
+            portals, earlier = self._portals, self._earlier
+            for scope in scopes:
+                for name, portal in scope.portals.items():
+                    if portal.state >= _DROPPED:
+                        continue
+                    if committed and portal.holdable:
+                        portal.state = _HELD  # from _LIVE (or _HELD already)
+                        continue
+                    portal.state = _DROPPED  # _drop_portal, inline: once per transaction
+                    # Set aside at the Sync or Query that ended the transaction, mostly.
+                    if earlier.get(name) is portal:
                         del earlier[name]
+                    elif portals.get(name) is portal:
+                        del portals[name]
                     else:
                         continue
                     self._executed_portals.discard(name)
-        del scopes[1:]
-        top = scopes[0]
-        top.name = None
-        top.portals.clear()
+        if len(scopes) > 1:
+            del scopes[1:]
+        scopes[0].portals.clear()  # the transaction's own scope (named None: never replaced)
         self._scoped = False
         self._in_block = chained
 
