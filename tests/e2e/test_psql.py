@@ -174,6 +174,42 @@ def test_a_do_block_setting_a_password_is_logged_as_code_without_the_password(
     assert not wal.exists() or secret.encode() not in wal.read_bytes()
 
 
+def test_passwords_and_keys_in_ordinary_statements_never_reach_the_audit_log(
+    proxy: Proxy,
+) -> None:
+    """Round 55: a plaintext password compared in a WHERE and a DSN stored in a table were
+    logged verbatim (only dblink calls and the like were looked at; pgcrypto keys, not
+    installed here: tests/unit/test_sql_postgres.py)."""
+    app = app_name("psql-plain-secret")
+    secret = "Pl4in-Secret"
+    sql = [
+        "CREATE TEMP TABLE users (email text, password text, dsn text)",
+        f"SELECT email FROM users WHERE email = 'a@b' AND password = '{secret}'",
+        f"INSERT INTO users (email, dsn) VALUES ('a@b', 'postgresql://app:{secret}@db/app')",
+    ]
+    result = run_psql(proxy.dsn(application_name=app), *sql)
+    assert result.returncode == 0 and not result.stderr, result.stderr
+    records = proxy.session_records(app, until=has_disconnect)
+    assert [outcome_of(records, r).status for r in statements(records)] == ["ok"] * 3
+    texts = [(r.sql_text, r.sql_sha256) for r in statements(records)]
+    assert texts == [
+        (sql[0] + " (literals withheld: it contains a credential)", ""),  # a password column
+        (
+            "SELECT email FROM users WHERE email = '…' AND password = '…'"
+            " (literals withheld: it contains a credential)",
+            "",
+        ),
+        (
+            "INSERT INTO users (email, dsn) VALUES ('…', '…')"
+            " (literals withheld: it contains a credential)",
+            "",
+        ),
+    ]
+    assert secret.encode() not in proxy.audit_path.read_bytes()
+    wal = proxy.audit_path.with_name(proxy.audit_path.name + "-wal")
+    assert not wal.exists() or secret.encode() not in wal.read_bytes()
+
+
 def test_connection_strings_with_passwords_never_reach_the_audit_log(proxy: Proxy) -> None:
     app = app_name("psql-conninfo")
     secret = "Conn1nfo-Secret"

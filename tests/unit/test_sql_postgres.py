@@ -591,6 +591,8 @@ def test_password_lookalikes_are_not_flagged(sql: str) -> None:
         "SELECT dblink_open('c1', 'cur', 'SELECT dblink_connect(''password=pw'')')",
         "ALTER ROLE app PASSWORD 'unterminated",  # unparseable
         "SELEC password",  # unparseable
+        # Not a connection string argument, but any text (round 55: a DSN stored in a table).
+        "SELECT 'password=pw', 'postgresql://u:pw@h/d'",
     ],
 )
 def test_statements_with_a_credential_in_a_connection_string_are_flagged(sql: str) -> None:
@@ -606,7 +608,6 @@ def test_statements_with_a_credential_in_a_connection_string_are_flagged(sql: st
         "SELECT * FROM dblink('c1', 'SELECT password FROM t') AS t(a text)",  # over-matches
         "CREATE SUBSCRIPTION s CONNECTION 'host=h dbname=d' PUBLICATION p",
         "ALTER SYSTEM SET work_mem = '1MB'",
-        "SELECT 'password=pw', 'postgresql://u:pw@h/d'",  # not a connection string argument
         "SELECT dblink_connect('postgresql://u:p w@h/d')",  # libpq refuses the space
         "EXPLAIN EXECUTE p('host=h')",
         "SELEC 1",
@@ -1077,3 +1078,40 @@ def test_a_do_body_plpgsql_rejects_that_mentions_a_password_carries_a_credential
     assert {"uninspectable_code", "carries_credential"} <= statement.flags
     (fine,) = PostgresClassifier().classify("DO $$ BEGIN CREATE ROLE app; END $$")
     assert "carries_credential" not in fine.flags
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "SELECT id FROM users WHERE email = 'a@b' AND password = crypt('pw', password)",
+        "UPDATE users SET Password_Hash = 'x' WHERE id = 1",
+        "INSERT INTO webhooks (url) VALUES ('https://user:t0ken@hooks.example/x')",
+        "SELECT pgp_sym_encrypt('data', 'k3y')",
+        "SELECT public.hmac('data', 'k3y', 'sha256')",
+        "SELECT crypt('pw', gen_salt('bf'))",
+    ],
+)
+def test_text_naming_a_password_or_a_secret_argument_carries_a_credential(text: str) -> None:
+    """Round 55: only dblink calls, subscriptions, EXECUTE and a few more were looked at, so a
+    plaintext password compared in a WHERE, a DSN stored in a table or a pgcrypto key was
+    logged verbatim."""
+    (statement,) = PostgresClassifier().classify(text)
+    assert "carries_credential" in statement.flags
+
+
+def test_a_literal_mentioning_a_password_is_not_shared_through_the_template_cache() -> None:
+    """Texts normalizing alike share one classification without flags; one whose literal
+    mentions a password (or a URI with a user:password@) is classified in full instead."""
+    classifier = PostgresClassifier()
+    (first,) = classifier.classify("INSERT INTO notes (body) VALUES ('hello')")
+    (other,) = classifier.classify("INSERT INTO notes (body) VALUES ('world')")
+    assert not first.flags and not other.flags
+    assert classifier._templates  # the second came from the template
+    (secret,) = classifier.classify("INSERT INTO notes (body) VALUES ('my PASSWORD is x')")
+    assert "carries_credential" in secret.flags
+    (uri,) = classifier.classify("INSERT INTO notes (body) VALUES ('postgres://u:p@h/d')")
+    assert "carries_credential" in uri.flags
+    (plain,) = classifier.classify("INSERT INTO notes (body) VALUES ('see https://h/x')")
+    assert not plain.flags and plain.tables == ("notes",)
+    (mail,) = classifier.classify("INSERT INTO notes (body) VALUES ('https://h/x a@b')")
+    assert not mail.flags  # classified in full ("://" and "@"), and no user:password@ in it

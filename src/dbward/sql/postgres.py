@@ -549,8 +549,9 @@ _FILE_FDW_OPTIONS: Final = {"program": "copy_program", "filename": "copy_file"}
 _SECRET_OPTIONS = frozenset({"password", "passfile", "sslpassword", "sslkey"})
 
 # Functions whose arguments may be a libpq connection string (dblink's), or SQL that runs on
-# another server (an ALTER ROLE ... PASSWORD sent there is a password in the log here too), and
-# statements that carry one (logical replication subscriptions, a standby's primary_conninfo).
+# another server (an ALTER ROLE ... PASSWORD sent there is a password in the log here too):
+# listed as calls, and never shared through the template cache (whether the text holds a
+# credential depends on its constants).
 _CONNINFO_FUNCTIONS: Final = frozenset(
     {
         "dblink_connect",
@@ -561,10 +562,24 @@ _CONNINFO_FUNCTIONS: Final = frozenset(
         "dblink_open",
     }
 )
-# EXECUTE passes its arguments to a prepared statement that may hand them to dblink (seventeenth
-# review: `EXECUTE p('password=…')` of `PREPARE p(text) AS SELECT dblink_connect($1)`).
-_CONNINFO_STATEMENTS: Final = frozenset(
-    {"CreateSubscriptionStmt", "AlterSubscriptionStmt", "ExecuteStmt"}
+# pgcrypto functions that take a password or a secret key as an argument (crypt's first, the
+# pgp_sym_* passwords, pgp_pub_decrypt's private key and its password, the raw ciphers' and
+# hmac's keys): a call's literals are withheld from the log like a connection string's.
+_SECRET_ARGUMENT_FUNCTIONS: Final = frozenset(
+    {
+        "crypt",
+        "pgp_sym_encrypt",
+        "pgp_sym_encrypt_bytea",
+        "pgp_sym_decrypt",
+        "pgp_sym_decrypt_bytea",
+        "pgp_pub_decrypt",
+        "pgp_pub_decrypt_bytea",
+        "encrypt",
+        "encrypt_iv",
+        "decrypt",
+        "decrypt_iv",
+        "hmac",
+    }
 )
 # Built-in functions whose call changes something: a SELECT calling one is not a read. Calls to
 # user-defined functions cannot be judged without the catalog (see docs/policy.md).
@@ -742,7 +757,6 @@ _ALL_TABLES_FUNCTIONS: Final = frozenset(
 _REGCLASS_TYPES: Final = (["regclass"], ["pg_catalog", "regclass"])
 # SQL given as text inside SQL given as text ...: deeper than this is refused, not followed.
 _MAX_SQL_TEXT_DEPTH: Final = 4
-_CONNINFO_SETTINGS: Final = frozenset({"primary_conninfo"})
 # A password keyword (password=, sslpassword=, PGPASSWORD ...) or a URI with user:password@.
 # Checked on the statement's whole text: over-matching only withholds more of the text.
 # The parts are what libpq reads as user and password: after "://", up to the first "@" or
@@ -757,7 +771,6 @@ class _Walk:
     """Everything the walk collects from one statement's tree."""
 
     __slots__ = (
-        "conninfo",
         "const_sensitive",
         "dm_cte",
         "flags",
@@ -775,7 +788,6 @@ class _Walk:
         self.flags: set[str] = set()
         self.dm_cte = False
         self.const_sensitive = False
-        self.conninfo = False  # calls a function that takes a connection string
         self.side_effect: StatementKind | None = None  # ADMIN or WRITE: what its calls do
         self.sql_texts: list[str] = []  # constant SQL run by the functions it calls
         self.inner_kind: StatementKind | None = None  # of that SQL, when not a plain read
@@ -935,6 +947,8 @@ def _func_call(call: dict[str, Any], out: _Walk) -> None:
     out.functions.append((call.get("location", -1), name))
     base = name.rsplit(".", 1)[-1]
     _note_side_effects(base, out)
+    if base in _SECRET_ARGUMENT_FUNCTIONS:
+        out.flags.add("carries_credential")
     if base in SERVER_FILE_FUNCTIONS:
         out.flags.add("server_file_function")
     reads = _RELATION_ARGUMENT_FUNCTIONS.get(base)
@@ -1028,7 +1042,6 @@ def _note_side_effects(base: str, out: _Walk) -> bool:
     elif base not in _CONNINFO_FUNCTIONS:
         return False
     if base in _CONNINFO_FUNCTIONS:
-        out.conninfo = True
         out.const_sensitive = True  # whether the text holds a credential depends on constants
     return True
 
@@ -1531,7 +1544,13 @@ class PostgresClassifier:
             normalized = _normalize(text)
             if normalized is not None:
                 shared = self._templates.get(normalized)
-                if shared is not None:
+                # A template never holds a credential-bearing statement (it has flags), but a
+                # literal of this text may mention one: classified in full, and flagged.
+                # ("password" in any case, or "://" and "@": a cheap superset of CREDENTIAL_TEXT,
+                # inline as this runs for every statement the template answers; a URL without
+                # a user in it still takes the template.)
+                mentions = ("@" in text and "://" in text) or "password" in text.lower()
+                if shared is not None and not mentions:
                     self._templates.move_to_end(normalized)
                     # Not remembered by text: such texts rarely repeat (their constants
                     # change), and thousands of one-off entries cycling through the LRU cost
@@ -1643,7 +1662,10 @@ def _classify_node(
         kind = _WRITE
     if executes and kind is _READ:
         kind = _SESSION
-    if _may_carry_conninfo(node_type, body, walked) and CREDENTIAL_TEXT.search(part):
+    if CREDENTIAL_TEXT.search(part) is not None:
+        # Any text naming a password (a password column compared with a literal, a DSN stored
+        # in a table) or holding a URI's user:password@: its literals are withheld from the
+        # log. Also where the mention is in a literal only (see PostgresClassifier.classify).
         flags.add("carries_credential")
     prepared_name, prepared = _prepared_parts(node_type, body, part, has_ctes, depth)
     if prepared_name is not None and node_type not in ("PrepareStmt", "DeallocateStmt"):
@@ -1852,22 +1874,6 @@ def _role_name(spec: object) -> str:
     if roletype == "ROLESPEC_CSTRING":
         return recorded_name(str(spec.get("rolename", "")))
     return _ROLE_KEYWORDS.get(roletype, roletype)
-
-
-def _may_carry_conninfo(node_type: str, body: dict[str, Any], walked: _Walk) -> bool:
-    """Whether the statement may hold a libpq connection string (and so a password)."""
-    if walked.conninfo or node_type in _CONNINFO_STATEMENTS:
-        return True
-    if node_type == "ExplainStmt":
-        # EXPLAIN [ANALYZE] EXECUTE p(...): its arguments are the client's text either way
-        return _explains_execute(body)
-    if node_type == "CreateTableAsStmt":
-        # CREATE TABLE ... AS EXECUTE p(...) runs it too
-        return _executed_prepared(node_type, body) is not None
-    if node_type == "AlterSystemStmt":
-        name = body.get("setstmt", {}).get("name")
-        return isinstance(name, str) and name.lower() in _CONNINFO_SETTINGS
-    return False
 
 
 def _prepared_parts(
