@@ -760,11 +760,22 @@ _MAX_SQL_TEXT_DEPTH: Final = 4
 # A password keyword (password=, sslpassword=, PGPASSWORD ...) or a URI with user:password@.
 # Checked on the statement's whole text: over-matching only withholds more of the text.
 # The parts are what libpq reads as user and password: after "://", up to the first "@" or
-# "/", split at the first ":"; libpq refuses only a space in them, so a quote, a tab or a
-# newline is part of them ("u:it''s@h" in a literal, "u:it's@h" dollar-quoted: the password
-# is it's). The user part excludes ":" and both parts are possessive, so the search stays
-# linear on hostile text (a backtracking "[^/@]*:[^/@]*@" is quadratic on "://a:a:a:...").
-CREDENTIAL_TEXT: Final = re.compile(r"password|://[^ /@:]*+:[^ /@]*+@", re.IGNORECASE)
+# "/", split at the first ":"; a quote, a tab, a newline or a space is part of them ("u:it''s@h"
+# in a literal, "u:it's@h" dollar-quoted: the password is it's; libpq 17 refuses a space, but
+# the libpq of PostgreSQL 16 and older, which dblink and postgres_fdw use, reads "u:my pw@h").
+# The user part excludes ":" and both parts are possessive, so the search stays linear on
+# hostile text (a backtracking "[^/@]*:[^/@]*@" is quadratic on "://a:a:a:...").
+# libpq percent-decodes a URI's query parameter names too, so "?pass%77ord=pw" (any letter of
+# it encoded, in either case) sets the password as "?password=pw" does.
+_ENCODED_PASSWORD_KEY: Final = (
+    "[?&](?:"
+    + "".join(f"(?:{c}|%{ord(c.upper()):x}|%{ord(c):x})" for c in "ssl")
+    + ")?"
+    + "".join(f"(?:{c}|%{ord(c.upper()):x}|%{ord(c):x})" for c in "password")
+)
+CREDENTIAL_TEXT: Final = re.compile(
+    rf"password|://[^/@:]*+:[^/@]*+@|{_ENCODED_PASSWORD_KEY}", re.IGNORECASE
+)
 
 
 class _Walk:
@@ -1549,7 +1560,12 @@ class PostgresClassifier:
                 # ("password" in any case, or "://" and "@": a cheap superset of CREDENTIAL_TEXT,
                 # inline as this runs for every statement the template answers; a URL without
                 # a user in it still takes the template.)
-                mentions = ("@" in text and "://" in text) or "password" in text.lower()
+                # A percent-encoded "?pass%77ord=" has a "%" and a "?" or "&".
+                mentions = (
+                    ("@" in text and "://" in text)
+                    or "password" in text.lower()
+                    or ("%" in text and ("?" in text or "&" in text))
+                )
                 if shared is not None and not mentions:
                     self._templates.move_to_end(normalized)
                     # Not remembered by text: such texts rarely repeat (their constants
