@@ -418,7 +418,8 @@ def test_psql_query_strings_answered_with_fewer_completes_than_statements(proxy:
 
 def test_a_percent_encoded_password_parameter_never_reaches_the_audit_log(proxy: Proxy) -> None:
     """Round 56: libpq decodes a URI's parameter names ("?pass%77ord=" is "?password="), and
-    PostgreSQL 16's libpq takes a space in a URI's password: both were logged verbatim."""
+    PostgreSQL 16's libpq takes a space in a URI's password: both were logged verbatim. So was
+    a parser message naming a quoted identifier without its quotes."""
     app = app_name("psql-encoded-conninfo")
     secret = "Perc3nt-Secret"
     sql = [
@@ -426,13 +427,18 @@ def test_a_percent_encoded_password_parameter_never_reaches_the_audit_log(proxy:
         "INSERT INTO dsns VALUES ('warm the template cache')",
         f"INSERT INTO dsns VALUES ('postgresql://h/d?user=u&pass%77ord={secret}')",
         f"INSERT INTO dsns VALUES ('postgresql://u:{secret} x@h/d')",
+        # The parser names a too-long name's parts without quotes: it was in reason and detail.
+        f'SELECT * FROM a.b.c."host=h password={secret}"',
     ]
     result = run_psql(proxy.dsn(application_name=app), *sql)
-    assert result.returncode == 0 and not result.stderr, result.stderr
+    (denial,) = result.stderr.splitlines()
+    assert "too many dotted names): <...>" in denial and secret not in denial
     records = proxy.session_records(app, until=has_disconnect)
     assert [r.sql_text for r in statements(records)[2:]] == [
-        "INSERT INTO dsns VALUES ('…') (literals withheld: it contains a credential)"
-    ] * 2
+        "INSERT INTO dsns VALUES ('…') (literals withheld: it contains a credential)",
+        "INSERT INTO dsns VALUES ('…') (literals withheld: it contains a credential)",
+        "UNKNOWN (text withheld: it contains a credential)",
+    ]
     assert secret.encode() not in proxy.audit_path.read_bytes()
     wal = proxy.audit_path.with_name(proxy.audit_path.name + "-wal")
     assert not wal.exists() or secret.encode() not in wal.read_bytes()
