@@ -427,6 +427,8 @@ def test_a_percent_encoded_password_parameter_never_reaches_the_audit_log(proxy:
         "INSERT INTO dsns VALUES ('warm the template cache')",
         f"INSERT INTO dsns VALUES ('postgresql://h/d?user=u&pass%77ord={secret}')",
         f"INSERT INTO dsns VALUES ('postgresql://u:{secret} x@h/d')",
+        # A pgcrypto key in SQL text that is stored (or sent through dblink_exec): no call.
+        f"INSERT INTO dsns VALUES ('SELECT hmac(''d'', ''{secret}'', ''md5'')')",
         # The parser names a too-long name's parts without quotes: it was in reason and detail.
         f'SELECT * FROM a.b.c."host=h password={secret}"',
     ]
@@ -435,6 +437,7 @@ def test_a_percent_encoded_password_parameter_never_reaches_the_audit_log(proxy:
     assert "too many dotted names): <...>" in denial and secret not in denial
     records = proxy.session_records(app, until=has_disconnect)
     assert [r.sql_text for r in statements(records)[2:]] == [
+        "INSERT INTO dsns VALUES ('…') (literals withheld: it contains a credential)",
         "INSERT INTO dsns VALUES ('…') (literals withheld: it contains a credential)",
         "INSERT INTO dsns VALUES ('…') (literals withheld: it contains a credential)",
         "UNKNOWN (text withheld: it contains a credential)",

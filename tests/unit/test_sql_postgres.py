@@ -1094,6 +1094,11 @@ def test_a_do_body_plpgsql_rejects_that_mentions_a_password_carries_a_credential
         "SELECT pgp_sym_encrypt('data', 'k3y')",
         "SELECT public.hmac('data', 'k3y', 'sha256')",
         "SELECT crypt('pw', gen_salt('bf'))",
+        # Round 56: a key function in SQL that runs elsewhere, or is stored, is no call in
+        # the tree.
+        "SELECT dblink_exec('c', 'SELECT hmac(''d'', ''k3y'', ''sha256'')')",
+        "INSERT INTO jobs (sql) VALUES ('SELECT PGP_SYM_DECRYPT(x, ''k3y'') FROM t')",
+        "DO $$ BEGIN EXECUTE 'SELECT encrypt(''d'', ' || quote_literal('k') || ', ''a'')'; END $$",
     ],
 )
 def test_text_naming_a_password_or_a_secret_argument_carries_a_credential(text: str) -> None:
@@ -1127,3 +1132,7 @@ def test_a_literal_mentioning_a_password_is_not_shared_through_the_template_cach
     assert "carries_credential" in encoded.flags
     (like,) = classifier.classify("INSERT INTO notes (body) VALUES ('50%')")
     assert not like.flags
+    (code,) = classifier.classify("INSERT INTO notes (body) VALUES ('SELECT hmac(x, ''k'')')")
+    assert "carries_credential" in code.flags
+    (word,) = classifier.classify("INSERT INTO notes (body) VALUES ('encrypted, cryptic')")
+    assert not word.flags

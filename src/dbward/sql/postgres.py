@@ -776,6 +776,21 @@ _ENCODED_PASSWORD_KEY: Final = (
 CREDENTIAL_TEXT: Final = re.compile(
     rf"password|://[^/@:]*+:[^/@]*+@|{_ENCODED_PASSWORD_KEY}", re.IGNORECASE
 )
+# A pgcrypto key function named anywhere in the text, also where no call of it is in the tree:
+# in SQL run elsewhere (dblink_exec's, a PL/pgSQL EXECUTE's built text) or stored in a table.
+_SECRET_FUNCTION_TEXT: Final = re.compile(
+    r"(?<![\w$])(?:"
+    + "|".join(sorted(_SECRET_ARGUMENT_FUNCTIONS, key=len, reverse=True))
+    + r")(?![\w$])",
+    re.IGNORECASE,
+)
+
+
+def names_credential(text: str) -> bool:
+    """Whether `text` may hold a secret: its literals are then withheld from the log."""
+    return CREDENTIAL_TEXT.search(text) is not None or (
+        _SECRET_FUNCTION_TEXT.search(text) is not None
+    )
 
 
 class _Walk:
@@ -1145,7 +1160,7 @@ def _procedural_code(part: str, node_type: str, body: dict[str, Any], out: _Walk
     found = read_plpgsql(part, code)
     if found.error is not None:
         out.flags.add("uninspectable_code")
-        if CREDENTIAL_TEXT.search(code) is not None:
+        if names_credential(code):
             # As for SQL the parser rejects: a mistyped `PASSWORD hunter2` in the body.
             out.flags.add("carries_credential")
         return
@@ -1560,11 +1575,15 @@ class PostgresClassifier:
                 # ("password" in any case, or "://" and "@": a cheap superset of CREDENTIAL_TEXT,
                 # inline as this runs for every statement the template answers; a URL without
                 # a user in it still takes the template.)
-                # A percent-encoded "?pass%77ord=" has a "%" and a "?" or "&".
+                # A percent-encoded "?pass%77ord=" has a "%" and a "?" or "&"; every pgcrypto
+                # key function's name has "crypt" or "hmac" in it (SQL text in a literal).
+                lowered = text.lower()
                 mentions = (
                     ("@" in text and "://" in text)
-                    or "password" in text.lower()
+                    or "password" in lowered
                     or ("%" in text and ("?" in text or "&" in text))
+                    or "crypt" in lowered
+                    or "hmac" in lowered
                 )
                 if shared is not None and not mentions:
                     self._templates.move_to_end(normalized)
@@ -1678,7 +1697,7 @@ def _classify_node(
         kind = _WRITE
     if executes and kind is _READ:
         kind = _SESSION
-    if CREDENTIAL_TEXT.search(part) is not None:
+    if names_credential(part):
         # Any text naming a password (a password column compared with a literal, a DSN stored
         # in a table) or holding a URI's user:password@: its literals are withheld from the
         # log. Also where the mention is in a literal only (see PostgresClassifier.classify).
@@ -1960,7 +1979,7 @@ def unparseable_statement(text: str, message: str) -> Statement:
         text=text,
         kind=_UNKNOWN,
         command="UNKNOWN",
-        flags=_PARSE_ERROR_CREDENTIAL_FLAGS if CREDENTIAL_TEXT.search(text) else _PARSE_ERROR_FLAGS,
+        flags=_PARSE_ERROR_CREDENTIAL_FLAGS if names_credential(text) else _PARSE_ERROR_FLAGS,
         error=message,
     )
 
@@ -1999,7 +2018,7 @@ def _too_many_statements(text: str, count: str, limit: int) -> Statement:
         text=text,
         kind=_UNKNOWN,
         command="MULTIPLE",
-        flags=_LIMIT_CREDENTIAL_FLAGS if CREDENTIAL_TEXT.search(text) else _LIMIT_FLAGS,
+        flags=_LIMIT_CREDENTIAL_FLAGS if names_credential(text) else _LIMIT_FLAGS,
         error=f"the query string holds {count} statements; the limit is {limit} per message "
         "(max_statements_per_query); send smaller batches",
     )
