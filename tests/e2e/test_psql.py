@@ -420,7 +420,7 @@ def test_secrets_libpq_or_postgresql_read_beyond_literals_never_reach_the_audit_
     proxy: Proxy,
 ) -> None:
     """Round 56: libpq decodes a URI's parameter names ("?pass%77ord=" is "?password="), and
-    PostgreSQL 16's libpq takes a space in a URI's password: both were logged verbatim. So was
+    PostgreSQL 15's libpq takes a space in a URI's password: both were logged verbatim. So was
     a parser message naming a quoted identifier without its quotes, and a setting's value
     given as a name (`SET app.password = Hunter2`)."""
     app = app_name("psql-encoded-conninfo")

@@ -593,7 +593,7 @@ def test_password_lookalikes_are_not_flagged(sql: str) -> None:
         "SELEC password",  # unparseable
         # Not a connection string argument, but any text (round 55: a DSN stored in a table).
         "SELECT 'password=pw', 'postgresql://u:pw@h/d'",
-        # Round 56: PostgreSQL 16's libpq (dblink's, postgres_fdw's) takes a space in the
+        # Round 56: PostgreSQL 15's libpq (dblink's, postgres_fdw's) takes a space in the
         # password, and every libpq percent-decodes a query parameter's name.
         "SELECT dblink_connect('postgresql://u:p w@h/d')",
         "SELECT dblink_connect('postgresql://u@h/d?pass%77ord=pw')",

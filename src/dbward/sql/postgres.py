@@ -761,8 +761,8 @@ _MAX_SQL_TEXT_DEPTH: Final = 4
 # Checked on the statement's whole text: over-matching only withholds more of the text.
 # The parts are what libpq reads as user and password: after "://", up to the first "@" or
 # "/", split at the first ":"; a quote, a tab, a newline or a space is part of them ("u:it''s@h"
-# in a literal, "u:it's@h" dollar-quoted: the password is it's; libpq 17 refuses a space, but
-# the libpq of PostgreSQL 16 and older, which dblink and postgres_fdw use, reads "u:my pw@h").
+# in a literal, "u:it's@h" dollar-quoted: the password is it's; a recent libpq refuses a space, but
+# the libpq of PostgreSQL 15, which its dblink and postgres_fdw use, reads "u:my pw@h").
 # The user part excludes ":" and both parts are possessive, so the search stays linear on
 # hostile text (a backtracking "[^/@]*:[^/@]*@" is quadratic on "://a:a:a:...").
 # libpq percent-decodes a URI's query parameter names too, so "?pass%77ord=pw" (any letter of
