@@ -414,3 +414,43 @@ def test_psql_query_strings_answered_with_fewer_completes_than_statements(proxy:
     assert ("SELECT", "not_executed") in by_command, by_command
     assert any(status == "denied" for _, status in by_command), by_command
     assert len(done) == len(statements(records))
+
+
+def test_secrets_libpq_or_postgresql_read_beyond_literals_never_reach_the_audit_log(
+    proxy: Proxy,
+) -> None:
+    """Round 56: libpq decodes a URI's parameter names ("?pass%77ord=" is "?password="), and
+    PostgreSQL 15's libpq takes a space in a URI's password: both were logged verbatim. So was
+    a parser message naming a quoted identifier without its quotes, and a setting's value
+    given as a name (`SET app.password = Hunter2`)."""
+    app = app_name("psql-encoded-conninfo")
+    secret = "Perc3nt-Secret"
+    sql = [
+        "CREATE TEMP TABLE dsns (dsn text)",
+        "INSERT INTO dsns VALUES ('warm the template cache')",
+        f"INSERT INTO dsns VALUES ('postgresql://h/d?user=u&pass%77ord={secret}')",
+        f"INSERT INTO dsns VALUES ('postgresql://u:{secret} x@h/d')",
+        # A pgcrypto key in SQL text that is stored (or sent through dblink_exec): no call.
+        f"INSERT INTO dsns VALUES ('SELECT hmac(''d'', ''{secret}'', ''md5'')')",
+        # A setting's value needs no quotes.
+        f"SET app.password = {secret.replace('-', '_')}",
+        f'SET app.password = "{secret}"',
+        # The parser names a too-long name's parts without quotes: it was in reason and detail.
+        f'SELECT * FROM a.b.c."host=h password={secret}"',
+    ]
+    result = run_psql(proxy.dsn(application_name=app), *sql)
+    (denial,) = result.stderr.splitlines()
+    assert "too many dotted names): <...>" in denial and secret not in denial
+    records = proxy.session_records(app, until=has_disconnect)
+    assert [r.sql_text for r in statements(records)[2:]] == [
+        "INSERT INTO dsns VALUES ('…') (literals withheld: it contains a credential)",
+        "INSERT INTO dsns VALUES ('…') (literals withheld: it contains a credential)",
+        "INSERT INTO dsns VALUES ('…') (literals withheld: it contains a credential)",
+        "SET app.password = '…' (literals withheld: it contains a credential)",
+        "SET app.password = '…' (literals withheld: it contains a credential)",
+        "UNKNOWN (text withheld: it contains a credential)",
+    ]
+    audit = proxy.audit_path.read_bytes()
+    assert secret.encode() not in audit and secret.replace("-", "_").lower().encode() not in audit
+    wal = proxy.audit_path.with_name(proxy.audit_path.name + "-wal")
+    assert not wal.exists() or secret.encode() not in wal.read_bytes()

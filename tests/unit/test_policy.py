@@ -749,6 +749,24 @@ def test_unparseable_reason_drops_quotes_inside_the_quoted_sql(error: str, expec
         assert f"<...>{word}" not in reason and f"{word}<...>" not in reason
 
 
+@pytest.mark.parametrize(
+    "sql",
+    [
+        'SELECT * FROM a.b.c."host=h password=hunter2"',
+        'CREATE TABLE a.b.c."it\'s password=hunter2, at index 3" (x int)',
+    ],
+)
+def test_unparseable_reason_drops_names_the_parser_quotes_without_quotes(sql: str) -> None:
+    """Round 56: "improper qualified name (too many dotted names): a.b.c.host=h password=..."
+    quotes no SQL, so a connection string mistyped as a quoted identifier stayed in the reason
+    (and the audit record's detail)."""
+    (statement,) = PostgresClassifier().classify(sql)
+    assert "carries_credential" in statement.flags
+    reason = decide(request(statement)).reason
+    assert "too many dotted names): <...>" in reason
+    assert "hunter2" not in reason and "password" not in reason
+
+
 def test_statement_limit_denied_with_program_limit_exceeded() -> None:
     (statement,) = PostgresClassifier(max_statements=2).classify("SELECT 1; SELECT 2; SELECT 3")
     decision = decide(request(statement))

@@ -593,6 +593,12 @@ def test_password_lookalikes_are_not_flagged(sql: str) -> None:
         "SELEC password",  # unparseable
         # Not a connection string argument, but any text (round 55: a DSN stored in a table).
         "SELECT 'password=pw', 'postgresql://u:pw@h/d'",
+        # Round 56: PostgreSQL 15's libpq (dblink's, postgres_fdw's) takes a space in the
+        # password, and every libpq percent-decodes a query parameter's name.
+        "SELECT dblink_connect('postgresql://u:p w@h/d')",
+        "SELECT dblink_connect('postgresql://u@h/d?pass%77ord=pw')",
+        "SELECT dblink_connect('postgresql://h/d?user=u&%70%61%73%73%77%6F%72%64=pw')",
+        "SELECT dblink_connect('postgresql://u@h/d?ssl%50assword=pw')",
     ],
 )
 def test_statements_with_a_credential_in_a_connection_string_are_flagged(sql: str) -> None:
@@ -608,7 +614,6 @@ def test_statements_with_a_credential_in_a_connection_string_are_flagged(sql: st
         "SELECT * FROM dblink('c1', 'SELECT password FROM t') AS t(a text)",  # over-matches
         "CREATE SUBSCRIPTION s CONNECTION 'host=h dbname=d' PUBLICATION p",
         "ALTER SYSTEM SET work_mem = '1MB'",
-        "SELECT dblink_connect('postgresql://u:p w@h/d')",  # libpq refuses the space
         "EXPLAIN EXECUTE p('host=h')",
         "SELEC 1",
     ],
@@ -1089,6 +1094,11 @@ def test_a_do_body_plpgsql_rejects_that_mentions_a_password_carries_a_credential
         "SELECT pgp_sym_encrypt('data', 'k3y')",
         "SELECT public.hmac('data', 'k3y', 'sha256')",
         "SELECT crypt('pw', gen_salt('bf'))",
+        # Round 56: a key function in SQL that runs elsewhere, or is stored, is no call in
+        # the tree.
+        "SELECT dblink_exec('c', 'SELECT hmac(''d'', ''k3y'', ''sha256'')')",
+        "INSERT INTO jobs (sql) VALUES ('SELECT PGP_SYM_DECRYPT(x, ''k3y'') FROM t')",
+        "DO $$ BEGIN EXECUTE 'SELECT encrypt(''d'', ' || quote_literal('k') || ', ''a'')'; END $$",
     ],
 )
 def test_text_naming_a_password_or_a_secret_argument_carries_a_credential(text: str) -> None:
@@ -1115,3 +1125,14 @@ def test_a_literal_mentioning_a_password_is_not_shared_through_the_template_cach
     assert not plain.flags and plain.tables == ("notes",)
     (mail,) = classifier.classify("INSERT INTO notes (body) VALUES ('https://h/x a@b')")
     assert not mail.flags  # classified in full ("://" and "@"), and no user:password@ in it
+    # Round 56: a percent-encoded parameter name, in a URI with no user:password@ ("@") in it.
+    (encoded,) = classifier.classify(
+        "INSERT INTO notes (body) VALUES ('postgres://h/d?pass%77ord=x')"
+    )
+    assert "carries_credential" in encoded.flags
+    (like,) = classifier.classify("INSERT INTO notes (body) VALUES ('50%')")
+    assert not like.flags
+    (code,) = classifier.classify("INSERT INTO notes (body) VALUES ('SELECT hmac(x, ''k'')')")
+    assert "carries_credential" in code.flags
+    (word,) = classifier.classify("INSERT INTO notes (body) VALUES ('encrypted, cryptic')")
+    assert not word.flags

@@ -50,6 +50,35 @@ def test_literals_and_comments_are_taken_out(text: str, expected: str) -> None:
 
 
 @pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("SET app.password = Hunter2x", "SET app.password = '…'"),
+        ('SET LOCAL app.password TO "Hunter2x"', "SET LOCAL app.password TO '…'"),
+        ("SET app.password = admin -- a keyword", "SET app.password = '…'"),
+        (
+            "ALTER ROLE r IN DATABASE d SET app.password TO hunter2x, -5, 1.5e3",
+            "ALTER ROLE r IN DATABASE d SET app.password TO '…', -'…', '…'",
+        ),
+        (
+            "CREATE FUNCTION f() RETURNS int SET app.password = hunter2x LANGUAGE sql AS 'x'",
+            "CREATE FUNCTION f() RETURNS int SET app.password = '…' LANGUAGE sql AS '…'",
+        ),
+        ("SET app.password TO DEFAULT", "SET app.password TO DEFAULT"),  # a reserved word
+        # An UPDATE's SET: names followed by "=" or in an expression stay.
+        (
+            "UPDATE users SET password = crypt('x', gen_salt('bf')), name = n WHERE id = 1",
+            "UPDATE users SET password = crypt('…', gen_salt('…')), name = n WHERE id = 1",
+        ),
+        ("ALTER TABLE users SET (fillfactor = 70)", "ALTER TABLE users SET (fillfactor = 70)"),
+    ],
+)
+def test_a_setting_value_spelled_as_a_name_or_number_is_taken_out(text: str, expected: str) -> None:
+    """Round 56: `SET app.password = Hunter2` is valid SQL, and the value, being no literal,
+    was kept ("Keywords, names and numbers stay as the client spelled them")."""
+    assert without_literals(text, CREDENTIAL_TEXT) == expected
+
+
+@pytest.mark.parametrize(
     "text",
     [
         f"ALTER ROLE bob PASSWORD '{SECRET}",  # unterminated: where the secret ends is unknown

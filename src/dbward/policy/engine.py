@@ -56,6 +56,9 @@ _DENY_SET_CONFIG_ROLE: Final = _deny(
 # (`PASSWORD "hunter2"` is reported as `at or near ""hunter2""`, and pairing the quotes left
 # hunter2 out in the open), so no pairing of them can tell where it ends.
 _QUOTED: Final = re.compile(r"[\"'].*[\"']|[\"'].*", re.DOTALL)
+# One message names SQL without quotes: "improper qualified name (too many dotted names): a.b.c.d"
+# prints the name's parts (quoted identifiers, a mistyped connection string among them) bare.
+_DOTTED_NAMES: Final = re.compile(r"(too many dotted names\)): .*?(?=, at index \d+$|$)", re.DOTALL)
 _UNPRINTABLE: Final = re.compile(r"[^\x20-\x7e]")
 _MAX_SNIPPET: Final = 80
 
@@ -64,7 +67,7 @@ def parser_error_snippet(error: str | None) -> str:
     """A short, printable summary of a parser error without any quoted SQL from the statement."""
     if not error:
         return "unrecognised statement"
-    text = _UNPRINTABLE.sub("?", _QUOTED.sub("<...>", error))
+    text = _UNPRINTABLE.sub("?", _QUOTED.sub("<...>", _DOTTED_NAMES.sub(r"\1: <...>", error)))
     return text if len(text) <= _MAX_SNIPPET else text[: _MAX_SNIPPET - 3] + "..."
 
 

@@ -760,11 +760,37 @@ _MAX_SQL_TEXT_DEPTH: Final = 4
 # A password keyword (password=, sslpassword=, PGPASSWORD ...) or a URI with user:password@.
 # Checked on the statement's whole text: over-matching only withholds more of the text.
 # The parts are what libpq reads as user and password: after "://", up to the first "@" or
-# "/", split at the first ":"; libpq refuses only a space in them, so a quote, a tab or a
-# newline is part of them ("u:it''s@h" in a literal, "u:it's@h" dollar-quoted: the password
-# is it's). The user part excludes ":" and both parts are possessive, so the search stays
-# linear on hostile text (a backtracking "[^/@]*:[^/@]*@" is quadratic on "://a:a:a:...").
-CREDENTIAL_TEXT: Final = re.compile(r"password|://[^ /@:]*+:[^ /@]*+@", re.IGNORECASE)
+# "/", split at the first ":"; a quote, a tab, a newline or a space is part of them ("u:it''s@h"
+# in a literal, "u:it's@h" dollar-quoted: the password is it's; a recent libpq refuses a space, but
+# the libpq of PostgreSQL 15, which its dblink and postgres_fdw use, reads "u:my pw@h").
+# The user part excludes ":" and both parts are possessive, so the search stays linear on
+# hostile text (a backtracking "[^/@]*:[^/@]*@" is quadratic on "://a:a:a:...").
+# libpq percent-decodes a URI's query parameter names too, so "?pass%77ord=pw" (any letter of
+# it encoded, in either case) sets the password as "?password=pw" does.
+_ENCODED_PASSWORD_KEY: Final = (
+    "[?&](?:"
+    + "".join(f"(?:{c}|%{ord(c.upper()):x}|%{ord(c):x})" for c in "ssl")
+    + ")?"
+    + "".join(f"(?:{c}|%{ord(c.upper()):x}|%{ord(c):x})" for c in "password")
+)
+CREDENTIAL_TEXT: Final = re.compile(
+    rf"password|://[^/@:]*+:[^/@]*+@|{_ENCODED_PASSWORD_KEY}", re.IGNORECASE
+)
+# A pgcrypto key function named anywhere in the text, also where no call of it is in the tree:
+# in SQL run elsewhere (dblink_exec's, a PL/pgSQL EXECUTE's built text) or stored in a table.
+_SECRET_FUNCTION_TEXT: Final = re.compile(
+    r"(?<![\w$])(?:"
+    + "|".join(sorted(_SECRET_ARGUMENT_FUNCTIONS, key=len, reverse=True))
+    + r")(?![\w$])",
+    re.IGNORECASE,
+)
+
+
+def names_credential(text: str) -> bool:
+    """Whether `text` may hold a secret: its literals are then withheld from the log."""
+    return CREDENTIAL_TEXT.search(text) is not None or (
+        _SECRET_FUNCTION_TEXT.search(text) is not None
+    )
 
 
 class _Walk:
@@ -1134,7 +1160,7 @@ def _procedural_code(part: str, node_type: str, body: dict[str, Any], out: _Walk
     found = read_plpgsql(part, code)
     if found.error is not None:
         out.flags.add("uninspectable_code")
-        if CREDENTIAL_TEXT.search(code) is not None:
+        if names_credential(code):
             # As for SQL the parser rejects: a mistyped `PASSWORD hunter2` in the body.
             out.flags.add("carries_credential")
         return
@@ -1549,7 +1575,16 @@ class PostgresClassifier:
                 # ("password" in any case, or "://" and "@": a cheap superset of CREDENTIAL_TEXT,
                 # inline as this runs for every statement the template answers; a URL without
                 # a user in it still takes the template.)
-                mentions = ("@" in text and "://" in text) or "password" in text.lower()
+                # A percent-encoded "?pass%77ord=" has a "%" and a "?" or "&"; every pgcrypto
+                # key function's name has "crypt" or "hmac" in it (SQL text in a literal).
+                lowered = text.lower()
+                mentions = (
+                    ("@" in text and "://" in text)
+                    or "password" in lowered
+                    or ("%" in text and ("?" in text or "&" in text))
+                    or "crypt" in lowered
+                    or "hmac" in lowered
+                )
                 if shared is not None and not mentions:
                     self._templates.move_to_end(normalized)
                     # Not remembered by text: such texts rarely repeat (their constants
@@ -1662,7 +1697,7 @@ def _classify_node(
         kind = _WRITE
     if executes and kind is _READ:
         kind = _SESSION
-    if CREDENTIAL_TEXT.search(part) is not None:
+    if names_credential(part):
         # Any text naming a password (a password column compared with a literal, a DSN stored
         # in a table) or holding a URI's user:password@: its literals are withheld from the
         # log. Also where the mention is in a literal only (see PostgresClassifier.classify).
@@ -1944,7 +1979,7 @@ def unparseable_statement(text: str, message: str) -> Statement:
         text=text,
         kind=_UNKNOWN,
         command="UNKNOWN",
-        flags=_PARSE_ERROR_CREDENTIAL_FLAGS if CREDENTIAL_TEXT.search(text) else _PARSE_ERROR_FLAGS,
+        flags=_PARSE_ERROR_CREDENTIAL_FLAGS if names_credential(text) else _PARSE_ERROR_FLAGS,
         error=message,
     )
 
@@ -1983,7 +2018,7 @@ def _too_many_statements(text: str, count: str, limit: int) -> Statement:
         text=text,
         kind=_UNKNOWN,
         command="MULTIPLE",
-        flags=_LIMIT_CREDENTIAL_FLAGS if CREDENTIAL_TEXT.search(text) else _LIMIT_FLAGS,
+        flags=_LIMIT_CREDENTIAL_FLAGS if names_credential(text) else _LIMIT_FLAGS,
         error=f"the query string holds {count} statements; the limit is {limit} per message "
         "(max_statements_per_query); send smaller batches",
     )

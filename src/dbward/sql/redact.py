@@ -41,11 +41,12 @@ def without_literals(
     except (UnicodeError, parser.ParseError):
         return None
     body = _do_body(tokens, text) if code_bodies else None
+    values = _setting_values(tokens)
     out: list[str] = []
     position = 0
     space = ""  # the whitespace since the last token kept
     dropped = False  # a comment was taken out of it
-    for token in tokens:
+    for index, token in enumerate(tokens):
         gap = text[position : token.start]
         # Between tokens the scanner leaves only whitespace; anything else is replaced rather
         # than trusted (the cost of being wrong is a secret in the log).
@@ -64,6 +65,9 @@ def without_literals(
         if out:
             out.append(space)
         space = ""
+        if index in values:
+            out.append(LITERAL_PLACEHOLDER)
+            continue
         if name in _LITERAL_TOKENS:
             if token is body:
                 out.append(_redacted_body(text[token.start : position], credential))
@@ -83,6 +87,57 @@ def without_literals(
     if tail and not tail.isspace():
         out.append(" …")
     return "".join(out).strip()
+
+
+# Tokens a setting's value may be spelled with besides a literal: a name (`SET app.password =
+# Hunter2` sets it to hunter2, `"Hunter2"` to Hunter2), a non-reserved keyword, a number.
+_VALUE_TOKENS: Final = frozenset({"IDENT", "UIDENT", "ICONST", "FCONST"})
+# What may follow a value of a list of them; anything else makes the token part of an
+# expression (`UPDATE t SET password = crypt(…)`, `SET a = b + 1`), which names, not values.
+_AFTER_VALUE: Final = frozenset({"ASCII_44", "ASCII_59", "ASCII_41"})  # , ; )
+
+
+def _setting_values(tokens: list[parser.Token]) -> set[int]:
+    """Indices of the tokens spelling a value after `SET name =` or `SET name TO`, literals aside.
+
+    `SET`, `ALTER ROLE/DATABASE … SET` and a function's `SET` clause take an unquoted name or a
+    number as the value: `SET app.password = Hunter2` is valid SQL, and its value is as secret
+    as a quoted one. A value is a single token followed by a comma, a ";", a ")", a keyword, a
+    name or the end (an UPDATE's column name followed by "=" or an expression is kept).
+    """
+    words = [(i, t) for i, t in enumerate(tokens) if t.name not in _COMMENT_TOKENS]
+    found: set[int] = set()
+    state = 0  # 0: outside, 1: after SET (reading the name), 2: a value expected, 3: after one
+    for position, (index, token) in enumerate(words):
+        name = token.name
+        if name == "SET":
+            state = 1
+        elif state == 1:
+            if name in ("ASCII_61", "TO"):
+                state = 2
+            elif name not in ("IDENT", "ASCII_46") and token.kind == "NO_KEYWORD":
+                state = 0
+        elif state == 3:
+            state = 2 if name == "ASCII_44" else 0  # a list goes on after a comma
+        elif state == 2:
+            if name in ("ASCII_43", "ASCII_45"):  # a sign before a number
+                continue
+            following = words[position + 1][1] if position + 1 < len(words) else None
+            ends = (
+                following is None
+                or following.name in _AFTER_VALUE
+                or following.kind != "NO_KEYWORD"
+                or following.name in ("IDENT", "UIDENT")
+            )
+            is_value = name in _VALUE_TOKENS or token.kind in (
+                "UNRESERVED_KEYWORD",
+                "COL_NAME_KEYWORD",
+                "TYPE_FUNC_NAME_KEYWORD",
+            )
+            if ends and is_value:
+                found.add(index)
+            state = 3 if ends else 0
+    return found
 
 
 def _do_body(tokens: list[parser.Token], text: str) -> parser.Token | None:
