@@ -1136,3 +1136,18 @@ def test_a_literal_mentioning_a_password_is_not_shared_through_the_template_cach
     assert "carries_credential" in code.flags
     (word,) = classifier.classify("INSERT INTO notes (body) VALUES ('encrypted, cryptic')")
     assert not word.flags
+
+
+def test_text_that_only_looks_like_it_may_hold_a_secret_still_takes_the_template() -> None:
+    """The template cache's cheap test ("crypt", "password", "%" with "?" ...) only decides
+    whether to run the precise one: a column named encrypted_at must not cost a parse each time."""
+    classifier = PostgresClassifier()
+    classifier.classify("SELECT id FROM t WHERE encrypted_at > 1")
+    classifier.classify("SELECT id FROM t WHERE encrypted_at > 2")  # the template is made
+    parses = []
+    real = classifier._classify
+    classifier._classify = lambda text: parses.append(text) or real(text)  # type: ignore[method-assign]
+    (statement,) = classifier.classify("SELECT id FROM t WHERE encrypted_at > 3")
+    assert parses == [] and not statement.flags and statement.tables == ("t",)
+    (keyed,) = classifier.classify("SELECT id FROM t WHERE encrypted_at > length(crypt('p', 'x'))")
+    assert "carries_credential" in keyed.flags

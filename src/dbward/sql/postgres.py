@@ -1585,7 +1585,9 @@ class PostgresClassifier:
                     or "crypt" in lowered
                     or "hmac" in lowered
                 )
-                if shared is not None and not mentions:
+                # The cheap test only decides whether to run the precise one: a column named
+                # "encrypted_at" or a "?a=1&b=2%20c" must not cost a full parse every time.
+                if shared is not None and not (mentions and names_credential(text)):
                     self._templates.move_to_end(normalized)
                     # Not remembered by text: such texts rarely repeat (their constants
                     # change), and thousands of one-off entries cycling through the LRU cost
