@@ -1297,10 +1297,8 @@ class PgSession(asyncio.Protocol):
             return  # the connection to PostgreSQL is closing: nothing more is read or run
         out: list[bytes | bytearray] = []
         in_place = False  # `out` holds a large message as the framer gathered it
-        count = len(frames)
-        i = 0
-        while i < count:
-            msg_type, payload, raw = frames[i]
+        i = 0  # the index of the frame after this one (the list is not changed meanwhile)
+        for msg_type, payload, raw in frames:
             i += 1
             if self._discard_until_sync:
                 if msg_type == _S:
@@ -1369,7 +1367,7 @@ class PgSession(asyncio.Protocol):
                 if type(payload) is memoryview:
                     # A large message kept where the framer gathered it: copy only what is read.
                     in_place = True
-                    payload = self._large_body(msg_type, payload, raw)
+                    payload = self._large_body(msg_type, payload, raw)  # noqa: PLW2901
                 if (
                     len(payload) >= OFFLOAD_CODE_MIN_BYTES
                     and msg_type in (_Q, _P)
@@ -1789,19 +1787,20 @@ class PgSession(asyncio.Protocol):
         up meaning either definition; DEALLOCATE/DISCARD wait for every such name.
         """
         pending = self._pending_statements
-        waits: list[_Definition] = []
+        waits: list[_Definition] | None = None  # built only when something waits (rarely)
         for statement in statements:
             name = statement.prepared_name
             if name is not None:
                 entry = pending.get(name)
                 if entry is not None and entry.sync_mark != self._syncs:
-                    waits.append(entry)
+                    waits = [entry] if waits is None else [*waits, entry]
             elif statement.command.startswith(("DEALLOCATE", "DISCARD")):
-                waits.extend(d for d in pending.values() if d.sync_mark != self._syncs)
+                found = [d for d in pending.values() if d.sync_mark != self._syncs]
+                waits = found if waits is None else [*waits, *found]
             if statement.cursor_name is not None:
                 cursor = self._pending_portals.get(statement.cursor_name)
                 if cursor is not None and cursor.sync_mark != self._syncs:
-                    waits.append(cursor)
+                    waits = [cursor] if waits is None else [*waits, cursor]
         return _Await(definitions=tuple(waits)) if waits else None
 
     def _may_be_unsettled(self) -> bool:
@@ -2212,7 +2211,7 @@ class PgSession(asyncio.Protocol):
             # PostgreSQL skips to Sync after an error; so do we, forwarding nothing more.
             self._discard_until_sync = True
             return None
-        op = _Op(_OP_EXECUTE, tracked, max_rows=max_rows, sources=sources)
+        op = _Op(_OP_EXECUTE, tracked, None, max_rows, sources)
         op.data_type = _DATA_ROW  # its rows come with no RowDescription (its Describe's did)
         if resumed:
             for item in tracked:
