@@ -341,12 +341,11 @@ class _Definition:
         "sync_mark",
     )
 
-    def __init__(
+    def __init__(  # noqa: PLR0917 (positional: called per Parse, Bind and Close)
         self,
         name: str,
         meaning: tuple[Statement, ...] | _Portal | None,
         previous: tuple[Statement, ...] | _Portal | None,
-        *,
         portal: bool,
         sync_mark: int,
         drops_on_failure: bool,
@@ -1750,24 +1749,13 @@ class PgSession(asyncio.Protocol):
                 portals.pop(name, None)
             else:
                 portals[name] = made
-            definition = _Definition(
-                name,
-                made,
-                previous,
-                portal=True,
-                sync_mark=self._syncs,
-                drops_on_failure=drops_on_failure,
-            )
+            # Positional: a class called with keywords builds a dict of them per call.
+            definition = _Definition(name, made, previous, True, self._syncs, drops_on_failure)
             pending = self._pending_portals
         else:
             table = self._prepared
             definition = _Definition(
-                name,
-                meaning,
-                table.get(name),
-                portal=False,
-                sync_mark=self._syncs,
-                drops_on_failure=drops_on_failure,
+                name, meaning, table.get(name), False, self._syncs, drops_on_failure
             )
             if meaning is None:
                 table.pop(name, None)
