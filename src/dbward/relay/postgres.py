@@ -530,6 +530,8 @@ _PROBE: Final = messages.sync() + messages.close_message("P", _PROBE_PORTAL) + m
 _READY_STATUSES: Final = frozenset((b"I", b"T", b"E"))
 
 
+_new_tuple: Final = tuple.__new__  # builds a NamedTuple from a tuple of all its fields
+
 # Replies that carry no statement: one shared, never-mutated op each (no allocation per message).
 _DESCRIBE_OP = _Op(_OP_DESCRIBE)
 _CLOSE_OP = _Op(_OP_CLOSE)
@@ -1904,7 +1906,9 @@ class PgSession(asyncio.Protocol):
             stmt_path = path
             if "copy_from_stdin" in statement.flags or "copy_to_stdout" in statement.flags:
                 stmt_path = ProtocolPath.COPY
-            decision = decide(PolicyRequest(context, statement, stmt_path, now))
+            # tuple.__new__: what the NamedTuple's own __new__ does, less its Python frame.
+            request = _new_tuple(PolicyRequest, (context, statement, stmt_path, now))
+            decision = decide(request)
             if denial is None and not decision.allowed:
                 denial = decision
             decided.append((statement, decision, stmt_path))
@@ -3615,30 +3619,35 @@ class PgSession(asyncio.Protocol):
             # dbward's the name of a portal it never saw: kept to their start, as sql_text is.
             error = statement.error
             detail = capped(error, QUOTED_ERROR_MAX) if error else ""
-        return AuditRecord(
-            AuditEvent.STATEMENT,
-            int(self.services.clock() * 1000),
-            self.session_id,
-            identity.name if identity is not None else self._claimed_user,
-            self.client_addr,
-            self._application_name,
-            self.services.settings.name,
-            self._database,
-            _TEXT[path],
-            sid,
-            sql_text,
-            sql_sha256,
-            _TEXT[statement.kind],
-            statement.command,
-            statement.tables,
-            _TEXT[decision.verdict],
-            decision.reason,
-            decision.rule,
-            "",  # status
-            "",  # sqlstate
-            None,  # rows
-            None,  # duration_ms
-            detail,
+        # Every field, seq too: tuple.__new__ skips the NamedTuple's __new__ (and its defaults).
+        return _new_tuple(
+            AuditRecord,
+            (
+                AuditEvent.STATEMENT,
+                int(self.services.clock() * 1000),
+                self.session_id,
+                identity.name if identity is not None else self._claimed_user,
+                self.client_addr,
+                self._application_name,
+                self.services.settings.name,
+                self._database,
+                _TEXT[path],
+                sid,
+                sql_text,
+                sql_sha256,
+                _TEXT[statement.kind],
+                statement.command,
+                statement.tables,
+                _TEXT[decision.verdict],
+                decision.reason,
+                decision.rule,
+                "",  # status
+                "",  # sqlstate
+                None,  # rows
+                None,  # duration_ms
+                detail,
+                None,  # seq: the audit store's
+            ),
         )
 
     def _record_outcome(
