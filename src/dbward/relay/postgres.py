@@ -113,6 +113,12 @@ _NAME_CODEC = "latin-1"
 _NAME_MAX: Final = 63
 _NAME_TOO_LONG: Final = frozenset({"name_too_long"})
 _NAME_NOT_ASCII: Final = frozenset({"name_not_ascii"})
+# Bodies libpq sends in every PQexecParams (pgbench -M extended), read without a parser call:
+# an Execute of the unnamed portal with no row limit, a Describe of the unnamed portal; a Bind
+# of the unnamed statement into the unnamed portal starts with two NULs.
+_EXECUTE_UNNAMED: Final = b"\x00\x00\x00\x00\x00"
+_DESCRIBE_UNNAMED_PORTAL: Final = b"P\x00"
+_BIND_UNNAMED: Final = b"\x00\x00"
 
 _PRE_AUTH_MAX_MESSAGE = 65536
 
@@ -1602,15 +1608,18 @@ class PgSession(asyncio.Protocol):
             out.append(raw)
             return None
         if msg_type == _B:
-            portal_name, statement_name = messages.bind_names(payload, _NAME_CODEC)
-            if (portal_name or statement_name) and (  # both unnamed: nothing to check
-                len(portal_name) > _NAME_MAX
-                or len(statement_name) > _NAME_MAX
-                or not portal_name.isascii()
-                or not statement_name.isascii()
-            ):
-                self._refuse_bind_names(portal_name, statement_name, out)
-                return None
+            if payload.startswith(_BIND_UNNAMED):  # both unnamed: nothing to split or check
+                portal_name = statement_name = ""
+            else:
+                portal_name, statement_name = messages.bind_names(payload, _NAME_CODEC)
+                if (portal_name or statement_name) and (
+                    len(portal_name) > _NAME_MAX
+                    or len(statement_name) > _NAME_MAX
+                    or not portal_name.isascii()
+                    or not statement_name.isascii()
+                ):
+                    self._refuse_bind_names(portal_name, statement_name, out)
+                    return None
             pending = self._pending_statements.get(statement_name)
             if pending is not None and pending.sync_mark != self._syncs:
                 # Prepared in an earlier sync group that PostgreSQL has not answered: if that
@@ -1636,12 +1645,15 @@ class PgSession(asyncio.Protocol):
             out.append(raw)
             return None
         if msg_type == _E:
-            portal_name, max_rows = messages.execute_parts(payload)
-            if portal_name and (len(portal_name) > _NAME_MAX or not portal_name.isascii()):
-                self._refuse_name(
-                    (_misnamed("portal", portal_name, _name_flags(portal_name)),), out
-                )
-                return None
+            if payload == _EXECUTE_UNNAMED:
+                portal_name, max_rows = "", 0
+            else:
+                portal_name, max_rows = messages.execute_parts(payload)
+                if portal_name and (len(portal_name) > _NAME_MAX or not portal_name.isascii()):
+                    self._refuse_name(
+                        (_misnamed("portal", portal_name, _name_flags(portal_name)),), out
+                    )
+                    return None
             bound = self._pending_portals.get(portal_name)
             if bound is not None and bound.sync_mark != self._syncs:
                 return _Await(definitions=(bound,))  # bound in an earlier, unanswered group
@@ -1687,7 +1699,8 @@ class PgSession(asyncio.Protocol):
             out.append(raw)
             return None
         if msg_type == _D:
-            messages.check_describe(payload)
+            if payload != _DESCRIBE_UNNAMED_PORTAL:
+                messages.check_describe(payload)
             # Kind, name, NUL: an unnamed one (two bytes) has nothing to check.
             if len(payload) > 2 and (len(payload) > _NAME_MAX + 2 or not payload.isascii()):
                 name = payload[1:-1].decode(_NAME_CODEC)
