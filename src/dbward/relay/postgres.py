@@ -464,6 +464,9 @@ _RUNS_CODE: Final = frozenset({"DO", "CALL"})
 _ENDS_PORTALS_IN_STRING: Final = frozenset(
     {"COMMIT", "ROLLBACK", "ROLLBACK TO SAVEPOINT", "PREPARE TRANSACTION"}
 )
+# Commands that, with no flags and no statement or cursor name, need none of _decide_all's
+# checks of names, cursors and transaction ends (none of them is in the sets above).
+_PLAIN_COMMANDS: Final = frozenset({"SELECT", "INSERT", "UPDATE", "DELETE"})
 
 
 def _ends_portals(statements: tuple[Statement, ...]) -> bool:
@@ -1887,6 +1890,18 @@ class PgSession(asyncio.Protocol):
         code: str | None = None  # a DO or CALL of the string: it may replace any cursor
         held: set[str] | None = None  # cursors of the string a COMMIT in it kept (WITH HOLD)
         for classified in statements:
+            if (
+                not classified.flags
+                and classified.command in _PLAIN_COMMANDS
+                and classified.prepared_name is None
+                and classified.cursor_name is None
+            ):
+                # Most statements: decided as they are, on `path` (what follows, inline).
+                decision = decide(_new_tuple(PolicyRequest, (context, classified, path, now)))
+                if denial is None and not decision.allowed:
+                    denial = decision
+                decided.append((classified, decision, path))
+                continue
             statement = classified
             if classified.prepared_name is not None or classified.command.startswith(
                 ("DEALLOCATE", "DISCARD")
