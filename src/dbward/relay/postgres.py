@@ -3729,34 +3729,40 @@ class PgSession(asyncio.Protocol):
                 # a backlog that filled up meanwhile cannot lose it (nor the statement's trace).
                 fields = (status, sqlstate, rows, duration_ms)
                 after = intent[_OUTCOME_FIELDS + len(fields) :]
-                held.record = AuditRecord._make((*intent[:_OUTCOME_FIELDS], *fields, *after))
+                # All of the intent's fields, four replaced: tuple.__new__ as _make, less its frame.
+                held.record = _new_tuple(AuditRecord, (*intent[:_OUTCOME_FIELDS], *fields, *after))
                 self.services.audit.release(held)
                 return
         identity = self.identity
         statement = tracked.statement
-        record = AuditRecord(
-            AuditEvent.OUTCOME,
-            int(self.services.clock() * 1000),
-            self.session_id,
-            identity.name if identity is not None else self._claimed_user,
-            "",  # client_addr: on the intent record
-            "",  # application_name: on the intent record
-            self.services.settings.name,
-            self._database,
-            _TEXT[tracked.path],
-            tracked.sid,
-            "",  # sql_text: on the intent record
-            "",  # sql_sha256
-            _TEXT[statement.kind],
-            statement.command,
-            (),  # tables: on the intent record
-            "",  # decision: on the intent record
-            "",  # reason
-            "",  # rule
-            status,
-            sqlstate,
-            rows,
-            duration_ms,
+        record = _new_tuple(  # every field (see _statement_record)
+            AuditRecord,
+            (
+                AuditEvent.OUTCOME,
+                int(self.services.clock() * 1000),
+                self.session_id,
+                identity.name if identity is not None else self._claimed_user,
+                "",  # client_addr: on the intent record
+                "",  # application_name: on the intent record
+                self.services.settings.name,
+                self._database,
+                _TEXT[tracked.path],
+                tracked.sid,
+                "",  # sql_text: on the intent record
+                "",  # sql_sha256
+                _TEXT[statement.kind],
+                statement.command,
+                (),  # tables: on the intent record
+                "",  # decision: on the intent record
+                "",  # reason
+                "",  # rule
+                status,
+                sqlstate,
+                rows,
+                duration_ms,
+                "",  # detail: on the intent record
+                None,  # seq: the audit store's
+            ),
         )
         self._append(record)
 
