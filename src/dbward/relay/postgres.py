@@ -113,6 +113,12 @@ _NAME_CODEC = "latin-1"
 _NAME_MAX: Final = 63
 _NAME_TOO_LONG: Final = frozenset({"name_too_long"})
 _NAME_NOT_ASCII: Final = frozenset({"name_not_ascii"})
+# Bodies libpq sends in every PQexecParams (pgbench -M extended), read without a parser call:
+# an Execute of the unnamed portal with no row limit, a Describe of the unnamed portal; a Bind
+# of the unnamed statement into the unnamed portal starts with two NULs.
+_EXECUTE_UNNAMED: Final = b"\x00\x00\x00\x00\x00"
+_DESCRIBE_UNNAMED_PORTAL: Final = b"P\x00"
+_BIND_UNNAMED: Final = b"\x00\x00"
 
 _PRE_AUTH_MAX_MESSAGE = 65536
 
@@ -341,12 +347,11 @@ class _Definition:
         "sync_mark",
     )
 
-    def __init__(
+    def __init__(  # noqa: PLR0917 (positional: called per Parse, Bind and Close)
         self,
         name: str,
         meaning: tuple[Statement, ...] | _Portal | None,
         previous: tuple[Statement, ...] | _Portal | None,
-        *,
         portal: bool,
         sync_mark: int,
         drops_on_failure: bool,
@@ -459,6 +464,9 @@ _RUNS_CODE: Final = frozenset({"DO", "CALL"})
 _ENDS_PORTALS_IN_STRING: Final = frozenset(
     {"COMMIT", "ROLLBACK", "ROLLBACK TO SAVEPOINT", "PREPARE TRANSACTION"}
 )
+# Commands that, with no flags and no statement or cursor name, need none of _decide_all's
+# checks of names, cursors and transaction ends (none of them is in the sets above).
+_PLAIN_COMMANDS: Final = frozenset({"SELECT", "INSERT", "UPDATE", "DELETE"})
 
 
 def _ends_portals(statements: tuple[Statement, ...]) -> bool:
@@ -530,6 +538,8 @@ _PROBE_PORTAL: Final = f"dbward: copy sync probe {secrets.token_hex(8)}"
 _PROBE: Final = messages.sync() + messages.close_message("P", _PROBE_PORTAL) + messages.sync()
 _READY_STATUSES: Final = frozenset((b"I", b"T", b"E"))
 
+
+_new_tuple: Final = tuple.__new__  # builds a NamedTuple from a tuple of all its fields
 
 # Replies that carry no statement: one shared, never-mutated op each (no allocation per message).
 _DESCRIBE_OP = _Op(_OP_DESCRIBE)
@@ -1297,10 +1307,10 @@ class PgSession(asyncio.Protocol):
             return  # the connection to PostgreSQL is closing: nothing more is read or run
         out: list[bytes | bytearray] = []
         in_place = False  # `out` holds a large message as the framer gathered it
-        count = len(frames)
-        i = 0
-        while i < count:
-            msg_type, payload, raw = frames[i]
+        # Bound once: PgSession's many attributes keep `self.method` from being specialized.
+        handle = self._handle_message
+        i = 0  # the index of the frame after this one (the list is not changed meanwhile)
+        for msg_type, payload, raw in frames:
             i += 1
             if self._discard_until_sync:
                 if msg_type == _S:
@@ -1369,7 +1379,7 @@ class PgSession(asyncio.Protocol):
                 if type(payload) is memoryview:
                     # A large message kept where the framer gathered it: copy only what is read.
                     in_place = True
-                    payload = self._large_body(msg_type, payload, raw)
+                    payload = self._large_body(msg_type, payload, raw)  # noqa: PLW2901
                 if (
                     len(payload) >= OFFLOAD_CODE_MIN_BYTES
                     and msg_type in (_Q, _P)
@@ -1379,7 +1389,7 @@ class PgSession(asyncio.Protocol):
                     if text is not None:
                         self._hold_for_classification(text, frames, i - 1, out)
                         return
-                barrier = self._handle_message(msg_type, payload, raw, out)
+                barrier = handle(msg_type, payload, raw, out)
             except ProtocolError as exc:
                 if out:
                     _write_all(upstream.transport, out)
@@ -1603,15 +1613,18 @@ class PgSession(asyncio.Protocol):
             out.append(raw)
             return None
         if msg_type == _B:
-            portal_name, statement_name = messages.bind_names(payload, _NAME_CODEC)
-            if (portal_name or statement_name) and (  # both unnamed: nothing to check
-                len(portal_name) > _NAME_MAX
-                or len(statement_name) > _NAME_MAX
-                or not portal_name.isascii()
-                or not statement_name.isascii()
-            ):
-                self._refuse_bind_names(portal_name, statement_name, out)
-                return None
+            if payload.startswith(_BIND_UNNAMED):  # both unnamed: nothing to split or check
+                portal_name = statement_name = ""
+            else:
+                portal_name, statement_name = messages.bind_names(payload, _NAME_CODEC)
+                if (portal_name or statement_name) and (
+                    len(portal_name) > _NAME_MAX
+                    or len(statement_name) > _NAME_MAX
+                    or not portal_name.isascii()
+                    or not statement_name.isascii()
+                ):
+                    self._refuse_bind_names(portal_name, statement_name, out)
+                    return None
             pending = self._pending_statements.get(statement_name)
             if pending is not None and pending.sync_mark != self._syncs:
                 # Prepared in an earlier sync group that PostgreSQL has not answered: if that
@@ -1637,12 +1650,15 @@ class PgSession(asyncio.Protocol):
             out.append(raw)
             return None
         if msg_type == _E:
-            portal_name, max_rows = messages.execute_parts(payload)
-            if portal_name and (len(portal_name) > _NAME_MAX or not portal_name.isascii()):
-                self._refuse_name(
-                    (_misnamed("portal", portal_name, _name_flags(portal_name)),), out
-                )
-                return None
+            if payload == _EXECUTE_UNNAMED:
+                portal_name, max_rows = "", 0
+            else:
+                portal_name, max_rows = messages.execute_parts(payload)
+                if portal_name and (len(portal_name) > _NAME_MAX or not portal_name.isascii()):
+                    self._refuse_name(
+                        (_misnamed("portal", portal_name, _name_flags(portal_name)),), out
+                    )
+                    return None
             bound = self._pending_portals.get(portal_name)
             if bound is not None and bound.sync_mark != self._syncs:
                 return _Await(definitions=(bound,))  # bound in an earlier, unanswered group
@@ -1688,7 +1704,8 @@ class PgSession(asyncio.Protocol):
             out.append(raw)
             return None
         if msg_type == _D:
-            messages.check_describe(payload)
+            if payload != _DESCRIBE_UNNAMED_PORTAL:
+                messages.check_describe(payload)
             # Kind, name, NUL: an unnamed one (two bytes) has nothing to check.
             if len(payload) > 2 and (len(payload) > _NAME_MAX + 2 or not payload.isascii()):
                 name = payload[1:-1].decode(_NAME_CODEC)
@@ -1752,24 +1769,13 @@ class PgSession(asyncio.Protocol):
                 portals.pop(name, None)
             else:
                 portals[name] = made
-            definition = _Definition(
-                name,
-                made,
-                previous,
-                portal=True,
-                sync_mark=self._syncs,
-                drops_on_failure=drops_on_failure,
-            )
+            # Positional: a class called with keywords builds a dict of them per call.
+            definition = _Definition(name, made, previous, True, self._syncs, drops_on_failure)
             pending = self._pending_portals
         else:
             table = self._prepared
             definition = _Definition(
-                name,
-                meaning,
-                table.get(name),
-                portal=False,
-                sync_mark=self._syncs,
-                drops_on_failure=drops_on_failure,
+                name, meaning, table.get(name), False, self._syncs, drops_on_failure
             )
             if meaning is None:
                 table.pop(name, None)
@@ -1789,19 +1795,20 @@ class PgSession(asyncio.Protocol):
         up meaning either definition; DEALLOCATE/DISCARD wait for every such name.
         """
         pending = self._pending_statements
-        waits: list[_Definition] = []
+        waits: list[_Definition] | None = None  # built only when something waits (rarely)
         for statement in statements:
             name = statement.prepared_name
             if name is not None:
                 entry = pending.get(name)
                 if entry is not None and entry.sync_mark != self._syncs:
-                    waits.append(entry)
+                    waits = [entry] if waits is None else [*waits, entry]
             elif statement.command.startswith(("DEALLOCATE", "DISCARD")):
-                waits.extend(d for d in pending.values() if d.sync_mark != self._syncs)
+                found = [d for d in pending.values() if d.sync_mark != self._syncs]
+                waits = found if waits is None else [*waits, *found]
             if statement.cursor_name is not None:
                 cursor = self._pending_portals.get(statement.cursor_name)
                 if cursor is not None and cursor.sync_mark != self._syncs:
-                    waits.append(cursor)
+                    waits = [cursor] if waits is None else [*waits, cursor]
         return _Await(definitions=tuple(waits)) if waits else None
 
     def _may_be_unsettled(self) -> bool:
@@ -1818,7 +1825,9 @@ class PgSession(asyncio.Protocol):
         until everything is answered and reported, or is refused when no Sync is in flight to
         bring that report (a pipeline that has not synced yet).
         """
-        if (not self._ops and not self._ran_since_ready) or (sql.isascii() and b"\\" not in sql):
+        # find, not `in`: bytes.__contains__ first tries its argument as an integer, and
+        # formats (then drops) a TypeError for a bytes one: ~40 ns more per Query or Parse.
+        if (not self._ops and not self._ran_since_ready) or (sql.isascii() and sql.find(b"\\") < 0):
             if not self._conforming_strings and not _TURNS_ON_CONFORMING.match(sql):
                 # Every statement, not only those with a backslash: a function body or a SQL
                 # text run later is read by PostgreSQL with the setting in force then.
@@ -1885,6 +1894,18 @@ class PgSession(asyncio.Protocol):
         code: str | None = None  # a DO or CALL of the string: it may replace any cursor
         held: set[str] | None = None  # cursors of the string a COMMIT in it kept (WITH HOLD)
         for classified in statements:
+            if (
+                not classified.flags
+                and classified.command in _PLAIN_COMMANDS
+                and classified.prepared_name is None
+                and classified.cursor_name is None
+            ):
+                # Most statements: decided as they are, on `path` (what follows, inline).
+                decision = decide(_new_tuple(PolicyRequest, (context, classified, path, now)))
+                if denial is None and not decision.allowed:
+                    denial = decision
+                decided.append((classified, decision, path))
+                continue
             statement = classified
             if classified.prepared_name is not None or classified.command.startswith(
                 ("DEALLOCATE", "DISCARD")
@@ -1917,7 +1938,9 @@ class PgSession(asyncio.Protocol):
             stmt_path = path
             if "copy_from_stdin" in statement.flags or "copy_to_stdout" in statement.flags:
                 stmt_path = ProtocolPath.COPY
-            decision = decide(PolicyRequest(context, statement, stmt_path, now))
+            # tuple.__new__: what the NamedTuple's own __new__ does, less its Python frame.
+            request = _new_tuple(PolicyRequest, (context, statement, stmt_path, now))
+            decision = decide(request)
             if denial is None and not decision.allowed:
                 denial = decision
             decided.append((statement, decision, stmt_path))
@@ -2212,7 +2235,7 @@ class PgSession(asyncio.Protocol):
             # PostgreSQL skips to Sync after an error; so do we, forwarding nothing more.
             self._discard_until_sync = True
             return None
-        op = _Op(_OP_EXECUTE, tracked, max_rows=max_rows, sources=sources)
+        op = _Op(_OP_EXECUTE, tracked, None, max_rows, sources)
         op.data_type = _DATA_ROW  # its rows come with no RowDescription (its Describe's did)
         if resumed:
             for item in tracked:
@@ -2666,6 +2689,7 @@ class PgSession(asyncio.Protocol):
         pieces: list[bytes] | None = None
         position = 0
         ops = self._ops
+        on_message = self._on_backend_message  # bound once (see _process_frames)
         for msg_type, start, end, payload in events:
             # Other replies pay one test (a constant set); these come once per result set.
             if msg_type in {0x44, 0x54, 0x64}:
@@ -2680,7 +2704,7 @@ class PgSession(asyncio.Protocol):
                         op.data_type = 0x44  # a statement of the Query returns rows: they follow
                         continue
             try:
-                replacement = self._on_backend_message(msg_type, payload)
+                replacement = on_message(msg_type, payload)
             except ProtocolError as exc:
                 # A malformed body (ErrorResponse, ParameterStatus, ...): neither it nor the
                 # rest of this feed reaches the client; whatever came before it does.
@@ -3628,30 +3652,35 @@ class PgSession(asyncio.Protocol):
             # dbward's the name of a portal it never saw: kept to their start, as sql_text is.
             error = statement.error
             detail = capped(error, QUOTED_ERROR_MAX) if error else ""
-        return AuditRecord(
-            AuditEvent.STATEMENT,
-            int(self.services.clock() * 1000),
-            self.session_id,
-            identity.name if identity is not None else self._claimed_user,
-            self.client_addr,
-            self._application_name,
-            self.services.settings.name,
-            self._database,
-            _TEXT[path],
-            sid,
-            sql_text,
-            sql_sha256,
-            _TEXT[statement.kind],
-            statement.command,
-            statement.tables,
-            _TEXT[decision.verdict],
-            decision.reason,
-            decision.rule,
-            "",  # status
-            "",  # sqlstate
-            None,  # rows
-            None,  # duration_ms
-            detail,
+        # Every field, seq too: tuple.__new__ skips the NamedTuple's __new__ (and its defaults).
+        return _new_tuple(
+            AuditRecord,
+            (
+                AuditEvent.STATEMENT,
+                int(self.services.clock() * 1000),
+                self.session_id,
+                identity.name if identity is not None else self._claimed_user,
+                self.client_addr,
+                self._application_name,
+                self.services.settings.name,
+                self._database,
+                _TEXT[path],
+                sid,
+                sql_text,
+                sql_sha256,
+                _TEXT[statement.kind],
+                statement.command,
+                statement.tables,
+                _TEXT[decision.verdict],
+                decision.reason,
+                decision.rule,
+                "",  # status
+                "",  # sqlstate
+                None,  # rows
+                None,  # duration_ms
+                detail,
+                None,  # seq: the audit store's
+            ),
         )
 
     def _record_outcome(
@@ -3702,34 +3731,40 @@ class PgSession(asyncio.Protocol):
                 # a backlog that filled up meanwhile cannot lose it (nor the statement's trace).
                 fields = (status, sqlstate, rows, duration_ms)
                 after = intent[_OUTCOME_FIELDS + len(fields) :]
-                held.record = AuditRecord._make((*intent[:_OUTCOME_FIELDS], *fields, *after))
+                # All of the intent's fields, four replaced: tuple.__new__ as _make, less its frame.
+                held.record = _new_tuple(AuditRecord, (*intent[:_OUTCOME_FIELDS], *fields, *after))
                 self.services.audit.release(held)
                 return
         identity = self.identity
         statement = tracked.statement
-        record = AuditRecord(
-            AuditEvent.OUTCOME,
-            int(self.services.clock() * 1000),
-            self.session_id,
-            identity.name if identity is not None else self._claimed_user,
-            "",  # client_addr: on the intent record
-            "",  # application_name: on the intent record
-            self.services.settings.name,
-            self._database,
-            _TEXT[tracked.path],
-            tracked.sid,
-            "",  # sql_text: on the intent record
-            "",  # sql_sha256
-            _TEXT[statement.kind],
-            statement.command,
-            (),  # tables: on the intent record
-            "",  # decision: on the intent record
-            "",  # reason
-            "",  # rule
-            status,
-            sqlstate,
-            rows,
-            duration_ms,
+        record = _new_tuple(  # every field (see _statement_record)
+            AuditRecord,
+            (
+                AuditEvent.OUTCOME,
+                int(self.services.clock() * 1000),
+                self.session_id,
+                identity.name if identity is not None else self._claimed_user,
+                "",  # client_addr: on the intent record
+                "",  # application_name: on the intent record
+                self.services.settings.name,
+                self._database,
+                _TEXT[tracked.path],
+                tracked.sid,
+                "",  # sql_text: on the intent record
+                "",  # sql_sha256
+                _TEXT[statement.kind],
+                statement.command,
+                (),  # tables: on the intent record
+                "",  # decision: on the intent record
+                "",  # reason
+                "",  # rule
+                status,
+                sqlstate,
+                rows,
+                duration_ms,
+                "",  # detail: on the intent record
+                None,  # seq: the audit store's
+            ),
         )
         self._append(record)
 
