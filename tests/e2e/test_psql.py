@@ -17,6 +17,13 @@ from fixtures.postgres import PgServer
 from fixtures.proxy import Proxy
 
 
+def assert_not_in_audit_files(proxy: Proxy, secret: str) -> None:
+    """The secret is nowhere in the audit database, its WAL included."""
+    assert secret.encode() not in proxy.audit_path.read_bytes()
+    wal = proxy.audit_path.with_name(proxy.audit_path.name + "-wal")
+    assert not wal.exists() or secret.encode() not in wal.read_bytes()
+
+
 def test_psql_queries_are_relayed_and_audited(proxy: Proxy) -> None:
     app = app_name("psql")
     result = run_psql(
@@ -136,9 +143,7 @@ def test_password_in_sql_never_reaches_the_audit_log(proxy: Proxy) -> None:
         " (literals withheld: it sets a password)"
     )
     assert intent.sql_sha256 == ""
-    assert secret.encode() not in proxy.audit_path.read_bytes()
-    wal = proxy.audit_path.with_name(proxy.audit_path.name + "-wal")
-    assert not wal.exists() or secret.encode() not in wal.read_bytes()
+    assert_not_in_audit_files(proxy, secret)
 
 
 def test_a_do_block_setting_a_password_is_logged_as_code_without_the_password(
@@ -169,9 +174,7 @@ def test_a_do_block_setting_a_password_is_logged_as_code_without_the_password(
         "  DELETE FROM no_such_sessions;\n"
         "END $$ (literals withheld: it sets a password)"
     )
-    assert secret.encode() not in proxy.audit_path.read_bytes()
-    wal = proxy.audit_path.with_name(proxy.audit_path.name + "-wal")
-    assert not wal.exists() or secret.encode() not in wal.read_bytes()
+    assert_not_in_audit_files(proxy, secret)
 
 
 def test_passwords_and_keys_in_ordinary_statements_never_reach_the_audit_log(
@@ -205,9 +208,7 @@ def test_passwords_and_keys_in_ordinary_statements_never_reach_the_audit_log(
             "",
         ),
     ]
-    assert secret.encode() not in proxy.audit_path.read_bytes()
-    wal = proxy.audit_path.with_name(proxy.audit_path.name + "-wal")
-    assert not wal.exists() or secret.encode() not in wal.read_bytes()
+    assert_not_in_audit_files(proxy, secret)
 
 
 def test_connection_strings_with_passwords_never_reach_the_audit_log(proxy: Proxy) -> None:
@@ -255,9 +256,7 @@ def test_connection_strings_with_passwords_never_reach_the_audit_log(proxy: Prox
     assert denied.decision == "deny" and denied.rule == "guard.unparseable"
     assert denied.detail.startswith("unterminated quoted string at or near <...>")
     assert statements(records)[5].sql_text == sql[5]
-    assert secret.encode() not in proxy.audit_path.read_bytes()
-    wal = proxy.audit_path.with_name(proxy.audit_path.name + "-wal")
-    assert not wal.exists() or secret.encode() not in wal.read_bytes()
+    assert_not_in_audit_files(proxy, secret)
 
 
 def test_connection_strings_spelled_as_libpq_reads_them_never_reach_the_audit_log(
@@ -284,9 +283,7 @@ def test_connection_strings_spelled_as_libpq_reads_them_never_reach_the_audit_lo
         ("EXPLAIN EXECUTE conn_check('…') (literals withheld: it contains a credential)", ""),
     ]
     assert outcome_of(records, statements(records)[3]).status == "ok"
-    assert secret.encode() not in proxy.audit_path.read_bytes()
-    wal = proxy.audit_path.with_name(proxy.audit_path.name + "-wal")
-    assert not wal.exists() or secret.encode() not in wal.read_bytes()
+    assert_not_in_audit_files(proxy, secret)
 
 
 def test_a_password_mistyped_in_double_quotes_never_reaches_the_audit_log(proxy: Proxy) -> None:
@@ -313,9 +310,7 @@ def test_a_password_mistyped_in_double_quotes_never_reaches_the_audit_log(proxy:
         "syntax error at or near <...>, at index 67",
         "unterminated quoted identifier at or near <...>, at index 28",
     ]
-    assert secret.encode() not in proxy.audit_path.read_bytes()
-    wal = proxy.audit_path.with_name(proxy.audit_path.name + "-wal")
-    assert not wal.exists() or secret.encode() not in wal.read_bytes()
+    assert_not_in_audit_files(proxy, secret)
 
 
 def test_application_name_changed_mid_session_is_recorded(proxy: Proxy) -> None:

@@ -239,14 +239,13 @@ def test_scram_plus_chosen_when_not_offered_is_refused() -> None:
             asyncio.run(exchange.step(frame[5:]))
 
 
-def test_connections_before_login_are_capped_per_ipv6_64() -> None:
-    """An IPv6 client holds its whole /64: a fresh address per connection must not lift the
-    max_unauthenticated_per_host cap (as for cancel attempts)."""
-    services = ListenerServices(
+def _services_capped_at(max_unauthenticated_per_host: int) -> ListenerServices:
+    """A listener's services with no database, authenticator or audit behind them."""
+    return ListenerServices(
         settings=ListenerSettings(
             name="t",
             upstream=UpstreamSettings(user="svc", tls={"mode": "disable"}),
-            max_unauthenticated_per_host=2,
+            max_unauthenticated_per_host=max_unauthenticated_per_host,
         ),
         audit_settings=AuditSettings(),
         audit=None,  # type: ignore[arg-type]
@@ -256,6 +255,12 @@ def test_connections_before_login_are_capped_per_ipv6_64() -> None:
         upstream_tls=None,
         cancels=CancelRegistry(5),
     )
+
+
+def test_connections_before_login_are_capped_per_ipv6_64() -> None:
+    """An IPv6 client holds its whole /64: a fresh address per connection must not lift the
+    max_unauthenticated_per_host cap (as for cancel attempts)."""
+    services = _services_capped_at(2)
 
     async def connect(address: str) -> PeerTransport:
         transport = PeerTransport(address)
@@ -277,20 +282,7 @@ def test_connections_before_login_are_capped_per_ipv6_64() -> None:
 def test_connections_before_login_are_capped_per_ipv6_48_too() -> None:
     """A client holding a /48 holds 65,536 /64s, each with its own cap: the /48's together
     may hold SITE_SHARE times one host's cap, then its /64s are refused; other sites are not."""
-    services = ListenerServices(
-        settings=ListenerSettings(
-            name="t",
-            upstream=UpstreamSettings(user="svc", tls={"mode": "disable"}),
-            max_unauthenticated_per_host=2,
-        ),
-        audit_settings=AuditSettings(),
-        audit=None,  # type: ignore[arg-type]
-        classifier=PostgresClassifier(),
-        authenticator=None,  # type: ignore[arg-type]
-        client_tls=None,
-        upstream_tls=None,
-        cancels=CancelRegistry(5),
-    )
+    services = _services_capped_at(2)
 
     async def run() -> tuple[list[bool], bool, dict[str, int], dict[str, int]]:
         transports, sessions = [], []

@@ -151,6 +151,20 @@ class ClientBuckets:
         return len(self._buckets)
 
 
+def take_with_site(
+    buckets: ClientBuckets, sites: ClientBuckets, client_host: str, now: float
+) -> bool:
+    """Spend a token of the client's bucket and, for a native IPv6 client, of its /48's
+    (`sites`, keyed by site_key); False if either is empty, and then neither is spent."""
+    if not buckets.take(client_host, now):
+        return False
+    site = site_key(client_host)
+    if site is None or sites.take(site, now):
+        return True
+    buckets.refund(client_host, now)  # refused by its site: its own bucket spent nothing
+    return False
+
+
 class RefusalReport(Generic[_T]):
     """Counts refused attempts so that they are reported (a log line, an audit record) at
     most once per interval: a spray cannot flood the log, and a spray that stops is still
@@ -216,13 +230,7 @@ class CancelRegistry:
         """Token bucket per client host (IPv6: per /64, and per /48 at SITE_SHARE times
         that), so cancel keys cannot be guessed at line rate."""
         now = time.monotonic() if now is None else now
-        if not self._buckets.take(client_host, now):
-            return False
-        site = site_key(client_host)
-        if site is None or self._sites.take(site, now):
-            return True
-        self._buckets.refund(client_host, now)  # refused: the /64 spent nothing
-        return False
+        return take_with_site(self._buckets, self._sites, client_host, now)
 
     def refused_to_report(
         self, client_host: str, now: float | None = None
@@ -287,13 +295,7 @@ class LoginThrottle:
         already counted, so logins begun together cannot have more passwords checked than
         the client's budget."""
         now = time.monotonic() if now is None else now
-        if not self._buckets.take(client_host, now):
-            return False
-        site = site_key(client_host)
-        if site is None or self._sites.take(site, now):
-            return True
-        self._buckets.refund(client_host, now)
-        return False
+        return take_with_site(self._buckets, self._sites, client_host, now)
 
     def release(self, client_host: str, now: float | None = None) -> None:
         """Give back the token of a login step that did not fail (see reserve)."""
