@@ -38,7 +38,7 @@ from dbward.core.types import (
 from dbward.policy.engine import decide, parser_error_snippet
 from dbward.relay.cancel import track_cancel
 from dbward.relay.login import Login
-from dbward.relay.services import SITE_SHARE, client_key, site_key
+from dbward.relay.services import SITE_SHARE, client_key, site_of_key
 from dbward.server.upstream import UpstreamConnection, send_cancel
 from dbward.sql.offload import OFFLOAD_CODE_MIN_BYTES, should_offload
 from dbward.sql.postgres import CREDENTIAL_TEXT, function_call_statement, oversized_statement
@@ -846,7 +846,7 @@ class PgSession(asyncio.Protocol):
         host = self._host_key = client_key(self._client_host)  # an IPv6 /64 is one host
         count = services.unauthenticated.get(host, 0)
         # ... and a /48 holds 65,536 of them: its /64s share SITE_SHARE times a host's cap.
-        site = self._site_key = site_key(self._client_host)
+        site = self._site_key = site_of_key(host)
         site_count = 0 if site is None else services.unauthenticated_sites.get(site, 0)
         transport = self.transport
         assert transport is not None

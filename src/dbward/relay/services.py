@@ -75,11 +75,14 @@ def site_key(client_host: str) -> str | None:
 
     A client holding a /48 holds 65,536 /64s: a budget per /64 gave it 65,536 budgets, and
     spraying them cycled its own entries out of the bounded table, each coming back full."""
-    key = client_key(client_host)
+    return site_of_key(client_key(client_host))
+
+
+def site_of_key(key: str) -> str | None:
+    """site_key of a client whose client_key is `key` (for a caller that has it already)."""
     if not key.endswith("/64"):
         return None
-    network = ipaddress.IPv6Network(key)
-    return str(network.supernet(new_prefix=48))
+    return str(ipaddress.IPv6Network(key).supernet(new_prefix=48))
 
 
 class ClientBuckets:

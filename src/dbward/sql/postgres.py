@@ -793,6 +793,21 @@ def names_credential(text: str) -> bool:
     )
 
 
+def _literal_may_name_credential(text: str) -> bool:
+    """names_credential(text), behind a cheap superset of it that almost every statement
+    fails: "password", "crypt" or "hmac" in any case, "://" with "@", "%" with "?" or "&" (a
+    percent-encoded "?pass%77ord="). Run per statement the template cache answers, so a
+    column named encrypted_at costs a few substring tests, not a regex or a parse."""
+    lowered = text.lower()
+    return (
+        ("@" in text and "://" in text)
+        or "password" in lowered
+        or ("%" in text and ("?" in text or "&" in text))
+        or "crypt" in lowered
+        or "hmac" in lowered
+    ) and names_credential(text)
+
+
 class _Walk:
     """Everything the walk collects from one statement's tree."""
 
@@ -1571,23 +1586,8 @@ class PostgresClassifier:
             if normalized is not None:
                 shared = self._templates.get(normalized)
                 # A template never holds a credential-bearing statement (it has flags), but a
-                # literal of this text may mention one: classified in full, and flagged.
-                # ("password" in any case, or "://" and "@": a cheap superset of CREDENTIAL_TEXT,
-                # inline as this runs for every statement the template answers; a URL without
-                # a user in it still takes the template.)
-                # A percent-encoded "?pass%77ord=" has a "%" and a "?" or "&"; every pgcrypto
-                # key function's name has "crypt" or "hmac" in it (SQL text in a literal).
-                lowered = text.lower()
-                mentions = (
-                    ("@" in text and "://" in text)
-                    or "password" in lowered
-                    or ("%" in text and ("?" in text or "&" in text))
-                    or "crypt" in lowered
-                    or "hmac" in lowered
-                )
-                # The cheap test only decides whether to run the precise one: a column named
-                # "encrypted_at" or a "?a=1&b=2%20c" must not cost a full parse every time.
-                if shared is not None and not (mentions and names_credential(text)):
+                # literal of this text may name one: then it is classified in full, and flagged.
+                if shared is not None and not _literal_may_name_credential(text):
                     self._templates.move_to_end(normalized)
                     # Not remembered by text: such texts rarely repeat (their constants
                     # change), and thousands of one-off entries cycling through the LRU cost

@@ -40,8 +40,10 @@ def without_literals(
         tokens = parser.scan(text)
     except (UnicodeError, parser.ParseError):
         return None
-    body = _do_body(tokens, text) if code_bodies else None
-    values = _setting_values(tokens)
+    # (index, token) of every token but comments: what the two readings below look at
+    words = [(i, t) for i, t in enumerate(tokens) if t.name not in _COMMENT_TOKENS]
+    body = _do_body(words, text) if code_bodies else None
+    values = _setting_values(words)
     out: list[str] = []
     position = 0
     space = ""  # the whitespace since the last token kept
@@ -97,7 +99,7 @@ _VALUE_TOKENS: Final = frozenset({"IDENT", "UIDENT", "ICONST", "FCONST"})
 _AFTER_VALUE: Final = frozenset({"ASCII_44", "ASCII_59", "ASCII_41"})  # , ; )
 
 
-def _setting_values(tokens: list[parser.Token]) -> set[int]:
+def _setting_values(words: list[tuple[int, parser.Token]]) -> set[int]:
     """Indices of the tokens spelling a value after `SET name =` or `SET name TO`, literals aside.
 
     `SET`, `ALTER ROLE/DATABASE … SET` and a function's `SET` clause take an unquoted name or a
@@ -105,7 +107,6 @@ def _setting_values(tokens: list[parser.Token]) -> set[int]:
     as a quoted one. A value is a single token followed by a comma, a ";", a ")", a keyword, a
     name or the end (an UPDATE's column name followed by "=" or an expression is kept).
     """
-    words = [(i, t) for i, t in enumerate(tokens) if t.name not in _COMMENT_TOKENS]
     found: set[int] = set()
     state = 0  # 0: outside, 1: after SET (reading the name), 2: a value expected, 3: after one
     for position, (index, token) in enumerate(words):
@@ -140,18 +141,18 @@ def _setting_values(tokens: list[parser.Token]) -> set[int]:
     return found
 
 
-def _do_body(tokens: list[parser.Token], text: str) -> parser.Token | None:
+def _do_body(words: list[tuple[int, parser.Token]], text: str) -> parser.Token | None:
     """The dollar-quoted body of a DO block in PL/pgSQL (the default language), else None."""
-    words = [t for t in tokens if t.name not in _COMMENT_TOKENS]
-    if not words or words[0].name != "DO":
+    if not words or words[0][1].name != "DO":
         return None
     body = None
-    for index, token in enumerate(words[1:], start=1):
+    for position in range(1, len(words)):
+        token = words[position][1]
         if token.name == "LANGUAGE":
-            if index + 1 >= len(words):
+            if position + 1 >= len(words):
                 return None
-            language = text[words[index + 1].start : words[index + 1].end + 1]
-            if language.strip("'\"").lower() != "plpgsql":
+            language = words[position + 1][1]
+            if text[language.start : language.end + 1].strip("'\"").lower() != "plpgsql":
                 return None
         elif token.name == "SCONST" and body is None and text[token.start] == "$":
             body = token
