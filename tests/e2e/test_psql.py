@@ -7,6 +7,7 @@ import psycopg
 from dbward.audit.query import search
 from fixtures.clients import (
     app_name,
+    assert_not_in_audit_files,
     has_disconnect,
     outcome_of,
     outcomes,
@@ -15,13 +16,6 @@ from fixtures.clients import (
 )
 from fixtures.postgres import PgServer
 from fixtures.proxy import Proxy
-
-
-def assert_not_in_audit_files(proxy: Proxy, secret: str) -> None:
-    """The secret is nowhere in the audit database, its WAL included."""
-    assert secret.encode() not in proxy.audit_path.read_bytes()
-    wal = proxy.audit_path.with_name(proxy.audit_path.name + "-wal")
-    assert not wal.exists() or secret.encode() not in wal.read_bytes()
 
 
 def test_psql_queries_are_relayed_and_audited(proxy: Proxy) -> None:

@@ -27,6 +27,7 @@ import yaml
 from dbward.audit.records import AuditEvent, AuditRecord
 from dbward.wire.postgres import messages
 from dbward.wire.postgres.scram import ScramClient
+from fixtures.clients import assert_not_in_audit_files
 from fixtures.postgres import PgServer
 from fixtures.proxy import USERS, Proxy, write_config
 from fixtures.raw import expect_fatal as _expect_fatal
@@ -768,9 +769,9 @@ def test_a_refused_startup_keeps_the_claimed_names_and_the_reason_cut(proxy: Pro
     assert all(_record_text(r) < 1000 for r in records), records
 
 
-def test_a_login_error_quoting_a_startup_value_is_kept_cut(proxy: Proxy) -> None:
-    """PostgreSQL's refusal of a startup parameter quotes the client's value (up to 10 KB);
-    the upstream_lost record keeps the start of the message, the client gets it whole."""
+def test_a_long_startup_value_quoted_in_a_login_error_is_kept_out(proxy: Proxy) -> None:
+    """PostgreSQL's refusal of a startup parameter quotes the client's value (up to 10 KB):
+    the client gets the message whole, the upstream_lost record the message without it."""
     app = _app("datestyle")
     value = "x" * 8000
     with _connect_raw(proxy) as sock:
@@ -780,11 +781,56 @@ def test_a_login_error_quoting_a_startup_value_is_kept_cut(proxy: Proxy) -> None
     assert fields["C"] == "22023" and value in fields["M"]
     records = _session(proxy, app, _has_event(AuditEvent.DISCONNECT))
     lost = next(r for r in records if r.event == AuditEvent.UPSTREAM_LOST)
-    assert lost.reason.startswith(
-        'the database refused the connection: invalid value for parameter "DateStyle": "xxx'
+    assert lost.reason == (
+        'the database refused the connection: invalid value for parameter "DateStyle": <...>'
     )
-    assert "…[truncated: " in lost.reason and len(lost.reason) < 700
     assert all(_record_text(r) < 1000 for r in records), records
+
+
+# What psql sends in `options`, the message PostgreSQL refuses it with (the client's copy
+# quotes the value), and that message as dbward's log and audit keep it.
+_SECRET_IN_OPTIONS = [
+    pytest.param(
+        "-c password_encryption={secret}",
+        'invalid value for parameter "password_encryption": <...>',
+        id="quoted-value",
+    ),
+    pytest.param("-c {secret}", "-c <...> requires a value", id="option-without-value"),
+    pytest.param(
+        "-c statement_timeout=-{digits}",
+        '<...> is outside the valid range for parameter "statement_timeout"',
+        id="bare-number",
+    ),
+]
+
+
+@pytest.mark.parametrize(("options", "kept"), _SECRET_IN_OPTIONS)
+def test_a_secret_typed_into_a_startup_option_stays_out_of_the_log_and_audit(
+    proxy: Proxy, options: str, kept: str
+) -> None:
+    """A user who types a password into the wrong option: PostgreSQL refuses the login
+    quoting the value, and dbward wrote that message into its warning log and into the
+    upstream_lost record. The client still gets PostgreSQL's message (its own value); the
+    log and the audit database keep the message without the value."""
+    app = _app("secret-option")
+    secret = f"Hunter2x{uuid.uuid4().hex[:12]}"
+    digits = str(int(uuid.uuid4().hex[:12], 16) % 10**9 + 10**9)  # ten digits, unique
+    value = options.format(secret=secret, digits=digits)
+    proc = _psql(proxy, app, "SELECT 1", options=f"'{value}'")
+    assert proc.returncode != 0
+    needle = secret if "{secret}" in options else digits
+    assert needle.lower() in proc.stderr.lower(), proc.stderr  # PostgreSQL's own message, whole
+    records = _session(proxy, app, _has_event(AuditEvent.DISCONNECT))
+    lost = next(r for r in records if r.event == AuditEvent.UPSTREAM_LOST)
+    assert lost.reason.startswith(f"the database refused the connection: {kept}"), lost.reason
+    mark = f"session {lost.session_id}: upstream refused: "
+    deadline = time.monotonic() + 5
+    while mark not in proxy.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert f"{mark}the database refused the connection: {kept}" in proxy.log()
+    for text in (secret, secret.lower(), digits):
+        assert text not in proxy.log()
+        assert_not_in_audit_files(proxy, text)
 
 
 def test_large_message_before_authentication_is_refused(proxy: Proxy) -> None:
@@ -1106,8 +1152,7 @@ def test_logins_begun_together_get_no_more_guesses_than_the_budget(
 
 def test_a_login_error_quoting_a_startup_value_cannot_forge_log_lines(proxy: Proxy) -> None:
     """PostgreSQL quotes a refused startup value as the client sent it, newlines included:
-    dbward's log is one line per event, so they are escaped there (the audit record keeps the
-    text as it is; its readers escape it)."""
+    dbward's log is one line per event, and keeps none of the value."""
     app = _app("datestyle-newline")
     forged = f"FORGED-{uuid.uuid4().hex} ERROR dbward.server: listener main: this line is forged"
     with _connect_raw(proxy) as sock:
@@ -1117,10 +1162,11 @@ def test_a_login_error_quoting_a_startup_value_cannot_forge_log_lines(proxy: Pro
         )
         assert _expect_fatal(sock)["C"] == "22023"
     records = _session(proxy, app, _has_event(AuditEvent.UPSTREAM_LOST))
-    assert any(forged in r.reason for r in records if r.event == AuditEvent.UPSTREAM_LOST)
+    assert not any(forged in r.reason for r in records)
+    mark = f"session {records[0].session_id}: upstream refused"
     deadline = time.monotonic() + 5
-    while forged not in proxy.log() and time.monotonic() < deadline:
+    while mark not in proxy.log() and time.monotonic() < deadline:
         time.sleep(0.05)
-    lines = [line for line in proxy.log().splitlines() if forged in line]
-    assert len(lines) == 1 and "upstream refused" in lines[0], lines
-    assert "\\n" + forged + "\\r\\x1b[2K" in lines[0] and "\x1b" not in lines[0], lines
+    lines = [line for line in proxy.log().splitlines() if mark in line]
+    assert len(lines) == 1 and lines[0].endswith('parameter "DateStyle": <...>'), lines
+    assert forged not in proxy.log() and "\x1b" not in proxy.log()

@@ -6,7 +6,14 @@ import hashlib
 import re
 from typing import Final
 
-__all__ = ["CLAIMED_TEXT_MAX", "QUOTED_ERROR_MAX", "capped", "one_line", "text_sha256"]
+__all__ = [
+    "CLAIMED_TEXT_MAX",
+    "QUOTED_ERROR_MAX",
+    "capped",
+    "one_line",
+    "text_sha256",
+    "without_quoted_values",
+]
 
 # What an audit record (and a log line or refusal message) keeps of a name a client claims:
 # its user name, database and application_name, a startup parameter's name or option. That is
@@ -52,3 +59,36 @@ def one_line(text: str) -> str:
     """`text` for dbward's process log, whose lines are one event each: control characters
     escaped as Python writes them (a newline as \\n), so client text cannot begin a line."""
     return _LINE_BREAKING.sub(lambda m: repr(m.group())[1:-1], text)
+
+
+# Quotation marks as PostgreSQL's messages use them: ASCII, and those of its translations
+# (German »…«, French « … », Japanese 「…」, curly quotes ...), which lc_messages may select.
+_QUOTES = "\"'\u00ab\u00bb\u2018-\u201f\u2039\u203a\u300c-\u300f\uff02\uff07"
+# A name the message is about, quoted first and kept: a parameter's, a database's or a role's
+# as the client claimed it (the audit record keeps its database and user anyway). Only
+# English messages, and only a name's characters: no quote can end it early.
+_NAMED = re.compile(f'\\A[^{_QUOTES}]*\\b(?:parameter|database|role) "[A-Za-z0-9_.$-]{{1,63}}"')
+# From the first quotation mark to the last: a quoted value can hold quotes of its own, so no
+# pairing of them tells where it ends.
+_QUOTED_SPAN = re.compile(f"[{_QUOTES}].*[{_QUOTES}]|[{_QUOTES}].*", re.DOTALL)
+# Messages that begin with the client's value unquoted: a number out of a setting's range,
+# with its unit ("100 kB is outside the valid range for parameter ..."), and a -c or --
+# option without a value ("-c hunter2 requires a value"), whose word is kept to its switch.
+_LEADING_NUMBER = re.compile(r"\A[-+]?[0-9][^ ]*(?: (?:[kMGT]?B|us|ms|s|min|h|d)\b)?")
+_LEADING_OPTION = re.compile(r"\A(-c |--)[^ ]*")
+
+
+def without_quoted_values(message: str) -> str:
+    """`message` (the database's refusal of a login) without the values it quotes from the
+    client: `invalid value for parameter "password_encryption": "hunter2"` becomes
+    `invalid value for parameter "password_encryption": <...>`.
+
+    A user may type a secret into the wrong option, and PostgreSQL quotes it back: the client
+    may see it (it is its own), dbward's log and audit records must not keep it.
+    """
+    text = _LEADING_NUMBER.sub("<...>", message, count=1)
+    text = _LEADING_OPTION.sub(r"\1<...>", text, count=1)
+    named = _NAMED.match(text)
+    kept = named.group() if named is not None else ""
+    rest = text[len(kept) :]
+    return kept + _QUOTED_SPAN.sub("<...>", rest)

@@ -154,7 +154,8 @@ class Login:
             )
             session._fatal(exc.sqlstate, exc.message)
         except UpstreamError as exc:
-            # The database's message can quote a startup value as the client sent it.
+            # The database's message, without the startup values it quotes (upstream.py),
+            # can still quote a name the client claimed: escaped for the log.
             log.warning("session %s: upstream refused: %s", self.session_id, one_line(exc.message))
             session._audit(AuditEvent.UPSTREAM_LOST, reason=exc.message, sqlstate=exc.sqlstate)
             if exc.frame is not None and session.transport is not None:

@@ -54,6 +54,17 @@ def _split_options(options: str) -> list[str]:
     return words
 
 
+def _refused_word(word: str) -> StartupRefusedError:
+    """The refusal of an `options` word that is not a -c or -- setting. It names the switch
+    ('-d' of '-d5'), never the rest: that is the switch's value, or a word typed into the
+    wrong field (a password, perhaps), and the refusal's reason is audited."""
+    if len(word) >= 2 and word[0] == "-" and word[1].isascii() and word[1].isalpha():
+        return StartupRefusedError(f"startup option {word[:2]!r} is not allowed through dbward")
+    return StartupRefusedError(
+        "startup options other than -c name=value settings are not allowed through dbward"
+    )
+
+
 def _check_options(options: str) -> None:
     """Refuse command-line style settings that change role or session authorization."""
     if len(options) > _MAX_OPTIONS:
@@ -70,9 +81,7 @@ def _check_options(options: str) -> None:
             setting = word[2:]
         else:
             # Other postgres switches (-d, -e, -B ...) have no business in a client connection.
-            raise StartupRefusedError(
-                f"startup option {capped(word)!r} is not allowed through dbward"
-            )
+            raise _refused_word(word)
         name, _, value = setting.partition("=")
         name = _guc_name(name)
         if name in _REFUSED:

@@ -12,7 +12,7 @@ from typing import cast
 
 from dbward.config.model import UpstreamSettings
 from dbward.core.errors import AuthenticationFailed, DbwardError, ProtocolError
-from dbward.core.text import QUOTED_ERROR_MAX, capped
+from dbward.core.text import QUOTED_ERROR_MAX, capped, without_quoted_values
 from dbward.server.tls import peer_end_point
 from dbward.wire.postgres import messages
 from dbward.wire.postgres.framing import BackendFramer
@@ -239,9 +239,10 @@ async def connect_upstream(
             if msg_type == ord("E"):
                 fields = messages.parse_error_fields(payload)
                 # The message can quote a startup parameter's value as the client sent it
-                # (invalid value for parameter "DateStyle": "…", up to 10 KB): the audit
-                # record and the log get its start (the client gets the error whole).
-                refused = capped(fields.get("M", ""), QUOTED_ERROR_MAX)
+                # (invalid value for parameter "DateStyle": "…", up to 10 KB), a password
+                # typed into the wrong option among them: the audit record and the log get
+                # the message without it, and its start (the client gets the error whole).
+                refused = capped(without_quoted_values(fields.get("M", "")), QUOTED_ERROR_MAX)
                 raise UpstreamError(
                     f"the database refused the connection: {refused}",
                     sqlstate=fields.get("C", "08006"),
