@@ -529,7 +529,7 @@ def _tls_socket(proxy: Proxy, test_ca: TestCA) -> ssl.SSLSocket:
     return context.wrap_socket(raw, server_hostname="localhost")
 
 
-def _read(sock: ssl.SSLSocket) -> tuple[bytes, bytes]:
+def _read(sock: socket.socket) -> tuple[bytes, bytes]:
     header = b""
     while len(header) < 5:
         chunk = sock.recv(5 - len(header))
@@ -629,3 +629,71 @@ def test_libpq_sslmode_prefer_tries_a_failed_login_twice_on_an_optional_listener
 
     records = optional.audit(until=lambda rs: fails(rs, "require") == 1)
     assert (fails(records, "prefer"), fails(records, "require")) == (2, 1)
+
+
+def _psql_error(proxy: Proxy, app: str, sslmode: str) -> str:
+    """psql's (the system libpq's) error for a login through `proxy` with `sslmode`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env |= {"PGPASSWORD": USERS["alice"][0], "PGCONNECT_TIMEOUT": "10"}
+    conninfo = (
+        f"host=127.0.0.1 port={proxy.port} user=alice dbname=app sslmode={sslmode} "
+        f"application_name={app}"
+    )
+    proc = subprocess.run(
+        ["psql", "-X", "-A", "-t", "-d", conninfo, "-c", "SELECT 1"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
+        check=False,
+    )
+    assert proc.returncode != 0, proc.stdout
+    return proc.stderr
+
+
+def test_a_locked_out_address_costs_no_tls_handshake(
+    proxy_factory: Callable[..., Proxy], test_ca: TestCA
+) -> None:
+    """auth_fail_burst's refusal came after the TLS handshake: a guesser locked out made
+    dbward do a handshake (the CPU of a signature and a key exchange) for every try, only to
+    be refused. Its SSLRequest is now answered 'N': a client with sslmode prefer (libpq's
+    default) reads the refusal in the clear, one with require hangs up, neither costs a
+    handshake; another address still gets TLS."""
+    locked = proxy_factory(
+        tls=_client_tls(test_ca, "optional"),
+        listener={"auth_fail_burst": 2, "auth_fail_rate_per_s": 0.01},
+    )
+    app = _app("lockout-tls")
+    for i in range(2):
+        with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+            _connect(locked, f"{app}-wrong{i}", password="not-the-password", sslmode="require")
+    with socket.create_connection(("127.0.0.1", locked.port), timeout=5) as sock:
+        sock.settimeout(5)
+        sock.sendall(messages.ssl_request())
+        assert sock.recv(1) == b"N"
+        sock.sendall(messages.startup_message({"user": "alice", "database": "app"}))
+        msg_type, payload = _read(sock)
+    fields = messages.parse_error_fields(payload)
+    assert (msg_type, fields["C"]) == (b"E", "28000")
+    assert fields["M"].startswith("dbward: too many failed logins from this address")
+    # The system psql (libpq 15) and psycopg's libpq (18) alike.
+    assert "too many failed logins from this address" in _psql_error(locked, app, "prefer")
+    with pytest.raises(psycopg.OperationalError, match="too many failed logins from this"):
+        _connect(locked, f"{app}-prefer", sslmode="prefer")
+    assert "server does not support SSL" in _psql_error(locked, app, "require")
+    # Another address: TLS as before.
+    with socket.create_connection(
+        ("127.0.0.1", locked.port), timeout=5, source_address=("127.0.0.2", 0)
+    ) as sock:
+        sock.sendall(messages.ssl_request())
+        assert sock.recv(1) == b"S"
+    # Every refusal is counted in the audit's aggregate, the client that hung up included.
+
+    def refused(records: list[AuditRecord]) -> int:
+        return sum(
+            int(r.detail.removeprefix("refused="))
+            for r in records
+            if r.event == AuditEvent.AUTH_FAIL and r.sqlstate == "28000"
+        )
+
+    locked.audit(until=lambda rs: refused(rs) == 4, timeout=15)

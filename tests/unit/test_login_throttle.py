@@ -7,6 +7,7 @@ refills; the refusals reach the log and the audit log once an interval, with the
 from __future__ import annotations
 
 import asyncio
+import ssl
 
 import pytest
 
@@ -146,7 +147,10 @@ class _CountingAuthenticator:
 
 
 def _services(
-    sink: MemorySink, authenticator: _CountingAuthenticator, burst: int = 2
+    sink: MemorySink,
+    authenticator: _CountingAuthenticator,
+    burst: int = 2,
+    client_tls: ssl.SSLContext | None = None,
 ) -> ListenerServices:
     settings = ListenerSettings(
         name="t",
@@ -160,7 +164,7 @@ def _services(
         audit=sink,
         classifier=PostgresClassifier(),
         authenticator=authenticator,
-        client_tls=None,
+        client_tls=client_tls,
         upstream_tls=None,
         cancels=CancelRegistry(5),
         logins=login_throttle(settings),
@@ -227,6 +231,82 @@ def test_a_locked_address_is_refused_before_scram_and_audited_in_aggregate(
     # Refused connections leave no connect (nor disconnect) record: only the aggregate.
     connects = [r.application_name for r in sink.records if r.event == AuditEvent.CONNECT]
     assert connects == ["fail0", "fail1", "other"]
+
+
+async def _settle(transport: PeerTransport) -> None:
+    for _ in range(20):
+        await asyncio.sleep(0)
+        if transport.closed:
+            return
+
+
+@pytest.mark.parametrize("returns", ["locked", "budget-back", "hangs-up"])
+def test_a_locked_address_gets_no_tls_handshake(returns: str) -> None:
+    """The lockout was checked at the StartupMessage, after the TLS handshake: a guesser made
+    dbward do a handshake per try only to be refused. A locked-out address's SSLRequest is
+    answered 'N', no handshake; its plaintext StartupMessage is refused readably (even if its
+    budget came back in between: it would log in without the TLS it asked for), and a client
+    that hangs up at the 'N' (sslmode require) counts as a refused login too."""
+    sink = MemorySink()
+    services = _services(
+        sink, _CountingAuthenticator(), client_tls=ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    )
+
+    async def run() -> PeerTransport:
+        for i in range(2):
+            await _login(services, "192.0.2.5", f"fail{i}")
+        transport = PeerTransport("192.0.2.5")
+        session = PgSession(services)
+        session.connection_made(transport)  # type: ignore[arg-type]
+        session.data_received(messages.ssl_request())
+        await _settle(transport)
+        assert transport.written == b"N" and not transport.closed
+        assert services.logins is not None
+        if returns == "budget-back":
+            services.logins.release("192.0.2.5")  # a token back: the address may try again
+            assert services.logins.retry_after("192.0.2.5") == 0.0
+        if returns == "hangs-up":
+            session.connection_lost(None)
+        else:
+            session.data_received(messages.startup_message({"user": "alice", "database": "a"}))
+        await _settle(transport)
+        session.connection_lost(None)
+        return transport
+
+    transport = asyncio.run(run())
+    assert services.counts.logins["throttled"] == 1
+    assert services.unauthenticated == {} and not services.sessions
+    if returns == "hangs-up":
+        return
+    assert transport.written[:2] == b"NE"  # the refusal, in the clear: no SASL offer
+    fields = messages.parse_error_fields(bytes(transport.written[6:]))
+    assert (fields["S"], fields["C"]) == ("FATAL", "28000")
+    assert fields["M"].startswith("dbward: too many failed logins from this address")
+    assert transport.closed
+
+
+def test_an_address_with_budget_gets_tls_and_one_ssl_request_only() -> None:
+    """As PostgreSQL: one SSLRequest per connection; a second one is a protocol violation."""
+    sink = MemorySink()
+    services = _services(sink, _CountingAuthenticator())  # no TLS on this listener: 'N'
+
+    async def run() -> PeerTransport:
+        transport = PeerTransport("192.0.2.5")
+        session = PgSession(services)
+        session.connection_made(transport)  # type: ignore[arg-type]
+        session.data_received(messages.ssl_request())
+        await _settle(transport)
+        assert transport.written == b"N"
+        session.data_received(messages.ssl_request())
+        await _settle(transport)
+        session.connection_lost(None)
+        return transport
+
+    transport = asyncio.run(run())
+    fields = messages.parse_error_fields(bytes(transport.written[6:]))
+    assert (fields["S"], fields["C"]) == ("FATAL", "08P01")
+    assert "SSLRequest after the SSL negotiation" in fields["M"]
+    assert services.counts.logins["throttled"] == 0
 
 
 def test_throttling_off_when_the_burst_is_zero() -> None:

@@ -200,13 +200,30 @@ class Login:
         CancelRequest)."""
         session = self._session
         services = self.services
+        # Each negotiation is answered once, as PostgreSQL does: SSLRequest once, GSSENCRequest
+        # once and not inside TLS (it answers a repeat as an unsupported protocol version).
+        asked_ssl = asked_gss = False
+        tls_declined = False  # TLS refused to a locked-out address: its login is refused
         while True:
-            _, payload, _ = await session._next_startup_frame()
+            try:
+                _, payload, _ = await session._next_startup_frame()
+            except (ConnectionResetError, asyncio.CancelledError):
+                if tls_declined and services.logins is not None:
+                    # A client that logs in only over TLS (sslmode require) hangs up at the
+                    # 'N' (or never answers it): a refused login all the same.
+                    self._count_throttled(services.logins)
+                raise
             packet = messages.parse_startup_packet(payload)
             if isinstance(packet, SSLRequest):
-                await self._negotiate_tls()
+                if asked_ssl:
+                    raise ProtocolError("SSLRequest after the SSL negotiation")
+                asked_ssl = True
+                tls_declined = await self._answer_ssl_request()
                 continue
             if isinstance(packet, GSSENCRequest):
+                if asked_gss or self._tls:
+                    raise ProtocolError("GSSENCRequest after the encryption negotiation")
+                asked_gss = True
                 assert session.transport is not None
                 session.transport.write(b"N")
                 continue
@@ -224,7 +241,7 @@ class Login:
         if services.logins is not None:
             # Before anything else costs dbward work, and before the connect record: a locked
             # out client's spray leaves one aggregated record per interval, not one per try.
-            self._refuse_if_throttled(services.logins)
+            self._refuse_if_throttled(services.logins, tls_declined=tls_declined)
         tls_required = services.settings.tls.mode == "required"
         if services.client_tls is not None and tls_required and not self._tls:
             raise StartupRefusedError(
@@ -301,6 +318,29 @@ class Login:
             upstream.transport.close()
             return
         self._session._attach_upstream(upstream)
+
+    async def _answer_ssl_request(self) -> bool:
+        """Negotiate TLS, or decline it ('N'); True if declined because the address is locked
+        out by auth_fail_burst.
+
+        Its login is refused at its StartupMessage, and a TLS handshake for it would be CPU
+        spent on a refusal (for a guesser, on every try): 'N' instead.
+
+        'N', not the ErrorResponse straight away: libpq does not show an error sent in answer
+        to SSLRequest (it cannot be trusted before TLS; the user sees "server sent an error
+        response during SSL exchange"). With 'N', a client with sslmode prefer (libpq's
+        default) or allow sends its StartupMessage in the clear and shows the refusal; one
+        with sslmode require hangs up ("server does not support SSL"): no client can read a
+        reason without a handshake."""
+        logins = self.services.logins
+        locked_out = logins is not None and bool(logins.retry_after(self._client_host))
+        if self.services.client_tls is None or not locked_out:
+            await self._negotiate_tls()
+            return False
+        transport = self._session.transport
+        assert transport is not None
+        transport.write(b"N")
+        return True
 
     async def _negotiate_tls(self) -> None:
         session = self._session
@@ -421,12 +461,24 @@ class Login:
         self.services.counts.logins["failed" if counted else "abandoned"] += 1
         self._session._audit(AuditEvent.AUTH_FAIL, reason=reason, sqlstate="28P01", detail=detail)
 
-    def _refuse_if_throttled(self, logins: LoginThrottle) -> None:
+    def _refuse_if_throttled(self, logins: LoginThrottle, *, tls_declined: bool) -> None:
         """Refuse a login from a client that spent its failed-login budget (LoginThrottledError,
-        before any SCRAM work); its auth_fail record is written with others, once an interval."""
+        before any SCRAM work); its auth_fail record is written with others, once an interval.
+        `tls_declined`: its SSLRequest was answered 'N' for that, and it is refused even if its
+        budget came back meanwhile (it would log in without the TLS it asked for)."""
         wait = logins.retry_after(self._client_host)
+        if tls_declined:
+            wait = max(wait, 1.0)
         if not wait:
             return
+        self._count_throttled(logins)
+        raise LoginThrottledError(
+            f"dbward: too many failed logins from this address; try again in {math.ceil(wait)} s"
+        )
+
+    def _count_throttled(self, logins: LoginThrottle) -> None:
+        """Count a login refused by auth_fail_burst; its auth_fail record is written with
+        others, once an interval."""
         self.services.counts.logins["throttled"] += 1
         record = AuditRecord(
             event=AuditEvent.AUTH_FAIL,
@@ -446,9 +498,6 @@ class Login:
             asyncio.get_running_loop().call_later(
                 report_in, report_held_logins, self.services, logins
             )
-        raise LoginThrottledError(
-            f"dbward: too many failed logins from this address; try again in {math.ceil(wait)} s"
-        )
 
     async def _handle_cancel(self, packet: CancelRequest) -> None:
         try:

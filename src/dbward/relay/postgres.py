@@ -860,7 +860,9 @@ class PgSession(asyncio.Protocol):
                 cap,
                 "" if count >= cap else f" by its /48 {site} (x{SITE_SHARE})",
             )
-            # Readable by libpq in answer to a StartupMessage and to an SSLRequest alike.
+            # Before anything is read, so no TLS handshake either. libpq shows it in answer
+            # to a StartupMessage; in answer to an SSLRequest it shows only "server sent an
+            # error response during SSL exchange" (it cannot trust it before TLS).
             transport.write(
                 messages.error_response(
                     "FATAL", "53300", "too many connections from this host waiting to log in"
