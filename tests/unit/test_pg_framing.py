@@ -96,6 +96,15 @@ def test_startup_length_too_small(length: int) -> None:
         FrontendFramer().feed(struct.pack("!II", length, 196608))
 
 
+@pytest.mark.parametrize("length", [0, 4, 7, 10001, 0xFFFFFFFF])
+def test_a_startup_length_out_of_bounds_is_refused_before_the_code_word(length: int) -> None:
+    """The length is checked once its 4 bytes are in, as PostgreSQL does: a client that sent
+    `\\0\\0\\0\\x04` and nothing more was left waiting, holding its slots, until
+    auth_timeout_s."""
+    with pytest.raises(ProtocolError):
+        FrontendFramer().feed(struct.pack("!I", length))
+
+
 def test_startup_packet_too_long_rejected_from_header() -> None:
     with pytest.raises(ProtocolError, match="too long"):
         FrontendFramer().feed(struct.pack("!II", 10001, 196608))

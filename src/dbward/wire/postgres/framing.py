@@ -124,7 +124,10 @@ class FrontendFramer:
             while True:
                 if self.startup:
                     if size - pos < 8:
-                        # The code word is needed to validate the packet, so wait for it.
+                        # The code word is needed to validate the packet, so wait for it;
+                        # a length that no packet can have is refused already.
+                        if size - pos >= 4:
+                            _check_startup_length(unpack(buf, pos)[0])
                         break
                     length = unpack(buf, pos)[0]
                     code = unpack(buf, pos + 4)[0]
@@ -205,10 +208,7 @@ class FrontendFramer:
         )
 
     def _check_startup(self, length: int, code: int) -> None:
-        if length < 8:
-            raise ProtocolError(f"invalid startup packet length {length}")
-        if length > MAX_STARTUP_PACKET_LENGTH:
-            raise ProtocolError(f"startup packet of {length} bytes is too long")
+        _check_startup_length(length)
         if code == CANCEL_REQUEST_CODE:
             if length != _CANCEL_REQUEST_LENGTH:
                 raise ProtocolError(f"invalid cancel request length {length}")
@@ -224,6 +224,13 @@ class FrontendFramer:
         # A startup packet shorter than the protocol word plus a terminator cannot be valid.
         elif length < 9:
             raise ProtocolError("startup packet has no parameters terminator")
+
+
+def _check_startup_length(length: int) -> None:
+    if length < 8:
+        raise ProtocolError(f"invalid startup packet length {length}")
+    if length > MAX_STARTUP_PACKET_LENGTH:
+        raise ProtocolError(f"startup packet of {length} bytes is too long")
 
 
 class BackendFramer:
