@@ -161,6 +161,19 @@ _REFUSALS = [
     ('unrecognized configuration parameter "foo"', 'unrecognized configuration parameter "foo"'),
     ('role "svc" is not permitted to log in', 'role "svc" is not permitted to log in'),
     ("the database system is starting up", "the database system is starting up"),
+    (
+        'no pg_hba.conf entry for host "127.0.0.1", user "svc", database "app", no encryption',
+        'no pg_hba.conf entry for host "127.0.0.1", user "svc", database "app", no encryption',
+    ),
+    (
+        'password authentication failed for user "svc"',
+        'password authentication failed for user "svc"',
+    ),
+    # Names after a value are the value's: cut with it.
+    (
+        'invalid value for parameter "a": "x" user "Hunter2x" role "b"',
+        'invalid value for parameter "a": <...>',
+    ),
 ]
 
 

@@ -64,10 +64,12 @@ def one_line(text: str) -> str:
 # Quotation marks as PostgreSQL's messages use them: ASCII, and those of its translations
 # (German »…«, French « … », Japanese 「…」, curly quotes ...), which lc_messages may select.
 _QUOTES = "\"'\u00ab\u00bb\u2018-\u201f\u2039\u203a\u300c-\u300f\uff02\uff07"
-# A name the message is about, quoted first and kept: a parameter's, a database's or a role's
-# as the client claimed it (the audit record keeps its database and user anyway). Only
-# English messages, and only a name's characters: no quote can end it early.
-_NAMED = re.compile(f'\\A[^{_QUOTES}]*\\b(?:parameter|database|role) "[A-Za-z0-9_.$-]{{1,63}}"')
+# Names the message is about, kept: a parameter's or a database's as the client claimed it
+# (the audit record keeps its database anyway), dbward's own service role, user and host
+# (`no pg_hba.conf entry for host "…", user "…", database "…"`). Only English messages, only
+# a name's characters (no quote can end one early), and only before any other quotation mark.
+_NAMED = re.compile('\\b(?:parameter|database|role|user|host) "[A-Za-z0-9_.:$-]{1,63}"')
+_QUOTE = re.compile(f"[{_QUOTES}]")
 # From the first quotation mark to the last: a quoted value can hold quotes of its own, so no
 # pairing of them tells where it ends.
 _QUOTED_SPAN = re.compile(f"[{_QUOTES}].*[{_QUOTES}]|[{_QUOTES}].*", re.DOTALL)
@@ -88,7 +90,9 @@ def without_quoted_values(message: str) -> str:
     """
     text = _LEADING_NUMBER.sub("<...>", message, count=1)
     text = _LEADING_OPTION.sub(r"\1<...>", text, count=1)
-    named = _NAMED.match(text)
-    kept = named.group() if named is not None else ""
-    rest = text[len(kept) :]
-    return kept + _QUOTED_SPAN.sub("<...>", rest)
+    kept = 0  # the message up to here is kept as it is
+    for named in _NAMED.finditer(text):
+        if _QUOTE.search(text, kept, named.start()):
+            break  # a quotation mark that opens no name: a value begins there
+        kept = named.end()
+    return text[:kept] + _QUOTED_SPAN.sub("<...>", text[kept:])
