@@ -764,6 +764,8 @@ _LOGIN_PARAMS = _PARAMS + messages.backend_key_data(4242, b"\x00\x00\x00\x01")
         # would start inside a transaction dbward does not know about.
         messages.authentication_ok() + _frame(b"Z", b"T"),
         messages.authentication_ok() + _frame(b"Z", b"X"),
+        # ... 500 KB of it, which the audit record and the log quoted whole.
+        messages.authentication_ok() + _frame(b"Z", b"T" * 500_000),
         # A login that never says AuthenticationOk (libpq: "expected authentication request
         # from server"): whoever is on the path skips the authentication that channel binding
         # and require_auth are checked in, and dbward relayed its clients' statements to him.
@@ -778,6 +780,7 @@ _LOGIN_PARAMS = _PARAMS + messages.backend_key_data(4242, b"\x00\x00\x00\x01")
         "row",
         "in-transaction",
         "unknown-status",
+        "huge-status",
         "no-authentication",
         "parameters-before-authentication",
         "scram-unfinished",
@@ -812,9 +815,11 @@ def test_an_invalid_login_reply_is_blamed_on_the_database(
         assert AuditEvent.PROTOCOL_ERROR not in events, records
         lost = [r for r in records if r.event == AuditEvent.UPSTREAM_LOST]
         assert [r.sqlstate for r in lost] == ["08P01"], records
+        assert len(lost[0].reason) < 1000, len(lost[0].reason)
         assert not tls_server.errors
     finally:
         stop_proxy(proxy)
+    assert len(proxy.log()) < 20_000
 
 
 def test_a_cancel_for_a_login_without_a_cancel_key_fails_cleanly(

@@ -220,3 +220,12 @@ def test_plus_offered_over_unverified_tls_with_a_certificate_allowing_no_binding
     for settings in ({"private": True}, {"private": False, "channel_binding": "disable"}):
         sent = _answer(messages.authentication_sasl(_BOTH), tls=True, **settings)
         assert sent[5:].startswith(b"SCRAM-SHA-256\0") and b"n,,n=,r=" in sent, settings
+
+
+def test_a_huge_list_of_unsupported_mechanisms_is_kept_short_in_the_refusal() -> None:
+    """The refusal is audited (upstream_lost) and logged: a server (or someone on a path
+    without TLS) offering 1 MB of mechanism names put 1 MB into each record."""
+    offer = messages.authentication_sasl(["X" * 900_000, "SCRAM-SHA-1"])
+    with pytest.raises(UpstreamError, match="offers no supported SASL mechanism") as caught:
+        _answer(offer)
+    assert len(caught.value.message) < 1000

@@ -271,7 +271,9 @@ async def connect_upstream(
                 if payload != b"I":
                     # A login ends idle: anything else would start the client inside a
                     # transaction (or a state) dbward knows nothing of.
-                    raise ProtocolError(f"ReadyForQuery status {payload!r} at the end of login")
+                    # (Its payload as sent, which may be 1 MB: the start is enough to say.)
+                    status = capped(repr(payload), QUOTED_ERROR_MAX)
+                    raise ProtocolError(f"ReadyForQuery status {status} at the end of login")
                 conn.ready_frame = raw
                 return conn
             else:
@@ -464,7 +466,10 @@ class ServiceLogin:
             # (nobody else could have presented it); with binding disabled, 'n' as libpq.
             supported = self.tls and not offered_plus and self.channel_binding != "disable"
             return ScramClient(password, binding_supported=supported)
-        raise _refuse(f"the database offers no supported SASL mechanism ({mechanisms!r})")
+        # The list is the server's (or whoever answers in its place) and may be 1 MB long: the
+        # refusal is audited and logged, so it keeps the list's start.
+        offered = capped(repr(mechanisms), QUOTED_ERROR_MAX)
+        raise _refuse(f"the database offers no supported SASL mechanism ({offered})")
 
 
 def _channel_binding(transport: asyncio.Transport) -> bytes | None:
