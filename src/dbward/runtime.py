@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from dbward.audit.process import ProcessAuditSink
-from dbward.config.loader import upstream_password_problems
+from dbward.config.loader import secret_file_warnings, upstream_password_problems
 from dbward.config.model import Config
 from dbward.core.errors import AuditUnavailable, ConfigError
 from dbward.identity.auth_secret import load_auth_secret
@@ -71,6 +71,8 @@ class Runtime:
                 "invalid configuration:\n  "
                 + "\n  ".join(f"{key}: {problem}" for key, problem in problems)
             )
+        for key, warning in secret_file_warnings(self.config):
+            log.warning("%s: %s", key, warning)
         self.audit.start(asyncio.get_running_loop())
         classifier = PostgresClassifier(max_statements=self.config.max_statements_per_query)
         offload = self.offload

@@ -342,3 +342,22 @@ def test_follow_lines_keep_their_columns_whatever_the_record() -> None:
     (second,) = shown(long, header=False)
     assert head.split()[0] == "seq"
     assert first.index("SELECT 1") == second.index("SELECT 1") == head.index("sql")
+
+
+def test_a_log_that_cannot_be_read_now_is_not_called_foreign(db: Path) -> None:
+    """Review r61: a log locked by another connection was reported as "not a dbward audit log
+    (database is locked)", sending the operator after the wrong problem."""
+    holder = sqlite3.connect(db, isolation_level=None)
+    try:
+        holder.execute("PRAGMA locking_mode=EXCLUSIVE")
+        holder.execute("BEGIN EXCLUSIVE")
+        holder.execute(
+            "INSERT INTO audit_log (ts_ms, event, session_id, statement_id) "
+            "VALUES (1, 'connect', 'x', 0)"
+        )
+        code, _, err = invoke("tail", "--audit-db", str(db))
+    finally:
+        holder.close()
+    assert code == 2
+    assert f"error: cannot use the audit log {db}: database is locked" in err, err
+    assert "not a dbward audit log" not in err

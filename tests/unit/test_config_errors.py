@@ -238,7 +238,11 @@ def test_an_empty_upstream_password_is_a_problem_at_start(
         {
             "listeners": [
                 _listener(password_env="DBWARD_TEST_EMPTY_PW"),
-                {"name": "m", "upstream": {"user": "svc", "password_file": str(empty_file)}},
+                {
+                    "name": "m",
+                    "listen": "127.0.0.1:6433",  # not the first one's (the default)
+                    "upstream": {"user": "svc", "password_file": str(empty_file)},
+                },
             ]
         },
         base_dir=tmp_path,

@@ -219,6 +219,31 @@ def check_listen(value: str, *, example_port: int) -> str:
     return value
 
 
+def _bound_hosts(listen: str) -> set[str]:
+    """The addresses a valid `listen` value binds: "0.0.0.0"/"::" stand for every address of
+    their family (asyncio binds both for * and an empty host, and localhost's two)."""
+    host = listen.rpartition(":")[0].strip("[]")
+    if host in ("", "*"):
+        return {"0.0.0.0", "::"}
+    if host == "localhost":
+        return {"127.0.0.1", "::1"}
+    return {str(ipaddress.ip_address(host))}
+
+
+def listen_addresses_overlap(one: str, other: str) -> bool:
+    """True if two valid `listen` values cannot both be bound (same port, an address in common
+    or a wildcard of the same family)."""
+    if one.rpartition(":")[2] != other.rpartition(":")[2]:
+        return False
+    for a in _bound_hosts(one):
+        for b in _bound_hosts(other):
+            if ipaddress.ip_address(a).version != ipaddress.ip_address(b).version:
+                continue
+            if a == b or a in ("0.0.0.0", "::") or b in ("0.0.0.0", "::"):
+                return True
+    return False
+
+
 def listen_host(listen: str) -> str | None:
     """The host part of a valid `listen` value for asyncio (None binds every address)."""
     host = listen.rpartition(":")[0].strip("[]")
@@ -349,4 +374,20 @@ class Config(_Strict):
                 if name in seen:
                     raise ValueError(f"{label}: the name '{name}' is used twice")
                 seen.add(name)
+        return self
+
+    @model_validator(mode="after")
+    def _distinct_addresses(self) -> Config:
+        # Found here, by check-config too, rather than as "address already in use" (exit 1)
+        # once serve has bound the first of them.
+        keyed = [(f"listeners[{i}].listen", item.listen) for i, item in enumerate(self.listeners)]
+        if self.metrics is not None:
+            keyed.append(("metrics.listen", self.metrics.listen))
+        for index, (key, listen) in enumerate(keyed):
+            for earlier_key, earlier in keyed[:index]:
+                if listen_addresses_overlap(listen, earlier):
+                    raise ValueError(
+                        f"{key}: {listen} overlaps {earlier_key} ({earlier}): each listener "
+                        "and the metrics endpoint need an address of their own"
+                    )
         return self
