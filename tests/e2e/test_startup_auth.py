@@ -1030,6 +1030,29 @@ def test_a_login_that_times_out_is_an_audited_auth_failure(
     assert failed.reason == "authentication timed out (1 s)"
 
 
+def test_an_audit_path_that_is_not_a_regular_file_is_refused_untouched(
+    tmp_path: Path, pg_server: PgServer
+) -> None:
+    """Review r61: check-config accepted a FIFO or a device as audit.path (`/dev/null`, to turn
+    the log off); serve then made it private (chmod 0600: for a dbward run as root, /dev/null
+    unwritable for every other user of the host) and hung opening the FIFO, or failed with
+    "cannot rollback - no transaction is active"."""
+    fifo = tmp_path / "audit-fifo"
+    os.mkfifo(fifo, 0o644)
+    fifo.chmod(0o644)
+    config = _base_config(tmp_path, pg_server)
+    config["audit"] = {"path": str(fifo)}
+    bad = tmp_path / "fifo-audit.yaml"
+    bad.write_text(yaml.safe_dump(config))
+    for args in (["check-config", str(bad)], ["serve", "--config", str(bad)]):
+        proc = _dbward(*args)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert "audit.path: cannot" in proc.stderr and f"{fifo} is not a regular file" in (
+            proc.stderr
+        ), proc.stderr
+        assert fifo.stat().st_mode & 0o777 == 0o644
+
+
 def test_an_audit_path_holding_another_database_is_reported_by_both_commands(
     tmp_path: Path, pg_server: PgServer
 ) -> None:

@@ -6,6 +6,7 @@ import fcntl
 import json
 import os
 import sqlite3
+import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -184,6 +185,10 @@ def location_problem(path: Path) -> str | None:
     stop it): checked without creating anything, for `check-config` and clear errors."""
     if path.is_dir():
         return f"{path} is a directory"
+    if path.exists() and not path.is_file():
+        # /dev/null (an attempt to turn the log off), a FIFO (SQLite would block on it): dbward
+        # would also have made it private to its own user, /dev/null for the whole host.
+        return f"{path} is not a regular file"
     if path.exists():
         return None if os.access(path, os.R_OK | os.W_OK) else f"{path} is not writable"
     ancestor = path.parent
@@ -215,10 +220,18 @@ def _prepare_file(path: Path) -> None:
             pass
         for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
             try:
-                if p.stat().st_mode & 0o077:
-                    p.chmod(0o600)
+                # The log itself may be a link to a regular file. Its -wal and -shm are SQLite's
+                # own: a link or anything else there (planted by someone who can write the
+                # folder) would have SQLite write into, and chmod change, what it points to.
+                st = p.stat() if p == path else p.lstat()
             except FileNotFoundError:
-                pass
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                raise AuditUnavailable(
+                    f"cannot create audit log {path}: {p} is not a regular file (remove it)"
+                )
+            if st.st_mode & 0o077:
+                p.chmod(0o600)
     except OSError as exc:
         raise AuditUnavailable(f"cannot create audit log {path}: {exc.strerror or exc}") from exc
 
