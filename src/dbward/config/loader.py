@@ -70,30 +70,46 @@ def parse_config(data: Any, *, base_dir: Path) -> Config:
 
 def _resolve_paths(config: Config, base_dir: Path) -> Config:
     """Make every file path absolute relative to the config file's directory."""
+    problems: list[str] = []
 
-    def fix(path: Path | None) -> Path | None:
+    def fix(key: str, path: Path | None) -> Path | None:
         if path is None or path.is_absolute():
+            return path
+        if path.parts[0].startswith("~"):
+            # Not a shell: "~/audit.db" would be a folder named "~" beside this file.
+            problems.append(f"{key}: {path}: '~' is not expanded here; give the full path")
             return path
         return (base_dir / path).resolve()
 
     listeners = []
-    for listener in config.listeners:
+    for index, listener in enumerate(config.listeners):
+        at = f"listeners[{index}]"
         tls = listener.tls.model_copy(
             update={
-                "cert_file": fix(listener.tls.cert_file),
-                "key_file": fix(listener.tls.key_file),
+                "cert_file": fix(f"{at}.tls.cert_file", listener.tls.cert_file),
+                "key_file": fix(f"{at}.tls.key_file", listener.tls.key_file),
             }
         )
         up = listener.upstream
-        up_tls = up.tls.model_copy(update={"ca_file": fix(up.tls.ca_file)})
-        upstream = up.model_copy(update={"password_file": fix(up.password_file), "tls": up_tls})
+        up_tls = up.tls.model_copy(
+            update={"ca_file": fix(f"{at}.upstream.tls.ca_file", up.tls.ca_file)}
+        )
+        upstream = up.model_copy(
+            update={
+                "password_file": fix(f"{at}.upstream.password_file", up.password_file),
+                "tls": up_tls,
+            }
+        )
         listeners.append(listener.model_copy(update={"tls": tls, "upstream": upstream}))
-    audit = config.audit.model_copy(update={"path": fix(config.audit.path)})
+    audit = config.audit.model_copy(update={"path": fix("audit.path", config.audit.path)})
+    auth_secret_file = fix("auth_secret_file", config.auth_secret_file)
+    if problems:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
     return config.model_copy(
         update={
             "listeners": tuple(listeners),
             "audit": audit,
-            "auth_secret_file": fix(config.auth_secret_file),
+            "auth_secret_file": auth_secret_file,
         }
     )
 
