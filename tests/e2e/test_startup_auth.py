@@ -630,6 +630,41 @@ def test_a_rotated_password_file_is_used_without_a_restart(
         pg_server.psql(f"DROP ROLE IF EXISTS {role}", check=False)
 
 
+def test_a_password_file_that_is_not_a_password_is_refused_safely(
+    proxy_factory: Callable[..., Proxy], pg_server: PgServer, tmp_path: Path
+) -> None:
+    """Review r61: the password file is read at every login, whole: rotated to bytes that are
+    not UTF-8 it ended each login with FATAL XX000 "internal error" and a traceback quoting
+    a byte of the new password; a huge file (a log, /dev/zero by mistake) was read whole
+    into memory, by check-config as well as by each login on the event loop."""
+    password_file = tmp_path / "rotating-password"
+    password_file.write_text(pg_server.service_password + "\n")
+    password_file.chmod(0o600)
+    proxy = proxy_factory(upstream={"password_file": str(password_file)})
+    password_file.write_bytes(b"new-\xe9-secret\n")  # Latin-1, not UTF-8
+    with pytest.raises(psycopg.OperationalError) as info:
+        psycopg.connect(**proxy.conninfo(), connect_timeout=10)
+    # (psycopg gives no sqlstate for a FATAL during connect: the message tells.)
+    assert "FATAL:  dbward: the upstream credentials are unavailable" in str(info.value)
+    log = proxy.log()
+    assert f"cannot read the upstream password: {password_file} is not UTF-8 text" in log, log
+    assert "Traceback" not in log and "0xe9" not in log and "secret" not in log
+    password_file.write_bytes(b"x" * (64 * 1024 + 1))
+    with pytest.raises(psycopg.OperationalError) as info:
+        psycopg.connect(**proxy.conninfo(), connect_timeout=10)
+    assert "the upstream credentials are unavailable" in str(info.value)
+    assert f"{password_file} is larger than 64 KiB: not a password file" in proxy.log()
+    proc = _dbward("check-config", str(proxy.config_path))
+    assert proc.returncode == 2, proc.stderr
+    assert (
+        f"listeners[0].upstream.password_file: {password_file} is larger than 64 KiB: not a "
+        "password file"
+    ) in proc.stderr
+    password_file.write_text(pg_server.service_password + "\n")
+    with psycopg.connect(**proxy.conninfo(), connect_timeout=10) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
 def test_listen_address_in_use_names_the_key(tmp_path: Path, pg_server: PgServer) -> None:
     config = _base_config(tmp_path, pg_server)
     with socket.socket() as busy:

@@ -213,10 +213,8 @@ def upstream_password_problems(config: Config) -> list[tuple[str, str]]:
                 problems.append(
                     (f"{key}.password_file", f"cannot read {upstream.password_file}: {reason}")
                 )
-            except ValueError:
-                problems.append(
-                    (f"{key}.password_file", f"{upstream.password_file} is not UTF-8 text")
-                )
+            except ValueError as exc:  # not UTF-8, or too large: the message says which
+                problems.append((f"{key}.password_file", str(exc)))
     return problems
 
 

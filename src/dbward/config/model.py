@@ -108,6 +108,10 @@ class UpstreamTlsSettings(_Strict):
         return self
 
 
+# Longest upstream password file read (PostgreSQL's own limit on a password is far lower).
+MAX_PASSWORD_FILE_BYTES = 64 * 1024
+
+
 # libpq's names for the methods a database may authenticate a client with ("none": it lets
 # the client in without asking, as trust and peer do).
 UpstreamAuthMethod = Literal["scram-sha-256", "md5", "password", "none"]
@@ -196,7 +200,22 @@ class UpstreamSettings(_Strict):
                 raise LookupError(f"environment variable {self.password_env} is not set")
             return value
         if self.password_file is not None:
-            return self.password_file.read_text(encoding="utf-8").rstrip("\r\n")
+            path = self.password_file
+            # Read at every login, on the event loop: a file that is not a password (a log,
+            # /dev/zero) must not be read whole.
+            with path.open("rb") as file:
+                raw = file.read(MAX_PASSWORD_FILE_BYTES + 1)
+            if len(raw) > MAX_PASSWORD_FILE_BYTES:
+                raise ValueError(
+                    f"{path} is larger than {MAX_PASSWORD_FILE_BYTES // 1024} KiB: not a "
+                    "password file"
+                )
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                # Not the decoder's message: it quotes a byte of the secret and its position.
+                raise ValueError(f"{path} is not UTF-8 text") from None
+            return text.rstrip("\r\n")
         return None
 
 
