@@ -40,6 +40,8 @@ class Runtime:
         self.accepts = AcceptHealth()
         self._draining = False
         self._stopped = asyncio.Event()
+        # Set by a second SIGTERM/SIGINT: the drain's grace period ends at once.
+        self.hurry = asyncio.Event()
 
     # What the operations endpoint reads (dbward.server.metrics.Observed).
 
@@ -135,7 +137,10 @@ class Runtime:
         The metrics endpoint answers during the drain (/readyz: 503) and closes after it."""
         self._draining = True
         await asyncio.gather(
-            *(listener.drain(self.config.shutdown_grace_s) for listener in self.listeners)
+            *(
+                listener.drain(self.config.shutdown_grace_s, self.hurry)
+                for listener in self.listeners
+            )
         )
         if self.metrics is not None:
             await self.metrics.stop()
@@ -208,6 +213,18 @@ def run_until_stopped(
             ready()
         await stop.wait()
         log.info("shutting down: draining sessions (grace %ss)", config.shutdown_grace_s)
+
+        def hurry() -> None:
+            # An operator pressing Ctrl-C again wants out now; the records are still written.
+            if not runtime.hurry.is_set():
+                log.warning(
+                    "second signal: ending the grace period now (statements still running "
+                    "are cancelled; the audit log is still flushed)"
+                )
+                runtime.hurry.set()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, hurry)
         try:
             await runtime.stop()
         except AuditUnavailable as exc:
