@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from dbward.audit.process import ProcessAuditSink
-from dbward.config.loader import upstream_password_problems
+from dbward.config.loader import secret_file_warnings, upstream_password_problems
 from dbward.config.model import Config
 from dbward.core.errors import AuditUnavailable, ConfigError
 from dbward.identity.auth_secret import load_auth_secret
@@ -40,6 +40,8 @@ class Runtime:
         self.accepts = AcceptHealth()
         self._draining = False
         self._stopped = asyncio.Event()
+        # Set by a second SIGTERM/SIGINT: the drain's grace period ends at once.
+        self.hurry = asyncio.Event()
 
     # What the operations endpoint reads (dbward.server.metrics.Observed).
 
@@ -71,6 +73,8 @@ class Runtime:
                 "invalid configuration:\n  "
                 + "\n  ".join(f"{key}: {problem}" for key, problem in problems)
             )
+        for key, warning in secret_file_warnings(self.config):
+            log.warning("%s: %s", key, warning)
         self.audit.start(asyncio.get_running_loop())
         classifier = PostgresClassifier(max_statements=self.config.max_statements_per_query)
         offload = self.offload
@@ -133,7 +137,10 @@ class Runtime:
         The metrics endpoint answers during the drain (/readyz: 503) and closes after it."""
         self._draining = True
         await asyncio.gather(
-            *(listener.drain(self.config.shutdown_grace_s) for listener in self.listeners)
+            *(
+                listener.drain(self.config.shutdown_grace_s, self.hurry)
+                for listener in self.listeners
+            )
         )
         if self.metrics is not None:
             await self.metrics.stop()
@@ -206,6 +213,18 @@ def run_until_stopped(
             ready()
         await stop.wait()
         log.info("shutting down: draining sessions (grace %ss)", config.shutdown_grace_s)
+
+        def hurry() -> None:
+            # An operator pressing Ctrl-C again wants out now; the records are still written.
+            if not runtime.hurry.is_set():
+                log.warning(
+                    "second signal: ending the grace period now (statements still running "
+                    "are cancelled; the audit log is still flushed)"
+                )
+                runtime.hurry.set()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, hurry)
         try:
             await runtime.stop()
         except AuditUnavailable as exc:

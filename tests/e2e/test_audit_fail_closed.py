@@ -6,6 +6,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 
 from dbward.audit import query
 from fixtures.clients import outcomes as outcomes_of
+from fixtures.ports import free_port
 from fixtures.proxy import Proxy
 
 
@@ -108,3 +110,39 @@ def test_shutdown_with_records_it_could_not_write_exits_1(
     assert proxy.process.wait(timeout=30) == 1, proxy.log()
     assert 4 < time.monotonic() - started < 20
     assert re.search(r"audit log closed with \d+ records not written", proxy.log()), proxy.log()
+
+
+def test_a_second_dbward_on_the_same_audit_log_stops_at_start(
+    proxy_factory: Callable[..., Proxy], tmp_path: Path
+) -> None:
+    """Review r61: a second dbward given the first one's audit.path started, and each then
+    saw seqs the other had written: the second refused every statement for good, lost the
+    records of what it had already let through and exited 1, naming "another process" only in
+    its log. Its writer now waits a few seconds for the log (a killed predecessor's writer
+    finishing) and then stops the start, exit 2."""
+    first = proxy_factory()
+    with psycopg.connect(**first.conninfo(), autocommit=True) as conn:
+        conn.execute("SELECT 1")
+    config = tmp_path / "second.yaml"
+    config.write_text(first.config_path.read_text().replace(f":{first.port}", f":{free_port()}"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "dbward", "serve", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert (
+        f"dbward: audit.path: cannot open the audit log: audit log {first.audit_path} is in use "
+        "by another dbward process (its audit writer holds the log): give each dbward an "
+        "audit.path of its own"
+    ) in proc.stderr, proc.stderr
+    # The first one is untouched: it records, and its log stays gap-free.
+    with psycopg.connect(**first.conninfo(), autocommit=True) as conn:
+        assert conn.execute("SELECT 2").fetchone() == (2,)
+    first.process.send_signal(signal.SIGTERM)
+    assert first.process.wait(timeout=30) == 0, first.log()
+    seqs = [r.seq for r in query.search(first.audit_path, limit=1_000_000)]
+    assert seqs == list(range(1, len(seqs) + 1))
+    assert "another process" not in first.log()

@@ -574,6 +574,45 @@ def test_sigterm_force_closes_after_grace(
     )
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_second_signal_ends_the_grace_period_at_once(
+    proxy_factory: Callable[..., Proxy], pg_server: PgServer, sig: signal.Signals
+) -> None:
+    """Review r61: a second SIGTERM or Ctrl-C during the drain did nothing (not even a log
+    line): an operator had to wait out shutdown_grace_s or kill -9, losing the records. It now
+    ends the grace period at once, as its deadline would: the statement still running gets
+    57P01 and is cancelled upstream, and the audit log is flushed (exit 0)."""
+    drained = proxy_factory(extra={"shutdown_grace_s": 60})
+    app = _app("drain-hurry")
+    conn = psycopg.connect(
+        **drained.conninfo(application_name=app), connect_timeout=10, autocommit=True
+    )
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            running = _run_async(pool, conn, "SELECT pg_sleep(60)")
+            _wait_running(pg_server, app)
+            drained.process.send_signal(sig)
+            _wait_for(lambda: "shutting down: draining" in drained.log(), TIMEOUT, "the drain")
+            assert drained.process.poll() is None  # the grace period holds it
+            drained.process.send_signal(sig)
+            _, result = running.result(timeout=30)
+        assert isinstance(result, psycopg.OperationalError), result
+        assert drained.process.wait(timeout=30) == 0, drained.log()
+    finally:
+        conn.close()
+    assert "second signal: ending the grace period now" in drained.log()
+    records = search(drained.audit_path, limit=100_000)
+    sessions = {r.session_id for r in records if r.application_name == app}
+    mine = [r for r in records if r.session_id in sessions]
+    assert [(r.status, r.sqlstate) for r in mine if is_outcome(r)] == [("unknown", "57P01")]
+    assert str(mine[-1].event) == "disconnect"
+    _wait_for(
+        lambda: not any("pg_sleep" in line for line in _active(pg_server, app)),
+        5.0,
+        "the cut-off query to stop upstream",
+    )
+
+
 def test_sigterm_ends_connections_over_max_connections(
     proxy_factory: Callable[..., Proxy], pg_server: PgServer
 ) -> None:

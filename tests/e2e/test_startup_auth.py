@@ -14,6 +14,7 @@ import socket
 import struct
 import subprocess
 import sys
+import textwrap
 import time
 import uuid
 from collections.abc import Callable
@@ -630,6 +631,41 @@ def test_a_rotated_password_file_is_used_without_a_restart(
         pg_server.psql(f"DROP ROLE IF EXISTS {role}", check=False)
 
 
+def test_a_password_file_that_is_not_a_password_is_refused_safely(
+    proxy_factory: Callable[..., Proxy], pg_server: PgServer, tmp_path: Path
+) -> None:
+    """Review r61: the password file is read at every login, whole: rotated to bytes that are
+    not UTF-8 it ended each login with FATAL XX000 "internal error" and a traceback quoting
+    a byte of the new password; a huge file (a log, /dev/zero by mistake) was read whole
+    into memory, by check-config as well as by each login on the event loop."""
+    password_file = tmp_path / "rotating-password"
+    password_file.write_text(pg_server.service_password + "\n")
+    password_file.chmod(0o600)
+    proxy = proxy_factory(upstream={"password_file": str(password_file)})
+    password_file.write_bytes(b"new-\xe9-secret\n")  # Latin-1, not UTF-8
+    with pytest.raises(psycopg.OperationalError) as info:
+        psycopg.connect(**proxy.conninfo(), connect_timeout=10)
+    # (psycopg gives no sqlstate for a FATAL during connect: the message tells.)
+    assert "FATAL:  dbward: the upstream credentials are unavailable" in str(info.value)
+    log = proxy.log()
+    assert f"cannot read the upstream password: {password_file} is not UTF-8 text" in log, log
+    assert "Traceback" not in log and "0xe9" not in log and "secret" not in log
+    password_file.write_bytes(b"x" * (64 * 1024 + 1))
+    with pytest.raises(psycopg.OperationalError) as info:
+        psycopg.connect(**proxy.conninfo(), connect_timeout=10)
+    assert "the upstream credentials are unavailable" in str(info.value)
+    assert f"{password_file} is larger than 64 KiB: not a password file" in proxy.log()
+    proc = _dbward("check-config", str(proxy.config_path))
+    assert proc.returncode == 2, proc.stderr
+    assert (
+        f"listeners[0].upstream.password_file: {password_file} is larger than 64 KiB: not a "
+        "password file"
+    ) in proc.stderr
+    password_file.write_text(pg_server.service_password + "\n")
+    with psycopg.connect(**proxy.conninfo(), connect_timeout=10) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
 def test_listen_address_in_use_names_the_key(tmp_path: Path, pg_server: PgServer) -> None:
     config = _base_config(tmp_path, pg_server)
     with socket.socket() as busy:
@@ -668,6 +704,122 @@ def test_missing_and_unparseable_config(tmp_path: Path) -> None:
     garbled.write_text("listeners: [\n")
     proc = _dbward("check-config", str(garbled))
     assert proc.returncode == 2 and "not valid YAML" in proc.stderr
+
+
+def test_a_config_that_is_not_utf8_or_not_a_config_exits_2_without_a_traceback(
+    tmp_path: Path,
+) -> None:
+    """Review r61: a configuration file holding a byte that is not UTF-8 ended `serve`,
+    `check-config` and `audit --config` with a UnicodeDecodeError traceback (exit 1), and one
+    that is not a configuration at all (/dev/zero, a log given by mistake) was read whole into
+    memory first."""
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes(b"listeners:\n  - name: caf\xe9\n")
+    huge = tmp_path / "huge.yaml"
+    with huge.open("wb") as file:
+        file.truncate(17 * 1024 * 1024)
+    for path, needle in (
+        (latin1, f"{latin1}: not UTF-8 text (line 2, byte 25 of the file)"),
+        (huge, f"{huge}: larger than 16 MiB: not a dbward configuration file"),
+    ):
+        for args in (
+            ["serve", "--config", str(path)],
+            ["check-config", str(path)],
+            ["audit", "tail", "--config", str(path)],
+        ):
+            proc = _dbward(*args)
+            assert proc.returncode == 2, (args, proc.stderr)
+            assert needle in proc.stderr, (args, proc.stderr)
+            assert "Traceback" not in proc.stderr
+
+
+def test_a_key_given_twice_exits_2_naming_it(tmp_path: Path, pg_server: PgServer) -> None:
+    """Review r61: PyYAML keeps the last of two equal keys, so a setting or a section written
+    twice silently lost the first (here the audit log's path and a listener's port). Keys a
+    merge brings in may still be overridden."""
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump(_base_config(tmp_path, pg_server), sort_keys=False))
+    text = good.read_text()
+    twice_top = tmp_path / "twice-top.yaml"
+    twice_top.write_text(text + f"audit:\n  path: {tmp_path / 'elsewhere.db'}\n")
+    twice_nested = tmp_path / "twice-nested.yaml"
+    twice_nested.write_text(text.replace("    port: ", "    port: 1\n    port: ", 1))
+    for path, key in ((twice_top, "'audit'"), (twice_nested, "'port'")):
+        for args in (["serve", "--config", str(path)], ["check-config", str(path)]):
+            proc = _dbward(*args)
+            assert proc.returncode == 2, (args, proc.stderr)
+            assert f"the key {key} is given twice in one mapping" in proc.stderr, proc.stderr
+            assert "Traceback" not in proc.stderr
+    config = _base_config(tmp_path, pg_server)
+    (listener,) = config.pop("listeners")
+    merged = tmp_path / "merged.yaml"
+    merged.write_text(
+        yaml.safe_dump(config)
+        + "listeners:\n  - &first\n"
+        + textwrap.indent(yaml.safe_dump(listener), "    ")
+        + "  - <<: *first\n    name: second\n    listen: 127.0.0.1:6998\n"
+    )
+    proc = _dbward("check-config", str(merged))
+    assert proc.returncode == 0, (proc.stderr, merged.read_text())
+
+
+def test_two_listeners_on_one_address_exit_2_naming_the_key(
+    tmp_path: Path, pg_server: PgServer
+) -> None:
+    """Review r61: check-config accepted two listeners (or a listener and the metrics
+    endpoint) on one address; serve then bound the first and stopped on the second with
+    "address already in use" (exit 1)."""
+    config = _base_config(tmp_path, pg_server)
+    first = {**config["listeners"][0], "listen": "127.0.0.1:6997"}
+    cases = [
+        ([first, {**first, "name": "again"}], None, "listeners[1].listen: 127.0.0.1:6997 overlaps"),
+        ([first, {**first, "name": "all", "listen": "*:6997"}], None, "listeners[1].listen"),
+        ([first], {"listen": "localhost:6997"}, "metrics.listen: localhost:6997 overlaps"),
+    ]
+    for listeners, metrics, needle in cases:
+        config["listeners"] = listeners
+        config["metrics"] = metrics
+        path = tmp_path / "same-address.yaml"
+        path.write_text(yaml.safe_dump(config))
+        for args in (["serve", "--config", str(path)], ["check-config", str(path)]):
+            proc = _dbward(*args)
+            assert proc.returncode == 2, (args, proc.stderr)
+            assert needle in proc.stderr, proc.stderr
+    # The same port on two addresses is fine, as is one IPv4 listener beside an IPv6 one.
+    config["listeners"] = [first, {**first, "name": "v6", "listen": "[::1]:6997"}]
+    config["metrics"] = {"listen": "127.0.0.2:6997"}
+    path.write_text(yaml.safe_dump(config))
+    proc = _dbward("check-config", str(path))
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_a_password_file_open_to_other_users_is_warned_about(
+    tmp_path: Path, proxy_factory: Callable[..., Proxy], pg_server: PgServer
+) -> None:
+    """Review r61: a service password file every local user could read went unmentioned."""
+    password_file = tmp_path / "open-password"
+    password_file.write_text(pg_server.service_password + "\n")
+    password_file.chmod(0o644)
+    config = _base_config(tmp_path, pg_server)
+    config["listeners"][0]["upstream"]["password_file"] = str(password_file)
+    path = tmp_path / "open.yaml"
+    path.write_text(yaml.safe_dump(config))
+    warning = (
+        f"listeners[0].upstream.password_file: {password_file} is open to other users "
+        f"(mode 0644): restrict it to dbward's user (chmod 600 {password_file})"
+    )
+    proc = _dbward("check-config", str(path))
+    assert proc.returncode == 0, proc.stderr
+    assert f"dbward: warning: {warning}" in proc.stderr
+    assert pg_server.service_password not in proc.stdout + proc.stderr
+    proxy = proxy_factory(upstream={"password_file": str(password_file)})
+    with psycopg.connect(**proxy.conninfo(), connect_timeout=10) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    assert f"WARNING dbward: {warning}" in proxy.log()
+    assert pg_server.service_password not in proxy.log()
+    password_file.chmod(0o600)
+    proc = _dbward("check-config", str(path))
+    assert proc.returncode == 0 and "warning" not in proc.stderr, proc.stderr
 
 
 def test_hash_password_output_logs_in(proxy_factory: Callable[..., Proxy]) -> None:
@@ -957,6 +1109,29 @@ def test_a_login_that_times_out_is_an_audited_auth_failure(
     failed = records[1]
     assert (failed.identity, failed.sqlstate) == ("alice", "08006")
     assert failed.reason == "authentication timed out (1 s)"
+
+
+def test_an_audit_path_that_is_not_a_regular_file_is_refused_untouched(
+    tmp_path: Path, pg_server: PgServer
+) -> None:
+    """Review r61: check-config accepted a FIFO or a device as audit.path (`/dev/null`, to turn
+    the log off); serve then made it private (chmod 0600: for a dbward run as root, /dev/null
+    unwritable for every other user of the host) and hung opening the FIFO, or failed with
+    "cannot rollback - no transaction is active"."""
+    fifo = tmp_path / "audit-fifo"
+    os.mkfifo(fifo, 0o644)
+    fifo.chmod(0o644)
+    config = _base_config(tmp_path, pg_server)
+    config["audit"] = {"path": str(fifo)}
+    bad = tmp_path / "fifo-audit.yaml"
+    bad.write_text(yaml.safe_dump(config))
+    for args in (["check-config", str(bad)], ["serve", "--config", str(bad)]):
+        proc = _dbward(*args)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert "audit.path: cannot" in proc.stderr and f"{fifo} is not a regular file" in (
+            proc.stderr
+        ), proc.stderr
+        assert fifo.stat().st_mode & 0o777 == 0o644
 
 
 def test_an_audit_path_holding_another_database_is_reported_by_both_commands(

@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import sqlite3
+import subprocess
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import click
@@ -342,3 +345,78 @@ def test_follow_lines_keep_their_columns_whatever_the_record() -> None:
     (second,) = shown(long, header=False)
     assert head.split()[0] == "seq"
     assert first.index("SELECT 1") == second.index("SELECT 1") == head.index("sql")
+
+
+def test_a_log_that_cannot_be_read_now_is_not_called_foreign(db: Path) -> None:
+    """Review r61: a log locked by another connection was reported as "not a dbward audit log
+    (database is locked)", sending the operator after the wrong problem."""
+    holder = sqlite3.connect(db, isolation_level=None)
+    try:
+        holder.execute("PRAGMA locking_mode=EXCLUSIVE")
+        holder.execute("BEGIN EXCLUSIVE")
+        holder.execute(
+            "INSERT INTO audit_log (ts_ms, event, session_id, statement_id) "
+            "VALUES (1, 'connect', 'x', 0)"
+        )
+        code, _, err = invoke("tail", "--audit-db", str(db))
+    finally:
+        holder.close()
+    assert code == 2
+    assert f"error: cannot use the audit log {db}: database is locked" in err, err
+    assert "not a dbward audit log" not in err
+
+
+@pytest.fixture
+def read_only_mount(tmp_path: Path) -> Iterator[tuple[Path, Callable[[], None]]]:
+    """A small tmpfs and a function that remounts it read-only (as a snapshot or backup)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    mount = tmp_path / "snapshot"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], check=True)
+
+    def make_read_only() -> None:
+        subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
+
+    try:
+        yield mount, make_read_only
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_log_on_a_read_only_file_system_can_be_read(
+    db: Path, read_only_mount: tuple[Path, Callable[[], None]]
+) -> None:
+    """Review r61: a log on a read-only mount (a snapshot, a backup) could not be read at all:
+    SQLite cannot create the -shm file it locks to read a WAL database ("not a dbward audit
+    log (unable to open database file)")."""
+    mount, make_read_only = read_only_mount
+    copy = mount / "audit.db"
+    shutil.copyfile(db, copy)
+    make_read_only()
+    code, out, err = invoke("tail", "--json", "--audit-db", str(copy))
+    assert code == 0, err
+    assert [json.loads(line)["seq"] for line in out.splitlines()] == [1, 2, 3]
+
+
+def test_a_read_only_log_with_records_still_in_its_wal_is_not_read_short(
+    tmp_path: Path, read_only_mount: tuple[Path, Callable[[], None]]
+) -> None:
+    """Its last records are in the -wal file, which an immutable open would leave out."""
+    mount, make_read_only = read_only_mount
+    live = tmp_path / "live.db"
+
+    async def main() -> None:
+        sink = SqliteAuditSink(live)
+        sink.start()
+        await sink.append_durable(AuditRecord(AuditEvent.CONNECT, NOW, "s"))
+        for suffix in ("", "-wal"):  # copied while the writer has it open
+            shutil.copyfile(f"{live}{suffix}", f"{mount / 'audit.db'}{suffix}")
+        await sink.close()
+
+    asyncio.run(main())
+    assert (mount / "audit.db-wal").stat().st_size > 0
+    make_read_only()
+    code, _, err = invoke("tail", "--audit-db", str(mount / "audit.db"))
+    assert code == 2
+    assert f"its last records are still in {mount / 'audit.db-wal'}" in err, err

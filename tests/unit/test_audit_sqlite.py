@@ -702,3 +702,22 @@ def test_failed_commit_that_landed_is_not_written_twice(tmp_path: Path) -> None:
 
     run(main)
     assert rows(db) == [(i, f"SELECT {i}") for i in range(1, 5)]
+
+
+@pytest.mark.parametrize("suffix", ["-wal", "-shm"])
+def test_a_link_in_place_of_the_logs_own_files_is_refused_not_followed(
+    tmp_path: Path, suffix: str
+) -> None:
+    """Review r61: a symbolic link planted as audit.db-wal or -shm (by anyone who can write the
+    folder) was followed: the writer made its target private (chmod 0600; for a dbward run as
+    root, any file on the host) and SQLite would write into it."""
+    db = tmp_path / "a.db"
+    target = tmp_path / "someone-elses-file"
+    target.write_text("keep me\n")
+    target.chmod(0o644)
+    Path(f"{db}{suffix}").symlink_to(target)
+    sink = SqliteAuditSink(db)
+    with pytest.raises(AuditUnavailable, match=f"{db}{suffix} is not a regular file"):
+        sink.start(asyncio.new_event_loop())
+    assert target.stat().st_mode & 0o777 == 0o644
+    assert target.read_text() == "keep me\n"

@@ -238,7 +238,11 @@ def test_an_empty_upstream_password_is_a_problem_at_start(
         {
             "listeners": [
                 _listener(password_env="DBWARD_TEST_EMPTY_PW"),
-                {"name": "m", "upstream": {"user": "svc", "password_file": str(empty_file)}},
+                {
+                    "name": "m",
+                    "listen": "127.0.0.1:6433",  # not the first one's (the default)
+                    "upstream": {"user": "svc", "password_file": str(empty_file)},
+                },
             ]
         },
         base_dir=tmp_path,
@@ -274,4 +278,20 @@ audit: {max_delay_ms: true}
         "listeners[0].auth_fail_burst: expected a number, not the boolean false",
         "listeners[0].auth_timeout_s: expected a number, not the boolean true",
         "listeners[0].upstream.port: expected a number, not the boolean true",
+    ]
+
+
+def test_a_path_starting_with_a_tilde_is_not_taken_for_a_folder_named_tilde() -> None:
+    """Review r61: `audit.path: ~/audit.db` was resolved against the configuration's folder,
+    so dbward wrote its log into a new folder literally named "~" there."""
+    problems = _problems(
+        {
+            "listeners": [_listener(password_file="~/pw")],
+            "audit": {"path": "~dbward/audit.db"},
+            "auth_secret_file": "sub/~/ok.key",  # only a leading ~ is the shell's
+        }
+    )
+    assert problems == [
+        "listeners[0].upstream.password_file: ~/pw: '~' is not expanded here; give the full path",
+        "audit.path: ~dbward/audit.db: '~' is not expanded here; give the full path",
     ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -32,8 +33,11 @@ def open_readonly(path: Path | str) -> sqlite3.Connection:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"audit log {p} does not exist")
+    uri = f"{p.resolve().as_uri()}?mode=ro"
+    if _on_read_only_file_system(p):
+        uri += "&immutable=1"
     try:
-        conn = sqlite3.connect(f"{p.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None)
+        conn = sqlite3.connect(uri, uri=True, isolation_level=None)
     except sqlite3.Error as exc:
         raise AuditUnavailable(f"cannot open audit log {p}: {exc}") from exc
     try:
@@ -44,6 +48,30 @@ def open_readonly(path: Path | str) -> sqlite3.Connection:
         conn.close()
         raise
     return conn
+
+
+def _on_read_only_file_system(path: Path) -> bool:
+    """True for a log on a read-only mount (a snapshot, a backup, evidence): read it as is.
+
+    SQLite reads a WAL database only by taking a lock in its -shm file, which it cannot create
+    there ("unable to open database file"). Nothing can write such a file, so it may be opened
+    immutable (no locks); unless it has a -wal file with records not yet copied into it, which
+    an immutable open would silently leave out.
+    """
+    try:
+        if not os.statvfs(path).f_flag & os.ST_RDONLY:
+            return False
+        wal = Path(f"{path}-wal")
+        pending = wal.is_file() and wal.stat().st_size > 0
+    except OSError:
+        return False  # the open that follows says what is wrong
+    if pending:
+        raise AuditUnavailable(
+            f"audit log {path} is on a read-only file system and its last records are still "
+            f"in {wal}, which SQLite cannot read there: copy both files (and any -shm) to a "
+            "writable folder and read the copy"
+        )
+    return True
 
 
 def existing_log_problem(path: Path) -> str | None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import sqlite3
+import stat
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,7 +15,14 @@ from dbward.audit.records import AuditEvent, AuditRecord
 from dbward.audit.sink import DEFAULT_MAX_DELAY_MS, DEFAULT_MAX_PENDING, GroupCommitSink
 from dbward.core.errors import AuditUnavailable
 
-__all__ = ["APPLICATION_ID", "COLUMNS", "SCHEMA_VERSION", "SqliteAuditSink", "check_schema"]
+__all__ = [
+    "APPLICATION_ID",
+    "COLUMNS",
+    "SCHEMA_VERSION",
+    "SqliteAuditSink",
+    "check_schema",
+    "lock_for_writing",
+]
 
 APPLICATION_ID = 0x64627764  # "dbwd" in PRAGMA application_id marks the file as ours
 SCHEMA_VERSION = 1  # PRAGMA user_version
@@ -142,6 +152,9 @@ def check_schema(conn: sqlite3.Connection, path: Path, *, create: bool) -> None:
                 conn.execute("ROLLBACK")
                 raise
             return
+    except sqlite3.OperationalError as exc:
+        # Locked, read-only, cannot be opened: nothing is known yet about what the file holds.
+        raise AuditUnavailable(f"cannot use the audit log {path}: {exc}{_hint(exc)}") from exc
     except sqlite3.DatabaseError as exc:
         raise AuditUnavailable(f"{path} is not a dbward audit log ({exc})") from exc
     if app_id != APPLICATION_ID:
@@ -157,11 +170,25 @@ def check_schema(conn: sqlite3.Connection, path: Path, *, create: bool) -> None:
         raise AuditUnavailable(f"{path} has an invalid audit schema version ({version})")
 
 
+def _hint(exc: sqlite3.OperationalError) -> str:
+    if getattr(exc, "sqlite_errorname", "").startswith("SQLITE_READONLY"):
+        # Reading a WAL database takes a lock in its -shm file, which SQLite creates beside it.
+        return (
+            " (reading it needs write access to its folder, or to its -wal and -shm files: "
+            "run this as the user dbward runs as)"
+        )
+    return ""
+
+
 def location_problem(path: Path) -> str | None:
     """Why the audit log cannot be created or opened at `path` (None if nothing is known to
     stop it): checked without creating anything, for `check-config` and clear errors."""
     if path.is_dir():
         return f"{path} is a directory"
+    if path.exists() and not path.is_file():
+        # /dev/null (an attempt to turn the log off), a FIFO (SQLite would block on it): dbward
+        # would also have made it private to its own user, /dev/null for the whole host.
+        return f"{path} is not a regular file"
     if path.exists():
         return None if os.access(path, os.R_OK | os.W_OK) else f"{path} is not writable"
     ancestor = path.parent
@@ -193,12 +220,59 @@ def _prepare_file(path: Path) -> None:
             pass
         for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
             try:
-                if p.stat().st_mode & 0o077:
-                    p.chmod(0o600)
+                # The log itself may be a link to a regular file. Its -wal and -shm are SQLite's
+                # own: a link or anything else there (planted by someone who can write the
+                # folder) would have SQLite write into, and chmod change, what it points to.
+                st = p.stat() if p == path else p.lstat()
             except FileNotFoundError:
-                pass
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                raise AuditUnavailable(
+                    f"cannot create audit log {path}: {p} is not a regular file (remove it)"
+                )
+            if st.st_mode & 0o077:
+                p.chmod(0o600)
     except OSError as exc:
         raise AuditUnavailable(f"cannot create audit log {path}: {exc.strerror or exc}") from exc
+
+
+# How long a writer waits for the log's lock: the writer of a dbward that was just killed
+# (kill -9, a crash) commits what it was sent and exits, within a second or two.
+LOCK_WAIT_S = 5.0
+
+
+def lock_for_writing(path: Path, *, wait_s: float = LOCK_WAIT_S) -> int:
+    """Take the one-writer lock on the audit log (creating the file); return its descriptor.
+
+    Keep the descriptor open while writing: the lock is released when it is closed, or when
+    the process ends however it ends. Two writers on one log would take turns failing (each
+    sees seqs the other wrote) and refuse statements for good; a second dbward given the same
+    audit.path, or one restarted while its killed predecessor's writer still commits, must wait
+    or stop at start instead. It is an flock(2) on the database file: SQLite locks with fcntl
+    byte ranges, which on Linux are independent of it, and readers take no flock.
+    """
+    _prepare_file(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise AuditUnavailable(f"cannot open audit log {path}: {exc.strerror or exc}") from exc
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if time.monotonic() < deadline:
+                time.sleep(0.05)
+                continue
+            os.close(fd)
+            raise AuditUnavailable(
+                f"audit log {path} is in use by another dbward process (its audit writer "
+                "holds the log): give each dbward an audit.path of its own"
+            ) from None
+        except OSError as exc:
+            os.close(fd)
+            raise AuditUnavailable(f"cannot lock audit log {path}: {exc.strerror or exc}") from exc
+        return fd
 
 
 def _clean(value: object) -> object:

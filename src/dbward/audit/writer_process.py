@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from dbward.audit.records import AuditRecord
-from dbward.audit.sqlite import SqliteAuditSink
+from dbward.audit.sqlite import SqliteAuditSink, lock_for_writing
 from dbward.core.errors import AuditUnavailable
 
 _LEN = struct.Struct("!I")
@@ -201,6 +201,8 @@ async def _run(path: Path, max_delay_ms: int, max_pending: int) -> int:
     out_transport, _ = await loop.connect_write_pipe(asyncio.Protocol, sys.stdout.buffer)
     sink = SqliteAuditSink(path, max_delay_ms=max_delay_ms, max_pending=max_pending)
     try:
+        # Held until the process exits (the descriptor is never closed): one writer per log.
+        lock_for_writing(path)
         sink.start(loop)
     except AuditUnavailable as exc:
         out_transport.write(encode_frame(("error", exc.message)))

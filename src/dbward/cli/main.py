@@ -71,7 +71,7 @@ def check_config(config_arg: Path | None, config_opt: Path | None) -> None:
     assert config_path is not None
     from dbward.audit.query import existing_log_problem
     from dbward.audit.sqlite import location_problem
-    from dbward.config import load_config, upstream_password_problems
+    from dbward.config import load_config, secret_file_warnings, upstream_password_problems
     from dbward.identity.auth_secret import load_auth_secret
     from dbward.server.tls import listener_contexts
 
@@ -100,6 +100,8 @@ def check_config(config_arg: Path | None, config_opt: Path | None) -> None:
         sys.exit(2)
     for key, problem in problems:
         click.echo(f"dbward: warning: {key}: {problem} here; `serve` needs it", err=True)
+    for key, warning in secret_file_warnings(config):
+        click.echo(f"dbward: warning: {key}: {warning}", err=True)
     click.echo(f"ok: {len(config.listeners)} listener(s), {len(config.users)} user(s)")
 
 

@@ -1,6 +1,11 @@
 """Typed settings and the YAML loader."""
 
-from dbward.config.loader import load_config, parse_config, upstream_password_problems
+from dbward.config.loader import (
+    load_config,
+    parse_config,
+    secret_file_warnings,
+    upstream_password_problems,
+)
 from dbward.config.model import (
     AuditSettings,
     ClientTlsSettings,
@@ -21,5 +26,6 @@ __all__ = [
     "UserSettings",
     "load_config",
     "parse_config",
+    "secret_file_warnings",
     "upstream_password_problems",
 ]

@@ -108,6 +108,10 @@ class UpstreamTlsSettings(_Strict):
         return self
 
 
+# Longest upstream password file read (PostgreSQL's own limit on a password is far lower).
+MAX_PASSWORD_FILE_BYTES = 64 * 1024
+
+
 # libpq's names for the methods a database may authenticate a client with ("none": it lets
 # the client in without asking, as trust and peer do).
 UpstreamAuthMethod = Literal["scram-sha-256", "md5", "password", "none"]
@@ -196,7 +200,22 @@ class UpstreamSettings(_Strict):
                 raise LookupError(f"environment variable {self.password_env} is not set")
             return value
         if self.password_file is not None:
-            return self.password_file.read_text(encoding="utf-8").rstrip("\r\n")
+            path = self.password_file
+            # Read at every login, on the event loop: a file that is not a password (a log,
+            # /dev/zero) must not be read whole.
+            with path.open("rb") as file:
+                raw = file.read(MAX_PASSWORD_FILE_BYTES + 1)
+            if len(raw) > MAX_PASSWORD_FILE_BYTES:
+                raise ValueError(
+                    f"{path} is larger than {MAX_PASSWORD_FILE_BYTES // 1024} KiB: not a "
+                    "password file"
+                )
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                # Not the decoder's message: it quotes a byte of the secret and its position.
+                raise ValueError(f"{path} is not UTF-8 text") from None
+            return text.rstrip("\r\n")
         return None
 
 
@@ -217,6 +236,31 @@ def check_listen(value: str, *, example_port: int) -> str:
         except ValueError:
             raise ValueError(f"'{host}' is not an IP address, 'localhost' or '*'") from None
     return value
+
+
+def _bound_hosts(listen: str) -> set[str]:
+    """The addresses a valid `listen` value binds: "0.0.0.0"/"::" stand for every address of
+    their family (asyncio binds both for * and an empty host, and localhost's two)."""
+    host = listen.rpartition(":")[0].strip("[]")
+    if host in ("", "*"):
+        return {"0.0.0.0", "::"}
+    if host == "localhost":
+        return {"127.0.0.1", "::1"}
+    return {str(ipaddress.ip_address(host))}
+
+
+def listen_addresses_overlap(one: str, other: str) -> bool:
+    """True if two valid `listen` values cannot both be bound (same port, an address in common
+    or a wildcard of the same family)."""
+    if one.rpartition(":")[2] != other.rpartition(":")[2]:
+        return False
+    for a in _bound_hosts(one):
+        for b in _bound_hosts(other):
+            if ipaddress.ip_address(a).version != ipaddress.ip_address(b).version:
+                continue
+            if a == b or a in ("0.0.0.0", "::") or b in ("0.0.0.0", "::"):
+                return True
+    return False
 
 
 def listen_host(listen: str) -> str | None:
@@ -349,4 +393,20 @@ class Config(_Strict):
                 if name in seen:
                     raise ValueError(f"{label}: the name '{name}' is used twice")
                 seen.add(name)
+        return self
+
+    @model_validator(mode="after")
+    def _distinct_addresses(self) -> Config:
+        # Found here, by check-config too, rather than as "address already in use" (exit 1)
+        # once serve has bound the first of them.
+        keyed = [(f"listeners[{i}].listen", item.listen) for i, item in enumerate(self.listeners)]
+        if self.metrics is not None:
+            keyed.append(("metrics.listen", self.metrics.listen))
+        for index, (key, listen) in enumerate(keyed):
+            for earlier_key, earlier in keyed[:index]:
+                if listen_addresses_overlap(listen, earlier):
+                    raise ValueError(
+                        f"{key}: {listen} overlaps {earlier_key} ({earlier}): each listener "
+                        "and the metrics endpoint need an address of their own"
+                    )
         return self

@@ -292,7 +292,9 @@ class Login:
         services = self.services
         try:
             password = services.settings.upstream.read_password()
-        except (OSError, LookupError) as exc:
+        except (OSError, LookupError, ValueError) as exc:
+            # ValueError: a rotated file that is not UTF-8 text, or too large (its message
+            # names the file, never its content).
             log.error(
                 "listener %s: cannot read the upstream password: %s", services.settings.name, exc
             )

@@ -146,8 +146,10 @@ class PgListener:
         assert self._server is not None and self._server.sockets
         return int(self._server.sockets[0].getsockname()[1])
 
-    async def drain(self, grace_s: float) -> None:
-        """Refuse new connections, let in-flight work finish, then end every session."""
+    async def drain(self, grace_s: float, hurry: asyncio.Event | None = None) -> None:
+        """Refuse new connections, let in-flight work finish, then end every session.
+
+        The grace period ends early once `hurry` is set (a second SIGTERM/SIGINT)."""
         services = self.services
         services.draining = True
         if self._server is not None:
@@ -158,7 +160,7 @@ class PgListener:
         # later if its client does not read it: only in-flight work holds the grace period.
         for session in [*services.sessions, *services.over_limit]:
             session.request_shutdown()
-        await self._wait_for_sessions(grace_s)
+        await self._wait_for_sessions(grace_s, hurry)
         for session in [*services.sessions, *services.over_limit]:
             session.force_close()
         # Closing a connection waits until what is left to send has been sent: one whose client
@@ -178,10 +180,15 @@ class PgListener:
             report_held_logins(services, services.logins)
         await asyncio.sleep(0)
 
-    async def _wait_for_sessions(self, timeout_s: float) -> None:
-        """Until every session (and connection over the limit) has gone, at most timeout_s."""
+    async def _wait_for_sessions(
+        self, timeout_s: float, hurry: asyncio.Event | None = None
+    ) -> None:
+        """Until every session (and connection over the limit) has gone, at most timeout_s
+        (or until `hurry` is set)."""
         services = self.services
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         while (services.sessions or services.over_limit) and loop.time() < deadline:
+            if hurry is not None and hurry.is_set():
+                return
             await asyncio.sleep(0.05)
