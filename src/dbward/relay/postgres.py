@@ -426,7 +426,14 @@ _REQUESTS: Final = {
 _LINGER_S: Final = 2.0  # how long a refused client that is still sending is read and ignored
 # How long a client has to take the drain's 57P01 before its connection is dropped.
 SHUTDOWN_ABORT_S: Final = 1.0
+# Enum members read per statement, as module constants: a class attribute load (Enum or not)
+# is never specialized in CPython 3.11, a global one is.
 _READ_KIND: Final = StatementKind.READ
+_TRANSACTION_KIND: Final = StatementKind.TRANSACTION
+_EXTENDED: Final = ProtocolPath.EXTENDED
+_COPY_PATH: Final = ProtocolPath.COPY
+_STATEMENT_EVENT: Final = AuditEvent.STATEMENT
+_OUTCOME_EVENT: Final = AuditEvent.OUTCOME
 # Statements that may commit the implicit transaction they run in (a procedure's COMMIT), and
 # ones no transaction undoes: neither lets dbward claim a later rollback undid what came before.
 _MAY_COMMIT: Final = frozenset({"DO", "CALL"})
@@ -1692,7 +1699,7 @@ class PgSession(asyncio.Protocol):
             # Decided here as well as at every Execute: a statement that would be denied never
             # reaches PostgreSQL, so a Parse/Describe of it cannot tell the client whether its
             # tables exist or what their columns are.
-            decided, denial = self._decide_all(statements, ProtocolPath.EXTENDED)
+            decided, denial = self._decide_all(statements, _EXTENDED)
             if denial is not None:
                 self._refuse_parse(name, decided, denial, out)
                 return None
@@ -2027,7 +2034,7 @@ class PgSession(asyncio.Protocol):
                     held = _end_cursors_in_string(cursors, code, None)
             stmt_path = path
             if "copy_from_stdin" in statement.flags or "copy_to_stdout" in statement.flags:
-                stmt_path = ProtocolPath.COPY
+                stmt_path = _COPY_PATH
             # tuple.__new__: what the NamedTuple's own __new__ does, less its Python frame.
             request = _new_tuple(PolicyRequest, (context, statement, stmt_path, now))
             decision = decide(request)
@@ -2209,7 +2216,7 @@ class PgSession(asyncio.Protocol):
         """Refuse a Bind, Execute, Describe or Close naming a statement or portal by a name
         PostgreSQL might read as another (guard.name_limit, see _NAME_MAX): the poison Parse in
         its place, then skip to Sync, as for a denied Execute. Nothing is (re)defined."""
-        decided, denial = self._decide_all(statements, ProtocolPath.EXTENDED)
+        decided, denial = self._decide_all(statements, _EXTENDED)
         assert denial is not None  # guard.name_limit refuses every statement flagged so
         if record:
             self._record_denied(decided, denial)
@@ -2318,7 +2325,7 @@ class PgSession(asyncio.Protocol):
         sources: tuple[_Definition, ...] = (),
     ) -> tuple[asyncio.Future[int], tuple[bytes | bytearray, bytes]] | None:
         self._ran_since_ready = True
-        tracked, durable, denial = self._admit(statements, ProtocolPath.EXTENDED)
+        tracked, durable, denial = self._admit(statements, _EXTENDED)
         if denial is not None:
             self._ops.append(_Op(_OP_POISON, None, _denial_frame(denial)))
             out.append(_POISON_PARSE)
@@ -2373,7 +2380,7 @@ class PgSession(asyncio.Protocol):
                 "uninspected_statement",
                 f"prepared statement {name!r} was not seen by dbward",
             )
-        decided, denial = self._decide_all((statement,), ProtocolPath.EXTENDED)
+        decided, denial = self._decide_all((statement,), _EXTENDED)
         assert denial is not None  # guard.unparseable refuses every uninspected statement
         probe = _Op(_OP_DESCRIBE)
         probe.decided = decided  # refused and recorded if it exists
@@ -2562,7 +2569,7 @@ class PgSession(asyncio.Protocol):
             f"portal {name!r} may have been dropped by a statement PostgreSQL has not answered"
             " yet (send it in a sync group of its own, after that answer)",
         )
-        decided, denial = self._decide_all((statement,), ProtocolPath.EXTENDED)
+        decided, denial = self._decide_all((statement,), _EXTENDED)
         assert denial is not None  # guard.unparseable refuses every uninspected statement
         self._record_denied(decided, denial)
         self._ops.append(_Op(_OP_POISON, None, _denial_frame(denial)))
@@ -2993,7 +3000,7 @@ class PgSession(asyncio.Protocol):
             for item in op.tracked or ():
                 # INSERT/UPDATE/DELETE ... RETURNING ran whole at the first Execute: the
                 # limit counts the rows returned so far, not the rows changed (unknown).
-                changed = suspended and item.statement.kind is not StatementKind.READ
+                changed = suspended and item.statement.kind is not _READ_KIND
                 self._record_outcome(
                     item,
                     "suspended" if suspended else "empty",
@@ -3309,7 +3316,7 @@ class PgSession(asyncio.Protocol):
             if status != "ok":
                 self._implicit = False
             return None
-        if statement.kind is StatementKind.TRANSACTION or command in _MAY_COMMIT:
+        if statement.kind is _TRANSACTION_KIND or command in _MAY_COMMIT:
             committable, self._committable = self._committable, None
             if status == "ok" and "chains_transaction" not in statement.flags:
                 if command == "COMMIT":
@@ -3342,7 +3349,7 @@ class PgSession(asyncio.Protocol):
         block = self._block
         assert block is not None
         statement = tracked.statement
-        if statement.kind is not StatementKind.TRANSACTION:
+        if statement.kind is not _TRANSACTION_KIND:
             if status == "ok" and statement.command not in _NOT_TRANSACTIONAL:
                 block[-1].changes.append(tracked)
             return None
@@ -3746,7 +3753,7 @@ class PgSession(asyncio.Protocol):
         return _new_tuple(
             AuditRecord,
             (
-                AuditEvent.STATEMENT,
+                _STATEMENT_EVENT,
                 int(self.services.clock() * 1000),
                 self.session_id,
                 identity.name if identity is not None else self._claimed_user,
@@ -3830,7 +3837,7 @@ class PgSession(asyncio.Protocol):
         record = _new_tuple(  # every field (see _statement_record)
             AuditRecord,
             (
-                AuditEvent.OUTCOME,
+                _OUTCOME_EVENT,
                 int(self.services.clock() * 1000),
                 self.session_id,
                 identity.name if identity is not None else self._claimed_user,
