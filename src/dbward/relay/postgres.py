@@ -1404,8 +1404,6 @@ class PgSession(asyncio.Protocol):
             return  # the connection to PostgreSQL is closing: nothing more is read or run
         out: list[bytes | bytearray] = []
         in_place = False  # `out` holds a large message as the framer gathered it
-        # Bound once: PgSession's many attributes keep `self.method` from being specialized.
-        handle = self._handle_message
         i = 0  # the index of the frame after this one (the list is not changed meanwhile)
         for msg_type, payload, raw in frames:
             i += 1
@@ -1486,7 +1484,7 @@ class PgSession(asyncio.Protocol):
                     if text is not None:
                         self._hold_for_classification(text, frames, i - 1, out)
                         return
-                barrier = handle(msg_type, payload, raw, out)
+                barrier = self._handle_message(msg_type, payload, raw, out)
             except ProtocolError as exc:
                 if out:
                     _write_all(upstream.transport, out)
@@ -2786,7 +2784,6 @@ class PgSession(asyncio.Protocol):
         pieces: list[bytes] | None = None
         position = 0
         ops = self._ops
-        on_message = self._on_backend_message  # bound once (see _process_frames)
         for msg_type, start, end, payload in events:
             # Other replies pay one test (a constant set); these come once per result set.
             if msg_type in {0x44, 0x54, 0x64}:
@@ -2801,7 +2798,7 @@ class PgSession(asyncio.Protocol):
                         op.data_type = 0x44  # a statement of the Query returns rows: they follow
                         continue
             try:
-                replacement = on_message(msg_type, payload)
+                replacement = self._on_backend_message(msg_type, payload)
             except ProtocolError as exc:
                 # A malformed body (ErrorResponse, ParameterStatus, ...): neither it nor the
                 # rest of this feed reaches the client; whatever came before it does.
