@@ -67,7 +67,8 @@ def select_reply(aid: int) -> bytes:
     return row_desc + m.data_row([b"0"]) + m.command_complete("SELECT 1") + m.ready_for_query(b"I")
 
 
-def run(n: int, mode: str) -> float:
+def workload(n: int, mode: str) -> tuple[PgSession, NullSink, list[bytes], bytes]:
+    """A ready session, n requests of `mode` and PostgreSQL's reply to each."""
     session, sink = make_session()
     rng = random.Random(1)
     reply = select_reply(1)
@@ -107,10 +108,20 @@ def run(n: int, mode: str) -> float:
             m.query(f"SELECT abalance FROM pgbench_accounts WHERE aid = {rng.randint(1, 10**6)};")
             for _ in range(n)
         ]
-    start = time.perf_counter()
+    return session, sink, requests, reply
+
+
+def feed(session: PgSession, requests: list[bytes], reply: bytes) -> None:
+    """Each request to the session, then PostgreSQL's reply to it."""
     for request in requests:
         session.data_received(request)
         session._on_upstream_data(reply)
+
+
+def run(n: int, mode: str) -> float:
+    session, sink, requests, reply = workload(n, mode)
+    start = time.perf_counter()
+    feed(session, requests, reply)
     elapsed = time.perf_counter() - start
     assert sink.count >= n, sink.count  # at least one record per statement
     return elapsed / n * 1e6

@@ -525,7 +525,9 @@ def test_a_fatal_mid_pipeline_fails_the_running_statement_and_skips_the_rest() -
     assert statuses == {1: ("error", "57P01"), 2: ("not_executed", ""), 3: ("not_executed", "")}
 
 
-def test_a_statement_still_waiting_for_its_durable_intent_was_never_executed() -> None:
+def test_a_statement_still_waiting_for_its_durable_intent_was_never_executed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     class _SlowDurable(MemorySink):
         def append_durable(self, record: Any) -> Any:
             self.append(record)
@@ -538,7 +540,8 @@ def test_a_statement_still_waiting_for_its_durable_intent_was_never_executed() -
         session.data_received(m.query(DELETE))
         assert upstream.written == b""  # held until the intent is durable
         cancels: list[bytes] = []
-        session._cancel_upstream = lambda: cancels.append(b"cancel")  # type: ignore[method-assign, assignment, return-value]
+        # On the class: a PgSession has slots, no instance dict to shadow a method in.
+        monkeypatch.setattr(PgSession, "_cancel_upstream", lambda _: cancels.append(b"cancel"))
         session.connection_lost(None)
         return sink.records, cancels
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import tracemalloc
 
 import pytest
@@ -470,6 +471,20 @@ def test_template_hits_do_not_fill_the_text_cache() -> None:
         assert hit[0].text == f"SELECT abalance FROM pgbench_accounts WHERE aid = {aid}"
     assert list(clf._cache) == ["SELECT abalance FROM pgbench_accounts WHERE aid = 1;"]
     assert len(clf._templates) == 1
+
+
+def test_a_statement_built_from_a_template_is_the_one_built_in_full() -> None:
+    """The template cache sets a Statement's slots itself (cheaper than its __init__): every
+    field, the hash and the repr are those of a fresh classification, and it stays frozen."""
+    clf = PostgresClassifier()
+    clf.classify("SELECT abalance FROM pgbench_accounts WHERE aid = 1")
+    text = "SELECT abalance FROM pgbench_accounts WHERE aid = 2"
+    (shared,) = clf.classify(text)
+    assert text not in clf._cache  # it came from the template
+    (fresh,) = PostgresClassifier(cache_size=0).classify(text)
+    assert shared == fresh and hash(shared) == hash(fresh) and repr(shared) == repr(fresh)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        shared.text = "SELECT 1"  # type: ignore[misc]
 
 
 @pytest.mark.parametrize(

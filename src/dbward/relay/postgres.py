@@ -426,7 +426,14 @@ _REQUESTS: Final = {
 _LINGER_S: Final = 2.0  # how long a refused client that is still sending is read and ignored
 # How long a client has to take the drain's 57P01 before its connection is dropped.
 SHUTDOWN_ABORT_S: Final = 1.0
+# Enum members read per statement, as module constants: a class attribute load (Enum or not)
+# is never specialized in CPython 3.11, a global one is.
 _READ_KIND: Final = StatementKind.READ
+_TRANSACTION_KIND: Final = StatementKind.TRANSACTION
+_EXTENDED: Final = ProtocolPath.EXTENDED
+_COPY_PATH: Final = ProtocolPath.COPY
+_STATEMENT_EVENT: Final = AuditEvent.STATEMENT
+_OUTCOME_EVENT: Final = AuditEvent.OUTCOME
 # Statements that may commit the implicit transaction they run in (a procedure's COMMIT), and
 # ones no transaction undoes: neither lets dbward claim a later rollback undid what came before.
 _MAY_COMMIT: Final = frozenset({"DO", "CALL"})
@@ -656,6 +663,96 @@ def _audit_unavailable_decision() -> Decision:
 
 class PgSession(asyncio.Protocol):
     """asyncio protocol for one client connection and the relay state of its session."""
+
+    # Slots, not an instance dict: with more than 30 attributes a dict cannot share its keys
+    # with the class, and CPython 3.11 then never specializes `self.attr` loads and
+    # `self.method(...)` calls on it (each stays a generic lookup, ~25 method loads and many
+    # more attribute loads per transaction). Every attribute set in __init__ is listed here.
+    __slots__ = (
+        "_allowed_counts",
+        "_application_name",
+        "_audit_refused_counts",
+        "_authorization_at_login",
+        "_awaiting",
+        "_barrier_op",
+        "_block",
+        "_blocked",
+        "_cancel_key",
+        "_claimed_user",
+        "_client_host",
+        "_client_mid_frame",
+        "_client_paused_for_replies",
+        "_client_paused_for_upstream",
+        "_closing",
+        "_codec",
+        "_commit_failed",
+        "_committable",
+        "_conforming_strings",
+        "_connect_audited",
+        "_context",
+        "_copies_admitted",
+        "_copy_ops",
+        "_copy_syncs",
+        "_copy_verdict_pending",
+        "_copying",
+        "_database",
+        "_denied_counts",
+        "_discard_until_sync",
+        "_earlier",
+        "_escalation",
+        "_executed_portals",
+        "_forgotten_portals",
+        "_framer",
+        "_hashed_cut",
+        "_hashed_sha256",
+        "_hashed_text",
+        "_held_intents",
+        "_host_key",
+        "_implicit",
+        "_in_block",
+        "_inbox",
+        "_max_statement_bytes",
+        "_next_sid",
+        "_offload_task",
+        "_ops",
+        "_over_limit",
+        "_partial_counted",
+        "_partial_since",
+        "_partial_timer",
+        "_pending_portals",
+        "_pending_statements",
+        "_phase",
+        "_portal_events",
+        "_portals",
+        "_preclassified",
+        "_prepared",
+        "_ran_since_ready",
+        "_scanner",
+        "_scoped",
+        "_scopes",
+        "_server_encoding",
+        "_shutdown_requested",
+        "_site_key",
+        "_startup_frames",
+        "_startup_task",
+        "_startup_wake",
+        "_statement_count",
+        "_superuser_at_login",
+        "_syncs",
+        "_terminated",
+        "_unauthenticated",
+        "_upstream",
+        "_upstream_ending",
+        "_upstream_held",
+        "_upstream_held_since",
+        "_upstream_lost_reported",
+        "_upstream_paused_for_client",
+        "client_addr",
+        "identity",
+        "services",
+        "session_id",
+        "transport",
+    )
 
     def __init__(self, services: ListenerServices) -> None:
         self.services = services
@@ -1309,8 +1406,6 @@ class PgSession(asyncio.Protocol):
             return  # the connection to PostgreSQL is closing: nothing more is read or run
         out: list[bytes | bytearray] = []
         in_place = False  # `out` holds a large message as the framer gathered it
-        # Bound once: PgSession's many attributes keep `self.method` from being specialized.
-        handle = self._handle_message
         i = 0  # the index of the frame after this one (the list is not changed meanwhile)
         for msg_type, payload, raw in frames:
             i += 1
@@ -1391,7 +1486,7 @@ class PgSession(asyncio.Protocol):
                     if text is not None:
                         self._hold_for_classification(text, frames, i - 1, out)
                         return
-                barrier = handle(msg_type, payload, raw, out)
+                barrier = self._handle_message(msg_type, payload, raw, out)
             except ProtocolError as exc:
                 if out:
                     _write_all(upstream.transport, out)
@@ -1604,7 +1699,7 @@ class PgSession(asyncio.Protocol):
             # Decided here as well as at every Execute: a statement that would be denied never
             # reaches PostgreSQL, so a Parse/Describe of it cannot tell the client whether its
             # tables exist or what their columns are.
-            decided, denial = self._decide_all(statements, ProtocolPath.EXTENDED)
+            decided, denial = self._decide_all(statements, _EXTENDED)
             if denial is not None:
                 self._refuse_parse(name, decided, denial, out)
                 return None
@@ -1939,7 +2034,7 @@ class PgSession(asyncio.Protocol):
                     held = _end_cursors_in_string(cursors, code, None)
             stmt_path = path
             if "copy_from_stdin" in statement.flags or "copy_to_stdout" in statement.flags:
-                stmt_path = ProtocolPath.COPY
+                stmt_path = _COPY_PATH
             # tuple.__new__: what the NamedTuple's own __new__ does, less its Python frame.
             request = _new_tuple(PolicyRequest, (context, statement, stmt_path, now))
             decision = decide(request)
@@ -2121,7 +2216,7 @@ class PgSession(asyncio.Protocol):
         """Refuse a Bind, Execute, Describe or Close naming a statement or portal by a name
         PostgreSQL might read as another (guard.name_limit, see _NAME_MAX): the poison Parse in
         its place, then skip to Sync, as for a denied Execute. Nothing is (re)defined."""
-        decided, denial = self._decide_all(statements, ProtocolPath.EXTENDED)
+        decided, denial = self._decide_all(statements, _EXTENDED)
         assert denial is not None  # guard.name_limit refuses every statement flagged so
         if record:
             self._record_denied(decided, denial)
@@ -2230,7 +2325,7 @@ class PgSession(asyncio.Protocol):
         sources: tuple[_Definition, ...] = (),
     ) -> tuple[asyncio.Future[int], tuple[bytes | bytearray, bytes]] | None:
         self._ran_since_ready = True
-        tracked, durable, denial = self._admit(statements, ProtocolPath.EXTENDED)
+        tracked, durable, denial = self._admit(statements, _EXTENDED)
         if denial is not None:
             self._ops.append(_Op(_OP_POISON, None, _denial_frame(denial)))
             out.append(_POISON_PARSE)
@@ -2285,7 +2380,7 @@ class PgSession(asyncio.Protocol):
                 "uninspected_statement",
                 f"prepared statement {name!r} was not seen by dbward",
             )
-        decided, denial = self._decide_all((statement,), ProtocolPath.EXTENDED)
+        decided, denial = self._decide_all((statement,), _EXTENDED)
         assert denial is not None  # guard.unparseable refuses every uninspected statement
         probe = _Op(_OP_DESCRIBE)
         probe.decided = decided  # refused and recorded if it exists
@@ -2474,7 +2569,7 @@ class PgSession(asyncio.Protocol):
             f"portal {name!r} may have been dropped by a statement PostgreSQL has not answered"
             " yet (send it in a sync group of its own, after that answer)",
         )
-        decided, denial = self._decide_all((statement,), ProtocolPath.EXTENDED)
+        decided, denial = self._decide_all((statement,), _EXTENDED)
         assert denial is not None  # guard.unparseable refuses every uninspected statement
         self._record_denied(decided, denial)
         self._ops.append(_Op(_OP_POISON, None, _denial_frame(denial)))
@@ -2691,7 +2786,6 @@ class PgSession(asyncio.Protocol):
         pieces: list[bytes] | None = None
         position = 0
         ops = self._ops
-        on_message = self._on_backend_message  # bound once (see _process_frames)
         for msg_type, start, end, payload in events:
             # Other replies pay one test (a constant set); these come once per result set.
             if msg_type in {0x44, 0x54, 0x64}:
@@ -2706,7 +2800,7 @@ class PgSession(asyncio.Protocol):
                         op.data_type = 0x44  # a statement of the Query returns rows: they follow
                         continue
             try:
-                replacement = on_message(msg_type, payload)
+                replacement = self._on_backend_message(msg_type, payload)
             except ProtocolError as exc:
                 # A malformed body (ErrorResponse, ParameterStatus, ...): neither it nor the
                 # rest of this feed reaches the client; whatever came before it does.
@@ -2905,7 +2999,7 @@ class PgSession(asyncio.Protocol):
             for item in op.tracked or ():
                 # INSERT/UPDATE/DELETE ... RETURNING ran whole at the first Execute: the
                 # limit counts the rows returned so far, not the rows changed (unknown).
-                changed = suspended and item.statement.kind is not StatementKind.READ
+                changed = suspended and item.statement.kind is not _READ_KIND
                 self._record_outcome(
                     item,
                     "suspended" if suspended else "empty",
@@ -3221,7 +3315,7 @@ class PgSession(asyncio.Protocol):
             if status != "ok":
                 self._implicit = False
             return None
-        if statement.kind is StatementKind.TRANSACTION or command in _MAY_COMMIT:
+        if statement.kind is _TRANSACTION_KIND or command in _MAY_COMMIT:
             committable, self._committable = self._committable, None
             if status == "ok" and "chains_transaction" not in statement.flags:
                 if command == "COMMIT":
@@ -3254,7 +3348,7 @@ class PgSession(asyncio.Protocol):
         block = self._block
         assert block is not None
         statement = tracked.statement
-        if statement.kind is not StatementKind.TRANSACTION:
+        if statement.kind is not _TRANSACTION_KIND:
             if status == "ok" and statement.command not in _NOT_TRANSACTIONAL:
                 block[-1].changes.append(tracked)
             return None
@@ -3658,7 +3752,7 @@ class PgSession(asyncio.Protocol):
         return _new_tuple(
             AuditRecord,
             (
-                AuditEvent.STATEMENT,
+                _STATEMENT_EVENT,
                 int(self.services.clock() * 1000),
                 self.session_id,
                 identity.name if identity is not None else self._claimed_user,
@@ -3742,7 +3836,7 @@ class PgSession(asyncio.Protocol):
         record = _new_tuple(  # every field (see _statement_record)
             AuditRecord,
             (
-                AuditEvent.OUTCOME,
+                _OUTCOME_EVENT,
                 int(self.services.clock() * 1000),
                 self.session_id,
                 identity.name if identity is not None else self._claimed_user,

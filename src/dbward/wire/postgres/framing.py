@@ -55,8 +55,9 @@ IN_PLACE_MIN_BYTES: Final = 128 * 1024
 # gathered in and its payload a view of that (nothing is copied; neither is changed afterwards).
 Frame: TypeAlias = tuple[int, bytes | memoryview, bytes | bytearray]
 
-_U32: Final = struct.Struct("!I")
-_TYPE_LENGTH: Final = struct.Struct("!BI")
+# Bound once: `_U32.unpack_from` per feed is a method load CPython 3.11 cannot specialize.
+_UNPACK_U32: Final = struct.Struct("!I").unpack_from
+_UNPACK_TYPE_LENGTH: Final = struct.Struct("!BI").unpack_from
 
 
 class FrontendFramer:
@@ -119,7 +120,7 @@ class FrontendFramer:
             size = len(buf)
         self._need = 0
         pos = 0
-        unpack = _U32.unpack_from
+        unpack = _UNPACK_U32
         with memoryview(buf) as view:
             while True:
                 if self.startup:
@@ -177,7 +178,7 @@ class FrontendFramer:
         out: list[Frame] = []
         size = len(data)
         pos = 0
-        unpack = _U32.unpack_from
+        unpack = _UNPACK_U32
         types = FRONTEND_TYPES
         while size - pos >= 5:
             msg_type = data[pos]
@@ -268,7 +269,7 @@ class BackendFramer:
         self._need = 0
         out: list[tuple[int, bytes, bytes]] = []
         pos = 0
-        unpack = _U32.unpack_from
+        unpack = _UNPACK_U32
         with memoryview(buf) as view:
             while size - pos >= 5:
                 msg_type = buf[pos]
@@ -361,7 +362,7 @@ class BackendScanner:
         else:
             buf = data
         self._need = 0
-        unpack = _TYPE_LENGTH.unpack_from
+        unpack = _UNPACK_TYPE_LENGTH
         payload_types = _PAYLOAD_TYPES
         backend_types = BACKEND_TYPES
         bodiless = _BODILESS
