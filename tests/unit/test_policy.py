@@ -654,6 +654,10 @@ def test_role_names_that_look_like_keywords(service: str, sql: str, denied: bool
         "SELECT t.name, t.total FROM t",
         "ALTER FOREIGN TABLE ft OPTIONS (DROP filename)",
         "CREATE SCHEMA s AUTHORIZATION other",
+        # PostgreSQL's create_schema test: the elements are created by the role in use.
+        "CREATE SCHEMA AUTHORIZATION CURRENT_ROLE CREATE TABLE t (id int)",
+        "CREATE SCHEMA s AUTHORIZATION CURRENT_USER CREATE VIEW v AS SELECT 1",
+        "CREATE SCHEMA s AUTHORIZATION SESSION_USER CREATE SEQUENCE q",
         # A cursor loop declares its record itself: no DECLARE shows it (fifteenth review).
         "CREATE FUNCTION f() RETURNS int LANGUAGE plpgsql AS $$ DECLARE c CURSOR FOR "
         "SELECT 1 AS a; BEGIN FOR r IN c LOOP RAISE NOTICE '%', r.a; END LOOP; RETURN 1; END $$",
