@@ -654,6 +654,10 @@ def test_role_names_that_look_like_keywords(service: str, sql: str, denied: bool
         "SELECT t.name, t.total FROM t",
         "ALTER FOREIGN TABLE ft OPTIONS (DROP filename)",
         "CREATE SCHEMA s AUTHORIZATION other",
+        # PostgreSQL's create_schema test: the elements are created by the role in use.
+        "CREATE SCHEMA AUTHORIZATION CURRENT_ROLE CREATE TABLE t (id int)",
+        "CREATE SCHEMA s AUTHORIZATION CURRENT_USER CREATE VIEW v AS SELECT 1",
+        "CREATE SCHEMA s AUTHORIZATION SESSION_USER CREATE SEQUENCE q",
         # A cursor loop declares its record itself: no DECLARE shows it (fifteenth review).
         "CREATE FUNCTION f() RETURNS int LANGUAGE plpgsql AS $$ DECLARE c CURSOR FOR "
         "SELECT 1 AS a; BEGIN FOR r IN c LOOP RAISE NOTICE '%', r.a; END LOOP; RETURN 1; END $$",
@@ -665,6 +669,64 @@ def test_reviewed_false_positives_are_allowed(sql: str) -> None:
         assert [d.rule for d in decided] == ["guard.role_switch"]
     else:
         assert decided == [ALLOW]
+
+
+# PL/pgSQL PostgreSQL 15 compiles (its regression suite) but libpg_query, compiling without a
+# catalog, refused: a VARIADIC parameter of a concrete array type, %TYPE in the signature, an
+# array of a type it does not know, a type in a schema other than pg_catalog and public.
+CATALOG_TYPED_CODE = [
+    "CREATE FUNCTION vari(VARIADIC int[]) RETURNS void AS $$ BEGIN FOR i IN "
+    "array_lower($1, 1)..array_upper($1, 1) LOOP RAISE NOTICE '%', $1[i]; END LOOP; END; "
+    "$$ LANGUAGE plpgsql",
+    "CREATE FUNCTION pleast(VARIADIC numeric[]) RETURNS numeric AS $$\n"
+    "DECLARE aux numeric = $1[array_lower($1, 1)];\nBEGIN RETURN aux; END; $$ LANGUAGE plpgsql",
+    "CREATE FUNCTION g(pt.a%TYPE) RETURNS pt AS $$ DECLARE a_val pt.a%TYPE; r pt%ROWTYPE; "
+    "BEGIN a_val := $1; SELECT * INTO r FROM pt WHERE a = a_val; RETURN r; END; $$ "
+    "LANGUAGE plpgsql",
+    "CREATE FUNCTION l() RETURNS SETOF pt.a%TYPE AS $$ DECLARE r pt%ROWTYPE; BEGIN "
+    "FOR r IN SELECT * FROM pt LOOP RETURN NEXT r.a; END LOOP; END; $$ LANGUAGE plpgsql",
+    "CREATE FUNCTION fe(anyarray) RETURNS void AS $$\nDECLARE x xy_tuple[];\nBEGIN "
+    "FOREACH x SLICE 1 IN ARRAY $1 LOOP RAISE NOTICE '%', x; END LOOP; END; $$ "
+    "LANGUAGE plpgsql",
+    "DO $$ DECLARE x app.money_t; y app.status[] := '{}'; BEGIN RAISE NOTICE '%', x; END $$",
+    "CREATE FUNCTION s(a app.t) RETURNS app.t LANGUAGE plpgsql AS $$ BEGIN RETURN a; END $$",
+]
+
+
+@pytest.mark.parametrize("sql", CATALOG_TYPED_CODE)
+def test_code_whose_types_need_the_catalog_is_read(sql: str) -> None:
+    assert decisions(sql) == [ALLOW]
+
+
+@pytest.mark.parametrize(
+    ("sql", "rule"),
+    [
+        (
+            "CREATE FUNCTION f(VARIADIC a text[]) RETURNS text LANGUAGE plpgsql AS $$ "
+            "BEGIN RETURN pg_read_file(a[1]); END $$",
+            "guard.server_file",
+        ),
+        (  # the record default only the tokens show is still read
+            "DO $$ DECLARE z app.t := ROW(pg_read_file('/x')); BEGIN RAISE NOTICE '%', z; END $$",
+            "guard.server_file",
+        ),
+        (
+            "DO $$ DECLARE a app.t[] := ARRAY[set_config('role', 'r', false)]; BEGIN END $$",
+            "guard.role_switch",
+        ),
+        (
+            "CREATE FUNCTION f(x t.c%TYPE) RETURNS SETOF t.c%TYPE LANGUAGE plpgsql AS $$ "
+            "DECLARE y app.t; BEGIN EXECUTE 'SET ROLE ' || x; END $$",
+            "guard.dynamic_sql",
+        ),
+        (  # what does not compile with the stand-ins either is still refused
+            "DO $$ DECLARE x app.t[]; BEGIN undeclared := 1; END $$",
+            "guard.uninspectable_code",
+        ),
+    ],
+)
+def test_code_whose_types_need_the_catalog_is_still_checked(sql: str, rule: str) -> None:
+    assert denied_by(sql) == [rule]
 
 
 def test_field_notation_side_effects_set_the_kind() -> None:

@@ -7,7 +7,10 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+import pglast
+from pglast import ast
 from pglast import parser as _pg_parser
+from pglast.stream import RawStream
 
 # PostgreSQL's RawParseMode (parser/parser.h): how PL/pgSQL hands each piece to the SQL parser.
 _RAW_PARSE_DEFAULT: Final = 0  # a whole SQL statement
@@ -54,7 +57,7 @@ def read_plpgsql(statement: str, body: str) -> PlpgsqlSql:
         found.error = "the #option dump directive"
         return found
     try:
-        functions = json.loads(_pg_parser.parse_plpgsql_json(statement))
+        functions = _compile(statement, body, tokens)
     except _pg_parser.ParseError as exc:
         found.error = str(exc.args[0]) if exc.args else "syntax error"
         return found
@@ -96,6 +99,177 @@ def read_plpgsql(statement: str, body: str) -> PlpgsqlSql:
                 owner = child_key if child_key.startswith("PLpgSQL_") else parent
                 stack.append((child, owner, child_key))
     return found
+
+
+def _compile(statement: str, body: str, tokens: list[Any]) -> Any:
+    """libpg_query's compile of the code, as JSON; raises its ParseError.
+
+    libpg_query compiles without a catalog, so it refuses code PostgreSQL compiles when a type
+    needs one: a VARIADIC parameter of a concrete array type, `%TYPE` in the signature, a type
+    in a schema other than pg_catalog and public, an array of a type it does not know. Such
+    code is compiled again with stand-ins for those types (`_stand_in`): the body's statements
+    and expressions, and its variables' names and lines, stay exactly as written, so what is
+    read from it is what PostgreSQL runs. Only the first error is ever reported.
+    """
+    try:
+        return json.loads(_pg_parser.parse_plpgsql_json(statement))
+    except _pg_parser.ParseError:
+        stand_in = _stand_in(statement, body, tokens)
+        if stand_in is None:
+            raise
+    try:
+        return json.loads(_pg_parser.parse_plpgsql_json(stand_in))
+    except _pg_parser.ParseError:
+        pass
+    # The stand-in fails too: report what PostgreSQL's own grammar says about the original.
+    return json.loads(_pg_parser.parse_plpgsql_json(statement))
+
+
+# Types libpg_query resolves without a catalog: pg_catalog's and public's by name.
+_RESOLVED_SCHEMAS: Final = frozenset({"pg_catalog", "public"})
+# Tokens a plain type name may consist of in a declaration (names and keywords, dots, array
+# brackets, typmods): anything else leaves the declaration as written.
+_TYPE_PUNCTUATION: Final = frozenset(
+    {"ASCII_46", "ASCII_91", "ASCII_93", "ASCII_40", "ASCII_41", "ASCII_44", "ICONST"}
+)
+# Where a declaration's type ends, as PL/pgSQL's read_datatype stops (at bracket depth 0).
+_TYPE_ENDS: Final = frozenset({"COLON_EQUALS", "ASCII_61", "DEFAULT", "NOT", "COLLATE"})
+
+
+def _stand_in(statement: str, body: str, tokens: list[Any]) -> str | None:
+    """`statement` with types libpg_query cannot resolve replaced, or None if it has none.
+
+    In the signature: VARIADIC becomes a plain parameter (the array it is), `%TYPE` and arrays
+    become text, a type in another schema its bare name (an unknown name libpg_query takes for
+    a composite type, as it does unqualified ones). In the body's declarations (same offsets
+    and lines): an array becomes text (PL/pgSQL holds arrays as scalars), a schema-qualified
+    name its bare name. Nothing else changes.
+    """
+    try:
+        (raw,) = pglast.parse_sql(statement)
+    except Exception:
+        return None
+    node = raw.stmt
+    changed = False
+    if isinstance(node, ast.CreateFunctionStmt):
+        for param in node.parameters or ():
+            if param.mode == "v":  # FUNC_PARAM_VARIADIC
+                param.mode = "i"  # FUNC_PARAM_IN
+                changed = True
+            stand = _type_stand_in(param.argType)
+            if stand is not None:
+                param.argType, changed = stand, True
+        stand = _type_stand_in(node.returnType)
+        if stand is not None:
+            node.returnType, changed = stand, True
+        options = node.options or ()
+    elif isinstance(node, ast.DoStmt):
+        options = node.args or ()
+    else:
+        return None
+    new_body = _declarations_stand_in(body, tokens)
+    if new_body is not None:
+        for option in options:
+            if option.defname != "as":
+                continue
+            # CREATE FUNCTION's AS is a list (`AS 'file', 'symbol'` for C), DO's a string.
+            arg = option.arg
+            listed = isinstance(arg, tuple | list)
+            if listed and len(arg) == 1:
+                arg = arg[0]
+            if not isinstance(arg, ast.String) or arg.sval != body:
+                return None
+            replaced = ast.String(sval=new_body)
+            option.arg = (replaced,) if listed else replaced
+            changed = True
+    if not changed:
+        return None
+    try:
+        return str(RawStream()(node))
+    except Exception:
+        return None
+
+
+def _type_stand_in(type_name: Any) -> Any:
+    """A TypeName libpg_query can resolve in place of `type_name`, or None if it can already."""
+    if type_name is None:
+        return None
+    names = [getattr(n, "sval", None) for n in type_name.names or ()]
+    if type_name.pct_type or type_name.arrayBounds:
+        return ast.TypeName(
+            names=(ast.String(sval="pg_catalog"), ast.String(sval="text")),
+            setof=type_name.setof,
+            typemod=-1,
+        )
+    if len(names) == 2 and names[0] not in _RESOLVED_SCHEMAS and isinstance(names[1], str):
+        return ast.TypeName(
+            names=(ast.String(sval=names[1]),),
+            setof=type_name.setof,
+            typmods=type_name.typmods,
+            typemod=-1,
+        )
+    return None
+
+
+def _declarations_stand_in(body: str, tokens: list[Any]) -> str | None:
+    """`body` with declared types libpg_query cannot resolve replaced, or None if none are.
+
+    The replacement keeps every other character, and every newline, where it was.
+    """
+    spans = _declared_types(body, tokens)
+    if not spans:
+        return None
+    text = list(body)
+    changed = False
+    for span in spans:
+        words = [body[t.start : t.end + 1] for t in span]
+        start, end = span[0].start, span[-1].end + 1
+        if any(t.name in ("ASCII_91", "ARRAY") for t in span):
+            replacement = "text" if end - start >= 4 else "int"
+        elif (
+            len(span) >= 3
+            and span[1].name == "ASCII_46"
+            and (len(span) == 3 or span[3].name == "ASCII_40")
+        ):
+            schema = _folded_name(words[0])
+            if schema is None or schema in _RESOLVED_SCHEMAS:
+                continue
+            end = span[2].start  # drop `schema.`, keep the name and any typmods
+            replacement = ""
+        else:
+            continue
+        if "\n" in body[start : start + len(replacement)] or len(replacement) > end - start:
+            continue
+        for i in range(start, end):
+            if text[i] != "\n":
+                text[i] = " "
+        text[start : start + len(replacement)] = replacement
+        changed = True
+    return "".join(text) if changed else None
+
+
+def _declared_types(body: str, tokens: list[Any]) -> list[list[Any]]:
+    """The type tokens of each variable declaration (plain type names only)."""
+    spans: list[list[Any]] = []
+    for declaration in _declaration_tokens(body, tokens) or ():
+        read = _declaration(body, declaration, _LineCounter(body))
+        if read is None or read.kind != "variable":
+            continue
+        rest = declaration[1:]
+        if rest and body[rest[0].start : rest[0].end + 1].lower() == "constant":
+            rest = rest[1:]
+        span: list[Any] = []
+        depth = 0
+        for token in rest:
+            depth += (token.name in _OPENING) - (token.name in _CLOSING)
+            if depth == 0 and token.name in _TYPE_ENDS:
+                break
+            span.append(token)
+        if span and all(
+            t.name == "IDENT" or t.kind != "NO_KEYWORD" or t.name in _TYPE_PUNCTUATION for t in span
+        ):
+            spans.append(span)
+    return spans
 
 
 def _records_read(functions: list[Any], declarations: list[_Declaration]) -> bool:
@@ -265,7 +439,22 @@ _STATEMENT_ENDS: Final = frozenset({"ASCII_59", "BEGIN_P", "THEN", "ELSE", "LOOP
 
 
 def _declarations(body: str, tokens: list[Any]) -> list[_Declaration] | None:
-    """Every declaration in the DECLARE sections of `body` (None: unreadable).
+    """Every declaration in the DECLARE sections of `body` (None: unreadable)."""
+    sections = _declaration_tokens(body, tokens)
+    if sections is None:
+        return None
+    found: list[_Declaration] = []
+    lines = _LineCounter(body)
+    for current in sections:
+        declaration = _declaration(body, current, lines)
+        if declaration is None:
+            return None
+        found.append(declaration)
+    return found
+
+
+def _declaration_tokens(body: str, tokens: list[Any]) -> list[list[Any]] | None:
+    """The tokens of every declaration in the DECLARE sections of `body` (None: unreadable).
 
     A DECLARE section starts at DECLARE where a statement may start (bracket depth 0, after
     `;`, BEGIN, THEN, ELSE, LOOP or a `>>` closing a label, or at the very start) and ends at
@@ -274,8 +463,7 @@ def _declarations(body: str, tokens: list[Any]) -> list[_Declaration] | None:
     (`#variable_conflict use_column`, `#print_strict_params on`) may come first. A DECLARE
     anywhere else at depth 0 means the body is not read as PostgreSQL reads it: refused (None).
     """
-    found: list[_Declaration] = []
-    lines = _LineCounter(body)
+    found: list[list[Any]] = []
     start = 0
     while (
         start + 2 < len(tokens)
@@ -314,10 +502,7 @@ def _declarations(body: str, tokens: list[Any]) -> list[_Declaration] | None:
             if name == "BEGIN_P":
                 declaring, statement_may_start = False, True
         elif depth == 0 and name == "ASCII_59":  # ;
-            declaration = _declaration(body, current, lines)
-            if declaration is None:
-                return None
-            found.append(declaration)
+            found.append(current)
             current = []
         else:
             current.append(token)

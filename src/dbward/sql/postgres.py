@@ -1774,8 +1774,15 @@ def _classify_node(
     ):
         # UPDATE on such a view runs pg_settings' rule: set_config for every row.
         flags.add("string_syntax")
-    if node_type == "CreateSchemaStmt" and body.get("authrole") and body.get("schemaElts"):
-        # The schema's objects are created by its owner, as if after SET ROLE.
+    if (
+        node_type == "CreateSchemaStmt"
+        and body.get("authrole")
+        and body.get("schemaElts")
+        and body["authrole"].get("roletype") not in _SELF_ROLESPECS
+    ):
+        # The schema's objects are created by its owner, as if after SET ROLE (by the role
+        # already in use for AUTHORIZATION CURRENT_ROLE/CURRENT_USER/SESSION_USER: no switch,
+        # as for OWNER TO CURRENT_USER).
         flags.add("role_switch")
     if _gives_away_ownership(node_type, body):
         # An object owned by another role acts as that role: a view reads with its owner's
