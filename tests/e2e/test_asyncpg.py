@@ -8,9 +8,11 @@ import decimal
 import uuid
 
 import asyncpg
+import pytest
 
 from fixtures.clients import app_name, has_disconnect, outcome_of, statements
 from fixtures.drivers import aconnect as _connect
+from fixtures.postgres import PgServer
 from fixtures.proxy import Proxy
 
 
@@ -116,3 +118,29 @@ def test_cursors_abandoned_and_finished_in_transactions(proxy: Proxy) -> None:
     # (1000 rows in batches of 64)
     assert len(fetches) == 20 + 3 + 16
     assert all(outcome_of(records, s).status in ("suspended", "ok") for s in fetches)
+
+
+def test_terminated_backend_reports_postgres_reason(proxy: Proxy, pg_server: PgServer) -> None:
+    """r60, asyncpg's own test_execute_script_interrupted_by_server: a backend terminated
+    mid-query. asyncpg reports the last ErrorResponse before the connection closed; dbward
+    added its FATAL 08006 after PostgreSQL's 57P01, so the reason was dbward's."""
+    app = app_name("asyncpg-terminated")
+
+    async def run() -> BaseException | None:
+        conn = await _connect(proxy, app)
+        try:
+            pid = await conn.fetchval("SELECT pg_backend_pid()")
+            running = asyncio.ensure_future(conn.execute("SELECT pg_sleep(10)"))
+            await asyncio.sleep(0.3)
+            assert pg_server.psql(f"SELECT pg_terminate_backend({pid})") == "t"
+            with pytest.raises(asyncpg.ConnectionDoesNotExistError) as caught:
+                await asyncio.wait_for(running, 5)
+            assert "closed in the middle of operation: terminating connection" in str(
+                caught.value
+            )
+            return caught.value.__cause__
+        finally:
+            conn.terminate()
+
+    cause = asyncio.run(run())
+    assert isinstance(cause, asyncpg.AdminShutdownError), repr(cause)
