@@ -7,14 +7,17 @@ Usage:
     python bench/driver_suite.py --suite /tmp/r60/asyncpg-0.32.0 --out /tmp/r60/out
     python bench/driver_suite.py --suite ... --out ... -k test_copy    # a subset (pytest -k)
 
-One throwaway PostgreSQL (the test fixture's cluster, run as the unprivileged `dbward-test`
-user) and one `dbward serve` in front of it (audit `durability: strict`, built-in guards). The
-suite targets an existing server when PGHOST is set (asyncpg/_testbase: `RunningCluster`), and
-connects with PGHOST/PGPORT/PGUSER/PGPASSWORD/PGDATABASE. Both runs log in as `postgres`:
-directly with SCRAM over TCP as the superuser, through dbward as the local user `postgres`,
-which dbward takes to the database as its service user `postgres` (the same superuser), so the
-two runs see the same role. The tests are copied out of the sdist, so the installed (compiled)
-asyncpg is what they import, not the sdist's uncompiled sources.
+One throwaway PostgreSQL per run (the test fixture's cluster, run as the unprivileged
+`dbward-test` user) and, for the second run, one `dbward serve` in front of it (audit
+`durability: strict` unless `--durability batched`, the built-in guards, every other setting
+at its default). The suite targets an existing server when PGHOST is set (asyncpg/_testbase:
+`RunningCluster`) and connects with PGHOST/PGPORT/PGUSER/PGPASSWORD/PGDATABASE. Both runs
+log in as `postgres`: directly with SCRAM over TCP as the superuser, through dbward as the
+local user `postgres`, which dbward takes to the database as its service user `postgres` (the
+same superuser), so the two runs see the same role. The tests are copied out of the sdist, so
+the installed (compiled) asyncpg is what they import, not the sdist's uncompiled sources.
+Test-only dependency: `distro` (test_connect imports it; e.g. `pip install --target DIR
+distro` and PYTHONPATH=DIR).
 
 Writes `<out>/direct.xml` and `<out>/dbward.xml` (JUnit), `<out>/*.log` (pytest output) and
 `<out>/diff.txt`: every test whose outcome differs, and the counts. Tests that build clusters
@@ -96,11 +99,15 @@ def _run_suite(
     print(f"running the suite {label}: {' '.join(cmd)}", flush=True)
     with (out / f"{label}.log").open("wb") as log:
         # cwd: the copy's parent, so `import asyncpg` finds the installed package.
-        subprocess.run(cmd, cwd=tests.parent, env=env, stdout=log, stderr=subprocess.STDOUT)
+        subprocess.run(
+            cmd, check=False, cwd=tests.parent, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
     return _outcomes(xml)
 
 
-def _start_dbward(work: Path, pg_port: int, password: str) -> tuple[subprocess.Popen[bytes], int]:
+def _start_dbward(
+    work: Path, pg_port: int, password: str, durability: str = "strict"
+) -> tuple[subprocess.Popen[bytes], int]:
     import yaml
 
     work.mkdir(parents=True, exist_ok=True)
@@ -109,7 +116,7 @@ def _start_dbward(work: Path, pg_port: int, password: str) -> tuple[subprocess.P
     password_file.chmod(0o600)
     port = free_port()
     config = {
-        "audit": {"path": str(work / "audit.db"), "durability": "strict"},
+        "audit": {"path": str(work / "audit.db"), "durability": durability},
         "users": [{"name": ROLE, "password_verifier": make_verifier(password)}],
         "listeners": [
             {
@@ -153,14 +160,15 @@ def _diff(direct: dict[str, str], proxied: dict[str, str]) -> str:
     summary = [
         f"{'':10}{'passed':>8}{'failed':>8}{'error':>8}{'skipped':>8}",
         *(
-            f"{label:10}" + "".join(f"{count(r, w):>8}" for w in ("passed", "failed", "error"))
+            f"{label:10}"
+            + "".join(f"{count(r, w):>8}" for w in ("passed", "failed", "error"))
             + f"{count(r, 'skipped'):>8}"
             for label, r in (("direct", direct), ("dbward", proxied))
         ),
         f"passed directly, not through dbward: "
         f"{sum(1 for n, v in direct.items() if v == 'passed' and proxied.get(n) != 'passed')}",
     ]
-    return "\n".join(summary + ["", *lines]) + "\n"
+    return "\n".join([*summary, "", *lines]) + "\n"
 
 
 def main() -> None:
@@ -169,6 +177,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--timeout", type=int, default=120, help="per-test timeout (s)")
     parser.add_argument("-k", default="", help="pytest -k expression")
+    parser.add_argument("--durability", choices=("strict", "batched"), default="strict")
     parser.add_argument("--only", choices=("direct", "dbward"), default=None)
     args = parser.parse_args()
 
@@ -196,7 +205,7 @@ def _run_target(label: str, args: argparse.Namespace) -> dict[str, str]:
         print(f"{label}: PostgreSQL {pg.server_version} on port {pg.port}", flush=True)
         port = pg.port
         if label == "dbward":
-            proc, port = _start_dbward(work / "dbward", pg.port, password)
+            proc, port = _start_dbward(work / "dbward", pg.port, password, args.durability)
         try:
             return _run_suite(tests, args.out, label, port, password, args)
         finally:
@@ -207,6 +216,7 @@ def _run_target(label: str, args: argparse.Namespace) -> dict[str, str]:
         _stop_process(proc)
         stop_pg_server(pg, base)
         shutil.rmtree(work, ignore_errors=True)
+
 
 if __name__ == "__main__":
     main()

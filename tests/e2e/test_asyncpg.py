@@ -135,9 +135,7 @@ def test_terminated_backend_reports_postgres_reason(proxy: Proxy, pg_server: PgS
             assert pg_server.psql(f"SELECT pg_terminate_backend({pid})") == "t"
             with pytest.raises(asyncpg.ConnectionDoesNotExistError) as caught:
                 await asyncio.wait_for(running, 5)
-            assert "closed in the middle of operation: terminating connection" in str(
-                caught.value
-            )
+            assert "closed in the middle of operation: terminating connection" in str(caught.value)
             return caught.value.__cause__
         finally:
             conn.terminate()

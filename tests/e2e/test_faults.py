@@ -512,9 +512,7 @@ def _terminated_replies(pg: PgServer, sock: socket.socket, busy: bool) -> list[s
 
 
 @pytest.mark.parametrize("busy", [False, True], ids=["idle", "busy"])
-def test_upstream_fatal_is_the_last_message(
-    proxy: Proxy, pg_server: PgServer, busy: bool
-) -> None:
+def test_upstream_fatal_is_the_last_message(proxy: Proxy, pg_server: PgServer, busy: bool) -> None:
     """r60 (asyncpg's test_execute_script_interrupted_by_server): PostgreSQL's own FATAL
     (pg_terminate_backend: 57P01) was relayed and then followed by dbward's FATAL 08006 "lost
     the connection to the database"; asyncpg reports the last error, so the client saw
