@@ -10,14 +10,18 @@ Usage:
 One throwaway PostgreSQL per run (the test fixture's cluster, run as the unprivileged
 `dbward-test` user) and, for the second run, one `dbward serve` in front of it (audit
 `durability: strict` unless `--durability batched`, the built-in guards, every other setting
-at its default). The suite targets an existing server when PGHOST is set (asyncpg/_testbase:
-`RunningCluster`) and connects with PGHOST/PGPORT/PGUSER/PGPASSWORD/PGDATABASE. Both runs
-log in as `postgres`: directly with SCRAM over TCP as the superuser, through dbward as the
-local user `postgres`, which dbward takes to the database as its service user `postgres` (the
-same superuser), so the two runs see the same role. The tests are copied out of the sdist, so
-the installed (compiled) asyncpg is what they import, not the sdist's uncompiled sources.
-Test-only dependency: `distro` (test_connect imports it; e.g. `pip install --target DIR
-distro` and PYTHONPATH=DIR).
+at its default). Both runs log in as `postgres`: directly with SCRAM over TCP as the
+superuser, through dbward as the local user `postgres`, which dbward takes to the database
+as its service user `postgres` (the same superuser), so the two runs see the same role.
+
+asyncpg's suite targets a running server when PGHOST is set (asyncpg/_testbase:
+`RunningCluster`, reached through PGHOST/PGPORT/PGUSER/PGPASSWORD/PGDATABASE; `--pghost`
+does that), but then skips the tests that put its own fuzzing TCP proxy in front of the
+server. By default a conftest.py written into the copy of the tests makes the running server
+the suite's default cluster instead, with PGHOST unset, and those run too. The tests are
+copied out of the sdist, so the installed (compiled) asyncpg is what they import, not the
+sdist's uncompiled sources. Test-only dependency: `distro` (test_connect imports it; e.g.
+`pip install --target DIR distro` and PYTHONPATH=DIR).
 
 Writes `<out>/direct.xml` and `<out>/dbward.xml` (JUnit), `<out>/*.log` (pytest output) and
 `<out>/diff.txt`: every test whose outcome differs, and the counts. Tests that build clusters
@@ -45,11 +49,31 @@ from harness import _stop_process, _wait_port  # noqa: E402
 from dbward.wire.postgres.scram import make_verifier  # noqa: E402
 from fixtures.ports import free_port  # noqa: E402
 from fixtures.postgres import _clean_env, start_pg_server, stop_pg_server  # noqa: E402
+from fixtures.tls import TestCA, make_test_ca  # noqa: E402
 
 ROLE = "postgres"  # the superuser both runs log in as (through dbward: the service user)
 
 # Settings of asyncpg's own ClusterTestCase.get_server_settings, and what some tests need.
 PG_SETTINGS = ("jit = off", "max_prepared_transactions = 10")
+
+
+# Without PGHOST asyncpg's suite would init a cluster of its own; with it, it skips the tests
+# that put its fuzzing TCP proxy in front of the server (test_adversity, the termination
+# listener). This makes the running server its default cluster, with PGHOST unset.
+_CONFTEST = """\
+import os
+
+from asyncpg import _testbase, cluster
+
+_testbase._default_cluster = cluster.RunningCluster(
+    host="127.0.0.1",
+    port=int(os.environ["DBWARD_SUITE_PORT"]),
+    user=os.environ["DBWARD_SUITE_USER"],
+    password=os.environ["DBWARD_SUITE_PASSWORD"],
+    database="postgres",
+    **({"ssl": "require"} if os.environ.get("DBWARD_SUITE_TLS") else {}),
+)
+"""
 
 
 def _outcomes(path: Path) -> dict[str, str]:
@@ -71,14 +95,23 @@ def _outcomes(path: Path) -> dict[str, str]:
 def _run_suite(
     tests: Path, out: Path, label: str, port: int, password: str, args: argparse.Namespace
 ) -> dict[str, str]:
-    env = _clean_env() | {
-        "PGHOST": "127.0.0.1",
-        "PGPORT": str(port),
-        "PGUSER": ROLE,
-        "PGPASSWORD": password,
-        "PGDATABASE": "postgres",
-        "PGSSLMODE": "disable",
-    }
+    if args.pghost:
+        env = _clean_env() | {
+            "PGHOST": "127.0.0.1",
+            "PGPORT": str(port),
+            "PGUSER": ROLE,
+            "PGPASSWORD": password,
+            "PGDATABASE": "postgres",
+        }
+    else:
+        (tests / "conftest.py").write_text(_CONFTEST)
+        env = _clean_env() | {
+            "DBWARD_SUITE_PORT": str(port),
+            "DBWARD_SUITE_USER": ROLE,
+            "DBWARD_SUITE_PASSWORD": password,
+        }
+        if args.tls:
+            env["DBWARD_SUITE_TLS"] = "1"
     xml = out / f"{label}.xml"
     cmd = [
         sys.executable,
@@ -106,7 +139,7 @@ def _run_suite(
 
 
 def _start_dbward(
-    work: Path, pg_port: int, password: str, durability: str = "strict"
+    work: Path, pg_port: int, password: str, durability: str, ca: TestCA | None
 ) -> tuple[subprocess.Popen[bytes], int]:
     import yaml
 
@@ -122,13 +155,26 @@ def _start_dbward(
             {
                 "name": "suite",
                 "listen": f"127.0.0.1:{port}",
+                "tls": (
+                    {
+                        "mode": "optional",
+                        "cert_file": str(ca.server_cert),
+                        "key_file": str(ca.server_key),
+                    }
+                    if ca is not None
+                    else {"mode": "disabled"}
+                ),
                 "upstream": {
                     "host": "127.0.0.1",
                     "port": pg_port,
                     "database": "postgres",
                     "user": ROLE,
                     "password_file": str(password_file),
-                    "tls": {"mode": "disable"},
+                    "tls": (
+                        {"mode": "verify-full", "ca_file": str(ca.ca_cert)}
+                        if ca is not None
+                        else {"mode": "disable"}
+                    ),
                 },
             }
         ],
@@ -177,6 +223,16 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--timeout", type=int, default=120, help="per-test timeout (s)")
     parser.add_argument("-k", default="", help="pytest -k expression")
+    parser.add_argument(
+        "--pghost",
+        action="store_true",
+        help="select the server with PGHOST/PGPORT/... as asyncpg documents (skips 10 more)",
+    )
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="TLS everywhere: clients connect with ssl='require', dbward verifies PostgreSQL",
+    )
     parser.add_argument("--durability", choices=("strict", "batched"), default="strict")
     parser.add_argument("--only", choices=("direct", "dbward"), default=None)
     args = parser.parse_args()
@@ -197,7 +253,8 @@ def _run_target(label: str, args: argparse.Namespace) -> dict[str, str]:
     work = Path(tempfile.mkdtemp(prefix="dbward-suite-"))
     tests = work / "suite" / "tests"
     shutil.copytree(args.suite / "tests", tests)
-    pg, base = start_pg_server(None, settings=PG_SETTINGS)
+    ca = make_test_ca(work / "ca") if args.tls else None
+    pg, base = start_pg_server(ca, settings=PG_SETTINGS)
     proc = None
     try:
         password = secrets.token_urlsafe(18)
@@ -205,7 +262,7 @@ def _run_target(label: str, args: argparse.Namespace) -> dict[str, str]:
         print(f"{label}: PostgreSQL {pg.server_version} on port {pg.port}", flush=True)
         port = pg.port
         if label == "dbward":
-            proc, port = _start_dbward(work / "dbward", pg.port, password, args.durability)
+            proc, port = _start_dbward(work / "dbward", pg.port, password, args.durability, ca)
         try:
             return _run_suite(tests, args.out, label, port, password, args)
         finally:
