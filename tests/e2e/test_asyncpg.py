@@ -6,6 +6,7 @@ import asyncio
 import datetime
 import decimal
 import uuid
+from collections.abc import Callable
 
 import asyncpg
 import pytest
@@ -142,3 +143,34 @@ def test_terminated_backend_reports_postgres_reason(proxy: Proxy, pg_server: PgS
 
     cause = asyncio.run(run())
     assert isinstance(cause, asyncpg.AdminShutdownError), repr(cause)
+
+
+def test_every_timed_out_call_is_cancelled(proxy_factory: Callable[..., Proxy]) -> None:
+    """r60, asyncpg's test_timeout_05/06: asyncpg sends a CancelRequest for every call that
+    times out. Each one spent the client address's cancel budget (burst 10), so past it the
+    cancels were dropped: the statement ran on, its transaction did not fail, and the next
+    call waited for it. Only attempts naming no live session (guesses) spend it now."""
+    slow = proxy_factory(listener={"cancel_rate_per_s": 0.1})  # the burst of 10, no refill
+    app = app_name("asyncpg-timeouts")
+
+    async def run() -> None:
+        conn = await _connect(slow, app)
+        try:
+            for _ in range(15):
+                tr = conn.transaction()
+                await tr.start()
+                with pytest.raises(asyncio.TimeoutError):
+                    await conn.execute("SELECT pg_sleep(5)", timeout=0.1)
+                # Cancelled: the transaction failed (a dropped cancel let pg_sleep finish).
+                with pytest.raises(asyncpg.InFailedSQLTransactionError):
+                    await conn.fetchval("SELECT 1")
+                await tr.rollback()
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+    records = slow.session_records(app, until=has_disconnect)
+    sleeps = [s for s in statements(records) if "pg_sleep" in s.sql_text]
+    assert [(outcome_of(records, s).status, outcome_of(records, s).sqlstate) for s in sleeps] == [
+        ("error", "57014")
+    ] * 15
