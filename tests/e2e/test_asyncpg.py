@@ -6,11 +6,14 @@ import asyncio
 import datetime
 import decimal
 import uuid
+from collections.abc import Callable
 
 import asyncpg
+import pytest
 
 from fixtures.clients import app_name, has_disconnect, outcome_of, statements
 from fixtures.drivers import aconnect as _connect
+from fixtures.postgres import PgServer
 from fixtures.proxy import Proxy
 
 
@@ -116,3 +119,58 @@ def test_cursors_abandoned_and_finished_in_transactions(proxy: Proxy) -> None:
     # (1000 rows in batches of 64)
     assert len(fetches) == 20 + 3 + 16
     assert all(outcome_of(records, s).status in ("suspended", "ok") for s in fetches)
+
+
+def test_terminated_backend_reports_postgres_reason(proxy: Proxy, pg_server: PgServer) -> None:
+    """r60, asyncpg's own test_execute_script_interrupted_by_server: a backend terminated
+    mid-query. asyncpg reports the last ErrorResponse before the connection closed; dbward
+    added its FATAL 08006 after PostgreSQL's 57P01, so the reason was dbward's."""
+    app = app_name("asyncpg-terminated")
+
+    async def run() -> BaseException | None:
+        conn = await _connect(proxy, app)
+        try:
+            pid = await conn.fetchval("SELECT pg_backend_pid()")
+            running = asyncio.ensure_future(conn.execute("SELECT pg_sleep(10)"))
+            await asyncio.sleep(0.3)
+            assert pg_server.psql(f"SELECT pg_terminate_backend({pid})") == "t"
+            with pytest.raises(asyncpg.ConnectionDoesNotExistError) as caught:
+                await asyncio.wait_for(running, 5)
+            assert "closed in the middle of operation: terminating connection" in str(caught.value)
+            return caught.value.__cause__
+        finally:
+            conn.terminate()
+
+    cause = asyncio.run(run())
+    assert isinstance(cause, asyncpg.AdminShutdownError), repr(cause)
+
+
+def test_every_timed_out_call_is_cancelled(proxy_factory: Callable[..., Proxy]) -> None:
+    """r60, asyncpg's test_timeout_05/06: asyncpg sends a CancelRequest for every call that
+    times out. Each one spent the client address's cancel budget (burst 10), so past it the
+    cancels were dropped: the statement ran on, its transaction did not fail, and the next
+    call waited for it. Only attempts naming no live session (guesses) spend it now."""
+    slow = proxy_factory(listener={"cancel_rate_per_s": 0.1})  # the burst of 10, no refill
+    app = app_name("asyncpg-timeouts")
+
+    async def run() -> None:
+        conn = await _connect(slow, app)
+        try:
+            for _ in range(15):
+                tr = conn.transaction()
+                await tr.start()
+                with pytest.raises(asyncio.TimeoutError):
+                    await conn.execute("SELECT pg_sleep(5)", timeout=0.1)
+                # Cancelled: the transaction failed (a dropped cancel let pg_sleep finish).
+                with pytest.raises(asyncpg.InFailedSQLTransactionError):
+                    await conn.fetchval("SELECT 1")
+                await tr.rollback()
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+    records = slow.session_records(app, until=has_disconnect)
+    sleeps = [s for s in statements(records) if "pg_sleep" in s.sql_text]
+    assert [(outcome_of(records, s).status, outcome_of(records, s).sqlstate) for s in sleeps] == [
+        ("error", "57014")
+    ] * 15

@@ -481,6 +481,66 @@ def test_upstream_terminated_mid_query(proxy: Proxy, pg_server: PgServer) -> Non
     assert [str(r.event) for r in records][-1] == "disconnect"
 
 
+def _until_closed(sock: socket.socket) -> list[str]:
+    """Every message up to EOF, as type letters (errors with severity and code)."""
+    got = []
+    while True:
+        try:
+            kind, payload = read_message(sock)
+        except (ConnectionError, TimeoutError):
+            return got
+        if kind == b"E":
+            fields = messages.parse_error_fields(payload)
+            got.append(f"E:{fields['S']}:{fields['C']}")
+        else:
+            got.append(kind.decode())
+
+
+def _terminated_replies(pg: PgServer, sock: socket.socket, busy: bool) -> list[str]:
+    """Terminate the backend of a logged-in raw session (running pg_sleep when `busy`) and
+    return everything the client reads after that, up to EOF."""
+    sock.sendall(messages.query("SELECT pg_backend_pid()"))
+    pid = 0
+    while (reply := read_message(sock))[0] != b"Z":
+        if reply[0] == b"D":
+            pid = int(reply[1][6:])  # one column: count (2 bytes), length (4), the digits
+    if busy:
+        sock.sendall(messages.query("SELECT pg_sleep(10)"))
+        time.sleep(0.3)
+    assert pg.psql(f"SELECT pg_terminate_backend({pid})") == "t"
+    return _until_closed(sock)
+
+
+@pytest.mark.parametrize("busy", [False, True], ids=["idle", "busy"])
+def test_upstream_fatal_is_the_last_message(proxy: Proxy, pg_server: PgServer, busy: bool) -> None:
+    """r60 (asyncpg's test_execute_script_interrupted_by_server): PostgreSQL's own FATAL
+    (pg_terminate_backend: 57P01) was relayed and then followed by dbward's FATAL 08006 "lost
+    the connection to the database"; asyncpg reports the last error, so the client saw
+    dbward's instead of PostgreSQL's. Now the session ends as it does directly: the FATAL, EOF."""
+    direct = socket.create_connection(("127.0.0.1", pg_server.port), timeout=TIMEOUT)
+    direct.settimeout(TIMEOUT)
+    direct.sendall(
+        messages.startup_message({"user": pg_server.trust_user, "database": pg_server.database})
+    )
+    while read_message(direct)[0] != b"Z":
+        pass
+    try:
+        expected = _terminated_replies(pg_server, direct, busy)
+    finally:
+        direct.close()
+    app = _app("fatal-last")
+    session = RawSession(proxy, app)
+    try:
+        got = _terminated_replies(pg_server, session.sock, busy)
+    finally:
+        session.close()
+    # (pg_sleep's RowDescription is sent before it sleeps)
+    assert expected == ["T", "E:FATAL:57P01"] if busy else ["E:FATAL:57P01"]
+    assert got == expected
+    records = _session(proxy, app, _has(AuditEvent.DISCONNECT))
+    assert [str(r.event) for r in records][-1] == "disconnect"
+
+
 # ------------------------------------------------------------------ SIGTERM drain
 
 

@@ -212,6 +212,24 @@ def test_cancel_attempts_from_one_ipv6_48_share_a_site_budget() -> None:
     assert registry.allow_attempt("192.0.2.7", now)
 
 
+def test_rightful_cancels_spend_no_budget_but_an_empty_one_drops_them_too() -> None:
+    """r60: asyncpg cancels every call that times out; those cancels spent the budget kept
+    against guessing keys, and past it were dropped. Attempts that name a live session are
+    refunded now; guesses still spend, and once they have emptied the budget every attempt
+    is dropped, a right key too (else guessing would go on at line rate)."""
+    registry = CancelRegistry(rate_per_s=0.1, burst=2.0)
+    now = 1000.0
+    for host in ("192.0.2.1", "2001:db8:1:2::1"):
+        for _ in range(20):  # rightful: refunded
+            assert registry.allow_attempt(host, now)
+            registry.refund_attempt(host, now)
+        assert registry.allow_attempt(host, now)  # two guesses: not refunded
+        assert registry.allow_attempt(host, now)
+        assert not registry.allow_attempt(host, now)  # dry, whatever the key
+    assert len(registry._buckets) == 2  # only the guessers take room in the table
+    assert len(registry._sites) == 1  # and the IPv6 one's /48
+
+
 def _offer(tls: bool, binding: bytes | None) -> bytes:
     return (
         LocalAuthenticator(USERS, mock_secret=_SECRET)

@@ -43,8 +43,9 @@ async def answer_cancel(
     services: ListenerServices, client_host: str, packet: CancelRequest, audit: Audit
 ) -> None:
     """Forward the request to the database of the session its key names, if its client is
-    within its cancel budget (over it: counted and logged, not audited); recorded through
-    `audit`: refused, forwarded, and failed if it never went."""
+    within its cancel budget (over it: counted and logged, not audited; only attempts naming
+    no live session spend it); recorded through `audit`: refused, forwarded, and failed if it
+    never went."""
     counts = services.counts.cancels
     if not services.cancels.allow_attempt(client_host):
         counts["throttled"] += 1
@@ -56,6 +57,8 @@ async def answer_cancel(
             asyncio.get_running_loop().call_later(report_in, _report_held_cancels, cancels)
     else:
         target = services.cancels.lookup(packet.pid, packet.key)
+        if target is not None:
+            services.cancels.refund_attempt(client_host)  # a rightful cancel spends nothing
         if target is None or target._upstream is None:
             counts["refused"] += 1
             audit(AuditEvent.CANCEL, status="refused", reason="unknown cancel key")

@@ -3557,6 +3557,12 @@ class PgSession(asyncio.Protocol):
             self._roll_back_block("08006")  # no COMMIT in flight: the block died with it
         self._finish_pending("unknown", "08006")
         self._audit(AuditEvent.UPSTREAM_LOST, reason=message, sqlstate="08006")
+        if self._upstream_ending:
+            # PostgreSQL said why in its own FATAL, already relayed: a client reports the last
+            # error it read (asyncpg does), so a FATAL of ours after it would replace the
+            # reason. Close as PostgreSQL does.
+            self._close_client()
+            return
         self._fatal("08006", message)
 
     def _terminate_escalated(self, what: str) -> None:

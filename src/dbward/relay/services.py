@@ -235,6 +235,18 @@ class CancelRegistry:
         now = time.monotonic() if now is None else now
         return take_with_site(self._buckets, self._sites, client_host, now)
 
+    def refund_attempt(self, client_host: str, now: float | None = None) -> None:
+        """Give back what allow_attempt spent: the attempt named a live session, so it was
+        no guess. The budget is there against guessing keys; spent by rightful cancels too,
+        it dropped those of a client whose calls time out often (asyncpg cancels every call
+        that times out), and their statements ran on. An empty budget still drops every
+        attempt, right or wrong: otherwise guesses made with it would go on being tried."""
+        now = time.monotonic() if now is None else now
+        self._buckets.refund(client_host, now)
+        site = site_key(client_host)
+        if site is not None:
+            self._sites.refund(site, now)
+
     def refused_to_report(
         self, client_host: str, now: float | None = None
     ) -> tuple[int, float | None]:
