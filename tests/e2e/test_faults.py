@@ -438,7 +438,7 @@ def test_upstream_terminated_while_idle(proxy: Proxy, pg_server: PgServer) -> No
         with pytest.raises(psycopg.OperationalError) as caught:
             conn.execute("SELECT 1")
         text = str(caught.value)
-        assert "administrator command" in text or "lost the connection" in text, text
+        assert "terminating connection due to administrator command" in text, text
     finally:
         conn.close()
     records = _session(proxy, app, _has(AuditEvent.DISCONNECT))
@@ -539,6 +539,14 @@ def test_upstream_fatal_is_the_last_message(proxy: Proxy, pg_server: PgServer, b
     assert got == expected
     records = _session(proxy, app, _has(AuditEvent.DISCONNECT))
     assert [str(r.event) for r in records][-1] == "disconnect"
+    # The record says why PostgreSQL ended the session, not that dbward saw a socket close.
+    lost = [(r.sqlstate, r.reason) for r in records if r.event == AuditEvent.UPSTREAM_LOST]
+    assert lost == [
+        (
+            "57P01",
+            "the database ended the session: terminating connection due to administrator command",
+        )
+    ]
 
 
 # ------------------------------------------------------------------ SIGTERM drain

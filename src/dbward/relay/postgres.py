@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Final, cast
 from dbward.audit.records import AuditEvent, AuditRecord
 from dbward.audit.sink import HeldRecord
 from dbward.core.errors import AuditUnavailable, ProtocolError
-from dbward.core.text import QUOTED_ERROR_MAX, capped
+from dbward.core.text import QUOTED_ERROR_MAX, capped, without_quoted_values
 from dbward.core.types import (
     Decision,
     Identity,
@@ -661,6 +661,18 @@ def _audit_unavailable_decision() -> Decision:
     )
 
 
+def _fatal_reason(payload: bytes | None) -> str:
+    """The message of PostgreSQL's FATAL, for the audit: capped, and without the values it may
+    quote (a FATAL can quote what a client sent)."""
+    if payload is None:
+        return "FATAL"
+    try:
+        message = messages.parse_error_fields(payload).get("M", "")
+    except ProtocolError:
+        return "FATAL"
+    return capped(without_quoted_values(message), QUOTED_ERROR_MAX) or "FATAL"
+
+
 class PgSession(asyncio.Protocol):
     """asyncio protocol for one client connection and the relay state of its session."""
 
@@ -743,6 +755,7 @@ class PgSession(asyncio.Protocol):
         "_unauthenticated",
         "_upstream",
         "_upstream_ending",
+        "_upstream_farewell",
         "_upstream_held",
         "_upstream_held_since",
         "_upstream_lost_reported",
@@ -864,6 +877,8 @@ class PgSession(asyncio.Protocol):
         self._upstream_lost_reported = False
         self._client_mid_frame = False  # a row was cut off by an invalid upstream message
         self._upstream_ending = False  # PostgreSQL sent FATAL: nothing more goes to it
+        # That FATAL's SQLSTATE and message, for the upstream_lost record: why the session ended.
+        self._upstream_farewell: tuple[str, str] | None = None
         # Statements that changed something and finished ok in the current implicit transaction
         # (a Query or sync group begun with no transaction open): an error undoes them.
         self._implicit = True
@@ -3169,6 +3184,7 @@ class PgSession(asyncio.Protocol):
             # The backend is gone: what the client sent after, parked or not, never ran, and
             # its implicit transaction never committed.
             self._upstream_ending = True
+            self._upstream_farewell = (sqlstate or "08006", _fatal_reason(payload))
             if self._committable:
                 self._roll_back_implicit(sqlstate)
             self._roll_back_block(sqlstate)
@@ -3556,7 +3572,13 @@ class PgSession(asyncio.Protocol):
         if not self._ops:
             self._roll_back_block("08006")  # no COMMIT in flight: the block died with it
         self._finish_pending("unknown", "08006")
-        self._audit(AuditEvent.UPSTREAM_LOST, reason=message, sqlstate="08006")
+        sqlstate = "08006"
+        if self._upstream_farewell is not None:
+            # PostgreSQL said why (pg_terminate_backend, a shutdown, idle_session_timeout):
+            # that, not dbward's view of a closed socket, is what the record keeps.
+            sqlstate, why = self._upstream_farewell
+            message = f"the database ended the session: {why}"
+        self._audit(AuditEvent.UPSTREAM_LOST, reason=message, sqlstate=sqlstate)
         if self._upstream_ending:
             # PostgreSQL said why in its own FATAL, already relayed: a client reports the last
             # error it read (asyncpg does), so a FATAL of ours after it would replace the
