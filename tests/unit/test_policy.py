@@ -910,3 +910,18 @@ def test_discard_all_is_allowed_for_connection_pools() -> None:
     (statement,) = PostgresClassifier().classify("DISCARD ALL")
     assert "role_switch" not in statement.flags
     assert decide(request(statement)).allowed
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "CREATE FUNCTION f() RETURNS int LANGUAGE sql AS 'not even SQL'",
+        "SELECT query_to_xml('SELEC 1', true, false, '')",
+    ],
+)
+def test_sql_text_that_does_not_parse_is_refused_saying_so(sql: str) -> None:
+    """r62: the refusal of SQL text that does not parse said only that it was computed at run
+    time, which it was not."""
+    (decision,) = decisions(sql)
+    assert (decision.verdict, decision.rule) == (Verdict.DENY, "guard.dynamic_sql")
+    assert decision.reason.endswith("or does not parse")

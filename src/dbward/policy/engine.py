@@ -237,9 +237,10 @@ def guard_server_file_function(request: PolicyRequest) -> Decision | None:
 
 _DENY_DYNAMIC_SQL: Final = _deny(
     "guard.dynamic_sql",
-    "dbward: SQL run from text (PL/pgSQL EXECUTE, query_to_xml, ts_stat, crosstab, ...) and "
-    "the table table_to_xml exports must be constants so they can be checked; this one is "
-    "computed at run time (schema_to_xml and database_to_xml always are)",
+    "dbward: SQL run from text (a function body, PL/pgSQL EXECUTE, query_to_xml, ts_stat, "
+    "crosstab, ...) and the table table_to_xml exports must be constants that parse, so they "
+    "can be checked; this one is computed at run time (schema_to_xml and database_to_xml "
+    "always are) or does not parse",
 )
 
 
