@@ -347,6 +347,42 @@ def test_follow_lines_keep_their_columns_whatever_the_record() -> None:
     assert first.index("SELECT 1") == second.index("SELECT 1") == head.index("sql")
 
 
+def test_follow_lines_show_the_sql_in_80_columns() -> None:
+    """Review r64: `audit tail -f` in an 80-column terminal (or piped: 80 columns) showed no
+    SQL at all. The fixed columns took 81 of the 80, so the header's `sql` and every
+    statement's text were cropped off the line."""
+    from rich.console import Console
+
+    from dbward.audit.render import follow_lines
+
+    def shown(rec: AuditRecord, header: bool) -> list[str]:
+        console = Console(width=80, record=True, file=open(os.devnull, "w"))  # noqa: SIM115
+        console.print(follow_lines([rec], header=header, width=80))
+        return console.export_text().splitlines()
+
+    denied = AuditRecord(
+        AuditEvent.STATEMENT,
+        NOW,
+        "s1",
+        seq=123456789,
+        identity="a-rather-long-name",
+        kind="session",
+        decision="deny",
+        status="denied",
+        sqlstate="42501",
+        sql_text="SET ROLE postgres",
+    )
+    head, first = shown(denied, header=True)
+    later = denied._replace(seq=1234567890, kind="read", sql_text="SELECT 42")
+    (second,) = shown(later, header=False)
+    assert max(len(head), len(first), len(second)) <= 80
+    assert head.split()[-1] == "sql", head
+    assert "SET ROLE" in first and "SELECT 42" in second, (first, second)
+    # Still in fixed columns, and nothing that says what happened is cut to fit.
+    assert first.index("SET ROLE") == second.index("SELECT 42") == head.index("sql")
+    assert "deny denied 42501" in first and "123456789 " in first and "1234567890 " in second
+
+
 def test_a_log_that_cannot_be_read_now_is_not_called_foreign(db: Path) -> None:
     """Review r61: a log locked by another connection was reported as "not a dbward audit log
     (database is locked)", sending the operator after the wrong problem."""
