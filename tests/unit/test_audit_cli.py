@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -456,3 +457,18 @@ def test_a_read_only_log_with_records_still_in_its_wal_is_not_read_short(
     code, _, err = invoke("tail", "--audit-db", str(mount / "audit.db"))
     assert code == 2
     assert f"its last records are still in {mount / 'audit.db-wal'}" in err, err
+
+
+def test_every_option_of_tail_and_search_is_explained_in_help() -> None:
+    """Review r64: `dbward audit tail --help` listed `-n, --lines` with no word of what it
+    counts, where every other option of `tail` and `search` says what it does."""
+    for command in ("tail", "search"):
+        code, out, _ = invoke(command, "--help")
+        assert code == 0, out
+        options = out.split("Options:\n", 1)[1]
+        # Each option's first line: the flags, then (after two spaces or more) its help.
+        for line in options.splitlines():
+            if line.lstrip().startswith("-"):
+                flags, _, text = line.strip().partition("  ")
+                text = re.sub(r"\[default: [^]]*\]|\[required\]", "", text)  # click's notes
+                assert text.strip(), f"{command}: {flags} has no help text"
