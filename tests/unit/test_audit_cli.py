@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -347,6 +348,42 @@ def test_follow_lines_keep_their_columns_whatever_the_record() -> None:
     assert first.index("SELECT 1") == second.index("SELECT 1") == head.index("sql")
 
 
+def test_follow_lines_show_the_sql_in_80_columns() -> None:
+    """Review r64: `audit tail -f` in an 80-column terminal (or piped: 80 columns) showed no
+    SQL at all. The fixed columns took 81 of the 80, so the header's `sql` and every
+    statement's text were cropped off the line."""
+    from rich.console import Console
+
+    from dbward.audit.render import follow_lines
+
+    def shown(rec: AuditRecord, header: bool) -> list[str]:
+        console = Console(width=80, record=True, file=open(os.devnull, "w"))  # noqa: SIM115
+        console.print(follow_lines([rec], header=header, width=80))
+        return console.export_text().splitlines()
+
+    denied = AuditRecord(
+        AuditEvent.STATEMENT,
+        NOW,
+        "s1",
+        seq=123456789,
+        identity="a-rather-long-name",
+        kind="session",
+        decision="deny",
+        status="denied",
+        sqlstate="42501",
+        sql_text="SET ROLE postgres",
+    )
+    head, first = shown(denied, header=True)
+    later = denied._replace(seq=1234567890, kind="read", sql_text="SELECT 42")
+    (second,) = shown(later, header=False)
+    assert max(len(head), len(first), len(second)) <= 80
+    assert head.split()[-1] == "sql", head
+    assert "SET ROLE" in first and "SELECT 42" in second, (first, second)
+    # Still in fixed columns, and nothing that says what happened is cut to fit.
+    assert first.index("SET ROLE") == second.index("SELECT 42") == head.index("sql")
+    assert "deny denied 42501" in first and "123456789 " in first and "1234567890 " in second
+
+
 def test_a_log_that_cannot_be_read_now_is_not_called_foreign(db: Path) -> None:
     """Review r61: a log locked by another connection was reported as "not a dbward audit log
     (database is locked)", sending the operator after the wrong problem."""
@@ -420,3 +457,18 @@ def test_a_read_only_log_with_records_still_in_its_wal_is_not_read_short(
     code, _, err = invoke("tail", "--audit-db", str(mount / "audit.db"))
     assert code == 2
     assert f"its last records are still in {mount / 'audit.db-wal'}" in err, err
+
+
+def test_every_option_of_tail_and_search_is_explained_in_help() -> None:
+    """Review r64: `dbward audit tail --help` listed `-n, --lines` with no word of what it
+    counts, where every other option of `tail` and `search` says what it does."""
+    for command in ("tail", "search"):
+        code, out, _ = invoke(command, "--help")
+        assert code == 0, out
+        options = out.split("Options:\n", 1)[1]
+        # Each option's first line: the flags, then (after two spaces or more) its help.
+        for line in options.splitlines():
+            if line.lstrip().startswith("-"):
+                flags, _, text = line.strip().partition("  ")
+                text = re.sub(r"\[default: [^]]*\]|\[required\]", "", text)  # click's notes
+                assert text.strip(), f"{command}: {flags} has no help text"

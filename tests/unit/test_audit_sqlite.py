@@ -721,3 +721,19 @@ def test_a_link_in_place_of_the_logs_own_files_is_refused_not_followed(
         sink.start(asyncio.new_event_loop())
     assert target.stat().st_mode & 0o777 == 0o644
     assert target.read_text() == "keep me\n"
+
+
+def test_docs_audit_md_names_every_event_and_column() -> None:
+    """Review r64: docs/audit.md is the reference for reading the log (its SQL too): each
+    event has a row of its own in its Records table and each column of the table is named."""
+    import re
+
+    from dbward.audit.sqlite import COLUMNS
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "audit.md").read_text(encoding="utf-8")
+    records = doc.split("## Records", 1)[1].split("\n\n", 2)[1]
+    rows = re.findall(r"^\| `(\w+)`(?: / `(\w+)`)? \|", records, re.M)
+    events = {name for row in rows for name in row if name}
+    assert events == {str(event) for event in AuditEvent}
+    named = set(re.findall(r"`(\w+)`", doc))
+    assert not set(COLUMNS) - named, set(COLUMNS) - named

@@ -8,6 +8,7 @@ endpoint of a running `dbward serve` is tested in tests/e2e/test_metrics.py.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -295,3 +296,48 @@ def test_metrics_errors_name_the_key(metrics: object, expected: str) -> None:
     problems = caught.value.message.splitlines()[1:]
     assert len(problems) == 1, problems
     assert problems[0].strip().startswith(expected), problems
+
+
+_OPERATIONS_MD = Path(__file__).resolve().parents[2] / "docs" / "operations.md"
+
+
+def _documented_metrics() -> dict[str, tuple[str, tuple[str, ...], str]]:
+    """docs/operations.md's metrics table: name -> (type, label names, meaning)."""
+    text = _OPERATIONS_MD.read_text(encoding="utf-8")
+    table = text.split("### Metrics", 1)[1].split("\n\n", 2)[2].split("\n\n", 1)[0]
+    out = {}
+    for line in table.splitlines()[2:]:
+        cells = [cell.strip() for cell in line.strip("|").split(" | ")]
+        found = re.fullmatch(r"`(dbward_\w+)(?:\{([\w,]+)\})?`", cells[0])
+        if found is None:
+            assert cells[0] == "`process_*`", f"not a metric row: {line[:60]}"
+            continue
+        labels = tuple(sorted(found.group(2).split(","))) if found.group(2) else ()
+        out[found.group(1)] = (cells[1], labels, cells[2])
+    return out
+
+
+def test_docs_operations_md_lists_every_metric_with_its_labels_and_values() -> None:
+    """Review r64: the metrics table is what operators write alerts from; each name, type and
+    label there must be what /metrics serves, and each label value it serves must be named."""
+    session, _, _ = detached_session(MemorySink())
+    text = generate_latest(build_registry(_Proxy([_Listener(session.services)]))).decode()
+    served: dict[str, tuple[str, set[str], dict[str, set[str]]]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if not sample.name.startswith("dbward_"):
+                continue  # process_*: prometheus_client's, documented as one row
+            kind, labels, values = served.setdefault(sample.name, (family.type, set(), {}))
+            labels.update(sample.labels)
+            for label, value in sample.labels.items():
+                values.setdefault(label, set()).add(value)
+    documented = _documented_metrics()
+    assert set(documented) == set(served)
+    for name, (kind, labels, values) in served.items():
+        doc_kind, doc_labels, meaning = documented[name]
+        assert (doc_kind, doc_labels) == (kind, tuple(sorted(labels))), name
+        for label, seen in values.items():
+            if label in ("listener", "version"):
+                continue  # the listener's configured name; dbward's version
+            missing = sorted(value for value in seen if f"`{value}`" not in meaning)
+            assert not missing, f"{name}: {label} values not in docs/operations.md: {missing}"

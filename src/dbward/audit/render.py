@@ -125,6 +125,13 @@ def records_table(
 
 _COMPACT_HEADERS: Final = ("seq", "time (UTC)", "identity", "what", "outcome", "sql")
 _COMPACT_CAPS: Final = (12, 18, 16, 12, 18)  # widest each column may get; the SQL takes the rest
+# On a narrow terminal (80 columns: also a pipe) the caps alone leave the SQL no room at all
+# (follow_lines' fixed columns took 81): there the columns give up room, in _SHRINK_ORDER, down to
+# these floors, until the SQL has _MIN_SQL columns. The floors still show a 10-digit seq, an
+# event such as "disconnect" and an outcome such as "deny denied 42501" whole.
+_COMPACT_FLOORS: Final = (10, 18, 8, 10, 17)
+_SHRINK_ORDER: Final = (2, 0, 3, 4)  # identity, seq, what, outcome
+_MIN_SQL: Final = 16
 
 
 def follow_lines(records: list[AuditRecord], *, header: bool, width: int = 80) -> Group:
@@ -164,6 +171,14 @@ def _compact_lines(
         else min(cap, max([cell_len(_COMPACT_HEADERS[i])] + [cell_len(row[i]) for row in rows]))
         for i, cap in enumerate(_COMPACT_CAPS)
     ]
+    # (Widths from the content leave the SQL what the records themselves do not need.)
+    over = sum(widths) + len(widths) + _MIN_SQL - width if fixed else 0
+    for i in _SHRINK_ORDER:
+        if over <= 0:
+            break
+        give = min(over, max(0, widths[i] - _COMPACT_FLOORS[i]))
+        widths[i] -= give
+        over -= give
     widths.append(max(8, width - sum(widths) - len(widths)))
 
     def line(cells: tuple[str, ...]) -> str:

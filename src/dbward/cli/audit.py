@@ -141,7 +141,15 @@ def audit_group() -> None:
 
 
 @audit_group.command("tail")
-@click.option("-n", "--lines", "n", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option(
+    "-n",
+    "--lines",
+    "n",
+    type=click.IntRange(min=1),
+    default=20,
+    show_default=True,
+    help="How many of the latest records to show.",
+)
 @click.option(
     "-f",
     "--follow",
