@@ -40,8 +40,14 @@ from dbward.relay.cancel import track_cancel
 from dbward.relay.login import Login
 from dbward.relay.services import SITE_SHARE, client_key, site_of_key
 from dbward.server.upstream import UpstreamConnection, send_cancel
-from dbward.sql.offload import OFFLOAD_CODE_MIN_BYTES, should_offload
-from dbward.sql.postgres import CREDENTIAL_TEXT, function_call_statement, oversized_statement
+from dbward.sql.offload import OFFLOAD_SCAN_MIN_BYTES, should_offload
+from dbward.sql.postgres import (
+    CREDENTIAL_TEXT,
+    LEXER_COST_INLINE_MAX,
+    function_call_statement,
+    lexer_cost,
+    oversized_statement,
+)
 from dbward.sql.redact import without_literals
 from dbward.wire.postgres import messages
 from dbward.wire.postgres.encodings import python_codec
@@ -1383,7 +1389,7 @@ class PgSession(asyncio.Protocol):
                     in_place = True
                     payload = self._large_body(msg_type, payload, raw)  # noqa: PLW2901
                 if (
-                    len(payload) >= OFFLOAD_CODE_MIN_BYTES
+                    len(payload) >= OFFLOAD_SCAN_MIN_BYTES
                     and msg_type in (_Q, _P)
                     and should_offload(payload)
                 ):
@@ -3780,12 +3786,17 @@ class PgSession(asyncio.Protocol):
 def _credential_text(statement: Statement, why: str, cap: int) -> str:
     """What the log says of a statement holding a secret: its text without literals or comments.
 
-    Text the parser rejected, text too long to scan here, or text the scanner rejects is
-    withheld whole: where the secret ends in it is then not known.
+    Text the parser rejected, text too long or too costly to scan here (classified in the
+    worker pool for its operator-character runs: see lexer_cost), or text the scanner rejects
+    is withheld whole: where the secret ends in it is then not known.
     """
     text = statement.text
     redacted = None
-    if not statement.error and len(text) <= _REDACT_MAX_CHARS:
+    if (
+        not statement.error
+        and len(text) <= _REDACT_MAX_CHARS
+        and lexer_cost(text) <= LEXER_COST_INLINE_MAX
+    ):
         code_bodies = "uninspectable_code" not in statement.flags
         redacted = without_literals(text, CREDENTIAL_TEXT, code_bodies=code_bodies)
     if redacted is None:

@@ -17,9 +17,14 @@ import re
 from typing import Final
 
 from dbward.core.types import DEFAULT_MAX_STATEMENTS, Statement
-from dbward.sql.postgres import PostgresClassifier, unparseable_statement
+from dbward.sql.postgres import (
+    LEXER_COST_INLINE_MAX,
+    PostgresClassifier,
+    lexer_cost,
+    unparseable_statement,
+)
 
-__all__ = ["OFFLOAD_MIN_BYTES", "ClassifierPool", "should_offload"]
+__all__ = ["OFFLOAD_MIN_BYTES", "OFFLOAD_SCAN_MIN_BYTES", "ClassifierPool", "should_offload"]
 
 log = logging.getLogger("dbward.classifier")
 
@@ -30,6 +35,8 @@ OFFLOAD_MIN_BYTES: Final = 64 * 1024
 # its own (a 50 KB function: ~0.12 s, where 50 KB of INSERT takes ~10 ms). Text that may hold
 # code (a DO block, LANGUAGE plpgsql) goes to the pool from this size on.
 OFFLOAD_CODE_MIN_BYTES: Final = 4 * 1024
+# Below this no text costs the scanner much (see lexer_cost): its runs are too short.
+OFFLOAD_SCAN_MIN_BYTES: Final = 1024
 # `U&"..."` can spell any name, plpgsql too (LANGUAGE U&"pl\0070gsql").
 _MAY_HOLD_CODE: Final = re.compile(rb'plpgsql|\bdo\b|u&"', re.IGNORECASE)
 
@@ -37,9 +44,16 @@ _MAY_HOLD_CODE: Final = re.compile(rb'plpgsql|\bdo\b|u&"', re.IGNORECASE)
 def should_offload(sql: bytes) -> bool:
     """Whether SQL of this size and look is classified in the pool rather than on the loop."""
     size = len(sql)
-    if size < OFFLOAD_CODE_MIN_BYTES:
+    if size < OFFLOAD_SCAN_MIN_BYTES:
         return False
-    return size >= OFFLOAD_MIN_BYTES or _MAY_HOLD_CODE.search(sql) is not None
+    if size >= OFFLOAD_MIN_BYTES:
+        return True
+    if size >= OFFLOAD_CODE_MIN_BYTES and _MAY_HOLD_CODE.search(sql) is not None:
+        return True
+    # Runs of operator characters cost PostgreSQL's scanner time quadratic in their length
+    # (64 KB of "/*": 8.7 s on the loop): at any size, such text goes to the pool. Operator
+    # characters are ASCII, so their runs are the same in any encoding the relay accepts.
+    return lexer_cost(sql.decode("latin-1")) > LEXER_COST_INLINE_MAX
 
 
 # One per worker process. No cache: texts this large are never cached by the relay either.
