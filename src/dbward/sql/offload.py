@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import heapq
 import logging
 import multiprocessing
 import os
@@ -101,8 +102,20 @@ def _release_stuck_feeder(executor: concurrent.futures.ProcessPoolExecutor) -> N
     os.close(handle)
 
 
+# How long a queued text may be passed over, per character, by shorter ones that arrive after
+# it (see ClassifierPool._take_turn): about what parsing costs (0.25-1 s per MB).
+_WAIT_PER_CHAR_S: Final = 1e-6
+
+
 class ClassifierPool:
-    """A small process pool for classifying large statements; started on first use."""
+    """A small process pool for classifying large statements; started on first use.
+
+    Texts wait their turn here, not in the executor: the shortest due first (each is due at its
+    arrival plus ~1 s per MB), so a 100 KB statement is not queued behind other sessions' 16 MB
+    ones (three sessions sending those kept another session's 100 KB statement waiting 23-37 s,
+    and a fourth would have had it time out), and the timeout counts from the worker taking the
+    text, not from its arrival.
+    """
 
     def __init__(
         self,
@@ -115,6 +128,10 @@ class ClassifierPool:
         self._max_statements = max_statements
         self._timeout_s = timeout_s
         self._executor: concurrent.futures.ProcessPoolExecutor | None = None
+        self._busy = 0  # texts given to the executor and not answered yet (at most _workers)
+        # Texts waiting for a worker: (due, arrival number, the future that starts them).
+        self._waiting: list[tuple[float, int, asyncio.Future[None]]] = []
+        self._arrivals = 0
 
     def _pool(self) -> concurrent.futures.ProcessPoolExecutor:
         if self._executor is None:
@@ -127,6 +144,38 @@ class ClassifierPool:
 
     async def classify(self, text: str) -> tuple[Statement, ...]:
         """Classify `text` in a worker; never raises (failures classify as unparseable)."""
+        await self._take_turn(len(text))
+        try:
+            return await self._classify_now(text)
+        finally:
+            self._give_turn_back()
+
+    async def _take_turn(self, size: int) -> None:
+        """Wait until a worker is free for this text and it is the first due."""
+        if self._busy < self._workers and not self._waiting:
+            self._busy += 1
+            return
+        loop = asyncio.get_running_loop()
+        turn: asyncio.Future[None] = loop.create_future()
+        self._arrivals += 1
+        heapq.heappush(self._waiting, (loop.time() + size * _WAIT_PER_CHAR_S, self._arrivals, turn))
+        try:
+            await turn
+        except asyncio.CancelledError:
+            if turn.done() and not turn.cancelled():
+                self._give_turn_back()  # handed the turn, then cancelled: pass it on
+            raise
+
+    def _give_turn_back(self) -> None:
+        """A text is answered: start the next due one."""
+        self._busy -= 1
+        while self._waiting and self._busy < self._workers:
+            _, _, turn = heapq.heappop(self._waiting)
+            if not turn.done():  # a cancelled waiter has left
+                self._busy += 1
+                turn.set_result(None)
+
+    async def _classify_now(self, text: str) -> tuple[Statement, ...]:
         loop = asyncio.get_running_loop()
         try:
             pending = loop.run_in_executor(
