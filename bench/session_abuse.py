@@ -20,6 +20,8 @@ Attacks (names for --only):
   pipeline_flush  the same with a Flush after each, never read
   costly_sql    deep parentheses, 100k IN list, 10k UNIONs, 16 MB of "SELECT 1;", 64 KB of "/*",
                 16 MB of "+", 1 MB DO body, deeply nested DO blocks (each answered in turn)
+  pool_hog      three sessions keep the classifier worker busy (16 MB IN lists) while
+                another sends 100 KB statements (classified in the same worker)
   cache_churn   50,000 distinct statement templates as fast as the session gets answers
   copy_big_row  COPY FROM STDIN of one 200 MB row in 64 KB CopyData messages
   copy_one_msg  COPY FROM STDIN of one 200 MB CopyData message
@@ -345,6 +347,53 @@ def costly_sql(env: SoakEnv, seconds: float) -> str:
     return "\n      ".join(out)
 
 
+def pool_hog(env: SoakEnv, seconds: float) -> str:
+    """Three sessions keep the classifier worker busy with 16 MB IN lists (~15 s each) while
+    another sends a 100 KB statement (classified in the same worker) every few seconds."""
+    big = m.query("SELECT 1 WHERE 1 IN (" + ",".join(["1"] * (8 * 1024 * 1024 - 20)) + ")")
+    stop = threading.Event()
+
+    hogged = [0, 0, 0]
+    ended: list[str] = []
+
+    def hog(n: int) -> None:
+        a = Attacker(env, "pool_hog")
+        try:
+            while not stop.is_set():
+                a.send(big)
+                a.read_until_ready(timeout=300)
+                hogged[n] += 1
+        except (OSError, ConnectionError) as exc:
+            ended.append(f"hog {n}: {type(exc).__name__} {exc}")
+        finally:
+            a.close()
+
+    hogs = [threading.Thread(target=hog, args=(i,), daemon=True) for i in range(3)]
+    for thread in hogs:
+        thread.start()
+    time.sleep(2)
+    innocent = "SELECT count(*) FROM (VALUES " + ",".join(f"({i})" for i in range(15_000))
+    innocent += ") AS v(a)"
+    results = []
+    end = time.monotonic() + seconds
+    with psycopg.connect(**env.conninfo(application_name="innocent"), autocommit=True) as conn:
+        while time.monotonic() < end:
+            began = time.monotonic()
+            try:
+                conn.execute(innocent.encode()).fetchone()
+                results.append(f"{time.monotonic() - began:.1f} s")
+            except psycopg.Error as exc:
+                results.append(f"{time.monotonic() - began:.1f} s {exc.sqlstate}")
+            time.sleep(1)
+    stop.set()
+    for thread in hogs:
+        thread.join(timeout=60)
+    return (
+        f"innocent 100 KB statements: {', '.join(results)}; 16 MB statements answered per "
+        f"hog: {hogged}; {ended or 'no hog ended early'}"
+    )
+
+
 def cache_churn(env: SoakEnv, seconds: float) -> str:
     a = Attacker(env, "cache_churn")
     sent = 0
@@ -429,6 +478,7 @@ ATTACKS: dict[str, Callable[[SoakEnv, float], str]] = {
         pipeline,
         pipeline_flush,
         costly_sql,
+        pool_hog,
         cache_churn,
         copy_big_row,
         copy_one_msg,
