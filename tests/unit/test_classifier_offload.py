@@ -90,3 +90,80 @@ def test_a_timed_out_classification_does_not_hold_up_the_next_one() -> None:
     finally:
         pool.close()
     assert after == PostgresClassifier(cache_size=0).classify(BIG)
+
+
+def test_many_statements_go_to_the_pool_from_a_few_kilobytes() -> None:
+    """64 KB of "SELECT 1;" (7,270 statements) took 76 ms to classify on the loop (round 63)."""
+    many = b"SELECT 1;" * 1_000
+    assert 4_096 <= len(many) < 64 * 1024
+    assert should_offload(many)
+    assert not should_offload(b"SELECT 1;" * 999)
+    assert not should_offload(b"SELECT 1;" * 400)  # under 4 KB: inline
+
+
+def _rows(count: int) -> str:
+    return "INSERT INTO t (a, b) VALUES " + ",".join(f"({i}, now())" for i in range(count))
+
+
+def test_a_short_text_is_not_queued_behind_longer_ones() -> None:
+    """Round 63: sessions keeping the one worker busy with 16 MB statements made another
+    session's 100 KB statement wait for all of them (23-37 s behind three). Waiting texts now
+    go shortest due first (due: arrival plus ~1 s per MB)."""
+    first, longer = _rows(150_000), _rows(300_000)
+    pool = ClassifierPool()
+    answered: list[str] = []
+
+    async def one(name: str, text: str) -> None:
+        await pool.classify(text)
+        answered.append(name)
+
+    async def run() -> None:
+        await pool.classify("SELECT 1")  # the worker is up
+        await asyncio.gather(one("first", first), one("longer", longer), one("short", BIG))
+
+    try:
+        asyncio.run(run())
+    finally:
+        pool.close()
+    assert answered == ["first", "short", "longer"]
+
+
+def test_time_spent_waiting_for_the_worker_is_not_counted_toward_the_timeout() -> None:
+    """A statement queued behind one that times out is classified by the next worker, not
+    timed out with it."""
+    slow = _rows(600_000)  # ~7 s to parse
+    pool = ClassifierPool()
+
+    async def run() -> tuple[tuple[Statement, ...], tuple[Statement, ...]]:
+        await pool.classify("SELECT 1")  # the worker is up
+        pool._timeout_s = 3.0
+        timed_out, after = await asyncio.gather(pool.classify(slow), pool.classify(BIG))
+        return timed_out, after
+
+    try:
+        (timed_out,), after = asyncio.run(run())
+    finally:
+        pool.close()
+    assert timed_out.error == "classifier failure: timed out"
+    assert after == PostgresClassifier(cache_size=0).classify(BIG)
+
+
+def test_a_waiter_that_leaves_passes_its_turn_on() -> None:
+    pool = ClassifierPool()
+
+    async def run() -> tuple[Statement, ...]:
+        await pool.classify("SELECT 1")
+        running = asyncio.create_task(pool.classify(_rows(50_000)))
+        await asyncio.sleep(0)
+        leaving = asyncio.create_task(pool.classify(BIG))
+        await asyncio.sleep(0)
+        leaving.cancel()
+        await running
+        return await asyncio.wait_for(pool.classify(BIG), 30)
+
+    try:
+        after = asyncio.run(run())
+    finally:
+        pool.close()
+    assert after == PostgresClassifier(cache_size=0).classify(BIG)
+    assert pool._busy == 0 and not pool._waiting

@@ -7,7 +7,7 @@ import time
 from dbward.audit.sink import MemorySink
 from dbward.relay import postgres as relay
 from dbward.wire.postgres import messages as m
-from fixtures.detached import detached_session
+from fixtures.detached import detached_session, feed
 
 UNIT = m.parse_message("", "SELECT 1") + m.bind_message("", "", []) + m.execute_message("")
 UNIT += m.sync()  # four replies owed per unit
@@ -20,7 +20,7 @@ def test_reading_stops_at_the_in_flight_limit_and_resumes_below_the_low_mark() -
     units_to_limit = relay.MAX_REPLIES_IN_FLIGHT // 4
     sent = 0
     while client.reading:
-        session.data_received(UNIT * 1000)  # one read's worth of pipelined statements
+        feed(session, UNIT * 1000)  # one read's worth of pipelined statements
         sent += 1000
         assert sent <= units_to_limit + 1000, "never paused"
     assert relay.MAX_REPLIES_IN_FLIGHT < len(session._ops) <= relay.MAX_REPLIES_IN_FLIGHT + 4000
@@ -39,7 +39,7 @@ def test_reading_stops_at_the_in_flight_limit_and_resumes_below_the_low_mark() -
 def test_an_audit_wait_does_not_resume_reading_while_replies_are_owed() -> None:
     session, client, _ = detached_session(MemorySink(), keep=False)
     while client.reading:
-        session.data_received(UNIT * 1000)
+        feed(session, UNIT * 1000)
     session._resume_client()  # the upstream drained its write buffer: still too much owed
     assert not client.reading
     session._client_paused_for_upstream = True
@@ -55,10 +55,10 @@ EXECUTED = m._frame(b"2", b"") + m.command_complete("SELECT 1")
 
 def test_a_pipeline_without_sync_is_paused_at_the_limit_too() -> None:
     session, client, _ = detached_session(MemorySink(), keep=False)
-    session.data_received(m.parse_message("", "SELECT 1"))
+    feed(session, m.parse_message("", "SELECT 1"))
     sent = 0
     while client.reading:
-        session.data_received(BIND_EXECUTE * 1000)
+        feed(session, BIND_EXECUTE * 1000)
         sent += 1000
         assert sent <= relay.MAX_REPLIES_IN_FLIGHT, "never paused"
     # PostgreSQL answers as it goes (its output buffer fills, no Flush needed): reading
@@ -75,13 +75,13 @@ def test_a_pipeline_without_sync_is_paused_at_the_limit_too() -> None:
 def test_an_error_in_a_pipeline_without_sync_resumes_reading() -> None:
     """PostgreSQL skips everything after the error until the client's Sync: read it."""
     session, client, _ = detached_session(MemorySink(), keep=False)
-    session.data_received(m.parse_message("", "SELECT 1"))
+    feed(session, m.parse_message("", "SELECT 1"))
     for _ in range(relay.MAX_REPLIES_IN_FLIGHT // 2000 + 1):
-        session.data_received(BIND_EXECUTE * 1000)
+        feed(session, BIND_EXECUTE * 1000)
     assert not client.reading
     session._on_upstream_data(m.error_response("ERROR", "42P01", "no such table"))
     assert len(session._ops) == 0 and client.reading
-    session.data_received(BIND_EXECUTE * 1000 + m.sync())  # dropped, as PostgreSQL drops them
+    feed(session, BIND_EXECUTE * 1000 + m.sync())  # dropped, as PostgreSQL drops them
     session._on_upstream_data(m.ready_for_query(b"I"))
     assert len(session._ops) == 0 and client.reading
 
@@ -89,9 +89,9 @@ def test_an_error_in_a_pipeline_without_sync_resumes_reading() -> None:
 def _answer_in_order_cpu_s(count: int) -> float:
     """CPU seconds the session takes to match `count` answers to the statements in flight."""
     session, _, _ = detached_session(MemorySink(), keep=False)
-    session.data_received(m.parse_message("", "SELECT 1"))
+    feed(session, m.parse_message("", "SELECT 1"))
     for _ in range(count // 1000):
-        session.data_received(BIND_EXECUTE * 1000)  # the detached client ignores pausing
+        feed(session, BIND_EXECUTE * 1000)  # the detached client ignores pausing
     replies = m._frame(b"1", b"") + EXECUTED * count
     started = time.process_time()
     session._on_upstream_data(replies)
@@ -119,8 +119,8 @@ def test_records_of_a_long_statement_executed_again_share_one_cut_text() -> None
     sink = MemorySink()
     session, _, _ = detached_session(sink, keep=False)
     text = "SELECT 1 /*" + "x" * 32_000 + "*/"
-    session.data_received(m.parse_message("s1", text))
-    session.data_received((m.bind_message("", "s1", []) + m.execute_message("")) * 3)
+    feed(session, m.parse_message("s1", text))
+    feed(session, (m.bind_message("", "s1", []) + m.execute_message("")) * 3)
     logged = [r.sql_text for r in sink.records if r.sql_text]
     assert len(logged) == 3  # one per Execute
     assert len(logged[0]) == session.services.audit_settings.sql_text_max

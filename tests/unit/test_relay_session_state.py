@@ -16,7 +16,7 @@ from dbward.config.model import AuditSettings
 from dbward.core.errors import AuditUnavailable
 from dbward.relay.postgres import PgSession
 from dbward.wire.postgres import messages as m
-from fixtures.detached import detached_session, frames, prepare, sinked_session
+from fixtures.detached import detached_session, feed, frames, prepare, sinked_session
 
 PARSED, BOUND = m._frame(b"1", b""), m._frame(b"2", b"")
 ABORTED = m.error_response("ERROR", "25P02", "current transaction is aborted")
@@ -303,18 +303,19 @@ def test_an_unrelated_error_before_a_copy_starts_keeps_the_copy_syncs_in_step() 
 def test_the_reply_limit_keeps_reading_while_postgres_discards_until_sync() -> None:
     """After an error PostgreSQL answers nothing until the client's Sync: it must be read."""
     session, client, _ = detached_session(MemorySink(), keep=False)
-    session.data_received(
+    feed(
+        session,
         m.parse_message("", "SELECT 1/0")
         + m.bind_message("", "", [])
         + m.execute_message("")
-        + m.flush()
+        + m.flush(),
     )
     session._on_upstream_data(PARSED + BOUND + DIV0)
     chunk = (m.bind_message("", "", []) + m.execute_message("")) * 1000
     for _ in range(60):  # 120,000 messages PostgreSQL discards
-        session.data_received(chunk)
+        feed(session, chunk)
     assert client.reading
-    session.data_received(m.sync())
+    feed(session, m.sync())
     session._on_upstream_data(m.ready_for_query(b"I"))
     assert len(session._ops) == 0
 
@@ -657,7 +658,7 @@ def test_the_reply_limit_reads_on_while_postgres_skips_to_the_sync() -> None:
     _error_on_flush(session)
     chunk = (m.bind_message("", "", []) + m.execute_message("")) * 1000
     for _ in range(60):  # 120,000 messages PostgreSQL discards until the client's Sync
-        session.data_received(chunk)
+        feed(session, chunk)
     assert client.reading  # PostgreSQL owes nothing until the Sync, so it must be read
 
 

@@ -40,8 +40,14 @@ from dbward.relay.cancel import track_cancel
 from dbward.relay.login import Login
 from dbward.relay.services import SITE_SHARE, client_key, site_of_key
 from dbward.server.upstream import UpstreamConnection, send_cancel
-from dbward.sql.offload import OFFLOAD_CODE_MIN_BYTES, should_offload
-from dbward.sql.postgres import CREDENTIAL_TEXT, function_call_statement, oversized_statement
+from dbward.sql.offload import OFFLOAD_SCAN_MIN_BYTES, should_offload
+from dbward.sql.postgres import (
+    CREDENTIAL_TEXT,
+    LEXER_COST_INLINE_MAX,
+    function_call_statement,
+    lexer_cost,
+    oversized_statement,
+)
 from dbward.sql.redact import without_literals
 from dbward.wire.postgres import messages
 from dbward.wire.postgres.encodings import python_codec
@@ -127,6 +133,9 @@ _PRE_AUTH_MAX_MESSAGE = 65536
 # reading resumes below the low mark. Clients that pipeline read as they go and never get near.
 MAX_REPLIES_IN_FLIGHT = 100_000
 _REPLIES_LOW_MARK = MAX_REPLIES_IN_FLIGHT // 2
+# Client messages (but COPY data) handled in one turn of the event loop; the rest of a read
+# waits for the next turn, so one pipelining client cannot hold the loop (~20-60 ms at most).
+_MESSAGES_PER_TURN: Final = 1_000
 _PRE_AUTH_MAX_QUEUED = 16  # messages a client may send ahead before it is authenticated
 _CANCEL_REQUEST_CODE: Final = CANCEL_REQUEST_CODE.to_bytes(4, "big")
 
@@ -808,6 +817,7 @@ class PgSession(asyncio.Protocol):
         self._ops: deque[_Op] = deque()
         self._inbox: deque[Frame] = deque()
         self._blocked = False  # waiting for a durable audit write before forwarding
+        self._yielding = False  # parked until the loop's next turn (see _yield_turn)
         self._discard_until_sync = False
         self._prepared: dict[str, tuple[Statement, ...]] = {}
         # Portals and cursors by name. Those defined before a message that may make PostgreSQL
@@ -1029,9 +1039,7 @@ class PgSession(asyncio.Protocol):
             # the queue up to the Sync (dbward itself drops what follows until the client's
             # Sync), so reading resumes either way. Exempting pipelines without a Sync let a
             # client that never reads make one session hold 400 MB.
-            if len(self._ops) > MAX_REPLIES_IN_FLIGHT and self.transport is not None:
-                self._client_paused_for_replies = True
-                self.transport.pause_reading()
+            self._check_replies_owed()
         elif self._phase == _PHASE_STARTUP:
             self._startup_frames.extend(frames)
             if len(self._startup_frames) > _PRE_AUTH_MAX_QUEUED:
@@ -1039,6 +1047,12 @@ class PgSession(asyncio.Protocol):
                 return
             if self._startup_wake is not None:
                 self._startup_wake.set()
+
+    def _check_replies_owed(self) -> None:
+        """Stop reading the client while it is owed more than MAX_REPLIES_IN_FLIGHT replies."""
+        if len(self._ops) > MAX_REPLIES_IN_FLIGHT and self.transport is not None:
+            self._client_paused_for_replies = True
+            self.transport.pause_reading()
 
     def _count_partial(self, pending: int, completed: bool) -> bool:
         """Keep the listener's total of unfinished client messages within its budget.
@@ -1422,8 +1436,12 @@ class PgSession(asyncio.Protocol):
         out: list[bytes | bytearray] = []
         in_place = False  # `out` holds a large message as the framer gathered it
         i = 0  # the index of the frame after this one (the list is not changed meanwhile)
+        turn_ends = _MESSAGES_PER_TURN  # `i` at which this turn of the loop is used up
         for msg_type, payload, raw in frames:
             i += 1
+            if i > turn_ends and msg_type not in _COPY_MESSAGES:
+                self._yield_turn(frames[i - 1 :], out)
+                return
             if self._discard_until_sync:
                 if msg_type == _S:
                     self._discard_until_sync = False
@@ -1493,7 +1511,7 @@ class PgSession(asyncio.Protocol):
                     in_place = True
                     payload = self._large_body(msg_type, payload, raw)  # noqa: PLW2901
                 if (
-                    len(payload) >= OFFLOAD_CODE_MIN_BYTES
+                    len(payload) >= OFFLOAD_SCAN_MIN_BYTES
                     and msg_type in (_Q, _P)
                     and should_offload(payload)
                 ):
@@ -1528,6 +1546,31 @@ class PgSession(asyncio.Protocol):
                 upstream.transport.writelines(out)  # joining them would copy the large one
             else:
                 upstream.transport.write(b"".join(out))  # small pieces: one write is cheaper
+
+    def _yield_turn(self, pending: list[Frame], out: list[bytes | bytearray]) -> None:
+        """Let the event loop serve the other sessions before handling `pending`.
+
+        One read brings up to 256 KB: 6,500 pipelined Parse/Bind/Execute triples took 0.4 s to
+        handle, during which no other session was served (a client pipelining without end
+        made every other client's SELECT 1 take up to 3.5 s). The rest waits, parked in order
+        with reading paused, for the loop's next turn.
+        """
+        self._park(pending, out)
+        self._yielding = True
+        asyncio.get_running_loop().call_soon(self._next_turn)
+
+    def _next_turn(self) -> None:
+        """The loop has served the others: handle what was left of the last read."""
+        if not self._yielding:
+            return
+        self._yielding = False
+        if self._phase != _PHASE_READY or self._closing:
+            return
+        self._blocked = False
+        self._unpark()
+        self._check_replies_owed()
+        if self._shutdown_requested and not self._ops and not self._blocked:
+            self._send_shutdown()
 
     def _large_body(self, msg_type: int, body: memoryview, raw: bytes | bytearray) -> bytes:
         """What the relay reads of a large message kept in place, as bytes.
@@ -3902,12 +3945,17 @@ class PgSession(asyncio.Protocol):
 def _credential_text(statement: Statement, why: str, cap: int) -> str:
     """What the log says of a statement holding a secret: its text without literals or comments.
 
-    Text the parser rejected, text too long to scan here, or text the scanner rejects is
-    withheld whole: where the secret ends in it is then not known.
+    Text the parser rejected, text too long or too costly to scan here (classified in the
+    worker pool for its operator-character runs: see lexer_cost), or text the scanner rejects
+    is withheld whole: where the secret ends in it is then not known.
     """
     text = statement.text
     redacted = None
-    if not statement.error and len(text) <= _REDACT_MAX_CHARS:
+    if (
+        not statement.error
+        and len(text) <= _REDACT_MAX_CHARS
+        and lexer_cost(text) <= LEXER_COST_INLINE_MAX
+    ):
         code_bodies = "uninspectable_code" not in statement.flags
         redacted = without_literals(text, CREDENTIAL_TEXT, code_bodies=code_bodies)
     if redacted is None:

@@ -46,6 +46,35 @@ _BYTES_PER_STATEMENT: Final = 200
 # Texts at least this long are parsed with the cyclic garbage collector paused (see _classify).
 _GC_PAUSE_MIN_TEXT: Final = 4_096
 
+# PostgreSQL's scanner matches a whole run of operator characters, then gives back all but the
+# token it keeps (a "+" of "++++", the "/*" opening a comment, also a nested one) and reads the
+# rest again: a run of n such tokens costs n times the run. 64 KB of "/*" kept the event loop
+# busy for 8.7 s (parse and normalize), and a 16 MB one would keep a classifier worker busy
+# for days. `lexer_cost` estimates those re-reads (about 2-3 ns each per scan): text above
+# LEXER_COST_INLINE_MAX is classified in the worker pool, text above _LEXER_COST_MAX is refused
+# unscanned (a run of ~16,000 "+" characters).
+_OPERATOR_RUN: Final = re.compile(r"[~!@#^&|`?+\-*/%<>=]{64,}")
+_LONE_DASH: Final = re.compile(r"(?<!-)-(?!-)")  # "--" starts a comment, read once
+LEXER_COST_INLINE_MAX: Final = 1 << 21
+_LEXER_COST_MAX: Final = 1 << 28
+
+
+def lexer_cost(text: str) -> int:
+    """Estimated characters PostgreSQL's scanner reads again in `text`'s operator-character runs.
+
+    Runs shorter than 64 characters are not counted (at most 64 re-reads each: linear). A run
+    counts its length once per token the scanner may cut from it: each "/*", "+" and lone "-".
+    Runs inside literals count too (the scanner reads those once, so this over-estimates them).
+    """
+    total = 0
+    for match in _OPERATOR_RUN.finditer(text):
+        run = match.group()
+        cuts = run.count("/*") + run.count("+")
+        if "-" in run:
+            cuts += len(_LONE_DASH.findall(run))
+        total += len(run) * cuts
+    return total
+
 
 # --- the only place pglast (untyped at this boundary) is touched ------------------------------
 
@@ -1607,6 +1636,13 @@ class PostgresClassifier:
             return hit
         cacheable = self._cache_size > 0 and len(text) <= _MAX_CACHED_TEXT
         result: tuple[Statement, ...]
+        cost = lexer_cost(text)
+        if cost > _LEXER_COST_MAX:
+            # Before any scan of it (normalize, split, parse): those are what it would stall.
+            result = (_costly_to_scan(text, cost),)
+            if cacheable:
+                self._remember(cache, text, result)
+            return result
         if "\x00" in text:
             # libpg_query reads C strings: it would silently ignore everything after a NUL.
             result = (unparseable_statement(text, "NUL character in statement text"),)
@@ -2065,6 +2101,19 @@ def _too_many_statements(text: str, count: str, limit: int) -> Statement:
         flags=_LIMIT_CREDENTIAL_FLAGS if names_credential(text) else _LIMIT_FLAGS,
         error=f"the query string holds {count} statements; the limit is {limit} per message "
         "(max_statements_per_query); send smaller batches",
+    )
+
+
+def _costly_to_scan(text: str, cost: int) -> Statement:
+    """The single statement reported for text whose operator-character runs PostgreSQL's
+    scanner would read again and again (see lexer_cost): refused unscanned (denied)."""
+    return Statement(
+        text=text,
+        kind=_UNKNOWN,
+        command="UNKNOWN",
+        flags=_LIMIT_CREDENTIAL_FLAGS if names_credential(text) else _LIMIT_FLAGS,
+        error=f"the statement text holds runs of operator characters (+, -, /*) that would "
+        f"take about {cost:,} character reads to scan; the limit is {_LEXER_COST_MAX:,}",
     )
 
 
