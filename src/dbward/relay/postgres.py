@@ -765,6 +765,7 @@ class PgSession(asyncio.Protocol):
         "_upstream",
         "_upstream_ending",
         "_upstream_farewell",
+        "_yielding",
         "_upstream_held",
         "_upstream_held_since",
         "_upstream_lost_reported",

@@ -66,6 +66,8 @@ def lexer_cost(text: str) -> int:
     counts its length once per token the scanner may cut from it: each "/*", "+" and lone "-".
     Runs inside literals count too (the scanner reads those once, so this over-estimates them).
     """
+    if len(text) < 64:
+        return 0  # no run to count (most statements: this is on every classification)
     total = 0
     for match in _OPERATOR_RUN.finditer(text):
         run = match.group()
