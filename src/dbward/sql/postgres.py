@@ -2096,12 +2096,10 @@ def _over_statement_limit(text: str, limit: int) -> str | None:
 
 def _too_many_statements(text: str, count: str, limit: int) -> Statement:
     """The single statement reported for a query string over the statement limit (denied)."""
-    return Statement(
-        text=text,
-        kind=_UNKNOWN,
-        command="MULTIPLE",
-        flags=_LIMIT_CREDENTIAL_FLAGS if names_credential(text) else _LIMIT_FLAGS,
-        error=f"the query string holds {count} statements; the limit is {limit} per message "
+    return _refused_whole(
+        text,
+        "MULTIPLE",
+        f"the query string holds {count} statements; the limit is {limit} per message "
         "(max_statements_per_query); send smaller batches",
     )
 
@@ -2109,13 +2107,23 @@ def _too_many_statements(text: str, count: str, limit: int) -> Statement:
 def _costly_to_scan(text: str, cost: int) -> Statement:
     """The single statement reported for text whose operator-character runs PostgreSQL's
     scanner would read again and again (see lexer_cost): refused unscanned (denied)."""
+    return _refused_whole(
+        text,
+        "UNKNOWN",
+        f"the statement text holds runs of operator characters (+, -, /*) that would take "
+        f"about {cost:,} character reads to scan; the limit is {_LEXER_COST_MAX:,}",
+    )
+
+
+def _refused_whole(text: str, command: str, error: str) -> Statement:
+    """One statement standing for all of `text`, refused for a limit before it was classified
+    (its credential flag from the text alone, so the log still withholds a secret in it)."""
     return Statement(
         text=text,
         kind=_UNKNOWN,
-        command="UNKNOWN",
+        command=command,
         flags=_LIMIT_CREDENTIAL_FLAGS if names_credential(text) else _LIMIT_FLAGS,
-        error=f"the statement text holds runs of operator characters (+, -, /*) that would "
-        f"take about {cost:,} character reads to scan; the limit is {_LEXER_COST_MAX:,}",
+        error=error,
     )
 
 
