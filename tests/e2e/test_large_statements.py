@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
+import pytest
 
 from dbward.sql.offload import OFFLOAD_MIN_BYTES
 from dbward.sql.postgres import PostgresClassifier
@@ -57,6 +58,25 @@ def test_large_statements_run_and_are_classified(proxy: Proxy) -> None:
         ("write", ("dbward_bulk",), "deny"),
     ]
     assert [outcome_of(records, s).status for s in inserts] == ["ok", "ok", "denied"]
+
+
+@pytest.mark.parametrize("parts", [1_500, 4_000], ids=["inline", "worker"])
+def test_a_union_of_thousands_of_selects_runs(proxy: Proxy, parts: int) -> None:
+    """A UNION ALL of more than 981 SELECTs, which PostgreSQL runs, was refused (42501, a
+    classifier failure: Python's json decoder stopped at the recursion limit); classified on
+    the loop (1,500 parts, 28 KB) and in the worker (4,000 parts, 76 KB)."""
+    app = app_name("union")
+    text = " UNION ALL ".join(f"SELECT {i} AS n" for i in range(parts))
+    assert (len(text) > OFFLOAD_MIN_BYTES) == (parts > 3_000)
+    with psycopg.connect(**proxy.conninfo(application_name=app), autocommit=True) as conn:
+        assert conn.execute(f"SELECT count(*), sum(n) FROM ({text}) u").fetchone() == (
+            parts,
+            parts * (parts - 1) // 2,
+        )
+    records = proxy.session_records(app, until=has_disconnect)
+    (intent,) = [s for s in statements(records) if "UNION ALL" in s.sql_text]
+    assert (intent.kind, intent.decision) == ("read", "allow")
+    assert outcome_of(records, intent).status == "ok"
 
 
 def test_other_sessions_are_not_stalled_while_a_large_statement_is_parsed(proxy: Proxy) -> None:

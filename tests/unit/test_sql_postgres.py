@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 import tracemalloc
 
 import pytest
@@ -1166,3 +1167,25 @@ def test_text_that_only_looks_like_it_may_hold_a_secret_still_takes_the_template
     assert parses == [] and not statement.flags and statement.tables == ("t",)
     (keyed,) = classifier.classify("SELECT id FROM t WHERE encrypted_at > length(crypt('p', 'x'))")
     assert "carries_credential" in keyed.flags
+
+
+def test_a_union_of_thousands_of_selects_is_classified() -> None:
+    """r63: a UNION ALL of more than 981 SELECTs (valid for PostgreSQL; reporting tools generate
+    them) was refused as a classifier failure: Python's json decoder stopped at the
+    interpreter's recursion limit. The limit is raised for such trees only, and restored."""
+    limit = sys.getrecursionlimit()
+    text = " UNION ALL ".join(f"SELECT a FROM t{i % 7}" for i in range(3000))
+    (statement,) = PostgresClassifier().classify(text)
+    assert statement.error is None
+    assert statement.kind is StatementKind.READ
+    assert sorted(statement.tables) == [f"t{i}" for i in range(7)]
+    assert sys.getrecursionlimit() == limit
+
+
+def test_a_tree_deeper_than_the_raised_limit_is_still_refused() -> None:
+    """Past the raised limit the statement fails closed, as before: refused, never a crash."""
+    limit = sys.getrecursionlimit()
+    (statement,) = PostgresClassifier().classify(" UNION ALL ".join(["SELECT 1"] * 20_000))
+    assert statement.kind is StatementKind.UNKNOWN
+    assert statement.error == "classifier failure: RecursionError"
+    assert sys.getrecursionlimit() == limit

@@ -6,6 +6,7 @@ import dataclasses
 import gc
 import json
 import re
+import sys
 from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any, Final
@@ -109,8 +110,34 @@ def _parse_tree(text: str) -> tuple[list[dict[str, Any]], bool]:
         raise _ParseError("statement text is not valid UTF-8") from None
     except Exception as exc:  # the C extension may raise anything on hostile input
         raise _ParseError(f"parser failure: {type(exc).__name__}") from None
-    stmts: list[dict[str, Any]] = json.loads(raw)["stmts"]
+    stmts: list[dict[str, Any]] = _loads_tree(raw)["stmts"]
     return stmts, '"withClause"' in raw
+
+
+# Python's json decoder recurses once per level of nesting and stops at the interpreter's
+# recursion limit (1,000), but PostgreSQL's grammar nests far deeper: a UNION ALL of 981
+# SELECTs (a reporting tool's generated query) was refused as a classifier failure. The C
+# decoder takes ~140 bytes of C stack per level (measured: 1 MB held ~7,500), so this limit
+# needs ~1.4 MB of the 8 MB a Linux main thread has, where classification runs (the event
+# loop's thread, or a classifier worker's).
+_DEEP_TREE_RECURSION_LIMIT: Final = 10_000
+
+
+def _loads_tree(raw: str) -> Any:
+    """libpg_query's JSON as Python objects, however deep its tree (to a limit)."""
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        pass
+    # Only for the rare tree deeper than the interpreter allows: the normal path is untouched.
+    limit = sys.getrecursionlimit()
+    if limit >= _DEEP_TREE_RECURSION_LIMIT:
+        raise RecursionError("parse tree nested too deeply")
+    sys.setrecursionlimit(_DEEP_TREE_RECURSION_LIMIT)
+    try:
+        return json.loads(raw)
+    finally:
+        sys.setrecursionlimit(limit)
 
 
 def _normalize(text: str) -> str | None:
