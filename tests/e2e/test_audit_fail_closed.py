@@ -18,20 +18,14 @@ from dbward.audit import query
 from fixtures.clients import outcomes as outcomes_of
 from fixtures.ports import free_port
 from fixtures.proxy import Proxy
+from fixtures.tmpfs import mounted_tmpfs
 
 
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
     """A real 512 KiB file system, so SQLite gets a real SQLITE_FULL."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
-    mount = tmp_path / "small"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount)], check=True)
-    try:
+    with mounted_tmpfs(tmp_path / "small", "512k") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_full_disk_refuses_statements_then_recovers(

@@ -20,6 +20,7 @@ from click.testing import CliRunner
 from dbward.audit.records import AuditEvent, AuditRecord
 from dbward.audit.sqlite import SqliteAuditSink
 from dbward.cli.audit import TimeParam, audit_group
+from fixtures.tmpfs import mounted_tmpfs
 
 NOW = int(time.time() * 1000)
 
@@ -406,19 +407,12 @@ def test_a_log_that_cannot_be_read_now_is_not_called_foreign(db: Path) -> None:
 @pytest.fixture
 def read_only_mount(tmp_path: Path) -> Iterator[tuple[Path, Callable[[], None]]]:
     """A small tmpfs and a function that remounts it read-only (as a snapshot or backup)."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
-    mount = tmp_path / "snapshot"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], check=True)
+    with mounted_tmpfs(tmp_path / "snapshot", "4m") as mount:
 
-    def make_read_only() -> None:
-        subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
+        def make_read_only() -> None:
+            subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
 
-    try:
         yield mount, make_read_only
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_a_log_on_a_read_only_file_system_can_be_read(

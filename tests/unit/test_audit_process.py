@@ -22,6 +22,7 @@ from dbward.audit.records import AuditEvent, AuditRecord
 from dbward.audit.sqlite import SqliteAuditSink
 from dbward.audit.writer_process import MAX_FRAME, FrameReader, _Child
 from dbward.core.errors import AuditUnavailable
+from fixtures.tmpfs import mounted_tmpfs
 
 
 def _record(i: int, event: AuditEvent = AuditEvent.STATEMENT) -> AuditRecord:
@@ -258,14 +259,9 @@ def test_killed_writer_fails_closed_then_recovers_without_losing_records(tmp_pat
     assert [r.statement_id for r in query.tail(db, 10)] == [1, 2, 3]
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tiny tmpfs needs root")
 def test_disk_full_refuses_then_recovers(tmp_path: Path) -> None:
     """A real ENOSPC/SQLITE_FULL: a 320 KiB tmpfs filled with a ballast file."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    if os.system(f"mount -t tmpfs -o size=320k tmpfs {mount}") != 0:
-        pytest.fail("cannot mount a tmpfs although running as root")
-    try:
+    with mounted_tmpfs(tmp_path / "small", "320k") as mount:
         db = mount / "audit.db"
 
         async def run() -> None:
@@ -293,8 +289,6 @@ def test_disk_full_refuses_then_recovers(tmp_path: Path) -> None:
             await sink.close()
 
         asyncio.run(run())
-    finally:
-        os.system(f"umount {mount}")
 
 
 def test_records_appended_while_close_flushes_are_written(tmp_path: Path) -> None:
