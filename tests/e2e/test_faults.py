@@ -108,15 +108,23 @@ def _wait_sleep_cancelled(pg: PgServer, app: str) -> None:
 # ------------------------------------------------------------------ audit helpers
 
 
+def _sessions_of(records: list[AuditRecord], app: str) -> list[AuditRecord]:
+    """The records of every session whose records name `app` (its later ones may not)."""
+    sessions = {r.session_id for r in records if r.application_name == app}
+    return [r for r in records if r.session_id in sessions]
+
+
 def _session(
     proxy: Proxy, app: str, until: Callable[[list[AuditRecord]], bool]
 ) -> list[AuditRecord]:
-    def mine(records: list[AuditRecord]) -> list[AuditRecord]:
-        sessions = {r.session_id for r in records if r.application_name == app}
-        return [r for r in records if r.session_id in sessions]
-
-    proxy.audit(until=lambda recs: until(mine(recs)))
+    proxy.audit(until=lambda recs: until(_sessions_of(recs, app)))
     return proxy.session_records(app)
+
+
+def _records_after_exit(proxy: Proxy, app: str) -> list[AuditRecord]:
+    """`app`'s sessions' records, read from the audit log once the proxy has exited (it
+    flushed the log before exit)."""
+    return _sessions_of(search(proxy.audit_path, limit=100_000), app)
 
 
 def _has(event: AuditEvent, **fields: Any) -> Callable[[list[AuditRecord]], bool]:
@@ -623,9 +631,7 @@ def test_sigterm_force_closes_after_grace(
         assert drained.process.wait(timeout=10) == 0
     finally:
         conn.close()
-    records = search(drained.audit_path, limit=100_000)
-    sessions = {r.session_id for r in records if r.application_name == app}
-    mine = [r for r in records if r.session_id in sessions]
+    mine = _records_after_exit(drained, app)
     outcomes = [r for r in mine if is_outcome(r)]
     assert [(r.status, r.sqlstate) for r in outcomes] == [("unknown", "57P01")]
     assert str(mine[-1].event) == "disconnect"
@@ -669,9 +675,7 @@ def test_a_second_signal_ends_the_grace_period_at_once(
     finally:
         conn.close()
     assert "second signal: ending the grace period now" in drained.log()
-    records = search(drained.audit_path, limit=100_000)
-    sessions = {r.session_id for r in records if r.application_name == app}
-    mine = [r for r in records if r.session_id in sessions]
+    mine = _records_after_exit(drained, app)
     assert [(r.status, r.sqlstate) for r in mine if is_outcome(r)] == [("unknown", "57P01")]
     assert str(mine[-1].event) == "disconnect"
     _wait_for(
@@ -1024,8 +1028,6 @@ def test_sigterm_with_a_client_that_stopped_reading(
         took = time.monotonic() - signalled
     finally:
         raw.close()
-    records = search(drained.audit_path, limit=100_000)
-    sessions = {r.session_id for r in records if r.application_name == app}
-    mine = [r for r in records if r.session_id in sessions]
+    mine = _records_after_exit(drained, app)
     assert str(mine[-1].event) == "disconnect", [str(r.event) for r in mine]
     assert took < 8.0, took  # grace 2 s, 1 s to take the 57P01, at most 5 s for the cancel

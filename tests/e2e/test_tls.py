@@ -501,21 +501,26 @@ def test_channel_binding_required_by_the_client(tls_proxy: Proxy, test_ca: TestC
     assert bound == "bound"
 
 
-def _psql_verify_full(proxy: Proxy, test_ca: TestCA, app: str, sql: str, extra: str = "") -> str:
-    """Run `sql` with psql (the system libpq) over TLS, verifying the proxy against the CA."""
+def _psql_as_alice(conninfo: str, sql: str) -> subprocess.CompletedProcess[str]:
+    """Run `sql` with psql (the system libpq) as alice, with no PG* setting but her password."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
     env |= {"PGPASSWORD": USERS["alice"][0], "PGCONNECT_TIMEOUT": "10"}
-    conninfo = (
-        f"host=localhost port={proxy.port} user=alice dbname=app sslmode=verify-full "
-        f"sslrootcert={test_ca.ca_cert} application_name={app} {extra}"
-    )
-    proc = subprocess.run(
+    return subprocess.run(
         ["psql", "-X", "-A", "-t", "-d", conninfo, "-c", sql],
         capture_output=True,
         text=True,
         env=env,
         timeout=30,
         check=False,
+    )
+
+
+def _psql_verify_full(proxy: Proxy, test_ca: TestCA, app: str, sql: str, extra: str = "") -> str:
+    """Run `sql` with psql (the system libpq) over TLS, verifying the proxy against the CA."""
+    proc = _psql_as_alice(
+        f"host=localhost port={proxy.port} user=alice dbname=app sslmode=verify-full "
+        f"sslrootcert={test_ca.ca_cert} application_name={app} {extra}",
+        sql,
     )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip()
@@ -633,19 +638,10 @@ def test_libpq_sslmode_prefer_tries_a_failed_login_twice_on_an_optional_listener
 
 def _psql_error(proxy: Proxy, app: str, sslmode: str) -> str:
     """psql's (the system libpq's) error for a login through `proxy` with `sslmode`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    env |= {"PGPASSWORD": USERS["alice"][0], "PGCONNECT_TIMEOUT": "10"}
-    conninfo = (
+    proc = _psql_as_alice(
         f"host=127.0.0.1 port={proxy.port} user=alice dbname=app sslmode={sslmode} "
-        f"application_name={app}"
-    )
-    proc = subprocess.run(
-        ["psql", "-X", "-A", "-t", "-d", conninfo, "-c", "SELECT 1"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=30,
-        check=False,
+        f"application_name={app}",
+        "SELECT 1",
     )
     assert proc.returncode != 0, proc.stdout
     return proc.stderr
