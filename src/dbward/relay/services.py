@@ -168,6 +168,16 @@ def take_with_site(
     return False
 
 
+def refund_with_site(
+    buckets: ClientBuckets, sites: ClientBuckets, client_host: str, now: float
+) -> None:
+    """Give back what take_with_site spent: the client's token and its /48's."""
+    buckets.refund(client_host, now)
+    site = site_key(client_host)
+    if site is not None:
+        sites.refund(site, now)
+
+
 class RefusalReport(Generic[_T]):
     """Counts refused attempts so that they are reported (a log line, an audit record) at
     most once per interval: a spray cannot flood the log, and a spray that stops is still
@@ -241,11 +251,9 @@ class CancelRegistry:
         it dropped those of a client whose calls time out often (asyncpg cancels every call
         that times out), and their statements ran on. An empty budget still drops every
         attempt, right or wrong: otherwise guesses made with it would go on being tried."""
-        now = time.monotonic() if now is None else now
-        self._buckets.refund(client_host, now)
-        site = site_key(client_host)
-        if site is not None:
-            self._sites.refund(site, now)
+        refund_with_site(
+            self._buckets, self._sites, client_host, time.monotonic() if now is None else now
+        )
 
     def refused_to_report(
         self, client_host: str, now: float | None = None
@@ -314,11 +322,9 @@ class LoginThrottle:
 
     def release(self, client_host: str, now: float | None = None) -> None:
         """Give back the token of a login step that did not fail (see reserve)."""
-        now = time.monotonic() if now is None else now
-        self._buckets.refund(client_host, now)
-        site = site_key(client_host)
-        if site is not None:
-            self._sites.refund(site, now)
+        refund_with_site(
+            self._buckets, self._sites, client_host, time.monotonic() if now is None else now
+        )
 
     def refused(self, record: AuditRecord, now: float | None = None) -> tuple[int, float | None]:
         """Count a refused login: see RefusalReport.refused."""
